@@ -1,0 +1,23 @@
+//! Ferry's vhost-user devices: virtio-net ([`VhostUserNetBackend`]) and virtio-fs
+//! ([`VhostUserFsBackend`]), and the loop that serves one device's socket across frontend
+//! reconnects ([`serve_connections`]).
+//!
+//! This crate knows virtio and vhost-user. It hands frames to `ferry-net` and FUSE requests to
+//! `ferry-fs`, which know neither.
+
+mod chain;
+mod connection;
+mod queue;
+pub mod vhu_fs;
+pub mod vhu_net;
+
+pub use connection::{bind_socket, serve_connections, Error};
+pub use vhu_fs::VhostUserFsBackend;
+pub use vhu_net::VhostUserNetBackend;
+
+/// Guest memory as the vhost-user backends see it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory that the frontend can replace at any time (SET_MEM_TABLE).
+pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemoryMmap>;
+/// The vring type both backends use.
+pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic>;

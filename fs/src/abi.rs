@@ -1,0 +1,294 @@
+//! The FUSE wire ABI (`include/uapi/linux/fuse.h`), as much of it as Ferry speaks.
+//!
+//! fuser keeps its copy private and virtio-bindings has none, so Ferry owns these definitions.
+//! Every struct is `#[repr(C)]`, plain old data, and size-checked against the kernel's layout.
+
+use vm_memory::ByteValued;
+
+/// The FUSE major version Ferry speaks.
+pub const KERNEL_VERSION: u32 = 7;
+/// The FUSE minor version Ferry speaks. The kernel falls back to it when it is newer.
+pub const KERNEL_MINOR_VERSION: u32 = 31;
+/// The smallest minor version Ferry accepts (the first with `FUSE_MAX_PAGES`).
+pub const MIN_KERNEL_MINOR_VERSION: u32 = 28;
+/// The node id of the share's root directory.
+pub const ROOT_ID: u64 = 1;
+
+/// INIT flag: the file system accepts `max_pages` in INIT's reply.
+pub const MAX_PAGES: u32 = 1 << 22;
+
+/// FUSE opcodes.
+#[allow(missing_docs)]
+pub mod opcode {
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
+    pub const SYMLINK: u32 = 6;
+    pub const MKNOD: u32 = 8;
+    pub const MKDIR: u32 = 9;
+    pub const UNLINK: u32 = 10;
+    pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const STATFS: u32 = 17;
+    pub const RELEASE: u32 = 18;
+    pub const FSYNC: u32 = 20;
+    pub const SETXATTR: u32 = 21;
+    pub const GETXATTR: u32 = 22;
+    pub const LISTXATTR: u32 = 23;
+    pub const REMOVEXATTR: u32 = 24;
+    pub const FLUSH: u32 = 25;
+    pub const INIT: u32 = 26;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASEDIR: u32 = 29;
+    pub const FSYNCDIR: u32 = 30;
+    pub const GETLK: u32 = 31;
+    pub const SETLK: u32 = 32;
+    pub const SETLKW: u32 = 33;
+    pub const ACCESS: u32 = 34;
+    pub const CREATE: u32 = 35;
+    pub const INTERRUPT: u32 = 36;
+    pub const BMAP: u32 = 37;
+    pub const DESTROY: u32 = 38;
+    pub const IOCTL: u32 = 39;
+    pub const POLL: u32 = 40;
+    pub const NOTIFY_REPLY: u32 = 41;
+    pub const BATCH_FORGET: u32 = 42;
+    pub const FALLOCATE: u32 = 43;
+    pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
+    pub const LSEEK: u32 = 46;
+    pub const COPY_FILE_RANGE: u32 = 47;
+    pub const SETUPMAPPING: u32 = 48;
+    pub const REMOVEMAPPING: u32 = 49;
+    pub const SYNCFS: u32 = 50;
+    pub const TMPFILE: u32 = 51;
+    pub const STATX: u32 = 52;
+
+    /// The highest opcode Ferry knows by name; used to size per-opcode counters.
+    pub const MAX: u32 = 52;
+}
+
+/// The header of every request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InHeader {
+    /// Total length of the request, this header included.
+    pub len: u32,
+    /// What the kernel asks for (see [`opcode`]).
+    pub opcode: u32,
+    /// The request id, echoed in the reply.
+    pub unique: u64,
+    /// The node the request is about.
+    pub nodeid: u64,
+    /// The caller's uid in the guest.
+    pub uid: u32,
+    /// The caller's gid in the guest.
+    pub gid: u32,
+    /// The caller's pid in the guest.
+    pub pid: u32,
+    /// Length of extensions after the request, in 8-byte units.
+    pub total_extlen: u16,
+    /// Unused.
+    pub padding: u16,
+}
+
+/// The header of every reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OutHeader {
+    /// Total length of the reply, this header included.
+    pub len: u32,
+    /// Zero, or a negated errno.
+    pub error: i32,
+    /// The id of the request this answers.
+    pub unique: u64,
+}
+
+/// INIT's request body (the part common to all minor versions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InitIn {
+    /// The kernel's major version.
+    pub major: u32,
+    /// The kernel's minor version.
+    pub minor: u32,
+    /// The kernel's readahead limit.
+    pub max_readahead: u32,
+    /// The flags the kernel supports.
+    pub flags: u32,
+}
+
+/// INIT's reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InitOut {
+    /// Ferry's major version.
+    pub major: u32,
+    /// Ferry's minor version.
+    pub minor: u32,
+    /// Readahead limit.
+    pub max_readahead: u32,
+    /// The flags both sides support.
+    pub flags: u32,
+    /// Background request limit.
+    pub max_background: u16,
+    /// Congestion threshold for background requests.
+    pub congestion_threshold: u16,
+    /// Largest WRITE payload Ferry accepts.
+    pub max_write: u32,
+    /// Timestamp granularity in nanoseconds.
+    pub time_gran: u32,
+    /// Largest request in pages (with [`MAX_PAGES`]).
+    pub max_pages: u16,
+    /// DAX mapping alignment.
+    pub map_alignment: u16,
+    /// More flags (minor 36 and later).
+    pub flags2: u32,
+    /// Reserved.
+    pub unused: [u32; 7],
+}
+
+/// File attributes as FUSE carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: u64,
+    pub mtime: u64,
+    pub ctime: u64,
+    pub atimensec: u32,
+    pub mtimensec: u32,
+    pub ctimensec: u32,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+    pub flags: u32,
+}
+
+impl From<&libc::stat64> for Attr {
+    fn from(st: &libc::stat64) -> Self {
+        Attr {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: st.st_atime as u64,
+            mtime: st.st_mtime as u64,
+            ctime: st.st_ctime as u64,
+            atimensec: st.st_atime_nsec as u32,
+            mtimensec: st.st_mtime_nsec as u32,
+            ctimensec: st.st_ctime_nsec as u32,
+            mode: st.st_mode,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+}
+
+/// GETATTR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GetattrIn {
+    /// `GETATTR_FH` when `fh` is valid.
+    pub flags: u32,
+    /// Unused.
+    pub dummy: u32,
+    /// An open file handle, when the flag says so.
+    pub fh: u64,
+}
+
+/// GETATTR flag: `fh` is set.
+pub const GETATTR_FH: u32 = 1;
+
+/// GETATTR's (and SETATTR's) reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttrOut {
+    /// How long the kernel may cache the attributes, seconds part.
+    pub attr_valid: u64,
+    /// How long the kernel may cache the attributes, nanoseconds part.
+    pub attr_valid_nsec: u32,
+    /// Unused.
+    pub dummy: u32,
+    /// The attributes.
+    pub attr: Attr,
+}
+
+/// STATFS's reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct StatfsOut {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+    pub padding: u32,
+    pub spare: [u32; 6],
+}
+
+impl From<&libc::statvfs64> for StatfsOut {
+    fn from(st: &libc::statvfs64) -> Self {
+        StatfsOut {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: st.f_namemax as u32,
+            frsize: st.f_frsize as u32,
+            padding: 0,
+            spare: [0; 6],
+        }
+    }
+}
+
+// SAFETY: each of these is #[repr(C)], made only of integers (and arrays of them), has no
+// implicit padding (checked by the size assertions below), so every bit pattern is valid.
+unsafe impl ByteValued for InHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for OutHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for InitIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for InitOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for Attr {}
+// SAFETY: as above.
+unsafe impl ByteValued for GetattrIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for AttrOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for StatfsOut {}
+
+const _: () = {
+    assert!(std::mem::size_of::<InHeader>() == 40);
+    assert!(std::mem::size_of::<OutHeader>() == 16);
+    assert!(std::mem::size_of::<InitIn>() == 16);
+    assert!(std::mem::size_of::<InitOut>() == 64);
+    assert!(std::mem::size_of::<Attr>() == 88);
+    assert!(std::mem::size_of::<GetattrIn>() == 16);
+    assert!(std::mem::size_of::<AttrOut>() == 104);
+    assert!(std::mem::size_of::<StatfsOut>() == 80);
+};

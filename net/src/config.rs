@@ -1,0 +1,230 @@
+//! The guest network's addressing plan: subnet, well-known addresses, MACs and MTU.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// The subnet used when `--subnet` is not given (the same plan as gvisor-tap-vsock).
+pub const DEFAULT_SUBNET: &str = "192.168.127.0/24";
+/// The MTU used when `--mtu` is not given (the same as passt).
+pub const DEFAULT_MTU: u16 = 65520;
+/// The MAC address the guest's NIC gets through the virtio-net config space.
+pub const GUEST_MAC: [u8; 6] = [0x02, 0x46, 0x52, 0x59, 0x00, 0x02];
+/// The MAC address of Ferry's side of the link (gateway, DNS and host alias).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x46, 0x52, 0x59, 0x00, 0x01];
+
+/// Smallest MTU accepted: the IPv4 minimum.
+const MIN_MTU: u16 = 68;
+/// Largest prefix that still leaves room for gateway, guest and host alias.
+const MAX_PREFIX: u8 = 29;
+
+/// Errors in the network configuration given by the user.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The subnet is not in `A.B.C.D/N` form or has bad numbers.
+    #[error(
+        "--subnet {0}: not an IPv4 subnet; write it as A.B.C.D/N, for example {DEFAULT_SUBNET}"
+    )]
+    SubnetSyntax(String),
+    /// The prefix leaves no room for gateway, guest and host alias.
+    #[error("--subnet {0}: the prefix must be between /8 and /{MAX_PREFIX} so that gateway, guest and host alias fit")]
+    SubnetPrefix(String),
+    /// Host bits are set in the subnet address.
+    #[error("--subnet {given}: host bits are set; use {suggested}")]
+    SubnetHostBits {
+        /// What the user wrote.
+        given: String,
+        /// The same subnet with host bits cleared.
+        suggested: String,
+    },
+    /// The MTU is out of range.
+    #[error("--mtu {0}: the MTU must be between {MIN_MTU} and 65535")]
+    Mtu(u32),
+}
+
+/// An IPv4 subnet, `network/prefix`, with the host bits of `network` clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Subnet {
+    /// The network address.
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The netmask, for example 255.255.255.0 for a /24.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(mask(self.prefix))
+    }
+
+    /// The n-th address in the subnet (0 is the network address).
+    fn nth(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + n)
+    }
+
+    /// The number of addresses in the subnet, network and broadcast included.
+    fn size(&self) -> u32 {
+        1u32 << (32 - u32::from(self.prefix))
+    }
+
+    /// Whether `addr` is inside the subnet.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & mask(self.prefix) == u32::from(self.network)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    match prefix {
+        0 => 0,
+        p => u32::MAX << (32 - u32::from(p)),
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let syntax = || Error::SubnetSyntax(s.to_string());
+        let (addr, prefix) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
+        let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
+        if prefix > 32 {
+            return Err(syntax());
+        }
+        if !(8..=MAX_PREFIX).contains(&prefix) {
+            return Err(Error::SubnetPrefix(s.to_string()));
+        }
+        let network = Ipv4Addr::from(u32::from(addr) & mask(prefix));
+        if network != addr {
+            return Err(Error::SubnetHostBits {
+                given: s.to_string(),
+                suggested: format!("{network}/{prefix}"),
+            });
+        }
+        Ok(Subnet { network, prefix })
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// The guest network's plan: where the gateway, the guest and the host alias live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest subnet.
+    pub subnet: Subnet,
+    /// The link MTU, given to the guest in the virtio-net config space and by DHCP.
+    pub mtu: u16,
+    /// The MAC address of the guest's NIC.
+    pub guest_mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// Builds a plan, checking the MTU.
+    pub fn new(subnet: Subnet, mtu: u32) -> Result<Self, Error> {
+        let mtu = u16::try_from(mtu)
+            .ok()
+            .filter(|m| *m >= MIN_MTU)
+            .ok_or(Error::Mtu(mtu))?;
+        Ok(NetConfig {
+            subnet,
+            mtu,
+            guest_mac: GUEST_MAC,
+        })
+    }
+
+    /// The gateway: the first address. DHCP, DNS and the HTTP proxy answer here.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.nth(1)
+    }
+
+    /// The address the guest is leased: the second one.
+    pub fn guest(&self) -> Ipv4Addr {
+        self.subnet.nth(2)
+    }
+
+    /// The host alias: the last address before broadcast. It reaches the host's 127.0.0.1.
+    pub fn host_alias(&self) -> Ipv4Addr {
+        self.subnet.nth(self.subnet.size() - 2)
+    }
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        // The constants are valid; this cannot fail.
+        let subnet = Subnet {
+            network: Ipv4Addr::new(192, 168, 127, 0),
+            prefix: 24,
+        };
+        NetConfig {
+            subnet,
+            mtu: DEFAULT_MTU,
+            guest_mac: GUEST_MAC,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_plan_matches_design() {
+        let c = NetConfig::default();
+        assert_eq!(c.subnet, DEFAULT_SUBNET.parse().unwrap());
+        assert_eq!(c.gateway(), Ipv4Addr::new(192, 168, 127, 1));
+        assert_eq!(c.guest(), Ipv4Addr::new(192, 168, 127, 2));
+        assert_eq!(c.host_alias(), Ipv4Addr::new(192, 168, 127, 254));
+        assert_eq!(c.subnet.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.mtu, 65520);
+    }
+
+    #[test]
+    fn other_prefixes_place_the_host_alias_before_broadcast() {
+        let c = NetConfig::new("10.0.8.0/22".parse().unwrap(), 1500).unwrap();
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 0, 8, 1));
+        assert_eq!(c.host_alias(), Ipv4Addr::new(10, 0, 11, 254));
+        assert!(c.subnet.contains(Ipv4Addr::new(10, 0, 9, 7)));
+        assert!(!c.subnet.contains(Ipv4Addr::new(10, 0, 12, 1)));
+    }
+
+    #[test]
+    fn bad_subnets_are_rejected_with_the_reason() {
+        for s in ["300.1.1.0/24", "10.0.0.0", "10.0.0.0/33", "10.0.0.0/x", ""] {
+            assert_eq!(
+                s.parse::<Subnet>(),
+                Err(Error::SubnetSyntax(s.into())),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            "10.0.0.0/30".parse::<Subnet>(),
+            Err(Error::SubnetPrefix("10.0.0.0/30".into()))
+        );
+        let e = "192.168.127.5/24".parse::<Subnet>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--subnet 192.168.127.5/24: host bits are set; use 192.168.127.0/24"
+        );
+    }
+
+    #[test]
+    fn mtu_range_is_checked() {
+        let s = DEFAULT_SUBNET.parse().unwrap();
+        assert!(NetConfig::new(s, 68).is_ok());
+        assert!(NetConfig::new(s, 65535).is_ok());
+        assert_eq!(NetConfig::new(s, 67), Err(Error::Mtu(67)));
+        assert_eq!(NetConfig::new(s, 65536), Err(Error::Mtu(65536)));
+    }
+}

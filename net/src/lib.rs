@@ -1,0 +1,14 @@
+//! Ferry's network side: the userspace stack that ends the guest's Ethernet frames and the services
+//! behind it (DHCP, DNS, NAT to host sockets, port publishing).
+//!
+//! This crate knows nothing of virtio. It takes and produces Ethernet frames as byte slices, so it
+//! can be tested without a VM. The vhost-user device in `ferry-devices` moves frames between the
+//! guest's queues and this crate.
+
+mod config;
+
+pub use config::{Error, NetConfig, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, GATEWAY_MAC, GUEST_MAC};
+
+mod publish;
+
+pub use publish::{PortSpec, PortSpecError, Protocol};

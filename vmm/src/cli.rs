@@ -1,0 +1,105 @@
+//! Command-line arguments, as clap parses them. Validation lives in `config`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Ferry: one host process that serves a VM's network (virtio-net) and file sharing (virtio-fs)
+/// as vhost-user devices.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the devices on UNIX sockets until SIGTERM or SIGINT; QEMU or cloud-hypervisor
+    /// attaches to them, and may disconnect and reconnect at will.
+    Serve(ServeArgs),
+    /// Serve the devices and boot the tiny guest under QEMU with them attached.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
+    /// mtu, dns-upstream, api-socket, default-bind; share and publish as arrays). Options given
+    /// on the command line override scalars from the file and add to its lists.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+
+    /// Serve a virtio-net device over vhost-user on this UNIX socket.
+    #[arg(long, value_name = "PATH")]
+    pub net_socket: Option<PathBuf>,
+
+    /// Serve DIR as a virtio-fs device with this tag on this UNIX socket (repeatable).
+    /// Options: readonly (every write fails with EROFS), cache=never|metadata|auto|always
+    /// (default auto).
+    #[arg(
+        long,
+        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY]"
+    )]
+    pub share: Vec<String>,
+
+    /// Publish a host port to a guest port (repeatable); tcp and the default bind address
+    /// unless given.
+    #[arg(long, value_name = "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT")]
+    pub publish: Vec<String>,
+
+    /// The address published ports bind to when the spec names none [default: 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    pub default_bind: Option<String>,
+
+    /// Serve the control API (HTTP/1.1 + JSON) on this UNIX socket, mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// The guest subnet: gateway .1, guest .2, host alias .254 (last before broadcast)
+    /// [default: 192.168.127.0/24].
+    #[arg(long, value_name = "CIDR")]
+    pub subnet: Option<String>,
+
+    /// The link MTU given to the guest [default: 65520].
+    #[arg(long, value_name = "N")]
+    pub mtu: Option<u32>,
+
+    /// The DNS server to forward guest queries to, as IP or IP:PORT
+    /// [default: the nameservers in /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR")]
+    pub dns_upstream: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Share this host directory with the guest (repeatable); the guest mounts the first at
+    /// /mnt/share0, the next at /mnt/share1, and so on.
+    #[arg(long, value_name = "DIR")]
+    pub share: Vec<PathBuf>,
+
+    /// Publish a host port to a guest port (repeatable), as for `ferry serve`.
+    #[arg(long, value_name = "SPEC")]
+    pub publish: Vec<String>,
+
+    /// A shell script the guest runs after boot; it powers off when the script ends. Without
+    /// it, the guest gives a shell on the console.
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<PathBuf>,
+
+    /// The guest kernel [default: guest-image/out/vmlinuz].
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+
+    /// The guest initramfs [default: guest-image/out/initramfs.cpio.gz].
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u32,
+
+    /// Extra arguments passed to qemu-system-x86_64 as they are.
+    #[arg(last = true, value_name = "QEMU-ARGS")]
+    pub qemu_args: Vec<String>,
+}

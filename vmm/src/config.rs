@@ -1,0 +1,520 @@
+//! Validated configuration: command-line arguments (and the TOML file) turned into something
+//! that can be served. Every check that can fail on user input happens here, before anything
+//! is bound or spawned, and each failure is one sentence that names the option.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ferry_fs::CachePolicy;
+use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
+use serde::Deserialize;
+
+use crate::cli::{RunArgs, ServeArgs};
+
+/// The longest virtio-fs tag (the config space holds 36 bytes).
+const MAX_TAG_LEN: usize = 36;
+/// The longest path a UNIX socket address holds.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why ferry stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An option has a bad or missing value. Exit code 2, as for clap's own errors.
+    #[error("{0}")]
+    Usage(String),
+    /// Something failed while running. Exit code 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Usage(_) => ExitCode::from(2),
+            Error::Runtime(_) => ExitCode::from(1),
+        }
+    }
+}
+
+/// Crate result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn usage(msg: impl Into<String>) -> Error {
+    Error::Usage(msg.into())
+}
+
+/// One virtio-fs share.
+#[derive(Clone, Debug)]
+pub struct ShareConfig {
+    /// The tag the guest mounts.
+    pub tag: String,
+    /// The host directory served.
+    pub dir: PathBuf,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// Answer writes with EROFS.
+    pub readonly: bool,
+    /// Cache policy.
+    pub cache: CachePolicy,
+}
+
+/// What `ferry serve` serves.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The virtio-net socket, if a net device is served.
+    pub net_socket: Option<PathBuf>,
+    /// The network plan.
+    pub net: NetConfig,
+    /// virtio-fs shares.
+    pub shares: Vec<ShareConfig>,
+    /// Where to forward DNS queries (None: /etc/resolv.conf's nameservers).
+    pub dns_upstream: Option<SocketAddr>,
+}
+
+/// The TOML file's shape: the long option names as keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    net_socket: Option<PathBuf>,
+    #[serde(default)]
+    share: Vec<FileShare>,
+    #[serde(default)]
+    publish: Vec<String>,
+    default_bind: Option<String>,
+    api_socket: Option<PathBuf>,
+    subnet: Option<String>,
+    mtu: Option<u32>,
+    dns_upstream: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShare {
+    tag: String,
+    dir: PathBuf,
+    socket: PathBuf,
+    #[serde(default)]
+    readonly: bool,
+    cache: Option<String>,
+}
+
+fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "--config {}: cannot read it ({e}); check the path",
+            path.display()
+        ))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        usage(format!(
+            "--config {}: {}; fix the file",
+            path.display(),
+            e.message()
+        ))
+    })
+}
+
+/// Checks that a UNIX socket can be created at `path`.
+fn check_socket_path(option: &str, path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(usage(format!(
+            "{option} {shown}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one"
+        )));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(usage(format!(
+            "{option} {shown}: the folder {} does not exist; create it or choose another path",
+            parent.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(usage(format!(
+            "{option} {shown}: that is a directory; give a file path for the socket"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY]`.
+fn parse_share(spec: &str) -> Result<ShareConfig> {
+    let bad = |why: String| usage(format!("--share {spec}: {why}"));
+    let (mut tag, mut dir, mut socket, mut readonly, mut cache) =
+        (None, None, None, false, CachePolicy::default());
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tag", v)) => tag = Some(v.to_string()),
+            Some(("dir", v)) => dir = Some(PathBuf::from(v)),
+            Some(("socket", v)) => socket = Some(PathBuf::from(v)),
+            Some(("cache", v)) => cache = v.parse().map_err(bad)?,
+            None if part == "readonly" => readonly = true,
+            _ => {
+                return Err(bad(format!(
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache= and readonly"
+                )))
+            }
+        }
+    }
+    let missing = |what: &str| {
+        bad(format!(
+            "{what}= is missing; give tag=TAG,dir=DIR,socket=PATH"
+        ))
+    };
+    Ok(ShareConfig {
+        tag: tag.ok_or_else(|| missing("tag"))?,
+        dir: dir.ok_or_else(|| missing("dir"))?,
+        socket: socket.ok_or_else(|| missing("socket"))?,
+        readonly,
+        cache,
+    })
+}
+
+fn check_share(s: &ShareConfig) -> Result<()> {
+    let opt = format!("--share tag={}", s.tag);
+    if s.tag.is_empty() || s.tag.len() > MAX_TAG_LEN {
+        return Err(usage(format!(
+            "{opt}: a tag must be 1 to {MAX_TAG_LEN} bytes long"
+        )));
+    }
+    if !s.dir.is_dir() {
+        return Err(usage(format!(
+            "{opt}: dir {} does not exist or is not a directory; create it or share another one",
+            s.dir.display()
+        )));
+    }
+    check_socket_path(&format!("{opt}: socket"), &s.socket)
+}
+
+fn parse_dns_upstream(s: &str) -> Result<SocketAddr> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| {
+            usage(format!(
+                "--dns-upstream {s}: not an IP address or IP:PORT; for example 10.0.0.53 or 10.0.0.53:5353"
+            ))
+        })
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = Error;
+
+    fn try_from(args: ServeArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let subnet_s = args
+            .subnet
+            .or(file.subnet)
+            .unwrap_or_else(|| DEFAULT_SUBNET.to_string());
+        let subnet: Subnet = subnet_s.parse().map_err(|e| usage(format!("{e}")))?;
+        let mtu = args.mtu.or(file.mtu).unwrap_or(u32::from(DEFAULT_MTU));
+        let net = NetConfig::new(subnet, mtu).map_err(|e| usage(e.to_string()))?;
+
+        let net_socket = args.net_socket.or(file.net_socket);
+        if let Some(p) = &net_socket {
+            check_socket_path("--net-socket", p)?;
+        }
+
+        let mut shares = Vec::new();
+        for s in file.share {
+            let cache = match s.cache {
+                Some(c) => c
+                    .parse()
+                    .map_err(|e| usage(format!("--share tag={}: {e}", s.tag)))?,
+                None => CachePolicy::default(),
+            };
+            shares.push(ShareConfig {
+                tag: s.tag,
+                dir: s.dir,
+                socket: s.socket,
+                readonly: s.readonly,
+                cache,
+            });
+        }
+        for spec in &args.share {
+            shares.push(parse_share(spec)?);
+        }
+        let mut tags = HashSet::new();
+        let mut sockets: HashSet<&Path> = net_socket.iter().map(|p| p.as_path()).collect();
+        for s in &shares {
+            check_share(s)?;
+            if !tags.insert(s.tag.as_str()) {
+                return Err(usage(format!(
+                    "--share tag={}: the tag is used twice; give each share its own tag",
+                    s.tag
+                )));
+            }
+            if !sockets.insert(&s.socket) {
+                return Err(usage(format!(
+                    "--share tag={}: socket {} is already used by another device; give each device its own socket",
+                    s.tag,
+                    s.socket.display()
+                )));
+            }
+        }
+        if net_socket.is_none() && shares.is_empty() {
+            return Err(usage(
+                "nothing to serve: give --net-socket PATH and/or --share tag=TAG,dir=DIR,socket=PATH",
+            ));
+        }
+
+        let default_bind = match args.default_bind.or(file.default_bind) {
+            Some(s) => s.parse::<IpAddr>().map_err(|_| {
+                usage(format!(
+                    "--default-bind {s}: not an IP address; for example 127.0.0.1"
+                ))
+            })?,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let mut publish = Vec::new();
+        for spec in file.publish.iter().chain(&args.publish) {
+            publish.push(
+                PortSpec::parse_with_default(spec, default_bind)
+                    .map_err(|e| usage(e.to_string()))?,
+            );
+        }
+        let api_socket = args.api_socket.or(file.api_socket);
+        if let Some(p) = &api_socket {
+            check_socket_path("--api-socket", p)?;
+        }
+        let dns_upstream = match args.dns_upstream.or(file.dns_upstream) {
+            Some(s) => Some(parse_dns_upstream(&s)?),
+            None => None,
+        };
+
+        // Validated above so that mistakes are caught now; served once the control plane and
+        // the network data path exist (see README, "Status").
+        if let Some(p) = publish.first() {
+            return Err(usage(format!(
+                "--publish {p}: this build cannot publish ports yet (it needs the network data path); leave --publish out"
+            )));
+        }
+        if let Some(p) = api_socket {
+            return Err(usage(format!(
+                "--api-socket {}: this build has no control API yet; leave --api-socket out",
+                p.display()
+            )));
+        }
+
+        Ok(ServeConfig {
+            net_socket,
+            net,
+            shares,
+            dns_upstream,
+        })
+    }
+}
+
+/// What `ferry run` runs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The host directories to share.
+    pub shares: Vec<PathBuf>,
+    /// The guest's script.
+    pub script: Option<PathBuf>,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs.
+    pub initrd: PathBuf,
+    /// Guest memory in MiB.
+    pub memory: u32,
+    /// Extra QEMU arguments.
+    pub qemu_args: Vec<String>,
+}
+
+/// Where `make guest-image` puts the guest: beside the binary's workspace, or as configured.
+fn guest_image_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FERRY_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-image/out"))
+}
+
+impl TryFrom<RunArgs> for RunConfig {
+    type Error = Error;
+
+    fn try_from(a: RunArgs) -> Result<Self> {
+        if !a.publish.is_empty() {
+            return Err(usage(format!(
+                "--publish {}: this build cannot publish ports yet (it needs the network data path); leave --publish out",
+                a.publish[0]
+            )));
+        }
+        for d in &a.share {
+            if !d.is_dir() {
+                return Err(usage(format!(
+                    "--share {}: not an existing directory; create it or share another one",
+                    d.display()
+                )));
+            }
+        }
+        let guest = guest_image_dir();
+        let find = |opt: &str, given: Option<PathBuf>, name: &str| -> Result<PathBuf> {
+            let p = given.unwrap_or_else(|| guest.join(name));
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(usage(format!(
+                    "{opt} {}: no such file; build the guest with `make guest-image` or pass {opt}",
+                    p.display()
+                )))
+            }
+        };
+        if let Some(s) = &a.script {
+            if !s.is_file() {
+                return Err(usage(format!(
+                    "--script {}: no such file; check the path",
+                    s.display()
+                )));
+            }
+        }
+        if !(64..=65536).contains(&a.memory) {
+            return Err(usage(format!(
+                "--memory {}: give between 64 and 65536 MiB",
+                a.memory
+            )));
+        }
+        Ok(RunConfig {
+            kernel: find("--kernel", a.kernel, "vmlinuz")?,
+            initrd: find("--initrd", a.initrd, "initramfs.cpio.gz")?,
+            shares: a.share,
+            script: a.script,
+            memory: a.memory,
+            qemu_args: a.qemu_args,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            config: None,
+            net_socket: None,
+            share: vec![],
+            publish: vec![],
+            default_bind: None,
+            api_socket: None,
+            subnet: None,
+            mtu: None,
+            dns_upstream: None,
+        }
+    }
+
+    fn err(a: ServeArgs) -> String {
+        match ServeConfig::try_from(a) {
+            Err(Error::Usage(m)) => m,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.net_socket = Some(dir.path().join("net.sock"));
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(c.net, NetConfig::default());
+        assert!(c.dns_upstream.is_none());
+    }
+
+    #[test]
+    fn share_spec_parses_all_parts() {
+        let s = parse_share("tag=t,dir=/tmp,socket=/tmp/s,readonly,cache=never").unwrap();
+        assert_eq!(s.tag, "t");
+        assert!(s.readonly);
+        assert_eq!(s.cache, CachePolicy::Never);
+        assert!(parse_share("tag=t,dir=/tmp")
+            .unwrap_err()
+            .to_string()
+            .contains("socket="));
+        assert!(parse_share("tag=t,dir=/tmp,socket=/s,color=red")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown part 'color=red'"));
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("n.sock");
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.subnet = Some("300.1.1.0/24".into());
+        assert!(err(a).starts_with("--subnet 300.1.1.0/24"));
+
+        let mut a = args();
+        a.net_socket = Some("/nonexistent/dir/n.sock".into());
+        assert!(err(a).contains("folder /nonexistent/dir does not exist"));
+
+        let mut a = args();
+        a.share = vec![format!("tag=t,dir=/nonexistent,socket={}", sock.display())];
+        assert!(err(a).contains("dir /nonexistent does not exist"));
+
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.mtu = Some(10);
+        assert!(err(a).starts_with("--mtu 10"));
+
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.dns_upstream = Some("resolver".into());
+        assert!(err(a).starts_with("--dns-upstream resolver"));
+
+        assert!(err(args()).starts_with("nothing to serve"));
+    }
+
+    #[test]
+    fn duplicate_tags_and_sockets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let mut a = args();
+        a.share = vec![
+            format!("tag=a,dir={d},socket={d}/1.sock"),
+            format!("tag=a,dir={d},socket={d}/2.sock"),
+        ];
+        assert!(err(a).contains("used twice"));
+        let mut a = args();
+        a.net_socket = Some(dir.path().join("1.sock"));
+        a.share = vec![format!("tag=a,dir={d},socket={d}/1.sock")];
+        assert!(err(a).contains("already used"));
+    }
+
+    #[test]
+    fn toml_file_is_read_and_overridden() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let file = dir.path().join("ferry.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "net-socket = \"{d}/n.sock\"\nsubnet = \"10.9.0.0/24\"\nmtu = 1500\n\
+                 [[share]]\ntag = \"src\"\ndir = \"{d}\"\nsocket = \"{d}/fs.sock\"\nreadonly = true\n"
+            ),
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file.clone());
+        a.mtu = Some(9000);
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(c.net.subnet.to_string(), "10.9.0.0/24");
+        assert_eq!(c.net.mtu, 9000);
+        assert_eq!(c.shares.len(), 1);
+        assert!(c.shares[0].readonly);
+
+        std::fs::write(&file, "colour = 1\n").unwrap();
+        let mut a = args();
+        a.config = Some(file);
+        assert!(err(a).contains("unknown field"));
+    }
+}

@@ -1,0 +1,136 @@
+//! Starting the devices: bind every socket first (so a mistake is reported before anything
+//! runs), then give each device its own thread in this one process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use ferry_devices::{bind_socket, serve_connections, VhostUserFsBackend, VhostUserNetBackend};
+use ferry_fs::{passthrough, PassthroughFs, Server};
+use log::{error, info};
+
+use crate::config::{Error, Result, ServeConfig};
+use crate::signals;
+
+/// Exit code a failing device thread leaves for `main`.
+pub static FAILURE: AtomicU8 = AtomicU8::new(0);
+
+/// The running devices.
+pub struct Devices {
+    sockets: Vec<PathBuf>,
+}
+
+impl Devices {
+    /// Binds every socket and starts one thread per device.
+    pub fn start(cfg: &ServeConfig) -> Result<Self> {
+        let mut sockets = Vec::new();
+        let mut net = None;
+        if let Some(path) = &cfg.net_socket {
+            let listener = bind_socket(path).map_err(|e| Error::Runtime(e.to_string()))?;
+            sockets.push(path.clone());
+            net = Some((listener, path.clone()));
+        }
+        let mut fs = Vec::new();
+        for share in &cfg.shares {
+            let pfs = PassthroughFs::new(
+                &share.dir,
+                passthrough::Config {
+                    cache: share.cache,
+                    readonly: share.readonly,
+                },
+            )
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "--share tag={}: cannot open {}: {e}",
+                    share.tag,
+                    share.dir.display()
+                ))
+            })?;
+            let listener = match bind_socket(&share.socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    remove_sockets(&sockets);
+                    return Err(Error::Runtime(e.to_string()));
+                }
+            };
+            sockets.push(share.socket.clone());
+            fs.push((listener, share.clone(), pfs));
+        }
+
+        if let Some((mut listener, path)) = net {
+            let backend = VhostUserNetBackend::new(cfg.net.clone());
+            info!(
+                "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
+                path.display(),
+                cfg.net.guest(),
+                mac_string(&cfg.net.guest_mac),
+                cfg.net.gateway(),
+                cfg.net.mtu,
+                cfg.dns_upstream
+                    .map_or_else(|| "from /etc/resolv.conf".to_string(), |a| a.to_string())
+            );
+            spawn("net", move || {
+                serve_connections("net", &mut listener, backend, || {})
+            })?;
+        }
+        for (mut listener, share, pfs) in fs {
+            let name = format!("fs-{}", share.tag);
+            let server = Arc::new(Server::new(pfs));
+            let backend = VhostUserFsBackend::new(server);
+            info!(
+                "{name}: serving {} as tag {} on {}{}",
+                share.dir.display(),
+                share.tag,
+                share.socket.display(),
+                if share.readonly { " (read-only)" } else { "" }
+            );
+            let n = name.clone();
+            spawn(&name, move || {
+                serve_connections(&n, &mut listener, backend, || {})
+            })?;
+        }
+        Ok(Devices { sockets })
+    }
+
+    /// Removes the sockets; the process is about to exit.
+    pub fn shutdown(self) {
+        remove_sockets(&self.sockets);
+    }
+}
+
+fn remove_sockets(sockets: &[PathBuf]) {
+    for s in sockets {
+        if let Err(e) = std::fs::remove_file(s) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                error!("cannot remove socket {}: {e}", s.display());
+            }
+        }
+    }
+}
+
+fn spawn<F>(name: &str, f: F) -> Result<()>
+where
+    F: FnOnce() -> std::result::Result<(), ferry_devices::Error> + Send + 'static,
+{
+    let n = name.to_string();
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            if let Err(e) = f() {
+                error!("{n}: {e}; stopping");
+                FAILURE.store(1, Ordering::SeqCst);
+                signals::request_termination();
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Runtime(format!("cannot start the {name} thread: {e}")))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

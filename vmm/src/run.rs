@@ -1,0 +1,135 @@
+//! `ferry run`: serve the devices and boot the tiny guest under QEMU with them attached.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::Ordering;
+
+use log::info;
+
+use crate::config::{Error, Result, RunConfig, ServeConfig, ShareConfig};
+use crate::devices::{mac_string, Devices, FAILURE};
+use crate::signals;
+
+/// QEMU's accelerator: TCG unless `FERRY_ACCEL` names another (for example kvm).
+fn accel() -> String {
+    std::env::var("FERRY_ACCEL").unwrap_or_else(|_| "tcg".to_string())
+}
+
+/// Boots the guest and returns QEMU's exit code.
+pub fn run(cfg: RunConfig) -> Result<ExitCode> {
+    signals::block_termination()
+        .map_err(|e| Error::Runtime(format!("cannot block termination signals: {e}")))?;
+    let dir = std::env::temp_dir().join(format!("ferry-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::Runtime(format!(
+            "cannot create the runtime folder {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let shares: Vec<ShareConfig> = cfg
+        .shares
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ShareConfig {
+            tag: format!("share{i}"),
+            dir: d.clone(),
+            socket: dir.join(format!("fs{i}.sock")),
+            readonly: false,
+            cache: Default::default(),
+        })
+        .collect();
+    let serve = ServeConfig {
+        net_socket: Some(dir.join("net.sock")),
+        net: Default::default(),
+        shares,
+        dns_upstream: None,
+    };
+    let devices = Devices::start(&serve)?;
+    let mut qemu = qemu_command(&cfg, &serve);
+    // SAFETY: the closure only calls pthread_sigmask, which is async-signal-safe.
+    unsafe {
+        qemu.pre_exec(signals::unblock_termination);
+    }
+    info!(
+        "starting QEMU (accel {}); the guest's console follows",
+        accel()
+    );
+    let mut child = qemu.spawn().map_err(|e| {
+        Error::Runtime(format!(
+            "cannot start qemu-system-x86_64: {e}; install it with `apt-get install qemu-system-x86`"
+        ))
+    })?;
+    let pid = child.id() as libc::pid_t;
+    std::thread::spawn(move || {
+        if signals::wait_termination().is_ok() {
+            // SAFETY: kill has no memory effects; at worst the pid is already gone.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    });
+    let status = child
+        .wait()
+        .map_err(|e| Error::Runtime(format!("cannot wait for QEMU: {e}")))?;
+    devices.shutdown();
+    let _ = std::fs::remove_dir(&dir);
+    info!("QEMU exited: {status}");
+    if FAILURE.load(Ordering::SeqCst) != 0 {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn qemu_command(cfg: &RunConfig, serve: &ServeConfig) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    let tags: Vec<&str> = serve.shares.iter().map(|s| s.tag.as_str()).collect();
+    let mut append = format!("console=ttyS0 quiet panic=-1 ferry.fs={}", tags.join(","));
+    if cfg.script.is_some() {
+        append.push_str(" ferry.noshell");
+    }
+    c.args(["-machine", &format!("q35,accel={}", accel())])
+        .args(["-cpu", "max", "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-m", &format!("{}M", cfg.memory)])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.memory),
+        ])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", &append]);
+    if let Some(net) = &serve.net_socket {
+        // QEMU 7.2 takes the MAC and MTU from its own options (it reads a vhost-user net
+        // backend's config space only for vDPA), so pass Ferry's.
+        c.args(["-chardev", &chardev("n0", net)])
+            .args(["-netdev", "vhost-user,id=net0,chardev=n0"])
+            .args([
+                "-device",
+                &format!(
+                    "virtio-net-pci,netdev=net0,mac={},host_mtu={}",
+                    mac_string(&serve.net.guest_mac),
+                    serve.net.mtu
+                ),
+            ]);
+    }
+    for (i, s) in serve.shares.iter().enumerate() {
+        let id = format!("f{i}");
+        c.args(["-chardev", &chardev(&id, &s.socket)]).args([
+            "-device",
+            &format!("vhost-user-fs-pci,chardev={id},tag={}", s.tag),
+        ]);
+    }
+    if let Some(script) = &cfg.script {
+        c.arg("-fw_cfg")
+            .arg(format!("name=opt/ferry/run,file={}", script.display()));
+    }
+    c.args(&cfg.qemu_args);
+    c
+}
+
+fn chardev(id: &str, path: &Path) -> String {
+    format!("socket,id={id},path={}", path.display())
+}
