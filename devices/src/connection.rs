@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use log::{info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 
 use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
@@ -65,7 +65,11 @@ where
         daemon.start(listener).map_err(daemon_err)?;
         info!("{name}: frontend connected");
         match daemon.wait() {
-            Ok(()) => info!("{name}: frontend disconnected; waiting for the next one"),
+            // A frontend that quits (QEMU exit, VM reboot) shows up as one of these.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("{name}: frontend disconnected; waiting for the next one"),
             Err(e) => warn!("{name}: connection ended: {e}; waiting for the next frontend"),
         }
         // Dropping the daemon stops its vring workers before the backend is reused.

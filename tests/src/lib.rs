@@ -1,1 +1,35 @@
+//! The test harness: start `ferry serve` and QEMU with the tiny guest, read the guest's
+//! `FERRY-CHECK` lines from its serial console, and clean everything up on drop.
+//!
+//! Each test gets its own temporary folder for sockets, logs and the console, so tests can run
+//! in parallel. QEMU uses TCG unless `FERRY_ACCEL` says otherwise (for example `kvm`).
 
+mod checks;
+mod ferry;
+mod qemu;
+
+pub use checks::{parse_checks, Check, GuestOutcome};
+pub use ferry::{ferry_bin, FerryProcess};
+pub use qemu::{guest_image, GuestSpec, Qemu};
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 20 ms until it returns `Some`, or `None` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

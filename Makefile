@@ -1,0 +1,43 @@
+# Ferry: build, test and run. `make run` and `make test` do their own setup on Debian 12.
+CARGO   ?= cargo
+JOBS    ?= 2
+# Test binaries run their tests two at a time: each guest test runs a 2-vCPU TCG guest.
+TEST_THREADS ?= 2
+# The host folder `make run` shares with the guest (mounted at /mnt/share0).
+SHARE   ?= $(CURDIR)
+FERRY   := target/debug/ferry
+
+.PHONY: all deps build test run guest-image fmt fmt-check clippy lint clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build:
+	$(CARGO) build -j$(JOBS) --workspace
+
+guest-image:
+	@bash guest-image/build.sh
+
+test: deps guest-image
+	$(CARGO) build -j$(JOBS) --workspace --all-targets
+	$(CARGO) test -j$(JOBS) --workspace -- --test-threads=$(TEST_THREADS)
+
+run: deps guest-image build
+	$(FERRY) run --share $(SHARE) --script guest-image/demo.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
+
+lint: fmt-check clippy
+
+clean:
+	$(CARGO) clean
+	rm -rf guest-image/out

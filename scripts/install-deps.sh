@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building and testing Ferry needs on a Debian 12 host, and nothing that is
+# already there. Run as root (or with sudo available). Idempotent and quick when all is present.
+set -euo pipefail
+
+# command -> Debian package that provides it
+declare -A NEED=(
+	[qemu-system-x86_64]=qemu-system-x86
+	[cpio]=cpio
+	[gzip]=gzip
+	[readelf]=binutils
+	[dpkg-deb]=dpkg
+	[ip]=iproute2
+	[cc]=gcc
+)
+
+missing=()
+for cmd in "${!NEED[@]}"; do
+	command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+	SUDO=
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null || { echo "install-deps: need root to install ${missing[*]}; run as root or install sudo" >&2; exit 1; }
+		SUDO=sudo
+	fi
+	echo "install-deps: installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	$SUDO apt-get update -q
+	$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+	echo "install-deps: cargo not found; install a current Rust toolchain (https://rustup.rs) and run this again" >&2
+	exit 1
+fi

@@ -1,0 +1,125 @@
+//! Running `ferry serve` as a child process.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use crate::{tail, wait_for};
+
+static BUILD: Once = Once::new();
+
+/// The `ferry` binary of this build (target/<profile>/ferry, beside the test's deps folder).
+///
+/// `cargo test -p ferry-tests` does not rebuild other packages' binaries, so under cargo the
+/// first call builds `ferry` once, and a test never runs against a stale binary.
+pub fn ferry_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = dir.join("ferry");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        BUILD.call_once(|| {
+            let mut c = Command::new(cargo);
+            c.args(["build", "--quiet", "-p", "ferry"]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                c.arg("--release");
+            }
+            let status = c.status().expect("run cargo build -p ferry");
+            assert!(status.success(), "cargo build -p ferry failed");
+        });
+    }
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first with `cargo build -p ferry` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `ferry serve`; stopped with SIGTERM on drop.
+pub struct FerryProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl FerryProcess {
+    /// Starts `ferry serve ARGS` with its log in `dir/ferry.log`, and waits until every path in
+    /// `sockets` exists.
+    pub fn serve(dir: &Path, args: &[String], sockets: &[PathBuf]) -> Self {
+        let log = dir.join("ferry.log");
+        let err = File::create(&log).expect("create the ferry log");
+        let child = Command::new(ferry_bin())
+            .arg("serve")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start ferry serve");
+        let mut p = FerryProcess { child, log };
+        let ready = wait_for(Duration::from_secs(10), || {
+            sockets.iter().all(|s| s.exists()).then_some(())
+        });
+        if ready.is_none() {
+            let status = p.child.try_wait().ok().flatten();
+            panic!(
+                "ferry serve did not create its sockets within 10 s (exit status {status:?}); log:\n{}",
+                p.log_text()
+            );
+        }
+        p
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_text(), 40)
+    }
+
+    /// Sends SIGTERM and waits for it to exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: kill has no memory effects; the child is ours and not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = wait_for(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten()
+        });
+        match status {
+            Some(s) => s.code(),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.terminate();
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Booting the tiny guest under QEMU with Ferry's devices attached.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::checks::{parse_checks, parse_done, GuestOutcome};
+use crate::tail;
+
+/// The guest kernel and initramfs that `make guest-image` builds.
+pub fn guest_image() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("FERRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-image/out"));
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.cpio.gz");
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "the guest image is missing in {}: build it with `make guest-image` (make test does)",
+        dir.display()
+    );
+    (kernel, initrd)
+}
+
+/// What to boot.
+#[derive(Clone, Debug, Default)]
+pub struct GuestSpec {
+    /// The shell script the guest runs (through fw_cfg); it should print FERRY-CHECK lines.
+    pub script: String,
+    /// The vhost-user net socket to attach, if any.
+    pub net_socket: Option<PathBuf>,
+    /// The MAC and MTU QEMU gives the NIC (QEMU does not read them from the backend).
+    pub mac: Option<String>,
+    /// MTU for QEMU's `host_mtu`.
+    pub mtu: Option<u16>,
+    /// virtio-fs devices: (tag, socket).
+    pub shares: Vec<(String, PathBuf)>,
+    /// Skip DHCP in the guest.
+    pub no_dhcp: bool,
+    /// Guest memory in MiB (default 512).
+    pub memory_mib: u32,
+}
+
+/// A running QEMU; killed on drop.
+pub struct Qemu {
+    child: Child,
+    console: PathBuf,
+}
+
+impl Qemu {
+    /// Boots the guest described by `spec`; files go in `dir` (the console in
+    /// `dir/console-N.log`, N counting boots).
+    pub fn boot(dir: &Path, spec: &GuestSpec) -> Self {
+        let (kernel, initrd) = guest_image();
+        let n = (0..)
+            .find(|i| !dir.join(format!("console-{i}.log")).exists())
+            .unwrap_or(0);
+        let console = dir.join(format!("console-{n}.log"));
+        let script = dir.join(format!("guest-{n}.sh"));
+        std::fs::write(&script, &spec.script).expect("write the guest script");
+        let mem = if spec.memory_mib == 0 {
+            512
+        } else {
+            spec.memory_mib
+        };
+        let accel = std::env::var("FERRY_ACCEL").unwrap_or_else(|_| "tcg".into());
+        let tags: Vec<&str> = spec.shares.iter().map(|(t, _)| t.as_str()).collect();
+        let mut append = format!(
+            "console=ttyS0 quiet panic=-1 ferry.noshell ferry.fs={}",
+            tags.join(",")
+        );
+        if spec.no_dhcp || spec.net_socket.is_none() {
+            append.push_str(" ferry.net=off");
+        }
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", &format!("q35,accel={accel}")])
+            .args(["-cpu", "max", "-smp", "2", "-m", &format!("{mem}M")])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ])
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &append])
+            .arg("-fw_cfg")
+            .arg(format!("name=opt/ferry/run,file={}", script.display()));
+        if let Some(sock) = &spec.net_socket {
+            let mut dev = "virtio-net-pci,netdev=net0".to_string();
+            if let Some(mac) = &spec.mac {
+                dev.push_str(&format!(",mac={mac}"));
+            }
+            if let Some(mtu) = spec.mtu {
+                dev.push_str(&format!(",host_mtu={mtu}"));
+            }
+            c.args(["-chardev", &format!("socket,id=n0,path={}", sock.display())])
+                .args(["-netdev", "vhost-user,id=net0,chardev=n0"])
+                .args(["-device", &dev]);
+        }
+        for (i, (tag, sock)) in spec.shares.iter().enumerate() {
+            c.args([
+                "-chardev",
+                &format!("socket,id=f{i},path={}", sock.display()),
+            ])
+            .args([
+                "-device",
+                &format!("vhost-user-fs-pci,chardev=f{i},tag={tag}"),
+            ]);
+        }
+        let out = File::create(&console).expect("create the console log");
+        let err = out.try_clone().expect("clone the console log");
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        Qemu { child, console }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until the console contains `needle`; `Err` with the console's tail otherwise.
+    pub fn wait_console(&mut self, needle: &str, deadline: Duration) -> Result<(), String> {
+        let found = crate::wait_for(deadline, || self.console().contains(needle).then_some(()));
+        found.ok_or_else(|| {
+            format!(
+                "the guest did not print {needle:?} within {deadline:?}; console tail:\n{}",
+                tail(&self.console(), 60)
+            )
+        })
+    }
+
+    /// Waits for `FERRY-DONE` and returns what the guest reported, or `Err` with the console's
+    /// tail when the deadline passes or QEMU exits first.
+    pub fn wait_done(&mut self, deadline: Duration) -> Result<GuestOutcome, String> {
+        let end = Instant::now() + deadline;
+        loop {
+            let console = self.console();
+            if let Some(rc) = parse_done(&console) {
+                // Let QEMU power off by itself; it has nothing left to do.
+                let _ = crate::wait_for(Duration::from_secs(10), || {
+                    self.child.try_wait().ok().flatten()
+                });
+                return Ok(GuestOutcome {
+                    rc,
+                    checks: parse_checks(&console),
+                    console,
+                });
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "QEMU exited ({status}) before the guest printed FERRY-DONE; console tail:\n{}",
+                    tail(&self.console(), 60)
+                ));
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "the guest did not print FERRY-DONE within {deadline:?}; console tail:\n{}",
+                    tail(&console, 60)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills QEMU at once, as a crash or `kill -9` would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,151 @@
+//! `ferry serve`'s command line: every option documented, every bad value refused with exit
+//! code 2 and a sentence that names the option.
+
+use std::process::Command;
+
+use ferry_tests::ferry_bin;
+
+fn serve(args: &[&str]) -> (i32, String) {
+    let out = Command::new(ferry_bin())
+        .arg("serve")
+        .args(args)
+        .output()
+        .expect("run ferry");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(ferry_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--config",
+        "--net-socket",
+        "--share",
+        "--publish",
+        "--default-bind",
+        "--api-socket",
+        "--subnet",
+        "--mtu",
+        "--dns-upstream",
+    ] {
+        let line = help
+            .lines()
+            .position(|l| l.trim_start().starts_with(opt))
+            .unwrap_or_else(|| panic!("{opt} missing from --help:\n{help}"));
+        // The line after the option's name is its description.
+        let doc = help.lines().nth(line + 1).unwrap_or("").trim();
+        assert!(doc.len() > 10, "{opt} has no description:\n{help}");
+    }
+    assert!(help.contains("192.168.127.0/24") && help.contains("65520"));
+}
+
+#[test]
+fn bad_values_exit_2_naming_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let sock = format!("{d}/net.sock");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--subnet".into(),
+                "300.1.1.0/24".into(),
+            ],
+            "--subnet 300.1.1.0/24: not an IPv4 subnet",
+        ),
+        (
+            vec![
+                "--share".into(),
+                format!("tag=a,dir={d}/missing,socket={d}/fs.sock"),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                format!("{d}/no/such/folder/net.sock"),
+            ],
+            "--net-socket",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--mtu".into(),
+                "20".into(),
+            ],
+            "--mtu 20",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--publish".into(),
+                "80".into(),
+            ],
+            "--publish 80",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--mtu".into(),
+                "lots".into(),
+            ],
+            "--mtu",
+        ),
+        (vec![], "nothing to serve"),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = serve(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        // The first line is the whole sentence (clap adds a pointer to --help after its own).
+        let first = err.lines().next().unwrap_or("");
+        assert!(
+            first.contains(want),
+            "{args:?}: expected {want:?} in {err:?}"
+        );
+    }
+    assert!(!std::path::Path::new(&sock).exists());
+}
+
+#[test]
+fn sigterm_and_sigint_remove_the_sockets() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net.sock");
+        let fs = dir.path().join("fs.sock");
+        let mut child = Command::new(ferry_bin())
+            .arg("serve")
+            .arg("--net-socket")
+            .arg(&net)
+            .arg("--share")
+            .arg(format!(
+                "tag=t,dir={},socket={}",
+                dir.path().display(),
+                fs.display()
+            ))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        ferry_tests::wait_for(std::time::Duration::from_secs(10), || {
+            (net.exists() && fs.exists()).then_some(())
+        })
+        .expect("sockets appear");
+        // SAFETY: kill has no memory effects; the child is ours.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "signal {sig}");
+        assert!(!net.exists() && !fs.exists(), "signal {sig} left sockets");
+    }
+}

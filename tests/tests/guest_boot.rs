@@ -1,0 +1,126 @@
+//! Guest end-to-end: the tiny guest boots with Ferry's net and fs devices from one `ferry serve`,
+//! reports what it sees, and boots again against the same process after QEMU is killed.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::{FerryProcess, GuestOutcome, GuestSpec, Qemu};
+
+/// Hangs are caught by this; a healthy boot under TCG takes a few seconds.
+const DEADLINE: Duration = Duration::from_secs(180);
+const MAC: &str = "02:46:52:59:00:02";
+const TAG: &str = "hostshare";
+
+/// The checks the guest runs. Expected values come from the host side, so each check can fail.
+fn script(share: &Path, then: &str) -> String {
+    let meta = std::fs::metadata(share).unwrap();
+    // SAFETY: statvfs is plain data and `st` is a valid destination; the path is NUL-terminated.
+    let blocks = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        let p = std::ffi::CString::new(share.to_str().unwrap()).unwrap();
+        assert_eq!(libc::statvfs(p.as_ptr(), &mut st), 0);
+        // The guest reports blocks in units of f_frsize, as the host does.
+        st.f_blocks
+    };
+    format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+check eth0-mac "$(cat /sys/class/net/eth0/address 2>&1)" {MAC}
+check eth0-mtu "$(cat /sys/class/net/eth0/mtu 2>&1)" 65520
+check virtiofs-mounted "$(awk '$2 == "/mnt/{TAG}" {{print $1, $3}}' /proc/mounts)" "{TAG} virtiofs"
+check virtiofs-root-inode "$(stat -c %i /mnt/{TAG} 2>&1)" {ino}
+check virtiofs-root-mode "$(stat -c %a /mnt/{TAG} 2>&1)" {mode:o}
+check virtiofs-statfs-blocks "$(stat -f -c %b /mnt/{TAG} 2>&1)" {blocks}
+{then}
+"#,
+        ino = meta.ino(),
+        mode = meta.mode() & 0o7777,
+    )
+}
+
+fn spec(dir: &Path, script: String) -> GuestSpec {
+    GuestSpec {
+        script,
+        net_socket: Some(dir.join("net.sock")),
+        mac: Some(MAC.into()),
+        mtu: Some(65520),
+        shares: vec![(TAG.into(), dir.join("fs.sock"))],
+        // DHCP arrives with the virtio-net data path; no lease to wait for yet.
+        no_dhcp: true,
+        memory_mib: 256,
+    }
+}
+
+fn assert_all_ok(run: &str, out: &GuestOutcome, ferry: &FerryProcess, expected: usize) {
+    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && out.checks.len() == expected,
+        "{run}: {} of {expected} checks reported, failed: {failed:?}\nconsole:\n{}\nferry log:\n{}",
+        out.checks.len(),
+        ferry_tests::tail(&out.console, 60),
+        ferry.log_tail()
+    );
+}
+
+#[test]
+fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::set_permissions(&share, std::os::unix::fs::PermissionsExt::from_mode(0o751)).unwrap();
+    let net = dir.path().join("net.sock");
+    let fs = dir.path().join("fs.sock");
+    let mut ferry = FerryProcess::serve(
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            net.display().to_string(),
+            "--share".into(),
+            format!("tag={TAG},dir={},socket={}", share.display(), fs.display()),
+        ],
+        &[net.clone(), fs.clone()],
+    );
+
+    // First boot: run the checks, then hang until QEMU is killed from outside.
+    let mut qemu = Qemu::boot(
+        dir.path(),
+        &spec(
+            dir.path(),
+            script(&share, "echo FERRY-WAITING-FOR-KILL; sleep 3600"),
+        ),
+    );
+    if let Err(e) = qemu.wait_console("FERRY-WAITING-FOR-KILL", DEADLINE) {
+        panic!("first boot: {e}\nferry log:\n{}", ferry.log_tail());
+    }
+    let first = GuestOutcome {
+        rc: 0,
+        checks: ferry_tests::parse_checks(&qemu.console()),
+        console: qemu.console(),
+    };
+    assert_all_ok("first boot", &first, &ferry, 6);
+    qemu.kill();
+    assert!(
+        ferry.is_running(),
+        "ferry died with QEMU:\n{}",
+        ferry.log_tail()
+    );
+
+    // Second boot against the same ferry process.
+    let mut qemu = Qemu::boot(dir.path(), &spec(dir.path(), script(&share, "")));
+    let second = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("second boot: {e}\nferry log:\n{}", ferry.log_tail()));
+    assert_all_ok("second boot", &second, &ferry, 6);
+    assert_eq!(second.rc, 0);
+    drop(qemu);
+
+    let log = ferry.log_text();
+    assert!(log.contains("net: frontend disconnected"), "{log}");
+    assert!(
+        log.contains(&format!("fs-{TAG}: frontend disconnected")),
+        "{log}"
+    );
+    assert_eq!(ferry.terminate(), Some(0), "{}", ferry.log_tail());
+    assert!(!net.exists() && !fs.exists(), "sockets left behind");
+}

@@ -1,0 +1,151 @@
+//! VM-less vhost-user tests: a test frontend (vhost's `Frontend`, with a memfd as guest RAM)
+//! drives `ferry serve` through its real sockets.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::{wait_for, FerryProcess};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// 1 MiB of "guest RAM" in a memfd, as QEMU's memory-backend-memfd gives.
+fn guest_ram() -> File {
+    // SAFETY: the name is a valid C string; memfd_create has no other memory effects.
+    let fd = unsafe { libc::memfd_create(c"ferry-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(1 << 20).unwrap();
+    f
+}
+
+fn connect(sock: &Path) -> Frontend {
+    wait_for(Duration::from_secs(5), || Frontend::connect(sock, 2).ok())
+        .expect("connect to ferry's vhost-user socket")
+}
+
+/// Negotiates features the way QEMU does and returns what the device offered.
+fn negotiate(fe: &mut Frontend, want_protocol: VhostUserProtocolFeatures) -> u64 {
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert_ne!(
+        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    fe.set_features(offered).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(want_protocol), "protocol features {proto:?}");
+    fe.set_protocol_features(want_protocol).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    let ram = guest_ram();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 1 << 20,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: ram.as_raw_fd(),
+    };
+    fe.set_mem_table(&[region]).unwrap();
+    offered
+}
+
+fn start(dir: &Path) -> (FerryProcess, PathBuf, PathBuf) {
+    let net = dir.join("net.sock");
+    let fs = dir.join("fs.sock");
+    let ferry = FerryProcess::serve(
+        dir,
+        &[
+            "--net-socket".into(),
+            net.display().to_string(),
+            "--share".into(),
+            format!("tag=t,dir={},socket={}", dir.display(), fs.display()),
+            "--mtu".into(),
+            "65520".into(),
+        ],
+        &[net.clone(), fs.clone()],
+    );
+    (ferry, net, fs)
+}
+
+#[test]
+fn net_negotiates_and_exposes_mac_and_mtu_across_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ferry, net, _) = start(dir.path());
+    let proto = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    for round in 0..3 {
+        let mut fe = connect(&net);
+        let offered = negotiate(&mut fe, proto);
+        for f in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_RING_F_EVENT_IDX,
+        ] {
+            assert_ne!(offered & f, 0, "round {round}: feature {f:#x} not offered");
+        }
+        let (_, cfg) = fe
+            .get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12])
+            .unwrap();
+        assert_eq!(&cfg[0..6], &[0x02, 0x46, 0x52, 0x59, 0x00, 0x02], "MAC");
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 65520, "MTU");
+        // Disconnect; ferry must serve the next frontend on the same socket.
+        drop(fe);
+        assert!(
+            ferry.is_running(),
+            "round {round}: ferry exited:\n{}",
+            ferry.log_tail()
+        );
+    }
+    let log = ferry.log_text();
+    assert!(
+        log.matches("net: frontend disconnected").count() >= 2,
+        "reconnects not logged:\n{log}"
+    );
+    assert_eq!(ferry.terminate(), Some(0));
+    assert!(!net.exists(), "socket left behind");
+}
+
+#[test]
+fn fs_negotiates_across_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ferry, _, fs) = start(dir.path());
+    let proto = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+    for _ in 0..2 {
+        let mut fe = connect(&fs);
+        let offered = negotiate(&mut fe, proto);
+        assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
+        drop(fe);
+    }
+    assert!(ferry.is_running(), "{}", ferry.log_tail());
+}
+
+#[test]
+fn a_second_frontend_waits_for_the_first_to_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ferry, net, _) = start(dir.path());
+    let mut first = connect(&net);
+    negotiate(&mut first, VhostUserProtocolFeatures::MQ);
+    // The socket has one device behind it: a second frontend is queued, not served, until the
+    // first disconnects; then it negotiates normally.
+    let mut second = Frontend::connect(&net, 2).unwrap();
+    drop(first);
+    negotiate(&mut second, VhostUserProtocolFeatures::MQ);
+    drop(ferry);
+}
