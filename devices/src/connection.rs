@@ -2,14 +2,19 @@
 //!
 //! `ferry serve` binds the socket once, before QEMU starts, and keeps it across frontend
 //! disconnects (VM reboot, QEMU restart). Each connection gets a fresh `VhostUserDaemon` around
-//! the same backend object, because a daemon's handler state cannot be reused.
+//! the same backend object, because a daemon's handler state cannot be reused. The frontend's
+//! connection reaches the daemon through the [relay](crate::relay), over a private socket that
+//! only this process uses.
 
-use std::path::Path;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 
+use crate::relay::relay;
 use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
 
 /// Errors serving a device socket.
@@ -22,7 +27,19 @@ pub enum Error {
         path: String,
         /// Why.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
+    },
+    /// Another process already serves the socket.
+    #[error("{0} is in use by another running process; stop it or choose another path")]
+    InUse(String),
+    /// Accepting or relaying a connection failed.
+    #[error("{name}: cannot accept a frontend connection")]
+    Accept {
+        /// The device's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The vhost-user daemon could not be set up.
     #[error("cannot set up the vhost-user device {name}: {reason}")]
@@ -34,19 +51,31 @@ pub enum Error {
     },
 }
 
-/// Binds the vhost-user socket at `path`, replacing a stale socket file left by a previous run.
-pub fn bind_socket(path: &Path) -> Result<Listener, Error> {
-    Listener::new(path, true).map_err(|source| Error::Bind {
-        path: path.display().to_string(),
+/// Binds the vhost-user socket at `path`. A stale socket file left by a process that is gone
+/// is replaced; one that a running process still answers on is not.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
+    let shown = || path.display().to_string();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(shown()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path).map_err(|source| Error::Bind {
+        path: shown(),
         source,
     })
 }
 
-/// Serves frontends on `listener` one after another, forever. `on_disconnect` runs after each
-/// frontend leaves, so the device can drop per-connection state.
+/// Serves frontends on `listener` one after another, forever. `private` is a socket path for
+/// the daemon's side of the relay, in a folder only this process uses. `on_disconnect` runs
+/// after each frontend leaves, so the device can drop per-connection state.
 pub fn serve_connections<T, D>(
     name: &str,
-    listener: &mut Listener,
+    listener: UnixListener,
+    private: PathBuf,
     backend: T,
     on_disconnect: D,
 ) -> Result<(), Error>
@@ -58,11 +87,26 @@ where
         name: name.to_string(),
         reason: e.to_string(),
     };
+    let accept_err = |source| Error::Accept {
+        name: name.to_string(),
+        source,
+    };
+    let _ = std::fs::remove_file(&private);
+    let mut inner: Listener = UnixListener::bind(&private)
+        .map_err(|source| Error::Bind {
+            path: private.display().to_string(),
+            source,
+        })?
+        .into();
     loop {
+        let (frontend, _) = listener.accept().map_err(accept_err)?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             VhostUserDaemon::new(name.to_string(), backend.clone(), mem).map_err(daemon_err)?;
-        daemon.start(listener).map_err(daemon_err)?;
+        // The connect completes into the private listener's backlog; the daemon accepts it.
+        let daemon_side = UnixStream::connect(&private).map_err(accept_err)?;
+        daemon.start(&mut inner).map_err(daemon_err)?;
+        let relays = relay(name, frontend, daemon_side).map_err(accept_err)?;
         info!("{name}: frontend connected");
         match daemon.wait() {
             // A frontend that quits (QEMU exit, VM reboot) shows up as one of these.
@@ -74,6 +118,9 @@ where
         }
         // Dropping the daemon stops its vring workers before the backend is reused.
         drop(daemon);
+        for t in relays {
+            let _ = t.join();
+        }
         on_disconnect();
     }
 }

@@ -8,6 +8,7 @@
 mod chain;
 mod connection;
 mod queue;
+mod relay;
 pub mod vhu_fs;
 pub mod vhu_net;
 

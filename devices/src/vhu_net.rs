@@ -75,6 +75,18 @@ impl VhostUserNetBackend {
         &self.stats
     }
 
+    /// Called when a frontend leaves: log what crossed the device so far.
+    pub fn frontend_gone(&self) {
+        let s = &self.stats;
+        log::info!(
+            "net: the guest has sent {} frames ({} bytes) so far, {} malformed; {} dropped because no network stack is attached yet",
+            s.tx_frames.load(Ordering::Relaxed),
+            s.tx_bytes.load(Ordering::Relaxed),
+            s.tx_malformed.load(Ordering::Relaxed),
+            s.tx_unrouted.load(Ordering::Relaxed),
+        );
+    }
+
     /// The virtio-net config space: MAC, link status, one queue pair, MTU.
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];

@@ -28,6 +28,11 @@ fn script(share: &Path, then: &str) -> String {
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
 check eth0-mac "$(cat /sys/class/net/eth0/address 2>&1)" {MAC}
 check eth0-mtu "$(cat /sys/class/net/eth0/mtu 2>&1)" 65520
+ip link set eth0 up
+ip addr add 192.168.127.2/24 dev eth0
+# No stack answers yet: the pings go unanswered, but their ARP requests reach ferry.
+ping -c 2 -W 1 192.168.127.1 >/dev/null 2>&1
+check eth0-carrier "$(cat /sys/class/net/eth0/carrier 2>&1)" 1
 check virtiofs-mounted "$(awk '$2 == "/mnt/{TAG}" {{print $1, $3}}' /proc/mounts)" "{TAG} virtiofs"
 check virtiofs-root-inode "$(stat -c %i /mnt/{TAG} 2>&1)" {ino}
 check virtiofs-root-mode "$(stat -c %a /mnt/{TAG} 2>&1)" {mode:o}
@@ -98,7 +103,7 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
         checks: ferry_tests::parse_checks(&qemu.console()),
         console: qemu.console(),
     };
-    assert_all_ok("first boot", &first, &ferry, 6);
+    assert_all_ok("first boot", &first, &ferry, 7);
     qemu.kill();
     assert!(
         ferry.is_running(),
@@ -111,12 +116,27 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
     let second = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("second boot: {e}\nferry log:\n{}", ferry.log_tail()));
-    assert_all_ok("second boot", &second, &ferry, 6);
+    assert_all_ok("second boot", &second, &ferry, 7);
     assert_eq!(second.rc, 0);
     drop(qemu);
 
     let log = ferry.log_text();
     assert!(log.contains("net: frontend disconnected"), "{log}");
+    assert!(
+        !log.contains("connection ended"),
+        "a connection failed:\n{log}"
+    );
+    // The guest's frames (ARP for the gateway, at least) reached ferry's TX queue.
+    let frames: u64 = log
+        .lines()
+        .filter_map(|l| l.split("the guest has sent ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        frames >= 2,
+        "ferry saw {frames} frames from the guest:\n{log}"
+    );
     assert!(
         log.contains(&format!("fs-{TAG}: frontend disconnected")),
         "{log}"

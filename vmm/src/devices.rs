@@ -19,11 +19,30 @@ pub static FAILURE: AtomicU8 = AtomicU8::new(0);
 /// The running devices.
 pub struct Devices {
     sockets: Vec<PathBuf>,
+    private: PathBuf,
+}
+
+/// A folder only this process can enter, for the daemons' private sockets.
+fn private_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("ferry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "cannot create the private folder {}: {e}; check that TMPDIR is writable",
+                dir.display()
+            ))
+        })?;
+    Ok(dir)
 }
 
 impl Devices {
     /// Binds every socket and starts one thread per device.
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
+        let private = private_dir()?;
         let mut sockets = Vec::new();
         let mut net = None;
         if let Some(path) = &cfg.net_socket {
@@ -58,7 +77,7 @@ impl Devices {
             fs.push((listener, share.clone(), pfs));
         }
 
-        if let Some((mut listener, path)) = net {
+        if let Some((listener, path)) = net {
             let backend = VhostUserNetBackend::new(cfg.net.clone());
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
@@ -70,11 +89,13 @@ impl Devices {
                 cfg.dns_upstream
                     .map_or_else(|| "from /etc/resolv.conf".to_string(), |a| a.to_string())
             );
+            let inner = private.join("net.sock");
             spawn("net", move || {
-                serve_connections("net", &mut listener, backend, || {})
+                let b = backend.clone();
+                serve_connections("net", listener, inner, backend, move || b.frontend_gone())
             })?;
         }
-        for (mut listener, share, pfs) in fs {
+        for (i, (listener, share, pfs)) in fs.into_iter().enumerate() {
             let name = format!("fs-{}", share.tag);
             let server = Arc::new(Server::new(pfs));
             let backend = VhostUserFsBackend::new(server);
@@ -86,16 +107,18 @@ impl Devices {
                 if share.readonly { " (read-only)" } else { "" }
             );
             let n = name.clone();
+            let inner = private.join(format!("fs{i}.sock"));
             spawn(&name, move || {
-                serve_connections(&n, &mut listener, backend, || {})
+                serve_connections(&n, listener, inner, backend, || {})
             })?;
         }
-        Ok(Devices { sockets })
+        Ok(Devices { sockets, private })
     }
 
     /// Removes the sockets; the process is about to exit.
     pub fn shutdown(self) {
         remove_sockets(&self.sockets);
+        let _ = std::fs::remove_dir_all(&self.private);
     }
 }
 
