@@ -96,7 +96,8 @@ impl Qemu {
             .arg("-fw_cfg")
             .arg(format!("name=opt/ferry/run,file={}", script.display()));
         if let Some(sock) = &spec.net_socket {
-            let mut dev = "virtio-net-pci,netdev=net0".to_string();
+            // romfile= skips the iPXE option ROM: nothing network-boots, and it costs boot time.
+            let mut dev = "virtio-net-pci,netdev=net0,romfile=".to_string();
             if accel == "tcg" {
                 // QEMU 7.2 under TCG segfaults setting up MSI-X notifiers for a vhost-user NIC
                 // (msix_set_vector_notifiers); legacy INTx works.

@@ -111,7 +111,7 @@ fn qemu_command(cfg: &RunConfig, serve: &ServeConfig) -> Command {
             .args([
                 "-device",
                 &format!(
-                    "virtio-net-pci,netdev=net0,mac={},host_mtu={}{vectors}",
+                    "virtio-net-pci,netdev=net0,romfile=,mac={},host_mtu={}{vectors}",
                     mac_string(&serve.net.guest_mac),
                     serve.net.mtu
                 ),
