@@ -4,9 +4,13 @@ echo
 echo "== Ferry demo: eth0 and /mnt/share0 are vhost-user devices served by one ferry process =="
 echo "-- eth0 (virtio-net): MAC and MTU"
 ip -o link show eth0
-echo "-- /mnt/share0 (virtio-fs): mount, file system and root attributes, answered by ferry"
+echo "-- /mnt/share0 (virtio-fs): this checkout, served by ferry"
 grep virtiofs /proc/mounts
-stat -f /mnt/share0
-stat /mnt/share0
-echo "-- not yet: DHCP/NAT (virtio-net data path) and file access below the root (virtio-fs"
-echo "   file server) come with their own issues; see README, Status."
+ls /mnt/share0
+head -n 3 /mnt/share0/README.md
+echo "-- a file written in the guest, read back through ferry"
+echo "written by the guest at $(date)" > /tmp/demo.txt
+cp /tmp/demo.txt /mnt/share0/target/ferry-demo.txt && cat /mnt/share0/target/ferry-demo.txt
+sha256sum /tmp/demo.txt /mnt/share0/target/ferry-demo.txt
+rm /mnt/share0/target/ferry-demo.txt
+echo "-- not yet: DHCP, DNS and NAT (the virtio-net data path); see README, Status."

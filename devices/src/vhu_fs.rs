@@ -17,13 +17,12 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{ChainReader, ChainWriter};
+use crate::chain::split_chain;
 use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
@@ -55,19 +54,14 @@ impl<F: FileSystem> VhostUserFsBackend<F> {
     /// Answers one request; returns the number of reply bytes written into the chain.
     fn handle_chain(&self, chain: Chain) -> u32 {
         let mem = chain.memory();
-        let reader = Reader::new(mem, chain.clone());
-        let writer = Writer::new(mem, chain.clone());
-        let (reader, writer) = match (reader, writer) {
-            (Ok(r), Ok(w)) => (r, w),
-            (Err(e), _) | (_, Err(e)) => {
+        let (reader, writer) = match split_chain(mem, chain.clone()) {
+            Ok(rw) => rw,
+            Err(e) => {
                 warn!("fs: dropping a malformed descriptor chain: {e}");
                 return 0;
             }
         };
-        match self
-            .server
-            .handle_message(ChainReader(reader), ChainWriter(writer))
-        {
+        match self.server.handle_message(reader, writer) {
             Ok(n) => n as u32,
             Err(e) => {
                 warn!("fs: request not answered: {e}");

@@ -16,6 +16,45 @@ pub const ROOT_ID: u64 = 1;
 
 /// INIT flag: the file system accepts `max_pages` in INIT's reply.
 pub const MAX_PAGES: u32 = 1 << 22;
+/// INIT flag: reads may be issued in parallel.
+pub const ASYNC_READ: u32 = 1 << 0;
+/// INIT flag: the file system handles O_TRUNC in OPEN.
+pub const ATOMIC_O_TRUNC: u32 = 1 << 3;
+/// INIT flag: the file system handles LOOKUP of "." and "..".
+pub const EXPORT_SUPPORT: u32 = 1 << 4;
+/// INIT flag: writes larger than 4 KiB.
+pub const BIG_WRITES: u32 = 1 << 5;
+/// INIT flag: invalidate cached data when mtime or size change.
+pub const AUTO_INVAL_DATA: u32 = 1 << 12;
+/// INIT flag: READDIRPLUS is supported.
+pub const DO_READDIRPLUS: u32 = 1 << 13;
+/// INIT flag: the kernel chooses between READDIR and READDIRPLUS.
+pub const READDIRPLUS_AUTO: u32 = 1 << 14;
+/// INIT flag: the kernel caches writes (writeback cache).
+pub const WRITEBACK_CACHE: u32 = 1 << 16;
+/// INIT flag: directory operations may run in parallel.
+pub const PARALLEL_DIROPS: u32 = 1 << 18;
+
+/// SETATTR `valid` bits.
+#[allow(missing_docs)]
+pub mod fattr {
+    pub const MODE: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const GID: u32 = 1 << 2;
+    pub const SIZE: u32 = 1 << 3;
+    pub const ATIME: u32 = 1 << 4;
+    pub const MTIME: u32 = 1 << 5;
+    pub const FH: u32 = 1 << 6;
+    pub const ATIME_NOW: u32 = 1 << 7;
+    pub const MTIME_NOW: u32 = 1 << 8;
+    pub const LOCKOWNER: u32 = 1 << 9;
+    pub const CTIME: u32 = 1 << 10;
+}
+
+/// OPEN reply flag: keep the page cache across opens.
+pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// OPEN reply flag: bypass the page cache.
+pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
 
 /// FUSE opcodes.
 #[allow(missing_docs)]
@@ -291,4 +330,391 @@ const _: () = {
     assert!(std::mem::size_of::<GetattrIn>() == 16);
     assert!(std::mem::size_of::<AttrOut>() == 104);
     assert!(std::mem::size_of::<StatfsOut>() == 80);
+};
+
+/// LOOKUP's (and MKDIR's, MKNOD's, SYMLINK's, LINK's, CREATE's) reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct EntryOut {
+    pub nodeid: u64,
+    pub generation: u64,
+    pub entry_valid: u64,
+    pub attr_valid: u64,
+    pub entry_valid_nsec: u32,
+    pub attr_valid_nsec: u32,
+    pub attr: Attr,
+}
+
+/// FORGET's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForgetIn {
+    /// How many lookups to forget.
+    pub nlookup: u64,
+}
+
+/// BATCH_FORGET's request header; `count` [`ForgetOne`]s follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct BatchForgetIn {
+    pub count: u32,
+    pub dummy: u32,
+}
+
+/// One node in BATCH_FORGET.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct ForgetOne {
+    pub nodeid: u64,
+    pub nlookup: u64,
+}
+
+/// SETATTR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct SetattrIn {
+    pub valid: u32,
+    pub padding: u32,
+    pub fh: u64,
+    pub size: u64,
+    pub lock_owner: u64,
+    pub atime: u64,
+    pub mtime: u64,
+    pub ctime: u64,
+    pub atimensec: u32,
+    pub mtimensec: u32,
+    pub ctimensec: u32,
+    pub mode: u32,
+    pub unused4: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub unused5: u32,
+}
+
+/// MKNOD's request body; the name follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct MknodIn {
+    pub mode: u32,
+    pub rdev: u32,
+    pub umask: u32,
+    pub padding: u32,
+}
+
+/// MKDIR's request body; the name follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct MkdirIn {
+    pub mode: u32,
+    pub umask: u32,
+}
+
+/// RENAME's request body; old and new names follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct RenameIn {
+    pub newdir: u64,
+}
+
+/// RENAME2's request body; old and new names follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct Rename2In {
+    pub newdir: u64,
+    pub flags: u32,
+    pub padding: u32,
+}
+
+/// LINK's request body; the new name follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct LinkIn {
+    pub oldnodeid: u64,
+}
+
+/// OPEN's and OPENDIR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct OpenIn {
+    pub flags: u32,
+    pub open_flags: u32,
+}
+
+/// CREATE's request body; the name follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct CreateIn {
+    pub flags: u32,
+    pub mode: u32,
+    pub umask: u32,
+    pub open_flags: u32,
+}
+
+/// OPEN's, OPENDIR's and (after the entry) CREATE's reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct OpenOut {
+    pub fh: u64,
+    pub open_flags: u32,
+    pub padding: u32,
+}
+
+/// RELEASE's and RELEASEDIR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct ReleaseIn {
+    pub fh: u64,
+    pub flags: u32,
+    pub release_flags: u32,
+    pub lock_owner: u64,
+}
+
+/// FLUSH's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct FlushIn {
+    pub fh: u64,
+    pub unused: u32,
+    pub padding: u32,
+    pub lock_owner: u64,
+}
+
+/// READ's, READDIR's and READDIRPLUS's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct ReadIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub size: u32,
+    pub read_flags: u32,
+    pub lock_owner: u64,
+    pub flags: u32,
+    pub padding: u32,
+}
+
+/// WRITE's request body; the data follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct WriteIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub size: u32,
+    pub write_flags: u32,
+    pub lock_owner: u64,
+    pub flags: u32,
+    pub padding: u32,
+}
+
+/// WRITE's reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct WriteOut {
+    pub size: u32,
+    pub padding: u32,
+}
+
+/// FSYNC's and FSYNCDIR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct FsyncIn {
+    pub fh: u64,
+    pub fsync_flags: u32,
+    pub padding: u32,
+}
+
+/// SETXATTR's request body (minor < 33); name and value follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct SetxattrIn {
+    pub size: u32,
+    pub flags: u32,
+}
+
+/// GETXATTR's and LISTXATTR's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct GetxattrIn {
+    pub size: u32,
+    pub padding: u32,
+}
+
+/// GETXATTR's and LISTXATTR's reply when the caller asked for the size only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct GetxattrOut {
+    pub size: u32,
+    pub padding: u32,
+}
+
+/// ACCESS's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct AccessIn {
+    pub mask: u32,
+    pub padding: u32,
+}
+
+/// FALLOCATE's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct FallocateIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub mode: u32,
+    pub padding: u32,
+}
+
+/// LSEEK's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct LseekIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub whence: u32,
+    pub padding: u32,
+}
+
+/// LSEEK's reply body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct LseekOut {
+    pub offset: u64,
+}
+
+/// COPY_FILE_RANGE's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct CopyFileRangeIn {
+    pub fh_in: u64,
+    pub off_in: u64,
+    pub nodeid_out: u64,
+    pub fh_out: u64,
+    pub off_out: u64,
+    pub len: u64,
+    pub flags: u64,
+}
+
+/// One directory entry in READDIR's reply; the name and padding to 8 bytes follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct Dirent {
+    pub ino: u64,
+    pub off: u64,
+    pub namelen: u32,
+    pub type_: u32,
+}
+
+// SAFETY: each of these is #[repr(C)], made only of integers (and arrays of them, or Attr),
+// has no implicit padding (checked by the size assertions below), so every bit pattern is valid.
+unsafe impl ByteValued for EntryOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for ForgetIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for BatchForgetIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for ForgetOne {}
+// SAFETY: as above.
+unsafe impl ByteValued for SetattrIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for MknodIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for MkdirIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for RenameIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for Rename2In {}
+// SAFETY: as above.
+unsafe impl ByteValued for LinkIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for OpenIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for CreateIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for OpenOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for ReleaseIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for FlushIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for ReadIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for WriteIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for WriteOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for FsyncIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for SetxattrIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for GetxattrIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for GetxattrOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for AccessIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for FallocateIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for LseekIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for LseekOut {}
+// SAFETY: as above.
+unsafe impl ByteValued for CopyFileRangeIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for Dirent {}
+
+const _: () = {
+    assert!(std::mem::size_of::<EntryOut>() == 128);
+    assert!(std::mem::size_of::<ForgetIn>() == 8);
+    assert!(std::mem::size_of::<BatchForgetIn>() == 8);
+    assert!(std::mem::size_of::<ForgetOne>() == 16);
+    assert!(std::mem::size_of::<SetattrIn>() == 88);
+    assert!(std::mem::size_of::<MknodIn>() == 16);
+    assert!(std::mem::size_of::<MkdirIn>() == 8);
+    assert!(std::mem::size_of::<RenameIn>() == 8);
+    assert!(std::mem::size_of::<Rename2In>() == 16);
+    assert!(std::mem::size_of::<LinkIn>() == 8);
+    assert!(std::mem::size_of::<OpenIn>() == 8);
+    assert!(std::mem::size_of::<CreateIn>() == 16);
+    assert!(std::mem::size_of::<OpenOut>() == 16);
+    assert!(std::mem::size_of::<ReleaseIn>() == 24);
+    assert!(std::mem::size_of::<FlushIn>() == 24);
+    assert!(std::mem::size_of::<ReadIn>() == 40);
+    assert!(std::mem::size_of::<WriteIn>() == 40);
+    assert!(std::mem::size_of::<WriteOut>() == 8);
+    assert!(std::mem::size_of::<FsyncIn>() == 16);
+    assert!(std::mem::size_of::<SetxattrIn>() == 8);
+    assert!(std::mem::size_of::<GetxattrIn>() == 8);
+    assert!(std::mem::size_of::<AccessIn>() == 8);
+    assert!(std::mem::size_of::<FallocateIn>() == 32);
+    assert!(std::mem::size_of::<LseekIn>() == 24);
+    assert!(std::mem::size_of::<CopyFileRangeIn>() == 56);
+    assert!(std::mem::size_of::<Dirent>() == 24);
 };

@@ -4,6 +4,8 @@
 //! replies; implementations never see the wire format. Every method has a default that returns
 //! ENOSYS, so the kernel learns what is not implemented and stops asking.
 
+use std::ffi::CStr;
+use std::fs::File;
 use std::io;
 use std::time::Duration;
 
@@ -21,20 +23,92 @@ pub struct Context {
 /// The INIT flags the kernel offers and the file system accepts (the `abi` flag bits).
 pub type InitFlags = u32;
 
+/// A looked-up node: what LOOKUP, MKDIR, CREATE and friends answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// The node id the kernel uses from now on.
+    pub inode: u64,
+    /// The node's attributes.
+    pub attr: libc::stat64,
+    /// How long the kernel may cache the attributes.
+    pub attr_timeout: Duration,
+    /// How long the kernel may cache the name.
+    pub entry_timeout: Duration,
+}
+
+/// What SETATTR changes; `None` leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetattrArgs {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSpec>,
+    /// New modification time.
+    pub mtime: Option<TimeSpec>,
+}
+
+/// A time to set: a given instant, or now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSpec {
+    /// The current time.
+    Now,
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, u32),
+}
+
+/// Where WRITE's data comes from: the request, read straight into the file.
+pub trait FileReader {
+    /// Writes up to `count` bytes of the request into `f` at `off`; returns how many.
+    fn read_to_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize>;
+}
+
+/// Where READ's data goes: the reply, filled straight from the file.
+pub trait FileWriter {
+    /// Reads up to `count` bytes from `f` at `off` into the reply; returns how many.
+    fn write_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize>;
+}
+
+/// One entry READDIR returns.
+#[derive(Clone, Copy, Debug)]
+pub struct DirEntry<'a> {
+    /// Inode number (as the host reports it).
+    pub ino: u64,
+    /// Offset to resume reading after this entry.
+    pub offset: u64,
+    /// The `DT_*` type.
+    pub type_: u32,
+    /// The name.
+    pub name: &'a [u8],
+}
+
 fn enosys<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
 /// A file system served over FUSE.
+#[allow(unused_variables, clippy::too_many_arguments)]
 pub trait FileSystem: Send + Sync {
     /// Starts a session. `capable` holds the flags the kernel supports; return the subset to use.
     fn init(&self, capable: InitFlags) -> io::Result<InitFlags> {
-        let _ = capable;
         Ok(0)
     }
 
     /// Ends a session: the guest unmounted, or the driver went away. Drop all per-session state.
     fn destroy(&self) {}
+
+    /// Looks up `name` in `parent`.
+    fn lookup(&self, ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        enosys()
+    }
+
+    /// The kernel dropped `count` references to `inode`.
+    fn forget(&self, inode: u64, count: u64) {}
 
     /// The attributes of `inode`, and how long the kernel may cache them.
     fn getattr(
@@ -43,13 +117,249 @@ pub trait FileSystem: Send + Sync {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(libc::stat64, Duration)> {
-        let _ = (ctx, inode, handle);
+        enosys()
+    }
+
+    /// Changes attributes; returns the new ones.
+    fn setattr(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: Option<u64>,
+        args: SetattrArgs,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        enosys()
+    }
+
+    /// The target of a symlink.
+    fn readlink(&self, ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
+        enosys()
+    }
+
+    /// Creates a symlink `name` in `parent` pointing at `target`.
+    fn symlink(&self, ctx: Context, target: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+        enosys()
+    }
+
+    /// Creates a special file (FIFO, socket, device).
+    fn mknod(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        enosys()
+    }
+
+    /// Creates a directory.
+    fn mkdir(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        enosys()
+    }
+
+    /// Removes a non-directory.
+    fn unlink(&self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Removes an empty directory.
+    fn rmdir(&self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Renames `olddir/oldname` to `newdir/newname`; `flags` are RENAME_NOREPLACE/EXCHANGE.
+    fn rename(
+        &self,
+        ctx: Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Makes a hard link to `inode` as `newparent/newname`.
+    fn link(&self, ctx: Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        enosys()
+    }
+
+    /// Opens a file; returns a handle and FOPEN_* flags.
+    fn open(&self, ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
+        enosys()
+    }
+
+    /// Creates and opens a file.
+    fn create(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        umask: u32,
+    ) -> io::Result<(Entry, u64, u32)> {
+        enosys()
+    }
+
+    /// Reads up to `size` bytes at `offset` into `w`.
+    fn read(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn FileWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        enosys()
+    }
+
+    /// Writes `size` bytes from `r` at `offset`.
+    fn write(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn FileReader,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
         enosys()
     }
 
     /// File system statistics for the file system holding `inode`.
     fn statfs(&self, ctx: Context, inode: u64) -> io::Result<libc::statvfs64> {
-        let _ = (ctx, inode);
+        enosys()
+    }
+
+    /// The last close of an open file.
+    fn release(&self, ctx: Context, inode: u64, handle: u64) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Flushes a file's data (and metadata unless `datasync`).
+    fn fsync(&self, ctx: Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        enosys()
+    }
+
+    /// A close(2) of an open file.
+    fn flush(&self, ctx: Context, inode: u64, handle: u64) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Sets an extended attribute.
+    fn setxattr(
+        &self,
+        ctx: Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Gets an extended attribute; `size` 0 asks for its size only.
+    fn getxattr(&self, ctx: Context, inode: u64, name: &CStr, size: u32) -> io::Result<Vec<u8>> {
+        enosys()
+    }
+
+    /// Lists extended attribute names, NUL-separated.
+    fn listxattr(&self, ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {
+        enosys()
+    }
+
+    /// Removes an extended attribute.
+    fn removexattr(&self, ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Opens a directory; returns a handle and FOPEN_* flags.
+    fn opendir(&self, ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
+        enosys()
+    }
+
+    /// Lists entries from `offset`, calling `add` for each until it returns false (full).
+    fn readdir(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> bool,
+    ) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Closes a directory.
+    fn releasedir(&self, ctx: Context, inode: u64, handle: u64) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Syncs a directory.
+    fn fsyncdir(&self, ctx: Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Checks access with the caller's ids.
+    fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Allocates or punches space.
+    fn fallocate(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        enosys()
+    }
+
+    /// Repositions for SEEK_DATA/SEEK_HOLE (and the plain whences).
+    fn lseek(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        enosys()
+    }
+
+    /// Copies a range between two open files on the host.
+    fn copy_file_range(
+        &self,
+        ctx: Context,
+        inode_in: u64,
+        handle_in: u64,
+        offset_in: u64,
+        inode_out: u64,
+        handle_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
+        enosys()
+    }
+
+    /// Syncs the whole file system.
+    fn syncfs(&self, ctx: Context, inode: u64) -> io::Result<()> {
         enosys()
     }
 }

@@ -3,15 +3,16 @@
 //!
 //! This crate knows nothing of virtio. Requests arrive through [`RequestReader`] and replies
 //! leave through [`ReplyWriter`]; the virtio-fs device in `ferry-devices` implements both over
-//! descriptor chains, and tests implement them over byte buffers.
+//! descriptor chains, and [`membuf`] implements them over memory.
 
 pub mod abi;
 mod filesystem;
+pub mod membuf;
 pub mod passthrough;
 mod server;
 
-pub use filesystem::{Context, FileSystem, InitFlags};
-pub use passthrough::{CachePolicy, PassthroughFs};
-pub use server::{
-    ByteBuf, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
+pub use filesystem::{
+    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs, TimeSpec,
 };
+pub use passthrough::{CachePolicy, PassthroughFs};
+pub use server::{Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE};

@@ -1,17 +1,26 @@
 //! `PassthroughFs`: serves a host directory to the guest.
 //!
-//! Everything is resolved relative to file descriptors the server holds, never by joining paths,
-//! so the guest cannot name anything outside the shared directory.
+//! Every node the guest knows is an `O_PATH` file descriptor the server holds, and everything is
+//! resolved relative to those descriptors with `*at` calls and `O_NOFOLLOW`, never by joining
+//! paths. The server never follows a symlink on the guest's behalf, and `..` at the share's
+//! root is the root itself, so the guest cannot name anything outside the share. Operations
+//! that need a real file descriptor reopen a node through `/proc/self/fd`, which reaches the
+//! same inode without walking a path.
 
-use std::ffi::CStr;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::abi::ROOT_ID;
-use crate::filesystem::{Context, FileSystem, InitFlags};
+use crate::abi::{self, ROOT_ID};
+use crate::filesystem::{
+    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs, TimeSpec,
+};
 
 /// How long the guest may cache attributes and entries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,12 +37,21 @@ pub enum CachePolicy {
 }
 
 impl CachePolicy {
-    /// How long attributes may be cached under this policy.
+    /// How long attributes and entries may be cached under this policy.
     pub fn attr_timeout(self) -> Duration {
         match self {
             CachePolicy::Never => Duration::ZERO,
             CachePolicy::Metadata | CachePolicy::Auto => Duration::from_secs(1),
             CachePolicy::Always => Duration::from_secs(86400),
+        }
+    }
+
+    /// FOPEN_* flags for files opened under this policy.
+    fn open_flags(self) -> u32 {
+        match self {
+            CachePolicy::Never | CachePolicy::Metadata => abi::FOPEN_DIRECT_IO,
+            CachePolicy::Auto => 0,
+            CachePolicy::Always => abi::FOPEN_KEEP_CACHE,
         }
     }
 }
@@ -63,10 +81,39 @@ pub struct Config {
     pub readonly: bool,
 }
 
+/// One node the guest has looked up.
+struct Inode {
+    /// `O_PATH | O_NOFOLLOW` descriptor of the node.
+    file: File,
+    /// (device, inode number) on the host: one node per host inode.
+    key: (u64, u64),
+    /// Lookups the kernel holds.
+    refs: AtomicU64,
+}
+
+#[derive(Default)]
+struct InodeMap {
+    by_id: HashMap<u64, Arc<Inode>>,
+    by_key: HashMap<(u64, u64), u64>,
+}
+
+/// An open file or directory.
+struct Handle {
+    file: File,
+    /// Serialises seek + getdents on directory handles.
+    dir_pos: Mutex<()>,
+}
+
 /// A file system that passes requests through to a host directory.
 pub struct PassthroughFs {
-    root: File,
     cfg: Config,
+    inodes: RwLock<InodeMap>,
+    next_inode: AtomicU64,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    root: Arc<Inode>,
+    /// Whether the server may take the caller's ids when creating files.
+    switch_creds: bool,
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -77,13 +124,73 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
+    // SAFETY: stat64 is plain old data; all-zero is a valid value.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is valid for the call, the empty path is NUL-terminated, and `st` is a
+    // valid destination of the right type.
+    cvt(unsafe {
+        libc::fstatat64(
+            fd,
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `/proc/self/fd/N` for `fd`: reaches the fd's inode without walking a path.
+fn proc_path(fd: RawFd) -> CString {
+    // The string has no interior NUL: it is made of ASCII digits and slashes.
+    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+/// Takes the guest caller's ids for file creation while alive (when running as root), so new
+/// files belong to whoever created them in the guest, as on a local file system.
+struct CredGuard {
+    active: bool,
+}
+
+impl CredGuard {
+    fn new(switch: bool, ctx: Context) -> Self {
+        if !switch {
+            return CredGuard { active: false };
+        }
+        // SAFETY: setfsgid/setfsuid only change this thread's file-system ids.
+        unsafe {
+            libc::setfsgid(ctx.gid);
+            libc::setfsuid(ctx.uid);
+        }
+        CredGuard { active: true }
+    }
+}
+
+impl Drop for CredGuard {
+    fn drop(&mut self) {
+        if self.active {
+            // SAFETY: as in `new`; this restores root's ids.
+            unsafe {
+                libc::setfsuid(0);
+                libc::setfsgid(0);
+            }
+        }
+    }
+}
+
 impl PassthroughFs {
     /// Opens `dir` as the root of a share. Fails if it is not a directory that can be opened.
     pub fn new(dir: &Path, cfg: Config) -> io::Result<Self> {
         use std::os::unix::ffi::OsStrExt;
-        let mut path = dir.as_os_str().as_bytes().to_vec();
-        path.push(0);
-        let path = CStr::from_bytes_with_nul(&path)
+        let path = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: `path` is a valid NUL-terminated string; open has no other memory effects.
         let fd = cvt(unsafe {
@@ -93,8 +200,26 @@ impl PassthroughFs {
             )
         })?;
         // SAFETY: `fd` was just opened and is owned by nobody else.
-        let root = unsafe { File::from_raw_fd(fd) };
-        Ok(PassthroughFs { root, cfg })
+        let file = unsafe { File::from_raw_fd(fd) };
+        let st = stat_fd(file.as_raw_fd())?;
+        let root = Arc::new(Inode {
+            file,
+            key: (st.st_dev, st.st_ino),
+            refs: AtomicU64::new(2),
+        });
+        let mut map = InodeMap::default();
+        map.by_id.insert(ROOT_ID, root.clone());
+        map.by_key.insert(root.key, ROOT_ID);
+        Ok(PassthroughFs {
+            cfg,
+            inodes: RwLock::new(map),
+            next_inode: AtomicU64::new(ROOT_ID + 1),
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            root,
+            // SAFETY: geteuid has no memory effects.
+            switch_creds: unsafe { libc::geteuid() } == 0,
+        })
     }
 
     /// This share's options.
@@ -102,90 +227,766 @@ impl PassthroughFs {
         &self.cfg
     }
 
-    /// The O_PATH fd that stands for `inode`.
-    fn inode_fd(&self, inode: u64) -> io::Result<&File> {
-        match inode {
-            ROOT_ID => Ok(&self.root),
-            _ => Err(io::Error::from_raw_os_error(libc::EBADF)),
+    /// Nodes the guest currently holds (the root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.read().map(|m| m.by_id.len()).unwrap_or(0)
+    }
+
+    /// Open file and directory handles.
+    pub fn handle_count(&self) -> usize {
+        self.handles.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn inode(&self, id: u64) -> io::Result<Arc<Inode>> {
+        if id == ROOT_ID {
+            return Ok(self.root.clone());
+        }
+        let map = self.inodes.read().map_err(|_| ebadf())?;
+        map.by_id.get(&id).cloned().ok_or_else(ebadf)
+    }
+
+    fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        let map = self.handles.read().map_err(|_| ebadf())?;
+        map.get(&fh).cloned().ok_or_else(ebadf)
+    }
+
+    fn add_handle(&self, file: File) -> io::Result<u64> {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(Handle {
+            file,
+            dir_pos: Mutex::new(()),
+        });
+        self.handles.write().map_err(|_| ebadf())?.insert(fh, h);
+        Ok(fh)
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.cfg.readonly {
+            Err(erofs())
+        } else {
+            Ok(())
         }
     }
 
-    fn stat(f: &File) -> io::Result<libc::stat64> {
-        // SAFETY: stat64 is plain old data; all-zero is a valid value.
-        let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-        // SAFETY: the fd is valid, the empty path is NUL-terminated, and `st` is a valid
-        // destination of the right type.
-        cvt(unsafe {
-            libc::fstatat64(
-                f.as_raw_fd(),
-                c"".as_ptr(),
-                &mut st,
-                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+    fn entry(&self, inode: u64, attr: libc::stat64) -> Entry {
+        let t = self.cfg.cache.attr_timeout();
+        Entry {
+            inode,
+            attr,
+            attr_timeout: t,
+            entry_timeout: t,
+        }
+    }
+
+    /// Opens `name` in `parent` as a node and registers it (or takes another reference to the
+    /// node already registered for the same host inode).
+    fn do_lookup(&self, parent: &Inode, name: &CStr) -> io::Result<Entry> {
+        let name_b = name.to_bytes();
+        // ".." of the root is the root: the guest never gets above the share.
+        let (fd, is_root) = if (name_b == b".." || name_b == b".") && parent.key == self.root.key {
+            (None, true)
+        } else {
+            // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
+            // symlink a symlink instead of following it.
+            let fd = cvt(unsafe {
+                libc::openat(
+                    parent.file.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            })?;
+            // SAFETY: `fd` was just opened and is owned by nobody else.
+            (Some(unsafe { File::from_raw_fd(fd) }), false)
+        };
+        if is_root {
+            let st = stat_fd(self.root.file.as_raw_fd())?;
+            self.root.refs.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.entry(ROOT_ID, st));
+        }
+        let file = fd.ok_or_else(ebadf)?;
+        let st = stat_fd(file.as_raw_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut map = self.inodes.write().map_err(|_| ebadf())?;
+        if let Some(&id) = map.by_key.get(&key) {
+            if let Some(node) = map.by_id.get(&id) {
+                node.refs.fetch_add(1, Ordering::Relaxed);
+                return Ok(self.entry(id, st));
+            }
+        }
+        let id = self.next_inode.fetch_add(1, Ordering::Relaxed);
+        map.by_id.insert(
+            id,
+            Arc::new(Inode {
+                file,
+                key,
+                refs: AtomicU64::new(1),
+            }),
+        );
+        map.by_key.insert(key, id);
+        Ok(self.entry(id, st))
+    }
+
+    /// Reopens a node with real access `flags` through /proc/self/fd.
+    fn reopen(&self, node: &Inode, flags: i32) -> io::Result<File> {
+        let p = proc_path(node.file.as_raw_fd());
+        // SAFETY: `p` is NUL-terminated; open has no other memory effects. O_NOFOLLOW is
+        // dropped because the magic link itself must be followed to reach the node.
+        let fd = cvt(unsafe {
+            libc::open(
+                p.as_ptr(),
+                (flags | libc::O_CLOEXEC) & !libc::O_NOFOLLOW & !libc::O_CREAT,
             )
         })?;
-        Ok(st)
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn is_write(flags: u32) -> bool {
+        let acc = flags as i32 & libc::O_ACCMODE;
+        acc == libc::O_WRONLY || acc == libc::O_RDWR || flags as i32 & libc::O_TRUNC != 0
     }
 }
 
 impl FileSystem for PassthroughFs {
     fn init(&self, _capable: InitFlags) -> io::Result<InitFlags> {
-        Ok(0)
+        let mut f = abi::ASYNC_READ
+            | abi::ATOMIC_O_TRUNC
+            | abi::EXPORT_SUPPORT
+            | abi::BIG_WRITES
+            | abi::DO_READDIRPLUS
+            | abi::READDIRPLUS_AUTO
+            | abi::PARALLEL_DIROPS;
+        if self.cfg.cache == CachePolicy::Auto {
+            f |= abi::AUTO_INVAL_DATA;
+        }
+        Ok(f)
+    }
+
+    fn destroy(&self) {
+        if let Ok(mut h) = self.handles.write() {
+            h.clear();
+        }
+        if let Ok(mut m) = self.inodes.write() {
+            m.by_id.retain(|id, _| *id == ROOT_ID);
+            m.by_key.retain(|_, id| *id == ROOT_ID);
+        }
+    }
+
+    fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let p = self.inode(parent)?;
+        self.do_lookup(&p, name)
+    }
+
+    fn forget(&self, inode: u64, count: u64) {
+        if inode == ROOT_ID {
+            return;
+        }
+        let Ok(mut map) = self.inodes.write() else {
+            return;
+        };
+        let Some(node) = map.by_id.get(&inode) else {
+            return;
+        };
+        // Saturate: a guest that forgets more than it looked up only drops the node.
+        let old = node.refs.load(Ordering::Relaxed);
+        let new = old.saturating_sub(count);
+        node.refs.store(new, Ordering::Relaxed);
+        if new == 0 {
+            let key = node.key;
+            map.by_id.remove(&inode);
+            if map.by_key.get(&key) == Some(&inode) {
+                map.by_key.remove(&key);
+            }
+        }
     }
 
     fn getattr(
         &self,
         _ctx: Context,
         inode: u64,
-        _handle: Option<u64>,
+        handle: Option<u64>,
     ) -> io::Result<(libc::stat64, Duration)> {
-        let st = Self::stat(self.inode_fd(inode)?)?;
+        let st = match handle.and_then(|fh| self.handle(fh).ok()) {
+            Some(h) => stat_fd(h.file.as_raw_fd())?,
+            None => stat_fd(self.inode(inode)?.file.as_raw_fd())?,
+        };
         Ok((st, self.cfg.cache.attr_timeout()))
     }
 
+    fn setattr(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: Option<u64>,
+        args: SetattrArgs,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        self.check_writable()?;
+        let node = self.inode(inode)?;
+        let fd = node.file.as_raw_fd();
+        let p = proc_path(fd);
+        let st = stat_fd(fd)?;
+        let is_link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        if let Some(mode) = args.mode {
+            if is_link {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
+            cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
+        }
+        if args.uid.is_some() || args.gid.is_some() {
+            let uid = args.uid.unwrap_or(u32::MAX);
+            let gid = args.gid.unwrap_or(u32::MAX);
+            // SAFETY: the fd is valid and the empty path is NUL-terminated.
+            cvt(unsafe {
+                libc::fchownat(
+                    fd,
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+        if let Some(size) = args.size {
+            let size =
+                i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            let _creds = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
+            let res = match handle.and_then(|fh| self.handle(fh).ok()) {
+                // SAFETY: the handle's fd is valid; ftruncate has no memory effects.
+                Some(h) => cvt(unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) }),
+                None => {
+                    let f = self.reopen(&node, libc::O_WRONLY)?;
+                    // SAFETY: as above.
+                    cvt(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })
+                }
+            };
+            res?;
+        }
+        if args.atime.is_some() || args.mtime.is_some() {
+            let ts = |t: Option<TimeSpec>| match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeSpec::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(TimeSpec::At(s, ns)) => libc::timespec {
+                    tv_sec: s,
+                    tv_nsec: i64::from(ns),
+                },
+            };
+            let times = [ts(args.atime), ts(args.mtime)];
+            if is_link {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            // SAFETY: `p` is NUL-terminated and `times` holds two timespecs.
+            cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
+        }
+        Ok((stat_fd(fd)?, self.cfg.cache.attr_timeout()))
+    }
+
+    fn readlink(&self, _ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
+        let node = self.inode(inode)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: the fd is valid, the empty path is NUL-terminated and `buf` has the room
+        // given.
+        let n = unsafe {
+            libc::readlinkat(
+                node.file.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn symlink(&self, ctx: Context, target: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        {
+            let _c = CredGuard::new(self.switch_creds, ctx);
+            // SAFETY: both strings are NUL-terminated and the fd is valid.
+            cvt(unsafe { libc::symlinkat(target.as_ptr(), p.file.as_raw_fd(), name.as_ptr()) })?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        {
+            let _c = CredGuard::new(self.switch_creds, ctx);
+            // SAFETY: the name is NUL-terminated and the fd is valid.
+            cvt(unsafe {
+                libc::mknodat(p.file.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
+            })?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        {
+            let _c = CredGuard::new(self.switch_creds, ctx);
+            // SAFETY: the name is NUL-terminated and the fd is valid.
+            cvt(unsafe { libc::mkdirat(p.file.as_raw_fd(), name.as_ptr(), mode) })?;
+        }
+        self.do_lookup(&p, name)
+    }
+
+    fn unlink(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        // SAFETY: the name is NUL-terminated and the fd is valid.
+        cvt(unsafe { libc::unlinkat(p.file.as_raw_fd(), name.as_ptr(), 0) }).map(|_| ())
+    }
+
+    fn rmdir(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        // SAFETY: the name is NUL-terminated and the fd is valid.
+        cvt(unsafe { libc::unlinkat(p.file.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+            .map(|_| ())
+    }
+
+    fn rename(
+        &self,
+        _ctx: Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT;
+        if flags & !allowed != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let o = self.inode(olddir)?;
+        let n = self.inode(newdir)?;
+        // SAFETY: names are NUL-terminated and the fds are valid.
+        cvt(unsafe {
+            libc::renameat2(
+                o.file.as_raw_fd(),
+                oldname.as_ptr(),
+                n.file.as_raw_fd(),
+                newname.as_ptr(),
+                flags,
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn link(&self, ctx: Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.check_writable()?;
+        let node = self.inode(inode)?;
+        let p = self.inode(newparent)?;
+        let src = proc_path(node.file.as_raw_fd());
+        {
+            let _c = CredGuard::new(self.switch_creds, ctx);
+            // SAFETY: paths are NUL-terminated and the fd is valid. AT_SYMLINK_FOLLOW follows
+            // the /proc magic link to the node itself (a symlink stays a symlink).
+            cvt(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    p.file.as_raw_fd(),
+                    newname.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })?;
+        }
+        self.do_lookup(&p, newname)
+    }
+
+    fn open(&self, ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
+        if Self::is_write(flags) {
+            self.check_writable()?;
+        }
+        let node = self.inode(inode)?;
+        let f = {
+            let _c = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
+            self.reopen(&node, flags as i32)?
+        };
+        Ok((self.add_handle(f)?, self.cfg.cache.open_flags()))
+    }
+
+    fn create(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        _umask: u32,
+    ) -> io::Result<(Entry, u64, u32)> {
+        self.check_writable()?;
+        let p = self.inode(parent)?;
+        let fd = {
+            let _c = CredGuard::new(self.switch_creds, ctx);
+            // SAFETY: the name is NUL-terminated and the fd is valid. O_NOFOLLOW: a symlink
+            // at `name` is refused, never followed.
+            cvt(unsafe {
+                libc::openat(
+                    p.file.as_raw_fd(),
+                    name.as_ptr(),
+                    (flags as i32 | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                        & !libc::O_DIRECTORY,
+                    mode,
+                )
+            })?
+        };
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let entry = self.do_lookup(&p, name)?;
+        let fh = self.add_handle(file)?;
+        Ok((entry, fh, self.cfg.cache.open_flags()))
+    }
+
+    fn read(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        w: &mut dyn FileWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let h = self.handle(handle)?;
+        w.write_from_file_at(&h.file, size as usize, offset)
+    }
+
+    fn write(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        r: &mut dyn FileReader,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        let h = self.handle(handle)?;
+        r.read_to_file_at(&h.file, size as usize, offset)
+    }
+
     fn statfs(&self, _ctx: Context, inode: u64) -> io::Result<libc::statvfs64> {
-        let f = self.inode_fd(inode)?;
+        let node = self.inode(inode)?;
         // SAFETY: statvfs64 is plain old data; all-zero is a valid value.
         let mut st: libc::statvfs64 = unsafe { std::mem::zeroed() };
         // SAFETY: the fd is valid and `st` is a valid destination of the right type.
-        cvt(unsafe { libc::fstatvfs64(f.as_raw_fd(), &mut st) })?;
+        cvt(unsafe { libc::fstatvfs64(node.file.as_raw_fd(), &mut st) })?;
         Ok(st)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn root_attributes_come_from_the_host_dir() {
-        let dir = std::env::temp_dir();
-        let fs = PassthroughFs::new(&dir, Config::default()).unwrap();
-        let (st, t) = fs.getattr(Context::default(), ROOT_ID, None).unwrap();
-        let meta = std::fs::metadata(&dir).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(st.st_ino, meta.ino());
-        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFDIR);
-        assert_eq!(t, Duration::from_secs(1));
-        assert!(fs.statfs(Context::default(), ROOT_ID).unwrap().f_bsize > 0);
+    fn release(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
+        self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        Ok(())
     }
 
-    #[test]
-    fn unknown_inodes_are_ebadf() {
-        let fs = PassthroughFs::new(&std::env::temp_dir(), Config::default()).unwrap();
-        let e = fs.getattr(Context::default(), 42, None).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+    fn fsync(&self, _ctx: Context, _inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        let h = self.handle(handle)?;
+        let fd = h.file.as_raw_fd();
+        // SAFETY: the fd is valid; these calls have no memory effects.
+        cvt(unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        })
+        .map(|_| ())
     }
 
-    #[test]
-    fn a_file_is_not_a_share_root() {
-        let e = PassthroughFs::new(Path::new("/etc/hostname"), Config::default());
-        assert_eq!(e.err().unwrap().raw_os_error(), Some(libc::ENOTDIR));
+    fn flush(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
+        let h = self.handle(handle)?;
+        // close(dup(fd)) gives the host file system the close it would see locally (and drops
+        // POSIX locks of this owner), without closing the handle.
+        // SAFETY: dup and close on a valid fd have no memory effects.
+        let d = cvt(unsafe { libc::dup(h.file.as_raw_fd()) })?;
+        // SAFETY: `d` is ours.
+        cvt(unsafe { libc::close(d) }).map(|_| ())
     }
 
-    #[test]
-    fn cache_policies_parse() {
-        assert_eq!("never".parse(), Ok(CachePolicy::Never));
-        assert_eq!("always".parse(), Ok(CachePolicy::Always));
-        assert!("sometimes".parse::<CachePolicy>().is_err());
+    fn setxattr(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let node = self.inode(inode)?;
+        let p = proc_path(node.file.as_raw_fd());
+        // SAFETY: strings are NUL-terminated and `value` is valid for its length.
+        cvt(unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags as i32,
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn getxattr(&self, _ctx: Context, inode: u64, name: &CStr, size: u32) -> io::Result<Vec<u8>> {
+        let node = self.inode(inode)?;
+        let p = proc_path(node.file.as_raw_fd());
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: strings are NUL-terminated and `buf` has the room given (0 asks for the
+        // size only).
+        let n = unsafe {
+            libc::getxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(vec![0u8; n as usize]);
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {
+        let node = self.inode(inode)?;
+        let p = proc_path(node.file.as_raw_fd());
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: the path is NUL-terminated and `buf` has the room given.
+        let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(vec![0u8; n as usize]);
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn removexattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        let node = self.inode(inode)?;
+        let p = proc_path(node.file.as_raw_fd());
+        // SAFETY: strings are NUL-terminated.
+        cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(|_| ())
+    }
+
+    fn opendir(&self, _ctx: Context, inode: u64, _flags: u32) -> io::Result<(u64, u32)> {
+        let node = self.inode(inode)?;
+        let f = self.reopen(&node, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok((self.add_handle(f)?, 0))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> bool,
+    ) -> io::Result<()> {
+        let h = self.handle(handle)?;
+        let _pos = h.dir_pos.lock().map_err(|_| ebadf())?;
+        let fd = h.file.as_raw_fd();
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the fd is valid; lseek has no memory effects.
+        if unsafe { libc::lseek64(fd, off, libc::SEEK_SET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0usize;
+            while pos + 19 <= n as usize {
+                // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+                let rec = &buf[pos..n as usize];
+                let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or_default());
+                let d_off = u64::from_ne_bytes(rec[8..16].try_into().unwrap_or_default());
+                let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+                let type_ = u32::from(rec[18]);
+                if reclen < 19 || reclen > rec.len() {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                let name_field = &rec[19..reclen];
+                let name_len = name_field
+                    .iter()
+                    .position(|b| *b == 0)
+                    .unwrap_or(name_field.len());
+                let entry = DirEntry {
+                    ino,
+                    offset: d_off,
+                    type_,
+                    name: &name_field[..name_len],
+                };
+                if !add(entry) {
+                    return Ok(());
+                }
+                pos += reclen;
+            }
+        }
+    }
+
+    fn releasedir(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
+        self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        Ok(())
+    }
+
+    fn fsyncdir(&self, ctx: Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
+        let node = self.inode(inode)?;
+        let st = stat_fd(node.file.as_raw_fd())?;
+        let mask = mask as i32;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 && self.cfg.readonly {
+            return Err(erofs());
+        }
+        let mode = st.st_mode;
+        let denied = || Err(io::Error::from_raw_os_error(libc::EACCES));
+        if ctx.uid == 0 {
+            // root may read and write anything, and execute what anyone may execute.
+            if mask & libc::X_OK != 0 && mode & 0o111 == 0 && mode & libc::S_IFMT != libc::S_IFDIR {
+                return denied();
+            }
+            return Ok(());
+        }
+        let bits = if st.st_uid == ctx.uid {
+            (mode >> 6) & 7
+        } else if st.st_gid == ctx.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        let want = ((mask & libc::R_OK != 0) as u32) << 2
+            | ((mask & libc::W_OK != 0) as u32) << 1
+            | (mask & libc::X_OK != 0) as u32;
+        if bits & want != want {
+            return denied();
+        }
+        Ok(())
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let h = self.handle(handle)?;
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = i64::try_from(length).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the fd is valid; fallocate has no memory effects.
+        cvt(unsafe { libc::fallocate64(h.file.as_raw_fd(), mode as i32, off, len) }).map(|_| ())
+    }
+
+    fn lseek(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let h = self.handle(handle)?;
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the fd is valid; lseek has no memory effects.
+        let r = unsafe { libc::lseek64(h.file.as_raw_fd(), off, whence as i32) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as u64)
+    }
+
+    fn copy_file_range(
+        &self,
+        _ctx: Context,
+        _inode_in: u64,
+        handle_in: u64,
+        offset_in: u64,
+        _inode_out: u64,
+        handle_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        let i = self.handle(handle_in)?;
+        let o = self.handle(handle_out)?;
+        let mut off_in =
+            i64::try_from(offset_in).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut off_out =
+            i64::try_from(offset_out).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(isize::MAX as usize);
+        // SAFETY: fds are valid and the offsets are valid places to update.
+        let n = unsafe {
+            libc::copy_file_range(
+                i.file.as_raw_fd(),
+                &mut off_in,
+                o.file.as_raw_fd(),
+                &mut off_out,
+                len,
+                flags as u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn syncfs(&self, _ctx: Context, _inode: u64) -> io::Result<()> {
+        let f = self.reopen(&self.root, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        // SAFETY: the fd is valid; syncfs has no memory effects.
+        cvt(unsafe { libc::syncfs(f.as_raw_fd()) }).map(|_| ())
     }
 }

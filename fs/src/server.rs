@@ -1,34 +1,49 @@
 //! The FUSE request dispatcher: decodes one request, calls the `FileSystem`, encodes the reply.
 //!
-//! The transport (a virtio descriptor chain, or a byte buffer in tests) is behind the
+//! The transport (a virtio descriptor chain, or memory in tests) is behind the
 //! [`RequestReader`] and [`ReplyWriter`] traits. The guest is untrusted: every length in a request
-//! is checked against what the transport really holds, and a reply that does not fit is never
-//! written in part.
+//! is checked against what the transport really holds, names must be NUL-terminated and short,
+//! and a reply that does not fit is never written in part.
 
+use std::ffi::CStr;
 use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use vm_memory::ByteValued;
 
 use crate::abi::{self, opcode, InHeader, OutHeader};
-use crate::filesystem::{Context, FileSystem};
+use crate::filesystem::{
+    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, SetattrArgs, TimeSpec,
+};
 
 /// Largest WRITE payload Ferry accepts, and the size the kernel sizes its requests by.
 pub const MAX_WRITE: u32 = 1 << 20;
 /// Pages per request that fit `MAX_WRITE`.
 const MAX_PAGES: u16 = (MAX_WRITE / 4096) as u16;
+/// Largest request body read into memory for name-carrying requests (an xattr value is at most
+/// 64 KiB, plus its name).
+const MAX_BODY: usize = 64 * 1024 + 4096;
+/// Longest name in a directory.
+const NAME_MAX: usize = 255;
+/// Longest symlink target.
+const PATH_MAX: usize = 4096;
 
 /// The readable part of one request.
-pub trait RequestReader: Read {
+pub trait RequestReader: Read + FileReader {
     /// Bytes left to read.
     fn available_bytes(&self) -> usize;
 }
 
 /// The writable part of one request, where the reply goes.
-pub trait ReplyWriter: Write {
+pub trait ReplyWriter: Write + FileWriter + Sized {
     /// Room left for the reply.
     fn available_bytes(&self) -> usize;
+
+    /// Splits the room after the first `offset` bytes off into a writer of its own, so data
+    /// can be written after a header that is written last.
+    fn split_at(&mut self, offset: usize) -> io::Result<Self>;
 }
 
 /// Why a request could not be answered at all. The transport completes it with no reply.
@@ -83,7 +98,7 @@ impl ServerStats {
         self.errors.load(Ordering::Relaxed)
     }
 
-    /// Requests too malformed to answer.
+    /// Requests too malformed to answer, or answered with EINVAL for lying about themselves.
     pub fn malformed(&self) -> u64 {
         self.malformed.load(Ordering::Relaxed)
     }
@@ -100,14 +115,76 @@ pub struct Server<F> {
     stats: ServerStats,
 }
 
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
 /// Reads one wire struct, or fails with EINVAL when the request is too short for it.
 fn read_obj<T: ByteValued + Default, R: RequestReader>(r: &mut R) -> io::Result<T> {
     let mut v = T::default();
     if r.available_bytes() < size_of::<T>() {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        return Err(einval());
     }
     r.read_exact(v.as_mut_slice())?;
     Ok(v)
+}
+
+/// Reads the rest of a request body into memory, refusing bodies larger than any valid one.
+fn read_body<R: RequestReader>(r: &mut R) -> io::Result<Vec<u8>> {
+    let n = r.available_bytes();
+    if n > MAX_BODY {
+        return Err(einval());
+    }
+    let mut v = vec![0u8; n];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+/// Splits a NUL-terminated string off the front of `buf`. A missing NUL is EINVAL; a name
+/// longer than `max` is ENAMETOOLONG.
+fn take_cstr(buf: &[u8], max: usize) -> io::Result<(&CStr, &[u8])> {
+    let nul = buf.iter().position(|b| *b == 0).ok_or_else(einval)?;
+    if nul > max {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    let name = CStr::from_bytes_with_nul(&buf[..=nul]).map_err(|_| einval())?;
+    Ok((name, &buf[nul + 1..]))
+}
+
+/// A directory name: no slash, not empty, at most NAME_MAX bytes.
+fn take_name(buf: &[u8]) -> io::Result<(&CStr, &[u8])> {
+    let (name, rest) = take_cstr(buf, NAME_MAX)?;
+    let b = name.to_bytes();
+    if b.is_empty() || b.contains(&b'/') {
+        return Err(einval());
+    }
+    Ok((name, rest))
+}
+
+fn entry_out(e: &Entry) -> abi::EntryOut {
+    abi::EntryOut {
+        nodeid: e.inode,
+        generation: 0,
+        entry_valid: e.entry_timeout.as_secs(),
+        attr_valid: e.attr_timeout.as_secs(),
+        entry_valid_nsec: e.entry_timeout.subsec_nanos(),
+        attr_valid_nsec: e.attr_timeout.subsec_nanos(),
+        attr: abi::Attr::from(&e.attr),
+    }
+}
+
+fn attr_out(st: &libc::stat64, timeout: Duration) -> abi::AttrOut {
+    abi::AttrOut {
+        attr_valid: timeout.as_secs(),
+        attr_valid_nsec: timeout.subsec_nanos(),
+        dummy: 0,
+        attr: abi::Attr::from(st),
+    }
+}
+
+/// Bytes a READDIR entry with a `namelen`-byte name takes, padded to 8.
+fn dirent_size(namelen: usize) -> usize {
+    (size_of::<abi::Dirent>() + namelen + 7) & !7
 }
 
 impl<F: FileSystem> Server<F> {
@@ -145,38 +222,304 @@ impl<F: FileSystem> Server<F> {
             }
         };
         self.stats.count_op(hdr.opcode);
-        let ctx = Context {
-            uid: hdr.uid,
-            gid: hdr.gid,
-            pid: hdr.pid,
-        };
         // The kernel's length must agree with what the transport carries; a request that lies
         // about its size is answered with EINVAL and nothing in it is trusted.
         if hdr.len as usize != total {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             return self.reply_error(&hdr, libc::EINVAL, &mut w);
         }
-        let res = match hdr.opcode {
-            opcode::INIT => self.init(&hdr, &mut r, &mut w),
-            opcode::DESTROY => {
-                self.fs.destroy();
-                self.reply_ok(&hdr, &[], &mut w).map_err(to_io)
-            }
-            opcode::GETATTR => self.getattr(ctx, &hdr, &mut r, &mut w),
-            opcode::STATFS => match self.fs.statfs(ctx, hdr.nodeid) {
-                Ok(st) => self
-                    .reply_ok(&hdr, abi::StatfsOut::from(&st).as_slice(), &mut w)
-                    .map_err(to_io),
-                Err(e) => Err(e),
-            },
-            // These take no reply.
-            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => return Ok(0),
-            _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
-        };
+        let res = self.dispatch(&hdr, &mut r, &mut w);
+        log::trace!(
+            "fuse: unique {} op {} node {} -> {:?}",
+            hdr.unique,
+            hdr.opcode,
+            hdr.nodeid,
+            res.as_ref().map_err(|e| e.raw_os_error())
+        );
         match res {
             Ok(n) => Ok(n),
-            Err(e) => self.reply_error(&hdr, errno(&e), &mut w),
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.reply_error(&hdr, errno(&e), &mut w)
+            }
         }
+    }
+
+    fn dispatch<R: RequestReader, W: ReplyWriter>(
+        &self,
+        hdr: &InHeader,
+        r: &mut R,
+        w: &mut W,
+    ) -> io::Result<usize> {
+        let ctx = Context {
+            uid: hdr.uid,
+            gid: hdr.gid,
+            pid: hdr.pid,
+        };
+        let fs = &self.fs;
+        let node = hdr.nodeid;
+        let ok = |parts: &[&[u8]], w: &mut W| self.reply_ok(hdr, parts, w).map_err(to_io);
+        let entry = |e: Entry, w: &mut W| ok(&[entry_out(&e).as_slice()], w);
+        match hdr.opcode {
+            opcode::INIT => return self.init(hdr, r, w),
+            opcode::DESTROY => {
+                fs.destroy();
+                return ok(&[], w);
+            }
+            opcode::FORGET => {
+                let arg: abi::ForgetIn = read_obj(r)?;
+                fs.forget(node, arg.nlookup);
+                return Ok(0);
+            }
+            opcode::BATCH_FORGET => {
+                let arg: abi::BatchForgetIn = read_obj(r)?;
+                for _ in 0..arg.count {
+                    // A count larger than the body stops at the body's end.
+                    let Ok(one) = read_obj::<abi::ForgetOne, R>(r) else {
+                        break;
+                    };
+                    fs.forget(one.nodeid, one.nlookup);
+                }
+                return Ok(0);
+            }
+            // Interrupts are advisory; requests here finish promptly anyway.
+            opcode::INTERRUPT => return Ok(0),
+            opcode::LOOKUP => {
+                let body = read_body(r)?;
+                let (name, _) = take_cstr(&body, NAME_MAX)?;
+                return entry(fs.lookup(ctx, node, name)?, w);
+            }
+            opcode::GETATTR => {
+                let arg: abi::GetattrIn = read_obj(r)?;
+                let fh = (arg.flags & abi::GETATTR_FH != 0).then_some(arg.fh);
+                let (st, t) = fs.getattr(ctx, node, fh)?;
+                return ok(&[attr_out(&st, t).as_slice()], w);
+            }
+            opcode::SETATTR => {
+                let arg: abi::SetattrIn = read_obj(r)?;
+                let v = arg.valid;
+                use abi::fattr;
+                let time = |set: u32, now: u32, s: u64, ns: u32| {
+                    if v & now != 0 {
+                        Some(TimeSpec::Now)
+                    } else if v & set != 0 {
+                        Some(TimeSpec::At(s as i64, ns))
+                    } else {
+                        None
+                    }
+                };
+                let args = SetattrArgs {
+                    mode: (v & fattr::MODE != 0).then_some(arg.mode),
+                    uid: (v & fattr::UID != 0).then_some(arg.uid),
+                    gid: (v & fattr::GID != 0).then_some(arg.gid),
+                    size: (v & fattr::SIZE != 0).then_some(arg.size),
+                    atime: time(fattr::ATIME, fattr::ATIME_NOW, arg.atime, arg.atimensec),
+                    mtime: time(fattr::MTIME, fattr::MTIME_NOW, arg.mtime, arg.mtimensec),
+                };
+                let fh = (v & fattr::FH != 0).then_some(arg.fh);
+                let (st, t) = fs.setattr(ctx, node, fh, args)?;
+                return ok(&[attr_out(&st, t).as_slice()], w);
+            }
+            opcode::READLINK => {
+                let target = fs.readlink(ctx, node)?;
+                return ok(&[&target], w);
+            }
+            opcode::SYMLINK => {
+                let body = read_body(r)?;
+                let (name, rest) = take_name(&body)?;
+                let (target, _) = take_cstr(rest, PATH_MAX)?;
+                return entry(fs.symlink(ctx, target, node, name)?, w);
+            }
+            opcode::MKNOD => {
+                let arg: abi::MknodIn = read_obj(r)?;
+                let body = read_body(r)?;
+                let (name, _) = take_name(&body)?;
+                return entry(fs.mknod(ctx, node, name, arg.mode, arg.rdev, arg.umask)?, w);
+            }
+            opcode::MKDIR => {
+                let arg: abi::MkdirIn = read_obj(r)?;
+                let body = read_body(r)?;
+                let (name, _) = take_name(&body)?;
+                return entry(fs.mkdir(ctx, node, name, arg.mode, arg.umask)?, w);
+            }
+            opcode::UNLINK | opcode::RMDIR => {
+                let body = read_body(r)?;
+                let (name, _) = take_name(&body)?;
+                if hdr.opcode == opcode::UNLINK {
+                    fs.unlink(ctx, node, name)?;
+                } else {
+                    fs.rmdir(ctx, node, name)?;
+                }
+                return ok(&[], w);
+            }
+            opcode::RENAME | opcode::RENAME2 => {
+                let (newdir, flags) = if hdr.opcode == opcode::RENAME {
+                    (read_obj::<abi::RenameIn, R>(r)?.newdir, 0)
+                } else {
+                    let a: abi::Rename2In = read_obj(r)?;
+                    (a.newdir, a.flags)
+                };
+                let body = read_body(r)?;
+                let (old, rest) = take_name(&body)?;
+                let (new, _) = take_name(rest)?;
+                fs.rename(ctx, node, old, newdir, new, flags)?;
+                return ok(&[], w);
+            }
+            opcode::LINK => {
+                let arg: abi::LinkIn = read_obj(r)?;
+                let body = read_body(r)?;
+                let (name, _) = take_name(&body)?;
+                return entry(fs.link(ctx, arg.oldnodeid, node, name)?, w);
+            }
+            opcode::OPEN | opcode::OPENDIR => {
+                let arg: abi::OpenIn = read_obj(r)?;
+                let (fh, flags) = if hdr.opcode == opcode::OPEN {
+                    fs.open(ctx, node, arg.flags)?
+                } else {
+                    fs.opendir(ctx, node, arg.flags)?
+                };
+                let out = abi::OpenOut {
+                    fh,
+                    open_flags: flags,
+                    padding: 0,
+                };
+                return ok(&[out.as_slice()], w);
+            }
+            opcode::CREATE => {
+                let arg: abi::CreateIn = read_obj(r)?;
+                let body = read_body(r)?;
+                let (name, _) = take_name(&body)?;
+                let (e, fh, flags) = fs.create(ctx, node, name, arg.mode, arg.flags, arg.umask)?;
+                let out = abi::OpenOut {
+                    fh,
+                    open_flags: flags,
+                    padding: 0,
+                };
+                return ok(&[entry_out(&e).as_slice(), out.as_slice()], w);
+            }
+            opcode::READ => return self.read(ctx, hdr, r, w),
+            opcode::WRITE => {
+                let arg: abi::WriteIn = read_obj(r)?;
+                // The payload must be in the request as announced, and within max_write.
+                if arg.size > MAX_WRITE || arg.size as usize != r.available_bytes() {
+                    return Err(einval());
+                }
+                let n = fs.write(ctx, node, arg.fh, r, arg.size, arg.offset)?;
+                let out = abi::WriteOut {
+                    size: n as u32,
+                    padding: 0,
+                };
+                return ok(&[out.as_slice()], w);
+            }
+            opcode::STATFS => {
+                let st = fs.statfs(ctx, node)?;
+                return ok(&[abi::StatfsOut::from(&st).as_slice()], w);
+            }
+            opcode::RELEASE | opcode::RELEASEDIR => {
+                let arg: abi::ReleaseIn = read_obj(r)?;
+                if hdr.opcode == opcode::RELEASE {
+                    fs.release(ctx, node, arg.fh)?;
+                } else {
+                    fs.releasedir(ctx, node, arg.fh)?;
+                }
+                return ok(&[], w);
+            }
+            opcode::FSYNC | opcode::FSYNCDIR => {
+                let arg: abi::FsyncIn = read_obj(r)?;
+                let datasync = arg.fsync_flags & 1 != 0;
+                if hdr.opcode == opcode::FSYNC {
+                    fs.fsync(ctx, node, datasync, arg.fh)?;
+                } else {
+                    fs.fsyncdir(ctx, node, datasync, arg.fh)?;
+                }
+                return ok(&[], w);
+            }
+            opcode::FLUSH => {
+                let arg: abi::FlushIn = read_obj(r)?;
+                fs.flush(ctx, node, arg.fh)?;
+                return ok(&[], w);
+            }
+            opcode::SETXATTR => {
+                let arg: abi::SetxattrIn = read_obj(r)?;
+                let body = read_body(r)?;
+                let (name, value) = take_cstr(&body, NAME_MAX)?;
+                if value.len() != arg.size as usize {
+                    return Err(einval());
+                }
+                fs.setxattr(ctx, node, name, value, arg.flags)?;
+                return ok(&[], w);
+            }
+            opcode::GETXATTR | opcode::LISTXATTR => {
+                let arg: abi::GetxattrIn = read_obj(r)?;
+                let v = if hdr.opcode == opcode::GETXATTR {
+                    let body = read_body(r)?;
+                    let (name, _) = take_cstr(&body, NAME_MAX)?;
+                    fs.getxattr(ctx, node, name, arg.size)?
+                } else {
+                    fs.listxattr(ctx, node, arg.size)?
+                };
+                if arg.size == 0 {
+                    let out = abi::GetxattrOut {
+                        size: v.len() as u32,
+                        padding: 0,
+                    };
+                    return ok(&[out.as_slice()], w);
+                }
+                if v.len() > arg.size as usize {
+                    return Err(io::Error::from_raw_os_error(libc::ERANGE));
+                }
+                return ok(&[&v], w);
+            }
+            opcode::REMOVEXATTR => {
+                let body = read_body(r)?;
+                let (name, _) = take_cstr(&body, NAME_MAX)?;
+                fs.removexattr(ctx, node, name)?;
+                return ok(&[], w);
+            }
+            opcode::READDIR | opcode::READDIRPLUS => return self.readdir(ctx, hdr, r, w),
+            opcode::ACCESS => {
+                let arg: abi::AccessIn = read_obj(r)?;
+                fs.access(ctx, node, arg.mask)?;
+                return ok(&[], w);
+            }
+            opcode::FALLOCATE => {
+                let arg: abi::FallocateIn = read_obj(r)?;
+                fs.fallocate(ctx, node, arg.fh, arg.mode, arg.offset, arg.length)?;
+                return ok(&[], w);
+            }
+            opcode::LSEEK => {
+                let arg: abi::LseekIn = read_obj(r)?;
+                let off = fs.lseek(ctx, node, arg.fh, arg.offset, arg.whence)?;
+                return ok(&[abi::LseekOut { offset: off }.as_slice()], w);
+            }
+            opcode::COPY_FILE_RANGE => {
+                let a: abi::CopyFileRangeIn = read_obj(r)?;
+                let n = fs.copy_file_range(
+                    ctx,
+                    node,
+                    a.fh_in,
+                    a.off_in,
+                    a.nodeid_out,
+                    a.fh_out,
+                    a.off_out,
+                    a.len,
+                    a.flags,
+                )?;
+                let out = abi::WriteOut {
+                    size: n as u32,
+                    padding: 0,
+                };
+                return ok(&[out.as_slice()], w);
+            }
+            opcode::SYNCFS => {
+                fs.syncfs(ctx, node)?;
+                return ok(&[], w);
+            }
+            _ => {}
+        }
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
     fn init<R: RequestReader, W: ReplyWriter>(
@@ -205,7 +548,7 @@ impl<F: FileSystem> Server<F> {
         };
         // A newer major version: answer with ours only, and the kernel asks again.
         if init.major > abi::KERNEL_VERSION {
-            return self.reply_ok(hdr, out.as_slice(), w).map_err(to_io);
+            return self.reply_ok(hdr, &[out.as_slice()], w).map_err(to_io);
         }
         let wanted = self.fs.init(init.flags)? | abi::MAX_PAGES;
         out.flags = init.flags & wanted;
@@ -221,31 +564,114 @@ impl<F: FileSystem> Server<F> {
             init.minor,
             out.flags
         );
-        self.reply_ok(hdr, out.as_slice(), w).map_err(to_io)
+        self.reply_ok(hdr, &[out.as_slice()], w).map_err(to_io)
     }
 
-    fn getattr<R: RequestReader, W: ReplyWriter>(
+    /// READ: the data goes straight from the file into the reply, after a header written last.
+    fn read<R: RequestReader, W: ReplyWriter>(
         &self,
         ctx: Context,
         hdr: &InHeader,
         r: &mut R,
         w: &mut W,
     ) -> io::Result<usize> {
-        let arg: abi::GetattrIn = read_obj(r)?;
-        let fh = (arg.flags & abi::GETATTR_FH != 0).then_some(arg.fh);
-        let (st, timeout) = self.fs.getattr(ctx, hdr.nodeid, fh)?;
-        let out = abi::AttrOut {
-            attr_valid: timeout.as_secs(),
-            attr_valid_nsec: timeout.subsec_nanos(),
-            dummy: 0,
-            attr: abi::Attr::from(&st),
+        let arg: abi::ReadIn = read_obj(r)?;
+        if arg.size > MAX_WRITE {
+            return Err(einval());
+        }
+        let hlen = size_of::<OutHeader>();
+        let mut data = w.split_at(hlen)?;
+        let size = (arg.size as usize).min(data.available_bytes());
+        let n = self
+            .fs
+            .read(ctx, hdr.nodeid, arg.fh, &mut data, size as u32, arg.offset)?;
+        let out = OutHeader {
+            len: (hlen + n) as u32,
+            error: 0,
+            unique: hdr.unique,
         };
-        self.reply_ok(hdr, out.as_slice(), w).map_err(to_io)
+        w.write_all(out.as_slice())?;
+        Ok(hlen + n)
     }
 
-    /// Writes a successful reply: header and body, whole or not at all.
-    fn reply_ok<W: ReplyWriter>(&self, hdr: &InHeader, body: &[u8], w: &mut W) -> Result<usize> {
-        let len = size_of::<OutHeader>() + body.len();
+    /// READDIR and READDIRPLUS: entries are packed into a buffer as large as the guest asked.
+    fn readdir<R: RequestReader, W: ReplyWriter>(
+        &self,
+        ctx: Context,
+        hdr: &InHeader,
+        r: &mut R,
+        w: &mut W,
+    ) -> io::Result<usize> {
+        let arg: abi::ReadIn = read_obj(r)?;
+        let plus = hdr.opcode == opcode::READDIRPLUS;
+        let room = (arg.size as usize)
+            .min(MAX_WRITE as usize)
+            .min(w.available_bytes().saturating_sub(size_of::<OutHeader>()));
+        let mut buf = Vec::with_capacity(room);
+        let fs = &self.fs;
+        let mut lookup_err = None;
+        fs.readdir(ctx, hdr.nodeid, arg.fh, arg.offset, &mut |e: DirEntry<
+            '_,
+        >| {
+            let dsize = dirent_size(e.name.len());
+            let need = dsize + if plus { size_of::<abi::EntryOut>() } else { 0 };
+            if buf.len() + need > room {
+                return false;
+            }
+            if plus {
+                let is_dot = e.name == b"." || e.name == b"..";
+                // "." and ".." carry no entry: node id 0 tells the kernel not to cache them.
+                let eo = if is_dot {
+                    abi::EntryOut::default()
+                } else {
+                    let Ok(name) =
+                        CStr::from_bytes_until_nul(&[e.name, &[0]].concat()).map(|c| c.to_owned())
+                    else {
+                        return true;
+                    };
+                    match fs.lookup(ctx, hdr.nodeid, &name) {
+                        Ok(en) => entry_out(&en),
+                        Err(err) => {
+                            // The entry vanished between listing and lookup: skip it, unless
+                            // it is the first (then report the error).
+                            if buf.is_empty() {
+                                lookup_err = Some(err);
+                                return false;
+                            }
+                            return true;
+                        }
+                    }
+                };
+                buf.extend_from_slice(eo.as_slice());
+            }
+            let d = abi::Dirent {
+                ino: e.ino,
+                off: e.offset,
+                namelen: e.name.len() as u32,
+                type_: e.type_,
+            };
+            buf.extend_from_slice(d.as_slice());
+            buf.extend_from_slice(e.name);
+            buf.resize(
+                buf.len() + dsize - size_of::<abi::Dirent>() - e.name.len(),
+                0,
+            );
+            true
+        })?;
+        if let Some(e) = lookup_err {
+            return Err(e);
+        }
+        self.reply_ok(hdr, &[&buf], w).map_err(to_io)
+    }
+
+    /// Writes a successful reply: header and body parts, whole or not at all.
+    fn reply_ok<W: ReplyWriter>(
+        &self,
+        hdr: &InHeader,
+        parts: &[&[u8]],
+        w: &mut W,
+    ) -> Result<usize> {
+        let len = size_of::<OutHeader>() + parts.iter().map(|p| p.len()).sum::<usize>();
         if w.available_bytes() < len {
             return Err(Error::ReplyTooLarge {
                 needed: len,
@@ -258,7 +684,9 @@ impl<F: FileSystem> Server<F> {
             unique: hdr.unique,
         };
         w.write_all(out.as_slice()).map_err(Error::WriteReply)?;
-        w.write_all(body).map_err(Error::WriteReply)?;
+        for p in parts {
+            w.write_all(p).map_err(Error::WriteReply)?;
+        }
         Ok(len)
     }
 
@@ -286,82 +714,19 @@ fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// A reply that did not fit is reported to the guest as ERANGE-less EIO by the caller; keep the
-/// reason in the log.
+/// A reply that does not fit becomes ERANGE for the guest; the reason stays in the log.
 fn to_io(e: Error) -> io::Error {
     match e {
         Error::ReplyTooLarge { .. } => io::Error::from_raw_os_error(libc::ERANGE),
         Error::WriteReply(e) => e,
-        Error::ShortHeader(_) => io::Error::from_raw_os_error(libc::EINVAL),
-    }
-}
-
-/// A request or reply held in memory: the transport for unit tests and fuzzing.
-#[derive(Debug, Default)]
-pub struct ByteBuf {
-    /// The bytes.
-    pub data: Vec<u8>,
-    pos: usize,
-    limit: usize,
-}
-
-impl ByteBuf {
-    /// A request reader over `data`.
-    pub fn request(data: Vec<u8>) -> Self {
-        let limit = data.len();
-        ByteBuf {
-            data,
-            pos: 0,
-            limit,
-        }
-    }
-
-    /// An empty reply buffer with room for `limit` bytes.
-    pub fn reply(limit: usize) -> Self {
-        ByteBuf {
-            data: Vec::new(),
-            pos: 0,
-            limit,
-        }
-    }
-}
-
-impl Read for ByteBuf {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.data.len() - self.pos);
-        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Write for ByteBuf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.limit - self.data.len());
-        self.data.extend_from_slice(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl RequestReader for &mut ByteBuf {
-    fn available_bytes(&self) -> usize {
-        self.data.len() - self.pos
-    }
-}
-
-impl ReplyWriter for &mut ByteBuf {
-    fn available_bytes(&self) -> usize {
-        self.limit - self.data.len()
+        Error::ShortHeader(_) => einval(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membuf::{ReplyBuf, RequestBuf};
 
     struct RootOnly;
 
@@ -371,7 +736,7 @@ mod tests {
             _ctx: Context,
             inode: u64,
             _handle: Option<u64>,
-        ) -> io::Result<(libc::stat64, std::time::Duration)> {
+        ) -> io::Result<(libc::stat64, Duration)> {
             if inode != abi::ROOT_ID {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
             }
@@ -379,7 +744,24 @@ mod tests {
             let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
             st.st_ino = 1;
             st.st_mode = libc::S_IFDIR | 0o755;
-            Ok((st, std::time::Duration::from_secs(1)))
+            Ok((st, Duration::from_secs(1)))
+        }
+
+        fn lookup(&self, _ctx: Context, _parent: u64, name: &CStr) -> io::Result<Entry> {
+            assert!(!name.to_bytes().is_empty());
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+
+        fn mkdir(
+            &self,
+            _ctx: Context,
+            _parent: u64,
+            name: &CStr,
+            _mode: u32,
+            _umask: u32,
+        ) -> io::Result<Entry> {
+            assert!(!name.to_bytes().contains(&b'/'));
+            Err(io::Error::from_raw_os_error(libc::EEXIST))
         }
     }
 
@@ -398,16 +780,21 @@ mod tests {
 
     fn run(req: Vec<u8>, room: usize) -> (Result<usize>, Vec<u8>) {
         let server = Server::new(RootOnly);
-        let mut r = ByteBuf::request(req);
-        let mut w = ByteBuf::reply(room);
-        let res = server.handle_message(&mut r, &mut w);
-        (res, w.data)
+        let w = ReplyBuf::new(room);
+        let res = server.handle_message(RequestBuf::new(req), w.clone());
+        let n = *res.as_ref().unwrap_or(&0);
+        (res, w.bytes(n))
     }
 
     fn out_header(reply: &[u8]) -> OutHeader {
         let mut h = OutHeader::default();
         h.as_mut_slice().copy_from_slice(&reply[..16]);
         h
+    }
+
+    fn errno_of(req: Vec<u8>) -> i32 {
+        let (_, reply) = run(req, 4096);
+        -out_header(&reply).error
     }
 
     fn init_body(major: u32, minor: u32) -> Vec<u8> {
@@ -441,8 +828,10 @@ mod tests {
 
     #[test]
     fn init_rejects_old_kernels() {
-        let (_, reply) = run(request(opcode::INIT, 0, &init_body(7, 20)), 4096);
-        assert_eq!(out_header(&reply).error, -libc::EPROTO);
+        assert_eq!(
+            errno_of(request(opcode::INIT, 0, &init_body(7, 20))),
+            libc::EPROTO
+        );
     }
 
     #[test]
@@ -460,9 +849,12 @@ mod tests {
 
     #[test]
     fn unknown_and_unimplemented_opcodes_get_enosys() {
-        for op in [9999, opcode::READ, opcode::STATFS] {
-            let (_, reply) = run(request(op, 1, &[]), 4096);
-            assert_eq!(out_header(&reply).error, -libc::ENOSYS, "opcode {op}");
+        for op in [9999, opcode::STATFS, opcode::BMAP, opcode::SETUPMAPPING] {
+            assert_eq!(
+                errno_of(request(op, 1, &[0u8; 64])),
+                libc::ENOSYS,
+                "op {op}"
+            );
         }
     }
 
@@ -477,18 +869,83 @@ mod tests {
     fn length_that_disagrees_with_the_chain_gets_einval() {
         let mut req = request(opcode::GETATTR, 1, abi::GetattrIn::default().as_slice());
         req[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        let (_, reply) = run(req, 4096);
-        assert_eq!(out_header(&reply).error, -libc::EINVAL);
+        assert_eq!(errno_of(req), libc::EINVAL);
     }
 
     #[test]
     fn truncated_body_gets_einval() {
-        let (_, reply) = run(request(opcode::GETATTR, 1, &[0u8; 4]), 4096);
-        assert_eq!(out_header(&reply).error, -libc::EINVAL);
+        assert_eq!(
+            errno_of(request(opcode::GETATTR, 1, &[0u8; 4])),
+            libc::EINVAL
+        );
+        assert_eq!(errno_of(request(opcode::READ, 1, &[0u8; 39])), libc::EINVAL);
     }
 
     #[test]
-    fn reply_buffer_too_small_writes_nothing() {
+    fn names_without_nul_or_with_slash_get_einval() {
+        assert_eq!(errno_of(request(opcode::LOOKUP, 1, b"abc")), libc::EINVAL);
+        let mut body = abi::MkdirIn::default().as_slice().to_vec();
+        body.extend_from_slice(b"a/b\0");
+        assert_eq!(errno_of(request(opcode::MKDIR, 1, &body)), libc::EINVAL);
+        let mut body = abi::MkdirIn::default().as_slice().to_vec();
+        body.extend_from_slice(b"\0");
+        assert_eq!(errno_of(request(opcode::MKDIR, 1, &body)), libc::EINVAL);
+        // A well-formed name reaches the file system.
+        let mut body = abi::MkdirIn::default().as_slice().to_vec();
+        body.extend_from_slice(b"ok\0");
+        assert_eq!(errno_of(request(opcode::MKDIR, 1, &body)), libc::EEXIST);
+        assert_eq!(errno_of(request(opcode::LOOKUP, 1, b"x\0")), libc::ENOENT);
+    }
+
+    #[test]
+    fn overlong_names_get_enametoolong() {
+        let mut name = vec![b'a'; 300];
+        name.push(0);
+        assert_eq!(
+            errno_of(request(opcode::LOOKUP, 1, &name)),
+            libc::ENAMETOOLONG
+        );
+    }
+
+    #[test]
+    fn huge_sizes_are_refused() {
+        let read = abi::ReadIn {
+            size: u32::MAX,
+            offset: u64::MAX,
+            ..Default::default()
+        };
+        assert_eq!(
+            errno_of(request(opcode::READ, 1, read.as_slice())),
+            libc::EINVAL
+        );
+        // A WRITE whose size disagrees with its payload.
+        let write = abi::WriteIn {
+            size: 4096,
+            ..Default::default()
+        };
+        let mut body = write.as_slice().to_vec();
+        body.extend_from_slice(&[0u8; 10]);
+        assert_eq!(errno_of(request(opcode::WRITE, 1, &body)), libc::EINVAL);
+        // A body larger than any name-carrying request can be.
+        let body = vec![b'a'; MAX_BODY + 1];
+        assert_eq!(errno_of(request(opcode::LOOKUP, 1, &body)), libc::EINVAL);
+    }
+
+    #[test]
+    fn batch_forget_with_a_lying_count_stops_at_the_end() {
+        let arg = abi::BatchForgetIn {
+            count: 1_000_000,
+            dummy: 0,
+        };
+        let mut body = arg.as_slice().to_vec();
+        body.extend_from_slice(abi::ForgetOne::default().as_slice());
+        let (res, reply) = run(request(opcode::BATCH_FORGET, 0, &body), 4096);
+        assert_eq!(res.unwrap(), 0);
+        assert!(reply.is_empty());
+    }
+
+    #[test]
+    fn reply_buffer_too_small() {
         let (res, reply) = run(
             request(opcode::GETATTR, 1, abi::GetattrIn::default().as_slice()),
             20,
@@ -496,12 +953,11 @@ mod tests {
         // The attr reply does not fit; the server falls back to an error header, which does.
         assert_eq!(res.unwrap(), 16);
         assert_eq!(out_header(&reply).error, -libc::ERANGE);
-        let (res, reply) = run(
+        let (res, _) = run(
             request(opcode::GETATTR, 1, abi::GetattrIn::default().as_slice()),
             8,
         );
         assert!(matches!(res, Err(Error::ReplyTooLarge { .. })));
-        assert!(reply.is_empty());
     }
 
     #[test]
@@ -515,11 +971,12 @@ mod tests {
     fn stats_count_ops_and_errors() {
         let server = Server::new(RootOnly);
         for _ in 0..3 {
-            let mut r = ByteBuf::request(request(opcode::READ, 1, &[]));
-            let mut w = ByteBuf::reply(64);
-            server.handle_message(&mut r, &mut w).unwrap();
+            let w = ReplyBuf::new(64);
+            server
+                .handle_message(RequestBuf::new(request(opcode::STATFS, 1, &[])), w)
+                .unwrap();
         }
-        assert_eq!(server.stats().ops(opcode::READ), 3);
+        assert_eq!(server.stats().ops(opcode::STATFS), 3);
         assert_eq!(server.stats().errors(), 3);
     }
 }

@@ -39,9 +39,24 @@ fn private_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Raises the open-file limit to its hard maximum: every node the guest holds is an fd.
+fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; getrlimit/setrlimit only read and write it.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                log::warn!("cannot raise the open-file limit to {}", r.rlim_max);
+            }
+        }
+    }
+}
+
 impl Devices {
     /// Binds every socket and starts one thread per device.
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
+        raise_fd_limit();
         let private = private_dir()?;
         let mut sockets = Vec::new();
         let mut net = None;

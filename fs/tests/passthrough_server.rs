@@ -1,0 +1,288 @@
+//! `PassthroughFs` behind the FUSE `Server`, driven with raw requests over in-memory buffers:
+//! the same bytes the guest kernel sends, no VM.
+
+use std::mem::size_of;
+use std::path::Path;
+
+use ferry_fs::abi::{self, opcode, InHeader, OutHeader};
+use ferry_fs::membuf::{ReplyBuf, RequestBuf};
+use ferry_fs::passthrough::Config;
+use ferry_fs::{PassthroughFs, Server};
+use vm_memory::ByteValued;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    server: Server<PassthroughFs>,
+}
+
+fn fixture(readonly: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let fs = PassthroughFs::new(
+        &share,
+        Config {
+            readonly,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Fixture {
+        dir,
+        server: Server::new(fs),
+    }
+}
+
+impl Fixture {
+    fn share(&self) -> std::path::PathBuf {
+        self.dir.path().join("share")
+    }
+
+    /// Sends one request; returns (errno, reply body).
+    fn call(&self, op: u32, node: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        let body: Vec<u8> = parts.concat();
+        let hdr = InHeader {
+            len: (size_of::<InHeader>() + body.len()) as u32,
+            opcode: op,
+            unique: 1,
+            nodeid: node,
+            ..Default::default()
+        };
+        let mut req = hdr.as_slice().to_vec();
+        req.extend_from_slice(&body);
+        let w = ReplyBuf::new(1 << 21);
+        let n = self
+            .server
+            .handle_message(RequestBuf::new(req), w.clone())
+            .unwrap();
+        let reply = w.bytes(n);
+        if n == 0 {
+            return (0, vec![]);
+        }
+        let mut out = OutHeader::default();
+        out.as_mut_slice().copy_from_slice(&reply[..16]);
+        assert_eq!(out.len as usize, n);
+        (-out.error, reply[16..].to_vec())
+    }
+
+    fn lookup(&self, parent: u64, name: &str) -> Result<abi::EntryOut, i32> {
+        let (e, body) = self.call(opcode::LOOKUP, parent, &[name.as_bytes(), b"\0"]);
+        if e != 0 {
+            return Err(e);
+        }
+        let mut out = abi::EntryOut::default();
+        out.as_mut_slice().copy_from_slice(&body);
+        Ok(out)
+    }
+
+    fn readdir_names(&self, node: u64, plus: bool) -> Vec<String> {
+        let (e, body) = self.call(opcode::OPENDIR, node, &[abi::OpenIn::default().as_slice()]);
+        assert_eq!(e, 0);
+        let mut open = abi::OpenOut::default();
+        open.as_mut_slice().copy_from_slice(&body);
+        let mut names = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let arg = abi::ReadIn {
+                fh: open.fh,
+                offset,
+                size: 4096,
+                ..Default::default()
+            };
+            let op = if plus {
+                opcode::READDIRPLUS
+            } else {
+                opcode::READDIR
+            };
+            let (e, body) = self.call(op, node, &[arg.as_slice()]);
+            assert_eq!(e, 0);
+            if body.is_empty() {
+                break;
+            }
+            let mut pos = 0;
+            while pos < body.len() {
+                if plus {
+                    pos += size_of::<abi::EntryOut>();
+                }
+                let mut d = abi::Dirent::default();
+                d.as_mut_slice().copy_from_slice(&body[pos..pos + 24]);
+                let name = &body[pos + 24..pos + 24 + d.namelen as usize];
+                names.push(String::from_utf8_lossy(name).into_owned());
+                offset = d.off;
+                pos += (24 + d.namelen as usize + 7) & !7;
+            }
+        }
+        let rel = abi::ReleaseIn {
+            fh: open.fh,
+            ..Default::default()
+        };
+        assert_eq!(self.call(opcode::RELEASEDIR, node, &[rel.as_slice()]).0, 0);
+        names.sort();
+        names
+    }
+}
+
+#[test]
+fn readdir_and_readdirplus_list_everything_across_calls() {
+    let f = fixture(false);
+    for i in 0..300 {
+        std::fs::write(f.share().join(format!("file-{i:03}")), b"x").unwrap();
+    }
+    for plus in [false, true] {
+        let names = f.readdir_names(abi::ROOT_ID, plus);
+        assert_eq!(names.len(), 302, "plus={plus}");
+        assert_eq!(names[0], ".");
+        assert_eq!(names[2], "file-000");
+    }
+}
+
+#[test]
+fn dotdot_at_the_root_is_the_root() {
+    let f = fixture(false);
+    std::fs::write(f.dir.path().join("outside"), b"secret").unwrap();
+    let e = f.lookup(abi::ROOT_ID, "..").unwrap();
+    assert_eq!(e.nodeid, abi::ROOT_ID);
+    assert_eq!(f.lookup(e.nodeid, "outside").err(), Some(libc::ENOENT));
+}
+
+#[test]
+fn symlinks_are_never_followed_by_the_server() {
+    let f = fixture(false);
+    std::fs::write(f.dir.path().join("outside"), b"secret").unwrap();
+    std::os::unix::fs::symlink("../outside", f.share().join("escape")).unwrap();
+    std::os::unix::fs::symlink(f.dir.path(), f.share().join("escapedir")).unwrap();
+    // The link itself is a symlink node; opening it is refused (the guest resolves links).
+    let e = f.lookup(abi::ROOT_ID, "escape").unwrap();
+    assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    let (err, _) = f.call(opcode::OPEN, e.nodeid, &[abi::OpenIn::default().as_slice()]);
+    assert_ne!(err, 0, "opening a symlink node must fail");
+    // Looking up through a symlinked directory does not walk into it.
+    let d = f.lookup(abi::ROOT_ID, "escapedir").unwrap();
+    assert_eq!(f.lookup(d.nodeid, "outside").err(), Some(libc::ENOTDIR));
+    // CREATE over a symlink does not write through it.
+    let arg = abi::CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o644,
+        ..Default::default()
+    };
+    let (err, _) = f.call(opcode::CREATE, 1, &[arg.as_slice(), b"escape\0"]);
+    assert_eq!(err, libc::ELOOP);
+    assert_eq!(
+        std::fs::read(f.dir.path().join("outside")).unwrap(),
+        b"secret"
+    );
+}
+
+#[test]
+fn readonly_share_answers_writes_with_erofs() {
+    let f = fixture(true);
+    std::fs::write(f.share().join("f"), b"data").unwrap();
+    let mk = abi::MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"d\0"]).0,
+        libc::EROFS
+    );
+    assert_eq!(f.call(opcode::UNLINK, 1, &[b"f\0"]).0, libc::EROFS);
+    let e = f.lookup(1, "f").unwrap();
+    let open = abi::OpenIn {
+        flags: libc::O_RDWR as u32,
+        open_flags: 0,
+    };
+    assert_eq!(
+        f.call(opcode::OPEN, e.nodeid, &[open.as_slice()]).0,
+        libc::EROFS
+    );
+    // Reading still works.
+    let open = abi::OpenIn::default();
+    assert_eq!(f.call(opcode::OPEN, e.nodeid, &[open.as_slice()]).0, 0);
+    assert!(std::fs::read(f.share().join("f")).is_ok());
+}
+
+#[test]
+fn forget_drops_nodes_and_bad_nodes_are_ebadf() {
+    let f = fixture(false);
+    std::fs::write(f.share().join("f"), b"data").unwrap();
+    let e = f.lookup(1, "f").unwrap();
+    let again = f.lookup(1, "f").unwrap();
+    assert_eq!(e.nodeid, again.nodeid, "one node per host inode");
+    assert_eq!(f.server.fs().inode_count(), 2);
+    f.call(
+        opcode::FORGET,
+        e.nodeid,
+        &[abi::ForgetIn { nlookup: 2 }.as_slice()],
+    );
+    assert_eq!(f.server.fs().inode_count(), 1);
+    let (err, _) = f.call(
+        opcode::GETATTR,
+        e.nodeid,
+        &[abi::GetattrIn::default().as_slice()],
+    );
+    assert_eq!(err, libc::EBADF);
+}
+
+#[test]
+fn rename_noreplace_and_exchange() {
+    let f = fixture(false);
+    std::fs::write(f.share().join("a"), b"A").unwrap();
+    std::fs::write(f.share().join("b"), b"B").unwrap();
+    let r = abi::Rename2In {
+        newdir: 1,
+        flags: libc::RENAME_NOREPLACE,
+        padding: 0,
+    };
+    assert_eq!(
+        f.call(opcode::RENAME2, 1, &[r.as_slice(), b"a\0b\0"]).0,
+        libc::EEXIST
+    );
+    let r = abi::Rename2In {
+        newdir: 1,
+        flags: libc::RENAME_EXCHANGE,
+        padding: 0,
+    };
+    assert_eq!(f.call(opcode::RENAME2, 1, &[r.as_slice(), b"a\0b\0"]).0, 0);
+    assert_eq!(std::fs::read(f.share().join("a")).unwrap(), b"B");
+    assert_eq!(std::fs::read(f.share().join("b")).unwrap(), b"A");
+}
+
+#[test]
+fn write_then_read_round_trips() {
+    let f = fixture(false);
+    let c = abi::CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: 0o644,
+        ..Default::default()
+    };
+    let (e, body) = f.call(opcode::CREATE, 1, &[c.as_slice(), b"data\0"]);
+    assert_eq!(e, 0);
+    let mut open = abi::OpenOut::default();
+    open.as_mut_slice().copy_from_slice(&body[128..]);
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let w = abi::WriteIn {
+        fh: open.fh,
+        offset: 10,
+        size: payload.len() as u32,
+        ..Default::default()
+    };
+    let (e, body) = f.call(opcode::WRITE, 2, &[w.as_slice(), &payload]);
+    assert_eq!(e, 0);
+    assert_eq!(u32::from_ne_bytes(body[0..4].try_into().unwrap()), 100_000);
+    let r = abi::ReadIn {
+        fh: open.fh,
+        offset: 10,
+        size: 200_000,
+        ..Default::default()
+    };
+    let (e, body) = f.call(opcode::READ, 2, &[r.as_slice()]);
+    assert_eq!(e, 0);
+    assert_eq!(body, payload);
+    let on_host = std::fs::read(f.share().join("data")).unwrap();
+    assert_eq!(&on_host[10..], &payload[..]);
+}
+
+#[test]
+fn share_root_must_be_a_directory() {
+    assert!(PassthroughFs::new(Path::new("/etc/hostname"), Config::default()).is_err());
+}

@@ -1,0 +1,181 @@
+//! Guest end-to-end for virtio-fs: the guest kernel's own FUSE client against `PassthroughFs`
+//! through the vhost-user device. Each check prints a FERRY-CHECK line; expected values come
+//! from the host side, and the host checks what the guest wrote.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::{wait_for, FerryProcess, GuestSpec, Qemu};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+const SCRIPT: &str = r#"
+ok() { echo "FERRY-CHECK $1 ok $2"; }
+fail() { echo "FERRY-CHECK $1 fail $2"; }
+check() { if [ "$2" = "$3" ]; then ok "$1" "$2"; else fail "$1" "want '$3' got '$2'"; fi; }
+S=/mnt/rw; R=/mnt/ro
+cd $S || { fail cd "cannot cd to $S"; exit 1; }
+
+# Files: write 64 MiB, read it back, append, truncate.
+dd if=/dev/urandom of=big bs=1M count=64 2>/dev/null
+sha256sum big | cut -d' ' -f1 > big.sha256
+check big-size "$(stat -c %s big)" 67108864
+cp big big.copy && check copy-matches "$(sha256sum big.copy | cut -d' ' -f1)" "$(cat big.sha256)"
+rm big.copy
+printf hello > f && printf ' world' >> f && check append "$(cat f)" "hello world"
+truncate -s 5 f && check truncate "$(cat f)" hello
+truncate -s 1000000 f && check extend "$(stat -c %s f)" 1000000
+check host-file "$(cat from-host.txt)" "written on the host"
+
+# Directories and names.
+mkdir -p d1/d2 && check mkdir "$(stat -c %F d1/d2)" directory
+mv f d1/d2/g && check rename "$(cat d1/d2/g | head -c 5)" hello
+rmdir d1/d2 2>/dev/null && fail rmdir-nonempty "removed a non-empty dir" || ok rmdir-nonempty ENOTEMPTY
+rm d1/d2/g && rmdir d1/d2 d1 && check rmdir "$(ls -d d1 2>&1 | grep -c 'No such')" 1
+printf x > target && ln target hard && check link-count "$(stat -c %h target)" 2
+ln -s target soft && check readlink "$(readlink soft)" target && check symlink-read "$(cat soft)" x
+chmod 640 target && check chmod "$(stat -c %a target)" 640
+chown 65534:65534 target && check chown "$(stat -c '%u:%g' target)" 65534:65534
+touch -d '2001-02-03 04:05:06' target && check utimes "$(stat -c %Y target)" 981173106
+fallocate -l 1048576 alloc && check fallocate "$(stat -c %s alloc)" 1048576
+check readdir-10k "$(ls many | wc -l)" 10000
+check statfs-blocks "$(stat -f -c %b .)" "$STATFS_BLOCKS"
+
+# Escapes: links made on the host that point outside the share resolve in the guest's own
+# namespace, never on the host.
+check escape-symlink "$(cat escape 2>&1 | grep -c HOST-SECRET)" 0
+check escape-dir "$(ls escapedir/ 2>&1 | grep -c host-secret)" 0
+check escape-dotdot "$(ls $S/.. | grep -c host-secret)" 0
+
+# Read-only share.
+( echo x > $R/new ) 2>/tmp/err; check ro-create "$(grep -c 'Read-only' /tmp/err)" 1
+rm $R/keep 2>/tmp/err; check ro-unlink "$(grep -c 'Read-only' /tmp/err)" 1
+check ro-read "$(cat $R/keep)" kept
+
+# A file held open: the host checks that ferry itself holds it.
+exec 3<big
+touch holding
+i=0; while [ ! -e released ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+exec 3<&-
+check held-file-released "$(ls released)" released
+
+# A change made on the host shows up in the guest.
+touch want-host-change
+i=0; while [ "$(cat host-change 2>/dev/null)" != later ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+check host-change-visible "$(cat host-change 2>/dev/null)" later
+sync
+"#;
+
+#[test]
+fn guest_file_operations_through_ferry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rw = dir.path().join("rw");
+    let ro = dir.path().join("ro");
+    let many = rw.join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    std::fs::create_dir(&ro).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(many.join(format!("entry-{i:05}")), b"").unwrap();
+    }
+    std::fs::write(rw.join("from-host.txt"), b"written on the host").unwrap();
+    std::fs::write(ro.join("keep"), b"kept").unwrap();
+    std::fs::write(dir.path().join("host-secret"), b"HOST-SECRET").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("host-secret"), rw.join("escape")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), rw.join("escapedir")).unwrap();
+    let blocks = {
+        // SAFETY: statvfs is plain data and `st` is a valid destination.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let p = std::ffi::CString::new(rw.to_str().unwrap()).unwrap();
+        // SAFETY: `p` is NUL-terminated and `st` is valid.
+        assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);
+        st.f_blocks
+    };
+
+    let rw_sock = dir.path().join("rw.sock");
+    let ro_sock = dir.path().join("ro.sock");
+    let mut ferry = FerryProcess::serve(
+        dir.path(),
+        &[
+            "--share".into(),
+            format!("tag=rw,dir={},socket={}", rw.display(), rw_sock.display()),
+            "--share".into(),
+            format!(
+                "tag=ro,dir={},socket={},readonly",
+                ro.display(),
+                ro_sock.display()
+            ),
+        ],
+        &[rw_sock.clone(), ro_sock.clone()],
+    );
+    let spec = GuestSpec {
+        script: format!("STATFS_BLOCKS={blocks}\n{SCRIPT}"),
+        shares: vec![("rw".into(), rw_sock), ("ro".into(), ro_sock)],
+        memory_mib: 512,
+        ..Default::default()
+    };
+    let mut qemu = Qemu::boot(dir.path(), &spec);
+
+    // While the guest holds `big` open, that file is open in ferry's own fd table, and no
+    // other process serves the share.
+    let holding = wait_for(DEADLINE, || rw.join("holding").exists().then_some(()));
+    if holding.is_none() {
+        panic!(
+            "the guest never reached the open-file check; console:\n{}\nferry log:\n{}",
+            ferry_tests::tail(&qemu.console(), 60),
+            ferry.log_tail()
+        );
+    }
+    let held = open_in(ferry.pid(), &rw.join("big"));
+    std::fs::write(rw.join("released"), b"").unwrap();
+    assert!(held, "ferry (pid {}) does not hold big open", ferry.pid());
+
+    // A host-side change while the guest watches.
+    wait_for(DEADLINE, || {
+        rw.join("want-host-change").exists().then_some(())
+    })
+    .expect("guest asks for a host change");
+    std::fs::write(rw.join("host-change"), b"later").unwrap();
+
+    let out = qemu.wait_done(DEADLINE).unwrap_or_else(|e| {
+        panic!("{e}\nferry log:\n{}", ferry.log_tail());
+    });
+    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && out.checks.len() >= 27,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        out.checks.len(),
+        ferry_tests::tail(&out.console, 80),
+        ferry.log_tail()
+    );
+    // What the guest wrote is on the host, byte for byte.
+    let want = std::fs::read_to_string(rw.join("big.sha256")).unwrap();
+    assert_eq!(sha256_hex(&rw.join("big")), want.trim());
+    assert_eq!(std::fs::read(ro.join("keep")).unwrap(), b"kept");
+    assert!(!ro.join("new").exists());
+    assert_eq!(
+        std::fs::read(dir.path().join("host-secret")).unwrap(),
+        b"HOST-SECRET"
+    );
+    assert!(ferry.is_running());
+}
+
+/// Whether process `pid` has `path` open.
+fn open_in(pid: u32, path: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    rd.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
