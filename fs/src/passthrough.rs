@@ -154,6 +154,19 @@ fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
 
+/// The outcome of a get/listxattr call into `buf`: the value, or (when the caller asked with
+/// size 0) a buffer as long as the value would be.
+fn xattr_result(n: isize, size: u32, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if size == 0 {
+        return Ok(vec![0u8; n as usize]);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 /// Takes the guest caller's ids for file creation while alive (when running as root), so new
 /// files belong to whoever created them in the guest, as on a local file system.
 struct CredGuard {
@@ -770,14 +783,7 @@ impl FileSystem for PassthroughFs {
                 buf.len(),
             )
         };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if size == 0 {
-            return Ok(vec![0u8; n as usize]);
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        xattr_result(n, size, buf)
     }
 
     fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {
@@ -786,14 +792,7 @@ impl FileSystem for PassthroughFs {
         let mut buf = vec![0u8; size as usize];
         // SAFETY: the path is NUL-terminated and `buf` has the room given.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if size == 0 {
-            return Ok(vec![0u8; n as usize]);
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        xattr_result(n, size, buf)
     }
 
     fn removexattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
