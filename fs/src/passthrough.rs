@@ -154,6 +154,16 @@ fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
 
+/// The guest may change `user.*` attributes only: `security.*` and `trusted.*` ones would
+/// grant file capabilities or other privileges on the host.
+fn check_xattr_name(name: &CStr) -> io::Result<()> {
+    if name.to_bytes().starts_with(b"user.") {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+}
+
 /// The outcome of a get/listxattr call into `buf`: the value, or (when the caller asked with
 /// size 0) a buffer as long as the value would be.
 fn xattr_result(n: isize, size: u32, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
@@ -541,6 +551,12 @@ impl FileSystem for PassthroughFs {
         _umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
+        // FIFOs, sockets and plain files only: a device node made by the guest would open the
+        // host's device through the share.
+        match mode & libc::S_IFMT {
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFREG => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
+        }
         let p = self.inode(parent)?;
         {
             let _c = CredGuard::new(self.switch_creds, ctx);
@@ -595,7 +611,8 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
-        let allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT;
+        // Not RENAME_WHITEOUT: it makes a character device.
+        let allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !allowed != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -754,6 +771,7 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
+        check_xattr_name(name)?;
         let node = self.inode(inode)?;
         let p = proc_path(node.file.as_raw_fd());
         // SAFETY: strings are NUL-terminated and `value` is valid for its length.
@@ -797,6 +815,7 @@ impl FileSystem for PassthroughFs {
 
     fn removexattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
+        check_xattr_name(name)?;
         let node = self.inode(inode)?;
         let p = proc_path(node.file.as_raw_fd());
         // SAFETY: strings are NUL-terminated.

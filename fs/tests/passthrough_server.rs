@@ -286,3 +286,61 @@ fn write_then_read_round_trips() {
 fn share_root_must_be_a_directory() {
     assert!(PassthroughFs::new(Path::new("/etc/hostname"), Config::default()).is_err());
 }
+
+#[test]
+fn guest_cannot_make_devices_or_privileged_xattrs() {
+    let f = fixture(false);
+    let dev = abi::MknodIn {
+        mode: libc::S_IFCHR | 0o666,
+        rdev: 0x0801,
+        umask: 0,
+        padding: 0,
+    };
+    assert_eq!(
+        f.call(opcode::MKNOD, 1, &[dev.as_slice(), b"sda\0"]).0,
+        libc::EPERM
+    );
+    assert!(!f.share().join("sda").exists());
+    let fifo = abi::MknodIn {
+        mode: libc::S_IFIFO | 0o644,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKNOD, 1, &[fifo.as_slice(), b"pipe\0"]).0, 0);
+    std::fs::write(f.share().join("bin"), b"x").unwrap();
+    let e = f.lookup(1, "bin").unwrap();
+    let set = abi::SetxattrIn { size: 4, flags: 0 };
+    let (err, _) = f.call(
+        opcode::SETXATTR,
+        e.nodeid,
+        &[
+            set.as_slice(),
+            b"security.capability\0",
+            b"\x01\x02\x03\x04",
+        ],
+    );
+    assert_eq!(err, libc::EPERM);
+    let (err, _) = f.call(
+        opcode::SETXATTR,
+        e.nodeid,
+        &[set.as_slice(), b"user.k\0", b"vvvv"],
+    );
+    if err != libc::EOPNOTSUPP {
+        assert_eq!(err, 0);
+        let get = abi::GetxattrIn {
+            size: 64,
+            padding: 0,
+        };
+        let (err, v) = f.call(opcode::GETXATTR, e.nodeid, &[get.as_slice(), b"user.k\0"]);
+        assert_eq!((err, v.as_slice()), (0, &b"vvvv"[..]));
+    }
+    let r = abi::Rename2In {
+        newdir: 1,
+        flags: libc::RENAME_WHITEOUT,
+        padding: 0,
+    };
+    assert_eq!(
+        f.call(opcode::RENAME2, 1, &[r.as_slice(), b"bin\0bin2\0"])
+            .0,
+        libc::EINVAL
+    );
+}

@@ -37,6 +37,8 @@ ln -s target soft && check readlink "$(readlink soft)" target && check symlink-r
 chmod 640 target && check chmod "$(stat -c %a target)" 640
 chown 65534:65534 target && check chown "$(stat -c '%u:%g' target)" 65534:65534
 touch -d '2001-02-03 04:05:06' target && check utimes "$(stat -c %Y target)" 981173106
+mkfifo fifo && check mkfifo "$(stat -c %F fifo)" fifo
+mknod dev c 1 3 2>/tmp/err; check mknod-device-refused "$(grep -c 'not permitted' /tmp/err)" 1
 fallocate -l 1048576 alloc && check fallocate "$(stat -c %s alloc)" 1048576
 check readdir-10k "$(ls many | wc -l)" 10000
 check statfs-blocks "$(stat -f -c %b .)" "$STATFS_BLOCKS"
@@ -141,7 +143,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 27,
+        failed.is_empty() && out.checks.len() >= 29,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
