@@ -124,7 +124,22 @@ impl Devices {
             let n = name.clone();
             let inner = private.join(format!("fs{i}.sock"));
             spawn(&name, move || {
-                serve_connections(&n, listener, inner, backend, || {})
+                let b = backend.clone();
+                let n2 = n.clone();
+                serve_connections(&n, listener, inner, backend, move || {
+                    // A new frontend starts a new FUSE session: drop the old one's nodes and
+                    // open files, which the guest that held them can no longer release.
+                    let server = b.server();
+                    let fs = server.fs();
+                    log::info!(
+                        "{n2}: session ended with {} nodes and {} open files; {} requests answered with an error, {} malformed",
+                        fs.inode_count(),
+                        fs.handle_count(),
+                        server.stats().errors(),
+                        server.stats().malformed()
+                    );
+                    ferry_fs::FileSystem::destroy(fs);
+                })
             })?;
         }
         Ok(Devices { sockets, private })
