@@ -7,6 +7,8 @@
 
 pub mod abi;
 mod filesystem;
+/// Serving a [`FileSystem`] through the host kernel's /dev/fuse (`ferry mount`).
+pub mod fuse_host;
 pub mod membuf;
 pub mod passthrough;
 mod server;

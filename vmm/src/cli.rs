@@ -20,6 +20,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Serve the devices and boot the tiny guest under QEMU with them attached.
     Run(RunArgs),
+    /// Serve DIR through the host's FUSE at MOUNTPOINT: the same file server the guest gets,
+    /// for inspection and tests. Runs until SIGTERM or SIGINT, or until MOUNTPOINT is unmounted.
+    Mount(MountArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,4 +105,23 @@ pub struct RunArgs {
     /// Extra arguments passed to qemu-system-x86_64 as they are.
     #[arg(last = true, value_name = "QEMU-ARGS")]
     pub qemu_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The host directory to serve.
+    #[arg(long, value_name = "DIR")]
+    pub share: PathBuf,
+
+    /// Where to mount it: an existing directory.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Answer every write with EROFS.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// How long the kernel may cache attributes and data: never, metadata, auto or always.
+    #[arg(long, value_name = "POLICY", default_value = "auto")]
+    pub cache: String,
 }

@@ -7,6 +7,7 @@ use clap::Parser;
 mod cli;
 mod config;
 mod devices;
+mod mount;
 mod run;
 mod serve;
 mod signals;
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let res = match args.command {
         cli::Command::Serve(a) => config::ServeConfig::try_from(a).and_then(serve::serve),
         cli::Command::Run(a) => config::RunConfig::try_from(a).and_then(run::run),
+        cli::Command::Mount(a) => mount::mount(a),
     };
     match res {
         Ok(code) => code,

@@ -1,0 +1,627 @@
+//! `ferry mount`: the guest's file server mounted on the host through /dev/fuse, exercised with
+//! ordinary file system calls and checked against the shared directory itself.
+//!
+//! These tests need kernel FUSE and root (for the mount and for chown). Without /dev/fuse they
+//! fail, saying so: they never pass by skipping.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_tests::{ferry_bin, tail, wait_for};
+
+const DEV_FUSE: &str = "/dev/fuse";
+
+/// Fails the test (never skips it) when the host has no FUSE device.
+fn require_dev_fuse() {
+    assert!(
+        Path::new(DEV_FUSE).exists(),
+        "{DEV_FUSE} does not exist, so `ferry mount` cannot be tested here: load the fuse \
+         module (modprobe fuse) or, in a container, pass the device in (--device {DEV_FUSE})"
+    );
+}
+
+/// Whether `/proc/self/mounts` lists a FUSE mount at `mnt`.
+fn is_fuse_mounted(mnt: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    // Mount points are written with spaces and the like escaped; test paths have none.
+    let want = mnt.to_string_lossy();
+    mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == want && (f[2] == "fuse" || f[2].starts_with("fuse."))
+    })
+}
+
+/// A running `ferry mount`. On drop (a failed test included) it is stopped and the mount is
+/// removed, so no stale mount is left behind.
+struct HostMount {
+    child: Child,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl HostMount {
+    /// Runs `ferry mount --share SRC MNT EXTRA...` and waits until MNT is a FUSE mount.
+    fn start(src: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        require_dev_fuse();
+        let mnt = mnt.canonicalize().expect("the mount point exists");
+        let log = mnt.with_extension("log");
+        let err = File::create(&log).expect("create the ferry log");
+        let child = Command::new(ferry_bin())
+            .arg("mount")
+            .arg("--share")
+            .arg(src)
+            .args(extra)
+            .arg(&mnt)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start ferry mount");
+        let mut m = HostMount { child, mnt, log };
+        let up = wait_for(Duration::from_secs(10), || {
+            if is_fuse_mounted(&m.mnt) {
+                return Some(true);
+            }
+            matches!(m.child.try_wait(), Ok(Some(_))).then_some(false)
+        });
+        if up != Some(true) {
+            let status = m.child.try_wait().ok().flatten();
+            panic!(
+                "ferry mount did not mount {} within 10 s (exit status {status:?}); log:\n{}",
+                m.mnt.display(),
+                m.log_tail()
+            );
+        }
+        m
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 40)
+    }
+
+    /// Waits for ferry to exit; returns its exit code (None: it had to be killed).
+    fn wait_exit(&mut self) -> Option<i32> {
+        let status = wait_for(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten()
+        });
+        match status {
+            Some(s) => s.code(),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                None
+            }
+        }
+    }
+
+    /// Checks that ferry exited 0 and the mount is gone.
+    fn assert_clean_exit(&mut self, how: &str) {
+        let code = self.wait_exit();
+        assert_eq!(
+            code,
+            Some(0),
+            "ferry mount did not exit 0 after {how}; log:\n{}",
+            self.log_tail()
+        );
+        assert!(
+            !is_fuse_mounted(&self.mnt),
+            "{} is still mounted after {how}",
+            self.mnt.display()
+        );
+    }
+
+    /// Unmounts from outside, as a user would; ferry must notice and exit 0.
+    fn unmount(mut self) {
+        // Retried while busy: a child another test forks may hold a descriptor into the mount
+        // for the moment between its fork and exec.
+        let mut last = String::new();
+        let done = wait_for(Duration::from_secs(5), || {
+            let out = Command::new("umount")
+                .arg(&self.mnt)
+                .output()
+                .expect("run umount");
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            out.status.success().then_some(())
+        });
+        assert!(
+            done.is_some(),
+            "umount {} failed: {last}",
+            self.mnt.display()
+        );
+        self.assert_clean_exit("umount");
+    }
+
+    /// Stops ferry with SIGTERM; it must unmount and exit 0.
+    fn terminate(mut self) {
+        self.signal(libc::SIGTERM);
+        self.assert_clean_exit("SIGTERM");
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill has no memory effects; the child is ours and not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+}
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit().is_none() {
+                eprintln!("ferry mount ignored SIGTERM and was killed");
+            }
+        }
+        if is_fuse_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// A temporary folder holding `src` (the share) and `mnt` (the mount point). Declare it before
+/// the `HostMount`, so the mount goes away before the folder is removed.
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().expect("create a temporary folder");
+    let src = tmp.path().join("src");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    (tmp, src, mnt)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..len)
+        .map(|_| {
+            // xorshift: no repeating short cycle, so misplaced blocks show.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+#[test]
+fn files_round_trip_and_match_the_host() {
+    let (_tmp, src, mnt) = dirs();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    // A 4 MiB file written through the mount reads back the same, there and on the host.
+    let data = pattern(4 << 20);
+    fs::write(m.path("big.bin"), &data).unwrap();
+    let back = fs::read(m.path("big.bin")).unwrap();
+    assert!(back == data, "4 MiB read back through the mount differs");
+    let host = fs::read(src.join("big.bin")).unwrap();
+    assert!(
+        host == data,
+        "4 MiB file on the host differs from what was written"
+    );
+    assert_eq!(fs::metadata(m.path("big.bin")).unwrap().len(), 4 << 20);
+
+    // Reading at an offset.
+    let mut f = File::open(m.path("big.bin")).unwrap();
+    f.seek(SeekFrom::Start(1_000_003)).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf == data[1_000_003..1_070_003]);
+    drop(f);
+
+    // Append.
+    fs::write(m.path("log.txt"), b"one\n").unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.path("log.txt"))
+        .unwrap();
+    f.write_all(b"two\n").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("log.txt")).unwrap(), b"one\ntwo\n");
+    assert_eq!(fs::read(src.join("log.txt")).unwrap(), b"one\ntwo\n");
+
+    // Truncate, down and up; and O_TRUNC on open.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("big.bin"))
+        .unwrap();
+    f.set_len(10).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("big.bin")).unwrap(), &data[..10]);
+    assert_eq!(fs::metadata(src.join("big.bin")).unwrap().len(), 10);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("big.bin"))
+        .unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+    let grown = fs::read(m.path("big.bin")).unwrap();
+    assert_eq!(grown.len(), 4096);
+    assert!(grown[..10] == data[..10] && grown[10..].iter().all(|b| *b == 0));
+    fs::write(m.path("big.bin"), b"short").unwrap();
+    assert_eq!(fs::read(src.join("big.bin")).unwrap(), b"short");
+
+    // A file the host writes is seen through the mount.
+    fs::write(src.join("from-host.txt"), b"hello from the host").unwrap();
+    assert_eq!(
+        fs::read(m.path("from-host.txt")).unwrap(),
+        b"hello from the host"
+    );
+
+    // Unlink.
+    fs::remove_file(m.path("log.txt")).unwrap();
+    assert!(!src.join("log.txt").exists());
+
+    m.unmount();
+}
+
+#[test]
+fn directories_renames_and_links() {
+    let (_tmp, src, mnt) = dirs();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    // mkdir / rmdir.
+    fs::create_dir(m.path("d")).unwrap();
+    assert!(src.join("d").is_dir());
+    fs::create_dir_all(m.path("d/e/f")).unwrap();
+    assert!(src.join("d/e/f").is_dir());
+    fs::remove_dir(m.path("d/e/f")).unwrap();
+    assert!(!src.join("d/e/f").exists());
+    let err = fs::remove_dir(m.path("d")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
+
+    // Rename a file within and across directories, and a directory.
+    fs::write(m.path("a.txt"), b"A").unwrap();
+    fs::rename(m.path("a.txt"), m.path("b.txt")).unwrap();
+    assert!(!src.join("a.txt").exists());
+    assert_eq!(fs::read(src.join("b.txt")).unwrap(), b"A");
+    fs::rename(m.path("b.txt"), m.path("d/e/b.txt")).unwrap();
+    assert_eq!(fs::read(m.path("d/e/b.txt")).unwrap(), b"A");
+    fs::rename(m.path("d/e"), m.path("g")).unwrap();
+    assert_eq!(fs::read(src.join("g/b.txt")).unwrap(), b"A");
+    // Rename over an existing file replaces it.
+    fs::write(m.path("c.txt"), b"C").unwrap();
+    fs::rename(m.path("c.txt"), m.path("g/b.txt")).unwrap();
+    assert_eq!(fs::read(m.path("g/b.txt")).unwrap(), b"C");
+
+    // Hard link: one inode under two names, on both sides.
+    fs::hard_link(m.path("g/b.txt"), m.path("hard.txt")).unwrap();
+    let a = fs::metadata(m.path("g/b.txt")).unwrap();
+    let b = fs::metadata(m.path("hard.txt")).unwrap();
+    assert_eq!(a.ino(), b.ino(), "hard links show different inodes");
+    assert_eq!(b.nlink(), 2);
+    assert_eq!(
+        fs::metadata(src.join("hard.txt")).unwrap().ino(),
+        fs::metadata(src.join("g/b.txt")).unwrap().ino()
+    );
+    fs::write(m.path("hard.txt"), b"via the link").unwrap();
+    assert_eq!(fs::read(m.path("g/b.txt")).unwrap(), b"via the link");
+
+    // Symlink: created as given, read back as given, not followed by lstat.
+    std::os::unix::fs::symlink("g/b.txt", m.path("sym")).unwrap();
+    assert_eq!(
+        fs::read_link(m.path("sym")).unwrap(),
+        PathBuf::from("g/b.txt")
+    );
+    assert_eq!(
+        fs::read_link(src.join("sym")).unwrap(),
+        PathBuf::from("g/b.txt")
+    );
+    assert!(fs::symlink_metadata(m.path("sym"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(m.path("sym")).unwrap(), b"via the link");
+
+    m.terminate();
+}
+
+#[test]
+fn permissions_and_ownership() {
+    let (_tmp, src, mnt) = dirs();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    fs::write(m.path("p.txt"), b"x").unwrap();
+    fs::set_permissions(m.path("p.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&m.path("p.txt")), 0o640);
+    assert_eq!(mode(&src.join("p.txt")), 0o640);
+    fs::set_permissions(m.path("p.txt"), fs::Permissions::from_mode(0o4755)).unwrap();
+    assert_eq!(mode(&src.join("p.txt")), 0o4755);
+
+    // SAFETY: geteuid has no memory effects.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(root, "these tests run as root (the mount needs it)");
+    std::os::unix::fs::chown(m.path("p.txt"), Some(1234), Some(5678)).unwrap();
+    let st = fs::metadata(src.join("p.txt")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    let st = fs::metadata(m.path("p.txt")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    // Group only.
+    std::os::unix::fs::chown(m.path("p.txt"), None, Some(42)).unwrap();
+    let st = fs::metadata(src.join("p.txt")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (1234, 42));
+
+    // Times.
+    let f = File::options().write(true).open(m.path("p.txt")).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+    f.set_modified(t).unwrap();
+    drop(f);
+    assert_eq!(
+        fs::metadata(src.join("p.txt")).unwrap().modified().unwrap(),
+        t
+    );
+    assert_eq!(
+        fs::metadata(m.path("p.txt")).unwrap().modified().unwrap(),
+        t
+    );
+
+    m.unmount();
+}
+
+#[test]
+fn readdir_lists_1000_entries() {
+    let (_tmp, src, mnt) = dirs();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    fs::create_dir(m.path("many")).unwrap();
+    for i in 0..500 {
+        fs::write(m.path(&format!("many/mount-{i:04}")), i.to_string()).unwrap();
+    }
+    for i in 0..500 {
+        fs::write(src.join(format!("many/host-{i:04}")), i.to_string()).unwrap();
+    }
+    let list = |d: &Path| {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let through = list(&m.path("many"));
+    assert_eq!(through.len(), 1000);
+    assert_eq!(through, list(&src.join("many")));
+    // Entries carry types without a stat.
+    for e in fs::read_dir(m.path("many")).unwrap().take(5) {
+        assert!(e.unwrap().file_type().unwrap().is_file());
+    }
+    // Listed entries are reachable, and a second listing is the same.
+    assert_eq!(fs::read(m.path("many/host-0499")).unwrap(), b"499");
+    assert_eq!(list(&m.path("many")), through);
+
+    m.unmount();
+}
+
+/// setxattr(2) on `p`; the errno on failure.
+fn set_xattr(p: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    // SAFETY: both strings are NUL-terminated and `value` is valid for its length.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// getxattr(2) on `p`; the errno on failure.
+fn get_xattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `buf` has the room given.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// listxattr(2) on `p`, as names.
+fn list_xattr(p: &Path) -> Vec<String> {
+    let p = cpath(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the string is NUL-terminated and `buf` has the room given.
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn extended_attributes() {
+    let (_tmp, src, mnt) = dirs();
+    fs::write(src.join("probe"), b"").unwrap();
+    if let Err(e) = set_xattr(&src.join("probe"), "user.probe", b"1") {
+        if e == libc::EOPNOTSUPP {
+            eprintln!(
+                "skipped: the file system under {} has no user xattrs",
+                src.display()
+            );
+            return;
+        }
+        panic!("setxattr on the host failed with errno {e}");
+    }
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    fs::write(m.path("x.txt"), b"x").unwrap();
+    set_xattr(&m.path("x.txt"), "user.ferry", b"some value").expect("setxattr via the mount");
+    assert_eq!(
+        get_xattr(&m.path("x.txt"), "user.ferry").unwrap(),
+        b"some value"
+    );
+    assert_eq!(
+        get_xattr(&src.join("x.txt"), "user.ferry").unwrap(),
+        b"some value",
+        "the xattr did not reach the host file"
+    );
+    assert!(list_xattr(&m.path("x.txt")).contains(&"user.ferry".to_string()));
+    assert_eq!(
+        get_xattr(&m.path("x.txt"), "user.missing"),
+        Err(libc::ENODATA)
+    );
+    // An xattr the host sets is seen through the mount.
+    set_xattr(&src.join("x.txt"), "user.host", b"h").unwrap();
+    assert_eq!(get_xattr(&m.path("x.txt"), "user.host").unwrap(), b"h");
+
+    let (p, n) = (cpath(&m.path("x.txt")), CString::new("user.ferry").unwrap());
+    // SAFETY: both strings are NUL-terminated.
+    let r = unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) };
+    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        get_xattr(&src.join("x.txt"), "user.ferry"),
+        Err(libc::ENODATA)
+    );
+
+    m.unmount();
+}
+
+#[test]
+fn symlink_out_of_the_share_stays_a_symlink() {
+    let (tmp, src, mnt) = dirs();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret.txt"), b"secret").unwrap();
+    std::os::unix::fs::symlink(&outside, src.join("to-dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), src.join("to-file")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret.txt", src.join("relative")).unwrap();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    for (name, target) in [
+        ("to-dir", outside.clone()),
+        ("to-file", outside.join("secret.txt")),
+        ("relative", PathBuf::from("../outside/secret.txt")),
+    ] {
+        let st = fs::symlink_metadata(m.path(name)).unwrap();
+        assert!(
+            st.file_type().is_symlink(),
+            "{name}: the server followed the symlink (got {:?})",
+            st.file_type()
+        );
+        assert_eq!(st.len(), target.as_os_str().len() as u64, "{name}: size");
+        assert_eq!(fs::read_link(m.path(name)).unwrap(), target, "{name}");
+        // Opening the link itself without following it is refused, as on a local file system.
+        let err = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(m.path(name))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{name}: {err}");
+    }
+    // The directory listing reports them as symlinks too.
+    let e = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == "to-dir")
+        .unwrap();
+    assert!(e.file_type().unwrap().is_symlink());
+    // A DirEntry keeps its directory open, which would keep the mount busy.
+    drop(e);
+    // Replacing the link through the mount replaces the link, not what it points at.
+    fs::remove_file(m.path("to-file")).unwrap();
+    assert_eq!(fs::read(outside.join("secret.txt")).unwrap(), b"secret");
+    assert!(fs::symlink_metadata(src.join("to-file")).is_err());
+
+    m.unmount();
+}
+
+#[test]
+fn readonly_mount_refuses_writes() {
+    let (_tmp, src, mnt) = dirs();
+    fs::write(src.join("ro.txt"), b"read only").unwrap();
+    fs::create_dir(src.join("dir")).unwrap();
+    let m = HostMount::start(&src, &mnt, &["--readonly", "--cache", "never"]);
+
+    assert_eq!(fs::read(m.path("ro.txt")).unwrap(), b"read only");
+    assert_eq!(fs::read_dir(m.path("dir")).unwrap().count(), 0);
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        OpenOptions::new()
+            .write(true)
+            .open(m.path("ro.txt"))
+            .map(drop),
+        "open for writing",
+    );
+    erofs(File::create(m.path("new.txt")).map(drop), "create");
+    erofs(fs::create_dir(m.path("newdir")), "mkdir");
+    erofs(fs::remove_file(m.path("ro.txt")), "unlink");
+    erofs(fs::rename(m.path("ro.txt"), m.path("moved")), "rename");
+    erofs(
+        fs::set_permissions(m.path("ro.txt"), fs::Permissions::from_mode(0o600)),
+        "chmod",
+    );
+    assert_eq!(fs::read(src.join("ro.txt")).unwrap(), b"read only");
+    assert!(!src.join("new.txt").exists() && !src.join("newdir").exists());
+
+    // With --cache never, host changes show at once.
+    fs::write(src.join("ro.txt"), b"changed on the host").unwrap();
+    assert_eq!(fs::read(m.path("ro.txt")).unwrap(), b"changed on the host");
+
+    m.terminate();
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_sentence() {
+    let (_tmp, src, mnt) = dirs();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(ferry_bin())
+            .arg("mount")
+            .args(args)
+            .output()
+            .expect("run ferry mount");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = src.join("missing");
+    let (code, err) = run(&["--share".as_ref(), missing.as_os_str(), mnt.as_os_str()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("ferry: --share") && err.contains("missing"),
+        "{err}"
+    );
+    let missing = mnt.join("missing");
+    let (code, err) = run(&["--share".as_ref(), src.as_os_str(), missing.as_os_str()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.starts_with("ferry: mount point"), "{err}");
+    let (code, err) = run(&[
+        "--share".as_ref(),
+        src.as_os_str(),
+        "--cache".as_ref(),
+        "sometimes".as_ref(),
+        mnt.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.starts_with("ferry: --cache sometimes"), "{err}");
+    assert!(!is_fuse_mounted(&mnt));
+}
