@@ -19,6 +19,9 @@ for cmd in "${!NEED[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 
+# The guest tests' probe is linked statically against glibc.
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+
 if [ ${#missing[@]} -gt 0 ]; then
 	SUDO=
 	if [ "$(id -u)" -ne 0 ]; then

@@ -41,6 +41,23 @@ mkfifo fifo && check mkfifo "$(stat -c %F fifo)" fifo
 mknod dev c 1 3 2>/tmp/err; check mknod-device-refused "$(grep -c 'not permitted' /tmp/err)" 1
 fallocate -l 1048576 alloc && check fallocate "$(stat -c %s alloc)" 1048576
 check readdir-10k "$(ls many | wc -l)" 10000
+
+# What busybox has no applet for: the static probe from tests/probe/fsprobe.c.
+P=$S/fsprobe
+check xattr-set "$($P xattr-set target user.color blue)" ok
+check xattr-get "$($P xattr-get target user.color)" blue
+check xattr-list "$($P xattr-list target)" "user.color,"
+check xattr-rm "$($P xattr-rm target user.color)" ok
+check xattr-gone "$($P xattr-get target user.color)" errno:ENODATA
+check xattr-privileged "$($P xattr-set target trusted.ferry x)" errno:EPERM
+printf A > ra && printf B > rb
+check rename-noreplace "$($P rename2 ra rb noreplace)" errno:EEXIST
+check rename-exchange "$($P rename2 ra rb exchange)$(cat ra)$(cat rb)" okBA
+truncate -s 4194304 sparse && dd if=/dev/urandom of=sparse bs=4096 count=1 seek=256 conv=notrunc 2>/dev/null
+check seek-data "$($P seek sparse data 0)" 1048576
+check seek-hole "$($P seek sparse hole 1048576)" 1052672
+check flock "$($P flock lockfile)" exclusive
+check fcntl-locks "$($P fcntl lockfile2)" "getlk=1 setlk-refused=1 setlkw=1"
 check statfs-blocks "$(stat -f -c %b .)" "$STATFS_BLOCKS"
 
 # Escapes: links made on the host that point outside the share resolve in the guest's own
@@ -80,6 +97,7 @@ fn guest_file_operations_through_ferry() {
         std::fs::write(many.join(format!("entry-{i:05}")), b"").unwrap();
     }
     std::fs::write(rw.join("from-host.txt"), b"written on the host").unwrap();
+    std::fs::copy(ferry_tests::fsprobe(), rw.join("fsprobe")).unwrap();
     std::fs::write(ro.join("keep"), b"kept").unwrap();
     std::fs::write(dir.path().join("host-secret"), b"HOST-SECRET").unwrap();
     std::os::unix::fs::symlink(dir.path().join("host-secret"), rw.join("escape")).unwrap();
@@ -143,7 +161,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 29,
+        failed.is_empty() && out.checks.len() >= 41,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),

@@ -1,0 +1,101 @@
+/* fsprobe: file-system calls busybox has no applet for, run inside the test guest.
+ * Built statically by tests/build.rs and copied into a share by the guest tests.
+ * Each command prints one line: a result, or "errno:NAME". Exit code 0 unless misused. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static int fail(void) {
+	const char *n = strerrorname_np(errno);
+	printf("errno:%s\n", n ? n : "?");
+	return 0;
+}
+
+static int xopen(const char *p, int flags) {
+	int fd = open(p, flags, 0644);
+	if (fd < 0) { fail(); exit(0); }
+	return fd;
+}
+
+int main(int argc, char **argv) {
+	if (argc < 3) { fprintf(stderr, "usage: fsprobe CMD PATH [ARGS]\n"); return 2; }
+	const char *cmd = argv[1], *p = argv[2];
+	if (!strcmp(cmd, "xattr-set") && argc == 5) {
+		if (setxattr(p, argv[3], argv[4], strlen(argv[4]), 0)) return fail();
+		puts("ok");
+	} else if (!strcmp(cmd, "xattr-get") && argc == 4) {
+		char buf[4096];
+		ssize_t n = getxattr(p, argv[3], buf, sizeof buf - 1);
+		if (n < 0) return fail();
+		buf[n] = 0; puts(buf);
+	} else if (!strcmp(cmd, "xattr-list")) {
+		char buf[4096];
+		ssize_t n = listxattr(p, buf, sizeof buf);
+		if (n < 0) return fail();
+		for (ssize_t i = 0; i < n; i += strlen(buf + i) + 1)
+			if (!strncmp(buf + i, "user.", 5)) printf("%s,", buf + i);
+		puts("");
+	} else if (!strcmp(cmd, "xattr-rm") && argc == 4) {
+		if (removexattr(p, argv[3])) return fail();
+		puts("ok");
+	} else if (!strcmp(cmd, "rename2") && argc == 5) {
+		unsigned flags = !strcmp(argv[4], "exchange") ? RENAME_EXCHANGE : RENAME_NOREPLACE;
+		if (syscall(SYS_renameat2, AT_FDCWD, p, AT_FDCWD, argv[3], flags)) return fail();
+		puts("ok");
+	} else if (!strcmp(cmd, "seek") && argc == 5) {
+		int fd = xopen(p, O_RDONLY);
+		off_t r = lseek(fd, atoll(argv[4]), !strcmp(argv[3], "data") ? SEEK_DATA : SEEK_HOLE);
+		if (r < 0) return fail();
+		printf("%lld\n", (long long)r);
+	} else if (!strcmp(cmd, "flock")) {
+		/* Two open files: the second cannot take an exclusive lock the first holds. */
+		int a = xopen(p, O_RDWR | O_CREAT), b = xopen(p, O_RDWR);
+		if (flock(a, LOCK_EX | LOCK_NB)) return fail();
+		if (!flock(b, LOCK_EX | LOCK_NB)) { puts("not-exclusive"); return 0; }
+		if (errno != EWOULDBLOCK) return fail();
+		flock(a, LOCK_UN);
+		if (flock(b, LOCK_EX | LOCK_NB)) return fail();
+		puts("exclusive");
+	} else if (!strcmp(cmd, "fcntl")) {
+		/* The parent write-locks bytes 0-99; a child sees the lock (F_GETLK) and cannot take it
+		 * (F_SETLK), then takes it with F_SETLKW once the parent unlocks. */
+		int fd = xopen(p, O_RDWR | O_CREAT);
+		struct flock l = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 100 };
+		if (fcntl(fd, F_SETLK, &l)) return fail();
+		int pipefd[2];
+		if (pipe(pipefd)) return fail();
+		pid_t c = fork();
+		if (c == 0) {
+			int cfd = xopen(p, O_RDWR);
+			struct flock q = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 10, .l_len = 1 };
+			if (fcntl(cfd, F_GETLK, &q)) { fail(); _exit(1); }
+			int seen = q.l_type == F_WRLCK && q.l_pid == getppid();
+			q.l_type = F_WRLCK; q.l_start = 10; q.l_len = 1;
+			int refused = fcntl(cfd, F_SETLK, &q) < 0 && (errno == EAGAIN || errno == EACCES);
+			if (write(pipefd[1], "x", 1) != 1) _exit(1);
+			int waited = fcntl(cfd, F_SETLKW, &q) == 0;
+			printf("getlk=%d setlk-refused=%d setlkw=%d\n", seen, refused, waited);
+			fflush(stdout);
+			_exit(0);
+		}
+		char ch;
+		if (read(pipefd[0], &ch, 1) != 1) return fail();
+		usleep(200000);
+		l.l_type = F_UNLCK;
+		if (fcntl(fd, F_SETLK, &l)) return fail();
+		int st;
+		waitpid(c, &st, 0);
+	} else {
+		fprintf(stderr, "fsprobe: unknown command %s\n", cmd);
+		return 2;
+	}
+	return 0;
+}
