@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -79,12 +79,39 @@ pub struct Config {
     pub cache: CachePolicy,
     /// Answer every write with EROFS.
     pub readonly: bool,
+    /// How many nodes may keep a descriptor open before nodes keep file handles instead
+    /// (None: half the open-file limit, at most 16384).
+    pub node_fds: Option<usize>,
+}
+
+/// How the server reaches a node.
+enum NodeFd {
+    /// An `O_PATH | O_NOFOLLOW` descriptor held open.
+    Fd(File),
+    /// A file handle (`name_to_handle_at`), opened on demand against a descriptor on the same
+    /// mount, so large trees do not cost one descriptor per node.
+    Handle { mount: Arc<File>, handle: Vec<u8> },
+}
+
+/// A node's descriptor for one operation: borrowed, or opened from its handle just now.
+enum PathFd<'a> {
+    Borrowed(&'a File),
+    Owned(File),
+}
+
+impl AsRawFd for PathFd<'_> {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            PathFd::Borrowed(f) => f.as_raw_fd(),
+            PathFd::Owned(f) => f.as_raw_fd(),
+        }
+    }
 }
 
 /// One node the guest has looked up.
 struct Inode {
-    /// `O_PATH | O_NOFOLLOW` descriptor of the node.
-    file: File,
+    /// How to reach it.
+    fd: NodeFd,
     /// (device, inode number) on the host: one node per host inode.
     key: (u64, u64),
     /// Lookups the kernel holds.
@@ -114,7 +141,18 @@ pub struct PassthroughFs {
     root: Arc<Inode>,
     /// Whether the server may take the caller's ids when creating files.
     switch_creds: bool,
+    /// Nodes that may still hold a descriptor of their own; past it, nodes keep file handles.
+    fd_budget: AtomicI64,
+    /// The budget to start a session with.
+    fd_budget_start: i64,
+    /// Whether file handles can be opened (needs CAP_DAC_READ_SEARCH, so root).
+    use_handles: bool,
+    /// A descriptor per mount (by mount id) to open handles against.
+    mounts: Mutex<HashMap<i32, Arc<File>>>,
 }
+
+/// The most nodes the guest may hold per share: past it, LOOKUP answers ENFILE.
+const MAX_NODES: usize = 1 << 21;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -209,6 +247,72 @@ impl Drop for CredGuard {
     }
 }
 
+impl Inode {
+    /// A descriptor for the node, valid while the returned value lives.
+    fn fd(&self) -> io::Result<PathFd<'_>> {
+        match &self.fd {
+            NodeFd::Fd(f) => Ok(PathFd::Borrowed(f)),
+            NodeFd::Handle { mount, handle } => {
+                // SAFETY: `handle` holds a struct file_handle exactly as name_to_handle_at
+                // wrote it, and the mount fd is valid; the call only reads them.
+                let fd = unsafe {
+                    libc::syscall(
+                        libc::SYS_open_by_handle_at,
+                        mount.as_raw_fd(),
+                        handle.as_ptr(),
+                        libc::O_PATH | libc::O_CLOEXEC,
+                    )
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` was just opened and is owned by nobody else.
+                Ok(PathFd::Owned(unsafe { File::from_raw_fd(fd as RawFd) }))
+            }
+        }
+    }
+}
+
+/// How many nodes may keep a descriptor open: half the open-file limit, at most 16384.
+fn fd_budget() -> i64 {
+    // SAFETY: rlimit is plain data; getrlimit only writes it.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 512;
+    }
+    (r.rlim_cur / 2).min(16384) as i64
+}
+
+/// Largest `struct file_handle` payload (MAX_HANDLE_SZ).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// The file handle of `fd` and the id of its mount, when the file system gives one.
+fn file_handle(fd: RawFd) -> Option<(Vec<u8>, i32)> {
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the handle.
+    let mut buf = vec![0u8; 8 + MAX_HANDLE_SZ];
+    buf[0..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is a struct file_handle with room for MAX_HANDLE_SZ bytes, the path is
+    // NUL-terminated, and `mount_id` is a valid destination.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd,
+            c"".as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return None;
+    }
+    let len = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
+    buf.truncate(8 + len.min(MAX_HANDLE_SZ));
+    Some((buf, mount_id))
+}
+
 impl PassthroughFs {
     /// Opens `dir` as the root of a share. Fails if it is not a directory that can be opened.
     pub fn new(dir: &Path, cfg: Config) -> io::Result<Self> {
@@ -226,23 +330,45 @@ impl PassthroughFs {
         let file = unsafe { File::from_raw_fd(fd) };
         let st = stat_fd(file.as_raw_fd())?;
         let root = Arc::new(Inode {
-            file,
+            fd: NodeFd::Fd(file),
             key: (st.st_dev, st.st_ino),
             refs: AtomicU64::new(2),
         });
         let mut map = InodeMap::default();
         map.by_id.insert(ROOT_ID, root.clone());
         map.by_key.insert(root.key, ROOT_ID);
-        Ok(PassthroughFs {
+        // SAFETY: geteuid has no memory effects.
+        let root_user = unsafe { libc::geteuid() } == 0;
+        let budget = cfg.node_fds.map_or_else(fd_budget, |n| n as i64);
+        let fs = PassthroughFs {
+            fd_budget: AtomicI64::new(budget),
+            fd_budget_start: budget,
+            use_handles: root_user,
+            mounts: Mutex::new(HashMap::new()),
             cfg,
             inodes: RwLock::new(map),
             next_inode: AtomicU64::new(ROOT_ID + 1),
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             root,
-            // SAFETY: geteuid has no memory effects.
-            switch_creds: unsafe { libc::geteuid() } == 0,
-        })
+            switch_creds: root_user,
+        };
+        fs.register_root_mount();
+        Ok(fs)
+    }
+
+    /// Makes the root's mount known, so handles on it can be opened from the first node on.
+    fn register_root_mount(&self) {
+        if !self.use_handles {
+            return;
+        }
+        if let Ok(root) = self.root.fd() {
+            if let Some((_, mount_id)) = file_handle(root.as_raw_fd()) {
+                if let PathFd::Borrowed(f) = root {
+                    let _ = self.mount_fd(mount_id, f, true);
+                }
+            }
+        }
     }
 
     /// This share's options.
@@ -313,7 +439,7 @@ impl PassthroughFs {
             // symlink a symlink instead of following it.
             let fd = cvt(unsafe {
                 libc::openat(
-                    parent.file.as_raw_fd(),
+                    parent.fd()?.as_raw_fd(),
                     name.as_ptr(),
                     libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
                 )
@@ -322,7 +448,7 @@ impl PassthroughFs {
             (Some(unsafe { File::from_raw_fd(fd) }), false)
         };
         if is_root {
-            let st = stat_fd(self.root.file.as_raw_fd())?;
+            let st = stat_fd(self.root.fd()?.as_raw_fd())?;
             self.root.refs.fetch_add(1, Ordering::Relaxed);
             return Ok(self.entry(ROOT_ID, st));
         }
@@ -336,11 +462,18 @@ impl PassthroughFs {
                 return Ok(self.entry(id, st));
             }
         }
+        if map.by_id.len() >= MAX_NODES {
+            log::warn!(
+                "the guest holds {MAX_NODES} nodes of this share; refusing more until it forgets some"
+            );
+            return Err(io::Error::from_raw_os_error(libc::ENFILE));
+        }
+        let fd = self.node_fd(file, st.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
         let id = self.next_inode.fetch_add(1, Ordering::Relaxed);
         map.by_id.insert(
             id,
             Arc::new(Inode {
-                file,
+                fd,
                 key,
                 refs: AtomicU64::new(1),
             }),
@@ -349,9 +482,69 @@ impl PassthroughFs {
         Ok(self.entry(id, st))
     }
 
+    /// Keeps `file` open while the descriptor budget lasts; past it, keeps a file handle
+    /// instead (when running as root on a file system that gives handles).
+    fn node_fd(&self, file: File, is_dir: bool) -> io::Result<NodeFd> {
+        let handle = if self.use_handles {
+            file_handle(file.as_raw_fd())
+        } else {
+            None
+        };
+        let mount = match &handle {
+            Some((_, mount_id)) => self.mount_fd(*mount_id, &file, is_dir)?,
+            None => None,
+        };
+        if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+            return Ok(NodeFd::Fd(file));
+        }
+        match (handle, mount) {
+            (Some((handle, _)), Some(mount)) => {
+                self.fd_budget.fetch_add(1, Ordering::Relaxed);
+                Ok(NodeFd::Handle { mount, handle })
+            }
+            // No handle to keep: the node keeps its descriptor past the budget.
+            _ => Ok(NodeFd::Fd(file)),
+        }
+    }
+
+    /// The descriptor handles on mount `mount_id` are opened against. open_by_handle_at wants
+    /// a real (not O_PATH) descriptor: the first directory seen on a mount lends one.
+    fn mount_fd(&self, mount_id: i32, file: &File, is_dir: bool) -> io::Result<Option<Arc<File>>> {
+        let mut mounts = self.mounts.lock().map_err(|_| ebadf())?;
+        if let Some(m) = mounts.get(&mount_id) {
+            return Ok(Some(m.clone()));
+        }
+        if !is_dir {
+            return Ok(None);
+        }
+        let p = proc_path(file.as_raw_fd());
+        // SAFETY: `p` is NUL-terminated; open has no other memory effects.
+        let fd = unsafe {
+            libc::open(
+                p.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Ok(None);
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let m = Arc::new(unsafe { File::from_raw_fd(fd) });
+        mounts.insert(mount_id, m.clone());
+        Ok(Some(m))
+    }
+
+    /// Gives a removed node's descriptor back to the budget.
+    fn release_node(&self, node: &Inode) {
+        if matches!(node.fd, NodeFd::Fd(_)) {
+            self.fd_budget.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Reopens a node with real access `flags` through /proc/self/fd.
     fn reopen(&self, node: &Inode, flags: i32) -> io::Result<File> {
-        let p = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
         // SAFETY: `p` is NUL-terminated; open has no other memory effects. O_NOFOLLOW is
         // dropped because the magic link itself must be followed to reach the node.
         let fd = cvt(unsafe {
@@ -393,6 +586,12 @@ impl FileSystem for PassthroughFs {
             m.by_id.retain(|id, _| *id == ROOT_ID);
             m.by_key.retain(|_, id| *id == ROOT_ID);
         }
+        if let Ok(mut m) = self.mounts.lock() {
+            m.clear();
+        }
+        self.register_root_mount();
+        self.fd_budget
+            .store(self.fd_budget_start, Ordering::Relaxed);
     }
 
     fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -416,6 +615,7 @@ impl FileSystem for PassthroughFs {
         node.refs.store(new, Ordering::Relaxed);
         if new == 0 {
             let key = node.key;
+            self.release_node(node);
             map.by_id.remove(&inode);
             if map.by_key.get(&key) == Some(&inode) {
                 map.by_key.remove(&key);
@@ -431,7 +631,7 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(libc::stat64, Duration)> {
         let st = match handle.and_then(|fh| self.handle(fh).ok()) {
             Some(h) => stat_fd(h.file.as_raw_fd())?,
-            None => stat_fd(self.inode(inode)?.file.as_raw_fd())?,
+            None => stat_fd(self.inode(inode)?.fd()?.as_raw_fd())?,
         };
         Ok((st, self.cfg.cache.attr_timeout()))
     }
@@ -445,7 +645,8 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(libc::stat64, Duration)> {
         self.check_writable()?;
         let node = self.inode(inode)?;
-        let fd = node.file.as_raw_fd();
+        let nf = node.fd()?;
+        let fd = nf.as_raw_fd();
         let p = proc_path(fd);
         let st = stat_fd(fd)?;
         let is_link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
@@ -517,7 +718,7 @@ impl FileSystem for PassthroughFs {
         // given.
         let n = unsafe {
             libc::readlinkat(
-                node.file.as_raw_fd(),
+                node.fd()?.as_raw_fd(),
                 c"".as_ptr(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
@@ -536,7 +737,7 @@ impl FileSystem for PassthroughFs {
         {
             let _c = CredGuard::new(self.switch_creds, ctx);
             // SAFETY: both strings are NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::symlinkat(target.as_ptr(), p.file.as_raw_fd(), name.as_ptr()) })?;
+            cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
         }
         self.do_lookup(&p, name)
     }
@@ -562,7 +763,7 @@ impl FileSystem for PassthroughFs {
             let _c = CredGuard::new(self.switch_creds, ctx);
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe {
-                libc::mknodat(p.file.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
+                libc::mknodat(p.fd()?.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
             })?;
         }
         self.do_lookup(&p, name)
@@ -581,7 +782,7 @@ impl FileSystem for PassthroughFs {
         {
             let _c = CredGuard::new(self.switch_creds, ctx);
             // SAFETY: the name is NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::mkdirat(p.file.as_raw_fd(), name.as_ptr(), mode) })?;
+            cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), mode) })?;
         }
         self.do_lookup(&p, name)
     }
@@ -590,14 +791,14 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         // SAFETY: the name is NUL-terminated and the fd is valid.
-        cvt(unsafe { libc::unlinkat(p.file.as_raw_fd(), name.as_ptr(), 0) }).map(|_| ())
+        cvt(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), 0) }).map(|_| ())
     }
 
     fn rmdir(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
         let p = self.inode(parent)?;
         // SAFETY: the name is NUL-terminated and the fd is valid.
-        cvt(unsafe { libc::unlinkat(p.file.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+        cvt(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
             .map(|_| ())
     }
 
@@ -621,9 +822,9 @@ impl FileSystem for PassthroughFs {
         // SAFETY: names are NUL-terminated and the fds are valid.
         cvt(unsafe {
             libc::renameat2(
-                o.file.as_raw_fd(),
+                o.fd()?.as_raw_fd(),
                 oldname.as_ptr(),
-                n.file.as_raw_fd(),
+                n.fd()?.as_raw_fd(),
                 newname.as_ptr(),
                 flags,
             )
@@ -635,7 +836,8 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let node = self.inode(inode)?;
         let p = self.inode(newparent)?;
-        let src = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let src = proc_path(nf.as_raw_fd());
         {
             let _c = CredGuard::new(self.switch_creds, ctx);
             // SAFETY: paths are NUL-terminated and the fd is valid. AT_SYMLINK_FOLLOW follows
@@ -644,7 +846,7 @@ impl FileSystem for PassthroughFs {
                 libc::linkat(
                     libc::AT_FDCWD,
                     src.as_ptr(),
-                    p.file.as_raw_fd(),
+                    p.fd()?.as_raw_fd(),
                     newname.as_ptr(),
                     libc::AT_SYMLINK_FOLLOW,
                 )
@@ -682,7 +884,7 @@ impl FileSystem for PassthroughFs {
             // at `name` is refused, never followed.
             cvt(unsafe {
                 libc::openat(
-                    p.file.as_raw_fd(),
+                    p.fd()?.as_raw_fd(),
                     name.as_ptr(),
                     (flags as i32 | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
                         & !libc::O_DIRECTORY,
@@ -729,7 +931,7 @@ impl FileSystem for PassthroughFs {
         // SAFETY: statvfs64 is plain old data; all-zero is a valid value.
         let mut st: libc::statvfs64 = unsafe { std::mem::zeroed() };
         // SAFETY: the fd is valid and `st` is a valid destination of the right type.
-        cvt(unsafe { libc::fstatvfs64(node.file.as_raw_fd(), &mut st) })?;
+        cvt(unsafe { libc::fstatvfs64(node.fd()?.as_raw_fd(), &mut st) })?;
         Ok(st)
     }
 
@@ -773,7 +975,8 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         check_xattr_name(name)?;
         let node = self.inode(inode)?;
-        let p = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
         // SAFETY: strings are NUL-terminated and `value` is valid for its length.
         cvt(unsafe {
             libc::setxattr(
@@ -789,7 +992,8 @@ impl FileSystem for PassthroughFs {
 
     fn getxattr(&self, _ctx: Context, inode: u64, name: &CStr, size: u32) -> io::Result<Vec<u8>> {
         let node = self.inode(inode)?;
-        let p = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
         let mut buf = vec![0u8; size as usize];
         // SAFETY: strings are NUL-terminated and `buf` has the room given (0 asks for the
         // size only).
@@ -806,7 +1010,8 @@ impl FileSystem for PassthroughFs {
 
     fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {
         let node = self.inode(inode)?;
-        let p = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
         let mut buf = vec![0u8; size as usize];
         // SAFETY: the path is NUL-terminated and `buf` has the room given.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -817,7 +1022,8 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         check_xattr_name(name)?;
         let node = self.inode(inode)?;
-        let p = proc_path(node.file.as_raw_fd());
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
         // SAFETY: strings are NUL-terminated.
         cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(|_| ())
     }
@@ -895,7 +1101,7 @@ impl FileSystem for PassthroughFs {
 
     fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
         let node = self.inode(inode)?;
-        let st = stat_fd(node.file.as_raw_fd())?;
+        let st = stat_fd(node.fd()?.as_raw_fd())?;
         let mask = mask as i32;
         if mask == libc::F_OK {
             return Ok(());

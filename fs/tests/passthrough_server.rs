@@ -16,6 +16,10 @@ struct Fixture {
 }
 
 fn fixture(readonly: bool) -> Fixture {
+    fixture_with(readonly, None)
+}
+
+fn fixture_with(readonly: bool, node_fds: Option<usize>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
@@ -23,6 +27,7 @@ fn fixture(readonly: bool) -> Fixture {
         &share,
         Config {
             readonly,
+            node_fds,
             ..Default::default()
         },
     )
@@ -343,4 +348,68 @@ fn guest_cannot_make_devices_or_privileged_xattrs() {
             .0,
         libc::EINVAL
     );
+}
+
+#[test]
+fn nodes_past_the_fd_budget_work_through_file_handles() {
+    // With no descriptor budget every node but the root is a file handle (as root); the
+    // operations must behave the same.
+    let f = fixture_with(false, Some(0));
+    std::fs::create_dir(f.share().join("dir")).unwrap();
+    for i in 0..50 {
+        std::fs::write(f.share().join("dir").join(format!("f{i}")), b"x").unwrap();
+    }
+    let d = f.lookup(1, "dir").unwrap();
+    assert_eq!(f.readdir_names(d.nodeid, true).len(), 52);
+    let e = f.lookup(d.nodeid, "f7").unwrap();
+    let (err, _) = f.call(
+        opcode::GETATTR,
+        e.nodeid,
+        &[abi::GetattrIn::default().as_slice()],
+    );
+    assert_eq!(err, 0);
+    let open = abi::OpenIn {
+        flags: libc::O_RDWR as u32,
+        open_flags: 0,
+    };
+    let (err, body) = f.call(opcode::OPEN, e.nodeid, &[open.as_slice()]);
+    assert_eq!(err, 0);
+    let mut out = abi::OpenOut::default();
+    out.as_mut_slice().copy_from_slice(&body);
+    let w = abi::WriteIn {
+        fh: out.fh,
+        size: 5,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.call(opcode::WRITE, e.nodeid, &[w.as_slice(), b"hello"]).0,
+        0
+    );
+    assert_eq!(std::fs::read(f.share().join("dir/f7")).unwrap(), b"hello");
+    let mk = abi::MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        f.call(opcode::MKDIR, d.nodeid, &[mk.as_slice(), b"sub\0"])
+            .0,
+        0
+    );
+    assert!(f.share().join("dir/sub").is_dir());
+    // The fd table stays small: 50 nodes did not take 50 descriptors.
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    assert!(fds < 40, "{fds} descriptors open");
+}
+
+#[test]
+fn descriptors_stay_bounded_past_the_budget() {
+    let f = fixture_with(false, Some(100));
+    std::fs::create_dir(f.share().join("dir")).unwrap();
+    for i in 0..3000 {
+        std::fs::write(f.share().join("dir").join(format!("f{i}")), b"x").unwrap();
+    }
+    let d = f.lookup(1, "dir").unwrap();
+    assert_eq!(f.readdir_names(d.nodeid, true).len(), 3002);
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    assert!(fds < 300, "{fds} descriptors open");
 }

@@ -39,12 +39,25 @@ fn private_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Raises the open-file limit to its hard maximum: every node the guest holds is an fd.
+/// Raises the open-file limit: to the kernel's maximum (fs.nr_open) when allowed, else to the
+/// hard limit. Nodes of a share and guest connections each take a descriptor.
 fn raise_fd_limit() {
+    let nr_open: libc::rlim_t = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     // SAFETY: rlimit is plain data; getrlimit/setrlimit only read and write it.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        let max = libc::rlimit {
+            rlim_cur: nr_open.max(r.rlim_max),
+            rlim_max: nr_open.max(r.rlim_max),
+        };
+        // Raising the hard limit needs CAP_SYS_RESOURCE; without it, take the hard limit.
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &max) != 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
                 log::warn!("cannot raise the open-file limit to {}", r.rlim_max);
@@ -72,6 +85,7 @@ impl Devices {
                 passthrough::Config {
                     cache: share.cache,
                     readonly: share.readonly,
+                    node_fds: None,
                 },
             )
             .map_err(|e| {

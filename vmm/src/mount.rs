@@ -101,6 +101,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         FsConfig {
             cache,
             readonly: args.readonly,
+            node_fds: None,
         },
     )
     .map_err(|e| {
