@@ -38,7 +38,7 @@ fn guest_walks_100k_files_without_exhausting_descriptors() {
             "--share".into(),
             format!("tag=big,dir={},socket={}", share.display(), sock.display()),
         ],
-        &[sock.clone()],
+        std::slice::from_ref(&sock),
     );
     let mut qemu = Qemu::boot(
         dir.path(),
