@@ -115,7 +115,20 @@ impl<'a> Buffers<'a> {
 }
 
 /// The device-readable part of a chain.
+#[derive(Clone)]
 pub(crate) struct ChainReader<'a>(Buffers<'a>);
+
+impl ChainReader<'_> {
+    /// The FUSE opcode of the request, without consuming anything (0 if too short).
+    pub(crate) fn peek_opcode(&self) -> u32 {
+        let mut hdr = [0u8; 8];
+        let mut r = self.clone();
+        match r.read_exact(&mut hdr) {
+            Ok(()) => u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+            Err(_) => 0,
+        }
+    }
+}
 
 /// The device-writable part of a chain.
 pub(crate) struct ChainWriter<'a> {

@@ -11,8 +11,9 @@ use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
 pub(crate) type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
 /// Pops every available chain from `vring`, hands it to `handle` (which returns the number of
-/// bytes it wrote into the chain), marks it used, and signals the guest once at the end if
-/// anything was used and the guest wants to hear of it.
+/// bytes it wrote into the chain, or `None` when it took the chain to finish later), marks it
+/// used, and signals the guest once at the end if anything was used and the guest wants to
+/// hear of it.
 ///
 /// With EVENT_IDX, notifications stay off while draining and the queue is re-checked after
 /// turning them back on, so a kick that races with the end of the loop is not lost.
@@ -23,7 +24,7 @@ pub(crate) fn drain_queue<F>(
     mut handle: F,
 ) -> std::io::Result<usize>
 where
-    F: FnMut(Chain) -> u32,
+    F: FnMut(Chain) -> Option<u32>,
 {
     let mem = mem.memory();
     let mut used = 0usize;
@@ -37,7 +38,9 @@ where
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
-            let len = handle(chain);
+            let Some(len) = handle(chain) else {
+                continue;
+            };
             if let Err(e) = queue.add_used(&*mem, head, len) {
                 warn!("cannot return descriptor {head} to the guest: {e}");
             } else {
@@ -103,12 +106,12 @@ mod tests {
         let mut seen = 0;
         let used = drain_queue(&vring, &mem, false, |c| {
             seen += 1;
-            c.head_index() as u32
+            Some(c.head_index() as u32)
         })
         .unwrap();
         assert_eq!((used, seen), (3, 3));
         assert_eq!(vring.queue_used_idx().unwrap(), 3);
         // Nothing left: a second pass uses nothing.
-        assert_eq!(drain_queue(&vring, &mem, true, |_| 0).unwrap(), 0);
+        assert_eq!(drain_queue(&vring, &mem, true, |_| Some(0)).unwrap(), 0);
     }
 }

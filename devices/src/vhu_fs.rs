@@ -6,13 +6,13 @@
 //! here.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use ferry_fs::{FileSystem, Server};
+use ferry_fs::{may_block, FileSystem, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -27,20 +27,42 @@ use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 const NUM_QUEUES: usize = 2;
+/// Most requests that wait for a lock at once, each on a thread; past it they wait in line.
+const MAX_WAITING: usize = 64;
+
+/// Answers one request in `chain`; returns the reply's length.
+fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> u32 {
+    match split_chain(chain.memory(), chain.clone()) {
+        Ok((r, w)) => match server.handle_message(r, w) {
+            Ok(n) => n as u32,
+            Err(e) => {
+                warn!("fs: request not answered: {e}");
+                0
+            }
+        },
+        Err(e) => {
+            warn!("fs: dropping a malformed descriptor chain: {e}");
+            0
+        }
+    }
+}
 const QUEUE_SIZE: usize = 1024;
 
 /// The virtio-fs vhost-user backend, serving one `FileSystem`.
 pub struct VhostUserFsBackend<F> {
     server: Arc<Server<F>>,
+    /// Requests waiting for a lock on threads of their own.
+    waiting: Arc<AtomicUsize>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
 }
 
-impl<F: FileSystem> VhostUserFsBackend<F> {
+impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// A device serving `server`.
     pub fn new(server: Arc<Server<F>>) -> Arc<Self> {
         Arc::new(VhostUserFsBackend {
             server,
+            waiting: Arc::new(AtomicUsize::new(0)),
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
         })
@@ -51,21 +73,54 @@ impl<F: FileSystem> VhostUserFsBackend<F> {
         &self.server
     }
 
-    /// Answers one request; returns the number of reply bytes written into the chain.
-    fn handle_chain(&self, chain: Chain) -> u32 {
-        let mem = chain.memory();
-        let (reader, writer) = match split_chain(mem, chain.clone()) {
-            Ok(rw) => rw,
-            Err(e) => {
-                warn!("fs: dropping a malformed descriptor chain: {e}");
-                return 0;
-            }
+    /// Answers one request; returns the number of reply bytes written into the chain, or
+    /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
+    /// completes the chain itself.
+    fn handle_chain(&self, chain: Chain, vring: &Vring) -> Option<u32> {
+        let op = match split_chain(chain.memory(), chain.clone()) {
+            Ok((reader, _)) => reader.peek_opcode(),
+            Err(_) => 0,
         };
-        match self.server.handle_message(reader, writer) {
-            Ok(n) => n as u32,
+        if may_block(op) {
+            return self.defer(chain, vring);
+        }
+        Some(answer(&self.server, &chain))
+    }
+
+    /// Answers `chain` on a thread of its own, which completes it. Past MAX_WAITING waiting
+    /// requests, answers in line (the queue waits meanwhile).
+    fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Some(answer(&self.server, &chain));
+        }
+        let server = self.server.clone();
+        let vring = vring.clone();
+        let waiting = self.waiting.clone();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let head = chain.head_index();
+        let spawned = std::thread::Builder::new()
+            .name("fs-lock-wait".into())
+            .spawn(move || {
+                let len = answer(&server, &chain);
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = vring.add_used(head, len) {
+                    warn!("fs: cannot return descriptor {head} to the guest: {e}");
+                    return;
+                }
+                if !event_idx || vring.needs_notification().unwrap_or(true) {
+                    if let Err(e) = vring.signal_used_queue() {
+                        warn!("fs: cannot signal the guest: {e}");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => None,
             Err(e) => {
-                warn!("fs: request not answered: {e}");
-                0
+                // The chain went with the closure; return it to the guest unanswered.
+                warn!("fs: cannot start a thread for a lock wait ({e}); returning the request");
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                Some(0)
             }
         }
     }
@@ -77,7 +132,7 @@ impl<F: FileSystem> VhostUserFsBackend<F> {
             .map_err(|_| io::Error::other("poisoned"))?
             .clone();
         drain_queue(vring, &mem, self.event_idx.load(Ordering::Relaxed), |c| {
-            self.handle_chain(c)
+            self.handle_chain(c, vring)
         })?;
         Ok(())
     }

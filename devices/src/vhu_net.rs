@@ -115,7 +115,7 @@ impl VhostUserNetBackend {
                     .fold(0usize, usize::saturating_add);
                 if len < NET_HDR_LEN {
                     self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return 0;
+                    return Some(0);
                 }
                 self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -124,7 +124,7 @@ impl VhostUserNetBackend {
                 // The network stack arrives with the virtio-net data path; until then frames are
                 // counted and dropped, which is what a link with nothing behind it does.
                 self.stats.tx_unrouted.fetch_add(1, Ordering::Relaxed);
-                0
+                Some(0)
             },
         )?;
         Ok(())

@@ -16,6 +16,14 @@ pub const ROOT_ID: u64 = 1;
 
 /// INIT flag: the file system accepts `max_pages` in INIT's reply.
 pub const MAX_PAGES: u32 = 1 << 22;
+/// INIT flag: the file system handles POSIX (fcntl) locks.
+pub const POSIX_LOCKS: u32 = 1 << 1;
+/// INIT flag: the file system handles BSD (flock) locks.
+pub const FLOCK_LOCKS: u32 = 1 << 10;
+/// LK request flag: the lock is a BSD flock, not a POSIX lock.
+pub const LK_FLOCK: u32 = 1;
+/// The end of a lock that reaches the end of the file.
+pub const OFFSET_MAX: u64 = i64::MAX as u64;
 /// INIT flag: reads may be issued in parallel.
 pub const ASYNC_READ: u32 = 1 << 0;
 /// INIT flag: the file system handles O_TRUNC in OPEN.
@@ -717,4 +725,49 @@ const _: () = {
     assert!(std::mem::size_of::<LseekIn>() == 24);
     assert!(std::mem::size_of::<CopyFileRangeIn>() == 56);
     assert!(std::mem::size_of::<Dirent>() == 24);
+};
+
+/// A lock as FUSE carries it: an inclusive byte range, a type (F_RDLCK, F_WRLCK, F_UNLCK) and
+/// the holder's pid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct FileLock {
+    pub start: u64,
+    pub end: u64,
+    pub type_: u32,
+    pub pid: u32,
+}
+
+/// GETLK's, SETLK's and SETLKW's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct LkIn {
+    pub fh: u64,
+    pub owner: u64,
+    pub lk: FileLock,
+    pub lk_flags: u32,
+    pub padding: u32,
+}
+
+/// INTERRUPT's request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct InterruptIn {
+    pub unique: u64,
+}
+
+// SAFETY: #[repr(C)] integers only, no implicit padding (size-checked below).
+unsafe impl ByteValued for FileLock {}
+// SAFETY: as above.
+unsafe impl ByteValued for LkIn {}
+// SAFETY: as above.
+unsafe impl ByteValued for InterruptIn {}
+
+const _: () = {
+    assert!(std::mem::size_of::<FileLock>() == 24);
+    assert!(std::mem::size_of::<LkIn>() == 48);
+    assert!(std::mem::size_of::<InterruptIn>() == 8);
 };

@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io;
 use std::time::Duration;
 
+pub use crate::abi::FileLock;
+
 /// Who is asking: the caller's ids in the guest, from the request header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Context {
@@ -355,6 +357,32 @@ pub trait FileSystem: Send + Sync {
         len: u64,
         flags: u64,
     ) -> io::Result<usize> {
+        enosys()
+    }
+
+    /// The first lock that would conflict with `lock` (type F_UNLCK when none would).
+    fn getlk(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+    ) -> io::Result<FileLock> {
+        enosys()
+    }
+
+    /// Takes or releases a lock without waiting: EAGAIN when another holder conflicts. `flock`
+    /// selects BSD flock semantics (whole file, per open file) over POSIX ranges.
+    fn setlk(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flock: bool,
+    ) -> io::Result<()> {
         enosys()
     }
 

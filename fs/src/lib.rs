@@ -14,7 +14,10 @@ pub mod passthrough;
 mod server;
 
 pub use filesystem::{
-    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs, TimeSpec,
+    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
+    TimeSpec,
 };
 pub use passthrough::{CachePolicy, PassthroughFs};
-pub use server::{Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE};
+pub use server::{
+    may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
+};

@@ -13,13 +13,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::abi::{self, ROOT_ID};
 use crate::filesystem::{
-    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs, TimeSpec,
+    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
+    TimeSpec,
 };
 
 /// How long the guest may cache attributes and entries.
@@ -129,6 +130,11 @@ struct Handle {
     file: File,
     /// Serialises seek + getdents on directory handles.
     dir_pos: Mutex<()>,
+    /// The node the handle is open on.
+    inode: u64,
+    /// The guest pid that last took a lock through this handle (0: none), which GETLK
+    /// reports for the lock: the host's open-file-description locks carry no pid.
+    lock_pid: AtomicU32,
 }
 
 /// A file system that passes requests through to a host directory.
@@ -200,6 +206,30 @@ fn check_xattr_name(name: &CStr) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
+}
+
+/// A FUSE lock as a host `struct flock` for open-file-description locks (l_pid must be 0).
+fn posix_lock(lk: FileLock) -> io::Result<libc::flock> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let start = i64::try_from(lk.start).map_err(|_| einval())?;
+    let len = if lk.end >= abi::OFFSET_MAX {
+        0
+    } else if lk.end < lk.start {
+        return Err(einval());
+    } else {
+        i64::try_from(lk.end - lk.start + 1).map_err(|_| einval())?
+    };
+    let type_ = match lk.type_ as i32 {
+        t @ (libc::F_RDLCK | libc::F_WRLCK | libc::F_UNLCK) => t as libc::c_short,
+        _ => return Err(einval()),
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = type_;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    Ok(fl)
 }
 
 /// The outcome of a get/listxattr call into `buf`: the value, or (when the caller asked with
@@ -399,11 +429,13 @@ impl PassthroughFs {
         map.get(&fh).cloned().ok_or_else(ebadf)
     }
 
-    fn add_handle(&self, file: File) -> io::Result<u64> {
+    fn add_handle(&self, file: File, inode: u64) -> io::Result<u64> {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let h = Arc::new(Handle {
             file,
             dir_pos: Mutex::new(()),
+            inode,
+            lock_pid: AtomicU32::new(0),
         });
         self.handles.write().map_err(|_| ebadf())?.insert(fh, h);
         Ok(fh)
@@ -571,7 +603,9 @@ impl FileSystem for PassthroughFs {
             | abi::BIG_WRITES
             | abi::DO_READDIRPLUS
             | abi::READDIRPLUS_AUTO
-            | abi::PARALLEL_DIROPS;
+            | abi::PARALLEL_DIROPS
+            | abi::POSIX_LOCKS
+            | abi::FLOCK_LOCKS;
         if self.cfg.cache == CachePolicy::Auto {
             f |= abi::AUTO_INVAL_DATA;
         }
@@ -864,7 +898,7 @@ impl FileSystem for PassthroughFs {
             let _c = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
             self.reopen(&node, flags as i32)?
         };
-        Ok((self.add_handle(f)?, self.cfg.cache.open_flags()))
+        Ok((self.add_handle(f, inode)?, self.cfg.cache.open_flags()))
     }
 
     fn create(
@@ -895,7 +929,7 @@ impl FileSystem for PassthroughFs {
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         let entry = self.do_lookup(&p, name)?;
-        let fh = self.add_handle(file)?;
+        let fh = self.add_handle(file, entry.inode)?;
         Ok((entry, fh, self.cfg.cache.open_flags()))
     }
 
@@ -958,6 +992,18 @@ impl FileSystem for PassthroughFs {
         let h = self.handle(handle)?;
         // close(dup(fd)) gives the host file system the close it would see locally (and drops
         // POSIX locks of this owner), without closing the handle.
+        // A close releases the closer's POSIX locks on the file; the host's locks here belong
+        // to the handle (open file description), so release those.
+        if h.lock_pid.swap(0, Ordering::Relaxed) != 0 {
+            let mut fl = posix_lock(FileLock {
+                start: 0,
+                end: abi::OFFSET_MAX,
+                type_: libc::F_UNLCK as u32,
+                pid: 0,
+            })?;
+            // SAFETY: the fd is valid and `fl` is a valid struct flock.
+            let _ = unsafe { libc::fcntl(h.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+        }
         // SAFETY: dup and close on a valid fd have no memory effects.
         let d = cvt(unsafe { libc::dup(h.file.as_raw_fd()) })?;
         // SAFETY: `d` is ours.
@@ -1031,7 +1077,7 @@ impl FileSystem for PassthroughFs {
     fn opendir(&self, _ctx: Context, inode: u64, _flags: u32) -> io::Result<(u64, u32)> {
         let node = self.inode(inode)?;
         let f = self.reopen(&node, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok((self.add_handle(f)?, 0))
+        Ok((self.add_handle(f, inode)?, 0))
     }
 
     fn readdir(
@@ -1206,6 +1252,88 @@ impl FileSystem for PassthroughFs {
             return Err(io::Error::last_os_error());
         }
         Ok(n as usize)
+    }
+
+    fn getlk(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        _owner: u64,
+        lock: FileLock,
+    ) -> io::Result<FileLock> {
+        let h = self.handle(handle)?;
+        let mut fl = posix_lock(lock)?;
+        // SAFETY: the fd is valid and `fl` is a valid struct flock.
+        cvt(unsafe { libc::fcntl(h.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+        if fl.l_type == libc::F_UNLCK as libc::c_short {
+            return Ok(FileLock {
+                type_: libc::F_UNLCK as u32,
+                ..lock
+            });
+        }
+        // The holder: a guest process that locked through another handle on this node, or
+        // (pid 0) someone on the host.
+        let pid = self
+            .handles
+            .read()
+            .map_err(|_| ebadf())?
+            .iter()
+            .filter(|(fh, o)| **fh != handle && o.inode == h.inode)
+            .map(|(_, o)| o.lock_pid.load(Ordering::Relaxed))
+            .find(|p| *p != 0)
+            .unwrap_or(0);
+        let start = fl.l_start as u64;
+        Ok(FileLock {
+            start,
+            end: if fl.l_len == 0 {
+                abi::OFFSET_MAX
+            } else {
+                start + fl.l_len as u64 - 1
+            },
+            type_: fl.l_type as u32,
+            pid,
+        })
+    }
+
+    fn setlk(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        _owner: u64,
+        lock: FileLock,
+        flock: bool,
+    ) -> io::Result<()> {
+        let h = self.handle(handle)?;
+        let fd = h.file.as_raw_fd();
+        let res = if flock {
+            let op = match lock.type_ as i32 {
+                libc::F_RDLCK => libc::LOCK_SH,
+                libc::F_WRLCK => libc::LOCK_EX,
+                libc::F_UNLCK => libc::LOCK_UN,
+                _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            };
+            // SAFETY: the fd is valid; flock has no memory effects.
+            cvt(unsafe { libc::flock(fd, op | libc::LOCK_NB) })
+        } else {
+            let mut fl = posix_lock(lock)?;
+            // SAFETY: the fd is valid and `fl` is a valid struct flock.
+            cvt(unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) })
+        };
+        match res {
+            Ok(_) => {
+                if lock.type_ != libc::F_UNLCK as u32 && !flock {
+                    h.lock_pid.store(lock.pid.max(1), Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            // A conflicting holder: the same answer for both lock kinds.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EWOULDBLOCK)) => {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn syncfs(&self, _ctx: Context, _inode: u64) -> io::Result<()> {

@@ -5,10 +5,12 @@
 //! is checked against what the transport really holds, names must be NUL-terminated and short,
 //! and a reply that does not fit is never written in part.
 
+use std::collections::HashSet;
 use std::ffi::CStr;
 use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use vm_memory::ByteValued;
@@ -113,6 +115,21 @@ impl ServerStats {
 pub struct Server<F> {
     fs: F,
     stats: ServerStats,
+    /// Requests the guest interrupted (by unique id) while they wait for a lock.
+    interrupts: Mutex<HashSet<u64>>,
+    /// Bumped to abandon every wait (the session ended).
+    generation: AtomicU64,
+}
+
+/// Interrupts remembered at most; the guest interrupts only requests still in flight.
+const MAX_INTERRUPTS: usize = 1024;
+/// Longest pause between two tries of a lock that SETLKW waits for.
+const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
+
+/// Whether a request may wait for a long time (SETLKW waits for the lock): the transport
+/// should answer it off the queue's thread, so other requests keep flowing.
+pub fn may_block(opcode: u32) -> bool {
+    opcode == opcode::SETLKW
 }
 
 fn einval() -> io::Error {
@@ -193,6 +210,53 @@ impl<F: FileSystem> Server<F> {
         Server {
             fs,
             stats: ServerStats::default(),
+            interrupts: Mutex::new(HashSet::new()),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Abandons every request waiting for a lock (they answer EINTR): the session is over.
+    pub fn cancel_waits(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut i) = self.interrupts.lock() {
+            i.clear();
+        }
+    }
+
+    fn take_interrupt(&self, unique: u64) -> bool {
+        self.interrupts
+            .lock()
+            .map(|mut i| i.remove(&unique))
+            .unwrap_or(false)
+    }
+
+    /// SETLKW: tries the lock until it is free, the guest interrupts the request, or the
+    /// session ends. Host locks cannot be waited for on a descriptor shared by all the guest's
+    /// requests without stalling them, so the wait is a retry with a growing pause.
+    fn wait_lock(
+        &self,
+        ctx: Context,
+        hdr: &InHeader,
+        arg: &abi::LkIn,
+        flock: bool,
+    ) -> io::Result<()> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self
+                .fs
+                .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock)
+            {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                other => return other,
+            }
+            if self.take_interrupt(hdr.unique)
+                || self.generation.load(Ordering::SeqCst) != generation
+            {
+                return Err(io::Error::from_raw_os_error(libc::EINTR));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(LOCK_RETRY_MAX);
         }
     }
 
@@ -284,8 +348,32 @@ impl<F: FileSystem> Server<F> {
                 }
                 return Ok(0);
             }
-            // Interrupts are advisory; requests here finish promptly anyway.
-            opcode::INTERRUPT => return Ok(0),
+            // Only a lock wait lasts long enough to be interrupted; note the request for it.
+            opcode::INTERRUPT => {
+                let arg: abi::InterruptIn = read_obj(r)?;
+                if let Ok(mut i) = self.interrupts.lock() {
+                    if i.len() >= MAX_INTERRUPTS {
+                        i.clear();
+                    }
+                    i.insert(arg.unique);
+                }
+                return Ok(0);
+            }
+            opcode::GETLK => {
+                let arg: abi::LkIn = read_obj(r)?;
+                let lk = fs.getlk(ctx, node, arg.fh, arg.owner, arg.lk)?;
+                return ok(&[lk.as_slice()], w);
+            }
+            opcode::SETLK | opcode::SETLKW => {
+                let arg: abi::LkIn = read_obj(r)?;
+                let flock = arg.lk_flags & abi::LK_FLOCK != 0;
+                if hdr.opcode == opcode::SETLK || arg.lk.type_ == libc::F_UNLCK as u32 {
+                    fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)?;
+                } else {
+                    self.wait_lock(ctx, hdr, &arg, flock)?;
+                }
+                return ok(&[], w);
+            }
             opcode::LOOKUP => {
                 let body = read_body(r)?;
                 let (name, _) = take_cstr(&body, NAME_MAX)?;

@@ -45,11 +45,16 @@ impl Fixture {
 
     /// Sends one request; returns (errno, reply body).
     fn call(&self, op: u32, node: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        self.call_unique(op, node, 1, parts)
+    }
+
+    /// Sends one request with its unique id.
+    fn call_unique(&self, op: u32, node: u64, unique: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
         let body: Vec<u8> = parts.concat();
         let hdr = InHeader {
             len: (size_of::<InHeader>() + body.len()) as u32,
             opcode: op,
-            unique: 1,
+            unique,
             nodeid: node,
             ..Default::default()
         };
@@ -412,4 +417,129 @@ fn descriptors_stay_bounded_past_the_budget() {
     assert_eq!(f.readdir_names(d.nodeid, true).len(), 3002);
     let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
     assert!(fds < 300, "{fds} descriptors open");
+}
+
+fn open_rw(f: &Fixture, node: u64) -> u64 {
+    let open = abi::OpenIn {
+        flags: libc::O_RDWR as u32,
+        open_flags: 0,
+    };
+    let (err, body) = f.call(opcode::OPEN, node, &[open.as_slice()]);
+    assert_eq!(err, 0);
+    let mut out = abi::OpenOut::default();
+    out.as_mut_slice().copy_from_slice(&body);
+    out.fh
+}
+
+fn lk(fh: u64, type_: i32, pid: u32) -> abi::LkIn {
+    abi::LkIn {
+        fh,
+        owner: u64::from(pid),
+        lk: abi::FileLock {
+            start: 0,
+            end: 99,
+            type_: type_ as u32,
+            pid,
+        },
+        lk_flags: 0,
+        padding: 0,
+    }
+}
+
+#[test]
+fn posix_locks_conflict_wait_and_can_be_interrupted() {
+    let f = fixture(false);
+    std::fs::write(f.share().join("l"), b"data").unwrap();
+    let node = f.lookup(1, "l").unwrap().nodeid;
+    let (a, b) = (open_rw(&f, node), open_rw(&f, node));
+    assert_eq!(
+        f.call(opcode::SETLK, node, &[lk(a, libc::F_WRLCK, 100).as_slice()])
+            .0,
+        0
+    );
+    assert_eq!(
+        f.call(opcode::SETLK, node, &[lk(b, libc::F_WRLCK, 200).as_slice()])
+            .0,
+        libc::EAGAIN
+    );
+    // GETLK names the holder by its guest pid.
+    let (err, body) = f.call(opcode::GETLK, node, &[lk(b, libc::F_WRLCK, 200).as_slice()]);
+    assert_eq!(err, 0);
+    let mut held = abi::FileLock::default();
+    held.as_mut_slice().copy_from_slice(&body);
+    assert_eq!(
+        (held.type_, held.pid, held.start, held.end),
+        (libc::F_WRLCK as u32, 100, 0, 99)
+    );
+    // A host process sees the guest's lock too.
+    let host = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.share().join("l"))
+        .unwrap();
+    // SAFETY: flock is plain data.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_len = 10;
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd and struct flock.
+    let r = unsafe { libc::fcntl(host.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!((r, fl.l_type), (0, libc::F_WRLCK as i16));
+
+    std::thread::scope(|s| {
+        // SETLKW waits until the holder unlocks.
+        let waiter = s.spawn(|| {
+            f.call_unique(
+                opcode::SETLKW,
+                node,
+                7,
+                &[lk(b, libc::F_WRLCK, 200).as_slice()],
+            )
+            .0
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiter.is_finished());
+        assert_eq!(
+            f.call(opcode::SETLK, node, &[lk(a, libc::F_UNLCK, 100).as_slice()])
+                .0,
+            0
+        );
+        assert_eq!(waiter.join().unwrap(), 0);
+        // Now `a` waits for `b`, and the guest interrupts it: EINTR.
+        let waiter = s.spawn(|| {
+            f.call_unique(
+                opcode::SETLKW,
+                node,
+                9,
+                &[lk(a, libc::F_RDLCK, 100).as_slice()],
+            )
+            .0
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        f.call(
+            opcode::INTERRUPT,
+            0,
+            &[abi::InterruptIn { unique: 9 }.as_slice()],
+        );
+        assert_eq!(waiter.join().unwrap(), libc::EINTR);
+    });
+}
+
+#[test]
+fn flock_locks_are_per_open_file() {
+    let f = fixture(false);
+    std::fs::write(f.share().join("l"), b"data").unwrap();
+    let node = f.lookup(1, "l").unwrap().nodeid;
+    let (a, b) = (open_rw(&f, node), open_rw(&f, node));
+    let mut la = lk(a, libc::F_WRLCK, 1);
+    la.lk_flags = abi::LK_FLOCK;
+    let mut lb = lk(b, libc::F_WRLCK, 2);
+    lb.lk_flags = abi::LK_FLOCK;
+    assert_eq!(f.call(opcode::SETLK, node, &[la.as_slice()]).0, 0);
+    assert_eq!(
+        f.call(opcode::SETLK, node, &[lb.as_slice()]).0,
+        libc::EAGAIN
+    );
+    la.lk.type_ = libc::F_UNLCK as u32;
+    assert_eq!(f.call(opcode::SETLK, node, &[la.as_slice()]).0, 0);
+    assert_eq!(f.call(opcode::SETLK, node, &[lb.as_slice()]).0, 0);
 }

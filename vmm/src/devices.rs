@@ -152,6 +152,7 @@ impl Devices {
                         server.stats().errors(),
                         server.stats().malformed()
                     );
+                    server.cancel_waits();
                     ferry_fs::FileSystem::destroy(fs);
                 })
             })?;
