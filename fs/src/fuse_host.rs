@@ -10,7 +10,8 @@
 //!   shows Ferry's node ids, not the host's inode numbers (hard links still share one).
 //!   The kernel is asked to always use READDIRPLUS, so directory entries carry the same
 //!   numbers.
-//! - There is no INTERRUPT, and locks are left to the kernel (GETLK/SETLK answer ENOSYS).
+//! - There is no INTERRUPT. POSIX locks go to the file system (a waiting SETLKW retries on the
+//!   mount's one thread); flock stays with the host kernel, since fuser drops SETLK's flock flag.
 //! - One thread serves the mount, and only the mounting user may use it (no `allow_other`:
 //!   without `default_permissions` other users would get the server's access checks only).
 
@@ -25,14 +26,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 pub use fuser::BackgroundSession;
 
 use crate::filesystem::{
-    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, SetattrArgs, TimeSpec,
+    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, SetattrArgs, TimeSpec,
 };
 use crate::server::MAX_WRITE;
 
@@ -280,6 +281,9 @@ impl<F: FileSystem + 'static> Filesystem for HostFuse<F> {
         let mut flags = fuser::InitFlags::from_bits_truncate(u64::from(wanted)) & caps;
         // Always READDIRPLUS, so that entries carry node ids like `stat` does (see above).
         flags.remove(fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
+        // fuser does not pass on SETLK's flock flag, so flock stays with the host kernel
+        // (which then locks locally); POSIX locks go to the file system.
+        flags.remove(fuser::InitFlags::FUSE_FLOCK_LOCKS);
         if let Err(unsupported) = config.add_capabilities(flags) {
             log::warn!("the host's FUSE lacks INIT flags {unsupported:?}");
         }
@@ -728,6 +732,66 @@ impl<F: FileSystem + 'static> Filesystem for HostFuse<F> {
                 FopenFlags::from_bits_truncate(f),
             ),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let lock = FileLock {
+            start,
+            end,
+            type_: typ as u32,
+            pid,
+        };
+        match self.fs.getlk(ctx(req), ino.0, fh.0, lock_owner.0, lock) {
+            Ok(l) => reply.locked(l.start, l.end, l.type_ as i32, l.pid),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let lock = FileLock {
+            start,
+            end,
+            type_: typ as u32,
+            pid,
+        };
+        // One thread serves the mount, so a waiting lock is retried here with a pause (a test
+        // tool; the virtio path waits off the queue's thread).
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let r = self
+                .fs
+                .setlk(ctx(req), ino.0, fh.0, lock_owner.0, lock, false);
+            match r {
+                Err(e) if sleep && e.raw_os_error() == Some(libc::EAGAIN) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                other => return Self::reply_empty(other, reply),
+            }
         }
     }
 

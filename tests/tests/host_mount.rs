@@ -625,3 +625,104 @@ fn bad_arguments_exit_2_with_one_sentence() {
     assert!(err.starts_with("ferry: --cache sometimes"), "{err}");
     assert!(!is_fuse_mounted(&mnt));
 }
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
+    let (a, b) = (cpath(from), cpath(to));
+    // SAFETY: both paths are NUL-terminated.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+#[test]
+fn large_files_rename_flags_sparse_files_and_locks() {
+    use std::os::fd::AsRawFd;
+    let (_tmp, src, mnt) = dirs();
+    let m = HostMount::start(&src, &mnt, &[]);
+
+    // 64 MiB through the mount, byte for byte on the host.
+    let data = pattern(64 << 20);
+    fs::write(m.path("big"), &data).unwrap();
+    assert!(
+        fs::read(src.join("big")).unwrap() == data,
+        "64 MiB differs on the host"
+    );
+    drop(data);
+
+    // RENAME_NOREPLACE and RENAME_EXCHANGE.
+    fs::write(m.path("x"), b"X").unwrap();
+    fs::write(m.path("y"), b"Y").unwrap();
+    assert_eq!(
+        renameat2(&m.path("x"), &m.path("y"), libc::RENAME_NOREPLACE),
+        Err(libc::EEXIST)
+    );
+    renameat2(&m.path("x"), &m.path("y"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(src.join("x")).unwrap(), b"Y");
+    assert_eq!(fs::read(src.join("y")).unwrap(), b"X");
+
+    // fallocate, then SEEK_DATA / SEEK_HOLE over a sparse file.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("sparse"))
+        .unwrap();
+    // SAFETY: valid fd; fallocate has no memory effects.
+    assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) }, 0);
+    assert_eq!(fs::metadata(src.join("sparse")).unwrap().len(), 1 << 20);
+    f.set_len(4 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[1u8; 4096], 2 << 20).unwrap();
+    // SAFETY: valid fd; lseek has no memory effects.
+    let data_at = unsafe { libc::lseek(f.as_raw_fd(), (1 << 20) + 1, libc::SEEK_DATA) };
+    assert_eq!(data_at, 2 << 20);
+    // SAFETY: as above.
+    let hole_at = unsafe { libc::lseek(f.as_raw_fd(), 2 << 20, libc::SEEK_HOLE) };
+    assert_eq!(hole_at, (2 << 20) + 4096);
+
+    // flock: a second open file cannot take the exclusive lock the first holds.
+    let g = fs::File::open(m.path("sparse")).unwrap();
+    // SAFETY: valid fds; flock has no memory effects.
+    unsafe {
+        assert_eq!(libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), 0);
+        assert_eq!(
+            libc::flock(g.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            -1
+        );
+        assert_eq!(libc::flock(f.as_raw_fd(), libc::LOCK_UN), 0);
+        assert_eq!(libc::flock(g.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), 0);
+    }
+
+    // POSIX locks reach the host: a lock taken through the mount shows on the share's file.
+    // SAFETY: flock is plain data; the fds are valid and the structs are valid flocks.
+    unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_len = 10;
+        assert_eq!(libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &mut fl), 0);
+        let host = fs::File::open(src.join("sparse")).unwrap();
+        let mut q: libc::flock = std::mem::zeroed();
+        q.l_type = libc::F_RDLCK as i16;
+        q.l_whence = libc::SEEK_SET as i16;
+        q.l_len = 10;
+        assert_eq!(libc::fcntl(host.as_raw_fd(), libc::F_OFD_GETLK, &mut q), 0);
+        assert_eq!(
+            q.l_type,
+            libc::F_WRLCK as i16,
+            "the host does not see the lock"
+        );
+    }
+}
