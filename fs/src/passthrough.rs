@@ -83,6 +83,9 @@ pub struct Config {
     /// How many nodes may keep a descriptor open before nodes keep file handles instead
     /// (None: half the open-file limit, at most 16384).
     pub node_fds: Option<usize>,
+    /// Let the guest cache writes (FUSE writeback cache): faster small writes, but a host
+    /// process may see the guest's writes late.
+    pub writeback: bool,
 }
 
 /// How the server reaches a node.
@@ -589,6 +592,20 @@ impl PassthroughFs {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
+    /// The open flags to use on the host. With the writeback cache the kernel reads pages of
+    /// files opened write-only and sends appends at explicit offsets, so a write-only open
+    /// becomes read-write and O_APPEND is dropped.
+    fn host_flags(&self, flags: u32) -> i32 {
+        let mut f = flags as i32;
+        if self.cfg.writeback {
+            if f & libc::O_ACCMODE == libc::O_WRONLY {
+                f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            f &= !libc::O_APPEND;
+        }
+        f
+    }
+
     fn is_write(flags: u32) -> bool {
         let acc = flags as i32 & libc::O_ACCMODE;
         acc == libc::O_WRONLY || acc == libc::O_RDWR || flags as i32 & libc::O_TRUNC != 0
@@ -608,6 +625,9 @@ impl FileSystem for PassthroughFs {
             | abi::FLOCK_LOCKS;
         if self.cfg.cache == CachePolicy::Auto {
             f |= abi::AUTO_INVAL_DATA;
+        }
+        if self.cfg.writeback && !self.cfg.readonly {
+            f |= abi::WRITEBACK_CACHE;
         }
         Ok(f)
     }
@@ -896,7 +916,7 @@ impl FileSystem for PassthroughFs {
         let node = self.inode(inode)?;
         let f = {
             let _c = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
-            self.reopen(&node, flags as i32)?
+            self.reopen(&node, self.host_flags(flags))?
         };
         Ok((self.add_handle(f, inode)?, self.cfg.cache.open_flags()))
     }
@@ -920,7 +940,7 @@ impl FileSystem for PassthroughFs {
                 libc::openat(
                     p.fd()?.as_raw_fd(),
                     name.as_ptr(),
-                    (flags as i32 | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                    (self.host_flags(flags) | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
                         & !libc::O_DIRECTORY,
                     mode,
                 )

@@ -543,3 +543,84 @@ fn flock_locks_are_per_open_file() {
     assert_eq!(f.call(opcode::SETLK, node, &[la.as_slice()]).0, 0);
     assert_eq!(f.call(opcode::SETLK, node, &[lb.as_slice()]).0, 0);
 }
+
+#[test]
+fn writeback_is_opt_in_and_write_only_opens_become_read_write() {
+    for writeback in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = PassthroughFs::new(
+            dir.path(),
+            Config {
+                writeback,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let f = Fixture {
+            server: Server::new(fs),
+            dir,
+        };
+        let init = abi::InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 0,
+            flags: u32::MAX,
+        };
+        let (err, body) = f.call(opcode::INIT, 0, &[init.as_slice()]);
+        assert_eq!(err, 0);
+        let mut out = abi::InitOut::default();
+        out.as_mut_slice().copy_from_slice(&body);
+        assert_eq!(out.flags & abi::WRITEBACK_CACHE != 0, writeback);
+        // Under writeback, a write-only open can also be read (the kernel reads pages).
+        std::fs::write(f.dir.path().join("w"), b"data").unwrap();
+        let node = f.lookup(1, "w").unwrap().nodeid;
+        let open = abi::OpenIn {
+            flags: libc::O_WRONLY as u32,
+            open_flags: 0,
+        };
+        let (err, body) = f.call(opcode::OPEN, node, &[open.as_slice()]);
+        assert_eq!(err, 0);
+        let mut o = abi::OpenOut::default();
+        o.as_mut_slice().copy_from_slice(&body);
+        let r = abi::ReadIn {
+            fh: o.fh,
+            size: 4,
+            ..Default::default()
+        };
+        let (err, _) = f.call(opcode::READ, node, &[r.as_slice()]);
+        assert_eq!(
+            err == 0,
+            writeback,
+            "read on a write-only open, writeback={writeback}"
+        );
+    }
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_does_not_lead_outside() {
+    // The guest holds a node for `d`; the host then replaces `d` with a symlink to a folder
+    // outside the share. Names under the old node resolve in the old directory, and a fresh
+    // lookup of `d` finds the symlink, never the outside folder.
+    let f = fixture(false);
+    std::fs::create_dir(f.share().join("d")).unwrap();
+    let outside = f.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"HOST").unwrap();
+    let d = f.lookup(1, "d").unwrap();
+    std::fs::rename(f.share().join("d"), f.dir.path().join("moved-away")).unwrap();
+    std::os::unix::fs::symlink(&outside, f.share().join("d")).unwrap();
+    assert_eq!(f.lookup(d.nodeid, "secret").err(), Some(libc::ENOENT));
+    let again = f.lookup(1, "d").unwrap();
+    assert_eq!(again.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(f.lookup(again.nodeid, "secret").err(), Some(libc::ENOTDIR));
+    let mk = abi::MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        f.call(opcode::MKDIR, again.nodeid, &[mk.as_slice(), b"x\0"])
+            .0,
+        libc::ENOTDIR
+    );
+    assert!(!outside.join("x").exists());
+}

@@ -71,6 +71,12 @@ check escape-dotdot "$(ls $S/.. | grep -c host-secret)" 0
 rm $R/keep 2>/tmp/err; check ro-unlink "$(grep -c 'Read-only' /tmp/err)" 1
 check ro-read "$(cat $R/keep)" kept
 
+# A share with the writeback cache.
+W=/mnt/wb
+dd if=/dev/urandom of=$W/f bs=65536 count=64 2>/dev/null && sha256sum $W/f | cut -d' ' -f1 > $W/f.sha256
+printf abc > $W/w && printf def >> $W/w && check wb-append "$(cat $W/w)" abcdef
+exec 4>$W/wo; printf xyz >&4; exec 4>&-; check wb-write-only "$(cat $W/wo)" xyz
+
 # A file held open: the host checks that ferry itself holds it.
 exec 3<big
 touch holding
@@ -111,6 +117,9 @@ fn guest_file_operations_through_ferry() {
         st.f_blocks
     };
 
+    let wb = dir.path().join("wb");
+    std::fs::create_dir(&wb).unwrap();
+    let wb_sock = dir.path().join("wb.sock");
     let rw_sock = dir.path().join("rw.sock");
     let ro_sock = dir.path().join("ro.sock");
     let mut ferry = FerryProcess::serve(
@@ -124,12 +133,22 @@ fn guest_file_operations_through_ferry() {
                 ro.display(),
                 ro_sock.display()
             ),
+            "--share".into(),
+            format!(
+                "tag=wb,dir={},socket={},writeback",
+                wb.display(),
+                wb_sock.display()
+            ),
         ],
-        &[rw_sock.clone(), ro_sock.clone()],
+        &[rw_sock.clone(), ro_sock.clone(), wb_sock.clone()],
     );
     let spec = GuestSpec {
         script: format!("STATFS_BLOCKS={blocks}\n{SCRIPT}"),
-        shares: vec![("rw".into(), rw_sock), ("ro".into(), ro_sock)],
+        shares: vec![
+            ("rw".into(), rw_sock),
+            ("ro".into(), ro_sock),
+            ("wb".into(), wb_sock),
+        ],
         memory_mib: 512,
         ..Default::default()
     };
@@ -161,7 +180,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 41,
+        failed.is_empty() && out.checks.len() >= 43,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -171,6 +190,9 @@ fn guest_file_operations_through_ferry() {
     let want = std::fs::read_to_string(rw.join("big.sha256")).unwrap();
     assert_eq!(sha256_hex(&rw.join("big")), want.trim());
     assert_eq!(std::fs::read(ro.join("keep")).unwrap(), b"kept");
+    let want = std::fs::read_to_string(wb.join("f.sha256")).unwrap();
+    assert_eq!(sha256_hex(&wb.join("f")), want.trim(), "writeback share");
+    assert_eq!(std::fs::read(wb.join("w")).unwrap(), b"abcdef");
     assert!(!ro.join("new").exists());
     assert_eq!(
         std::fs::read(dir.path().join("host-secret")).unwrap(),

@@ -59,6 +59,8 @@ pub struct ShareConfig {
     pub readonly: bool,
     /// Cache policy.
     pub cache: CachePolicy,
+    /// Let the guest cache writes (FUSE writeback cache).
+    pub writeback: bool,
 }
 
 /// What `ferry serve` serves.
@@ -98,6 +100,8 @@ struct FileShare {
     socket: PathBuf,
     #[serde(default)]
     readonly: bool,
+    #[serde(default)]
+    writeback: bool,
     cache: Option<String>,
 }
 
@@ -146,8 +150,8 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY]`.
 fn parse_share(spec: &str) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
-    let (mut tag, mut dir, mut socket, mut readonly, mut cache) =
-        (None, None, None, false, CachePolicy::default());
+    let (mut tag, mut dir, mut socket, mut readonly, mut writeback, mut cache) =
+        (None, None, None, false, false, CachePolicy::default());
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tag", v)) => tag = Some(v.to_string()),
@@ -155,9 +159,10 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
             None if part == "readonly" => readonly = true,
+            None if part == "writeback" => writeback = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache= and readonly"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, readonly and writeback"
                 )))
             }
         }
@@ -173,6 +178,7 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
         socket: socket.ok_or_else(|| missing("socket"))?,
         readonly,
         cache,
+        writeback,
     })
 }
 
@@ -237,6 +243,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 socket: s.socket,
                 readonly: s.readonly,
                 cache,
+                writeback: s.writeback,
             });
         }
         for spec in &args.share {

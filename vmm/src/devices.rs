@@ -86,6 +86,7 @@ impl Devices {
                     cache: share.cache,
                     readonly: share.readonly,
                     node_fds: None,
+                    writeback: share.writeback,
                 },
             )
             .map_err(|e| {

@@ -102,6 +102,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             cache,
             readonly: args.readonly,
             node_fds: None,
+            writeback: false,
         },
     )
     .map_err(|e| {

@@ -37,6 +37,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             socket: dir.join(format!("fs{i}.sock")),
             readonly: false,
             cache: Default::default(),
+            writeback: false,
         })
         .collect();
     let serve = ServeConfig {
