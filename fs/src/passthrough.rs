@@ -211,6 +211,11 @@ fn check_xattr_name(name: &CStr) -> io::Result<()> {
     }
 }
 
+/// A guest offset or length as the host's signed type; EINVAL past i64::MAX.
+fn off_t(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// A FUSE lock as a host `struct flock` for open-file-description locks (l_pid must be 0).
 fn posix_lock(lk: FileLock) -> io::Result<libc::flock> {
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
@@ -1111,7 +1116,7 @@ impl FileSystem for PassthroughFs {
         let h = self.handle(handle)?;
         let _pos = h.dir_pos.lock().map_err(|_| ebadf())?;
         let fd = h.file.as_raw_fd();
-        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = off_t(offset)?;
         // SAFETY: the fd is valid; lseek has no memory effects.
         if unsafe { libc::lseek64(fd, off, libc::SEEK_SET) } < 0 {
             return Err(io::Error::last_os_error());
@@ -1211,8 +1216,8 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<()> {
         self.check_writable()?;
         let h = self.handle(handle)?;
-        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let len = i64::try_from(length).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = off_t(offset)?;
+        let len = off_t(length)?;
         // SAFETY: the fd is valid; fallocate has no memory effects.
         cvt(unsafe { libc::fallocate64(h.file.as_raw_fd(), mode as i32, off, len) }).map(|_| ())
     }
@@ -1226,7 +1231,7 @@ impl FileSystem for PassthroughFs {
         whence: u32,
     ) -> io::Result<u64> {
         let h = self.handle(handle)?;
-        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = off_t(offset)?;
         // SAFETY: the fd is valid; lseek has no memory effects.
         let r = unsafe { libc::lseek64(h.file.as_raw_fd(), off, whence as i32) };
         if r < 0 {
@@ -1250,10 +1255,8 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let i = self.handle(handle_in)?;
         let o = self.handle(handle_out)?;
-        let mut off_in =
-            i64::try_from(offset_in).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let mut off_out =
-            i64::try_from(offset_out).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut off_in = off_t(offset_in)?;
+        let mut off_out = off_t(offset_out)?;
         let len = usize::try_from(len)
             .unwrap_or(usize::MAX)
             .min(isize::MAX as usize);
