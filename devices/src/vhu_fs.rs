@@ -77,14 +77,24 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
     /// completes the chain itself.
     fn handle_chain(&self, chain: Chain, vring: &Vring) -> Option<u32> {
-        let op = match split_chain(chain.memory(), chain.clone()) {
-            Ok((reader, _)) => reader.peek_opcode(),
-            Err(_) => 0,
+        let (reader, writer) = match split_chain(chain.memory(), chain.clone()) {
+            Ok(rw) => rw,
+            Err(e) => {
+                warn!("fs: dropping a malformed descriptor chain: {e}");
+                return Some(0);
+            }
         };
-        if may_block(op) {
-            return self.defer(chain, vring);
+        if may_block(reader.peek_opcode()) {
+            drop((reader, writer));
+            return self.defer(chain.clone(), vring);
         }
-        Some(answer(&self.server, &chain))
+        Some(match self.server.handle_message(reader, writer) {
+            Ok(n) => n as u32,
+            Err(e) => {
+                warn!("fs: request not answered: {e}");
+                0
+            }
+        })
     }
 
     /// Answers `chain` on a thread of its own, which completes it. Past MAX_WAITING waiting
