@@ -2,8 +2,13 @@
 # host. The guest powers off when this script ends.
 echo
 echo "== Ferry demo: eth0 and /mnt/share0 are vhost-user devices served by one ferry process =="
-echo "-- eth0 (virtio-net): MAC and MTU"
+echo "-- eth0 (virtio-net): MAC, and the lease from ferry's DHCP server"
 ip -o link show eth0
+ip -4 -o addr show eth0
+ip route
+cat /etc/resolv.conf
+echo "-- ping the gateway (ferry's own stack answers)"
+ping -c 2 -W 2 192.168.127.1
 echo "-- /mnt/share0 (virtio-fs): this checkout, served by ferry"
 grep virtiofs /proc/mounts
 ls /mnt/share0
@@ -13,4 +18,4 @@ echo "written by the guest at $(date)" > /tmp/demo.txt
 cp /tmp/demo.txt /mnt/share0/target/ferry-demo.txt && cat /mnt/share0/target/ferry-demo.txt
 sha256sum /tmp/demo.txt /mnt/share0/target/ferry-demo.txt
 rm /mnt/share0/target/ferry-demo.txt
-echo "-- not yet: DHCP, DNS and NAT (the virtio-net data path); see README, Status."
+echo "-- not yet: DNS and NAT to host sockets (the rest of the virtio-net data path); see README, Status."

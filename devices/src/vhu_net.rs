@@ -4,13 +4,18 @@
 //! `virtio_net_hdr_v1` (12 bytes) followed by one Ethernet frame.
 
 use std::io;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use ferry_fs::RequestReader;
+use ferry_net::stack::NetStack;
 use ferry_net::NetConfig;
 use log::{debug, warn};
+use smallvec::SmallVec;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
@@ -19,12 +24,15 @@ use virtio_bindings::bindings::virtio_net::{
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::queue::drain_queue;
+use crate::chain::split_chain;
+use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// Index of the receive queue.
@@ -47,13 +55,17 @@ pub struct NetDeviceStats {
     pub tx_bytes: AtomicU64,
     /// Frames dropped because they were malformed (shorter than the virtio header).
     pub tx_malformed: AtomicU64,
-    /// Frames dropped because nothing carries them yet (no network stack attached).
-    pub tx_unrouted: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
 }
 
 /// The virtio-net vhost-user backend.
 pub struct VhostUserNetBackend {
     cfg: NetConfig,
+    /// The guest's link. One thread serves the device, so the lock is never contended.
+    stack: Mutex<NetStack>,
+    /// Reused buffer for one TX frame.
+    frame: Mutex<Vec<u8>>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     stats: NetDeviceStats,
@@ -63,6 +75,8 @@ impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
     pub fn new(cfg: NetConfig) -> Arc<Self> {
         Arc::new(VhostUserNetBackend {
+            stack: Mutex::new(NetStack::new(cfg.clone())),
+            frame: Mutex::new(Vec::with_capacity(usize::from(cfg.mtu) + 64)),
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
@@ -75,16 +89,26 @@ impl VhostUserNetBackend {
         &self.stats
     }
 
-    /// Called when a frontend leaves: log what crossed the device so far.
+    /// Called when a frontend leaves: log what crossed the device so far, and start the next
+    /// guest with a fresh link.
     pub fn frontend_gone(&self) {
         let s = &self.stats;
+        let dhcp = self
+            .stack
+            .lock()
+            .map(|st| st.stats().dhcp_replies)
+            .unwrap_or(0);
         log::info!(
-            "net: the guest has sent {} frames ({} bytes) so far, {} malformed; {} dropped because no network stack is attached yet",
+            "net: the guest has sent {} frames ({} bytes) so far, {} malformed; {} frames delivered to it; {} DHCP answers",
             s.tx_frames.load(Ordering::Relaxed),
             s.tx_bytes.load(Ordering::Relaxed),
             s.tx_malformed.load(Ordering::Relaxed),
-            s.tx_unrouted.load(Ordering::Relaxed),
+            s.rx_frames.load(Ordering::Relaxed),
+            dhcp
         );
+        if let Ok(mut st) = self.stack.lock() {
+            *st = NetStack::new(self.cfg.clone());
+        }
     }
 
     /// The virtio-net config space: MAC, link status, one queue pair, MTU.
@@ -97,23 +121,39 @@ impl VhostUserNetBackend {
         c
     }
 
-    fn process_tx(&self, vring: &Vring) -> io::Result<()> {
+    fn process_tx(&self, vrings: &[Vring]) -> io::Result<()> {
         let mem = self
             .mem
             .read()
             .map_err(|_| io::Error::other("poisoned"))?
             .clone();
+        let mut stack = self
+            .stack
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let mut frame = self
+            .frame
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let max = self.max_frame();
         drain_queue(
-            vring,
+            &vrings[TX_QUEUE as usize],
             &mem,
             self.event_idx.load(Ordering::Relaxed),
             |chain| {
-                let len: usize = chain
-                    .clone()
-                    .readable()
-                    .map(|d| d.len() as usize)
-                    .fold(0usize, usize::saturating_add);
-                if len < NET_HDR_LEN {
+                let Ok((mut r, _)) = split_chain(chain.memory(), chain.clone()) else {
+                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                    return Some(0);
+                };
+                let len = r.available_bytes();
+                // A chain shorter than the virtio header, or longer than the largest frame the
+                // MTU allows, is not a frame: drop it.
+                if len < NET_HDR_LEN || len > NET_HDR_LEN + max {
+                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                    return Some(0);
+                }
+                frame.resize(len, 0);
+                if r.read_exact(&mut frame[..]).is_err() {
                     self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                     return Some(0);
                 }
@@ -121,13 +161,99 @@ impl VhostUserNetBackend {
                 self.stats
                     .tx_bytes
                     .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                // The network stack arrives with the virtio-net data path; until then frames are
-                // counted and dropped, which is what a link with nothing behind it does.
-                self.stats.tx_unrouted.fetch_add(1, Ordering::Relaxed);
+                stack.receive_frame(&frame[NET_HDR_LEN..]);
                 Some(0)
             },
         )?;
+        stack.poll();
+        self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem)
+    }
+
+    /// The largest Ethernet frame the MTU allows.
+    fn max_frame(&self) -> usize {
+        usize::from(self.cfg.mtu) + 14 + 4
+    }
+
+    /// Writes the stack's frames into the guest's RX buffers. With MRG_RXBUF a frame may span
+    /// several buffers; the first one's header says how many. When the guest has not posted
+    /// enough buffers, the frame waits for the next RX kick.
+    fn deliver(
+        &self,
+        stack: &mut NetStack,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic,
+    ) -> io::Result<()> {
+        let mem = mem.memory();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let mut used = 0usize;
+        while let Some(frame) = stack.pop_frame() {
+            let need = NET_HDR_LEN + frame.len();
+            let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
+            let mut room = 0usize;
+            while room < need {
+                match queue.pop_descriptor_chain(mem.clone()) {
+                    Some(c) => {
+                        room += c
+                            .clone()
+                            .writable()
+                            .map(|d| d.len() as usize)
+                            .fold(0, usize::saturating_add);
+                        chains.push(c);
+                    }
+                    None => break,
+                }
+            }
+            if room < need {
+                // Not enough buffers: give the chains back and wait for the guest's kick.
+                let back = queue.next_avail().wrapping_sub(chains.len() as u16);
+                queue.set_next_avail(back);
+                stack.unpop_frame(frame);
+                let _ = queue.enable_notification(&*mem);
+                break;
+            }
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+            let mut src: &[u8] = &frame;
+            let mut first = true;
+            for c in &chains {
+                let head = c.head_index();
+                let Ok((_, mut w)) = split_chain(c.memory(), c.clone()) else {
+                    let _ = queue.add_used(&*mem, head, 0);
+                    continue;
+                };
+                let mut written = 0usize;
+                if first {
+                    written += w.write(&hdr).unwrap_or(0);
+                    first = false;
+                }
+                let n = w.write(src).unwrap_or(0);
+                src = &src[n..];
+                written += n;
+                if let Err(e) = queue.add_used(&*mem, head, written as u32) {
+                    warn!("net: cannot return RX descriptor {head}: {e}");
+                }
+                used += 1;
+            }
+            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
         Ok(())
+    }
+
+    fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .clone();
+        let mut stack = self
+            .stack
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem)
     }
 }
 
@@ -193,9 +319,9 @@ impl VhostUserBackend for VhostUserNetBackend {
         }
         // An Err here would end the worker thread for good: log and carry on instead.
         let res = match device_event {
-            TX_QUEUE => self.process_tx(&vrings[TX_QUEUE as usize]),
-            // RX buffers are used when there is something to deliver.
-            RX_QUEUE => Ok(()),
+            TX_QUEUE => self.process_tx(vrings),
+            // New RX buffers: deliver what waited for them.
+            RX_QUEUE => self.process_rx(vrings),
             other => {
                 debug!("net: event for unknown source {other}");
                 Ok(())

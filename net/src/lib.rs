@@ -12,3 +12,6 @@ pub use config::{Error, NetConfig, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, GATEWAY_
 mod publish;
 
 pub use publish::{PortSpec, PortSpecError, Protocol};
+
+pub mod dhcp;
+pub mod stack;

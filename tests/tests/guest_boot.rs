@@ -27,11 +27,14 @@ fn script(share: &Path, then: &str) -> String {
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
 check eth0-mac "$(cat /sys/class/net/eth0/address 2>&1)" {MAC}
+# The lease from ferry's DHCP server (QEMU is given no host_mtu: the MTU comes from DHCP).
 check eth0-mtu "$(cat /sys/class/net/eth0/mtu 2>&1)" 65520
-ip link set eth0 up
-ip addr add 192.168.127.2/24 dev eth0
-# No stack answers yet: the pings go unanswered, but their ARP requests reach ferry.
-ping -c 2 -W 1 192.168.127.1 >/dev/null 2>&1
+check dhcp-address "$(ip -4 -o addr show eth0 | awk '{{print $4}}')" 192.168.127.2/24
+check dhcp-router "$(ip route | awk '/^default/ {{print $3}}')" 192.168.127.1
+check dhcp-dns "$(awk '/^nameserver/ {{print $2; exit}}' /etc/resolv.conf)" 192.168.127.1
+check dhcp-search "$(awk '/^search/ {{print $2; exit}}' /etc/resolv.conf)" ferry.internal
+check ping-gateway "$(ping -c 2 -W 2 192.168.127.1 2>&1 | grep -c 'bytes from 192.168.127.1')" 2
+check ping-host-alias "$(ping -c 1 -W 2 192.168.127.254 2>&1 | grep -c 'bytes from')" 1
 check eth0-carrier "$(cat /sys/class/net/eth0/carrier 2>&1)" 1
 check virtiofs-mounted "$(awk '$2 == "/mnt/{TAG}" {{print $1, $3}}' /proc/mounts)" "{TAG} virtiofs"
 check virtiofs-root-inode "$(stat -c %i /mnt/{TAG} 2>&1)" {ino}
@@ -49,10 +52,9 @@ fn spec(dir: &Path, script: String) -> GuestSpec {
         script,
         net_socket: Some(dir.join("net.sock")),
         mac: Some(MAC.into()),
-        mtu: Some(65520),
+        mtu: None,
         shares: vec![(TAG.into(), dir.join("fs.sock"))],
-        // DHCP arrives with the virtio-net data path; no lease to wait for yet.
-        no_dhcp: true,
+        no_dhcp: false,
         memory_mib: 256,
     }
 }
@@ -103,7 +105,7 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
         checks: ferry_tests::parse_checks(&qemu.console()),
         console: qemu.console(),
     };
-    assert_all_ok("first boot", &first, &ferry, 7);
+    assert_all_ok("first boot", &first, &ferry, 13);
     qemu.kill();
     assert!(
         ferry.is_running(),
@@ -116,7 +118,7 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
     let second = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("second boot: {e}\nferry log:\n{}", ferry.log_tail()));
-    assert_all_ok("second boot", &second, &ferry, 7);
+    assert_all_ok("second boot", &second, &ferry, 13);
     assert_eq!(second.rc, 0);
     drop(qemu);
 
@@ -126,7 +128,7 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
         !log.contains("connection ended"),
         "a connection failed:\n{log}"
     );
-    // The guest's frames (ARP for the gateway, at least) reached ferry's TX queue.
+    // The guest's frames (DHCP, ARP and pings at least) reached ferry's TX queue.
     let frames: u64 = log
         .lines()
         .filter_map(|l| l.split("the guest has sent ").nth(1))
