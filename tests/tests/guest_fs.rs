@@ -165,8 +165,13 @@ fn guest_file_operations_through_ferry() {
         );
     }
     let held = open_in(ferry.pid(), &rw.join("big"));
+    let children = children_of(ferry.pid());
     std::fs::write(rw.join("released"), b"").unwrap();
     assert!(held, "ferry (pid {}) does not hold big open", ferry.pid());
+    assert!(
+        children.is_empty(),
+        "ferry has helper processes: {children:?}"
+    );
 
     // A host-side change while the guest watches.
     wait_for(DEADLINE, || {
@@ -199,6 +204,18 @@ fn guest_file_operations_through_ferry() {
         b"HOST-SECRET"
     );
     assert!(ferry.is_running());
+}
+
+/// The child processes of `pid` (from every thread's `children` list).
+fn children_of(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect()
 }
 
 /// Whether process `pid` has `path` open.
