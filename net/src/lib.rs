@@ -14,4 +14,5 @@ mod publish;
 pub use publish::{PortSpec, PortSpecError, Protocol};
 
 pub mod dhcp;
+pub mod dns;
 pub mod stack;

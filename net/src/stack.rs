@@ -14,7 +14,7 @@ use smoltcp::socket::udp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 
-use crate::dhcp;
+use crate::{dhcp, dns};
 use crate::{NetConfig, GATEWAY_MAC};
 
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
@@ -76,6 +76,8 @@ pub struct StackStats {
     pub dropped_in: u64,
     /// DHCP answers sent.
     pub dhcp_replies: u64,
+    /// DNS answers sent.
+    pub dns_replies: u64,
 }
 
 /// The guest's link and the services on it.
@@ -85,8 +87,19 @@ pub struct NetStack {
     device: FrameQueue,
     sockets: SocketSet<'static>,
     dhcp: SocketHandle,
+    dns: SocketHandle,
     epoch: StdInstant,
     stats: StackStats,
+}
+
+/// A UDP socket bound to `port` on the stack's addresses.
+fn udp_socket(port: u16) -> udp::Socket<'static> {
+    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+    let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+    let mut socket = udp::Socket::new(rx, tx);
+    // Binding a fresh socket to a free port cannot fail.
+    let _ = socket.bind(port);
+    socket
 }
 
 fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {
@@ -111,18 +124,16 @@ impl NetStack {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(smol(cfg.host_alias())), prefix));
         });
         let mut sockets = SocketSet::new(Vec::new());
-        let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8 * 1024]);
-        let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8 * 1024]);
-        let mut socket = udp::Socket::new(rx, tx);
-        // Binding a fresh socket to a free port cannot fail.
-        let _ = socket.bind(dhcp::SERVER_PORT);
+        let socket = udp_socket(dhcp::SERVER_PORT);
         let dhcp = sockets.add(socket);
+        let dns = sockets.add(udp_socket(dns::PORT));
         NetStack {
             cfg,
             iface,
             device,
             sockets,
             dhcp,
+            dns,
             epoch,
             stats: StackStats::default(),
         }
@@ -147,6 +158,7 @@ impl NetStack {
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dhcp();
+        self.serve_dns();
         self.iface
             .poll(self.now(), &mut self.device, &mut self.sockets);
     }
@@ -162,6 +174,22 @@ impl NetStack {
             meta.local_address = Some(IpAddress::Ipv4(smol(self.cfg.gateway())));
             if socket.send_slice(&answer, meta).is_ok() {
                 self.stats.dhcp_replies += 1;
+            }
+        }
+    }
+
+    fn serve_dns(&mut self) {
+        let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+        while let Ok((query, meta)) = socket.recv() {
+            // Forwarding to the upstream server arrives with the NAT's host sockets; until then
+            // names outside the plan get SERVFAIL at once rather than a timeout.
+            let Some(dns::Answer::Local(reply)) = dns::answer(&self.cfg, query, false) else {
+                continue;
+            };
+            let mut out = udp::UdpMetadata::from(meta.endpoint);
+            out.local_address = meta.local_address;
+            if socket.send_slice(&reply, out).is_ok() {
+                self.stats.dns_replies += 1;
             }
         }
     }

@@ -1,0 +1,247 @@
+//! The DNS server on the gateway: the names of the network plan are answered here; other
+//! names go upstream (once forwarding exists) or get SERVFAIL at once.
+//!
+//! Queries come from the guest and are treated as hostile: every length is checked, names are
+//! read without following compression pointers (a question never needs them), and anything
+//! malformed gets no answer rather than a guess.
+
+use std::net::Ipv4Addr;
+
+use crate::NetConfig;
+
+/// The DNS port.
+pub const PORT: u16 = 53;
+const HEADER: usize = 12;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const CLASS_IN: u16 = 1;
+const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
+/// TTL of local answers: short, since the plan can change with `--subnet` on restart.
+const TTL: u32 = 60;
+/// Longest name on the wire.
+const MAX_NAME: usize = 255;
+
+/// One question, as parsed from a query.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Question {
+    /// The name, lowercase, dot-separated, no trailing dot.
+    pub name: String,
+    /// The query type.
+    pub qtype: u16,
+    /// The query class.
+    pub qclass: u16,
+    /// Where the question ends in the query (the answer section starts there).
+    end: usize,
+}
+
+/// The question of a standard query with exactly one question; `None` for anything else.
+pub fn parse_query(q: &[u8]) -> Option<Question> {
+    if q.len() < HEADER {
+        return None;
+    }
+    let flags = u16::from_be_bytes([q[2], q[3]]);
+    let is_response = flags & 0x8000 != 0;
+    let opcode = (flags >> 11) & 0xf;
+    let qdcount = u16::from_be_bytes([q[4], q[5]]);
+    if is_response || opcode != 0 || qdcount != 1 {
+        return None;
+    }
+    let mut pos = HEADER;
+    let mut name = String::new();
+    loop {
+        let len = *q.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        // Compression pointers and the reserved label types never appear in a question.
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        let label = q.get(pos..pos + len)?;
+        if !name.is_empty() {
+            name.push('.');
+        }
+        for &b in label {
+            name.push(b.to_ascii_lowercase() as char);
+        }
+        if name.len() > MAX_NAME {
+            return None;
+        }
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(pos)?, *q.get(pos + 1)?]);
+    let qclass = u16::from_be_bytes([*q.get(pos + 2)?, *q.get(pos + 3)?]);
+    Some(Question {
+        name,
+        qtype,
+        qclass,
+        end: pos + 4,
+    })
+}
+
+/// The address of a name the gateway answers itself, if it is one.
+pub fn local_name(cfg: &NetConfig, name: &str) -> Option<Ipv4Addr> {
+    match name {
+        "gateway.ferry.internal" | "gateway.docker.internal" => Some(cfg.gateway()),
+        "host.ferry.internal" | "host.docker.internal" | "http.docker.internal" => {
+            Some(cfg.host_alias())
+        }
+        _ => None,
+    }
+}
+
+/// A response to `query` (whose question is `q`) with `rcode` and the given A record, if any.
+fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<Ipv4Addr>) -> Vec<u8> {
+    let mut r = Vec::with_capacity(q.end + 16);
+    r.extend_from_slice(&query[0..2]);
+    // QR, the query's opcode (0) and RD, RA, and the rcode.
+    let rd = query[2] & 0x01;
+    // AA: the plan's names are ours to answer.
+    let aa = if rcode == 0 && answer.is_some() {
+        0x04
+    } else {
+        0
+    };
+    r.push(0x80 | aa | rd);
+    r.push(0x80 | rcode);
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&u16::from(answer.is_some()).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&query[HEADER..q.end]);
+    if let Some(ip) = answer {
+        r.extend_from_slice(&[0xc0, HEADER as u8]);
+        r.extend_from_slice(&TYPE_A.to_be_bytes());
+        r.extend_from_slice(&CLASS_IN.to_be_bytes());
+        r.extend_from_slice(&TTL.to_be_bytes());
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&ip.octets());
+    }
+    r
+}
+
+/// The answer the gateway gives itself: for the plan's names (A, and an empty answer for any
+/// other type), or SERVFAIL for everything else when there is no upstream to ask. `None` for a
+/// query that gets no answer at all (malformed).
+pub fn answer(cfg: &NetConfig, query: &[u8], have_upstream: bool) -> Option<Answer> {
+    let q = parse_query(query)?;
+    if let Some(ip) = local_name(cfg, &q.name) {
+        let a = (q.qtype == TYPE_A && q.qclass == CLASS_IN).then_some(ip);
+        return Some(Answer::Local(response(query, &q, 0, a)));
+    }
+    // Other names under our own zone do not exist.
+    if q.name.ends_with(".ferry.internal") || q.name == "ferry.internal" {
+        return Some(Answer::Local(response(query, &q, RCODE_NXDOMAIN, None)));
+    }
+    if !have_upstream {
+        return Some(Answer::Local(response(query, &q, RCODE_SERVFAIL, None)));
+    }
+    Some(Answer::Forward)
+}
+
+/// What to do with a query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Send this response.
+    Local(Vec<u8>),
+    /// Ask the upstream server and return its answer unchanged.
+    Forward,
+}
+
+/// `name` as a query for `qtype`, for tests and tools.
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    q
+}
+
+/// AAAA, for callers that build queries.
+pub const QTYPE_AAAA: u16 = TYPE_AAAA;
+/// A, for callers that build queries.
+pub const QTYPE_A: u16 = TYPE_A;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(a: Option<Answer>) -> Vec<u8> {
+        match a {
+            Some(Answer::Local(v)) => v,
+            other => panic!("expected a local answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plan_names_get_a_records_and_empty_aaaa() {
+        let cfg = NetConfig::default();
+        for (name, ip) in [
+            ("host.ferry.internal", [192, 168, 127, 254]),
+            ("HOST.docker.internal", [192, 168, 127, 254]),
+            ("gateway.ferry.internal", [192, 168, 127, 1]),
+            ("http.docker.internal", [192, 168, 127, 254]),
+        ] {
+            let r = local(answer(&cfg, &query(0x4242, name, TYPE_A), false));
+            assert_eq!(&r[0..2], &[0x42, 0x42]);
+            assert_eq!(r[3] & 0x0f, 0, "{name}: rcode");
+            assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "{name}: one answer");
+            assert_eq!(&r[r.len() - 4..], &ip, "{name}");
+            let r = local(answer(&cfg, &query(1, name, TYPE_AAAA), false));
+            assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
+        }
+    }
+
+    #[test]
+    fn other_names_servfail_without_upstream_and_forward_with_one() {
+        let cfg = NetConfig::default();
+        let r = local(answer(&cfg, &query(7, "example.test", TYPE_A), false));
+        assert_eq!(r[3] & 0x0f, RCODE_SERVFAIL);
+        assert_eq!(
+            answer(&cfg, &query(7, "example.test", TYPE_A), true),
+            Some(Answer::Forward)
+        );
+        let r = local(answer(&cfg, &query(7, "nope.ferry.internal", TYPE_A), true));
+        assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
+    }
+
+    #[test]
+    fn malformed_queries_get_no_answer() {
+        let cfg = NetConfig::default();
+        let good = query(1, "host.ferry.internal", TYPE_A);
+        for bad in [
+            vec![],
+            good[..11].to_vec(),
+            good[..good.len() - 1].to_vec(),
+            {
+                let mut v = good.clone();
+                v[12] = 0xc0; // a compression pointer in the question
+                v
+            },
+            {
+                let mut v = good.clone();
+                v[2] |= 0x80; // a response, not a query
+                v
+            },
+            {
+                let mut v = good.clone();
+                v[5] = 2; // two questions
+                v
+            },
+            {
+                let mut v = good.clone();
+                v[12] = 60; // a label longer than the packet
+                v
+            },
+        ] {
+            assert_eq!(answer(&cfg, &bad, false), None, "{bad:?}");
+        }
+    }
+}
