@@ -326,3 +326,145 @@ mod tests {
         assert!(s.pop_frame().is_none());
     }
 }
+
+#[cfg(test)]
+mod hostile_frames {
+    use super::*;
+    use crate::dns;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
+        UdpRepr,
+    };
+
+    /// A UDP datagram from the guest to `dst:port`, as an Ethernet frame.
+    fn udp_frame(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
+        let cfg = NetConfig::default();
+        let udp = UdpRepr {
+            src_port: 40000,
+            dst_port: port,
+        };
+        let ip = Ipv4Repr {
+            src_addr: smol(cfg.guest()),
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len: udp.header_len() + payload.len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(crate::GUEST_MAC),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + ip.payload_len];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p, &Default::default());
+        let mut u = UdpPacket::new_unchecked(p.payload_mut());
+        udp.emit(
+            &mut u,
+            &ip.src_addr.into(),
+            &ip.dst_addr.into(),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &Default::default(),
+        );
+        buf
+    }
+
+    #[test]
+    fn dns_query_over_the_link_gets_its_answer() {
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone());
+        let q = dns::query(9, "host.ferry.internal", dns::QTYPE_A);
+        s.receive_frame(&udp_frame(smol(cfg.gateway()), dns::PORT, &q));
+        s.poll();
+        // The stack first asks who the guest is (ARP), then answers once it knows.
+        let mut got_answer = false;
+        for _ in 0..4 {
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if f.ethertype() == EthernetProtocol::Arp {
+                    // Answer the ARP so the DNS reply can go out.
+                    let mut reply = frame.clone();
+                    let mut rf = EthernetFrame::new_unchecked(&mut reply[..]);
+                    let req = smoltcp::wire::ArpRepr::parse(
+                        &smoltcp::wire::ArpPacket::new_checked(f.payload()).unwrap(),
+                    )
+                    .unwrap();
+                    if let smoltcp::wire::ArpRepr::EthernetIpv4 {
+                        source_hardware_addr,
+                        source_protocol_addr,
+                        target_protocol_addr,
+                        ..
+                    } = req
+                    {
+                        let ans = smoltcp::wire::ArpRepr::EthernetIpv4 {
+                            operation: smoltcp::wire::ArpOperation::Reply,
+                            source_hardware_addr: EthernetAddress(crate::GUEST_MAC),
+                            source_protocol_addr: target_protocol_addr,
+                            target_hardware_addr: source_hardware_addr,
+                            target_protocol_addr: source_protocol_addr,
+                        };
+                        rf.set_src_addr(EthernetAddress(crate::GUEST_MAC));
+                        rf.set_dst_addr(source_hardware_addr);
+                        ans.emit(&mut smoltcp::wire::ArpPacket::new_unchecked(
+                            rf.payload_mut(),
+                        ));
+                        s.receive_frame(&reply);
+                    }
+                } else {
+                    let p = Ipv4Packet::new_checked(f.payload()).unwrap();
+                    let u = UdpPacket::new_checked(p.payload()).unwrap();
+                    assert_eq!(u.src_port(), dns::PORT);
+                    assert_eq!(&u.payload()[u.payload().len() - 4..], &[192, 168, 127, 254]);
+                    got_answer = true;
+                }
+            }
+            s.poll();
+        }
+        assert!(got_answer);
+    }
+
+    #[test]
+    fn random_and_mangled_frames_never_panic() {
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone());
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seeds = [
+            udp_frame(smol(cfg.gateway()), dns::PORT, &dns::query(1, "a.b", 1)),
+            udp_frame(Ipv4Address::BROADCAST, dhcp::SERVER_PORT, &[0u8; 300]),
+            udp_frame(smol(cfg.host_alias()), 9, b"x"),
+        ];
+        for i in 0..20_000 {
+            let mut f = if i % 3 == 0 {
+                (0..(rnd() % 1600) as usize).map(|_| rnd() as u8).collect()
+            } else {
+                seeds[i % seeds.len()].clone()
+            };
+            // Flip a few bytes anywhere (headers included), and sometimes cut the frame short.
+            for _ in 0..(rnd() % 4) {
+                if !f.is_empty() {
+                    let at = (rnd() as usize) % f.len();
+                    f[at] = rnd() as u8;
+                }
+            }
+            if rnd() % 8 == 0 {
+                let keep = (rnd() as usize) % (f.len() + 1);
+                f.truncate(keep);
+            }
+            s.receive_frame(&f);
+            if i % 16 == 0 {
+                s.poll();
+                while s.pop_frame().is_some() {}
+            }
+        }
+        s.poll();
+    }
+}
