@@ -12,6 +12,7 @@ declare -A NEED=(
 	[dpkg-deb]=dpkg
 	[ip]=iproute2
 	[cc]=gcc
+	[ping]=iputils-ping
 )
 
 missing=()

@@ -50,9 +50,24 @@ impl FerryProcess {
     /// Starts `ferry serve ARGS` with its log in `dir/ferry.log`, and waits until every path in
     /// `sockets` exists.
     pub fn serve(dir: &Path, args: &[String], sockets: &[PathBuf]) -> Self {
+        Self::serve_in(None, dir, args, sockets)
+    }
+
+    /// As [`serve`](Self::serve), inside network namespace `netns` when given: the way every
+    /// test whose guest opens connections must run it.
+    pub fn serve_in(netns: Option<&str>, dir: &Path, args: &[String], sockets: &[PathBuf]) -> Self {
         let log = dir.join("ferry.log");
         let err = File::create(&log).expect("create the ferry log");
-        let child = Command::new(ferry_bin())
+        let bin = ferry_bin();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .arg("serve")
             .args(args)
             .env(

@@ -6,10 +6,12 @@
 
 mod checks;
 mod ferry;
+mod netns;
 mod qemu;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
 pub use ferry::{ferry_bin, FerryProcess};
+pub use netns::TestNet;
 pub use qemu::{guest_image, GuestSpec, Qemu};
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,97 @@
+//! Test networks: network namespaces made by the test, so that nothing the NAT opens can
+//! reach the machine's real network.
+//!
+//! A [`TestNet`] has two namespaces joined by a veth pair: `inner`, where `ferry serve` runs
+//! (it has no route anywhere else, not even a default route), and `remote`, which plays the
+//! outside world with test servers. Addresses come from 198.18.0.0/15, the range reserved for
+//! network tests. Everything is deleted on drop.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces and a link between them.
+pub struct TestNet {
+    /// Where ferry runs.
+    pub inner: String,
+    /// The "outside": test servers listen here.
+    pub remote: String,
+    /// The inner side's address on the link.
+    pub inner_addr: String,
+    /// The remote side's address on the link (reach test servers here).
+    pub remote_addr: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (apt-get install iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl TestNet {
+    /// Makes the namespaces and the link. Needs root (CAP_NET_ADMIN).
+    pub fn new() -> Result<Self, String> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id());
+        // The third octet keeps concurrent test nets on separate links.
+        let octet = (std::process::id() * 8 + n) % 250 + 1;
+        let net = TestNet {
+            inner: format!("ferry-in-{id}"),
+            remote: format!("ferry-rm-{id}"),
+            inner_addr: format!("198.18.{octet}.1"),
+            remote_addr: format!("198.18.{octet}.2"),
+        };
+        let (va, vb) = (format!("fi{id}"), format!("fr{id}"));
+        ip(&["netns", "add", &net.inner])?;
+        ip(&["netns", "add", &net.remote])?;
+        ip(&[
+            "link",
+            "add",
+            &va,
+            "netns",
+            &net.inner,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vb,
+            "netns",
+            &net.remote,
+        ])?;
+        for (ns, dev, addr) in [
+            (&net.inner, &va, &net.inner_addr),
+            (&net.remote, &vb, &net.remote_addr),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// A command that runs `program` inside namespace `ns`.
+    pub fn command(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth pair, and so the pair.
+        let _ = ip(&["netns", "del", &self.inner]);
+        let _ = ip(&["netns", "del", &self.remote]);
+    }
+}
