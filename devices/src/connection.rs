@@ -70,17 +70,20 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
 }
 
 /// Serves frontends on `listener` one after another, forever. `private` is a socket path for
-/// the daemon's side of the relay, in a folder only this process uses. `on_disconnect` runs
-/// after each frontend leaves, so the device can drop per-connection state.
-pub fn serve_connections<T, D>(
+/// the daemon's side of the relay, in a folder only this process uses. `on_connect` runs when
+/// a frontend's daemon is up (to register the device's own fds with its worker), and
+/// `on_disconnect` after each frontend leaves, so the device can drop per-connection state.
+pub fn serve_connections<T, C, D>(
     name: &str,
     listener: UnixListener,
     private: PathBuf,
     backend: T,
+    on_connect: C,
     on_disconnect: D,
 ) -> Result<(), Error>
 where
     T: VhostUserBackend<Bitmap = (), Vring = Vring> + Clone + 'static,
+    C: Fn(&VhostUserDaemon<T>),
     D: Fn(),
 {
     let daemon_err = |e: vhost_user_backend::Error| Error::Daemon {
@@ -107,6 +110,7 @@ where
         let daemon_side = UnixStream::connect(&private).map_err(accept_err)?;
         daemon.start(&mut inner).map_err(daemon_err)?;
         let relays = relay(name, frontend, daemon_side).map_err(accept_err)?;
+        on_connect(&daemon);
         info!("{name}: frontend connected");
         match daemon.wait() {
             // A frontend that quits (QEMU exit, VM reboot) shows up as one of these.

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -30,6 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
 use crate::queue::{drain_queue, Chain};
@@ -40,6 +42,9 @@ pub const RX_QUEUE: u16 = 0;
 /// Index of the transmit queue.
 pub const TX_QUEUE: u16 = 1;
 const NUM_QUEUES: usize = 2;
+/// The event token of the stack's timer on the worker's epoll (tokens up to NUM_QUEUES are the
+/// library's).
+pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 const QUEUE_SIZE: usize = 1024;
 /// Size of `virtio_net_hdr_v1`, which precedes every frame.
 pub const NET_HDR_LEN: usize = 12;
@@ -66,6 +71,8 @@ pub struct VhostUserNetBackend {
     stack: Mutex<NetStack>,
     /// Reused buffer for one TX frame.
     frame: Mutex<Vec<u8>>,
+    /// Fires when the stack wants a poll without new frames (ARP retries, TCP timers).
+    timer: Mutex<TimerFd>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     stats: NetDeviceStats,
@@ -73,20 +80,63 @@ pub struct VhostUserNetBackend {
 
 impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
-    pub fn new(cfg: NetConfig) -> Arc<Self> {
-        Arc::new(VhostUserNetBackend {
+    pub fn new(cfg: NetConfig) -> io::Result<Arc<Self>> {
+        let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Arc::new(VhostUserNetBackend {
+            timer: Mutex::new(timer),
             stack: Mutex::new(NetStack::new(cfg.clone())),
             frame: Mutex::new(Vec::with_capacity(usize::from(cfg.mtu) + 64)),
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             stats: NetDeviceStats::default(),
-        })
+        }))
     }
 
     /// The device's counters.
     pub fn stats(&self) -> &NetDeviceStats {
         &self.stats
+    }
+
+    /// The timer's fd, to register on each connection's worker epoll with [`TIMER_EVENT`].
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.lock().map(|t| t.as_raw_fd()).unwrap_or(-1)
+    }
+
+    /// Sets the timer to the stack's next deadline.
+    fn rearm(&self, stack: &mut NetStack) {
+        let Ok(mut t) = self.timer.lock() else {
+            return;
+        };
+        let res = match stack.poll_delay() {
+            // A zero delay would disarm the timer; "now" is the next microsecond.
+            Some(d) => t.reset(d.max(std::time::Duration::from_micros(1)), None),
+            None => t.clear(),
+        };
+        if let Err(e) = res {
+            warn!("net: cannot set the stack's timer: {e}");
+        }
+    }
+
+    fn process_timer(&self, vrings: &[Vring]) -> io::Result<()> {
+        debug!("net: stack timer fired");
+        if let Ok(mut t) = self.timer.lock() {
+            // Readable means expired; the read clears it.
+            let _ = t.wait();
+        }
+        let mem = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .clone();
+        let mut stack = self
+            .stack
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        stack.poll();
+        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
+        self.rearm(&mut stack);
+        res
     }
 
     /// Called when a frontend leaves: log what crossed the device so far, and start the next
@@ -166,7 +216,9 @@ impl VhostUserNetBackend {
             },
         )?;
         stack.poll();
-        self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem)
+        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
+        self.rearm(&mut stack);
+        res
     }
 
     /// The largest Ethernet frame the MTU allows.
@@ -322,6 +374,7 @@ impl VhostUserBackend for VhostUserNetBackend {
             TX_QUEUE => self.process_tx(vrings),
             // New RX buffers: deliver what waited for them.
             RX_QUEUE => self.process_rx(vrings),
+            TIMER_EVENT => self.process_timer(vrings),
             other => {
                 debug!("net: event for unknown source {other}");
                 Ok(())
@@ -340,7 +393,7 @@ mod tests {
 
     #[test]
     fn config_space_has_mac_status_and_mtu() {
-        let b = VhostUserNetBackend::new(NetConfig::default());
+        let b = VhostUserNetBackend::new(NetConfig::default()).unwrap();
         let c = b.get_config(0, 12);
         assert_eq!(&c[0..6], &ferry_net::GUEST_MAC);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1);
@@ -352,7 +405,9 @@ mod tests {
 
     #[test]
     fn features_include_the_contract() {
-        let f = VhostUserNetBackend::new(NetConfig::default()).features();
+        let f = VhostUserNetBackend::new(NetConfig::default())
+            .unwrap()
+            .features();
         for bit in [
             VIRTIO_F_VERSION_1,
             VIRTIO_NET_F_MAC,

@@ -194,6 +194,15 @@ impl NetStack {
         }
     }
 
+    /// How long until the stack wants to be polled again without new frames (ARP retries,
+    /// and later TCP timers); `None` when it has nothing pending.
+    pub fn poll_delay(&mut self) -> Option<std::time::Duration> {
+        let now = self.now();
+        self.iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| std::time::Duration::from_micros(d.total_micros()))
+    }
+
     /// The next frame for the guest, if any.
     pub fn pop_frame(&mut self) -> Option<Vec<u8>> {
         self.device.tx.pop_front()
@@ -379,6 +388,11 @@ mod hostile_frames {
         let q = dns::query(9, "host.ferry.internal", dns::QTYPE_A);
         s.receive_frame(&udp_frame(smol(cfg.gateway()), dns::PORT, &q));
         s.poll();
+        // The answer waits for the guest's ARP reply; the stack wants a poll to retry.
+        assert!(
+            s.poll_delay().is_some(),
+            "no timer while a reply waits for ARP"
+        );
         // The stack first asks who the guest is (ARP), then answers once it knows.
         let mut got_answer = false;
         for _ in 0..4 {

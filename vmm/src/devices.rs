@@ -108,7 +108,9 @@ impl Devices {
         }
 
         if let Some((listener, path)) = net {
-            let backend = VhostUserNetBackend::new(cfg.net.clone());
+            let backend = VhostUserNetBackend::new(cfg.net.clone()).map_err(|e| {
+                Error::Runtime(format!("cannot create the net device's timer: {e}"))
+            })?;
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
                 path.display(),
@@ -122,7 +124,22 @@ impl Devices {
             let inner = private.join("net.sock");
             spawn("net", move || {
                 let b = backend.clone();
-                serve_connections("net", listener, inner, backend, move || b.frontend_gone())
+                let timer = backend.timer_fd();
+                let on_connect = move |d: &vhost_user_backend::VhostUserDaemon<_>| {
+                    // The stack's timer wakes the same worker that serves the queues.
+                    if let Some(h) = d.get_epoll_handlers().first() {
+                        if let Err(e) = h.register_listener(
+                            timer,
+                            vmm_sys_util::epoll::EventSet::IN,
+                            u64::from(ferry_devices::vhu_net::TIMER_EVENT),
+                        ) {
+                            error!("net: cannot watch the stack's timer: {e}");
+                        }
+                    }
+                };
+                serve_connections("net", listener, inner, backend, on_connect, move || {
+                    b.frontend_gone()
+                })
             })?;
         }
         for (i, (listener, share, pfs)) in fs.into_iter().enumerate() {
@@ -141,21 +158,28 @@ impl Devices {
             spawn(&name, move || {
                 let b = backend.clone();
                 let n2 = n.clone();
-                serve_connections(&n, listener, inner, backend, move || {
-                    // A new frontend starts a new FUSE session: drop the old one's nodes and
-                    // open files, which the guest that held them can no longer release.
-                    let server = b.server();
-                    let fs = server.fs();
-                    log::info!(
+                serve_connections(
+                    &n,
+                    listener,
+                    inner,
+                    backend,
+                    |_| {},
+                    move || {
+                        // A new frontend starts a new FUSE session: drop the old one's nodes and
+                        // open files, which the guest that held them can no longer release.
+                        let server = b.server();
+                        let fs = server.fs();
+                        log::info!(
                         "{n2}: session ended with {} nodes and {} open files; {} requests answered with an error, {} malformed",
                         fs.inode_count(),
                         fs.handle_count(),
                         server.stats().errors(),
                         server.stats().malformed()
                     );
-                    server.cancel_waits();
-                    ferry_fs::FileSystem::destroy(fs);
-                })
+                        server.cancel_waits();
+                        ferry_fs::FileSystem::destroy(fs);
+                    },
+                )
             })?;
         }
         Ok(Devices { sockets, private })
