@@ -5,6 +5,7 @@
 
 use std::io;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,6 +46,8 @@ const NUM_QUEUES: usize = 2;
 /// The event token of the stack's timer on the worker's epoll (tokens up to NUM_QUEUES are the
 /// library's).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The event token of the stack's host sockets (NAT flows, DNS upstream).
+pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 2;
 const QUEUE_SIZE: usize = 1024;
 /// Size of `virtio_net_hdr_v1`, which precedes every frame.
 pub const NET_HDR_LEN: usize = 12;
@@ -67,6 +70,8 @@ pub struct NetDeviceStats {
 /// The virtio-net vhost-user backend.
 pub struct VhostUserNetBackend {
     cfg: NetConfig,
+    /// Where DNS queries for other names go.
+    upstream: Option<SocketAddr>,
     /// The guest's link. One thread serves the device, so the lock is never contended.
     stack: Mutex<NetStack>,
     /// Reused buffer for one TX frame.
@@ -80,11 +85,12 @@ pub struct VhostUserNetBackend {
 
 impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
-    pub fn new(cfg: NetConfig) -> io::Result<Arc<Self>> {
+    pub fn new(cfg: NetConfig, upstream: Option<SocketAddr>) -> io::Result<Arc<Self>> {
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         Ok(Arc::new(VhostUserNetBackend {
+            upstream,
             timer: Mutex::new(timer),
-            stack: Mutex::new(NetStack::new(cfg.clone())),
+            stack: Mutex::new(NetStack::new(cfg.clone(), upstream)?),
             frame: Mutex::new(Vec::with_capacity(usize::from(cfg.mtu) + 64)),
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
@@ -96,6 +102,28 @@ impl VhostUserNetBackend {
     /// The device's counters.
     pub fn stats(&self) -> &NetDeviceStats {
         &self.stats
+    }
+
+    /// The fd the stack's host sockets wake, to register with [`HOST_EVENT`] (it changes
+    /// when a frontend leaves, so ask at each connection).
+    pub fn host_fd(&self) -> RawFd {
+        self.stack.lock().map(|s| s.host_fd()).unwrap_or(-1)
+    }
+
+    fn process_host(&self, vrings: &[Vring]) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .clone();
+        let mut stack = self
+            .stack
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        stack.handle_host_events();
+        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
+        self.rearm(&mut stack);
+        res
     }
 
     /// The timer's fd, to register on each connection's worker epoll with [`TIMER_EVENT`].
@@ -157,7 +185,10 @@ impl VhostUserNetBackend {
             dhcp
         );
         if let Ok(mut st) = self.stack.lock() {
-            *st = NetStack::new(self.cfg.clone());
+            match NetStack::new(self.cfg.clone(), self.upstream) {
+                Ok(fresh) => *st = fresh,
+                Err(e) => warn!("net: cannot make a fresh link for the next guest: {e}"),
+            }
         }
     }
 
@@ -375,6 +406,7 @@ impl VhostUserBackend for VhostUserNetBackend {
             // New RX buffers: deliver what waited for them.
             RX_QUEUE => self.process_rx(vrings),
             TIMER_EVENT => self.process_timer(vrings),
+            HOST_EVENT => self.process_host(vrings),
             other => {
                 debug!("net: event for unknown source {other}");
                 Ok(())
@@ -393,7 +425,7 @@ mod tests {
 
     #[test]
     fn config_space_has_mac_status_and_mtu() {
-        let b = VhostUserNetBackend::new(NetConfig::default()).unwrap();
+        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
         let c = b.get_config(0, 12);
         assert_eq!(&c[0..6], &ferry_net::GUEST_MAC);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1);
@@ -405,7 +437,7 @@ mod tests {
 
     #[test]
     fn features_include_the_contract() {
-        let f = VhostUserNetBackend::new(NetConfig::default())
+        let f = VhostUserNetBackend::new(NetConfig::default(), None)
             .unwrap()
             .features();
         for bit in [

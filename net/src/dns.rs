@@ -149,6 +149,16 @@ pub enum Answer {
     Forward,
 }
 
+/// The first nameserver in `resolv_conf` (the text of /etc/resolv.conf), port 53.
+pub fn upstream_from_resolv_conf(resolv_conf: &str) -> Option<std::net::SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, PORT))
+        .next()
+}
+
 /// `name` as a query for `qtype`, for tests and tools.
 pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = Vec::new();
@@ -210,6 +220,16 @@ mod tests {
         );
         let r = local(answer(&cfg, &query(7, "nope.ferry.internal", TYPE_A), true));
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
+    }
+
+    #[test]
+    fn upstream_is_the_first_nameserver() {
+        let conf = "# comment\nsearch example\nnameserver bogus\nnameserver 10.1.2.3\nnameserver 10.9.9.9\n";
+        assert_eq!(
+            upstream_from_resolv_conf(conf),
+            Some("10.1.2.3:53".parse().unwrap())
+        );
+        assert_eq!(upstream_from_resolv_conf(""), None);
     }
 
     #[test]

@@ -15,4 +15,5 @@ pub use publish::{PortSpec, PortSpecError, Protocol};
 
 pub mod dhcp;
 pub mod dns;
+pub mod nat;
 pub mod stack;

@@ -6,6 +6,7 @@
 //! publishing build on this in the virtio-net issue.
 
 use std::collections::VecDeque;
+use std::io;
 use std::time::Instant as StdInstant;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -14,8 +15,13 @@ use smoltcp::socket::udp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 
+use crate::nat::{FlowKey, UdpNat, FLOW_TOKEN_BASE};
 use crate::{dhcp, dns};
 use crate::{NetConfig, GATEWAY_MAC};
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
 const QUEUE_FRAMES: usize = 1024;
@@ -90,7 +96,23 @@ pub struct NetStack {
     dns: SocketHandle,
     epoch: StdInstant,
     stats: StackStats,
+    /// Host sockets that wake the stack (NAT flows, the DNS upstream socket).
+    epoll: Epoll,
+    nat: UdpNat,
+    /// The stack's UDP socket for each destination the guest talks to through the NAT.
+    nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
+    /// The DNS server queries are forwarded to, and the host socket connected to it.
+    upstream: Option<UdpSocket>,
+    /// Forwarded queries in flight: our id -> (guest endpoint, the guest's query).
+    dns_pending: HashMap<u16, (IpEndpoint, Vec<u8>)>,
+    next_dns_id: u16,
+    last_expiry: StdInstant,
 }
+
+/// The epoll token of the DNS upstream socket.
+const DNS_TOKEN: u64 = 1;
+/// Forwarded queries waiting at most.
+const MAX_DNS_PENDING: usize = 1024;
 
 /// A UDP socket bound to `port` on the stack's addresses.
 fn udp_socket(port: u16) -> udp::Socket<'static> {
@@ -102,13 +124,53 @@ fn udp_socket(port: u16) -> udp::Socket<'static> {
     socket
 }
 
+/// A UDP socket with room for datagrams up to 65507 bytes, for NAT flows.
+fn udp_socket_big() -> udp::Socket<'static> {
+    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 160 * 1024]);
+    let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 160 * 1024]);
+    udp::Socket::new(rx, tx)
+}
+
+/// The flow of a guest UDP datagram to an IPv4 destination, if `frame` is one (checksums
+/// checked, so a corrupt frame opens nothing).
+fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    };
+    let f = EthernetFrame::new_checked(frame).ok()?;
+    if f.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let p = Ipv4Packet::new_checked(f.payload()).ok()?;
+    let ip = Ipv4Repr::parse(&p, &Default::default()).ok()?;
+    if ip.next_header != IpProtocol::Udp {
+        return None;
+    }
+    let u = UdpPacket::new_checked(p.payload()).ok()?;
+    let repr = UdpRepr::parse(
+        &u,
+        &ip.src_addr.into(),
+        &ip.dst_addr.into(),
+        &Default::default(),
+    )
+    .ok()?;
+    let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+    Some((
+        FlowKey {
+            guest_port: repr.src_port,
+            dst: SocketAddrV4::new(dst, repr.dst_port),
+        },
+        u.payload().len(),
+    ))
+}
+
 fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {
     Ipv4Address::from(a.octets())
 }
 
 impl NetStack {
-    /// A link for the network plan `cfg`.
-    pub fn new(cfg: NetConfig) -> Self {
+    /// A link for the network plan `cfg`, forwarding DNS to `upstream` when given.
+    pub fn new(cfg: NetConfig, upstream: Option<SocketAddr>) -> io::Result<Self> {
         let mut device = FrameQueue {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -123,11 +185,42 @@ impl NetStack {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(smol(cfg.gateway())), prefix));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(smol(cfg.host_alias())), prefix));
         });
+        // Accept packets for any destination: the NAT answers for the whole world.
+        iface.set_any_ip(true);
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(smol(cfg.gateway()));
         let mut sockets = SocketSet::new(Vec::new());
         let socket = udp_socket(dhcp::SERVER_PORT);
         let dhcp = sockets.add(socket);
-        let dns = sockets.add(udp_socket(dns::PORT));
-        NetStack {
+        let mut dns_socket = udp_socket(dns::PORT);
+        // Only the gateway's port 53: queries the guest sends elsewhere go through the NAT.
+        let _ = dns_socket.bind(IpEndpoint::new(
+            IpAddress::Ipv4(smol(cfg.gateway())),
+            dns::PORT,
+        ));
+        let dns = sockets.add(dns_socket);
+        let epoll = Epoll::new()?;
+        let upstream = match upstream {
+            Some(addr) => {
+                let s = UdpSocket::bind(if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                })?;
+                s.connect(addr)?;
+                s.set_nonblocking(true)?;
+                epoll.ctl(
+                    ControlOperation::Add,
+                    s.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, DNS_TOKEN),
+                )?;
+                Some(s)
+            }
+            None => None,
+        };
+        let host_alias = cfg.host_alias();
+        Ok(NetStack {
             cfg,
             iface,
             device,
@@ -136,6 +229,157 @@ impl NetStack {
             dns,
             epoch,
             stats: StackStats::default(),
+            epoll,
+            nat: UdpNat::new(host_alias),
+            nat_sockets: HashMap::new(),
+            upstream,
+            dns_pending: HashMap::new(),
+            next_dns_id: 1,
+            last_expiry: StdInstant::now(),
+        })
+    }
+
+    /// The fd that becomes readable when a host socket has something for the guest; the
+    /// device watches it and calls [`handle_host_events`](Self::handle_host_events).
+    pub fn host_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Before the stack sees a guest frame: a UDP datagram to the outside opens its NAT flow
+    /// (and the stack socket that takes it), so the stack has somewhere to deliver it.
+    fn open_nat_flow(&mut self, frame: &[u8]) {
+        let Some((key, _)) = parse_udp(frame) else {
+            return;
+        };
+        let gw = self.cfg.gateway();
+        if *key.dst.ip() == gw || key.dst.ip().is_broadcast() || key.dst.ip().is_multicast() {
+            return;
+        }
+        if !self.nat_sockets.contains_key(&key.dst) {
+            let mut s = udp_socket_big();
+            let ep = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
+            if s.bind(ep).is_err() {
+                return;
+            }
+            let h = self.sockets.add(s);
+            self.nat_sockets.insert(key.dst, h);
+        }
+        if let Err(e) = self.nat.flow(key, &self.epoll) {
+            log::debug!("nat: cannot open a host socket for {}: {e}", key.dst);
+        }
+    }
+
+    /// Moves datagrams the guest sent through the NAT to their host sockets.
+    fn nat_out(&mut self) {
+        let mut buf = [0u8; 65536];
+        for (dst, h) in &self.nat_sockets {
+            let socket = self.sockets.get_mut::<udp::Socket>(*h);
+            while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
+                let key = FlowKey {
+                    guest_port: meta.endpoint.port,
+                    dst: *dst,
+                };
+                if let Some(flow) = self.nat.get_mut(&key) {
+                    // UDP may drop: a full host socket buffer loses the datagram, as a
+                    // router would.
+                    let _ = flow.socket.send(&buf[..n]);
+                    flow.last = StdInstant::now();
+                }
+            }
+        }
+    }
+
+    /// Reads what host sockets received and hands it to the guest.
+    pub fn handle_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+        let mut buf = vec![0u8; 65536];
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == DNS_TOKEN {
+                self.dns_in(&mut buf);
+                continue;
+            }
+            if token < FLOW_TOKEN_BASE {
+                continue;
+            }
+            let Some(key) = self.nat.key_of(token) else {
+                continue;
+            };
+            let Some(&h) = self.nat_sockets.get(&key.dst) else {
+                continue;
+            };
+            let guest = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), key.guest_port);
+            loop {
+                let socket = self.sockets.get_mut::<udp::Socket>(h);
+                // Backpressure: stop reading while the stack's buffer toward the guest is full.
+                if !socket.can_send() {
+                    break;
+                }
+                let Some(flow) = self.nat.get_mut(&key) else {
+                    break;
+                };
+                let n = match flow.socket.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                flow.last = StdInstant::now();
+                let mut meta = udp::UdpMetadata::from(guest);
+                meta.local_address = Some(IpAddress::Ipv4(smol(*key.dst.ip())));
+                let _ = socket.send_slice(&buf[..n], meta);
+            }
+        }
+        self.poll();
+    }
+
+    /// A reply from the DNS upstream, back to the guest with its own id.
+    /// Nothing listens at the upstream: every query waiting on it fails now, rather than after
+    /// the guest's timeout. (The refusal comes back once, to whichever send or receive on the
+    /// socket happens next, so it stands for all queries in flight.)
+    fn fail_pending_dns(&mut self) {
+        let gateway = IpAddress::Ipv4(smol(self.cfg.gateway()));
+        let failed: Vec<_> = self.dns_pending.drain().map(|(_, v)| v).collect();
+        let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+        for (guest, query) in failed {
+            if let Some(dns::Answer::Local(r)) = dns::answer(&self.cfg, &query, false) {
+                let mut meta = udp::UdpMetadata::from(guest);
+                meta.local_address = Some(gateway);
+                let _ = socket.send_slice(&r, meta);
+            }
+        }
+    }
+
+    fn dns_in(&mut self, buf: &mut [u8]) {
+        let gateway = IpAddress::Ipv4(smol(self.cfg.gateway()));
+        loop {
+            let Some(up) = &self.upstream else {
+                return;
+            };
+            let (guest, reply) = match up.recv(buf) {
+                Ok(n) if n >= 12 => {
+                    let id = u16::from_be_bytes([buf[0], buf[1]]);
+                    let Some((guest, query)) = self.dns_pending.remove(&id) else {
+                        continue;
+                    };
+                    // The answer goes back unchanged but for the guest's own id.
+                    buf[0..2].copy_from_slice(&query[0..2]);
+                    (guest, buf[..n].to_vec())
+                }
+                Ok(_) => continue,
+                // Nothing listens at the upstream: every query waiting on it fails now,
+                // rather than after the guest's timeout.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    self.fail_pending_dns();
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+            let mut meta = udp::UdpMetadata::from(guest);
+            meta.local_address = Some(gateway);
+            if socket.send_slice(&reply, meta).is_ok() {
+                self.stats.dns_replies += 1;
+            }
         }
     }
 
@@ -150,6 +394,7 @@ impl NetStack {
             return;
         }
         self.stats.frames_in += 1;
+        self.open_nat_flow(frame);
         self.device.rx.push_back(frame.to_vec());
     }
 
@@ -159,8 +404,13 @@ impl NetStack {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dhcp();
         self.serve_dns();
+        self.nat_out();
         self.iface
             .poll(self.now(), &mut self.device, &mut self.sockets);
+        if self.last_expiry.elapsed() > std::time::Duration::from_secs(5) {
+            self.last_expiry = StdInstant::now();
+            self.nat.expire(&self.epoll);
+        }
     }
 
     fn serve_dhcp(&mut self) {
@@ -179,18 +429,45 @@ impl NetStack {
     }
 
     fn serve_dns(&mut self) {
+        let mut refused = false;
         let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
         while let Ok((query, meta)) = socket.recv() {
-            // Forwarding to the upstream server arrives with the NAT's host sockets; until then
-            // names outside the plan get SERVFAIL at once rather than a timeout.
-            let Some(dns::Answer::Local(reply)) = dns::answer(&self.cfg, query, false) else {
-                continue;
+            let reply = match dns::answer(&self.cfg, query, self.upstream.is_some()) {
+                Some(dns::Answer::Local(reply)) => reply,
+                Some(dns::Answer::Forward) => {
+                    // Forward with an id of ours; the answer goes back unchanged but for it.
+                    let sent = self.upstream.as_ref().and_then(|up| {
+                        if self.dns_pending.len() >= MAX_DNS_PENDING {
+                            self.dns_pending.clear();
+                        }
+                        let id = self.next_dns_id;
+                        self.next_dns_id = self.next_dns_id.wrapping_add(1).max(1);
+                        let mut q = query.to_vec();
+                        q[0..2].copy_from_slice(&id.to_be_bytes());
+                        up.send(&q).ok()?;
+                        self.dns_pending.insert(id, (meta.endpoint, query.to_vec()));
+                        Some(())
+                    });
+                    if sent.is_some() {
+                        continue;
+                    }
+                    refused = true;
+                    // The upstream refused at once (nothing listens there): SERVFAIL now.
+                    match dns::answer(&self.cfg, query, false) {
+                        Some(dns::Answer::Local(reply)) => reply,
+                        _ => continue,
+                    }
+                }
+                None => continue,
             };
             let mut out = udp::UdpMetadata::from(meta.endpoint);
             out.local_address = meta.local_address;
             if socket.send_slice(&reply, out).is_ok() {
                 self.stats.dns_replies += 1;
             }
+        }
+        if refused {
+            self.fail_pending_dns();
         }
     }
 
@@ -211,6 +488,33 @@ impl NetStack {
     /// Puts back a frame the guest had no room for; it goes first next time.
     pub fn unpop_frame(&mut self, frame: Vec<u8>) {
         self.device.tx.push_front(frame);
+    }
+
+    /// Tells the stack the guest's MAC (tests: skips the first ARP round).
+    #[cfg(test)]
+    fn neighbor_hint(&mut self) {
+        use smoltcp::wire::{
+            ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, EthernetRepr,
+        };
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(crate::GUEST_MAC),
+            source_protocol_addr: smol(self.cfg.guest()),
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: smol(self.cfg.gateway()),
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(crate::GUEST_MAC),
+            dst_addr: EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        arp.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+        self.receive_frame(&buf);
+        self.poll();
+        while self.pop_frame().is_some() {}
     }
 
     /// The link's counters.
@@ -245,7 +549,7 @@ mod tests {
     #[test]
     fn answers_arp_for_the_gateway_and_pings_to_it() {
         let cfg = NetConfig::default();
-        let mut s = NetStack::new(cfg.clone());
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
         let arp = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Request,
             source_hardware_addr: GUEST,
@@ -327,7 +631,7 @@ mod tests {
 
     #[test]
     fn garbage_frames_are_dropped_quietly() {
-        let mut s = NetStack::new(NetConfig::default());
+        let mut s = NetStack::new(NetConfig::default(), None).unwrap();
         for len in [0usize, 1, 13, 14, 60, 1500] {
             s.receive_frame(&vec![0xffu8; len]);
         }
@@ -337,13 +641,18 @@ mod tests {
 }
 
 #[cfg(test)]
-mod hostile_frames {
+pub(crate) mod hostile_frames {
     use super::*;
     use crate::dns;
     use smoltcp::wire::{
         EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
         UdpRepr,
     };
+
+    /// For other test modules.
+    pub(super) fn udp_frame_pub(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
+        udp_frame(dst, port, payload)
+    }
 
     /// A UDP datagram from the guest to `dst:port`, as an Ethernet frame.
     fn udp_frame(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
@@ -384,7 +693,7 @@ mod hostile_frames {
     #[test]
     fn dns_query_over_the_link_gets_its_answer() {
         let cfg = NetConfig::default();
-        let mut s = NetStack::new(cfg.clone());
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
         let q = dns::query(9, "host.ferry.internal", dns::QTYPE_A);
         s.receive_frame(&udp_frame(smol(cfg.gateway()), dns::PORT, &q));
         s.poll();
@@ -443,7 +752,7 @@ mod hostile_frames {
     #[test]
     fn random_and_mangled_frames_never_panic() {
         let cfg = NetConfig::default();
-        let mut s = NetStack::new(cfg.clone());
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut rnd = move || {
             x ^= x << 13;
@@ -480,5 +789,46 @@ mod hostile_frames {
             }
         }
         s.poll();
+    }
+}
+
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
+
+    #[test]
+    fn a_refusing_upstream_gives_servfail_at_once() {
+        let cfg = NetConfig::default();
+        // Loopback, where nothing listens: the only upstream a test may use without a server.
+        let mut s = NetStack::new(cfg.clone(), Some("127.0.0.1:1".parse().unwrap())).unwrap();
+        // Teach the stack the guest's MAC first, so replies need no ARP round.
+        s.neighbor_hint();
+        let q = dns::query(77, "other.example.test", dns::QTYPE_A);
+        s.receive_frame(&hostile_frames::udp_frame_pub(
+            smol(cfg.gateway()),
+            dns::PORT,
+            &q,
+        ));
+        s.poll();
+        let mut rcode = None;
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                    if let Ok(u) = UdpPacket::new_checked(p.payload()) {
+                        if u.src_port() == dns::PORT {
+                            rcode = Some(u.payload()[3] & 0x0f);
+                        }
+                    }
+                }
+            }
+            if rcode.is_some() {
+                break;
+            }
+        }
+        assert_eq!(rcode, Some(2), "no SERVFAIL within 0.5 s");
     }
 }

@@ -108,9 +108,16 @@ impl Devices {
         }
 
         if let Some((listener, path)) = net {
-            let backend = VhostUserNetBackend::new(cfg.net.clone()).map_err(|e| {
-                Error::Runtime(format!("cannot create the net device's timer: {e}"))
-            })?;
+            let upstream = cfg.dns_upstream.or_else(|| {
+                std::fs::read_to_string("/etc/resolv.conf")
+                    .ok()
+                    .and_then(|t| ferry_net::dns::upstream_from_resolv_conf(&t))
+            });
+            if upstream.is_none() {
+                log::warn!("net: no DNS upstream (none given, none in /etc/resolv.conf): names outside ferry.internal get SERVFAIL");
+            }
+            let backend = VhostUserNetBackend::new(cfg.net.clone(), upstream)
+                .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
                 path.display(),
@@ -124,16 +131,22 @@ impl Devices {
             let inner = private.join("net.sock");
             spawn("net", move || {
                 let b = backend.clone();
-                let timer = backend.timer_fd();
+                let b2 = backend.clone();
                 let on_connect = move |d: &vhost_user_backend::VhostUserDaemon<_>| {
-                    // The stack's timer wakes the same worker that serves the queues.
-                    if let Some(h) = d.get_epoll_handlers().first() {
+                    // The stack's timer and host sockets wake the worker that serves the queues.
+                    let Some(h) = d.get_epoll_handlers().into_iter().next() else {
+                        return;
+                    };
+                    for (fd, token) in [
+                        (b2.timer_fd(), ferry_devices::vhu_net::TIMER_EVENT),
+                        (b2.host_fd(), ferry_devices::vhu_net::HOST_EVENT),
+                    ] {
                         if let Err(e) = h.register_listener(
-                            timer,
+                            fd,
                             vmm_sys_util::epoll::EventSet::IN,
-                            u64::from(ferry_devices::vhu_net::TIMER_EVENT),
+                            u64::from(token),
                         ) {
-                            error!("net: cannot watch the stack's timer: {e}");
+                            error!("net: cannot watch the stack's events: {e}");
                         }
                     }
                 };
