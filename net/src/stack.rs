@@ -832,3 +832,53 @@ mod upstream_tests {
         assert_eq!(rcode, Some(2), "no SERVFAIL within 0.5 s");
     }
 }
+
+#[cfg(test)]
+mod nat_tests {
+    use super::*;
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
+
+    #[test]
+    fn udp_to_the_host_alias_reaches_loopback_and_the_reply_comes_back() {
+        let cfg = NetConfig::default();
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = echo.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        s.receive_frame(&hostile_frames::udp_frame_pub(
+            smol(cfg.host_alias()),
+            port,
+            b"ping!",
+        ));
+        s.poll();
+        let mut buf = [0u8; 64];
+        echo.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let (n, from) = echo
+            .recv_from(&mut buf)
+            .expect("the datagram reached loopback");
+        assert_eq!(&buf[..n], b"ping!");
+        echo.send_to(b"pong!", from).unwrap();
+        let mut got = None;
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                    if let Ok(u) = UdpPacket::new_checked(p.payload()) {
+                        got = Some((p.src_addr(), u.src_port(), u.payload().to_vec()));
+                    }
+                }
+            }
+            if got.is_some() {
+                break;
+            }
+        }
+        let (src, sport, data) = got.expect("the reply came back to the guest");
+        assert_eq!(
+            (src, sport, data.as_slice()),
+            (smol(cfg.host_alias()), port, &b"pong!"[..])
+        );
+    }
+}

@@ -36,8 +36,8 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// The static guest-side probe (xattrs, renameat2, SEEK_DATA/SEEK_HOLE, flock, fcntl locks)
-/// built from `probe/fsprobe.c`; guest tests copy it into a share and run it there.
-pub fn fsprobe() -> std::path::PathBuf {
-    std::path::PathBuf::from(concat!(env!("OUT_DIR"), "/fsprobe"))
+/// The static guest-side probe (xattrs, renameat2, SEEK_DATA/SEEK_HOLE, flock, fcntl locks,
+/// UDP) built from `probe/probe.c`; guest tests copy it into a share and run it there.
+pub fn probe() -> std::path::PathBuf {
+    std::path::PathBuf::from(concat!(env!("OUT_DIR"), "/probe"))
 }

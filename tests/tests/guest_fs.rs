@@ -42,8 +42,8 @@ mknod dev c 1 3 2>/tmp/err; check mknod-device-refused "$(grep -c 'not permitted
 fallocate -l 1048576 alloc && check fallocate "$(stat -c %s alloc)" 1048576
 check readdir-10k "$(ls many | wc -l)" 10000
 
-# What busybox has no applet for: the static probe from tests/probe/fsprobe.c.
-P=$S/fsprobe
+# What busybox has no applet for: the static probe from tests/probe/probe.c.
+P=$S/probe
 check xattr-set "$($P xattr-set target user.color blue)" ok
 check xattr-get "$($P xattr-get target user.color)" blue
 check xattr-list "$($P xattr-list target)" "user.color,"
@@ -103,7 +103,7 @@ fn guest_file_operations_through_ferry() {
         std::fs::write(many.join(format!("entry-{i:05}")), b"").unwrap();
     }
     std::fs::write(rw.join("from-host.txt"), b"written on the host").unwrap();
-    std::fs::copy(ferry_tests::fsprobe(), rw.join("fsprobe")).unwrap();
+    std::fs::copy(ferry_tests::probe(), rw.join("probe")).unwrap();
     std::fs::write(ro.join("keep"), b"kept").unwrap();
     std::fs::write(dir.path().join("host-secret"), b"HOST-SECRET").unwrap();
     std::os::unix::fs::symlink(dir.path().join("host-secret"), rw.join("escape")).unwrap();

@@ -1,4 +1,4 @@
-/* fsprobe: file-system calls busybox has no applet for, run inside the test guest.
+/* probe: calls busybox has no applet for (file-system calls, UDP), run inside the test guest.
  * Built statically by tests/build.rs and copied into a share by the guest tests.
  * Each command prints one line: a result, or "errno:NAME". Exit code 0 unless misused. */
 #define _GNU_SOURCE
@@ -11,6 +11,10 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static int fail(void) {
@@ -26,7 +30,7 @@ static int xopen(const char *p, int flags) {
 }
 
 int main(int argc, char **argv) {
-	if (argc < 3) { fprintf(stderr, "usage: fsprobe CMD PATH [ARGS]\n"); return 2; }
+	if (argc < 3) { fprintf(stderr, "usage: probe CMD PATH [ARGS]\n"); return 2; }
 	const char *cmd = argv[1], *p = argv[2];
 	if (!strcmp(cmd, "xattr-set") && argc == 5) {
 		if (setxattr(p, argv[3], argv[4], strlen(argv[4]), 0)) return fail();
@@ -93,8 +97,24 @@ int main(int argc, char **argv) {
 		if (fcntl(fd, F_SETLK, &l)) return fail();
 		int st;
 		waitpid(c, &st, 0);
+	} else if (!strcmp(cmd, "udp") && argc == 5) {
+		/* udp ADDR PORT SIZE: send one SIZE-byte datagram, wait up to 3 s for the echo, print
+		 * "SIZE-BACK SAME|DIFFERENT" or errno. */
+		size_t size = (size_t)atol(argv[4]);
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		if (s < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		if (connect(s, (struct sockaddr *)&a, sizeof a)) return fail();
+		unsigned char *out = malloc(size ? size : 1), *in = malloc(65536);
+		for (size_t i = 0; i < size; i++) out[i] = (unsigned char)(i * 7 + 3);
+		if (send(s, out, size, 0) < 0) return fail();
+		struct pollfd pf = { .fd = s, .events = POLLIN };
+		if (poll(&pf, 1, 3000) != 1) { puts("timeout"); return 0; }
+		ssize_t n = recv(s, in, 65536, 0);
+		if (n < 0) return fail();
+		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
 	} else {
-		fprintf(stderr, "fsprobe: unknown command %s\n", cmd);
+		fprintf(stderr, "probe: unknown command %s\n", cmd);
 		return 2;
 	}
 	return 0;

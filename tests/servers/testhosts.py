@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Test hosts for the network tests, run inside a test network namespace.
+
+    testhosts.py ADDR [--echo PORT]... [--dns PORT NAME=IP...]
+
+--echo PORT   a UDP echo server on ADDR:PORT
+--dns PORT    a DNS server on ADDR:PORT answering A queries for the NAME=IP pairs that follow,
+              NXDOMAIN for other names
+
+Prints "ready" once every socket is bound. Runs until killed. Only ever answers; it never
+sends anything unprompted.
+"""
+import select
+import socket
+import struct
+import sys
+
+
+def dns_answer(query, names):
+    if len(query) < 12:
+        return None
+    qid, flags, qd = struct.unpack("!HHH", query[:6])
+    if flags & 0x8000 or qd != 1:
+        return None
+    pos, labels = 12, []
+    while pos < len(query) and query[pos] != 0:
+        n = query[pos]
+        labels.append(query[pos + 1:pos + 1 + n].decode("ascii", "replace").lower())
+        pos += 1 + n
+    end = pos + 5
+    if end > len(query):
+        return None
+    qtype = struct.unpack("!H", query[pos + 1:pos + 3])[0]
+    name = ".".join(labels)
+    ip = names.get(name)
+    rd = flags & 0x0100
+    if ip is None:
+        return struct.pack("!HHHHHH", qid, 0x8080 | rd | 3, 1, 0, 0, 0) + query[12:end]
+    if qtype != 1:
+        return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 0, 0, 0) + query[12:end]
+    answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ip)
+    return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 1, 0, 0) + query[12:end] + answer
+
+
+def main():
+    addr, args = sys.argv[1], sys.argv[2:]
+    echo, dns = [], []
+    names = {}
+    i = 0
+    while i < len(args):
+        if args[i] == "--echo":
+            echo.append(int(args[i + 1]))
+            i += 2
+        elif args[i] == "--dns":
+            dns.append(int(args[i + 1]))
+            i += 2
+            while i < len(args) and "=" in args[i]:
+                k, v = args[i].split("=", 1)
+                names[k.lower()] = v
+                i += 1
+        else:
+            sys.exit("testhosts: unknown argument " + args[i])
+    socks = {}
+    for port in echo:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((addr, port))
+        socks[s] = "echo"
+    for port in dns:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((addr, port))
+        socks[s] = "dns"
+    print("ready", flush=True)
+    while True:
+        ready, _, _ = select.select(list(socks), [], [])
+        for s in ready:
+            data, peer = s.recvfrom(65535)
+            reply = data if socks[s] == "echo" else dns_answer(data, names)
+            if reply is not None:
+                s.sendto(reply, peer)
+
+
+if __name__ == "__main__":
+    main()

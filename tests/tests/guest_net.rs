@@ -1,0 +1,120 @@
+//! Guest end-to-end through the NAT, in a test network: ferry runs in a namespace with no
+//! route out, and the "outside" is a test host on a veth link (198.18.0.0/15) running a UDP
+//! echo server and a DNS server. Nothing leaves the namespaces the test made.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestNet};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// A test-host process, killed on drop.
+struct Host(Child);
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `testhosts.py` in `ns` and waits for it to bind.
+fn test_host(ns: &str, args: &[&str]) -> Host {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", script])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the test host (python3)");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped stdout");
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read from the test host");
+    assert_eq!(line.trim(), "ready", "the test host did not start");
+    Host(child)
+}
+
+#[test]
+fn udp_and_dns_through_the_nat() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let _remote_host = test_host(
+        &net.remote,
+        &[
+            &remote,
+            "--echo",
+            "7777",
+            "--dns",
+            "53",
+            &format!("remote.test={remote}"),
+        ],
+    );
+    // A service on the loopback of ferry's own namespace, for the host alias.
+    let _local_host = test_host(&net.inner, &["127.0.0.1", "--echo", "7778"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    // The probe reaches the guest through a share.
+    let tools = dir.path().join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    std::fs::copy(ferry_tests::probe(), tools.join("probe")).unwrap();
+    let tools_sock = dir.path().join("tools.sock");
+    let mut ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            format!("{remote}:53"),
+            "--share".into(),
+            format!(
+                "tag=tools,dir={},socket={},readonly",
+                tools.display(),
+                tools_sock.display()
+            ),
+        ],
+        &[sock.clone(), tools_sock.clone()],
+    );
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+P=/mnt/tools/probe
+check udp-echo-remote "$($P udp {remote} 7777 100)" "100 SAME"
+check udp-echo-host-alias "$($P udp 192.168.127.254 7778 100)" "100 SAME"
+check udp-large-datagram "$($P udp {remote} 7777 65000)" "65000 SAME"
+check dns-upstream-name "$(nslookup remote.test 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" {remote}
+nslookup missing.test > /tmp/ns 2>&1
+check dns-upstream-nxdomain "$(grep -q NXDOMAIN /tmp/ns && echo 1)" 1
+check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
+"#
+    );
+    let mut qemu = Qemu::boot(
+        dir.path(),
+        &GuestSpec {
+            script,
+            net_socket: Some(sock),
+            shares: vec![("tools".into(), tools_sock)],
+            mac: Some("02:46:52:59:00:02".into()),
+            memory_mib: 256,
+            ..Default::default()
+        },
+    );
+    let out = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && out.checks.len() == 6,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        out.checks.len(),
+        ferry_tests::tail(&out.console, 40),
+        ferry.log_tail()
+    );
+    assert!(ferry.is_running());
+}
