@@ -15,5 +15,6 @@ pub use publish::{PortSpec, PortSpecError, Protocol};
 
 pub mod dhcp;
 pub mod dns;
+pub mod icmp;
 pub mod nat;
 pub mod stack;

@@ -99,6 +99,7 @@ pub struct NetStack {
     /// Host sockets that wake the stack (NAT flows, the DNS upstream socket).
     epoll: Epoll,
     nat: UdpNat,
+    icmp: crate::icmp::IcmpNat,
     /// The stack's UDP socket for each destination the guest talks to through the NAT.
     nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
     /// The DNS server queries are forwarded to, and the host socket connected to it.
@@ -231,6 +232,7 @@ impl NetStack {
             stats: StackStats::default(),
             epoll,
             nat: UdpNat::new(host_alias),
+            icmp: crate::icmp::IcmpNat::default(),
             nat_sockets: HashMap::new(),
             upstream,
             dns_pending: HashMap::new(),
@@ -269,6 +271,92 @@ impl NetStack {
         }
     }
 
+    /// An echo request to an outside address goes out through a ping socket, never to the
+    /// stack (which would answer it itself: a fake reply). Returns whether it took the frame.
+    fn ping_out(&mut self, frame: &[u8]) -> bool {
+        use smoltcp::wire::{
+            EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet, IpProtocol, Ipv4Packet,
+            Ipv4Repr,
+        };
+        let Ok(f) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if f.ethertype() != EthernetProtocol::Ipv4 {
+            return false;
+        }
+        let Ok(p) = Ipv4Packet::new_checked(f.payload()) else {
+            return false;
+        };
+        let Ok(ip) = Ipv4Repr::parse(&p, &Default::default()) else {
+            return false;
+        };
+        if ip.next_header != IpProtocol::Icmp {
+            return false;
+        }
+        let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+        if dst == self.cfg.gateway() || dst == self.cfg.host_alias() {
+            return false;
+        }
+        let Ok(icmp) = Icmpv4Packet::new_checked(p.payload()) else {
+            return true;
+        };
+        if icmp.msg_type() != Icmpv4Message::EchoRequest || !icmp.verify_checksum() {
+            // Other ICMP to the outside has nowhere to go; drop it here.
+            return true;
+        }
+        let key = crate::icmp::PingKey {
+            ident: icmp.echo_ident(),
+            dst,
+        };
+        self.icmp.send(
+            key,
+            &p.payload()[..ip.payload_len.min(p.payload().len())],
+            &self.epoll,
+        );
+        true
+    }
+
+    /// A reply on a ping socket: back to the guest from the host that sent it, with the guest's
+    /// own identifier.
+    fn ping_in(&mut self, token: u64, buf: &mut [u8]) {
+        use smoltcp::wire::{
+            EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Message, Icmpv4Packet, IpProtocol,
+            Ipv4Packet, Ipv4Repr,
+        };
+        while let Some((key, n)) = self.icmp.recv(token, buf) {
+            let msg = &mut buf[..n];
+            let Ok(mut icmp) = Icmpv4Packet::new_checked(&mut msg[..]) else {
+                continue;
+            };
+            if icmp.msg_type() != Icmpv4Message::EchoReply {
+                continue;
+            }
+            icmp.set_echo_ident(key.ident);
+            icmp.fill_checksum();
+            let ip = Ipv4Repr {
+                src_addr: smol(key.dst),
+                dst_addr: smol(self.cfg.guest()),
+                next_header: IpProtocol::Icmp,
+                payload_len: n,
+                hop_limit: 64,
+            };
+            let eth = EthernetRepr {
+                src_addr: EthernetAddress(GATEWAY_MAC),
+                dst_addr: EthernetAddress(self.cfg.guest_mac),
+                ethertype: EthernetProtocol::Ipv4,
+            };
+            let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + n];
+            let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+            eth.emit(&mut f);
+            let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+            ip.emit(&mut p, &Default::default());
+            p.payload_mut()[..n].copy_from_slice(&buf[..n]);
+            if self.device.tx.len() < QUEUE_FRAMES {
+                self.device.tx.push_back(frame);
+            }
+        }
+    }
+
     /// Moves datagrams the guest sent through the NAT to their host sockets.
     fn nat_out(&mut self) {
         let mut buf = [0u8; 65536];
@@ -298,6 +386,10 @@ impl NetStack {
             let token = ev.data();
             if token == DNS_TOKEN {
                 self.dns_in(&mut buf);
+                continue;
+            }
+            if token >= crate::icmp::TOKEN_BASE {
+                self.ping_in(token, &mut buf);
                 continue;
             }
             if token < FLOW_TOKEN_BASE {
@@ -394,6 +486,9 @@ impl NetStack {
             return;
         }
         self.stats.frames_in += 1;
+        if self.ping_out(frame) {
+            return;
+        }
         self.open_nat_flow(frame);
         self.device.rx.push_back(frame.to_vec());
     }
@@ -410,6 +505,7 @@ impl NetStack {
         if self.last_expiry.elapsed() > std::time::Duration::from_secs(5) {
             self.last_expiry = StdInstant::now();
             self.nat.expire(&self.epoll);
+            self.icmp.expire_idle(&self.epoll);
         }
     }
 
@@ -880,5 +976,58 @@ mod nat_tests {
             (src, sport, data.as_slice()),
             (smol(cfg.host_alias()), port, &b"pong!"[..])
         );
+    }
+}
+
+#[cfg(test)]
+mod no_fake_icmp {
+    use super::*;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol,
+        Ipv4Packet, Ipv4Repr,
+    };
+
+    #[test]
+    fn echo_to_an_outside_address_is_never_answered_by_the_stack() {
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        // A loopback destination: the ping socket (if the host allows one) stays on this
+        // machine; either way the stack itself must not answer.
+        let dst = Ipv4Address::new(127, 0, 0, 2);
+        let icmp = Icmpv4Repr::EchoRequest {
+            ident: 3,
+            seq_no: 1,
+            data: b"abcd",
+        };
+        let ip = Ipv4Repr {
+            src_addr: smol(cfg.guest()),
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(crate::GUEST_MAC),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + icmp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p, &Default::default());
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(p.payload_mut()),
+            &Default::default(),
+        );
+        s.receive_frame(&buf);
+        s.poll();
+        while let Some(frame) = s.pop_frame() {
+            let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+            if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                assert_ne!(p.src_addr(), dst, "the stack answered for {dst} itself");
+            }
+        }
     }
 }

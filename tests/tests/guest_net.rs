@@ -54,6 +54,15 @@ fn udp_and_dns_through_the_nat() {
             &format!("remote.test={remote}"),
         ],
     );
+    // Ping sockets for ferry's namespace (its own sysctl), so pings to the outside are real.
+    let sysctl = TestNet::command(&net.inner, "sysctl")
+        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
+        .status()
+        .unwrap();
+    assert!(
+        sysctl.success(),
+        "cannot allow ping sockets in the test namespace"
+    );
     // A service on the loopback of ferry's own namespace, for the host alias.
     let _local_host = test_host(&net.inner, &["127.0.0.1", "--echo", "7778"]);
 
@@ -81,6 +90,12 @@ fn udp_and_dns_through_the_nat() {
         ],
         &[sock.clone(), tools_sock.clone()],
     );
+    // An address on the test link where no host answers.
+    let nobody = {
+        let mut parts: Vec<&str> = remote.split('.').collect();
+        parts[3] = "77";
+        parts.join(".")
+    };
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
@@ -91,6 +106,8 @@ check udp-large-datagram "$($P udp {remote} 7777 65000)" "65000 SAME"
 check dns-upstream-name "$(nslookup remote.test 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" {remote}
 nslookup missing.test > /tmp/ns 2>&1
 check dns-upstream-nxdomain "$(grep -q NXDOMAIN /tmp/ns && echo 1)" 1
+check ping-remote "$(ping -c 2 -W 2 {remote} 2>&1 | grep -c 'bytes from {remote}')" 2
+check ping-nobody "$(ping -c 1 -W 1 {nobody} 2>&1 | grep -c 'bytes from')" 0
 check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 "#
     );
@@ -110,7 +127,7 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 6,
+        failed.is_empty() && out.checks.len() == 8,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),
