@@ -18,3 +18,4 @@ pub mod dns;
 pub mod icmp;
 pub mod nat;
 pub mod stack;
+pub mod tcp_nat;

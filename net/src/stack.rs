@@ -100,6 +100,7 @@ pub struct NetStack {
     epoll: Epoll,
     nat: UdpNat,
     icmp: crate::icmp::IcmpNat,
+    tcp: crate::tcp_nat::TcpNat,
     /// The stack's UDP socket for each destination the guest talks to through the NAT.
     nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
     /// The DNS server queries are forwarded to, and the host socket connected to it.
@@ -109,6 +110,9 @@ pub struct NetStack {
     next_dns_id: u16,
     last_expiry: StdInstant,
 }
+
+/// Receive and send buffer of each NAT'd TCP connection: the window the guest sees.
+const TCP_BUFFER: usize = 256 * 1024;
 
 /// The epoll token of the DNS upstream socket.
 const DNS_TOKEN: u64 = 1;
@@ -233,6 +237,7 @@ impl NetStack {
             epoll,
             nat: UdpNat::new(host_alias),
             icmp: crate::icmp::IcmpNat::default(),
+            tcp: crate::tcp_nat::TcpNat::new(host_alias),
             nat_sockets: HashMap::new(),
             upstream,
             dns_pending: HashMap::new(),
@@ -268,6 +273,191 @@ impl NetStack {
         }
         if let Err(e) = self.nat.flow(key, &self.epoll) {
             log::debug!("nat: cannot open a host socket for {}: {e}", key.dst);
+        }
+    }
+
+    /// A guest SYN to an outside address: held while ferry connects on the host. Returns
+    /// whether it took the frame.
+    fn tcp_syn(&mut self, frame: &[u8]) -> bool {
+        use crate::tcp_nat::{FlowState, TcpKey};
+        use smoltcp::wire::{
+            EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket,
+        };
+        let Ok(f) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if f.ethertype() != EthernetProtocol::Ipv4 {
+            return false;
+        }
+        let Ok(p) = Ipv4Packet::new_checked(f.payload()) else {
+            return false;
+        };
+        let Ok(ip) = Ipv4Repr::parse(&p, &Default::default()) else {
+            return false;
+        };
+        if ip.next_header != IpProtocol::Tcp {
+            return false;
+        }
+        let Ok(t) = TcpPacket::new_checked(p.payload()) else {
+            return false;
+        };
+        if !t.syn() || t.ack() || !t.verify_checksum(&ip.src_addr.into(), &ip.dst_addr.into()) {
+            return false;
+        }
+        let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+        if dst == self.cfg.gateway() {
+            return false;
+        }
+        let key = TcpKey {
+            guest_port: t.src_port(),
+            dst: SocketAddrV4::new(dst, t.dst_port()),
+        };
+        match self.tcp.flows.get(&key).map(|f| &f.state) {
+            // A retransmitted SYN while the host connect runs: the first one is held.
+            Some(FlowState::Connecting { .. }) => true,
+            Some(FlowState::Open { .. }) => false,
+            None => self.tcp.start(key, frame.to_vec(), &self.epoll).is_ok(),
+        }
+    }
+
+    /// A TCP flow's host socket is ready.
+    fn tcp_event(&mut self, token: u64) {
+        use crate::tcp_nat::{take_error, FlowState, TcpNat};
+        use smoltcp::socket::tcp;
+        let Some(key) = self.tcp.key_of(token) else {
+            return;
+        };
+        let Some(flow) = self.tcp.flows.get_mut(&key) else {
+            return;
+        };
+        if let FlowState::Connecting { syn } = &mut flow.state {
+            let syn = std::mem::take(syn);
+            let err = take_error(flow.host.as_raw_fd());
+            if err != 0 {
+                // Refused or unreachable: the SYN meets no listener and the guest gets RST.
+                log::debug!("nat: tcp connect to {} failed: errno {err}", key.dst);
+                self.tcp.remove(&key, &self.epoll);
+                self.device.rx.push_back(syn);
+                return;
+            }
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            );
+            socket.set_ack_delay(None);
+            let ep = smoltcp::wire::IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(smol(*key.dst.ip()))),
+                port: key.dst.port(),
+            };
+            if socket.listen(ep).is_err() {
+                self.tcp.remove(&key, &self.epoll);
+                self.device.rx.push_back(syn);
+                return;
+            }
+            let handle = self.sockets.add(socket);
+            flow.state = FlowState::Open {
+                handle,
+                host_eof: false,
+                guest_eof: false,
+            };
+            TcpNat::watch(flow, true, false, &self.epoll);
+            self.device.rx.push_back(syn);
+            return;
+        }
+        self.pump(key);
+    }
+
+    fn pump_all(&mut self) {
+        let keys: Vec<_> = self.tcp.flows.keys().copied().collect();
+        for k in keys {
+            self.pump(k);
+        }
+    }
+
+    /// Moves data between a flow's stack socket and its host socket, as far as both sides
+    /// take it; closes and cleans up.
+    fn pump(&mut self, key: crate::tcp_nat::TcpKey) {
+        use crate::tcp_nat::{FlowState, TcpNat};
+        use smoltcp::socket::tcp;
+        use std::io::{Read, Write};
+        let Some(flow) = self.tcp.flows.get_mut(&key) else {
+            return;
+        };
+        let FlowState::Open {
+            handle,
+            host_eof,
+            guest_eof,
+        } = &mut flow.state
+        else {
+            return;
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(*handle);
+        let mut want_out = false;
+        let mut broken = false;
+        // Guest to host: write what the host takes; the rest stays in the window.
+        while socket.can_recv() {
+            let host = &mut flow.host;
+            let r = socket.recv(|data| match host.write(data) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match r {
+                Ok(Ok(0)) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    want_out = true;
+                    break;
+                }
+                _ => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        if !broken
+            && !*guest_eof
+            && !socket.may_recv()
+            && !socket.can_recv()
+            && socket.state() != tcp::State::Listen
+            && socket.state() != tcp::State::SynReceived
+        {
+            let _ = flow.host.shutdown(std::net::Shutdown::Write);
+            *guest_eof = true;
+        }
+        // Host to guest: read only as much as the stack can send.
+        while !broken && !*host_eof && socket.can_send() {
+            let host = &mut flow.host;
+            let r = socket.send(|buf| match host.read(buf) {
+                Ok(0) => (0, Ok(0)),
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match r {
+                Ok(Ok(0)) => {
+                    *host_eof = true;
+                    socket.close();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                _ => broken = true,
+            }
+        }
+        if broken {
+            // The host side failed: reset the guest's connection.
+            socket.abort();
+        }
+        let state = socket.state();
+        let done = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+            && (broken || *host_eof || *guest_eof || state == tcp::State::Closed);
+        if done {
+            let h = *handle;
+            self.sockets.remove(h);
+            self.tcp.remove(&key, &self.epoll);
+            return;
+        }
+        let want_in = !*host_eof && socket.can_send();
+        if want_in != flow.want_in || want_out != flow.want_out {
+            TcpNat::watch(flow, want_in, want_out, &self.epoll);
         }
     }
 
@@ -388,6 +578,10 @@ impl NetStack {
                 self.dns_in(&mut buf);
                 continue;
             }
+            if token >= crate::tcp_nat::TOKEN_BASE {
+                self.tcp_event(token);
+                continue;
+            }
             if token >= crate::icmp::TOKEN_BASE {
                 self.ping_in(token, &mut buf);
                 continue;
@@ -486,7 +680,7 @@ impl NetStack {
             return;
         }
         self.stats.frames_in += 1;
-        if self.ping_out(frame) {
+        if self.ping_out(frame) || self.tcp_syn(frame) {
             return;
         }
         self.open_nat_flow(frame);
@@ -500,6 +694,7 @@ impl NetStack {
         self.serve_dhcp();
         self.serve_dns();
         self.nat_out();
+        self.pump_all();
         self.iface
             .poll(self.now(), &mut self.device, &mut self.sockets);
         if self.last_expiry.elapsed() > std::time::Duration::from_secs(5) {

@@ -6,14 +6,69 @@
 --echo PORT   a UDP echo server on ADDR:PORT
 --dns PORT    a DNS server on ADDR:PORT answering A queries for the NAME=IP pairs that follow,
               NXDOMAIN for other names
+--tcp-blob PORT SIZE   a TCP server sending SIZE bytes of the pattern (i*7+3)&255, then closing
+--tcp-sha PORT SIZE    a TCP server reading SIZE bytes, answering their sha256 (hex), closing
 
 Prints "ready" once every socket is bound. Runs until killed. Only ever answers; it never
 sends anything unprompted.
 """
+import hashlib
 import select
 import socket
 import struct
 import sys
+import threading
+
+
+def pattern(size):
+    block = bytes(((i * 7 + 3) & 255) for i in range(256 * 1024))
+    out = bytearray()
+    while len(out) < size:
+        out += block
+    return bytes(out[:size])
+
+
+def serve_tcp(addr, port, handler):
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(1024)
+
+    def loop():
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def blob_handler(size):
+    data = pattern(size)
+
+    def handle(conn):
+        try:
+            conn.sendall(data)
+        finally:
+            conn.close()
+
+    return handle
+
+
+def sha_handler(size):
+    def handle(conn):
+        h, left = hashlib.sha256(), size
+        try:
+            while left > 0:
+                chunk = conn.recv(min(left, 1 << 20))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            conn.sendall((h.hexdigest() + "\n").encode())
+        finally:
+            conn.close()
+
+    return handle
 
 
 def dns_answer(query, names):
@@ -58,6 +113,11 @@ def main():
                 k, v = args[i].split("=", 1)
                 names[k.lower()] = v
                 i += 1
+        elif args[i] in ("--tcp-blob", "--tcp-sha"):
+            port, size = int(args[i + 1]), int(args[i + 2])
+            handler = blob_handler(size) if args[i] == "--tcp-blob" else sha_handler(size)
+            serve_tcp(addr, port, handler)
+            i += 3
         else:
             sys.exit("testhosts: unknown argument " + args[i])
     socks = {}

@@ -39,6 +39,25 @@ fn test_host(ns: &str, args: &[&str]) -> Host {
     Host(child)
 }
 
+/// sha256 of `size` bytes of the test hosts' pattern, (i*7+3)&255 in 256 KiB blocks.
+fn pattern_sha256(size: usize) -> String {
+    let block: Vec<u8> = (0..256 * 1024).map(|i| ((i * 7 + 3) & 255) as u8).collect();
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        data.extend_from_slice(&block);
+    }
+    data.truncate(size);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("pattern");
+    std::fs::write(&f, &data).unwrap();
+    let out = Command::new("sha256sum").arg(&f).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
 #[test]
 fn udp_and_dns_through_the_nat() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
@@ -49,6 +68,12 @@ fn udp_and_dns_through_the_nat() {
             &remote,
             "--echo",
             "7777",
+            "--tcp-blob",
+            "7000",
+            "16777216",
+            "--tcp-sha",
+            "7001",
+            "8388608",
             "--dns",
             "53",
             &format!("remote.test={remote}"),
@@ -64,7 +89,18 @@ fn udp_and_dns_through_the_nat() {
         "cannot allow ping sockets in the test namespace"
     );
     // A service on the loopback of ferry's own namespace, for the host alias.
-    let _local_host = test_host(&net.inner, &["127.0.0.1", "--echo", "7778"]);
+    let _local_host = test_host(
+        &net.inner,
+        &[
+            "127.0.0.1",
+            "--echo",
+            "7778",
+            "--tcp-blob",
+            "7002",
+            "16777216",
+        ],
+    );
+    let blob_sha = pattern_sha256(16 << 20);
 
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
@@ -108,6 +144,14 @@ nslookup missing.test > /tmp/ns 2>&1
 check dns-upstream-nxdomain "$(grep -q NXDOMAIN /tmp/ns && echo 1)" 1
 check ping-remote "$(ping -c 2 -W 2 {remote} 2>&1 | grep -c 'bytes from {remote}')" 2
 check ping-nobody "$(ping -c 1 -W 1 {nobody} 2>&1 | grep -c 'bytes from')" 0
+# TCP: downloads from the remote host and from the host's loopback (host alias), an upload,
+# and a closed port refused at once.
+nc {remote} 7000 > /tmp/blob; check tcp-download-remote "$(sha256sum /tmp/blob | cut -d' ' -f1)" {blob_sha}
+nc 192.168.127.254 7002 > /tmp/blob2; check tcp-download-host-alias "$(sha256sum /tmp/blob2 | cut -d' ' -f1)" {blob_sha}
+head -c 8388608 /dev/urandom > /tmp/up
+check tcp-upload "$(nc {remote} 7001 < /tmp/up)" "$(sha256sum /tmp/up | cut -d' ' -f1)"
+t0=$(cut -d' ' -f1 /proc/uptime); nc {remote} 9 < /dev/null > /tmp/refused 2>&1; t1=$(cut -d' ' -f1 /proc/uptime)
+check tcp-refused "$(grep -c 'refused' /tmp/refused) $(echo "$t1 $t0" | awk '{{print ($1 - $2) < 1}}')" "1 1"
 check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 "#
     );
@@ -127,7 +171,7 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 8,
+        failed.is_empty() && out.checks.len() == 12,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),

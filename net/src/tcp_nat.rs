@@ -1,0 +1,226 @@
+//! TCP NAT: a guest SYN to A:p starts a non-blocking host `connect(A:p)` (the host's
+//! 127.0.0.1 for the host alias). The SYN is held until the connect ends: on success the
+//! stack gets a socket listening on A:p and the SYN, so the guest sees SYN-ACK; on failure
+//! the SYN meets no listener and the stack answers RST. No half-open lies.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use smoltcp::iface::SocketHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// Tokens of TCP flows on the stack's epoll start here.
+pub const TOKEN_BASE: u64 = 1 << 48;
+/// Open TCP flows at most, unless configured otherwise.
+pub const DEFAULT_MAX_FLOWS: usize = 16384;
+
+/// A guest connection: its source port and the destination it connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpKey {
+    /// The guest's source port.
+    pub guest_port: u16,
+    /// The destination the guest addressed.
+    pub dst: SocketAddrV4,
+}
+
+/// Where a flow is.
+pub enum FlowState {
+    /// The host connect is in progress; the guest's SYN waits.
+    Connecting {
+        /// The guest's SYN frame.
+        syn: Vec<u8>,
+    },
+    /// Connected: data moves between the stack socket and the host socket.
+    Open {
+        /// The stack's socket for the guest side.
+        handle: SocketHandle,
+        /// The host closed its side (EOF seen).
+        host_eof: bool,
+        /// The guest closed its side (host write side shut down).
+        guest_eof: bool,
+    },
+}
+
+/// One flow.
+pub struct TcpFlow {
+    /// The host socket.
+    pub host: TcpStream,
+    /// Where the flow is.
+    pub state: FlowState,
+    /// Its epoll token.
+    pub token: u64,
+    /// Whether EPOLLIN is currently asked for.
+    pub want_in: bool,
+    /// Whether EPOLLOUT is currently asked for.
+    pub want_out: bool,
+}
+
+/// The TCP flows.
+pub struct TcpNat {
+    /// Flows by key.
+    pub flows: HashMap<TcpKey, TcpFlow>,
+    by_token: HashMap<u64, TcpKey>,
+    next_token: u64,
+    host_alias: Ipv4Addr,
+    /// Most flows open at once.
+    pub max_flows: usize,
+    cap_logged: bool,
+}
+
+impl TcpNat {
+    /// An empty table.
+    pub fn new(host_alias: Ipv4Addr) -> Self {
+        TcpNat {
+            flows: HashMap::new(),
+            by_token: HashMap::new(),
+            next_token: TOKEN_BASE,
+            host_alias,
+            max_flows: DEFAULT_MAX_FLOWS,
+            cap_logged: false,
+        }
+    }
+
+    /// The flow of a ready epoll token.
+    pub fn key_of(&self, token: u64) -> Option<TcpKey> {
+        self.by_token.get(&token).copied()
+    }
+
+    /// Starts the host connect for a new guest SYN. `Err` when the flow cannot be opened
+    /// (the cap, or no socket): the caller lets the SYN meet no listener, so the guest gets RST.
+    pub fn start(&mut self, key: TcpKey, syn: Vec<u8>, epoll: &Epoll) -> io::Result<()> {
+        if self.flows.len() >= self.max_flows {
+            if !self.cap_logged {
+                self.cap_logged = true;
+                log::warn!(
+                    "net: {} TCP connections are open, the most allowed; refusing new ones with RST",
+                    self.max_flows
+                );
+            }
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        let target = if *key.dst.ip() == self.host_alias {
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.dst.port())
+        } else {
+            key.dst
+        };
+        let host = connect_nonblocking(target)?;
+        let token = self.next_token;
+        self.next_token += 1;
+        epoll.ctl(
+            ControlOperation::Add,
+            host.as_raw_fd(),
+            EpollEvent::new(EventSet::OUT, token),
+        )?;
+        self.by_token.insert(token, key);
+        self.flows.insert(
+            key,
+            TcpFlow {
+                host,
+                state: FlowState::Connecting { syn },
+                token,
+                want_in: false,
+                want_out: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Sets which events a flow's host socket wakes the stack for.
+    pub fn watch(flow: &mut TcpFlow, want_in: bool, want_out: bool, epoll: &Epoll) {
+        let mut ev = EventSet::empty();
+        if want_in {
+            ev |= EventSet::IN;
+        }
+        if want_out {
+            ev |= EventSet::OUT;
+        }
+        flow.want_in = want_in;
+        flow.want_out = want_out;
+        let _ = epoll.ctl(
+            ControlOperation::Modify,
+            flow.host.as_raw_fd(),
+            EpollEvent::new(ev, flow.token),
+        );
+    }
+
+    /// Forgets a flow (its host socket closes).
+    pub fn remove(&mut self, key: &TcpKey, epoll: &Epoll) -> Option<TcpFlow> {
+        let f = self.flows.remove(key)?;
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            f.host.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        self.by_token.remove(&f.token);
+        Some(f)
+    }
+}
+
+/// A TCP socket connecting to `to` without waiting.
+fn connect_nonblocking(to: SocketAddrV4) -> io::Result<TcpStream> {
+    // SAFETY: socket() has no memory effects; the fd is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_in of the given length.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// The pending error of a socket whose connect ended (0: connected).
+pub fn take_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are valid destinations of the right sizes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        libc::EIO
+    } else {
+        err
+    }
+}
+
+/// The address a flow's host socket really connected to, for logs.
+pub fn peer(flow: &TcpFlow) -> Option<SocketAddr> {
+    flow.host.peer_addr().ok()
+}
