@@ -8,6 +8,8 @@
               NXDOMAIN for other names
 --tcp-blob PORT SIZE   a TCP server sending SIZE bytes of the pattern (i*7+3)&255, then closing
 --tcp-sha PORT SIZE    a TCP server reading SIZE bytes, answering their sha256 (hex), closing
+--tcp-hold PORT        a TCP server that keeps each connection open until the peer closes it
+--http PORT DIR        an HTTP server for the files in DIR
 
 Prints "ready" once every socket is bound. Runs until killed. Only ever answers; it never
 sends anything unprompted.
@@ -97,6 +99,27 @@ def dns_answer(query, names):
     return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 1, 0, 0) + query[12:end] + answer
 
 
+def hold_handler(conn):
+    try:
+        while conn.recv(65536):
+            pass
+    finally:
+        conn.close()
+
+
+def serve_http(addr, port, directory):
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=directory)
+    srv = http.server.ThreadingHTTPServer((addr, port), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+
 def main():
     addr, args = sys.argv[1], sys.argv[2:]
     echo, dns = [], []
@@ -113,6 +136,12 @@ def main():
                 k, v = args[i].split("=", 1)
                 names[k.lower()] = v
                 i += 1
+        elif args[i] == "--tcp-hold":
+            serve_tcp(addr, int(args[i + 1]), hold_handler)
+            i += 2
+        elif args[i] == "--http":
+            serve_http(addr, int(args[i + 1]), args[i + 2])
+            i += 3
         elif args[i] in ("--tcp-blob", "--tcp-sha"):
             port, size = int(args[i + 1]), int(args[i + 2])
             handler = blob_handler(size) if args[i] == "--tcp-blob" else sha_handler(size)

@@ -39,6 +39,25 @@ fn test_host(ns: &str, args: &[&str]) -> Host {
     Host(child)
 }
 
+/// Writes `size` bytes of the pattern to `dir/pattern`; returns its sha256 and a guard value.
+fn pattern_file(dir: &std::path::Path, size: usize) -> (String, ()) {
+    let block: Vec<u8> = (0..256 * 1024).map(|i| ((i * 7 + 3) & 255) as u8).collect();
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        data.extend_from_slice(&block);
+    }
+    data.truncate(size);
+    let f = dir.join("pattern");
+    std::fs::write(&f, &data).unwrap();
+    let out = Command::new("sha256sum").arg(&f).output().unwrap();
+    let sha = String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    (sha, ())
+}
+
 /// sha256 of `size` bytes of the test hosts' pattern, (i*7+3)&255 in 256 KiB blocks.
 fn pattern_sha256(size: usize) -> String {
     let block: Vec<u8> = (0..256 * 1024).map(|i| ((i * 7 + 3) & 255) as u8).collect();
@@ -74,6 +93,8 @@ fn udp_and_dns_through_the_nat() {
             "--tcp-sha",
             "7001",
             "8388608",
+            "--tcp-hold",
+            "7004",
             "--dns",
             "53",
             &format!("remote.test={remote}"),
@@ -88,7 +109,11 @@ fn udp_and_dns_through_the_nat() {
         sysctl.success(),
         "cannot allow ping sockets in the test namespace"
     );
-    // A service on the loopback of ferry's own namespace, for the host alias.
+    // The host side of the host alias: an echo, a blob, an HTTP server with a 64 MiB file,
+    // and an upload sink, on the loopback of ferry's own namespace.
+    let www = tempfile::tempdir().unwrap();
+    let (big_sha, ()) = pattern_file(www.path(), 64 << 20);
+    let www_dir = www.path().display().to_string();
     let _local_host = test_host(
         &net.inner,
         &[
@@ -98,6 +123,12 @@ fn udp_and_dns_through_the_nat() {
             "--tcp-blob",
             "7002",
             "16777216",
+            "--tcp-sha",
+            "7003",
+            "67108864",
+            "--http",
+            "8080",
+            &www_dir,
         ],
     );
     let blob_sha = pattern_sha256(16 << 20);
@@ -119,7 +150,7 @@ fn udp_and_dns_through_the_nat() {
             format!("{remote}:53"),
             "--share".into(),
             format!(
-                "tag=tools,dir={},socket={},readonly",
+                "tag=tools,dir={},socket={}",
                 tools.display(),
                 tools_sock.display()
             ),
@@ -151,6 +182,19 @@ nc 192.168.127.254 7002 > /tmp/blob2; check tcp-download-host-alias "$(sha256sum
 head -c 8388608 /dev/urandom > /tmp/up
 check tcp-upload "$(nc {remote} 7001 < /tmp/up)" "$(sha256sum /tmp/up | cut -d' ' -f1)"
 t0=$(cut -d' ' -f1 /proc/uptime); nc {remote} 9 < /dev/null > /tmp/refused 2>&1; t1=$(cut -d' ' -f1 /proc/uptime)
+# 64 MiB by HTTP from the host's loopback, by name, and 64 MiB uploaded to it.
+wget -q -O /tmp/big http://host.ferry.internal:8080/pattern
+check http-64m-host-by-name "$(sha256sum /tmp/big | cut -d' ' -f1)" {big_sha}
+rm /tmp/big
+head -c 67108864 /dev/urandom > /tmp/up64
+check tcp-upload-64m-host "$(nc host.ferry.internal 7003 < /tmp/up64)" "$(sha256sum /tmp/up64 | cut -d' ' -f1)"
+rm /tmp/up64
+# A connection held open while the host checks who owns its socket.
+sleep 60 | nc {remote} 7004 > /dev/null &
+held=$!
+touch /mnt/tools/holding
+i=0; while [ ! -e /mnt/tools/checked ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+kill $held 2>/dev/null
 check tcp-refused "$(grep -c 'refused' /tmp/refused) $(echo "$t1 $t0" | awk '{{print ($1 - $2) < 1}}')" "1 1"
 check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 "#
@@ -162,16 +206,41 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
             net_socket: Some(sock),
             shares: vec![("tools".into(), tools_sock)],
             mac: Some("02:46:52:59:00:02".into()),
-            memory_mib: 256,
+            memory_mib: 512,
             ..Default::default()
         },
+    );
+    // While the guest holds a connection to the test host, the host-side socket is ferry's.
+    let holding = ferry_tests::wait_for(DEADLINE, || tools.join("holding").exists().then_some(()));
+    let ss = holding.map(|_| {
+        let out = TestNet::command(&net.inner, "ss")
+            .args(["-tnp"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    std::fs::write(tools.join("checked"), b"").unwrap();
+    let ss = ss.unwrap_or_else(|| {
+        panic!(
+            "the guest never held its connection; console:\n{}",
+            ferry_tests::tail(&qemu.console(), 40)
+        )
+    });
+    let line = ss
+        .lines()
+        .find(|l| l.contains(&format!("{remote}:7004")))
+        .unwrap_or_else(|| panic!("no socket to {remote}:7004 in ss -tnp:\n{ss}"));
+    assert!(
+        line.contains(&format!("pid={},", ferry.pid())),
+        "the socket to the test host is not ferry's (pid {}): {line}",
+        ferry.pid()
     );
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 12,
+        failed.is_empty() && out.checks.len() == 14,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),
