@@ -113,6 +113,38 @@ int main(int argc, char **argv) {
 		ssize_t n = recv(s, in, 65536, 0);
 		if (n < 0) return fail();
 		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
+	} else if (!strcmp(cmd, "tcpmany") && argc == 5) {
+		/* tcpmany ADDR PORT N: N connections open at once to an echo server; each sends one
+		 * byte and reads it back. Prints "OK of N". */
+		int n = atoi(argv[4]), ok = 0;
+		int *fds = calloc((size_t)n, sizeof *fds);
+		struct pollfd *pf = calloc((size_t)n, sizeof *pf);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		if (!fds || !pf || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		for (int i = 0; i < n; i++) {
+			fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+			if (fds[i] < 0) return fail();
+			if (connect(fds[i], (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
+		}
+		/* Wait until every connect has ended, then send a byte on each. */
+		int pending = n;
+		for (int round = 0; pending > 0 && round < 600; round++) {
+			pending = 0;
+			for (int i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLOUT; pf[i].revents = 0; }
+			poll(pf, (nfds_t)n, 100);
+			for (int i = 0; i < n; i++) if (!(pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) pending++;
+		}
+		for (int i = 0; i < n; i++) (void)!write(fds[i], "x", 1);
+		char c;
+		int got[65536] = {0};
+		for (int round = 0; round < 600 && ok < n; round++) {
+			for (int i = 0; i < n; i++) { pf[i].fd = got[i] ? -1 : fds[i]; pf[i].events = POLLIN; pf[i].revents = 0; }
+			poll(pf, (nfds_t)n, 100);
+			for (int i = 0; i < n; i++)
+				if (!got[i] && (pf[i].revents & POLLIN) && read(fds[i], &c, 1) == 1 && c == 'x') { got[i] = 1; ok++; }
+		}
+		for (int i = 0; i < n; i++) close(fds[i]);
+		printf("%d of %d\n", ok, n);
 	} else {
 		fprintf(stderr, "probe: unknown command %s\n", cmd);
 		return 2;

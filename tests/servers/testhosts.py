@@ -9,6 +9,7 @@
 --tcp-blob PORT SIZE   a TCP server sending SIZE bytes of the pattern (i*7+3)&255, then closing
 --tcp-sha PORT SIZE    a TCP server reading SIZE bytes, answering their sha256 (hex), closing
 --tcp-hold PORT        a TCP server that keeps each connection open until the peer closes it
+--tcp-echo PORT        a TCP echo server
 --http PORT DIR        an HTTP server for the files in DIR
 
 Prints "ready" once every socket is bound. Runs until killed. Only ever answers; it never
@@ -99,6 +100,17 @@ def dns_answer(query, names):
     return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 1, 0, 0) + query[12:end] + answer
 
 
+def echo_handler(conn):
+    try:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+    finally:
+        conn.close()
+
+
 def hold_handler(conn):
     try:
         while conn.recv(65536):
@@ -136,6 +148,9 @@ def main():
                 k, v = args[i].split("=", 1)
                 names[k.lower()] = v
                 i += 1
+        elif args[i] == "--tcp-echo":
+            serve_tcp(addr, int(args[i + 1]), echo_handler)
+            i += 2
         elif args[i] == "--tcp-hold":
             serve_tcp(addr, int(args[i + 1]), hold_handler)
             i += 2

@@ -129,6 +129,8 @@ fn udp_and_dns_through_the_nat() {
             "--http",
             "8080",
             &www_dir,
+            "--tcp-echo",
+            "7005",
         ],
     );
     let blob_sha = pattern_sha256(16 << 20);
@@ -189,6 +191,11 @@ rm /tmp/big
 head -c 67108864 /dev/urandom > /tmp/up64
 check tcp-upload-64m-host "$(nc host.ferry.internal 7003 < /tmp/up64)" "$(sha256sum /tmp/up64 | cut -d' ' -f1)"
 rm /tmp/up64
+# 1000 connections at once to a server on the host, all answered.
+ulimit -n 8192
+touch /mnt/tools/many-start; sleep 2
+check tcp-1000-concurrent "$($P tcpmany 192.168.127.254 7005 1000)" "1000 of 1000"
+touch /mnt/tools/many-done
 # A connection held open while the host checks who owns its socket.
 sleep 60 | nc {remote} 7004 > /dev/null &
 held=$!
@@ -209,6 +216,25 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
             memory_mib: 512,
             ..Default::default()
         },
+    );
+    // After 1000 connections, ferry's descriptors come back to where they were.
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    ferry_tests::wait_for(DEADLINE, || tools.join("many-start").exists().then_some(()));
+    let before = fds(ferry.pid());
+    ferry_tests::wait_for(DEADLINE, || tools.join("many-done").exists().then_some(()));
+    let after = ferry_tests::wait_for(Duration::from_secs(20), || {
+        let n = fds(ferry.pid());
+        // A few new file nodes on the share are fine; a leak would be ~1000.
+        (n <= before + 16).then_some(n)
+    });
+    assert!(
+        after.is_some(),
+        "ferry's descriptors grew from {before} to {} after 1000 connections",
+        fds(ferry.pid())
     );
     // While the guest holds a connection to the test host, the host-side socket is ferry's.
     let holding = ferry_tests::wait_for(DEADLINE, || tools.join("holding").exists().then_some(()));
@@ -240,7 +266,7 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 14,
+        failed.is_empty() && out.checks.len() == 15,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),
