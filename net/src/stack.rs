@@ -105,6 +105,8 @@ pub struct NetStack {
     nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
     /// The DNS server queries are forwarded to, and the host socket connected to it.
     upstream: Option<UdpSocket>,
+    /// The upstream for DNS over TCP (IPv4 upstreams only, as the NAT is IPv4).
+    upstream_tcp: Option<SocketAddrV4>,
     /// Forwarded queries in flight: our id -> (guest endpoint, the guest's query).
     dns_pending: HashMap<u16, (IpEndpoint, Vec<u8>)>,
     next_dns_id: u16,
@@ -206,6 +208,7 @@ impl NetStack {
         ));
         let dns = sockets.add(dns_socket);
         let epoll = Epoll::new()?;
+        let upstream_addr = upstream;
         let upstream = match upstream {
             Some(addr) => {
                 let s = UdpSocket::bind(if addr.is_ipv4() {
@@ -225,7 +228,12 @@ impl NetStack {
             None => None,
         };
         let host_alias = cfg.host_alias();
+        let upstream_tcp = match upstream_addr {
+            Some(SocketAddr::V4(a)) => Some(a),
+            _ => None,
+        };
         Ok(NetStack {
+            upstream_tcp,
             cfg,
             iface,
             device,
@@ -305,8 +313,13 @@ impl NetStack {
             return false;
         }
         let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+        let mut target = None;
         if dst == self.cfg.gateway() {
-            return false;
+            // The gateway's only TCP service: DNS, relayed to the upstream server.
+            match (t.dst_port(), self.upstream_tcp) {
+                (dns::PORT, Some(up)) => target = Some(up),
+                _ => return false,
+            }
         }
         let key = TcpKey {
             guest_port: t.src_port(),
@@ -316,7 +329,10 @@ impl NetStack {
             // A retransmitted SYN while the host connect runs: the first one is held.
             Some(FlowState::Connecting { .. }) => true,
             Some(FlowState::Open { .. }) => false,
-            None => self.tcp.start(key, frame.to_vec(), &self.epoll).is_ok(),
+            None => self
+                .tcp
+                .start(key, target, frame.to_vec(), &self.epoll)
+                .is_ok(),
         }
     }
 

@@ -2,6 +2,9 @@
 //! 127.0.0.1 for the host alias). The SYN is held until the connect ends: on success the
 //! stack gets a socket listening on A:p and the SYN, so the guest sees SYN-ACK; on failure
 //! the SYN meets no listener and the stack answers RST. No half-open lies.
+//!
+//! DNS over TCP to the gateway is a flow like any other, to the DNS upstream: a client that
+//! got a truncated answer over UDP retries over TCP and reaches the same server.
 
 use std::collections::HashMap;
 use std::io;
@@ -89,7 +92,13 @@ impl TcpNat {
 
     /// Starts the host connect for a new guest SYN. `Err` when the flow cannot be opened
     /// (the cap, or no socket): the caller lets the SYN meet no listener, so the guest gets RST.
-    pub fn start(&mut self, key: TcpKey, syn: Vec<u8>, epoll: &Epoll) -> io::Result<()> {
+    pub fn start(
+        &mut self,
+        key: TcpKey,
+        target: Option<SocketAddrV4>,
+        syn: Vec<u8>,
+        epoll: &Epoll,
+    ) -> io::Result<()> {
         if self.flows.len() >= self.max_flows {
             if !self.cap_logged {
                 self.cap_logged = true;
@@ -100,11 +109,13 @@ impl TcpNat {
             }
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
-        let target = if *key.dst.ip() == self.host_alias {
+        // Where the host socket really connects: the given target (DNS over TCP goes to the
+        // upstream), the host's loopback for the host alias, or the guest's destination.
+        let target = target.unwrap_or(if *key.dst.ip() == self.host_alias {
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.dst.port())
         } else {
             key.dst
-        };
+        });
         let host = connect_nonblocking(target)?;
         let token = self.next_token;
         self.next_token += 1;

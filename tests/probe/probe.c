@@ -113,6 +113,38 @@ int main(int argc, char **argv) {
 		ssize_t n = recv(s, in, 65536, 0);
 		if (n < 0) return fail();
 		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
+	} else if (!strcmp(cmd, "dnstcp") && argc == 4) {
+		/* dnstcp SERVER NAME: an A query over TCP; prints the first address, or rcode:N. */
+		unsigned char q[512], r[4096];
+		size_t len = 2;
+		q[len++] = 0x12; q[len++] = 0x34; q[len++] = 0x01; q[len++] = 0x00;
+		q[len++] = 0; q[len++] = 1; memset(q + len, 0, 6); len += 6;
+		for (const char *l = argv[3]; *l;) {
+			const char *dot = strchr(l, '.');
+			size_t n = dot ? (size_t)(dot - l) : strlen(l);
+			q[len++] = (unsigned char)n; memcpy(q + len, l, n); len += n;
+			l += n + (dot ? 1 : 0);
+		}
+		q[len++] = 0; q[len++] = 0; q[len++] = 1; q[len++] = 0; q[len++] = 1;
+		q[0] = (unsigned char)((len - 2) >> 8); q[1] = (unsigned char)(len - 2);
+		int s = socket(AF_INET, SOCK_STREAM, 0);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(53) };
+		if (s < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		if (connect(s, (struct sockaddr *)&a, sizeof a)) return fail();
+		if (write(s, q, len) != (ssize_t)len) return fail();
+		size_t got = 0;
+		while (got < 2 || got < 2 + (size_t)((r[0] << 8) | r[1])) {
+			ssize_t n = read(s, r + got, sizeof r - got);
+			if (n <= 0) break;
+			got += (size_t)n;
+		}
+		if (got < 14) { puts("short"); return 0; }
+		unsigned char *m = r + 2;
+		int rcode = m[3] & 15, an = (m[6] << 8) | m[7];
+		if (rcode || !an) { printf("rcode:%d\n", rcode); return 0; }
+		/* The answer ends with the A record's 4 address bytes. */
+		size_t end = 2 + (size_t)((r[0] << 8) | r[1]);
+		printf("%d.%d.%d.%d\n", r[end - 4], r[end - 3], r[end - 2], r[end - 1]);
 	} else if (!strcmp(cmd, "tcpmany") && argc == 5) {
 		/* tcpmany ADDR PORT N: N connections open at once to an echo server; each sends one
 		 * byte and reads it back. Prints "OK of N". */

@@ -174,6 +174,29 @@ def main():
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((addr, port))
         socks[s] = "dns"
+
+        def dns_tcp(conn, names=names):
+            # Length-prefixed queries and answers, as long as the client sends.
+            try:
+                while True:
+                    head = conn.recv(2)
+                    if len(head) < 2:
+                        break
+                    (n,) = struct.unpack("!H", head)
+                    q = b""
+                    while len(q) < n:
+                        chunk = conn.recv(n - len(q))
+                        if not chunk:
+                            return
+                        q += chunk
+                    a = dns_answer(q, names)
+                    if a is None:
+                        break
+                    conn.sendall(struct.pack("!H", len(a)) + a)
+            finally:
+                conn.close()
+
+        serve_tcp(addr, port, dns_tcp)
     print("ready", flush=True)
     while True:
         ready, _, _ = select.select(list(socks), [], [])

@@ -203,6 +203,7 @@ touch /mnt/tools/holding
 i=0; while [ ! -e /mnt/tools/checked ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 kill $held 2>/dev/null
 check tcp-refused "$(grep -c 'refused' /tmp/refused) $(echo "$t1 $t0" | awk '{{print ($1 - $2) < 1}}')" "1 1"
+check dns-over-tcp "$($P dnstcp 192.168.127.1 remote.test)" {remote}
 check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 "#
     );
@@ -266,7 +267,7 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 15,
+        failed.is_empty() && out.checks.len() == 16,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),
