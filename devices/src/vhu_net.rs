@@ -171,18 +171,20 @@ impl VhostUserNetBackend {
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
         let s = &self.stats;
-        let dhcp = self
-            .stack
-            .lock()
-            .map(|st| st.stats().dhcp_replies)
-            .unwrap_or(0);
+        let st = self.stack.lock().map(|st| st.stats()).unwrap_or_default();
         log::info!(
-            "net: the guest has sent {} frames ({} bytes) so far, {} malformed; {} frames delivered to it; {} DHCP answers",
+            "net: the guest has sent {} frames ({} bytes) so far, {} malformed, {} dropped (queue full); {} frames delivered to it; {} DHCP and {} DNS answers; flows open: {} TCP, {} UDP, {} ICMP; {} connections refused",
             s.tx_frames.load(Ordering::Relaxed),
             s.tx_bytes.load(Ordering::Relaxed),
             s.tx_malformed.load(Ordering::Relaxed),
+            st.dropped_in,
             s.rx_frames.load(Ordering::Relaxed),
-            dhcp
+            st.dhcp_replies,
+            st.dns_replies,
+            st.tcp_flows,
+            st.udp_flows,
+            st.icmp_flows,
+            st.tcp_refused
         );
         if let Ok(mut st) = self.stack.lock() {
             match NetStack::new(self.cfg.clone(), self.upstream) {

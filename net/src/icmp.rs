@@ -168,6 +168,16 @@ impl IcmpNat {
         }
     }
 
+    /// Open ping flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether no ping flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
     /// Closes flows idle for 30 s.
     pub fn expire_idle(&mut self, epoll: &Epoll) {
         self.expire(epoll, IDLE);

@@ -84,6 +84,14 @@ pub struct StackStats {
     pub dhcp_replies: u64,
     /// DNS answers sent.
     pub dns_replies: u64,
+    /// Open NAT flows: TCP, UDP, ICMP echo.
+    pub tcp_flows: u64,
+    /// Open UDP flows.
+    pub udp_flows: u64,
+    /// Open ping flows.
+    pub icmp_flows: u64,
+    /// Guest connections refused because the host connect failed (RST sent).
+    pub tcp_refused: u64,
 }
 
 /// The guest's link and the services on it.
@@ -352,6 +360,7 @@ impl NetStack {
             if err != 0 {
                 // Refused or unreachable: the SYN meets no listener and the guest gets RST.
                 log::debug!("nat: tcp connect to {} failed: errno {err}", key.dst);
+                self.stats.tcp_refused += 1;
                 self.tcp.remove(&key, &self.epoll);
                 self.device.rx.push_back(syn);
                 return;
@@ -824,9 +833,14 @@ impl NetStack {
         while self.pop_frame().is_some() {}
     }
 
-    /// The link's counters.
+    /// The link's counters, with the open flows counted now.
     pub fn stats(&self) -> StackStats {
-        self.stats
+        StackStats {
+            tcp_flows: self.tcp.flows.len() as u64,
+            udp_flows: self.nat.len() as u64,
+            icmp_flows: self.icmp.len() as u64,
+            ..self.stats
+        }
     }
 }
 
