@@ -65,6 +65,8 @@ pub struct NetDeviceStats {
     pub tx_malformed: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
+    /// Bytes delivered to the guest, virtio headers excluded.
+    pub rx_bytes: AtomicU64,
 }
 
 /// The virtio-net vhost-user backend.
@@ -173,12 +175,13 @@ impl VhostUserNetBackend {
         let s = &self.stats;
         let st = self.stack.lock().map(|st| st.stats()).unwrap_or_default();
         log::info!(
-            "net: the guest has sent {} frames ({} bytes) so far, {} malformed, {} dropped (queue full); {} frames delivered to it; {} DHCP and {} DNS answers; flows open: {} TCP, {} UDP, {} ICMP; {} connections refused",
+            "net: the guest has sent {} frames ({} bytes) so far, {} malformed, {} dropped (queue full); {} frames ({} bytes) delivered to it; {} DHCP and {} DNS answers; flows open: {} TCP, {} UDP, {} ICMP; {} connections refused",
             s.tx_frames.load(Ordering::Relaxed),
             s.tx_bytes.load(Ordering::Relaxed),
             s.tx_malformed.load(Ordering::Relaxed),
             st.dropped_in,
             s.rx_frames.load(Ordering::Relaxed),
+            s.rx_bytes.load(Ordering::Relaxed),
             st.dhcp_replies,
             st.dns_replies,
             st.tcp_flows,
@@ -321,6 +324,10 @@ impl VhostUserNetBackend {
                 used += 1;
             }
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rx_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            stack.recycle_frame(frame);
         }
         if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
             state.signal_used_queue()?;

@@ -128,7 +128,12 @@ pub struct NetConfig {
     pub mtu: u16,
     /// The MAC address of the guest's NIC.
     pub guest_mac: [u8; 6],
+    /// Most TCP connections through the NAT at once; past it, new ones get RST.
+    pub max_connections: usize,
 }
+
+/// The TCP connection cap when none is given.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 
 impl NetConfig {
     /// Builds a plan, checking the MTU.
@@ -141,6 +146,7 @@ impl NetConfig {
             subnet,
             mtu,
             guest_mac: GUEST_MAC,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         })
     }
 
@@ -171,6 +177,7 @@ impl Default for NetConfig {
             subnet,
             mtu: DEFAULT_MTU,
             guest_mac: GUEST_MAC,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

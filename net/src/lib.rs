@@ -7,7 +7,10 @@
 
 mod config;
 
-pub use config::{Error, NetConfig, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, GATEWAY_MAC, GUEST_MAC};
+pub use config::{
+    Error, NetConfig, Subnet, DEFAULT_MAX_CONNECTIONS, DEFAULT_MTU, DEFAULT_SUBNET, GATEWAY_MAC,
+    GUEST_MAC,
+};
 
 mod publish;
 

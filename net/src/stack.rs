@@ -5,6 +5,7 @@
 //! [`NetStack::pop_frame`]; [`NetStack::poll`] runs the stack in between. The NAT, DNS and port
 //! publishing build on this in the virtio-net issue.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::time::Instant as StdInstant;
@@ -26,42 +27,86 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
 const QUEUE_FRAMES: usize = 1024;
 
-/// Frames between the guest and the stack.
+/// Frame buffers kept for reuse at most.
+const POOL_FRAMES: usize = 512;
+
+/// Frames between the guest and the stack. Buffers go back to a pool once used, so steady
+/// traffic allocates nothing per frame.
 struct FrameQueue {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    pool: RefCell<Vec<Vec<u8>>>,
     mtu: usize,
 }
 
-struct FrameRx(Vec<u8>);
-struct FrameTx<'a>(&'a mut VecDeque<Vec<u8>>);
+/// A buffer from `pool` holding a copy of `data`.
+fn pooled_copy(pool: &RefCell<Vec<Vec<u8>>>, data: &[u8]) -> Vec<u8> {
+    let mut b = pool.borrow_mut().pop().unwrap_or_default();
+    b.clear();
+    b.extend_from_slice(data);
+    b
+}
 
-impl RxToken for FrameRx {
+/// Puts `b` back in `pool` (unless the pool is full).
+fn recycle(pool: &RefCell<Vec<Vec<u8>>>, b: Vec<u8>) {
+    let mut p = pool.borrow_mut();
+    if p.len() < POOL_FRAMES {
+        p.push(b);
+    }
+}
+
+struct FrameRx<'a> {
+    frame: Vec<u8>,
+    pool: &'a RefCell<Vec<Vec<u8>>>,
+}
+
+struct FrameTx<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    pool: &'a RefCell<Vec<Vec<u8>>>,
+}
+
+impl RxToken for FrameRx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.frame);
+        recycle(self.pool, self.frame);
+        r
     }
 }
 
 impl TxToken for FrameTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = vec![0u8; len];
+        let mut frame = self.pool.borrow_mut().pop().unwrap_or_default();
+        frame.clear();
+        frame.resize(len, 0);
         let r = f(&mut frame);
-        self.0.push_back(frame);
+        self.tx.push_back(frame);
         r
     }
 }
 
 impl Device for FrameQueue {
-    type RxToken<'a> = FrameRx;
+    type RxToken<'a> = FrameRx<'a>;
     type TxToken<'a> = FrameTx<'a>;
 
-    fn receive(&mut self, _t: Instant) -> Option<(FrameRx, FrameTx<'_>)> {
+    fn receive(&mut self, _t: Instant) -> Option<(FrameRx<'_>, FrameTx<'_>)> {
         let frame = self.rx.pop_front()?;
-        Some((FrameRx(frame), FrameTx(&mut self.tx)))
+        Some((
+            FrameRx {
+                frame,
+                pool: &self.pool,
+            },
+            FrameTx {
+                tx: &mut self.tx,
+                pool: &self.pool,
+            },
+        ))
     }
 
     fn transmit(&mut self, _t: Instant) -> Option<FrameTx<'_>> {
-        (self.tx.len() < QUEUE_FRAMES).then_some(FrameTx(&mut self.tx))
+        (self.tx.len() < QUEUE_FRAMES).then_some(FrameTx {
+            tx: &mut self.tx,
+            pool: &self.pool,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -119,6 +164,9 @@ pub struct NetStack {
     dns_pending: HashMap<u16, (IpEndpoint, Vec<u8>)>,
     next_dns_id: u16,
     last_expiry: StdInstant,
+    /// Reused buffers: host reads, and the flow keys a poll walks.
+    host_buf: Vec<u8>,
+    pump_keys: Vec<crate::tcp_nat::TcpKey>,
 }
 
 /// Receive and send buffer of each NAT'd TCP connection: the window the guest sees.
@@ -189,6 +237,7 @@ impl NetStack {
         let mut device = FrameQueue {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
+            pool: RefCell::new(Vec::new()),
             mtu: usize::from(cfg.mtu),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
@@ -236,6 +285,7 @@ impl NetStack {
             None => None,
         };
         let host_alias = cfg.host_alias();
+        let max_connections = cfg.max_connections;
         let upstream_tcp = match upstream_addr {
             Some(SocketAddr::V4(a)) => Some(a),
             _ => None,
@@ -253,12 +303,18 @@ impl NetStack {
             epoll,
             nat: UdpNat::new(host_alias),
             icmp: crate::icmp::IcmpNat::default(),
-            tcp: crate::tcp_nat::TcpNat::new(host_alias),
+            tcp: {
+                let mut t = crate::tcp_nat::TcpNat::new(host_alias);
+                t.max_flows = max_connections;
+                t
+            },
             nat_sockets: HashMap::new(),
             upstream,
             dns_pending: HashMap::new(),
             next_dns_id: 1,
             last_expiry: StdInstant::now(),
+            host_buf: Vec::new(),
+            pump_keys: Vec::new(),
         })
     }
 
@@ -393,10 +449,14 @@ impl NetStack {
     }
 
     fn pump_all(&mut self) {
-        let keys: Vec<_> = self.tcp.flows.keys().copied().collect();
-        for k in keys {
-            self.pump(k);
+        // The key list is a reused buffer: polling allocates nothing.
+        let mut keys = std::mem::take(&mut self.pump_keys);
+        keys.clear();
+        keys.extend(self.tcp.flows.keys().copied());
+        for k in &keys {
+            self.pump(*k);
         }
+        self.pump_keys = keys;
     }
 
     /// Moves data between a flow's stack socket and its host socket, as far as both sides
@@ -560,7 +620,9 @@ impl NetStack {
                 dst_addr: EthernetAddress(self.cfg.guest_mac),
                 ethertype: EthernetProtocol::Ipv4,
             };
-            let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + n];
+            let mut frame = self.device.pool.borrow_mut().pop().unwrap_or_default();
+            frame.clear();
+            frame.resize(eth.buffer_len() + ip.buffer_len() + n, 0);
             let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
             eth.emit(&mut f);
             let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
@@ -596,7 +658,8 @@ impl NetStack {
     pub fn handle_host_events(&mut self) {
         let mut events = [EpollEvent::default(); 64];
         let n = self.epoll.wait(0, &mut events).unwrap_or(0);
-        let mut buf = vec![0u8; 65536];
+        let mut buf = std::mem::take(&mut self.host_buf);
+        buf.resize(65536, 0);
         for ev in &events[..n] {
             let token = ev.data();
             if token == DNS_TOKEN {
@@ -640,6 +703,7 @@ impl NetStack {
                 let _ = socket.send_slice(&buf[..n], meta);
             }
         }
+        self.host_buf = buf;
         self.poll();
     }
 
@@ -709,7 +773,8 @@ impl NetStack {
             return;
         }
         self.open_nat_flow(frame);
-        self.device.rx.push_back(frame.to_vec());
+        let b = pooled_copy(&self.device.pool, frame);
+        self.device.rx.push_back(b);
     }
 
     /// Runs the stack: handles the frames taken, answers what needs answering.
@@ -799,6 +864,11 @@ impl NetStack {
     /// The next frame for the guest, if any.
     pub fn pop_frame(&mut self) -> Option<Vec<u8>> {
         self.device.tx.pop_front()
+    }
+
+    /// Returns a frame's buffer (from [`pop_frame`](Self::pop_frame)) for reuse.
+    pub fn recycle_frame(&mut self, frame: Vec<u8>) {
+        recycle(&self.device.pool, frame);
     }
 
     /// Puts back a frame the guest had no room for; it goes first next time.
@@ -1254,5 +1324,70 @@ mod no_fake_icmp {
                 assert_ne!(p.src_addr(), dst, "the stack answered for {dst} itself");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tcp_cap {
+    use super::*;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+
+    #[test]
+    fn past_the_connection_cap_the_guest_gets_rst() {
+        let cfg = NetConfig {
+            max_connections: 0,
+            ..Default::default()
+        };
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let tcp = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 64000,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let dst = smol(cfg.host_alias());
+        let ip = Ipv4Repr {
+            src_addr: smol(cfg.guest()),
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(crate::GUEST_MAC),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p, &Default::default());
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &ip.src_addr.into(),
+            &ip.dst_addr.into(),
+            &Default::default(),
+        );
+        s.receive_frame(&buf);
+        s.poll();
+        let reply = s.pop_frame().expect("an answer to the SYN");
+        let f = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let p = Ipv4Packet::new_checked(f.payload()).unwrap();
+        let t = TcpPacket::new_checked(p.payload()).unwrap();
+        assert!(t.rst(), "expected RST past the cap");
+        assert_eq!(s.stats().tcp_flows, 0);
     }
 }

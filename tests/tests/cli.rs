@@ -34,6 +34,7 @@ fn help_documents_every_option() {
         "--api-socket",
         "--subnet",
         "--mtu",
+        "--max-connections",
         "--dns-upstream",
     ] {
         let line = help

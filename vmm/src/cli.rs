@@ -68,6 +68,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub mtu: Option<u32>,
 
+    /// Most TCP connections the guest may have open through the NAT; past it, new ones are
+    /// refused with RST and a line in the log [default: 16384].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// The DNS server to forward guest queries to, as IP or IP:PORT
     /// [default: the nameservers in /etc/resolv.conf].
     #[arg(long, value_name = "ADDR")]

@@ -89,6 +89,7 @@ struct FileConfig {
     api_socket: Option<PathBuf>,
     subnet: Option<String>,
     mtu: Option<u32>,
+    max_connections: Option<usize>,
     dns_upstream: Option<String>,
 }
 
@@ -222,7 +223,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             .unwrap_or_else(|| DEFAULT_SUBNET.to_string());
         let subnet: Subnet = subnet_s.parse().map_err(|e| usage(format!("{e}")))?;
         let mtu = args.mtu.or(file.mtu).unwrap_or(u32::from(DEFAULT_MTU));
-        let net = NetConfig::new(subnet, mtu).map_err(|e| usage(e.to_string()))?;
+        let mut net = NetConfig::new(subnet, mtu).map_err(|e| usage(e.to_string()))?;
+        if let Some(n) = args.max_connections.or(file.max_connections) {
+            if n == 0 {
+                return Err(usage(
+                    "--max-connections 0: the guest could open no connection; give at least 1",
+                ));
+            }
+            net.max_connections = n;
+        }
 
         let net_socket = args.net_socket.or(file.net_socket);
         if let Some(p) = &net_socket {
@@ -414,6 +423,7 @@ mod tests {
             api_socket: None,
             subnet: None,
             mtu: None,
+            max_connections: None,
             dns_upstream: None,
         }
     }
