@@ -461,3 +461,57 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod tx_tests {
+    use super::*;
+    use vhost_user_backend::VringT;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic as Atomic};
+
+    type Mem = crate::GuestMemoryMmap;
+
+    fn vring(mem: &Atomic<Mem>, vq: &MockSplitQueue<'_, Mem>) -> Vring {
+        let v = Vring::new(mem.clone(), 16).unwrap();
+        v.set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        v.set_queue_size(16);
+        v.set_queue_ready(true);
+        v
+    }
+
+    #[test]
+    fn chains_that_lie_are_dropped_and_counted() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let atomic = Atomic::new(m.clone());
+        let tx_q = MockSplitQueue::new(&m, 16);
+        // Three TX chains: shorter than the virtio header; pointing outside guest memory; and
+        // one real (all-zero, so the stack drops it quietly) 60-byte frame.
+        let descs = [
+            SplitDescriptor::new(0x10_0000, 5, 0, 0),
+            SplitDescriptor::new(0x3f_fff0, 4096, 0, 0),
+            SplitDescriptor::new(0x10_1000, (NET_HDR_LEN + 60) as u32, 0, 0),
+        ]
+        .map(RawDescriptor::from);
+        tx_q.build_multiple_desc_chains(&descs).unwrap();
+        let rx_q = MockSplitQueue::create(&m, GuestAddress(0x20_0000), 16);
+        let rx_descs = [RawDescriptor::from(SplitDescriptor::new(
+            0x30_0000,
+            2048,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))];
+        rx_q.add_desc_chains(&rx_descs, 0).unwrap();
+
+        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
+        b.update_memory(atomic.clone()).unwrap();
+        let vrings = [vring(&atomic, &rx_q), vring(&atomic, &tx_q)];
+        b.process_tx(&vrings).unwrap();
+        assert_eq!(b.stats().tx_malformed.load(Ordering::Relaxed), 2);
+        assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 1);
+        // Every chain went back to the guest, the bad ones too.
+        assert_eq!(vrings[1].queue_used_idx().unwrap(), 3);
+    }
+}
