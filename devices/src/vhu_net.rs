@@ -112,7 +112,9 @@ impl VhostUserNetBackend {
         self.stack.lock().map(|s| s.host_fd()).unwrap_or(-1)
     }
 
-    fn process_host(&self, vrings: &[Vring]) -> io::Result<()> {
+    /// Runs `f` on the stack, then delivers what it produced and re-arms the timer: the tail
+    /// of every event but TX.
+    fn with_stack(&self, vrings: &[Vring], f: impl FnOnce(&mut NetStack)) -> io::Result<()> {
         let mem = self
             .mem
             .read()
@@ -122,7 +124,7 @@ impl VhostUserNetBackend {
             .stack
             .lock()
             .map_err(|_| io::Error::other("poisoned"))?;
-        stack.handle_host_events();
+        f(&mut stack);
         let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
         self.rearm(&mut stack);
         res
@@ -154,19 +156,7 @@ impl VhostUserNetBackend {
             // Readable means expired; the read clears it.
             let _ = t.wait();
         }
-        let mem = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .clone();
-        let mut stack = self
-            .stack
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?;
-        stack.poll();
-        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
-        self.rearm(&mut stack);
-        res
+        self.with_stack(vrings, NetStack::poll)
     }
 
     /// Called when a frontend leaves: log what crossed the device so far, and start the next
@@ -336,16 +326,8 @@ impl VhostUserNetBackend {
     }
 
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .clone();
-        let mut stack = self
-            .stack
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?;
-        self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem)
+        // New RX buffers: only delivery to do.
+        self.with_stack(vrings, |_| {})
     }
 }
 
@@ -415,7 +397,7 @@ impl VhostUserBackend for VhostUserNetBackend {
             // New RX buffers: deliver what waited for them.
             RX_QUEUE => self.process_rx(vrings),
             TIMER_EVENT => self.process_timer(vrings),
-            HOST_EVENT => self.process_host(vrings),
+            HOST_EVENT => self.with_stack(vrings, NetStack::handle_host_events),
             other => {
                 debug!("net: event for unknown source {other}");
                 Ok(())

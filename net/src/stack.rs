@@ -194,22 +194,29 @@ fn udp_socket_big() -> udp::Socket<'static> {
     udp::Socket::new(rx, tx)
 }
 
-/// The flow of a guest UDP datagram to an IPv4 destination, if `frame` is one (checksums
-/// checked, so a corrupt frame opens nothing).
-fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
-    use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
-    };
+/// The IPv4 header of an Ethernet frame (checksum checked) and the packet's payload.
+fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8])> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, Ipv4Packet, Ipv4Repr};
     let f = EthernetFrame::new_checked(frame).ok()?;
     if f.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
     let p = Ipv4Packet::new_checked(f.payload()).ok()?;
     let ip = Ipv4Repr::parse(&p, &Default::default()).ok()?;
+    // The payload without Ethernet padding, as the IP header counts it.
+    let payload = &frame[14 + p.header_len() as usize..][..ip.payload_len];
+    Some((ip, payload))
+}
+
+/// The flow of a guest UDP datagram to an IPv4 destination, if `frame` is one (checksums
+/// checked, so a corrupt frame opens nothing).
+fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
+    use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
+    let (ip, payload) = parse_ipv4(frame)?;
     if ip.next_header != IpProtocol::Udp {
         return None;
     }
-    let u = UdpPacket::new_checked(p.payload()).ok()?;
+    let u = UdpPacket::new_checked(payload).ok()?;
     let repr = UdpRepr::parse(
         &u,
         &ip.src_addr.into(),
@@ -352,25 +359,14 @@ impl NetStack {
     /// whether it took the frame.
     fn tcp_syn(&mut self, frame: &[u8]) -> bool {
         use crate::tcp_nat::{FlowState, TcpKey};
-        use smoltcp::wire::{
-            EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket,
-        };
-        let Ok(f) = EthernetFrame::new_checked(frame) else {
-            return false;
-        };
-        if f.ethertype() != EthernetProtocol::Ipv4 {
-            return false;
-        }
-        let Ok(p) = Ipv4Packet::new_checked(f.payload()) else {
-            return false;
-        };
-        let Ok(ip) = Ipv4Repr::parse(&p, &Default::default()) else {
+        use smoltcp::wire::{IpProtocol, TcpPacket};
+        let Some((ip, payload)) = parse_ipv4(frame) else {
             return false;
         };
         if ip.next_header != IpProtocol::Tcp {
             return false;
         }
-        let Ok(t) = TcpPacket::new_checked(p.payload()) else {
+        let Ok(t) = TcpPacket::new_checked(payload) else {
             return false;
         };
         if !t.syn() || t.ack() || !t.verify_checksum(&ip.src_addr.into(), &ip.dst_addr.into()) {
@@ -549,20 +545,8 @@ impl NetStack {
     /// An echo request to an outside address goes out through a ping socket, never to the
     /// stack (which would answer it itself: a fake reply). Returns whether it took the frame.
     fn ping_out(&mut self, frame: &[u8]) -> bool {
-        use smoltcp::wire::{
-            EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet, IpProtocol, Ipv4Packet,
-            Ipv4Repr,
-        };
-        let Ok(f) = EthernetFrame::new_checked(frame) else {
-            return false;
-        };
-        if f.ethertype() != EthernetProtocol::Ipv4 {
-            return false;
-        }
-        let Ok(p) = Ipv4Packet::new_checked(f.payload()) else {
-            return false;
-        };
-        let Ok(ip) = Ipv4Repr::parse(&p, &Default::default()) else {
+        use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, IpProtocol};
+        let Some((ip, payload)) = parse_ipv4(frame) else {
             return false;
         };
         if ip.next_header != IpProtocol::Icmp {
@@ -572,7 +556,7 @@ impl NetStack {
         if dst == self.cfg.gateway() || dst == self.cfg.host_alias() {
             return false;
         }
-        let Ok(icmp) = Icmpv4Packet::new_checked(p.payload()) else {
+        let Ok(icmp) = Icmpv4Packet::new_checked(payload) else {
             return true;
         };
         if icmp.msg_type() != Icmpv4Message::EchoRequest || !icmp.verify_checksum() {
@@ -583,11 +567,7 @@ impl NetStack {
             ident: icmp.echo_ident(),
             dst,
         };
-        self.icmp.send(
-            key,
-            &p.payload()[..ip.payload_len.min(p.payload().len())],
-            &self.epoll,
-        );
+        self.icmp.send(key, payload, &self.epoll);
         true
     }
 
