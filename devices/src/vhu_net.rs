@@ -112,9 +112,13 @@ impl VhostUserNetBackend {
         self.stack.lock().map(|s| s.host_fd()).unwrap_or(-1)
     }
 
-    /// Runs `f` on the stack, then delivers what it produced and re-arms the timer: the tail
-    /// of every event but TX.
-    fn with_stack(&self, vrings: &[Vring], f: impl FnOnce(&mut NetStack)) -> io::Result<()> {
+    /// Runs `f` on the stack (with guest memory), then delivers what it produced to the guest
+    /// and re-arms the timer: the shape of every event the device handles.
+    fn with_stack(
+        &self,
+        vrings: &[Vring],
+        f: impl FnOnce(&mut NetStack, &GuestMemoryAtomic) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mem = self
             .mem
             .read()
@@ -124,8 +128,8 @@ impl VhostUserNetBackend {
             .stack
             .lock()
             .map_err(|_| io::Error::other("poisoned"))?;
-        f(&mut stack);
-        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
+        let res = f(&mut stack, &mem)
+            .and_then(|()| self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem));
         self.rearm(&mut stack);
         res
     }
@@ -156,7 +160,10 @@ impl VhostUserNetBackend {
             // Readable means expired; the read clears it.
             let _ = t.wait();
         }
-        self.with_stack(vrings, NetStack::poll)
+        self.with_stack(vrings, |stack, _| {
+            stack.poll();
+            Ok(())
+        })
     }
 
     /// Called when a frontend leaves: log what crossed the device so far, and start the next
@@ -198,53 +205,44 @@ impl VhostUserNetBackend {
     }
 
     fn process_tx(&self, vrings: &[Vring]) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .clone();
-        let mut stack = self
-            .stack
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?;
-        let mut frame = self
-            .frame
-            .lock()
-            .map_err(|_| io::Error::other("poisoned"))?;
-        let max = self.max_frame();
-        drain_queue(
-            &vrings[TX_QUEUE as usize],
-            &mem,
-            self.event_idx.load(Ordering::Relaxed),
-            |chain| {
-                let Ok((mut r, _)) = split_chain(chain.memory(), chain.clone()) else {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                };
-                let len = r.available_bytes();
-                // A chain shorter than the virtio header, or longer than the largest frame the
-                // MTU allows, is not a frame: drop it.
-                if len < NET_HDR_LEN || len > NET_HDR_LEN + max {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                }
-                frame.resize(len, 0);
-                if r.read_exact(&mut frame[..]).is_err() {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                }
-                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .tx_bytes
-                    .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                stack.receive_frame(&frame[NET_HDR_LEN..]);
-                Some(0)
-            },
-        )?;
-        stack.poll();
-        let res = self.deliver(&mut stack, &vrings[RX_QUEUE as usize], &mem);
-        self.rearm(&mut stack);
-        res
+        self.with_stack(vrings, |stack, mem| {
+            let mut frame = self
+                .frame
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            let max = self.max_frame();
+            drain_queue(
+                &vrings[TX_QUEUE as usize],
+                mem,
+                self.event_idx.load(Ordering::Relaxed),
+                |chain| {
+                    let Ok((mut r, _)) = split_chain(chain.memory(), chain.clone()) else {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    };
+                    let len = r.available_bytes();
+                    // A chain shorter than the virtio header, or longer than the largest frame
+                    // the MTU allows, is not a frame: drop it.
+                    if len < NET_HDR_LEN || len > NET_HDR_LEN + max {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    }
+                    frame.resize(len, 0);
+                    if r.read_exact(&mut frame[..]).is_err() {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    }
+                    self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .tx_bytes
+                        .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
+                    stack.receive_frame(&frame[NET_HDR_LEN..]);
+                    Some(0)
+                },
+            )?;
+            stack.poll();
+            Ok(())
+        })
     }
 
     /// The largest Ethernet frame the MTU allows.
@@ -327,7 +325,7 @@ impl VhostUserNetBackend {
 
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
         // New RX buffers: only delivery to do.
-        self.with_stack(vrings, |_| {})
+        self.with_stack(vrings, |_, _| Ok(()))
     }
 }
 
@@ -397,7 +395,10 @@ impl VhostUserBackend for VhostUserNetBackend {
             // New RX buffers: deliver what waited for them.
             RX_QUEUE => self.process_rx(vrings),
             TIMER_EVENT => self.process_timer(vrings),
-            HOST_EVENT => self.with_stack(vrings, NetStack::handle_host_events),
+            HOST_EVENT => self.with_stack(vrings, |stack, _| {
+                stack.handle_host_events();
+                Ok(())
+            }),
             other => {
                 debug!("net: event for unknown source {other}");
                 Ok(())

@@ -1026,17 +1026,20 @@ pub(crate) mod hostile_frames {
     }
 
     /// A UDP datagram from the guest to `dst:port`, as an Ethernet frame.
-    fn udp_frame(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
+    /// An Ethernet frame from the guest to the gateway's MAC carrying an IPv4 packet to `dst`;
+    /// `emit` writes the `payload_len`-byte payload given the IP header.
+    pub(super) fn guest_ip_frame(
+        dst: Ipv4Address,
+        proto: IpProtocol,
+        payload_len: usize,
+        emit: impl FnOnce(&mut [u8], &Ipv4Repr),
+    ) -> Vec<u8> {
         let cfg = NetConfig::default();
-        let udp = UdpRepr {
-            src_port: 40000,
-            dst_port: port,
-        };
         let ip = Ipv4Repr {
             src_addr: smol(cfg.guest()),
             dst_addr: dst,
-            next_header: IpProtocol::Udp,
-            payload_len: udp.header_len() + payload.len(),
+            next_header: proto,
+            payload_len,
             hop_limit: 64,
         };
         let eth = EthernetRepr {
@@ -1044,21 +1047,35 @@ pub(crate) mod hostile_frames {
             dst_addr: EthernetAddress(GATEWAY_MAC),
             ethertype: EthernetProtocol::Ipv4,
         };
-        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + ip.payload_len];
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + payload_len];
         let mut f = EthernetFrame::new_unchecked(&mut buf);
         eth.emit(&mut f);
         let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
         ip.emit(&mut p, &Default::default());
-        let mut u = UdpPacket::new_unchecked(p.payload_mut());
-        udp.emit(
-            &mut u,
-            &ip.src_addr.into(),
-            &ip.dst_addr.into(),
-            payload.len(),
-            |b| b.copy_from_slice(payload),
-            &Default::default(),
-        );
+        emit(p.payload_mut(), &ip);
         buf
+    }
+
+    fn udp_frame(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
+        let udp = UdpRepr {
+            src_port: 40000,
+            dst_port: port,
+        };
+        guest_ip_frame(
+            dst,
+            IpProtocol::Udp,
+            udp.header_len() + payload.len(),
+            |b, ip| {
+                udp.emit(
+                    &mut UdpPacket::new_unchecked(b),
+                    &ip.src_addr.into(),
+                    &ip.dst_addr.into(),
+                    payload.len(),
+                    |d| d.copy_from_slice(payload),
+                    &Default::default(),
+                );
+            },
+        )
     }
 
     #[test]
@@ -1257,10 +1274,7 @@ mod nat_tests {
 #[cfg(test)]
 mod no_fake_icmp {
     use super::*;
-    use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol,
-        Ipv4Packet, Ipv4Repr,
-    };
+    use smoltcp::wire::{EthernetFrame, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 
     #[test]
     fn echo_to_an_outside_address_is_never_answered_by_the_stack() {
@@ -1275,27 +1289,10 @@ mod no_fake_icmp {
             seq_no: 1,
             data: b"abcd",
         };
-        let ip = Ipv4Repr {
-            src_addr: smol(cfg.guest()),
-            dst_addr: dst,
-            next_header: IpProtocol::Icmp,
-            payload_len: icmp.buffer_len(),
-            hop_limit: 64,
-        };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(crate::GUEST_MAC),
-            dst_addr: EthernetAddress(GATEWAY_MAC),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + icmp.buffer_len()];
-        let mut f = EthernetFrame::new_unchecked(&mut buf);
-        eth.emit(&mut f);
-        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-        ip.emit(&mut p, &Default::default());
-        icmp.emit(
-            &mut Icmpv4Packet::new_unchecked(p.payload_mut()),
-            &Default::default(),
-        );
+        let buf =
+            hostile_frames::guest_ip_frame(dst, IpProtocol::Icmp, icmp.buffer_len(), |b, _| {
+                icmp.emit(&mut Icmpv4Packet::new_unchecked(b), &Default::default());
+            });
         s.receive_frame(&buf);
         s.poll();
         while let Some(frame) = s.pop_frame() {
@@ -1311,8 +1308,7 @@ mod no_fake_icmp {
 mod tcp_cap {
     use super::*;
     use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
-        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+        EthernetFrame, IpProtocol, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
     };
 
     #[test]
@@ -1338,29 +1334,15 @@ mod tcp_cap {
             payload: &[],
         };
         let dst = smol(cfg.host_alias());
-        let ip = Ipv4Repr {
-            src_addr: smol(cfg.guest()),
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(crate::GUEST_MAC),
-            dst_addr: EthernetAddress(GATEWAY_MAC),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
-        let mut f = EthernetFrame::new_unchecked(&mut buf);
-        eth.emit(&mut f);
-        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-        ip.emit(&mut p, &Default::default());
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &ip.src_addr.into(),
-            &ip.dst_addr.into(),
-            &Default::default(),
-        );
+        let buf =
+            hostile_frames::guest_ip_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |b, ip| {
+                tcp.emit(
+                    &mut TcpPacket::new_unchecked(b),
+                    &ip.src_addr.into(),
+                    &ip.dst_addr.into(),
+                    &Default::default(),
+                );
+            });
         s.receive_frame(&buf);
         s.poll();
         let reply = s.pop_frame().expect("an answer to the SYN");
