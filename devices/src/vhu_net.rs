@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_fs::RequestReader;
-use ferry_net::stack::NetStack;
+use ferry_net::ports::Ports;
+use ferry_net::stack::{FlowInfo, NetStack, StackStats};
 use ferry_net::NetConfig;
 use log::{debug, warn};
 use smallvec::SmallVec;
@@ -74,6 +75,8 @@ pub struct VhostUserNetBackend {
     cfg: NetConfig,
     /// Where DNS queries for other names go.
     upstream: Option<SocketAddr>,
+    /// Published ports; they outlive guests.
+    ports: Option<Arc<Ports>>,
     /// The guest's link. One thread serves the device, so the lock is never contended.
     stack: Mutex<NetStack>,
     /// Reused buffer for one TX frame.
@@ -88,11 +91,21 @@ pub struct VhostUserNetBackend {
 impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
     pub fn new(cfg: NetConfig, upstream: Option<SocketAddr>) -> io::Result<Arc<Self>> {
+        Self::with_ports(cfg, upstream, None)
+    }
+
+    /// A net device whose guest receives the connections of published `ports`.
+    pub fn with_ports(
+        cfg: NetConfig,
+        upstream: Option<SocketAddr>,
+        ports: Option<Arc<Ports>>,
+    ) -> io::Result<Arc<Self>> {
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         Ok(Arc::new(VhostUserNetBackend {
             upstream,
             timer: Mutex::new(timer),
-            stack: Mutex::new(NetStack::new(cfg.clone(), upstream)?),
+            stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &ports)?),
+            ports,
             frame: Mutex::new(Vec::with_capacity(usize::from(cfg.mtu) + 64)),
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
@@ -101,9 +114,36 @@ impl VhostUserNetBackend {
         }))
     }
 
+    fn fresh_stack(
+        cfg: &NetConfig,
+        upstream: Option<SocketAddr>,
+        ports: &Option<Arc<Ports>>,
+    ) -> io::Result<NetStack> {
+        let stack = NetStack::new(cfg.clone(), upstream)?;
+        match ports {
+            Some(p) => stack.with_ports(p.clone()),
+            None => Ok(stack),
+        }
+    }
+
     /// The device's counters.
     pub fn stats(&self) -> &NetDeviceStats {
         &self.stats
+    }
+
+    /// The stack's counters and open flows, now.
+    pub fn stack_stats(&self) -> (StackStats, Vec<FlowInfo>) {
+        self.stack
+            .lock()
+            .map(|s| (s.stats(), s.flows()))
+            .unwrap_or_default()
+    }
+
+    /// A frontend is attached: published ports forward to its guest from now on.
+    pub fn frontend_attached(&self) {
+        if let Some(p) = &self.ports {
+            p.set_attached(true);
+        }
     }
 
     /// The fd the stack's host sockets wake, to register with [`HOST_EVENT`] (it changes
@@ -169,6 +209,10 @@ impl VhostUserNetBackend {
     /// Called when a frontend leaves: log what crossed the device so far, and start the next
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
+        if let Some(p) = &self.ports {
+            // Until the next guest, published ports refuse their clients at once.
+            p.set_attached(false);
+        }
         let s = &self.stats;
         let st = self.stack.lock().map(|st| st.stats()).unwrap_or_default();
         log::info!(
@@ -187,7 +231,7 @@ impl VhostUserNetBackend {
             st.tcp_refused
         );
         if let Ok(mut st) = self.stack.lock() {
-            match NetStack::new(self.cfg.clone(), self.upstream) {
+            match Self::fresh_stack(&self.cfg, self.upstream, &self.ports) {
                 Ok(fresh) => *st = fresh,
                 Err(e) => warn!("net: cannot make a fresh link for the next guest: {e}"),
             }

@@ -20,5 +20,6 @@ pub mod dhcp;
 pub mod dns;
 pub mod icmp;
 pub mod nat;
+pub mod ports;
 pub mod stack;
 pub mod tcp_nat;

@@ -145,6 +145,11 @@ impl UdpNat {
     }
 
     /// Open flows.
+    pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
+        self.flows.keys()
+    }
+
+    /// Open flows.
     pub fn len(&self) -> usize {
         self.flows.len()
     }

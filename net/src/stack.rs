@@ -17,11 +17,13 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 
 use crate::nat::{FlowKey, UdpNat, FLOW_TOKEN_BASE};
+use crate::ports::{Incoming, Ports};
 use crate::{dhcp, dns};
 use crate::{NetConfig, GATEWAY_MAC};
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Weak};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
@@ -137,6 +139,25 @@ pub struct StackStats {
     pub icmp_flows: u64,
     /// Guest connections refused because the host connect failed (RST sent).
     pub tcp_refused: u64,
+    /// Connections from published ports handed to the guest.
+    pub published_connections: u64,
+    /// Open published UDP mappings.
+    pub udp_published: u64,
+}
+
+/// One open flow, as the control API lists it.
+#[derive(Clone, Debug)]
+pub struct FlowInfo {
+    /// "tcp", "udp" or "udp-published".
+    pub protocol: &'static str,
+    /// The guest's end.
+    pub guest: SocketAddrV4,
+    /// The other end as the guest sees it.
+    pub remote: SocketAddrV4,
+    /// The TCP state ("Established"...), or "open".
+    pub state: String,
+    /// Whether a published port opened it (the host's client connected in).
+    pub inbound: bool,
 }
 
 /// The guest's link and the services on it.
@@ -167,13 +188,34 @@ pub struct NetStack {
     /// Reused buffers: host reads, and the flow keys a poll walks.
     host_buf: Vec<u8>,
     pump_keys: Vec<crate::tcp_nat::TcpKey>,
+    /// Published ports (shared with the control API and the ports thread), if any.
+    ports: Option<Arc<Ports>>,
+    /// Reused buffer for what the ports thread hands over.
+    incoming: Vec<Incoming>,
+    /// Published UDP mappings: the guest-side flow (guest port, the client as the guest sees
+    /// it) -> the published socket and the real client.
+    udp_pub: HashMap<FlowKey, UdpMapping>,
 }
+
+/// One client of a published UDP port.
+struct UdpMapping {
+    socket: Weak<UdpSocket>,
+    client: SocketAddr,
+    last: StdInstant,
+}
+
+/// How long a published UDP mapping lives without traffic.
+const UDP_PUBLISH_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the guest has to answer a published connection's SYN.
+const PUBLISH_CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
 
 /// Receive and send buffer of each NAT'd TCP connection: the window the guest sees.
 const TCP_BUFFER: usize = 256 * 1024;
 
 /// The epoll token of the DNS upstream socket.
 const DNS_TOKEN: u64 = 1;
+/// The epoll token of the published ports' handover.
+const PUBLISH_TOKEN: u64 = 2;
 /// Forwarded queries waiting at most.
 const MAX_DNS_PENDING: usize = 1024;
 
@@ -211,6 +253,11 @@ fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8])> {
 /// The flow of a guest UDP datagram to an IPv4 destination, if `frame` is one (checksums
 /// checked, so a corrupt frame opens nothing).
 fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
+    parse_udp_payload(frame).map(|(k, p)| (k, p.len()))
+}
+
+/// As [`parse_udp`], with the datagram's payload.
+fn parse_udp_payload(frame: &[u8]) -> Option<(FlowKey, &[u8])> {
     use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
     let (ip, payload) = parse_ipv4(frame)?;
     if ip.next_header != IpProtocol::Udp {
@@ -225,12 +272,13 @@ fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
     )
     .ok()?;
     let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+    let len = u.payload().len();
     Some((
         FlowKey {
             guest_port: repr.src_port,
             dst: SocketAddrV4::new(dst, repr.dst_port),
         },
-        u.payload().len(),
+        &payload[8..8 + len],
     ))
 }
 
@@ -322,7 +370,210 @@ impl NetStack {
             last_expiry: StdInstant::now(),
             host_buf: Vec::new(),
             pump_keys: Vec::new(),
+            ports: None,
+            incoming: Vec::new(),
+            udp_pub: HashMap::new(),
         })
+    }
+
+    /// Takes connections and datagrams from published ports.
+    pub fn with_ports(mut self, ports: Arc<Ports>) -> io::Result<Self> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            ports.notify_fd(),
+            EpollEvent::new(EventSet::IN, PUBLISH_TOKEN),
+        )?;
+        self.ports = Some(ports);
+        Ok(self)
+    }
+
+    /// The address a published port's client has in the guest: its own when it is remote,
+    /// the host alias when it is this host (loopback) or not IPv4.
+    fn seen_addr(&self, client: SocketAddr) -> std::net::Ipv4Addr {
+        let v4 = match client.ip() {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
+        };
+        match v4 {
+            Some(a) if !a.is_loopback() && !a.is_unspecified() => a,
+            _ => self.cfg.host_alias(),
+        }
+    }
+
+    /// Connections and datagrams from published ports, to the guest.
+    fn publish_in(&mut self) {
+        let Some(ports) = &self.ports else {
+            return;
+        };
+        let mut incoming = std::mem::take(&mut self.incoming);
+        ports.take_incoming(&mut incoming);
+        for item in incoming.drain(..) {
+            match item {
+                Incoming::Tcp {
+                    stream,
+                    client,
+                    guest_port,
+                } => self.publish_tcp(stream, client, guest_port),
+                Incoming::Udp {
+                    socket,
+                    client,
+                    guest_port,
+                    data,
+                } => self.publish_udp_in(socket, client, guest_port, &data),
+            }
+        }
+        self.incoming = incoming;
+    }
+
+    /// A client connected to a published TCP port: the stack connects to the guest from the
+    /// client's address, and the flow splices the two once the guest accepts. A guest that
+    /// does not listen answers RST, and the client is reset too.
+    fn publish_tcp(&mut self, stream: std::net::TcpStream, client: SocketAddr, guest_port: u16) {
+        use crate::tcp_nat::TcpKey;
+        use smoltcp::socket::tcp;
+        let seen = self.seen_addr(client);
+        let mut key = TcpKey {
+            guest_port,
+            dst: SocketAddrV4::new(seen, client.port()),
+        };
+        // Two clients that look alike to the guest (loopback clients of one port from
+        // different addresses): the later one gets another source port.
+        let mut tries = 0u16;
+        while self.tcp.flows.contains_key(&key) && tries < 1024 {
+            let port = 49152 + (client.port().wrapping_add(tries.wrapping_mul(7919)) % 16384);
+            key.dst.set_port(port);
+            tries += 1;
+        }
+        if self.tcp.flows.contains_key(&key) || self.tcp.flows.len() >= self.tcp.max_flows {
+            crate::ports::reset(stream);
+            return;
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        socket.set_ack_delay(None);
+        socket.set_timeout(Some(PUBLISH_CONNECT_TIMEOUT));
+        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), guest_port);
+        let local = IpEndpoint::new(IpAddress::Ipv4(smol(seen)), key.dst.port());
+        if socket.connect(self.iface.context(), remote, local).is_err() {
+            crate::ports::reset(stream);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll) {
+            log::warn!("ports: cannot watch a connection from {client}: {e}");
+            self.sockets.remove(handle);
+            return;
+        }
+        self.stats.published_connections += 1;
+    }
+
+    /// A datagram to a published UDP port: to the guest from the client's address; the
+    /// mapping sends the guest's replies back through the published socket.
+    fn publish_udp_in(
+        &mut self,
+        socket: Weak<UdpSocket>,
+        client: SocketAddr,
+        guest_port: u16,
+        data: &[u8],
+    ) {
+        let seen = self.seen_addr(client);
+        let key = FlowKey {
+            guest_port,
+            dst: SocketAddrV4::new(seen, client.port()),
+        };
+        self.udp_pub.insert(
+            key,
+            UdpMapping {
+                socket,
+                client,
+                last: StdInstant::now(),
+            },
+        );
+        self.udp_to_guest(seen, client.port(), guest_port, data);
+    }
+
+    /// A guest datagram that answers a published UDP port's client, sent back through the
+    /// published socket. Returns whether it took the frame.
+    fn publish_udp_out(&mut self, frame: &[u8]) -> bool {
+        if self.udp_pub.is_empty() {
+            return false;
+        }
+        let Some((key, payload)) = parse_udp_payload(frame) else {
+            return false;
+        };
+        let Some(m) = self.udp_pub.get_mut(&key) else {
+            return false;
+        };
+        match m.socket.upgrade() {
+            Some(s) => {
+                m.last = StdInstant::now();
+                // UDP may drop: a full socket buffer loses the datagram.
+                let _ = s.send_to(payload, m.client);
+            }
+            None => {
+                // The port was unpublished.
+                self.udp_pub.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Emits a UDP datagram from `src:src_port` to the guest's `dst_port`.
+    fn udp_to_guest(&mut self, src: std::net::Ipv4Addr, src_port: u16, dst_port: u16, data: &[u8]) {
+        use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
+        let udp = UdpRepr { src_port, dst_port };
+        let len = udp.header_len() + data.len();
+        if len > usize::from(self.cfg.mtu).saturating_sub(20)
+            || self.device.tx.len() >= QUEUE_FRAMES
+        {
+            // Larger than the link takes in one packet, or the guest is not reading.
+            return;
+        }
+        let guest = smol(self.cfg.guest());
+        self.emit_to_guest(smol(src), IpProtocol::Udp, len, |buf| {
+            udp.emit(
+                &mut UdpPacket::new_unchecked(buf),
+                &IpAddress::Ipv4(smol(src)),
+                &IpAddress::Ipv4(guest),
+                data.len(),
+                |p| p.copy_from_slice(data),
+                &Default::default(),
+            );
+        });
+    }
+
+    /// Queues an IPv4 packet for the guest from `src`, its `len`-byte payload written by `fill`.
+    fn emit_to_guest(
+        &mut self,
+        src: Ipv4Address,
+        next_header: smoltcp::wire::IpProtocol,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
+        use smoltcp::wire::{EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr};
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: smol(self.cfg.guest()),
+            next_header,
+            payload_len: len,
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(GATEWAY_MAC),
+            dst_addr: EthernetAddress(self.cfg.guest_mac),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut frame = self.device.pool.borrow_mut().pop().unwrap_or_default();
+        frame.clear();
+        frame.resize(eth.buffer_len() + ip.buffer_len() + len, 0);
+        let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p, &Default::default());
+        fill(&mut p.payload_mut()[..len]);
+        self.device.tx.push_back(frame);
     }
 
     /// The fd that becomes readable when a host socket has something for the guest; the
@@ -475,6 +726,20 @@ impl NetStack {
         let socket = self.sockets.get_mut::<tcp::Socket>(*handle);
         let mut want_out = false;
         let mut broken = false;
+        if socket.state() == tcp::State::Closed && !*guest_eof {
+            // The guest reset the connection (or never answered a published port's SYN):
+            // the host peer is reset too, not closed as if all went well.
+            let h = *handle;
+            self.sockets.remove(h);
+            if let Some(f) = self.tcp.remove(&key, &self.epoll) {
+                crate::ports::reset(f.host);
+            }
+            return;
+        }
+        if socket.timeout().is_some() && socket.state() != tcp::State::SynSent {
+            // A published connection the guest accepted: no more connect deadline.
+            socket.set_timeout(None);
+        }
         // Guest to host: write what the host takes; the rest stays in the window.
         while socket.can_recv() {
             let host = &mut flow.host;
@@ -501,6 +766,7 @@ impl NetStack {
             && !socket.can_recv()
             && socket.state() != tcp::State::Listen
             && socket.state() != tcp::State::SynReceived
+            && socket.state() != tcp::State::SynSent
         {
             let _ = flow.host.shutdown(std::net::Shutdown::Write);
             *guest_eof = true;
@@ -574,10 +840,7 @@ impl NetStack {
     /// A reply on a ping socket: back to the guest from the host that sent it, with the guest's
     /// own identifier.
     fn ping_in(&mut self, token: u64, buf: &mut [u8]) {
-        use smoltcp::wire::{
-            EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Message, Icmpv4Packet, IpProtocol,
-            Ipv4Packet, Ipv4Repr,
-        };
+        use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, IpProtocol};
         while let Some((key, n)) = self.icmp.recv(token, buf) {
             let msg = &mut buf[..n];
             let Ok(mut icmp) = Icmpv4Packet::new_checked(&mut msg[..]) else {
@@ -588,28 +851,11 @@ impl NetStack {
             }
             icmp.set_echo_ident(key.ident);
             icmp.fill_checksum();
-            let ip = Ipv4Repr {
-                src_addr: smol(key.dst),
-                dst_addr: smol(self.cfg.guest()),
-                next_header: IpProtocol::Icmp,
-                payload_len: n,
-                hop_limit: 64,
-            };
-            let eth = EthernetRepr {
-                src_addr: EthernetAddress(GATEWAY_MAC),
-                dst_addr: EthernetAddress(self.cfg.guest_mac),
-                ethertype: EthernetProtocol::Ipv4,
-            };
-            let mut frame = self.device.pool.borrow_mut().pop().unwrap_or_default();
-            frame.clear();
-            frame.resize(eth.buffer_len() + ip.buffer_len() + n, 0);
-            let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
-            eth.emit(&mut f);
-            let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-            ip.emit(&mut p, &Default::default());
-            p.payload_mut()[..n].copy_from_slice(&buf[..n]);
             if self.device.tx.len() < QUEUE_FRAMES {
-                self.device.tx.push_back(frame);
+                let msg = &buf[..n];
+                self.emit_to_guest(smol(key.dst), IpProtocol::Icmp, n, |p| {
+                    p.copy_from_slice(msg)
+                });
             }
         }
     }
@@ -644,6 +890,10 @@ impl NetStack {
             let token = ev.data();
             if token == DNS_TOKEN {
                 self.dns_in(&mut buf);
+                continue;
+            }
+            if token == PUBLISH_TOKEN {
+                self.publish_in();
                 continue;
             }
             if token >= crate::tcp_nat::TOKEN_BASE {
@@ -749,7 +999,7 @@ impl NetStack {
             return;
         }
         self.stats.frames_in += 1;
-        if self.ping_out(frame) || self.tcp_syn(frame) {
+        if self.ping_out(frame) || self.tcp_syn(frame) || self.publish_udp_out(frame) {
             return;
         }
         self.open_nat_flow(frame);
@@ -771,6 +1021,8 @@ impl NetStack {
             self.last_expiry = StdInstant::now();
             self.nat.expire(&self.epoll);
             self.icmp.expire_idle(&self.epoll);
+            self.udp_pub
+                .retain(|_, m| m.last.elapsed() < UDP_PUBLISH_IDLE && m.socket.strong_count() > 0);
         }
     }
 
@@ -883,12 +1135,56 @@ impl NetStack {
         while self.pop_frame().is_some() {}
     }
 
+    /// The open flows: TCP and UDP, outbound and from published ports.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        use crate::tcp_nat::FlowState;
+        use smoltcp::socket::tcp;
+        let guest = self.cfg.guest();
+        let mut out = Vec::new();
+        for (k, f) in &self.tcp.flows {
+            let (state, inbound) = match &f.state {
+                FlowState::Connecting { .. } => ("Connecting".to_string(), false),
+                FlowState::Open { handle, .. } => (
+                    format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state()),
+                    f.inbound,
+                ),
+            };
+            out.push(FlowInfo {
+                protocol: "tcp",
+                guest: SocketAddrV4::new(guest, k.guest_port),
+                remote: k.dst,
+                state,
+                inbound,
+            });
+        }
+        for k in self.nat.keys() {
+            out.push(FlowInfo {
+                protocol: "udp",
+                guest: SocketAddrV4::new(guest, k.guest_port),
+                remote: k.dst,
+                state: "open".into(),
+                inbound: false,
+            });
+        }
+        for k in self.udp_pub.keys() {
+            out.push(FlowInfo {
+                protocol: "udp",
+                guest: SocketAddrV4::new(guest, k.guest_port),
+                remote: k.dst,
+                state: "open".into(),
+                inbound: true,
+            });
+        }
+        out
+    }
+
     /// The link's counters, with the open flows counted now.
     pub fn stats(&self) -> StackStats {
         StackStats {
             tcp_flows: self.tcp.flows.len() as u64,
             udp_flows: self.nat.len() as u64,
             icmp_flows: self.icmp.len() as u64,
+            udp_published: self.udp_pub.len() as u64,
             ..self.stats
         }
     }

@@ -58,6 +58,8 @@ pub struct TcpFlow {
     pub want_in: bool,
     /// Whether EPOLLOUT is currently asked for.
     pub want_out: bool,
+    /// Whether a published port's client opened it (else the guest did).
+    pub inbound: bool,
 }
 
 /// The TCP flows.
@@ -133,6 +135,42 @@ impl TcpNat {
                 token,
                 want_in: false,
                 want_out: true,
+                inbound: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes an accepted host connection whose guest side (`handle`) is connecting: a
+    /// published port's client. It is watched once the guest accepts.
+    pub fn adopt(
+        &mut self,
+        key: TcpKey,
+        host: TcpStream,
+        handle: SocketHandle,
+        epoll: &Epoll,
+    ) -> io::Result<()> {
+        let token = self.next_token;
+        self.next_token += 1;
+        epoll.ctl(
+            ControlOperation::Add,
+            host.as_raw_fd(),
+            EpollEvent::new(EventSet::empty(), token),
+        )?;
+        self.by_token.insert(token, key);
+        self.flows.insert(
+            key,
+            TcpFlow {
+                host,
+                state: FlowState::Open {
+                    handle,
+                    host_eof: false,
+                    guest_eof: false,
+                },
+                token,
+                want_in: false,
+                want_out: false,
+                inbound: true,
             },
         );
         Ok(())

@@ -177,6 +177,34 @@ int main(int argc, char **argv) {
 		}
 		for (int i = 0; i < n; i++) close(fds[i]);
 		printf("%d of %d\n", ok, n);
+	} else if (!strcmp(cmd, "udpecho")) {
+		/* udpecho PORT: echoes every datagram to its sender, forever. */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
+		int fd = socket(AF_INET, SOCK_DGRAM, 0);
+		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a)) return fail();
+		static char buf[65536];
+		for (;;) {
+			struct sockaddr_in from;
+			socklen_t fl = sizeof from;
+			ssize_t n = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &fl);
+			if (n >= 0) sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, fl);
+		}
+	} else if (!strcmp(cmd, "tcppeer")) {
+		/* tcppeer PORT: tells each client the address it comes from ("IP:PORT\n"), forever. */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
+		int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 64)) return fail();
+		for (;;) {
+			struct sockaddr_in from;
+			socklen_t fl = sizeof from;
+			int c = accept(fd, (struct sockaddr *)&from, &fl);
+			if (c < 0) continue;
+			char line[64];
+			int n = snprintf(line, sizeof line, "%s:%d\n", inet_ntoa(from.sin_addr), ntohs(from.sin_port));
+			(void)!write(c, line, (size_t)n);
+			close(c);
+		}
 	} else {
 		fprintf(stderr, "probe: unknown command %s\n", cmd);
 		return 2;

@@ -40,6 +40,29 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
+/// A command running `bin` inside namespace `netns` and as `user`, when given.
+pub fn wrapped(netns: Option<&str>, user: Option<&str>, bin: &Path) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]);
+            c
+        }
+        None => Command::new("env"),
+    };
+    if let Some(u) = user {
+        c.args([
+            "setpriv",
+            &format!("--reuid={u}"),
+            // nogroup on Debian; numeric so any distribution has it.
+            "--regid=65534",
+            "--clear-groups",
+        ]);
+    }
+    c.arg(bin);
+    c
+}
+
 /// A running `ferry serve`; stopped with SIGTERM on drop.
 pub struct FerryProcess {
     child: Child,
@@ -56,17 +79,26 @@ impl FerryProcess {
     /// As [`serve`](Self::serve), inside network namespace `netns` when given: the way every
     /// test whose guest opens connections must run it.
     pub fn serve_in(netns: Option<&str>, dir: &Path, args: &[String], sockets: &[PathBuf]) -> Self {
+        Self::serve_as(netns, None, &ferry_bin(), dir, args, sockets)
+    }
+
+    /// As [`serve_in`](Self::serve_in), running binary `bin` as `user` (through `setpriv`)
+    /// when given: how the unprivileged tests run it.
+    pub fn serve_as(
+        netns: Option<&str>,
+        user: Option<&str>,
+        bin: &Path,
+        dir: &Path,
+        args: &[String],
+        sockets: &[PathBuf],
+    ) -> Self {
         let log = dir.join("ferry.log");
         let err = File::create(&log).expect("create the ferry log");
-        let bin = ferry_bin();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
+        let mut cmd = wrapped(netns, user, bin);
+        if user.is_some() {
+            // Its private folder goes where that user may write.
+            cmd.env("TMPDIR", dir);
+        }
         let child = cmd
             .arg("serve")
             .args(args)

@@ -10,7 +10,7 @@ mod netns;
 mod qemu;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
-pub use ferry::{ferry_bin, FerryProcess};
+pub use ferry::{ferry_bin, wrapped, FerryProcess};
 pub use netns::TestNet;
 pub use qemu::{guest_image, GuestSpec, Qemu};
 

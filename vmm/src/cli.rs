@@ -23,6 +23,59 @@ pub enum Command {
     /// Serve DIR through the host's FUSE at MOUNTPOINT: the same file server the guest gets,
     /// for inspection and tests. Runs until SIGTERM or SIGINT, or until MOUNTPOINT is unmounted.
     Mount(MountArgs),
+    /// Talk to a running ferry through its control API (--api-socket): list, publish and
+    /// unpublish ports, show counters.
+    Ctl(CtlArgs),
+    /// The privileged-port helper: run it as root so that an unprivileged ferry can publish
+    /// host ports below net.ipv4.ip_unprivileged_port_start.
+    Portd(PortdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control API socket of the ferry to talk to.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Whether ferry answers, and whether a guest is attached.
+    Health,
+    /// The published ports and their counters.
+    Ports,
+    /// Publish a host port to a guest port: [tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT.
+    Publish {
+        /// What to publish.
+        #[arg(value_name = "SPEC")]
+        spec: String,
+    },
+    /// Unpublish a port: [tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT].
+    Unpublish {
+        /// What to unpublish.
+        #[arg(value_name = "SPEC")]
+        spec: String,
+    },
+    /// Net and fs counters, and the open flows.
+    Stats,
+}
+
+#[derive(Debug, Args)]
+pub struct PortdArgs {
+    /// Listen on this UNIX socket [default: /run/ferry/portd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// A user (name or uid) whose ferry may ask for ports (repeatable; at least one).
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +111,12 @@ pub struct ServeArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this UNIX socket, mode 0600.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Ask the `ferry portd` helper listening here for host ports below
+    /// net.ipv4.ip_unprivileged_port_start when this process may not bind them
+    /// [default: /run/ferry/portd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub portd_socket: Option<PathBuf>,
 
     /// The guest subnet: gateway .1, guest .2, host alias .254 (last before broadcast)
     /// [default: 192.168.127.0/24].

@@ -74,7 +74,18 @@ pub struct ServeConfig {
     pub shares: Vec<ShareConfig>,
     /// Where to forward DNS queries (None: /etc/resolv.conf's nameservers).
     pub dns_upstream: Option<SocketAddr>,
+    /// Ports published from the start.
+    pub publish: Vec<PortSpec>,
+    /// The bind address of specs that name none (also for the API's).
+    pub default_bind: IpAddr,
+    /// The control API's socket.
+    pub api_socket: Option<PathBuf>,
+    /// Where `ferry portd` listens, for ports this process may not bind.
+    pub portd_socket: PathBuf,
 }
+
+/// Where `ferry portd` listens unless told otherwise.
+pub const DEFAULT_PORTD_SOCKET: &str = "/run/ferry/portd.sock";
 
 /// The TOML file's shape: the long option names as keys.
 #[derive(Debug, Default, Deserialize)]
@@ -87,6 +98,7 @@ struct FileConfig {
     publish: Vec<String>,
     default_bind: Option<String>,
     api_socket: Option<PathBuf>,
+    portd_socket: Option<PathBuf>,
     subnet: Option<String>,
     mtu: Option<u32>,
     max_connections: Option<usize>,
@@ -306,17 +318,21 @@ impl TryFrom<ServeArgs> for ServeConfig {
             None => None,
         };
 
-        // Validated above so that mistakes are caught now; served once the control plane and
-        // the network data path exist (see README, "Status").
-        if let Some(p) = publish.first() {
+        if let (Some(p), None) = (publish.first(), &net_socket) {
             return Err(usage(format!(
-                "--publish {p}: this build cannot publish ports yet (it needs the network data path); leave --publish out"
+                "--publish {p}: published ports go to the guest's network; give --net-socket PATH too"
             )));
         }
-        if let Some(p) = api_socket {
+        let portd_socket = args
+            .portd_socket
+            .or(file.portd_socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PORTD_SOCKET));
+        // Only its length: the helper's folder exists only where the helper runs, and it is
+        // asked for only when a port needs it.
+        if portd_socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(usage(format!(
-                "--api-socket {}: this build has no control API yet; leave --api-socket out",
-                p.display()
+                "--portd-socket {}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one",
+                portd_socket.display()
             )));
         }
 
@@ -325,6 +341,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             net,
             shares,
             dns_upstream,
+            publish,
+            default_bind,
+            api_socket,
+            portd_socket,
         })
     }
 }
@@ -344,6 +364,8 @@ pub struct RunConfig {
     pub memory: u32,
     /// Extra QEMU arguments.
     pub qemu_args: Vec<String>,
+    /// Ports published to the guest.
+    pub publish: Vec<PortSpec>,
 }
 
 /// Where `make guest-image` puts the guest: beside the binary's workspace, or as configured.
@@ -358,12 +380,11 @@ impl TryFrom<RunArgs> for RunConfig {
     type Error = Error;
 
     fn try_from(a: RunArgs) -> Result<Self> {
-        if !a.publish.is_empty() {
-            return Err(usage(format!(
-                "--publish {}: this build cannot publish ports yet (it needs the network data path); leave --publish out",
-                a.publish[0]
-            )));
-        }
+        let publish = a
+            .publish
+            .iter()
+            .map(|p| p.parse::<PortSpec>().map_err(|e| usage(e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
         for d in &a.share {
             if !d.is_dir() {
                 return Err(usage(format!(
@@ -405,6 +426,7 @@ impl TryFrom<RunArgs> for RunConfig {
             script: a.script,
             memory: a.memory,
             qemu_args: a.qemu_args,
+            publish,
         })
     }
 }
@@ -421,6 +443,7 @@ mod tests {
             publish: vec![],
             default_bind: None,
             api_socket: None,
+            portd_socket: None,
             subnet: None,
             mtu: None,
             max_connections: None,

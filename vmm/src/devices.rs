@@ -8,6 +8,7 @@ use std::thread;
 
 use ferry_devices::{bind_socket, serve_connections, VhostUserFsBackend, VhostUserNetBackend};
 use ferry_fs::{passthrough, PassthroughFs, Server};
+use ferry_net::ports::{Ports, PrivilegedBinder};
 use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
@@ -20,6 +21,10 @@ pub static FAILURE: AtomicU8 = AtomicU8::new(0);
 pub struct Devices {
     sockets: Vec<PathBuf>,
     private: PathBuf,
+    /// The control API, when asked for; dropped (and its socket removed) at shutdown.
+    api: Option<crate::api::Api>,
+    /// Published ports; their host sockets close when this goes.
+    ports: Option<Arc<Ports>>,
 }
 
 /// A folder only this process can enter, for the daemons' private sockets.
@@ -79,6 +84,9 @@ impl Devices {
             net = Some((listener, path.clone()));
         }
         let mut fs = Vec::new();
+        let mut ports = None;
+        let mut net_backend = None;
+        let mut fs_backends = Vec::new();
         for share in &cfg.shares {
             let pfs = PassthroughFs::new(
                 &share.dir,
@@ -116,8 +124,21 @@ impl Devices {
             if upstream.is_none() {
                 log::warn!("net: no DNS upstream (none given, none in /etc/resolv.conf): names outside ferry.internal get SERVFAIL");
             }
-            let backend = VhostUserNetBackend::new(cfg.net.clone(), upstream)
+            let portd = cfg.portd_socket.clone();
+            let binder: PrivilegedBinder =
+                Box::new(move |spec| crate::portd::request(&portd, spec));
+            let p = Ports::new(cfg.net.guest(), Some(binder))
+                .map_err(|e| Error::Runtime(format!("cannot set up published ports: {e}")))?;
+            for spec in &cfg.publish {
+                if let Err(e) = p.publish(*spec) {
+                    remove_sockets(&sockets);
+                    return Err(Error::Runtime(format!("{e}\nhint: {}", e.hint())));
+                }
+            }
+            ports = Some(p.clone());
+            let backend = VhostUserNetBackend::with_ports(cfg.net.clone(), upstream, Some(p))
                 .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
+            net_backend = Some(backend.clone());
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
                 path.display(),
@@ -133,6 +154,7 @@ impl Devices {
                 let b = backend.clone();
                 let b2 = backend.clone();
                 let on_connect = move |d: &vhost_user_backend::VhostUserDaemon<_>| {
+                    b2.frontend_attached();
                     // The stack's timer and host sockets wake the worker that serves the queues.
                     let Some(h) = d.get_epoll_handlers().into_iter().next() else {
                         return;
@@ -159,6 +181,7 @@ impl Devices {
             let name = format!("fs-{}", share.tag);
             let server = Arc::new(Server::new(pfs));
             let backend = VhostUserFsBackend::new(server);
+            fs_backends.push((share.tag.clone(), backend.clone()));
             info!(
                 "{name}: serving {} as tag {} on {}{}",
                 share.dir.display(),
@@ -195,11 +218,37 @@ impl Devices {
                 )
             })?;
         }
-        Ok(Devices { sockets, private })
+        let api = match &cfg.api_socket {
+            Some(path) => {
+                let control = crate::api::Control {
+                    ports: ports.clone(),
+                    default_bind: cfg.default_bind,
+                    net: net_backend,
+                    fs: fs_backends,
+                    started: std::time::Instant::now(),
+                };
+                match crate::api::start(path, control) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        remove_sockets(&sockets);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Devices {
+            sockets,
+            private,
+            api,
+            ports,
+        })
     }
 
     /// Removes the sockets; the process is about to exit.
     pub fn shutdown(self) {
+        drop(self.api);
+        drop(self.ports);
         remove_sockets(&self.sockets);
         let _ = std::fs::remove_dir_all(&self.private);
     }

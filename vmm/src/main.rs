@@ -4,10 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod api;
 mod cli;
 mod config;
+mod ctl;
 mod devices;
 mod mount;
+mod portd;
 mod run;
 mod serve;
 mod signals;
@@ -19,6 +22,8 @@ fn main() -> ExitCode {
         cli::Command::Serve(a) => config::ServeConfig::try_from(a).and_then(serve::serve),
         cli::Command::Run(a) => config::RunConfig::try_from(a).and_then(run::run),
         cli::Command::Mount(a) => mount::mount(a),
+        cli::Command::Ctl(a) => ctl::ctl(a),
+        cli::Command::Portd(a) => portd::portd(a),
     };
     match res {
         Ok(code) => code,

@@ -45,6 +45,10 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         net: Default::default(),
         shares,
         dns_upstream: None,
+        publish: cfg.publish.clone(),
+        default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        api_socket: Some(dir.join("api.sock")),
+        portd_socket: crate::config::DEFAULT_PORTD_SOCKET.into(),
     };
     let devices = Devices::start(&serve)?;
     let mut qemu = qemu_command(&cfg, &serve);

@@ -1,0 +1,673 @@
+//! Published ports: host sockets whose traffic goes to the guest, as `docker run -p` does.
+//!
+//! [`Ports`] owns the table of published ports and their host sockets. It outlives any one
+//! guest: the sockets stay bound while the VM reboots or QEMU restarts. Its own thread
+//! (`ports`) waits on every listener:
+//! - a TCP connection is accepted and, when a guest is attached, handed to the net stack, which
+//!   opens the guest side ([`Ports::take_incoming`]); with no guest attached it is reset at once,
+//!   so the client sees the refusal promptly instead of a hang;
+//! - a UDP datagram is handed over the same way, or dropped with no guest.
+//!
+//! The stack learns of new work through an eventfd on its epoll ([`Ports::notify_fd`]).
+//! Accepting is off the net thread (one hop per connection, not per byte); the data of a
+//! connection moves on the net thread, between the accepted socket and the guest.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{PortSpec, Protocol};
+
+/// Connections waiting for the net thread at most; past it, new ones are reset.
+const MAX_INCOMING: usize = 4096;
+/// Bytes of UDP datagrams waiting for the net thread at most; past it, datagrams are dropped.
+const MAX_INCOMING_UDP_BYTES: usize = 4 << 20;
+/// The listen backlog of published TCP ports: room for bursts of clients.
+const BACKLOG: i32 = 1024;
+
+/// What identifies a published port on the host: protocol, bind address and host port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The host address.
+    pub bind: IpAddr,
+    /// The host port.
+    pub host_port: u16,
+}
+
+impl PortKey {
+    /// The key of `spec`.
+    pub fn of(spec: &PortSpec) -> Self {
+        PortKey {
+            protocol: spec.protocol,
+            bind: spec.bind,
+            host_port: spec.host_port,
+        }
+    }
+}
+
+impl Ord for Protocol {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (*self as u8).cmp(&(*other as u8))
+    }
+}
+
+impl PartialOrd for Protocol {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Why a port could not be published.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The host socket cannot be had (in use, not allowed, no such address).
+    Unavailable {
+        /// What was asked for.
+        spec: PortSpec,
+        /// The guest address it forwards to.
+        guest: Ipv4Addr,
+        /// What the host said, in words ("address already in use").
+        reason: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The same protocol, address and host port is published already.
+    Exists(PortSpec),
+}
+
+impl PublishError {
+    /// What to do about it, in one sentence.
+    pub fn hint(&self) -> String {
+        match self {
+            PublishError::Unavailable { hint, .. } => hint.clone(),
+            PublishError::Exists(_) => "unpublish it first, or pick another host port".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Docker's words, which users search for.
+            PublishError::Unavailable {
+                spec,
+                guest,
+                reason,
+                ..
+            } => write!(
+                f,
+                "Ports are not available: exposing port {} {} -> {guest}:{}: {reason}",
+                spec.protocol.to_string().to_uppercase(),
+                host_endpoint(spec),
+                spec.guest_port
+            ),
+            PublishError::Exists(spec) => write!(
+                f,
+                "port {} {} is published already (to guest port {})",
+                spec.protocol.to_string().to_uppercase(),
+                host_endpoint(spec),
+                spec.guest_port
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// `0.0.0.0:8080`, `[::1]:8080`.
+pub fn host_endpoint(spec: &PortSpec) -> String {
+    SocketAddr::new(spec.bind, spec.host_port).to_string()
+}
+
+/// Binds privileged ports for an unprivileged ferry (the `ferry portd` client): returns the
+/// bound socket (listening, for TCP), or an error whose text says what to do.
+pub type PrivilegedBinder = Box<dyn Fn(&PortSpec) -> Result<OwnedFd, String> + Send + Sync>;
+
+/// A connection or datagram for the guest.
+pub enum Incoming {
+    /// An accepted TCP connection to `guest_port`.
+    Tcp {
+        /// The host side.
+        stream: TcpStream,
+        /// Who connected.
+        client: SocketAddr,
+        /// Where it goes in the guest.
+        guest_port: u16,
+    },
+    /// A datagram to `guest_port`; replies go back through `socket` to `client`.
+    Udp {
+        /// The published socket (weak: unpublishing closes it even while flows remember it).
+        socket: Weak<UdpSocket>,
+        /// Who sent it.
+        client: SocketAddr,
+        /// Where it goes in the guest.
+        guest_port: u16,
+        /// The payload.
+        data: Vec<u8>,
+    },
+}
+
+/// Counters of one published port.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PortCounters {
+    /// Connections (TCP) or datagrams (UDP) handed to the guest.
+    pub forwarded: u64,
+    /// Connections reset, or datagrams dropped, because no guest was attached or the queue
+    /// to the guest was full.
+    pub refused: u64,
+}
+
+/// One published port, as listed.
+#[derive(Clone, Copy, Debug)]
+pub struct PortInfo {
+    /// What was published (with the bind address made explicit).
+    pub spec: PortSpec,
+    /// Its counters.
+    pub counters: PortCounters,
+}
+
+enum HostSocket {
+    Tcp(Arc<TcpListener>),
+    Udp(Arc<UdpSocket>),
+}
+
+struct Entry {
+    spec: PortSpec,
+    socket: HostSocket,
+    counters: PortCounters,
+}
+
+struct Inner {
+    ports: BTreeMap<PortKey, Entry>,
+    by_token: HashMap<u64, PortKey>,
+    next_token: u64,
+    incoming: VecDeque<Incoming>,
+    incoming_udp_bytes: usize,
+}
+
+/// The published ports of one ferry process.
+pub struct Ports {
+    inner: Mutex<Inner>,
+    /// The ports thread's epoll: one registration per host socket.
+    epoll: Epoll,
+    /// Tells the net stack that [`take_incoming`](Self::take_incoming) has something.
+    notify: EventFd,
+    attached: AtomicBool,
+    guest: Ipv4Addr,
+    privileged: Option<PrivilegedBinder>,
+}
+
+/// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`).
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Binds the host socket of `spec`: a TCP listener with a deep backlog, or a UDP socket.
+/// Non-blocking and close-on-exec. `ferry portd` binds with this too.
+pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
+    let (family, addr_len) = match spec.bind {
+        IpAddr::V4(_) => (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>()),
+        IpAddr::V6(_) => (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>()),
+    };
+    let ty = match spec.protocol {
+        Protocol::Tcp => libc::SOCK_STREAM,
+        Protocol::Udp => libc::SOCK_DGRAM,
+    };
+    // SAFETY: socket() has no memory effects; the fd is owned right below.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if spec.protocol == Protocol::Tcp {
+        // As every server does: a restart can rebind while old connections sit in TIME_WAIT.
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid c_int of the given length.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    // SAFETY: sockaddr_storage is plain data, large enough for either family.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match spec.bind {
+        IpAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: spec.host_port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage, which is aligned for it.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+        }
+        IpAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: spec.host_port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage, which is aligned for it.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+        }
+    }
+    // SAFETY: `storage` holds a valid address of `addr_len` bytes.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            addr_len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if spec.protocol == Protocol::Tcp {
+        // SAFETY: listen() has no memory effects.
+        if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+/// An OS error in words, lower case and without the "(os error N)" tail, as Docker prints it.
+fn os_reason(e: &io::Error) -> String {
+    let s = e.to_string();
+    let s = s.split(" (os error").next().unwrap_or(&s).to_string();
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => s,
+    }
+}
+
+/// Resets a TCP connection: the peer sees RST, not FIN.
+pub fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct linger of the given length.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(stream);
+}
+
+impl Ports {
+    /// No ports yet; `guest` is the guest's address (for messages), `privileged` binds ports
+    /// below `ip_unprivileged_port_start` when this process may not. Starts the `ports` thread.
+    pub fn new(guest: Ipv4Addr, privileged: Option<PrivilegedBinder>) -> io::Result<Arc<Self>> {
+        let ports = Arc::new(Ports {
+            inner: Mutex::new(Inner {
+                ports: BTreeMap::new(),
+                by_token: HashMap::new(),
+                next_token: 1,
+                incoming: VecDeque::new(),
+                incoming_udp_bytes: 0,
+            }),
+            epoll: Epoll::new()?,
+            notify: EventFd::new(EFD_NONBLOCK)?,
+            attached: AtomicBool::new(false),
+            guest,
+            privileged,
+        });
+        let weak = Arc::downgrade(&ports);
+        std::thread::Builder::new()
+            .name("ports".into())
+            .spawn(move || run(weak))?;
+        Ok(ports)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not take the ports down with it: the table stays consistent
+        // between statements.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `spec`: binds its host socket now (so a conflict is reported now).
+    pub fn publish(&self, spec: PortSpec) -> Result<PortInfo, PublishError> {
+        let key = PortKey::of(&spec);
+        if self.lock().ports.contains_key(&key) {
+            return Err(PublishError::Exists(spec));
+        }
+        let fd = self.bind(&spec)?;
+        let token;
+        {
+            let mut inner = self.lock();
+            if inner.ports.contains_key(&key) {
+                return Err(PublishError::Exists(spec));
+            }
+            token = inner.next_token;
+            inner.next_token += 1;
+            let raw = fd.as_raw_fd();
+            let socket = match spec.protocol {
+                Protocol::Tcp => HostSocket::Tcp(Arc::new(TcpListener::from(fd))),
+                Protocol::Udp => HostSocket::Udp(Arc::new(UdpSocket::from(fd))),
+            };
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                raw,
+                EpollEvent::new(EventSet::IN, token),
+            ) {
+                return Err(self.unavailable(&spec, &e, "check the process's limits".into()));
+            }
+            inner.by_token.insert(token, key);
+            inner.ports.insert(
+                key,
+                Entry {
+                    spec,
+                    socket,
+                    counters: PortCounters::default(),
+                },
+            );
+        }
+        log::info!(
+            "ports: publishing {} {} -> {}:{}",
+            spec.protocol.to_string().to_uppercase(),
+            host_endpoint(&spec),
+            self.guest,
+            spec.guest_port
+        );
+        Ok(PortInfo {
+            spec,
+            counters: PortCounters::default(),
+        })
+    }
+
+    /// Unpublishes a port: its host socket closes now. Connections already open stay open.
+    /// Returns what was published, or `None` if nothing was.
+    pub fn unpublish(&self, key: &PortKey) -> Option<PortSpec> {
+        let entry = {
+            let mut inner = self.lock();
+            let entry = inner.ports.remove(key)?;
+            inner.by_token.retain(|_, k| k != key);
+            entry
+        };
+        let fd = match &entry.socket {
+            HostSocket::Tcp(l) => l.as_raw_fd(),
+            HostSocket::Udp(s) => s.as_raw_fd(),
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        log::info!(
+            "ports: unpublished {} {}",
+            entry.spec.protocol.to_string().to_uppercase(),
+            host_endpoint(&entry.spec)
+        );
+        // The ports thread may hold a clone of the socket for a moment; it drops it right after.
+        Some(entry.spec)
+    }
+
+    /// The published ports, in order.
+    pub fn list(&self) -> Vec<PortInfo> {
+        self.lock()
+            .ports
+            .values()
+            .map(|e| PortInfo {
+                spec: e.spec,
+                counters: e.counters,
+            })
+            .collect()
+    }
+
+    /// The guest address ports forward to.
+    pub fn guest(&self) -> Ipv4Addr {
+        self.guest
+    }
+
+    /// Whether a guest is attached (connections are forwarded) or not (they are reset).
+    pub fn set_attached(&self, attached: bool) {
+        self.attached.store(attached, Ordering::SeqCst);
+        if !attached {
+            // What the last guest never took: refuse it now.
+            let pending: Vec<_> = {
+                let mut inner = self.lock();
+                inner.incoming_udp_bytes = 0;
+                inner.incoming.drain(..).collect()
+            };
+            for i in pending {
+                if let Incoming::Tcp { stream, .. } = i {
+                    reset(stream);
+                }
+            }
+        }
+    }
+
+    /// Whether a guest is attached.
+    pub fn attached(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
+    }
+
+    /// The fd the net stack watches: readable when [`take_incoming`](Self::take_incoming) has
+    /// something.
+    pub fn notify_fd(&self) -> RawFd {
+        self.notify.as_raw_fd()
+    }
+
+    /// Everything waiting for the guest, oldest first.
+    pub fn take_incoming(&self, into: &mut Vec<Incoming>) {
+        let _ = self.notify.read();
+        let mut inner = self.lock();
+        inner.incoming_udp_bytes = 0;
+        into.extend(inner.incoming.drain(..));
+    }
+
+    fn unavailable(&self, spec: &PortSpec, e: &io::Error, hint: String) -> PublishError {
+        PublishError::Unavailable {
+            spec: *spec,
+            guest: self.guest,
+            reason: os_reason(e),
+            hint,
+        }
+    }
+
+    /// The host socket for `spec`: bound here, or by the privileged helper for a low port this
+    /// process may not bind.
+    fn bind(&self, spec: &PortSpec) -> Result<OwnedFd, PublishError> {
+        match bind_host_socket(spec) {
+            Ok(fd) => Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                let start = unprivileged_port_start();
+                match &self.privileged {
+                    Some(helper) if spec.host_port < start => {
+                        helper(spec).map_err(|why| PublishError::Unavailable {
+                            spec: *spec,
+                            guest: self.guest,
+                            reason: why,
+                            hint: "start the helper as root with `ferry portd --allow-uid UID`, or publish a port at or above net.ipv4.ip_unprivileged_port_start".into(),
+                        })
+                    }
+                    _ => Err(self.unavailable(
+                        spec,
+                        &e,
+                        format!("ports below {start} need root or `ferry portd`; pick a host port at or above {start}"),
+                    )),
+                }
+            }
+            Err(e) => {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EADDRINUSE) => {
+                        "stop the program that holds it (`ss -lntup` names it) or pick another host port"
+                    }
+                    Some(libc::EADDRNOTAVAIL) => {
+                        "bind to an address this host has (see `ip addr`), or to 0.0.0.0"
+                    }
+                    _ => "check the address and port",
+                };
+                Err(self.unavailable(spec, &e, hint.into()))
+            }
+        }
+    }
+
+    /// A ready host socket: accept or receive what it has.
+    fn ready(&self, token: u64, buf: &mut [u8]) {
+        let socket = {
+            let inner = self.lock();
+            let Some(entry) = inner.by_token.get(&token).and_then(|k| inner.ports.get(k)) else {
+                return;
+            };
+            match &entry.socket {
+                HostSocket::Tcp(l) => (entry.spec, Some(l.clone()), None),
+                HostSocket::Udp(s) => (entry.spec, None, Some(s.clone())),
+            }
+        };
+        match socket {
+            (spec, Some(listener), _) => self.accept_all(&spec, &listener),
+            (spec, _, Some(udp)) => self.receive_all(&spec, &udp, buf),
+            _ => {}
+        }
+    }
+
+    /// Queues `item` for the guest; gives it back when no guest is attached or the queue is
+    /// full. `udp_bytes` is the datagram's size (0 for a connection).
+    fn offer(&self, item: Incoming, udp_bytes: usize) -> Result<(), Incoming> {
+        if !self.attached() {
+            return Err(item);
+        }
+        let mut inner = self.lock();
+        if inner.incoming.len() >= MAX_INCOMING
+            || inner.incoming_udp_bytes + udp_bytes > MAX_INCOMING_UDP_BYTES
+        {
+            return Err(item);
+        }
+        inner.incoming_udp_bytes += udp_bytes;
+        inner.incoming.push_back(item);
+        Ok(())
+    }
+
+    fn count(&self, spec: &PortSpec, forwarded: u64, refused: u64) {
+        if let Some(e) = self.lock().ports.get_mut(&PortKey::of(spec)) {
+            e.counters.forwarded += forwarded;
+            e.counters.refused += refused;
+        }
+    }
+
+    fn accept_all(&self, spec: &PortSpec, listener: &TcpListener) {
+        let (mut forwarded, mut refused) = (0, 0);
+        loop {
+            let (stream, client) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors, most likely: the connection stays in the backlog.
+                    log::warn!(
+                        "ports: cannot accept on {}: {e}; raise the open-file limit",
+                        host_endpoint(spec)
+                    );
+                    break;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                reset(stream);
+                refused += 1;
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let item = Incoming::Tcp {
+                stream,
+                client,
+                guest_port: spec.guest_port,
+            };
+            match self.offer(item, 0) {
+                Ok(()) => forwarded += 1,
+                Err(item) => {
+                    log::debug!(
+                        "ports: {client} -> {}: no guest attached; reset",
+                        host_endpoint(spec)
+                    );
+                    if let Incoming::Tcp { stream, .. } = item {
+                        reset(stream);
+                    }
+                    refused += 1;
+                }
+            }
+        }
+        if forwarded > 0 {
+            let _ = self.notify.write(1);
+        }
+        self.count(spec, forwarded, refused);
+    }
+
+    fn receive_all(&self, spec: &PortSpec, socket: &Arc<UdpSocket>, buf: &mut [u8]) {
+        let (mut forwarded, mut dropped) = (0, 0);
+        loop {
+            let (n, client) = match socket.recv_from(buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let item = Incoming::Udp {
+                socket: Arc::downgrade(socket),
+                client,
+                guest_port: spec.guest_port,
+                data: buf[..n].to_vec(),
+            };
+            match self.offer(item, n) {
+                Ok(()) => forwarded += 1,
+                Err(_) => dropped += 1,
+            }
+        }
+        if forwarded > 0 {
+            let _ = self.notify.write(1);
+        }
+        self.count(spec, forwarded, dropped);
+    }
+}
+
+/// The ports thread: waits on every published socket until the table is dropped.
+fn run(ports: Weak<Ports>) {
+    let mut events = [EpollEvent::default(); 64];
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Some(p) = ports.upgrade() else {
+            return;
+        };
+        // A timeout, so the thread notices when the table is dropped (tests make many).
+        let n = match p.epoll.wait(1000, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("ports: cannot wait for connections: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        for e in &events[..n] {
+            p.ready(e.data(), &mut buf);
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Published ports end to end: host clients reach servers in the guest through ports that
+//! ferry publishes, changes made at runtime with `ferry ctl`, a QEMU restart under a bound port,
+//! and an unprivileged ferry publishing :80 through `ferry portd`.
+//!
+//! Ferry runs in a test namespace (`TestNet::inner`); "non-local" clients run in the other one
+//! (`remote`) and come in over the veth link. Nothing leaves the namespaces the test made.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ferry_tests::{ferry_bin, wait_for, FerryProcess, GuestSpec, Qemu, TestNet};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const PAGE: &str = "hello from the guest";
+
+/// The guest: busybox httpd on :80, a UDP echo on :7, and a server that tells each TCP client
+/// its address on :9000. It stays up until QEMU is killed.
+fn guest_script(with_probe: bool) -> String {
+    let mut s = format!("mkdir -p /www && echo '{PAGE}' > /www/index.html\nhttpd -p 80 -h /www\n");
+    if with_probe {
+        s.push_str("/mnt/tools/probe udpecho 7 &\n/mnt/tools/probe tcppeer 9000 &\n");
+    }
+    s.push_str("sleep 1\necho FERRY-READY\nsleep 3600\n");
+    s
+}
+
+fn clients(ns: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
+    let out = TestNet::command(ns, "python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run the test clients (python3)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn curl(ns: &str, url: &str) -> String {
+    let out = TestNet::command(ns, "curl")
+        .args(["-sS", "-m", "20", url])
+        .output()
+        .expect("run curl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+fn ctl(api: &Path, args: &[&str]) -> Output {
+    Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run ferry ctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn boot(dir: &Path, net: &Path, tools: Option<&Path>) -> Qemu {
+    let mut q = Qemu::boot(
+        dir,
+        &GuestSpec {
+            script: guest_script(tools.is_some()),
+            net_socket: Some(net.to_path_buf()),
+            shares: tools
+                .map(|t| vec![("tools".to_string(), t.to_path_buf())])
+                .unwrap_or_default(),
+            mac: Some("02:46:52:59:00:02".into()),
+            memory_mib: 256,
+            ..Default::default()
+        },
+    );
+    q.wait_console("FERRY-READY", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    q
+}
+
+/// A process killed on drop.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let api = dir.path().join("api.sock");
+    let tools = dir.path().join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    std::fs::copy(ferry_tests::probe(), tools.join("probe")).unwrap();
+    let tools_sock = dir.path().join("tools.sock");
+    let mut ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--share".into(),
+            format!(
+                "tag=tools,dir={},socket={}",
+                tools.display(),
+                tools_sock.display()
+            ),
+            "--api-socket".into(),
+            api.display().to_string(),
+            "--dns-upstream".into(),
+            "127.0.0.1:1".into(),
+            "--publish".into(),
+            "8080:80".into(),
+            "--publish".into(),
+            "udp/5300:7".into(),
+        ],
+        &[sock.clone(), tools_sock.clone(), api.clone()],
+    );
+    let mode = std::fs::metadata(&api).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the API socket must be private");
+
+    // No VM yet: a client is refused at once, not left hanging.
+    let early = clients(&net.inner, &["probe", "127.0.0.1", "8080"]);
+    let secs: f64 = early.split(' ').nth(1).unwrap_or("99").parse().unwrap();
+    assert!(
+        early.starts_with("reset") && secs < 2.0,
+        "with no guest attached, a client should be reset at once: {early}"
+    );
+
+    let mut qemu = boot(dir.path(), &sock, Some(&tools_sock));
+
+    // The page and the echo, through the published ports.
+    assert_eq!(
+        curl(&net.inner, "http://127.0.0.1:8080/"),
+        PAGE,
+        "{}",
+        ferry.log_tail()
+    );
+    assert_eq!(
+        clients(
+            &net.inner,
+            &["udp", "127.0.0.1", "5300", "ping-through-udp"]
+        ),
+        "ping-through-udp"
+    );
+    // A non-local client, over the link from the other namespace, gets the page too.
+    assert_eq!(
+        curl(&net.remote, &format!("http://{}:8080/", net.inner_addr)),
+        PAGE
+    );
+    assert_eq!(
+        clients(&net.remote, &["udp", &net.inner_addr, "5300", "remote-udp"]),
+        "remote-udp"
+    );
+
+    // A port added at runtime: the guest sees the non-local client's own address, and a
+    // loopback client as the host alias.
+    let o = ctl(&api, &["publish", "9000:9000"]);
+    assert!(o.status.success(), "ferry ctl publish: {}", text(&o));
+    let seen = clients(&net.remote, &["peer", &net.inner_addr, "9000"]);
+    assert!(
+        seen.starts_with(&format!("{}:", net.remote_addr)),
+        "the guest should see the client's address {}, saw {seen:?}",
+        net.remote_addr
+    );
+    let seen = clients(&net.inner, &["peer", "127.0.0.1", "9000"]);
+    assert!(
+        seen.starts_with("192.168.127.254:"),
+        "loopback client seen as {seen:?}"
+    );
+    let o = ctl(&api, &["ports"]);
+    assert!(text(&o).contains("0.0.0.0:9000"), "{}", text(&o));
+
+    // 200 clients at once through one published port.
+    let many = clients(&net.inner, &["many", "127.0.0.1", "9000", "200"]);
+    assert!(
+        many.starts_with("200 of 200"),
+        "200 parallel clients: {many}\nferry log:\n{}",
+        ferry.log_tail()
+    );
+
+    // Removed at runtime: the port is closed on the host.
+    let o = ctl(&api, &["unpublish", "9000"]);
+    assert!(o.status.success(), "ferry ctl unpublish: {}", text(&o));
+    let gone = clients(&net.remote, &["probe", &net.inner_addr, "9000"]);
+    assert!(gone.starts_with("refused"), "after unpublish: {gone}");
+    assert!(!text(&ctl(&api, &["ports"])).contains(":9000"));
+
+    // A host port in use: Docker's message and exit code 1, from ctl and from serve.
+    let _holder = Bg(TestNet::command(&net.inner, "python3")
+        .args([
+            "-c",
+            "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',7070))\ns.listen()\nprint('ready',flush=True)\ntime.sleep(600)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap());
+    wait_for(Duration::from_secs(10), || {
+        let ss = TestNet::command(&net.inner, "ss")
+            .arg("-ltn")
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&ss.stdout)
+            .contains(":7070")
+            .then_some(())
+    })
+    .expect("the port holder listens");
+    let msg = "Ports are not available: exposing port TCP 0.0.0.0:7070 -> 192.168.127.2:80: address already in use";
+    let o = ctl(&api, &["publish", "7070:80"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains(msg), "{}", text(&o));
+    let o = ferry_tests::wrapped(Some(&net.inner), None, &ferry_bin())
+        .args(["serve", "--net-socket"])
+        .arg(dir.path().join("other.sock"))
+        .args(["--publish", "7070:80"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains(msg), "{}", text(&o));
+
+    // Publishing and unpublishing leaks no descriptors.
+    let before = fds(ferry.pid());
+    for i in 0..25 {
+        let spec = format!("udp/127.0.0.1:{}:7", 6000 + i);
+        assert!(ctl(&api, &["publish", &spec]).status.success());
+        assert!(ctl(&api, &["publish", &format!("{}:80", 6100 + i)])
+            .status
+            .success());
+        assert!(ctl(&api, &["unpublish", &spec]).status.success());
+        assert!(ctl(&api, &["unpublish", &format!("{}", 6100 + i)])
+            .status
+            .success());
+    }
+    assert_eq!(fds(ferry.pid()), before, "fds leaked by publish/unpublish");
+
+    // QEMU dies; the port stays bound and refuses at once; a new QEMU serves it again.
+    qemu.kill();
+    let down = wait_for(Duration::from_secs(10), || {
+        let r = clients(&net.inner, &["probe", "127.0.0.1", "8080"]);
+        r.starts_with("reset").then_some(r)
+    });
+    let down = down.expect("with QEMU gone, clients of a published port are reset");
+    let secs: f64 = down.split(' ').nth(1).unwrap_or("99").parse().unwrap();
+    assert!(secs < 2.0, "refusal took {secs} s");
+    let _qemu = boot(dir.path(), &sock, Some(&tools_sock));
+    assert_eq!(
+        curl(&net.inner, "http://127.0.0.1:8080/"),
+        PAGE,
+        "{}",
+        ferry.log_tail()
+    );
+    let o = ctl(&api, &["stats"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(ferry.is_running());
+}
+
+/// A folder that user nobody can use: the unprivileged ferry's sockets, and its binary.
+fn open_dir(base: &Path, name: &str, mode: u32) -> PathBuf {
+    let d = base.join(name);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+    d
+}
+
+#[test]
+fn an_unprivileged_ferry_publishes_port_80_through_portd() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Its own copy of the binary, where nobody may run it.
+    let bin = dir.path().join("ferry");
+    std::fs::copy(ferry_bin(), &bin).unwrap();
+    let run = open_dir(dir.path(), "run", 0o777);
+    let helper = open_dir(dir.path(), "portd", 0o755);
+    let portd_sock = helper.join("portd.sock");
+    let sock = run.join("net.sock");
+    let serve_args = |sock: &Path| -> Vec<String> {
+        vec![
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            "127.0.0.1:1".into(),
+            "--publish".into(),
+            "80:80".into(),
+            "--portd-socket".into(),
+            portd_sock.display().to_string(),
+        ]
+    };
+
+    // Without the helper: a clear refusal that names its socket and how to start it.
+    let o = ferry_tests::wrapped(Some(&net.inner), Some("nobody"), &bin)
+        .arg("serve")
+        .args(serve_args(&run.join("first.sock")))
+        .env("TMPDIR", &run)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("Ports are not available: exposing port TCP 0.0.0.0:80 -> 192.168.127.2:80")
+            && t.contains(&portd_sock.display().to_string())
+            && t.contains("ferry portd"),
+        "{t}"
+    );
+
+    // With the helper (root, in the same namespace), the same command publishes :80.
+    let helper_log = std::fs::File::create(dir.path().join("portd.log")).unwrap();
+    let _portd = Bg(ferry_tests::wrapped(Some(&net.inner), None, &bin)
+        .args(["portd", "--socket"])
+        .arg(&portd_sock)
+        .args(["--allow-uid", "nobody"])
+        .stderr(helper_log)
+        .spawn()
+        .unwrap());
+    wait_for(Duration::from_secs(10), || {
+        portd_sock.exists().then_some(())
+    })
+    .expect("ferry portd makes its socket");
+    let ferry = FerryProcess::serve_as(
+        Some(&net.inner),
+        Some("nobody"),
+        &bin,
+        &run,
+        &serve_args(&sock),
+        std::slice::from_ref(&sock),
+    );
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", ferry.pid())).unwrap_or_default();
+    // The pid is ip's until it execs; wait for ferry's own uid line.
+    let uid_line = wait_for(Duration::from_secs(5), || {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", ferry.pid())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .filter(|l| l.contains("65534"))
+            .map(str::to_string)
+    });
+    assert!(
+        uid_line.is_some(),
+        "ferry does not run as nobody:\n{status}"
+    );
+    let _qemu = boot(dir.path(), &sock, None);
+    assert_eq!(
+        curl(&net.inner, "http://127.0.0.1:80/"),
+        PAGE,
+        "{}",
+        ferry.log_tail()
+    );
+    assert_eq!(
+        curl(&net.remote, &format!("http://{}/", net.inner_addr)),
+        PAGE
+    );
+}

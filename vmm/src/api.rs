@@ -1,0 +1,363 @@
+//! The control API: HTTP/1.1 and JSON on a UNIX socket (mode 0600), served by tiny_http on
+//! its own thread. Every endpoint is documented in docs/api.md.
+//!
+//! ```text
+//! GET    /health                               {"status":"ok",...}
+//! GET    /ports                                [port, ...]
+//! POST   /ports        {"spec":"8080:80"}      201 port | 400 | 409
+//! DELETE /ports/{proto}/{bind_ip}/{host_port}  204 | 400 | 404
+//! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
+//! ```
+//! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
+//! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when
+//! the host port is in use or published already.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_devices::{VhostUserFsBackend, VhostUserNetBackend};
+use ferry_fs::abi::opcode;
+use ferry_fs::PassthroughFs;
+use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
+use ferry_net::{PortSpec, Protocol};
+use log::{debug, warn};
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::config::{Error, Result};
+
+/// Largest request body taken.
+const MAX_BODY: u64 = 64 * 1024;
+
+/// What the API reads and changes.
+pub struct Control {
+    /// Published ports (None: no net device).
+    pub ports: Option<Arc<Ports>>,
+    /// The bind address of specs that name none.
+    pub default_bind: IpAddr,
+    /// The net device.
+    pub net: Option<Arc<VhostUserNetBackend>>,
+    /// The file shares: tag and device.
+    pub fs: Vec<(String, Arc<VhostUserFsBackend<PassthroughFs>>)>,
+    /// When ferry started.
+    pub started: Instant,
+}
+
+/// A running API server; its socket is removed on drop.
+pub struct Api {
+    server: Arc<Server>,
+    path: PathBuf,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.server.unblock();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the API socket (mode 0600) and serves it on the `api` thread.
+pub fn start(path: &Path, control: Control) -> Result<Api> {
+    let listener = ferry_devices::bind_socket(path).map_err(|e| Error::Runtime(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        Error::Runtime(format!(
+            "--api-socket {}: cannot make it private (mode 0600): {e}",
+            path.display()
+        ))
+    })?;
+    let server = Server::from_listener(listener, None).map_err(|e| {
+        Error::Runtime(format!(
+            "--api-socket {}: cannot serve it: {e}",
+            path.display()
+        ))
+    })?;
+    let server = Arc::new(server);
+    let s = server.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for req in s.incoming_requests() {
+                serve(&control, req);
+            }
+        })
+        .map_err(|e| Error::Runtime(format!("cannot start the api thread: {e}")))?;
+    log::info!("api: serving the control API on {}", path.display());
+    Ok(Api {
+        server,
+        path: path.to_path_buf(),
+    })
+}
+
+/// A JSON response.
+fn reply(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
+    text.push(b'\n');
+    let ct = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+        .expect("a valid static header");
+    Response::from_data(text)
+        .with_status_code(status)
+        .with_header(ct)
+}
+
+fn error(status: u16, msg: impl Into<String>, hint: impl Into<String>) -> (u16, Value) {
+    (status, json!({"error": msg.into(), "hint": hint.into()}))
+}
+
+fn serve(control: &Control, mut req: Request) {
+    let method = req.method().clone();
+    let url = req.url().to_string();
+    let path = url.split('?').next().unwrap_or("").to_string();
+    let mut body = Vec::new();
+    let read = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body);
+    let (status, value) = if read.is_err() {
+        error(400, "cannot read the request body", "send the body again")
+    } else if body.len() as u64 > MAX_BODY {
+        error(413, "the body is larger than 64 KiB", "send a smaller body")
+    } else {
+        route(control, &method, &path, &body)
+    };
+    debug!("api: {method} {url} -> {status}");
+    if let Err(e) = req.respond(reply(status, &value)) {
+        warn!("api: cannot answer {method} {url}: {e}");
+    }
+}
+
+fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, Value) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, &segments[..]) {
+        (Method::Get, ["health"]) => (200, health(control)),
+        (Method::Get, ["stats"]) => (200, stats(control)),
+        (Method::Get, ["ports"]) => match &control.ports {
+            Some(p) => (200, Value::Array(p.list().iter().map(port_json).collect())),
+            None => (200, json!([])),
+        },
+        (Method::Post, ["ports"]) => publish(control, body),
+        (Method::Delete, ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
+        (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
+        (_, ["ports"]) => error(
+            405,
+            "/ports takes GET or POST",
+            "use GET to list, POST to publish",
+        ),
+        (_, ["ports", _, _, _]) => error(
+            405,
+            format!("{path} takes DELETE"),
+            "use DELETE to unpublish",
+        ),
+        _ => error(
+            404,
+            format!("no endpoint {path}"),
+            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /stats",
+        ),
+    }
+}
+
+fn health(control: &Control) -> Value {
+    json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_secs": control.started.elapsed().as_secs(),
+        "net": control.net.is_some(),
+        "guest_attached": control.ports.as_ref().is_some_and(|p| p.attached()),
+        "shares": control.fs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+    })
+}
+
+/// A published port as JSON.
+pub fn port_json(p: &PortInfo) -> Value {
+    json!({
+        "proto": p.spec.protocol.to_string(),
+        "bind_ip": p.spec.bind.to_string(),
+        "host_port": p.spec.host_port,
+        "guest_port": p.spec.guest_port,
+        "spec": p.spec.to_string(),
+        "forwarded": p.counters.forwarded,
+        "refused": p.counters.refused,
+    })
+}
+
+fn publish(control: &Control, body: &[u8]) -> (u16, Value) {
+    let Some(ports) = &control.ports else {
+        return error(
+            409,
+            "ferry serves no network device, so it cannot publish ports",
+            "start ferry serve with --net-socket PATH",
+        );
+    };
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                400,
+                format!("the body is not JSON: {e}"),
+                r#"send {"spec": "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT"}"#,
+            )
+        }
+    };
+    let spec = match spec_from_json(&v, control.default_bind) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                400,
+                e,
+                r#"send {"spec": "8080:80"} or {"proto": "tcp", "bind_ip": "0.0.0.0", "host_port": 8080, "guest_port": 80}"#,
+            )
+        }
+    };
+    match ports.publish(spec) {
+        Ok(info) => (201, port_json(&info)),
+        Err(e @ PublishError::Exists(_)) => error(409, e.to_string(), e.hint()),
+        Err(e) => error(409, e.to_string(), e.hint()),
+    }
+}
+
+/// A port spec from `{"spec": "..."}` or from its fields.
+fn spec_from_json(v: &Value, default_bind: IpAddr) -> std::result::Result<PortSpec, String> {
+    let obj = v
+        .as_object()
+        .ok_or("the body must be a JSON object".to_string())?;
+    if let Some(s) = obj.get("spec") {
+        let s = s.as_str().ok_or("\"spec\" must be a string")?;
+        return PortSpec::parse_with_default(s, default_bind).map_err(|e| e.to_string());
+    }
+    let protocol = match obj.get("proto").map(|p| p.as_str()) {
+        None => Protocol::Tcp,
+        Some(Some("tcp")) => Protocol::Tcp,
+        Some(Some("udp")) => Protocol::Udp,
+        Some(_) => return Err("\"proto\" must be \"tcp\" or \"udp\"".into()),
+    };
+    let bind = match obj.get("bind_ip") {
+        None => default_bind,
+        Some(b) => b
+            .as_str()
+            .and_then(|b| b.parse::<IpAddr>().ok())
+            .ok_or("\"bind_ip\" must be an IP address string")?,
+    };
+    let port = |name: &str| -> std::result::Result<u16, String> {
+        obj.get(name)
+            .ok_or(format!("\"{name}\" is missing"))?
+            .as_u64()
+            .filter(|p| (1..=65535).contains(p))
+            .map(|p| p as u16)
+            .ok_or(format!("\"{name}\" must be a number from 1 to 65535"))
+    };
+    Ok(PortSpec {
+        protocol,
+        bind,
+        host_port: port("host_port")?,
+        guest_port: port("guest_port")?,
+    })
+}
+
+fn unpublish(control: &Control, proto: &str, bind: &str, port: &str) -> (u16, Value) {
+    let hint = "DELETE /ports/{tcp|udp}/{bind_ip}/{host_port}, for example /ports/tcp/0.0.0.0/8080";
+    let protocol = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => {
+            return error(
+                400,
+                format!("protocol {proto:?}: expected tcp or udp"),
+                hint,
+            )
+        }
+    };
+    let bind_ip = bind.trim_start_matches('[').trim_end_matches(']');
+    let Ok(bind) = bind_ip.parse::<IpAddr>() else {
+        return error(400, format!("{bind:?} is not an IP address"), hint);
+    };
+    let Some(host_port) = port.parse::<u16>().ok().filter(|p| *p != 0) else {
+        return error(400, format!("port {port:?}: expected 1 to 65535"), hint);
+    };
+    let key = PortKey {
+        protocol,
+        bind,
+        host_port,
+    };
+    let removed = control.ports.as_ref().and_then(|p| p.unpublish(&key));
+    match removed {
+        Some(_) => (204, Value::Null),
+        None => error(
+            404,
+            format!(
+                "port {} {} is not published",
+                proto.to_uppercase(),
+                host_endpoint(&PortSpec {
+                    protocol,
+                    bind,
+                    host_port,
+                    guest_port: host_port,
+                })
+            ),
+            "GET /ports lists what is",
+        ),
+    }
+}
+
+fn stats(control: &Control) -> Value {
+    let net = control.net.as_ref().map(|n| {
+        let d = n.stats();
+        let (s, flows) = n.stack_stats();
+        let flows: Vec<Value> = flows
+            .iter()
+            .map(|f| {
+                json!({
+                    "proto": f.protocol,
+                    "guest": f.guest.to_string(),
+                    "remote": f.remote.to_string(),
+                    "state": f.state,
+                    "direction": if f.inbound { "in" } else { "out" },
+                })
+            })
+            .collect();
+        json!({
+            "guest_attached": control.ports.as_ref().is_some_and(|p| p.attached()),
+            "tx_frames": d.tx_frames.load(Ordering::Relaxed),
+            "tx_bytes": d.tx_bytes.load(Ordering::Relaxed),
+            "tx_malformed": d.tx_malformed.load(Ordering::Relaxed),
+            "rx_frames": d.rx_frames.load(Ordering::Relaxed),
+            "rx_bytes": d.rx_bytes.load(Ordering::Relaxed),
+            "dropped": s.dropped_in,
+            "dhcp_replies": s.dhcp_replies,
+            "dns_replies": s.dns_replies,
+            "tcp_flows": s.tcp_flows,
+            "udp_flows": s.udp_flows + s.udp_published,
+            "icmp_flows": s.icmp_flows,
+            "tcp_refused": s.tcp_refused,
+            "published_connections": s.published_connections,
+            "flows": flows,
+        })
+    });
+    let fs: Vec<Value> = control
+        .fs
+        .iter()
+        .map(|(tag, b)| {
+            let server = b.server();
+            let st = server.stats();
+            let total: u64 = (0..=opcode::MAX + 1).map(|o| st.ops(o)).sum();
+            json!({
+                "tag": tag,
+                "requests": total,
+                "reads": st.ops(opcode::READ),
+                "writes": st.ops(opcode::WRITE),
+                "lookups": st.ops(opcode::LOOKUP),
+                "errors": st.errors(),
+                "malformed": st.malformed(),
+                "nodes": server.fs().inode_count(),
+                "open_files": server.fs().handle_count(),
+            })
+        })
+        .collect();
+    json!({
+        "uptime_secs": control.started.elapsed().as_secs(),
+        "net": net,
+        "fs": fs,
+        "ports": control.ports.as_ref().map(|p| p.list().iter().map(port_json).collect::<Vec<_>>()).unwrap_or_default(),
+    })
+}

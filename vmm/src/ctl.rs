@@ -1,0 +1,350 @@
+//! `ferry ctl`: the control API from the command line. Tables for people, `--json` for
+//! scripts; exit 1 with the API's own words when it refuses.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cli::{CtlArgs, CtlCommand};
+use crate::config::{Error, Result};
+
+/// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
+pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    let unreachable = |e: std::io::Error| {
+        Error::Runtime(format!(
+            "cannot reach ferry's control API at {}: {e}; check that `ferry serve --api-socket {}` runs and that you may open the socket",
+            socket.display(),
+            socket.display()
+        ))
+    };
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(unreachable)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(unreachable)?;
+    let bad = |what: &str| {
+        Error::Runtime(format!(
+            "ferry's control API at {} sent {what}; is it a ferry API socket?",
+            socket.display()
+        ))
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Err(bad("a malformed HTTP response")),
+    };
+    let status = resp.code.ok_or_else(|| bad("no status"))?;
+    let len = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    let rest = &raw[head_len..];
+    let body = &rest[..len.unwrap_or(rest.len()).min(rest.len())];
+    let value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(body).map_err(|_| bad("a body that is not JSON"))?
+    };
+    Ok((status, value))
+}
+
+/// The API's refusal as an error: its message, then its hint on the next line.
+fn refusal(v: &Value, status: u16) -> Error {
+    let msg = v["error"]
+        .as_str()
+        .map_or_else(|| format!("the API answered {status}"), str::to_string);
+    match v["hint"].as_str() {
+        Some(h) if !h.is_empty() => Error::Runtime(format!("{msg}\nhint: {h}")),
+        _ => Error::Runtime(msg),
+    }
+}
+
+/// Prints rows as aligned columns under `header`.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_ports(ports: &Value) {
+    let rows: Vec<Vec<String>> = ports
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    vec![
+                        s(&p["proto"]).to_uppercase(),
+                        format!("{}:{}", bracket(&s(&p["bind_ip"])), s(&p["host_port"])),
+                        s(&p["guest_port"]),
+                        s(&p["forwarded"]),
+                        s(&p["refused"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if rows.is_empty() {
+        println!("no published ports");
+        return;
+    }
+    table(
+        &["PROTO", "HOST", "GUEST PORT", "FORWARDED", "REFUSED"],
+        &rows,
+    );
+}
+
+fn bracket(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+fn print_stats(v: &Value) {
+    let net = &v["net"];
+    if net.is_object() {
+        println!(
+            "net: guest {}; from guest {} frames / {} bytes ({} malformed, {} dropped); to guest {} frames / {} bytes",
+            if net["guest_attached"] == json!(true) { "attached" } else { "not attached" },
+            s(&net["tx_frames"]), s(&net["tx_bytes"]), s(&net["tx_malformed"]), s(&net["dropped"]),
+            s(&net["rx_frames"]), s(&net["rx_bytes"])
+        );
+        println!(
+            "     {} DHCP and {} DNS answers; flows open: {} TCP, {} UDP, {} ICMP; {} refused; {} published connections",
+            s(&net["dhcp_replies"]), s(&net["dns_replies"]), s(&net["tcp_flows"]), s(&net["udp_flows"]),
+            s(&net["icmp_flows"]), s(&net["tcp_refused"]), s(&net["published_connections"])
+        );
+    } else {
+        println!("net: no device");
+    }
+    let fs: Vec<Vec<String>> = v["fs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    [
+                        "tag",
+                        "requests",
+                        "reads",
+                        "writes",
+                        "errors",
+                        "malformed",
+                        "nodes",
+                        "open_files",
+                    ]
+                    .iter()
+                    .map(|k| s(&f[*k]))
+                    .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !fs.is_empty() {
+        println!();
+        table(
+            &[
+                "SHARE",
+                "REQUESTS",
+                "READS",
+                "WRITES",
+                "ERRORS",
+                "MALFORMED",
+                "NODES",
+                "OPEN FILES",
+            ],
+            &fs,
+        );
+    }
+    let flows: Vec<Vec<String>> = net["flows"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    ["proto", "direction", "guest", "remote", "state"]
+                        .iter()
+                        .map(|k| s(&f[*k]))
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !flows.is_empty() {
+        println!();
+        table(&["PROTO", "DIR", "GUEST", "REMOTE", "STATE"], &flows);
+    }
+    if v["ports"].as_array().is_some_and(|a| !a.is_empty()) {
+        println!();
+        print_ports(&v["ports"]);
+    }
+}
+
+/// Finds the published port an unpublish spec names: `[tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT]`.
+/// Without a bind address, the one published port with that protocol and host port.
+fn resolve_unpublish(socket: &Path, spec: &str) -> Result<String> {
+    let usage = || {
+        Error::Usage(format!(
+            "unpublish {spec}: write it as [tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT], for example 8080 or udp/127.0.0.1:5353"
+        ))
+    };
+    let (proto, rest) = match spec.split_once('/') {
+        Some((p @ ("tcp" | "udp"), rest)) => (p, rest),
+        Some(_) => return Err(usage()),
+        None => ("tcp", spec),
+    };
+    // A full publish spec names the bind address and the host port; take those.
+    let (bind, host_port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (a, ports) = v6.split_once("]:").ok_or_else(usage)?;
+        (Some(a.to_string()), ports.split(':').next().unwrap_or(""))
+    } else {
+        let parts: Vec<&str> = rest.split(':').collect();
+        match parts[..] {
+            [h] | [h, _] if h.parse::<u16>().is_ok() => (None, h),
+            [a, h] | [a, h, _] => (Some(a.to_string()), h),
+            _ => return Err(usage()),
+        }
+    };
+    let port: u16 = host_port.parse().map_err(|_| usage())?;
+    if let Some(b) = bind {
+        b.parse::<std::net::IpAddr>().map_err(|_| usage())?;
+        return Ok(format!("/ports/{proto}/{b}/{port}"));
+    }
+    let (status, list) = call(socket, "GET", "/ports", None)?;
+    if status != 200 {
+        return Err(refusal(&list, status));
+    }
+    let matches: Vec<&Value> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| p["proto"] == json!(proto) && p["host_port"] == json!(port))
+                .collect()
+        })
+        .unwrap_or_default();
+    match matches[..] {
+        [one] => Ok(format!("/ports/{proto}/{}/{port}", s(&one["bind_ip"]))),
+        [] => Err(Error::Runtime(format!(
+            "port {} {port} is not published; `ferry ctl ports` lists what is",
+            proto.to_uppercase()
+        ))),
+        _ => Err(Error::Usage(format!(
+            "unpublish {spec}: {} addresses publish {} {port}; name one, for example {proto}/{}:{port}",
+            matches.len(),
+            proto.to_uppercase(),
+            s(&matches[0]["bind_ip"])
+        ))),
+    }
+}
+
+/// Runs one `ferry ctl` command.
+pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
+    let sock = a.api_socket.as_path();
+    let out = |v: &Value, human: &dyn Fn(&Value)| {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            human(v);
+        }
+    };
+    match &a.command {
+        CtlCommand::Health => {
+            let (st, v) = call(sock, "GET", "/health", None)?;
+            if st != 200 {
+                return Err(refusal(&v, st));
+            }
+            out(&v, &|v| {
+                println!(
+                    "ok: ferry {} (pid {}), up {} s, guest {}",
+                    s(&v["version"]),
+                    s(&v["pid"]),
+                    s(&v["uptime_secs"]),
+                    if v["guest_attached"] == json!(true) {
+                        "attached"
+                    } else {
+                        "not attached"
+                    }
+                )
+            });
+        }
+        CtlCommand::Ports => {
+            let (st, v) = call(sock, "GET", "/ports", None)?;
+            if st != 200 {
+                return Err(refusal(&v, st));
+            }
+            out(&v, &print_ports);
+        }
+        CtlCommand::Stats => {
+            let (st, v) = call(sock, "GET", "/stats", None)?;
+            if st != 200 {
+                return Err(refusal(&v, st));
+            }
+            out(&v, &print_stats);
+        }
+        CtlCommand::Publish { spec } => {
+            let (st, v) = call(sock, "POST", "/ports", Some(&json!({ "spec": spec })))?;
+            if st != 201 {
+                return Err(refusal(&v, st));
+            }
+            out(&v, &|v| {
+                println!(
+                    "published {} {}:{} -> guest port {}",
+                    s(&v["proto"]).to_uppercase(),
+                    bracket(&s(&v["bind_ip"])),
+                    s(&v["host_port"]),
+                    s(&v["guest_port"])
+                )
+            });
+        }
+        CtlCommand::Unpublish { spec } => {
+            let path = resolve_unpublish(sock, spec)?;
+            let (st, v) = call(sock, "DELETE", &path, None)?;
+            if st != 204 {
+                return Err(refusal(&v, st));
+            }
+            out(&json!({"unpublished": path}), &|_| {
+                println!("unpublished {spec}")
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
