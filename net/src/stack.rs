@@ -1649,3 +1649,128 @@ mod tcp_cap {
         assert_eq!(s.stats().tcp_flows, 0);
     }
 }
+
+#[cfg(test)]
+mod published {
+    use super::*;
+    use crate::ports::Ports;
+    use crate::PortSpec;
+    use smoltcp::wire::{IpProtocol, TcpPacket, TcpRepr, TcpSeqNumber};
+    use std::io::Read;
+
+    /// The first TCP segment the stack sends the guest within a second, as (src, segment).
+    fn next_segment(stack: &mut NetStack) -> Option<(Ipv4Address, Vec<u8>)> {
+        let end = StdInstant::now() + std::time::Duration::from_secs(2);
+        while StdInstant::now() < end {
+            stack.handle_host_events();
+            while let Some(f) = stack.pop_frame() {
+                if let Some((ip, payload)) = parse_ipv4(&f) {
+                    if ip.next_header == IpProtocol::Tcp && ip.dst_addr == smol(stack.cfg.guest()) {
+                        return Some((ip.src_addr, payload.to_vec()));
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+
+    #[test]
+    fn a_loopback_client_reaches_the_guest_as_the_host_alias_and_a_guest_rst_resets_it() {
+        let cfg = NetConfig::default();
+        let ports = Ports::new(cfg.guest(), None).unwrap();
+        // A free host port: ask the kernel for one, then publish it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spec = PortSpec {
+            protocol: crate::Protocol::Tcp,
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
+            host_port: port,
+            guest_port: 80,
+        };
+        ports.publish(spec).unwrap();
+        let mut stack = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_ports(ports.clone())
+            .unwrap();
+        stack.neighbor_hint();
+
+        // No guest attached: the client is reset at once.
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let e = c.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+
+        ports.set_attached(true);
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let (src, seg) = next_segment(&mut stack).expect("a SYN to the guest");
+        assert_eq!(
+            src,
+            smol(cfg.host_alias()),
+            "loopback clients are the host alias"
+        );
+        let t = TcpPacket::new_checked(&seg[..]).unwrap();
+        assert!(t.syn() && !t.ack());
+        assert_eq!(t.dst_port(), 80);
+        // The guest does not listen: RST+ACK. The client must see a reset.
+        let rst = TcpRepr {
+            src_port: 80,
+            dst_port: t.src_port(),
+            control: smoltcp::wire::TcpControl::Rst,
+            seq_number: TcpSeqNumber(0),
+            ack_number: Some(t.seq_number() + 1),
+            window_len: 0,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let frame =
+            hostile_frames::guest_ip_frame(src, IpProtocol::Tcp, rst.buffer_len(), |buf, ip| {
+                rst.emit(
+                    &mut TcpPacket::new_unchecked(buf),
+                    &ip.src_addr.into(),
+                    &ip.dst_addr.into(),
+                    &Default::default(),
+                )
+            });
+        stack.receive_frame(&frame);
+        stack.poll();
+        let e = c.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(stack.stats().tcp_flows, 0, "the flow is gone");
+        assert_eq!(stack.stats().published_connections, 1);
+        let counters = ports.list()[0].counters;
+        assert_eq!((counters.forwarded, counters.refused), (1, 1));
+    }
+
+    #[test]
+    fn a_port_in_use_gives_dockers_words() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let ports = Ports::new(NetConfig::default().guest(), None).unwrap();
+        let spec: PortSpec = format!("127.0.0.1:{port}:80").parse().unwrap();
+        let e = ports.publish(spec).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("Ports are not available: exposing port TCP 127.0.0.1:{port} -> 192.168.127.2:80: address already in use")
+        );
+        drop(holder);
+        ports.publish(spec).unwrap();
+        assert!(ports
+            .publish(spec)
+            .unwrap_err()
+            .to_string()
+            .contains("published already"));
+        assert!(ports.unpublish(&crate::ports::PortKey::of(&spec)).is_some());
+        assert!(ports.list().is_empty());
+    }
+}

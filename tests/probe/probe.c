@@ -16,6 +16,25 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <netinet/tcp.h>
+#include <sys/stat.h>
+#include <time.h>
+
+static double now(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static int tcp_connect(const char *host, int port) {
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)port) };
+	if (inet_pton(AF_INET, host, &a.sin_addr) != 1) return -1;
+	int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0) return -1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	if (connect(fd, (struct sockaddr *)&a, sizeof a)) { close(fd); return -1; }
+	return fd;
+}
 
 static int fail(void) {
 	const char *n = strerrorname_np(errno);
@@ -177,6 +196,79 @@ int main(int argc, char **argv) {
 		}
 		for (int i = 0; i < n; i++) close(fds[i]);
 		printf("%d of %d\n", ok, n);
+	} else if (!strcmp(cmd, "now")) {
+		/* now -: monotonic seconds, for timing shell steps. */
+		printf("%.6f\n", now());
+	} else if (!strcmp(cmd, "tcpecho")) {
+		/* tcpecho PORT: echoes each connection's bytes back, one connection after another
+		 * (the host side of the rr and crr benchmarks). */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
+		int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 1024)) return fail();
+		puts("ready");
+		fflush(stdout);
+		for (;;) {
+			int c = accept(fd, NULL, NULL);
+			if (c < 0) continue;
+			setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+			char buf[4096];
+			ssize_t n;
+			while ((n = read(c, buf, sizeof buf)) > 0) (void)!write(c, buf, (size_t)n);
+			close(c);
+		}
+	} else if (!strcmp(cmd, "rr") && argc == 5) {
+		/* rr HOST PORT SECONDS: 1-byte request/response on one connection to an echo server.
+		 * Prints "rr TRANSACTIONS MICROSECONDS_PER_TRANSACTION". */
+		int fd = tcp_connect(p, atoi(argv[3]));
+		if (fd < 0) return fail();
+		double end = now() + atof(argv[4]), t0 = now();
+		long n = 0;
+		char c = 'x';
+		while (now() < end) {
+			if (write(fd, &c, 1) != 1 || read(fd, &c, 1) != 1) return fail();
+			n++;
+		}
+		printf("rr %ld %.1f\n", n, (now() - t0) * 1e6 / (double)(n ? n : 1));
+	} else if (!strcmp(cmd, "crr") && argc == 5) {
+		/* crr HOST PORT SECONDS: connect, 1-byte request/response, close, again. Prints
+		 * "crr CONNECTIONS PER_SECOND". */
+		double end = now() + atof(argv[4]), t0 = now();
+		long n = 0;
+		char c = 'x';
+		while (now() < end) {
+			int fd = tcp_connect(p, atoi(argv[3]));
+			if (fd < 0) return fail();
+			if (write(fd, &c, 1) != 1 || read(fd, &c, 1) != 1) return fail();
+			close(fd);
+			n++;
+		}
+		printf("crr %ld %.1f\n", n, (double)n / (now() - t0));
+	} else if (!strcmp(cmd, "files") && argc == 4) {
+		/* files DIR N: creates N 100-byte files, stats each, unlinks each. Prints
+		 * "files N CREATE_S STAT_S UNLINK_S". */
+		int n = atoi(argv[3]);
+		char name[4096], data[100];
+		memset(data, 'f', sizeof data);
+		double t0 = now();
+		for (int i = 0; i < n; i++) {
+			snprintf(name, sizeof name, "%s/f%06d", p, i);
+			int fd = open(name, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+			if (fd < 0 || write(fd, data, sizeof data) != (ssize_t)sizeof data) return fail();
+			close(fd);
+		}
+		double t1 = now();
+		struct stat st;
+		for (int i = 0; i < n; i++) {
+			snprintf(name, sizeof name, "%s/f%06d", p, i);
+			if (stat(name, &st)) return fail();
+		}
+		double t2 = now();
+		for (int i = 0; i < n; i++) {
+			snprintf(name, sizeof name, "%s/f%06d", p, i);
+			if (unlink(name)) return fail();
+		}
+		printf("files %d %.3f %.3f %.3f\n", n, t1 - t0, t2 - t1, now() - t2);
 	} else if (!strcmp(cmd, "udpecho")) {
 		/* udpecho PORT: echoes every datagram to its sender, forever. */
 		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };

@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""`make bench`: Ferry side by side with the tools a user would pick instead, in one run.
+
+Net: Ferry (vhost-user) vs QEMU user net (libslirp) vs passt (-netdev stream).
+FS:  Ferry vs virtiofsd (same cache policy, cache=auto), with the host's own filesystem as the
+     ceiling.
+
+Every backend runs the same guest image under the same QEMU with the same settings. Runs are
+interleaved (A B C A B C ...), ROUNDS of each, and the median is reported. Everything runs in a
+network namespace made here (loopback plus a dummy link that goes nowhere): the iperf3 and echo
+servers are on its loopback, so no packet leaves the machine.
+
+Benchmarks are not tests: this measures and writes tables; it asserts no speed.
+
+  bench/bench.py [--quick] [--rounds N] [--out DIR] [--only net|fs]
+
+Writes DIR/YYYY-MM-DD-HHMM.md and .png (and latest.md, latest.png). Needs root, qemu-system-x86,
+iperf3, fio, passt, gnuplot and virtiofsd (`make bench` installs them), a release build of
+ferry and the guest image.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRY = os.path.join(ROOT, "target", "release", "ferry")
+KERNEL = os.path.join(ROOT, "guest-image", "out", "vmlinuz")
+INITRD = os.path.join(ROOT, "guest-image", "out", "initramfs.cpio.gz")
+NS = "ferry-bench-%d" % os.getpid()
+MEM = 512
+GUEST_MAC = "02:46:52:59:00:02"
+# The host side of the benchmark, in the namespace: iperf3 and the rr/crr echo server.
+IPERF_PORT, ECHO_PORT = 5201, 7007
+# Published ports: host 15201 -> guest 5201 (iperf3 server in the guest).
+PUB_PORT = 15201
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, **kw)
+
+
+def in_ns(cmd):
+    return ["ip", "netns", "exec", NS] + cmd
+
+
+def virtiofsd_bin():
+    for c in [shutil.which("virtiofsd"), os.path.expanduser("~/.cargo/bin/virtiofsd"),
+              "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]:
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+class Proc:
+    """A backend process whose CPU time and peak RSS are read from /proc."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def cpu(self):
+        try:
+            with open("/proc/%d/stat" % self.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return 0.0
+
+    def peak_rss_mib(self):
+        try:
+            with open("/proc/%d/status" % self.pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+
+def wait_path(path, secs=10):
+    end = time.time() + secs
+    while time.time() < end:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("%s did not appear within %d s" % (path, secs))
+
+
+def pid_of(pattern):
+    out = subprocess.run(["pgrep", "-n", "-f", pattern], capture_output=True, text=True).stdout
+    return int(out.split()[0]) if out.strip() else None
+
+
+class Bench:
+    def __init__(self, args):
+        self.quick = args.quick
+        self.rounds = args.rounds
+        self.secs = 2 if args.quick else 6
+        self.size_mib = 32 if args.quick else 256
+        self.files = 1000 if args.quick else 10000
+        self.tree_files = 1000 if args.quick else 5000
+        self.w = tempfile.mkdtemp(prefix="ferry-bench-")
+        self.children = []
+        self.results = {}  # (suite, metric, backend) -> [values]
+        self.cost = {}     # (suite, backend) -> [(cpu_s, gb, peak_mib)]
+
+    # ---------- setup ----------
+
+    def setup(self):
+        for p, what in [(FERRY, "cargo build --release -p ferry"), (KERNEL, "make guest-image")]:
+            if not os.path.exists(p):
+                sys.exit("bench: %s is missing; run `%s` first (make bench does)" % (p, what))
+        self.probe = os.path.join(self.w, "probe")
+        sh("gcc -O2 -static -o %s %s/tests/probe/probe.c" % (self.probe, ROOT))
+        sh("ip netns add %s" % NS)
+        sh("ip -n %s link set lo up" % NS)
+        # passt takes its addresses and gateway from the interface with the default route;
+        # a dummy link gives it one that leads nowhere.
+        sh("ip -n %s link add dummy0 type dummy" % NS)
+        sh("ip -n %s addr add 198.18.250.1/24 dev dummy0" % NS)
+        sh("ip -n %s link set dummy0 up" % NS)
+        sh("ip -n %s route add default via 198.18.250.254" % NS)
+        self.spawn(in_ns(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]))
+        self.spawn(in_ns([self.probe, "tcpecho", str(ECHO_PORT)]))
+        time.sleep(0.5)
+
+    def spawn(self, cmd, **kw):
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, **kw)
+        self.children.append(p)
+        return p
+
+    def teardown(self):
+        for p in self.children:
+            try:
+                p.kill()
+                p.wait(timeout=5)
+            except Exception:
+                pass
+        subprocess.run(["pkill", "-f", self.w])
+        subprocess.run(["ip", "netns", "del", NS])
+        shutil.rmtree(self.w, ignore_errors=True)
+
+    def record(self, suite, metric, backend, value):
+        if value is not None:
+            self.results.setdefault((suite, metric, backend), []).append(value)
+
+    # ---------- the guest ----------
+
+    def qemu(self, tag, script, append_extra, dev_args):
+        """Starts QEMU (in the namespace) with the tiny guest; returns (Popen, console path)."""
+        path = os.path.join(self.w, "%s.sh" % tag)
+        with open(path, "w") as f:
+            f.write(script)
+        console = os.path.join(self.w, "%s.console" % tag)
+        cmd = in_ns([
+            "qemu-system-x86_64", "-machine", "q35,accel=%s" % os.environ.get("FERRY_ACCEL", "tcg"),
+            "-cpu", "max", "-smp", "2", "-m", "%dM" % MEM, "-nographic", "-nodefaults",
+            "-serial", "stdio", "-no-reboot",
+            "-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % MEM,
+            "-numa", "node,memdev=mem", "-kernel", KERNEL, "-initrd", INITRD,
+            "-append", "console=ttyS0 quiet panic=-1 ferry.noshell " + append_extra,
+            "-fw_cfg", "name=opt/ferry/run,file=%s" % path,
+            "-fw_cfg", "name=opt/ferry/probe,file=%s" % self.probe,
+        ] + dev_args)
+        out = open(console, "w")
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.children.append(p)
+        return p, console
+
+    @staticmethod
+    def wait_console(console, needle, qemu, secs=600):
+        end = time.time() + secs
+        while time.time() < end:
+            with open(console, errors="replace") as f:
+                text = f.read()
+            if needle in text:
+                return text
+            if qemu.poll() is not None:
+                break
+            time.sleep(0.2)
+        with open(console, errors="replace") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError("the guest did not print %s; console tail:\n%s" % (needle, tail))
+
+    # ---------- net ----------
+
+    NET_GUEST = r"""
+cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; chmod +x /tmp/probe
+H=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host=' | cut -d= -f2)
+T=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.secs=' | cut -d= -f2)
+echo "BENCH g2h $(iperf3 -c $H -p 5201 -t $T -f m 2>&1 | grep receiver | tail -1)"
+echo "BENCH h2g $(iperf3 -c $H -p 5201 -t $T -f m -R 2>&1 | grep receiver | tail -1)"
+echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 -t $T -f m 2>&1 | grep receiver | tail -1)"
+echo "BENCH $(/tmp/probe rr $H 7007 $T)"
+echo "BENCH $(/tmp/probe crr $H 7007 $T)"
+(iperf3 -s -1 -p 5201 > /dev/null 2>&1; iperf3 -s -1 -p 5201 > /dev/null 2>&1) &
+sleep 1
+echo BENCH-PUBLISH-READY
+wait
+"""
+
+    def net_backend(self, kind):
+        """Starts one net backend; returns (qemu device args, host alias, backend Proc, stop)."""
+        if kind == "ferry":
+            sock = os.path.join(self.w, "net.sock")
+            log_f = open(os.path.join(self.w, "ferry-net.log"), "w")
+            p = subprocess.Popen(in_ns([FERRY, "serve", "--net-socket", sock, "--dns-upstream",
+                                        "127.0.0.1:1", "--publish",
+                                        "127.0.0.1:%d:5201" % PUB_PORT]),
+                                 stdout=subprocess.DEVNULL, stderr=log_f)
+            self.children.append(p)
+            wait_path(sock)
+            pid = pid_of("^%s serve --net-socket %s" % (FERRY, sock))
+            vectors = ",vectors=0" if os.environ.get("FERRY_ACCEL", "tcg") == "tcg" else ""
+            dev = ["-chardev", "socket,id=n0,path=%s" % sock,
+                   "-netdev", "vhost-user,id=net0,chardev=n0",
+                   "-device", "virtio-net-pci,netdev=net0,romfile=,mac=%s%s" % (GUEST_MAC, vectors)]
+
+            def stop():
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
+            return dev, "192.168.127.254", Proc(pid), stop
+        if kind == "slirp":
+            dev = ["-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:%d-:5201" % PUB_PORT,
+                   "-device", "virtio-net-pci,netdev=n0,romfile=,mac=%s" % GUEST_MAC]
+            return dev, "10.0.2.2", None, lambda: None
+        if kind == "passt":
+            sock = os.path.join(self.w, "passt.sock")
+            pidfile = os.path.join(self.w, "passt.pid")
+            for f in (sock, pidfile):
+                if os.path.exists(f):
+                    os.unlink(f)
+            p = subprocess.Popen(in_ns(["passt", "-f", "-q", "-s", sock, "-P", pidfile,
+                                        "-t", "%d:5201" % PUB_PORT, "-u", "none"]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.children.append(p)
+            wait_path(sock)
+            wait_path(pidfile)
+            time.sleep(0.2)
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            dev = ["-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path=%s" % sock,
+                   "-device", "virtio-net-pci,netdev=n0,romfile=,mac=%s" % GUEST_MAC]
+
+            def stop():
+                p.kill()
+                p.wait(timeout=10)
+            # passt maps the gateway's address to the host's loopback.
+            return dev, "198.18.250.254", Proc(pid), stop
+        raise ValueError(kind)
+
+    @staticmethod
+    def iperf_line(line):
+        """(Mbit/s, MBytes) from an iperf3 summary line."""
+        m = re.search(r"([\d.]+)\s+([KMG])Bytes\s+([\d.]+)\s+([KMG])bits/sec", line or "")
+        if not m:
+            return None, 0.0
+        size = float(m.group(1)) * {"K": 1 / 1024, "M": 1, "G": 1024}[m.group(2)]
+        rate = float(m.group(3)) * {"K": 1e-3, "M": 1, "G": 1e3}[m.group(4)]
+        return rate, size
+
+    def run_net(self, kind):
+        dev, host, proc, stop = self.net_backend(kind)
+        cpu0 = proc.cpu() if proc else 0.0
+        qemu, console = self.qemu("net-%s" % kind, self.NET_GUEST,
+                                  "bench.host=%s bench.secs=%d" % (host, self.secs), dev)
+        qproc = Proc(pid_of("opt/ferry/run,file=%s/net-%s.sh" % (self.w, kind)) or qemu.pid)
+        if kind == "slirp":
+            proc, cpu0 = qproc, qproc.cpu()
+        text = self.wait_console(console, "BENCH-PUBLISH-READY", qemu)
+        moved_mib = 0.0
+        lines = dict(l.split(" ", 2)[1:3] for l in text.splitlines()
+                     if l.startswith("BENCH ") and len(l.split(" ", 2)) == 3)
+        for metric in ("g2h", "h2g", "udp"):
+            rate, size = self.iperf_line(lines.get(metric))
+            self.record("net", metric, kind, rate)
+            moved_mib += size
+        rr = lines.get("rr", "").split()
+        self.record("net", "rr", kind, float(rr[1]) if len(rr) == 2 else None)
+        crr = lines.get("crr", "").split()
+        self.record("net", "crr", kind, float(crr[1]) if len(crr) == 2 else None)
+        # Through the published port: host client -> guest iperf3 server, then reversed.
+        for metric, extra in (("pub_h2g", []), ("pub_g2h", ["-R"])):
+            out = ""
+            for _ in range(20):
+                r = subprocess.run(in_ns(["iperf3", "-c", "127.0.0.1", "-p", str(PUB_PORT),
+                                          "-t", str(self.secs), "-f", "m"] + extra),
+                                   capture_output=True, text=True)
+                out = r.stdout
+                if "receiver" in out:
+                    break
+                time.sleep(0.5)
+            line = [l for l in out.splitlines() if "receiver" in l]
+            rate, size = self.iperf_line(line[-1] if line else None)
+            self.record("net", metric, kind, rate)
+            moved_mib += size
+        cpu = (proc.cpu() - cpu0) if proc else 0.0
+        peak = proc.peak_rss_mib() if proc else 0.0
+        self.cost.setdefault(("net", kind), []).append((cpu, moved_mib / 1024, peak))
+        qemu.kill()
+        qemu.wait()
+        stop()
+
+    # ---------- fs ----------
+
+    FS_GUEST = r"""
+cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; chmod +x /tmp/probe
+D=/mnt/bench; S=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.mib=' | cut -d= -f2)
+T=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.secs=' | cut -d= -f2)
+N=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.files=' | cut -d= -f2)
+. /mnt/bench/steps.sh
+echo BENCH-FS-DONE
+"""
+
+    # The same steps, in the guest and on the host: DIR, PROBE, DROP set by the caller.
+    FS_STEPS = r"""
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+fio_json() { fio --output-format=json "$@" 2>/dev/null | tr -d '\n'; }
+echo "BENCH-FIO seqwrite $(fio_json --name=seqwrite --directory=$D --filename=big --rw=write --bs=1M --size=${S}M --ioengine=psync --end_fsync=1)"
+drop
+echo "BENCH-FIO seqread $(fio_json --name=seqread --directory=$D --filename=big --rw=read --bs=1M --size=${S}M --ioengine=psync)"
+drop
+echo "BENCH-FIO randread $(fio_json --name=randread --directory=$D --filename=big --rw=randread --bs=4k --size=${S}M --ioengine=psync --runtime=$T --time_based)"
+echo "BENCH-FIO randwrite $(fio_json --name=randwrite --directory=$D --filename=big --rw=randwrite --bs=4k --size=${S}M --ioengine=psync --runtime=$T --time_based --end_fsync=1)"
+drop
+t0=$($P now -); cat $D/big > /dev/null; t1=$($P now -); cat $D/big > /dev/null; t2=$($P now -)
+echo "BENCH twice $t0 $t1 $t2"
+rm -f $D/big
+mkdir -p $D/meta; echo "BENCH $($P files $D/meta $N)"; rmdir $D/meta
+rm -rf $D/tree; mkdir $D/tree
+t0=$($P now -); tar xf $D/tree.tar -C $D/tree; sync; t1=$($P now -)
+drop
+t2=$($P now -); find $D/tree | wc -l > /dev/null; t3=$($P now -); du -s $D/tree > /dev/null; t4=$($P now -)
+echo "BENCH tree $t0 $t1 $t2 $t3 $t4"
+rm -rf $D/tree
+"""
+
+    def make_tree_tar(self):
+        """A source-like tree of small files (deterministic), as a tarball."""
+        tree = os.path.join(self.w, "tree-src")
+        for i in range(self.tree_files):
+            d = os.path.join(tree, "pkg%02d" % (i % 50), "mod%02d" % (i % 7))
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "f%05d.c" % i), "w") as f:
+                f.write(("/* file %d */\nint f%d(void) { return %d; }\n" % (i, i, i)) * (1 + i % 40))
+        tar = os.path.join(self.w, "tree.tar")
+        sh("tar cf %s -C %s ." % (tar, tree))
+        shutil.rmtree(tree)
+        return tar
+
+    def fs_dir(self, kind):
+        d = os.path.join(self.w, "share-%s" % kind)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        shutil.copy(self.tar, os.path.join(d, "tree.tar"))
+        with open(os.path.join(d, "steps.sh"), "w") as f:
+            f.write("P=/tmp/probe\n" + self.FS_STEPS)
+        return d
+
+    def parse_fs(self, text, kind, elapsed_note=None):
+        moved_mib = 0.0
+        for line in text.splitlines():
+            if line.startswith("BENCH-FIO "):
+                _, name, js = line.split(" ", 2)
+                try:
+                    job = json.loads(js)["jobs"][0]
+                except (ValueError, KeyError, IndexError):
+                    continue
+                side = job["read"] if "read" in name else job["write"]
+                self.record("fs", name, kind, side["bw_bytes"] / 2**20)
+                moved_mib += side["io_bytes"] / 2**20
+            elif line.startswith("BENCH twice "):
+                t = [float(x) for x in line.split()[2:5]]
+                self.record("fs", "read_cold", kind, self.size_mib / max(t[1] - t[0], 1e-6))
+                self.record("fs", "read_warm", kind, self.size_mib / max(t[2] - t[1], 1e-6))
+                moved_mib += 2 * self.size_mib
+            elif line.startswith("BENCH files "):
+                f = line.split()
+                n = int(f[2])
+                for metric, secs in zip(("create", "stat", "unlink"), f[3:6]):
+                    self.record("fs", metric, kind, n / max(float(secs), 1e-6))
+            elif line.startswith("BENCH tree "):
+                t = [float(x) for x in line.split()[2:7]]
+                self.record("fs", "untar", kind, t[1] - t[0])
+                self.record("fs", "find", kind, t[3] - t[2])
+                self.record("fs", "du", kind, t[4] - t[3])
+        return moved_mib
+
+    def run_fs(self, kind):
+        d = self.fs_dir(kind)
+        if kind == "native":
+            r = subprocess.run(["sh", "-c", "D=%s; S=%d; T=%d; N=%d; P=%s\n%s" % (
+                d, self.size_mib, self.secs, self.files, self.probe, self.FS_STEPS)],
+                capture_output=True, text=True)
+            self.parse_fs(r.stdout, kind)
+            return
+        sock = os.path.join(self.w, "fs-%s.sock" % kind)
+        if os.path.exists(sock):
+            os.unlink(sock)
+        log_f = open(os.path.join(self.w, "%s-fs.log" % kind), "w")
+        if kind == "ferry":
+            cmd = [FERRY, "serve", "--share", "tag=bench,dir=%s,socket=%s,cache=auto" % (d, sock)]
+        else:
+            cmd = [virtiofsd_bin(), "--socket-path", sock, "--shared-dir", d, "--cache", "auto",
+                   "--sandbox", "none"]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_f)
+        self.children.append(p)
+        wait_path(sock)
+        proc = Proc(p.pid)
+        cpu0 = proc.cpu()
+        dev = ["-chardev", "socket,id=f0,path=%s" % sock,
+               "-device", "vhost-user-fs-pci,chardev=f0,tag=bench"]
+        qemu, console = self.qemu("fs-%s" % kind, self.FS_GUEST,
+                                  "ferry.net=off ferry.fs=bench bench.mib=%d bench.secs=%d bench.files=%d"
+                                  % (self.size_mib, self.secs, self.files), dev)
+        text = self.wait_console(console, "BENCH-FS-DONE", qemu)
+        moved = self.parse_fs(text, kind)
+        self.cost.setdefault(("fs", kind), []).append(
+            (proc.cpu() - cpu0, moved / 1024, proc.peak_rss_mib()))
+        qemu.kill()
+        qemu.wait()
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+    def idle_rss(self):
+        """Ferry's RSS with both devices served and nothing attached."""
+        d = os.path.join(self.w, "idle")
+        os.makedirs(d, exist_ok=True)
+        sock, fsock = os.path.join(self.w, "idle-net.sock"), os.path.join(self.w, "idle-fs.sock")
+        p = subprocess.Popen(in_ns([FERRY, "serve", "--net-socket", sock, "--dns-upstream",
+                                    "127.0.0.1:1", "--share",
+                                    "tag=idle,dir=%s,socket=%s" % (d, fsock)]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(p)
+        wait_path(fsock)
+        time.sleep(1)
+        pid = pid_of("^%s serve --net-socket %s" % (FERRY, sock))
+        rss = 0.0
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+        return rss
+
+    # ---------- report ----------
+
+    NET_ROWS = [
+        ("g2h", "TCP guest→host (iperf3 to host loopback via host alias), Mbit/s", True),
+        ("h2g", "TCP host→guest (iperf3 -R, host alias), Mbit/s", True),
+        ("pub_h2g", "TCP host→guest through the published port, Mbit/s", True),
+        ("pub_g2h", "TCP guest→host through the published port (-R), Mbit/s", True),
+        ("udp", "UDP guest→host, 1400-byte datagrams, received Mbit/s", True),
+        ("rr", "TCP_RR 1-byte request/response, µs per transaction", False),
+        ("crr", "TCP_CRR connect+1-byte RR+close, connections/s", True),
+    ]
+    FS_ROWS = [
+        ("seqwrite", "fio 1 MiB sequential write, MiB/s", True),
+        ("seqread", "fio 1 MiB sequential read (cold), MiB/s", True),
+        ("randread", "fio 4 KiB random read (psync), MiB/s", True),
+        ("randwrite", "fio 4 KiB random write (psync), MiB/s", True),
+        ("create", "create small files, files/s", True),
+        ("stat", "stat small files, files/s", True),
+        ("unlink", "unlink small files, files/s", True),
+        ("untar", "untar a source tree, s", False),
+        ("find", "find over it (cold), s", False),
+        ("du", "du over it, s", False),
+        ("read_cold", "read a large file, first time, MiB/s", True),
+        ("read_warm", "read it again (page cache), MiB/s", True),
+    ]
+
+    def med(self, suite, metric, backend):
+        v = self.results.get((suite, metric, backend))
+        return statistics.median(v) if v else None
+
+    @staticmethod
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        return "%.0f" % v if abs(v) >= 100 else ("%.1f" % v if abs(v) >= 10 else "%.3g" % v)
+
+    def ratio(self, suite, metric, a, b, higher):
+        va, vb = self.med(suite, metric, a), self.med(suite, metric, b)
+        if not va or not vb:
+            return None
+        return va / vb if higher else vb / va
+
+    def report(self, out_dir, idle_rss, started, net_kinds, fs_kinds):
+        stamp = started.strftime("%Y-%m-%d-%H%M")
+        os.makedirs(out_dir, exist_ok=True)
+        md = os.path.join(out_dir, "%s%s.md" % (stamp, "-quick" if self.quick else ""))
+        png = md[:-3] + ".png"
+        qemu_v = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                                text=True).stdout.splitlines()[0]
+        passt_v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "passt"],
+                                 capture_output=True, text=True).stdout
+        vfsd = virtiofsd_bin()
+        vfsd_v = subprocess.run([vfsd, "--version"], capture_output=True, text=True).stdout.strip() if vfsd else "missing"
+        L = []
+        L.append("# Ferry benchmark, %s%s\n" % (started.strftime("%Y-%m-%d %H:%M UTC"),
+                                                " (quick mode: small sizes, smoke check only)" if self.quick else ""))
+        L.append("`make bench%s` on %s; %d interleaved rounds per backend, medians. "
+                 "Guest: the tiny guest (2 vCPUs, %d MiB) under QEMU %s with accel=%s. "
+                 "Ratios are Ferry/anchor with higher = Ferry better (for times and latency the "
+                 "inverse is taken). Benchmarks are not tests: nothing here is asserted.\n"
+                 % (" QUICK=1" if self.quick else "", os.uname().nodename, self.rounds, MEM,
+                    qemu_v.split("version")[-1].strip(), os.environ.get("FERRY_ACCEL", "tcg")))
+        L.append("Anchors: QEMU user net (libslirp, built into QEMU), passt %s (`-netdev stream`), "
+                 "%s (`--cache auto --sandbox none`, the same cache policy as Ferry's default "
+                 "`cache=auto`).\n" % (passt_v, vfsd_v))
+        if net_kinds:
+            L.append("## Net\n")
+            L.append("| metric | Ferry | QEMU user net | passt | Ferry/user net | Ferry/passt |")
+            L.append("|---|---|---|---|---|---|")
+            for metric, label, higher in self.NET_ROWS:
+                r1 = self.ratio("net", metric, "ferry", "slirp", higher)
+                r2 = self.ratio("net", metric, "ferry", "passt", higher)
+                L.append("| %s | %s | %s | %s | %s | %s |" % (
+                    label, self.fmt(self.med("net", metric, "ferry")),
+                    self.fmt(self.med("net", metric, "slirp")), self.fmt(self.med("net", metric, "passt")),
+                    "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
+            L.append("")
+        if fs_kinds:
+            L.append("## FS\n")
+            L.append("| metric | Ferry | virtiofsd | host native (ceiling) | Ferry/virtiofsd | Ferry/native |")
+            L.append("|---|---|---|---|---|---|")
+            for metric, label, higher in self.FS_ROWS:
+                r1 = self.ratio("fs", metric, "ferry", "virtiofsd", higher)
+                r2 = self.ratio("fs", metric, "ferry", "native", higher)
+                L.append("| %s | %s | %s | %s | %s | %s |" % (
+                    label, self.fmt(self.med("fs", metric, "ferry")),
+                    self.fmt(self.med("fs", metric, "virtiofsd")), self.fmt(self.med("fs", metric, "native")),
+                    "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
+            L.append("")
+        L.append("## Cost\n")
+        L.append("Host CPU seconds (utime+stime) of the backend process per GiB moved through it, "
+                 "and its peak RSS (VmHWM). For QEMU user net the backend is QEMU itself, so its "
+                 "figure includes emulating the guest under TCG: it is not comparable, and shown "
+                 "only for completeness.\n")
+        L.append("| backend | CPU s per GiB | peak RSS MiB |")
+        L.append("|---|---|---|")
+        names = {"ferry": "Ferry", "slirp": "QEMU user net (QEMU itself)", "passt": "passt",
+                 "virtiofsd": "virtiofsd"}
+        for suite, kinds in (("net", net_kinds), ("fs", [k for k in fs_kinds if k != "native"])):
+            for k in kinds:
+                runs = self.cost.get((suite, k), [])
+                per = [c / g for c, g, _ in runs if g > 0]
+                peak = max([p for _, _, p in runs] or [0])
+                self.results[("cost", suite, k)] = per
+                L.append("| %s %s | %s | %s |" % (suite, names[k],
+                                                   self.fmt(statistics.median(per)) if per else "n/a",
+                                                   self.fmt(peak) if peak else "n/a"))
+        L.append("| idle `ferry serve` (net + one share, nothing attached) | | %.1f |" % idle_rss)
+        L.append("")
+        L.append("Raw values per round: `%s`.\n" % os.path.basename(md[:-3] + ".json"))
+        text = "\n".join(L) + "\n"
+        with open(md, "w") as f:
+            f.write(text)
+        with open(md[:-3] + ".json", "w") as f:
+            json.dump({"%s/%s/%s" % k: v for k, v in self.results.items()}, f, indent=1)
+        self.chart(png, net_kinds, fs_kinds)
+        for src, name in ((md, "latest.md"), (png, "latest.png")):
+            if os.path.exists(src):
+                shutil.copy(src, os.path.join(out_dir, name))
+        return md, text
+
+    def chart(self, png, net_kinds, fs_kinds):
+        """Bars of Ferry/anchor ratios (1.0 = parity), with gnuplot."""
+        rows = []
+        for metric, label, higher in self.NET_ROWS:
+            if net_kinds:
+                rows.append(("net " + metric, self.ratio("net", metric, "ferry", "slirp", higher) or 0,
+                             self.ratio("net", metric, "ferry", "passt", higher) or 0))
+        for metric, label, higher in self.FS_ROWS:
+            if fs_kinds:
+                rows.append(("fs " + metric, self.ratio("fs", metric, "ferry", "virtiofsd", higher) or 0,
+                             self.ratio("fs", metric, "ferry", "native", higher) or 0))
+        dat = png[:-4] + ".dat"
+        with open(dat, "w") as f:
+            for name, a, b in rows:
+                f.write('"%s" %.3f %.3f\n' % (name, a, b))
+        gp = """set terminal pngcairo size 1200,600 noenhanced
+set output '%s'
+set title 'Ferry / anchor (higher is better for Ferry; 1.0 = parity)'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set xtics rotate by -45 font ',9'
+set yrange [0:*]
+set grid ytics
+set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 2 lc rgb 'black'
+plot '%s' using 2:xtic(1) title 'net: vs QEMU user net / fs: vs virtiofsd', '' using 3 title 'net: vs passt / fs: vs host native'
+""" % (png, dat)
+        r = subprocess.run(["gnuplot"], input=gp, text=True, capture_output=True)
+        if r.returncode != 0:
+            log("bench: gnuplot failed (no chart): %s" % r.stderr.strip())
+        os.unlink(dat)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, short runs (under 5 minutes)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--only", choices=["net", "fs"])
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it makes a network namespace and drops caches)")
+    if not virtiofsd_bin():
+        sys.exit("bench: virtiofsd is missing; `cargo install virtiofsd --locked` (make bench does)")
+    for tool in ("qemu-system-x86_64", "iperf3", "fio", "passt", "gnuplot", "gcc"):
+        if not shutil.which(tool):
+            sys.exit("bench: %s is missing; run scripts/install-deps.sh --bench (make bench does)" % tool)
+    b = Bench(args)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    net_kinds = [] if args.only == "fs" else ["ferry", "slirp", "passt"]
+    fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native"]
+    t0 = time.time()
+    try:
+        b.setup()
+        b.tar = b.make_tree_tar()
+        for r in range(args.rounds):
+            for k in net_kinds:
+                log("bench: round %d/%d net %s (%.0f s so far)" % (r + 1, args.rounds, k, time.time() - t0))
+                b.run_net(k)
+            for k in fs_kinds:
+                log("bench: round %d/%d fs %s (%.0f s so far)" % (r + 1, args.rounds, k, time.time() - t0))
+                b.run_fs(k)
+        idle = b.idle_rss()
+        md, text = b.report(args.out, idle, started, net_kinds, fs_kinds)
+    finally:
+        b.teardown()
+    print(text)
+    log("bench: wrote %s (%.0f s)" % (md, time.time() - t0))
+    missing = [l for l in text.splitlines() if l.startswith("|") and "n/a" in l.split("|")[2:5]]
+    if missing:
+        log("bench: some cells have no number:\n" + "\n".join(missing))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
