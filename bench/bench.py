@@ -126,11 +126,12 @@ class Bench:
         sh("gcc -O2 -static -o %s %s/tests/probe/probe.c" % (self.probe, ROOT))
         sh("ip netns add %s" % NS)
         sh("ip -n %s link set lo up" % NS)
-        # passt takes its addresses and gateway from the interface with the default route;
-        # a dummy link gives it one that leads nowhere.
-        sh("ip -n %s link add dummy0 type dummy" % NS)
-        sh("ip -n %s addr add 198.18.250.1/24 dev dummy0" % NS)
-        sh("ip -n %s link set dummy0 up" % NS)
+        # passt takes its addresses and gateway from the interface with the default route; a
+        # veth pair with both ends in the namespace gives it one that leads nowhere.
+        sh("ip -n %s link add bench0 type veth peer name bench1" % NS)
+        sh("ip -n %s addr add 198.18.250.1/24 dev bench0" % NS)
+        sh("ip -n %s link set bench0 up" % NS)
+        sh("ip -n %s link set bench1 up" % NS)
         sh("ip -n %s route add default via 198.18.250.254" % NS)
         self.spawn(in_ns(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]))
         self.spawn(in_ns([self.probe, "tcpecho", str(ECHO_PORT)]))
@@ -238,8 +239,13 @@ wait
                    "-device", "virtio-net-pci,netdev=n0,romfile=,mac=%s" % GUEST_MAC]
             return dev, "10.0.2.2", None, lambda: None
         if kind == "passt":
-            sock = os.path.join(self.w, "passt.sock")
-            pidfile = os.path.join(self.w, "passt.pid")
+            # passt drops to user nobody before it makes its socket: give it a folder it may use.
+            pdir = os.path.join(self.w, "passt")
+            os.makedirs(pdir, exist_ok=True)
+            os.chmod(self.w, 0o755)
+            os.chmod(pdir, 0o777)
+            sock = os.path.join(pdir, "passt.sock")
+            pidfile = os.path.join(pdir, "passt.pid")
             for f in (sock, pidfile):
                 if os.path.exists(f):
                     os.unlink(f)

@@ -68,6 +68,70 @@ where
     Ok(used)
 }
 
+/// Adds several chains to the used ring and publishes them with one index update, so the
+/// guest sees all of them or none: a mergeable RX frame spans several buffers, and a driver
+/// that finds the first (whose header counts them all) before the rest drops the frame as
+/// "buffers missing". `add_used` publishes each element on its own.
+pub(crate) fn add_used_together<Q: QueueT, M: vm_memory::GuestMemory>(
+    queue: &mut Q,
+    mem: &M,
+    elems: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    use std::num::Wrapping;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    let size = queue.size();
+    let used = GuestAddress(queue.used_ring());
+    let mut next = Wrapping(queue.next_used());
+    for &(head, len) in elems {
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        // struct virtq_used_elem { le32 id; le32 len; }, after the 4-byte ring header.
+        let slot = used
+            .checked_add(4 + u64::from(next.0 % size) * 8)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, slot)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        next += Wrapping(1);
+    }
+    queue.set_next_used(next.0);
+    // Release: the elements and the buffers' contents are visible before the new index.
+    mem.store(
+        next.0.to_le(),
+        used.checked_add(2)
+            .ok_or(virtio_queue::Error::AddressOverflow)?,
+        std::sync::atomic::Ordering::Release,
+    )
+    .map_err(virtio_queue::Error::GuestMemory)
+}
+
+/// Whether the guest wants an interrupt for the used entries from `old` to now: with
+/// EVENT_IDX, when its `used_event` falls in that range (the Linux rule); always without.
+pub(crate) fn wants_interrupt<Q: QueueT, M: vm_memory::GuestMemory>(
+    queue: &Q,
+    mem: &M,
+    old: u16,
+) -> bool {
+    use vm_memory::{Address, Bytes, GuestAddress};
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    // used_event sits after the avail ring: flags, idx, ring[size].
+    let Some(at) = GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()))
+    else {
+        return true;
+    };
+    let Ok(event) = mem.load::<u16>(at, std::sync::atomic::Ordering::Acquire) else {
+        return true;
+    };
+    let new = queue.next_used();
+    new.wrapping_sub(u16::from_le(event)).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +177,30 @@ mod tests {
         assert_eq!(vring.queue_used_idx().unwrap(), 3);
         // Nothing left: a second pass uses nothing.
         assert_eq!(drain_queue(&vring, &mem, true, |_| Some(0)).unwrap(), 0);
+    }
+
+    #[test]
+    fn several_used_entries_are_published_with_one_index_update() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (mem, vring) = setup(3);
+        let m = mem.memory();
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        let used_ring = q.used_ring();
+        add_used_together(q, &*m, &[(0, 100), (1, 200), (2, 300)]).unwrap();
+        assert_eq!(q.next_used(), 3);
+        let idx: u16 = m.read_obj(GuestAddress(used_ring + 2)).unwrap();
+        assert_eq!(idx, 3);
+        for (i, (head, len)) in [(0u32, 100u32), (1, 200), (2, 300)].iter().enumerate() {
+            let at = GuestAddress(used_ring + 4 + i as u64 * 8);
+            let got: [u32; 2] = [
+                m.read_obj(at).unwrap(),
+                m.read_obj(GuestAddress(at.0 + 4)).unwrap(),
+            ];
+            assert_eq!(got, [*head, *len]);
+        }
+        // A head outside the ring is refused before anything is published.
+        assert!(add_used_together(q, &*m, &[(99, 1)]).is_err());
+        assert_eq!(q.next_used(), 3);
     }
 }

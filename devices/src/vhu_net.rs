@@ -21,8 +21,9 @@ use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -36,7 +37,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{drain_queue, Chain};
+use crate::queue::{add_used_together, drain_queue, wants_interrupt, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// Index of the receive queue.
@@ -83,8 +84,13 @@ pub struct VhostUserNetBackend {
     frame: Mutex<Vec<u8>>,
     /// Fires when the stack wants a poll without new frames (ARP retries, TCP timers).
     timer: Mutex<TimerFd>,
+    /// When the timer is set to fire (None: disarmed).
+    armed: Mutex<Option<std::time::Instant>>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
+    /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
+    /// marked DATA_VALID, and neither side spends time on them.
+    guest_csum: AtomicBool,
     stats: NetDeviceStats,
 }
 
@@ -104,12 +110,14 @@ impl VhostUserNetBackend {
         Ok(Arc::new(VhostUserNetBackend {
             upstream,
             timer: Mutex::new(timer),
+            armed: Mutex::new(None),
             stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &ports)?),
             ports,
             frame: Mutex::new(Vec::with_capacity(usize::from(cfg.mtu) + 64)),
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            guest_csum: AtomicBool::new(false),
             stats: NetDeviceStats::default(),
         }))
     }
@@ -184,9 +192,29 @@ impl VhostUserNetBackend {
         let Ok(mut t) = self.timer.lock() else {
             return;
         };
-        let res = match stack.poll_delay() {
+        let now = std::time::Instant::now();
+        let deadline = stack.poll_delay().map(|d| now + d);
+        // Most events leave the deadline where it was (a retransmit timer a second away):
+        // skip the syscall when it moves by less than a millisecond.
+        let mut armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+        let same = match (*armed, deadline) {
+            (None, None) => true,
+            (Some(a), Some(d)) => {
+                a > now && a.max(d) - a.min(d) < std::time::Duration::from_millis(1) && a <= d
+            }
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        *armed = deadline;
+        let res = match deadline {
             // A zero delay would disarm the timer; "now" is the next microsecond.
-            Some(d) => t.reset(d.max(std::time::Duration::from_micros(1)), None),
+            Some(d) => t.reset(
+                d.saturating_duration_since(now)
+                    .max(std::time::Duration::from_micros(1)),
+                None,
+            ),
             None => t.clear(),
         };
         if let Err(e) = res {
@@ -276,6 +304,14 @@ impl VhostUserNetBackend {
                         self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                         return Some(0);
                     }
+                    // A partial checksum (the guest offloads it, VIRTIO_NET_F_CSUM) is finished
+                    // here, natively, so the stack and the NAT see an ordinary frame.
+                    if frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0
+                        && !finish_checksum(&mut frame[..])
+                    {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    }
                     self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .tx_bytes
@@ -307,6 +343,8 @@ impl VhostUserNetBackend {
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         let mut used = 0usize;
+        let mut retries = 0;
+        let first_used = queue.next_used();
         while let Some(frame) = stack.pop_frame() {
             let need = NET_HDR_LEN + frame.len();
             let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
@@ -325,21 +363,30 @@ impl VhostUserNetBackend {
                 }
             }
             if room < need {
-                // Not enough buffers: give the chains back and wait for the guest's kick.
+                // Not enough buffers: give the chains back and wait for the guest's kick. If
+                // the guest posted more while we looked (it saw the old avail_event and will
+                // not kick for them), try again now rather than stall until some other event.
                 let back = queue.next_avail().wrapping_sub(chains.len() as u16);
                 queue.set_next_avail(back);
                 stack.unpop_frame(frame);
-                let _ = queue.enable_notification(&*mem);
+                if queue.enable_notification(&*mem).unwrap_or(false) && retries < 8 {
+                    retries += 1;
+                    continue;
+                }
                 break;
             }
             let mut hdr = [0u8; NET_HDR_LEN];
+            if self.guest_csum.load(Ordering::Relaxed) {
+                hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+            }
             hdr[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
             let mut src: &[u8] = &frame;
             let mut first = true;
+            let mut elems: SmallVec<[(u16, u32); 16]> = SmallVec::new();
             for c in &chains {
                 let head = c.head_index();
                 let Ok((_, mut w)) = split_chain(c.memory(), c.clone()) else {
-                    let _ = queue.add_used(&*mem, head, 0);
+                    elems.push((head, 0));
                     continue;
                 };
                 let mut written = 0usize;
@@ -350,18 +397,19 @@ impl VhostUserNetBackend {
                 let n = w.write(src).unwrap_or(0);
                 src = &src[n..];
                 written += n;
-                if let Err(e) = queue.add_used(&*mem, head, written as u32) {
-                    warn!("net: cannot return RX descriptor {head}: {e}");
-                }
-                used += 1;
+                elems.push((head, written as u32));
             }
+            if let Err(e) = add_used_together(queue, &*mem, &elems) {
+                warn!("net: cannot return RX descriptors: {e}");
+            }
+            used += elems.len();
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .rx_bytes
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
             stack.recycle_frame(frame);
         }
-        if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+        if used > 0 && wants_interrupt(queue, &*mem, first_used) {
             state.signal_used_queue()?;
         }
         Ok(())
@@ -371,6 +419,45 @@ impl VhostUserNetBackend {
         // New RX buffers: only delivery to do.
         self.with_stack(vrings, |_, _| Ok(()))
     }
+}
+
+/// Completes a frame's partial checksum: `buf` is the virtio header and the frame; the header's
+/// csum_start and csum_offset (relative to the frame) say where the sum starts and where it
+/// goes, and the field already holds the pseudo-header's sum. Returns false when they point
+/// outside the frame.
+fn finish_checksum(buf: &mut [u8]) -> bool {
+    let start = usize::from(u16::from_le_bytes([buf[6], buf[7]]));
+    let offset = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
+    let frame = &mut buf[NET_HDR_LEN..];
+    let at = start + offset;
+    if start >= frame.len() || at + 2 > frame.len() {
+        return false;
+    }
+    let mut sum: u64 = 0;
+    let mut chunks = frame[start..].chunks_exact(8);
+    for c in &mut chunks {
+        // Ones' complement sums can be taken in any width and folded (RFC 1071).
+        let v = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let (s, carry) = sum.overflowing_add(v);
+        sum = s + u64::from(carry);
+    }
+    let rest = chunks.remainder();
+    let mut i = 0;
+    while i + 1 < rest.len() {
+        let (s, carry) = sum.overflowing_add(u64::from(u16::from_be_bytes([rest[i], rest[i + 1]])));
+        sum = s + u64::from(carry);
+        i += 2;
+    }
+    if i < rest.len() {
+        let (s, carry) = sum.overflowing_add(u64::from(rest[i]) << 8);
+        sum = s + u64::from(carry);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let c = !(sum as u16);
+    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    true
 }
 
 impl VhostUserBackend for VhostUserNetBackend {
@@ -391,6 +478,8 @@ impl VhostUserBackend for VhostUserNetBackend {
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -400,6 +489,14 @@ impl VhostUserBackend for VhostUserNetBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+        self.guest_csum.store(on, Ordering::Relaxed);
+        if let Ok(mut s) = self.stack.lock() {
+            s.set_checksum_offload(on);
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -540,5 +637,44 @@ mod tx_tests {
         assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 1);
         // Every chain went back to the guest, the bad ones too.
         assert_eq!(vrings[1].queue_used_idx().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_partial_checksum_is_finished_as_the_guest_would() {
+        // A UDP datagram 10.0.0.1:1 -> 10.0.0.2:2, "hi", with the pseudo-header sum in the
+        // checksum field (what a guest with VIRTIO_NET_F_CSUM sends), against the full sum.
+        let mut frame = vec![0u8; NET_HDR_LEN + 14 + 20 + 8 + 2];
+        let f = &mut frame[NET_HDR_LEN..];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let udp = &mut f[34..];
+        udp[0..2].copy_from_slice(&1u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&2u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&10u16.to_be_bytes());
+        udp[8..10].copy_from_slice(b"hi");
+        // Pseudo header: src, dst, proto, length.
+        let pseudo: u32 = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 17 + 10;
+        let folded = ((pseudo & 0xffff) + (pseudo >> 16)) as u16;
+        udp[6..8].copy_from_slice(&folded.to_be_bytes());
+        frame[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+        frame[6..8].copy_from_slice(&34u16.to_le_bytes());
+        frame[8..10].copy_from_slice(&6u16.to_le_bytes());
+        assert!(finish_checksum(&mut frame));
+        let f = &frame[NET_HDR_LEN..];
+        let p = smoltcp::wire::UdpPacket::new_checked(&f[34..]).unwrap();
+        let src = smoltcp::wire::IpAddress::v4(10, 0, 0, 1);
+        let dst = smoltcp::wire::IpAddress::v4(10, 0, 0, 2);
+        assert!(
+            p.verify_checksum(&src, &dst),
+            "checksum {:#06x}",
+            p.checksum()
+        );
+        // Offsets past the frame are refused.
+        frame[8..10].copy_from_slice(&60000u16.to_le_bytes());
+        assert!(!finish_checksum(&mut frame));
     }
 }

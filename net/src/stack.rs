@@ -39,6 +39,8 @@ struct FrameQueue {
     tx: VecDeque<Vec<u8>>,
     pool: RefCell<Vec<Vec<u8>>>,
     mtu: usize,
+    /// The guest takes TCP/UDP frames without checksums (the device marks them valid).
+    csum_offload: bool,
 }
 
 /// A buffer from `pool` holding a copy of `data`.
@@ -116,6 +118,11 @@ impl Device for FrameQueue {
         caps.medium = Medium::Ethernet;
         // The MTU counts the IP packet; smoltcp's counts the Ethernet frame.
         caps.max_transmission_unit = self.mtu + 14;
+        if self.csum_offload {
+            // Verify what the guest sends; leave out what goes to it.
+            caps.checksum.tcp = smoltcp::phy::Checksum::Rx;
+            caps.checksum.udp = smoltcp::phy::Checksum::Rx;
+        }
         caps
     }
 }
@@ -209,8 +216,11 @@ const UDP_PUBLISH_IDLE: std::time::Duration = std::time::Duration::from_secs(60)
 /// How long the guest has to answer a published connection's SYN.
 const PUBLISH_CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
 
-/// Receive and send buffer of each NAT'd TCP connection: the window the guest sees.
-const TCP_BUFFER: usize = 256 * 1024;
+/// Receive and send buffer of each NAT'd TCP connection: the window the guest sees. Under TCG
+/// the guest's round trip is milliseconds long, and 256 KiB held host-to-guest TCP to a third
+/// of what 4 MiB allows. The memory is virtual until used (ferry's allocator maps buffers this
+/// size on demand), so an idle or short connection costs a few pages.
+const TCP_BUFFER: usize = 4096 * 1024;
 
 /// The epoll token of the DNS upstream socket.
 const DNS_TOKEN: u64 = 1;
@@ -294,6 +304,7 @@ impl NetStack {
             tx: VecDeque::new(),
             pool: RefCell::new(Vec::new()),
             mtu: usize::from(cfg.mtu),
+            csum_offload: false,
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         config.random_seed = u64::from(std::process::id()) ^ 0x5eed_f00d;
@@ -374,6 +385,11 @@ impl NetStack {
             incoming: Vec::new(),
             udp_pub: HashMap::new(),
         })
+    }
+
+    /// Whether the guest takes TCP/UDP frames without checksums (negotiated GUEST_CSUM).
+    pub fn set_checksum_offload(&mut self, on: bool) {
+        self.device.csum_offload = on;
     }
 
     /// Takes connections and datagrams from published ports.
@@ -862,7 +878,11 @@ impl NetStack {
 
     /// Moves datagrams the guest sent through the NAT to their host sockets.
     fn nat_out(&mut self) {
-        let mut buf = [0u8; 65536];
+        if self.nat_sockets.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.host_buf);
+        buf.resize(65536, 0);
         for (dst, h) in &self.nat_sockets {
             let socket = self.sockets.get_mut::<udp::Socket>(*h);
             while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
@@ -878,6 +898,7 @@ impl NetStack {
                 }
             }
         }
+        self.host_buf = buf;
     }
 
     /// Reads what host sockets received and hands it to the guest.
