@@ -7,7 +7,11 @@ TEST_THREADS ?= 2
 SHARE   ?= $(CURDIR)
 FERRY   := target/debug/ferry
 
-.PHONY: all deps build test run guest-image fmt fmt-check clippy lint clean
+# `make bench QUICK=1`: small sizes, a smoke run that every cell gets a number (under 5 min).
+QUICK   ?=
+BENCH_ARGS := $(if $(QUICK),--quick,)
+
+.PHONY: all deps build test run bench guest-image fmt fmt-check clippy lint clean
 
 all: build
 
@@ -26,6 +30,12 @@ test: deps guest-image
 
 run: deps guest-image build
 	$(FERRY) run --share $(SHARE) --script guest-image/demo.sh
+
+# Benchmarks are not tests: they measure and write bench/results/, asserting no speed.
+bench: guest-image
+	@bash scripts/install-deps.sh --bench
+	$(CARGO) build -j$(JOBS) --release -p ferry
+	python3 bench/bench.py $(BENCH_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -107,10 +107,10 @@ class Bench:
     def __init__(self, args):
         self.quick = args.quick
         self.rounds = args.rounds
-        self.secs = 2 if args.quick else 6
-        self.size_mib = 32 if args.quick else 256
-        self.files = 1000 if args.quick else 10000
-        self.tree_files = 1000 if args.quick else 5000
+        self.secs = 1 if args.quick else 6
+        self.size_mib = 8 if args.quick else 256
+        self.files = 300 if args.quick else 10000
+        self.tree_files = 300 if args.quick else 5000
         self.w = tempfile.mkdtemp(prefix="ferry-bench-")
         self.children = []
         self.results = {}  # (suite, metric, backend) -> [values]
@@ -208,7 +208,7 @@ echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 -t $T -f m 2>&1 | grep re
 echo "BENCH $(/tmp/probe rr $H 7007 $T)"
 echo "BENCH $(/tmp/probe crr $H 7007 $T)"
 (iperf3 -s -1 -p 5201 > /dev/null 2>&1; iperf3 -s -1 -p 5201 > /dev/null 2>&1) &
-sleep 1
+sleep 0.3
 echo BENCH-PUBLISH-READY
 wait
 """
@@ -308,7 +308,7 @@ wait
                 out = r.stdout
                 if "receiver" in out:
                     break
-                time.sleep(0.5)
+                time.sleep(0.2)
             line = [l for l in out.splitlines() if "receiver" in l]
             rate, size = self.iperf_line(line[-1] if line else None)
             self.record("net", metric, kind, rate)
@@ -329,6 +329,8 @@ T=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.secs=' | cut -d= -f2)
 N=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.files=' | cut -d= -f2)
 . /mnt/bench/steps.sh
 echo BENCH-FS-DONE
+# Stay up: the host reads the backend's counters, then stops QEMU.
+sleep 3600
 """
 
     # The same steps, in the guest and on the host: DIR, PROBE, DROP set by the caller.

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing Ferry needs on a Debian 12 host, and nothing that is
 # already there. Run as root (or with sudo available). Idempotent and quick when all is present.
+#   install-deps.sh          build and test
+#   install-deps.sh --bench  also what `make bench` compares against and measures with:
+#                            passt, iperf3, fio, gnuplot, and virtiofsd (cargo install)
 set -euo pipefail
+BENCH=0
+[ "${1:-}" = --bench ] && BENCH=1
 
 # command -> Debian package that provides it
 declare -A NEED=(
@@ -13,7 +18,17 @@ declare -A NEED=(
 	[ip]=iproute2
 	[cc]=gcc
 	[ping]=iputils-ping
+	[curl]=curl
+	[python3]=python3
+	[setpriv]=util-linux
 )
+if [ $BENCH = 1 ]; then
+	NEED[passt]=passt
+	NEED[iperf3]=iperf3
+	NEED[fio]=fio
+	NEED[gnuplot]=gnuplot-nox
+	NEED[pkg-config]=pkg-config
+fi
 
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -22,6 +37,11 @@ done
 
 # The guest tests' probe is linked statically against glibc.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+# virtiofsd (built below for the benchmark) links libseccomp and libcap-ng.
+if [ $BENCH = 1 ]; then
+	[ -e /usr/include/seccomp.h ] || missing+=(libseccomp-dev)
+	[ -e /usr/include/cap-ng.h ] || missing+=(libcap-ng-dev)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
 	SUDO=
@@ -38,4 +58,9 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
 	echo "install-deps: cargo not found; install a current Rust toolchain (https://rustup.rs) and run this again" >&2
 	exit 1
+fi
+
+if [ $BENCH = 1 ] && ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/virtiofsd" ]; then
+	echo "install-deps: building virtiofsd (cargo install virtiofsd --locked) for the benchmark"
+	cargo install -j2 --locked virtiofsd
 fi

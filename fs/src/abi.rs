@@ -42,6 +42,13 @@ pub const READDIRPLUS_AUTO: u32 = 1 << 14;
 pub const WRITEBACK_CACHE: u32 = 1 << 16;
 /// INIT flag: directory operations may run in parallel.
 pub const PARALLEL_DIROPS: u32 = 1 << 18;
+/// INIT flag: the server clears suid/sgid and capabilities when asked (the flags below), and
+/// the guest stops asking for `security.capability` before every write.
+pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
+/// WRITE's write_flags: clear suid/sgid (FUSE_WRITE_KILL_SUIDGID).
+pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// OPEN's and CREATE's open_flags: clear suid/sgid (with O_TRUNC).
+pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// SETATTR `valid` bits.
 #[allow(missing_docs)]
@@ -57,6 +64,7 @@ pub mod fattr {
     pub const MTIME_NOW: u32 = 1 << 8;
     pub const LOCKOWNER: u32 = 1 << 9;
     pub const CTIME: u32 = 1 << 10;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
 
 /// OPEN reply flag: keep the page cache across opens.

@@ -227,6 +227,14 @@ pub trait FileSystem: Send + Sync {
         enosys()
     }
 
+    /// Clears set-user-ID, set-group-ID (when group-executable) and `security.capability` from
+    /// `inode` (through `handle` when given). With FUSE_HANDLE_KILLPRIV_V2 the guest leaves this
+    /// to the server, and asks for it when a writer without CAP_FSETID writes, truncates or
+    /// changes the owner.
+    fn kill_suidgid(&self, ctx: Context, inode: u64, handle: Option<u64>) -> io::Result<()> {
+        enosys()
+    }
+
     /// Writes `size` bytes from `r` at `offset`.
     fn write(
         &self,

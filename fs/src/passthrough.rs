@@ -627,7 +627,10 @@ impl FileSystem for PassthroughFs {
             | abi::READDIRPLUS_AUTO
             | abi::PARALLEL_DIROPS
             | abi::POSIX_LOCKS
-            | abi::FLOCK_LOCKS;
+            | abi::FLOCK_LOCKS
+            // The guest then caches "nothing to clear" per inode (SB_NOSEC) instead of asking
+            // for security.capability before every write; kill_suidgid does the clearing.
+            | abi::HANDLE_KILLPRIV_V2;
         if self.cfg.cache == CachePolicy::Auto {
             f |= abi::AUTO_INVAL_DATA;
         }
@@ -697,7 +700,7 @@ impl FileSystem for PassthroughFs {
 
     fn setattr(
         &self,
-        ctx: Context,
+        _ctx: Context,
         inode: u64,
         handle: Option<u64>,
         args: SetattrArgs,
@@ -733,7 +736,10 @@ impl FileSystem for PassthroughFs {
         if let Some(size) = args.size {
             let size =
                 i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-            let _creds = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
+            // Ferry's own credentials, as for OPEN: the guest kernel checked the caller's
+            // permission (virtiofs mounts with default_permissions), and reopening through
+            // /proc/self/fd as another fsuid is refused. Clearing suid/sgid is asked for
+            // separately (FATTR_KILL_SUIDGID).
             let res = match handle.and_then(|fh| self.handle(fh).ok()) {
                 // SAFETY: the handle's fd is valid; ftruncate has no memory effects.
                 Some(h) => cvt(unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) }),
@@ -914,15 +920,15 @@ impl FileSystem for PassthroughFs {
         self.do_lookup(&p, newname)
     }
 
-    fn open(&self, ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
+    fn open(&self, _ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
         if Self::is_write(flags) {
             self.check_writable()?;
         }
         let node = self.inode(inode)?;
-        let f = {
-            let _c = CredGuard::new(self.switch_creds && ctx.uid != 0, ctx);
-            self.reopen(&node, self.host_flags(flags))?
-        };
+        // With ferry's own credentials, as virtiofsd does: the guest kernel has checked the
+        // caller's permission (virtiofs mounts with default_permissions), and /proc/self/fd
+        // refuses a reopen by another fsuid (EPERM for every non-root guest user).
+        let f = self.reopen(&node, self.host_flags(flags))?;
         Ok((self.add_handle(f, inode)?, self.cfg.cache.open_flags()))
     }
 
@@ -983,6 +989,45 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let h = self.handle(handle)?;
         r.read_to_file_at(&h.file, size as usize, offset)
+    }
+
+    fn kill_suidgid(&self, _ctx: Context, inode: u64, handle: Option<u64>) -> io::Result<()> {
+        self.check_writable()?;
+        // Through /proc: the node's own fd is O_PATH, which fchmod does not take.
+        let path = match handle {
+            Some(fh) => format!("/proc/self/fd/{}", self.handle(fh)?.file.as_raw_fd()),
+            None => {
+                let node = self.inode(inode)?;
+                let fd = node.fd()?;
+                format!("/proc/self/fd/{}", fd.as_raw_fd())
+            }
+        };
+        let c = std::ffi::CString::new(path).map_err(|_| ebadf())?;
+        // SAFETY: stat64 is plain old data; all-zero is a valid value.
+        let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `st` a valid destination.
+        cvt(unsafe { libc::stat64(c.as_ptr(), &mut st) })?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
+        }
+        let mut clear = libc::S_ISUID;
+        if st.st_mode & libc::S_IXGRP != 0 {
+            // Set-group-ID without group execute means mandatory locking: kept, as Linux does.
+            clear |= libc::S_ISGID;
+        }
+        if st.st_mode & clear != 0 {
+            // SAFETY: `c` is a valid C string.
+            cvt(unsafe { libc::chmod(c.as_ptr(), st.st_mode & 0o7777 & !clear) })?;
+        }
+        // SAFETY: both arguments are valid C strings; ENODATA just means there was none.
+        let r = unsafe { libc::removexattr(c.as_ptr(), c"security.capability".as_ptr()) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn statfs(&self, _ctx: Context, inode: u64) -> io::Result<libc::statvfs64> {

@@ -407,6 +407,9 @@ impl<F: FileSystem> Server<F> {
                     mtime: time(fattr::MTIME, fattr::MTIME_NOW, arg.mtime, arg.mtimensec),
                 };
                 let fh = (v & fattr::FH != 0).then_some(arg.fh);
+                if v & fattr::KILL_SUIDGID != 0 && v & fattr::MODE == 0 {
+                    kill_suidgid(fs, ctx, node, fh);
+                }
                 let (st, t) = fs.setattr(ctx, node, fh, args)?;
                 return ok(&[attr_out(&st, t).as_slice()], w);
             }
@@ -464,7 +467,11 @@ impl<F: FileSystem> Server<F> {
             opcode::OPEN | opcode::OPENDIR => {
                 let arg: abi::OpenIn = read_obj(r)?;
                 let (fh, flags) = if hdr.opcode == opcode::OPEN {
-                    fs.open(ctx, node, arg.flags)?
+                    let (fh, flags) = fs.open(ctx, node, arg.flags)?;
+                    if arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
+                        kill_suidgid(fs, ctx, node, Some(fh));
+                    }
+                    (fh, flags)
                 } else {
                     fs.opendir(ctx, node, arg.flags)?
                 };
@@ -480,6 +487,9 @@ impl<F: FileSystem> Server<F> {
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
                 let (e, fh, flags) = fs.create(ctx, node, name, arg.mode, arg.flags, arg.umask)?;
+                if arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
+                    kill_suidgid(fs, ctx, e.inode, Some(fh));
+                }
                 let out = abi::OpenOut {
                     fh,
                     open_flags: flags,
@@ -495,6 +505,9 @@ impl<F: FileSystem> Server<F> {
                     return Err(einval());
                 }
                 let n = fs.write(ctx, node, arg.fh, r, arg.size, arg.offset)?;
+                if arg.write_flags & abi::WRITE_KILL_SUIDGID != 0 {
+                    kill_suidgid(fs, ctx, node, Some(arg.fh));
+                }
                 let out = abi::WriteOut {
                     size: n as u32,
                     padding: 0,
@@ -808,6 +821,14 @@ fn to_io(e: Error) -> io::Error {
         Error::ReplyTooLarge { .. } => io::Error::from_raw_os_error(libc::ERANGE),
         Error::WriteReply(e) => e,
         Error::ShortHeader(_) => einval(),
+    }
+}
+
+/// Clears suid/sgid as the guest asked (FUSE_HANDLE_KILLPRIV_V2). The operation that asked has
+/// succeeded already, so a failure here is logged rather than failing it.
+fn kill_suidgid<F: FileSystem>(fs: &F, ctx: Context, node: u64, fh: Option<u64>) {
+    if let Err(e) = fs.kill_suidgid(ctx, node, fh) {
+        log::warn!("fs: cannot clear set-user-ID/set-group-ID on node {node}: {e}");
     }
 }
 

@@ -196,6 +196,13 @@ int main(int argc, char **argv) {
 		}
 		for (int i = 0; i < n; i++) close(fds[i]);
 		printf("%d of %d\n", ok, n);
+	} else if (!strcmp(cmd, "write-as") && argc == 4) {
+		/* write-as PATH UID: appends one byte to PATH as UID (without CAP_FSETID). */
+		if (setgid((gid_t)atoi(argv[3])) || setuid((uid_t)atoi(argv[3]))) return fail();
+		int fd = open(p, O_WRONLY | O_APPEND);
+		if (fd < 0 || write(fd, "w", 1) != 1) return fail();
+		close(fd);
+		puts("ok");
 	} else if (!strcmp(cmd, "now")) {
 		/* now -: monotonic seconds, for timing shell steps. */
 		printf("%.6f\n", now());

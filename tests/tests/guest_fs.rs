@@ -58,6 +58,12 @@ check seek-data "$($P seek sparse data 0)" 1048576
 check seek-hole "$($P seek sparse hole 1048576)" 1052672
 check flock "$($P flock lockfile)" exclusive
 check fcntl-locks "$($P fcntl lockfile2)" "getlk=1 setlk-refused=1 setlkw=1"
+# A write by a user without CAP_FSETID clears set-user-ID and group-executable set-group-ID
+# (ferry does it: the guest hands it over with FUSE_HANDLE_KILLPRIV_V2); root's writes keep them.
+printf x > suid && chmod 6777 suid && printf y >> suid
+check suid-kept-for-root "$(stat -c %a suid)" 6777
+check suid-write-as-user "$($P write-as suid 65534)" ok
+check suid-cleared "$(stat -c %a suid)" 777
 check statfs-blocks "$(stat -f -c %b .)" "$STATFS_BLOCKS"
 
 # Escapes: links made on the host that point outside the share resolve in the guest's own
@@ -185,7 +191,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 43,
+        failed.is_empty() && out.checks.len() >= 46,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
