@@ -107,6 +107,13 @@ impl VhostUserNetBackend {
         ports: Option<Arc<Ports>>,
     ) -> io::Result<Arc<Self>> {
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        // Non-blocking: an event earlier in the same epoll batch may re-arm the timer (which
+        // resets its count) before process_timer reads it, and a blocking read would then hang
+        // the device's only thread until the new deadline, or forever if it was cleared.
+        // SAFETY: fcntl on an fd we own; no memory is passed.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Arc::new(VhostUserNetBackend {
             upstream,
             timer: Mutex::new(timer),
@@ -225,7 +232,7 @@ impl VhostUserNetBackend {
     fn process_timer(&self, vrings: &[Vring]) -> io::Result<()> {
         debug!("net: stack timer fired");
         if let Ok(mut t) = self.timer.lock() {
-            // Readable means expired; the read clears it.
+            // Readable means expired; the read clears it (EAGAIN: re-armed meanwhile).
             let _ = t.wait();
         }
         self.with_stack(vrings, |stack, _| {
