@@ -107,7 +107,11 @@ class Bench:
     def __init__(self, args):
         self.quick = args.quick
         self.rounds = args.rounds
-        self.secs = 1 if args.quick else 6
+        # What one measurement runs for: iperf3 by bytes in quick mode (its -t is whole
+        # seconds), probe rr/crr and fio by time.
+        self.iperf = "n16M" if args.quick else "t6"
+        self.rr_secs = "0.5" if args.quick else "6"
+        self.fio_time = "500ms" if args.quick else "6s"
         self.size_mib = 8 if args.quick else 256
         self.files = 300 if args.quick else 10000
         self.tree_files = 300 if args.quick else 5000
@@ -202,9 +206,11 @@ class Bench:
 cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; chmod +x /tmp/probe
 H=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host=' | cut -d= -f2)
 T=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.secs=' | cut -d= -f2)
-echo "BENCH g2h $(iperf3 -c $H -p 5201 -t $T -f m 2>&1 | grep receiver | tail -1)"
-echo "BENCH h2g $(iperf3 -c $H -p 5201 -t $T -f m -R 2>&1 | grep receiver | tail -1)"
-echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 -t $T -f m 2>&1 | grep receiver | tail -1)"
+L=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.iperf=' | cut -d= -f2)
+case $L in t*) A="-t ${L#t}";; *) A="-n ${L#n}";; esac
+echo "BENCH g2h $(iperf3 -c $H -p 5201 $A -f m 2>&1 | grep receiver | tail -1)"
+echo "BENCH h2g $(iperf3 -c $H -p 5201 $A -f m -R 2>&1 | grep receiver | tail -1)"
+echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 $A -f m 2>&1 | grep receiver | tail -1)"
 echo "BENCH $(/tmp/probe rr $H 7007 $T)"
 echo "BENCH $(/tmp/probe crr $H 7007 $T)"
 (iperf3 -s -1 -p 5201 > /dev/null 2>&1; iperf3 -s -1 -p 5201 > /dev/null 2>&1) &
@@ -282,7 +288,8 @@ wait
         dev, host, proc, stop = self.net_backend(kind)
         cpu0 = proc.cpu() if proc else 0.0
         qemu, console = self.qemu("net-%s" % kind, self.NET_GUEST,
-                                  "bench.host=%s bench.secs=%d" % (host, self.secs), dev)
+                                  "bench.host=%s bench.secs=%s bench.iperf=%s"
+                                  % (host, self.rr_secs, self.iperf), dev)
         qproc = Proc(pid_of("opt/ferry/run,file=%s/net-%s.sh" % (self.w, kind)) or qemu.pid)
         if kind == "slirp":
             proc, cpu0 = qproc, qproc.cpu()
@@ -302,8 +309,9 @@ wait
         for metric, extra in (("pub_h2g", []), ("pub_g2h", ["-R"])):
             out = ""
             for _ in range(20):
+                amount = ["-t", self.iperf[1:]] if self.iperf[0] == "t" else ["-n", self.iperf[1:]]
                 r = subprocess.run(in_ns(["iperf3", "-c", "127.0.0.1", "-p", str(PUB_PORT),
-                                          "-t", str(self.secs), "-f", "m"] + extra),
+                                          "-f", "m"] + amount + extra),
                                    capture_output=True, text=True)
                 out = r.stdout
                 if "receiver" in out:
@@ -410,8 +418,8 @@ rm -rf $D/tree
     def run_fs(self, kind):
         d = self.fs_dir(kind)
         if kind == "native":
-            r = subprocess.run(["sh", "-c", "D=%s; S=%d; T=%d; N=%d; P=%s\n%s" % (
-                d, self.size_mib, self.secs, self.files, self.probe, self.FS_STEPS)],
+            r = subprocess.run(["sh", "-c", "D=%s; S=%d; T=%s; N=%d; P=%s\n%s" % (
+                d, self.size_mib, self.fio_time, self.files, self.probe, self.FS_STEPS)],
                 capture_output=True, text=True)
             self.parse_fs(r.stdout, kind)
             return
@@ -432,8 +440,8 @@ rm -rf $D/tree
         dev = ["-chardev", "socket,id=f0,path=%s" % sock,
                "-device", "vhost-user-fs-pci,chardev=f0,tag=bench"]
         qemu, console = self.qemu("fs-%s" % kind, self.FS_GUEST,
-                                  "ferry.net=off ferry.fs=bench bench.mib=%d bench.secs=%d bench.files=%d"
-                                  % (self.size_mib, self.secs, self.files), dev)
+                                  "ferry.net=off ferry.fs=bench bench.mib=%d bench.secs=%s bench.files=%d"
+                                  % (self.size_mib, self.fio_time, self.files), dev)
         text = self.wait_console(console, "BENCH-FS-DONE", qemu)
         moved = self.parse_fs(text, kind)
         self.cost.setdefault(("fs", kind), []).append(

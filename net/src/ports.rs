@@ -54,18 +54,6 @@ impl PortKey {
     }
 }
 
-impl Ord for Protocol {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (*self as u8).cmp(&(*other as u8))
-    }
-}
-
-impl PartialOrd for Protocol {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 /// Why a port could not be published.
 #[derive(Debug)]
 pub enum PublishError {
