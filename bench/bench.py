@@ -541,28 +541,24 @@ rm -rf $D/tree
         L.append("Anchors: QEMU user net (libslirp, built into QEMU), passt %s (`-netdev stream`), "
                  "%s (`--cache auto --sandbox none`, the same cache policy as Ferry's default "
                  "`cache=auto`).\n" % (passt_v, vfsd_v))
-        if net_kinds:
-            L.append("## Net\n")
-            L.append("| metric | Ferry | QEMU user net | passt | Ferry/user net | Ferry/passt |")
+        sections = (
+            ("Net", "net", net_kinds, self.NET_ROWS, ("slirp", "QEMU user net", "user net"),
+             ("passt", "passt", "passt")),
+            ("FS", "fs", fs_kinds, self.FS_ROWS, ("virtiofsd", "virtiofsd", "virtiofsd"),
+             ("native", "host native (ceiling)", "native")),
+        )
+        for title, suite, kinds, rows, (a, a_col, a_ratio), (b, b_col, b_ratio) in sections:
+            if not kinds:
+                continue
+            L.append("## %s\n" % title)
+            L.append("| metric | Ferry | %s | %s | Ferry/%s | Ferry/%s |" % (a_col, b_col, a_ratio, b_ratio))
             L.append("|---|---|---|---|---|---|")
-            for metric, label, higher in self.NET_ROWS:
-                r1 = self.ratio("net", metric, "ferry", "slirp", higher)
-                r2 = self.ratio("net", metric, "ferry", "passt", higher)
+            for metric, label, higher in rows:
+                r1 = self.ratio(suite, metric, "ferry", a, higher)
+                r2 = self.ratio(suite, metric, "ferry", b, higher)
                 L.append("| %s | %s | %s | %s | %s | %s |" % (
-                    label, self.fmt(self.med("net", metric, "ferry")),
-                    self.fmt(self.med("net", metric, "slirp")), self.fmt(self.med("net", metric, "passt")),
-                    "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
-            L.append("")
-        if fs_kinds:
-            L.append("## FS\n")
-            L.append("| metric | Ferry | virtiofsd | host native (ceiling) | Ferry/virtiofsd | Ferry/native |")
-            L.append("|---|---|---|---|---|---|")
-            for metric, label, higher in self.FS_ROWS:
-                r1 = self.ratio("fs", metric, "ferry", "virtiofsd", higher)
-                r2 = self.ratio("fs", metric, "ferry", "native", higher)
-                L.append("| %s | %s | %s | %s | %s | %s |" % (
-                    label, self.fmt(self.med("fs", metric, "ferry")),
-                    self.fmt(self.med("fs", metric, "virtiofsd")), self.fmt(self.med("fs", metric, "native")),
+                    label, self.fmt(self.med(suite, metric, "ferry")),
+                    self.fmt(self.med(suite, metric, a)), self.fmt(self.med(suite, metric, b)),
                     "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
             L.append("")
         L.append("## Cost\n")

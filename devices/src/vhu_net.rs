@@ -435,36 +435,7 @@ impl VhostUserNetBackend {
 fn finish_checksum(buf: &mut [u8]) -> bool {
     let start = usize::from(u16::from_le_bytes([buf[6], buf[7]]));
     let offset = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
-    let frame = &mut buf[NET_HDR_LEN..];
-    let at = start + offset;
-    if start >= frame.len() || at + 2 > frame.len() {
-        return false;
-    }
-    let mut sum: u64 = 0;
-    let mut chunks = frame[start..].chunks_exact(8);
-    for c in &mut chunks {
-        // Ones' complement sums can be taken in any width and folded (RFC 1071).
-        let v = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        let (s, carry) = sum.overflowing_add(v);
-        sum = s + u64::from(carry);
-    }
-    let rest = chunks.remainder();
-    let mut i = 0;
-    while i + 1 < rest.len() {
-        let (s, carry) = sum.overflowing_add(u64::from(u16::from_be_bytes([rest[i], rest[i + 1]])));
-        sum = s + u64::from(carry);
-        i += 2;
-    }
-    if i < rest.len() {
-        let (s, carry) = sum.overflowing_add(u64::from(rest[i]) << 8);
-        sum = s + u64::from(carry);
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let c = !(sum as u16);
-    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    true
+    ferry_net::finish_partial_checksum(&mut buf[NET_HDR_LEN..], start, offset)
 }
 
 impl VhostUserBackend for VhostUserNetBackend {

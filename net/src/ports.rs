@@ -192,7 +192,12 @@ pub struct Ports {
     attached: AtomicBool,
     guest: Ipv4Addr,
     privileged: Option<PrivilegedBinder>,
+    /// Datagram buffers the stack handed back, for reuse: steady UDP allocates nothing.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Datagram buffers kept for reuse at most.
+const SPARE_BUFFERS: usize = 256;
 
 /// The first port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`).
 pub fn unprivileged_port_start() -> u16 {
@@ -284,7 +289,7 @@ pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
 }
 
 /// An OS error in words, lower case and without the "(os error N)" tail, as Docker prints it.
-fn os_reason(e: &io::Error) -> String {
+pub fn os_reason(e: &io::Error) -> String {
     let s = e.to_string();
     let s = s.split(" (os error").next().unwrap_or(&s).to_string();
     let mut c = s.chars();
@@ -330,6 +335,7 @@ impl Ports {
             attached: AtomicBool::new(false),
             guest,
             privileged,
+            spare: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&ports);
         std::thread::Builder::new()
@@ -471,6 +477,14 @@ impl Ports {
         let mut inner = self.lock();
         inner.incoming_udp_bytes = 0;
         into.extend(inner.incoming.drain(..));
+    }
+
+    /// Gives back a datagram's buffer (from [`Incoming::Udp`]) once its data went to the guest.
+    pub fn recycle(&self, data: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(data);
+        }
     }
 
     fn unavailable(&self, spec: &PortSpec, e: &io::Error, hint: String) -> PublishError {
@@ -618,15 +632,28 @@ impl Ports {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
+            let mut data = self
+                .spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .unwrap_or_default();
+            data.clear();
+            data.extend_from_slice(&buf[..n]);
             let item = Incoming::Udp {
                 socket: Arc::downgrade(socket),
                 client,
                 guest_port: spec.guest_port,
-                data: buf[..n].to_vec(),
+                data,
             };
             match self.offer(item, n) {
                 Ok(()) => forwarded += 1,
-                Err(_) => dropped += 1,
+                Err(item) => {
+                    dropped += 1;
+                    if let Incoming::Udp { data, .. } = item {
+                        self.recycle(data);
+                    }
+                }
             }
         }
         if forwarded > 0 {

@@ -435,7 +435,12 @@ impl NetStack {
                     client,
                     guest_port,
                     data,
-                } => self.publish_udp_in(socket, client, guest_port, &data),
+                } => {
+                    self.publish_udp_in(socket, client, guest_port, &data);
+                    if let Some(p) = &self.ports {
+                        p.recycle(data);
+                    }
+                }
             }
         }
         self.incoming = incoming;
@@ -1373,6 +1378,18 @@ pub(crate) mod hostile_frames {
         buf
     }
 
+    /// A TCP segment from the guest to `dst`, as an Ethernet frame.
+    pub(super) fn guest_tcp_frame(dst: Ipv4Address, tcp: &smoltcp::wire::TcpRepr) -> Vec<u8> {
+        guest_ip_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |b, ip| {
+            tcp.emit(
+                &mut smoltcp::wire::TcpPacket::new_unchecked(b),
+                &ip.src_addr.into(),
+                &ip.dst_addr.into(),
+                &Default::default(),
+            );
+        })
+    }
+
     fn udp_frame(dst: Ipv4Address, port: u16, payload: &[u8]) -> Vec<u8> {
         let udp = UdpRepr {
             src_port: 40000,
@@ -1624,9 +1641,7 @@ mod no_fake_icmp {
 #[cfg(test)]
 mod tcp_cap {
     use super::*;
-    use smoltcp::wire::{
-        EthernetFrame, IpProtocol, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 
     #[test]
     fn past_the_connection_cap_the_guest_gets_rst() {
@@ -1651,15 +1666,7 @@ mod tcp_cap {
             payload: &[],
         };
         let dst = smol(cfg.host_alias());
-        let buf =
-            hostile_frames::guest_ip_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |b, ip| {
-                tcp.emit(
-                    &mut TcpPacket::new_unchecked(b),
-                    &ip.src_addr.into(),
-                    &ip.dst_addr.into(),
-                    &Default::default(),
-                );
-            });
+        let buf = hostile_frames::guest_tcp_frame(dst, &tcp);
         s.receive_frame(&buf);
         s.poll();
         let reply = s.pop_frame().expect("an answer to the SYN");
@@ -1754,15 +1761,7 @@ mod published {
             timestamp: None,
             payload: &[],
         };
-        let frame =
-            hostile_frames::guest_ip_frame(src, IpProtocol::Tcp, rst.buffer_len(), |buf, ip| {
-                rst.emit(
-                    &mut TcpPacket::new_unchecked(buf),
-                    &ip.src_addr.into(),
-                    &ip.dst_addr.into(),
-                    &Default::default(),
-                )
-            });
+        let frame = hostile_frames::guest_tcp_frame(src, &rst);
         stack.receive_frame(&frame);
         stack.poll();
         let e = c.read(&mut [0u8; 1]).unwrap_err();

@@ -293,7 +293,7 @@ int main(int argc, char **argv) {
 		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
 		int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
 		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 64)) return fail();
+		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 1024)) return fail();
 		for (;;) {
 			struct sockaddr_in from;
 			socklen_t fl = sizeof from;

@@ -41,3 +41,32 @@ pub fn tail(text: &str, n: usize) -> String {
 pub fn probe() -> std::path::PathBuf {
     std::path::PathBuf::from(concat!(env!("OUT_DIR"), "/probe"))
 }
+
+/// The probe's share for a guest test: `dir/tools` holding the probe (the guest mounts it at
+/// /mnt/tools), its socket, and the `--share` value that serves it.
+pub struct Tools {
+    /// The host folder.
+    pub dir: std::path::PathBuf,
+    /// The vhost-user socket.
+    pub socket: std::path::PathBuf,
+    /// `tag=tools,dir=...,socket=...`.
+    pub share: String,
+}
+
+/// Makes the probe's share in `dir`.
+pub fn tools_share(dir: &std::path::Path) -> Tools {
+    let tools = dir.join("tools");
+    std::fs::create_dir(&tools).expect("create the tools folder");
+    std::fs::copy(probe(), tools.join("probe")).expect("copy the probe into the tools share");
+    let socket = dir.join("tools.sock");
+    let share = format!(
+        "tag=tools,dir={},socket={}",
+        tools.display(),
+        socket.display()
+    );
+    Tools {
+        dir: tools,
+        socket,
+        share,
+    }
+}

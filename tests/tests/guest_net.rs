@@ -138,10 +138,8 @@ fn udp_and_dns_through_the_nat() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     // The probe reaches the guest through a share.
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).unwrap();
-    std::fs::copy(ferry_tests::probe(), tools.join("probe")).unwrap();
-    let tools_sock = dir.path().join("tools.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let (tools, tools_sock) = (t.dir.clone(), t.socket.clone());
     let mut ferry = FerryProcess::serve_in(
         Some(&net.inner),
         dir.path(),
@@ -151,11 +149,7 @@ fn udp_and_dns_through_the_nat() {
             "--dns-upstream".into(),
             format!("{remote}:53"),
             "--share".into(),
-            format!(
-                "tag=tools,dir={},socket={}",
-                tools.display(),
-                tools_sock.display()
-            ),
+            t.share.clone(),
         ],
         &[sock.clone(), tools_sock.clone()],
     );

@@ -107,10 +107,8 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let api = dir.path().join("api.sock");
-    let tools = dir.path().join("tools");
-    std::fs::create_dir(&tools).unwrap();
-    std::fs::copy(ferry_tests::probe(), tools.join("probe")).unwrap();
-    let tools_sock = dir.path().join("tools.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let tools_sock = t.socket.clone();
     let mut ferry = FerryProcess::serve_in(
         Some(&net.inner),
         dir.path(),
@@ -118,11 +116,7 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
             "--net-socket".into(),
             sock.display().to_string(),
             "--share".into(),
-            format!(
-                "tag=tools,dir={},socket={}",
-                tools.display(),
-                tools_sock.display()
-            ),
+            t.share.clone(),
             "--api-socket".into(),
             api.display().to_string(),
             "--dns-upstream".into(),

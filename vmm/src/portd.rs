@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ferry_net::ports::{bind_host_socket, unprivileged_port_start};
+use ferry_net::ports::{bind_host_socket, os_reason, unprivileged_port_start};
 use ferry_net::{PortSpec, Protocol};
 use log::{info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -120,14 +120,7 @@ fn handle(s: UnixStream, allowed: &[u32]) {
                 spec.host_port
             ));
         }
-        let fd = bind_host_socket(&spec).map_err(|e| {
-            let reason = e.to_string();
-            reason
-                .split(" (os error")
-                .next()
-                .unwrap_or(&reason)
-                .to_lowercase()
-        })?;
+        let fd = bind_host_socket(&spec).map_err(|e| os_reason(&e))?;
         Ok((uid, spec, fd))
     })();
     match answer {
