@@ -195,6 +195,16 @@ fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
     Ok(st)
 }
 
+/// lstat of `name` in the directory `dir`.
+fn stat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat64> {
+    // SAFETY: stat64 is plain old data; all-zero is a valid value.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is valid for the call, `name` is NUL-terminated, and `st` is a valid
+    // destination of the right type.
+    cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
 /// `/proc/self/fd/N` for `fd`: reaches the fd's inode without walking a path.
 fn proc_path(fd: RawFd) -> CString {
     // The string has no interior NUL: it is made of ASCII digits and slashes.
@@ -472,27 +482,30 @@ impl PassthroughFs {
     fn do_lookup(&self, parent: &Inode, name: &CStr) -> io::Result<Entry> {
         let name_b = name.to_bytes();
         // ".." of the root is the root: the guest never gets above the share.
-        let (fd, is_root) = if (name_b == b".." || name_b == b".") && parent.key == self.root.key {
-            (None, true)
-        } else {
-            // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
-            // symlink a symlink instead of following it.
-            let fd = cvt(unsafe {
-                libc::openat(
-                    parent.fd()?.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                )
-            })?;
-            // SAFETY: `fd` was just opened and is owned by nobody else.
-            (Some(unsafe { File::from_raw_fd(fd) }), false)
-        };
-        if is_root {
+        if (name_b == b".." || name_b == b".") && parent.key == self.root.key {
             let st = stat_fd(self.root.fd()?.as_raw_fd())?;
             self.root.refs.fetch_add(1, Ordering::Relaxed);
             return Ok(self.entry(ROOT_ID, st));
         }
-        let file = fd.ok_or_else(ebadf)?;
+        let parent_fd = parent.fd()?;
+        // A node the guest already holds needs no descriptor of its own: one fstatat answers
+        // (revalidation after the entry timeout, READDIRPLUS over a listed directory).
+        let st = stat_at(parent_fd.as_raw_fd(), name)?;
+        if let Some(id) = self.take_ref((st.st_dev, st.st_ino))? {
+            return Ok(self.entry(id, st));
+        }
+        // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
+        // symlink a symlink instead of following it.
+        let fd = cvt(unsafe {
+            libc::openat(
+                parent_fd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // The name may have been replaced since the fstatat: what was opened is what counts.
         let st = stat_fd(file.as_raw_fd())?;
         let key = (st.st_dev, st.st_ino);
         let mut map = self.inodes.write().map_err(|_| ebadf())?;
@@ -522,9 +535,26 @@ impl PassthroughFs {
         Ok(self.entry(id, st))
     }
 
+    /// Takes one more lookup reference on the node registered for host inode `key`, if any.
+    /// FORGET drops nodes under the write lock, so a node seen here under the read lock is
+    /// still registered when its count goes up.
+    fn take_ref(&self, key: (u64, u64)) -> io::Result<Option<u64>> {
+        let map = self.inodes.read().map_err(|_| ebadf())?;
+        let Some(&id) = map.by_key.get(&key) else {
+            return Ok(None);
+        };
+        Ok(map.by_id.get(&id).map(|node| {
+            node.refs.fetch_add(1, Ordering::Relaxed);
+            id
+        }))
+    }
+
     /// Keeps `file` open while the descriptor budget lasts; past it, keeps a file handle
     /// instead (when running as root on a file system that gives handles).
     fn node_fd(&self, file: File, is_dir: bool) -> io::Result<NodeFd> {
+        if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+            return Ok(NodeFd::Fd(file));
+        }
         let handle = if self.use_handles {
             file_handle(file.as_raw_fd())
         } else {
@@ -534,9 +564,6 @@ impl PassthroughFs {
             Some((_, mount_id)) => self.mount_fd(*mount_id, &file, is_dir)?,
             None => None,
         };
-        if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
-            return Ok(NodeFd::Fd(file));
-        }
         match (handle, mount) {
             (Some((handle, _)), Some(mount)) => {
                 self.fd_budget.fetch_add(1, Ordering::Relaxed);

@@ -711,6 +711,7 @@ impl<F: FileSystem> Server<F> {
         let mut buf = Vec::with_capacity(room);
         let fs = &self.fs;
         let mut lookup_err = None;
+        let mut name_buf = Vec::with_capacity(256);
         fs.readdir(ctx, hdr.nodeid, arg.fh, arg.offset, &mut |e: DirEntry<
             '_,
         >| {
@@ -725,12 +726,13 @@ impl<F: FileSystem> Server<F> {
                 let eo = if is_dot {
                     abi::EntryOut::default()
                 } else {
-                    let Ok(name) =
-                        CStr::from_bytes_until_nul(&[e.name, &[0]].concat()).map(|c| c.to_owned())
-                    else {
+                    name_buf.clear();
+                    name_buf.extend_from_slice(e.name);
+                    name_buf.push(0);
+                    let Ok(name) = CStr::from_bytes_with_nul(&name_buf) else {
                         return true;
                     };
-                    match fs.lookup(ctx, hdr.nodeid, &name) {
+                    match fs.lookup(ctx, hdr.nodeid, name) {
                         Ok(en) => entry_out(&en),
                         Err(err) => {
                             // The entry vanished between listing and lookup: skip it, unless
