@@ -23,16 +23,3 @@ pub mod nat;
 pub mod ports;
 pub mod stack;
 pub mod tcp_nat;
-
-/// Completes a partial checksum (a guest's offloaded TCP/UDP sum): the 16-bit field at
-/// `start + offset` of `frame` holds the pseudo-header's sum, and the final sum covers
-/// `frame[start..]`. Returns false when the offsets point outside the frame.
-pub fn finish_partial_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool {
-    let at = start + offset;
-    if start >= frame.len() || at + 2 > frame.len() {
-        return false;
-    }
-    let sum = !smoltcp::wire::checksum::data(&frame[start..]);
-    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-    true
-}

@@ -58,6 +58,9 @@ pub struct TcpFlow {
     pub want_in: bool,
     /// Whether EPOLLOUT is currently asked for.
     pub want_out: bool,
+    /// Whether the host socket may have data: set by EPOLLIN, cleared when a read finds it
+    /// drained, so a flow that only sends costs no failing read per poll.
+    pub readable: bool,
     /// Whether a published port's client opened it (else the guest did).
     pub inbound: bool,
 }
@@ -135,6 +138,7 @@ impl TcpNat {
                 token,
                 want_in: false,
                 want_out: true,
+                readable: true,
                 inbound: false,
             },
         );
@@ -170,6 +174,7 @@ impl TcpNat {
                 token,
                 want_in: false,
                 want_out: false,
+                readable: true,
                 inbound: true,
             },
         );
