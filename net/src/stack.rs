@@ -821,6 +821,11 @@ impl NetStack {
             self.tcp.remove(&key, &self.epoll);
             return;
         }
+        if *host_eof && *guest_eof {
+            // Nothing more to read or write on the host: only the guest's side is closing.
+            TcpNat::unwatch(flow, &self.epoll);
+            return;
+        }
         let want_in = !*host_eof && socket.can_send();
         if want_in != flow.want_in || want_out != flow.want_out {
             TcpNat::watch(flow, want_in, want_out, &self.epoll);
@@ -1724,6 +1729,62 @@ mod published {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         None
+    }
+
+    #[test]
+    fn a_flow_closed_on_the_host_side_does_not_wake_the_stack_while_the_guest_closes() {
+        let cfg = NetConfig::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let dst = smol(cfg.host_alias());
+        let mut seg = TcpRepr {
+            src_port: 40001,
+            dst_port: port,
+            control: smoltcp::wire::TcpControl::Syn,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 64000,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
+        s.poll();
+        let (_, synack) = next_segment(&mut s).expect("SYN-ACK");
+        let t = TcpPacket::new_checked(&synack[..]).unwrap();
+        assert!(t.syn() && t.ack());
+        let (mut peer, _) = listener.accept().unwrap();
+        // The guest ACKs and closes at once; the host peer sees EOF and closes too.
+        seg.control = smoltcp::wire::TcpControl::Fin;
+        seg.seq_number = TcpSeqNumber(1001);
+        seg.ack_number = Some(t.seq_number() + 1);
+        seg.max_seg_size = None;
+        s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
+        s.poll();
+        let mut b = [0u8; 8];
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(peer.read(&mut b).unwrap(), 0, "the host peer sees EOF");
+        drop(peer);
+        // The stack answers with its FIN; the guest never ACKs it (a slow guest).
+        let end = StdInstant::now() + std::time::Duration::from_secs(2);
+        let mut fin = false;
+        while !fin && StdInstant::now() < end {
+            if let Some((_, f)) = next_segment(&mut s) {
+                fin = TcpPacket::new_checked(&f[..]).unwrap().fin();
+            }
+        }
+        assert!(fin, "the host's close reaches the guest as FIN");
+        assert_eq!(s.stats().tcp_flows, 1, "the flow waits for the guest's ACK");
+        // Both directions of the host socket are closed: it must not wake the stack (its
+        // EPOLLHUP, reported whatever is asked for, spun the net thread at 100% CPU).
+        let mut events = [EpollEvent::default(); 4];
+        assert_eq!(s.epoll.wait(0, &mut events).unwrap(), 0);
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct TcpFlow {
     /// Whether the host socket may have data: set by EPOLLIN, cleared when a read finds it
     /// drained, so a flow that only sends costs no failing read per poll.
     pub readable: bool,
+    /// Whether the host socket is still on the stack's epoll.
+    pub watched: bool,
     /// Whether a published port's client opened it (else the guest did).
     pub inbound: bool,
 }
@@ -139,6 +141,7 @@ impl TcpNat {
                 want_in: false,
                 want_out: true,
                 readable: true,
+                watched: true,
                 inbound: false,
             },
         );
@@ -175,6 +178,7 @@ impl TcpNat {
                 want_in: false,
                 want_out: false,
                 readable: true,
+                watched: true,
                 inbound: true,
             },
         );
@@ -183,6 +187,9 @@ impl TcpNat {
 
     /// Sets which events a flow's host socket wakes the stack for.
     pub fn watch(flow: &mut TcpFlow, want_in: bool, want_out: bool, epoll: &Epoll) {
+        if !flow.watched {
+            return;
+        }
         let mut ev = EventSet::empty();
         if want_in {
             ev |= EventSet::IN;
@@ -199,14 +206,24 @@ impl TcpNat {
         );
     }
 
+    /// Takes a flow's host socket off the epoll for good: both of its directions are closed,
+    /// and a socket in that state reports EPOLLHUP on every wait, whatever it was asked for,
+    /// which would spin the stack until the guest has finished closing its side.
+    pub fn unwatch(flow: &mut TcpFlow, epoll: &Epoll) {
+        if flow.watched {
+            flow.watched = false;
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                flow.host.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
     /// Forgets a flow (its host socket closes).
     pub fn remove(&mut self, key: &TcpKey, epoll: &Epoll) -> Option<TcpFlow> {
-        let f = self.flows.remove(key)?;
-        let _ = epoll.ctl(
-            ControlOperation::Delete,
-            f.host.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        let mut f = self.flows.remove(key)?;
+        Self::unwatch(&mut f, epoll);
         self.by_token.remove(&f.token);
         Some(f)
     }
