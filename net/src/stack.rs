@@ -1404,6 +1404,24 @@ pub(crate) mod hostile_frames {
         buf
     }
 
+    /// A guest SYN from `src_port` to `dst_port`, sequence number 1000, MSS 1460.
+    pub(super) fn guest_syn(src_port: u16, dst_port: u16) -> smoltcp::wire::TcpRepr<'static> {
+        smoltcp::wire::TcpRepr {
+            src_port,
+            dst_port,
+            control: smoltcp::wire::TcpControl::Syn,
+            seq_number: smoltcp::wire::TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 64000,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        }
+    }
+
     /// A TCP segment from the guest to `dst`, as an Ethernet frame.
     pub(super) fn guest_tcp_frame(dst: Ipv4Address, tcp: &smoltcp::wire::TcpRepr) -> Vec<u8> {
         guest_ip_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |b, ip| {
@@ -1669,7 +1687,7 @@ mod no_fake_icmp {
 #[cfg(test)]
 mod tcp_cap {
     use super::*;
-    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
 
     #[test]
     fn past_the_connection_cap_the_guest_gets_rst() {
@@ -1679,20 +1697,7 @@ mod tcp_cap {
         };
         let mut s = NetStack::new(cfg.clone(), None).unwrap();
         s.neighbor_hint();
-        let tcp = TcpRepr {
-            src_port: 40000,
-            dst_port: 80,
-            control: TcpControl::Syn,
-            seq_number: TcpSeqNumber(1000),
-            ack_number: None,
-            window_len: 64000,
-            window_scale: None,
-            max_seg_size: Some(1460),
-            sack_permitted: false,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: &[],
-        };
+        let tcp = hostile_frames::guest_syn(40000, 80);
         let dst = smol(cfg.host_alias());
         let buf = hostile_frames::guest_tcp_frame(dst, &tcp);
         s.receive_frame(&buf);
@@ -1739,20 +1744,7 @@ mod published {
         let mut s = NetStack::new(cfg.clone(), None).unwrap();
         s.neighbor_hint();
         let dst = smol(cfg.host_alias());
-        let mut seg = TcpRepr {
-            src_port: 40001,
-            dst_port: port,
-            control: smoltcp::wire::TcpControl::Syn,
-            seq_number: TcpSeqNumber(1000),
-            ack_number: None,
-            window_len: 64000,
-            window_scale: None,
-            max_seg_size: Some(1460),
-            sack_permitted: false,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: &[],
-        };
+        let mut seg = hostile_frames::guest_syn(40001, port);
         s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
         s.poll();
         let (_, synack) = next_segment(&mut s).expect("SYN-ACK");
