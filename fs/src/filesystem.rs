@@ -109,6 +109,18 @@ pub trait FileSystem: Send + Sync {
         enosys()
     }
 
+    /// Looks up `name` in `parent` for a READDIRPLUS entry; `ino` is the inode number the
+    /// directory listing gave, a hint the file system may use to skip work.
+    fn lookup_listed(
+        &self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        _ino: u64,
+    ) -> io::Result<Entry> {
+        self.lookup(ctx, parent, name)
+    }
+
     /// The kernel dropped `count` references to `inode`.
     fn forget(&self, inode: u64, count: u64) {}
 

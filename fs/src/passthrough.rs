@@ -480,6 +480,18 @@ impl PassthroughFs {
     /// Opens `name` in `parent` as a node and registers it (or takes another reference to the
     /// node already registered for the same host inode).
     fn do_lookup(&self, parent: &Inode, name: &CStr) -> io::Result<Entry> {
+        self.do_lookup_hinted(parent, name, None)
+    }
+
+    /// As [`Self::do_lookup`]; `listed_ino` is the inode number a directory listing gave for
+    /// `name`. When no node is registered for it, the name is most likely new to the guest,
+    /// and the fstatat that would find a registered node is skipped.
+    fn do_lookup_hinted(
+        &self,
+        parent: &Inode,
+        name: &CStr,
+        listed_ino: Option<u64>,
+    ) -> io::Result<Entry> {
         let name_b = name.to_bytes();
         // ".." of the root is the root: the guest never gets above the share.
         if (name_b == b".." || name_b == b".") && parent.key == self.root.key {
@@ -489,10 +501,18 @@ impl PassthroughFs {
         }
         let parent_fd = parent.fd()?;
         // A node the guest already holds needs no descriptor of its own: one fstatat answers
-        // (revalidation after the entry timeout, READDIRPLUS over a listed directory).
-        let st = stat_at(parent_fd.as_raw_fd(), name)?;
-        if let Some(id) = self.take_ref((st.st_dev, st.st_ino))? {
-            return Ok(self.entry(id, st));
+        // (revalidation after the entry timeout, READDIRPLUS over a listed directory). A
+        // mount point lists the inode under it, so a wrong hint only costs the open below,
+        // which checks the key again.
+        let known = match listed_ino {
+            Some(ino) => self.is_registered((parent.key.0, ino))?,
+            None => true,
+        };
+        if known {
+            let st = stat_at(parent_fd.as_raw_fd(), name)?;
+            if let Some(id) = self.take_ref((st.st_dev, st.st_ino))? {
+                return Ok(self.entry(id, st));
+            }
         }
         // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
         // symlink a symlink instead of following it.
@@ -533,6 +553,16 @@ impl PassthroughFs {
         );
         map.by_key.insert(key, id);
         Ok(self.entry(id, st))
+    }
+
+    /// Whether a node is registered for host inode `key`.
+    fn is_registered(&self, key: (u64, u64)) -> io::Result<bool> {
+        Ok(self
+            .inodes
+            .read()
+            .map_err(|_| ebadf())?
+            .by_key
+            .contains_key(&key))
     }
 
     /// Takes one more lookup reference on the node registered for host inode `key`, if any.
@@ -686,6 +716,17 @@ impl FileSystem for PassthroughFs {
     fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         let p = self.inode(parent)?;
         self.do_lookup(&p, name)
+    }
+
+    fn lookup_listed(
+        &self,
+        _ctx: Context,
+        parent: u64,
+        name: &CStr,
+        ino: u64,
+    ) -> io::Result<Entry> {
+        let p = self.inode(parent)?;
+        self.do_lookup_hinted(&p, name, Some(ino))
     }
 
     fn forget(&self, inode: u64, count: u64) {

@@ -732,7 +732,7 @@ impl<F: FileSystem> Server<F> {
                     let Ok(name) = CStr::from_bytes_with_nul(&name_buf) else {
                         return true;
                     };
-                    match fs.lookup(ctx, hdr.nodeid, name) {
+                    match fs.lookup_listed(ctx, hdr.nodeid, name, e.ino) {
                         Ok(en) => entry_out(&en),
                         Err(err) => {
                             // The entry vanished between listing and lookup: skip it, unless
