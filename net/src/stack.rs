@@ -72,8 +72,14 @@ impl RxToken for FrameRx<'_> {
 impl TxToken for FrameTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = self.pool.borrow_mut().pop().unwrap_or_default();
-        frame.clear();
-        frame.resize(len, 0);
+        // smoltcp writes every byte of the frames it emits (headers, option padding, zeroed
+        // checksum fields, payload), so only growth is zeroed, not 64 KiB per segment. What a
+        // pooled buffer held before is this link's own traffic.
+        if frame.len() < len {
+            frame.resize(len, 0);
+        } else {
+            frame.truncate(len);
+        }
         let r = f(&mut frame);
         self.tx.push_back(frame);
         r
