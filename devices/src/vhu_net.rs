@@ -304,12 +304,8 @@ impl VhostUserNetBackend {
                         self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                         return Some(0);
                     }
-                    let mut ok = false;
-                    stack.receive_frame_with(len - NET_HDR_LEN, |buf| {
-                        ok = r.read_exact(buf).is_ok();
-                        ok
-                    });
-                    if !ok {
+                    if !stack.receive_frame_with(len - NET_HDR_LEN, |buf| r.read_exact(buf).is_ok())
+                    {
                         self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                         return Some(0);
                     }

@@ -128,6 +128,17 @@ struct InodeMap {
     by_key: HashMap<(u64, u64), u64>,
 }
 
+impl InodeMap {
+    /// Takes one more lookup reference on the node registered for host inode `key`, if any.
+    /// FORGET drops nodes under the write lock, so holding either lock is enough.
+    fn take_ref(&self, key: (u64, u64)) -> Option<u64> {
+        let id = *self.by_key.get(&key)?;
+        let node = self.by_id.get(&id)?;
+        node.refs.fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
+}
+
 /// An open file or directory.
 struct Handle {
     file: File,
@@ -180,28 +191,20 @@ fn erofs() -> io::Error {
 }
 
 fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
-    // SAFETY: stat64 is plain old data; all-zero is a valid value.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is valid for the call, the empty path is NUL-terminated, and `st` is a
-    // valid destination of the right type.
-    cvt(unsafe {
-        libc::fstatat64(
-            fd,
-            c"".as_ptr(),
-            &mut st,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
+    fstatat(fd, c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
 }
 
 /// lstat of `name` in the directory `dir`.
 fn stat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat64> {
+    fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW)
+}
+
+fn fstatat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat64> {
     // SAFETY: stat64 is plain old data; all-zero is a valid value.
     let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is valid for the call, `name` is NUL-terminated, and `st` is a valid
     // destination of the right type.
-    cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), &mut st, flags) })?;
     Ok(st)
 }
 
@@ -510,7 +513,8 @@ impl PassthroughFs {
         };
         if known {
             let st = stat_at(parent_fd.as_raw_fd(), name)?;
-            if let Some(id) = self.take_ref((st.st_dev, st.st_ino))? {
+            let map = self.inodes.read().map_err(|_| ebadf())?;
+            if let Some(id) = map.take_ref((st.st_dev, st.st_ino)) {
                 return Ok(self.entry(id, st));
             }
         }
@@ -529,11 +533,8 @@ impl PassthroughFs {
         let st = stat_fd(file.as_raw_fd())?;
         let key = (st.st_dev, st.st_ino);
         let mut map = self.inodes.write().map_err(|_| ebadf())?;
-        if let Some(&id) = map.by_key.get(&key) {
-            if let Some(node) = map.by_id.get(&id) {
-                node.refs.fetch_add(1, Ordering::Relaxed);
-                return Ok(self.entry(id, st));
-            }
+        if let Some(id) = map.take_ref(key) {
+            return Ok(self.entry(id, st));
         }
         if map.by_id.len() >= MAX_NODES {
             log::warn!(
@@ -563,20 +564,6 @@ impl PassthroughFs {
             .map_err(|_| ebadf())?
             .by_key
             .contains_key(&key))
-    }
-
-    /// Takes one more lookup reference on the node registered for host inode `key`, if any.
-    /// FORGET drops nodes under the write lock, so a node seen here under the read lock is
-    /// still registered when its count goes up.
-    fn take_ref(&self, key: (u64, u64)) -> io::Result<Option<u64>> {
-        let map = self.inodes.read().map_err(|_| ebadf())?;
-        let Some(&id) = map.by_key.get(&key) else {
-            return Ok(None);
-        };
-        Ok(map.by_id.get(&id).map(|node| {
-            node.refs.fetch_add(1, Ordering::Relaxed);
-            id
-        }))
     }
 
     /// Keeps `file` open while the descriptor budget lasts; past it, keeps a file handle

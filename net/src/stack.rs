@@ -1039,11 +1039,12 @@ impl NetStack {
     }
 
     /// Takes one Ethernet frame of `len` bytes from the guest, which `fill` writes straight
-    /// into the stack's buffer (no copy in between); `fill` returns false when it could not.
-    pub fn receive_frame_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) {
+    /// into the stack's buffer (no copy in between). `fill` returns false when it could not,
+    /// and so does this; a frame dropped because the queue is full counts as taken.
+    pub fn receive_frame_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
         if self.device.rx.len() >= QUEUE_FRAMES {
             self.stats.dropped_in += 1;
-            return;
+            return true;
         }
         let mut b = self.device.pool.borrow_mut().pop().unwrap_or_default();
         // `fill` writes every byte: only growth is zeroed, not each frame.
@@ -1054,15 +1055,16 @@ impl NetStack {
         }
         if !fill(&mut b) {
             recycle(&self.device.pool, b);
-            return;
+            return false;
         }
         self.stats.frames_in += 1;
         if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) {
             recycle(&self.device.pool, b);
-            return;
+            return true;
         }
         self.open_nat_flow(&b);
         self.device.rx.push_back(b);
+        true
     }
 
     /// Runs the stack: handles the frames taken, answers what needs answering.
