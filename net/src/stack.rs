@@ -242,9 +242,10 @@ fn udp_socket(port: u16) -> udp::Socket<'static> {
     socket
 }
 
-/// A UDP socket with room for datagrams up to 65507 bytes, for NAT flows.
-fn udp_socket_big() -> udp::Socket<'static> {
-    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 160 * 1024]);
+/// The stack socket NAT replies leave from: room for datagrams up to 65507 bytes toward the
+/// guest, and none the other way (guest datagrams to NAT flows go straight to host sockets).
+fn udp_reply_socket() -> udp::Socket<'static> {
+    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 1], vec![0; 0]);
     let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 160 * 1024]);
     udp::Socket::new(rx, tx)
 }
@@ -263,13 +264,9 @@ fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8])> {
     Some((ip, payload))
 }
 
-/// The flow of a guest UDP datagram to an IPv4 destination, if `frame` is one (the IPv4
-/// header's checksum checked; the UDP one is not, see `FrameQueue::capabilities`).
-fn parse_udp(frame: &[u8]) -> Option<(FlowKey, usize)> {
-    parse_udp_payload(frame).map(|(k, p)| (k, p.len()))
-}
-
-/// As [`parse_udp`], with the datagram's payload.
+/// The flow of a guest UDP datagram to an IPv4 destination, and its payload, if `frame` is
+/// one (the IPv4 header's checksum checked; the UDP one is not, see
+/// `FrameQueue::capabilities`).
 fn parse_udp_payload(frame: &[u8]) -> Option<(FlowKey, &[u8])> {
     use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
     let (ip, payload) = parse_ipv4(frame)?;
@@ -602,28 +599,37 @@ impl NetStack {
         self.epoll.as_raw_fd()
     }
 
-    /// Before the stack sees a guest frame: a UDP datagram to the outside opens its NAT flow
-    /// (and the stack socket that takes it), so the stack has somewhere to deliver it.
-    fn open_nat_flow(&mut self, frame: &[u8]) {
-        let Some((key, _)) = parse_udp(frame) else {
-            return;
+    /// A guest UDP datagram to the outside (or the host alias): sent at once on its flow's host
+    /// socket, opened on the flow's first datagram together with the stack socket its replies
+    /// leave from. It never waits in a stack socket, so a burst cannot overflow one. Returns
+    /// whether it took the frame.
+    fn nat_udp_out(&mut self, frame: &[u8]) -> bool {
+        let Some((key, payload)) = parse_udp_payload(frame) else {
+            return false;
         };
         let gw = self.cfg.gateway();
         if *key.dst.ip() == gw || key.dst.ip().is_broadcast() || key.dst.ip().is_multicast() {
-            return;
+            return false;
         }
         if !self.nat_sockets.contains_key(&key.dst) {
-            let mut s = udp_socket_big();
+            let mut s = udp_reply_socket();
             let ep = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
             if s.bind(ep).is_err() {
-                return;
+                return true;
             }
             let h = self.sockets.add(s);
             self.nat_sockets.insert(key.dst, h);
         }
-        if let Err(e) = self.nat.flow(key, &self.epoll) {
-            log::debug!("nat: cannot open a host socket for {}: {e}", key.dst);
+        match self.nat.flow(key, &self.epoll) {
+            Ok(flow) => {
+                // UDP may drop: a full host socket buffer loses the datagram, as a router
+                // would.
+                let _ = flow.socket.send(payload);
+                flow.last = StdInstant::now();
+            }
+            Err(e) => log::debug!("nat: cannot open a host socket for {}: {e}", key.dst),
         }
+        true
     }
 
     /// A guest SYN to an outside address: held while ferry connects on the host. Returns
@@ -890,31 +896,6 @@ impl NetStack {
         }
     }
 
-    /// Moves datagrams the guest sent through the NAT to their host sockets.
-    fn nat_out(&mut self) {
-        if self.nat_sockets.is_empty() {
-            return;
-        }
-        let mut buf = std::mem::take(&mut self.host_buf);
-        buf.resize(65536, 0);
-        for (dst, h) in &self.nat_sockets {
-            let socket = self.sockets.get_mut::<udp::Socket>(*h);
-            while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
-                let key = FlowKey {
-                    guest_port: meta.endpoint.port,
-                    dst: *dst,
-                };
-                if let Some(flow) = self.nat.get_mut(&key) {
-                    // UDP may drop: a full host socket buffer loses the datagram, as a
-                    // router would.
-                    let _ = flow.socket.send(&buf[..n]);
-                    flow.last = StdInstant::now();
-                }
-            }
-        }
-        self.host_buf = buf;
-    }
-
     /// Reads what host sockets received and hands it to the guest.
     pub fn handle_host_events(&mut self) {
         let mut events = [EpollEvent::default(); 64];
@@ -1058,11 +1039,11 @@ impl NetStack {
             return false;
         }
         self.stats.frames_in += 1;
-        if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) {
+        if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) || self.nat_udp_out(&b)
+        {
             recycle(&self.device.pool, b);
             return true;
         }
-        self.open_nat_flow(&b);
         self.device.rx.push_back(b);
         true
     }
@@ -1073,7 +1054,6 @@ impl NetStack {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dhcp();
         self.serve_dns();
-        self.nat_out();
         self.pump_all();
         self.iface
             .poll(self.now(), &mut self.device, &mut self.sockets);
@@ -1656,6 +1636,36 @@ mod nat_tests {
             (src, sport, data.as_slice()),
             (smol(cfg.host_alias()), port, &b"pong!"[..])
         );
+    }
+}
+
+#[cfg(test)]
+mod udp_burst {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_guest_datagrams_taken_in_one_poll_all_reach_the_host() {
+        let cfg = NetConfig::default();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sink.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        // More datagrams than any stack socket holds, all taken before the stack runs, as
+        // from one drain of the TX queue.
+        for i in 0..100u8 {
+            let f = hostile_frames::udp_frame_pub(smol(cfg.host_alias()), port, &[i; 32]);
+            s.receive_frame(&f);
+        }
+        s.poll();
+        sink.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        for i in 0..100u8 {
+            let n = sink
+                .recv(&mut buf)
+                .expect("every datagram reached the host");
+            assert_eq!(&buf[..n], &[i; 32], "in order");
+        }
     }
 }
 

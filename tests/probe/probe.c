@@ -132,6 +132,26 @@ int main(int argc, char **argv) {
 		ssize_t n = recv(s, in, 65536, 0);
 		if (n < 0) return fail();
 		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
+	} else if (!strcmp(cmd, "udpburst") && argc == 5) {
+		/* udpburst ADDR PORT COUNT: send COUNT 64-byte datagrams back to back to an echo
+		 * server, then collect echoes until 3 s pass without one; print "GOT of COUNT". */
+		int count = atoi(argv[4]), got = 0;
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		if (s < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		if (connect(s, (struct sockaddr *)&a, sizeof a)) return fail();
+		/* Room for every echo before the first is read (the guest runs as root). */
+		int rcv = 8 << 20;
+		if (setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv)) return fail();
+		unsigned char buf[64];
+		for (int i = 0; i < count; i++) {
+			memset(buf, i & 0xff, sizeof buf);
+			if (send(s, buf, sizeof buf, 0) < 0) return fail();
+		}
+		struct pollfd pf = { .fd = s, .events = POLLIN };
+		while (got < count && poll(&pf, 1, 3000) == 1)
+			if (recv(s, buf, sizeof buf, 0) == (ssize_t)sizeof buf) got++;
+		printf("%d of %d\n", got, count);
 	} else if (!strcmp(cmd, "dnstcp") && argc == 4) {
 		/* dnstcp SERVER NAME: an A query over TCP; prints the first address, or rcode:N. */
 		unsigned char q[512], r[4096];

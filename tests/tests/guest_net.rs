@@ -166,6 +166,9 @@ P=/mnt/tools/probe
 check udp-echo-remote "$($P udp {remote} 7777 100)" "100 SAME"
 check udp-echo-host-alias "$($P udp 192.168.127.254 7778 100)" "100 SAME"
 check udp-large-datagram "$($P udp {remote} 7777 65000)" "65000 SAME"
+# A burst with no pause between datagrams: the device polls the TX queue instead of waiting
+# for kicks, and the last datagrams must not wait for a kick that never comes.
+check udp-burst-host-alias "$($P udpburst 192.168.127.254 7778 200)" "200 of 200"
 check dns-upstream-name "$(nslookup remote.test 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" {remote}
 nslookup missing.test > /tmp/ns 2>&1
 check dns-upstream-nxdomain "$(grep -q NXDOMAIN /tmp/ns && echo 1)" 1
@@ -261,7 +264,7 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() == 16,
+        failed.is_empty() && out.checks.len() == 17,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 40),
