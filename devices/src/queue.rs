@@ -21,6 +21,21 @@ pub(crate) fn drain_queue<F>(
     vring: &Vring,
     mem: &GuestMemoryAtomic,
     event_idx: bool,
+    handle: F,
+) -> std::io::Result<usize>
+where
+    F: FnMut(Chain) -> Option<u32>,
+{
+    drain_queue_then(vring, mem, event_idx, true, handle)
+}
+
+/// [`drain_queue`], but with `notify_after` false the guest's notifications stay off once the
+/// queue is empty (when anything was used): the caller polls the queue again later.
+pub(crate) fn drain_queue_then<F>(
+    vring: &Vring,
+    mem: &GuestMemoryAtomic,
+    event_idx: bool,
+    notify_after: bool,
     mut handle: F,
 ) -> std::io::Result<usize>
 where
@@ -31,7 +46,7 @@ where
     let mut state = vring.get_mut();
     loop {
         let queue = state.get_queue_mut();
-        if event_idx {
+        if event_idx || !notify_after {
             queue
                 .disable_notification(&*mem)
                 .map_err(std::io::Error::other)?;
@@ -47,10 +62,13 @@ where
                 used += 1;
             }
         }
-        if !event_idx
-            || !queue
-                .enable_notification(&*mem)
-                .map_err(std::io::Error::other)?
+        if !notify_after && used > 0 {
+            break;
+        }
+        // Without EVENT_IDX this clears the no-notify flag an earlier poll may have left set.
+        if !queue
+            .enable_notification(&*mem)
+            .map_err(std::io::Error::other)?
         {
             break;
         }
