@@ -6,7 +6,9 @@ FS:  Ferry vs virtiofsd (same cache policy, cache=auto), with the host's own fil
      ceiling.
 
 Every backend runs the same guest image under the same QEMU with the same settings. Runs are
-interleaved (A B C A B C ...), ROUNDS of each, and the median is reported. Everything runs in a
+interleaved, ROUNDS of each, and the median is reported. Each round starts the order one
+backend later (A B C, B C A, C A B, ...), so no backend always runs first or after the same
+neighbour, and the host's dirty pages are written back before each file-system run. Everything runs in a
 network namespace made here (loopback plus a dummy link that goes nowhere): the iperf3 and echo
 servers are on its loopback, so no packet leaves the machine.
 
@@ -440,6 +442,8 @@ rm -rf $D/tree
 
     def run_fs(self, kind):
         d = self.fs_dir(kind)
+        # The run before this one left dirty pages; their writeback belongs to it, not here.
+        os.sync()
         if kind == "native":
             r = subprocess.run(["sh", "-c", "D=%s; S=%d; T=%s; N=%d; P=%s\n%s" % (
                 d, self.size_mib, self.fio_time, self.files, self.probe, self.FS_STEPS)],
@@ -555,7 +559,7 @@ rm -rf $D/tree
         L = []
         L.append("# Ferry benchmark, %s%s\n" % (started.strftime("%Y-%m-%d %H:%M UTC"),
                                                 " (quick mode: small sizes, smoke check only)" if self.quick else ""))
-        L.append("`make bench%s` on %s; %d interleaved rounds per backend, medians. "
+        L.append("`make bench%s` on %s; %d interleaved rounds per backend (the order rotates each round), medians. "
                  "Guest: the tiny guest (2 vCPUs, %d MiB) under QEMU %s with accel=%s. "
                  "Ratios are Ferry/anchor with higher = Ferry better (for times and latency the "
                  "inverse is taken). Benchmarks are not tests: nothing here is asserted.\n"
@@ -659,6 +663,14 @@ plot '%s' using 2:xtic(1) title 'net: vs QEMU user net / fs: vs virtiofsd', '' u
         os.unlink(dat)
 
 
+def rotated(kinds, r):
+    """The order of round r: each round starts one backend later than the one before."""
+    if not kinds:
+        return kinds
+    r %= len(kinds)
+    return kinds[r:] + kinds[:r]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, short runs (under 5 minutes)")
@@ -682,10 +694,10 @@ def main():
         b.setup()
         b.tar = b.make_tree_tar()
         for r in range(args.rounds):
-            for k in net_kinds:
+            for k in rotated(net_kinds, r):
                 log("bench: round %d/%d net %s (%.0f s so far)" % (r + 1, args.rounds, k, time.time() - t0))
                 b.run_net(k)
-            for k in fs_kinds:
+            for k in rotated(fs_kinds, r):
                 log("bench: round %d/%d fs %s (%.0f s so far)" % (r + 1, args.rounds, k, time.time() - t0))
                 b.run_fs(k)
         idle = b.idle_rss()
