@@ -229,7 +229,9 @@ L=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.iperf=' | cut -d= -f2)
 case $L in t*) A="-t ${L#t}";; *) A="-n ${L#n}";; esac
 echo BENCH-AT bulk-start
 echo "BENCH g2h $(iperf3 -c $H -p 5201 $A -f m 2>&1 | grep receiver | tail -1)"
+echo BENCH-AT g2h-done
 echo "BENCH h2g $(iperf3 -c $H -p 5201 $A -f m -R 2>&1 | grep receiver | tail -1)"
+echo BENCH-AT h2g-done
 echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 $A -f m 2>&1 | grep receiver | tail -1)"
 echo BENCH-AT bulk-end
 echo "BENCH $(/tmp/probe rr $H 7007 $T)"
@@ -314,8 +316,14 @@ wait
         qproc = Proc(pid_of("opt/ferry/run,file=%s/net-%s.sh" % (self.w, kind)) or qemu.pid)
         if kind == "slirp":
             proc, cpu0 = qproc, qproc.cpu()
-        marks = self.cpu_at_marks(console, qemu, proc, ("BENCH-AT bulk-start", "BENCH-AT bulk-end"))
-        bulk_cpu = marks.get("BENCH-AT bulk-end", 0.0) - marks.get("BENCH-AT bulk-start", 0.0)
+        steps = ("bulk-start", "g2h-done", "h2g-done", "bulk-end")
+        marks = self.cpu_at_marks(console, qemu, proc, ["BENCH-AT " + m for m in steps])
+        at = {m: marks.get("BENCH-AT " + m) for m in steps}
+        bulk_cpu = (at["bulk-end"] or 0.0) - (at["bulk-start"] or 0.0)
+        # The backend's CPU during each transfer: the marks the guest prints around them.
+        xfer_cpu = {metric: at[b] - at[a] for metric, a, b in (
+            ("g2h", "bulk-start", "g2h-done"), ("h2g", "g2h-done", "h2g-done"),
+            ("udp", "h2g-done", "bulk-end")) if at[a] is not None and at[b] is not None}
         text = self.wait_console(console, "BENCH-PUBLISH-READY", qemu)
         moved_mib = 0.0
         lines = dict(l.split(" ", 2)[1:3] for l in text.splitlines()
@@ -324,6 +332,8 @@ wait
             rate, size = self.iperf_line(lines.get(metric))
             self.record("net", metric, kind, rate)
             moved_mib += size
+            if size > 0 and metric in xfer_cpu:
+                self.record("cpu", metric, kind, xfer_cpu[metric] / (size / 1024))
         rr = lines.get("rr", "").split()
         self.record("net", "rr", kind, float(rr[1]) if len(rr) == 2 else None)
         crr = lines.get("crr", "").split()
@@ -331,6 +341,7 @@ wait
         # Through the published port: host client -> guest iperf3 server, then reversed.
         pub_cpu0 = proc.cpu() if proc else 0.0
         for metric, extra in (("pub_h2g", []), ("pub_g2h", ["-R"])):
+            xfer0 = proc.cpu() if proc else 0.0
             out = ""
             for _ in range(20):
                 amount = ["-t", self.iperf[1:]] if self.iperf[0] == "t" else ["-n", self.iperf[1:]]
@@ -345,6 +356,8 @@ wait
             rate, size = self.iperf_line(line[-1] if line else None)
             self.record("net", metric, kind, rate)
             moved_mib += size
+            if size > 0 and proc:
+                self.record("cpu", metric, kind, (proc.cpu() - xfer0) / (size / 1024))
         cpu = (proc.cpu() - cpu0) if proc else 0.0
         bulk_cpu += (proc.cpu() - pub_cpu0) if proc else 0.0
         peak = proc.peak_rss_mib() if proc else 0.0
@@ -617,6 +630,21 @@ rm -rf $D/tree
                     self.fmt(peak) if peak else "n/a"))
         L.append("| idle `ferry serve` (net + one share, nothing attached) | | | %.1f |" % idle_rss)
         L.append("")
+        if "ferry" in net_kinds and "passt" in net_kinds:
+            L.append("The bulk figure by transfer (CPU s per GiB; each transfer moves a different "
+                     "share of the bytes, and small datagrams cost more per byte than 64 KiB "
+                     "segments, so the totals above depend on the mix). The ratio is passt's "
+                     "CPU over Ferry's: higher = Ferry cheaper.\n")
+            L.append("| transfer | Ferry | passt | Ferry/passt |")
+            L.append("|---|---|---|---|")
+            for metric, label, _ in self.NET_ROWS:
+                a, b = self.med("cpu", metric, "ferry"), self.med("cpu", metric, "passt")
+                if a is None and b is None:
+                    continue
+                L.append("| %s | %s | %s | %s |" % (
+                    label.rsplit(",", 1)[0], self.fmt(a), self.fmt(b),
+                    "%.2fx" % (b / a) if a and b else "(too short to time)"))
+            L.append("")
         L.append("Raw values per round: `%s`.\n" % os.path.basename(md[:-3] + ".json"))
         text = "\n".join(L) + "\n"
         with open(md, "w") as f:
