@@ -276,7 +276,12 @@ impl VhostUserNetBackend {
             .at
             .is_some_and(|t| t <= std::time::Instant::now())
         {
-            return self.process_tx(vrings, false);
+            // A ring the frontend has disabled is not ours to read (the vhost-user spec); its
+            // kicks, once it is enabled again, restart the coalescing.
+            if vrings[TX_QUEUE as usize].get_ref().is_enabled() {
+                return self.process_tx(vrings, false);
+            }
+            self.tx_poll().at = None;
         }
         self.with_stack(vrings, |stack, _| {
             stack.poll();
@@ -407,6 +412,10 @@ impl VhostUserNetBackend {
     ) -> io::Result<usize> {
         let mem = mem.memory();
         let mut state = vring.get_mut();
+        if !state.is_enabled() {
+            // Frames wait until the frontend enables the ring (its kick delivers them).
+            return Ok(0);
+        }
         let queue = state.get_queue_mut();
         let mut used = 0usize;
         let mut retries = 0;
@@ -630,6 +639,7 @@ mod tx_tests {
             .unwrap();
         v.set_queue_size(16);
         v.set_queue_ready(true);
+        v.set_enabled(true);
         v
     }
 
@@ -764,6 +774,20 @@ mod coalesce_tests {
 
         // The guest asks who the gateway is, without kicking; the poll takes the request and
         // the answer goes to the guest, which may be waiting on it: kicks come back on.
+        queue_arp_request(&m, &tx_q, &cfg, 2);
+        std::thread::sleep(TX_COALESCE);
+        b.process_timer(&vrings).unwrap();
+        assert_eq!(
+            b.stats().rx_frames.load(Ordering::Relaxed),
+            1,
+            "the ARP reply"
+        );
+        assert!(!kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_none());
+    }
+
+    /// Queues, as descriptor `i`, the guest's ARP request for the gateway.
+    fn queue_arp_request(m: &Mem, tx_q: &MockSplitQueue<'_, Mem>, cfg: &NetConfig, i: u16) {
         let mut arp = vec![0u8; NET_HDR_LEN];
         arp.extend_from_slice(&[0xff; 6]);
         arp.extend_from_slice(&cfg.guest_mac);
@@ -773,17 +797,41 @@ mod coalesce_tests {
         arp.extend_from_slice(&[0; 6]);
         arp.extend_from_slice(&cfg.gateway().octets());
         arp.resize(NET_HDR_LEN + 60, 0);
-        m.write_slice(&arp, GuestAddress(0x18_0000)).unwrap();
-        let d = SplitDescriptor::new(0x18_0000, arp.len() as u32, 0, 0);
-        tx_q.add_desc_chains(&[RawDescriptor::from(d)], 2).unwrap();
+        let at = 0x18_0000 + u64::from(i) * 0x1000;
+        m.write_slice(&arp, GuestAddress(at)).unwrap();
+        let d = SplitDescriptor::new(at, arp.len() as u32, 0, 0);
+        tx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+    }
+
+    #[test]
+    fn a_disabled_ring_is_left_alone_until_the_frontend_enables_it() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        // The RX ring is disabled (SET_VRING_ENABLE 0): the ARP reply waits in the stack.
+        vrings[0].set_enabled(false);
+        queue_arp_request(&m, &tx_q, &cfg, 0);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(b.stats().rx_frames.load(Ordering::Relaxed), 0);
+        assert_eq!(vrings[0].queue_used_idx().unwrap(), 0);
+        // Enabled again: the library calls the RX handler, which delivers it.
+        vrings[0].set_enabled(true);
+        b.process_rx(&vrings).unwrap();
+        assert_eq!(b.stats().rx_frames.load(Ordering::Relaxed), 1);
+
+        // A TX poll falls due while the TX ring is disabled: the ring is not read, and the
+        // poll is dropped.
+        queue_frame(&tx_q, 1);
+        b.process_tx(&vrings, true).unwrap();
+        queue_frame(&tx_q, 2);
+        b.process_tx(&vrings, true).unwrap();
+        assert!(b.tx_poll().at.is_some(), "streaming");
+        vrings[1].set_enabled(false);
+        queue_frame(&tx_q, 3);
         std::thread::sleep(TX_COALESCE);
         b.process_timer(&vrings).unwrap();
-        assert_eq!(
-            b.stats().rx_frames.load(Ordering::Relaxed),
-            1,
-            "the ARP reply"
-        );
-        assert!(!kicks_off(&m, &tx_q));
+        assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 3);
         assert!(b.tx_poll().at.is_none());
     }
 }
