@@ -32,32 +32,73 @@ const QUEUE_FRAMES: usize = 1024;
 /// Frame buffers kept for reuse at most.
 const POOL_FRAMES: usize = 512;
 
+/// One frame, in a buffer from the pool. The buffer keeps the longest length it has had,
+/// initialised, and the frame is its first `len` bytes: a buffer that held a 54-byte ACK and
+/// then takes a 64 KiB segment zeroes nothing, where a truncated `Vec` would zero 64 KiB.
+#[derive(Debug, Default)]
+pub struct Frame {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Frame {
+    /// A `len`-byte frame in a buffer from `pool`. Its bytes are whatever the buffer held
+    /// (this link's own earlier frames), or zeros where it grows: the caller writes them all.
+    fn take(pool: &RefCell<Vec<Vec<u8>>>, len: usize) -> Frame {
+        let mut buf = pool.borrow_mut().pop().unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Frame { buf, len }
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(buf: Vec<u8>) -> Self {
+        let len = buf.len();
+        Frame { buf, len }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Frame {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
 /// Frames between the guest and the stack. Buffers go back to a pool once used, so steady
 /// traffic allocates nothing per frame.
 struct FrameQueue {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
+    rx: VecDeque<Frame>,
+    tx: VecDeque<Frame>,
     pool: RefCell<Vec<Vec<u8>>>,
     mtu: usize,
     /// The guest takes TCP/UDP frames without checksums (the device marks them valid).
     csum_offload: bool,
 }
 
-/// Puts `b` back in `pool` (unless the pool is full).
-fn recycle(pool: &RefCell<Vec<Vec<u8>>>, b: Vec<u8>) {
+/// Puts `f`'s buffer back in `pool` (unless the pool is full).
+fn recycle(pool: &RefCell<Vec<Vec<u8>>>, f: Frame) {
     let mut p = pool.borrow_mut();
     if p.len() < POOL_FRAMES {
-        p.push(b);
+        p.push(f.buf);
     }
 }
 
 struct FrameRx<'a> {
-    frame: Vec<u8>,
+    frame: Frame,
     pool: &'a RefCell<Vec<Vec<u8>>>,
 }
 
 struct FrameTx<'a> {
-    tx: &'a mut VecDeque<Vec<u8>>,
+    tx: &'a mut VecDeque<Frame>,
     pool: &'a RefCell<Vec<Vec<u8>>>,
 }
 
@@ -71,15 +112,9 @@ impl RxToken for FrameRx<'_> {
 
 impl TxToken for FrameTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = self.pool.borrow_mut().pop().unwrap_or_default();
         // smoltcp writes every byte of the frames it emits (headers, option padding, zeroed
-        // checksum fields, payload), so only growth is zeroed, not 64 KiB per segment. What a
-        // pooled buffer held before is this link's own traffic.
-        if frame.len() < len {
-            frame.resize(len, 0);
-        } else {
-            frame.truncate(len);
-        }
+        // checksum fields, payload), so the buffer is not zeroed for it.
+        let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
         self.tx.push_back(frame);
         r
@@ -582,9 +617,7 @@ impl NetStack {
             dst_addr: EthernetAddress(self.cfg.guest_mac),
             ethertype: EthernetProtocol::Ipv4,
         };
-        let mut frame = self.device.pool.borrow_mut().pop().unwrap_or_default();
-        frame.clear();
-        frame.resize(eth.buffer_len() + ip.buffer_len() + len, 0);
+        let mut frame = Frame::take(&self.device.pool, eth.buffer_len() + ip.buffer_len() + len);
         let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.emit(&mut f);
         let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
@@ -692,7 +725,7 @@ impl NetStack {
                 log::debug!("nat: tcp connect to {} failed: errno {err}", key.dst);
                 self.stats.tcp_refused += 1;
                 self.tcp.remove(&key, &self.epoll);
-                self.device.rx.push_back(syn);
+                self.device.rx.push_back(syn.into());
                 return;
             }
             let mut socket = tcp::Socket::new(
@@ -706,7 +739,7 @@ impl NetStack {
             };
             if socket.listen(ep).is_err() {
                 self.tcp.remove(&key, &self.epoll);
-                self.device.rx.push_back(syn);
+                self.device.rx.push_back(syn.into());
                 return;
             }
             let handle = self.sockets.add(socket);
@@ -716,7 +749,7 @@ impl NetStack {
                 guest_eof: false,
             };
             TcpNat::watch(flow, true, false, &self.epoll);
-            self.device.rx.push_back(syn);
+            self.device.rx.push_back(syn.into());
             return;
         }
         self.pump(key);
@@ -1027,13 +1060,8 @@ impl NetStack {
             self.stats.dropped_in += 1;
             return true;
         }
-        let mut b = self.device.pool.borrow_mut().pop().unwrap_or_default();
-        // `fill` writes every byte: only growth is zeroed, not each frame.
-        if b.len() < len {
-            b.resize(len, 0);
-        } else {
-            b.truncate(len);
-        }
+        // `fill` writes every byte: the buffer is not zeroed for it.
+        let mut b = Frame::take(&self.device.pool, len);
         if !fill(&mut b) {
             recycle(&self.device.pool, b);
             return false;
@@ -1134,17 +1162,17 @@ impl NetStack {
     }
 
     /// The next frame for the guest, if any.
-    pub fn pop_frame(&mut self) -> Option<Vec<u8>> {
+    pub fn pop_frame(&mut self) -> Option<Frame> {
         self.device.tx.pop_front()
     }
 
     /// Returns a frame's buffer (from [`pop_frame`](Self::pop_frame)) for reuse.
-    pub fn recycle_frame(&mut self, frame: Vec<u8>) {
+    pub fn recycle_frame(&mut self, frame: Frame) {
         recycle(&self.device.pool, frame);
     }
 
     /// Puts back a frame the guest had no room for; it goes first next time.
-    pub fn unpop_frame(&mut self, frame: Vec<u8>) {
+    pub fn unpop_frame(&mut self, frame: Frame) {
         self.device.tx.push_front(frame);
     }
 
@@ -1251,6 +1279,23 @@ mod tests {
             ethertype: proto,
         };
         (vec![0u8; repr.buffer_len() + payload_len], repr)
+    }
+
+    #[test]
+    fn a_pooled_buffer_keeps_its_length_across_small_frames() {
+        let pool = RefCell::new(Vec::new());
+        let mut big = Frame::take(&pool, 1000);
+        big.fill(7);
+        recycle(&pool, big);
+        let small = Frame::take(&pool, 54);
+        assert_eq!(small.len(), 54);
+        recycle(&pool, small);
+        // The same buffer, taken for a large frame again: nothing was truncated or zeroed.
+        let again = Frame::take(&pool, 1000);
+        assert_eq!(again.len(), 1000);
+        assert!(again.iter().all(|&b| b == 7));
+        let grown = Frame::take(&pool, 1200);
+        assert_eq!(grown.len(), 1200);
     }
 
     #[test]
@@ -1463,7 +1508,7 @@ pub(crate) mod hostile_frames {
                 let f = EthernetFrame::new_checked(&frame[..]).unwrap();
                 if f.ethertype() == EthernetProtocol::Arp {
                     // Answer the ARP so the DNS reply can go out.
-                    let mut reply = frame.clone();
+                    let mut reply = frame.to_vec();
                     let mut rf = EthernetFrame::new_unchecked(&mut reply[..]);
                     let req = smoltcp::wire::ArpRepr::parse(
                         &smoltcp::wire::ArpPacket::new_checked(f.payload()).unwrap(),
