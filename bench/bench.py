@@ -67,14 +67,18 @@ def virtiofsd_bin():
 
 
 class Proc:
-    """A backend process whose CPU time and peak RSS are read from /proc."""
+    """A backend process whose CPU time and peak RSS are read from /proc. With `main_thread`,
+    only the process's main thread is counted: QEMU's main loop, where QEMU's own network
+    backends run and where it copies frames between guest memory and a `-netdev stream`
+    socket, apart from its vCPU threads."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, main_thread=False):
         self.pid = pid
+        self.stat = "/proc/%d/task/%d/stat" % (pid, pid) if main_thread else "/proc/%d/stat" % pid
 
     def cpu(self):
         try:
-            with open("/proc/%d/stat" % self.pid) as f:
+            with open(self.stat) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except OSError:
@@ -188,9 +192,9 @@ class Bench:
         return p, console
 
     @staticmethod
-    def cpu_at_marks(console, qemu, proc, marks, secs=600):
-        """Follows the console until the last of `marks` appears, reading the backend's CPU
-        time as each appears (within 20 ms); returns {mark: cpu seconds}."""
+    def cpu_at_marks(console, qemu, meter, marks, secs=600):
+        """Follows the console until the last of `marks` appears, calling `meter` (which reads
+        CPU times) as each appears (within 20 ms); returns {mark: what meter returned}."""
         seen = {}
         end = time.time() + secs
         while time.time() < end and len(seen) < len(marks):
@@ -198,7 +202,7 @@ class Bench:
                 text = f.read()
             for m in marks:
                 if m not in seen and m in text:
-                    seen[m] = proc.cpu() if proc else 0.0
+                    seen[m] = meter()
             if qemu.poll() is not None:
                 break
             time.sleep(0.02)
@@ -309,39 +313,53 @@ wait
 
     def run_net(self, kind):
         dev, host, proc, stop = self.net_backend(kind)
-        cpu0 = proc.cpu() if proc else 0.0
         qemu, console = self.qemu("net-%s" % kind, self.NET_GUEST,
                                   "bench.host=%s bench.secs=%s bench.iperf=%s"
                                   % (host, self.rr_secs, self.iperf), dev)
-        qproc = Proc(pid_of("opt/ferry/run,file=%s/net-%s.sh" % (self.w, kind)) or qemu.pid)
+        qpid = pid_of("opt/ferry/run,file=%s/net-%s.sh" % (self.w, kind)) or qemu.pid
         if kind == "slirp":
-            proc, cpu0 = qproc, qproc.cpu()
+            proc = Proc(qpid)
+        # Two meters: the backend process alone, and the device's whole host-side cost, which
+        # adds QEMU's main loop (passt's copies to and from guest memory happen there, libslirp
+        # runs there, and it injects the interrupts Ferry signals). For slirp the backend is
+        # all of QEMU, vCPUs included, so its device cost is the main loop alone.
+        qmain = Proc(qpid, main_thread=True)
+
+        def meter():
+            own = proc.cpu() if proc else 0.0
+            return own, qmain.cpu() + (own if kind != "slirp" else 0.0)
+        cpu0 = meter()[0]
         steps = ("bulk-start", "g2h-done", "h2g-done", "bulk-end")
-        marks = self.cpu_at_marks(console, qemu, proc, ["BENCH-AT " + m for m in steps])
+        marks = self.cpu_at_marks(console, qemu, meter, ["BENCH-AT " + m for m in steps])
         at = {m: marks.get("BENCH-AT " + m) for m in steps}
-        bulk_cpu = (at["bulk-end"] or 0.0) - (at["bulk-start"] or 0.0)
-        # The backend's CPU during each transfer: the marks the guest prints around them.
-        xfer_cpu = {metric: at[b] - at[a] for metric, a, b in (
+        bulk_cpu = (at["bulk-end"] or (0.0, 0.0))[0] - (at["bulk-start"] or (0.0, 0.0))[0]
+        # The CPU during each transfer: the marks the guest prints around them.
+        xfer_cpu = {metric: (at[b][0] - at[a][0], at[b][1] - at[a][1]) for metric, a, b in (
             ("g2h", "bulk-start", "g2h-done"), ("h2g", "g2h-done", "h2g-done"),
             ("udp", "h2g-done", "bulk-end")) if at[a] is not None and at[b] is not None}
         text = self.wait_console(console, "BENCH-PUBLISH-READY", qemu)
         moved_mib = 0.0
         lines = dict(l.split(" ", 2)[1:3] for l in text.splitlines()
                      if l.startswith("BENCH ") and len(l.split(" ", 2)) == 3)
+
+        def record_cpu(metric, own, device, size):
+            if size > 0:
+                self.record("cpu", metric, kind, own / (size / 1024))
+                self.record("devcpu", metric, kind, device / (size / 1024))
         for metric in ("g2h", "h2g", "udp"):
             rate, size = self.iperf_line(lines.get(metric))
             self.record("net", metric, kind, rate)
             moved_mib += size
-            if size > 0 and metric in xfer_cpu:
-                self.record("cpu", metric, kind, xfer_cpu[metric] / (size / 1024))
+            if metric in xfer_cpu:
+                record_cpu(metric, *xfer_cpu[metric], size)
         rr = lines.get("rr", "").split()
         self.record("net", "rr", kind, float(rr[1]) if len(rr) == 2 else None)
         crr = lines.get("crr", "").split()
         self.record("net", "crr", kind, float(crr[1]) if len(crr) == 2 else None)
         # Through the published port: host client -> guest iperf3 server, then reversed.
-        pub_cpu0 = proc.cpu() if proc else 0.0
+        pub_cpu0 = meter()[0]
         for metric, extra in (("pub_h2g", []), ("pub_g2h", ["-R"])):
-            xfer0 = proc.cpu() if proc else 0.0
+            own0, dev0_x = meter()
             out = ""
             for _ in range(20):
                 amount = ["-t", self.iperf[1:]] if self.iperf[0] == "t" else ["-n", self.iperf[1:]]
@@ -356,12 +374,12 @@ wait
             rate, size = self.iperf_line(line[-1] if line else None)
             self.record("net", metric, kind, rate)
             moved_mib += size
-            if size > 0 and proc:
-                self.record("cpu", metric, kind, (proc.cpu() - xfer0) / (size / 1024))
-        cpu = (proc.cpu() - cpu0) if proc else 0.0
-        bulk_cpu += (proc.cpu() - pub_cpu0) if proc else 0.0
+            own1, dev1_x = meter()
+            record_cpu(metric, own1 - own0, dev1_x - dev0_x, size)
+        own1 = meter()[0]
+        bulk_cpu += own1 - pub_cpu0
         peak = proc.peak_rss_mib() if proc else 0.0
-        self.cost.setdefault(("net", kind), []).append((cpu, moved_mib / 1024, peak, bulk_cpu))
+        self.cost.setdefault(("net", kind), []).append((own1 - cpu0, moved_mib / 1024, peak, bulk_cpu))
         qemu.kill()
         qemu.wait()
         stop()
@@ -644,6 +662,23 @@ rm -rf $D/tree
                 L.append("| %s | %s | %s | %s |" % (
                     label.rsplit(",", 1)[0], self.fmt(a), self.fmt(b),
                     "%.2fx" % (b / a) if a and b else "(too short to time)"))
+            L.append("")
+            L.append("The same transfers, counting the device's whole host-side cost: the backend "
+                     "plus QEMU's main-loop thread (not its vCPU threads). That thread copies "
+                     "frames between guest memory and passt's socket, runs libslirp, and injects "
+                     "the interrupts that Ferry signals through eventfds. This is the like-for-like "
+                     "figure: each column counts the same work, wherever it runs.\n")
+            L.append("| transfer | Ferry + QEMU main loop | passt + QEMU main loop | QEMU user net "
+                     "(main loop) | Ferry/passt | Ferry/user net |")
+            L.append("|---|---|---|---|---|---|")
+            for metric, label, _ in self.NET_ROWS:
+                a, b, c = (self.med("devcpu", metric, k) for k in ("ferry", "passt", "slirp"))
+                if a is None and b is None:
+                    continue
+                L.append("| %s | %s | %s | %s | %s | %s |" % (
+                    label.rsplit(",", 1)[0], self.fmt(a), self.fmt(b), self.fmt(c),
+                    "%.2fx" % (b / a) if a and b else "(too short to time)",
+                    "%.2fx" % (c / a) if a and c else "(too short to time)"))
             L.append("")
         L.append("Raw values per round: `%s`.\n" % os.path.basename(md[:-3] + ".json"))
         text = "\n".join(L) + "\n"
