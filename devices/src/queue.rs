@@ -26,18 +26,33 @@ pub(crate) fn drain_queue<F>(
 where
     F: FnMut(Chain) -> Option<u32>,
 {
-    drain_queue_then(vring, mem, event_idx, true, handle)
+    let drained = drain_queue_unsignalled(vring, mem, event_idx, true, handle)?;
+    if drained.signal {
+        vring.signal_used_queue()?;
+    }
+    Ok(drained.used)
 }
 
-/// [`drain_queue`], but with `notify_after` false the guest's notifications stay off once the
-/// queue is empty (when anything was used): the caller polls the queue again later.
-pub(crate) fn drain_queue_then<F>(
+/// What [`drain_queue_unsignalled`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Chains taken and marked used.
+    pub used: usize,
+    /// The guest wants an interrupt for them: the caller signals the queue.
+    pub signal: bool,
+}
+
+/// [`drain_queue`], but the caller signals the guest (when [`Drained::signal`] says so), so it
+/// can signal together with other queues; and with `notify_after` false the guest's
+/// notifications stay off once the queue is empty (when anything was used): the caller polls
+/// the queue again later.
+pub(crate) fn drain_queue_unsignalled<F>(
     vring: &Vring,
     mem: &GuestMemoryAtomic,
     event_idx: bool,
     notify_after: bool,
     mut handle: F,
-) -> std::io::Result<usize>
+) -> std::io::Result<Drained>
 where
     F: FnMut(Chain) -> Option<u32>,
 {
@@ -75,15 +90,12 @@ where
     }
     // The library calls us when a vring is enabled even with nothing queued: only signal when
     // something was really used.
-    if used > 0
+    let signal = used > 0
         && state
             .get_queue_mut()
             .needs_notification(&*mem)
-            .map_err(std::io::Error::other)?
-    {
-        state.signal_used_queue()?;
-    }
-    Ok(used)
+            .map_err(std::io::Error::other)?;
+    Ok(Drained { used, signal })
 }
 
 /// Adds several chains to the used ring and publishes them with one index update, so the

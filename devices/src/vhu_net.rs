@@ -36,7 +36,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{add_used_together, drain_queue_then, wants_interrupt, Chain};
+use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain, Drained};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// Index of the receive queue.
@@ -188,11 +188,12 @@ impl VhostUserNetBackend {
     }
 
     /// Runs `f` on the stack (with guest memory), then delivers what it produced to the guest
-    /// and re-arms the timer: the shape of every event the device handles.
+    /// and re-arms the timer: the shape of every event the device handles. `f` returns whether
+    /// the TX queue needs its interrupt.
     fn with_stack(
         &self,
         vrings: &[Vring],
-        f: impl FnOnce(&mut NetStack, &GuestMemoryAtomic) -> io::Result<()>,
+        f: impl FnOnce(&mut NetStack, &GuestMemoryAtomic) -> io::Result<bool>,
     ) -> io::Result<()> {
         let mem = self
             .mem
@@ -204,15 +205,25 @@ impl VhostUserNetBackend {
             .lock()
             .map_err(|_| io::Error::other("poisoned"))?;
         let rx = &vrings[RX_QUEUE as usize];
-        let res = f(&mut stack, &mem).and_then(|()| {
-            if self.deliver(&mut stack, rx, &mem)? > 0 && self.tx_poll().at.take().is_some() {
-                // The guest has frames to answer: its kicks come back on (and what it queued
-                // meanwhile is taken now).
-                self.drain_tx(&mut stack, &mem, vrings, true)?;
-                stack.poll();
-                self.deliver(&mut stack, rx, &mem)?;
+        let res = f(&mut stack, &mem).and_then(|mut tx_signal| {
+            let delivered = (|| {
+                if self.deliver(&mut stack, rx, &mem)? > 0 && self.tx_poll().at.take().is_some() {
+                    // The guest has frames to answer: its kicks come back on (and what it
+                    // queued meanwhile is taken now).
+                    tx_signal |= self.drain_tx(&mut stack, &mem, vrings, true)?.signal;
+                    stack.poll();
+                    self.deliver(&mut stack, rx, &mem)?;
+                }
+                Ok(())
+            })();
+            // The TX interrupt goes right after the RX one rather than before the stack runs:
+            // a frontend that finds both eventfds set in one wake-up raises one interrupt
+            // (legacy INTx is one line), and the guest takes its ACK and frees its sent
+            // buffers in one pass.
+            if tx_signal {
+                vrings[TX_QUEUE as usize].signal_used_queue()?;
             }
-            Ok(())
+            delivered
         });
         self.rearm(&mut stack);
         res
@@ -285,7 +296,7 @@ impl VhostUserNetBackend {
         }
         self.with_stack(vrings, |stack, _| {
             stack.poll();
-            Ok(())
+            Ok(false)
         })
     }
 
@@ -334,7 +345,16 @@ impl VhostUserNetBackend {
 
     /// Takes the guest's frames, after a kick or (`kicked` false) at a coalescing poll.
     fn process_tx(&self, vrings: &[Vring], kicked: bool) -> io::Result<()> {
-        let now = std::time::Instant::now();
+        self.process_tx_at(vrings, kicked, std::time::Instant::now())
+    }
+
+    /// [`process_tx`](Self::process_tx) at time `now` (tests set the clock).
+    fn process_tx_at(
+        &self,
+        vrings: &[Vring],
+        kicked: bool,
+        now: std::time::Instant,
+    ) -> io::Result<()> {
         let streaming = {
             let mut p = self.tx_poll();
             let hot = !kicked
@@ -346,24 +366,25 @@ impl VhostUserNetBackend {
             hot
         };
         self.with_stack(vrings, |stack, mem| {
-            let n = self.drain_tx(stack, mem, vrings, !streaming)?;
-            self.tx_poll().at = (streaming && n > 0).then(|| now + TX_COALESCE);
+            let drained = self.drain_tx(stack, mem, vrings, !streaming)?;
+            self.tx_poll().at = (streaming && drained.used > 0).then(|| now + TX_COALESCE);
             stack.poll();
-            Ok(())
+            Ok(drained.signal)
         })
     }
 
-    /// Hands every frame on the TX queue to the stack, and returns how many chains it took.
-    /// With `notify_after` false the guest's kicks stay off (when there were frames).
+    /// Hands every frame on the TX queue to the stack; the caller signals the queue when the
+    /// result says so. With `notify_after` false the guest's kicks stay off (when there were
+    /// frames).
     fn drain_tx(
         &self,
         stack: &mut NetStack,
         mem: &GuestMemoryAtomic,
         vrings: &[Vring],
         notify_after: bool,
-    ) -> io::Result<usize> {
+    ) -> io::Result<Drained> {
         let max = self.max_frame();
-        drain_queue_then(
+        drain_queue_unsignalled(
             &vrings[TX_QUEUE as usize],
             mem,
             self.event_idx.load(Ordering::Relaxed),
@@ -492,7 +513,7 @@ impl VhostUserNetBackend {
 
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
         // New RX buffers: only delivery to do.
-        self.with_stack(vrings, |_, _| Ok(()))
+        self.with_stack(vrings, |_, _| Ok(false))
     }
 }
 
@@ -574,7 +595,7 @@ impl VhostUserBackend for VhostUserNetBackend {
             TIMER_EVENT => self.process_timer(vrings),
             HOST_EVENT => self.with_stack(vrings, |stack, _| {
                 stack.handle_host_events();
-                Ok(())
+                Ok(false)
             }),
             other => {
                 debug!("net: event for unknown source {other}");
@@ -719,6 +740,21 @@ mod coalesce_tests {
         (b, vrings)
     }
 
+    /// Frames `first` and `first + 1`, each with its kick, at one instant of the device's
+    /// clock: a streaming guest, whatever this machine's speed.
+    fn two_quick_kicks(
+        b: &VhostUserNetBackend,
+        vrings: &[Vring],
+        tx_q: &MockSplitQueue<'_, Mem>,
+        first: u16,
+    ) {
+        let t = std::time::Instant::now();
+        for i in [first, first + 1] {
+            queue_frame(tx_q, i);
+            b.process_tx_at(vrings, true, t).unwrap();
+        }
+    }
+
     /// Whether the device has told the guest not to kick (VRING_USED_F_NO_NOTIFY).
     fn kicks_off(m: &Mem, q: &MockSplitQueue<'_, Mem>) -> bool {
         m.read_obj::<u16>(q.used_addr()).unwrap() & 1 != 0
@@ -731,15 +767,16 @@ mod coalesce_tests {
         let (b, vrings) = device(&m, &tx_q, &rx_q);
 
         // A lone kick is served and the guest keeps kicking.
+        let t = std::time::Instant::now();
         queue_frame(&tx_q, 0);
-        b.process_tx(&vrings, true).unwrap();
+        b.process_tx_at(&vrings, true, t).unwrap();
         assert!(!kicks_off(&m, &tx_q));
         assert!(b.tx_poll().at.is_none());
 
-        // A second kick right after: the guest is streaming, so its kicks go off and a poll
-        // is due within the window.
+        // A second kick right after (on the device's clock, however slow this machine is):
+        // the guest is streaming, so its kicks go off and a poll is due within the window.
         queue_frame(&tx_q, 1);
-        b.process_tx(&vrings, true).unwrap();
+        b.process_tx_at(&vrings, true, t).unwrap();
         assert!(kicks_off(&m, &tx_q));
         let at = b.tx_poll().at.expect("a poll is due");
         assert!(at <= std::time::Instant::now() + TX_COALESCE);
@@ -766,10 +803,7 @@ mod coalesce_tests {
         let (tx_q, rx_q) = queues(&m);
         let cfg = NetConfig::default();
         let (b, vrings) = device(&m, &tx_q, &rx_q);
-        queue_frame(&tx_q, 0);
-        b.process_tx(&vrings, true).unwrap();
-        queue_frame(&tx_q, 1);
-        b.process_tx(&vrings, true).unwrap();
+        two_quick_kicks(&b, &vrings, &tx_q, 0);
         assert!(kicks_off(&m, &tx_q), "streaming");
 
         // The guest asks who the gateway is, without kicking; the poll takes the request and
@@ -804,6 +838,33 @@ mod coalesce_tests {
     }
 
     #[test]
+    fn a_frame_with_an_answer_signals_both_queues() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        let calls: Vec<EventFd> = vrings
+            .iter()
+            .map(|v| {
+                let e = EventFd::new(EFD_NONBLOCK).unwrap();
+                let fd = e.try_clone().unwrap().into_raw_fd();
+                // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+                v.set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+                e
+            })
+            .collect();
+        // The TX interrupt is held back until the reply is on the RX ring, and then sent too.
+        queue_arp_request(&m, &tx_q, &cfg, 0);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(vrings[0].queue_used_idx().unwrap(), 1, "the ARP reply");
+        assert_eq!(vrings[1].queue_used_idx().unwrap(), 1, "the request, used");
+        assert_eq!(calls[0].read().unwrap(), 1, "RX signalled");
+        assert_eq!(calls[1].read().unwrap(), 1, "TX signalled");
+    }
+
+    #[test]
     fn a_disabled_ring_is_left_alone_until_the_frontend_enables_it() {
         let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let (tx_q, rx_q) = queues(&m);
@@ -822,10 +883,7 @@ mod coalesce_tests {
 
         // A TX poll falls due while the TX ring is disabled: the ring is not read, and the
         // poll is dropped.
-        queue_frame(&tx_q, 1);
-        b.process_tx(&vrings, true).unwrap();
-        queue_frame(&tx_q, 2);
-        b.process_tx(&vrings, true).unwrap();
+        two_quick_kicks(&b, &vrings, &tx_q, 1);
         assert!(b.tx_poll().at.is_some(), "streaming");
         vrings[1].set_enabled(false);
         queue_frame(&tx_q, 3);
