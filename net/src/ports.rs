@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -209,12 +209,37 @@ pub fn unprivileged_port_start() -> u16 {
 
 /// Binds the host socket of `spec`: a TCP listener with a deep backlog, or a UDP socket.
 /// Non-blocking and close-on-exec. `ferry portd` binds with this too.
+///
+/// A port on 0.0.0.0 takes IPv6 clients too, as Docker's do: `localhost` is `::1` first on
+/// many hosts, and some clients try no other address. One dual-stack socket on `[::]` serves
+/// both families (IPv4 clients arrive as `::ffff:a.b.c.d`, which the stack maps back). Where
+/// IPv6 is off, or another program holds `[::]` on that port, the port is IPv4 only, as asked.
 pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
-    let (family, addr_len) = match spec.bind {
-        IpAddr::V4(_) => (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>()),
-        IpAddr::V6(_) => (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>()),
+    if spec.bind == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        let any6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), spec.host_port);
+        match bind_socket(spec.protocol, any6, Some(false)) {
+            Ok(fd) => return Ok(fd),
+            Err(e) => log::debug!(
+                "ports: {} takes IPv4 clients only ([::]:{} failed: {e})",
+                host_endpoint(spec),
+                spec.host_port
+            ),
+        }
+    }
+    bind_socket(
+        spec.protocol,
+        SocketAddr::new(spec.bind, spec.host_port),
+        None,
+    )
+}
+
+/// Binds one socket of `protocol` to `addr` (listening, for TCP); `v6only` sets IPV6_V6ONLY.
+fn bind_socket(protocol: Protocol, addr: SocketAddr, v6only: Option<bool>) -> io::Result<OwnedFd> {
+    let (family, addr_len) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>()),
+        SocketAddr::V6(_) => (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>()),
     };
-    let ty = match spec.protocol {
+    let ty = match protocol {
         Protocol::Tcp => libc::SOCK_STREAM,
         Protocol::Udp => libc::SOCK_DGRAM,
     };
@@ -225,42 +250,55 @@ pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    if spec.protocol == Protocol::Tcp {
-        // As every server does: a restart can rebind while old connections sit in TIME_WAIT.
-        let one: libc::c_int = 1;
-        // SAFETY: `one` is a valid c_int of the given length.
-        unsafe {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: `value` is a valid c_int of the given length.
+        let r = unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&one as *const libc::c_int).cast(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    if protocol == Protocol::Tcp {
+        // As every server does: a restart can rebind while old connections sit in TIME_WAIT.
+        set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    if let Some(only) = v6only {
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            libc::c_int::from(only),
+        )?;
     }
     // SAFETY: sockaddr_storage is plain data, large enough for either family.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match spec.bind {
-        IpAddr::V4(a) => {
+    match addr {
+        SocketAddr::V4(a) => {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: spec.host_port.to_be(),
+                sin_port: a.port().to_be(),
                 sin_addr: libc::in_addr {
-                    s_addr: u32::from(a).to_be(),
+                    s_addr: u32::from(*a.ip()).to_be(),
                 },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage, which is aligned for it.
             unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
         }
-        IpAddr::V6(a) => {
+        SocketAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: spec.host_port.to_be(),
+                sin6_port: a.port().to_be(),
                 sin6_flowinfo: 0,
                 sin6_addr: libc::in6_addr {
-                    s6_addr: a.octets(),
+                    s6_addr: a.ip().octets(),
                 },
                 sin6_scope_id: 0,
             };
@@ -279,7 +317,7 @@ pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    if spec.protocol == Protocol::Tcp {
+    if protocol == Protocol::Tcp {
         // SAFETY: listen() has no memory effects.
         if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } < 0 {
             return Err(io::Error::last_os_error());

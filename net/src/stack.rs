@@ -1912,6 +1912,39 @@ mod published {
     }
 
     #[test]
+    fn a_port_on_all_addresses_takes_ipv4_and_ipv6_clients() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("skipped: this host has no IPv6 loopback");
+            return;
+        }
+        let cfg = NetConfig::default();
+        let ports = Ports::new(cfg.guest(), None).unwrap();
+        let port = std::net::TcpListener::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spec: PortSpec = format!("0.0.0.0:{port}:80").parse().unwrap();
+        ports.publish(spec).unwrap();
+        assert_eq!(ports.list()[0].spec, spec, "listed as published");
+        let mut stack = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_ports(ports.clone())
+            .unwrap();
+        stack.neighbor_hint();
+        ports.set_attached(true);
+        for client in ["127.0.0.1", "::1"] {
+            let _c = std::net::TcpStream::connect((client, port))
+                .unwrap_or_else(|e| panic!("{client} cannot connect: {e}"));
+            let (src, seg) = next_segment(&mut stack)
+                .unwrap_or_else(|| panic!("no SYN to the guest for the client {client}"));
+            assert_eq!(src, smol(cfg.host_alias()), "{client} is the host alias");
+            assert!(TcpPacket::new_checked(&seg[..]).unwrap().syn());
+        }
+        assert_eq!(ports.list()[0].counters.forwarded, 2);
+    }
+
+    #[test]
     fn a_port_in_use_gives_dockers_words() {
         let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = holder.local_addr().unwrap().port();

@@ -155,6 +155,12 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
         ),
         "ping-through-udp"
     );
+    // A port on 0.0.0.0 takes IPv6 clients too, as Docker's do (`localhost` is often ::1).
+    assert_eq!(curl(&net.inner, "http://[::1]:8080/"), PAGE);
+    assert_eq!(
+        clients(&net.inner, &["udp", "::1", "5300", "ping-over-ipv6"]),
+        "ping-over-ipv6"
+    );
     // A non-local client, over the link from the other namespace, gets the page too.
     assert_eq!(
         curl(&net.remote, &format!("http://{}:8080/", net.inner_addr)),
@@ -179,6 +185,11 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     assert!(
         seen.starts_with("192.168.127.254:"),
         "loopback client seen as {seen:?}"
+    );
+    let seen = clients(&net.inner, &["peer", "::1", "9000"]);
+    assert!(
+        seen.starts_with("192.168.127.254:"),
+        "IPv6 loopback client seen as {seen:?}"
     );
     let o = ctl(&api, &["ports"]);
     assert!(text(&o).contains("0.0.0.0:9000"), "{}", text(&o));
