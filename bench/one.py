@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""One backend, one step, by hand: for profiling, not for the tables (`make bench` makes those).
+
+  bench/one.py net KIND MODE [--secs N] [--ferry BIN] [--after S] [--run 'CMD']
+      KIND ferry|passt|slirp, MODE g2h|h2g|udp: one iperf3 run from the guest to the host's
+      loopback (or back), in the bench's namespace. Prints the rate, and the CPU of the
+      backend and of QEMU's main-loop thread over the transfer.
+  bench/one.py fs KIND [--reps N] [--ferry BIN] [--fio 'ARGS'] [--run 'CMD']
+      KIND ferry|virtiofsd: N fio runs (default: 1 MiB sequential write) in one boot.
+
+--run starts CMD (after --after seconds, for net) while the step runs; {pid} is the backend's
+pid and {qpid} QEMU's. Examples:
+  bench/one.py net ferry g2h --run 'perf record -g -o /tmp/p -p {pid} -- sleep 5'
+  bench/one.py net passt g2h --run 'timeout 4 strace -c -p {qpid}'
+  bench/one.py net ferry h2g --ferry /tmp/ferry-old      # A/B against another build
+Needs root and what `make bench` installs; run it on a quiet machine.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+
+def net(b, a):
+    extra = {"g2h": "", "h2g": "-R", "udp": "-u -b 0 -l 1400"}[a.mode]
+    script = r"""
+H=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host=' | cut -d= -f2)
+%s
+echo BENCH-AT start
+echo "BENCH r $(iperf3 -c $H -p 5201 -t %d %s -f m 2>&1 | grep receiver | tail -1)"
+echo BENCH-AT end
+sleep 3600
+""" % ("iperf3 -c $H -p 5201 -t %d > /dev/null 2>&1" % a.secs if a.warm else "", a.secs, extra)
+    dev, host, proc, stop = b.net_backend(a.kind)
+    qemu, console = b.qemu("one", script, "bench.host=%s" % host, dev)
+    qpid = bench.pid_of("opt/ferry/run,file=%s/one.sh" % b.w) or qemu.pid
+    proc = proc or bench.Proc(qpid)
+    qmain = bench.Proc(qpid, main_thread=True)
+
+    def meter():
+        return proc.cpu(), qmain.cpu()
+    at = b.cpu_at_marks(console, qemu, meter, ["BENCH-AT start"])
+    side = None
+    if a.run:
+        time.sleep(a.after)
+        side = subprocess.Popen(a.run.format(pid=proc.pid, qpid=qpid), shell=True)
+    at.update(b.cpu_at_marks(console, qemu, meter, ["BENCH-AT end"]))
+    if side:
+        side.wait()
+    with open(console, errors="replace") as f:
+        line = [l for l in f.read().splitlines() if l.startswith("BENCH r")]
+    rate, size = b.iperf_line(line[-1] if line else None)
+    s, e = at.get("BENCH-AT start"), at.get("BENCH-AT end")
+    if rate is None or not s or not e:
+        sys.exit("one: the transfer did not finish; console in %s" % console)
+    gib = size / 1024
+    print("%s %s: %.0f Mbit/s, %.0f MiB; backend %.2f s CPU (%.2f s/GiB), QEMU main loop "
+          "%.2f s (%.2f s/GiB)" % (a.kind, a.mode, rate, size, e[0] - s[0], (e[0] - s[0]) / gib,
+                                   e[1] - s[1], (e[1] - s[1]) / gib))
+    qemu.kill()
+    qemu.wait()
+    stop()
+    if a.kind == "ferry":
+        with open(os.path.join(b.w, "ferry-net.log")) as f:
+            # Ferry's counters, logged as the frontend left.
+            print("".join(l for l in f if "the guest has sent" in l).strip())
+
+
+def fs(b, a):
+    # parse_fs reads the read side of a job whose name says "read", else the write side.
+    which = "read" if "--rw=read" in a.fio or "--rw=randread" in a.fio else "write"
+    b.FS_STEPS = "drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }\n" + "".join(
+        'echo "BENCH-FIO %s%d $(fio --output-format=json %s 2>/dev/null | tr -d \'\\n\')"\n'
+        'drop\n' % (which, i, a.fio) for i in range(a.reps)) + "rm -f $D/big\n"
+    b.tar = os.path.join(b.w, "empty.tar")
+    open(b.tar, "w").close()
+    side = subprocess.Popen(a.run, shell=True) if a.run else None
+    b.run_fs(a.kind)
+    if side:
+        side.wait()
+    vals = [round(v[0], 1) for (suite, _, _), v in sorted(b.results.items()) if suite == "fs"]
+    cpu, gib, peak, _ = b.cost[("fs", a.kind)][-1]
+    print("%s: MiB/s per run %s; %.2f s CPU per GiB, peak RSS %.0f MiB"
+          % (a.kind, vals, cpu / gib if gib else 0, peak))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="suite", required=True)
+    n = sub.add_parser("net")
+    n.add_argument("kind", choices=["ferry", "passt", "slirp"])
+    n.add_argument("mode", choices=["g2h", "h2g", "udp"])
+    n.add_argument("--secs", type=int, default=10)
+    n.add_argument("--after", type=float, default=3.0)
+    n.add_argument("--warm", action="store_true",
+                   help="a guest-to-host transfer first, in the same boot (as the bench does)")
+    f = sub.add_parser("fs")
+    f.add_argument("kind", choices=["ferry", "virtiofsd"])
+    f.add_argument("--reps", type=int, default=3)
+    f.add_argument("--fio", default="--name=w --directory=$D --filename=big --rw=write --bs=1M "
+                   "--size=256M --ioengine=psync --end_fsync=1")
+    for p in (n, f):
+        p.add_argument("--ferry", default=bench.FERRY)
+        p.add_argument("--run", default="")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("one: run as root (it makes a network namespace and drops caches)")
+    bench.FERRY = a.ferry
+
+    class Opts:
+        quick = False
+        rounds = 1
+    b = bench.Bench(Opts)
+    b.setup()
+    try:
+        (net if a.suite == "net" else fs)(b, a)
+    finally:
+        b.teardown()
+
+
+if __name__ == "__main__":
+    main()
