@@ -204,18 +204,8 @@ impl VhostUserNetBackend {
             .stack
             .lock()
             .map_err(|_| io::Error::other("poisoned"))?;
-        let rx = &vrings[RX_QUEUE as usize];
         let res = f(&mut stack, &mem).and_then(|mut tx_signal| {
-            let delivered = (|| {
-                if self.deliver(&mut stack, rx, &mem)? > 0 && self.tx_poll().at.take().is_some() {
-                    // The guest has frames to answer: its kicks come back on (and what it
-                    // queued meanwhile is taken now).
-                    tx_signal |= self.drain_tx(&mut stack, &mem, vrings, true)?.signal;
-                    stack.poll();
-                    self.deliver(&mut stack, rx, &mem)?;
-                }
-                Ok(())
-            })();
+            let delivered = self.deliver_all(&mut stack, &mem, vrings, &mut tx_signal);
             // The TX interrupt goes right after the RX one rather than before the stack runs:
             // a frontend that finds both eventfds set in one wake-up raises one interrupt
             // (legacy INTx is one line), and the guest takes its ACK and frees its sent
@@ -227,6 +217,27 @@ impl VhostUserNetBackend {
         });
         self.rearm(&mut stack);
         res
+    }
+
+    /// Delivers the stack's frames to the guest. When that ends TX coalescing, also takes what
+    /// the guest queued meanwhile (setting `tx_signal` if that needs the TX interrupt) and
+    /// delivers the answers.
+    fn deliver_all(
+        &self,
+        stack: &mut NetStack,
+        mem: &GuestMemoryAtomic,
+        vrings: &[Vring],
+        tx_signal: &mut bool,
+    ) -> io::Result<()> {
+        let rx = &vrings[RX_QUEUE as usize];
+        if self.deliver(stack, rx, mem)? > 0 && self.tx_poll().at.take().is_some() {
+            // The guest has frames to answer: its kicks come back on (and what it queued
+            // meanwhile is taken now).
+            *tx_signal |= self.drain_tx(stack, mem, vrings, true)?.signal;
+            stack.poll();
+            self.deliver(stack, rx, mem)?;
+        }
+        Ok(())
     }
 
     fn tx_poll(&self) -> std::sync::MutexGuard<'_, TxPoll> {

@@ -1842,28 +1842,31 @@ mod published {
         assert_eq!(s.epoll.wait(0, &mut events).unwrap(), 0);
     }
 
-    #[test]
-    fn a_loopback_client_reaches_the_guest_as_the_host_alias_and_a_guest_rst_resets_it() {
-        let cfg = NetConfig::default();
+    /// A stack with one TCP port published on `bind` (a free host port, which it returns) to
+    /// the guest's port 80; the guest's MAC is known, and no guest is attached yet.
+    fn stack_with_published_port(cfg: &NetConfig, bind: &str) -> (u16, Arc<Ports>, NetStack) {
         let ports = Ports::new(cfg.guest(), None).unwrap();
-        // A free host port: ask the kernel for one, then publish it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        // A free host port, in both families: ask the kernel for one, then publish it.
+        let port = std::net::TcpListener::bind("[::]:0")
+            .or_else(|_| std::net::TcpListener::bind("0.0.0.0:0"))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let spec = PortSpec {
-            protocol: crate::Protocol::Tcp,
-            bind: std::net::Ipv4Addr::LOCALHOST.into(),
-            host_port: port,
-            guest_port: 80,
-        };
+        let spec: PortSpec = format!("{bind}:{port}:80").parse().unwrap();
         ports.publish(spec).unwrap();
         let mut stack = NetStack::new(cfg.clone(), None)
             .unwrap()
             .with_ports(ports.clone())
             .unwrap();
         stack.neighbor_hint();
+        (port, ports, stack)
+    }
+
+    #[test]
+    fn a_loopback_client_reaches_the_guest_as_the_host_alias_and_a_guest_rst_resets_it() {
+        let cfg = NetConfig::default();
+        let (port, ports, mut stack) = stack_with_published_port(&cfg, "127.0.0.1");
 
         // No guest attached: the client is reset at once.
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -1918,20 +1921,9 @@ mod published {
             return;
         }
         let cfg = NetConfig::default();
-        let ports = Ports::new(cfg.guest(), None).unwrap();
-        let port = std::net::TcpListener::bind("[::]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let (port, ports, mut stack) = stack_with_published_port(&cfg, "0.0.0.0");
         let spec: PortSpec = format!("0.0.0.0:{port}:80").parse().unwrap();
-        ports.publish(spec).unwrap();
         assert_eq!(ports.list()[0].spec, spec, "listed as published");
-        let mut stack = NetStack::new(cfg.clone(), None)
-            .unwrap()
-            .with_ports(ports.clone())
-            .unwrap();
-        stack.neighbor_hint();
         ports.set_attached(true);
         for client in ["127.0.0.1", "::1"] {
             let _c = std::net::TcpStream::connect((client, port))
