@@ -104,7 +104,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT")]
     pub publish: Vec<String>,
 
-    /// The address published ports bind to when the spec names none [default: 0.0.0.0].
+    /// The address published ports bind to when the spec names none [default: 0.0.0.0, which
+    /// takes IPv6 clients too where the host has IPv6].
     #[arg(long, value_name = "IP")]
     pub default_bind: Option<String>,
 
