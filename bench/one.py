@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One backend, one step, by hand: for profiling, not for the tables (`make bench` makes those).
 
-  bench/one.py net KIND MODE [--secs N] [--ferry BIN] [--after S] [--run 'CMD']
+  bench/one.py net KIND MODE [--secs N] [--warm] [--irq] [--ferry BIN] [--after S] [--run 'CMD']
       KIND ferry|passt|slirp, MODE g2h|h2g|udp: one iperf3 run from the guest to the host's
       loopback (or back), in the bench's namespace. Prints the rate, and the CPU of the
       backend and of QEMU's main-loop thread over the transfer.
@@ -27,12 +27,14 @@ import bench  # noqa: E402
 
 def net(b, a):
     extra = {"g2h": "", "h2g": "-R", "udp": "-u -b 0 -l 1400"}[a.mode]
-    script = r"""
+    script = bench.Bench.GUEST_PIN + r"""
 H=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host=' | cut -d= -f2)
 %s
 echo BENCH-AT start
+grep -E 'CPU0|virtio' /proc/interrupts | sed 's/^/BENCH-IRQ before /'; grep '^cpu' /proc/stat | sed 's/^/BENCH-IRQ before /'
 echo "BENCH r $(iperf3 -c $H -p 5201 -t %d %s -f m 2>&1 | grep receiver | tail -1)"
 echo BENCH-AT end
+grep -E 'virtio' /proc/interrupts | sed 's/^/BENCH-IRQ after /'; grep '^cpu' /proc/stat | sed 's/^/BENCH-IRQ after /'
 sleep 3600
 """ % ("iperf3 -c $H -p 5201 -t %d > /dev/null 2>&1" % a.secs if a.warm else "", a.secs, extra)
     dev, host, proc, stop = b.net_backend(a.kind)
@@ -52,7 +54,8 @@ sleep 3600
     if side:
         side.wait()
     with open(console, errors="replace") as f:
-        line = [l for l in f.read().splitlines() if l.startswith("BENCH r")]
+        text = f.read().splitlines()
+    line = [l for l in text if l.startswith("BENCH r")]
     rate, size = b.iperf_line(line[-1] if line else None)
     s, e = at.get("BENCH-AT start"), at.get("BENCH-AT end")
     if rate is None or not s or not e:
@@ -61,6 +64,8 @@ sleep 3600
     print("%s %s: %.0f Mbit/s, %.0f MiB; backend %.2f s CPU (%.2f s/GiB), QEMU main loop "
           "%.2f s (%.2f s/GiB)" % (a.kind, a.mode, rate, size, e[0] - s[0], (e[0] - s[0]) / gib,
                                    e[1] - s[1], (e[1] - s[1]) / gib))
+    if a.irq:
+        print("\n".join(l[len("BENCH-IRQ "):] for l in text if l.startswith("BENCH-IRQ ")))
     qemu.kill()
     qemu.wait()
     stop()
@@ -98,6 +103,8 @@ def main():
     n.add_argument("--after", type=float, default=3.0)
     n.add_argument("--warm", action="store_true",
                    help="a guest-to-host transfer first, in the same boot (as the bench does)")
+    n.add_argument("--irq", action="store_true",
+                   help="print the guest's virtio interrupt counts before and after the transfer")
     f = sub.add_parser("fs")
     f.add_argument("kind", choices=["ferry", "virtiofsd"])
     f.add_argument("--reps", type=int, default=3)
