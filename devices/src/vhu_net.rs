@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_fs::RequestReader;
 use ferry_net::ports::Ports;
+use ferry_net::proxy::Proxy;
 use ferry_net::stack::{FlowInfo, NetStack, StackStats};
 use ferry_net::NetConfig;
 use log::{debug, warn};
@@ -77,6 +78,8 @@ pub struct VhostUserNetBackend {
     upstream: Option<SocketAddr>,
     /// Published ports; they outlive guests.
     ports: Option<Arc<Ports>>,
+    /// The HTTP(S) proxy behind the gateway's port 3128; it outlives guests.
+    proxy: Option<Arc<Proxy>>,
     /// The guest's link. One thread serves the device, so the lock is never contended.
     stack: Mutex<NetStack>,
     /// Fires when the stack wants a poll without new frames (ARP retries, TCP timers).
@@ -117,14 +120,16 @@ struct TxPoll {
 impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
     pub fn new(cfg: NetConfig, upstream: Option<SocketAddr>) -> io::Result<Arc<Self>> {
-        Self::with_ports(cfg, upstream, None)
+        Self::with_services(cfg, upstream, None, None)
     }
 
-    /// A net device whose guest receives the connections of published `ports`.
-    pub fn with_ports(
+    /// A net device whose guest receives the connections of published `ports`, and whose
+    /// gateway's port 3128 leads to `proxy`. Both outlive guests.
+    pub fn with_services(
         cfg: NetConfig,
         upstream: Option<SocketAddr>,
         ports: Option<Arc<Ports>>,
+        proxy: Option<Arc<Proxy>>,
     ) -> io::Result<Arc<Self>> {
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // Non-blocking: an event earlier in the same epoll batch may re-arm the timer (which
@@ -138,8 +143,9 @@ impl VhostUserNetBackend {
             upstream,
             timer: Mutex::new(timer),
             armed: Mutex::new(None),
-            stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &ports)?),
+            stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &ports, &proxy)?),
             ports,
+            proxy,
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
@@ -153,8 +159,12 @@ impl VhostUserNetBackend {
         cfg: &NetConfig,
         upstream: Option<SocketAddr>,
         ports: &Option<Arc<Ports>>,
+        proxy: &Option<Arc<Proxy>>,
     ) -> io::Result<NetStack> {
-        let stack = NetStack::new(cfg.clone(), upstream)?;
+        let mut stack = NetStack::new(cfg.clone(), upstream)?;
+        if let Some(p) = proxy {
+            stack = stack.with_proxy(p.clone());
+        }
         match ports {
             Some(p) => stack.with_ports(p.clone()),
             None => Ok(stack),
@@ -337,7 +347,7 @@ impl VhostUserNetBackend {
             st.tcp_refused
         );
         if let Ok(mut st) = self.stack.lock() {
-            match Self::fresh_stack(&self.cfg, self.upstream, &self.ports) {
+            match Self::fresh_stack(&self.cfg, self.upstream, &self.ports, &self.proxy) {
                 Ok(fresh) => *st = fresh,
                 Err(e) => warn!("net: cannot make a fresh link for the next guest: {e}"),
             }

@@ -84,10 +84,11 @@ pub fn parse_query(q: &[u8]) -> Option<Question> {
 /// The address of a name the gateway answers itself, if it is one.
 pub fn local_name(cfg: &NetConfig, name: &str) -> Option<Ipv4Addr> {
     match name {
-        "gateway.ferry.internal" | "gateway.docker.internal" => Some(cfg.gateway()),
-        "host.ferry.internal" | "host.docker.internal" | "http.docker.internal" => {
-            Some(cfg.host_alias())
+        // http.docker.internal names the HTTP proxy (port 3128), which is the gateway's.
+        "gateway.ferry.internal" | "gateway.docker.internal" | "http.docker.internal" => {
+            Some(cfg.gateway())
         }
+        "host.ferry.internal" | "host.docker.internal" => Some(cfg.host_alias()),
         _ => None,
     }
 }
@@ -197,7 +198,7 @@ mod tests {
             ("host.ferry.internal", [192, 168, 127, 254]),
             ("HOST.docker.internal", [192, 168, 127, 254]),
             ("gateway.ferry.internal", [192, 168, 127, 1]),
-            ("http.docker.internal", [192, 168, 127, 254]),
+            ("http.docker.internal", [192, 168, 127, 1]),
         ] {
             let r = local(answer(&cfg, &query(0x4242, name, TYPE_A), false));
             assert_eq!(&r[0..2], &[0x42, 0x42]);

@@ -88,7 +88,7 @@ impl IcmpNat {
             })?;
             // SAFETY: `fd` was just created and is owned by nobody else.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            let addr = sockaddr(SocketAddrV4::new(key.dst, 0));
+            let addr = crate::tcp_nat::sockaddr_in(SocketAddrV4::new(key.dst, 0));
             // SAFETY: `addr` is a valid sockaddr_in of the given length.
             cvt(unsafe {
                 libc::connect(
@@ -181,16 +181,5 @@ impl IcmpNat {
     /// Closes flows idle for 30 s.
     pub fn expire_idle(&mut self, epoll: &Epoll) {
         self.expire(epoll, IDLE);
-    }
-}
-
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
     }
 }

@@ -235,6 +235,8 @@ pub struct NetStack {
     pump_keys: Vec<crate::tcp_nat::TcpKey>,
     /// Published ports (shared with the control API and the ports thread), if any.
     ports: Option<Arc<Ports>>,
+    /// The HTTP(S) proxy the gateway's port 3128 leads to, if any.
+    proxy: Option<Arc<crate::proxy::Proxy>>,
     /// Reused buffer for what the ports thread hands over.
     incoming: Vec<Incoming>,
     /// Published UDP mappings: the guest-side flow (guest port, the client as the guest sees
@@ -413,6 +415,7 @@ impl NetStack {
             host_buf: Vec::new(),
             pump_keys: Vec::new(),
             ports: None,
+            proxy: None,
             incoming: Vec::new(),
             udp_pub: HashMap::new(),
         })
@@ -432,6 +435,12 @@ impl NetStack {
         )?;
         self.ports = Some(ports);
         Ok(self)
+    }
+
+    /// The gateway's port 3128 leads to `proxy`.
+    pub fn with_proxy(mut self, proxy: Arc<crate::proxy::Proxy>) -> Self {
+        self.proxy = Some(proxy);
+        self
     }
 
     /// The address a published port's client has in the guest: its own when it is remote,
@@ -684,10 +693,16 @@ impl NetStack {
         }
         let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
         let mut target = None;
+        let mut proxy = None;
         if dst == self.cfg.gateway() {
-            // The gateway's only TCP service: DNS, relayed to the upstream server.
-            match (t.dst_port(), self.upstream_tcp) {
-                (dns::PORT, Some(up)) => target = Some(up),
+            // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
+            // proxy, served in this process.
+            match (t.dst_port(), self.upstream_tcp, &self.proxy) {
+                (dns::PORT, Some(up), _) => target = Some(up),
+                (crate::proxy::PORT, _, Some(p)) => {
+                    target = Some(p.addr());
+                    proxy = Some(p.clone());
+                }
                 _ => return false,
             }
         }
@@ -695,13 +710,20 @@ impl NetStack {
             guest_port: t.src_port(),
             dst: SocketAddrV4::new(dst, t.dst_port()),
         };
+        // The proxy takes only the connections it was told of, by their source address.
+        let tell_proxy = |a: SocketAddr| {
+            if let Some(p) = &proxy {
+                p.announce(a);
+            }
+        };
+        let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
         match self.tcp.flows.get(&key).map(|f| &f.state) {
             // A retransmitted SYN while the host connect runs: the first one is held.
             Some(FlowState::Connecting { .. }) => true,
             Some(FlowState::Open { .. }) => false,
             None => self
                 .tcp
-                .start(key, target, frame.to_vec(), &self.epoll)
+                .start(key, target, announce, frame.to_vec(), &self.epoll)
                 .is_ok(),
         }
     }

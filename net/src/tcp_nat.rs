@@ -97,12 +97,15 @@ impl TcpNat {
         self.by_token.get(&token).copied()
     }
 
-    /// Starts the host connect for a new guest SYN. `Err` when the flow cannot be opened
+    /// Starts the host connect for a new guest SYN. `announce`, if given, learns the socket's
+    /// source address before it connects (the in-process proxy takes only such connections).
+    /// `Err` when the flow cannot be opened
     /// (the cap, or no socket): the caller lets the SYN meet no listener, so the guest gets RST.
     pub fn start(
         &mut self,
         key: TcpKey,
         target: Option<SocketAddrV4>,
+        announce: Option<&dyn Fn(SocketAddr)>,
         syn: Vec<u8>,
         epoll: &Epoll,
     ) -> io::Result<()> {
@@ -123,7 +126,7 @@ impl TcpNat {
         } else {
             key.dst
         });
-        let host = connect_nonblocking(target)?;
+        let host = connect_nonblocking(target, announce)?;
         let token = self.next_token;
         self.next_token += 1;
         epoll.ctl(
@@ -229,8 +232,12 @@ impl TcpNat {
     }
 }
 
-/// A TCP socket connecting to `to` without waiting.
-fn connect_nonblocking(to: SocketAddrV4) -> io::Result<TcpStream> {
+/// A TCP socket connecting to `to` without waiting. With `announce`, the socket is bound to
+/// an ephemeral loopback port first and `announce` gets that address before the connect.
+pub(crate) fn connect_nonblocking(
+    to: SocketAddrV4,
+    announce: Option<&dyn Fn(SocketAddr)>,
+) -> io::Result<TcpStream> {
     // SAFETY: socket() has no memory effects; the fd is owned right below.
     let fd = unsafe {
         libc::socket(
@@ -244,14 +251,22 @@ fn connect_nonblocking(to: SocketAddrV4) -> io::Result<TcpStream> {
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    if let Some(announce) = announce {
+        let local = sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        // SAFETY: `local` is a valid sockaddr_in of the given length.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                (&local as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        announce(stream.local_addr()?);
+    }
+    let addr = sockaddr_in(to);
     // SAFETY: `addr` is a valid sockaddr_in of the given length.
     let r = unsafe {
         libc::connect(
@@ -268,6 +283,18 @@ fn connect_nonblocking(to: SocketAddrV4) -> io::Result<TcpStream> {
     }
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// `a` as the C socket address.
+pub(crate) fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
 }
 
 /// The pending error of a socket whose connect ended (0: connected).

@@ -11,6 +11,9 @@
 --tcp-hold PORT        a TCP server that keeps each connection open until the peer closes it
 --tcp-echo PORT        a TCP echo server
 --http PORT DIR        an HTTP server for the files in DIR
+--fake-proxy PORT      an upstream proxy stand-in: answers CONNECT with 200 and then echoes;
+                       answers any other request with 200 and the body
+                       "upstream saw: REQUEST-LINE" (what it was sent, unchanged)
 
 Prints "ready" once every socket is bound. Runs until killed. Only ever answers; it never
 sends anything unprompted.
@@ -119,6 +122,26 @@ def hold_handler(conn):
         conn.close()
 
 
+def fake_proxy_handler(conn):
+    try:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(65536)
+            if not data:
+                return
+            head += data
+        head, rest = head.split(b"\r\n\r\n", 1)
+        line = head.split(b"\r\n", 1)[0]
+        if line.upper().startswith(b"CONNECT "):
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n" + rest)
+            echo_handler(conn)
+            return
+        body = b"upstream saw: " + line + b"\n"
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    finally:
+        conn.close()
+
+
 def serve_http(addr, port, directory):
     import functools
     import http.server
@@ -150,6 +173,9 @@ def main():
                 i += 1
         elif args[i] == "--tcp-echo":
             serve_tcp(addr, int(args[i + 1]), echo_handler)
+            i += 2
+        elif args[i] == "--fake-proxy":
+            serve_tcp(addr, int(args[i + 1]), fake_proxy_handler)
             i += 2
         elif args[i] == "--tcp-hold":
             serve_tcp(addr, int(args[i + 1]), hold_handler)

@@ -20,6 +20,21 @@ impl Drop for Host {
     }
 }
 
+/// Waits for the guest to finish and asserts that its `want` checks all passed.
+fn all_checks_pass(qemu: &mut Qemu, ferry: &FerryProcess, want: usize) {
+    let out = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && out.checks.len() == want,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        out.checks.len(),
+        ferry_tests::tail(&out.console, 40),
+        ferry.log_tail()
+    );
+}
+
 /// Starts `testhosts.py` in `ns` and waits for it to bind.
 fn test_host(ns: &str, args: &[&str]) -> Host {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
@@ -259,16 +274,132 @@ check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a
         "the socket to the test host is not ferry's (pid {}): {line}",
         ferry.pid()
     );
-    let out = qemu
-        .wait_done(DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
-    assert!(
-        failed.is_empty() && out.checks.len() == 17,
-        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
-        out.checks.len(),
-        ferry_tests::tail(&out.console, 40),
-        ferry.log_tail()
-    );
+    all_checks_pass(&mut qemu, &ferry, 17);
     assert!(ferry.is_running());
+}
+
+/// The HTTP(S) proxy on the gateway's port 3128, from the guest: plain requests and CONNECT
+/// tunnels to a remote test host, its errors, and an upstream proxy set while the guest runs.
+#[test]
+fn http_proxy_on_the_gateway() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("hello.txt"), "hello from remote\n").unwrap();
+    let (big_sha, ()) = pattern_file(www.path(), 16 << 20);
+    let www_dir = www.path().display().to_string();
+    let _remote_host = test_host(
+        &net.remote,
+        &[
+            &remote,
+            "--http",
+            "8080",
+            &www_dir,
+            "--tcp-echo",
+            "7005",
+            "--fake-proxy",
+            "3129",
+            "--dns",
+            "53",
+        ],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let api = dir.path().join("api.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let (tools, tools_sock) = (t.dir.clone(), t.socket.clone());
+    let ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            format!("{remote}:53"),
+            "--api-socket".into(),
+            api.display().to_string(),
+            "--share".into(),
+            t.share.clone(),
+        ],
+        &[sock.clone(), tools_sock.clone(), api.clone()],
+    );
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+PX=http://192.168.127.1:3128
+check proxy-http "$(http_proxy=$PX wget -q -O - http://{remote}:8080/hello.txt)" "hello from remote"
+check proxy-http-by-docker-name "$(http_proxy=http://http.docker.internal:3128 wget -q -O - http://{remote}:8080/hello.txt)" "hello from remote"
+http_proxy=$PX wget -q -O /tmp/big http://{remote}:8080/pattern
+check proxy-http-16m "$(sha256sum /tmp/big | cut -d' ' -f1)" {big_sha}
+# A tunnel: the proxy's answer, then the echo server's bytes.
+printf 'CONNECT {remote}:7005 HTTP/1.1\r\nHost: {remote}:7005\r\n\r\nthrough the tunnel\n' | nc -w 3 192.168.127.1 3128 > /tmp/t
+check proxy-connect "$(head -1 /tmp/t | tr -d '\r') / $(grep -c 'through the tunnel' /tmp/t)" "HTTP/1.1 200 Connection established / 1"
+check proxy-not-a-proxy-request "$(printf 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' | nc -w 3 192.168.127.1 3128 | head -1 | tr -d '\r')" "HTTP/1.1 400 Bad Request"
+check proxy-refused-server "$(printf 'GET http://{remote}:9/ HTTP/1.1\r\n\r\n' | nc -w 3 192.168.127.1 3128 | head -1 | tr -d '\r')" "HTTP/1.1 502 Bad Gateway"
+# The host sets an upstream proxy now; requests and tunnels go to it as they came.
+touch /mnt/tools/direct-done
+i=0; while [ ! -e /mnt/tools/upstream-set ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+check proxy-via-upstream "$(http_proxy=$PX wget -q -O - "http://198.51.100.7/x?y=1")" "upstream saw: GET http://198.51.100.7/x?y=1 HTTP/1.1"
+printf 'CONNECT 198.51.100.7:443 HTTP/1.1\r\n\r\nvia upstream\n' | nc -w 3 192.168.127.1 3128 > /tmp/u
+check proxy-connect-via-upstream "$(head -1 /tmp/u | tr -d '\r') / $(grep -c 'via upstream' /tmp/u)" "HTTP/1.1 200 Connection established / 1"
+"#
+    );
+    let mut qemu = Qemu::boot(
+        dir.path(),
+        &GuestSpec {
+            script,
+            net_socket: Some(sock),
+            shares: vec![("tools".into(), tools_sock)],
+            mac: Some("02:46:52:59:00:02".into()),
+            ..Default::default()
+        },
+    );
+    let ctl = |args: &[&str]| {
+        let out = Command::new(ferry_tests::ferry_bin())
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&api)
+            .args(args)
+            .output()
+            .expect("run ferry ctl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let direct = ferry_tests::wait_for(DEADLINE, || {
+        tools.join("direct-done").exists().then_some(())
+    });
+    assert!(
+        direct.is_some(),
+        "the guest never finished its direct checks; console:\n{}",
+        ferry_tests::tail(&qemu.console(), 40)
+    );
+    // Before the upstream: 3 requests (and 2 refused), 1 tunnel, straight to servers.
+    let (ok, shown) = ctl(&["proxy"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("to servers directly; 3 requests, 1 tunnels, 2 failed"),
+        "{shown}"
+    );
+    let (ok, refused) = ctl(&["proxy", "set", "https://nowhere:1"]);
+    assert!(!ok && refused.contains("only http:// proxies"), "{refused}");
+    let (ok, set) = ctl(&["proxy", "set", &format!("http://{remote}:3129")]);
+    assert!(
+        ok && set.contains(&format!("through http://{remote}:3129")),
+        "{set}"
+    );
+    std::fs::write(tools.join("upstream-set"), b"").unwrap();
+
+    all_checks_pass(&mut qemu, &ferry, 8);
+    let (ok, stats) = ctl(&["--json", "stats"]);
+    assert!(ok, "{stats}");
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert_eq!(v["proxy"]["requests"], 4, "{stats}");
+    assert_eq!(v["proxy"]["tunnels"], 2, "{stats}");
+    let (ok, cleared) = ctl(&["proxy", "clear"]);
+    assert!(ok && cleared.contains("to servers directly"), "{cleared}");
 }

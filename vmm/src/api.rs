@@ -24,8 +24,9 @@ use ferry_devices::{VhostUserFsBackend, VhostUserNetBackend};
 use ferry_fs::abi::opcode;
 use ferry_fs::PassthroughFs;
 use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
+use ferry_net::proxy::{Proxy, Upstream};
 use ferry_net::{PortSpec, Protocol};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
@@ -42,6 +43,8 @@ pub struct Control {
     pub default_bind: IpAddr,
     /// The net device.
     pub net: Option<Arc<VhostUserNetBackend>>,
+    /// The HTTP(S) proxy on the gateway's port 3128 (None: no net device).
+    pub proxy: Option<Arc<Proxy>>,
     /// The file shares: tag and device.
     pub fs: Vec<(String, Arc<VhostUserFsBackend<PassthroughFs>>)>,
     /// When ferry started.
@@ -137,12 +140,22 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             None => (200, json!([])),
         },
         (Method::Post, ["ports"]) => publish(control, body),
+        (Method::Get, ["proxy"]) => match &control.proxy {
+            Some(p) => (200, proxy_json(p)),
+            None => no_proxy(),
+        },
+        (Method::Put, ["proxy"]) => set_proxy(control, body),
         (Method::Delete, ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
         (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
         (_, ["ports"]) => error(
             405,
             "/ports takes GET or POST",
             "use GET to list, POST to publish",
+        ),
+        (_, ["proxy"]) => error(
+            405,
+            "/proxy takes GET or PUT",
+            "use GET to show it, PUT {\"upstream\": URL or null} to change it",
         ),
         (_, ["ports", _, _, _]) => error(
             405,
@@ -152,7 +165,7 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
         _ => error(
             404,
             format!("no endpoint {path}"),
-            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /stats",
+            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /stats",
         ),
     }
 }
@@ -190,15 +203,12 @@ fn publish(control: &Control, body: &[u8]) -> (u16, Value) {
             "start ferry serve with --net-socket PATH",
         );
     };
-    let v: Value = match serde_json::from_slice(body) {
+    let v = match json_body(
+        body,
+        r#"send {"spec": "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT"}"#,
+    ) {
         Ok(v) => v,
-        Err(e) => {
-            return error(
-                400,
-                format!("the body is not JSON: {e}"),
-                r#"send {"spec": "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT"}"#,
-            )
-        }
+        Err(e) => return e,
     };
     let spec = match spec_from_json(&v, control.default_bind) {
         Ok(s) => s,
@@ -300,6 +310,65 @@ fn unpublish(control: &Control, proto: &str, bind: &str, port: &str) -> (u16, Va
     }
 }
 
+fn no_proxy() -> (u16, Value) {
+    error(
+        404,
+        "no HTTP proxy: ferry serves no net device",
+        "start ferry with --net-socket PATH",
+    )
+}
+
+/// The proxy's settings and counters.
+pub fn proxy_json(p: &Proxy) -> Value {
+    let st = p.stats();
+    json!({
+        "port": ferry_net::proxy::PORT,
+        "upstream": p.upstream().map(|u| u.to_string()),
+        "requests": st.requests,
+        "tunnels": st.tunnels,
+        "failed": st.failed,
+        "active": st.active,
+    })
+}
+
+const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT"} or {"upstream": null}"#;
+
+/// The request body as JSON, or the 400 that says what to send (`hint`).
+fn json_body(body: &[u8], hint: &str) -> std::result::Result<Value, (u16, Value)> {
+    serde_json::from_slice(body).map_err(|e| error(400, format!("the body is not JSON: {e}"), hint))
+}
+
+/// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
+fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
+    let Some(p) = &control.proxy else {
+        return no_proxy();
+    };
+    let v = match json_body(body, SET_PROXY_HINT) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let up = match v.get("upstream") {
+        Some(Value::Null) => None,
+        Some(Value::String(u)) => match u.parse::<Upstream>() {
+            Ok(u) => Some(u),
+            Err(e) => return error(400, e, "give the upstream as http://HOST:PORT"),
+        },
+        _ => {
+            return error(
+                400,
+                "the body has no \"upstream\" string or null",
+                SET_PROXY_HINT,
+            )
+        }
+    };
+    match &up {
+        Some(u) => info!("proxy: requests go through the upstream proxy {u} from now on"),
+        None => info!("proxy: requests go straight to servers from now on"),
+    }
+    p.set_upstream(up);
+    (200, proxy_json(p))
+}
+
 fn stats(control: &Control) -> Value {
     let net = control.net.as_ref().map(|n| {
         let d = n.stats();
@@ -359,5 +428,6 @@ fn stats(control: &Control) -> Value {
         "net": net,
         "fs": fs,
         "ports": control.ports.as_ref().map(|p| p.list().iter().map(port_json).collect::<Vec<_>>()).unwrap_or_default(),
+        "proxy": control.proxy.as_ref().map(|p| proxy_json(p)),
     })
 }

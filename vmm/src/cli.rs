@@ -24,7 +24,7 @@ pub enum Command {
     /// for inspection and tests. Runs until SIGTERM or SIGINT, or until MOUNTPOINT is unmounted.
     Mount(MountArgs),
     /// Talk to a running ferry through its control API (--api-socket): list, publish and
-    /// unpublish ports, show counters.
+    /// unpublish ports, set the proxy's upstream, show counters.
     Ctl(CtlArgs),
     /// The privileged-port helper: run it as root so that an unprivileged ferry can publish
     /// host ports below net.ipv4.ip_unprivileged_port_start.
@@ -65,6 +65,25 @@ pub enum CtlCommand {
     },
     /// Net and fs counters, and the open flows.
     Stats,
+    /// Show the HTTP(S) proxy on the gateway's port 3128, or set or clear its upstream.
+    Proxy {
+        /// `set URL` to send requests through the proxy at URL (http://HOST:PORT), `clear`
+        /// to connect to servers directly; nothing to show where it stands.
+        #[command(subcommand)]
+        change: Option<ProxyChange>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyChange {
+    /// Send requests and tunnels through the proxy at URL (http://HOST:PORT).
+    Set {
+        /// The upstream proxy.
+        #[arg(value_name = "URL")]
+        url: String,
+    },
+    /// Connect to servers directly.
+    Clear,
 }
 
 #[derive(Debug, Args)]
@@ -81,7 +100,8 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, dns-upstream, api-socket, default-bind; share and publish as arrays). Options given
+    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind; share and publish as
+    /// arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -137,6 +157,12 @@ pub struct ServeArgs {
     /// [default: the nameservers in /etc/resolv.conf].
     #[arg(long, value_name = "ADDR")]
     pub dns_upstream: Option<String>,
+
+    /// The proxy that the HTTP(S) proxy on the gateway's port 3128 sends its requests and
+    /// tunnels through, as http://HOST:PORT [default: none; it connects to servers itself].
+    /// `ferry ctl proxy` changes it while ferry runs.
+    #[arg(long, value_name = "URL")]
+    pub proxy_upstream: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ferry_fs::CachePolicy;
+use ferry_net::proxy::Upstream;
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
 use serde::Deserialize;
 
@@ -74,6 +75,8 @@ pub struct ServeConfig {
     pub shares: Vec<ShareConfig>,
     /// Where to forward DNS queries (None: /etc/resolv.conf's nameservers).
     pub dns_upstream: Option<SocketAddr>,
+    /// The upstream of the gateway's HTTP(S) proxy (None: it connects to servers itself).
+    pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
     /// The bind address of specs that name none (also for the API's).
@@ -103,6 +106,7 @@ struct FileConfig {
     mtu: Option<u32>,
     max_connections: Option<usize>,
     dns_upstream: Option<String>,
+    proxy_upstream: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +322,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
             None => None,
         };
 
+        let proxy_upstream = match args.proxy_upstream.or(file.proxy_upstream) {
+            Some(s) => Some(
+                s.parse::<Upstream>()
+                    .map_err(|e| usage(format!("--proxy-upstream: {e}")))?,
+            ),
+            None => None,
+        };
+        if let (Some(u), None) = (&proxy_upstream, &net_socket) {
+            return Err(usage(format!(
+                "--proxy-upstream {u}: the proxy serves the guest's network; give --net-socket PATH too"
+            )));
+        }
+
         if let (Some(p), None) = (publish.first(), &net_socket) {
             return Err(usage(format!(
                 "--publish {p}: published ports go to the guest's network; give --net-socket PATH too"
@@ -341,6 +358,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             net,
             shares,
             dns_upstream,
+            proxy_upstream,
             publish,
             default_bind,
             api_socket,
@@ -448,6 +466,7 @@ mod tests {
             mtu: None,
             max_connections: None,
             dns_upstream: None,
+            proxy_upstream: None,
         }
     }
 
@@ -510,6 +529,16 @@ mod tests {
         a.net_socket = Some(sock.clone());
         a.dns_upstream = Some("resolver".into());
         assert!(err(a).starts_with("--dns-upstream resolver"));
+
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.proxy_upstream = Some("https://proxy:3128".into());
+        assert!(err(a).starts_with("--proxy-upstream: bad upstream proxy \"https://proxy:3128\""));
+
+        let mut a = args();
+        a.share = vec![format!("tag=t,dir=/tmp,socket={}", sock.display())];
+        a.proxy_upstream = Some("http://proxy:3128".into());
+        assert!(err(a).contains("give --net-socket PATH too"));
 
         assert!(err(args()).starts_with("nothing to serve"));
     }

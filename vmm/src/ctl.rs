@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlCommand};
+use crate::cli::{CtlArgs, CtlCommand, ProxyChange};
 use crate::config::{Error, Result};
 
 /// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
@@ -141,6 +141,21 @@ fn bracket(ip: &str) -> String {
     }
 }
 
+fn print_proxy(p: &Value) {
+    let upstream = match p["upstream"].as_str() {
+        Some(u) => format!("through {u}"),
+        None => "to servers directly".to_string(),
+    };
+    println!(
+        "proxy: gateway port {}, {upstream}; {} requests, {} tunnels, {} failed, {} open",
+        s(&p["port"]),
+        s(&p["requests"]),
+        s(&p["tunnels"]),
+        s(&p["failed"]),
+        s(&p["active"])
+    );
+}
+
 fn print_stats(v: &Value) {
     let net = &v["net"];
     if net.is_object() {
@@ -155,6 +170,9 @@ fn print_stats(v: &Value) {
             s(&net["dhcp_replies"]), s(&net["dns_replies"]), s(&net["tcp_flows"]), s(&net["udp_flows"]),
             s(&net["icmp_flows"]), s(&net["tcp_refused"]), s(&net["published_connections"])
         );
+        if v["proxy"].is_object() {
+            print_proxy(&v["proxy"]);
+        }
     } else {
         println!("net: no device");
     }
@@ -334,6 +352,21 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                     s(&v["guest_port"])
                 )
             });
+        }
+        CtlCommand::Proxy { change } => {
+            let (st, v) = match change {
+                None => call(sock, "GET", "/proxy", None)?,
+                Some(ProxyChange::Set { url }) => {
+                    call(sock, "PUT", "/proxy", Some(&json!({ "upstream": url })))?
+                }
+                Some(ProxyChange::Clear) => {
+                    call(sock, "PUT", "/proxy", Some(&json!({ "upstream": null })))?
+                }
+            };
+            if st != 200 {
+                return Err(refusal(&v, st));
+            }
+            out(&v, &print_proxy);
         }
         CtlCommand::Unpublish { spec } => {
             let path = resolve_unpublish(sock, spec)?;

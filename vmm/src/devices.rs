@@ -9,6 +9,7 @@ use std::thread;
 use ferry_devices::{bind_socket, serve_connections, VhostUserFsBackend, VhostUserNetBackend};
 use ferry_fs::{passthrough, PassthroughFs, Server};
 use ferry_net::ports::{Ports, PrivilegedBinder};
+use ferry_net::proxy::Proxy;
 use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
@@ -85,6 +86,7 @@ impl Devices {
         }
         let mut fs = Vec::new();
         let mut ports = None;
+        let mut proxy = None;
         let mut net_backend = None;
         let mut fs_backends = Vec::new();
         for share in &cfg.shares {
@@ -136,8 +138,24 @@ impl Devices {
                 }
             }
             ports = Some(p.clone());
-            let backend = VhostUserNetBackend::with_ports(cfg.net.clone(), upstream, Some(p))
-                .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
+            let px = Proxy::start(cfg.proxy_upstream.clone()).map_err(|e| {
+                remove_sockets(&sockets);
+                Error::Runtime(format!(
+                    "cannot start the HTTP proxy on a loopback port: {e}; check that the loopback interface is up"
+                ))
+            })?;
+            info!(
+                "net: HTTP(S) proxy on {}:{} (upstream: {})",
+                cfg.net.gateway(),
+                ferry_net::proxy::PORT,
+                cfg.proxy_upstream
+                    .as_ref()
+                    .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
+            );
+            proxy = Some(px.clone());
+            let backend =
+                VhostUserNetBackend::with_services(cfg.net.clone(), upstream, Some(p), Some(px))
+                    .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
             net_backend = Some(backend.clone());
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
@@ -224,6 +242,7 @@ impl Devices {
                     ports: ports.clone(),
                     default_bind: cfg.default_bind,
                     net: net_backend,
+                    proxy,
                     fs: fs_backends,
                     started: std::time::Instant::now(),
                 };

@@ -45,6 +45,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         net: Default::default(),
         shares,
         dns_upstream: None,
+        proxy_upstream: None,
         publish: cfg.publish.clone(),
         default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         api_socket: Some(dir.join("api.sock")),

@@ -1,0 +1,780 @@
+//! The HTTP(S) proxy on the gateway's port 3128, in the role of Docker Desktop's
+//! `http.docker.internal:3128`: a guest that sets `http_proxy=http://192.168.127.1:3128`
+//! reaches the web the way the host does, through the host's resolver and, when one is set,
+//! the host's upstream proxy.
+//!
+//! The NAT hands a guest connection to the gateway's port 3128 to an in-process listener on
+//! the host's loopback. That listener takes only the connections the NAT announced (their
+//! source address is registered before they connect), so it is no open proxy for other
+//! local programs. Each connection is served by a thread with blocking sockets:
+//! - `CONNECT host:port` opens a tunnel: `200 Connection established`, then bytes both ways;
+//! - an absolute-form request (`GET http://host[:port]/path HTTP/1.1`) goes to that server in
+//!   origin form, with its hop-by-hop headers replaced by `Connection: close`; the response
+//!   comes back unchanged and the connection closes after it;
+//! - with an upstream proxy set, both kinds go to the upstream as they came (a CONNECT is
+//!   relayed, not answered here), so the upstream's own answers and authentication
+//!   challenges reach the guest. The guest's `Proxy-Authorization` is passed on.
+//!
+//! Names are resolved on the host when the connection opens. Errors reach the client as
+//! `400` (not a proxy request) or `502` (the server or upstream could not be reached), with
+//! a one-line body that says what to do.
+
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::net::{
+    Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs,
+};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// The gateway's proxy port.
+pub const PORT: u16 = 3128;
+/// The longest request head taken.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most request headers parsed.
+const MAX_HEADERS: usize = 128;
+/// How long a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting to a server or upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; past it, clients get 503.
+const MAX_ACTIVE: usize = 1024;
+/// How long an announced connection may take to arrive.
+const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
+
+/// An upstream proxy: `http://HOST:PORT` (or `HOST:PORT`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Its host name or address.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("bad upstream proxy {s:?}: {why}; give it as http://HOST:PORT, e.g. http://proxy.example:3128")
+        };
+        let rest = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some(_) => return Err(bad("only http:// proxies are supported")),
+            None => s,
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('@') {
+            return Err(bad(
+                "credentials in the URL are not supported (the guest's Proxy-Authorization is passed on)",
+            ));
+        }
+        if rest.contains('/') {
+            return Err(bad("a proxy address has no path"));
+        }
+        let (host, port) = split_host_port(rest).ok_or_else(|| bad("it needs a port"))?;
+        if host.is_empty() {
+            return Err(bad("it needs a host"));
+        }
+        Ok(Upstream { host, port })
+    }
+}
+
+/// `host:port` or `[v6]:port`, split.
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (h, rest) = v6.split_once(']')?;
+        (h, rest.strip_prefix(':')?)
+    } else {
+        s.rsplit_once(':')?
+    };
+    Some((host.to_string(), port.parse().ok().filter(|p| *p != 0)?))
+}
+
+/// What the proxy has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Requests relayed (absolute-form), to servers or the upstream.
+    pub requests: u64,
+    /// CONNECT tunnels opened, to servers or through the upstream.
+    pub tunnels: u64,
+    /// Requests answered with an error (400, 502, 503).
+    pub failed: u64,
+    /// Connections being served now.
+    pub active: u64,
+}
+
+/// The proxy: its loopback listener and its settings.
+pub struct Proxy {
+    addr: SocketAddrV4,
+    upstream: RwLock<Option<Upstream>>,
+    /// Source addresses of the connections the NAT announced, and when.
+    announced: Mutex<HashSet<(SocketAddr, InstantKey)>>,
+    requests: AtomicU64,
+    tunnels: AtomicU64,
+    failed: AtomicU64,
+    active: AtomicUsize,
+}
+
+/// An `Instant` kept beside an address so that stale announcements can be swept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct InstantKey(Instant);
+
+impl Proxy {
+    /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
+    pub fn start(upstream: Option<Upstream>) -> io::Result<Arc<Proxy>> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let addr = match listener.local_addr()? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => return Err(io::Error::other("the proxy's listener is not IPv4")),
+        };
+        let proxy = Arc::new(Proxy {
+            addr,
+            upstream: RwLock::new(upstream),
+            announced: Mutex::new(HashSet::new()),
+            requests: AtomicU64::new(0),
+            tunnels: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+        });
+        let p = proxy.clone();
+        std::thread::Builder::new()
+            .name("ferry-proxy".into())
+            .spawn(move || p.accept_loop(listener))?;
+        Ok(proxy)
+    }
+
+    /// Where the NAT sends the guest's connections to the gateway's port 3128.
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
+    }
+
+    /// The upstream proxy, if one is set.
+    pub fn upstream(&self) -> Option<Upstream> {
+        self.upstream.read().map(|u| u.clone()).unwrap_or(None)
+    }
+
+    /// Sets or clears the upstream proxy; connections opened from now on use it.
+    pub fn set_upstream(&self, up: Option<Upstream>) {
+        if let Ok(mut u) = self.upstream.write() {
+            *u = up;
+        }
+    }
+
+    /// The counters, now.
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            tunnels: self.tunnels.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed) as u64,
+        }
+    }
+
+    /// Announces a connection the NAT is about to open from `from` (its bound source
+    /// address): the listener takes only announced connections.
+    pub fn announce(&self, from: SocketAddr) {
+        let now = Instant::now();
+        if let Ok(mut a) = self.announced.lock() {
+            a.retain(|(_, t)| now.duration_since(t.0) < ANNOUNCE_TTL);
+            a.insert((from, InstantKey(now)));
+        }
+    }
+
+    fn take_announced(&self, from: SocketAddr) -> bool {
+        let Ok(mut a) = self.announced.lock() else {
+            return false;
+        };
+        let hit = a.iter().find(|(addr, _)| *addr == from).copied();
+        hit.is_some_and(|k| a.remove(&k))
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            let client = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("proxy: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let Ok(peer) = client.peer_addr() else {
+                continue;
+            };
+            if !self.take_announced(peer) {
+                // Another local program found the port: it is not the guest's to use.
+                log::debug!("proxy: refused a connection from {peer}, which the NAT did not open");
+                continue;
+            }
+            if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = respond(
+                    &client,
+                    503,
+                    "Service Unavailable",
+                    &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
+                );
+                continue;
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            let p = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ferry-proxy-conn".into())
+                .spawn(move || {
+                    p.serve(client);
+                    p.active.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(e) = spawned {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                log::warn!("proxy: cannot start a thread for a connection: {e}");
+            }
+        }
+    }
+
+    /// Serves one client connection to its end.
+    fn serve(&self, mut client: TcpStream) {
+        let _ = client.set_read_timeout(Some(HEAD_TIMEOUT));
+        let (head, early) = match read_head(&mut client) {
+            Ok(h) => h,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    self.fail(
+                        &client,
+                        400,
+                        "Bad Request",
+                        &format!("ferry proxy: {e}; send one HTTP/1.1 proxy request"),
+                    );
+                }
+                return;
+            }
+        };
+        let req = match Request::parse(&head) {
+            Ok(r) => r,
+            Err(why) => {
+                self.fail(&client, 400, "Bad Request", &format!("ferry proxy: {why}"));
+                return;
+            }
+        };
+        let upstream = self.upstream();
+        let connect_to = match (&upstream, &req.target) {
+            (Some(up), _) => (up.host.clone(), up.port),
+            (None, Target::Authority(h, p))
+            | (
+                None,
+                Target::Absolute {
+                    host: h, port: p, ..
+                },
+            ) => (h.clone(), *p),
+        };
+        let server = match connect(&connect_to.0, connect_to.1) {
+            Ok(s) => s,
+            Err(e) => {
+                let what = match &upstream {
+                    Some(up) => format!("the upstream proxy {up}"),
+                    None => format!("{}:{}", connect_to.0, connect_to.1),
+                };
+                log::debug!("proxy: cannot connect to {what}: {e}");
+                self.fail(
+                    &client,
+                    502,
+                    "Bad Gateway",
+                    &format!("ferry proxy: cannot connect to {what}: {e}; check the address and that the server is up"),
+                );
+                return;
+            }
+        };
+        let mut server = server;
+        let sent = match (&req.target, upstream.is_some()) {
+            (Target::Authority(..), false) => {
+                self.tunnels.fetch_add(1, Ordering::Relaxed);
+                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            }
+            (Target::Authority(..), true) => {
+                self.tunnels.fetch_add(1, Ordering::Relaxed);
+                server.write_all(&req.rewrite(true))
+            }
+            (Target::Absolute { .. }, through) => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                server.write_all(&req.rewrite(through))
+            }
+        };
+        if sent.and_then(|()| server.write_all(&early)).is_err() {
+            return;
+        }
+        let _ = client.set_read_timeout(None);
+        splice(client, server);
+    }
+
+    fn fail(&self, client: &TcpStream, code: u16, reason: &str, body: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let _ = respond(client, code, reason, body);
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// CONNECT's `host:port`.
+    Authority(String, u16),
+    /// An absolute `http://host[:port]/path?query`.
+    Absolute {
+        host: String,
+        port: u16,
+        /// The origin-form target: the path and query.
+        path: String,
+    },
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    /// The request target as the client sent it.
+    raw_target: String,
+    target: Target,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    version: u8,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Headers that belong to one hop and are not passed on (RFC 9110, 7.6.1), besides the ones
+/// `Connection` names.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+impl Request {
+    fn parse(head: &[u8]) -> Result<Request, String> {
+        let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Request::new(&mut hdrs);
+        match r.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err("the request head is incomplete".into()),
+            Err(e) => return Err(format!("the request head is malformed ({e})")),
+        }
+        let method = r.method.unwrap_or_default().to_string();
+        let raw_target = r.path.unwrap_or_default().to_string();
+        let version = r.version.unwrap_or(1);
+        let target = if method.eq_ignore_ascii_case("CONNECT") {
+            let (h, p) = split_host_port(&raw_target)
+                .ok_or_else(|| format!("CONNECT needs host:port, not {raw_target:?}"))?;
+            Target::Authority(h, p)
+        } else {
+            parse_absolute(&raw_target)?
+        };
+        let headers = r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), h.value.to_vec()))
+            .collect();
+        Ok(Request {
+            method,
+            raw_target,
+            target,
+            version,
+            headers,
+        })
+    }
+
+    /// The head to send on: to an upstream (`through`) with the target as it came, else to
+    /// the server in origin form. Hop-by-hop headers give way to `Connection: close`.
+    fn rewrite(&self, through: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        let target = match (&self.target, through) {
+            (Target::Absolute { path, .. }, false) => path.as_str(),
+            _ => self.raw_target.as_str(),
+        };
+        out.extend_from_slice(
+            format!("{} {} HTTP/1.{}\r\n", self.method, target, self.version).as_bytes(),
+        );
+        let named: Vec<String> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let tunnel = matches!(self.target, Target::Authority(..));
+        for (name, value) in &self.headers {
+            let lower = name.to_ascii_lowercase();
+            if HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower) {
+                continue;
+            }
+            // Credentials for a proxy are for the upstream only, never for the server.
+            if lower == "proxy-authorization" && !through {
+                continue;
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if !tunnel {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// `http://host[:port][/path]` into its parts (the path defaults to `/`).
+fn parse_absolute(t: &str) -> Result<Target, String> {
+    let Some((scheme, rest)) = t.split_once("://") else {
+        return Err(format!(
+            "this is a proxy: ask for an absolute URL (GET http://host/path) or CONNECT host:port, not {t:?}"
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(format!(
+            "{scheme}:// URLs go through CONNECT (a client does this when its proxy is set for {scheme}); plain requests take http:// only"
+        ));
+    }
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
+    };
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if authority.ends_with(']') || !authority.contains(':') {
+        let h = authority.trim_start_matches('[').trim_end_matches(']');
+        (h.to_string(), 80)
+    } else {
+        split_host_port(authority).ok_or_else(|| format!("bad host in {t:?}"))?
+    };
+    if host.is_empty() {
+        return Err(format!("no host in {t:?}"));
+    }
+    Ok(Target::Absolute { host, port, path })
+}
+
+/// Reads up to the end of the request head; returns it and any bytes read past it.
+fn read_head(s: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed before its request head ended",
+            ));
+        }
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let end = from + i + 4;
+            let rest = buf.split_off(end);
+            return Ok((buf, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the request head is longer than {} KiB", MAX_HEAD / 1024),
+            ));
+        }
+    }
+}
+
+/// Connects to `host:port`, trying each address the host's resolver gives.
+fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+    for a in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn respond(mut client: &TcpStream, code: u16, reason: &str, body: &str) -> io::Result<()> {
+    let body = format!("{body}\n");
+    write!(
+        client,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Moves bytes both ways until both sides have finished; an end on one side is passed on
+/// as a half-close, so a client that shuts its writing side still gets its answer.
+fn splice(client: TcpStream, server: TcpStream) {
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let up = std::thread::Builder::new()
+        .name("ferry-proxy-up".into())
+        .spawn(move || pump(c2, s2));
+    pump(server, client);
+    if let Ok(t) = up {
+        let _ = t.join();
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(Shutdown::Read);
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                // A reset on one side resets the other, not a clean close.
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_upstreams() {
+        let u: Upstream = "http://proxy.example:3128".parse().unwrap();
+        assert_eq!(
+            u,
+            Upstream {
+                host: "proxy.example".into(),
+                port: 3128
+            }
+        );
+        assert_eq!(u.to_string(), "http://proxy.example:3128");
+        let u: Upstream = "10.0.0.1:8080/".parse().unwrap();
+        assert_eq!(u.port, 8080);
+        let u: Upstream = "http://[::1]:3128".parse().unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.to_string().as_str()),
+            ("::1", "http://[::1]:3128")
+        );
+        for bad in [
+            "https://p:1",
+            "http://p",
+            "http://u:pw@p:1",
+            "p:0",
+            ":80",
+            "http://p:1/x",
+        ] {
+            let e = bad.parse::<Upstream>().unwrap_err();
+            assert!(e.contains("http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_requests_and_rewrites_them_for_the_server_or_the_upstream() {
+        let head = b"GET http://198.18.0.2:8080/a/b?c=1 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n";
+        let r = Request::parse(head).unwrap();
+        assert_eq!(
+            r.target,
+            Target::Absolute {
+                host: "198.18.0.2".into(),
+                port: 8080,
+                path: "/a/b?c=1".into()
+            }
+        );
+        let direct = String::from_utf8(r.rewrite(false)).unwrap();
+        assert_eq!(
+            direct,
+            "GET /a/b?c=1 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        let through = String::from_utf8(r.rewrite(true)).unwrap();
+        assert!(through.starts_with("GET http://198.18.0.2:8080/a/b?c=1 HTTP/1.1\r\n"));
+        assert!(through.contains("Proxy-Authorization: Basic eA==\r\n"));
+        assert!(!through.contains("X-Hop") && !through.contains("keep-alive"));
+
+        let c = Request::parse(b"CONNECT 198.18.0.2:443 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(c.target, Target::Authority("198.18.0.2".into(), 443));
+        assert_eq!(
+            String::from_utf8(c.rewrite(true)).unwrap(),
+            "CONNECT 198.18.0.2:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        let t = Request::parse(b"GET http://h HTTP/1.0\r\n\r\n")
+            .unwrap()
+            .target;
+        assert_eq!(
+            t,
+            Target::Absolute {
+                host: "h".into(),
+                port: 80,
+                path: "/".into()
+            }
+        );
+        let t = Request::parse(b"GET http://h?q HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .target;
+        assert_eq!(
+            t,
+            Target::Absolute {
+                host: "h".into(),
+                port: 80,
+                path: "/?q".into()
+            }
+        );
+    }
+
+    #[test]
+    fn requests_that_are_not_for_a_proxy_are_refused_with_a_reason() {
+        for (head, want) in [
+            (&b"GET /index.html HTTP/1.1\r\n\r\n"[..], "absolute URL"),
+            (b"GET https://h/ HTTP/1.1\r\n\r\n", "CONNECT"),
+            (b"CONNECT h HTTP/1.1\r\n\r\n", "host:port"),
+            (b"GARBAGE\r\n\r\n", "malformed"),
+        ] {
+            let e = Request::parse(head).unwrap_err();
+            assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(head));
+        }
+    }
+
+    /// A one-shot HTTP server on loopback: answers each connection with `body` and records
+    /// the request head it got.
+    fn origin(body: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let mut c = c.unwrap();
+                let (head, _) = read_head(&mut c).unwrap();
+                s2.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A client connection to the proxy, opened and announced as the NAT does it.
+    fn client(p: &Proxy) -> TcpStream {
+        let to = p.addr();
+        let s = crate::tcp_nat::connect_nonblocking(to, Some(&|a| p.announce(a))).unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    }
+
+    fn roundtrip(mut s: TcpStream, req: &str) -> String {
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn unannounced_connections_are_closed_unserved() {
+        let p = Proxy::start(None).unwrap();
+        let mut s = TcpStream::connect(p.addr()).unwrap();
+        let _ = s.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n");
+        // Closed unread: an end of stream, or a reset for the unread request.
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert_eq!(out, "");
+        assert_eq!(p.stats().requests, 0);
+    }
+
+    #[test]
+    fn relays_a_request_and_reports_an_unreachable_server() {
+        let (origin, seen) = origin("hello");
+        let p = Proxy::start(None).unwrap();
+        let out = roundtrip(
+            client(&p),
+            &format!("GET http://{origin}/x HTTP/1.1\r\nHost: {origin}\r\nProxy-Connection: keep-alive\r\n\r\n"),
+        );
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK") && out.ends_with("hello"),
+            "{out}"
+        );
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            format!("GET /x HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n")
+        );
+        // A port where nothing listens.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let out = roundtrip(client(&p), &format!("GET http://{dead}/ HTTP/1.1\r\n\r\n"));
+        assert!(out.starts_with("HTTP/1.1 502 Bad Gateway"), "{out}");
+        assert!(out.contains(&format!("cannot connect to {dead}")), "{out}");
+        let st = p.stats();
+        assert_eq!((st.requests, st.failed), (1, 1));
+    }
+
+    #[test]
+    fn tunnels_connect_and_relays_through_an_upstream() {
+        // CONNECT straight to an echo server.
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in echo.incoming() {
+                let mut c = c.unwrap();
+                let mut r = c.try_clone().unwrap();
+                let _ = io::copy(&mut r, &mut c);
+            }
+        });
+        let p = Proxy::start(None).unwrap();
+        let mut s = client(&p);
+        s.write_all(
+            format!("CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\n\r\nearly").as_bytes(),
+        )
+        .unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "HTTP/1.1 200 Connection established\r\n\r\nearly");
+
+        // With an upstream, both kinds go to it as they came; the upstream answers.
+        let (up, seen) = origin("from upstream");
+        let up: Upstream = up.to_string().parse().unwrap();
+        p.set_upstream(Some(up.clone()));
+        assert_eq!(p.upstream(), Some(up));
+        let out = roundtrip(client(&p), "GET http://198.18.0.9/y HTTP/1.1\r\nHost: 198.18.0.9\r\nProxy-Authorization: Basic eA==\r\n\r\n");
+        assert!(out.ends_with("from upstream"), "{out}");
+        let out = roundtrip(client(&p), "CONNECT 198.18.0.9:443 HTTP/1.1\r\n\r\n");
+        assert!(out.ends_with("from upstream"), "{out}");
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen[0],
+            "GET http://198.18.0.9/y HTTP/1.1\r\nHost: 198.18.0.9\r\nProxy-Authorization: Basic eA==\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(seen[1], "CONNECT 198.18.0.9:443 HTTP/1.1\r\n\r\n");
+        let st = p.stats();
+        assert_eq!((st.tunnels, st.requests, st.failed), (2, 1, 0));
+    }
+}
