@@ -28,8 +28,11 @@ test: deps guest-image
 	$(CARGO) build -j$(JOBS) --workspace --all-targets
 	$(CARGO) test -j$(JOBS) --workspace -- --test-threads=$(TEST_THREADS)
 
+# The demo fetches this checkout from the host's loopback (port 8089) through the NAT and the
+# proxy; the server lives as long as the guest.
 run: deps guest-image build
-	$(FERRY) run --share $(SHARE) --script guest-image/demo.sh
+	@python3 -m http.server --bind 127.0.0.1 --directory $(SHARE) 8089 >/dev/null 2>&1 & srv=$$!; \
+	$(FERRY) run --share $(SHARE) --script guest-image/demo.sh; rc=$$?; kill $$srv; exit $$rc
 
 # Benchmarks are not tests: they measure and write bench/results/, asserting no speed.
 bench: guest-image

@@ -18,4 +18,10 @@ echo "written by the guest at $(date)" > /tmp/demo.txt
 cp /tmp/demo.txt /mnt/share0/target/ferry-demo.txt && cat /mnt/share0/target/ferry-demo.txt
 sha256sum /tmp/demo.txt /mnt/share0/target/ferry-demo.txt
 rm /mnt/share0/target/ferry-demo.txt
-echo "-- not yet: DNS and NAT to host sockets (the rest of the virtio-net data path); see README, Status."
+echo "-- DNS: names ferry's gateway answers itself"
+nslookup host.ferry.internal 2>&1 | grep -A1 '^Name'
+nslookup http.docker.internal 2>&1 | grep -A1 '^Name'
+echo "-- TCP through the NAT: the host alias is the host's 127.0.0.1, where make run serves this checkout on port 8089"
+wget -q -O - http://host.ferry.internal:8089/README.md | head -n 1
+echo "-- the same file through the HTTP proxy on the gateway's port 3128 (it connects from the host, so 127.0.0.1 is the host's)"
+http_proxy=http://http.docker.internal:3128 wget -q -O - http://127.0.0.1:8089/README.md | head -n 1
