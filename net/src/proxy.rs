@@ -19,7 +19,7 @@
 //! `400` (not a proxy request) or `502` (the server or upstream could not be reached), with
 //! a one-line body that says what to do.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{
     Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs,
@@ -120,16 +120,12 @@ pub struct Proxy {
     addr: SocketAddrV4,
     upstream: RwLock<Option<Upstream>>,
     /// Source addresses of the connections the NAT announced, and when.
-    announced: Mutex<HashSet<(SocketAddr, InstantKey)>>,
+    announced: Mutex<HashMap<SocketAddr, Instant>>,
     requests: AtomicU64,
     tunnels: AtomicU64,
     failed: AtomicU64,
     active: AtomicUsize,
 }
-
-/// An `Instant` kept beside an address so that stale announcements can be swept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct InstantKey(Instant);
 
 impl Proxy {
     /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
@@ -142,7 +138,7 @@ impl Proxy {
         let proxy = Arc::new(Proxy {
             addr,
             upstream: RwLock::new(upstream),
-            announced: Mutex::new(HashSet::new()),
+            announced: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -187,17 +183,16 @@ impl Proxy {
     pub fn announce(&self, from: SocketAddr) {
         let now = Instant::now();
         if let Ok(mut a) = self.announced.lock() {
-            a.retain(|(_, t)| now.duration_since(t.0) < ANNOUNCE_TTL);
-            a.insert((from, InstantKey(now)));
+            // Connections whose connect failed never arrive: their entries age out.
+            a.retain(|_, t| now.duration_since(*t) < ANNOUNCE_TTL);
+            a.insert(from, now);
         }
     }
 
     fn take_announced(&self, from: SocketAddr) -> bool {
-        let Ok(mut a) = self.announced.lock() else {
-            return false;
-        };
-        let hit = a.iter().find(|(addr, _)| *addr == from).copied();
-        hit.is_some_and(|k| a.remove(&k))
+        self.announced
+            .lock()
+            .is_ok_and(|mut a| a.remove(&from).is_some())
     }
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -278,7 +273,7 @@ impl Proxy {
                 },
             ) => (h.clone(), *p),
         };
-        let server = match connect(&connect_to.0, connect_to.1) {
+        let mut server = match connect(&connect_to.0, connect_to.1) {
             Ok(s) => s,
             Err(e) => {
                 let what = match &upstream {
@@ -295,7 +290,6 @@ impl Proxy {
                 return;
             }
         };
-        let mut server = server;
         let sent = match (&req.target, upstream.is_some()) {
             (Target::Authority(..), false) => {
                 self.tunnels.fetch_add(1, Ordering::Relaxed);
@@ -596,14 +590,7 @@ mod tests {
     fn parses_requests_and_rewrites_them_for_the_server_or_the_upstream() {
         let head = b"GET http://198.18.0.2:8080/a/b?c=1 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n";
         let r = Request::parse(head).unwrap();
-        assert_eq!(
-            r.target,
-            Target::Absolute {
-                host: "198.18.0.2".into(),
-                port: 8080,
-                path: "/a/b?c=1".into()
-            }
-        );
+        assert_eq!(r.target, absolute("198.18.0.2", 8080, "/a/b?c=1"));
         let direct = String::from_utf8(r.rewrite(false)).unwrap();
         assert_eq!(
             direct,
@@ -620,28 +607,23 @@ mod tests {
             String::from_utf8(c.rewrite(true)).unwrap(),
             "CONNECT 198.18.0.2:443 HTTP/1.1\r\nHost: x\r\n\r\n"
         );
-        let t = Request::parse(b"GET http://h HTTP/1.0\r\n\r\n")
-            .unwrap()
-            .target;
+        let target = |head: &[u8]| Request::parse(head).unwrap().target;
         assert_eq!(
-            t,
-            Target::Absolute {
-                host: "h".into(),
-                port: 80,
-                path: "/".into()
-            }
+            target(b"GET http://h HTTP/1.0\r\n\r\n"),
+            absolute("h", 80, "/")
         );
-        let t = Request::parse(b"GET http://h?q HTTP/1.1\r\n\r\n")
-            .unwrap()
-            .target;
         assert_eq!(
-            t,
-            Target::Absolute {
-                host: "h".into(),
-                port: 80,
-                path: "/?q".into()
-            }
+            target(b"GET http://h?q HTTP/1.1\r\n\r\n"),
+            absolute("h", 80, "/?q")
         );
+    }
+
+    fn absolute(host: &str, port: u16, path: &str) -> Target {
+        Target::Absolute {
+            host: host.into(),
+            port,
+            path: path.into(),
+        }
     }
 
     #[test]

@@ -701,7 +701,7 @@ impl NetStack {
                 (dns::PORT, Some(up), _) => target = Some(up),
                 (crate::proxy::PORT, _, Some(p)) => {
                     target = Some(p.addr());
-                    proxy = Some(p.clone());
+                    proxy = Some(&**p);
                 }
                 _ => return false,
             }
@@ -712,7 +712,7 @@ impl NetStack {
         };
         // The proxy takes only the connections it was told of, by their source address.
         let tell_proxy = |a: SocketAddr| {
-            if let Some(p) = &proxy {
+            if let Some(p) = proxy {
                 p.announce(a);
             }
         };

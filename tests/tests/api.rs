@@ -219,6 +219,35 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     expect_error(s, "GET", "/ports/tcp/127.0.0.1/1", None, 405, "DELETE");
     expect_error(s, "GET", "/nothing", None, 404, "no endpoint");
 
+    // The proxy: shown, its upstream set and cleared, bad bodies refused with the reason.
+    let (st, v) = api(s, "GET", "/proxy", None);
+    assert_eq!((st, v["port"].as_u64()), (200, Some(3128)), "{v}");
+    assert!(v["upstream"].is_null(), "{v}");
+    let (st, v) = api(
+        s,
+        "PUT",
+        "/proxy",
+        Some(r#"{"upstream": "http://127.0.0.1:3129"}"#),
+    );
+    assert_eq!(
+        (st, v["upstream"].as_str()),
+        (200, Some("http://127.0.0.1:3129")),
+        "{v}"
+    );
+    let (st, v) = api(s, "PUT", "/proxy", Some(r#"{"upstream": null}"#));
+    assert!(st == 200 && v["upstream"].is_null(), "{v}");
+    expect_error(s, "PUT", "/proxy", Some("not json"), 400, "not JSON");
+    expect_error(s, "PUT", "/proxy", Some("{}"), 400, "no \"upstream\"");
+    expect_error(
+        s,
+        "PUT",
+        "/proxy",
+        Some(r#"{"upstream": "socks5://h:1"}"#),
+        400,
+        "only http:// proxies",
+    );
+    expect_error(s, "POST", "/proxy", Some("{}"), 405, "GET or PUT");
+
     // Stats: net and fs counters, open flows, and the ports.
     let (st, v) = api(s, "GET", "/stats", None);
     assert_eq!(st, 200, "{v}");
@@ -305,4 +334,6 @@ fn without_a_net_device_publishing_is_refused_with_the_reason() {
     let (st, v) = api(&api_sock, "GET", "/stats", None);
     assert_eq!(st, 200);
     assert!(v["net"].is_null(), "{v}");
+    assert!(v["proxy"].is_null(), "{v}");
+    expect_error(&api_sock, "GET", "/proxy", None, 404, "no net device");
 }
