@@ -5,8 +5,9 @@
       KIND ferry|passt|slirp, MODE g2h|h2g|udp: one iperf3 run from the guest to the host's
       loopback (or back), in the bench's namespace. Prints the rate, and the CPU of the
       backend and of QEMU's main-loop thread over the transfer.
-  bench/one.py fs KIND [--reps N] [--ferry BIN] [--fio 'ARGS'] [--run 'CMD']
-      KIND ferry|virtiofsd: N fio runs (default: 1 MiB sequential write) in one boot.
+  bench/one.py fs KIND [--reps N] [--ferry BIN] [--fio 'ARGS' | --meta] [--run 'CMD']
+      KIND ferry|virtiofsd: N fio runs (default: 1 MiB sequential write) in one boot, or with
+      --meta N rounds of the bench's metadata steps (10k files; untar, find, du).
 
 --run starts CMD (after --after seconds, for net) while the step runs; {pid} is the backend's
 pid and {qpid} QEMU's. Examples:
@@ -76,17 +77,27 @@ sleep 3600
 
 
 def fs(b, a):
-    # parse_fs reads the read side of a job whose name says "read", else the write side.
-    which = "read" if "--rw=read" in a.fio or "--rw=randread" in a.fio else "write"
-    b.FS_STEPS = "drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }\n" + "".join(
-        'echo "BENCH-FIO %s%d $(fio --output-format=json %s 2>/dev/null | tr -d \'\\n\')"\n'
-        'drop\n' % (which, i, a.fio) for i in range(a.reps)) + "rm -f $D/big\n"
-    b.tar = os.path.join(b.w, "empty.tar")
-    open(b.tar, "w").close()
+    drop = "drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }\n"
+    if a.meta:
+        b.FS_STEPS = drop + b.FS_META_STEPS * a.reps
+        b.tar = b.make_tree_tar()
+    else:
+        # parse_fs reads the read side of a job whose name says "read", else the write side.
+        which = "read" if "--rw=read" in a.fio or "--rw=randread" in a.fio else "write"
+        b.FS_STEPS = drop + "".join(
+            'echo "BENCH-FIO %s%d $(fio --output-format=json %s 2>/dev/null | tr -d \'\\n\')"\n'
+            'drop\n' % (which, i, a.fio) for i in range(a.reps)) + "rm -f $D/big\n"
+        b.tar = os.path.join(b.w, "empty.tar")
+        open(b.tar, "w").close()
     side = subprocess.Popen(a.run, shell=True) if a.run else None
     b.run_fs(a.kind)
     if side:
         side.wait()
+    if a.meta:
+        for (suite, metric, _), v in sorted(b.results.items()):
+            unit = "s" if metric in ("untar", "find", "du") else "files/s"
+            print("%s %s: %s %s" % (a.kind, metric, " ".join("%.3g" % x for x in v), unit))
+        return
     vals = [round(v[0], 1) for (suite, _, _), v in sorted(b.results.items()) if suite == "fs"]
     cpu, gib, peak, _ = b.cost[("fs", a.kind)][-1]
     print("%s: MiB/s per run %s; %.2f s CPU per GiB, peak RSS %.0f MiB"
@@ -108,6 +119,8 @@ def main():
     f = sub.add_parser("fs")
     f.add_argument("kind", choices=["ferry", "virtiofsd"])
     f.add_argument("--reps", type=int, default=3)
+    f.add_argument("--meta", action="store_true",
+                   help="the bench's metadata steps (files, untar, find, du) instead of fio")
     f.add_argument("--fio", default="--name=w --directory=$D --filename=big --rw=write --bs=1M "
                    "--size=256M --ioengine=psync --end_fsync=1")
     for p in (n, f):

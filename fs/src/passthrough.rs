@@ -86,6 +86,10 @@ pub struct Config {
     /// Let the guest cache writes (FUSE writeback cache): faster small writes, but a host
     /// process may see the guest's writes late.
     pub writeback: bool,
+    /// Answer the xattr requests with ENOSYS, as virtiofsd does without `--xattr`: the guest
+    /// then stops asking, which saves the GETXATTR of `security.capability` that it sends
+    /// before the first write to every file.
+    pub no_xattr: bool,
 }
 
 /// How the server reaches a node.
@@ -465,6 +469,15 @@ impl PassthroughFs {
     fn check_writable(&self) -> io::Result<()> {
         if self.cfg.readonly {
             Err(erofs())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// ENOSYS when the share has xattrs off; the guest then asks no more.
+    fn check_xattr_on(&self) -> io::Result<()> {
+        if self.cfg.no_xattr {
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
         } else {
             Ok(())
         }
@@ -1143,6 +1156,7 @@ impl FileSystem for PassthroughFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        self.check_xattr_on()?;
         self.check_writable()?;
         check_xattr_name(name)?;
         let node = self.inode(inode)?;
@@ -1162,6 +1176,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn getxattr(&self, _ctx: Context, inode: u64, name: &CStr, size: u32) -> io::Result<Vec<u8>> {
+        self.check_xattr_on()?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -1180,6 +1195,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {
+        self.check_xattr_on()?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -1190,6 +1206,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn removexattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.check_xattr_on()?;
         self.check_writable()?;
         check_xattr_name(name)?;
         let node = self.inode(inode)?;

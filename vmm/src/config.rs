@@ -62,6 +62,8 @@ pub struct ShareConfig {
     pub cache: CachePolicy,
     /// Let the guest cache writes (FUSE writeback cache).
     pub writeback: bool,
+    /// Answer the xattr requests with ENOSYS (virtiofsd's default).
+    pub noxattr: bool,
 }
 
 /// What `ferry serve` serves.
@@ -119,6 +121,8 @@ struct FileShare {
     readonly: bool,
     #[serde(default)]
     writeback: bool,
+    #[serde(default)]
+    noxattr: bool,
     cache: Option<String>,
 }
 
@@ -164,11 +168,11 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY]`.
+/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]`.
 fn parse_share(spec: &str) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
-    let (mut tag, mut dir, mut socket, mut readonly, mut writeback, mut cache) =
-        (None, None, None, false, false, CachePolicy::default());
+    let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
+    let (mut readonly, mut writeback, mut noxattr) = (false, false, false);
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tag", v)) => tag = Some(v.to_string()),
@@ -177,9 +181,10 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
             None if part == "readonly" => readonly = true,
             None if part == "writeback" => writeback = true,
+            None if part == "noxattr" => noxattr = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, readonly and writeback"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, readonly, writeback and noxattr"
                 )))
             }
         }
@@ -196,6 +201,7 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
         readonly,
         cache,
         writeback,
+        noxattr,
     })
 }
 
@@ -269,6 +275,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 readonly: s.readonly,
                 cache,
                 writeback: s.writeback,
+                noxattr: s.noxattr,
             });
         }
         for spec in &args.share {

@@ -97,6 +97,7 @@ impl Devices {
                     readonly: share.readonly,
                     node_fds: None,
                     writeback: share.writeback,
+                    no_xattr: share.noxattr,
                 },
             )
             .map_err(|e| {

@@ -103,6 +103,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             readonly: args.readonly,
             node_fds: None,
             writeback: false,
+            no_xattr: false,
         },
     )
     .map_err(|e| {

@@ -38,6 +38,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             readonly: false,
             cache: Default::default(),
             writeback: false,
+            noxattr: false,
         })
         .collect();
     let serve = ServeConfig {
