@@ -14,7 +14,7 @@ pub mod vhu_net;
 
 pub use connection::{bind_socket, serve_connections, Error};
 pub use vhu_fs::VhostUserFsBackend;
-pub use vhu_net::VhostUserNetBackend;
+pub use vhu_net::{NetServices, VhostUserNetBackend};
 
 /// Guest memory as the vhost-user backends see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use ferry_fs::RequestReader;
 use ferry_net::ports::Ports;
 use ferry_net::proxy::Proxy;
+use ferry_net::rules::Rules;
 use ferry_net::stack::{FlowInfo, NetStack, StackStats};
 use ferry_net::NetConfig;
 use log::{debug, warn};
@@ -76,10 +77,8 @@ pub struct VhostUserNetBackend {
     cfg: NetConfig,
     /// Where DNS queries for other names go.
     upstream: Option<SocketAddr>,
-    /// Published ports; they outlive guests.
-    ports: Option<Arc<Ports>>,
-    /// The HTTP(S) proxy behind the gateway's port 3128; it outlives guests.
-    proxy: Option<Arc<Proxy>>,
+    /// Published ports, the proxy and the rules; they outlive guests.
+    services: NetServices,
     /// The guest's link. One thread serves the device, so the lock is never contended.
     stack: Mutex<NetStack>,
     /// Fires when the stack wants a poll without new frames (ARP retries, TCP timers).
@@ -117,19 +116,28 @@ struct TxPoll {
     last_kick: Option<std::time::Instant>,
 }
 
+/// What a net device serves besides the link, shared with the control API.
+#[derive(Clone, Default)]
+pub struct NetServices {
+    /// Published ports: their clients' connections go to the guest.
+    pub ports: Option<Arc<Ports>>,
+    /// The HTTP(S) proxy the gateway's port 3128 leads to.
+    pub proxy: Option<Arc<Proxy>>,
+    /// The rules new outbound flows are checked against.
+    pub rules: Option<Arc<Rules>>,
+}
+
 impl VhostUserNetBackend {
     /// A net device for the network plan `cfg`.
     pub fn new(cfg: NetConfig, upstream: Option<SocketAddr>) -> io::Result<Arc<Self>> {
-        Self::with_services(cfg, upstream, None, None)
+        Self::with_services(cfg, upstream, NetServices::default())
     }
 
-    /// A net device whose guest receives the connections of published `ports`, and whose
-    /// gateway's port 3128 leads to `proxy`. Both outlive guests.
+    /// A net device with `services`, which outlive guests.
     pub fn with_services(
         cfg: NetConfig,
         upstream: Option<SocketAddr>,
-        ports: Option<Arc<Ports>>,
-        proxy: Option<Arc<Proxy>>,
+        services: NetServices,
     ) -> io::Result<Arc<Self>> {
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // Non-blocking: an event earlier in the same epoll batch may re-arm the timer (which
@@ -143,9 +151,8 @@ impl VhostUserNetBackend {
             upstream,
             timer: Mutex::new(timer),
             armed: Mutex::new(None),
-            stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &ports, &proxy)?),
-            ports,
-            proxy,
+            stack: Mutex::new(Self::fresh_stack(&cfg, upstream, &services)?),
+            services,
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
@@ -158,14 +165,16 @@ impl VhostUserNetBackend {
     fn fresh_stack(
         cfg: &NetConfig,
         upstream: Option<SocketAddr>,
-        ports: &Option<Arc<Ports>>,
-        proxy: &Option<Arc<Proxy>>,
+        services: &NetServices,
     ) -> io::Result<NetStack> {
         let mut stack = NetStack::new(cfg.clone(), upstream)?;
-        if let Some(p) = proxy {
+        if let Some(p) = &services.proxy {
             stack = stack.with_proxy(p.clone());
         }
-        match ports {
+        if let Some(r) = &services.rules {
+            stack = stack.with_rules(r.clone());
+        }
+        match &services.ports {
             Some(p) => stack.with_ports(p.clone()),
             None => Ok(stack),
         }
@@ -186,7 +195,7 @@ impl VhostUserNetBackend {
 
     /// A frontend is attached: published ports forward to its guest from now on.
     pub fn frontend_attached(&self) {
-        if let Some(p) = &self.ports {
+        if let Some(p) = &self.services.ports {
             p.set_attached(true);
         }
     }
@@ -325,7 +334,7 @@ impl VhostUserNetBackend {
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
         *self.tx_poll() = TxPoll::default();
-        if let Some(p) = &self.ports {
+        if let Some(p) = &self.services.ports {
             // Until the next guest, published ports refuse their clients at once.
             p.set_attached(false);
         }
@@ -347,7 +356,7 @@ impl VhostUserNetBackend {
             st.tcp_refused
         );
         if let Ok(mut st) = self.stack.lock() {
-            match Self::fresh_stack(&self.cfg, self.upstream, &self.ports, &self.proxy) {
+            match Self::fresh_stack(&self.cfg, self.upstream, &self.services) {
                 Ok(fresh) => *st = fresh,
                 Err(e) => warn!("net: cannot make a fresh link for the next guest: {e}"),
             }

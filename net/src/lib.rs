@@ -1,5 +1,5 @@
 //! Ferry's network side: the userspace stack that ends the guest's Ethernet frames and the services
-//! behind it (DHCP, DNS, NAT to host sockets, port publishing, the HTTP(S) proxy).
+//! behind it (DHCP, DNS, NAT to host sockets, port publishing, the HTTP(S) proxy, rules with counters).
 //!
 //! This crate knows nothing of virtio. It takes and produces Ethernet frames as byte slices, so it
 //! can be tested without a VM. The vhost-user device in `ferry-devices` moves frames between the
@@ -22,5 +22,6 @@ pub mod icmp;
 pub mod nat;
 pub mod ports;
 pub mod proxy;
+pub mod rules;
 pub mod stack;
 pub mod tcp_nat;

@@ -33,6 +33,8 @@ pub struct UdpFlow {
     pub socket: UdpSocket,
     /// Last datagram either way.
     pub last: Instant,
+    /// The counters of the rule that let it through, if rules are set.
+    pub counters: Option<std::sync::Arc<crate::rules::Counters>>,
 }
 
 /// The UDP flows, and the epoll their sockets wake.
@@ -92,6 +94,7 @@ impl UdpNat {
                 UdpFlow {
                     socket,
                     last: Instant::now(),
+                    counters: None,
                 },
             );
         }

@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::rules::{Action, Proto, RuleSpec, Rules};
+
 /// The gateway's proxy port.
 pub const PORT: u16 = 3128;
 /// The longest request head taken.
@@ -121,6 +123,9 @@ pub struct Proxy {
     upstream: RwLock<Option<Upstream>>,
     /// Source addresses of the connections the NAT announced, and when.
     announced: Mutex<HashMap<SocketAddr, Instant>>,
+    /// The guest's outbound rules, which the servers it connects to directly are checked
+    /// against.
+    rules: Option<Arc<Rules>>,
     requests: AtomicU64,
     tunnels: AtomicU64,
     failed: AtomicU64,
@@ -129,7 +134,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
-    pub fn start(upstream: Option<Upstream>) -> io::Result<Arc<Proxy>> {
+    pub fn start(upstream: Option<Upstream>, rules: Option<Arc<Rules>>) -> io::Result<Arc<Proxy>> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let addr = match listener.local_addr()? {
             SocketAddr::V4(a) => a,
@@ -139,6 +144,7 @@ impl Proxy {
             addr,
             upstream: RwLock::new(upstream),
             announced: Mutex::new(HashMap::new()),
+            rules,
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -273,9 +279,26 @@ impl Proxy {
                 },
             ) => (h.clone(), *p),
         };
-        let mut server = match connect(&connect_to.0, connect_to.1) {
+        // Servers reached directly are checked against the guest's rules; an upstream proxy
+        // is the host's own choice.
+        let rules = if upstream.is_none() {
+            self.rules.as_deref()
+        } else {
+            None
+        };
+        let mut server = match connect(&connect_to.0, connect_to.1, rules) {
             Ok(s) => s,
-            Err(e) => {
+            Err(ConnectError::Refused(a, pos, spec)) => {
+                log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
+                self.fail(
+                    &client,
+                    403,
+                    "Forbidden",
+                    &format!("ferry proxy: rule {pos} ({spec}) refuses connections to {a}; `ferry ctl rules` lists the rules"),
+                );
+                return;
+            }
+            Err(ConnectError::Io(e)) => {
                 let what = match &upstream {
                     Some(up) => format!("the upstream proxy {up}"),
                     None => format!("{}:{}", connect_to.0, connect_to.1),
@@ -490,16 +513,41 @@ fn read_head(s: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-/// Connects to `host:port`, trying each address the host's resolver gives.
-fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+/// Why a connection to a server was not made.
+enum ConnectError {
+    /// A rule refused its address: the address, the rule's position and the rule.
+    Refused(SocketAddr, usize, RuleSpec),
+    /// The resolver or the connect failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for ConnectError {
+    fn from(e: io::Error) -> Self {
+        ConnectError::Io(e)
+    }
+}
+
+/// Connects to `host:port`, trying each address the host's resolver gives that `rules`
+/// allow.
+fn connect(host: &str, port: u16, rules: Option<&Rules>) -> Result<TcpStream, ConnectError> {
+    let mut last = ConnectError::Io(io::Error::new(
+        io::ErrorKind::NotFound,
+        "the name has no address",
+    ));
     for a in (host, port).to_socket_addrs()? {
+        if let Some(r) = rules {
+            let v = r.check(Proto::Tcp, a, 0);
+            if let (Action::Reject | Action::Drop, Some((pos, spec))) = (v.action, v.rule) {
+                last = ConnectError::Refused(a, pos, spec);
+                continue;
+            }
+        }
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
-            Err(e) => last = e,
+            Err(e) => last = ConnectError::Io(e),
         }
     }
     Err(last)
@@ -680,7 +728,7 @@ mod tests {
 
     #[test]
     fn unannounced_connections_are_closed_unserved() {
-        let p = Proxy::start(None).unwrap();
+        let p = Proxy::start(None, None).unwrap();
         let mut s = TcpStream::connect(p.addr()).unwrap();
         let _ = s.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n");
         // Closed unread: an end of stream, or a reset for the unread request.
@@ -693,7 +741,7 @@ mod tests {
     #[test]
     fn relays_a_request_and_reports_an_unreachable_server() {
         let (origin, seen) = origin("hello");
-        let p = Proxy::start(None).unwrap();
+        let p = Proxy::start(None, None).unwrap();
         let out = roundtrip(
             client(&p),
             &format!("GET http://{origin}/x HTTP/1.1\r\nHost: {origin}\r\nProxy-Connection: keep-alive\r\n\r\n"),
@@ -719,6 +767,38 @@ mod tests {
     }
 
     #[test]
+    fn rules_refuse_servers_the_guest_may_not_reach() {
+        let (server, _) = origin("hello");
+        let rules = Arc::new(Rules::new(&[format!(
+            "reject,proto=tcp,to=127.0.0.1/32,port={}",
+            server.port()
+        )
+        .parse()
+        .unwrap()]));
+        let p = Proxy::start(None, Some(rules.clone())).unwrap();
+        let out = roundtrip(
+            client(&p),
+            &format!("GET http://{server}/ HTTP/1.1\r\n\r\n"),
+        );
+        assert!(out.starts_with("HTTP/1.1 403 Forbidden"), "{out}");
+        assert!(
+            out.contains("rule 1 (reject,proto=tcp,to=127.0.0.1/32,port="),
+            "{out}"
+        );
+        let out = roundtrip(client(&p), &format!("CONNECT {server} HTTP/1.1\r\n\r\n"));
+        assert!(out.starts_with("HTTP/1.1 403 Forbidden"), "{out}");
+        assert_eq!(rules.list()[0].packets, 2);
+        // Through an upstream proxy, the upstream decides.
+        let (up, _) = origin("from upstream");
+        p.set_upstream(Some(up.to_string().parse().unwrap()));
+        let out = roundtrip(
+            client(&p),
+            &format!("GET http://{server}/ HTTP/1.1\r\n\r\n"),
+        );
+        assert!(out.ends_with("from upstream"), "{out}");
+    }
+
+    #[test]
     fn tunnels_connect_and_relays_through_an_upstream() {
         // CONNECT straight to an echo server.
         let echo = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -730,7 +810,7 @@ mod tests {
                 let _ = io::copy(&mut r, &mut c);
             }
         });
-        let p = Proxy::start(None).unwrap();
+        let p = Proxy::start(None, None).unwrap();
         let mut s = client(&p);
         s.write_all(
             format!("CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\n\r\nearly").as_bytes(),

@@ -18,6 +18,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpo
 
 use crate::nat::{FlowKey, UdpNat, FLOW_TOKEN_BASE};
 use crate::ports::{Incoming, Ports};
+use crate::rules::{Action, Counters, Proto, Rules};
 use crate::{dhcp, dns};
 use crate::{NetConfig, GATEWAY_MAC};
 use std::collections::HashMap;
@@ -237,6 +238,8 @@ pub struct NetStack {
     ports: Option<Arc<Ports>>,
     /// The HTTP(S) proxy the gateway's port 3128 leads to, if any.
     proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// The rules new outbound flows are checked against, if any.
+    rules: Option<Arc<Rules>>,
     /// Reused buffer for what the ports thread hands over.
     incoming: Vec<Incoming>,
     /// Published UDP mappings: the guest-side flow (guest port, the client as the guest sees
@@ -416,6 +419,7 @@ impl NetStack {
             pump_keys: Vec::new(),
             ports: None,
             proxy: None,
+            rules: None,
             incoming: Vec::new(),
             udp_pub: HashMap::new(),
         })
@@ -441,6 +445,56 @@ impl NetStack {
     pub fn with_proxy(mut self, proxy: Arc<crate::proxy::Proxy>) -> Self {
         self.proxy = Some(proxy);
         self
+    }
+
+    /// New outbound flows are checked against `rules`.
+    pub fn with_rules(mut self, rules: Arc<Rules>) -> Self {
+        self.rules = Some(rules);
+        self
+    }
+
+    /// What the rules say of a new flow of `proto` to `dst` whose first packet is `frame`:
+    /// `Ok` with the counters its traffic adds to (None: no rules), or `Err` with the action
+    /// that refused it, after answering the guest as that action says.
+    fn decide(
+        &mut self,
+        proto: Proto,
+        dst: SocketAddrV4,
+        frame: &[u8],
+    ) -> Result<Option<Arc<Counters>>, Action> {
+        let Some(rules) = &self.rules else {
+            return Ok(None);
+        };
+        let v = rules.check(proto, SocketAddr::V4(dst), frame.len().saturating_sub(14));
+        match v.action {
+            Action::Allow => Ok(Some(v.counters)),
+            Action::Reject if proto != Proto::Tcp => {
+                self.port_unreachable(frame);
+                Err(Action::Reject)
+            }
+            refused => Err(refused),
+        }
+    }
+
+    /// Answers a guest IPv4 packet with ICMP port unreachable from its destination, quoting
+    /// its header and first 8 bytes (RFC 792), as `iptables -j REJECT` does.
+    fn port_unreachable(&mut self, frame: &[u8]) {
+        use smoltcp::wire::{Icmpv4Packet, IpProtocol};
+        let Some((ip, _)) = parse_ipv4(frame) else {
+            return;
+        };
+        if self.device.tx.len() >= QUEUE_FRAMES {
+            return;
+        }
+        // parse_ipv4 checked the header: its length fits in the frame.
+        let packet = &frame[14..];
+        let header = usize::from(packet[0] & 0x0f) * 4;
+        let quote = &packet[..(header + 8).min(packet.len())];
+        self.emit_to_guest(ip.dst_addr, IpProtocol::Icmp, 8 + quote.len(), |p| {
+            p[..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+            p[8..].copy_from_slice(quote);
+            Icmpv4Packet::new_unchecked(p).fill_checksum();
+        });
     }
 
     /// The address a published port's client has in the guest: its own when it is remote,
@@ -653,6 +707,14 @@ impl NetStack {
         if *key.dst.ip() == gw || key.dst.ip().is_broadcast() || key.dst.ip().is_multicast() {
             return false;
         }
+        let new = self.nat.get_mut(&key).is_none();
+        let mut counters = None;
+        if new {
+            match self.decide(Proto::Udp, key.dst, frame) {
+                Ok(c) => counters = c,
+                Err(_) => return true,
+            }
+        }
         if !self.nat_sockets.contains_key(&key.dst) {
             let mut s = udp_reply_socket();
             let ep = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
@@ -664,9 +726,14 @@ impl NetStack {
         }
         match self.nat.flow(key, &self.epoll) {
             Ok(flow) => {
+                if new {
+                    flow.counters = counters;
+                }
                 // UDP may drop: a full host socket buffer loses the datagram, as a router
                 // would.
-                let _ = flow.socket.send(payload);
+                if let (Ok(n), Some(c)) = (flow.socket.send(payload), &flow.counters) {
+                    c.add_bytes(n);
+                }
                 flow.last = StdInstant::now();
             }
             Err(e) => log::debug!("nat: cannot open a host socket for {}: {e}", key.dst),
@@ -692,11 +759,23 @@ impl NetStack {
             return false;
         }
         let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
+        let key = TcpKey {
+            guest_port: t.src_port(),
+            dst: SocketAddrV4::new(dst, t.dst_port()),
+        };
+        match self.tcp.flows.get(&key).map(|f| &f.state) {
+            // A retransmitted SYN while the host connect runs: the first one is held.
+            Some(FlowState::Connecting { .. }) => return true,
+            Some(FlowState::Open { .. }) => return false,
+            None => {}
+        }
         let mut target = None;
         let mut proxy = None;
+        let mut counters = None;
         if dst == self.cfg.gateway() {
             // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
-            // proxy, served in this process.
+            // proxy, served in this process. They are not outbound flows: the proxy checks
+            // the rules for the servers it connects to.
             match (t.dst_port(), self.upstream_tcp, &self.proxy) {
                 (dns::PORT, Some(up), _) => target = Some(up),
                 (crate::proxy::PORT, _, Some(p)) => {
@@ -705,11 +784,14 @@ impl NetStack {
                 }
                 _ => return false,
             }
+        } else {
+            match self.decide(Proto::Tcp, key.dst, frame) {
+                Ok(c) => counters = c,
+                // No listener meets the SYN: the stack answers RST.
+                Err(Action::Reject) => return false,
+                Err(_) => return true,
+            }
         }
-        let key = TcpKey {
-            guest_port: t.src_port(),
-            dst: SocketAddrV4::new(dst, t.dst_port()),
-        };
         // The proxy takes only the connections it was told of, by their source address.
         let tell_proxy = |a: SocketAddr| {
             if let Some(p) = proxy {
@@ -717,15 +799,14 @@ impl NetStack {
             }
         };
         let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
-        match self.tcp.flows.get(&key).map(|f| &f.state) {
-            // A retransmitted SYN while the host connect runs: the first one is held.
-            Some(FlowState::Connecting { .. }) => true,
-            Some(FlowState::Open { .. }) => false,
-            None => self
-                .tcp
-                .start(key, target, announce, frame.to_vec(), &self.epoll)
-                .is_ok(),
+        let started = self
+            .tcp
+            .start(key, target, announce, frame.to_vec(), &self.epoll)
+            .is_ok();
+        if let Some(f) = self.tcp.flows.get_mut(&key) {
+            f.counters = counters;
         }
+        started
     }
 
     /// A TCP flow's host socket is ready.
@@ -823,10 +904,16 @@ impl NetStack {
             socket.set_timeout(None);
         }
         // Guest to host: write what the host takes; the rest stays in the window.
+        let counters = flow.counters.as_deref();
         while socket.can_recv() {
             let host = &mut flow.host;
             let r = socket.recv(|data| match host.write(data) {
-                Ok(n) => (n, Ok(n)),
+                Ok(n) => {
+                    if let Some(c) = counters {
+                        c.add_bytes(n);
+                    }
+                    (n, Ok(n))
+                }
                 Err(e) => (0, Err(e)),
             });
             match r {
@@ -858,7 +945,12 @@ impl NetStack {
             let host = &mut flow.host;
             let r = socket.send(|buf| match host.read(buf) {
                 Ok(0) => (0, Ok((0, false))),
-                Ok(n) => (n, Ok((n, n < buf.len()))),
+                Ok(n) => {
+                    if let Some(c) = counters {
+                        c.add_bytes(n);
+                    }
+                    (n, Ok((n, n < buf.len())))
+                }
                 Err(e) => (0, Err(e)),
             });
             match r {
@@ -919,6 +1011,12 @@ impl NetStack {
         if icmp.msg_type() != Icmpv4Message::EchoRequest || !icmp.verify_checksum() {
             // Other ICMP to the outside has nowhere to go; drop it here.
             return true;
+        }
+        // Every echo request is checked: a ping flow is a request and its reply.
+        match self.decide(Proto::Icmp, SocketAddrV4::new(dst, 0), frame) {
+            Ok(Some(c)) => c.add_bytes(payload.len()),
+            Ok(None) => {}
+            Err(_) => return true,
         }
         let key = crate::icmp::PingKey {
             ident: icmp.echo_ident(),
@@ -1002,6 +1100,9 @@ impl NetStack {
                     Err(_) => break,
                 };
                 flow.last = StdInstant::now();
+                if let Some(c) = &flow.counters {
+                    c.add_bytes(n);
+                }
                 let mut meta = udp::UdpMetadata::from(guest);
                 meta.local_address = Some(IpAddress::Ipv4(smol(*key.dst.ip())));
                 let _ = socket.send_slice(&buf[..n], meta);

@@ -65,6 +65,8 @@ pub struct TcpFlow {
     pub watched: bool,
     /// Whether a published port's client opened it (else the guest did).
     pub inbound: bool,
+    /// The counters of the rule that let it through, if rules are set.
+    pub counters: Option<std::sync::Arc<crate::rules::Counters>>,
 }
 
 /// The TCP flows.
@@ -146,6 +148,7 @@ impl TcpNat {
                 readable: true,
                 watched: true,
                 inbound: false,
+                counters: None,
             },
         );
         Ok(())
@@ -183,6 +186,7 @@ impl TcpNat {
                 readable: true,
                 watched: true,
                 inbound: true,
+                counters: None,
             },
         );
         Ok(())

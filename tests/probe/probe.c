@@ -308,6 +308,20 @@ int main(int argc, char **argv) {
 			ssize_t n = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &fl);
 			if (n >= 0) sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, fl);
 		}
+	} else if (!strcmp(cmd, "connect") && argc == 5) {
+		/* connect ADDR PORT MS: one TCP connect, waiting up to MS ms; prints "connected",
+		 * "timeout" (nothing answered) or the errno (ECONNREFUSED for a reset). */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		if (fd < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		if (connect(fd, (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
+		struct pollfd pf = { .fd = fd, .events = POLLOUT };
+		if (poll(&pf, 1, atoi(argv[4])) != 1) { puts("timeout"); return 0; }
+		int err = 0;
+		socklen_t len = sizeof err;
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)) return fail();
+		if (err) { errno = err; return fail(); }
+		puts("connected");
 	} else if (!strcmp(cmd, "tcppeer")) {
 		/* tcppeer PORT: tells each client the address it comes from ("IP:PORT\n"), forever. */
 		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };

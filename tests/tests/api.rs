@@ -248,6 +248,59 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     );
     expect_error(s, "POST", "/proxy", Some("{}"), 405, "GET or PUT");
 
+    // Rules: listed with the default policy, added (at a position), refused with the reason,
+    // deleted by id.
+    let (st, v) = api(s, "GET", "/rules", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["rules"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["default"]["action"].as_str(), Some("allow"), "{v}");
+    let (st, last) = api(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "drop,proto=udp,to=10.0.0.0/8"}"#),
+    );
+    assert_eq!((st, last["position"].as_u64()), (201, Some(1)), "{last}");
+    let (st, first) = api(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "reject,proto=tcp,port=22", "position": 1}"#),
+    );
+    assert_eq!(
+        (st, first["position"].as_u64(), first["spec"].as_str()),
+        (201, Some(1), Some("reject,proto=tcp,port=22")),
+        "{first}"
+    );
+    let (_, v) = api(s, "GET", "/rules", None);
+    assert_eq!(v["rules"][1]["id"], last["id"], "{v}");
+    assert_eq!(v["rules"][1]["to"].as_str(), Some("10.0.0.0/8"), "{v}");
+    expect_error(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "reject,port=22"}"#),
+        400,
+        "port= needs proto=tcp or proto=udp",
+    );
+    expect_error(s, "POST", "/rules", Some("{}"), 400, "no \"spec\"");
+    expect_error(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "drop", "position": 0}"#),
+        400,
+        "\"position\" must be a number from 1",
+    );
+    let gone = format!("/rules/{}", first["id"]);
+    let (st, _) = api(s, "DELETE", &gone, None);
+    assert_eq!(st, 204);
+    expect_error(s, "DELETE", &gone, None, 404, "no rule has id");
+    expect_error(s, "DELETE", "/rules/x", None, 400, "expected a number");
+    expect_error(s, "PUT", "/rules", Some("{}"), 405, "GET or POST");
+    let (st, _) = api(s, "DELETE", &format!("/rules/{}", last["id"]), None);
+    assert_eq!(st, 204);
+
     // Stats: net and fs counters, open flows, and the ports.
     let (st, v) = api(s, "GET", "/stats", None);
     assert_eq!(st, 200, "{v}");
@@ -336,4 +389,5 @@ fn without_a_net_device_publishing_is_refused_with_the_reason() {
     assert!(v["net"].is_null(), "{v}");
     assert!(v["proxy"].is_null(), "{v}");
     expect_error(&api_sock, "GET", "/proxy", None, 404, "no net device");
+    expect_error(&api_sock, "GET", "/rules", None, 404, "no net device");
 }

@@ -35,6 +35,104 @@ fn all_checks_pass(qemu: &mut Qemu, ferry: &FerryProcess, want: usize) {
     );
 }
 
+/// Runs `ferry ctl --api-socket API ARGS`: whether it succeeded, and what it printed.
+fn ctl(api: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry_tests::ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run ferry ctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Ping sockets for ferry's namespace (its own sysctl), so pings to the outside are real.
+fn allow_ping_sockets(net: &TestNet) {
+    let sysctl = TestNet::command(&net.inner, "sysctl")
+        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
+        .status()
+        .unwrap();
+    assert!(
+        sysctl.success(),
+        "cannot allow ping sockets in the test namespace"
+    );
+}
+
+/// A ferry serving the net device (DNS upstream: the test host), the control API and the
+/// tools share, in the test network's inner namespace.
+struct Served {
+    ferry: FerryProcess,
+    sock: std::path::PathBuf,
+    api: std::path::PathBuf,
+    tools: std::path::PathBuf,
+    tools_sock: std::path::PathBuf,
+}
+
+fn serve_with_api(net: &TestNet, dir: &std::path::Path, extra: &[String]) -> Served {
+    let sock = dir.join("net.sock");
+    let api = dir.join("api.sock");
+    let t = ferry_tests::tools_share(dir);
+    let mut args = vec![
+        "--net-socket".into(),
+        sock.display().to_string(),
+        "--dns-upstream".into(),
+        format!("{}:53", net.remote_addr),
+        "--api-socket".into(),
+        api.display().to_string(),
+        "--share".into(),
+        t.share.clone(),
+    ];
+    args.extend_from_slice(extra);
+    let ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir,
+        &args,
+        &[sock.clone(), t.socket.clone(), api.clone()],
+    );
+    Served {
+        ferry,
+        sock,
+        api,
+        tools: t.dir.clone(),
+        tools_sock: t.socket.clone(),
+    }
+}
+
+/// Boots the guest on the net device `sock` with the tools share, running `script`.
+fn boot_with_tools(
+    dir: &std::path::Path,
+    script: String,
+    sock: std::path::PathBuf,
+    tools_sock: std::path::PathBuf,
+) -> Qemu {
+    Qemu::boot(
+        dir,
+        &GuestSpec {
+            script,
+            net_socket: Some(sock),
+            shares: vec![("tools".into(), tools_sock)],
+            mac: Some("02:46:52:59:00:02".into()),
+            ..Default::default()
+        },
+    )
+}
+
+/// Waits for the guest to touch `tools/name`, the mark of a step done.
+fn guest_reaches(qemu: &Qemu, tools: &std::path::Path, name: &str) {
+    let done = ferry_tests::wait_for(DEADLINE, || tools.join(name).exists().then_some(()));
+    assert!(
+        done.is_some(),
+        "the guest never reached {name}; console:\n{}",
+        ferry_tests::tail(&qemu.console(), 40)
+    );
+}
+
 /// Starts `testhosts.py` in `ns` and waits for it to bind.
 fn test_host(ns: &str, args: &[&str]) -> Host {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
@@ -115,15 +213,7 @@ fn udp_and_dns_through_the_nat() {
             &format!("remote.test={remote}"),
         ],
     );
-    // Ping sockets for ferry's namespace (its own sysctl), so pings to the outside are real.
-    let sysctl = TestNet::command(&net.inner, "sysctl")
-        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
-        .status()
-        .unwrap();
-    assert!(
-        sysctl.success(),
-        "cannot allow ping sockets in the test namespace"
-    );
+    allow_ping_sockets(&net);
     // The host side of the host alias: an echo, a blob, an HTTP server with a 64 MiB file,
     // and an upload sink, on the loopback of ferry's own namespace.
     let www = tempfile::tempdir().unwrap();
@@ -305,25 +395,13 @@ fn http_proxy_on_the_gateway() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("net.sock");
-    let api = dir.path().join("api.sock");
-    let t = ferry_tests::tools_share(dir.path());
-    let (tools, tools_sock) = (t.dir.clone(), t.socket.clone());
-    let ferry = FerryProcess::serve_in(
-        Some(&net.inner),
-        dir.path(),
-        &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--dns-upstream".into(),
-            format!("{remote}:53"),
-            "--api-socket".into(),
-            api.display().to_string(),
-            "--share".into(),
-            t.share.clone(),
-        ],
-        &[sock.clone(), tools_sock.clone(), api.clone()],
-    );
+    let Served {
+        ferry,
+        sock,
+        api,
+        tools,
+        tools_sock,
+    } = serve_with_api(&net, dir.path(), &[]);
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
@@ -345,39 +423,9 @@ printf 'CONNECT 198.51.100.7:443 HTTP/1.1\r\n\r\nvia upstream\n' | nc -w 3 192.1
 check proxy-connect-via-upstream "$(head -1 /tmp/u | tr -d '\r') / $(grep -c 'via upstream' /tmp/u)" "HTTP/1.1 200 Connection established / 1"
 "#
     );
-    let mut qemu = Qemu::boot(
-        dir.path(),
-        &GuestSpec {
-            script,
-            net_socket: Some(sock),
-            shares: vec![("tools".into(), tools_sock)],
-            mac: Some("02:46:52:59:00:02".into()),
-            ..Default::default()
-        },
-    );
-    let ctl = |args: &[&str]| {
-        let out = Command::new(ferry_tests::ferry_bin())
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&api)
-            .args(args)
-            .output()
-            .expect("run ferry ctl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
-    let direct = ferry_tests::wait_for(DEADLINE, || {
-        tools.join("direct-done").exists().then_some(())
-    });
-    assert!(
-        direct.is_some(),
-        "the guest never finished its direct checks; console:\n{}",
-        ferry_tests::tail(&qemu.console(), 40)
-    );
+    let mut qemu = boot_with_tools(dir.path(), script, sock, tools_sock);
+    let ctl = |args: &[&str]| ctl(&api, args);
+    guest_reaches(&qemu, &tools, "direct-done");
     // Before the upstream: 3 requests (and 2 refused), 1 tunnel, straight to servers.
     let (ok, shown) = ctl(&["proxy"]);
     assert!(ok, "{shown}");
@@ -402,4 +450,132 @@ check proxy-connect-via-upstream "$(head -1 /tmp/u | tr -d '\r') / $(grep -c 'vi
     assert_eq!(v["proxy"]["tunnels"], 2, "{stats}");
     let (ok, cleared) = ctl(&["proxy", "clear"]);
     assert!(ok && cleared.contains("to servers directly"), "{cleared}");
+}
+
+#[test]
+fn rules_refuse_flows_and_count_them() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("hello.txt"), "hello from remote\n").unwrap();
+    let www_dir = www.path().display().to_string();
+    let _remote_host = test_host(
+        &net.remote,
+        &[
+            &remote,
+            "--echo",
+            "7777",
+            "--echo",
+            "7778",
+            "--tcp-blob",
+            "7000",
+            "1048576",
+            "--tcp-echo",
+            "7005",
+            "--tcp-echo",
+            "7006",
+            "--http",
+            "8080",
+            &www_dir,
+            "--dns",
+            "53",
+        ],
+    );
+    allow_ping_sockets(&net);
+
+    let dir = tempfile::tempdir().unwrap();
+    let rules: Vec<String> = [
+        format!("reject,proto=tcp,to={remote}/32,port=7005"),
+        format!("drop,proto=tcp,to={remote},port=7006"),
+        format!("reject,proto=udp,to={remote},port=7777"),
+        "drop,proto=icmp".into(),
+        format!("allow,proto=tcp,to={remote},port=7000"),
+    ]
+    .into_iter()
+    .flat_map(|r| ["--rule".to_string(), r])
+    .collect();
+    let Served {
+        ferry,
+        sock,
+        api,
+        tools,
+        tools_sock,
+    } = serve_with_api(&net, dir.path(), &rules);
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+P=/mnt/tools/probe
+check reject-tcp "$($P connect {remote} 7005 3000)" errno:ECONNREFUSED
+check drop-tcp "$($P connect {remote} 7006 1500)" timeout
+check reject-udp "$($P udp {remote} 7777 100)" errno:ECONNREFUSED
+check default-allows-udp "$($P udp {remote} 7778 100)" "100 SAME"
+check drop-icmp "$(ping -c 2 -W 1 {remote} 2>&1 | grep -c 'bytes from')" 0
+check allow-tcp "$(nc {remote} 7000 | wc -c)" 1048576
+check default-allows-http "$(wget -q -O - http://{remote}:8080/hello.txt)" "hello from remote"
+check proxy-obeys-rules "$(http_proxy=http://192.168.127.1:3128 wget -q -O - http://{remote}:7005/ 2>&1 | grep -c '403')" 1
+# The host changes the rules while the guest runs: 7005 opens, 7000 closes.
+touch /mnt/tools/phase1-done
+i=0; while [ ! -e /mnt/tools/rules-changed ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+check deleted-rule-opens "$($P connect {remote} 7005 3000)" connected
+check added-rule-refuses "$($P connect {remote} 7000 3000)" errno:ECONNREFUSED
+"#
+    );
+    let mut qemu = boot_with_tools(dir.path(), script, sock, tools_sock);
+    guest_reaches(&qemu, &tools, "phase1-done");
+    let rules = |api: &std::path::Path| {
+        let (ok, out) = ctl(api, &["--json", "rules"]);
+        assert!(ok, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("rules JSON")
+    };
+    let v = rules(&api);
+    let r = &v["rules"];
+    let counts = |i: usize| {
+        (
+            r[i]["packets"].as_u64().unwrap(),
+            r[i]["bytes"].as_u64().unwrap(),
+        )
+    };
+    // The guest's connect and the proxy's, each refused once (RST: no retransmits).
+    assert_eq!(counts(0).0, 2, "{v}");
+    // A dropped SYN comes again: at least the first, and what the guest retried.
+    assert!(counts(1).0 >= 1 && counts(1).1 >= 60, "{v}");
+    // One datagram refused: its IP packet, 28 + 100 bytes.
+    assert_eq!(counts(2), (1, 128), "{v}");
+    // Two echo requests.
+    assert_eq!(counts(3).0, 2, "{v}");
+    // One connection let through, carrying the 1 MiB blob.
+    assert_eq!(counts(4).0, 1, "{v}");
+    assert!(counts(4).1 >= 1 << 20, "{v}");
+    // The default policy: the UDP flow to 7778 (200 bytes) and the HTTP connection.
+    let d = &v["default"];
+    assert!(d["packets"].as_u64().unwrap() >= 2, "{v}");
+    assert!(d["bytes"].as_u64().unwrap() >= 200 + 18, "{v}");
+    // The table, as people read it.
+    let (ok, table) = ctl(&api, &["rules"]);
+    assert!(ok, "{table}");
+    assert!(table.starts_with("#  ID  PACKETS  BYTES"), "{table}");
+    assert!(
+        table.contains("(default: flows no rule matches)"),
+        "{table}"
+    );
+
+    let first = r[0]["id"].as_u64().unwrap().to_string();
+    let (ok, out) = ctl(&api, &["rules", "delete", &first]);
+    assert!(
+        ok && out.contains(&format!("deleted rule {first}")),
+        "{out}"
+    );
+    let (ok, out) = ctl(&api, &["rules", "delete", &first]);
+    assert!(!ok && out.contains("no rule has id"), "{out}");
+    let (ok, out) = ctl(&api, &["rules", "add", "reject,proto=tcp,port=0"]);
+    assert!(!ok && out.contains("port=0: expected a port"), "{out}");
+    let spec = format!("reject,proto=tcp,to={remote}/32,port=7000");
+    let (ok, out) = ctl(&api, &["rules", "add", &spec, "--at", "1"]);
+    assert!(ok && out.contains("at position 1"), "{out}");
+    std::fs::write(tools.join("rules-changed"), b"").unwrap();
+
+    all_checks_pass(&mut qemu, &ferry, 10);
+    let v = rules(&api);
+    assert_eq!(v["rules"][0]["spec"].as_str(), Some(spec.as_str()), "{v}");
+    assert_eq!(v["rules"][0]["packets"], 1, "{v}");
 }

@@ -7,6 +7,11 @@
 //! POST   /ports        {"spec":"8080:80"}      201 port | 400 | 409
 //! DELETE /ports/{proto}/{bind_ip}/{host_port}  204 | 400 | 404
 //! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
+//! GET    /proxy                                {"upstream":...,"requests":...}
+//! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
+//! GET    /rules                                {"rules":[rule, ...],"default":{...}}
+//! POST   /rules        {"spec":"drop,to=10.0.0.0/8","position":1}   201 rule | 400 | 409
+//! DELETE /rules/{id}                           204 | 404
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
 //! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when
@@ -25,6 +30,7 @@ use ferry_fs::abi::opcode;
 use ferry_fs::PassthroughFs;
 use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
 use ferry_net::proxy::{Proxy, Upstream};
+use ferry_net::rules::{RuleInfo, RuleSpec, Rules};
 use ferry_net::{PortSpec, Protocol};
 use log::{debug, info, warn};
 use serde_json::{json, Value};
@@ -45,6 +51,8 @@ pub struct Control {
     pub net: Option<Arc<VhostUserNetBackend>>,
     /// The HTTP(S) proxy on the gateway's port 3128 (None: no net device).
     pub proxy: Option<Arc<Proxy>>,
+    /// The rules for the guest's outbound flows (None: no net device).
+    pub rules: Option<Arc<Rules>>,
     /// The file shares: tag and device.
     pub fs: Vec<(String, Arc<VhostUserFsBackend<PassthroughFs>>)>,
     /// When ferry started.
@@ -145,6 +153,12 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             None => no_proxy(),
         },
         (Method::Put, ["proxy"]) => set_proxy(control, body),
+        (Method::Get, ["rules"]) => match &control.rules {
+            Some(r) => (200, rules_json(r)),
+            None => no_rules(),
+        },
+        (Method::Post, ["rules"]) => add_rule(control, body),
+        (Method::Delete, ["rules", id]) => delete_rule(control, id),
         (Method::Delete, ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
         (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
         (_, ["ports"]) => error(
@@ -157,6 +171,16 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             "/proxy takes GET or PUT",
             "use GET to show it, PUT {\"upstream\": URL or null} to change it",
         ),
+        (_, ["rules"]) => error(
+            405,
+            "/rules takes GET or POST",
+            "use GET to list, POST {\"spec\": SPEC} to add",
+        ),
+        (_, ["rules", _]) => error(
+            405,
+            format!("{path} takes DELETE"),
+            "use DELETE to delete the rule",
+        ),
         (_, ["ports", _, _, _]) => error(
             405,
             format!("{path} takes DELETE"),
@@ -165,7 +189,7 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
         _ => error(
             404,
             format!("no endpoint {path}"),
-            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /stats",
+            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /rules, /rules/{id}, /stats",
         ),
     }
 }
@@ -369,6 +393,93 @@ fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
     (200, proxy_json(p))
 }
 
+fn no_rules() -> (u16, Value) {
+    error(
+        404,
+        "no rules: ferry serves no net device",
+        "start ferry with --net-socket PATH",
+    )
+}
+
+/// A rule as JSON.
+pub fn rule_json(r: &RuleInfo) -> Value {
+    json!({
+        "id": r.id,
+        "position": r.position,
+        "spec": r.spec.to_string(),
+        "action": r.spec.action.to_string(),
+        "proto": r.spec.proto.to_string(),
+        "to": format!("{}/{}", r.spec.to, r.spec.prefix),
+        "ports": r.spec.ports.map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }),
+        "packets": r.packets,
+        "bytes": r.bytes,
+    })
+}
+
+/// The rules in order, and the default policy's counters.
+pub fn rules_json(rules: &Rules) -> Value {
+    let (packets, bytes) = rules.default_counters();
+    json!({
+        "rules": rules.list().iter().map(rule_json).collect::<Vec<_>>(),
+        "default": {"action": "allow", "packets": packets, "bytes": bytes},
+    })
+}
+
+const ADD_RULE_HINT: &str = r#"send {"spec": "allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]"} and, to put it before others, "position": N (from 1)"#;
+
+/// POST /rules {"spec": SPEC, "position": N}.
+fn add_rule(control: &Control, body: &[u8]) -> (u16, Value) {
+    let Some(rules) = &control.rules else {
+        return no_rules();
+    };
+    let v = match json_body(body, ADD_RULE_HINT) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let Some(spec) = v.get("spec").and_then(Value::as_str) else {
+        return error(400, "the body has no \"spec\" string", ADD_RULE_HINT);
+    };
+    let spec = match spec.parse::<RuleSpec>() {
+        Ok(s) => s,
+        Err(e) => return error(400, e.to_string(), ADD_RULE_HINT),
+    };
+    let position = match v.get("position") {
+        None | Some(Value::Null) => None,
+        Some(p) => match p.as_u64().filter(|p| *p >= 1) {
+            Some(p) => Some(p as usize),
+            None => return error(400, "\"position\" must be a number from 1", ADD_RULE_HINT),
+        },
+    };
+    match rules.add(spec, position) {
+        Ok(r) => {
+            info!("rules: added rule {} at {}: {}", r.id, r.position, r.spec);
+            (201, rule_json(&r))
+        }
+        Err(e) => error(409, e.to_string(), "DELETE /rules/{id} frees room"),
+    }
+}
+
+/// DELETE /rules/{id}.
+fn delete_rule(control: &Control, id: &str) -> (u16, Value) {
+    let Some(rules) = &control.rules else {
+        return no_rules();
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            400,
+            format!("rule id {id:?}: expected a number"),
+            "GET /rules lists the ids",
+        );
+    };
+    match rules.remove(id) {
+        Ok(r) => {
+            info!("rules: deleted rule {}: {}", r.id, r.spec);
+            (204, Value::Null)
+        }
+        Err(e) => error(404, e.to_string(), "GET /rules lists the ids"),
+    }
+}
+
 fn stats(control: &Control) -> Value {
     let net = control.net.as_ref().map(|n| {
         let d = n.stats();
@@ -429,5 +540,6 @@ fn stats(control: &Control) -> Value {
         "fs": fs,
         "ports": control.ports.as_ref().map(|p| p.list().iter().map(port_json).collect::<Vec<_>>()).unwrap_or_default(),
         "proxy": control.proxy.as_ref().map(|p| proxy_json(p)),
+        "rules": control.rules.as_ref().map(|r| rules_json(r)),
     })
 }

@@ -24,7 +24,7 @@ pub enum Command {
     /// for inspection and tests. Runs until SIGTERM or SIGINT, or until MOUNTPOINT is unmounted.
     Mount(MountArgs),
     /// Talk to a running ferry through its control API (--api-socket): list, publish and
-    /// unpublish ports, set the proxy's upstream, show counters.
+    /// unpublish ports, set the proxy's upstream, change the rules, show counters.
     Ctl(CtlArgs),
     /// The privileged-port helper: run it as root so that an unprivileged ferry can publish
     /// host ports below net.ipv4.ip_unprivileged_port_start.
@@ -65,12 +65,38 @@ pub enum CtlCommand {
     },
     /// Net and fs counters, and the open flows.
     Stats,
+    /// The rules for the guest's outbound flows with their counters, or add or delete one.
+    Rules {
+        /// `add SPEC [--at N]` or `delete ID`; nothing to list them.
+        #[command(subcommand)]
+        change: Option<RuleChange>,
+    },
     /// Show the HTTP(S) proxy on the gateway's port 3128, or set or clear its upstream.
     Proxy {
         /// `set URL` to send requests through the proxy at URL (http://HOST:PORT), `clear`
         /// to connect to servers directly; nothing to show where it stands.
         #[command(subcommand)]
         change: Option<ProxyChange>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuleChange {
+    /// Add a rule: allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]].
+    Add {
+        /// The rule.
+        #[arg(value_name = "SPEC")]
+        spec: String,
+        /// Where to put it, from 1 (the first checked) [default: last].
+        #[arg(long, value_name = "N")]
+        at: Option<usize>,
+    },
+    /// Delete the rule with this id (the ID column of `ferry ctl rules`).
+    #[command(alias = "del")]
+    Delete {
+        /// The rule's id.
+        #[arg(value_name = "ID")]
+        id: u64,
     },
 }
 
@@ -100,8 +126,8 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind; share and publish as
-    /// arrays). Options given
+    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind; share, publish and rule
+    /// as arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -123,6 +149,15 @@ pub struct ServeArgs {
     /// unless given.
     #[arg(long, value_name = "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT")]
     pub publish: Vec<String>,
+
+    /// A rule for the guest's outbound flows (repeatable; checked in order, the first match
+    /// decides, flows no rule matches are allowed). `reject` answers with RST or ICMP port
+    /// unreachable, `drop` says nothing. `ferry ctl rules` shows their counters.
+    #[arg(
+        long,
+        value_name = "allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]"
+    )]
+    pub rule: Vec<String>,
 
     /// The address published ports bind to when the spec names none [default: 0.0.0.0, which
     /// takes IPv6 clients too where the host has IPv6].

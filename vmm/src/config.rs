@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use ferry_fs::CachePolicy;
 use ferry_net::proxy::Upstream;
+use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
 use serde::Deserialize;
 
@@ -81,6 +82,8 @@ pub struct ServeConfig {
     pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
+    /// Rules for the guest's outbound flows, in order.
+    pub rules: Vec<RuleSpec>,
     /// The bind address of specs that name none (also for the API's).
     pub default_bind: IpAddr,
     /// The control API's socket.
@@ -101,6 +104,8 @@ struct FileConfig {
     share: Vec<FileShare>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    rule: Vec<String>,
     default_bind: Option<String>,
     api_socket: Option<PathBuf>,
     portd_socket: Option<PathBuf>,
@@ -320,6 +325,24 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     .map_err(|e| usage(e.to_string()))?,
             );
         }
+        let mut rules = Vec::new();
+        for spec in file.rule.iter().chain(&args.rule) {
+            rules.push(
+                spec.parse::<RuleSpec>()
+                    .map_err(|e| usage(format!("--{e}")))?,
+            );
+        }
+        if rules.len() > MAX_RULES {
+            return Err(usage(format!(
+                "--rule: {} rules given, more than the {MAX_RULES} allowed; merge some",
+                rules.len()
+            )));
+        }
+        if let (Some(r), None) = (rules.first(), &net_socket) {
+            return Err(usage(format!(
+                "--rule {r}: rules apply to the guest's network; give --net-socket PATH too"
+            )));
+        }
         let api_socket = args.api_socket.or(file.api_socket);
         if let Some(p) = &api_socket {
             check_socket_path("--api-socket", p)?;
@@ -367,6 +390,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             dns_upstream,
             proxy_upstream,
             publish,
+            rules,
             default_bind,
             api_socket,
             portd_socket,
@@ -466,6 +490,7 @@ mod tests {
             net_socket: None,
             share: vec![],
             publish: vec![],
+            rule: vec![],
             default_bind: None,
             api_socket: None,
             portd_socket: None,
@@ -547,7 +572,42 @@ mod tests {
         a.proxy_upstream = Some("http://proxy:3128".into());
         assert!(err(a).contains("give --net-socket PATH too"));
 
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.rule = vec!["reject,proto=tcp,to=10.0.0.1/8".into()];
+        let e = err(a);
+        assert!(
+            e.starts_with("--rule reject,proto=tcp,to=10.0.0.1/8: to=10.0.0.1/8: host bits are set; use 10.0.0.0/8"),
+            "{e}"
+        );
+
+        let mut a = args();
+        a.share = vec![format!("tag=t,dir=/tmp,socket={}", sock.display())];
+        a.rule = vec!["drop".into()];
+        assert!(err(a).contains("give --net-socket PATH too"));
+
         assert!(err(args()).starts_with("nothing to serve"));
+    }
+
+    #[test]
+    fn rules_come_from_the_file_then_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let file = dir.path().join("ferry.toml");
+        std::fs::write(
+            &file,
+            format!("net-socket = \"{d}/net.sock\"\nrule = [\"reject,proto=tcp,to=10.0.0.0/8\"]\n"),
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(file);
+        a.rule = vec!["drop,proto=udp,port=53".into()];
+        let c = ServeConfig::try_from(a).unwrap();
+        let shown: Vec<String> = c.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["reject,proto=tcp,to=10.0.0.0/8", "drop,proto=udp,port=53"]
+        );
     }
 
     #[test]

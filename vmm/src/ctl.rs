@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlCommand, ProxyChange};
+use crate::cli::{CtlArgs, CtlCommand, ProxyChange, RuleChange};
 use crate::config::{Error, Result};
 
 /// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
@@ -156,6 +156,46 @@ fn print_proxy(p: &Value) {
     );
 }
 
+/// The rules as `iptables -L -v` shows a chain: counters first, then the match.
+fn print_rules(v: &Value) {
+    let mut rows: Vec<Vec<String>> = v["rules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    vec![
+                        s(&r["position"]),
+                        s(&r["id"]),
+                        s(&r["packets"]),
+                        s(&r["bytes"]),
+                        s(&r["action"]),
+                        s(&r["proto"]),
+                        s(&r["to"]),
+                        r["ports"].as_str().unwrap_or("any").to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let d = &v["default"];
+    rows.push(vec![
+        "-".into(),
+        "-".into(),
+        s(&d["packets"]),
+        s(&d["bytes"]),
+        "allow".into(),
+        "(default: flows no rule matches)".into(),
+        String::new(),
+        String::new(),
+    ]);
+    table(
+        &[
+            "#", "ID", "PACKETS", "BYTES", "ACTION", "PROTO", "TO", "PORTS",
+        ],
+        &rows,
+    );
+}
+
 fn print_stats(v: &Value) {
     let net = &v["net"];
     if net.is_object() {
@@ -234,6 +274,13 @@ fn print_stats(v: &Value) {
     if v["ports"].as_array().is_some_and(|a| !a.is_empty()) {
         println!();
         print_ports(&v["ports"]);
+    }
+    if v["rules"]["rules"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        println!();
+        print_rules(&v["rules"]);
     }
 }
 
@@ -368,6 +415,39 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             }
             out(&v, &print_proxy);
         }
+        CtlCommand::Rules { change } => match change {
+            None => {
+                let (st, v) = call(sock, "GET", "/rules", None)?;
+                if st != 200 {
+                    return Err(refusal(&v, st));
+                }
+                out(&v, &print_rules);
+            }
+            Some(RuleChange::Add { spec, at }) => {
+                let body = json!({ "spec": spec, "position": at });
+                let (st, v) = call(sock, "POST", "/rules", Some(&body))?;
+                if st != 201 {
+                    return Err(refusal(&v, st));
+                }
+                out(&v, &|v| {
+                    println!(
+                        "added rule {} at position {}: {}",
+                        s(&v["id"]),
+                        s(&v["position"]),
+                        s(&v["spec"])
+                    )
+                });
+            }
+            Some(RuleChange::Delete { id }) => {
+                let (st, v) = call(sock, "DELETE", &format!("/rules/{id}"), None)?;
+                if st != 204 {
+                    return Err(refusal(&v, st));
+                }
+                out(&json!({ "deleted": id }), &|_| {
+                    println!("deleted rule {id}")
+                });
+            }
+        },
         CtlCommand::Unpublish { spec } => {
             let path = resolve_unpublish(sock, spec)?;
             let (st, v) = call(sock, "DELETE", &path, None)?;

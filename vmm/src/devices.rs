@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use ferry_devices::{bind_socket, serve_connections, VhostUserFsBackend, VhostUserNetBackend};
+use ferry_devices::{
+    bind_socket, serve_connections, NetServices, VhostUserFsBackend, VhostUserNetBackend,
+};
 use ferry_fs::{passthrough, PassthroughFs, Server};
 use ferry_net::ports::{Ports, PrivilegedBinder};
 use ferry_net::proxy::Proxy;
+use ferry_net::rules::Rules;
 use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
@@ -87,6 +90,7 @@ impl Devices {
         let mut fs = Vec::new();
         let mut ports = None;
         let mut proxy = None;
+        let mut rules = None;
         let mut net_backend = None;
         let mut fs_backends = Vec::new();
         for share in &cfg.shares {
@@ -139,7 +143,20 @@ impl Devices {
                 }
             }
             ports = Some(p.clone());
-            let px = Proxy::start(cfg.proxy_upstream.clone()).map_err(|e| {
+            let r = Arc::new(Rules::new(&cfg.rules));
+            if !cfg.rules.is_empty() {
+                info!(
+                    "net: {} rules for the guest's outbound flows: {}",
+                    cfg.rules.len(),
+                    cfg.rules
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+            rules = Some(r.clone());
+            let px = Proxy::start(cfg.proxy_upstream.clone(), Some(r.clone())).map_err(|e| {
                 remove_sockets(&sockets);
                 Error::Runtime(format!(
                     "cannot start the HTTP proxy on a loopback port: {e}; check that the loopback interface is up"
@@ -154,8 +171,13 @@ impl Devices {
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
             );
             proxy = Some(px.clone());
+            let services = NetServices {
+                ports: Some(p),
+                proxy: Some(px),
+                rules: Some(r),
+            };
             let backend =
-                VhostUserNetBackend::with_services(cfg.net.clone(), upstream, Some(p), Some(px))
+                VhostUserNetBackend::with_services(cfg.net.clone(), upstream, services)
                     .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
             net_backend = Some(backend.clone());
             info!(
@@ -244,6 +266,7 @@ impl Devices {
                     default_bind: cfg.default_bind,
                     net: net_backend,
                     proxy,
+                    rules,
                     fs: fs_backends,
                     started: std::time::Instant::now(),
                 };

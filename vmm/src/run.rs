@@ -48,6 +48,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         dns_upstream: None,
         proxy_upstream: None,
         publish: cfg.publish.clone(),
+        rules: vec![],
         default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         api_socket: Some(dir.join("api.sock")),
         portd_socket: crate::config::DEFAULT_PORTD_SOCKET.into(),
