@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::rules::{Action, Proto, RuleSpec, Rules};
+use crate::rules::{Action, Counters, Proto, RuleSpec, Rules};
 
 /// The gateway's proxy port.
 pub const PORT: u16 = 3128;
@@ -286,7 +286,7 @@ impl Proxy {
         } else {
             None
         };
-        let mut server = match connect(&connect_to.0, connect_to.1, rules) {
+        let (mut server, counters) = match connect(&connect_to.0, connect_to.1, rules) {
             Ok(s) => s,
             Err(ConnectError::Refused(a, pos, spec)) => {
                 log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
@@ -324,14 +324,21 @@ impl Proxy {
             }
             (Target::Absolute { .. }, through) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                server.write_all(&req.rewrite(through))
+                let head = req.rewrite(through);
+                if let Some(c) = &counters {
+                    c.add_bytes(head.len());
+                }
+                server.write_all(&head)
             }
         };
+        if let Some(c) = &counters {
+            c.add_bytes(early.len());
+        }
         if sent.and_then(|()| server.write_all(&early)).is_err() {
             return;
         }
         let _ = client.set_read_timeout(None);
-        splice(client, server);
+        splice(client, server, counters);
     }
 
     fn fail(&self, client: &TcpStream, code: u16, reason: &str, body: &str) {
@@ -528,29 +535,43 @@ impl From<io::Error> for ConnectError {
 }
 
 /// Connects to `host:port`, trying each address the host's resolver gives that `rules`
-/// allow.
-fn connect(host: &str, port: u16, rules: Option<&Rules>) -> Result<TcpStream, ConnectError> {
-    let mut last = ConnectError::Io(io::Error::new(
-        io::ErrorKind::NotFound,
-        "the name has no address",
-    ));
+/// allow. A connection counts as one packet of the rule that let it through, which then
+/// counts its bytes; one that no allowed address took counts on the rule that refused it
+/// (and fails with that rule's name).
+fn connect(
+    host: &str,
+    port: u16,
+    rules: Option<&Rules>,
+) -> Result<(TcpStream, Option<Arc<Counters>>), ConnectError> {
+    let mut io_err = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+    let mut refused = None;
     for a in (host, port).to_socket_addrs()? {
-        if let Some(r) = rules {
-            let v = r.check(Proto::Tcp, a, 0);
-            if let (Action::Reject | Action::Drop, Some((pos, spec))) = (v.action, v.rule) {
-                last = ConnectError::Refused(a, pos, spec);
-                continue;
+        let verdict = rules.map(|r| r.peek(Proto::Tcp, a));
+        if let Some(v) = verdict.as_ref().filter(|v| v.action != Action::Allow) {
+            if let Some((pos, spec)) = v.rule {
+                refused.get_or_insert((a, pos, spec, v.clone()));
             }
+            continue;
         }
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                return Ok(s);
+                let counters = verdict.map(|v| {
+                    v.count(0);
+                    v.counters
+                });
+                return Ok((s, counters));
             }
-            Err(e) => last = ConnectError::Io(e),
+            Err(e) => io_err = e,
         }
     }
-    Err(last)
+    match refused {
+        Some((a, pos, spec, v)) => {
+            v.count(0);
+            Err(ConnectError::Refused(a, pos, spec))
+        }
+        None => Err(ConnectError::Io(io_err)),
+    }
 }
 
 fn respond(mut client: &TcpStream, code: u16, reason: &str, body: &str) -> io::Result<()> {
@@ -564,25 +585,30 @@ fn respond(mut client: &TcpStream, code: u16, reason: &str, body: &str) -> io::R
 
 /// Moves bytes both ways until both sides have finished; an end on one side is passed on
 /// as a half-close, so a client that shuts its writing side still gets its answer.
-fn splice(client: TcpStream, server: TcpStream) {
+fn splice(client: TcpStream, server: TcpStream, counters: Option<Arc<Counters>>) {
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
+    let c = counters.clone();
     let up = std::thread::Builder::new()
         .name("ferry-proxy-up".into())
-        .spawn(move || pump(c2, s2));
-    pump(server, client);
+        .spawn(move || pump(c2, s2, c.as_deref()));
+    pump(server, client, counters.as_deref());
     if let Ok(t) = up {
         let _ = t.join();
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` until either ends, adding what it moves to `counters`.
+fn pump(mut from: TcpStream, mut to: TcpStream, counters: Option<&Counters>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                if let Some(c) = counters {
+                    c.add_bytes(n);
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     let _ = from.shutdown(Shutdown::Read);
                     break;
@@ -788,6 +814,13 @@ mod tests {
         let out = roundtrip(client(&p), &format!("CONNECT {server} HTTP/1.1\r\n\r\n"));
         assert!(out.starts_with("HTTP/1.1 403 Forbidden"), "{out}");
         assert_eq!(rules.list()[0].packets, 2);
+        // An allowed server counts one packet and the bytes both ways on the default policy.
+        let (open, _) = origin("hello");
+        let out = roundtrip(client(&p), &format!("GET http://{open}/ HTTP/1.1\r\n\r\n"));
+        assert!(out.ends_with("hello"), "{out}");
+        let (packets, bytes) = rules.default_counters();
+        assert_eq!(packets, 1);
+        assert!(bytes as usize > out.len(), "{bytes}");
         // Through an upstream proxy, the upstream decides.
         let (up, _) = origin("from upstream");
         p.set_upstream(Some(up.to_string().parse().unwrap()));

@@ -3,12 +3,16 @@
 //!
 //! A rule is `ACTION[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]`, with ACTION one of
 //! `allow`, `reject` or `drop`. Rules are checked in order on the first packet of each new
-//! flow the guest opens (a TCP SYN, a UDP datagram to a destination it has no flow to, an ICMP
-//! echo request), with the address the guest used (so `to=` names the host alias, not
+//! flow the guest opens (a TCP SYN, a UDP datagram to a destination it has no flow to, every
+//! ICMP echo request), with the address the guest used (so `to=` names the host alias, not
 //! 127.0.0.1). The first match decides; with none, the flow is allowed, as Docker's NAT is.
 //! A verdict holds for the flow's life: a rule added later does not cut open flows, as with
 //! iptables' usual `ESTABLISHED` accept. Refused flows keep no state, so each of their packets
 //! is checked again.
+//!
+//! The gateway's HTTP proxy checks the servers it connects to directly; there the host's own
+//! loopback is checked as the host alias, so `to=ALIAS` keeps the guest off the host's
+//! loopback whichever way it asks.
 //!
 //! `reject` answers at once, as `iptables -j REJECT` does: TCP with RST (the guest's connect
 //! fails with ECONNREFUSED), UDP and ICMP with ICMP port unreachable. `drop` says nothing, and
@@ -17,8 +21,9 @@
 //! Each rule counts packets and bytes:
 //! - `packets`: the guest packets it decided: the first packet of each flow it let through,
 //!   every packet it refused;
-//! - `bytes`: what the flows it let through carried, both ways (TCP and UDP payload, the ICMP
-//!   echo requests), and for `reject` and `drop` the size of the IP packets refused.
+//! - `bytes`: what the flows it let through carried, both ways (TCP and UDP payload, what the
+//!   proxy relayed, the ICMP echo requests), and for `reject` and `drop` the size of the IP
+//!   packets refused.
 //!
 //! The table is shared by the net thread, which reads it once per new flow, and the control
 //! API, which changes it; counters are atomics that flows hold on to.
@@ -288,6 +293,16 @@ pub struct Verdict {
     pub counters: Arc<Counters>,
 }
 
+impl Verdict {
+    /// Counts the packet of `len` bytes (IP) this verdict decided: its size too if refused.
+    pub fn count(&self, len: usize) {
+        self.counters.packets.fetch_add(1, Ordering::Relaxed);
+        if self.action != Action::Allow {
+            self.counters.add_bytes(len);
+        }
+    }
+}
+
 /// Adding a rule failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RuleError {
@@ -304,12 +319,24 @@ pub enum RuleError {
 pub struct Rules {
     table: RwLock<(Vec<Rule>, u64)>,
     default: Arc<Counters>,
+    /// The host alias: the host's own loopback and unspecified addresses, which only the
+    /// proxy meets (the guest reaches the host's loopback through the alias), are checked as
+    /// this address, so `to=ALIAS` covers every way to the host's loopback.
+    host_alias: Option<Ipv4Addr>,
 }
 
 impl Rules {
     /// A table holding `specs` in order.
     pub fn new(specs: &[RuleSpec]) -> Self {
-        let rules = Rules::default();
+        Self::with_host_alias(specs, None)
+    }
+
+    /// A table holding `specs` in order, for a network whose host alias is `alias`.
+    pub fn with_host_alias(specs: &[RuleSpec], alias: Option<Ipv4Addr>) -> Self {
+        let rules = Rules {
+            host_alias: alias,
+            ..Rules::default()
+        };
         for s in specs {
             // The caller's list is checked against MAX_RULES where it is parsed; past it the
             // rest would be refused here.
@@ -368,6 +395,25 @@ impl Rules {
     /// Decides a new flow of `proto` to `dst` whose first packet is `len` bytes (IP), and
     /// counts that packet.
     pub fn check(&self, proto: Proto, dst: SocketAddr, len: usize) -> Verdict {
+        let v = self.peek(proto, dst);
+        v.count(len);
+        v
+    }
+
+    /// What the rules say of a flow of `proto` to `dst`, counting nothing.
+    pub fn peek(&self, proto: Proto, dst: SocketAddr) -> Verdict {
+        let host = match dst.ip() {
+            IpAddr::V4(a) => a.is_loopback() || a.is_unspecified(),
+            IpAddr::V6(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.to_ipv4_mapped().is_some_and(|a| a.is_loopback())
+            }
+        };
+        let dst = match self.host_alias {
+            Some(alias) if host => SocketAddr::new(IpAddr::V4(alias), dst.port()),
+            _ => dst,
+        };
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
         let v = match t
             .0
@@ -387,10 +433,6 @@ impl Rules {
             },
         };
         drop(t);
-        v.counters.packets.fetch_add(1, Ordering::Relaxed);
-        if v.action != Action::Allow {
-            v.counters.add_bytes(len);
-        }
         v
     }
 
@@ -497,6 +539,27 @@ mod tests {
         assert_eq!((l[0].packets, l[0].bytes), (1, 1000));
         assert_eq!((l[1].packets, l[1].bytes), (1, 60));
         assert_eq!(rules.default_counters(), (1, 0));
+    }
+
+    #[test]
+    fn the_hosts_loopback_is_checked_as_the_host_alias() {
+        let alias = Ipv4Addr::new(192, 168, 127, 254);
+        let rules = Rules::with_host_alias(&[spec("reject,to=192.168.127.254")], Some(alias));
+        for d in [
+            "127.0.0.1:22",
+            "127.1.2.3:22",
+            "0.0.0.0:22",
+            "[::1]:22",
+            "[::ffff:127.0.0.1]:22",
+        ] {
+            assert_eq!(rules.peek(Proto::Tcp, dst(d)).action, Action::Reject, "{d}");
+        }
+        assert_eq!(
+            rules.peek(Proto::Tcp, dst("10.0.0.1:22")).action,
+            Action::Allow
+        );
+        // Peeking counts nothing.
+        assert_eq!(rules.list()[0].packets, 0);
     }
 
     #[test]

@@ -465,7 +465,11 @@ impl NetStack {
         let Some(rules) = &self.rules else {
             return Ok(None);
         };
-        let v = rules.check(proto, SocketAddr::V4(dst), frame.len().saturating_sub(14));
+        // The IPv4 total length (callers parsed the header), without Ethernet padding.
+        let len = frame
+            .get(16..18)
+            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+        let v = rules.check(proto, SocketAddr::V4(dst), len);
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             Action::Reject if proto != Proto::Tcp => {

@@ -490,6 +490,7 @@ fn rules_refuse_flows_and_count_them() {
         format!("reject,proto=udp,to={remote},port=7777"),
         "drop,proto=icmp".into(),
         format!("allow,proto=tcp,to={remote},port=7000"),
+        "reject,proto=tcp,to=192.168.127.254".into(),
     ]
     .into_iter()
     .flat_map(|r| ["--rule".to_string(), r])
@@ -513,6 +514,9 @@ check drop-icmp "$(ping -c 2 -W 1 {remote} 2>&1 | grep -c 'bytes from')" 0
 check allow-tcp "$(nc {remote} 7000 | wc -c)" 1048576
 check default-allows-http "$(wget -q -O - http://{remote}:8080/hello.txt)" "hello from remote"
 check proxy-obeys-rules "$(http_proxy=http://192.168.127.1:3128 wget -q -O - http://{remote}:7005/ 2>&1 | grep -c '403')" 1
+# The host's loopback is the host alias, through the NAT and through the proxy.
+check reject-host-alias "$($P connect 192.168.127.254 22 3000)" errno:ECONNREFUSED
+check proxy-host-loopback "$(printf 'CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n' | nc -w 3 192.168.127.1 3128 | head -1 | tr -d '\r')" "HTTP/1.1 403 Forbidden"
 # The host changes the rules while the guest runs: 7005 opens, 7000 closes.
 touch /mnt/tools/phase1-done
 i=0; while [ ! -e /mnt/tools/rules-changed ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
@@ -546,6 +550,8 @@ check added-rule-refuses "$($P connect {remote} 7000 3000)" errno:ECONNREFUSED
     // One connection let through, carrying the 1 MiB blob.
     assert_eq!(counts(4).0, 1, "{v}");
     assert!(counts(4).1 >= 1 << 20, "{v}");
+    // The host alias: the guest's connect and the proxy's CONNECT to 127.0.0.1.
+    assert_eq!(counts(5).0, 2, "{v}");
     // The default policy: the UDP flow to 7778 (200 bytes) and the HTTP connection.
     let d = &v["default"];
     assert!(d["packets"].as_u64().unwrap() >= 2, "{v}");
@@ -574,7 +580,7 @@ check added-rule-refuses "$($P connect {remote} 7000 3000)" errno:ECONNREFUSED
     assert!(ok && out.contains("at position 1"), "{out}");
     std::fs::write(tools.join("rules-changed"), b"").unwrap();
 
-    all_checks_pass(&mut qemu, &ferry, 10);
+    all_checks_pass(&mut qemu, &ferry, 12);
     let v = rules(&api);
     assert_eq!(v["rules"][0]["spec"].as_str(), Some(spec.as_str()), "{v}");
     assert_eq!(v["rules"][0]["packets"], 1, "{v}");

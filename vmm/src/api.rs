@@ -11,7 +11,7 @@
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
 //! GET    /rules                                {"rules":[rule, ...],"default":{...}}
 //! POST   /rules        {"spec":"drop,to=10.0.0.0/8","position":1}   201 rule | 400 | 409
-//! DELETE /rules/{id}                           204 | 404
+//! DELETE /rules/{id}                           204 | 400 | 404
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
 //! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when

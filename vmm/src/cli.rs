@@ -87,9 +87,9 @@ pub enum RuleChange {
         /// The rule.
         #[arg(value_name = "SPEC")]
         spec: String,
-        /// Where to put it, from 1 (the first checked) [default: last].
-        #[arg(long, value_name = "N")]
-        at: Option<usize>,
+        /// Where to put it, from 1 (the first checked); past the end is last [default: last].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        at: Option<u64>,
     },
     /// Delete the rule with this id (the ID column of `ferry ctl rules`).
     #[command(alias = "del")]

@@ -326,7 +326,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             );
         }
         let mut rules = Vec::new();
-        for spec in file.rule.iter().chain(&args.rule) {
+        for spec in &file.rule {
+            rules.push(spec.parse::<RuleSpec>().map_err(|e| {
+                usage(format!(
+                    "--config {}: {e}",
+                    args.config.as_deref().unwrap_or(Path::new("")).display()
+                ))
+            })?);
+        }
+        for spec in &args.rule {
             rules.push(
                 spec.parse::<RuleSpec>()
                     .map_err(|e| usage(format!("--{e}")))?,

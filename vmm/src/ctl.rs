@@ -424,6 +424,9 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                 out(&v, &print_rules);
             }
             Some(RuleChange::Add { spec, at }) => {
+                // A malformed spec is a usage error here, said once, before the API is asked.
+                spec.parse::<ferry_net::rules::RuleSpec>()
+                    .map_err(|e| Error::Usage(e.to_string()))?;
                 let body = json!({ "spec": spec, "position": at });
                 let (st, v) = call(sock, "POST", "/rules", Some(&body))?;
                 if st != 201 {

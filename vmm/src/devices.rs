@@ -143,7 +143,10 @@ impl Devices {
                 }
             }
             ports = Some(p.clone());
-            let r = Arc::new(Rules::new(&cfg.rules));
+            let r = Arc::new(Rules::with_host_alias(
+                &cfg.rules,
+                Some(cfg.net.host_alias()),
+            ));
             if !cfg.rules.is_empty() {
                 info!(
                     "net: {} rules for the guest's outbound flows: {}",
