@@ -435,15 +435,6 @@ impl Rules {
         drop(t);
         v
     }
-
-    /// Whether no rule is set (every flow is allowed).
-    pub fn is_empty(&self) -> bool {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .is_empty()
-    }
 }
 
 fn info(at: usize, r: &Rule) -> RuleInfo {

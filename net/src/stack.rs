@@ -328,6 +328,15 @@ fn parse_udp_payload(frame: &[u8]) -> Option<(FlowKey, &[u8])> {
     ))
 }
 
+/// Sends a guest datagram on its flow's host socket, counting it for the flow's rule. UDP may
+/// drop: a full host socket buffer loses the datagram, as a router would.
+fn send_on(flow: &mut crate::nat::UdpFlow, payload: &[u8]) {
+    if let (Ok(n), Some(c)) = (flow.socket.send(payload), &flow.counters) {
+        c.add_bytes(n);
+    }
+    flow.last = StdInstant::now();
+}
+
 fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {
     Ipv4Address::from(a.octets())
 }
@@ -711,14 +720,16 @@ impl NetStack {
         if *key.dst.ip() == gw || key.dst.ip().is_broadcast() || key.dst.ip().is_multicast() {
             return false;
         }
-        let new = self.nat.get_mut(&key).is_none();
-        let mut counters = None;
-        if new {
-            match self.decide(Proto::Udp, key.dst, frame) {
-                Ok(c) => counters = c,
-                Err(_) => return true,
-            }
+        // A flow already open: one lookup, and the datagram goes (its reply socket was made
+        // with it).
+        if let Some(flow) = self.nat.get_mut(&key) {
+            send_on(flow, payload);
+            return true;
         }
+        let counters = match self.decide(Proto::Udp, key.dst, frame) {
+            Ok(c) => c,
+            Err(_) => return true,
+        };
         if !self.nat_sockets.contains_key(&key.dst) {
             let mut s = udp_reply_socket();
             let ep = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
@@ -730,15 +741,8 @@ impl NetStack {
         }
         match self.nat.flow(key, &self.epoll) {
             Ok(flow) => {
-                if new {
-                    flow.counters = counters;
-                }
-                // UDP may drop: a full host socket buffer loses the datagram, as a router
-                // would.
-                if let (Ok(n), Some(c)) = (flow.socket.send(payload), &flow.counters) {
-                    c.add_bytes(n);
-                }
-                flow.last = StdInstant::now();
+                flow.counters = counters;
+                send_on(flow, payload);
             }
             Err(e) => log::debug!("nat: cannot open a host socket for {}: {e}", key.dst),
         }

@@ -150,12 +150,12 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
         (Method::Post, ["ports"]) => publish(control, body),
         (Method::Get, ["proxy"]) => match &control.proxy {
             Some(p) => (200, proxy_json(p)),
-            None => no_proxy(),
+            None => no_net("HTTP proxy"),
         },
         (Method::Put, ["proxy"]) => set_proxy(control, body),
         (Method::Get, ["rules"]) => match &control.rules {
             Some(r) => (200, rules_json(r)),
-            None => no_rules(),
+            None => no_net("rules"),
         },
         (Method::Post, ["rules"]) => add_rule(control, body),
         (Method::Delete, ["rules", id]) => delete_rule(control, id),
@@ -334,10 +334,11 @@ fn unpublish(control: &Control, proto: &str, bind: &str, port: &str) -> (u16, Va
     }
 }
 
-fn no_proxy() -> (u16, Value) {
+/// The 404 for a net service (`what`: "HTTP proxy", "rules") when there is no net device.
+fn no_net(what: &str) -> (u16, Value) {
     error(
         404,
-        "no HTTP proxy: ferry serves no net device",
+        format!("no {what}: ferry serves no net device"),
         "start ferry with --net-socket PATH",
     )
 }
@@ -365,7 +366,7 @@ fn json_body(body: &[u8], hint: &str) -> std::result::Result<Value, (u16, Value)
 /// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
 fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
     let Some(p) = &control.proxy else {
-        return no_proxy();
+        return no_net("HTTP proxy");
     };
     let v = match json_body(body, SET_PROXY_HINT) {
         Ok(v) => v,
@@ -391,14 +392,6 @@ fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
     }
     p.set_upstream(up);
     (200, proxy_json(p))
-}
-
-fn no_rules() -> (u16, Value) {
-    error(
-        404,
-        "no rules: ferry serves no net device",
-        "start ferry with --net-socket PATH",
-    )
 }
 
 /// A rule as JSON.
@@ -430,7 +423,7 @@ const ADD_RULE_HINT: &str = r#"send {"spec": "allow|reject|drop[,proto=tcp|udp|i
 /// POST /rules {"spec": SPEC, "position": N}.
 fn add_rule(control: &Control, body: &[u8]) -> (u16, Value) {
     let Some(rules) = &control.rules else {
-        return no_rules();
+        return no_net("rules");
     };
     let v = match json_body(body, ADD_RULE_HINT) {
         Ok(v) => v,
@@ -462,7 +455,7 @@ fn add_rule(control: &Control, body: &[u8]) -> (u16, Value) {
 /// DELETE /rules/{id}.
 fn delete_rule(control: &Control, id: &str) -> (u16, Value) {
     let Some(rules) = &control.rules else {
-        return no_rules();
+        return no_net("rules");
     };
     let Ok(id) = id.parse::<u64>() else {
         return error(

@@ -138,10 +138,11 @@ pub struct ServeArgs {
 
     /// Serve DIR as a virtio-fs device with this tag on this UNIX socket (repeatable).
     /// Options: readonly (every write fails with EROFS), cache=never|metadata|auto|always
-    /// (default auto).
+    /// (default auto), writeback (the guest caches writes), noxattr (extended attributes
+    /// off, as virtiofsd without --xattr).
     #[arg(
         long,
-        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY]"
+        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]"
     )]
     pub share: Vec<String>,
 

@@ -76,6 +76,21 @@ fn refusal(v: &Value, status: u16) -> Error {
     }
 }
 
+/// One API call that must answer `want`; its JSON body, or the API's refusal.
+fn expect(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    want: u16,
+) -> Result<Value> {
+    let (status, v) = call(socket, method, path, body)?;
+    if status != want {
+        return Err(refusal(&v, status));
+    }
+    Ok(v)
+}
+
 /// Prints rows as aligned columns under `header`.
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -314,10 +329,7 @@ fn resolve_unpublish(socket: &Path, spec: &str) -> Result<String> {
         b.parse::<std::net::IpAddr>().map_err(|_| usage())?;
         return Ok(format!("/ports/{proto}/{b}/{port}"));
     }
-    let (status, list) = call(socket, "GET", "/ports", None)?;
-    if status != 200 {
-        return Err(refusal(&list, status));
-    }
+    let list = expect(socket, "GET", "/ports", None, 200)?;
     let matches: Vec<&Value> = list
         .as_array()
         .map(|a| {
@@ -353,10 +365,7 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
     };
     match &a.command {
         CtlCommand::Health => {
-            let (st, v) = call(sock, "GET", "/health", None)?;
-            if st != 200 {
-                return Err(refusal(&v, st));
-            }
+            let v = expect(sock, "GET", "/health", None, 200)?;
             out(&v, &|v| {
                 println!(
                     "ok: ferry {} (pid {}), up {} s, guest {}",
@@ -372,24 +381,15 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             });
         }
         CtlCommand::Ports => {
-            let (st, v) = call(sock, "GET", "/ports", None)?;
-            if st != 200 {
-                return Err(refusal(&v, st));
-            }
+            let v = expect(sock, "GET", "/ports", None, 200)?;
             out(&v, &print_ports);
         }
         CtlCommand::Stats => {
-            let (st, v) = call(sock, "GET", "/stats", None)?;
-            if st != 200 {
-                return Err(refusal(&v, st));
-            }
+            let v = expect(sock, "GET", "/stats", None, 200)?;
             out(&v, &print_stats);
         }
         CtlCommand::Publish { spec } => {
-            let (st, v) = call(sock, "POST", "/ports", Some(&json!({ "spec": spec })))?;
-            if st != 201 {
-                return Err(refusal(&v, st));
-            }
+            let v = expect(sock, "POST", "/ports", Some(&json!({ "spec": spec })), 201)?;
             out(&v, &|v| {
                 println!(
                     "published {} {}:{} -> guest port {}",
@@ -401,26 +401,22 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             });
         }
         CtlCommand::Proxy { change } => {
-            let (st, v) = match change {
-                None => call(sock, "GET", "/proxy", None)?,
+            let v = match change {
+                None => expect(sock, "GET", "/proxy", None, 200)?,
                 Some(ProxyChange::Set { url }) => {
-                    call(sock, "PUT", "/proxy", Some(&json!({ "upstream": url })))?
+                    let body = json!({ "upstream": url });
+                    expect(sock, "PUT", "/proxy", Some(&body), 200)?
                 }
                 Some(ProxyChange::Clear) => {
-                    call(sock, "PUT", "/proxy", Some(&json!({ "upstream": null })))?
+                    let body = json!({ "upstream": null });
+                    expect(sock, "PUT", "/proxy", Some(&body), 200)?
                 }
             };
-            if st != 200 {
-                return Err(refusal(&v, st));
-            }
             out(&v, &print_proxy);
         }
         CtlCommand::Rules { change } => match change {
             None => {
-                let (st, v) = call(sock, "GET", "/rules", None)?;
-                if st != 200 {
-                    return Err(refusal(&v, st));
-                }
+                let v = expect(sock, "GET", "/rules", None, 200)?;
                 out(&v, &print_rules);
             }
             Some(RuleChange::Add { spec, at }) => {
@@ -428,10 +424,7 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                 spec.parse::<ferry_net::rules::RuleSpec>()
                     .map_err(|e| Error::Usage(e.to_string()))?;
                 let body = json!({ "spec": spec, "position": at });
-                let (st, v) = call(sock, "POST", "/rules", Some(&body))?;
-                if st != 201 {
-                    return Err(refusal(&v, st));
-                }
+                let v = expect(sock, "POST", "/rules", Some(&body), 201)?;
                 out(&v, &|v| {
                     println!(
                         "added rule {} at position {}: {}",
@@ -442,10 +435,7 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                 });
             }
             Some(RuleChange::Delete { id }) => {
-                let (st, v) = call(sock, "DELETE", &format!("/rules/{id}"), None)?;
-                if st != 204 {
-                    return Err(refusal(&v, st));
-                }
+                expect(sock, "DELETE", &format!("/rules/{id}"), None, 204)?;
                 out(&json!({ "deleted": id }), &|_| {
                     println!("deleted rule {id}")
                 });
@@ -453,10 +443,7 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
         },
         CtlCommand::Unpublish { spec } => {
             let path = resolve_unpublish(sock, spec)?;
-            let (st, v) = call(sock, "DELETE", &path, None)?;
-            if st != 204 {
-                return Err(refusal(&v, st));
-            }
+            expect(sock, "DELETE", &path, None, 204)?;
             out(&json!({"unpublished": path}), &|_| {
                 println!("unpublished {spec}")
             });
