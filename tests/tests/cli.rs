@@ -36,6 +36,8 @@ fn help_documents_every_option() {
         "--mtu",
         "--max-connections",
         "--dns-upstream",
+        "--sandbox",
+        "--seccomp",
     ] {
         let line = help
             .lines()
@@ -104,6 +106,24 @@ fn bad_values_exit_2_naming_the_option() {
             ],
             "--mtu",
         ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--sandbox".into(),
+                "chroot".into(),
+            ],
+            "--sandbox chroot",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--seccomp".into(),
+                "trap".into(),
+            ],
+            "--seccomp trap",
+        ),
         (vec![], "nothing to serve"),
     ];
     for (args, want) in cases {
@@ -148,5 +168,86 @@ fn sigterm_and_sigint_remove_the_sockets() {
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "signal {sig}");
         assert!(!net.exists() && !fs.exists(), "signal {sig} left sockets");
+    }
+}
+
+/// What `/proc/PID/task/*/status` says of each thread's sandbox: (NoNewPrivs, Seccomp).
+fn thread_sandboxes(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        out.push((field("Name:"), field("NoNewPrivs:"), field("Seccomp:")));
+    }
+    out
+}
+
+#[test]
+fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
+    for off in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net.sock");
+        let fs = dir.path().join("fs.sock");
+        let api = dir.path().join("api.sock");
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("serve")
+            .arg("--net-socket")
+            .arg(&net)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--share")
+            .arg(format!(
+                "tag=t,dir={},socket={}",
+                share.display(),
+                fs.display()
+            ))
+            .stderr(std::process::Stdio::piped());
+        if off {
+            cmd.args(["--sandbox", "none", "--seccomp", "none"]);
+        }
+        let child = cmd.spawn().unwrap();
+        ferry_tests::wait_for(std::time::Duration::from_secs(10), || {
+            (net.exists() && fs.exists() && api.exists()).then_some(())
+        })
+        .expect("sockets appear");
+        let threads = thread_sandboxes(child.id());
+        // SAFETY: kill has no memory effects; the child is ours.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{log}");
+        assert!(!net.exists() && !fs.exists() && !api.exists(), "{log}");
+        // The main thread, the devices' threads, the ports and proxy threads and the API's.
+        assert!(threads.len() >= 4, "{threads:?}");
+        for (name, nnp, seccomp) in &threads {
+            if off {
+                assert_eq!(seccomp, "0", "{name}: {threads:?}");
+            } else {
+                // Mode 2: a filter. No new privileges: Landlock and seccomp need it.
+                assert_eq!(
+                    (nnp.as_str(), seccomp.as_str()),
+                    ("1", "2"),
+                    "{name}: {threads:?}"
+                );
+            }
+        }
+        if off {
+            assert!(log.contains("sandbox: off"), "{log}");
+        } else {
+            assert!(log.contains("Landlock confines file access"), "{log}");
+            assert!(log.contains("seccomp allows"), "{log}");
+        }
     }
 }

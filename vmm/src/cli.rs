@@ -126,8 +126,8 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind; share, publish and rule
-    /// as arrays). Options given
+    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind, sandbox, seccomp; share,
+    /// publish and rule as arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -199,6 +199,17 @@ pub struct ServeArgs {
     /// `ferry ctl proxy` changes it while ferry runs.
     #[arg(long, value_name = "URL")]
     pub proxy_upstream: Option<String>,
+
+    /// Confine the devices' file access with Landlock to the shares, ferry's sockets and the
+    /// system files name resolution reads (landlock), or not (none) [default: landlock].
+    #[arg(long, value_name = "landlock|none")]
+    pub sandbox: Option<String>,
+
+    /// The system call filter: refuse calls the devices never make and stop with a message
+    /// naming the call (kill), allow them but log them to the kernel log (log), or no filter
+    /// (none) [default: kill].
+    #[arg(long, value_name = "kill|log|none")]
+    pub seccomp: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
 use serde::Deserialize;
 
 use crate::cli::{RunArgs, ServeArgs};
+use crate::sandbox::{parse_sandbox, SandboxConfig};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = 36;
@@ -90,6 +91,8 @@ pub struct ServeConfig {
     pub api_socket: Option<PathBuf>,
     /// Where `ferry portd` listens, for ports this process may not bind.
     pub portd_socket: PathBuf,
+    /// The sandbox the devices run in.
+    pub sandbox: SandboxConfig,
 }
 
 /// Where `ferry portd` listens unless told otherwise.
@@ -114,6 +117,8 @@ struct FileConfig {
     max_connections: Option<usize>,
     dns_upstream: Option<String>,
     proxy_upstream: Option<String>,
+    sandbox: Option<String>,
+    seccomp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,6 +396,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
             )));
         }
 
+        let mut sandbox = SandboxConfig::default();
+        if let Some(s) = args.sandbox.or(file.sandbox) {
+            sandbox.landlock =
+                parse_sandbox(&s).map_err(|e| usage(format!("--sandbox {s}: {e}")))?;
+        }
+        if let Some(s) = args.seccomp.or(file.seccomp) {
+            sandbox.seccomp = s
+                .parse()
+                .map_err(|e| usage(format!("--seccomp {s}: {e}")))?;
+        }
+
         Ok(ServeConfig {
             net_socket,
             net,
@@ -402,6 +418,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             default_bind,
             api_socket,
             portd_socket,
+            sandbox,
         })
     }
 }
@@ -507,6 +524,8 @@ mod tests {
             max_connections: None,
             dns_upstream: None,
             proxy_upstream: None,
+            sandbox: None,
+            seccomp: None,
         }
     }
 

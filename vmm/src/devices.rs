@@ -76,10 +76,18 @@ fn raise_fd_limit() {
 }
 
 impl Devices {
-    /// Binds every socket and starts one thread per device.
+    /// Enters the sandbox (on the calling thread, so every device thread started here inherits
+    /// it), binds every socket and starts one thread per device.
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
         raise_fd_limit();
         let private = private_dir()?;
+        if let Err(e) = crate::sandbox::enter(
+            cfg.sandbox,
+            &crate::sandbox::Paths::for_serve(cfg, &private),
+        ) {
+            let _ = std::fs::remove_dir_all(&private);
+            return Err(e);
+        }
         let mut sockets = Vec::new();
         let mut net = None;
         if let Some(path) = &cfg.net_socket {

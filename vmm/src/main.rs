@@ -12,6 +12,7 @@ mod devices;
 mod mount;
 mod portd;
 mod run;
+mod sandbox;
 mod serve;
 mod signals;
 

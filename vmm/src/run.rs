@@ -52,8 +52,19 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         api_socket: Some(dir.join("api.sock")),
         portd_socket: crate::config::DEFAULT_PORTD_SOCKET.into(),
+        sandbox: Default::default(),
     };
-    let devices = Devices::start(&serve)?;
+    // The devices start on a thread of their own, which enters the sandbox (and passes it to
+    // the threads it starts): this thread stays outside it, to start QEMU.
+    let devices = {
+        let serve = serve.clone();
+        std::thread::Builder::new()
+            .name("start".into())
+            .spawn(move || Devices::start(&serve))
+            .map_err(|e| Error::Runtime(format!("cannot start the devices' thread: {e}")))?
+            .join()
+            .map_err(|_| Error::Runtime("the devices' thread panicked while starting".into()))??
+    };
     let mut qemu = qemu_command(&cfg, &serve);
     // SAFETY: the closure only calls pthread_sigmask, which is async-signal-safe.
     unsafe {
