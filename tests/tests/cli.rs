@@ -171,8 +171,9 @@ fn sigterm_and_sigint_remove_the_sockets() {
     }
 }
 
-/// What `/proc/PID/task/*/status` says of each thread's sandbox: (NoNewPrivs, Seccomp).
-fn thread_sandboxes(pid: u32) -> Vec<(String, String, String)> {
+/// What `/proc/PID/task/*/status` says of each thread's sandbox: (name, NoNewPrivs, Seccomp,
+/// CapEff).
+fn thread_sandboxes(pid: u32) -> Vec<(String, String, String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let t = t.unwrap().path();
@@ -187,7 +188,12 @@ fn thread_sandboxes(pid: u32) -> Vec<(String, String, String)> {
                 .trim()
                 .to_string()
         };
-        out.push((field("Name:"), field("NoNewPrivs:"), field("Seccomp:")));
+        out.push((
+            field("Name:"),
+            field("NoNewPrivs:"),
+            field("Seccomp:"),
+            field("CapEff:"),
+        ));
     }
     out
 }
@@ -231,7 +237,9 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
         assert!(!net.exists() && !fs.exists() && !api.exists(), "{log}");
         // The main thread, the devices' threads, the ports and proxy threads and the API's.
         assert!(threads.len() >= 4, "{threads:?}");
-        for (name, nnp, seccomp) in &threads {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        for (name, nnp, seccomp, caps) in &threads {
             if off {
                 assert_eq!(seccomp, "0", "{name}: {threads:?}");
             } else {
@@ -241,6 +249,11 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
                     ("1", "2"),
                     "{name}: {threads:?}"
                 );
+                if root {
+                    // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SETGID, SETUID,
+                    // NET_BIND_SERVICE: nothing else of root's.
+                    assert_eq!(caps, "00000000000004df", "{name}: {threads:?}");
+                }
             }
         }
         if off {

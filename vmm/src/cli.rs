@@ -201,7 +201,8 @@ pub struct ServeArgs {
     pub proxy_upstream: Option<String>,
 
     /// Confine the devices' file access with Landlock to the shares, ferry's sockets and the
-    /// system files name resolution reads (landlock), or not (none) [default: landlock].
+    /// system files name resolution reads, and as root keep only the capabilities the devices
+    /// need (landlock), or neither (none) [default: landlock].
     #[arg(long, value_name = "landlock|none")]
     pub sandbox: Option<String>,
 

@@ -167,6 +167,12 @@ pub fn portd(args: PortdArgs) -> Result<ExitCode> {
     signals::block_termination()
         .map_err(|e| Error::Runtime(format!("cannot block termination signals: {e}")))?;
     let listener = listen(&path)?;
+    // Root's helper keeps only what binding ports needs: no file access beyond its socket's
+    // folder, no capability but CAP_NET_BIND_SERVICE, the devices' system call list.
+    crate::sandbox::enter(
+        crate::sandbox::SandboxConfig::default(),
+        &crate::sandbox::Paths::for_portd(&path),
+    )?;
     info!(
         "portd: listening on {} for uids {:?} (ports below {})",
         path.display(),

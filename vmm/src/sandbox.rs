@@ -59,7 +59,8 @@ impl std::str::FromStr for SeccompMode {
     }
 }
 
-/// What `--sandbox` and `--seccomp` ask for.
+/// What `--sandbox` and `--seccomp` ask for. `--sandbox landlock` also drops the capabilities
+/// a root ferry does not need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SandboxConfig {
     /// Confine file access with Landlock (`--sandbox landlock`, the default).
@@ -99,7 +100,22 @@ pub struct Paths {
     pub sockets: Vec<PathBuf>,
     /// Remove folders beneath these (the private folder's parent, at shutdown).
     pub remove_dir: Vec<PathBuf>,
+    /// The capabilities a process running as root keeps (bit numbers, `CAP_*`).
+    pub capabilities: Vec<u32>,
 }
+
+/// What the devices need of root's capabilities: the file server acts for the guest's users
+/// (ownership, permissions, `setfsuid`, file handles) and published ports below 1024 bind.
+const SERVE_CAPS: &[u32] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    2,  // CAP_DAC_READ_SEARCH: open_by_handle_at
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    6,  // CAP_SETGID: setfsgid
+    7,  // CAP_SETUID: setfsuid
+    10, // CAP_NET_BIND_SERVICE
+];
 
 /// The system files name resolution (`getaddrinfo`, for the proxy and the DNS upstream) and
 /// port publishing read at run time. Missing ones are skipped.
@@ -153,7 +169,24 @@ impl Paths {
         }
         p.read_only
             .extend(SYSTEM_READ.iter().map(PathBuf::from).filter(|p| p.exists()));
+        p.capabilities = SERVE_CAPS.to_vec();
         p
+    }
+
+    /// What `ferry portd` listening on `socket` needs: its socket's folder (to remove it), the
+    /// port limit, and of root's capabilities only binding privileged ports.
+    pub fn for_portd(socket: &Path) -> Self {
+        Paths {
+            sockets: vec![match socket.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            }],
+            read_only: vec![PathBuf::from(
+                "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+            )],
+            capabilities: vec![10],
+            ..Default::default()
+        }
     }
 }
 
@@ -161,11 +194,62 @@ impl Paths {
 /// the filter then refuses), then seccomp.
 pub fn enter(cfg: SandboxConfig, paths: &Paths) -> Result<()> {
     if cfg.landlock {
+        keep_capabilities(&paths.capabilities)
+            .map_err(|e| sandbox_error("dropping capabilities", e))?;
         landlock(paths)?;
     } else {
-        warn!("sandbox: off (--sandbox none): file access is confined only by the file server's own checks");
+        warn!("sandbox: off (--sandbox none): file access is confined only by the file server's own checks, and root keeps its capabilities");
     }
     seccomp(cfg.seccomp)
+}
+
+/// Keeps only `keep` of the calling thread's permitted and effective capabilities and clears
+/// its inheritable ones (threads it starts inherit the result). Nothing to do without any.
+fn keep_capabilities(keep: &[u32]) -> std::io::Result<()> {
+    // linux/capability.h, version 3: two 32-bit words per set.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut hdr = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: `hdr` and `data` have the layout capget expects for version 3 (a header and two
+    // data words); the kernel writes only into them.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if data.iter().all(|d| d.permitted == 0 && d.inheritable == 0) {
+        return Ok(());
+    }
+    let mut mask = [0u32; 2];
+    for &c in keep {
+        mask[(c / 32) as usize] |= 1 << (c % 32);
+    }
+    for (d, m) in data.iter_mut().zip(mask) {
+        d.permitted &= m;
+        d.effective &= m;
+        d.inheritable = 0;
+    }
+    // SAFETY: as above; capset only reads `hdr` and `data`.
+    if unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    info!(
+        "sandbox: keeping capabilities {:#x} of root's",
+        u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
+    );
+    Ok(())
 }
 
 fn sandbox_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -217,11 +301,17 @@ fn landlock(paths: &Paths) -> Result<()> {
                 .map_err(err)?;
         }
     }
+    let paths = paths.read_write.len()
+        + paths.read_only.len()
+        + paths.sockets.len()
+        + paths.remove_dir.len();
     let status = ruleset.restrict_self().map_err(err)?;
     match status.ruleset {
-        RulesetStatus::FullyEnforced => info!("sandbox: Landlock confines file access to the shares"),
+        RulesetStatus::FullyEnforced => {
+            info!("sandbox: Landlock confines file access to {paths} folders and files")
+        }
         RulesetStatus::PartiallyEnforced => info!(
-            "sandbox: Landlock confines file access to the shares (this kernel enforces part of the rights)"
+            "sandbox: Landlock confines file access to {paths} folders and files (this kernel enforces part of the rights)"
         ),
         RulesetStatus::NotEnforced => warn!(
             "sandbox: this kernel has no Landlock: file access is confined only by the file server's own checks"
@@ -445,6 +535,7 @@ mod tests {
             read_only: vec![],
             sockets: vec![],
             remove_dir: vec![],
+            capabilities: vec![],
         };
         let (s, o) = (share.path().to_path_buf(), outside.path().to_path_buf());
         let res = std::thread::spawn(move || {
