@@ -185,6 +185,18 @@ impl VhostUserNetBackend {
         &self.stats
     }
 
+    /// Captures every frame to and from the guest from now on (`--pcap`), across guests.
+    pub fn set_capture(&self, capture: ferry_net::pcap::Capture) {
+        if let Ok(mut s) = self.stack.lock() {
+            s.set_capture(Some(capture));
+        }
+    }
+
+    /// The capture's counters, when one is on.
+    pub fn capture_stats(&self) -> Option<ferry_net::pcap::CaptureStats> {
+        self.stack.lock().ok().and_then(|s| s.capture_stats())
+    }
+
     /// The stack's counters and open flows, now.
     pub fn stack_stats(&self) -> (StackStats, Vec<FlowInfo>) {
         self.stack
@@ -234,6 +246,7 @@ impl VhostUserNetBackend {
             }
             delivered
         });
+        stack.flush_capture();
         self.rearm(&mut stack);
         res
     }
@@ -357,7 +370,11 @@ impl VhostUserNetBackend {
         );
         if let Ok(mut st) = self.stack.lock() {
             match Self::fresh_stack(&self.cfg, self.upstream, &self.services) {
-                Ok(fresh) => *st = fresh,
+                Ok(mut fresh) => {
+                    // The capture goes on across guests, as published ports do.
+                    fresh.set_capture(st.take_capture());
+                    *st = fresh;
+                }
                 Err(e) => warn!("net: cannot make a fresh link for the next guest: {e}"),
             }
         }

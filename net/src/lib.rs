@@ -20,6 +20,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod icmp;
 pub mod nat;
+pub mod pcap;
 pub mod ports;
 pub mod proxy;
 pub mod rules;

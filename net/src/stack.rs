@@ -17,6 +17,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 
 use crate::nat::{FlowKey, UdpNat, FLOW_TOKEN_BASE};
+use crate::pcap::{self, Capture, CaptureStats};
 use crate::ports::{Incoming, Ports};
 use crate::rules::{Action, Counters, Proto, Rules};
 use crate::{dhcp, dns};
@@ -83,6 +84,8 @@ struct FrameQueue {
     mtu: usize,
     /// The guest takes TCP/UDP frames without checksums (the device marks them valid).
     csum_offload: bool,
+    /// `--pcap`: every frame both ways.
+    capture: RefCell<Option<Capture>>,
 }
 
 /// Puts `f`'s buffer back in `pool` (unless the pool is full).
@@ -101,6 +104,7 @@ struct FrameRx<'a> {
 struct FrameTx<'a> {
     tx: &'a mut VecDeque<Frame>,
     pool: &'a RefCell<Vec<Vec<u8>>>,
+    capture: &'a RefCell<Option<Capture>>,
 }
 
 impl RxToken for FrameRx<'_> {
@@ -117,6 +121,7 @@ impl TxToken for FrameTx<'_> {
         // checksum fields, payload), so the buffer is not zeroed for it.
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
+        pcap::record(&mut self.capture.borrow_mut(), &frame);
         self.tx.push_back(frame);
         r
     }
@@ -136,6 +141,7 @@ impl Device for FrameQueue {
             FrameTx {
                 tx: &mut self.tx,
                 pool: &self.pool,
+                capture: &self.capture,
             },
         ))
     }
@@ -144,6 +150,7 @@ impl Device for FrameQueue {
         (self.tx.len() < QUEUE_FRAMES).then_some(FrameTx {
             tx: &mut self.tx,
             pool: &self.pool,
+            capture: &self.capture,
         })
     }
 
@@ -350,6 +357,7 @@ impl NetStack {
             pool: RefCell::new(Vec::new()),
             mtu: usize::from(cfg.mtu),
             csum_offload: false,
+            capture: RefCell::new(None),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         config.random_seed = u64::from(std::process::id()) ^ 0x5eed_f00d;
@@ -699,6 +707,7 @@ impl NetStack {
         let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
         ip.emit(&mut p, &Default::default());
         fill(&mut p.payload_mut()[..len]);
+        pcap::record(self.device.capture.get_mut(), &frame);
         self.device.tx.push_back(frame);
     }
 
@@ -1198,6 +1207,7 @@ impl NetStack {
             return false;
         }
         self.stats.frames_in += 1;
+        pcap::record(self.device.capture.get_mut(), &b);
         if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) || self.nat_udp_out(&b)
         {
             recycle(&self.device.pool, b);
@@ -1375,6 +1385,28 @@ impl NetStack {
             });
         }
         out
+    }
+
+    /// Starts (or with `None` ends) capturing every frame to and from the guest.
+    pub fn set_capture(&mut self, capture: Option<Capture>) {
+        *self.device.capture.get_mut() = capture;
+    }
+
+    /// Ends the capture, with everything recorded written, and returns it (a frontend left:
+    /// the next guest's link goes on with it).
+    pub fn take_capture(&mut self) -> Option<Capture> {
+        pcap::flush(self.device.capture.get_mut());
+        self.device.capture.get_mut().take()
+    }
+
+    /// Writes the frames captured so far (the device calls it after each event).
+    pub fn flush_capture(&mut self) {
+        pcap::flush(self.device.capture.get_mut());
+    }
+
+    /// The capture's counters, when one is on.
+    pub fn capture_stats(&self) -> Option<CaptureStats> {
+        self.device.capture.borrow().as_ref().map(Capture::stats)
     }
 
     /// The link's counters, with the open flows counted now.

@@ -36,6 +36,7 @@ fn help_documents_every_option() {
         "--mtu",
         "--max-connections",
         "--dns-upstream",
+        "--pcap",
         "--sandbox",
         "--seccomp",
     ] {
@@ -123,6 +124,24 @@ fn bad_values_exit_2_naming_the_option() {
                 "trap".into(),
             ],
             "--seccomp trap",
+        ),
+        (
+            vec![
+                "--share".into(),
+                format!("tag=a,dir={d},socket={d}/fs.sock"),
+                "--pcap".into(),
+                format!("{d}/c.pcap"),
+            ],
+            "--pcap",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--pcap".into(),
+                format!("{d}/no/such/c.pcap"),
+            ],
+            "--pcap",
         ),
         (vec![], "nothing to serve"),
     ];

@@ -87,6 +87,7 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
     std::fs::set_permissions(&share, std::os::unix::fs::PermissionsExt::from_mode(0o751)).unwrap();
     let net = dir.path().join("net.sock");
     let fs = dir.path().join("fs.sock");
+    let pcap = dir.path().join("guest.pcap");
     let mut ferry = FerryProcess::serve(
         dir.path(),
         &[
@@ -98,6 +99,8 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
             // names outside the plan fail at once.
             "--dns-upstream".into(),
             "127.0.0.1:1".into(),
+            "--pcap".into(),
+            pcap.display().to_string(),
         ],
         &[net.clone(), fs.clone()],
     );
@@ -158,4 +161,102 @@ fn guest_sees_both_devices_and_boots_again_after_qemu_is_killed() {
     );
     assert_eq!(ferry.terminate(), Some(0), "{}", ferry.log_tail());
     assert!(!net.exists() && !fs.exists(), "sockets left behind");
+    check_capture(&pcap, frames, &log);
+}
+
+/// One record of a libpcap file: the frame as kept, and its length on the wire.
+struct Record {
+    data: Vec<u8>,
+    orig_len: u32,
+}
+
+/// Reads a classic libpcap file (microsecond, host order, Ethernet), checking its header.
+fn read_pcap(path: &Path) -> Vec<Record> {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+    assert!(b.len() >= 24, "no pcap header");
+    assert_eq!(u32_at(0), 0xa1b2_c3d4, "magic");
+    assert_eq!(u32_at(20), 1, "link type Ethernet");
+    let snaplen = u32_at(16);
+    let mut out = Vec::new();
+    let mut o = 24;
+    while o < b.len() {
+        assert!(o + 16 <= b.len(), "a record header is cut at {o}");
+        let (incl, orig) = (u32_at(o + 8) as usize, u32_at(o + 12));
+        assert!(
+            incl <= snaplen as usize && incl as u32 <= orig,
+            "record at {o}"
+        );
+        assert!(o + 16 + incl <= b.len(), "a record is cut at {o}");
+        out.push(Record {
+            data: b[o + 16..o + 16 + incl].to_vec(),
+            orig_len: orig,
+        });
+        o += 16 + incl;
+    }
+    out
+}
+
+/// The capture holds both boots' traffic: as many frames from the guest as ferry took, and
+/// the exchanges the checks made (DHCP, pings, DNS), both ways.
+fn check_capture(path: &Path, frames_from_guest: u64, log: &str) {
+    let records = read_pcap(path);
+    let mac: Vec<u8> = MAC
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    let from_guest = |r: &&Record| r.data[6..12] == mac[..];
+    let ipv4_udp = |r: &Record, sport: u16, dport: u16| {
+        r.data.len() > 42
+            && r.data[12..14] == [0x08, 0x00]
+            && r.data[23] == 17
+            && r.data[34..36] == sport.to_be_bytes()
+            && r.data[36..38] == dport.to_be_bytes()
+    };
+    // ICMP echo (type 8) or reply (0) between the guest and `other`.
+    let icmp = |r: &Record, kind: u8, other: [u8; 4], to_other: bool| {
+        let (src, dst) = if to_other { (26, 30) } else { (30, 26) };
+        r.data.len() > 34
+            && r.data[12..14] == [0x08, 0x00]
+            && r.data[23] == 1
+            && r.data[src..src + 4] == [192, 168, 127, 2]
+            && r.data[dst..dst + 4] == other
+            && r.data[34] == kind
+    };
+    let count = |f: &dyn Fn(&Record) -> bool| records.iter().filter(|r| f(r)).count();
+    let sent = records.iter().filter(from_guest).count() as u64;
+    assert_eq!(
+        sent, frames_from_guest,
+        "the capture has {sent} frames from the guest, ferry took {frames_from_guest}:\n{log}"
+    );
+    assert!(
+        records.len() as u64 > sent,
+        "no frames to the guest in the capture"
+    );
+    assert!(
+        records.iter().all(|r| r.data.len() as u32 == r.orig_len),
+        "frames were cut"
+    );
+    // Both boots took a lease: two DISCOVER/REQUEST rounds at least, and the answers.
+    assert!(count(&|r| ipv4_udp(r, 68, 67)) >= 4, "DHCP from the guest");
+    assert!(count(&|r| ipv4_udp(r, 67, 68)) >= 4, "DHCP answers");
+    // 2 pings of the gateway and 1 of the host alias, per boot, each answered.
+    for (other, n) in [([192, 168, 127, 1], 4), ([192, 168, 127, 254], 2)] {
+        assert!(
+            count(&|r| icmp(r, 8, other, true)) >= n,
+            "echo requests to {other:?}"
+        );
+        assert!(
+            count(&|r| icmp(r, 0, other, false)) >= n,
+            "echo replies from {other:?}"
+        );
+    }
+    assert!(
+        count(&|r| r.data.len() > 42 && r.data[36..38] == 53u16.to_be_bytes()) >= 8,
+        "DNS queries"
+    );
+    assert!(
+        count(&|r| r.data.len() > 42 && r.data[34..36] == 53u16.to_be_bytes()) >= 8,
+        "DNS answers"
+    );
 }

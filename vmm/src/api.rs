@@ -505,6 +505,11 @@ fn stats(control: &Control) -> Value {
             "tcp_refused": s.tcp_refused,
             "published_connections": s.published_connections,
             "flows": flows,
+            "pcap": n.capture_stats().map(|c| json!({
+                "path": c.path.display().to_string(),
+                "frames": c.frames,
+                "bytes": c.bytes,
+            })),
         })
     });
     let fs: Vec<Value> = control

@@ -126,7 +126,7 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind, sandbox, seccomp; share,
+    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind, pcap, sandbox, seccomp; share,
     /// publish and rule as arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
@@ -200,6 +200,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub proxy_upstream: Option<String>,
 
+    /// Capture every frame to and from the guest into FILE (libpcap format, for tcpdump -r
+    /// or Wireshark; created mode 0600, truncated if it exists), across reconnects.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+
     /// Confine the devices' file access with Landlock to the shares, ferry's sockets and the
     /// system files name resolution reads, and as root keep only the capabilities the devices
     /// need (landlock), or neither (none) [default: landlock].
@@ -223,6 +228,14 @@ pub struct RunArgs {
     /// Publish a host port to a guest port (repeatable), as for `ferry serve`.
     #[arg(long, value_name = "SPEC")]
     pub publish: Vec<String>,
+
+    /// A rule for the guest's outbound flows (repeatable), as for `ferry serve`.
+    #[arg(long, value_name = "SPEC")]
+    pub rule: Vec<String>,
+
+    /// Capture every frame to and from the guest into FILE (libpcap), as for `ferry serve`.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
 
     /// A shell script the guest runs after boot; it powers off when the script ends. Without
     /// it, the guest gives a shell on the console.

@@ -91,6 +91,8 @@ pub struct ServeConfig {
     pub api_socket: Option<PathBuf>,
     /// Where `ferry portd` listens, for ports this process may not bind.
     pub portd_socket: PathBuf,
+    /// `--pcap`: where to capture the guest's frames.
+    pub pcap: Option<PathBuf>,
     /// The sandbox the devices run in.
     pub sandbox: SandboxConfig,
 }
@@ -117,6 +119,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     dns_upstream: Option<String>,
     proxy_upstream: Option<String>,
+    pcap: Option<PathBuf>,
     sandbox: Option<String>,
     seccomp: Option<String>,
 }
@@ -396,6 +399,26 @@ impl TryFrom<ServeArgs> for ServeConfig {
             )));
         }
 
+        let pcap = args.pcap.or(file.pcap);
+        if let Some(p) = &pcap {
+            if net_socket.is_none() {
+                return Err(usage(format!(
+                    "--pcap {}: the capture records the guest's network; give --net-socket PATH too",
+                    p.display()
+                )));
+            }
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() || p.is_dir() {
+                return Err(usage(format!(
+                    "--pcap {}: the folder {} does not exist or the path is a folder; give a file path in an existing folder",
+                    p.display(),
+                    parent.display()
+                )));
+            }
+        }
         let mut sandbox = SandboxConfig::default();
         if let Some(s) = args.sandbox.or(file.sandbox) {
             sandbox.landlock =
@@ -418,6 +441,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             default_bind,
             api_socket,
             portd_socket,
+            pcap,
             sandbox,
         })
     }
@@ -440,6 +464,10 @@ pub struct RunConfig {
     pub qemu_args: Vec<String>,
     /// Ports published to the guest.
     pub publish: Vec<PortSpec>,
+    /// Rules for the guest's outbound flows.
+    pub rules: Vec<RuleSpec>,
+    /// Where to capture the guest's frames.
+    pub pcap: Option<PathBuf>,
 }
 
 /// Where `make guest-image` puts the guest: beside the binary's workspace, or as configured.
@@ -459,6 +487,22 @@ impl TryFrom<RunArgs> for RunConfig {
             .iter()
             .map(|p| p.parse::<PortSpec>().map_err(|e| usage(e.to_string())))
             .collect::<Result<Vec<_>>>()?;
+        let rules = a
+            .rule
+            .iter()
+            .map(|r| r.parse::<RuleSpec>().map_err(|e| usage(format!("--{e}"))))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(p) = &a.pcap {
+            if p.parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+                || p.is_dir()
+            {
+                return Err(usage(format!(
+                    "--pcap {}: the folder does not exist or the path is a folder; give a file path in an existing folder",
+                    p.display()
+                )));
+            }
+        }
         for d in &a.share {
             if !d.is_dir() {
                 return Err(usage(format!(
@@ -501,6 +545,8 @@ impl TryFrom<RunArgs> for RunConfig {
             memory: a.memory,
             qemu_args: a.qemu_args,
             publish,
+            rules,
+            pcap: a.pcap,
         })
     }
 }
@@ -524,6 +570,7 @@ mod tests {
             max_connections: None,
             dns_upstream: None,
             proxy_upstream: None,
+            pcap: None,
             sandbox: None,
             seccomp: None,
         }

@@ -81,6 +81,19 @@ impl Devices {
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
         raise_fd_limit();
         let private = private_dir()?;
+        // Opened before the sandbox, which allows no file outside the shares.
+        let mut capture = match &cfg.pcap {
+            Some(p) => Some(
+                ferry_net::pcap::Capture::create(p, u32::from(cfg.net.mtu) + 14).map_err(|e| {
+                    let _ = std::fs::remove_dir_all(&private);
+                    Error::Runtime(format!(
+                        "--pcap {}: cannot create it ({e}); check that its folder is writable",
+                        p.display()
+                    ))
+                })?,
+            ),
+            None => None,
+        };
         if let Err(e) = crate::sandbox::enter(
             cfg.sandbox,
             &crate::sandbox::Paths::for_serve(cfg, &private),
@@ -190,6 +203,9 @@ impl Devices {
             let backend =
                 VhostUserNetBackend::with_services(cfg.net.clone(), upstream, services)
                     .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
+            if let Some(c) = capture.take() {
+                backend.set_capture(c);
+            }
             net_backend = Some(backend.clone());
             info!(
                 "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",

@@ -48,10 +48,11 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         dns_upstream: None,
         proxy_upstream: None,
         publish: cfg.publish.clone(),
-        rules: vec![],
+        rules: cfg.rules.clone(),
         default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         api_socket: Some(dir.join("api.sock")),
         portd_socket: crate::config::DEFAULT_PORTD_SOCKET.into(),
+        pcap: cfg.pcap.clone(),
         sandbox: Default::default(),
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to

@@ -1,0 +1,181 @@
+//! Packet capture (`--pcap FILE`): every frame between the guest and the stack, both ways, in
+//! the classic libpcap format (`tcpdump -r`, Wireshark), as passt's `--pcap` and QEMU's
+//! `filter-dump` write it.
+//!
+//! Frames are buffered and written when the stack finishes a poll, so a capture costs a copy
+//! per frame and a write per wake-up, not a system call per frame. A write error ends the
+//! capture (logged once); the guest's traffic goes on.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use log::{info, warn};
+
+/// Microsecond timestamps, host byte order (readers detect the order from the magic).
+const MAGIC: u32 = 0xa1b2_c3d4;
+/// LINKTYPE_ETHERNET.
+const LINKTYPE_ETHERNET: u32 = 1;
+/// Flush the buffer once it holds this much, even inside a poll.
+const FLUSH_AT: usize = 256 * 1024;
+
+/// An open capture file.
+pub struct Capture {
+    file: File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    snaplen: u32,
+    frames: u64,
+    bytes: u64,
+}
+
+/// What a capture has written, for `/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// The file.
+    pub path: PathBuf,
+    /// Frames recorded.
+    pub frames: u64,
+    /// Their bytes on the wire (before any truncation to the snap length).
+    pub bytes: u64,
+}
+
+impl Capture {
+    /// Creates (or truncates) `path`, mode 0600 since it holds the guest's traffic, and writes
+    /// the file header. `snaplen` is the longest frame kept whole.
+    pub fn create(path: &Path, snaplen: u32) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        let mut c = Capture {
+            file,
+            path: path.to_path_buf(),
+            buf: Vec::with_capacity(FLUSH_AT + 64 * 1024),
+            snaplen,
+            frames: 0,
+            bytes: 0,
+        };
+        for v in [MAGIC, 0x0004_0002, 0, 0, snaplen, LINKTYPE_ETHERNET] {
+            // Version 2.4 is two u16s; as one u32 in host order it is 2 | 4 << 16.
+            c.buf.extend_from_slice(&v.to_ne_bytes());
+        }
+        c.flush()?;
+        info!("net: capturing the guest's frames to {}", path.display());
+        Ok(c)
+    }
+
+    /// Appends one frame, stamped now.
+    pub fn record(&mut self, frame: &[u8]) {
+        let ts = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let kept = frame.len().min(self.snaplen as usize);
+        for v in [
+            ts.as_secs() as u32,
+            ts.subsec_micros(),
+            kept as u32,
+            frame.len() as u32,
+        ] {
+            self.buf.extend_from_slice(&v.to_ne_bytes());
+        }
+        self.buf.extend_from_slice(&frame[..kept]);
+        self.frames += 1;
+        self.bytes += frame.len() as u64;
+    }
+
+    /// Whether the buffer is due for writing.
+    pub fn full(&self) -> bool {
+        self.buf.len() >= FLUSH_AT
+    }
+
+    /// Writes what is buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self.file.write_all(&self.buf);
+        self.buf.clear();
+        r
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> CaptureStats {
+        CaptureStats {
+            path: self.path.clone(),
+            frames: self.frames,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// Records `frame` in `cap` if a capture is on; ends the capture when its file fails.
+pub(crate) fn record(cap: &mut Option<Capture>, frame: &[u8]) {
+    if let Some(c) = cap {
+        c.record(frame);
+        if c.full() {
+            flush(cap);
+        }
+    }
+}
+
+/// Writes `cap`'s buffer; on an error, logs it and ends the capture.
+pub(crate) fn flush(cap: &mut Option<Capture>) {
+    if let Some(c) = cap {
+        if let Err(e) = c.flush() {
+            warn!(
+                "net: cannot write the capture {} ({e}); capture stopped after {} frames, check the disk",
+                c.path.display(),
+                c.frames
+            );
+            *cap = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_libpcap_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.pcap");
+        let mut cap = Some(Capture::create(&path, 64).unwrap());
+        record(&mut cap, &[0xaa; 60]);
+        record(&mut cap, &[0xbb; 100]);
+        flush(&mut cap);
+        let b = std::fs::read(&path).unwrap();
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+        assert_eq!(u32_at(0), MAGIC);
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 2);
+        assert_eq!(u16::from_ne_bytes([b[6], b[7]]), 4);
+        assert_eq!((u32_at(16), u32_at(20)), (64, LINKTYPE_ETHERNET));
+        // Record 1: whole.
+        assert_eq!((u32_at(24 + 8), u32_at(24 + 12)), (60, 60));
+        assert!(b[40..100].iter().all(|&x| x == 0xaa));
+        // Record 2: cut at the snap length, its real length kept.
+        assert_eq!((u32_at(100 + 8), u32_at(100 + 12)), (64, 100));
+        assert_eq!(b.len(), 100 + 16 + 64);
+        let s = cap.unwrap().stats();
+        assert_eq!((s.frames, s.bytes), (2, 160));
+    }
+
+    #[test]
+    fn a_failing_file_ends_the_capture() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Capture::create(&dir.path().join("c.pcap"), 100).unwrap();
+        // The disk fills up.
+        c.file = File::options().write(true).open("/dev/full").unwrap();
+        let mut cap = Some(c);
+        record(&mut cap, &[0; 60]);
+        assert!(cap.is_some());
+        flush(&mut cap);
+        assert!(cap.is_none());
+        assert!(Capture::create(Path::new("/dev/full"), 100).is_err());
+    }
+}
