@@ -97,8 +97,16 @@ enum NodeFd {
     /// An `O_PATH | O_NOFOLLOW` descriptor held open.
     Fd(File),
     /// A file handle (`name_to_handle_at`), opened on demand against a descriptor on the same
-    /// mount, so large trees do not cost one descriptor per node.
-    Handle { mount: Arc<File>, handle: Vec<u8> },
+    /// mount, so large trees do not cost one descriptor per node. `at` is the parent node and
+    /// name it was last known by: a file whose dentry the host evicted comes back from its
+    /// handle disconnected from any path, and Landlock refuses to open such a file for reading
+    /// or writing (it cannot tell that it lies in a share), so [`PassthroughFs::reopen`] then
+    /// goes through the name.
+    Handle {
+        mount: Arc<File>,
+        handle: Vec<u8>,
+        at: Mutex<(u64, CString)>,
+    },
 }
 
 /// A node's descriptor for one operation: borrowed, or opened from its handle just now.
@@ -307,7 +315,7 @@ impl Inode {
     fn fd(&self) -> io::Result<PathFd<'_>> {
         match &self.fd {
             NodeFd::Fd(f) => Ok(PathFd::Borrowed(f)),
-            NodeFd::Handle { mount, handle } => {
+            NodeFd::Handle { mount, handle, .. } => {
                 // SAFETY: `handle` holds a struct file_handle exactly as name_to_handle_at
                 // wrote it, and the mount fd is valid; the call only reads them.
                 let fd = unsafe {
@@ -495,8 +503,8 @@ impl PassthroughFs {
 
     /// Opens `name` in `parent` as a node and registers it (or takes another reference to the
     /// node already registered for the same host inode).
-    fn do_lookup(&self, parent: &Inode, name: &CStr) -> io::Result<Entry> {
-        self.do_lookup_hinted(parent, name, None)
+    fn do_lookup(&self, parent_id: u64, parent: &Inode, name: &CStr) -> io::Result<Entry> {
+        self.do_lookup_hinted(parent_id, parent, name, None)
     }
 
     /// As [`Self::do_lookup`]; `listed_ino` is the inode number a directory listing gave for
@@ -504,6 +512,7 @@ impl PassthroughFs {
     /// and the fstatat that would find a registered node is skipped.
     fn do_lookup_hinted(
         &self,
+        parent_id: u64,
         parent: &Inode,
         name: &CStr,
         listed_ino: Option<u64>,
@@ -555,7 +564,11 @@ impl PassthroughFs {
             );
             return Err(io::Error::from_raw_os_error(libc::ENFILE));
         }
-        let fd = self.node_fd(file, st.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
+        let fd = self.node_fd(
+            file,
+            st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+            (parent_id, name),
+        )?;
         let id = self.next_inode.fetch_add(1, Ordering::Relaxed);
         map.by_id.insert(
             id,
@@ -581,7 +594,7 @@ impl PassthroughFs {
 
     /// Keeps `file` open while the descriptor budget lasts; past it, keeps a file handle
     /// instead (when running as root on a file system that gives handles).
-    fn node_fd(&self, file: File, is_dir: bool) -> io::Result<NodeFd> {
+    fn node_fd(&self, file: File, is_dir: bool, at: (u64, &CStr)) -> io::Result<NodeFd> {
         if self.fd_budget.fetch_sub(1, Ordering::Relaxed) > 0 {
             return Ok(NodeFd::Fd(file));
         }
@@ -597,7 +610,11 @@ impl PassthroughFs {
         match (handle, mount) {
             (Some((handle, _)), Some(mount)) => {
                 self.fd_budget.fetch_add(1, Ordering::Relaxed);
-                Ok(NodeFd::Handle { mount, handle })
+                Ok(NodeFd::Handle {
+                    mount,
+                    handle,
+                    at: Mutex::new((at.0, at.1.to_owned())),
+                })
             }
             // No handle to keep: the node keeps its descriptor past the budget.
             _ => Ok(NodeFd::Fd(file)),
@@ -631,6 +648,29 @@ impl PassthroughFs {
         Ok(Some(m))
     }
 
+    /// Records that the file now named `name` in directory `dir` (node `dir_id`) is reached by
+    /// that name, if it is a handle node.
+    fn moved_to(&self, dir: RawFd, dir_id: u64, name: &CStr) {
+        let Ok(st) = stat_at(dir, name) else {
+            return;
+        };
+        let Ok(map) = self.inodes.read() else {
+            return;
+        };
+        let Some(node) = map
+            .by_key
+            .get(&(st.st_dev, st.st_ino))
+            .and_then(|id| map.by_id.get(id))
+        else {
+            return;
+        };
+        if let NodeFd::Handle { at, .. } = &node.fd {
+            if let Ok(mut at) = at.lock() {
+                *at = (dir_id, name.to_owned());
+            }
+        }
+    }
+
     /// Gives a removed node's descriptor back to the budget.
     fn release_node(&self, node: &Inode) {
         if matches!(node.fd, NodeFd::Fd(_)) {
@@ -641,7 +681,50 @@ impl PassthroughFs {
     /// Reopens a node with real access `flags` through /proc/self/fd.
     fn reopen(&self, node: &Inode, flags: i32) -> io::Result<File> {
         let nf = node.fd()?;
-        let p = proc_path(nf.as_raw_fd());
+        match Self::reopen_fd(nf.as_raw_fd(), flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                // A handle node may have come back disconnected (see NodeFd::Handle): reach it
+                // through its name, checked to still be the same file, and open that.
+                match self.path_fd_by_name(node)? {
+                    Some(f) => Self::reopen_fd(f.as_raw_fd(), flags),
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// An `O_PATH` descriptor of handle node `node` opened through its parent and name, when
+    /// that name still leads to it.
+    fn path_fd_by_name(&self, node: &Inode) -> io::Result<Option<File>> {
+        let NodeFd::Handle { at, .. } = &node.fd else {
+            return Ok(None);
+        };
+        let (parent_id, name) = at.lock().map_err(|_| ebadf())?.clone();
+        let Ok(parent) = self.inode(parent_id) else {
+            return Ok(None);
+        };
+        let pfd = parent.fd()?;
+        // SAFETY: the parent fd is valid and `name` is NUL-terminated.
+        let fd = unsafe {
+            libc::openat(
+                pfd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Ok(None);
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let st = stat_fd(file.as_raw_fd())?;
+        Ok(((st.st_dev, st.st_ino) == node.key).then_some(file))
+    }
+
+    /// Opens the file `fd` refers to anew, with `flags`.
+    fn reopen_fd(fd: RawFd, flags: i32) -> io::Result<File> {
+        let p = proc_path(fd);
         // SAFETY: `p` is NUL-terminated; open has no other memory effects. O_NOFOLLOW is
         // dropped because the magic link itself must be followed to reach the node.
         let fd = cvt(unsafe {
@@ -715,7 +798,7 @@ impl FileSystem for PassthroughFs {
 
     fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         let p = self.inode(parent)?;
-        self.do_lookup(&p, name)
+        self.do_lookup(parent, &p, name)
     }
 
     fn lookup_listed(
@@ -726,7 +809,7 @@ impl FileSystem for PassthroughFs {
         ino: u64,
     ) -> io::Result<Entry> {
         let p = self.inode(parent)?;
-        self.do_lookup_hinted(&p, name, Some(ino))
+        self.do_lookup_hinted(parent, &p, name, Some(ino))
     }
 
     fn forget(&self, inode: u64, count: u64) {
@@ -872,7 +955,7 @@ impl FileSystem for PassthroughFs {
             // SAFETY: both strings are NUL-terminated and the fd is valid.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
         }
-        self.do_lookup(&p, name)
+        self.do_lookup(parent, &p, name)
     }
 
     fn mknod(
@@ -899,7 +982,7 @@ impl FileSystem for PassthroughFs {
                 libc::mknodat(p.fd()?.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
             })?;
         }
-        self.do_lookup(&p, name)
+        self.do_lookup(parent, &p, name)
     }
 
     fn mkdir(
@@ -917,7 +1000,7 @@ impl FileSystem for PassthroughFs {
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), mode) })?;
         }
-        self.do_lookup(&p, name)
+        self.do_lookup(parent, &p, name)
     }
 
     fn unlink(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -952,17 +1035,25 @@ impl FileSystem for PassthroughFs {
         }
         let o = self.inode(olddir)?;
         let n = self.inode(newdir)?;
+        let (ofd, nfd) = (o.fd()?, n.fd()?);
         // SAFETY: names are NUL-terminated and the fds are valid.
         cvt(unsafe {
             libc::renameat2(
-                o.fd()?.as_raw_fd(),
+                ofd.as_raw_fd(),
                 oldname.as_ptr(),
-                n.fd()?.as_raw_fd(),
+                nfd.as_raw_fd(),
                 newname.as_ptr(),
                 flags,
             )
-        })
-        .map(|_| ())
+        })?;
+        // Handle nodes keep the name they are reached by (see NodeFd::Handle).
+        if self.use_handles {
+            self.moved_to(nfd.as_raw_fd(), newdir, newname);
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                self.moved_to(ofd.as_raw_fd(), olddir, oldname);
+            }
+        }
+        Ok(())
     }
 
     fn link(&self, ctx: Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
@@ -985,7 +1076,7 @@ impl FileSystem for PassthroughFs {
                 )
             })?;
         }
-        self.do_lookup(&p, newname)
+        self.do_lookup(newparent, &p, newname)
     }
 
     fn open(&self, _ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
@@ -1027,7 +1118,7 @@ impl FileSystem for PassthroughFs {
         };
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        let entry = self.do_lookup(&p, name)?;
+        let entry = self.do_lookup(parent, &p, name)?;
         let fh = self.add_handle(file, entry.inode)?;
         Ok((entry, fh, self.cfg.cache.open_flags()))
     }

@@ -635,3 +635,81 @@ fn a_directory_swapped_for_a_symlink_does_not_lead_outside() {
     );
     assert!(!outside.join("x").exists());
 }
+
+/// As root, nodes past the descriptor budget keep file handles. A file whose dentry the host
+/// evicted comes back from its handle with no path to it, and Landlock (ferry's sandbox)
+/// refuses to open such a file, not knowing it lies in the share: the server then reaches it
+/// through the name it was last known by, renames by the guest included.
+#[test]
+fn handle_nodes_open_under_landlock_after_the_host_evicts_them() {
+    use landlock::{
+        Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: file handles need root");
+        return;
+    }
+    let f = fixture_with(false, Some(0));
+    std::fs::write(f.share().join("file"), b"payload").unwrap();
+    let node = f.lookup(1, "file").unwrap().nodeid;
+    let r = abi::Rename2In {
+        newdir: 1,
+        flags: 0,
+        padding: 0,
+    };
+    assert_eq!(
+        f.call(opcode::RENAME2, 1, &[r.as_slice(), b"file\0moved\0"])
+            .0,
+        0
+    );
+    let share = f.share();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let read = std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            let abi = ABI::V3;
+            Ruleset::default()
+                .handle_access(AccessFs::from_all(abi))
+                .unwrap()
+                .create()
+                .unwrap()
+                .add_rule(PathBeneath::new(
+                    PathFd::new(&share).unwrap(),
+                    AccessFs::from_all(abi),
+                ))
+                .unwrap()
+                .restrict_self()
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            let open = abi::OpenIn {
+                flags: libc::O_RDONLY as u32,
+                open_flags: 0,
+            };
+            let (err, body) = f.call(opcode::OPEN, node, &[open.as_slice()]);
+            assert_eq!(err, 0, "OPEN of the evicted handle node");
+            let mut out = abi::OpenOut::default();
+            out.as_mut_slice().copy_from_slice(&body);
+            let r = abi::ReadIn {
+                fh: out.fh,
+                offset: 0,
+                size: 100,
+                ..Default::default()
+            };
+            let (err, body) = f.call(opcode::READ, node, &[r.as_slice()]);
+            assert_eq!(err, 0);
+            body
+        });
+        ready_rx.recv().unwrap();
+        // The host drops its unused dentries and inodes (the sandboxed thread may not).
+        let dropped = std::process::Command::new("sh")
+            .args(["-c", "sync; echo 2 > /proc/sys/vm/drop_caches"])
+            .status()
+            .unwrap();
+        assert!(dropped.success());
+        go_tx.send(()).unwrap();
+        t.join().unwrap()
+    });
+    assert_eq!(read, b"payload");
+}

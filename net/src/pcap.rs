@@ -42,30 +42,56 @@ pub struct CaptureStats {
 }
 
 impl Capture {
-    /// Creates (or truncates) `path`, mode 0600 since it holds the guest's traffic, and writes
-    /// the file header. `snaplen` is the longest frame kept whole.
-    pub fn create(path: &Path, snaplen: u32) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Opens `path` (created if missing; set to mode 0600 either way, since it will hold the
+    /// guest's traffic) without touching what it holds: [`begin`](Self::begin) empties it
+    /// once ferry knows it will run, so a second ferry started by mistake with the same path
+    /// fails before it spoils the first one's capture. `snaplen` is the longest frame kept
+    /// whole.
+    pub fn open(path: &Path, snaplen: u32) -> io::Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
             .open(path)?;
-        let mut c = Capture {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(Capture {
             file,
             path: path.to_path_buf(),
             buf: Vec::with_capacity(FLUSH_AT + 64 * 1024),
             snaplen,
             frames: 0,
             bytes: 0,
-        };
-        for v in [MAGIC, 0x0004_0002, 0, 0, snaplen, LINKTYPE_ETHERNET] {
-            // Version 2.4 is two u16s; as one u32 in host order it is 2 | 4 << 16.
-            c.buf.extend_from_slice(&v.to_ne_bytes());
+        })
+    }
+
+    /// Empties the file and writes the file header.
+    pub fn begin(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.buf.clear();
+        self.buf.extend_from_slice(&MAGIC.to_ne_bytes());
+        // Version 2.4.
+        self.buf.extend_from_slice(&2u16.to_ne_bytes());
+        self.buf.extend_from_slice(&4u16.to_ne_bytes());
+        // Time zone, accuracy, snap length, link type.
+        for v in [0, 0, self.snaplen, LINKTYPE_ETHERNET] {
+            self.buf.extend_from_slice(&v.to_ne_bytes());
         }
-        c.flush()?;
-        info!("net: capturing the guest's frames to {}", path.display());
+        self.flush()?;
+        info!(
+            "net: capturing the guest's frames to {}",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    /// [`open`](Self::open) and [`begin`](Self::begin) at once.
+    pub fn create(path: &Path, snaplen: u32) -> io::Result<Self> {
+        let mut c = Self::open(path, snaplen)?;
+        c.begin()?;
         Ok(c)
     }
 

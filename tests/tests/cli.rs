@@ -270,8 +270,8 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
                 );
                 if root {
                     // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SETGID, SETUID,
-                    // NET_BIND_SERVICE: nothing else of root's.
-                    assert_eq!(caps, "00000000000004df", "{name}: {threads:?}");
+                    // NET_BIND_SERVICE, SETFCAP: nothing else of root's.
+                    assert_eq!(caps, "00000000800004df", "{name}: {threads:?}");
                 }
             }
         }

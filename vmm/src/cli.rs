@@ -121,6 +121,16 @@ pub struct PortdArgs {
     /// A user (name or uid) whose ferry may ask for ports (repeatable; at least one).
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<String>,
+
+    /// Confine the helper with Landlock to its socket's folder and keep only
+    /// CAP_NET_BIND_SERVICE of root's capabilities (landlock), or not (none)
+    /// [default: landlock].
+    #[arg(long, value_name = "landlock|none")]
+    pub sandbox: Option<String>,
+
+    /// The helper's system call filter, as for `ferry serve` [default: kill].
+    #[arg(long, value_name = "kill|log|none")]
+    pub seccomp: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +246,14 @@ pub struct RunArgs {
     /// Capture every frame to and from the guest into FILE (libpcap), as for `ferry serve`.
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
+
+    /// The devices' sandbox, as for `ferry serve` (QEMU is never in it) [default: landlock].
+    #[arg(long, value_name = "landlock|none")]
+    pub sandbox: Option<String>,
+
+    /// The devices' system call filter, as for `ferry serve` [default: kill].
+    #[arg(long, value_name = "kill|log|none")]
+    pub seccomp: Option<String>,
 
     /// A shell script the guest runs after boot; it powers off when the script ends. Without
     /// it, the guest gives a shell on the console.

@@ -14,7 +14,7 @@ use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
 use serde::Deserialize;
 
 use crate::cli::{RunArgs, ServeArgs};
-use crate::sandbox::{parse_sandbox, SandboxConfig};
+use crate::sandbox::SandboxConfig;
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = 36;
@@ -419,16 +419,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 )));
             }
         }
-        let mut sandbox = SandboxConfig::default();
-        if let Some(s) = args.sandbox.or(file.sandbox) {
-            sandbox.landlock =
-                parse_sandbox(&s).map_err(|e| usage(format!("--sandbox {s}: {e}")))?;
-        }
-        if let Some(s) = args.seccomp.or(file.seccomp) {
-            sandbox.seccomp = s
-                .parse()
-                .map_err(|e| usage(format!("--seccomp {s}: {e}")))?;
-        }
+        let sandbox = SandboxConfig::from_args(
+            args.sandbox.or(file.sandbox).as_deref(),
+            args.seccomp.or(file.seccomp).as_deref(),
+        )
+        .map_err(usage)?;
 
         Ok(ServeConfig {
             net_socket,
@@ -468,6 +463,8 @@ pub struct RunConfig {
     pub rules: Vec<RuleSpec>,
     /// Where to capture the guest's frames.
     pub pcap: Option<PathBuf>,
+    /// The devices' sandbox.
+    pub sandbox: SandboxConfig,
 }
 
 /// Where `make guest-image` puts the guest: beside the binary's workspace, or as configured.
@@ -547,6 +544,8 @@ impl TryFrom<RunArgs> for RunConfig {
             publish,
             rules,
             pcap: a.pcap,
+            sandbox: SandboxConfig::from_args(a.sandbox.as_deref(), a.seccomp.as_deref())
+                .map_err(usage)?,
         })
     }
 }

@@ -81,10 +81,12 @@ impl Devices {
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
         raise_fd_limit();
         let private = private_dir()?;
-        // Opened before the sandbox, which allows no file outside the shares.
+        // Opened before the sandbox, which allows no file outside the shares; emptied once the
+        // sockets are bound. The snap length is the longest frame the device takes (a VLAN
+        // tag included).
         let mut capture = match &cfg.pcap {
             Some(p) => Some(
-                ferry_net::pcap::Capture::create(p, u32::from(cfg.net.mtu) + 14).map_err(|e| {
+                ferry_net::pcap::Capture::open(p, u32::from(cfg.net.mtu) + 18).map_err(|e| {
                     let _ = std::fs::remove_dir_all(&private);
                     Error::Runtime(format!(
                         "--pcap {}: cannot create it ({e}); check that its folder is writable",
@@ -203,7 +205,17 @@ impl Devices {
             let backend =
                 VhostUserNetBackend::with_services(cfg.net.clone(), upstream, services)
                     .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
-            if let Some(c) = capture.take() {
+            if let Some(mut c) = capture.take() {
+                if let Err(e) = c.begin() {
+                    remove_sockets(&sockets);
+                    return Err(Error::Runtime(format!(
+                        "--pcap {}: cannot write it ({e}); check the disk",
+                        cfg.pcap
+                            .as_deref()
+                            .unwrap_or(std::path::Path::new(""))
+                            .display()
+                    )));
+                }
                 backend.set_capture(c);
             }
             net_backend = Some(backend.clone());

@@ -157,6 +157,9 @@ pub fn portd(args: PortdArgs) -> Result<ExitCode> {
         .iter()
         .map(|u| parse_uid(u))
         .collect::<Result<Vec<_>>>()?;
+    let sandbox =
+        crate::sandbox::SandboxConfig::from_args(args.sandbox.as_deref(), args.seccomp.as_deref())
+            .map_err(Error::Usage)?;
     let path = args
         .socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PORTD_SOCKET));
@@ -169,10 +172,7 @@ pub fn portd(args: PortdArgs) -> Result<ExitCode> {
     let listener = listen(&path)?;
     // Root's helper keeps only what binding ports needs: no file access beyond its socket's
     // folder, no capability but CAP_NET_BIND_SERVICE, the devices' system call list.
-    crate::sandbox::enter(
-        crate::sandbox::SandboxConfig::default(),
-        &crate::sandbox::Paths::for_portd(&path),
-    )?;
+    crate::sandbox::enter(sandbox, &crate::sandbox::Paths::for_portd(&path))?;
     info!(
         "portd: listening on {} for uids {:?} (ports below {})",
         path.display(),

@@ -53,7 +53,10 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         api_socket: Some(dir.join("api.sock")),
         portd_socket: crate::config::DEFAULT_PORTD_SOCKET.into(),
         pcap: cfg.pcap.clone(),
-        sandbox: Default::default(),
+        sandbox: crate::sandbox::SandboxConfig {
+            scope_signals: false,
+            ..cfg.sandbox
+        },
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

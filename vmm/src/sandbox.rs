@@ -67,6 +67,10 @@ pub struct SandboxConfig {
     pub landlock: bool,
     /// The system call filter.
     pub seccomp: SeccompMode,
+    /// Refuse signals to processes outside the sandbox. Off for `ferry run`, whose main
+    /// thread (outside it) a failing device thread must be able to stop: kernels before 6.15
+    /// refuse that signal too.
+    pub scope_signals: bool,
 }
 
 impl Default for SandboxConfig {
@@ -74,7 +78,25 @@ impl Default for SandboxConfig {
         Self {
             landlock: true,
             seccomp: SeccompMode::Kill,
+            scope_signals: true,
         }
+    }
+}
+
+impl SandboxConfig {
+    /// `--sandbox` and `--seccomp` as given (None: the default).
+    pub fn from_args(
+        sandbox: Option<&str>,
+        seccomp: Option<&str>,
+    ) -> std::result::Result<Self, String> {
+        let mut c = Self::default();
+        if let Some(s) = sandbox {
+            c.landlock = parse_sandbox(s).map_err(|e| format!("--sandbox {s}: {e}"))?;
+        }
+        if let Some(s) = seccomp {
+            c.seccomp = s.parse().map_err(|e| format!("--seccomp {s}: {e}"))?;
+        }
+        Ok(c)
     }
 }
 
@@ -115,20 +137,18 @@ const SERVE_CAPS: &[u32] = &[
     6,  // CAP_SETGID: setfsgid
     7,  // CAP_SETUID: setfsuid
     10, // CAP_NET_BIND_SERVICE
+    31, // CAP_SETFCAP: clearing security.capability when the guest writes (kill_suidgid)
 ];
 
 /// The system files name resolution (`getaddrinfo`, for the proxy and the DNS upstream) and
 /// port publishing read at run time. Missing ones are skipped.
 const SYSTEM_READ: &[&str] = &[
-    "/etc/hosts",
-    "/etc/resolv.conf",
-    "/etc/nsswitch.conf",
-    "/etc/host.conf",
-    "/etc/gai.conf",
-    "/etc/services",
-    "/etc/protocols",
-    "/etc/ld.so.cache",
-    "/etc/localtime",
+    // Folders, not files: a rule on a file holds its inode, and resolv.conf and hosts are
+    // replaced by rename when the network changes. (Root's ferry may so read all of /etc.)
+    "/etc",
+    "/run/systemd/resolve",
+    "/run/NetworkManager",
+    "/run/resolvconf",
     // NSS modules glibc may load for the lines of nsswitch.conf.
     "/lib",
     "/lib64",
@@ -196,7 +216,7 @@ pub fn enter(cfg: SandboxConfig, paths: &Paths) -> Result<()> {
     if cfg.landlock {
         keep_capabilities(&paths.capabilities)
             .map_err(|e| sandbox_error("dropping capabilities", e))?;
-        landlock(paths)?;
+        landlock(paths, cfg.scope_signals)?;
     } else {
         warn!("sandbox: off (--sandbox none): file access is confined only by the file server's own checks, and root keeps its capabilities");
     }
@@ -259,7 +279,7 @@ fn sandbox_error(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// Confines file access to `paths`.
-fn landlock(paths: &Paths) -> Result<()> {
+fn landlock(paths: &Paths, scope_signals: bool) -> Result<()> {
     let abi = ABI::V6;
     let all = AccessFs::from_all(abi);
     // What a writable share allows: everything but executing and device nodes (the file server
@@ -272,7 +292,11 @@ fn landlock(paths: &Paths) -> Result<()> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
         .map_err(err)?
-        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .scope(if scope_signals {
+            Scope::AbstractUnixSocket | Scope::Signal
+        } else {
+            Scope::AbstractUnixSocket.into()
+        })
         .map_err(err)?
         .create()
         .map_err(err)?;
@@ -543,6 +567,7 @@ mod tests {
                 SandboxConfig {
                     landlock: true,
                     seccomp: SeccompMode::Errno,
+                    scope_signals: true,
                 },
                 &paths,
             )
