@@ -80,6 +80,8 @@ fn every_endpoint_over_the_socket_with_bad_input() {
             "127.0.0.1".into(),
             "--dns-upstream".into(),
             "127.0.0.1:1".into(),
+            "--pcap".into(),
+            dir.path().join("c.pcap").display().to_string(),
         ],
         &[sock.clone(), api_sock.clone()],
     );
@@ -311,6 +313,11 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     assert_eq!(v["fs"][0]["tag"].as_str(), Some("data"), "{v}");
     assert!(v["fs"][0]["requests"].is_u64(), "{v}");
     assert_eq!(v["ports"].as_array().map(Vec::len), Some(1), "{v}");
+    // No guest yet: the capture holds its header only.
+    let pcap = dir.path().join("c.pcap");
+    assert_eq!(v["net"]["pcap"]["path"].as_str(), pcap.to_str(), "{v}");
+    assert_eq!(v["net"]["pcap"]["frames"].as_u64(), Some(0), "{v}");
+    assert_eq!(std::fs::metadata(&pcap).map(|m| m.len()).ok(), Some(24));
 
     // ferry ctl: --json is the API's JSON; a table otherwise; exit 1 with the API's reason.
     let ctl = |args: &[&str]| {
@@ -337,7 +344,8 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not published"));
     let o = ctl(&["stats"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("SHARE"));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("SHARE") && t.contains("capturing to"), "{t}");
     let o = Command::new(ferry_bin())
         .args(["ctl", "--api-socket"])
         .arg(dir.path().join("missing.sock"))

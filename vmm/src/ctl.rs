@@ -225,6 +225,14 @@ fn print_stats(v: &Value) {
             s(&net["dhcp_replies"]), s(&net["dns_replies"]), s(&net["tcp_flows"]), s(&net["udp_flows"]),
             s(&net["icmp_flows"]), s(&net["tcp_refused"]), s(&net["published_connections"])
         );
+        if net["pcap"].is_object() {
+            println!(
+                "     capturing to {}: {} frames / {} bytes",
+                net["pcap"]["path"].as_str().unwrap_or("?"),
+                s(&net["pcap"]["frames"]),
+                s(&net["pcap"]["bytes"])
+            );
+        }
         if v["proxy"].is_object() {
             print_proxy(&v["proxy"]);
         }
