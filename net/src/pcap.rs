@@ -88,13 +88,6 @@ impl Capture {
         Ok(())
     }
 
-    /// [`open`](Self::open) and [`begin`](Self::begin) at once.
-    pub fn create(path: &Path, snaplen: u32) -> io::Result<Self> {
-        let mut c = Self::open(path, snaplen)?;
-        c.begin()?;
-        Ok(c)
-    }
-
     /// Appends one frame, stamped now.
     pub fn record(&mut self, frame: &[u8]) {
         let ts = SystemTime::now()
@@ -167,11 +160,17 @@ pub(crate) fn flush(cap: &mut Option<Capture>) {
 mod tests {
     use super::*;
 
+    fn create(path: &Path, snaplen: u32) -> io::Result<Capture> {
+        let mut c = Capture::open(path, snaplen)?;
+        c.begin()?;
+        Ok(c)
+    }
+
     #[test]
     fn writes_a_libpcap_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.pcap");
-        let mut cap = Some(Capture::create(&path, 64).unwrap());
+        let mut cap = Some(create(&path, 64).unwrap());
         record(&mut cap, &[0xaa; 60]);
         record(&mut cap, &[0xbb; 100]);
         flush(&mut cap);
@@ -194,7 +193,7 @@ mod tests {
     #[test]
     fn a_failing_file_ends_the_capture() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Capture::create(&dir.path().join("c.pcap"), 100).unwrap();
+        let mut c = create(&dir.path().join("c.pcap"), 100).unwrap();
         // The disk fills up.
         c.file = File::options().write(true).open("/dev/full").unwrap();
         let mut cap = Some(c);
@@ -202,6 +201,6 @@ mod tests {
         assert!(cap.is_some());
         flush(&mut cap);
         assert!(cap.is_none());
-        assert!(Capture::create(Path::new("/dev/full"), 100).is_err());
+        assert!(create(Path::new("/dev/full"), 100).is_err());
     }
 }

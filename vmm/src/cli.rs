@@ -122,15 +122,8 @@ pub struct PortdArgs {
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<String>,
 
-    /// Confine the helper with Landlock to its socket's folder and keep only
-    /// CAP_NET_BIND_SERVICE of root's capabilities (landlock), or not (none)
-    /// [default: landlock].
-    #[arg(long, value_name = "landlock|none")]
-    pub sandbox: Option<String>,
-
-    /// The helper's system call filter, as for `ferry serve` [default: kill].
-    #[arg(long, value_name = "kill|log|none")]
-    pub seccomp: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, Args)]
@@ -211,19 +204,27 @@ pub struct ServeArgs {
     pub proxy_upstream: Option<String>,
 
     /// Capture every frame to and from the guest into FILE (libpcap format, for tcpdump -r
-    /// or Wireshark; created mode 0600, truncated if it exists), across reconnects.
+    /// or Wireshark; mode 0600, emptied if it exists), across reconnects.
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
 
-    /// Confine the devices' file access with Landlock to the shares, ferry's sockets and the
-    /// system files name resolution reads, and as root keep only the capabilities the devices
-    /// need (landlock), or neither (none) [default: landlock].
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// `--sandbox` and `--seccomp`, for `ferry serve`, `ferry run` (its devices; QEMU is never in
+/// the sandbox) and `ferry portd`.
+#[derive(Debug, Args, Default)]
+pub struct SandboxArgs {
+    /// Confine file access with Landlock to what the process serves (its shares, its sockets,
+    /// the system files name resolution reads), and as root keep only the capabilities it
+    /// needs (landlock), or neither (none) [default: landlock].
     #[arg(long, value_name = "landlock|none")]
     pub sandbox: Option<String>,
 
-    /// The system call filter: refuse calls the devices never make and stop with a message
-    /// naming the call (kill), allow them but log them to the kernel log (log), or no filter
-    /// (none) [default: kill].
+    /// The system call filter: refuse calls ferry never makes and stop with a message naming
+    /// the call (kill), allow them but log them to the kernel log (log), or no filter (none)
+    /// [default: kill].
     #[arg(long, value_name = "kill|log|none")]
     pub seccomp: Option<String>,
 }
@@ -247,13 +248,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<PathBuf>,
 
-    /// The devices' sandbox, as for `ferry serve` (QEMU is never in it) [default: landlock].
-    #[arg(long, value_name = "landlock|none")]
-    pub sandbox: Option<String>,
-
-    /// The devices' system call filter, as for `ferry serve` [default: kill].
-    #[arg(long, value_name = "kill|log|none")]
-    pub seccomp: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 
     /// A shell script the guest runs after boot; it powers off when the script ends. Without
     /// it, the guest gives a shell on the console.

@@ -13,7 +13,7 @@ use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
 use serde::Deserialize;
 
-use crate::cli::{RunArgs, ServeArgs};
+use crate::cli::{RunArgs, SandboxArgs, ServeArgs};
 use crate::sandbox::SandboxConfig;
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
@@ -155,6 +155,27 @@ fn load_file(path: &Path) -> Result<FileConfig> {
     })
 }
 
+/// The folder `path` is in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Checks that a capture file can be made at `path`.
+fn check_pcap_path(path: &Path) -> Result<()> {
+    let parent = parent_dir(path);
+    if !parent.is_dir() || path.is_dir() {
+        return Err(usage(format!(
+            "--pcap {}: the folder {} does not exist or the path is a folder; give a file path in an existing folder",
+            path.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that a UNIX socket can be created at `path`.
 fn check_socket_path(option: &str, path: &Path) -> Result<()> {
     let shown = path.display();
@@ -163,10 +184,7 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
             "{option} {shown}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one"
         )));
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = parent_dir(path);
     if !parent.is_dir() {
         return Err(usage(format!(
             "{option} {shown}: the folder {} does not exist; create it or choose another path",
@@ -407,22 +425,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     p.display()
                 )));
             }
-            let parent = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            if !parent.is_dir() || p.is_dir() {
-                return Err(usage(format!(
-                    "--pcap {}: the folder {} does not exist or the path is a folder; give a file path in an existing folder",
-                    p.display(),
-                    parent.display()
-                )));
-            }
+            check_pcap_path(p)?;
         }
-        let sandbox = SandboxConfig::from_args(
-            args.sandbox.or(file.sandbox).as_deref(),
-            args.seccomp.or(file.seccomp).as_deref(),
-        )
+        let sandbox = SandboxConfig::from_args(&SandboxArgs {
+            sandbox: args.sandbox.sandbox.or(file.sandbox),
+            seccomp: args.sandbox.seccomp.or(file.seccomp),
+        })
         .map_err(usage)?;
 
         Ok(ServeConfig {
@@ -490,15 +498,7 @@ impl TryFrom<RunArgs> for RunConfig {
             .map(|r| r.parse::<RuleSpec>().map_err(|e| usage(format!("--{e}"))))
             .collect::<Result<Vec<_>>>()?;
         if let Some(p) = &a.pcap {
-            if p.parent()
-                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
-                || p.is_dir()
-            {
-                return Err(usage(format!(
-                    "--pcap {}: the folder does not exist or the path is a folder; give a file path in an existing folder",
-                    p.display()
-                )));
-            }
+            check_pcap_path(p)?;
         }
         for d in &a.share {
             if !d.is_dir() {
@@ -544,8 +544,7 @@ impl TryFrom<RunArgs> for RunConfig {
             publish,
             rules,
             pcap: a.pcap,
-            sandbox: SandboxConfig::from_args(a.sandbox.as_deref(), a.seccomp.as_deref())
-                .map_err(usage)?,
+            sandbox: SandboxConfig::from_args(&a.sandbox).map_err(usage)?,
         })
     }
 }
@@ -570,8 +569,7 @@ mod tests {
             dns_upstream: None,
             proxy_upstream: None,
             pcap: None,
-            sandbox: None,
-            seccomp: None,
+            sandbox: Default::default(),
         }
     }
 

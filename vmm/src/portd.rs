@@ -157,9 +157,7 @@ pub fn portd(args: PortdArgs) -> Result<ExitCode> {
         .iter()
         .map(|u| parse_uid(u))
         .collect::<Result<Vec<_>>>()?;
-    let sandbox =
-        crate::sandbox::SandboxConfig::from_args(args.sandbox.as_deref(), args.seccomp.as_deref())
-            .map_err(Error::Usage)?;
+    let sandbox = crate::sandbox::SandboxConfig::from_args(&args.sandbox).map_err(Error::Usage)?;
     let path = args
         .socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PORTD_SOCKET));

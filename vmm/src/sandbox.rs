@@ -28,7 +28,8 @@ use seccompiler::{
     SeccompRule,
 };
 
-use crate::config::{Error, Result, ServeConfig};
+use crate::cli::SandboxArgs;
+use crate::config::{parent_dir, Error, Result, ServeConfig};
 
 /// What `--seccomp` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,16 +85,13 @@ impl Default for SandboxConfig {
 }
 
 impl SandboxConfig {
-    /// `--sandbox` and `--seccomp` as given (None: the default).
-    pub fn from_args(
-        sandbox: Option<&str>,
-        seccomp: Option<&str>,
-    ) -> std::result::Result<Self, String> {
+    /// `--sandbox` and `--seccomp` as given (unset: the default).
+    pub fn from_args(args: &SandboxArgs) -> std::result::Result<Self, String> {
         let mut c = Self::default();
-        if let Some(s) = sandbox {
+        if let Some(s) = &args.sandbox {
             c.landlock = parse_sandbox(s).map_err(|e| format!("--sandbox {s}: {e}"))?;
         }
-        if let Some(s) = seccomp {
+        if let Some(s) = &args.seccomp {
             c.seccomp = s.parse().map_err(|e| format!("--seccomp {s}: {e}"))?;
         }
         Ok(c)
@@ -179,10 +177,7 @@ impl Paths {
             .chain(cfg.api_socket.iter())
             .chain(cfg.shares.iter().map(|s| &s.socket));
         for s in sockets {
-            let dir = match s.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = parent_dir(s).to_path_buf();
             if !p.sockets.contains(&dir) {
                 p.sockets.push(dir);
             }
@@ -197,10 +192,7 @@ impl Paths {
     /// port limit, and of root's capabilities only binding privileged ports.
     pub fn for_portd(socket: &Path) -> Self {
         Paths {
-            sockets: vec![match socket.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            }],
+            sockets: vec![parent_dir(socket).to_path_buf()],
             read_only: vec![PathBuf::from(
                 "/proc/sys/net/ipv4/ip_unprivileged_port_start",
             )],
@@ -408,13 +400,14 @@ fn arg_eq(
     SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
 }
 
-/// The filters: the allow-list, and one that answers `clone3` with ENOSYS so the C library
-/// falls back to `clone`, whose flags a filter can see (it allows threads, not processes).
-fn filters(mode: SeccompMode) -> std::result::Result<Vec<BpfProgram>, seccompiler::Error> {
+/// The filters, in the order to install them, and how many system calls they allow: the
+/// allow-list, and one that answers `clone3` with ENOSYS so the C library falls back to
+/// `clone`, whose flags a filter can see (it allows threads, not processes).
+fn filters(mode: SeccompMode) -> std::result::Result<(Vec<BpfProgram>, usize), seccompiler::Error> {
     let mismatch = match mode {
         SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
-        SeccompMode::None => return Ok(vec![]),
+        SeccompMode::None => return Ok((vec![], 0)),
         #[cfg(test)]
         SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
     };
@@ -454,6 +447,7 @@ fn filters(mode: SeccompMode) -> std::result::Result<Vec<BpfProgram>, seccompile
             .map(|op| rule(vec![arg_eq(1, ioctl_request(op))?]))
             .collect::<std::result::Result<_, _>>()?,
     );
+    let allowed = rules.len();
     let allow = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
     let clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
@@ -463,7 +457,7 @@ fn filters(mode: SeccompMode) -> std::result::Result<Vec<BpfProgram>, seccompile
     )?;
     // Installing a filter sets no-new-privileges with prctl, which the allow-list refuses:
     // it goes last.
-    Ok(vec![clone3.try_into()?, allow.try_into()?])
+    Ok((vec![clone3.try_into()?, allow.try_into()?], allowed))
 }
 
 /// Installs the system call filter on the calling thread.
@@ -475,13 +469,12 @@ fn seccomp(mode: SeccompMode) -> Result<()> {
     if mode == SeccompMode::Kill {
         install_sigsys_handler().map_err(|e| sandbox_error("SIGSYS handler", e))?;
     }
-    let progs = filters(mode).map_err(|e| sandbox_error("seccomp", e))?;
+    let (progs, allowed) = filters(mode).map_err(|e| sandbox_error("seccomp", e))?;
     for p in &progs {
         seccompiler::apply_filter(p).map_err(|e| sandbox_error("seccomp", e))?;
     }
     info!(
-        "sandbox: seccomp allows {} system calls{}",
-        allowed_syscalls().len() + 4,
+        "sandbox: seccomp allows {allowed} system calls{}",
         if mode == SeccompMode::Log {
             " and logs the others to the kernel log (--seccomp log)"
         } else {
