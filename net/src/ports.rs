@@ -128,6 +128,8 @@ pub enum Incoming {
         stream: TcpStream,
         /// Who connected.
         client: SocketAddr,
+        /// The published host port it came in on.
+        host_port: u16,
         /// Where it goes in the guest.
         guest_port: u16,
     },
@@ -137,6 +139,8 @@ pub enum Incoming {
         socket: Weak<UdpSocket>,
         /// Who sent it.
         client: SocketAddr,
+        /// The published host port it came in on.
+        host_port: u16,
         /// Where it goes in the guest.
         guest_port: u16,
         /// The payload.
@@ -147,7 +151,8 @@ pub enum Incoming {
 /// Counters of one published port.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PortCounters {
-    /// Connections (TCP) or datagrams (UDP) handed to the guest.
+    /// Connections (TCP) or datagrams (UDP) handed to the net stack for the guest. Inbound
+    /// rules may still refuse them there; the rules' counters say so.
     pub forwarded: u64,
     /// Connections reset, or datagrams dropped, because no guest was attached or the queue
     /// to the guest was full.
@@ -640,6 +645,7 @@ impl Ports {
             let item = Incoming::Tcp {
                 stream,
                 client,
+                host_port: spec.host_port,
                 guest_port: spec.guest_port,
             };
             match self.offer(item, 0) {
@@ -681,6 +687,7 @@ impl Ports {
             let item = Incoming::Udp {
                 socket: Arc::downgrade(socket),
                 client,
+                host_port: spec.host_port,
                 guest_port: spec.guest_port,
                 data,
             };

@@ -818,7 +818,7 @@ mod tests {
         let (open, _) = origin("hello");
         let out = roundtrip(client(&p), &format!("GET http://{open}/ HTTP/1.1\r\n\r\n"));
         assert!(out.ends_with("hello"), "{out}");
-        let (packets, bytes) = rules.default_counters();
+        let (packets, bytes) = rules.default_counters(crate::rules::Dir::Out);
         assert_eq!(packets, 1);
         assert!(bytes as usize > out.len(), "{bytes}");
         // Through an upstream proxy, the upstream decides.

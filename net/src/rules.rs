@@ -1,29 +1,41 @@
-//! Rules for the guest's outbound traffic, with counters: the job of Docker's `DOCKER-USER`
-//! chain, and `iptables -L -v` to see what each rule did.
+//! Rules with counters for the guest's traffic: the job of Docker's `DOCKER-USER` chain, and
+//! `iptables -L -v` (and `-Z`) to see and reset what each rule did.
 //!
-//! A rule is `ACTION[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]`, with ACTION one of
-//! `allow`, `reject` or `drop`. Rules are checked in order on the first packet of each new
-//! flow the guest opens (a TCP SYN, a UDP datagram to a destination it has no flow to, every
-//! ICMP echo request), with the address the guest used (so `to=` names the host alias, not
-//! 127.0.0.1). The first match decides; with none, the flow is allowed, as Docker's NAT is.
-//! A verdict holds for the flow's life: a rule added later does not cut open flows, as with
-//! iptables' usual `ESTABLISHED` accept. Refused flows keep no state, so each of their packets
-//! is checked again.
+//! A rule is `ACTION[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN]|,from=ADDR[/LEN]][,port=N[-M]]`,
+//! with ACTION one of `allow`, `reject` or `drop`.
 //!
-//! The gateway's HTTP proxy checks the servers it connects to directly; there the host's own
-//! loopback is checked as the host alias, so `to=ALIAS` keeps the guest off the host's
-//! loopback whichever way it asks.
+//! **Outbound rules** (`dir=out`, the default) see the flows the guest opens: the first packet
+//! of each (a TCP SYN, a UDP datagram to a destination it has no flow to, every ICMP echo
+//! request). `to=` and `port=` match the destination as the guest addressed it (so `to=` names
+//! the host alias, not 127.0.0.1).
 //!
-//! `reject` answers at once, as `iptables -j REJECT` does: TCP with RST (the guest's connect
-//! fails with ECONNREFUSED), UDP and ICMP with ICMP port unreachable. `drop` says nothing, and
-//! the guest times out.
+//! **Inbound rules** (`dir=in`) see the clients of published ports, which is what most
+//! `DOCKER-USER` rules are written for: keeping a published port to some networks. `from=`
+//! matches the client's address and `port=` the published host port (the one clients
+//! connect to, not the guest's). They are checked on each accepted TCP connection and on each
+//! datagram from a UDP client the guest has no mapping for.
+//!
+//! Each direction has its own list, in order: the first match decides; with none, the flow
+//! is allowed, as Docker's NAT is. A verdict holds for the flow's life: a rule added later does
+//! not cut open flows, as with iptables' usual `ESTABLISHED` accept. Refused flows keep no
+//! state, so each of their packets is checked again.
+//!
+//! The gateway's HTTP proxy checks the servers it connects to directly against the outbound
+//! rules; there the host's own loopback is checked as the host alias, so `to=ALIAS` keeps the
+//! guest off the host's loopback whichever way it asks.
+//!
+//! `reject` answers at once, as `iptables -j REJECT` does: an outbound TCP flow with RST (the
+//! guest's connect fails with ECONNREFUSED), UDP and ICMP with ICMP port unreachable; a
+//! published connection is reset (the host accepted it before any rule could see it, so its
+//! client sees the connection reset rather than refused). `drop` says nothing: the guest times
+//! out, a published connection is closed without a word, and a datagram is discarded.
 //!
 //! Each rule counts packets and bytes:
-//! - `packets`: the guest packets it decided: the first packet of each flow it let through,
-//!   every packet it refused;
+//! - `packets`: the packets it decided: the first packet of each flow it let through (for
+//!   published TCP, the connection), every packet it refused;
 //! - `bytes`: what the flows it let through carried, both ways (TCP and UDP payload, what the
-//!   proxy relayed, the ICMP echo requests), and for `reject` and `drop` the size of the IP
-//!   packets refused.
+//!   proxy relayed, the ICMP echo requests), and for `reject` and `drop` the size of what was
+//!   refused (IP packets outbound; datagram payloads inbound, and nothing for connections).
 //!
 //! The table is shared by the net thread, which reads it once per new flow, and the control
 //! API, which changes it; counters are atomics that flows hold on to.
@@ -82,9 +94,27 @@ impl fmt::Display for Proto {
     }
 }
 
+/// Which traffic a rule sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Flows the guest opens.
+    Out,
+    /// Clients of published ports.
+    In,
+}
+
+impl fmt::Display for Dir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dir::Out => "out",
+            Dir::In => "in",
+        })
+    }
+}
+
 /// A malformed rule spec.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("rule {spec}: {reason}; write it as allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]], for example reject,proto=tcp,to=10.0.0.0/8")]
+#[error("rule {spec}: {reason}; write it as allow|reject|drop[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN] (out)|,from=ADDR[/LEN] (in)][,port=N[-M]], for example reject,proto=tcp,to=10.0.0.0/8 or drop,dir=in,from=10.0.0.0/8")]
 pub struct RuleSpecError {
     spec: String,
     reason: String,
@@ -95,13 +125,17 @@ pub struct RuleSpecError {
 pub struct RuleSpec {
     /// The verdict.
     pub action: Action,
+    /// The traffic it sees.
+    pub dir: Dir,
     /// The protocol matched.
     pub proto: Proto,
-    /// The destination network, as the guest addresses it.
-    pub to: Ipv4Addr,
+    /// The network matched: outbound, the destination as the guest addresses it (`to=`);
+    /// inbound, the client's (`from=`).
+    pub net: Ipv4Addr,
     /// Its prefix length (0 matches every address).
     pub prefix: u8,
-    /// The destination ports matched, first and last (TCP and UDP only).
+    /// The ports matched, first and last (TCP and UDP only): outbound the destination port,
+    /// inbound the published host port.
     pub ports: Option<(u16, u16)>,
 }
 
@@ -112,21 +146,20 @@ impl RuleSpec {
             .unwrap_or(0)
     }
 
-    /// Whether a new flow of `proto` to `dst` (port 0 for ICMP) matches. An IPv6 address
-    /// (only the proxy meets them) is in no IPv4 network but the whole of `to=0.0.0.0/0`.
-    pub fn matches(&self, proto: Proto, dst: SocketAddr) -> bool {
-        let in_network = match dst.ip() {
-            IpAddr::V4(a) => (u32::from(a) & self.mask()) == u32::from(self.to),
+    /// Whether a flow of `proto` matches: to `addr` for an outbound rule, from `addr` to
+    /// host port `port` for an inbound one (port 0 for ICMP). An IPv6 address is in no IPv4
+    /// network but the whole of `0.0.0.0/0`; an IPv4-mapped one is IPv4.
+    pub fn matches(&self, proto: Proto, addr: IpAddr, port: u16) -> bool {
+        let in_network = match addr {
+            IpAddr::V4(a) => (u32::from(a) & self.mask()) == u32::from(self.net),
             IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(a) => (u32::from(a) & self.mask()) == u32::from(self.to),
+                Some(a) => (u32::from(a) & self.mask()) == u32::from(self.net),
                 None => self.prefix == 0,
             },
         };
         (self.proto == Proto::Any || self.proto == proto)
             && in_network
-            && self
-                .ports
-                .is_none_or(|(lo, hi)| (lo..=hi).contains(&dst.port()))
+            && self.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&port))
     }
 }
 
@@ -152,14 +185,25 @@ impl FromStr for RuleSpec {
         };
         let mut spec = RuleSpec {
             action,
+            dir: Dir::Out,
             proto: Proto::Any,
-            to: Ipv4Addr::UNSPECIFIED,
+            net: Ipv4Addr::UNSPECIFIED,
             prefix: 0,
             ports: None,
         };
-        let (mut seen_proto, mut seen_to) = (false, false);
+        let (mut seen_dir, mut seen_proto) = (false, false);
+        // Which of to= and from= was given.
+        let mut seen_net: Option<&str> = None;
         for part in parts {
             match part.trim().split_once('=') {
+                Some(("dir", d)) if !seen_dir => {
+                    seen_dir = true;
+                    spec.dir = match d {
+                        "out" => Dir::Out,
+                        "in" => Dir::In,
+                        _ => return Err(err(format!("dir={d}: expected out or in"))),
+                    };
+                }
                 Some(("proto", p)) if !seen_proto => {
                     seen_proto = true;
                     spec.proto = match p {
@@ -170,23 +214,23 @@ impl FromStr for RuleSpec {
                         _ => return Err(err(format!("proto={p}: expected tcp, udp, icmp or all"))),
                     };
                 }
-                Some(("to", t)) if !seen_to => {
-                    seen_to = true;
+                Some((k @ ("to" | "from"), t)) if seen_net.is_none() => {
+                    seen_net = Some(k);
                     let (addr, len) = t.split_once('/').unwrap_or((t, "32"));
                     let addr: Ipv4Addr = addr
                         .parse()
-                        .map_err(|_| err(format!("to={t}: {addr} is not an IPv4 address")))?;
+                        .map_err(|_| err(format!("{k}={t}: {addr} is not an IPv4 address")))?;
                     let len: u8 = len
                         .parse()
                         .ok()
                         .filter(|l| *l <= 32)
-                        .ok_or_else(|| err(format!("to={t}: the prefix must be 0 to 32")))?;
+                        .ok_or_else(|| err(format!("{k}={t}: the prefix must be 0 to 32")))?;
                     spec.prefix = len;
-                    spec.to = Ipv4Addr::from(u32::from(addr) & spec.mask());
-                    if spec.to != addr {
+                    spec.net = Ipv4Addr::from(u32::from(addr) & spec.mask());
+                    if spec.net != addr {
                         return Err(err(format!(
-                            "to={t}: host bits are set; use {}/{len}",
-                            spec.to
+                            "{k}={t}: host bits are set; use {}/{len}",
+                            spec.net
                         )));
                     }
                 }
@@ -202,18 +246,37 @@ impl FromStr for RuleSpec {
                         }
                     }
                 }
-                Some((k @ ("proto" | "to" | "port"), _)) => {
+                Some((k @ ("to" | "from"), _)) if seen_net != Some(k) => {
+                    return Err(err("to= and from= do not go together".into()))
+                }
+                Some((k @ ("dir" | "proto" | "to" | "from" | "port"), _)) => {
                     return Err(err(format!("{k}= is given twice")))
                 }
                 _ => {
                     return Err(err(format!(
-                        "unknown part '{part}'; the known ones are proto=, to= and port="
-                    )))
+                    "unknown part '{part}'; the known ones are dir=, proto=, to=, from= and port="
+                )))
                 }
             }
         }
         if spec.ports.is_some() && !matches!(spec.proto, Proto::Tcp | Proto::Udp) {
             return Err(err("port= needs proto=tcp or proto=udp".into()));
+        }
+        match (spec.dir, seen_net) {
+            (Dir::Out, Some("from")) => {
+                return Err(err(
+                    "from= matches the clients of published ports; add dir=in".into()
+                ))
+            }
+            (Dir::In, Some("to")) => {
+                return Err(err(
+                    "an inbound rule matches its clients with from= and the published host port with port=".into(),
+                ))
+            }
+            (Dir::In, _) if spec.proto == Proto::Icmp => {
+                return Err(err("inbound rules see TCP and UDP only".into()))
+            }
+            _ => {}
         }
         Ok(spec)
     }
@@ -223,11 +286,18 @@ impl fmt::Display for RuleSpec {
     /// The canonical form, which parses back to the same rule.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.action)?;
+        if self.dir == Dir::In {
+            f.write_str(",dir=in")?;
+        }
         if self.proto != Proto::Any {
             write!(f, ",proto={}", self.proto)?;
         }
         if self.prefix != 0 {
-            write!(f, ",to={}/{}", self.to, self.prefix)?;
+            let k = match self.dir {
+                Dir::Out => "to",
+                Dir::In => "from",
+            };
+            write!(f, ",{k}={}/{}", self.net, self.prefix)?;
         }
         match self.ports {
             Some((lo, hi)) if lo == hi => write!(f, ",port={lo}"),
@@ -256,6 +326,20 @@ impl Counters {
     pub fn add_packet(&self, len: usize) {
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.add_bytes(len);
+    }
+
+    /// Packets and bytes, now.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.packets.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Starts both from 0 again (flows that hold them go on counting from there).
+    fn zero(&self) {
+        self.packets.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
     }
 }
 
@@ -318,7 +402,10 @@ pub enum RuleError {
 #[derive(Debug, Default)]
 pub struct Rules {
     table: RwLock<(Vec<Rule>, u64)>,
+    /// The default policy's counters: outbound flows no rule matched.
     default: Arc<Counters>,
+    /// The same for the clients of published ports.
+    default_in: Arc<Counters>,
     /// The host alias: the host's own loopback and unspecified addresses, which only the
     /// proxy meets (the guest reaches the host's loopback through the alias), are checked as
     /// this address, so `to=ALIAS` covers every way to the host's loopback.
@@ -384,12 +471,22 @@ impl Rules {
         t.0.iter().enumerate().map(|(i, r)| info(i, r)).collect()
     }
 
-    /// The default policy's counters (flows no rule matched): packets and bytes.
-    pub fn default_counters(&self) -> (u64, u64) {
-        (
-            self.default.packets.load(Ordering::Relaxed),
-            self.default.bytes.load(Ordering::Relaxed),
-        )
+    /// The default policy's counters for `dir` (flows no rule matched): packets and bytes.
+    pub fn default_counters(&self, dir: Dir) -> (u64, u64) {
+        match dir {
+            Dir::Out => self.default.get(),
+            Dir::In => self.default_in.get(),
+        }
+    }
+
+    /// Sets every counter to 0, the default policy's too, as `iptables -Z` does.
+    pub fn zero(&self) {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        for r in &t.0 {
+            r.counters.zero();
+        }
+        self.default.zero();
+        self.default_in.zero();
     }
 
     /// Decides a new flow of `proto` to `dst` whose first packet is `len` bytes (IP), and
@@ -400,7 +497,21 @@ impl Rules {
         v
     }
 
-    /// What the rules say of a flow of `proto` to `dst`, counting nothing.
+    /// Decides a client at `client` of published host port `host_port` (a connection, or a
+    /// datagram of `len` bytes), and counts it.
+    pub fn check_in(
+        &self,
+        proto: Proto,
+        client: SocketAddr,
+        host_port: u16,
+        len: usize,
+    ) -> Verdict {
+        let v = self.first_match(Dir::In, proto, client.ip(), host_port);
+        v.count(len);
+        v
+    }
+
+    /// What the outbound rules say of a flow of `proto` to `dst`, counting nothing.
     pub fn peek(&self, proto: Proto, dst: SocketAddr) -> Verdict {
         let host = match dst.ip() {
             IpAddr::V4(a) => a.is_loopback() || a.is_unspecified(),
@@ -410,16 +521,21 @@ impl Rules {
                     || a.to_ipv4_mapped().is_some_and(|a| a.is_loopback())
             }
         };
-        let dst = match self.host_alias {
-            Some(alias) if host => SocketAddr::new(IpAddr::V4(alias), dst.port()),
-            _ => dst,
+        let ip = match self.host_alias {
+            Some(alias) if host => IpAddr::V4(alias),
+            _ => dst.ip(),
         };
+        self.first_match(Dir::Out, proto, ip, dst.port())
+    }
+
+    /// The verdict of the first rule of `dir` that matches, or the default policy's.
+    fn first_match(&self, dir: Dir, proto: Proto, addr: IpAddr, port: u16) -> Verdict {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
         let v = match t
             .0
             .iter()
             .enumerate()
-            .find(|(_, r)| r.spec.matches(proto, dst))
+            .find(|(_, r)| r.spec.dir == dir && r.spec.matches(proto, addr, port))
         {
             Some((i, r)) => Verdict {
                 action: r.spec.action,
@@ -429,7 +545,10 @@ impl Rules {
             None => Verdict {
                 action: Action::Allow,
                 rule: None,
-                counters: self.default.clone(),
+                counters: match dir {
+                    Dir::Out => self.default.clone(),
+                    Dir::In => self.default_in.clone(),
+                },
             },
         };
         drop(t);
@@ -438,12 +557,13 @@ impl Rules {
 }
 
 fn info(at: usize, r: &Rule) -> RuleInfo {
+    let (packets, bytes) = r.counters.get();
     RuleInfo {
         id: r.id,
         position: at + 1,
         spec: r.spec,
-        packets: r.counters.packets.load(Ordering::Relaxed),
-        bytes: r.counters.bytes.load(Ordering::Relaxed),
+        packets,
+        bytes,
     }
 }
 
@@ -467,11 +587,14 @@ mod tests {
             "drop,proto=udp,to=192.168.127.254/32,port=53",
             "reject,proto=tcp,port=8000-8999",
             "drop,proto=icmp",
+            "drop,dir=in,from=10.0.0.0/8",
+            "reject,dir=in,proto=tcp,from=192.168.1.7/32,port=8080",
         ] {
             assert_eq!(spec(s).to_string(), s);
         }
         assert_eq!(spec("deny,to=1.2.3.4").to_string(), "drop,to=1.2.3.4/32");
         assert_eq!(spec("accept,to=0.0.0.0/0").to_string(), "allow");
+        assert_eq!(spec("allow,dir=out").to_string(), "allow");
     }
 
     #[test]
@@ -486,7 +609,26 @@ mod tests {
             ("reject,proto=tcp,port=0", "from 1 to 65535"),
             ("reject,proto=tcp,port=9-8", "a range N-M"),
             ("reject,proto=tcp,proto=udp", "proto= is given twice"),
-            ("reject,from=1.2.3.4", "unknown part 'from=1.2.3.4'"),
+            ("reject,via=1.2.3.4", "unknown part 'via=1.2.3.4'"),
+            (
+                "reject,from=1.2.3.4",
+                "from= matches the clients of published ports; add dir=in",
+            ),
+            ("reject,dir=in,to=1.2.3.4", "matches its clients with from="),
+            (
+                "reject,dir=in,proto=icmp",
+                "inbound rules see TCP and UDP only",
+            ),
+            ("reject,dir=sideways", "dir=sideways: expected out or in"),
+            (
+                "reject,dir=in,from=10.0.0.1/8",
+                "from=10.0.0.1/8: host bits are set",
+            ),
+            (
+                "reject,to=1.2.3.4,from=1.2.3.4",
+                "to= and from= do not go together",
+            ),
+            ("reject,dir=in,dir=in", "dir= is given twice"),
         ] {
             let e = s.parse::<RuleSpec>().unwrap_err().to_string();
             assert!(e.contains(why), "{s}: {e}");
@@ -496,17 +638,86 @@ mod tests {
 
     #[test]
     fn matching_takes_protocol_network_and_ports() {
+        let m = |r: &RuleSpec, proto, d: &str| {
+            let d = dst(d);
+            r.matches(proto, d.ip(), d.port())
+        };
         let r = spec("reject,proto=tcp,to=10.1.0.0/16,port=20-22");
-        assert!(r.matches(Proto::Tcp, dst("10.1.200.3:22")));
-        assert!(!r.matches(Proto::Tcp, dst("10.1.200.3:23")));
-        assert!(!r.matches(Proto::Udp, dst("10.1.200.3:22")));
-        assert!(!r.matches(Proto::Tcp, dst("10.2.0.1:22")));
+        assert!(m(&r, Proto::Tcp, "10.1.200.3:22"));
+        assert!(!m(&r, Proto::Tcp, "10.1.200.3:23"));
+        assert!(!m(&r, Proto::Udp, "10.1.200.3:22"));
+        assert!(!m(&r, Proto::Tcp, "10.2.0.1:22"));
         let all = spec("drop");
-        assert!(all.matches(Proto::Icmp, dst("8.8.8.8:0")));
+        assert!(m(&all, Proto::Icmp, "8.8.8.8:0"));
         // IPv6 (the proxy's) is in 0.0.0.0/0 only; mapped IPv4 is IPv4.
-        assert!(all.matches(Proto::Tcp, dst("[2001:db8::1]:80")));
-        assert!(!r.matches(Proto::Tcp, dst("[2001:db8::1]:22")));
-        assert!(r.matches(Proto::Tcp, dst("[::ffff:10.1.0.1]:22")));
+        assert!(m(&all, Proto::Tcp, "[2001:db8::1]:80"));
+        assert!(!m(&r, Proto::Tcp, "[2001:db8::1]:22"));
+        assert!(m(&r, Proto::Tcp, "[::ffff:10.1.0.1]:22"));
+    }
+
+    #[test]
+    fn inbound_rules_see_only_published_clients() {
+        let rules = Rules::new(&[
+            spec("allow,dir=in,from=192.168.1.0/24"),
+            spec("reject,dir=in,proto=tcp,port=8080"),
+            spec("drop,proto=tcp"),
+        ]);
+        // Outbound flows never meet the inbound rules, nor clients the outbound ones.
+        assert_eq!(
+            rules.peek(Proto::Tcp, dst("10.0.0.1:8080")).action,
+            Action::Drop
+        );
+        let client = dst("10.0.0.9:40000");
+        assert_eq!(
+            rules.check_in(Proto::Tcp, client, 8080, 0).action,
+            Action::Reject
+        );
+        assert_eq!(
+            rules.check_in(Proto::Tcp, client, 8081, 0).action,
+            Action::Allow
+        );
+        assert_eq!(
+            rules.check_in(Proto::Udp, client, 8080, 30).action,
+            Action::Allow
+        );
+        let v = rules.check_in(Proto::Tcp, dst("192.168.1.5:40000"), 8080, 0);
+        assert_eq!((v.action, v.rule.map(|r| r.0)), (Action::Allow, Some(1)));
+        // A client on IPv6 is in from=0.0.0.0/0 only; an IPv4-mapped one is IPv4.
+        assert_eq!(
+            rules
+                .check_in(Proto::Tcp, dst("[::ffff:192.168.1.5]:1"), 8080, 0)
+                .action,
+            Action::Allow
+        );
+        assert_eq!(
+            rules
+                .check_in(Proto::Tcp, dst("[2001:db8::1]:1"), 8080, 0)
+                .action,
+            Action::Reject
+        );
+        let l = rules.list();
+        assert_eq!(l[0].packets, 2);
+        assert_eq!(l[1].packets, 2);
+        assert_eq!(l[2].packets, 0, "peek counts nothing");
+        assert_eq!(rules.default_counters(Dir::In), (2, 0));
+        assert_eq!(rules.default_counters(Dir::Out), (0, 0));
+    }
+
+    #[test]
+    fn zero_resets_every_counter_and_flows_count_on() {
+        let rules = Rules::new(&[spec("allow,proto=tcp"), spec("drop,dir=in")]);
+        let v = rules.check(Proto::Tcp, dst("10.0.0.1:80"), 60);
+        v.counters.add_bytes(500);
+        rules.check(Proto::Udp, dst("10.0.0.1:53"), 40);
+        rules.check_in(Proto::Udp, dst("10.0.0.2:5"), 53, 40);
+        rules.check_in(Proto::Udp, dst("10.0.0.2:5"), 53, 40);
+        assert_eq!(rules.list()[1].bytes, 80);
+        rules.zero();
+        assert!(rules.list().iter().all(|r| (r.packets, r.bytes) == (0, 0)));
+        assert_eq!(rules.default_counters(Dir::Out), (0, 0));
+        // A flow that was let through before goes on adding to its rule.
+        v.counters.add_bytes(7);
+        assert_eq!(rules.list()[0].bytes, 7);
     }
 
     #[test]
@@ -529,7 +740,7 @@ mod tests {
         let l = rules.list();
         assert_eq!((l[0].packets, l[0].bytes), (1, 1000));
         assert_eq!((l[1].packets, l[1].bytes), (1, 60));
-        assert_eq!(rules.default_counters(), (1, 0));
+        assert_eq!(rules.default_counters(Dir::Out), (1, 0));
     }
 
     #[test]

@@ -245,7 +245,7 @@ pub struct NetStack {
     ports: Option<Arc<Ports>>,
     /// The HTTP(S) proxy the gateway's port 3128 leads to, if any.
     proxy: Option<Arc<crate::proxy::Proxy>>,
-    /// The rules new outbound flows are checked against, if any.
+    /// The rules new outbound flows and published ports' clients are checked against, if any.
     rules: Option<Arc<Rules>>,
     /// Reused buffer for what the ports thread hands over.
     incoming: Vec<Incoming>,
@@ -259,6 +259,8 @@ struct UdpMapping {
     socket: Weak<UdpSocket>,
     client: SocketAddr,
     last: StdInstant,
+    /// The counters of the inbound rule that let the client in, if rules are set.
+    counters: Option<Arc<Counters>>,
 }
 
 /// How long a published UDP mapping lives without traffic.
@@ -464,7 +466,7 @@ impl NetStack {
         self
     }
 
-    /// New outbound flows are checked against `rules`.
+    /// New outbound flows and published ports' clients are checked against `rules`.
     pub fn with_rules(mut self, rules: Arc<Rules>) -> Self {
         self.rules = Some(rules);
         self
@@ -543,15 +545,24 @@ impl NetStack {
                 Incoming::Tcp {
                     stream,
                     client,
+                    host_port,
                     guest_port,
-                } => self.publish_tcp(stream, client, guest_port),
+                } => {
+                    match self.decide_in(Proto::Tcp, client, host_port, 0) {
+                        Ok(counters) => self.publish_tcp(stream, client, guest_port, counters),
+                        Err(Action::Reject) => crate::ports::reset(stream),
+                        // Dropped: closed without a word.
+                        Err(_) => drop(stream),
+                    }
+                }
                 Incoming::Udp {
                     socket,
                     client,
+                    host_port,
                     guest_port,
                     data,
                 } => {
-                    self.publish_udp_in(socket, client, guest_port, &data);
+                    self.publish_udp_in(socket, client, host_port, guest_port, &data);
                     if let Some(p) = &self.ports {
                         p.recycle(data);
                     }
@@ -561,10 +572,45 @@ impl NetStack {
         self.incoming = incoming;
     }
 
+    /// What the inbound rules say of a client at `client` of published host port
+    /// `host_port` (a connection, or a datagram of `len` bytes): `Ok` with the counters its
+    /// traffic adds to (None: no rules), or `Err` with the action that refused it.
+    fn decide_in(
+        &self,
+        proto: Proto,
+        client: SocketAddr,
+        host_port: u16,
+        len: usize,
+    ) -> Result<Option<Arc<Counters>>, Action> {
+        let Some(rules) = &self.rules else {
+            return Ok(None);
+        };
+        let v = rules.check_in(proto, client, host_port, len);
+        match v.action {
+            Action::Allow => Ok(Some(v.counters)),
+            refused => {
+                log::debug!(
+                    "rules: {client} -> host port {host_port} ({proto}): {refused} by {}",
+                    v.rule.map_or("the default policy".into(), |(n, s)| format!(
+                        "rule {n} ({s})"
+                    ))
+                );
+                Err(refused)
+            }
+        }
+    }
+
     /// A client connected to a published TCP port: the stack connects to the guest from the
     /// client's address, and the flow splices the two once the guest accepts. A guest that
-    /// does not listen answers RST, and the client is reset too.
-    fn publish_tcp(&mut self, stream: std::net::TcpStream, client: SocketAddr, guest_port: u16) {
+    /// does not listen answers RST, and the client is reset too. `counters` are those of the
+    /// rule that let it in.
+    fn publish_tcp(
+        &mut self,
+        stream: std::net::TcpStream,
+        client: SocketAddr,
+        guest_port: u16,
+        counters: Option<Arc<Counters>>,
+    ) {
         use crate::tcp_nat::TcpKey;
         use smoltcp::socket::tcp;
         let seen = self.seen_addr(client);
@@ -602,15 +648,20 @@ impl NetStack {
             self.sockets.remove(handle);
             return;
         }
+        if let Some(f) = self.tcp.flows.get_mut(&key) {
+            f.counters = counters;
+        }
         self.stats.published_connections += 1;
     }
 
-    /// A datagram to a published UDP port: to the guest from the client's address; the
-    /// mapping sends the guest's replies back through the published socket.
+    /// A datagram to published UDP host port `host_port`: to the guest from the client's
+    /// address; the mapping sends the guest's replies back through the published socket. A
+    /// client with no mapping yet is checked against the inbound rules first.
     fn publish_udp_in(
         &mut self,
         socket: Weak<UdpSocket>,
         client: SocketAddr,
+        host_port: u16,
         guest_port: u16,
         data: &[u8],
     ) {
@@ -619,12 +670,25 @@ impl NetStack {
             guest_port,
             dst: SocketAddrV4::new(seen, client.port()),
         };
+        let counters = match self.udp_pub.get(&key) {
+            Some(m) if m.client == client => m.counters.clone(),
+            _ => match self.decide_in(Proto::Udp, client, host_port, data.len()) {
+                Ok(c) => c,
+                // Refused, whether dropped or rejected: an unprivileged socket cannot send
+                // the ICMP error, so the datagram is discarded (and counted).
+                Err(_) => return,
+            },
+        };
+        if let Some(c) = &counters {
+            c.add_bytes(data.len());
+        }
         self.udp_pub.insert(
             key,
             UdpMapping {
                 socket,
                 client,
                 last: StdInstant::now(),
+                counters,
             },
         );
         self.udp_to_guest(seen, client.port(), guest_port, data);
@@ -646,7 +710,9 @@ impl NetStack {
             Some(s) => {
                 m.last = StdInstant::now();
                 // UDP may drop: a full socket buffer loses the datagram.
-                let _ = s.send_to(payload, m.client);
+                if let (Ok(n), Some(c)) = (s.send_to(payload, m.client), &m.counters) {
+                    c.add_bytes(n);
+                }
             }
             None => {
                 // The port was unpublished.
@@ -2024,6 +2090,53 @@ mod published {
             .unwrap();
         stack.neighbor_hint();
         (port, ports, stack)
+    }
+
+    #[test]
+    fn inbound_rules_reset_or_close_published_clients_before_the_guest_sees_them() {
+        let cfg = NetConfig::default();
+        let (port, ports, stack) = stack_with_published_port(&cfg, "127.0.0.1");
+        let reject: crate::rules::RuleSpec = format!("reject,dir=in,proto=tcp,port={port}")
+            .parse()
+            .unwrap();
+        let rules = Arc::new(Rules::new(&[reject]));
+        let mut stack = stack.with_rules(rules.clone());
+        ports.set_attached(true);
+        let connect = || {
+            let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            c
+        };
+        let mut c = connect();
+        assert!(
+            next_segment(&mut stack).is_none(),
+            "no SYN goes to the guest"
+        );
+        let e = c.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        // drop: closed, no reset.
+        let id = rules.list()[0].id;
+        rules.remove(id).unwrap();
+        let drop: crate::rules::RuleSpec = "drop,dir=in,from=127.0.0.0/8".parse().unwrap();
+        rules.add(drop, None).unwrap();
+        let mut c = connect();
+        assert!(
+            next_segment(&mut stack).is_none(),
+            "no SYN goes to the guest"
+        );
+        assert_eq!(
+            c.read(&mut [0u8; 1]).unwrap(),
+            0,
+            "the client reads end of file"
+        );
+        assert_eq!((rules.list()[0].packets, rules.list()[0].bytes), (1, 0));
+        // A client no rule matches comes in, counted on the inbound default.
+        rules.remove(rules.list()[0].id).unwrap();
+        let _c = connect();
+        assert!(next_segment(&mut stack).is_some(), "a SYN to the guest");
+        assert_eq!(rules.default_counters(crate::rules::Dir::In).0, 1);
+        assert_eq!(rules.default_counters(crate::rules::Dir::Out).0, 0);
     }
 
     #[test]

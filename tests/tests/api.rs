@@ -277,6 +277,44 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     let (_, v) = api(s, "GET", "/rules", None);
     assert_eq!(v["rules"][1]["id"], last["id"], "{v}");
     assert_eq!(v["rules"][1]["to"].as_str(), Some("10.0.0.0/8"), "{v}");
+    assert_eq!(v["rules"][1]["dir"].as_str(), Some("out"), "{v}");
+    assert_eq!(v["default_in"]["action"].as_str(), Some("allow"), "{v}");
+    // An inbound rule: listed with `from`, and deleted again.
+    let (st, inbound) = api(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "drop,dir=in,proto=tcp,from=10.9.0.0/16,port=8080"}"#),
+    );
+    assert_eq!(
+        (
+            st,
+            inbound["dir"].as_str(),
+            inbound["from"].as_str(),
+            inbound["ports"].as_str()
+        ),
+        (201, Some("in"), Some("10.9.0.0/16"), Some("8080")),
+        "{inbound}"
+    );
+    assert!(inbound["to"].is_null(), "{inbound}");
+    let (st, _) = api(s, "DELETE", &format!("/rules/{}", inbound["id"]), None);
+    assert_eq!(st, 204);
+    expect_error(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "drop,from=10.0.0.0/8"}"#),
+        400,
+        "from= matches the clients of published ports; add dir=in",
+    );
+    // Zeroing answers with the table; only POST does it.
+    let (st, v) = api(s, "POST", "/rules/zero", None);
+    assert_eq!(
+        (st, v["rules"].as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{v}"
+    );
+    expect_error(s, "GET", "/rules/zero", None, 405, "takes POST");
     expect_error(
         s,
         "POST",

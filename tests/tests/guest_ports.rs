@@ -1,6 +1,7 @@
 //! Published ports end to end: host clients reach servers in the guest through ports that
-//! ferry publishes, changes made at runtime with `ferry ctl`, a QEMU restart under a bound port,
-//! and an unprivileged ferry publishing :80 through `ferry portd`.
+//! ferry publishes, changes made at runtime with `ferry ctl`, inbound rules that keep some
+//! clients out, a QEMU restart under a bound port, and an unprivileged ferry publishing :80
+//! through `ferry portd`.
 //!
 //! Ferry runs in a test namespace (`TestNet::inner`); "non-local" clients run in the other one
 //! (`remote`) and come in over the veth link. Nothing leaves the namespaces the test made.
@@ -193,6 +194,97 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     );
     let o = ctl(&api, &["ports"]);
     assert!(text(&o).contains("0.0.0.0:9000"), "{}", text(&o));
+
+    // Inbound rules keep published ports from the other namespace's client, as a
+    // DOCKER-USER rule with `-s` would; local clients still come in. Counted, then zeroed.
+    let rules = || -> serde_json::Value {
+        let o = ctl(&api, &["--json", "rules"]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("rules JSON")
+    };
+    // The clients above came in on the inbound default.
+    let before = rules()["default_in"]["packets"].as_u64().unwrap();
+    assert!(before >= 8, "{}", rules());
+    let remote = format!("{}/32", net.remote_addr);
+    let specs = [
+        format!("reject,dir=in,proto=tcp,from={remote},port=9000"),
+        format!("drop,dir=in,proto=tcp,from={remote},port=8080"),
+        format!("drop,dir=in,proto=udp,from={remote}"),
+        // An outbound rule that would match the client's address: inbound clients never
+        // meet it.
+        format!("reject,to={remote}"),
+    ];
+    for spec in &specs {
+        let o = ctl(&api, &["rules", "add", spec]);
+        assert!(o.status.success(), "ferry ctl rules add: {}", text(&o));
+    }
+    let r = clients(&net.remote, &["probe", &net.inner_addr, "9000"]);
+    assert!(r.starts_with("reset"), "a rejected client: {r}");
+    let r = clients(&net.remote, &["probe", &net.inner_addr, "8080"]);
+    assert!(r.starts_with("closed"), "a dropped client: {r}");
+    assert_eq!(
+        clients(&net.remote, &["udp", &net.inner_addr, "5300", "nope"]),
+        "timeout"
+    );
+    let seen = clients(&net.inner, &["peer", "127.0.0.1", "9000"]);
+    assert!(
+        seen.starts_with("192.168.127.254:"),
+        "a local client: {seen:?}"
+    );
+    assert_eq!(
+        clients(&net.inner, &["udp", "127.0.0.1", "5300", "still-in"]),
+        "still-in"
+    );
+    let v = rules();
+    let r = &v["rules"];
+    assert_eq!(r[0]["dir"], "in", "{v}");
+    assert_eq!(r[0]["from"].as_str(), Some(remote.as_str()), "{v}");
+    assert_eq!(
+        (&r[0]["packets"], &r[0]["bytes"]),
+        (&1.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(r[1]["packets"], 1, "{v}");
+    // The client sent its datagram 5 times, waiting for an answer.
+    assert_eq!(
+        (&r[2]["packets"], &r[2]["bytes"]),
+        (&5.into(), &20.into()),
+        "{v}"
+    );
+    assert_eq!(r[3]["packets"], 0, "{v}");
+    let d = &v["default_in"];
+    assert_eq!(
+        d["packets"].as_u64(),
+        Some(before + 2),
+        "the local connection and datagram: {v}"
+    );
+    assert!(d["bytes"].as_u64() >= Some(16), "{v}");
+    let table = text(&ctl(&api, &["rules"]));
+    assert!(
+        table.contains(&format!("from {remote}"))
+            && table.contains("(default: clients no rule matches)"),
+        "{table}"
+    );
+    let o = ctl(&api, &["rules", "zero"]);
+    assert!(
+        o.status.success() && text(&o).contains("every counter set to 0"),
+        "{}",
+        text(&o)
+    );
+    let v = rules();
+    for r in v["rules"].as_array().unwrap() {
+        assert_eq!((&r["packets"], &r["bytes"]), (&0.into(), &0.into()), "{v}");
+    }
+    assert_eq!(v["default_in"]["packets"], 0, "{v}");
+    for r in v["rules"].as_array().unwrap() {
+        let id = r["id"].to_string();
+        assert!(ctl(&api, &["rules", "delete", &id]).status.success());
+    }
+    let seen = clients(&net.remote, &["peer", &net.inner_addr, "9000"]);
+    assert!(
+        seen.starts_with(&format!("{}:", net.remote_addr)),
+        "with the rules deleted the client comes in again: {seen:?}"
+    );
 
     // 200 clients at once through one published port.
     let many = clients(&net.inner, &["many", "127.0.0.1", "9000", "200"]);

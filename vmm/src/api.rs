@@ -9,8 +9,9 @@
 //! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
 //! GET    /proxy                                {"upstream":...,"requests":...}
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
-//! GET    /rules                                {"rules":[rule, ...],"default":{...}}
+//! GET    /rules                                {"rules":[rule, ...],"default":{...},"default_in":{...}}
 //! POST   /rules        {"spec":"drop,to=10.0.0.0/8","position":1}   201 rule | 400 | 409
+//! POST   /rules/zero                           200 {"rules":...} (every counter back to 0)
 //! DELETE /rules/{id}                           204 | 400 | 404
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
@@ -30,7 +31,7 @@ use ferry_fs::abi::opcode;
 use ferry_fs::PassthroughFs;
 use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
 use ferry_net::proxy::{Proxy, Upstream};
-use ferry_net::rules::{RuleInfo, RuleSpec, Rules};
+use ferry_net::rules::{Dir, RuleInfo, RuleSpec, Rules};
 use ferry_net::{PortSpec, Protocol};
 use log::{debug, info, warn};
 use serde_json::{json, Value};
@@ -51,7 +52,7 @@ pub struct Control {
     pub net: Option<Arc<VhostUserNetBackend>>,
     /// The HTTP(S) proxy on the gateway's port 3128 (None: no net device).
     pub proxy: Option<Arc<Proxy>>,
-    /// The rules for the guest's outbound flows (None: no net device).
+    /// The rules for the guest's flows and published ports' clients (None: no net device).
     pub rules: Option<Arc<Rules>>,
     /// The file shares: tag and device.
     pub fs: Vec<(String, Arc<VhostUserFsBackend<PassthroughFs>>)>,
@@ -158,6 +159,14 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             None => no_net("rules"),
         },
         (Method::Post, ["rules"]) => add_rule(control, body),
+        (Method::Post, ["rules", "zero"]) => match &control.rules {
+            Some(r) => {
+                r.zero();
+                info!("rules: counters set to 0");
+                (200, rules_json(r))
+            }
+            None => no_net("rules"),
+        },
         (Method::Delete, ["rules", id]) => delete_rule(control, id),
         (Method::Delete, ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
         (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
@@ -176,6 +185,11 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             "/rules takes GET or POST",
             "use GET to list, POST {\"spec\": SPEC} to add",
         ),
+        (_, ["rules", "zero"]) => error(
+            405,
+            format!("{path} takes POST"),
+            "use POST to set every counter to 0",
+        ),
         (_, ["rules", _]) => error(
             405,
             format!("{path} takes DELETE"),
@@ -189,7 +203,7 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
         _ => error(
             404,
             format!("no endpoint {path}"),
-            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /rules, /rules/{id}, /stats",
+            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /rules, /rules/zero, /rules/{id}, /stats",
         ),
     }
 }
@@ -394,31 +408,39 @@ fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
     (200, proxy_json(p))
 }
 
-/// A rule as JSON.
+/// A rule as JSON: `to` for an outbound rule's network, `from` for an inbound one's.
 pub fn rule_json(r: &RuleInfo) -> Value {
-    json!({
+    let mut v = json!({
         "id": r.id,
         "position": r.position,
         "spec": r.spec.to_string(),
         "action": r.spec.action.to_string(),
+        "dir": r.spec.dir.to_string(),
         "proto": r.spec.proto.to_string(),
-        "to": format!("{}/{}", r.spec.to, r.spec.prefix),
         "ports": r.spec.ports.map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }),
         "packets": r.packets,
         "bytes": r.bytes,
-    })
+    });
+    let key = match r.spec.dir {
+        Dir::Out => "to",
+        Dir::In => "from",
+    };
+    v[key] = json!(format!("{}/{}", r.spec.net, r.spec.prefix));
+    v
 }
 
-/// The rules in order, and the default policy's counters.
+/// The rules in order, and the default policy's counters, outbound and inbound.
 pub fn rules_json(rules: &Rules) -> Value {
-    let (packets, bytes) = rules.default_counters();
+    let (packets, bytes) = rules.default_counters(Dir::Out);
+    let (packets_in, bytes_in) = rules.default_counters(Dir::In);
     json!({
         "rules": rules.list().iter().map(rule_json).collect::<Vec<_>>(),
         "default": {"action": "allow", "packets": packets, "bytes": bytes},
+        "default_in": {"action": "allow", "packets": packets_in, "bytes": bytes_in},
     })
 }
 
-const ADD_RULE_HINT: &str = r#"send {"spec": "allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]"} and, to put it before others, "position": N (from 1)"#;
+const ADD_RULE_HINT: &str = r#"send {"spec": "allow|reject|drop[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN] (out)|,from=ADDR[/LEN] (in)][,port=N[-M]]"} and, to put it before others, "position": N (from 1)"#;
 
 /// POST /rules {"spec": SPEC, "position": N}.
 fn add_rule(control: &Control, body: &[u8]) -> (u16, Value) {

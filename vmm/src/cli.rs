@@ -65,9 +65,10 @@ pub enum CtlCommand {
     },
     /// Net and fs counters, and the open flows.
     Stats,
-    /// The rules for the guest's outbound flows with their counters, or add or delete one.
+    /// The rules for the guest's flows and published ports' clients with their counters, or
+    /// add or delete one, or set the counters to 0.
     Rules {
-        /// `add SPEC [--at N]` or `delete ID`; nothing to list them.
+        /// `add SPEC [--at N]`, `delete ID` or `zero`; nothing to list them.
         #[command(subcommand)]
         change: Option<RuleChange>,
     },
@@ -82,7 +83,9 @@ pub enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RuleChange {
-    /// Add a rule: allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]].
+    /// Add a rule: allow|reject|drop[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,from=ADDR[/LEN]][,port=N[-M]].
+    /// Outbound rules (the default) match what the guest connects to; inbound ones (dir=in)
+    /// match the clients of published ports (from=) and the published host port (port=).
     Add {
         /// The rule.
         #[arg(value_name = "SPEC")]
@@ -98,6 +101,8 @@ pub enum RuleChange {
         #[arg(value_name = "ID")]
         id: u64,
     },
+    /// Set every rule's counters to 0, the default policies' too (as `iptables -Z`).
+    Zero,
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,12 +159,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT")]
     pub publish: Vec<String>,
 
-    /// A rule for the guest's outbound flows (repeatable; checked in order, the first match
-    /// decides, flows no rule matches are allowed). `reject` answers with RST or ICMP port
-    /// unreachable, `drop` says nothing. `ferry ctl rules` shows their counters.
+    /// A rule (repeatable; checked in order, the first match decides, flows no rule matches
+    /// are allowed). Outbound rules (the default) match the guest's flows by destination
+    /// (to=, port=); inbound ones (dir=in) the clients of published ports (from=, and port=
+    /// the host port). `reject` answers with RST (or ICMP port unreachable), `drop` says
+    /// nothing. `ferry ctl rules` shows their counters.
     #[arg(
         long,
-        value_name = "allow|reject|drop[,proto=tcp|udp|icmp][,to=ADDR[/LEN]][,port=N[-M]]"
+        value_name = "allow|reject|drop[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN]|,from=ADDR[/LEN]][,port=N[-M]]"
     )]
     pub rule: Vec<String>,
 
@@ -240,7 +247,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     pub publish: Vec<String>,
 
-    /// A rule for the guest's outbound flows (repeatable), as for `ferry serve`.
+    /// A rule for the guest's flows or published ports' clients (repeatable), as for
+    /// `ferry serve`.
     #[arg(long, value_name = "SPEC")]
     pub rule: Vec<String>,
 

@@ -83,7 +83,7 @@ pub struct ServeConfig {
     pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
-    /// Rules for the guest's outbound flows, in order.
+    /// Rules for the guest's flows and published ports' clients, in order.
     pub rules: Vec<RuleSpec>,
     /// The bind address of specs that name none (also for the API's).
     pub default_bind: IpAddr,
@@ -467,7 +467,7 @@ pub struct RunConfig {
     pub qemu_args: Vec<String>,
     /// Ports published to the guest.
     pub publish: Vec<PortSpec>,
-    /// Rules for the guest's outbound flows.
+    /// Rules for the guest's flows and published ports' clients.
     pub rules: Vec<RuleSpec>,
     /// Where to capture the guest's frames.
     pub pcap: Option<PathBuf>,

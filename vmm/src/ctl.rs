@@ -171,41 +171,53 @@ fn print_proxy(p: &Value) {
     );
 }
 
-/// The rules as `iptables -L -v` shows a chain: counters first, then the match.
+/// The rules as `iptables -L -v` shows a chain: counters first, then the match; the two
+/// default policies last.
 fn print_rules(v: &Value) {
     let mut rows: Vec<Vec<String>> = v["rules"]
         .as_array()
         .map(|a| {
             a.iter()
                 .map(|r| {
+                    let net = match r["from"].as_str() {
+                        Some(from) => format!("from {from}"),
+                        None => format!("to {}", s(&r["to"])),
+                    };
                     vec![
                         s(&r["position"]),
                         s(&r["id"]),
                         s(&r["packets"]),
                         s(&r["bytes"]),
                         s(&r["action"]),
+                        s(&r["dir"]),
                         s(&r["proto"]),
-                        s(&r["to"]),
+                        net,
                         r["ports"].as_str().unwrap_or("any").to_string(),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let d = &v["default"];
-    rows.push(vec![
-        "-".into(),
-        "-".into(),
-        s(&d["packets"]),
-        s(&d["bytes"]),
-        "allow".into(),
-        "(default: flows no rule matches)".into(),
-        String::new(),
-        String::new(),
-    ]);
+    for (key, dir, what) in [
+        ("default", "out", "(default: flows no rule matches)"),
+        ("default_in", "in", "(default: clients no rule matches)"),
+    ] {
+        let d = &v[key];
+        rows.push(vec![
+            "-".into(),
+            "-".into(),
+            s(&d["packets"]),
+            s(&d["bytes"]),
+            "allow".into(),
+            dir.into(),
+            what.into(),
+            String::new(),
+            String::new(),
+        ]);
+    }
     table(
         &[
-            "#", "ID", "PACKETS", "BYTES", "ACTION", "PROTO", "TO", "PORTS",
+            "#", "ID", "PACKETS", "BYTES", "ACTION", "DIR", "PROTO", "NETWORK", "PORTS",
         ],
         &rows,
     );
@@ -446,6 +458,13 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                 expect(sock, "DELETE", &format!("/rules/{id}"), None, 204)?;
                 out(&json!({ "deleted": id }), &|_| {
                     println!("deleted rule {id}")
+                });
+            }
+            Some(RuleChange::Zero) => {
+                let v = expect(sock, "POST", "/rules/zero", None, 200)?;
+                out(&v, &|v| {
+                    println!("every counter set to 0");
+                    print_rules(v)
                 });
             }
         },

@@ -172,7 +172,7 @@ impl Devices {
             ));
             if !cfg.rules.is_empty() {
                 info!(
-                    "net: {} rules for the guest's outbound flows: {}",
+                    "net: {} rules: {}",
                     cfg.rules.len(),
                     cfg.rules
                         .iter()
