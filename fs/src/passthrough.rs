@@ -90,6 +90,72 @@ pub struct Config {
     /// then stops asking, which saves the GETXATTR of `security.capability` that it sends
     /// before the first write to every file.
     pub no_xattr: bool,
+    /// User ids the guest and the host see differently (None: the same ids both ways).
+    pub uid_map: Option<IdMap>,
+    /// Group ids the same way.
+    pub gid_map: Option<IdMap>,
+}
+
+/// A range of ids that the guest and the host name differently, as virtiofsd's
+/// `--translate-uid map:GUEST:HOST:COUNT`: guest id `guest + i` is host id `host + i` for `i`
+/// below `count`, both ways. Ids outside the range pass unchanged, so a host id in the guest's
+/// range (host `0` with `0:1000:1`) shows under two names in the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdMap {
+    /// The first id as the guest sees it.
+    pub guest: u32,
+    /// The first id as the host sees it.
+    pub host: u32,
+    /// How many ids; neither range reaches `u32::MAX` (which means "no change" in SETATTR).
+    pub count: u32,
+}
+
+impl IdMap {
+    /// The map `GUEST:HOST[:COUNT]` (COUNT 1 when left out), or why it is not one.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let n: Vec<&str> = s.split(':').collect();
+        let num = |v: &str| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|v| *v != u32::MAX)
+                .ok_or_else(|| format!("{v:?} is not an id (0 to 4294967294)"))
+        };
+        let (guest, host, count) = match n.as_slice() {
+            [g, h] => (num(g)?, num(h)?, 1),
+            [g, h, c] => (num(g)?, num(h)?, num(c)?),
+            _ => return Err("expected GUEST:HOST or GUEST:HOST:COUNT".into()),
+        };
+        if count == 0 {
+            return Err("COUNT must be at least 1".into());
+        }
+        let end = |first: u32| u64::from(first) + u64::from(count) <= u64::from(u32::MAX);
+        if !end(guest) || !end(host) {
+            return Err("the range runs past the largest id, 4294967294".into());
+        }
+        Ok(IdMap { guest, host, count })
+    }
+
+    /// Host id for guest id `id`.
+    pub fn to_host(map: Option<IdMap>, id: u32) -> u32 {
+        match map {
+            Some(m) if id.wrapping_sub(m.guest) < m.count => m.host + (id - m.guest),
+            _ => id,
+        }
+    }
+
+    /// Guest id for host id `id`.
+    pub fn to_guest(map: Option<IdMap>, id: u32) -> u32 {
+        match map {
+            Some(m) if id.wrapping_sub(m.host) < m.count => m.guest + (id - m.host),
+            _ => id,
+        }
+    }
+}
+
+impl std::fmt::Display for IdMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.guest, self.host, self.count)
+    }
 }
 
 /// How the server reaches a node.
@@ -495,9 +561,25 @@ impl PassthroughFs {
         let t = self.cfg.cache.attr_timeout();
         Entry {
             inode,
-            attr,
+            attr: self.guest_ids(attr),
             attr_timeout: t,
             entry_timeout: t,
+        }
+    }
+
+    /// `st` with its owner and group as the guest names them.
+    fn guest_ids(&self, mut st: libc::stat64) -> libc::stat64 {
+        st.st_uid = IdMap::to_guest(self.cfg.uid_map, st.st_uid);
+        st.st_gid = IdMap::to_guest(self.cfg.gid_map, st.st_gid);
+        st
+    }
+
+    /// The guest caller `ctx` with its ids as the host names them.
+    fn host_ctx(&self, ctx: Context) -> Context {
+        Context {
+            uid: IdMap::to_host(self.cfg.uid_map, ctx.uid),
+            gid: IdMap::to_host(self.cfg.gid_map, ctx.gid),
+            ..ctx
         }
     }
 
@@ -846,7 +928,7 @@ impl FileSystem for PassthroughFs {
             Some(h) => stat_fd(h.file.as_raw_fd())?,
             None => stat_fd(self.inode(inode)?.fd()?.as_raw_fd())?,
         };
-        Ok((st, self.cfg.cache.attr_timeout()))
+        Ok((self.guest_ids(st), self.cfg.cache.attr_timeout()))
     }
 
     fn setattr(
@@ -871,8 +953,12 @@ impl FileSystem for PassthroughFs {
             cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
         }
         if args.uid.is_some() || args.gid.is_some() {
-            let uid = args.uid.unwrap_or(u32::MAX);
-            let gid = args.gid.unwrap_or(u32::MAX);
+            let uid = args
+                .uid
+                .map_or(u32::MAX, |u| IdMap::to_host(self.cfg.uid_map, u));
+            let gid = args
+                .gid
+                .map_or(u32::MAX, |g| IdMap::to_host(self.cfg.gid_map, g));
             // SAFETY: the fd is valid and the empty path is NUL-terminated.
             cvt(unsafe {
                 libc::fchownat(
@@ -924,7 +1010,7 @@ impl FileSystem for PassthroughFs {
             // SAFETY: `p` is NUL-terminated and `times` holds two timespecs.
             cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
         }
-        Ok((stat_fd(fd)?, self.cfg.cache.attr_timeout()))
+        Ok((self.guest_ids(stat_fd(fd)?), self.cfg.cache.attr_timeout()))
     }
 
     fn readlink(&self, _ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -951,7 +1037,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, ctx);
+            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
             // SAFETY: both strings are NUL-terminated and the fd is valid.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
         }
@@ -976,7 +1062,7 @@ impl FileSystem for PassthroughFs {
         }
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, ctx);
+            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe {
                 libc::mknodat(p.fd()?.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
@@ -996,7 +1082,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, ctx);
+            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), mode) })?;
         }
@@ -1063,7 +1149,7 @@ impl FileSystem for PassthroughFs {
         let nf = node.fd()?;
         let src = proc_path(nf.as_raw_fd());
         {
-            let _c = CredGuard::new(self.switch_creds, ctx);
+            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
             // SAFETY: paths are NUL-terminated and the fd is valid. AT_SYMLINK_FOLLOW follows
             // the /proc magic link to the node itself (a symlink stays a symlink).
             cvt(unsafe {
@@ -1103,7 +1189,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         let fd = {
-            let _c = CredGuard::new(self.switch_creds, ctx);
+            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
             // SAFETY: the name is NUL-terminated and the fd is valid. O_NOFOLLOW: a symlink
             // at `name` is refused, never followed.
             cvt(unsafe {
@@ -1380,7 +1466,8 @@ impl FileSystem for PassthroughFs {
 
     fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
         let node = self.inode(inode)?;
-        let st = stat_fd(node.fd()?.as_raw_fd())?;
+        // Checked as the guest sees it: the caller's ids against the owner it is shown.
+        let st = self.guest_ids(stat_fd(node.fd()?.as_raw_fd())?);
         let mask = mask as i32;
         if mask == libc::F_OK {
             return Ok(());

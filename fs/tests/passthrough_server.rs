@@ -713,3 +713,121 @@ fn handle_nodes_open_under_landlock_after_the_host_evicts_them() {
     });
     assert_eq!(read, b"payload");
 }
+
+#[test]
+fn id_maps_rename_owners_both_ways() {
+    use ferry_fs::IdMap;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: giving files to other ids needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    // The share belongs to the host user the guest's root is, as it would.
+    std::os::unix::fs::chown(&share, Some(1234), Some(2345)).unwrap();
+    let fs = PassthroughFs::new(
+        &share,
+        Config {
+            uid_map: Some(IdMap::parse("0:1234").unwrap()),
+            gid_map: Some(IdMap::parse("0:2345:10").unwrap()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let f = Fixture {
+        dir,
+        server: Server::new(fs),
+    };
+    let host = |name: &str| {
+        let m = std::fs::symlink_metadata(f.share().join(name)).unwrap();
+        (m.uid(), m.gid())
+    };
+    let shown = |name: &str| {
+        let e = f.lookup(1, name).unwrap();
+        (e.attr.uid, e.attr.gid)
+    };
+    for (name, owner) in [("mine", (1234, 2347)), ("other", (5000, 5000))] {
+        std::fs::write(f.share().join(name), b"x").unwrap();
+        std::os::unix::fs::lchown(f.share().join(name), Some(owner.0), Some(owner.1)).unwrap();
+    }
+    // The host's 1234:2347 is the guest's 0:2; ids outside the ranges pass unchanged.
+    assert_eq!(shown("mine"), (0, 2));
+    assert_eq!(shown("other"), (5000, 5000));
+
+    // What the guest's root creates belongs to 1234:2345 on the host, and to 0:0 in the reply.
+    let c = abi::CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: 0o644,
+        ..Default::default()
+    };
+    let (e, body) = f.call(opcode::CREATE, 1, &[c.as_slice(), b"new\0"]);
+    assert_eq!(e, 0);
+    let mut entry = abi::EntryOut::default();
+    entry
+        .as_mut_slice()
+        .copy_from_slice(&body[..size_of::<abi::EntryOut>()]);
+    assert_eq!((entry.attr.uid, entry.attr.gid), (0, 0));
+    assert_eq!(host("new"), (1234, 2345));
+    let mk = abi::MkdirIn {
+        mode: 0o755,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"d\0"]).0, 0);
+    assert_eq!(host("d"), (1234, 2345));
+
+    // chown by the guest: to 0:9 is to 1234:2354 on the host; to 7:11, outside, is to 7:11.
+    let other = f.lookup(1, "other").unwrap().nodeid;
+    for ((uid, gid), on_host) in [((0, 9), (1234, 2354)), ((7, 11), (7, 11))] {
+        let s = abi::SetattrIn {
+            valid: abi::fattr::UID | abi::fattr::GID,
+            uid,
+            gid,
+            ..Default::default()
+        };
+        let (e, body) = f.call(opcode::SETATTR, other, &[s.as_slice()]);
+        assert_eq!(e, 0);
+        let mut out = abi::AttrOut::default();
+        out.as_mut_slice().copy_from_slice(&body);
+        assert_eq!((out.attr.uid, out.attr.gid), (uid, gid));
+        assert_eq!(host("other"), on_host);
+        let (e, body) = f.call(
+            opcode::GETATTR,
+            other,
+            &[abi::GetattrIn::default().as_slice()],
+        );
+        assert_eq!(e, 0);
+        out.as_mut_slice().copy_from_slice(&body);
+        assert_eq!((out.attr.uid, out.attr.gid), (uid, gid));
+    }
+}
+
+#[test]
+fn id_maps_refuse_what_they_cannot_mean() {
+    use ferry_fs::IdMap;
+    assert_eq!(
+        IdMap::parse("0:1000").unwrap(),
+        IdMap {
+            guest: 0,
+            host: 1000,
+            count: 1
+        }
+    );
+    for (s, why) in [
+        ("0", "expected GUEST:HOST"),
+        ("0:1:2:3", "expected GUEST:HOST"),
+        ("x:1", "not an id"),
+        ("0:1:0", "at least 1"),
+        ("0:4294967295", "not an id"),
+        ("4294967290:0:10", "past the largest id"),
+    ] {
+        let e = IdMap::parse(s).unwrap_err();
+        assert!(e.contains(why), "{s}: {e}");
+    }
+    assert_eq!(IdMap::to_host(IdMap::parse("10:20:5").ok(), 14), 24);
+    assert_eq!(IdMap::to_host(IdMap::parse("10:20:5").ok(), 15), 15);
+    assert_eq!(IdMap::to_guest(IdMap::parse("10:20:5").ok(), 20), 10);
+    assert_eq!(IdMap::to_guest(IdMap::parse("10:20:5").ok(), 9), 9);
+}

@@ -78,8 +78,14 @@ rm $R/keep 2>/tmp/err; check ro-unlink "$(grep -c 'Read-only' /tmp/err)" 1
 check ro-read "$(cat $R/keep)" kept
 
 # A share with the writeback cache and xattrs off: ferry answers ENOSYS once and the guest's
-# kernel stops asking.
+# kernel stops asking. It maps ids too (uidmap=0:1234,gidmap=0:2345:10): the host's 1234 is
+# the guest's root.
 W=/mnt/wb
+check idmap-shown "$(stat -c %u:%g $W/owned)" 0:1
+check idmap-unmapped "$(stat -c %u:%g $W/nobody)" 65534:65534
+mkdir $W/madedir && check idmap-create "$(stat -c %u:%g $W/madedir)" 0:0
+chown 7:3 $W/owned && check idmap-chown "$(stat -c %u:%g $W/owned)" 7:3
+check idmap-root-writes "$(printf ok > $W/nobody 2>&1; cat $W/nobody)" ok
 dd if=/dev/urandom of=$W/f bs=65536 count=64 2>/dev/null && sha256sum $W/f | cut -d' ' -f1 > $W/f.sha256
 printf abc > $W/w && printf def >> $W/w && check wb-append "$(cat $W/w)" abcdef
 exec 4>$W/wo; printf xyz >&4; exec 4>&-; check wb-write-only "$(cat $W/wo)" xyz
@@ -128,6 +134,12 @@ fn guest_file_operations_through_ferry() {
 
     let wb = dir.path().join("wb");
     std::fs::create_dir(&wb).unwrap();
+    // The share belongs to the host user the guest's root is mapped to, as it would.
+    std::os::unix::fs::chown(&wb, Some(1234), Some(2345)).unwrap();
+    for (name, uid, gid) in [("owned", 1234, 2346), ("nobody", 65534, 65534)] {
+        std::fs::write(wb.join(name), b"").unwrap();
+        std::os::unix::fs::chown(wb.join(name), Some(uid), Some(gid)).unwrap();
+    }
     let wb_sock = dir.path().join("wb.sock");
     let rw_sock = dir.path().join("rw.sock");
     let ro_sock = dir.path().join("ro.sock");
@@ -144,7 +156,7 @@ fn guest_file_operations_through_ferry() {
             ),
             "--share".into(),
             format!(
-                "tag=wb,dir={},socket={},writeback,noxattr",
+                "tag=wb,dir={},socket={},writeback,noxattr,uidmap=0:1234,gidmap=0:2345:10",
                 wb.display(),
                 wb_sock.display()
             ),
@@ -194,7 +206,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 48,
+        failed.is_empty() && out.checks.len() >= 53,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -207,6 +219,19 @@ fn guest_file_operations_through_ferry() {
     let want = std::fs::read_to_string(wb.join("f.sha256")).unwrap();
     assert_eq!(sha256_hex(&wb.join("f")), want.trim(), "writeback share");
     assert_eq!(std::fs::read(wb.join("w")).unwrap(), b"abcdef");
+    // The guest's root made its files as the host's 1234:2345; its chown to 7:3 is 7:2348.
+    let owner = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(
+        owner(&wb.join("w")),
+        (1234, 2345),
+        "idmap: a file the guest made"
+    );
+    assert_eq!(owner(&wb.join("madedir")), (1234, 2345), "idmap: a folder");
+    assert_eq!(owner(&wb.join("owned")), (7, 2348), "idmap: chown");
     assert!(!ro.join("new").exists());
     assert_eq!(
         std::fs::read(dir.path().join("host-secret")).unwrap(),

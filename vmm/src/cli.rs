@@ -147,10 +147,12 @@ pub struct ServeArgs {
     /// Serve DIR as a virtio-fs device with this tag on this UNIX socket (repeatable).
     /// Options: readonly (every write fails with EROFS), cache=never|metadata|auto|always
     /// (default auto), writeback (the guest caches writes), noxattr (extended attributes
-    /// off, as virtiofsd without --xattr).
+    /// off, as virtiofsd without --xattr), uidmap=GUEST:HOST[:COUNT] and gidmap= (ids the
+    /// guest names differently: uidmap=0:1000 shows the host's 1000 as the guest's root, and
+    /// files the guest's root makes or chowns to 0 belong to 1000).
     #[arg(
         long,
-        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]"
+        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
     )]
     pub share: Vec<String>,
 

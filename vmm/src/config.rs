@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ferry_fs::CachePolicy;
+use ferry_fs::{CachePolicy, IdMap};
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
@@ -66,6 +66,10 @@ pub struct ShareConfig {
     pub writeback: bool,
     /// Answer the xattr requests with ENOSYS (virtiofsd's default).
     pub noxattr: bool,
+    /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`).
+    pub uidmap: Option<IdMap>,
+    /// Group ids the same way (`gidmap=`).
+    pub gidmap: Option<IdMap>,
 }
 
 /// What `ferry serve` serves.
@@ -137,6 +141,8 @@ struct FileShare {
     #[serde(default)]
     noxattr: bool,
     cache: Option<String>,
+    uidmap: Option<String>,
+    gidmap: Option<String>,
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -199,23 +205,37 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]`.
+/// Parses `uidmap=`/`gidmap=`'s value `GUEST:HOST[:COUNT]` for the option `opt`.
+fn parse_id_map(opt: &str, key: &str, v: &str) -> Result<IdMap> {
+    IdMap::parse(v).map_err(|why| {
+        usage(format!(
+            "{opt}: {key}={v}: {why}; for example {key}=0:1000 shows host id 1000 to the guest as 0, and the guest's 0 creates files as 1000"
+        ))
+    })
+}
+
+/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
+/// [,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
 fn parse_share(spec: &str) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr) = (false, false, false);
+    let (mut uidmap, mut gidmap) = (None, None);
+    let opt = format!("--share {spec}");
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tag", v)) => tag = Some(v.to_string()),
             Some(("dir", v)) => dir = Some(PathBuf::from(v)),
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
+            Some(("uidmap", v)) => uidmap = Some(parse_id_map(&opt, "uidmap", v)?),
+            Some(("gidmap", v)) => gidmap = Some(parse_id_map(&opt, "gidmap", v)?),
             None if part == "readonly" => readonly = true,
             None if part == "writeback" => writeback = true,
             None if part == "noxattr" => noxattr = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, readonly, writeback and noxattr"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, uidmap=, gidmap=, readonly, writeback and noxattr"
                 )))
             }
         }
@@ -233,6 +253,8 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
         cache,
         writeback,
         noxattr,
+        uidmap,
+        gidmap,
     })
 }
 
@@ -299,7 +321,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     .map_err(|e| usage(format!("--share tag={}: {e}", s.tag)))?,
                 None => CachePolicy::default(),
             };
+            let opt = format!("--share tag={}", s.tag);
+            let map = |key: &str, v: &Option<String>| {
+                v.as_deref().map(|v| parse_id_map(&opt, key, v)).transpose()
+            };
             shares.push(ShareConfig {
+                uidmap: map("uidmap", &s.uidmap)?,
+                gidmap: map("gidmap", &s.gidmap)?,
                 tag: s.tag,
                 dir: s.dir,
                 socket: s.socket,
@@ -604,6 +632,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown part 'color=red'"));
+        let s = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=0:1000,gidmap=0:100:5").unwrap();
+        assert_eq!(s.uidmap.map(|m| m.to_string()).as_deref(), Some("0:1000:1"));
+        assert_eq!(s.gidmap.map(|m| m.to_string()).as_deref(), Some("0:100:5"));
+        let e = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=1000")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "uidmap=1000: expected GUEST:HOST or GUEST:HOST:COUNT; for example uidmap=0:1000"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -125,6 +125,8 @@ impl Devices {
                     node_fds: None,
                     writeback: share.writeback,
                     no_xattr: share.noxattr,
+                    uid_map: share.uidmap,
+                    gid_map: share.gidmap,
                 },
             )
             .map_err(|e| {

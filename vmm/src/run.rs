@@ -39,6 +39,8 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             cache: Default::default(),
             writeback: false,
             noxattr: false,
+            uidmap: None,
+            gidmap: None,
         })
         .collect();
     let serve = ServeConfig {
