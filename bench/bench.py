@@ -40,11 +40,13 @@ KERNEL = os.path.join(ROOT, "guest-image", "out", "vmlinuz")
 INITRD = os.path.join(ROOT, "guest-image", "out", "initramfs.cpio.gz")
 NS = "ferry-bench-%d" % os.getpid()
 MEM = 512
-# For experiments (the tables always use the defaults): the guest's vCPUs, and where its
-# virtio interrupts and the benchmark's programs run: "split" (interrupts on vCPU 0, programs
-# on vCPU 1), "same" (both on vCPU 1), "none" (where the guest puts them).
+# The guest's vCPUs, and where its virtio interrupts and the benchmark's programs run (see
+# Bench.GUEST_PINS): "split" (interrupts on vCPU 0, programs on vCPU 1) for the net steps,
+# "same" (both on vCPU 1) for the fs steps. FERRY_BENCH_SMP and FERRY_BENCH_PIN (split, same
+# or none: where the guest puts them) override them for experiments; the tables use these.
 SMP = int(os.environ.get("FERRY_BENCH_SMP", "2"))
-PIN = os.environ.get("FERRY_BENCH_PIN", "split" if SMP > 1 else "none")
+NET_PIN = os.environ.get("FERRY_BENCH_PIN", "split" if SMP > 1 else "none")
+FS_PIN = os.environ.get("FERRY_BENCH_PIN", "same" if SMP > 1 else "none")
 GUEST_MAC = "02:46:52:59:00:02"
 # The host side of the benchmark, in the namespace: iperf3 and the rr/crr echo server.
 IPERF_PORT, ECHO_PORT = 5201, 7007
@@ -272,14 +274,20 @@ class Bench:
     # that differed between backends (Ferry's INTx line lands on vCPU 0, the MSI-X RX vector
     # of QEMU's own virtio-net on vCPU 1), and it made Ferry's h2g rows bimodal. Every
     # backend gets the same placement: the NIC's interrupts on vCPU 0, the programs on vCPU 1
-    # (the script's shell is pinned, and what it starts inherits that). The fs steps get the same.
-    GUEST_PIN = {"split": r"""
+    # (the script's shell is pinned, and what it starts inherits that).
+    #
+    # The fs steps are the other way round: each request waits for its reply, and with the
+    # interrupt on the other vCPU every reply costs a cross-vCPU wake-up, which under TCG made
+    # the metadata steps a third slower for both backends (docs/performance.md). Their
+    # interrupts and programs share vCPU 1.
+    GUEST_PINS = {"split": r"""
 for i in $(grep virtio /proc/interrupts | cut -d: -f1); do echo 1 > /proc/irq/$i/smp_affinity; done
 taskset -p -c 1 $$ > /dev/null
 """, "same": r"""
 for i in $(grep virtio /proc/interrupts | cut -d: -f1); do echo 2 > /proc/irq/$i/smp_affinity; done
 taskset -p -c 1 $$ > /dev/null
-""", "none": ""}[PIN]
+""", "none": ""}
+    GUEST_PIN = GUEST_PINS[NET_PIN]
 
     NET_GUEST = "echo BENCH-BOOTED\n" + GUEST_PIN + r"""
 cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; chmod +x /tmp/probe
@@ -447,7 +455,7 @@ wait
 
     # ---------- fs ----------
 
-    FS_GUEST = "echo BENCH-BOOTED\n" + GUEST_PIN + r"""
+    FS_GUEST = "echo BENCH-BOOTED\n" + GUEST_PINS[FS_PIN] + r"""
 cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; chmod +x /tmp/probe
 D=/mnt/bench; S=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.mib=' | cut -d= -f2)
 T=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.secs=' | cut -d= -f2)
@@ -665,11 +673,13 @@ rm -rf $D/tree
         L.append("# Ferry benchmark, %s%s\n" % (started.strftime("%Y-%m-%d %H:%M UTC"),
                                                 " (quick mode: small sizes, smoke check only)" if self.quick else ""))
         L.append("`make bench%s` on %s; %d interleaved rounds per backend (the order rotates each round), medians. "
-                 "Guest: the tiny guest (2 vCPUs, %d MiB) under QEMU %s with accel=%s. "
+                 "Guest: the tiny guest (%d vCPUs, %d MiB) under QEMU %s with accel=%s; virtio "
+                 "interrupts and programs placed %s for net, %s for fs (bench.py, GUEST_PINS). "
                  "Ratios are Ferry/anchor with higher = Ferry better (for times and latency the "
                  "inverse is taken). Benchmarks are not tests: nothing here is asserted.\n"
-                 % (" QUICK=1" if self.quick else "", os.uname().nodename, self.rounds, MEM,
-                    qemu_v.split("version")[-1].strip(), os.environ.get("FERRY_ACCEL", "tcg")))
+                 % (" QUICK=1" if self.quick else "", os.uname().nodename, self.rounds, SMP, MEM,
+                    qemu_v.split("version")[-1].strip(), os.environ.get("FERRY_ACCEL", "tcg"),
+                    NET_PIN, FS_PIN))
         L.append("Anchors: QEMU user net (libslirp, built into QEMU), passt %s (`-netdev stream`), "
                  "%s (`--cache auto --xattr --killpriv-v2 --sandbox none`: the cache policy and "
                  "features of Ferry's default share, `cache=auto` with xattrs).\n" % (passt_v, vfsd_v))
