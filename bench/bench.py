@@ -833,6 +833,9 @@ def main():
         if not shutil.which(tool):
             sys.exit("bench: %s is missing; run scripts/install-deps.sh --bench (make bench does)" % tool)
     b = Bench(args)
+    # A SIGTERM ends the run through the `finally` below, which removes the namespace and
+    # stops what the run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.datetime.now(datetime.timezone.utc)
     net_kinds = [] if args.only == "fs" else ["ferry", "slirp", "passt"]
     fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native"]
