@@ -75,6 +75,16 @@ impl Fixture {
         (-out.error, reply[16..].to_vec())
     }
 
+    /// CREATE of `name` in the root with `flags` and mode 0644; returns (errno, reply body).
+    fn create(&self, name: &str, flags: i32) -> (i32, Vec<u8>) {
+        let c = abi::CreateIn {
+            flags: flags as u32,
+            mode: 0o644,
+            ..Default::default()
+        };
+        self.call(opcode::CREATE, 1, &[c.as_slice(), name.as_bytes(), b"\0"])
+    }
+
     fn lookup(&self, parent: u64, name: &str) -> Result<abi::EntryOut, i32> {
         let (e, body) = self.call(opcode::LOOKUP, parent, &[name.as_bytes(), b"\0"]);
         if e != 0 {
@@ -170,12 +180,7 @@ fn symlinks_are_never_followed_by_the_server() {
     let d = f.lookup(abi::ROOT_ID, "escapedir").unwrap();
     assert_eq!(f.lookup(d.nodeid, "outside").err(), Some(libc::ENOTDIR));
     // CREATE over a symlink does not write through it.
-    let arg = abi::CreateIn {
-        flags: libc::O_WRONLY as u32,
-        mode: 0o644,
-        ..Default::default()
-    };
-    let (err, _) = f.call(opcode::CREATE, 1, &[arg.as_slice(), b"escape\0"]);
+    let (err, _) = f.create("escape", libc::O_WRONLY);
     assert_eq!(err, libc::ELOOP);
     assert_eq!(
         std::fs::read(f.dir.path().join("outside")).unwrap(),
@@ -260,12 +265,7 @@ fn rename_noreplace_and_exchange() {
 #[test]
 fn write_then_read_round_trips() {
     let f = fixture(false);
-    let c = abi::CreateIn {
-        flags: libc::O_RDWR as u32,
-        mode: 0o644,
-        ..Default::default()
-    };
-    let (e, body) = f.call(opcode::CREATE, 1, &[c.as_slice(), b"data\0"]);
+    let (e, body) = f.create("data", libc::O_RDWR);
     assert_eq!(e, 0);
     let mut open = abi::OpenOut::default();
     open.as_mut_slice().copy_from_slice(&body[128..]);
@@ -758,12 +758,7 @@ fn id_maps_rename_owners_both_ways() {
     assert_eq!(shown("other"), (5000, 5000));
 
     // What the guest's root creates belongs to 1234:2345 on the host, and to 0:0 in the reply.
-    let c = abi::CreateIn {
-        flags: libc::O_RDWR as u32,
-        mode: 0o644,
-        ..Default::default()
-    };
-    let (e, body) = f.call(opcode::CREATE, 1, &[c.as_slice(), b"new\0"]);
+    let (e, body) = f.create("new", libc::O_RDWR);
     assert_eq!(e, 0);
     let mut entry = abi::EntryOut::default();
     entry

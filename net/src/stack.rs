@@ -643,13 +643,10 @@ impl NetStack {
             return;
         }
         let handle = self.sockets.add(socket);
-        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll) {
+        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll, counters) {
             log::warn!("ports: cannot watch a connection from {client}: {e}");
             self.sockets.remove(handle);
             return;
-        }
-        if let Some(f) = self.tcp.flows.get_mut(&key) {
-            f.counters = counters;
         }
         self.stats.published_connections += 1;
     }
@@ -670,27 +667,33 @@ impl NetStack {
             guest_port,
             dst: SocketAddrV4::new(seen, client.port()),
         };
-        let counters = match self.udp_pub.get(&key) {
-            Some(m) if m.client == client => m.counters.clone(),
-            _ => match self.decide_in(Proto::Udp, client, host_port, data.len()) {
+        let now = StdInstant::now();
+        if let Some(m) = self.udp_pub.get_mut(&key).filter(|m| m.client == client) {
+            m.socket = socket;
+            m.last = now;
+            if let Some(c) = &m.counters {
+                c.add_bytes(data.len());
+            }
+        } else {
+            let counters = match self.decide_in(Proto::Udp, client, host_port, data.len()) {
                 Ok(c) => c,
                 // Refused, whether dropped or rejected: an unprivileged socket cannot send
                 // the ICMP error, so the datagram is discarded (and counted).
                 Err(_) => return,
-            },
-        };
-        if let Some(c) = &counters {
-            c.add_bytes(data.len());
+            };
+            if let Some(c) = &counters {
+                c.add_bytes(data.len());
+            }
+            self.udp_pub.insert(
+                key,
+                UdpMapping {
+                    socket,
+                    client,
+                    last: now,
+                    counters,
+                },
+            );
         }
-        self.udp_pub.insert(
-            key,
-            UdpMapping {
-                socket,
-                client,
-                last: StdInstant::now(),
-                counters,
-            },
-        );
         self.udp_to_guest(seen, client.port(), guest_port, data);
     }
 

@@ -155,13 +155,15 @@ impl TcpNat {
     }
 
     /// Takes an accepted host connection whose guest side (`handle`) is connecting: a
-    /// published port's client. It is watched once the guest accepts.
+    /// published port's client, whose traffic adds to `counters` (the inbound rule that let
+    /// it in). It is watched once the guest accepts.
     pub fn adopt(
         &mut self,
         key: TcpKey,
         host: TcpStream,
         handle: SocketHandle,
         epoll: &Epoll,
+        counters: Option<std::sync::Arc<crate::rules::Counters>>,
     ) -> io::Result<()> {
         let token = self.next_token;
         self.next_token += 1;
@@ -186,7 +188,7 @@ impl TcpNat {
                 readable: true,
                 watched: true,
                 inbound: true,
-                counters: None,
+                counters,
             },
         );
         Ok(())
