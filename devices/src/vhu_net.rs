@@ -38,7 +38,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain, Drained};
+use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// Index of the receive queue.
@@ -91,29 +91,137 @@ pub struct VhostUserNetBackend {
     /// marked DATA_VALID, and neither side spends time on them.
     guest_csum: AtomicBool,
     stats: NetDeviceStats,
-    /// TX coalescing state (see [`TX_COALESCE`]).
+    /// TX coalescing state (see [`TX_STREAMING`]).
     tx_poll: Mutex<TxPoll>,
 }
 
 /// TX coalescing, the idea of QEMU's virtio-net `tx=timer` (150 µs there), made adaptive. A
-/// guest that kicks again less than this after its previous kick is streaming: its kicks are
-/// left off, and the TX queue is polled this long after each drain that found frames. Kicks
-/// come back on when a poll finds the queue empty, and as soon as frames go to the guest (it
-/// may be waiting to answer them), so request/response traffic never waits for a poll.
+/// guest that kicks again less than [`TX_STREAMING`] after its previous kick is streaming, or
+/// less than [`TX_BULK_STREAMING`] after it when its previous frames were a bulk sender's
+/// ([`TX_BULK`] bytes): its kicks are left off, and the TX queue is polled a while after each
+/// drain that found frames. Kicks come back on when a poll finds the queue empty, and as soon
+/// as frames go to the guest that it may be waiting to answer, so request/response traffic
+/// never waits for a poll. After a bulk drain a bare TCP ACK is not such a frame: the guest
+/// that gets it is sending, and its next segments can wait for the poll. After small frames
+/// (connections opening and closing, requests) any frame is, since what the guest sends next
+/// may be a new connection's SYN.
 ///
-/// Under TCG a kick costs the guest an exit and the backend a wake-up per frame. For a stream
-/// of 1400-byte UDP datagrams this doubles what the guest sends and halves Ferry's CPU per
-/// byte; 64 KiB TCP segments, ACKed as they come, see no change. Longer windows overflow the
-/// receiver's socket buffer with bursts.
-const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(200);
+/// Under TCG a kick costs the guest an exit and the backend a wake-up per frame, and each
+/// wake-up costs more than the frame's bytes. How long a poll waits adapts, as NICs' adaptive
+/// interrupt moderation does, to what the polls find: see [`TxPoll::adapt`].
+const TX_STREAMING: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// How close a bulk sender's kicks must be for it to be streaming. Under TCG a guest served
+/// a kick, an ACK interrupt and a TX interrupt per 64 KiB segment spends so much on them that
+/// its segments come 400–500 µs apart, and it stays there at half its speed (the backend never
+/// sees it streaming at 200 µs); polled, it sends one every 180 µs.
+const TX_BULK_STREAMING: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A drain that took this many bytes was a bulk sender's: four 4 KiB pages, more than
+/// requests and handshakes, less than a few full segments at a 1500-byte MTU.
+const TX_BULK: usize = 16 * 1024;
+
+/// The shortest wait between polls, where every streaming guest starts.
+const TX_POLL_MIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The longest wait between polls. Longer holds a TCP sender's sent frames (and so its TCP
+/// small-queue budget) too long.
+const TX_POLL_MAX: std::time::Duration = std::time::Duration::from_micros(1000);
+
+/// How much a poll that found a few frames lengthens the wait.
+const TX_POLL_STEP: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Where TX coalescing stands.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TxPoll {
     /// When the TX queue is to be polled (None: the guest's kicks are on).
     at: Option<std::time::Instant>,
     /// When the guest last kicked.
     last_kick: Option<std::time::Instant>,
+    /// How long after a drain the next poll comes.
+    wait: std::time::Duration,
+    /// The last drain that found frames took at least [`TX_BULK`] bytes.
+    bulk: bool,
+}
+
+impl Default for TxPoll {
+    fn default() -> Self {
+        TxPoll {
+            at: None,
+            last_kick: None,
+            wait: TX_POLL_MIN,
+            bulk: false,
+        }
+    }
+}
+
+impl TxPoll {
+    /// Adapts the wait to the `found` frames a poll took:
+    /// - none or one: the guest is waiting on something the poll gives it (the completions
+    ///   of what it sent, which its TCP small-queue budget waits for), so the wait halves;
+    /// - a few (2 to 7): batching works and costs nobody, so it grows by a step, up to
+    ///   [`TX_POLL_MAX`];
+    /// - many: a small-frame stream (UDP) that a longer wait would turn into bursts the
+    ///   receiver's socket buffer cannot hold, so it stays.
+    fn adapt(&mut self, found: usize) {
+        self.wait = match found {
+            0 | 1 => (self.wait / 2).max(TX_POLL_MIN),
+            2..=7 => (self.wait + TX_POLL_STEP).min(TX_POLL_MAX),
+            _ => self.wait,
+        };
+    }
+}
+
+/// What [`VhostUserNetBackend::deliver`] gave the guest.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delivered {
+    /// Some frame went to the guest.
+    any: bool,
+    /// Some frame was more than a bare TCP ACK: the guest may answer it.
+    answers: bool,
+}
+
+/// What [`VhostUserNetBackend::drain_tx`] took.
+#[derive(Debug, Default, Clone, Copy)]
+struct TxDrained {
+    /// Chains taken.
+    used: usize,
+    /// The guest wants the TX interrupt for them.
+    signal: bool,
+    /// Frame bytes handed to the stack.
+    bytes: usize,
+}
+
+/// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
+/// a receiver sends a sender, which the sender need not answer.
+fn bare_tcp_ack(frame: &[u8]) -> bool {
+    let (ip, proto, header, payload) = match frame.get(12..14) {
+        Some([0x08, 0x00]) => {
+            let Some(ip) = frame.get(14..34) else {
+                return false;
+            };
+            let header = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            (14, ip[9], header, total.saturating_sub(header))
+        }
+        Some([0x86, 0xdd]) => {
+            let Some(ip) = frame.get(14..54) else {
+                return false;
+            };
+            // Stack-made frames carry no extension headers.
+            (
+                14,
+                ip[6],
+                40,
+                usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            )
+        }
+        _ => return false,
+    };
+    let Some(tcp) = frame.get(ip + header..ip + header + 20) else {
+        return false;
+    };
+    proto == 6 && tcp[13] & 0x07 == 0 && payload == usize::from(tcp[12] >> 4) * 4
 }
 
 /// What a net device serves besides the link, shared with the control API.
@@ -262,7 +370,13 @@ impl VhostUserNetBackend {
         tx_signal: &mut bool,
     ) -> io::Result<()> {
         let rx = &vrings[RX_QUEUE as usize];
-        if self.deliver(stack, rx, mem)? > 0 && self.tx_poll().at.take().is_some() {
+        let delivered = self.deliver(stack, rx, mem)?;
+        let answers = if self.tx_poll().bulk {
+            delivered.answers
+        } else {
+            delivered.any
+        };
+        if answers && self.tx_poll().at.take().is_some() {
             // The guest has frames to answer: its kicks come back on (and what it queued
             // meanwhile is taken now).
             *tx_signal |= self.drain_tx(stack, mem, vrings, true)?.signal;
@@ -405,8 +519,10 @@ impl VhostUserNetBackend {
         let streaming = {
             let mut p = self.tx_poll();
             let hot = !kicked
-                || p.last_kick
-                    .is_some_and(|l| now.saturating_duration_since(l) < TX_COALESCE);
+                || p.last_kick.is_some_and(|l| {
+                    let since = now.saturating_duration_since(l);
+                    since < TX_STREAMING || (p.bulk && since < TX_BULK_STREAMING)
+                });
             if kicked {
                 p.last_kick = Some(now);
             }
@@ -414,7 +530,15 @@ impl VhostUserNetBackend {
         };
         self.with_stack(vrings, |stack, mem| {
             let drained = self.drain_tx(stack, mem, vrings, !streaming)?;
-            self.tx_poll().at = (streaming && drained.used > 0).then(|| now + TX_COALESCE);
+            let mut p = self.tx_poll();
+            if drained.used > 0 {
+                p.bulk = drained.bytes >= TX_BULK;
+            }
+            if !kicked {
+                p.adapt(drained.used);
+            }
+            p.at = (streaming && drained.used > 0).then(|| now + p.wait);
+            drop(p);
             stack.poll();
             Ok(drained.signal)
         })
@@ -429,9 +553,10 @@ impl VhostUserNetBackend {
         mem: &GuestMemoryAtomic,
         vrings: &[Vring],
         notify_after: bool,
-    ) -> io::Result<Drained> {
+    ) -> io::Result<TxDrained> {
         let max = self.max_frame();
-        drain_queue_unsignalled(
+        let mut bytes = 0usize;
+        let d = drain_queue_unsignalled(
             &vrings[TX_QUEUE as usize],
             mem,
             self.event_idx.load(Ordering::Relaxed),
@@ -459,9 +584,15 @@ impl VhostUserNetBackend {
                 self.stats
                     .tx_bytes
                     .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
+                bytes += len - NET_HDR_LEN;
                 Some(0)
             },
-        )
+        )?;
+        Ok(TxDrained {
+            used: d.used,
+            signal: d.signal,
+            bytes,
+        })
     }
 
     /// The largest Ethernet frame the MTU allows.
@@ -471,19 +602,20 @@ impl VhostUserNetBackend {
 
     /// Writes the stack's frames into the guest's RX buffers. With MRG_RXBUF a frame may span
     /// several buffers; the first one's header says how many. When the guest has not posted
-    /// enough buffers, the frame waits for the next RX kick. Returns how many buffers it used.
+    /// enough buffers, the frame waits for the next RX kick.
     fn deliver(
         &self,
         stack: &mut NetStack,
         vring: &Vring,
         mem: &GuestMemoryAtomic,
-    ) -> io::Result<usize> {
+    ) -> io::Result<Delivered> {
         let mem = mem.memory();
         let mut state = vring.get_mut();
         if !state.is_enabled() {
             // Frames wait until the frontend enables the ring (its kick delivers them).
-            return Ok(0);
+            return Ok(Delivered::default());
         }
+        let mut answers = false;
         let queue = state.get_queue_mut();
         let mut used = 0usize;
         let mut retries = 0;
@@ -546,6 +678,7 @@ impl VhostUserNetBackend {
                 warn!("net: cannot return RX descriptors: {e}");
             }
             used += elems.len();
+            answers |= !bare_tcp_ack(&frame);
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .rx_bytes
@@ -555,7 +688,10 @@ impl VhostUserNetBackend {
         if used > 0 && wants_interrupt(queue, &*mem, first_used) {
             state.signal_used_queue()?;
         }
-        Ok(used)
+        Ok(Delivered {
+            any: used > 0,
+            answers,
+        })
     }
 
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
@@ -688,6 +824,83 @@ mod tests {
             assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
         }
     }
+
+    /// An Ethernet frame with a TCP segment: `flags` (FIN 1, SYN 2, RST 4, ACK 16),
+    /// `options` bytes of TCP options and `payload` bytes of data, over IPv4 or IPv6.
+    fn segment(v6: bool, flags: u8, options: usize, payload: usize) -> Vec<u8> {
+        let tcp = 20 + options;
+        let ip = if v6 { 40 } else { 20 };
+        let mut f = vec![0u8; 14 + ip + tcp + payload];
+        if v6 {
+            f[12..14].copy_from_slice(&[0x86, 0xdd]);
+            f[14] = 0x60;
+            f[18..20].copy_from_slice(&((tcp + payload) as u16).to_be_bytes());
+            f[20] = 6;
+        } else {
+            f[12..14].copy_from_slice(&[0x08, 0x00]);
+            f[14] = 0x45;
+            f[16..18].copy_from_slice(&((ip + tcp + payload) as u16).to_be_bytes());
+            f[23] = 6;
+        }
+        f[14 + ip + 12] = ((tcp / 4) as u8) << 4;
+        f[14 + ip + 13] = flags;
+        f
+    }
+
+    #[test]
+    fn only_a_bare_tcp_ack_lets_a_sender_wait_for_its_poll() {
+        for v6 in [false, true] {
+            assert!(bare_tcp_ack(&segment(v6, 0x10, 0, 0)), "v6 {v6}");
+            assert!(
+                bare_tcp_ack(&segment(v6, 0x10, 12, 0)),
+                "timestamps, v6 {v6}"
+            );
+            // Data, or a SYN, FIN or RST, is something the guest may answer.
+            assert!(!bare_tcp_ack(&segment(v6, 0x18, 12, 1)));
+            for flags in [0x12, 0x11, 0x14, 0x04] {
+                assert!(!bare_tcp_ack(&segment(v6, flags, 0, 0)), "flags {flags:#x}");
+            }
+        }
+        // Not TCP: UDP, ARP.
+        let mut udp = segment(false, 0x10, 0, 0);
+        udp[23] = 17;
+        assert!(!bare_tcp_ack(&udp));
+        let mut arp = segment(false, 0x10, 0, 0);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(!bare_tcp_ack(&arp));
+        // Short frames and a header length past the end are not ACKs, and do not panic.
+        let ack = segment(true, 0x10, 0, 0);
+        for len in 0..ack.len() {
+            assert!(!bare_tcp_ack(&ack[..len]), "{len} bytes");
+        }
+        let mut long_header = segment(false, 0x10, 0, 0);
+        long_header[14] = 0x4f;
+        assert!(!bare_tcp_ack(&long_header));
+    }
+
+    #[test]
+    fn the_wait_between_polls_follows_what_the_polls_find() {
+        let mut p = TxPoll::default();
+        assert_eq!(p.wait, TX_POLL_MIN);
+        // A TCP sender's 64 KiB segments, a few per poll: the wait grows to its longest.
+        for _ in 0..20 {
+            p.adapt(3);
+        }
+        assert_eq!(p.wait, TX_POLL_MAX);
+        // Many frames per poll (a stream of small datagrams): it stays where it is.
+        p.adapt(40);
+        assert_eq!(p.wait, TX_POLL_MAX);
+        // One frame or none: the guest waits on the poll, so the wait halves, down to the
+        // shortest.
+        p.adapt(1);
+        assert_eq!(p.wait, TX_POLL_MAX / 2);
+        for _ in 0..10 {
+            p.adapt(0);
+        }
+        assert_eq!(p.wait, TX_POLL_MIN);
+        p.adapt(40);
+        assert_eq!(p.wait, TX_POLL_MIN);
+    }
 }
 
 #[cfg(test)]
@@ -802,9 +1015,46 @@ mod coalesce_tests {
         }
     }
 
+    /// Queues one 20000-byte frame (all zero too), a bulk sender's, as descriptor `i`.
+    fn queue_big_frame(q: &MockSplitQueue<'_, Mem>, i: u16) {
+        let len = (NET_HDR_LEN + 20_000) as u32;
+        let d = SplitDescriptor::new(0x10_0000 + u64::from(i) * 0x8000, len, 0, 0);
+        q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+    }
+
     /// Whether the device has told the guest not to kick (VRING_USED_F_NO_NOTIFY).
     fn kicks_off(m: &Mem, q: &MockSplitQueue<'_, Mem>) -> bool {
         m.read_obj::<u16>(q.used_addr()).unwrap() & 1 != 0
+    }
+
+    #[test]
+    fn a_bulk_sender_streams_at_kicks_further_apart() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        let t = std::time::Instant::now();
+        let at = |us| t + std::time::Duration::from_micros(us);
+
+        // Small frames 500 µs apart are served on their kicks.
+        queue_frame(&tx_q, 0);
+        b.process_tx_at(&vrings, true, at(0)).unwrap();
+        queue_frame(&tx_q, 1);
+        b.process_tx_at(&vrings, true, at(500)).unwrap();
+        assert!(!kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_none());
+
+        // Big ones as far apart are a bulk sender streaming: kicks off, polls on.
+        queue_big_frame(&tx_q, 2);
+        b.process_tx_at(&vrings, true, at(1000)).unwrap();
+        assert!(
+            !kicks_off(&m, &tx_q),
+            "the first big frame follows a small one"
+        );
+        queue_big_frame(&tx_q, 3);
+        b.process_tx_at(&vrings, true, at(1500)).unwrap();
+        assert!(kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_some());
+        assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 4);
     }
 
     #[test]
@@ -826,18 +1076,18 @@ mod coalesce_tests {
         b.process_tx_at(&vrings, true, t).unwrap();
         assert!(kicks_off(&m, &tx_q));
         let at = b.tx_poll().at.expect("a poll is due");
-        assert!(at <= std::time::Instant::now() + TX_COALESCE);
+        assert!(at <= std::time::Instant::now() + TX_POLL_MIN);
 
         // The poll finds a frame the guest queued without kicking, and polls again.
         queue_frame(&tx_q, 2);
-        std::thread::sleep(TX_COALESCE);
+        std::thread::sleep(TX_POLL_MAX);
         b.process_timer(&vrings).unwrap();
         assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 3);
         assert!(kicks_off(&m, &tx_q));
         assert!(b.tx_poll().at.is_some());
 
         // The next poll finds nothing: kicks come back on and polling stops.
-        std::thread::sleep(TX_COALESCE);
+        std::thread::sleep(TX_POLL_MAX);
         b.process_timer(&vrings).unwrap();
         assert!(!kicks_off(&m, &tx_q));
         assert!(b.tx_poll().at.is_none());
@@ -856,7 +1106,7 @@ mod coalesce_tests {
         // The guest asks who the gateway is, without kicking; the poll takes the request and
         // the answer goes to the guest, which may be waiting on it: kicks come back on.
         queue_arp_request(&m, &tx_q, &cfg, 2);
-        std::thread::sleep(TX_COALESCE);
+        std::thread::sleep(TX_POLL_MAX);
         b.process_timer(&vrings).unwrap();
         assert_eq!(
             b.stats().rx_frames.load(Ordering::Relaxed),
@@ -934,7 +1184,7 @@ mod coalesce_tests {
         assert!(b.tx_poll().at.is_some(), "streaming");
         vrings[1].set_enabled(false);
         queue_frame(&tx_q, 3);
-        std::thread::sleep(TX_COALESCE);
+        std::thread::sleep(TX_POLL_MAX);
         b.process_timer(&vrings).unwrap();
         assert_eq!(b.stats().tx_frames.load(Ordering::Relaxed), 3);
         assert!(b.tx_poll().at.is_none());
