@@ -117,8 +117,9 @@ const TX_STREAMING: std::time::Duration = std::time::Duration::from_micros(200);
 /// sees it streaming at 200 µs); polled, it sends one every 180 µs.
 const TX_BULK_STREAMING: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// A drain that took this many bytes was a bulk sender's: four 4 KiB pages, more than
-/// requests and handshakes, less than a few full segments at a 1500-byte MTU.
+/// A drain with a frame this large was a bulk sender's: a TCP segment bigger than requests
+/// and handshakes make (a guest with the default 65520-byte MTU sends 64 KiB segments). At a
+/// 1500-byte MTU a bulk sender's frames come closer than [`TX_STREAMING`] anyway.
 const TX_BULK: usize = 16 * 1024;
 
 /// The shortest wait between polls, where every streaming guest starts.
@@ -128,7 +129,7 @@ const TX_POLL_MIN: std::time::Duration = std::time::Duration::from_micros(200);
 /// small-queue budget) too long.
 const TX_POLL_MAX: std::time::Duration = std::time::Duration::from_micros(1000);
 
-/// How much a poll that found a few frames lengthens the wait.
+/// How much one poll lengthens or shortens the wait.
 const TX_POLL_STEP: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Where TX coalescing stands.
@@ -140,7 +141,7 @@ struct TxPoll {
     last_kick: Option<std::time::Instant>,
     /// How long after a drain the next poll comes.
     wait: std::time::Duration,
-    /// The last drain that found frames took at least [`TX_BULK`] bytes.
+    /// The last drain that found frames took one of at least [`TX_BULK`] bytes.
     bulk: bool,
 }
 
@@ -156,17 +157,23 @@ impl Default for TxPoll {
 }
 
 impl TxPoll {
-    /// Adapts the wait to the `found` frames a poll took:
-    /// - none or one: the guest is waiting on something the poll gives it (the completions
-    ///   of what it sent, which its TCP small-queue budget waits for), so the wait halves;
-    /// - a few (2 to 7): batching works and costs nobody, so it grows by a step, up to
-    ///   [`TX_POLL_MAX`];
-    /// - many: a small-frame stream (UDP) that a longer wait would turn into bursts the
-    ///   receiver's socket buffer cannot hold, so it stays.
-    fn adapt(&mut self, found: usize) {
+    /// Adapts the wait to the `found` frames a poll took, after drains of a bulk sender's
+    /// `big` frames or not:
+    /// - none or one, from a sender of big frames: it is slower than the wait (a guest the
+    ///   host starves of CPU sends a 64 KiB segment every 500 µs or so, and a shorter wait
+    ///   would wake the backend twice per segment, once for nothing), so the wait grows by a
+    ///   step, up to [`TX_POLL_MAX`]. (A poll that finds none also turns the kicks back on,
+    ///   so a sender that stopped waits for nothing.);
+    /// - none or one, from other senders: the guest may be waiting on what the poll gives it
+    ///   (the completions of what it sent, which hold its socket's send budget), so the wait
+    ///   halves, down to [`TX_POLL_MIN`];
+    /// - a few (2 to 7): batching works and costs nobody, so the wait grows by a step;
+    /// - many: a stream of small frames (UDP), which a longer wait would turn into bursts, so
+    ///   it stays.
+    fn adapt(&mut self, found: usize, big: bool) {
         self.wait = match found {
-            0 | 1 => (self.wait / 2).max(TX_POLL_MIN),
-            2..=7 => (self.wait + TX_POLL_STEP).min(TX_POLL_MAX),
+            0 | 1 if !big => (self.wait / 2).max(TX_POLL_MIN),
+            0..=7 => (self.wait + TX_POLL_STEP).min(TX_POLL_MAX),
             _ => self.wait,
         };
     }
@@ -188,8 +195,8 @@ struct TxDrained {
     used: usize,
     /// The guest wants the TX interrupt for them.
     signal: bool,
-    /// Frame bytes handed to the stack.
-    bytes: usize,
+    /// The largest frame handed to the stack, in bytes.
+    largest: usize,
 }
 
 /// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
@@ -532,10 +539,11 @@ impl VhostUserNetBackend {
             let drained = self.drain_tx(stack, mem, vrings, !streaming)?;
             let mut p = self.tx_poll();
             if drained.used > 0 {
-                p.bulk = drained.bytes >= TX_BULK;
+                p.bulk = drained.largest >= TX_BULK;
             }
             if !kicked {
-                p.adapt(drained.used);
+                let big = p.bulk;
+                p.adapt(drained.used, big);
             }
             p.at = (streaming && drained.used > 0).then(|| now + p.wait);
             drop(p);
@@ -555,7 +563,7 @@ impl VhostUserNetBackend {
         notify_after: bool,
     ) -> io::Result<TxDrained> {
         let max = self.max_frame();
-        let mut bytes = 0usize;
+        let mut largest = 0usize;
         let d = drain_queue_unsignalled(
             &vrings[TX_QUEUE as usize],
             mem,
@@ -584,14 +592,14 @@ impl VhostUserNetBackend {
                 self.stats
                     .tx_bytes
                     .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                bytes += len - NET_HDR_LEN;
+                largest = largest.max(len - NET_HDR_LEN);
                 Some(0)
             },
         )?;
         Ok(TxDrained {
             used: d.used,
             signal: d.signal,
-            bytes,
+            largest,
         })
     }
 
@@ -882,24 +890,31 @@ mod tests {
     fn the_wait_between_polls_follows_what_the_polls_find() {
         let mut p = TxPoll::default();
         assert_eq!(p.wait, TX_POLL_MIN);
-        // A TCP sender's 64 KiB segments, a few per poll: the wait grows to its longest.
+        // A few frames per poll: the wait grows by steps to its longest.
+        p.adapt(3, false);
+        assert_eq!(p.wait, TX_POLL_MIN + TX_POLL_STEP);
         for _ in 0..20 {
-            p.adapt(3);
+            p.adapt(5, false);
         }
         assert_eq!(p.wait, TX_POLL_MAX);
         // Many frames per poll (a stream of small datagrams): it stays where it is.
-        p.adapt(40);
+        p.adapt(40, false);
         assert_eq!(p.wait, TX_POLL_MAX);
-        // One frame or none: the guest waits on the poll, so the wait halves, down to the
-        // shortest.
-        p.adapt(1);
+        // One frame or none, small: the guest may be waiting on the poll, so the wait
+        // halves, down to the shortest.
+        p.adapt(1, false);
         assert_eq!(p.wait, TX_POLL_MAX / 2);
         for _ in 0..10 {
-            p.adapt(0);
+            p.adapt(0, false);
         }
         assert_eq!(p.wait, TX_POLL_MIN);
-        p.adapt(40);
-        assert_eq!(p.wait, TX_POLL_MIN);
+        // One big segment or none: a bulk sender slower than the wait, which grows.
+        p.adapt(1, true);
+        assert_eq!(p.wait, TX_POLL_MIN + TX_POLL_STEP);
+        for found in [0, 1].into_iter().cycle().take(20) {
+            p.adapt(found, true);
+        }
+        assert_eq!(p.wait, TX_POLL_MAX);
     }
 }
 
