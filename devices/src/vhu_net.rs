@@ -38,7 +38,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain};
+use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain, Drained};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// Index of the receive queue.
@@ -97,8 +97,8 @@ pub struct VhostUserNetBackend {
 
 /// TX coalescing, the idea of QEMU's virtio-net `tx=timer` (150 µs there), made adaptive. A
 /// guest that kicks again less than [`TX_STREAMING`] after its previous kick is streaming, or
-/// less than [`TX_BULK_STREAMING`] after it when its previous frames were a bulk sender's
-/// ([`TX_BULK`] bytes): its kicks are left off, and the TX queue is polled a while after each
+/// less than [`TX_BULK_STREAMING`] after it when its previous drain was a bulk sender's (a
+/// frame of [`TX_BULK`] bytes or more): its kicks are left off, and the TX queue is polled a while after each
 /// drain that found frames. Kicks come back on when a poll finds the queue empty, and as soon
 /// as frames go to the guest that it may be waiting to answer, so request/response traffic
 /// never waits for a poll. After a bulk drain a bare TCP ACK is not such a frame: the guest
@@ -157,8 +157,8 @@ impl Default for TxPoll {
 }
 
 impl TxPoll {
-    /// Adapts the wait to the `found` frames a poll took, after drains of a bulk sender's
-    /// `big` frames or not:
+    /// Adapts the wait to the `found` frames a poll took, from a bulk sender (`self.bulk`) or
+    /// not:
     /// - none or one, from a sender of big frames: it is slower than the wait (a guest the
     ///   host starves of CPU sends a 64 KiB segment every 500 µs or so, and a shorter wait
     ///   would wake the backend twice per segment, once for nothing), so the wait grows by a
@@ -170,9 +170,9 @@ impl TxPoll {
     /// - a few (2 to 7): batching works and costs nobody, so the wait grows by a step;
     /// - many: a stream of small frames (UDP), which a longer wait would turn into bursts, so
     ///   it stays.
-    fn adapt(&mut self, found: usize, big: bool) {
+    fn adapt(&mut self, found: usize) {
         self.wait = match found {
-            0 | 1 if !big => (self.wait / 2).max(TX_POLL_MIN),
+            0 | 1 if !self.bulk => (self.wait / 2).max(TX_POLL_MIN),
             0..=7 => (self.wait + TX_POLL_STEP).min(TX_POLL_MAX),
             _ => self.wait,
         };
@@ -186,17 +186,6 @@ struct Delivered {
     any: bool,
     /// Some frame was more than a bare TCP ACK: the guest may answer it.
     answers: bool,
-}
-
-/// What [`VhostUserNetBackend::drain_tx`] took.
-#[derive(Debug, Default, Clone, Copy)]
-struct TxDrained {
-    /// Chains taken.
-    used: usize,
-    /// The guest wants the TX interrupt for them.
-    signal: bool,
-    /// The largest frame handed to the stack, in bytes.
-    largest: usize,
 }
 
 /// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
@@ -378,15 +367,19 @@ impl VhostUserNetBackend {
     ) -> io::Result<()> {
         let rx = &vrings[RX_QUEUE as usize];
         let delivered = self.deliver(stack, rx, mem)?;
-        let answers = if self.tx_poll().bulk {
-            delivered.answers
-        } else {
-            delivered.any
+        let end_polls = {
+            let mut p = self.tx_poll();
+            let answers = if p.bulk {
+                delivered.answers
+            } else {
+                delivered.any
+            };
+            answers && p.at.take().is_some()
         };
-        if answers && self.tx_poll().at.take().is_some() {
+        if end_polls {
             // The guest has frames to answer: its kicks come back on (and what it queued
             // meanwhile is taken now).
-            *tx_signal |= self.drain_tx(stack, mem, vrings, true)?.signal;
+            *tx_signal |= self.drain_tx(stack, mem, vrings, true)?.0.signal;
             stack.poll();
             self.deliver(stack, rx, mem)?;
         }
@@ -536,14 +529,13 @@ impl VhostUserNetBackend {
             hot
         };
         self.with_stack(vrings, |stack, mem| {
-            let drained = self.drain_tx(stack, mem, vrings, !streaming)?;
+            let (drained, largest) = self.drain_tx(stack, mem, vrings, !streaming)?;
             let mut p = self.tx_poll();
             if drained.used > 0 {
-                p.bulk = drained.largest >= TX_BULK;
+                p.bulk = largest >= TX_BULK;
             }
             if !kicked {
-                let big = p.bulk;
-                p.adapt(drained.used, big);
+                p.adapt(drained.used);
             }
             p.at = (streaming && drained.used > 0).then(|| now + p.wait);
             drop(p);
@@ -554,14 +546,14 @@ impl VhostUserNetBackend {
 
     /// Hands every frame on the TX queue to the stack; the caller signals the queue when the
     /// result says so. With `notify_after` false the guest's kicks stay off (when there were
-    /// frames).
+    /// frames). Also returns the largest frame's length, in bytes.
     fn drain_tx(
         &self,
         stack: &mut NetStack,
         mem: &GuestMemoryAtomic,
         vrings: &[Vring],
         notify_after: bool,
-    ) -> io::Result<TxDrained> {
+    ) -> io::Result<(Drained, usize)> {
         let max = self.max_frame();
         let mut largest = 0usize;
         let d = drain_queue_unsignalled(
@@ -596,11 +588,7 @@ impl VhostUserNetBackend {
                 Some(0)
             },
         )?;
-        Ok(TxDrained {
-            used: d.used,
-            signal: d.signal,
-            largest,
-        })
+        Ok((d, largest))
     }
 
     /// The largest Ethernet frame the MTU allows.
@@ -891,28 +879,29 @@ mod tests {
         let mut p = TxPoll::default();
         assert_eq!(p.wait, TX_POLL_MIN);
         // A few frames per poll: the wait grows by steps to its longest.
-        p.adapt(3, false);
+        p.adapt(3);
         assert_eq!(p.wait, TX_POLL_MIN + TX_POLL_STEP);
         for _ in 0..20 {
-            p.adapt(5, false);
+            p.adapt(5);
         }
         assert_eq!(p.wait, TX_POLL_MAX);
         // Many frames per poll (a stream of small datagrams): it stays where it is.
-        p.adapt(40, false);
+        p.adapt(40);
         assert_eq!(p.wait, TX_POLL_MAX);
         // One frame or none, small: the guest may be waiting on the poll, so the wait
         // halves, down to the shortest.
-        p.adapt(1, false);
+        p.adapt(1);
         assert_eq!(p.wait, TX_POLL_MAX / 2);
         for _ in 0..10 {
-            p.adapt(0, false);
+            p.adapt(0);
         }
         assert_eq!(p.wait, TX_POLL_MIN);
         // One big segment or none: a bulk sender slower than the wait, which grows.
-        p.adapt(1, true);
+        p.bulk = true;
+        p.adapt(1);
         assert_eq!(p.wait, TX_POLL_MIN + TX_POLL_STEP);
         for found in [0, 1].into_iter().cycle().take(20) {
-            p.adapt(found, true);
+            p.adapt(found);
         }
         assert_eq!(p.wait, TX_POLL_MAX);
     }
