@@ -42,6 +42,9 @@ pub const READDIRPLUS_AUTO: u32 = 1 << 14;
 pub const WRITEBACK_CACHE: u32 = 1 << 16;
 /// INIT flag: directory operations may run in parallel.
 pub const PARALLEL_DIROPS: u32 = 1 << 18;
+/// INIT flag (from the kernel only): an OPENDIR answered with ENOSYS turns OPENDIR and
+/// RELEASEDIR off for the session; directory requests then carry handle 0.
+pub const NO_OPENDIR_SUPPORT: u32 = 1 << 24;
 /// INIT flag: the server clears suid/sgid and capabilities when asked (the flags below), and
 /// the guest stops asking for `security.capability` before every write.
 pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
@@ -128,6 +131,64 @@ pub mod opcode {
 
     /// The highest opcode Ferry knows by name; used to size per-opcode counters.
     pub const MAX: u32 = 52;
+
+    /// The opcode's name in lower case (`lookup`, `readdirplus`), as `/stats` reports it;
+    /// `None` for one Ferry does not know.
+    pub fn name(op: u32) -> Option<&'static str> {
+        Some(match op {
+            LOOKUP => "lookup",
+            FORGET => "forget",
+            GETATTR => "getattr",
+            SETATTR => "setattr",
+            READLINK => "readlink",
+            SYMLINK => "symlink",
+            MKNOD => "mknod",
+            MKDIR => "mkdir",
+            UNLINK => "unlink",
+            RMDIR => "rmdir",
+            RENAME => "rename",
+            LINK => "link",
+            OPEN => "open",
+            READ => "read",
+            WRITE => "write",
+            STATFS => "statfs",
+            RELEASE => "release",
+            FSYNC => "fsync",
+            SETXATTR => "setxattr",
+            GETXATTR => "getxattr",
+            LISTXATTR => "listxattr",
+            REMOVEXATTR => "removexattr",
+            FLUSH => "flush",
+            INIT => "init",
+            OPENDIR => "opendir",
+            READDIR => "readdir",
+            RELEASEDIR => "releasedir",
+            FSYNCDIR => "fsyncdir",
+            GETLK => "getlk",
+            SETLK => "setlk",
+            SETLKW => "setlkw",
+            ACCESS => "access",
+            CREATE => "create",
+            INTERRUPT => "interrupt",
+            BMAP => "bmap",
+            DESTROY => "destroy",
+            IOCTL => "ioctl",
+            POLL => "poll",
+            NOTIFY_REPLY => "notify_reply",
+            BATCH_FORGET => "batch_forget",
+            FALLOCATE => "fallocate",
+            READDIRPLUS => "readdirplus",
+            RENAME2 => "rename2",
+            LSEEK => "lseek",
+            COPY_FILE_RANGE => "copy_file_range",
+            SETUPMAPPING => "setupmapping",
+            REMOVEMAPPING => "removemapping",
+            SYNCFS => "syncfs",
+            TMPFILE => "tmpfile",
+            STATX => "statx",
+            _ => return None,
+        })
+    }
 }
 
 /// The header of every request.

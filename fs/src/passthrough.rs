@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -247,10 +247,81 @@ pub struct PassthroughFs {
     use_handles: bool,
     /// A descriptor per mount (by mount id) to open handles against.
     mounts: Mutex<HashMap<i32, Arc<File>>>,
+    /// Directories are read without OPENDIR: the kernel offered to stop sending OPENDIR and
+    /// RELEASEDIR (FUSE_NO_OPENDIR_SUPPORT), so OPENDIR answers ENOSYS and each READDIR
+    /// opens the directory for itself. A directory walk then costs the guest two requests
+    /// per directory (a listing and the empty one that ends it) instead of four.
+    stateless_dirs: AtomicBool,
 }
 
 /// The most nodes the guest may hold per share: past it, LOOKUP answers ENFILE.
 const MAX_NODES: usize = 1 << 21;
+
+/// Lists directory `dir` from `offset` (a d_off cookie, 0 for the start), passing entries to
+/// `add` until it returns false or the directory ends.
+fn read_dir_at(
+    dir: &File,
+    offset: u64,
+    add: &mut dyn FnMut(DirEntry<'_>) -> bool,
+) -> io::Result<()> {
+    let fd = dir.as_raw_fd();
+    let off = off_t(offset)?;
+    // SAFETY: the fd is valid; lseek has no memory effects.
+    if unsafe { libc::lseek64(fd, off, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut pos = 0usize;
+        while pos + 19 <= n as usize {
+            // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+            let rec = &buf[pos..n as usize];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or_default());
+            let d_off = u64::from_ne_bytes(rec[8..16].try_into().unwrap_or_default());
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            let type_ = u32::from(rec[18]);
+            if reclen < 19 || reclen > rec.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let name_field = &rec[19..reclen];
+            let name_len = name_field
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_field.len());
+            let entry = DirEntry {
+                ino,
+                offset: d_off,
+                type_,
+                name: &name_field[..name_len],
+            };
+            if !add(entry) {
+                return Ok(());
+            }
+            pos += reclen;
+        }
+    }
+}
+
+/// fsync or fdatasync of `fd`.
+fn sync_fd(fd: RawFd, datasync: bool) -> io::Result<()> {
+    // SAFETY: the caller holds `fd` open; these calls have no memory effects.
+    cvt(unsafe {
+        if datasync {
+            libc::fdatasync(fd)
+        } else {
+            libc::fsync(fd)
+        }
+    })
+    .map(|_| ())
+}
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -481,6 +552,7 @@ impl PassthroughFs {
             next_handle: AtomicU64::new(1),
             root,
             switch_creds: root_user,
+            stateless_dirs: AtomicBool::new(false),
         };
         fs.register_root_mount();
         Ok(fs)
@@ -761,6 +833,11 @@ impl PassthroughFs {
     }
 
     /// Reopens a node with real access `flags` through /proc/self/fd.
+    /// A descriptor of directory `node` to read it through.
+    fn open_dir(&self, node: &Inode) -> io::Result<File> {
+        self.reopen(node, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
     fn reopen(&self, node: &Inode, flags: i32) -> io::Result<File> {
         let nf = node.fd()?;
         match Self::reopen_fd(nf.as_raw_fd(), flags) {
@@ -840,7 +917,9 @@ impl PassthroughFs {
 }
 
 impl FileSystem for PassthroughFs {
-    fn init(&self, _capable: InitFlags) -> io::Result<InitFlags> {
+    fn init(&self, capable: InitFlags) -> io::Result<InitFlags> {
+        self.stateless_dirs
+            .store(capable & abi::NO_OPENDIR_SUPPORT != 0, Ordering::Relaxed);
         let mut f = abi::ASYNC_READ
             | abi::ATOMIC_O_TRUNC
             | abi::EXPORT_SUPPORT
@@ -1291,16 +1370,7 @@ impl FileSystem for PassthroughFs {
 
     fn fsync(&self, _ctx: Context, _inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
         let h = self.handle(handle)?;
-        let fd = h.file.as_raw_fd();
-        // SAFETY: the fd is valid; these calls have no memory effects.
-        cvt(unsafe {
-            if datasync {
-                libc::fdatasync(fd)
-            } else {
-                libc::fsync(fd)
-            }
-        })
-        .map(|_| ())
+        sync_fd(h.file.as_raw_fd(), datasync)
     }
 
     fn flush(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
@@ -1394,65 +1464,33 @@ impl FileSystem for PassthroughFs {
     }
 
     fn opendir(&self, _ctx: Context, inode: u64, _flags: u32) -> io::Result<(u64, u32)> {
+        if self.stateless_dirs.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
         let node = self.inode(inode)?;
-        let f = self.reopen(&node, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let f = self.open_dir(&node)?;
         Ok((self.add_handle(f, inode)?, 0))
     }
 
     fn readdir(
         &self,
         _ctx: Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         offset: u64,
         add: &mut dyn FnMut(DirEntry<'_>) -> bool,
     ) -> io::Result<()> {
+        if handle == 0 {
+            // No OPENDIR (see `stateless_dirs`): a descriptor of this request's own. The
+            // offsets the guest passes are the host's d_off cookies, which hold across opens
+            // (NFS servers rely on that too).
+            let node = self.inode(inode)?;
+            let dir = self.open_dir(&node)?;
+            return read_dir_at(&dir, offset, add);
+        }
         let h = self.handle(handle)?;
         let _pos = h.dir_pos.lock().map_err(|_| ebadf())?;
-        let fd = h.file.as_raw_fd();
-        let off = off_t(offset)?;
-        // SAFETY: the fd is valid; lseek has no memory effects.
-        if unsafe { libc::lseek64(fd, off, libc::SEEK_SET) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if n == 0 {
-                return Ok(());
-            }
-            let mut pos = 0usize;
-            while pos + 19 <= n as usize {
-                // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
-                let rec = &buf[pos..n as usize];
-                let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or_default());
-                let d_off = u64::from_ne_bytes(rec[8..16].try_into().unwrap_or_default());
-                let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
-                let type_ = u32::from(rec[18]);
-                if reclen < 19 || reclen > rec.len() {
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-                let name_field = &rec[19..reclen];
-                let name_len = name_field
-                    .iter()
-                    .position(|b| *b == 0)
-                    .unwrap_or(name_field.len());
-                let entry = DirEntry {
-                    ino,
-                    offset: d_off,
-                    type_,
-                    name: &name_field[..name_len],
-                };
-                if !add(entry) {
-                    return Ok(());
-                }
-                pos += reclen;
-            }
-        }
+        read_dir_at(&h.file, offset, add)
     }
 
     fn releasedir(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
@@ -1461,6 +1499,11 @@ impl FileSystem for PassthroughFs {
     }
 
     fn fsyncdir(&self, ctx: Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        if handle == 0 {
+            let node = self.inode(inode)?;
+            let dir = self.open_dir(&node)?;
+            return sync_fd(dir.as_raw_fd(), datasync);
+        }
         self.fsync(ctx, inode, datasync, handle)
     }
 

@@ -95,16 +95,40 @@ impl Fixture {
         Ok(out)
     }
 
+    /// INIT from a kernel of FUSE 7.38 that offers `flags`.
+    fn init(&self, flags: u32) {
+        let init = abi::InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 1 << 20,
+            flags,
+        };
+        assert_eq!(self.call(opcode::INIT, 0, &[init.as_slice()]).0, 0);
+    }
+
+    /// Every name in directory `node` (sorted), read between OPENDIR and RELEASEDIR.
     fn readdir_names(&self, node: u64, plus: bool) -> Vec<String> {
         let (e, body) = self.call(opcode::OPENDIR, node, &[abi::OpenIn::default().as_slice()]);
         assert_eq!(e, 0);
         let mut open = abi::OpenOut::default();
         open.as_mut_slice().copy_from_slice(&body);
+        let names = self.list(node, open.fh, plus);
+        let rel = abi::ReleaseIn {
+            fh: open.fh,
+            ..Default::default()
+        };
+        assert_eq!(self.call(opcode::RELEASEDIR, node, &[rel.as_slice()]).0, 0);
+        names
+    }
+
+    /// Every name in directory `node` (sorted), read through handle `fh` in 4 KiB calls
+    /// until one comes back empty, as the kernel reads.
+    fn list(&self, node: u64, fh: u64, plus: bool) -> Vec<String> {
         let mut names = Vec::new();
         let mut offset = 0u64;
         loop {
             let arg = abi::ReadIn {
-                fh: open.fh,
+                fh,
                 offset,
                 size: 4096,
                 ..Default::default()
@@ -132,11 +156,6 @@ impl Fixture {
                 pos += (24 + d.namelen as usize + 7) & !7;
             }
         }
-        let rel = abi::ReleaseIn {
-            fh: open.fh,
-            ..Default::default()
-        };
-        assert_eq!(self.call(opcode::RELEASEDIR, node, &[rel.as_slice()]).0, 0);
         names.sort();
         names
     }
@@ -154,6 +173,50 @@ fn readdir_and_readdirplus_list_everything_across_calls() {
         assert_eq!(names[0], ".");
         assert_eq!(names[2], "file-000");
     }
+}
+
+/// A kernel that offers FUSE_NO_OPENDIR_SUPPORT has its first OPENDIR refused with ENOSYS
+/// (it then sends none) and reads directories with handle 0: every entry, across calls, with
+/// nothing left open. One that does not offer it opens directories as before.
+#[test]
+fn directories_are_read_without_opendir_when_the_kernel_offers_it() {
+    let f = fixture(false);
+    std::fs::create_dir(f.share().join("d")).unwrap();
+    for i in 0..300 {
+        std::fs::write(f.share().join(format!("d/file-{i:03}")), b"x").unwrap();
+    }
+    f.init(abi::NO_OPENDIR_SUPPORT);
+    let d = f.lookup(abi::ROOT_ID, "d").unwrap().nodeid;
+    let open = abi::OpenIn::default();
+    assert_eq!(
+        f.call(opcode::OPENDIR, d, &[open.as_slice()]).0,
+        libc::ENOSYS
+    );
+    for plus in [false, true] {
+        let names = f.list(d, 0, plus);
+        assert_eq!(names.len(), 302, "plus={plus}");
+        assert_eq!((&*names[2], &*names[301]), ("file-000", "file-299"));
+    }
+    let sync = abi::FsyncIn::default();
+    assert_eq!(f.call(opcode::FSYNCDIR, d, &[sync.as_slice()]).0, 0);
+    assert_eq!(f.server.fs().handle_count(), 0);
+    // A directory removed on the host reads as it would locally: ENOENT. An unknown node,
+    // EBADF.
+    std::fs::create_dir(f.share().join("gone")).unwrap();
+    let gone = f.lookup(abi::ROOT_ID, "gone").unwrap().nodeid;
+    std::fs::remove_dir(f.share().join("gone")).unwrap();
+    let arg = abi::ReadIn {
+        size: 4096,
+        ..Default::default()
+    };
+    for (node, want) in [(gone, libc::ENOENT), (gone + 1000, libc::EBADF)] {
+        let (e, _) = f.call(opcode::READDIRPLUS, node, &[arg.as_slice()]);
+        assert_eq!(e, want, "node {node}");
+    }
+
+    // A new session, from a kernel that does not offer it.
+    f.init(0);
+    assert_eq!(f.readdir_names(d, true).len(), 302);
 }
 
 #[test]

@@ -350,6 +350,8 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     );
     assert_eq!(v["fs"][0]["tag"].as_str(), Some("data"), "{v}");
     assert!(v["fs"][0]["requests"].is_u64(), "{v}");
+    // No guest yet: no requests by opcode either.
+    assert_eq!(v["fs"][0]["ops"], serde_json::json!({}), "{v}");
     assert_eq!(v["ports"].as_array().map(Vec::len), Some(1), "{v}");
     // No guest yet: the capture holds its header only.
     let pcap = dir.path().join("c.pcap");

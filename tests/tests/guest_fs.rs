@@ -41,6 +41,7 @@ mkfifo fifo && check mkfifo "$(stat -c %F fifo)" fifo
 mknod dev c 1 3 2>/tmp/err; check mknod-device-refused "$(grep -c 'not permitted' /tmp/err)" 1
 fallocate -l 1048576 alloc && check fallocate "$(stat -c %s alloc)" 1048576
 check readdir-10k "$(ls many | wc -l)" 10000
+check walk "$(find walk | wc -l)" 161
 
 # What busybox has no applet for: the static probe from tests/probe/probe.c.
 P=$S/probe
@@ -117,6 +118,14 @@ fn guest_file_operations_through_ferry() {
     for i in 0..10_000 {
         std::fs::write(many.join(format!("entry-{i:05}")), b"").unwrap();
     }
+    // A tree to walk: 40 folders of 3 files each.
+    for d in 0..40 {
+        let sub = rw.join(format!("walk/d{d:02}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..3 {
+            std::fs::write(sub.join(format!("f{f}")), b"").unwrap();
+        }
+    }
     std::fs::write(rw.join("from-host.txt"), b"written on the host").unwrap();
     std::fs::copy(ferry_tests::probe(), rw.join("probe")).unwrap();
     std::fs::write(ro.join("keep"), b"kept").unwrap();
@@ -143,9 +152,12 @@ fn guest_file_operations_through_ferry() {
     let wb_sock = dir.path().join("wb.sock");
     let rw_sock = dir.path().join("rw.sock");
     let ro_sock = dir.path().join("ro.sock");
+    let api = dir.path().join("api.sock");
     let mut ferry = FerryProcess::serve(
         dir.path(),
         &[
+            "--api-socket".into(),
+            api.display().to_string(),
             "--share".into(),
             format!("tag=rw,dir={},socket={}", rw.display(), rw_sock.display()),
             "--share".into(),
@@ -233,6 +245,25 @@ fn guest_file_operations_through_ferry() {
     assert_eq!(owner(&wb.join("madedir")), (1234, 2345), "idmap: a folder");
     assert_eq!(owner(&wb.join("owned")), (7, 2348), "idmap: chown");
     assert!(!ro.join("new").exists());
+    // The guest's kernel read every folder without OPENDIR: ferry refused the first one and
+    // the guest sent no more (nor RELEASEDIR), so each folder of the walk, the 10k-entry one
+    // and the rest cost a listing and the empty read that ends it.
+    let out = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(&api)
+        .args(["--json", "stats"])
+        .output()
+        .expect("run ferry ctl");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let share = stats["fs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["tag"] == "rw"))
+        .unwrap_or_else(|| panic!("no share rw in {stats}"));
+    let ops = &share["ops"];
+    assert_eq!(ops["opendir"], 1, "{share}");
+    assert!(ops["releasedir"].is_null(), "{share}");
+    let listings = ops["readdirplus"].as_u64().unwrap_or(0) + ops["readdir"].as_u64().unwrap_or(0);
+    assert!(listings >= 2 * 41, "{share}");
     assert_eq!(
         std::fs::read(dir.path().join("host-secret")).unwrap(),
         b"HOST-SECRET"

@@ -541,6 +541,14 @@ fn stats(control: &Control) -> Value {
             let server = b.server();
             let st = server.stats();
             let total: u64 = (0..=opcode::MAX + 1).map(|o| st.ops(o)).sum();
+            // Requests by opcode, those the guest sent at least once.
+            let ops: serde_json::Map<String, Value> = (0..=opcode::MAX + 1)
+                .filter(|&o| st.ops(o) > 0)
+                .map(|o| {
+                    let name = opcode::name(o).unwrap_or("unknown");
+                    (name.to_string(), json!(st.ops(o)))
+                })
+                .collect();
             json!({
                 "tag": tag,
                 "requests": total,
@@ -551,6 +559,7 @@ fn stats(control: &Control) -> Value {
                 "malformed": st.malformed(),
                 "nodes": server.fs().inode_count(),
                 "open_files": server.fs().handle_count(),
+                "ops": ops,
             })
         })
         .collect();
