@@ -17,7 +17,7 @@ pub use filesystem::{
     Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
     TimeSpec,
 };
-pub use passthrough::{CachePolicy, IdMap, PassthroughFs};
+pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs};
 pub use server::{
     may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
 };

@@ -90,10 +90,10 @@ pub struct Config {
     /// then stops asking, which saves the GETXATTR of `security.capability` that it sends
     /// before the first write to every file.
     pub no_xattr: bool,
-    /// User ids the guest and the host see differently (None: the same ids both ways).
-    pub uid_map: Option<IdMap>,
+    /// User ids the guest and the host see differently (no ranges: the same ids both ways).
+    pub uid_map: IdMaps,
     /// Group ids the same way.
-    pub gid_map: Option<IdMap>,
+    pub gid_map: IdMaps,
 }
 
 /// A range of ids that the guest and the host name differently, as virtiofsd's
@@ -135,26 +135,69 @@ impl IdMap {
         Ok(IdMap { guest, host, count })
     }
 
-    /// Host id for guest id `id`.
-    pub fn to_host(map: Option<IdMap>, id: u32) -> u32 {
-        match map {
-            Some(m) if id.wrapping_sub(m.guest) < m.count => m.host + (id - m.guest),
-            _ => id,
-        }
+    /// Host id for guest id `id`, when the range holds it.
+    fn to_host(self, id: u32) -> Option<u32> {
+        (id.wrapping_sub(self.guest) < self.count).then(|| self.host + (id - self.guest))
     }
 
-    /// Guest id for host id `id`.
-    pub fn to_guest(map: Option<IdMap>, id: u32) -> u32 {
-        match map {
-            Some(m) if id.wrapping_sub(m.host) < m.count => m.guest + (id - m.host),
-            _ => id,
+    /// Guest id for host id `id`, when the range holds it.
+    fn to_guest(self, id: u32) -> Option<u32> {
+        (id.wrapping_sub(self.host) < self.count).then(|| self.guest + (id - self.host))
+    }
+
+    /// The ids `a` and `b` both hold, as (first, last), when they share any.
+    fn common((a, b): (u32, u32), (c, d): (u32, u32)) -> Option<(u32, u32)> {
+        if b == 0 || d == 0 {
+            return None;
         }
+        let first = a.max(c);
+        let last = (u64::from(a) + u64::from(b) - 1).min(u64::from(c) + u64::from(d) - 1);
+        (u64::from(first) <= last).then_some((first, last as u32))
     }
 }
 
 impl std::fmt::Display for IdMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{}", self.guest, self.host, self.count)
+    }
+}
+
+/// The id ranges a share names differently (`uidmap=` given once or more): none, or ranges
+/// that overlap neither on the guest's side nor on the host's, so that each id has one name
+/// each way, as virtiofsd's repeated `--translate-uid map:`. Ids in no range pass unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdMaps(Vec<IdMap>);
+
+impl IdMaps {
+    /// The ranges `maps`, or why they cannot go together.
+    pub fn new(maps: Vec<IdMap>) -> Result<Self, String> {
+        for (i, a) in maps.iter().enumerate() {
+            for b in &maps[..i] {
+                for (side, x, y) in [("guest", a.guest, b.guest), ("host", a.host, b.host)] {
+                    if let Some((first, last)) = IdMap::common((x, a.count), (y, b.count)) {
+                        return Err(format!(
+                            "{b} and {a} both map {side} ids {first} to {last}; give ranges that do not overlap"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(IdMaps(maps))
+    }
+
+    /// Host id for guest id `id`.
+    pub fn to_host(&self, id: u32) -> u32 {
+        self.0.iter().find_map(|m| m.to_host(id)).unwrap_or(id)
+    }
+
+    /// Guest id for host id `id`.
+    pub fn to_guest(&self, id: u32) -> u32 {
+        self.0.iter().find_map(|m| m.to_guest(id)).unwrap_or(id)
+    }
+
+    /// The ranges, in the order given.
+    pub fn ranges(&self) -> &[IdMap] {
+        &self.0
     }
 }
 
@@ -641,16 +684,16 @@ impl PassthroughFs {
 
     /// `st` with its owner and group as the guest names them.
     fn guest_ids(&self, mut st: libc::stat64) -> libc::stat64 {
-        st.st_uid = IdMap::to_guest(self.cfg.uid_map, st.st_uid);
-        st.st_gid = IdMap::to_guest(self.cfg.gid_map, st.st_gid);
+        st.st_uid = self.cfg.uid_map.to_guest(st.st_uid);
+        st.st_gid = self.cfg.gid_map.to_guest(st.st_gid);
         st
     }
 
     /// The guest caller `ctx` with its ids as the host names them.
     fn host_ctx(&self, ctx: Context) -> Context {
         Context {
-            uid: IdMap::to_host(self.cfg.uid_map, ctx.uid),
-            gid: IdMap::to_host(self.cfg.gid_map, ctx.gid),
+            uid: self.cfg.uid_map.to_host(ctx.uid),
+            gid: self.cfg.gid_map.to_host(ctx.gid),
             ..ctx
         }
     }
@@ -1032,12 +1075,8 @@ impl FileSystem for PassthroughFs {
             cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
         }
         if args.uid.is_some() || args.gid.is_some() {
-            let uid = args
-                .uid
-                .map_or(u32::MAX, |u| IdMap::to_host(self.cfg.uid_map, u));
-            let gid = args
-                .gid
-                .map_or(u32::MAX, |g| IdMap::to_host(self.cfg.gid_map, g));
+            let uid = args.uid.map_or(u32::MAX, |u| self.cfg.uid_map.to_host(u));
+            let gid = args.gid.map_or(u32::MAX, |g| self.cfg.gid_map.to_host(g));
             // SAFETY: the fd is valid and the empty path is NUL-terminated.
             cvt(unsafe {
                 libc::fchownat(

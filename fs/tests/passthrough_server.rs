@@ -779,7 +779,7 @@ fn handle_nodes_open_under_landlock_after_the_host_evicts_them() {
 
 #[test]
 fn id_maps_rename_owners_both_ways() {
-    use ferry_fs::IdMap;
+    use ferry_fs::{IdMap, IdMaps};
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -794,8 +794,13 @@ fn id_maps_rename_owners_both_ways() {
     let fs = PassthroughFs::new(
         &share,
         Config {
-            uid_map: Some(IdMap::parse("0:1234").unwrap()),
-            gid_map: Some(IdMap::parse("0:2345:10").unwrap()),
+            // Two user ranges: root, and a block of 100 as a rootless engine's subuids are.
+            uid_map: IdMaps::new(vec![
+                IdMap::parse("0:1234").unwrap(),
+                IdMap::parse("1:100000:100").unwrap(),
+            ])
+            .unwrap(),
+            gid_map: IdMaps::new(vec![IdMap::parse("0:2345:10").unwrap()]).unwrap(),
             ..Default::default()
         },
     )
@@ -812,12 +817,17 @@ fn id_maps_rename_owners_both_ways() {
         let e = f.lookup(1, name).unwrap();
         (e.attr.uid, e.attr.gid)
     };
-    for (name, owner) in [("mine", (1234, 2347)), ("other", (5000, 5000))] {
+    for (name, owner) in [
+        ("mine", (1234, 2347)),
+        ("sub", (100_041, 2345)),
+        ("other", (5000, 5000)),
+    ] {
         std::fs::write(f.share().join(name), b"x").unwrap();
         std::os::unix::fs::lchown(f.share().join(name), Some(owner.0), Some(owner.1)).unwrap();
     }
     // The host's 1234:2347 is the guest's 0:2; ids outside the ranges pass unchanged.
     assert_eq!(shown("mine"), (0, 2));
+    assert_eq!(shown("sub"), (42, 0));
     assert_eq!(shown("other"), (5000, 5000));
 
     // What the guest's root creates belongs to 1234:2345 on the host, and to 0:0 in the reply.
@@ -836,9 +846,14 @@ fn id_maps_rename_owners_both_ways() {
     assert_eq!(f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"d\0"]).0, 0);
     assert_eq!(host("d"), (1234, 2345));
 
-    // chown by the guest: to 0:9 is to 1234:2354 on the host; to 7:11, outside, is to 7:11.
+    // chown by the guest: to 0:9 is to 1234:2354 on the host, to 100:9 is to 100099:2354; to
+    // 700:11, outside, is to 700:11.
     let other = f.lookup(1, "other").unwrap().nodeid;
-    for ((uid, gid), on_host) in [((0, 9), (1234, 2354)), ((7, 11), (7, 11))] {
+    for ((uid, gid), on_host) in [
+        ((0, 9), (1234, 2354)),
+        ((100, 9), (100_099, 2354)),
+        ((700, 11), (700, 11)),
+    ] {
         let s = abi::SetattrIn {
             valid: abi::fattr::UID | abi::fattr::GID,
             uid,
@@ -864,7 +879,7 @@ fn id_maps_rename_owners_both_ways() {
 
 #[test]
 fn id_maps_refuse_what_they_cannot_mean() {
-    use ferry_fs::IdMap;
+    use ferry_fs::{IdMap, IdMaps};
     assert_eq!(
         IdMap::parse("0:1000").unwrap(),
         IdMap {
@@ -884,8 +899,37 @@ fn id_maps_refuse_what_they_cannot_mean() {
         let e = IdMap::parse(s).unwrap_err();
         assert!(e.contains(why), "{s}: {e}");
     }
-    assert_eq!(IdMap::to_host(IdMap::parse("10:20:5").ok(), 14), 24);
-    assert_eq!(IdMap::to_host(IdMap::parse("10:20:5").ok(), 15), 15);
-    assert_eq!(IdMap::to_guest(IdMap::parse("10:20:5").ok(), 20), 10);
-    assert_eq!(IdMap::to_guest(IdMap::parse("10:20:5").ok(), 9), 9);
+    let maps =
+        |specs: &[&str]| IdMaps::new(specs.iter().map(|s| IdMap::parse(s).unwrap()).collect());
+    let m = maps(&["10:20:5", "0:1000"]).unwrap();
+    assert_eq!((m.to_host(14), m.to_host(15), m.to_host(0)), (24, 15, 1000));
+    assert_eq!(
+        (m.to_guest(20), m.to_guest(9), m.to_guest(1000)),
+        (10, 9, 0)
+    );
+    // A swap is two ranges that overlap only across sides: allowed.
+    let swap = maps(&["0:1000", "1000:0"]).unwrap();
+    assert_eq!((swap.to_host(0), swap.to_host(1000)), (1000, 0));
+    assert_eq!((swap.to_guest(0), swap.to_guest(1000)), (1000, 0));
+    // Ranges that give an id two names on one side are refused, saying which ids.
+    for (specs, why) in [
+        (
+            &["0:1000:10", "5:2000"][..],
+            "0:1000:10 and 5:2000:1 both map guest ids 5 to 5",
+        ),
+        (
+            &["0:1000:10", "100:1009:3"][..],
+            "both map host ids 1009 to 1009",
+        ),
+        (
+            &["0:1000:2", "2:2000", "1:3000:5"][..],
+            "0:1000:2 and 1:3000:5 both map guest ids 1 to 1",
+        ),
+    ] {
+        let e = maps(specs).unwrap_err();
+        assert!(
+            e.contains(why) && e.contains("do not overlap"),
+            "{specs:?}: {e}"
+        );
+    }
 }

@@ -79,7 +79,8 @@ rm $R/keep 2>/tmp/err; check ro-unlink "$(grep -c 'Read-only' /tmp/err)" 1
 check ro-read "$(cat $R/keep)" kept
 
 # A share with the writeback cache and xattrs off: ferry answers ENOSYS once and the guest's
-# kernel stops asking. It maps ids too (uidmap=0:1234,gidmap=0:2345:10): the host's 1234 is
+# kernel stops asking. It maps ids too (uidmap=0:1234,uidmap=1000:5000:10,gidmap=0:2345:10):
+# two user ranges, as a rootless engine's root and subordinate ids. The host's 1234 is
 # the guest's root.
 W=/mnt/wb
 check idmap-shown "$(stat -c %u:%g $W/owned)" 0:1
@@ -87,6 +88,8 @@ check idmap-unmapped "$(stat -c %u:%g $W/nobody)" 65534:65534
 mkdir $W/madedir && check idmap-create "$(stat -c %u:%g $W/madedir)" 0:0
 chown 7:3 $W/owned && check idmap-chown "$(stat -c %u:%g $W/owned)" 7:3
 check idmap-root-writes "$(printf ok > $W/nobody 2>&1; cat $W/nobody)" ok
+check idmap-second-range "$(stat -c %u:%g $W/sub)" 1003:0
+chown 1001 $W/sub && check idmap-second-range-chown "$(stat -c %u $W/sub)" 1001
 dd if=/dev/urandom of=$W/f bs=65536 count=64 2>/dev/null && sha256sum $W/f | cut -d' ' -f1 > $W/f.sha256
 printf abc > $W/w && printf def >> $W/w && check wb-append "$(cat $W/w)" abcdef
 exec 4>$W/wo; printf xyz >&4; exec 4>&-; check wb-write-only "$(cat $W/wo)" xyz
@@ -145,7 +148,11 @@ fn guest_file_operations_through_ferry() {
     std::fs::create_dir(&wb).unwrap();
     // The share belongs to the host user the guest's root is mapped to, as it would.
     std::os::unix::fs::chown(&wb, Some(1234), Some(2345)).unwrap();
-    for (name, uid, gid) in [("owned", 1234, 2346), ("nobody", 65534, 65534)] {
+    for (name, uid, gid) in [
+        ("owned", 1234, 2346),
+        ("nobody", 65534, 65534),
+        ("sub", 5003, 2345),
+    ] {
         std::fs::write(wb.join(name), b"").unwrap();
         std::os::unix::fs::chown(wb.join(name), Some(uid), Some(gid)).unwrap();
     }
@@ -168,7 +175,7 @@ fn guest_file_operations_through_ferry() {
             ),
             "--share".into(),
             format!(
-                "tag=wb,dir={},socket={},writeback,noxattr,uidmap=0:1234,gidmap=0:2345:10",
+                "tag=wb,dir={},socket={},writeback,noxattr,uidmap=0:1234,uidmap=1000:5000:10,gidmap=0:2345:10",
                 wb.display(),
                 wb_sock.display()
             ),
@@ -218,7 +225,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 53,
+        failed.is_empty() && out.checks.len() >= 56,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -244,6 +251,11 @@ fn guest_file_operations_through_ferry() {
     );
     assert_eq!(owner(&wb.join("madedir")), (1234, 2345), "idmap: a folder");
     assert_eq!(owner(&wb.join("owned")), (7, 2348), "idmap: chown");
+    assert_eq!(
+        owner(&wb.join("sub")),
+        (5001, 2345),
+        "idmap: chown in the second range"
+    );
     assert!(!ro.join("new").exists());
     // The guest's kernel read every folder without OPENDIR: ferry refused the first one and
     // the guest sent no more (nor RELEASEDIR), so each folder of the walk, the 10k-entry one

@@ -149,7 +149,8 @@ pub struct ServeArgs {
     /// (default auto), writeback (the guest caches writes), noxattr (extended attributes
     /// off, as virtiofsd without --xattr), uidmap=GUEST:HOST[:COUNT] and gidmap= (ids the
     /// guest names differently: uidmap=0:1000 shows the host's 1000 as the guest's root, and
-    /// files the guest's root makes or chowns to 0 belong to 1000).
+    /// files the guest's root makes or chowns to 0 belong to 1000; given again, each adds a
+    /// range, as uidmap=0:1000,uidmap=1:100000:65536 for a rootless engine's subordinate ids).
     #[arg(
         long,
         value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"

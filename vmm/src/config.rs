@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ferry_fs::{CachePolicy, IdMap};
+use ferry_fs::{CachePolicy, IdMap, IdMaps};
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
@@ -66,10 +66,11 @@ pub struct ShareConfig {
     pub writeback: bool,
     /// Answer the xattr requests with ENOSYS (virtiofsd's default).
     pub noxattr: bool,
-    /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`).
-    pub uidmap: Option<IdMap>,
+    /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
+    /// per range).
+    pub uidmap: IdMaps,
     /// Group ids the same way (`gidmap=`).
-    pub gidmap: Option<IdMap>,
+    pub gidmap: IdMaps,
 }
 
 /// What `ferry serve` serves.
@@ -141,8 +142,31 @@ struct FileShare {
     #[serde(default)]
     noxattr: bool,
     cache: Option<String>,
-    uidmap: Option<String>,
-    gidmap: Option<String>,
+    #[serde(default)]
+    uidmap: OneOrMany,
+    #[serde(default)]
+    gidmap: OneOrMany,
+}
+
+/// A TOML value that is one string or a list of them (`uidmap = "0:1000"` or
+/// `uidmap = ["0:1000", "1:100000:65536"]`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn values(&self) -> &[String] {
+        match self {
+            OneOrMany::None => &[],
+            OneOrMany::One(v) => std::slice::from_ref(v),
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -205,13 +229,22 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses `uidmap=`/`gidmap=`'s value `GUEST:HOST[:COUNT]` for the option `opt`.
-fn parse_id_map(opt: &str, key: &str, v: &str) -> Result<IdMap> {
-    IdMap::parse(v).map_err(|why| {
-        usage(format!(
-            "{opt}: {key}={v}: {why}; for example {key}=0:1000 shows host id 1000 to the guest as 0, and the guest's 0 creates files as 1000"
-        ))
-    })
+/// Parses the values of `uidmap=`/`gidmap=` (each `GUEST:HOST[:COUNT]`, one per range) for the
+/// option `opt`.
+fn parse_id_maps<'a>(
+    opt: &str,
+    key: &str,
+    values: impl Iterator<Item = &'a str>,
+) -> Result<IdMaps> {
+    let mut maps = Vec::new();
+    for v in values {
+        maps.push(IdMap::parse(v).map_err(|why| {
+            usage(format!(
+                "{opt}: {key}={v}: {why}; for example {key}=0:1000 shows host id 1000 to the guest as 0, and the guest's 0 creates files as 1000"
+            ))
+        })?);
+    }
+    IdMaps::new(maps).map_err(|why| usage(format!("{opt}: {key}: {why}")))
 }
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
@@ -220,7 +253,7 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr) = (false, false, false);
-    let (mut uidmap, mut gidmap) = (None, None);
+    let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -228,8 +261,8 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             Some(("dir", v)) => dir = Some(PathBuf::from(v)),
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
-            Some(("uidmap", v)) => uidmap = Some(parse_id_map(&opt, "uidmap", v)?),
-            Some(("gidmap", v)) => gidmap = Some(parse_id_map(&opt, "gidmap", v)?),
+            Some(("uidmap", v)) => uidmap.push(v),
+            Some(("gidmap", v)) => gidmap.push(v),
             None if part == "readonly" => readonly = true,
             None if part == "writeback" => writeback = true,
             None if part == "noxattr" => noxattr = true,
@@ -253,8 +286,8 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
         cache,
         writeback,
         noxattr,
-        uidmap,
-        gidmap,
+        uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
+        gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
     })
 }
 
@@ -322,8 +355,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 None => CachePolicy::default(),
             };
             let opt = format!("--share tag={}", s.tag);
-            let map = |key: &str, v: &Option<String>| {
-                v.as_deref().map(|v| parse_id_map(&opt, key, v)).transpose()
+            let map = |key: &str, v: &OneOrMany| {
+                parse_id_maps(&opt, key, v.values().iter().map(String::as_str))
             };
             shares.push(ShareConfig {
                 uidmap: map("uidmap", &s.uidmap)?,
@@ -633,8 +666,21 @@ mod tests {
             .to_string()
             .contains("unknown part 'color=red'"));
         let s = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=0:1000,gidmap=0:100:5").unwrap();
-        assert_eq!(s.uidmap.map(|m| m.to_string()).as_deref(), Some("0:1000:1"));
-        assert_eq!(s.gidmap.map(|m| m.to_string()).as_deref(), Some("0:100:5"));
+        let text = |m: &IdMaps| m.ranges().iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        assert_eq!(text(&s.uidmap), ["0:1000:1"]);
+        assert_eq!(text(&s.gidmap), ["0:100:5"]);
+        // Given again, a key adds a range; ranges that overlap are refused.
+        let s =
+            parse_share("tag=t,dir=/tmp,socket=/s,uidmap=0:1000,uidmap=1:100000:65536").unwrap();
+        assert_eq!(text(&s.uidmap), ["0:1000:1", "1:100000:65536"]);
+        assert!(text(&s.gidmap).is_empty());
+        let e = parse_share("tag=t,dir=/tmp,socket=/s,gidmap=0:100:5,gidmap=4:200")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--share tag=t,dir=/tmp,socket=/s,gidmap=0:100:5,gidmap=4:200: gidmap: 0:100:5 and 4:200:1 both map guest ids 4 to 4; give ranges that do not overlap"),
+            "{e}"
+        );
         let e = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=1000")
             .unwrap_err()
             .to_string();
@@ -763,5 +809,36 @@ mod tests {
         let mut a = args();
         a.config = Some(file);
         assert!(err(a).contains("unknown field"));
+    }
+
+    #[test]
+    fn toml_id_maps_are_one_range_or_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let file = dir.path().join("ferry.toml");
+        let share = |maps: &str| {
+            format!("[[share]]\ntag = \"s\"\ndir = \"{d}\"\nsocket = \"{d}/fs.sock\"\n{maps}\n")
+        };
+        let load = |maps: &str| {
+            std::fs::write(&file, share(maps)).unwrap();
+            let mut a = args();
+            a.config = Some(file.clone());
+            ServeConfig::try_from(a).map(|c| {
+                let s = &c.shares[0];
+                let text = |m: &IdMaps| m.ranges().iter().map(|r| r.to_string()).collect();
+                (text(&s.uidmap), text(&s.gidmap))
+            })
+        };
+        let (u, g): (Vec<String>, Vec<String>) =
+            load("uidmap = [\"0:1000\", \"1:100000:65536\"]\ngidmap = \"0:100\"").unwrap();
+        assert_eq!(u, ["0:1000:1", "1:100000:65536"]);
+        assert_eq!(g, ["0:100:1"]);
+        let e = load("uidmap = [\"0:1000:10\", \"9:2000\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--share tag=s: uidmap: 0:1000:10 and 9:2000:1 both map guest ids 9 to 9"),
+            "{e}"
+        );
     }
 }

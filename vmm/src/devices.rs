@@ -125,8 +125,8 @@ impl Devices {
                     node_fds: None,
                     writeback: share.writeback,
                     no_xattr: share.noxattr,
-                    uid_map: share.uidmap,
-                    gid_map: share.gidmap,
+                    uid_map: share.uidmap.clone(),
+                    gid_map: share.gidmap.clone(),
                 },
             )
             .map_err(|e| {

@@ -104,8 +104,8 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             node_fds: None,
             writeback: false,
             no_xattr: false,
-            uid_map: None,
-            gid_map: None,
+            uid_map: Default::default(),
+            gid_map: Default::default(),
         },
     )
     .map_err(|e| {

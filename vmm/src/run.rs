@@ -39,8 +39,8 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             cache: Default::default(),
             writeback: false,
             noxattr: false,
-            uidmap: None,
-            gidmap: None,
+            uidmap: Default::default(),
+            gidmap: Default::default(),
         })
         .collect();
     let serve = ServeConfig {
