@@ -313,7 +313,10 @@ fn read_dir_at(
     if unsafe { libc::lseek64(fd, off, libc::SEEK_SET) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut buf = vec![0u8; 32 * 1024];
+    // A reply holds one page of entries (the kernel asks for 4 KiB), which a first read of 4 KiB
+    // covers; the host's entries past what `add` takes are read for nothing, so later reads
+    // grow only while `add` keeps taking.
+    let mut buf = vec![0u8; 4096];
     loop {
         // SAFETY: `buf` is valid for writes of its length.
         let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
@@ -349,6 +352,9 @@ fn read_dir_at(
                 return Ok(());
             }
             pos += reclen;
+        }
+        if buf.len() < 32 * 1024 {
+            buf.resize(buf.len() * 2, 0);
         }
     }
 }

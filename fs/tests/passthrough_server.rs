@@ -175,6 +175,22 @@ fn readdir_and_readdirplus_list_everything_across_calls() {
     }
 }
 
+/// Names up to NAME_MAX: the server reads the host's entries a page at a time and grows its
+/// buffer while the reply takes more, so a few long names fill a read.
+#[test]
+fn long_names_list_across_calls() {
+    let f = fixture(false);
+    let name = |i: usize| format!("{i:03}{}", "n".repeat(252));
+    for i in 0..100 {
+        std::fs::write(f.share().join(name(i)), b"").unwrap();
+    }
+    for plus in [false, true] {
+        let names = f.readdir_names(abi::ROOT_ID, plus);
+        assert_eq!(names.len(), 102, "plus={plus}");
+        assert_eq!((&*names[2], &*names[101]), (&*name(0), &*name(99)));
+    }
+}
+
 /// A kernel that offers FUSE_NO_OPENDIR_SUPPORT has its first OPENDIR refused with ENOSYS
 /// (it then sends none) and reads directories with handle 0: every entry, across calls, with
 /// nothing left open. One that does not offer it opens directories as before.
