@@ -823,7 +823,7 @@ mod tests {
 
     /// An Ethernet frame with a TCP segment: `flags` (FIN 1, SYN 2, RST 4, ACK 16),
     /// `options` bytes of TCP options and `payload` bytes of data, over IPv4 or IPv6.
-    fn segment(v6: bool, flags: u8, options: usize, payload: usize) -> Vec<u8> {
+    pub(super) fn segment(v6: bool, flags: u8, options: usize, payload: usize) -> Vec<u8> {
         let tcp = 20 + options;
         let ip = if v6 { 40 } else { 20 };
         let mut f = vec![0u8; 14 + ip + tcp + payload];
@@ -1117,6 +1117,74 @@ mod coalesce_tests {
             1,
             "the ARP reply"
         );
+        assert!(!kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_none());
+    }
+
+    /// Puts `frame` first in line for the guest, where the stack's own frames wait.
+    fn for_the_guest(b: &VhostUserNetBackend, frame: Vec<u8>) {
+        b.stack
+            .lock()
+            .unwrap()
+            .unpop_frame(ferry_net::stack::Frame::from(frame));
+    }
+
+    /// Posts one more 2 KiB RX buffer, as descriptor `i`.
+    fn post_rx_buffer(rx_q: &MockSplitQueue<'_, Mem>, i: u16) {
+        let at = 0x30_0000 + u64::from(i) * 0x1000;
+        let d = SplitDescriptor::new(at, 2048, VRING_DESC_F_WRITE as u16, 0);
+        rx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+    }
+
+    /// After a bulk drain, a bare TCP ACK to the guest leaves the polls on: the guest is
+    /// sending, and its next segments can wait for the poll. A segment with data ends them (the
+    /// guest may answer it), and so does any frame after small drains.
+    #[test]
+    fn only_a_bare_ack_after_a_bulk_drain_leaves_the_polls_on() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        post_rx_buffer(&rx_q, 1);
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        let t = std::time::Instant::now();
+        let at = |us| t + std::time::Duration::from_micros(us);
+        let ack = super::tests::segment(false, 0x10, 12, 0);
+        let data = super::tests::segment(false, 0x18, 12, 100);
+        let delivered = || b.stats().rx_frames.load(Ordering::Relaxed);
+
+        // A bulk sender, streaming.
+        queue_big_frame(&tx_q, 0);
+        b.process_tx_at(&vrings, true, at(0)).unwrap();
+        queue_big_frame(&tx_q, 1);
+        b.process_tx_at(&vrings, true, at(500)).unwrap();
+        assert!(kicks_off(&m, &tx_q));
+
+        // A poll takes its next segment and the guest gets an ACK: the polls go on.
+        queue_big_frame(&tx_q, 2);
+        for_the_guest(&b, ack.clone());
+        std::thread::sleep(TX_POLL_MAX);
+        b.process_timer(&vrings).unwrap();
+        assert_eq!(delivered(), 1);
+        assert!(kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_some());
+
+        // The next one, and data for the guest: its kicks come back on.
+        queue_big_frame(&tx_q, 3);
+        for_the_guest(&b, data);
+        std::thread::sleep(TX_POLL_MAX);
+        b.process_timer(&vrings).unwrap();
+        assert_eq!(delivered(), 2);
+        assert!(!kicks_off(&m, &tx_q));
+        assert!(b.tx_poll().at.is_none());
+
+        // Small frames, streaming; a poll and a bare ACK for the guest end the polls too.
+        post_rx_buffer(&rx_q, 2);
+        two_quick_kicks(&b, &vrings, &tx_q, 4);
+        assert!(kicks_off(&m, &tx_q));
+        queue_frame(&tx_q, 6);
+        for_the_guest(&b, ack);
+        std::thread::sleep(TX_POLL_MAX);
+        b.process_timer(&vrings).unwrap();
+        assert_eq!(delivered(), 3);
         assert!(!kicks_off(&m, &tx_q));
         assert!(b.tx_poll().at.is_none());
     }
