@@ -11,7 +11,8 @@
 //!
 //! **Inbound rules** (`dir=in`) see the clients of published ports, which is what most
 //! `DOCKER-USER` rules are written for: keeping a published port to some networks. `from=`
-//! matches the client's address and `port=` the published host port (the one clients
+//! (an IPv4 or IPv6 network: a port published on `[::]` has IPv6 clients) matches the client's
+//! address and `port=` the published host port (the one clients
 //! connect to, not the guest's). They are checked on each accepted TCP connection and on each
 //! datagram from a UDP client the guest has no mapping for.
 //!
@@ -41,7 +42,7 @@
 //! API, which changes it; counters are atomics that flows hold on to.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -129,33 +130,45 @@ pub struct RuleSpec {
     pub dir: Dir,
     /// The protocol matched.
     pub proto: Proto,
-    /// The network matched: outbound, the destination as the guest addresses it (`to=`);
-    /// inbound, the client's (`from=`).
-    pub net: Ipv4Addr,
-    /// Its prefix length (0 matches every address).
+    /// The network matched: outbound, the destination as the guest addresses it (`to=`, IPv4:
+    /// the guest's network is); inbound, the client's (`from=`, IPv4 or IPv6).
+    pub net: IpAddr,
+    /// Its prefix length. `0.0.0.0/0` matches every address, IPv6 ones too; `::/0` every IPv6
+    /// one.
     pub prefix: u8,
     /// The ports matched, first and last (TCP and UDP only): outbound the destination port,
     /// inbound the published host port.
     pub ports: Option<(u16, u16)>,
 }
 
-impl RuleSpec {
-    fn mask(&self) -> u32 {
-        u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0)
+/// `addr` with all but its first `prefix` bits cleared.
+fn network_of(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
     }
+}
 
+impl RuleSpec {
     /// Whether a flow of `proto` matches: to `addr` for an outbound rule, from `addr` to
-    /// host port `port` for an inbound one (port 0 for ICMP). An IPv6 address is in no IPv4
-    /// network but the whole of `0.0.0.0/0`; an IPv4-mapped one is IPv4.
+    /// host port `port` for an inbound one (port 0 for ICMP). An IPv4-mapped address is IPv4;
+    /// an IPv6 one is in no IPv4 network but the whole of `0.0.0.0/0`, and an IPv4 one in no
+    /// IPv6 network.
     pub fn matches(&self, proto: Proto, addr: IpAddr, port: u16) -> bool {
-        let in_network = match addr {
-            IpAddr::V4(a) => (u32::from(a) & self.mask()) == u32::from(self.net),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(a) => (u32::from(a) & self.mask()) == u32::from(self.net),
-                None => self.prefix == 0,
-            },
+        let addr = match addr {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            a => a,
+        };
+        let in_network = match (self.net, addr) {
+            (IpAddr::V4(_), IpAddr::V6(_)) => self.prefix == 0,
+            (IpAddr::V6(_), IpAddr::V4(_)) => false,
+            _ => network_of(addr, self.prefix) == self.net,
         };
         (self.proto == Proto::Any || self.proto == proto)
             && in_network
@@ -187,7 +200,7 @@ impl FromStr for RuleSpec {
             action,
             dir: Dir::Out,
             proto: Proto::Any,
-            net: Ipv4Addr::UNSPECIFIED,
+            net: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             prefix: 0,
             ports: None,
         };
@@ -216,17 +229,24 @@ impl FromStr for RuleSpec {
                 }
                 Some((k @ ("to" | "from"), t)) if seen_net.is_none() => {
                     seen_net = Some(k);
-                    let (addr, len) = t.split_once('/').unwrap_or((t, "32"));
-                    let addr: Ipv4Addr = addr
-                        .parse()
-                        .map_err(|_| err(format!("{k}={t}: {addr} is not an IPv4 address")))?;
-                    let len: u8 = len
-                        .parse()
-                        .ok()
-                        .filter(|l| *l <= 32)
-                        .ok_or_else(|| err(format!("{k}={t}: the prefix must be 0 to 32")))?;
+                    let (addr, len) = t.split_once('/').map_or((t, None), |(a, l)| (a, Some(l)));
+                    let addr: IpAddr = addr.parse().map_err(|_| {
+                        err(format!("{k}={t}: {addr} is not an IPv4 or IPv6 address"))
+                    })?;
+                    if addr.is_ipv6() && k == "to" {
+                        return Err(err(format!(
+                            "to={t}: the guest's network is IPv4, so no flow goes to an IPv6 address; give an IPv4 network"
+                        )));
+                    }
+                    let max = if addr.is_ipv4() { 32 } else { 128 };
+                    let len: u8 = match len {
+                        None => max,
+                        Some(l) => l.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+                            err(format!("{k}={t}: the prefix must be 0 to {max}"))
+                        })?,
+                    };
                     spec.prefix = len;
-                    spec.net = Ipv4Addr::from(u32::from(addr) & spec.mask());
+                    spec.net = network_of(addr, len);
                     if spec.net != addr {
                         return Err(err(format!(
                             "{k}={t}: host bits are set; use {}/{len}",
@@ -292,7 +312,8 @@ impl fmt::Display for RuleSpec {
         if self.proto != Proto::Any {
             write!(f, ",proto={}", self.proto)?;
         }
-        if self.prefix != 0 {
+        // 0.0.0.0/0 is every address and goes without saying; ::/0 is every IPv6 one.
+        if self.prefix != 0 || self.net.is_ipv6() {
             let k = match self.dir {
                 Dir::Out => "to",
                 Dir::In => "from",
@@ -589,12 +610,19 @@ mod tests {
             "drop,proto=icmp",
             "drop,dir=in,from=10.0.0.0/8",
             "reject,dir=in,proto=tcp,from=192.168.1.7/32,port=8080",
+            "drop,dir=in,from=2001:db8::/32",
+            "reject,dir=in,proto=udp,from=::1/128,port=53",
+            "drop,dir=in,from=::/0",
         ] {
             assert_eq!(spec(s).to_string(), s);
         }
         assert_eq!(spec("deny,to=1.2.3.4").to_string(), "drop,to=1.2.3.4/32");
         assert_eq!(spec("accept,to=0.0.0.0/0").to_string(), "allow");
         assert_eq!(spec("allow,dir=out").to_string(), "allow");
+        assert_eq!(
+            spec("drop,dir=in,from=fd00::7").to_string(),
+            "drop,dir=in,from=fd00::7/128"
+        );
     }
 
     #[test]
@@ -604,7 +632,16 @@ mod tests {
             ("reject,proto=sctp", "expected tcp, udp, icmp or all"),
             ("reject,to=10.0.0.1/8", "host bits are set; use 10.0.0.0/8"),
             ("reject,to=10.0.0.0/33", "the prefix must be 0 to 32"),
-            ("reject,to=example.com", "not an IPv4 address"),
+            ("reject,to=example.com", "not an IPv4 or IPv6 address"),
+            (
+                "reject,to=2001:db8::/32",
+                "the guest's network is IPv4, so no flow goes to an IPv6 address",
+            ),
+            ("drop,dir=in,from=fd00::/129", "the prefix must be 0 to 128"),
+            (
+                "drop,dir=in,from=fd00::1/8",
+                "host bits are set; use fd00::/8",
+            ),
             ("reject,port=22", "port= needs proto=tcp or proto=udp"),
             ("reject,proto=tcp,port=0", "from 1 to 65535"),
             ("reject,proto=tcp,port=9-8", "a range N-M"),
@@ -653,6 +690,16 @@ mod tests {
         assert!(m(&all, Proto::Tcp, "[2001:db8::1]:80"));
         assert!(!m(&r, Proto::Tcp, "[2001:db8::1]:22"));
         assert!(m(&r, Proto::Tcp, "[::ffff:10.1.0.1]:22"));
+        // An IPv6 network holds IPv6 clients only: ::/0 is every IPv6 one, no IPv4 one
+        // (mapped ones are IPv4).
+        let v6 = spec("drop,dir=in,from=2001:db8::/32");
+        assert!(m(&v6, Proto::Tcp, "[2001:db8:1::5]:80"));
+        assert!(!m(&v6, Proto::Tcp, "[2001:db9::5]:80"));
+        assert!(!m(&v6, Proto::Tcp, "10.1.0.1:80"));
+        let any6 = spec("drop,dir=in,from=::/0");
+        assert!(m(&any6, Proto::Udp, "[::1]:5"));
+        assert!(!m(&any6, Proto::Udp, "127.0.0.1:5"));
+        assert!(!m(&any6, Proto::Udp, "[::ffff:127.0.0.1]:5"));
     }
 
     #[test]

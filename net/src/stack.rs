@@ -2142,6 +2142,36 @@ mod published {
         assert_eq!(rules.default_counters(crate::rules::Dir::Out).0, 0);
     }
 
+    /// A port published on `[::]` has IPv6 clients: an inbound rule with an IPv6 network keeps
+    /// them off before the guest sees them, and the port's IPv4 clients (whom no IPv6 network
+    /// holds) come in.
+    #[test]
+    fn an_ipv6_network_in_an_inbound_rule_keeps_ipv6_clients_off() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("skipped: this machine has no IPv6 loopback");
+            return;
+        }
+        let cfg = NetConfig::default();
+        let (port, ports, stack) = stack_with_published_port(&cfg, "[::]");
+        let reject: crate::rules::RuleSpec = "reject,dir=in,from=::1/128".parse().unwrap();
+        let rules = Arc::new(Rules::new(&[reject]));
+        let mut stack = stack.with_rules(rules.clone());
+        ports.set_attached(true);
+        let mut c = std::net::TcpStream::connect(("::1", port)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        assert!(
+            next_segment(&mut stack).is_none(),
+            "no SYN goes to the guest"
+        );
+        let e = c.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        let _c4 = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert!(next_segment(&mut stack).is_some(), "a SYN to the guest");
+        assert_eq!(rules.list()[0].packets, 1);
+        assert_eq!(rules.default_counters(crate::rules::Dir::In).0, 1);
+    }
+
     #[test]
     fn a_loopback_client_reaches_the_guest_as_the_host_alias_and_a_guest_rst_resets_it() {
         let cfg = NetConfig::default();

@@ -297,6 +297,20 @@ fn every_endpoint_over_the_socket_with_bad_input() {
         "{inbound}"
     );
     assert!(inbound["to"].is_null(), "{inbound}");
+    // An IPv6 network, for the clients of a port published on [::].
+    let (st, v6) = api(
+        s,
+        "POST",
+        "/rules",
+        Some(r#"{"spec": "reject,dir=in,from=2001:db8::/32"}"#),
+    );
+    assert_eq!(
+        (st, v6["from"].as_str()),
+        (201, Some("2001:db8::/32")),
+        "{v6}"
+    );
+    let (st, _) = api(s, "DELETE", &format!("/rules/{}", v6["id"]), None);
+    assert_eq!(st, 204);
     let (st, _) = api(s, "DELETE", &format!("/rules/{}", inbound["id"]), None);
     assert_eq!(st, 204);
     expect_error(
