@@ -286,6 +286,32 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
         "with the rules deleted the client comes in again: {seen:?}"
     );
 
+    // An IPv6 network: the port's ::1 client is kept off, its 127.0.0.1 client comes in.
+    let o = ctl(
+        &api,
+        &[
+            "rules",
+            "add",
+            "reject,dir=in,proto=tcp,from=::1/128,port=9000",
+        ],
+    );
+    assert!(o.status.success(), "ferry ctl rules add: {}", text(&o));
+    let r = clients(&net.inner, &["probe", "::1", "9000"]);
+    assert!(r.starts_with("reset"), "a rejected IPv6 client: {r}");
+    let seen = clients(&net.inner, &["peer", "127.0.0.1", "9000"]);
+    assert!(
+        seen.starts_with("192.168.127.254:"),
+        "an IPv4 client: {seen:?}"
+    );
+    let v = rules();
+    assert_eq!(
+        (v["rules"][0]["from"].as_str(), &v["rules"][0]["packets"]),
+        (Some("::1/128"), &1.into()),
+        "{v}"
+    );
+    let id = v["rules"][0]["id"].to_string();
+    assert!(ctl(&api, &["rules", "delete", &id]).status.success());
+
     // 200 clients at once through one published port.
     let many = clients(&net.inner, &["many", "127.0.0.1", "9000", "200"]);
     assert!(
