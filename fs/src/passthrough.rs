@@ -881,12 +881,12 @@ impl PassthroughFs {
         }
     }
 
-    /// Reopens a node with real access `flags` through /proc/self/fd.
     /// A descriptor of directory `node` to read it through.
     fn open_dir(&self, node: &Inode) -> io::Result<File> {
         self.reopen(node, libc::O_RDONLY | libc::O_DIRECTORY)
     }
 
+    /// Reopens a node with real access `flags` through /proc/self/fd.
     fn reopen(&self, node: &Inode, flags: i32) -> io::Result<File> {
         let nf = node.fd()?;
         match Self::reopen_fd(nf.as_raw_fd(), flags) {
