@@ -151,7 +151,10 @@ struct FileShare {
 /// A TOML value that is one string or a list of them (`uidmap = "0:1000"` or
 /// `uidmap = ["0:1000", "1:100000:65536"]`).
 #[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "uidmap and gidmap take a range \"GUEST:HOST[:COUNT]\" or a list of them, as uidmap = [\"0:1000\", \"1:100000:65536\"]"
+)]
 enum OneOrMany {
     #[default]
     None,
@@ -833,6 +836,11 @@ mod tests {
             load("uidmap = [\"0:1000\", \"1:100000:65536\"]\ngidmap = \"0:100\"").unwrap();
         assert_eq!(u, ["0:1000:1", "1:100000:65536"]);
         assert_eq!(g, ["0:100:1"]);
+        let e = load("gidmap = 5").unwrap_err().to_string();
+        assert!(
+            e.contains("uidmap and gidmap take a range \"GUEST:HOST[:COUNT]\" or a list of them"),
+            "{e}"
+        );
         let e = load("uidmap = [\"0:1000:10\", \"9:2000\"]")
             .unwrap_err()
             .to_string();
