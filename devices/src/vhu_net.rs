@@ -14,7 +14,7 @@ use ferry_fs::RequestReader;
 use ferry_net::ports::Ports;
 use ferry_net::proxy::Proxy;
 use ferry_net::rules::Rules;
-use ferry_net::stack::{FlowInfo, NetStack, StackStats};
+use ferry_net::stack::{is_bare_tcp_ack, FlowInfo, NetStack, StackStats};
 use ferry_net::NetConfig;
 use log::{debug, warn};
 use smallvec::SmallVec;
@@ -186,38 +186,6 @@ struct Delivered {
     any: bool,
     /// Some frame was more than a bare TCP ACK: the guest may answer it.
     answers: bool,
-}
-
-/// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
-/// a receiver sends a sender, which the sender need not answer.
-fn bare_tcp_ack(frame: &[u8]) -> bool {
-    let (ip, proto, header, payload) = match frame.get(12..14) {
-        Some([0x08, 0x00]) => {
-            let Some(ip) = frame.get(14..34) else {
-                return false;
-            };
-            let header = usize::from(ip[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-            (14, ip[9], header, total.saturating_sub(header))
-        }
-        Some([0x86, 0xdd]) => {
-            let Some(ip) = frame.get(14..54) else {
-                return false;
-            };
-            // Stack-made frames carry no extension headers.
-            (
-                14,
-                ip[6],
-                40,
-                usize::from(u16::from_be_bytes([ip[4], ip[5]])),
-            )
-        }
-        _ => return false,
-    };
-    let Some(tcp) = frame.get(ip + header..ip + header + 20) else {
-        return false;
-    };
-    proto == 6 && tcp[13] & 0x07 == 0 && payload == usize::from(tcp[12] >> 4) * 4
 }
 
 /// What a net device serves besides the link, shared with the control API.
@@ -674,7 +642,7 @@ impl VhostUserNetBackend {
                 warn!("net: cannot return RX descriptors: {e}");
             }
             used += elems.len();
-            answers |= !bare_tcp_ack(&frame);
+            answers |= !is_bare_tcp_ack(&frame);
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .rx_bytes
@@ -846,32 +814,35 @@ mod tests {
     #[test]
     fn only_a_bare_tcp_ack_lets_a_sender_wait_for_its_poll() {
         for v6 in [false, true] {
-            assert!(bare_tcp_ack(&segment(v6, 0x10, 0, 0)), "v6 {v6}");
+            assert!(is_bare_tcp_ack(&segment(v6, 0x10, 0, 0)), "v6 {v6}");
             assert!(
-                bare_tcp_ack(&segment(v6, 0x10, 12, 0)),
+                is_bare_tcp_ack(&segment(v6, 0x10, 12, 0)),
                 "timestamps, v6 {v6}"
             );
             // Data, or a SYN, FIN or RST, is something the guest may answer.
-            assert!(!bare_tcp_ack(&segment(v6, 0x18, 12, 1)));
+            assert!(!is_bare_tcp_ack(&segment(v6, 0x18, 12, 1)));
             for flags in [0x12, 0x11, 0x14, 0x04] {
-                assert!(!bare_tcp_ack(&segment(v6, flags, 0, 0)), "flags {flags:#x}");
+                assert!(
+                    !is_bare_tcp_ack(&segment(v6, flags, 0, 0)),
+                    "flags {flags:#x}"
+                );
             }
         }
         // Not TCP: UDP, ARP.
         let mut udp = segment(false, 0x10, 0, 0);
         udp[23] = 17;
-        assert!(!bare_tcp_ack(&udp));
+        assert!(!is_bare_tcp_ack(&udp));
         let mut arp = segment(false, 0x10, 0, 0);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert!(!bare_tcp_ack(&arp));
+        assert!(!is_bare_tcp_ack(&arp));
         // Short frames and a header length past the end are not ACKs, and do not panic.
         let ack = segment(true, 0x10, 0, 0);
         for len in 0..ack.len() {
-            assert!(!bare_tcp_ack(&ack[..len]), "{len} bytes");
+            assert!(!is_bare_tcp_ack(&ack[..len]), "{len} bytes");
         }
         let mut long_header = segment(false, 0x10, 0, 0);
         long_header[14] = 0x4f;
-        assert!(!bare_tcp_ack(&long_header));
+        assert!(!is_bare_tcp_ack(&long_header));
     }
 
     #[test]

@@ -881,9 +881,10 @@ impl PassthroughFs {
         }
     }
 
-    /// A descriptor of directory `node` to read it through.
-    fn open_dir(&self, node: &Inode) -> io::Result<File> {
-        self.reopen(node, libc::O_RDONLY | libc::O_DIRECTORY)
+    /// A descriptor of directory node `inode` to read it through.
+    fn open_dir(&self, inode: u64) -> io::Result<File> {
+        let node = self.inode(inode)?;
+        self.reopen(&node, libc::O_RDONLY | libc::O_DIRECTORY)
     }
 
     /// Reopens a node with real access `flags` through /proc/self/fd.
@@ -1512,8 +1513,7 @@ impl FileSystem for PassthroughFs {
         if self.stateless_dirs.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
-        let node = self.inode(inode)?;
-        let f = self.open_dir(&node)?;
+        let f = self.open_dir(inode)?;
         Ok((self.add_handle(f, inode)?, 0))
     }
 
@@ -1529,9 +1529,7 @@ impl FileSystem for PassthroughFs {
             // No OPENDIR (see `stateless_dirs`): a descriptor of this request's own. The
             // offsets the guest passes are the host's d_off cookies, which hold across opens
             // (NFS servers rely on that too).
-            let node = self.inode(inode)?;
-            let dir = self.open_dir(&node)?;
-            return read_dir_at(&dir, offset, add);
+            return read_dir_at(&self.open_dir(inode)?, offset, add);
         }
         let h = self.handle(handle)?;
         let _pos = h.dir_pos.lock().map_err(|_| ebadf())?;
@@ -1545,9 +1543,7 @@ impl FileSystem for PassthroughFs {
 
     fn fsyncdir(&self, ctx: Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
         if handle == 0 {
-            let node = self.inode(inode)?;
-            let dir = self.open_dir(&node)?;
-            return sync_fd(dir.as_raw_fd(), datasync);
+            return sync_fd(self.open_dir(inode)?.as_raw_fd(), datasync);
         }
         self.fsync(ctx, inode, datasync, handle)
     }

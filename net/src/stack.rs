@@ -313,6 +313,32 @@ fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8])> {
     Some((ip, payload))
 }
 
+/// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
+/// a receiver sends a sender, which the sender need not answer. The device asks it of the
+/// frames the stack makes, so no checksum is checked.
+pub fn is_bare_tcp_ack(frame: &[u8]) -> bool {
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    };
+    let Ok(f) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    let segment = match f.ethertype() {
+        EthernetProtocol::Ipv4 => match Ipv4Packet::new_checked(f.payload()) {
+            Ok(p) if p.next_header() == IpProtocol::Tcp => p.payload(),
+            _ => return false,
+        },
+        EthernetProtocol::Ipv6 => match Ipv6Packet::new_checked(f.payload()) {
+            // Stack-made frames carry no extension headers.
+            Ok(p) if p.next_header() == IpProtocol::Tcp => p.payload(),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    TcpPacket::new_checked(segment)
+        .is_ok_and(|t| !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
+}
+
 /// The flow of a guest UDP datagram to an IPv4 destination, and its payload, if `frame` is
 /// one (the IPv4 header's checksum checked; the UDP one is not, see
 /// `FrameQueue::capabilities`).

@@ -546,7 +546,7 @@ fn stats(control: &Control) -> Value {
                 .filter(|&o| st.ops(o) > 0)
                 .map(|o| {
                     let name = opcode::name(o).unwrap_or("unknown");
-                    (name.to_string(), json!(st.ops(o)))
+                    (name.to_ascii_lowercase(), json!(st.ops(o)))
                 })
                 .collect();
             json!({
