@@ -1,0 +1,79 @@
+//! A share's options.
+
+use std::time::Duration;
+
+use super::IdMaps;
+use crate::abi;
+
+/// How long the guest may cache attributes and entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// No caching: every access asks the host. For shares the host changes often.
+    Never,
+    /// Cache metadata briefly, but not file data.
+    Metadata,
+    /// Cache metadata briefly and file data until the file changes on the host (the default).
+    #[default]
+    Auto,
+    /// Cache everything for a long time. For shares only the guest changes.
+    Always,
+}
+
+impl CachePolicy {
+    /// How long attributes and entries may be cached under this policy.
+    pub fn attr_timeout(self) -> Duration {
+        match self {
+            CachePolicy::Never => Duration::ZERO,
+            CachePolicy::Metadata | CachePolicy::Auto => Duration::from_secs(1),
+            CachePolicy::Always => Duration::from_secs(86400),
+        }
+    }
+
+    /// FOPEN_* flags for files opened under this policy.
+    pub(super) fn open_flags(self) -> u32 {
+        match self {
+            CachePolicy::Never | CachePolicy::Metadata => abi::FOPEN_DIRECT_IO,
+            CachePolicy::Auto => 0,
+            CachePolicy::Always => abi::FOPEN_KEEP_CACHE,
+        }
+    }
+}
+
+impl std::str::FromStr for CachePolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(CachePolicy::Never),
+            "metadata" => Ok(CachePolicy::Metadata),
+            "auto" => Ok(CachePolicy::Auto),
+            "always" => Ok(CachePolicy::Always),
+            _ => Err(format!(
+                "cache={s} is not a cache policy; use never, metadata, auto or always"
+            )),
+        }
+    }
+}
+
+/// Options for one share.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Cache policy.
+    pub cache: CachePolicy,
+    /// Answer every write with EROFS.
+    pub readonly: bool,
+    /// How many nodes may keep a descriptor open before nodes keep file handles instead
+    /// (None: half the open-file limit, at most 16384).
+    pub node_fds: Option<usize>,
+    /// Let the guest cache writes (FUSE writeback cache): faster small writes, but a host
+    /// process may see the guest's writes late.
+    pub writeback: bool,
+    /// Answer the xattr requests with ENOSYS, as virtiofsd does without `--xattr`: the guest
+    /// then stops asking, which saves the GETXATTR of `security.capability` that it sends
+    /// before the first write to every file.
+    pub no_xattr: bool,
+    /// User ids the guest and the host see differently (no ranges: the same ids both ways).
+    pub uid_map: IdMaps,
+    /// Group ids the same way.
+    pub gid_map: IdMaps,
+}
