@@ -19,6 +19,18 @@ fn fixture(readonly: bool) -> Fixture {
     fixture_with(readonly, None)
 }
 
+/// A fixture serving a fresh temporary folder (its `dir`, not `share()`) with `cfg`, after
+/// `prepare` has had the folder.
+fn fixture_config(cfg: Config, prepare: impl FnOnce(&Path)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path());
+    let fs = PassthroughFs::new(dir.path(), cfg).unwrap();
+    Fixture {
+        dir,
+        server: Server::new(fs),
+    }
+}
+
 fn fixture_with(readonly: bool, node_fds: Option<usize>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
@@ -50,12 +62,30 @@ impl Fixture {
 
     /// Sends one request with its unique id.
     fn call_unique(&self, op: u32, node: u64, unique: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        self.call_full(op, node, unique, (0, 0), parts)
+    }
+
+    /// Sends one request from the guest's user `ids` (uid, gid).
+    fn call_as(&self, ids: (u32, u32), op: u32, node: u64, parts: &[&[u8]]) -> (i32, Vec<u8>) {
+        self.call_full(op, node, 1, ids, parts)
+    }
+
+    fn call_full(
+        &self,
+        op: u32,
+        node: u64,
+        unique: u64,
+        (uid, gid): (u32, u32),
+        parts: &[&[u8]],
+    ) -> (i32, Vec<u8>) {
         let body: Vec<u8> = parts.concat();
         let hdr = InHeader {
             len: (size_of::<InHeader>() + body.len()) as u32,
             opcode: op,
             unique,
             nodeid: node,
+            uid,
+            gid,
             ..Default::default()
         };
         let mut req = hdr.as_slice().to_vec();
@@ -83,6 +113,17 @@ impl Fixture {
             ..Default::default()
         };
         self.call(opcode::CREATE, 1, &[c.as_slice(), name.as_bytes(), b"\0"])
+    }
+
+    /// CREATE of `name` as [`Self::create`], which must succeed; returns its entry.
+    fn created(&self, name: &str) -> abi::EntryOut {
+        let (e, body) = self.create(name, libc::O_RDWR);
+        assert_eq!(e, 0, "CREATE {name}");
+        let mut entry = abi::EntryOut::default();
+        entry
+            .as_mut_slice()
+            .copy_from_slice(&body[..size_of::<abi::EntryOut>()]);
+        entry
     }
 
     fn lookup(&self, parent: u64, name: &str) -> Result<abi::EntryOut, i32> {
@@ -817,6 +858,8 @@ fn id_maps_rename_owners_both_ways() {
             ])
             .unwrap(),
             gid_map: IdMaps::new(vec![IdMap::parse("0:2345:10").unwrap()]).unwrap(),
+            // Owners reach the host: this test is about the names ids have on each side.
+            trusted: true,
             ..Default::default()
         },
     )
@@ -948,4 +991,232 @@ fn id_maps_refuse_what_they_cannot_mean() {
             "{specs:?}: {e}"
         );
     }
+}
+
+/// GETATTR of `node`: (uid, gid, mode bits) as the guest sees them.
+fn shown_attr(f: &Fixture, node: u64) -> (u32, u32, u32) {
+    let (e, body) = f.call(
+        opcode::GETATTR,
+        node,
+        &[abi::GetattrIn::default().as_slice()],
+    );
+    assert_eq!(e, 0);
+    let mut out = abi::AttrOut::default();
+    out.as_mut_slice().copy_from_slice(&body);
+    (out.attr.uid, out.attr.gid, out.attr.mode & 0o7777)
+}
+
+/// SETATTR of `node` with `valid` fields: (errno, (uid, gid, mode bits) in the reply).
+fn set_attr(f: &Fixture, node: u64, valid: u32, uid: u32, gid: u32, mode: u32) -> i32 {
+    let s = abi::SetattrIn {
+        valid,
+        uid,
+        gid,
+        mode,
+        ..Default::default()
+    };
+    f.call(opcode::SETATTR, node, &[s.as_slice()]).0
+}
+
+/// The host's (uid, gid, mode bits) of `p`, not following a symlink.
+fn host_attr(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+fn kept(p: &Path) -> Option<String> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = [0u8; 128];
+    // SAFETY: both strings are NUL-terminated and `buf` has the room given.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"user.containers.override_stat".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+#[test]
+fn ownership_the_guest_sets_stays_off_the_host_by_default() {
+    let f = fixture(false);
+    // SAFETY: geteuid has no memory effects.
+    let me = unsafe { libc::geteuid() };
+    let share = f.share();
+    let owner = host_attr(&share);
+    f.init(0);
+
+    // The guest's root plants a set-user-ID root program and gives a folder to 12345: both
+    // look done in the guest, while the host files keep the share owner's ids and no set-id
+    // bit.
+    let plant = f.created("plant").nodeid;
+    assert_eq!(
+        kept(&share.join("plant")),
+        None,
+        "root's file as root: nothing to keep"
+    );
+    assert_eq!(set_attr(&f, plant, abi::fattr::MODE, 0, 0, 0o4755), 0);
+    assert_eq!(shown_attr(&f, plant), (0, 0, 0o4755));
+    assert_eq!(host_attr(&share.join("plant")), (owner.0, owner.1, 0o755));
+    let mk = abi::MkdirIn {
+        mode: 0o750,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"data\0"]).0, 0);
+    let data = f.lookup(1, "data").unwrap().nodeid;
+    assert_eq!(
+        set_attr(&f, data, abi::fattr::UID | abi::fattr::GID, 12345, 12345, 0),
+        0
+    );
+    assert_eq!(shown_attr(&f, data), (12345, 12345, 0o750));
+    assert_eq!(host_attr(&share.join("data")), (owner.0, owner.1, 0o750));
+    assert_eq!(
+        kept(&share.join("data")).as_deref(),
+        Some("12345:12345:0750:dir")
+    );
+
+    // A guest user's file: the caller's ids in the guest, the share owner's on the host.
+    let c = abi::CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: 0o640,
+        ..Default::default()
+    };
+    let (e, body) = f.call_as((1000, 1001), opcode::CREATE, 1, &[c.as_slice(), b"users\0"]);
+    assert_eq!(e, 0);
+    let mut entry = abi::EntryOut::default();
+    entry
+        .as_mut_slice()
+        .copy_from_slice(&body[..size_of::<abi::EntryOut>()]);
+    assert_eq!(
+        (entry.attr.uid, entry.attr.gid, entry.attr.mode & 0o7777),
+        (1000, 1001, 0o640)
+    );
+    assert_eq!(host_attr(&share.join("users")), (owner.0, owner.1, 0o640));
+
+    // A set-group-ID folder passes its group and the bit on, as on a local file system.
+    assert_eq!(set_attr(&f, data, abi::fattr::MODE, 0, 0, 0o2775), 0);
+    assert_eq!(host_attr(&share.join("data")).2, 0o775);
+    let (e, _) = f.call(opcode::MKDIR, data, &[mk.as_slice(), b"sub\0"]);
+    assert_eq!(e, 0);
+    let sub = f.lookup(data, "sub").unwrap().nodeid;
+    assert_eq!(shown_attr(&f, sub), (0, 12345, 0o2750));
+
+    // A write by another user clears the set-user-ID bit the guest sees.
+    let fh = open_rw(&f, plant);
+    let w = abi::WriteIn {
+        fh,
+        size: 1,
+        write_flags: abi::WRITE_KILL_SUIDGID,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::WRITE, plant, &[w.as_slice(), b"x"]).0, 0);
+    assert_eq!(shown_attr(&f, plant), (0, 0, 0o755));
+    assert_eq!(set_attr(&f, plant, abi::fattr::MODE, 0, 0, 0o4755), 0);
+
+    // The guest can neither read nor change the attribute that keeps it.
+    let name = b"user.containers.override_stat\0";
+    let g = abi::GetxattrIn {
+        size: 64,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.call(opcode::GETXATTR, data, &[g.as_slice(), name]).0,
+        libc::ENODATA
+    );
+    let sx = abi::SetxattrIn {
+        size: 9,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.call(
+            opcode::SETXATTR,
+            plant,
+            &[sx.as_slice(), name, b"0:0:04755"]
+        )
+        .0,
+        libc::EPERM
+    );
+    assert_eq!(f.call(opcode::REMOVEXATTR, data, &[name]).0, libc::EPERM);
+    let (e, body) = f.call(opcode::LISTXATTR, data, &[g.as_slice()]);
+    assert_eq!(e, 0);
+    assert!(
+        !String::from_utf8_lossy(&body).contains("override_stat"),
+        "{body:?}"
+    );
+
+    // A FIFO's owner cannot be kept: refused. A symlink's grants nothing: taken and dropped.
+    std::os::unix::fs::symlink("plant", share.join("link")).unwrap();
+    let link = f.lookup(1, "link").unwrap().nodeid;
+    assert_eq!(set_attr(&f, link, abi::fattr::UID, 7, 0, 0), 0);
+    let fifo = abi::MknodIn {
+        mode: libc::S_IFIFO | 0o644,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKNOD, 1, &[fifo.as_slice(), b"fifo\0"]).0, 0);
+    let fifo = f.lookup(1, "fifo").unwrap().nodeid;
+    assert_eq!(set_attr(&f, fifo, abi::fattr::UID, 7, 0, 0), libc::EPERM);
+
+    // A new session (a remount) reads what was kept.
+    f.call(opcode::DESTROY, 0, &[]);
+    f.init(0);
+    let plant = f.lookup(1, "plant").unwrap().nodeid;
+    assert_eq!(shown_attr(&f, plant), (0, 0, 0o4755));
+    let data = f.lookup(1, "data").unwrap();
+    assert_eq!(
+        (data.attr.uid, data.attr.gid, data.attr.mode & 0o7777),
+        (12345, 12345, 0o2775)
+    );
+    // Back to the host's own values: nothing is kept.
+    assert_eq!(
+        set_attr(
+            &f,
+            data.nodeid,
+            abi::fattr::UID | abi::fattr::GID | abi::fattr::MODE,
+            owner.0,
+            owner.1,
+            0o755
+        ),
+        0
+    );
+    assert_eq!(kept(&share.join("data")), None);
+    assert_eq!(me, 0, "these tests run as root");
+}
+
+#[test]
+fn a_trusted_share_passes_ownership_to_the_host() {
+    let cfg = Config {
+        trusted: true,
+        ..Default::default()
+    };
+    let f = fixture_config(cfg, |_| {});
+    let share = f.dir.path().to_path_buf();
+    // chown first: a chown clears the set-user-ID bit, on the host as anywhere.
+    let node = f.created("plant").nodeid;
+    let ids = abi::fattr::UID | abi::fattr::GID;
+    assert_eq!(set_attr(&f, node, ids, 12345, 12345, 0), 0);
+    assert_eq!(set_attr(&f, node, abi::fattr::MODE, 0, 0, 0o4755), 0);
+    assert_eq!(host_attr(&share.join("plant")), (12345, 12345, 0o4755));
+    assert_eq!(kept(&share.join("plant")), None);
+}
+
+#[test]
+fn files_the_guest_makes_belong_to_the_share_owner_on_the_host() {
+    let f = fixture_config(Config::default(), |d| {
+        std::os::unix::fs::chown(d, Some(4321), Some(4322)).unwrap()
+    });
+    let share = f.dir.path().to_path_buf();
+    let entry = f.created("made");
+    assert_eq!((entry.attr.uid, entry.attr.gid), (0, 0));
+    assert_eq!(host_attr(&share.join("made")), (4321, 4322, 0o644));
+    assert_eq!(kept(&share.join("made")).as_deref(), Some("0:0:0644:file"));
+    let mk = abi::MkdirIn {
+        mode: 0o755,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"d\0"]).0, 0);
+    assert_eq!(host_attr(&share.join("d")), (4321, 4322, 0o755));
+    assert_eq!(f.lookup(1, "d").unwrap().attr.uid, 0);
 }

@@ -67,6 +67,18 @@ check suid-write-as-user "$($P write-as suid 65534)" ok
 check suid-cleared "$(stat -c %a suid)" 777
 check statfs-blocks "$(stat -f -c %b .)" "$STATFS_BLOCKS"
 
+# Ownership the guest sets is emulated on a share without `trusted`: a set-user-ID root
+# program and a folder given to 12345 look done here, and again after a remount (ferry reads
+# them back from the host files), while the host files keep the share owner and no set-id bit
+# (checked on the host).
+cp $P plant && chown 0:0 plant && chmod 4755 plant
+check plant-shown "$(stat -c %u:%g:%a plant)" 0:0:4755
+mkdir given && chown 12345:12345 given && check chown-shown "$(stat -c %u:%g given)" 12345:12345
+cd / && umount $S && mount -t virtiofs rw $S && cd $S && ok remount || fail remount "cannot remount $S"
+check plant-after-remount "$(stat -c %u:%g:%a plant)" 0:0:4755
+check chown-after-remount "$(stat -c %u:%g given)" 12345:12345
+check chown-still-shown "$(stat -c %u:%g target)" 65534:65534
+
 # Escapes: links made on the host that point outside the share resolve in the guest's own
 # namespace, never on the host.
 check escape-symlink "$(cat escape 2>&1 | grep -c HOST-SECRET)" 0
@@ -90,6 +102,9 @@ chown 7:3 $W/owned && check idmap-chown "$(stat -c %u:%g $W/owned)" 7:3
 check idmap-root-writes "$(printf ok > $W/nobody 2>&1; cat $W/nobody)" ok
 check idmap-second-range "$(stat -c %u:%g $W/sub)" 1003:0
 chown 1001 $W/sub && check idmap-second-range-chown "$(stat -c %u $W/sub)" 1001
+# A `trusted` share passes the plant through (checked on the host).
+cp $P $W/plant && chown 0:0 $W/plant && chmod 4755 $W/plant
+check trusted-plant "$(stat -c %u:%g:%a $W/plant)" 0:0:4755
 dd if=/dev/urandom of=$W/f bs=65536 count=64 2>/dev/null && sha256sum $W/f | cut -d' ' -f1 > $W/f.sha256
 printf abc > $W/w && printf def >> $W/w && check wb-append "$(cat $W/w)" abcdef
 exec 4>$W/wo; printf xyz >&4; exec 4>&-; check wb-write-only "$(cat $W/wo)" xyz
@@ -175,7 +190,7 @@ fn guest_file_operations_through_ferry() {
             ),
             "--share".into(),
             format!(
-                "tag=wb,dir={},socket={},writeback,noxattr,uidmap=0:1234,uidmap=1000:5000:10,gidmap=0:2345:10",
+                "tag=wb,dir={},socket={},writeback,noxattr,trusted,uidmap=0:1234,uidmap=1000:5000:10,gidmap=0:2345:10",
                 wb.display(),
                 wb_sock.display()
             ),
@@ -225,7 +240,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 56,
+        failed.is_empty() && out.checks.len() >= 63,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -238,7 +253,8 @@ fn guest_file_operations_through_ferry() {
     let want = std::fs::read_to_string(wb.join("f.sha256")).unwrap();
     assert_eq!(sha256_hex(&wb.join("f")), want.trim(), "writeback share");
     assert_eq!(std::fs::read(wb.join("w")).unwrap(), b"abcdef");
-    // The guest's root made its files as the host's 1234:2345; its chown to 7:3 is 7:2348.
+    // On the trusted share the guest's root made its files as the host's 1234:2345; its chown
+    // to 7:3 is 7:2348.
     let owner = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(p).unwrap();
@@ -257,6 +273,29 @@ fn guest_file_operations_through_ferry() {
         "idmap: chown in the second range"
     );
     assert!(!ro.join("new").exists());
+    // The default share kept the plant and the chowns off the host; the trusted one did not.
+    let attr = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    let share_owner = attr(&rw);
+    assert_eq!(
+        attr(&rw.join("plant")),
+        (share_owner.0, share_owner.1, 0o755),
+        "the guest's set-user-ID plant reached the host"
+    );
+    assert_eq!(
+        attr(&rw.join("given")).0,
+        share_owner.0,
+        "a chown reached the host"
+    );
+    assert_eq!(
+        attr(&rw.join("target")).0,
+        share_owner.0,
+        "a chown reached the host"
+    );
+    assert_eq!(attr(&wb.join("plant")), (1234, 2345, 0o4755), "trusted");
     // The guest's kernel read every folder without OPENDIR: ferry refused the first one and
     // the guest sent no more (nor RELEASEDIR), so each folder of the walk, the 10k-entry one
     // and the rest cost a listing and the empty read that ends it.

@@ -341,21 +341,43 @@ fn permissions_and_ownership() {
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&m.path("p.txt")), 0o640);
     assert_eq!(mode(&src.join("p.txt")), 0o640);
-    fs::set_permissions(m.path("p.txt"), fs::Permissions::from_mode(0o4755)).unwrap();
-    assert_eq!(mode(&src.join("p.txt")), 0o4755);
 
+    // Ownership is emulated (the default): the mount shows the set-user-ID bit and the owner
+    // it was given, the host file keeps root and no set-id bit, and the attribute that keeps
+    // them is neither listed nor readable through the mount.
     // SAFETY: geteuid has no memory effects.
     let root = unsafe { libc::geteuid() } == 0;
     assert!(root, "these tests run as root (the mount needs it)");
+    fs::set_permissions(m.path("p.txt"), fs::Permissions::from_mode(0o4755)).unwrap();
+    assert_eq!(mode(&m.path("p.txt")), 0o4755);
+    assert_eq!(mode(&src.join("p.txt")), 0o755);
     std::os::unix::fs::chown(m.path("p.txt"), Some(1234), Some(5678)).unwrap();
     let st = fs::metadata(src.join("p.txt")).unwrap();
-    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    assert_eq!((st.uid(), st.gid()), (0, 0));
     let st = fs::metadata(m.path("p.txt")).unwrap();
     assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    assert_eq!(mode(&m.path("p.txt")), 0o4755);
     // Group only.
     std::os::unix::fs::chown(m.path("p.txt"), None, Some(42)).unwrap();
-    let st = fs::metadata(src.join("p.txt")).unwrap();
+    let st = fs::metadata(m.path("p.txt")).unwrap();
     assert_eq!((st.uid(), st.gid()), (1234, 42));
+    let st = fs::metadata(src.join("p.txt")).unwrap();
+    assert_eq!((st.uid(), st.gid()), (0, 0));
+    let kept = get_xattr(&src.join("p.txt"), "user.containers.override_stat");
+    assert_eq!(kept.as_deref(), Ok(&b"1234:42:04755:file"[..]));
+    assert_eq!(
+        get_xattr(&m.path("p.txt"), "user.containers.override_stat"),
+        Err(libc::ENODATA)
+    );
+    assert!(!list_xattr(&m.path("p.txt")).contains(&"user.containers.override_stat".to_string()));
+    assert_eq!(
+        set_xattr(
+            &m.path("p.txt"),
+            "user.containers.override_stat",
+            b"0:0:04755"
+        ),
+        Err(libc::EPERM)
+    );
 
     // Times.
     let f = File::options().write(true).open(m.path("p.txt")).unwrap();

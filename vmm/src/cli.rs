@@ -147,13 +147,16 @@ pub struct ServeArgs {
     /// Serve DIR as a virtio-fs device with this tag on this UNIX socket (repeatable).
     /// Options: readonly (every write fails with EROFS), cache=never|metadata|auto|always
     /// (default auto), writeback (the guest caches writes), noxattr (extended attributes
-    /// off, as virtiofsd without --xattr), uidmap=GUEST:HOST[:COUNT] and gidmap= (ids the
-    /// guest names differently: uidmap=0:1000 shows the host's 1000 as the guest's root, and
-    /// files the guest's root makes or chowns to 0 belong to 1000; given again, each adds a
-    /// range, as uidmap=0:1000,uidmap=1:100000:65536 for a rootless engine's subordinate ids).
+    /// off, as virtiofsd without --xattr), trusted (owners, groups and set-id bits the guest
+    /// sets reach the host files, as for a container's root file system; without it host
+    /// files keep the share owner's ids and no set-id bits, and the guest's are kept in the
+    /// user.containers.override_stat attribute it is shown), uidmap=GUEST:HOST[:COUNT] and
+    /// gidmap= (ids the guest names differently: uidmap=0:1000 shows the host's 1000 as the
+    /// guest's root; given again, each adds a range, as uidmap=0:1000,uidmap=1:100000:65536
+    /// for a rootless engine's subordinate ids).
     #[arg(
         long,
-        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
+        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,trusted][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
     )]
     pub share: Vec<String>,
 

@@ -66,6 +66,8 @@ pub struct ShareConfig {
     pub writeback: bool,
     /// Answer the xattr requests with ENOSYS (virtiofsd's default).
     pub noxattr: bool,
+    /// Pass owners and set-id bits the guest sets through to the host files.
+    pub trusted: bool,
     /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
     /// per range).
     pub uidmap: IdMaps,
@@ -141,6 +143,8 @@ struct FileShare {
     writeback: bool,
     #[serde(default)]
     noxattr: bool,
+    #[serde(default)]
+    trusted: bool,
     cache: Option<String>,
     #[serde(default)]
     uidmap: OneOrMany,
@@ -251,11 +255,11 @@ fn parse_id_maps<'a>(
 }
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
-/// [,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
+/// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
 fn parse_share(spec: &str) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
-    let (mut readonly, mut writeback, mut noxattr) = (false, false, false);
+    let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
@@ -269,9 +273,10 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             None if part == "readonly" => readonly = true,
             None if part == "writeback" => writeback = true,
             None if part == "noxattr" => noxattr = true,
+            None if part == "trusted" => trusted = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, uidmap=, gidmap=, readonly, writeback and noxattr"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr and trusted"
                 )))
             }
         }
@@ -289,6 +294,7 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
         cache,
         writeback,
         noxattr,
+        trusted,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
     })
@@ -371,6 +377,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 cache,
                 writeback: s.writeback,
                 noxattr: s.noxattr,
+                trusted: s.trusted,
             });
         }
         for spec in &args.share {

@@ -125,6 +125,7 @@ impl Devices {
                     node_fds: None,
                     writeback: share.writeback,
                     no_xattr: share.noxattr,
+                    trusted: share.trusted,
                     uid_map: share.uidmap.clone(),
                     gid_map: share.gidmap.clone(),
                 },

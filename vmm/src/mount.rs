@@ -104,6 +104,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             node_fds: None,
             writeback: false,
             no_xattr: false,
+            trusted: false,
             uid_map: Default::default(),
             gid_map: Default::default(),
         },

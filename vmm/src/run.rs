@@ -39,6 +39,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             cache: Default::default(),
             writeback: false,
             noxattr: false,
+            trusted: false,
             uidmap: Default::default(),
             gidmap: Default::default(),
         })

@@ -76,4 +76,9 @@ pub struct Config {
     pub uid_map: IdMaps,
     /// Group ids the same way.
     pub gid_map: IdMaps,
+    /// Pass the owner, group and set-id bits the guest sets through to the host file, as for a
+    /// container's root file system. Without it the host file keeps the owner ferry creates
+    /// files as and no set-id bits, and what the guest set is kept in an extended attribute
+    /// that it is shown (see `ownership`).
+    pub trusted: bool,
 }

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::ownership::{self, Ownership};
 use super::sys::{cvt, ebadf, proc_path, stat_at, stat_fd};
 use super::{PassthroughFs, MAX_NODES};
 use crate::abi::ROOT_ID;
@@ -54,6 +55,9 @@ pub(super) struct Inode {
     pub(super) key: (u64, u64),
     /// Lookups the kernel holds.
     pub(super) refs: AtomicU64,
+    /// The owner, group and mode the guest set, when they differ from the host file's (see
+    /// `ownership`); read when the node is registered, kept up to date by SETATTR.
+    pub(super) owner: Mutex<Option<Ownership>>,
 }
 
 #[derive(Default)]
@@ -65,11 +69,11 @@ pub(super) struct InodeMap {
 impl InodeMap {
     /// Takes one more lookup reference on the node registered for host inode `key`, if any.
     /// FORGET drops nodes under the write lock, so holding either lock is enough.
-    pub(super) fn take_ref(&self, key: (u64, u64)) -> Option<u64> {
+    pub(super) fn take_ref(&self, key: (u64, u64)) -> Option<(u64, &Arc<Inode>)> {
         let id = *self.by_key.get(&key)?;
         let node = self.by_id.get(&id)?;
         node.refs.fetch_add(1, Ordering::Relaxed);
-        Some(id)
+        Some((id, node))
     }
 }
 
@@ -86,6 +90,18 @@ pub(super) struct Handle {
 }
 
 impl Inode {
+    /// The ownership the guest set on this node, if it differs from the host file's.
+    pub(super) fn ownership(&self) -> Option<Ownership> {
+        self.owner.lock().map_or(None, |o| *o)
+    }
+
+    /// Records the ownership the node now keeps.
+    pub(super) fn set_ownership(&self, o: Option<Ownership>) {
+        if let Ok(mut g) = self.owner.lock() {
+            *g = o;
+        }
+    }
+
     /// A descriptor for the node, valid while the returned value lives.
     pub(super) fn fd(&self) -> io::Result<PathFd<'_>> {
         match &self.fd {
@@ -178,7 +194,7 @@ impl PassthroughFs {
         if (name_b == b".." || name_b == b".") && parent.key == self.root.key {
             let st = stat_fd(self.root.fd()?.as_raw_fd())?;
             self.root.refs.fetch_add(1, Ordering::Relaxed);
-            return Ok(self.entry(ROOT_ID, st));
+            return Ok(self.entry(ROOT_ID, &self.root, st));
         }
         let parent_fd = parent.fd()?;
         // A node the guest already holds needs no descriptor of its own: one fstatat answers
@@ -192,8 +208,8 @@ impl PassthroughFs {
         if known {
             let st = stat_at(parent_fd.as_raw_fd(), name)?;
             let map = self.inodes.read().map_err(|_| ebadf())?;
-            if let Some(id) = map.take_ref((st.st_dev, st.st_ino)) {
-                return Ok(self.entry(id, st));
+            if let Some((id, node)) = map.take_ref((st.st_dev, st.st_ino)) {
+                return Ok(self.entry(id, node, st));
             }
         }
         // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
@@ -210,9 +226,11 @@ impl PassthroughFs {
         // The name may have been replaced since the fstatat: what was opened is what counts.
         let st = stat_fd(file.as_raw_fd())?;
         let key = (st.st_dev, st.st_ino);
+        // Before the write lock: a system call under it would hold up every other lookup.
+        let owner = self.kept_ownership(file.as_raw_fd(), &st);
         let mut map = self.inodes.write().map_err(|_| ebadf())?;
-        if let Some(id) = map.take_ref(key) {
-            return Ok(self.entry(id, st));
+        if let Some((id, node)) = map.take_ref(key) {
+            return Ok(self.entry(id, node, st));
         }
         if map.by_id.len() >= MAX_NODES {
             log::warn!(
@@ -226,16 +244,28 @@ impl PassthroughFs {
             (parent_id, name),
         )?;
         let id = self.next_inode.fetch_add(1, Ordering::Relaxed);
-        map.by_id.insert(
-            id,
-            Arc::new(Inode {
-                fd,
-                key,
-                refs: AtomicU64::new(1),
-            }),
-        );
+        let node = Arc::new(Inode {
+            fd,
+            key,
+            refs: AtomicU64::new(1),
+            owner: Mutex::new(owner),
+        });
+        let entry = self.entry(id, &node, st);
+        map.by_id.insert(id, node);
         map.by_key.insert(key, id);
-        Ok(self.entry(id, st))
+        Ok(entry)
+    }
+
+    /// The ownership host node `fd` (with attributes `st`) keeps, on a share that emulates
+    /// ownership. One that cannot be read counts as none: the guest sees the host's values.
+    pub(super) fn kept_ownership(&self, fd: RawFd, st: &libc::stat64) -> Option<Ownership> {
+        if self.cfg.trusted || !ownership::can_keep(st.st_mode & libc::S_IFMT) {
+            return None;
+        }
+        ownership::read(fd).unwrap_or_else(|e| {
+            log::debug!("cannot read the ownership a node keeps: {e}");
+            None
+        })
     }
 
     /// Whether a node is registered for host inode `key`.

@@ -7,10 +7,12 @@
 //! that need a real file descriptor reopen a node through `/proc/self/fd`, which reaches the
 //! same inode without walking a path.
 
+mod attr;
 mod config;
 mod idmap;
 mod inode;
 mod locks;
+mod ownership;
 mod sys;
 mod xattr;
 
@@ -30,11 +32,10 @@ use std::time::Duration;
 use crate::abi::{self, ROOT_ID};
 use crate::filesystem::{
     Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
-    TimeSpec,
 };
 use inode::{fd_budget, file_handle, Handle, Inode, InodeMap, NodeFd, PathFd};
 use locks::posix_lock;
-use sys::{cvt, ebadf, erofs, off_t, proc_path, read_dir_at, stat_fd, sync_fd, CredGuard};
+use sys::{cvt, ebadf, erofs, off_t, proc_path, read_dir_at, stat_fd, sync_fd};
 
 /// A file system that passes requests through to a host directory.
 pub struct PassthroughFs {
@@ -44,8 +45,11 @@ pub struct PassthroughFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
     root: Arc<Inode>,
-    /// Whether the server may take the caller's ids when creating files.
+    /// Whether the server may take other ids when creating files (it runs as root).
     switch_creds: bool,
+    /// The share folder's owner and group: whom new host files belong to on a share that
+    /// emulates ownership, when ferry runs as root.
+    share_owner: (u32, u32),
     /// Nodes that may still hold a descriptor of their own; past it, nodes keep file handles.
     fd_budget: AtomicI64,
     /// The budget to start a session with.
@@ -84,6 +88,7 @@ impl PassthroughFs {
             fd: NodeFd::Fd(file),
             key: (st.st_dev, st.st_ino),
             refs: AtomicU64::new(2),
+            owner: Mutex::new(None),
         });
         let mut map = InodeMap::default();
         map.by_id.insert(ROOT_ID, root.clone());
@@ -103,8 +108,11 @@ impl PassthroughFs {
             next_handle: AtomicU64::new(1),
             root,
             switch_creds: root_user,
+            share_owner: (st.st_uid, st.st_gid),
             stateless_dirs: AtomicBool::new(false),
         };
+        fs.root
+            .set_ownership(fs.kept_ownership(fs.root.fd()?.as_raw_fd(), &st));
         fs.register_root_mount();
         Ok(fs)
     }
@@ -180,14 +188,23 @@ impl PassthroughFs {
         }
     }
 
-    fn entry(&self, inode: u64, attr: libc::stat64) -> Entry {
+    fn entry(&self, inode: u64, node: &Inode, attr: libc::stat64) -> Entry {
         let t = self.cfg.cache.attr_timeout();
         Entry {
             inode,
-            attr: self.guest_ids(attr),
+            attr: self.guest_attr(node, attr),
             attr_timeout: t,
             entry_timeout: t,
         }
+    }
+
+    /// The host attributes `st` of `node` as the guest sees them: with the ownership the
+    /// guest set (see `ownership`), and ids as the guest names them.
+    fn guest_attr(&self, node: &Inode, mut st: libc::stat64) -> libc::stat64 {
+        if let Some(o) = node.ownership() {
+            o.apply(&mut st);
+        }
+        self.guest_ids(st)
     }
 
     /// `st` with its owner and group as the guest names them.
@@ -313,89 +330,22 @@ impl FileSystem for PassthroughFs {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(libc::stat64, Duration)> {
+        let node = self.inode(inode)?;
         let st = match handle.and_then(|fh| self.handle(fh).ok()) {
             Some(h) => stat_fd(h.file.as_raw_fd())?,
-            None => stat_fd(self.inode(inode)?.fd()?.as_raw_fd())?,
+            None => stat_fd(node.fd()?.as_raw_fd())?,
         };
-        Ok((self.guest_ids(st), self.cfg.cache.attr_timeout()))
+        Ok((self.guest_attr(&node, st), self.cfg.cache.attr_timeout()))
     }
 
     fn setattr(
         &self,
-        _ctx: Context,
+        ctx: Context,
         inode: u64,
         handle: Option<u64>,
         args: SetattrArgs,
     ) -> io::Result<(libc::stat64, Duration)> {
-        self.check_writable()?;
-        let node = self.inode(inode)?;
-        let nf = node.fd()?;
-        let fd = nf.as_raw_fd();
-        let p = proc_path(fd);
-        let st = stat_fd(fd)?;
-        let is_link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
-        if let Some(mode) = args.mode {
-            if is_link {
-                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-            }
-            // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
-            cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
-        }
-        if args.uid.is_some() || args.gid.is_some() {
-            let uid = args.uid.map_or(u32::MAX, |u| self.cfg.uid_map.to_host(u));
-            let gid = args.gid.map_or(u32::MAX, |g| self.cfg.gid_map.to_host(g));
-            // SAFETY: the fd is valid and the empty path is NUL-terminated.
-            cvt(unsafe {
-                libc::fchownat(
-                    fd,
-                    c"".as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
-        }
-        if let Some(size) = args.size {
-            let size =
-                i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-            // Ferry's own credentials, as for OPEN: the guest kernel checked the caller's
-            // permission (virtiofs mounts with default_permissions), and reopening through
-            // /proc/self/fd as another fsuid is refused. Clearing suid/sgid is asked for
-            // separately (FATTR_KILL_SUIDGID).
-            let res = match handle.and_then(|fh| self.handle(fh).ok()) {
-                // SAFETY: the handle's fd is valid; ftruncate has no memory effects.
-                Some(h) => cvt(unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) }),
-                None => {
-                    let f = self.reopen(&node, libc::O_WRONLY)?;
-                    // SAFETY: as above.
-                    cvt(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })
-                }
-            };
-            res?;
-        }
-        if args.atime.is_some() || args.mtime.is_some() {
-            let ts = |t: Option<TimeSpec>| match t {
-                None => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(TimeSpec::Now) => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
-                Some(TimeSpec::At(s, ns)) => libc::timespec {
-                    tv_sec: s,
-                    tv_nsec: i64::from(ns),
-                },
-            };
-            let times = [ts(args.atime), ts(args.mtime)];
-            if is_link {
-                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-            }
-            // SAFETY: `p` is NUL-terminated and `times` holds two timespecs.
-            cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
-        }
-        Ok((self.guest_ids(stat_fd(fd)?), self.cfg.cache.attr_timeout()))
+        self.set_attr(ctx, inode, handle, args)
     }
 
     fn readlink(&self, _ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -422,7 +372,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
+            let _c = self.creating_as(ctx);
             // SAFETY: both strings are NUL-terminated and the fd is valid.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
         }
@@ -447,13 +397,20 @@ impl FileSystem for PassthroughFs {
         }
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
+            let _c = self.creating_as(ctx);
+            let host_mode = self.create_mode(mode, mode & libc::S_IFMT);
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe {
-                libc::mknodat(p.fd()?.as_raw_fd(), name.as_ptr(), mode, u64::from(rdev))
+                libc::mknodat(
+                    p.fd()?.as_raw_fd(),
+                    name.as_ptr(),
+                    host_mode,
+                    u64::from(rdev),
+                )
             })?;
         }
-        self.do_lookup(parent, &p, name)
+        let entry = self.do_lookup(parent, &p, name)?;
+        self.adopt(ctx, &p, entry, mode)
     }
 
     fn mkdir(
@@ -467,11 +424,13 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let p = self.inode(parent)?;
         {
-            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
+            let _c = self.creating_as(ctx);
+            let host_mode = self.create_mode(mode, libc::S_IFDIR);
             // SAFETY: the name is NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), mode) })?;
+            cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), host_mode) })?;
         }
-        self.do_lookup(parent, &p, name)
+        let entry = self.do_lookup(parent, &p, name)?;
+        self.adopt(ctx, &p, entry, mode)
     }
 
     fn unlink(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -534,7 +493,7 @@ impl FileSystem for PassthroughFs {
         let nf = node.fd()?;
         let src = proc_path(nf.as_raw_fd());
         {
-            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
+            let _c = self.creating_as(ctx);
             // SAFETY: paths are NUL-terminated and the fd is valid. AT_SYMLINK_FOLLOW follows
             // the /proc magic link to the node itself (a symlink stays a symlink).
             cvt(unsafe {
@@ -573,23 +532,43 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(Entry, u64, u32)> {
         self.check_writable()?;
         let p = self.inode(parent)?;
-        let fd = {
-            let _c = CredGuard::new(self.switch_creds, self.host_ctx(ctx));
+        let pfd = p.fd()?;
+        let host_mode = self.create_mode(mode, libc::S_IFREG);
+        let open = |extra: i32| {
             // SAFETY: the name is NUL-terminated and the fd is valid. O_NOFOLLOW: a symlink
             // at `name` is refused, never followed.
             cvt(unsafe {
                 libc::openat(
-                    p.fd()?.as_raw_fd(),
+                    pfd.as_raw_fd(),
                     name.as_ptr(),
-                    (self.host_flags(flags) | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                    (self.host_flags(flags) | extra | libc::O_CLOEXEC | libc::O_NOFOLLOW)
                         & !libc::O_DIRECTORY,
-                    mode,
+                    host_mode,
                 )
-            })?
+            })
+        };
+        // O_EXCL first: only a file this request made takes the caller's ownership. One that
+        // appeared since the guest's lookup is opened as it is, as O_CREAT would.
+        let (fd, made) = {
+            let _c = self.creating_as(ctx);
+            match open(libc::O_CREAT | libc::O_EXCL) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EEXIST)
+                        && flags as i32 & libc::O_EXCL == 0 =>
+                {
+                    (open(0)?, false)
+                }
+                r => (r?, true),
+            }
         };
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         let entry = self.do_lookup(parent, &p, name)?;
+        let entry = if made {
+            self.adopt(ctx, &p, entry, mode)?
+        } else {
+            entry
+        };
         let fh = self.add_handle(file, entry.inode)?;
         Ok((entry, fh, self.cfg.cache.open_flags()))
     }
@@ -621,43 +600,8 @@ impl FileSystem for PassthroughFs {
         r.read_to_file_at(&h.file, size as usize, offset)
     }
 
-    fn kill_suidgid(&self, _ctx: Context, inode: u64, handle: Option<u64>) -> io::Result<()> {
-        self.check_writable()?;
-        // Through /proc: the node's own fd is O_PATH, which fchmod does not take.
-        let path = match handle {
-            Some(fh) => format!("/proc/self/fd/{}", self.handle(fh)?.file.as_raw_fd()),
-            None => {
-                let node = self.inode(inode)?;
-                let fd = node.fd()?;
-                format!("/proc/self/fd/{}", fd.as_raw_fd())
-            }
-        };
-        let c = std::ffi::CString::new(path).map_err(|_| ebadf())?;
-        // SAFETY: stat64 is plain old data; all-zero is a valid value.
-        let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid C string and `st` a valid destination.
-        cvt(unsafe { libc::stat64(c.as_ptr(), &mut st) })?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Ok(());
-        }
-        let mut clear = libc::S_ISUID;
-        if st.st_mode & libc::S_IXGRP != 0 {
-            // Set-group-ID without group execute means mandatory locking: kept, as Linux does.
-            clear |= libc::S_ISGID;
-        }
-        if st.st_mode & clear != 0 {
-            // SAFETY: `c` is a valid C string.
-            cvt(unsafe { libc::chmod(c.as_ptr(), st.st_mode & 0o7777 & !clear) })?;
-        }
-        // SAFETY: both arguments are valid C strings; ENODATA just means there was none.
-        let r = unsafe { libc::removexattr(c.as_ptr(), c"security.capability".as_ptr()) };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) {
-                return Err(e);
-            }
-        }
-        Ok(())
+    fn kill_suidgid(&self, ctx: Context, inode: u64, handle: Option<u64>) -> io::Result<()> {
+        self.kill_set_ids(ctx, inode, handle)
     }
 
     fn statfs(&self, _ctx: Context, inode: u64) -> io::Result<libc::statvfs64> {
@@ -764,39 +708,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
-        let node = self.inode(inode)?;
-        // Checked as the guest sees it: the caller's ids against the owner it is shown.
-        let st = self.guest_ids(stat_fd(node.fd()?.as_raw_fd())?);
-        let mask = mask as i32;
-        if mask == libc::F_OK {
-            return Ok(());
-        }
-        if mask & libc::W_OK != 0 && self.cfg.readonly {
-            return Err(erofs());
-        }
-        let mode = st.st_mode;
-        let denied = || Err(io::Error::from_raw_os_error(libc::EACCES));
-        if ctx.uid == 0 {
-            // root may read and write anything, and execute what anyone may execute.
-            if mask & libc::X_OK != 0 && mode & 0o111 == 0 && mode & libc::S_IFMT != libc::S_IFDIR {
-                return denied();
-            }
-            return Ok(());
-        }
-        let bits = if st.st_uid == ctx.uid {
-            (mode >> 6) & 7
-        } else if st.st_gid == ctx.gid {
-            (mode >> 3) & 7
-        } else {
-            mode & 7
-        };
-        let want = ((mask & libc::R_OK != 0) as u32) << 2
-            | ((mask & libc::W_OK != 0) as u32) << 1
-            | (mask & libc::X_OK != 0) as u32;
-        if bits & want != want {
-            return denied();
-        }
-        Ok(())
+        self.check_access(ctx, inode, mask)
     }
 
     fn fallocate(

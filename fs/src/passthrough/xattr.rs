@@ -1,20 +1,31 @@
-//! Extended attributes.
+//! Extended attributes: the guest's `user.*` ones pass through to the host file. On a share
+//! that emulates ownership, the attribute that keeps it (`ownership::XATTR`) is ferry's: the
+//! guest neither sees nor changes it.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use super::ownership;
 use super::sys::{cvt, proc_path};
 use super::PassthroughFs;
 use crate::filesystem::Context;
 
-/// The guest may change `user.*` attributes only: `security.*` and `trusted.*` ones would
-/// grant file capabilities or other privileges on the host.
-pub(super) fn check_xattr_name(name: &CStr) -> io::Result<()> {
-    if name.to_bytes().starts_with(b"user.") {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
+impl PassthroughFs {
+    /// The guest may change `user.*` attributes only: `security.*` and `trusted.*` ones would
+    /// grant file capabilities or other privileges on the host; and not the one that keeps the
+    /// ownership it set, which would let a guest user make its file look like root's.
+    fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
+        if name.to_bytes().starts_with(b"user.") && !self.is_ferrys(name) {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+    }
+
+    /// Whether `name` is the attribute ferry keeps the guest's ownership in on this share.
+    fn is_ferrys(&self, name: &CStr) -> bool {
+        !self.cfg.trusted && name == ownership::XATTR
     }
 }
 
@@ -42,7 +53,7 @@ impl PassthroughFs {
     ) -> io::Result<()> {
         self.check_xattr_on()?;
         self.check_writable()?;
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -67,6 +78,9 @@ impl PassthroughFs {
         size: u32,
     ) -> io::Result<Vec<u8>> {
         self.check_xattr_on()?;
+        if self.is_ferrys(name) {
+            return Err(io::Error::from_raw_os_error(libc::ENODATA));
+        }
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -89,16 +103,40 @@ impl PassthroughFs {
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
-        let mut buf = vec![0u8; size as usize];
+        if self.cfg.trusted {
+            let mut buf = vec![0u8; size as usize];
+            // SAFETY: the path is NUL-terminated and `buf` has the room given.
+            let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            return xattr_result(n, size, buf);
+        }
+        // The whole list (at most XATTR_LIST_MAX), so ferry's attribute can be taken out
+        // before the size the guest sees is known.
+        let mut buf = vec![0u8; 65536];
         // SAFETY: the path is NUL-terminated and `buf` has the room given.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        xattr_result(n, size, buf)
+        let mut list = xattr_result(n, 1, buf)?;
+        let ours = ownership::XATTR.to_bytes_with_nul();
+        let mut at = 0;
+        while let Some(len) = list[at..].iter().position(|b| *b == 0).map(|i| i + 1) {
+            if &list[at..at + len] == ours {
+                list.drain(at..at + len);
+            } else {
+                at += len;
+            }
+        }
+        if size == 0 {
+            return Ok(vec![0u8; list.len()]);
+        }
+        if list.len() > size as usize {
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        }
+        Ok(list)
     }
 
     pub(super) fn remove_xattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_xattr_on()?;
         self.check_writable()?;
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());

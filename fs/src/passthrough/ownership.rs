@@ -1,0 +1,333 @@
+//! Ownership the guest sets, kept apart from the host's.
+//!
+//! Theory of operation. A guest's root is root only inside the guest. If its `chown 0` and
+//! `chmod 4755` reached the host file, a share served by ferry as root would hold a root-owned
+//! set-user-ID program that any host user who can reach the share runs as root. So by default
+//! (a share without `trusted`) the host file keeps the owner ferry creates files as (the share
+//! folder's owner when ferry runs as root, ferry's own user otherwise) and never carries the
+//! set-user-ID or set-group-ID bits, while the owner, group and mode the guest set are kept in
+//! the `user.containers.override_stat` extended attribute of the host file: the convention of
+//! containers/storage and fuse-overlayfs, so other tools read it too. The guest is shown the
+//! attribute's values, so `chown 999` on a database's folder and a set-user-ID program in a
+//! container image look done inside the guest, across remounts and restarts.
+//!
+//! The attribute is written only when what the guest set differs from what the host file
+//! shows (a guest that creates files as the share's owner writes none), and it is read once
+//! per node, when the guest first looks the node up: nodes cache it. The host's permission
+//! bits follow the guest's, except that the owner may always read and write (and search
+//! folders), so ferry keeps access to what it serves when it runs as that owner.
+//!
+//! Linux keeps `user.*` attributes on regular files and folders only. Symlinks, FIFOs and
+//! sockets show the host's owner: a symlink's owner grants nothing, so the guest's change of
+//! it is taken and dropped; a FIFO's or socket's is refused with EPERM, as for a user without
+//! CAP_CHOWN. A host file system that keeps no `user.*` attributes refuses ownership changes
+//! the same way. The guest can neither read nor change the attribute itself: a guest user
+//! could otherwise make its own file look like a set-user-ID root program to the guest.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use super::inode::Inode;
+use super::sys::{cvt, proc_path, stat_fd, CredGuard};
+use super::PassthroughFs;
+use crate::filesystem::{Context, Entry, SetattrArgs};
+
+/// The extended attribute that holds what the guest set.
+pub(super) const XATTR: &CStr = c"user.containers.override_stat";
+
+/// Mode bits the guest may set: permissions, set-id and sticky.
+const MODE_BITS: u32 = 0o7777;
+
+/// Owner, group and mode bits as the guest set them; the ids as the host names them (after
+/// `uidmap=`/`gidmap=`), so an attribute means the same whichever map a share is served with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Ownership {
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) mode: u32,
+}
+
+impl Ownership {
+    /// What the host file `st` itself shows.
+    pub(super) fn of(st: &libc::stat64) -> Self {
+        Ownership {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & MODE_BITS,
+        }
+    }
+
+    /// `st` with this ownership in place of the host's.
+    pub(super) fn apply(&self, st: &mut libc::stat64) {
+        st.st_uid = self.uid;
+        st.st_gid = self.gid;
+        st.st_mode = (st.st_mode & libc::S_IFMT) | (self.mode & MODE_BITS);
+    }
+
+    /// Parses `UID:GID:MODE[:TYPE]` (MODE in octal), as containers/storage writes it; None for
+    /// anything else, so a damaged attribute shows the host's values.
+    fn parse(v: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(v).ok()?;
+        let mut parts = s.trim_end_matches('\0').split(':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let mode = u32::from_str_radix(parts.next()?, 8).ok()?;
+        if mode & !MODE_BITS != 0 {
+            return None;
+        }
+        Some(Ownership { uid, gid, mode })
+    }
+
+    /// The attribute's value for a node of type `fmt` (`S_IFREG` or `S_IFDIR`).
+    fn encode(&self, fmt: u32) -> String {
+        let kind = if fmt == libc::S_IFDIR { "dir" } else { "file" };
+        format!("{}:{}:0{:o}:{kind}", self.uid, self.gid, self.mode)
+    }
+}
+
+/// Whether a node of type `fmt` can keep the attribute (Linux allows `user.*` attributes on
+/// regular files and folders only).
+pub(super) fn can_keep(fmt: u32) -> bool {
+    fmt == libc::S_IFREG || fmt == libc::S_IFDIR
+}
+
+/// The host's permission bits for a node the guest sees with `mode`: no set-id bits, and the
+/// owner may read and write it (and search it, for a folder).
+pub(super) fn host_mode(mode: u32, fmt: u32) -> u32 {
+    // The sticky bit only means something on a folder (who may delete its entries).
+    let (keep, owner) = if fmt == libc::S_IFDIR {
+        (0o1777, 0o700)
+    } else {
+        (0o777, 0o600)
+    };
+    (mode & keep) | owner
+}
+
+/// The ownership the node `fd` (any descriptor, `O_PATH` included) keeps, if it keeps one.
+pub(super) fn read(fd: RawFd) -> io::Result<Option<Ownership>> {
+    let p = proc_path(fd);
+    let mut buf = [0u8; 64];
+    // SAFETY: both strings are NUL-terminated and `buf` has the room given.
+    let n = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            XATTR.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // None kept, or a file system (or node type) that keeps no user attributes; a
+            // value longer than any this module writes is not one of ours.
+            Some(libc::ENODATA | libc::ENOTSUP | libc::EPERM | libc::ERANGE) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Ownership::parse(&buf[..n as usize]))
+}
+
+/// Keeps `o` on node `fd` of type `fmt`, or removes what it keeps (None). A file system that
+/// keeps no user attributes answers EPERM: the change cannot be kept.
+pub(super) fn write(fd: RawFd, fmt: u32, o: Option<Ownership>) -> io::Result<()> {
+    let p = proc_path(fd);
+    let r = match o {
+        Some(o) => {
+            let v = o.encode(fmt);
+            // SAFETY: both strings are NUL-terminated and `v` is valid for its length.
+            cvt(unsafe {
+                libc::setxattr(p.as_ptr(), XATTR.as_ptr(), v.as_ptr().cast(), v.len(), 0)
+            })
+        }
+        // SAFETY: both strings are NUL-terminated.
+        None => match cvt(unsafe { libc::removexattr(p.as_ptr(), XATTR.as_ptr()) }) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(0),
+            r => r,
+        },
+    };
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                log::warn!(
+                    "a share's host file system keeps no user.* extended attributes, so owners and modes the guest sets cannot be kept and are refused (EPERM); give the share the trusted option to pass them to the host"
+                )
+            });
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl PassthroughFs {
+    /// Takes the ids new host files get while alive, when ferry runs as root: the caller's (as
+    /// the host names them) on a `trusted` share, the share folder's owner's on one that
+    /// emulates ownership. Unprivileged, files are ferry's own.
+    pub(super) fn creating_as(&self, ctx: Context) -> CredGuard {
+        let ids = if self.cfg.trusted {
+            self.host_ctx(ctx)
+        } else {
+            Context {
+                uid: self.share_owner.0,
+                gid: self.share_owner.1,
+                ..ctx
+            }
+        };
+        CredGuard::new(self.switch_creds, ids)
+    }
+
+    /// The mode to create a host node of type `fmt` with, for the guest's `mode`: as asked on
+    /// a `trusted` share; without set-id bits on one that emulates ownership.
+    pub(super) fn create_mode(&self, mode: u32, fmt: u32) -> u32 {
+        if self.cfg.trusted {
+            mode
+        } else {
+            (mode & libc::S_IFMT) | host_mode(mode, fmt)
+        }
+    }
+
+    /// On a share that emulates ownership, makes the node of `entry`, which the guest's
+    /// caller `ctx` just made in `parent` with `mode`, look as the guest made it: the caller's,
+    /// or a set-group-ID folder's group (which a folder inherits the bit of), with the mode
+    /// asked for. A node that cannot keep it shows the host's (see `ownership`).
+    pub(super) fn adopt(
+        &self,
+        ctx: Context,
+        parent: &Inode,
+        mut entry: Entry,
+        mode: u32,
+    ) -> io::Result<Entry> {
+        if self.cfg.trusted {
+            return Ok(entry);
+        }
+        let node = self.inode(entry.inode)?;
+        let nf = node.fd()?;
+        let st = stat_fd(nf.as_raw_fd())?;
+        let fmt = st.st_mode & libc::S_IFMT;
+        if !can_keep(fmt) {
+            return Ok(entry);
+        }
+        let host = self.host_ctx(ctx);
+        let mut want = Ownership {
+            uid: host.uid,
+            gid: host.gid,
+            mode: mode & 0o7777,
+        };
+        let mut pst = stat_fd(parent.fd()?.as_raw_fd())?;
+        if let Some(o) = parent.ownership() {
+            o.apply(&mut pst);
+        }
+        if pst.st_mode & libc::S_ISGID != 0 {
+            want.gid = pst.st_gid;
+            if fmt == libc::S_IFDIR {
+                want.mode |= libc::S_ISGID;
+            }
+        }
+        let kept = (want != Ownership::of(&st)).then_some(want);
+        if kept != node.ownership() {
+            // The node exists whatever happens here: a failure shows the host's values.
+            match write(nf.as_raw_fd(), fmt, kept) {
+                Ok(()) => node.set_ownership(kept),
+                Err(e) => log::debug!("cannot keep a new node's ownership: {e}"),
+            }
+        }
+        entry.attr = self.guest_attr(&node, st);
+        Ok(entry)
+    }
+
+    /// Applies the guest's chmod and chown to `node` (host attributes `st`) on a share that
+    /// emulates ownership: the host file takes the permission bits (see
+    /// `host_mode`), the attribute keeps the rest.
+    pub(super) fn set_ownership(
+        &self,
+        node: &Inode,
+        fd: RawFd,
+        st: &libc::stat64,
+        args: &SetattrArgs,
+    ) -> io::Result<()> {
+        let fmt = st.st_mode & libc::S_IFMT;
+        let uid = args.uid.map(|u| self.cfg.uid_map.to_host(u));
+        let gid = args.gid.map(|g| self.cfg.gid_map.to_host(g));
+        if let Some(mode) = args.mode {
+            let hm = host_mode(mode, fmt);
+            if st.st_mode & 0o7777 != hm {
+                let p = proc_path(fd);
+                // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
+                cvt(unsafe { libc::chmod(p.as_ptr(), hm) })?;
+            }
+        }
+        if !can_keep(fmt) {
+            // A FIFO's or socket's owner decides who may use it, and cannot be kept: refused,
+            // as for a caller without CAP_CHOWN. A symlink's grants nothing: dropped.
+            let changes =
+                uid.is_some_and(|u| u != st.st_uid) || gid.is_some_and(|g| g != st.st_gid);
+            if changes && fmt != libc::S_IFLNK {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            return Ok(());
+        }
+        let cur = node.ownership().unwrap_or_else(|| Ownership::of(st));
+        let want = Ownership {
+            uid: uid.unwrap_or(cur.uid),
+            gid: gid.unwrap_or(cur.gid),
+            mode: args.mode.map_or(cur.mode, |m| m & 0o7777),
+        };
+        let host = Ownership {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: match args.mode {
+                Some(m) => host_mode(m, fmt),
+                None => st.st_mode & 0o7777,
+            },
+        };
+        let kept = (want != host).then_some(want);
+        if kept != node.ownership() {
+            write(fd, fmt, kept)?;
+            node.set_ownership(kept);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_containers_storage_writes_and_refuses_the_rest() {
+        let o = Ownership {
+            uid: 999,
+            gid: 998,
+            mode: 0o4755,
+        };
+        assert_eq!(o.encode(libc::S_IFREG), "999:998:04755:file");
+        assert_eq!(Ownership::parse(b"999:998:04755:file"), Some(o));
+        assert_eq!(Ownership::parse(b"999:998:4755"), Some(o));
+        assert_eq!(Ownership::parse(b"999:998:04755:dir\0"), Some(o));
+        for bad in [
+            &b""[..],
+            b"999",
+            b"999:998",
+            b"x:998:0755",
+            b"999:998:9",
+            b"999:998:0170755",
+            b"-1:0:0755",
+            b"\xff:0:0",
+        ] {
+            assert_eq!(Ownership::parse(bad), None, "{:?}", bad);
+        }
+    }
+
+    #[test]
+    fn host_mode_drops_set_id_bits_and_keeps_the_owner_in() {
+        assert_eq!(host_mode(0o4755, libc::S_IFREG), 0o755);
+        assert_eq!(host_mode(0o2750, libc::S_IFDIR), 0o750);
+        assert_eq!(host_mode(0o1777, libc::S_IFDIR), 0o1777);
+        assert_eq!(host_mode(0o1777, libc::S_IFREG), 0o777);
+        assert_eq!(host_mode(0o000, libc::S_IFREG), 0o600);
+        assert_eq!(host_mode(0o000, libc::S_IFDIR), 0o700);
+    }
+}
