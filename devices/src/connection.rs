@@ -125,6 +125,11 @@ where
         for t in relays {
             let _ = t.join();
         }
+        // The backend keeps the last memory table it was given: hand it an empty one, so the
+        // departed guest's RAM is unmapped now rather than when the next frontend connects.
+        if let Err(e) = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
+            warn!("{name}: cannot let go of the departed guest's memory: {e}");
+        }
         on_disconnect();
     }
 }

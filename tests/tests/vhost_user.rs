@@ -149,3 +149,38 @@ fn a_second_frontend_waits_for_the_first_to_leave() {
     negotiate(&mut second, VhostUserProtocolFeatures::MQ);
     drop(ferry);
 }
+
+/// How many of `pid`'s mappings are of the test frontend's guest RAM.
+fn guest_ram_mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ferry-test-ram"))
+        .count()
+}
+
+#[test]
+fn a_departed_frontends_memory_is_unmapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ferry, net, fs) = start(dir.path());
+    for sock in [&net, &fs] {
+        let mut fe = connect(sock);
+        negotiate(&mut fe, VhostUserProtocolFeatures::MQ);
+        // The memory table is taken asynchronously from the frontend's view: wait for it.
+        wait_for(Duration::from_secs(5), || {
+            (guest_ram_mappings(ferry.pid()) > 0).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{}: guest RAM never mapped", sock.display()));
+        drop(fe);
+        wait_for(Duration::from_secs(5), || {
+            (guest_ram_mappings(ferry.pid()) == 0).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: the departed guest's RAM is still mapped:\n{}",
+                sock.display(),
+                ferry.log_tail()
+            )
+        });
+    }
+}
