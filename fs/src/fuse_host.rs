@@ -46,12 +46,13 @@ const GENERATION: Generation = Generation(0);
 /// A [`FileSystem`] as a `fuser::Filesystem`, for mounting on the host.
 pub struct HostFuse<F: FileSystem> {
     fs: F,
+    confine: Option<Confine>,
 }
 
 impl<F: FileSystem> HostFuse<F> {
     /// Wraps `fs`.
     pub fn new(fs: F) -> Self {
-        HostFuse { fs }
+        HostFuse { fs, confine: None }
     }
 
     /// The file system served.
@@ -61,16 +62,23 @@ impl<F: FileSystem> HostFuse<F> {
 }
 
 /// What [`spawn_mount`] mounts with.
-#[derive(Clone, Debug)]
 pub struct MountConfig {
     /// The file system's name in /proc/mounts (the "device" column).
     pub fsname: String,
+    /// Runs on the thread that serves the mount before it answers the kernel's INIT, after
+    /// the mount is made: where `ferry mount` enters its sandbox, which the mount itself must
+    /// precede. An error fails the INIT, and so the mount.
+    pub confine: Option<Confine>,
 }
+
+/// A confinement for the serving thread (see [`MountConfig::confine`]).
+pub type Confine = Box<dyn FnOnce() -> io::Result<()> + Send + Sync>;
 
 impl Default for MountConfig {
     fn default() -> Self {
         MountConfig {
             fsname: "ferry".to_string(),
+            confine: None,
         }
     }
 }
@@ -84,18 +92,22 @@ impl Default for MountConfig {
 pub fn spawn_mount<F: FileSystem + 'static>(
     fs: F,
     mountpoint: &Path,
-    cfg: &MountConfig,
+    cfg: MountConfig,
 ) -> io::Result<BackgroundSession> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName(cfg.fsname.clone()),
         MountOption::Subtype("ferry".to_string()),
     ];
-    fuser::spawn_mount(HostFuse::new(fs), mountpoint, &config)
+    let host = HostFuse {
+        fs,
+        confine: cfg.confine,
+    };
+    fuser::spawn_mount(host, mountpoint, &config)
 }
 
 fn errno(e: &io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+    Errno::from_i32(crate::server::errno(e))
 }
 
 fn ctx(req: &Request) -> Context {
@@ -276,6 +288,9 @@ impl<F: FileSystem> HostFuse<F> {
 
 impl<F: FileSystem + 'static> Filesystem for HostFuse<F> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Some(confine) = self.confine.take() {
+            confine().inspect_err(|e| log::error!("{e}"))?;
+        }
         let caps = config.capabilities();
         let wanted = self.fs.init(caps.bits() as u32)?;
         let mut flags = fuser::InitFlags::from_bits_truncate(u64::from(wanted)) & caps;

@@ -812,9 +812,21 @@ impl<F: FileSystem> Server<F> {
     }
 }
 
-/// The errno to send for `e`: its OS error, or EIO when it has none.
-fn errno(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
+/// The errno to send for `e`: its OS error, or EIO when it has none. Ferry's running out of
+/// descriptors is logged once (per process): every request past the limit meets it, and a
+/// line each would flood the log while saying nothing new.
+pub(crate) fn errno(e: &io::Error) -> i32 {
+    let n = e.raw_os_error().unwrap_or(libc::EIO);
+    if n == libc::EMFILE || n == libc::ENFILE {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            log::warn!(
+                "ferry has reached its open-file limit ({}); requests that need another descriptor fail with EMFILE until the client closes files (raise the limit with ulimit -n before starting ferry)",
+                if n == libc::EMFILE { "RLIMIT_NOFILE" } else { "the system's file-max" }
+            )
+        });
+    }
+    n
 }
 
 /// A reply that does not fit becomes ERANGE for the guest; the reason stays in the log.

@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -48,11 +49,33 @@ struct HostMount {
 impl HostMount {
     /// Runs `ferry mount --share SRC MNT EXTRA...` and waits until MNT is a FUSE mount.
     fn start(src: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        Self::start_limited(src, mnt, extra, None)
+    }
+
+    /// As [`Self::start`], with ferry's open-file limit set to `nofile`.
+    fn start_limited(src: &Path, mnt: &Path, extra: &[&str], nofile: Option<u64>) -> Self {
         require_dev_fuse();
         let mnt = mnt.canonicalize().expect("the mount point exists");
         let log = mnt.with_extension("log");
         let err = File::create(&log).expect("create the ferry log");
-        let child = Command::new(ferry_bin())
+        let mut cmd = Command::new(ferry_bin());
+        if let Some(n) = nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and `lim` lives in the closure.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .arg("mount")
             .arg("--share")
             .arg(src)
@@ -747,4 +770,75 @@ fn large_files_rename_flags_sparse_files_and_locks() {
             "the host does not see the lock"
         );
     }
+}
+
+/// openat(2) of `name` in the folder `dir` with `flags` (mode 0644); the errno on failure.
+fn open_in(dir: &File, name: &str, flags: i32) -> Result<File, i32> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: the fd is valid and `n` is NUL-terminated.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[test]
+fn a_folder_the_host_moves_out_of_the_share_is_out_of_reach() {
+    let (tmp, src, mnt) = dirs();
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/secret"), b"inside").unwrap();
+    let m = HostMount::start(&src, &mnt, &[]);
+    // The client holds the folder (as a shell's cwd would), and reads it while it is inside.
+    let held = File::open(m.path("d")).unwrap();
+    assert!(open_in(&held, "secret", libc::O_RDONLY).is_ok());
+    // The host moves it out of the share: through the node the client holds, ferry can
+    // neither read it nor write into it any more.
+    let outside = tmp.path().join("outside");
+    fs::rename(src.join("d"), &outside).unwrap();
+    assert_eq!(
+        open_in(&held, "secret", libc::O_RDONLY).err(),
+        Some(libc::EACCES),
+        "read a file of a folder moved out of the share"
+    );
+    assert_eq!(
+        open_in(&held, "planted", libc::O_WRONLY | libc::O_CREAT).err(),
+        Some(libc::EACCES),
+        "wrote into a folder moved out of the share"
+    );
+    assert!(!outside.join("planted").exists());
+    // The share itself still works, and the log says the sandbox is on.
+    fs::write(m.path("after"), b"ok").unwrap();
+    assert_eq!(fs::read(src.join("after")).unwrap(), b"ok");
+    assert!(m.log_tail().contains("Landlock"), "{}", m.log_tail());
+    drop(held);
+    m.unmount();
+}
+
+#[test]
+fn running_out_of_descriptors_is_logged_once() {
+    let (_tmp, src, mnt) = dirs();
+    for i in 0..400 {
+        fs::write(src.join(format!("f{i}")), b"").unwrap();
+    }
+    let m = HostMount::start_limited(&src, &mnt, &[], Some(256));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..400 {
+        match File::open(m.path(&format!("f{i}"))) {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "f{i}: {e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 100, "ferry never ran out ({} open)", held.len());
+    let log = m.log_tail();
+    assert_eq!(log.matches("open-file limit").count(), 1, "{log}");
+    drop(held);
+    // Once the client closes files, opens work again.
+    assert!(File::open(m.path("f399")).is_ok());
+    m.unmount();
 }

@@ -226,7 +226,7 @@ pub struct ServeArgs {
 }
 
 /// `--sandbox` and `--seccomp`, for `ferry serve`, `ferry run` (its devices; QEMU is never in
-/// the sandbox) and `ferry portd`.
+/// the sandbox), `ferry mount` (the thread that serves the mount) and `ferry portd`.
 #[derive(Debug, Args, Default)]
 pub struct SandboxArgs {
     /// Confine file access with Landlock to what the process serves (its shares, its sockets,
@@ -304,4 +304,7 @@ pub struct MountArgs {
     /// How long the kernel may cache attributes and data: never, metadata, auto or always.
     #[arg(long, value_name = "POLICY", default_value = "auto")]
     pub cache: String,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }

@@ -18,6 +18,7 @@ use log::{info, warn};
 
 use crate::cli::MountArgs;
 use crate::config::{Error, Result};
+use crate::sandbox::{self, Paths, SandboxConfig};
 use crate::signals;
 
 /// How often the main thread looks whether the mount went away while waiting for signals.
@@ -120,14 +121,39 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
     // main thread takes the signals.
     signals::block_termination()
         .map_err(|e| Error::Runtime(format!("cannot block termination signals: {e}")))?;
-    let session =
-        fuse_host::spawn_mount(fs, &mountpoint, &MountConfig::default()).map_err(|e| {
-            Error::Runtime(format!(
-                "cannot mount {} at {} ({e}); ferry mount needs root (or fusermount3) and a usable {DEV_FUSE}",
-                share.display(),
-                mountpoint.display()
-            ))
-        })?;
+    // The threads that serve the mount enter the sandbox once the mount is made (mounting is
+    // what the sandbox refuses): from then on they reach only the share, so a folder the host
+    // moves out of it is out of reach even through a node the client holds.
+    let sandbox = SandboxConfig::from_args(&args.sandbox).map_err(Error::Usage)?;
+    let paths = Paths::for_mount(
+        &share.canonicalize().unwrap_or(share.clone()),
+        args.readonly,
+    );
+    let mount_cfg = MountConfig {
+        confine: Some(Box::new(move || {
+            sandbox::enter(sandbox, &paths).map_err(|e| io::Error::other(e.to_string()))
+        })),
+        ..MountConfig::default()
+    };
+    // fuser answers INIT, and so enters the sandbox, on the thread that mounts; the threads
+    // that serve requests start from it and inherit the sandbox. A thread of its own does the
+    // mounting, so that this one stays outside and can unmount at the end (which Landlock
+    // refuses to a confined thread).
+    let mp = mountpoint.clone();
+    let mounting = std::thread::Builder::new()
+        .name("mount".into())
+        .spawn(move || fuse_host::spawn_mount(fs, &mp, mount_cfg))
+        .map_err(|e| Error::Runtime(format!("cannot start the mount thread: {e}")))?;
+    let mounted = mounting
+        .join()
+        .map_err(|_| Error::Runtime("the mount thread panicked; this is a bug in ferry".into()))?;
+    let session = mounted.map_err(|e| {
+        Error::Runtime(format!(
+            "cannot mount {} at {} ({e}); ferry mount needs root (or fusermount3) and a usable {DEV_FUSE}",
+            share.display(),
+            mountpoint.display()
+        ))
+    })?;
     info!(
         "serving {} at {}{} (pid {}); stop with SIGINT/SIGTERM or umount {}",
         share.display(),

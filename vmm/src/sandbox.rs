@@ -188,6 +188,19 @@ impl Paths {
         p
     }
 
+    /// What `ferry mount` serving `share` needs: the share, and the capabilities the file
+    /// server uses as root.
+    pub fn for_mount(share: &Path, readonly: bool) -> Self {
+        let mut p = Paths::default();
+        if readonly {
+            p.read_only.push(share.to_path_buf());
+        } else {
+            p.read_write.push(share.to_path_buf());
+        }
+        p.capabilities = SERVE_CAPS.iter().copied().filter(|c| *c != 10).collect();
+        p
+    }
+
     /// What `ferry portd` listening on `socket` needs: its socket's folder (to remove it), the
     /// port limit, and of root's capabilities only binding privileged ports.
     pub fn for_portd(socket: &Path) -> Self {
