@@ -25,8 +25,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{PortSpec, Protocol};
 
-/// Connections waiting for the net thread at most; past it, new ones are reset.
+/// Connections waiting for the net thread at most; past it, the listeners stop accepting
+/// (clients wait in the kernel's backlog) until the net thread has taken them.
 const MAX_INCOMING: usize = 4096;
+/// The ports thread's epoll token for [`Ports::resume`].
+const RESUME_TOKEN: u64 = u64::MAX;
 /// Bytes of UDP datagrams waiting for the net thread at most; past it, datagrams are dropped.
 const MAX_INCOMING_UDP_BYTES: usize = 4 << 20;
 /// The listen backlog of published TCP ports: room for bursts of clients.
@@ -185,6 +188,8 @@ struct Inner {
     next_token: u64,
     incoming: VecDeque<Incoming>,
     incoming_udp_bytes: usize,
+    /// Listeners that stopped accepting while the queue was full: (token, fd).
+    paused: Vec<(u64, RawFd)>,
 }
 
 /// The published ports of one ferry process.
@@ -194,6 +199,9 @@ pub struct Ports {
     epoll: Epoll,
     /// Tells the net stack that [`take_incoming`](Self::take_incoming) has something.
     notify: EventFd,
+    /// Tells the ports thread that the net stack took the queue, so paused listeners accept
+    /// again.
+    resume: EventFd,
     attached: AtomicBool,
     guest: Ipv4Addr,
     privileged: Option<PrivilegedBinder>,
@@ -372,14 +380,21 @@ impl Ports {
                 next_token: 1,
                 incoming: VecDeque::new(),
                 incoming_udp_bytes: 0,
+                paused: Vec::new(),
             }),
             epoll: Epoll::new()?,
             notify: EventFd::new(EFD_NONBLOCK)?,
+            resume: EventFd::new(EFD_NONBLOCK)?,
             attached: AtomicBool::new(false),
             guest,
             privileged,
             spare: Mutex::new(Vec::new()),
         });
+        ports.epoll.ctl(
+            ControlOperation::Add,
+            ports.resume.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, RESUME_TOKEN),
+        )?;
         let weak = Arc::downgrade(&ports);
         std::thread::Builder::new()
             .name("ports".into())
@@ -520,6 +535,9 @@ impl Ports {
         let mut inner = self.lock();
         inner.incoming_udp_bytes = 0;
         into.extend(inner.incoming.drain(..));
+        if !inner.paused.is_empty() {
+            let _ = self.resume.write(1);
+        }
     }
 
     /// Gives back a datagram's buffer (from [`Incoming::Udp`]) once its data went to the guest.
@@ -579,6 +597,30 @@ impl Ports {
 
     /// A ready host socket: accept or receive what it has.
     fn ready(&self, token: u64, buf: &mut [u8]) {
+        if token == RESUME_TOKEN {
+            let _ = self.resume.read();
+            let mut inner = self.lock();
+            let paused = std::mem::take(&mut inner.paused);
+            for (token, fd) in paused {
+                // A port unpublished meanwhile: its descriptor may now be another's.
+                let same = inner
+                    .by_token
+                    .get(&token)
+                    .and_then(|k| inner.ports.get(k))
+                    .is_some_and(
+                        |e| matches!(&e.socket, HostSocket::Tcp(l) if l.as_raw_fd() == fd),
+                    );
+                if !same {
+                    continue;
+                }
+                let _ = self.epoll.ctl(
+                    ControlOperation::Modify,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                );
+            }
+            return;
+        }
         let socket = {
             let inner = self.lock();
             let Some(entry) = inner.by_token.get(&token).and_then(|k| inner.ports.get(k)) else {
@@ -590,7 +632,7 @@ impl Ports {
             }
         };
         match socket {
-            (spec, Some(listener), _) => self.accept_all(&spec, &listener),
+            (spec, Some(listener), _) => self.accept_all(token, &spec, &listener),
             (spec, _, Some(udp)) => self.receive_all(&spec, &udp, buf),
             _ => {}
         }
@@ -620,9 +662,24 @@ impl Ports {
         }
     }
 
-    fn accept_all(&self, spec: &PortSpec, listener: &TcpListener) {
+    fn accept_all(&self, token: u64, spec: &PortSpec, listener: &TcpListener) {
         let (mut forwarded, mut refused) = (0, 0);
         loop {
+            if self.attached() {
+                let mut inner = self.lock();
+                if inner.incoming.len() >= MAX_INCOMING {
+                    // Backpressure, not resets: the listener waits (its clients in the kernel's
+                    // backlog) until the net thread has taken the queue.
+                    let fd = listener.as_raw_fd();
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Modify,
+                        fd,
+                        EpollEvent::new(EventSet::empty(), token),
+                    );
+                    inner.paused.push((token, fd));
+                    break;
+                }
+            }
             let (stream, client) = match listener.accept() {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -267,6 +267,12 @@ struct UdpMapping {
 const UDP_PUBLISH_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long the guest has to answer a published connection's SYN.
 const PUBLISH_CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+/// How long the guest may stay silent while ferry waits for it to acknowledge the FIN that
+/// follows everything else the host side sent: then the guest's connection is reset and the
+/// host socket goes. A guest that drops it (its accept queue overflowed, it hung, it left)
+/// would otherwise hold a host descriptor for minutes of retransmissions; one that answers
+/// keeps its side open as long as it likes.
+const FIN_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(3);
 
 /// Receive and send buffer of each NAT'd TCP connection: the window the guest sees. Under TCG
 /// the guest's round trip is milliseconds long, and 256 KiB held host-to-guest TCP to a third
@@ -370,6 +376,26 @@ fn send_on(flow: &mut crate::nat::UdpFlow, payload: &[u8]) {
         c.add_bytes(n);
     }
     flow.last = StdInstant::now();
+}
+
+/// Whether the peer of `host` has closed its side with nothing left to read (Some(true)), has
+/// sent data (Some(false)), or neither yet (None), without taking anything from the socket.
+fn peek_eof(host: &std::net::TcpStream) -> Option<bool> {
+    let mut b = [0u8; 1];
+    // SAFETY: the fd is valid and `b` has room for the one byte asked for.
+    let n = unsafe {
+        libc::recv(
+            host.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Some(true),
+        n if n > 0 => Some(false),
+        _ => None,
+    }
 }
 
 fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {
@@ -638,7 +664,6 @@ impl NetStack {
         counters: Option<Arc<Counters>>,
     ) {
         use crate::tcp_nat::TcpKey;
-        use smoltcp::socket::tcp;
         let seen = self.seen_addr(client);
         let mut key = TcpKey {
             guest_port,
@@ -656,25 +681,73 @@ impl NetStack {
             crate::ports::reset(stream);
             return;
         }
+        let handle = if self.tcp.handshaking < crate::tcp_nat::MAX_HANDSHAKES {
+            match self.connect_to_guest(key) {
+                Some(h) => Some(h),
+                None => {
+                    crate::ports::reset(stream);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll, counters) {
+            log::warn!("ports: cannot watch a connection from {client}: {e}");
+            if let Some(h) = handle {
+                self.sockets.remove(h);
+            }
+            return;
+        }
+        self.stats.published_connections += 1;
+    }
+
+    /// A stack socket connecting to the guest's `key.guest_port` from `key.dst` (the
+    /// published client as the guest sees it); None when smoltcp refuses the endpoints.
+    fn connect_to_guest(&mut self, key: crate::tcp_nat::TcpKey) -> Option<SocketHandle> {
+        use smoltcp::socket::tcp;
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
         );
         socket.set_ack_delay(None);
         socket.set_timeout(Some(PUBLISH_CONNECT_TIMEOUT));
-        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), guest_port);
-        let local = IpEndpoint::new(IpAddress::Ipv4(smol(seen)), key.dst.port());
-        if socket.connect(self.iface.context(), remote, local).is_err() {
-            crate::ports::reset(stream);
-            return;
+        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), key.guest_port);
+        let local = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
+        socket.connect(self.iface.context(), remote, local).ok()?;
+        Some(self.sockets.add(socket))
+    }
+
+    /// Connects queued published clients to the guest, oldest first, while fewer than
+    /// [`MAX_HANDSHAKES`] wait for the guest's answer.
+    fn dequeue_published(&mut self) {
+        use crate::tcp_nat::FlowState;
+        while self.tcp.handshaking < crate::tcp_nat::MAX_HANDSHAKES {
+            let Some(key) = self.tcp.queued.pop_front() else {
+                return;
+            };
+            if !matches!(
+                self.tcp.flows.get(&key).map(|f| &f.state),
+                Some(FlowState::Queued)
+            ) {
+                continue; // it left while it waited
+            }
+            let Some(handle) = self.connect_to_guest(key) else {
+                if let Some(f) = self.tcp.remove(&key, &self.epoll) {
+                    crate::ports::reset(f.host);
+                }
+                continue;
+            };
+            if let Some(f) = self.tcp.flows.get_mut(&key) {
+                f.state = FlowState::Open {
+                    handle,
+                    host_eof: false,
+                    guest_eof: false,
+                };
+                f.handshaking = true;
+                self.tcp.handshaking += 1;
+            }
         }
-        let handle = self.sockets.add(socket);
-        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll, counters) {
-            log::warn!("ports: cannot watch a connection from {client}: {e}");
-            self.sockets.remove(handle);
-            return;
-        }
-        self.stats.published_connections += 1;
     }
 
     /// A datagram to published UDP host port `host_port`: to the guest from the client's
@@ -878,7 +951,7 @@ impl NetStack {
         match self.tcp.flows.get(&key).map(|f| &f.state) {
             // A retransmitted SYN while the host connect runs: the first one is held.
             Some(FlowState::Connecting { .. }) => return true,
-            Some(FlowState::Open { .. }) => return false,
+            Some(FlowState::Open { .. } | FlowState::Queued) => return false,
             None => {}
         }
         let mut target = None;
@@ -974,11 +1047,19 @@ impl NetStack {
         // The key list is a reused buffer: polling allocates nothing.
         let mut keys = std::mem::take(&mut self.pump_keys);
         keys.clear();
-        keys.extend(self.tcp.flows.keys().copied());
+        // Queued published clients have no stack socket to move data for: their events pump them.
+        keys.extend(
+            self.tcp
+                .flows
+                .iter()
+                .filter(|(_, f)| !matches!(f.state, crate::tcp_nat::FlowState::Queued))
+                .map(|(k, _)| *k),
+        );
         for k in &keys {
             self.pump(*k);
         }
         self.pump_keys = keys;
+        self.dequeue_published();
     }
 
     /// Moves data between a flow's stack socket and its host socket, as far as both sides
@@ -990,6 +1071,68 @@ impl NetStack {
         let Some(flow) = self.tcp.flows.get_mut(&key) else {
             return;
         };
+        if matches!(flow.state, FlowState::Queued) {
+            // Waiting for its turn: only a client that leaves is news.
+            if flow.readable {
+                flow.readable = false;
+                match peek_eof(&flow.host) {
+                    Some(true) => {
+                        self.tcp.remove(&key, &self.epoll);
+                    }
+                    // Data (it waits for the guest), so EPOLLRDHUP would only repeat itself.
+                    Some(false) if flow.want_hup => {
+                        flow.want_hup = false;
+                        TcpNat::watch(flow, false, false, &self.epoll);
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if flow.handshaking {
+            if let FlowState::Open { handle, .. } = flow.state {
+                if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynSent {
+                    flow.handshaking = false;
+                    self.tcp.handshaking -= 1;
+                }
+            }
+        }
+        let Some(flow) = self.tcp.flows.get_mut(&key) else {
+            return;
+        };
+        if flow.want_hup {
+            if let FlowState::Open { handle, .. } = flow.state {
+                if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::SynSent {
+                    // A published connection still waiting for the guest: a client that left
+                    // without a word is let go now, rather than after the guest answers (which
+                    // a guest behind on its accept queue may take seconds to do, while the
+                    // descriptors pile up).
+                    if !flow.readable {
+                        return;
+                    }
+                    flow.readable = false;
+                    let eof = peek_eof(&flow.host);
+                    if eof == Some(true) {
+                        // The guest's half-open connection meets no socket when it retransmits
+                        // its SYN-ACK, and smoltcp answers that with RST.
+                        self.sockets.remove(handle);
+                        self.tcp.remove(&key, &self.epoll);
+                        return;
+                    }
+                    // Data (it waits for the guest) or nothing yet. A client that half-closed
+                    // after its request is served as usual once the guest answers.
+                    if eof == Some(false) {
+                        flow.want_hup = false;
+                        TcpNat::watch(flow, flow.want_in, flow.want_out, &self.epoll);
+                    }
+                    return;
+                }
+            }
+            // The guest answered: from now on EPOLLIN tells of the client's end.
+            flow.want_hup = false;
+            flow.readable = true;
+            TcpNat::watch(flow, flow.want_in, flow.want_out, &self.epoll);
+        }
         let FlowState::Open {
             handle,
             host_eof,
@@ -1011,8 +1154,9 @@ impl NetStack {
             }
             return;
         }
-        if socket.timeout().is_some() && socket.state() != tcp::State::SynSent {
-            // A published connection the guest accepted: no more connect deadline.
+        if socket.timeout().is_some() && socket.state() != tcp::State::SynSent && !*host_eof {
+            // A published connection the guest accepted: no more connect deadline (the one
+            // set when the host side closes stays).
             socket.set_timeout(None);
         }
         // Guest to host: write what the host takes; the rest stays in the window.
@@ -1082,6 +1226,18 @@ impl NetStack {
         if broken {
             // The host side failed: reset the guest's connection.
             socket.abort();
+        }
+        if *host_eof
+            && socket.send_queue() == 0
+            && socket.timeout().is_none()
+            && matches!(
+                socket.state(),
+                tcp::State::FinWait1 | tcp::State::Closing | tcp::State::LastAck
+            )
+        {
+            // Only the FIN is left for the guest to acknowledge, which a guest that is there
+            // does at once (a closed window holds back data, never the FIN's answer).
+            socket.set_timeout(Some(FIN_TIMEOUT));
         }
         let state = socket.state();
         let done = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
@@ -1178,9 +1334,9 @@ impl NetStack {
                 continue;
             }
             if token >= crate::tcp_nat::TOKEN_BASE {
-                let readable = ev
-                    .event_set()
-                    .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
+                let readable = ev.event_set().intersects(
+                    EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP,
+                );
                 self.tcp_event(token, readable);
                 continue;
             }
@@ -1448,6 +1604,7 @@ impl NetStack {
         for (k, f) in &self.tcp.flows {
             let (state, inbound) = match &f.state {
                 FlowState::Connecting { .. } => ("Connecting".to_string(), false),
+                FlowState::Queued => ("Queued".to_string(), true),
                 FlowState::Open { handle, .. } => (
                     format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state()),
                     f.inbound,
@@ -2196,6 +2353,50 @@ mod published {
         assert!(next_segment(&mut stack).is_some(), "a SYN to the guest");
         assert_eq!(rules.list()[0].packets, 1);
         assert_eq!(rules.default_counters(crate::rules::Dir::In).0, 1);
+    }
+
+    /// Flows by state name.
+    fn flow_states(stack: &NetStack) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for f in stack.flows() {
+            *m.entry(f.state).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn published_clients_past_the_handshake_limit_wait_and_those_that_leave_go_at_once() {
+        use crate::tcp_nat::MAX_HANDSHAKES;
+        let cfg = NetConfig::default();
+        let (port, ports, mut stack) = stack_with_published_port(&cfg, "127.0.0.1");
+        ports.set_attached(true);
+        let n = MAX_HANDSHAKES + 10;
+        let clients: Vec<_> = (0..n)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let end = StdInstant::now() + std::time::Duration::from_secs(5);
+        while (stack.stats().tcp_flows as usize) < n && StdInstant::now() < end {
+            stack.handle_host_events();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The guest never answers: MAX_HANDSHAKES SYNs are out, the rest wait in ferry.
+        let states = flow_states(&stack);
+        assert_eq!(states.get("SynSent"), Some(&MAX_HANDSHAKES), "{states:?}");
+        assert_eq!(states.get("Queued"), Some(&10), "{states:?}");
+        // Every client leaves: those waiting and those whose SYN is out are let go at once,
+        // without waiting for the guest, and as they go the queue moves up.
+        drop(clients);
+        let end = StdInstant::now() + std::time::Duration::from_secs(5);
+        while stack.stats().tcp_flows > 0 && StdInstant::now() < end {
+            stack.handle_host_events();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(stack.stats().tcp_flows, 0, "{:?}", flow_states(&stack));
+        assert_eq!(stack.tcp.handshaking, 0);
+        // A new client goes straight to the guest.
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_, seg) = next_segment(&mut stack).expect("a SYN to the guest");
+        assert!(TcpPacket::new_checked(&seg[..]).unwrap().syn());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! DNS over TCP to the gateway is a flow like any other, to the DNS upstream: a client that
 //! got a truncated answer over UDP retries over TCP and reaches the same server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -35,6 +35,9 @@ pub enum FlowState {
         /// The guest's SYN frame.
         syn: Vec<u8>,
     },
+    /// A published port's client waiting for its turn to be connected to the guest (at most
+    /// [`MAX_HANDSHAKES`] connect at once); it costs no stack socket until then.
+    Queued,
     /// Connected: data moves between the stack socket and the host socket.
     Open {
         /// The stack's socket for the guest side.
@@ -58,6 +61,9 @@ pub struct TcpFlow {
     pub want_in: bool,
     /// Whether EPOLLOUT is currently asked for.
     pub want_out: bool,
+    /// Whether EPOLLRDHUP is asked for: while a published connection waits for the guest to
+    /// answer its SYN, so that a client that leaves meanwhile is let go at once.
+    pub want_hup: bool,
     /// Whether the host socket may have data: set by EPOLLIN, cleared when a read finds it
     /// drained, so a flow that only sends costs no failing read per poll.
     pub readable: bool,
@@ -67,7 +73,17 @@ pub struct TcpFlow {
     pub inbound: bool,
     /// The counters of the rule that let it through, if rules are set.
     pub counters: Option<std::sync::Arc<crate::rules::Counters>>,
+    /// Whether it is one of the published connections whose SYN the guest has yet to answer
+    /// (counted in [`TcpNat::handshaking`]).
+    pub handshaking: bool,
 }
+
+/// Most published connections whose SYN the guest has yet to answer. More clients wait in
+/// ferry (the host kernel already finished their handshakes), so a burst of clients does not
+/// overflow the guest's accept queue, whose dropped handshakes the guest then retries for
+/// seconds, or fill the stack with sockets it must visit on every poll. A client that leaves
+/// while it waits costs the guest nothing.
+pub const MAX_HANDSHAKES: usize = 64;
 
 /// The TCP flows.
 pub struct TcpNat {
@@ -78,6 +94,10 @@ pub struct TcpNat {
     host_alias: Ipv4Addr,
     /// Most flows open at once.
     pub max_flows: usize,
+    /// Published connections whose SYN the guest has yet to answer.
+    pub handshaking: usize,
+    /// Published connections waiting for their turn, oldest first (some may have gone).
+    pub queued: VecDeque<TcpKey>,
     cap_logged: bool,
 }
 
@@ -91,6 +111,8 @@ impl TcpNat {
             host_alias,
             max_flows: DEFAULT_MAX_FLOWS,
             cap_logged: false,
+            handshaking: 0,
+            queued: VecDeque::new(),
         }
     }
 
@@ -145,23 +167,26 @@ impl TcpNat {
                 token,
                 want_in: false,
                 want_out: true,
+                want_hup: false,
                 readable: true,
                 watched: true,
                 inbound: false,
                 counters: None,
+                handshaking: false,
             },
         );
         Ok(())
     }
 
-    /// Takes an accepted host connection whose guest side (`handle`) is connecting: a
-    /// published port's client, whose traffic adds to `counters` (the inbound rule that let
-    /// it in). It is watched once the guest accepts.
+    /// Takes an accepted host connection: a published port's client, whose traffic adds to
+    /// `counters` (the inbound rule that let it in), with its guest side (`handle`) connecting,
+    /// or (None) queued until fewer handshakes are in flight. Its end is watched until the
+    /// guest accepts; then its data.
     pub fn adopt(
         &mut self,
         key: TcpKey,
         host: TcpStream,
-        handle: SocketHandle,
+        handle: Option<SocketHandle>,
         epoll: &Epoll,
         counters: Option<std::sync::Arc<crate::rules::Counters>>,
     ) -> io::Result<()> {
@@ -170,31 +195,41 @@ impl TcpNat {
         epoll.ctl(
             ControlOperation::Add,
             host.as_raw_fd(),
-            EpollEvent::new(EventSet::empty(), token),
+            EpollEvent::new(EventSet::READ_HANG_UP, token),
         )?;
         self.by_token.insert(token, key);
         self.flows.insert(
             key,
             TcpFlow {
                 host,
-                state: FlowState::Open {
-                    handle,
-                    host_eof: false,
-                    guest_eof: false,
+                state: match handle {
+                    Some(handle) => FlowState::Open {
+                        handle,
+                        host_eof: false,
+                        guest_eof: false,
+                    },
+                    None => FlowState::Queued,
                 },
                 token,
                 want_in: false,
                 want_out: false,
-                readable: true,
+                want_hup: true,
+                readable: false,
                 watched: true,
                 inbound: true,
                 counters,
+                handshaking: handle.is_some(),
             },
         );
+        match handle {
+            Some(_) => self.handshaking += 1,
+            None => self.queued.push_back(key),
+        }
         Ok(())
     }
 
-    /// Sets which events a flow's host socket wakes the stack for.
+    /// Sets which events a flow's host socket wakes the stack for (EPOLLRDHUP as long as
+    /// `flow.want_hup` says).
     pub fn watch(flow: &mut TcpFlow, want_in: bool, want_out: bool, epoll: &Epoll) {
         if !flow.watched {
             return;
@@ -205,6 +240,9 @@ impl TcpNat {
         }
         if want_out {
             ev |= EventSet::OUT;
+        }
+        if flow.want_hup {
+            ev |= EventSet::READ_HANG_UP;
         }
         flow.want_in = want_in;
         flow.want_out = want_out;
@@ -233,6 +271,9 @@ impl TcpNat {
     pub fn remove(&mut self, key: &TcpKey, epoll: &Epoll) -> Option<TcpFlow> {
         let mut f = self.flows.remove(key)?;
         Self::unwatch(&mut f, epoll);
+        if f.handshaking {
+            self.handshaking -= 1;
+        }
         self.by_token.remove(&f.token);
         Some(f)
     }

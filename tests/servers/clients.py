@@ -3,10 +3,13 @@
 
   clients.py udp HOST PORT MSG       send MSG, print the reply (or "timeout")
   clients.py peer HOST PORT          connect, print the line the server sends (or the error)
-  clients.py many HOST PORT N        N clients at once, each reads its line; prints "OK of N"
+  clients.py many HOST PORT N [SECS] N clients at once, each reads its line (SECS to connect and
+                                     read, default 60); prints "OK of N"
                                      and then each distinct line prefix (the part before ':')
   clients.py probe HOST PORT         connect and read: prints "data", "reset", "refused",
                                      "closed" or "timeout", then the seconds it took
+  clients.py churn HOST PORT N       N connections one after another, each closed at once;
+                                     prints "N done, E errors"
 """
 import socket
 import sys
@@ -49,14 +52,24 @@ def main():
         print("timeout")
     elif cmd == "peer":
         print(peer(host, port))
+    elif cmd == "churn":
+        n, errors, kinds = int(sys.argv[4]), 0, set()
+        for _ in range(n):
+            try:
+                socket.create_connection((host, port), timeout=10).close()
+            except OSError as e:
+                errors += 1
+                kinds.add(e.__class__.__name__)
+        print("%d done, %d errors" % (n, errors) + "".join(" " + k for k in sorted(kinds)))
     elif cmd == "many":
         n = int(sys.argv[4])
+        timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 60
         results = [None] * n
         start = threading.Barrier(n)
 
         def one(i):
             start.wait()
-            results[i] = peer(host, port, timeout=60)
+            results[i] = peer(host, port, timeout=timeout)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
