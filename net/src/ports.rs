@@ -34,6 +34,11 @@ const RESUME_TOKEN: u64 = u64::MAX;
 const MAX_INCOMING_UDP_BYTES: usize = 4 << 20;
 /// The listen backlog of published TCP ports: room for bursts of clients.
 const BACKLOG: i32 = 1024;
+/// Ports published at once, at most. Each holds a host socket (one descriptor) and a slot on
+/// the ports thread's epoll; without a cap, API clients could publish until the process runs
+/// out of descriptors and the guest's own connections fail. As many as the rules allow
+/// (`rules::MAX_RULES`), which is more than any one VM has asked for.
+pub const MAX_PORTS: usize = 1024;
 
 /// What identifies a published port on the host: protocol, bind address and host port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,6 +78,8 @@ pub enum PublishError {
     },
     /// The same protocol, address and host port is published already.
     Exists(PortSpec),
+    /// [`MAX_PORTS`] ports are published already.
+    Full,
 }
 
 impl PublishError {
@@ -81,6 +88,9 @@ impl PublishError {
         match self {
             PublishError::Unavailable { hint, .. } => hint.clone(),
             PublishError::Exists(_) => "unpublish it first, or pick another host port".to_string(),
+            PublishError::Full => {
+                "unpublish a port no longer needed; `ferry ctl ports` lists them".to_string()
+            }
         }
     }
 }
@@ -107,6 +117,10 @@ impl fmt::Display for PublishError {
                 spec.protocol.to_string().to_uppercase(),
                 host_endpoint(spec),
                 spec.guest_port
+            ),
+            PublishError::Full => write!(
+                f,
+                "{MAX_PORTS} ports are published, the most allowed; unpublish one first"
             ),
         }
     }
@@ -402,25 +416,35 @@ impl Ports {
         Ok(ports)
     }
 
+    /// Whether `spec` may be published: not published already, and room in the table. The
+    /// duplicate is reported first: it says more than "full" does.
+    fn check_room(inner: &Inner, spec: &PortSpec) -> Result<(), PublishError> {
+        if inner.ports.contains_key(&PortKey::of(spec)) {
+            return Err(PublishError::Exists(*spec));
+        }
+        if inner.ports.len() >= MAX_PORTS {
+            return Err(PublishError::Full);
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere must not take the ports down with it: the table stays consistent
         // between statements.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes `spec`: binds its host socket now (so a conflict is reported now).
+    /// Publishes `spec`: binds its host socket now (so a conflict is reported now). Refused
+    /// with [`PublishError::Full`] once [`MAX_PORTS`] are published.
     pub fn publish(&self, spec: PortSpec) -> Result<PortInfo, PublishError> {
         let key = PortKey::of(&spec);
-        if self.lock().ports.contains_key(&key) {
-            return Err(PublishError::Exists(spec));
-        }
+        Self::check_room(&self.lock(), &spec)?;
         let fd = self.bind(&spec)?;
         let token;
         {
             let mut inner = self.lock();
-            if inner.ports.contains_key(&key) {
-                return Err(PublishError::Exists(spec));
-            }
+            // Checked again: another caller may have published while this one was binding.
+            Self::check_room(&inner, &spec)?;
             token = inner.next_token;
             inner.next_token += 1;
             let raw = fd.as_raw_fd();
@@ -786,5 +810,47 @@ fn run(ports: Weak<Ports>) {
         for e in &events[..n] {
             p.ready(e.data(), &mut buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
+    /// a port again once one is unpublished.
+    #[test]
+    fn publishing_stops_at_max_ports() {
+        let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
+        let spec = |host_port| PortSpec {
+            protocol: Protocol::Udp,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host_port,
+            guest_port: 53,
+        };
+        // Ports other programs hold are skipped: only the count matters.
+        let mut published = Vec::new();
+        for p in 20000..=u16::MAX {
+            if published.len() == MAX_PORTS {
+                break;
+            }
+            if ports.publish(spec(p)).is_ok() {
+                published.push(p);
+            }
+        }
+        assert_eq!(published.len(), MAX_PORTS);
+        let e = ports.publish(spec(1)).expect_err("one port too many");
+        assert!(matches!(e, PublishError::Full), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "1024 ports are published, the most allowed; unpublish one first"
+        );
+        // A duplicate still says so, rather than "full".
+        let dup = ports
+            .publish(spec(published[0]))
+            .expect_err("published already");
+        assert!(matches!(dup, PublishError::Exists(_)), "{dup}");
+        assert!(ports.unpublish(&PortKey::of(&spec(published[0]))).is_some());
+        assert!(ports.publish(spec(published[0])).is_ok());
     }
 }

@@ -2,10 +2,13 @@
 //! endpoint, and the bad input each must refuse with the right status and a reason.
 //! No guest is needed; ferry runs in a test namespace because publishing binds host ports.
 
-use std::path::Path;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use ferry_tests::{ferry_bin, FerryProcess, TestNet};
+use ferry_tests::{ferry_bin, wait_for, wrapped, FerryProcess, TestNet};
 use serde_json::Value;
 
 /// `curl --unix-socket`: the status and the JSON body (Null when empty).
@@ -452,4 +455,334 @@ fn without_a_net_device_publishing_is_refused_with_the_reason() {
     assert!(v["proxy"].is_null(), "{v}");
     expect_error(&api_sock, "GET", "/proxy", None, 404, "no net device");
     expect_error(&api_sock, "GET", "/rules", None, 404, "no net device");
+}
+
+/// `ferry serve` with a net device and the API in `net`'s namespace (published ports bind on
+/// 127.0.0.1 there); the API socket's path.
+fn serve_api(net: &TestNet, dir: &Path) -> (FerryProcess, PathBuf) {
+    let sock = dir.join("net.sock");
+    let api_sock = dir.join("api.sock");
+    let ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir,
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--api-socket".into(),
+            api_sock.display().to_string(),
+            "--default-bind".into(),
+            "127.0.0.1".into(),
+            "--dns-upstream".into(),
+            "127.0.0.1:1".into(),
+        ],
+        &[sock, api_sock.clone()],
+    );
+    (ferry, api_sock)
+}
+
+/// A connection to the API socket that sends bytes as given: what curl would not send.
+struct Raw {
+    s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(sock: &Path) -> Self {
+        let s = UnixStream::connect(sock).expect("connect to the API socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    /// Sends `bytes`; a server that refused the request may have stopped reading, so a
+    /// failed write is not an error here: the answer says what happened.
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.s.write_all(bytes);
+    }
+
+    fn fill(&mut self) {
+        let mut b = [0u8; 65536];
+        let n = self.s.read(&mut b).expect("read an answer within 10 s");
+        assert!(n > 0, "the API closed the connection before answering");
+        self.buf.extend_from_slice(&b[..n]);
+    }
+
+    /// The next answer: its status, head and JSON body (Null when it has none).
+    fn answer(&mut self) -> (u16, String, Value) {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            self.fill();
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let len = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while self.buf.len() < end + 4 + len {
+            self.fill();
+        }
+        let body = &self.buf[end + 4..end + 4 + len];
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {head}"))
+        };
+        self.buf.drain(..end + 4 + len);
+        (status, head, value)
+    }
+
+    /// Whether the API closed the connection after its last answer.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        let end = match self.s.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        self.buf.is_empty() && end
+    }
+}
+
+/// Sends `bytes` on a connection of its own: the answer, after which the API must have
+/// closed the connection.
+fn refused_and_closed(sock: &Path, bytes: &[u8]) -> (u16, String, Value) {
+    let mut c = Raw::connect(sock);
+    c.send(bytes);
+    let a = c.answer();
+    assert!(c.closed(), "the API should close the connection: {}", a.1);
+    a
+}
+
+/// An error answer: its status, and whether it has the API's shape with `says` in it.
+fn assert_refused(a: (u16, String, Value), status: u16, says: &str) {
+    let (st, head, v) = a;
+    assert_eq!(st, status, "{head}\n{v}");
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains(says)),
+        "{v} should say {says:?}"
+    );
+    assert!(v["hint"].as_str().is_some_and(|h| !h.is_empty()), "{v}");
+}
+
+/// Lets this test process hold thousands of connections.
+fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; getrlimit/setrlimit only read and write it.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        r.rlim_cur = r.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+    }
+}
+
+fn count(dir: String) -> usize {
+    std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn hostile_clients_are_refused_and_cost_no_threads() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let (_ferry, api_sock) = serve_api(&net, dir.path());
+    let s = api_sock.as_path();
+    let (_, health) = api(s, "GET", "/health", None);
+    let pid = health["pid"].as_u64().expect("health has the pid");
+
+    // Request smuggling: Content-Length and Transfer-Encoding both, a request in the body.
+    let smuggled = "POST /rules HTTP/1.1\r\nHost: ferry\r\nContent-Length: 30\r\n\r\n{\"spec\": \"drop,to=10.9.9.0/24\"}";
+    for body in [smuggled.to_string(), format!("0\r\n\r\n{smuggled}")] {
+        let req = format!(
+            "POST /health HTTP/1.1\r\nHost: ferry\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+            body.len()
+        );
+        // Nothing is answered after the refusal: the connection is closed.
+        assert_refused(
+            refused_and_closed(s, req.as_bytes()),
+            400,
+            "both Transfer-Encoding and Content-Length",
+        );
+    }
+    let (st, v) = api(s, "GET", "/rules", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["rules"], serde_json::json!([]), "no rule was smuggled in");
+    // Lengths that differ, chunked bodies and malformed request lines.
+    let differ = b"POST /rules HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}";
+    assert_refused(refused_and_closed(s, differ), 400, "differ");
+    let chunked = b"POST /rules HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    assert_refused(refused_and_closed(s, chunked), 501, "Transfer-Encoding");
+    assert_refused(refused_and_closed(s, b"HELLO\r\n\r\n"), 400, "malformed");
+
+    // A 1 MB header line, 20,000 headers, 65 headers: 431, and the connection closed.
+    let mut big = b"GET /health HTTP/1.1\r\nHost: ferry\r\nX-Big: ".to_vec();
+    big.resize(big.len() + 1_000_000, b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    assert_refused(refused_and_closed(s, &big), 431, "larger than 16 KiB");
+    let many: String = (0..20_000).map(|i| format!("X-{i}: 1\r\n")).collect();
+    let many = format!("GET /health HTTP/1.1\r\n{many}\r\n");
+    assert_refused(
+        refused_and_closed(s, many.as_bytes()),
+        431,
+        "larger than 16 KiB",
+    );
+    let many: String = (0..65).map(|i| format!("X-{i}: 1\r\n")).collect();
+    let many = format!("GET /health HTTP/1.1\r\n{many}\r\n");
+    assert_refused(refused_and_closed(s, many.as_bytes()), 431, "64 headers");
+
+    // Keep-alive and pipelining: three requests in one write, answered in order, the
+    // connection closed after the one that asks for it.
+    let mut c = Raw::connect(s);
+    c.send(
+        b"GET /health HTTP/1.1\r\nHost: ferry\r\n\r\n\
+          POST /rules HTTP/1.1\r\nHost: ferry\r\nContent-Length: 16\r\n\r\n{\"spec\": \"drop\"}\
+          GET /rules HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n",
+    );
+    let (st, _, v) = c.answer();
+    assert_eq!((st, v["status"].as_str()), (200, Some("ok")), "{v}");
+    let (st, _, rule) = c.answer();
+    assert_eq!(st, 201, "{rule}");
+    let (st, head, v) = c.answer();
+    assert_eq!((st, v["rules"][0]["id"].clone()), (200, rule["id"].clone()));
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(c.closed());
+    drop(c);
+    let (st, _) = api(s, "DELETE", &format!("/rules/{}", rule["id"]), None);
+    assert_eq!(st, 204);
+
+    // 2,000 idle connections at once: ferry holds them all on its one API thread, and
+    // answers a new client as before.
+    raise_fd_limit();
+    let threads_before = count(format!("/proc/{pid}/task"));
+    let idle: Vec<UnixStream> = (0..2000)
+        .map(|_| UnixStream::connect(s).expect("connect an idle client"))
+        .collect();
+    let fds = wait_for(Duration::from_secs(10), || {
+        let n = count(format!("/proc/{pid}/fd"));
+        (n >= 2000).then_some(n)
+    });
+    assert!(fds.is_some(), "ferry should hold the 2,000 connections");
+    let (st, v) = api(s, "GET", "/health", None);
+    assert_eq!((st, v["status"].as_str()), (200, Some("ok")), "{v}");
+    let threads = count(format!("/proc/{pid}/task"));
+    assert!(
+        threads < 16,
+        "{threads} threads with 2,000 connections open ({threads_before} before)"
+    );
+    // Past 4,096 connections, a new one is answered 503 and closed; those open stay open.
+    let mut more: Vec<UnixStream> = (0..2200)
+        .map(|_| UnixStream::connect(s).expect("connect a client past the cap"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = Vec::new();
+    for c in &mut more {
+        c.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 4096];
+        if let Ok(n) = c.read(&mut b) {
+            refused.push(b[..n].to_vec());
+        }
+    }
+    assert!(
+        (104..=106).contains(&refused.len()),
+        "{} of 4,200 connections refused; 104 should be",
+        refused.len()
+    );
+    let text = String::from_utf8_lossy(&refused[0]);
+    assert!(
+        text.starts_with("HTTP/1.1 503 ") && text.contains("4096 connections"),
+        "{text}"
+    );
+    drop(more);
+    drop(idle);
+    let released = wait_for(Duration::from_secs(10), || {
+        (count(format!("/proc/{pid}/fd")) < 100).then_some(())
+    });
+    assert!(released.is_some(), "ferry should close the connections");
+    let (st, _) = api(s, "GET", "/health", None);
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn publishing_stops_at_1024_ports() {
+    const MAX_PORTS: u16 = 1024;
+    const FIRST: u16 = 30000;
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let (_ferry, api_sock) = serve_api(&net, dir.path());
+    let s = api_sock.as_path();
+
+    // All the publish requests pipelined on one connection, written while the answers are
+    // read: answered in order, and the one past the cap refused.
+    let mut c = Raw::connect(s);
+    let mut writer = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for port in FIRST..=FIRST + MAX_PORTS {
+            let body = format!(r#"{{"spec": "{port}:80"}}"#);
+            let req = format!(
+                "POST /ports HTTP/1.1\r\nHost: ferry\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            writer.write_all(req.as_bytes()).unwrap();
+        }
+    });
+    for port in FIRST..FIRST + MAX_PORTS {
+        let (st, _, v) = c.answer();
+        assert_eq!(
+            (st, v["host_port"].as_u64()),
+            (201, Some(port.into())),
+            "{v}"
+        );
+    }
+    assert_refused(
+        c.answer(),
+        409,
+        "1024 ports are published, the most allowed; unpublish one first",
+    );
+    sender.join().unwrap();
+    let o = Command::new(ferry_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(s)
+        .args(["publish", "127.0.0.1:40000:80"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("1024 ports are published") && err.contains("hint:"),
+        "{err}"
+    );
+
+    // Unpublished again, one request after the other on the same connection.
+    for port in FIRST..FIRST + MAX_PORTS {
+        c.send(
+            format!("DELETE /ports/tcp/127.0.0.1/{port} HTTP/1.1\r\nHost: ferry\r\n\r\n")
+                .as_bytes(),
+        );
+        let (st, _, v) = c.answer();
+        assert_eq!(st, 204, "{port}: {v}");
+    }
+    let (st, v) = api(s, "GET", "/ports", None);
+    assert_eq!((st, v), (200, serde_json::json!([])));
+
+    // ferry serve --publish past the cap exits 1 with the same words.
+    let mut serve = wrapped(Some(&net.inner), None, &ferry_bin());
+    serve.arg("serve").args([
+        "--net-socket".to_string(),
+        dir.path().join("net2.sock").display().to_string(),
+        "--default-bind".into(),
+        "127.0.0.1".into(),
+    ]);
+    for port in FIRST..=FIRST + MAX_PORTS {
+        serve.args(["--publish".to_string(), format!("{port}:80")]);
+    }
+    let o = serve.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("1024 ports are published"), "{err}");
 }

@@ -1,5 +1,5 @@
-//! The control API: HTTP/1.1 and JSON on a UNIX socket (mode 0600), served by tiny_http on
-//! its own thread. Every endpoint is documented in docs/api.md.
+//! The control API: HTTP/1.1 and JSON on a UNIX socket (mode 0600), served by the epoll
+//! server in [`http`] on a thread of its own. Every endpoint is documented in docs/api.md.
 //!
 //! ```text
 //! GET    /health                               {"status":"ok",...}
@@ -16,14 +16,17 @@
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
 //! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when
-//! the host port is in use or published already.
+//! the host port is in use or published already, or the ports or rules are at their cap.
+//! Requests the HTTP layer refuses (framing, sizes) have the same shape; see [`http`].
 
-use std::io::Read;
+mod http;
+
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ferry_devices::{VhostUserFsBackend, VhostUserNetBackend};
@@ -33,14 +36,11 @@ use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
 use ferry_net::proxy::{Proxy, Upstream};
 use ferry_net::rules::{Dir, RuleInfo, RuleSpec, Rules};
 use ferry_net::{PortSpec, Protocol};
-use log::{debug, info, warn};
+use log::info;
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{Error, Result};
-
-/// Largest request body taken.
-const MAX_BODY: u64 = 64 * 1024;
 
 /// What the API reads and changes.
 pub struct Control {
@@ -60,15 +60,20 @@ pub struct Control {
     pub started: Instant,
 }
 
-/// A running API server; its socket is removed on drop.
+/// A running API server; on drop its thread stops and its socket is removed.
 pub struct Api {
-    server: Arc<Server>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
 
 impl Drop for Api {
     fn drop(&mut self) {
-        self.server.unblock();
+        if self.stop.write(1).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -82,84 +87,55 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
             path.display()
         ))
     })?;
-    let server = Server::from_listener(listener, None).map_err(|e| {
+    let cannot_serve = |e: std::io::Error| {
         Error::Runtime(format!(
             "--api-socket {}: cannot serve it: {e}",
             path.display()
         ))
-    })?;
-    let server = Arc::new(server);
-    let s = server.clone();
-    std::thread::Builder::new()
+    };
+    let stop = EventFd::new(EFD_NONBLOCK).map_err(cannot_serve)?;
+    let server = http::Server::new(listener, &stop, move |req: &http::Request| {
+        let path = req.target.split('?').next().unwrap_or("");
+        route(&control, &req.method, path, &req.body)
+    })
+    .map_err(cannot_serve)?;
+    let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || {
-            for req in s.incoming_requests() {
-                serve(&control, req);
-            }
-        })
+        .spawn(move || server.run())
         .map_err(|e| Error::Runtime(format!("cannot start the api thread: {e}")))?;
-    log::info!("api: serving the control API on {}", path.display());
+    info!("api: serving the control API on {}", path.display());
     Ok(Api {
-        server,
+        stop,
+        thread: Some(thread),
         path: path.to_path_buf(),
     })
-}
-
-/// A JSON response.
-fn reply(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
-    text.push(b'\n');
-    let ct = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-        .expect("a valid static header");
-    Response::from_data(text)
-        .with_status_code(status)
-        .with_header(ct)
 }
 
 fn error(status: u16, msg: impl Into<String>, hint: impl Into<String>) -> (u16, Value) {
     (status, json!({"error": msg.into(), "hint": hint.into()}))
 }
 
-fn serve(control: &Control, mut req: Request) {
-    let method = req.method().clone();
-    let url = req.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
-    let mut body = Vec::new();
-    let read = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body);
-    let (status, value) = if read.is_err() {
-        error(400, "cannot read the request body", "send the body again")
-    } else if body.len() as u64 > MAX_BODY {
-        error(413, "the body is larger than 64 KiB", "send a smaller body")
-    } else {
-        route(control, &method, &path, &body)
-    };
-    debug!("api: {method} {url} -> {status}");
-    if let Err(e) = req.respond(reply(status, &value)) {
-        warn!("api: cannot answer {method} {url}: {e}");
-    }
-}
-
-fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, Value) {
+fn route(control: &Control, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, &segments[..]) {
-        (Method::Get, ["health"]) => (200, health(control)),
-        (Method::Get, ["stats"]) => (200, stats(control)),
-        (Method::Get, ["ports"]) => match &control.ports {
+        ("GET", ["health"]) => (200, health(control)),
+        ("GET", ["stats"]) => (200, stats(control)),
+        ("GET", ["ports"]) => match &control.ports {
             Some(p) => (200, Value::Array(p.list().iter().map(port_json).collect())),
             None => (200, json!([])),
         },
-        (Method::Post, ["ports"]) => publish(control, body),
-        (Method::Get, ["proxy"]) => match &control.proxy {
+        ("POST", ["ports"]) => publish(control, body),
+        ("GET", ["proxy"]) => match &control.proxy {
             Some(p) => (200, proxy_json(p)),
             None => no_net("HTTP proxy"),
         },
-        (Method::Put, ["proxy"]) => set_proxy(control, body),
-        (Method::Get, ["rules"]) => match &control.rules {
+        ("PUT", ["proxy"]) => set_proxy(control, body),
+        ("GET", ["rules"]) => match &control.rules {
             Some(r) => (200, rules_json(r)),
             None => no_net("rules"),
         },
-        (Method::Post, ["rules"]) => add_rule(control, body),
-        (Method::Post, ["rules", "zero"]) => match &control.rules {
+        ("POST", ["rules"]) => add_rule(control, body),
+        ("POST", ["rules", "zero"]) => match &control.rules {
             Some(r) => {
                 r.zero();
                 info!("rules: counters set to 0");
@@ -167,8 +143,8 @@ fn route(control: &Control, method: &Method, path: &str, body: &[u8]) -> (u16, V
             }
             None => no_net("rules"),
         },
-        (Method::Delete, ["rules", id]) => delete_rule(control, id),
-        (Method::Delete, ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
+        ("DELETE", ["rules", id]) => delete_rule(control, id),
+        ("DELETE", ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
         (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
         (_, ["ports"]) => error(
             405,
@@ -260,8 +236,10 @@ fn publish(control: &Control, body: &[u8]) -> (u16, Value) {
     };
     match ports.publish(spec) {
         Ok(info) => (201, port_json(&info)),
-        Err(e @ PublishError::Exists(_)) => error(409, e.to_string(), e.hint()),
-        Err(e) => error(409, e.to_string(), e.hint()),
+        // In use, published already, or MAX_PORTS published: each a conflict with the state.
+        Err(
+            e @ (PublishError::Unavailable { .. } | PublishError::Exists(_) | PublishError::Full),
+        ) => error(409, e.to_string(), e.hint()),
     }
 }
 

@@ -1,0 +1,946 @@
+//! The control API's HTTP/1.1 server: just enough of RFC 9112 for JSON requests on a UNIX
+//! socket, written to hold up against a hostile client.
+//!
+//! # Theory of operation
+//!
+//! One thread (`api`) runs an epoll loop over the listener and every connection, all
+//! non-blocking. Each connection has a read buffer and the answers it has not taken yet.
+//! Bytes read are framed by [`parse`]: the head with httparse, then exactly `Content-Length`
+//! bytes of body. A complete request goes to the handler (routing and JSON live in `api.rs`);
+//! its answer is queued, and the next pipelined request is taken only after it, so answers go
+//! out in order.
+//!
+//! Why not a thread per connection: an idle client would cost a thread, and a few thousand of
+//! them took the process's memory. Here a connection costs its buffers, and every buffer is
+//! bounded: the head by [`MAX_HEAD`] and [`MAX_HEADERS`], the body by [`MAX_BODY`], the answers
+//! waiting for a client that does not read by [`MAX_PENDING_OUT`] (past it, its requests are not
+//! read), the connections by [`MAX_CONNECTIONS`]. Time is bounded too: a request must arrive
+//! within [`REQUEST_TIMEOUT`] of its first byte (slowloris), an idle keep-alive connection
+//! closes after [`IDLE_TIMEOUT`], a client that takes no answer for [`WRITE_TIMEOUT`] is
+//! dropped.
+//!
+//! Framing is strict, against request smuggling: a request whose length two parties could read
+//! differently is refused with 400 and the connection closed, so no byte of it is ever taken as
+//! the start of another request. That is `Transfer-Encoding` with `Content-Length`, two
+//! `Content-Length`s that differ, or one that is not a number. `Transfer-Encoding` alone
+//! (chunked) is answered 501: every client of this API knows its body's length.
+//!
+//! Errors close the connection after the answer is sent: the write side is shut down, then
+//! what the client still sends is read and dropped for [`LINGER`], so that it reads the answer
+//! rather than a reset.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Bytes of a request head (request line and headers), at most: ample for any client of
+/// this API, and what one slow connection may make the server hold before its body.
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
+/// Headers in a request, at most: curl sends 4; each is parsed into a fixed slot on the stack.
+pub(crate) const MAX_HEADERS: usize = 64;
+/// Bytes of a request body, at most: the largest valid body (a spec) is under 1 KiB.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+/// Connections open at once, at most. Past it, a new connection is answered 503 and closed:
+/// the clients already served keep their connections. Worst case memory is this many times
+/// [`MAX_HEAD`] + [`MAX_BODY`] (about 320 MiB), reachable only by the socket's owner.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+/// Time from a request's first byte to its last, at most: a client sending its head a byte
+/// at a time (slowloris) would otherwise hold its connection and buffer forever.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a keep-alive connection may sit idle between requests.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time a client may take no answer bytes while some wait for it.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time what a client still sends is read and dropped after its connection is shut down.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
+/// Bytes of answers waiting for one client, past which its next requests wait: a client that
+/// pipelines requests and never reads cannot make the answers grow.
+const MAX_PENDING_OUT: usize = 256 * 1024;
+/// A connection's read buffer, at most: the largest request there is.
+const MAX_INPUT: usize = MAX_HEAD + MAX_BODY;
+/// How often deadlines are checked.
+const TICK: Duration = Duration::from_secs(1);
+
+const LISTENER: u64 = 0;
+const STOP: u64 = 1;
+const FIRST_CONNECTION: u64 = 2;
+
+/// A complete request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Request {
+    /// `GET`, `POST`, ... (case-sensitive, as RFC 9110 says).
+    pub method: String,
+    /// The request target as sent, query included.
+    pub target: String,
+    /// The body (`Content-Length` bytes).
+    pub body: Vec<u8>,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
+}
+
+/// An answer: the status and a JSON body (Null: none, as for 204).
+pub(crate) type Reply = (u16, Value);
+
+/// A request the server refuses before the handler sees it; the connection closes after it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// 400, 413, 431 or 501.
+    pub status: u16,
+    /// What happened.
+    pub error: String,
+    /// What to do.
+    pub hint: &'static str,
+}
+
+/// What the buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    /// Part of a request. `expects_continue`: its head is complete and asks for
+    /// `100 Continue` before the client sends the body.
+    Partial { expects_continue: bool },
+    /// A request, and how many bytes of the buffer it took.
+    Request(Request, usize),
+    /// A request that must be refused.
+    Refused(Refusal),
+}
+
+fn refuse(status: u16, error: impl Into<String>, hint: &'static str) -> Parsed {
+    Parsed::Refused(Refusal {
+        status,
+        error: error.into(),
+        hint,
+    })
+}
+
+/// Where the head in `buf` ends (the index after its blank line), if it does. httparse takes
+/// bare LF line ends too, so this does.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).enumerate().find_map(|(i, w)| match w {
+        [b'\n', b'\n'] => Some(i + 2),
+        [b'\n', b'\r'] if buf.get(i + 2) == Some(&b'\n') => Some(i + 3),
+        _ => None,
+    })
+}
+
+/// Frames the request at the start of `buf`.
+pub(crate) fn parse(buf: &[u8]) -> Parsed {
+    // httparse is run only on a whole head: parsing each partial read again would let a
+    // client sending a byte at a time cost a parse of up to MAX_HEAD bytes per byte.
+    let Some(end) = head_end(&buf[..buf.len().min(MAX_HEAD + 1)]) else {
+        if buf.len() > MAX_HEAD {
+            return refuse(
+                431,
+                "the request head is larger than 16 KiB",
+                "send fewer or shorter headers",
+            );
+        }
+        return Parsed::Partial {
+            expects_continue: false,
+        };
+    };
+    if end > MAX_HEAD {
+        return refuse(
+            431,
+            "the request head is larger than 16 KiB",
+            "send fewer or shorter headers",
+        );
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&buf[..end]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return refuse(
+                400,
+                "the request head is malformed",
+                "send METHOD PATH HTTP/1.1, then headers, then a blank line",
+            )
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return refuse(
+                431,
+                "the request has more than 64 headers",
+                "send fewer headers",
+            )
+        }
+        Err(e) => {
+            return refuse(
+                400,
+                format!("the request head is malformed: {e}"),
+                "send METHOD PATH HTTP/1.1, then headers, then a blank line",
+            )
+        }
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return refuse(
+            400,
+            "the request line is incomplete",
+            "send METHOD PATH HTTP/1.1",
+        );
+    };
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close = false;
+    let mut keep_alive_asked = false;
+    let mut expects_continue = false;
+    for h in req.headers.iter() {
+        let value = trim(h.value);
+        if h.name.eq_ignore_ascii_case("content-length") {
+            // Digits only: "+5", "5 5" and "5, 5" are each read as something else somewhere.
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return refuse(
+                    400,
+                    "Content-Length is not a number",
+                    "send the body's length in bytes, once",
+                );
+            }
+            // Too many digits for a u64 is too long a body all the same.
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
+            if length.is_some_and(|l| l != n) {
+                return refuse(
+                    400,
+                    "the request has two Content-Length headers that differ",
+                    "send the body's length in bytes, once",
+                );
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|&b| b == b',').map(trim) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expects_continue = value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if chunked && length.is_some() {
+        // RFC 9112 6.3: the message's length cannot be trusted; a proxy in front could have
+        // framed it the other way, and the rest of the body be taken as a request of its own.
+        return refuse(
+            400,
+            "the request has both Transfer-Encoding and Content-Length",
+            "send the body with Content-Length only",
+        );
+    }
+    if chunked {
+        return refuse(
+            501,
+            "Transfer-Encoding is not supported",
+            "send the body with Content-Length",
+        );
+    }
+    let length = length.unwrap_or(0);
+    if length > MAX_BODY as u64 {
+        return refuse(413, "the body is larger than 64 KiB", "send a smaller body");
+    }
+    // At most MAX_BODY, so the cast and the addition are exact.
+    let total = end + length as usize;
+    if buf.len() < total {
+        return Parsed::Partial { expects_continue };
+    }
+    let keep_alive = !close && (version == 1 || keep_alive_asked);
+    let request = Request {
+        method: method.to_string(),
+        target: target.to_string(),
+        body: buf[end..total].to_vec(),
+        keep_alive,
+    };
+    Parsed::Request(request, total)
+}
+
+fn trim(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Appends the answer `status`, `body` to `out`. 204 has no body (RFC 9110 15.3.5); `head`
+/// (a HEAD request) sends the length without the body.
+pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(*status));
+    let text = (*status != 204).then(|| {
+        let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
+        text.push(b'\n');
+        text
+    });
+    if let Some(text) = &text {
+        let _ = write!(
+            out,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            text.len()
+        );
+    }
+    out.extend_from_slice(if keep_alive {
+        b"Connection: keep-alive\r\n\r\n"
+    } else {
+        b"Connection: close\r\n\r\n"
+    });
+    if let Some(text) = text.filter(|_| !head) {
+        out.extend_from_slice(&text);
+    }
+}
+
+/// The JSON error every refusal uses.
+pub(crate) fn error_body(error: &str, hint: &str) -> Value {
+    json!({"error": error, "hint": hint})
+}
+
+/// Where a connection is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Taking requests.
+    Open,
+    /// Sending its last answers; then shut down.
+    Closing,
+    /// Shut down for writing; what the client still sends is dropped until the deadline.
+    Lingering(Instant),
+}
+
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// How much of `output` is sent.
+    sent: usize,
+    phase: Phase,
+    /// The client shut down its side.
+    eof: bool,
+    /// `100 Continue` was sent for the request in `input`.
+    continued: bool,
+    /// When the first byte of the request in `input` came.
+    request_started: Option<Instant>,
+    /// The last byte read or written.
+    active: Instant,
+    /// What epoll watches for it.
+    interest: EventSet,
+}
+
+impl Connection {
+    fn pending(&self) -> usize {
+        self.output.len() - self.sent
+    }
+
+    /// What to wait for: answers to send, requests to read (while answers are not piling up),
+    /// or the end of a lingering client.
+    fn wanted(&self) -> EventSet {
+        let mut e = EventSet::empty();
+        if self.pending() > 0 {
+            e |= EventSet::OUT;
+        }
+        let reading = match self.phase {
+            Phase::Open => {
+                !self.eof && self.input.len() < MAX_INPUT && self.pending() < MAX_PENDING_OUT
+            }
+            Phase::Closing => false,
+            Phase::Lingering(_) => true,
+        };
+        if reading {
+            e |= EventSet::IN | EventSet::READ_HANG_UP;
+        }
+        e
+    }
+
+    /// When it must be dropped (or, for a request, answered 408).
+    fn deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Lingering(until) => until,
+            _ if self.pending() > 0 => self.active + WRITE_TIMEOUT,
+            _ => match self.request_started {
+                Some(t) => t + REQUEST_TIMEOUT,
+                None => self.active + IDLE_TIMEOUT,
+            },
+        }
+    }
+}
+
+/// The API's server: serves `listener` with `handler` until `stop` is written.
+pub(crate) struct Server<H> {
+    epoll: Epoll,
+    listener: UnixListener,
+    connections: HashMap<u64, Connection>,
+    next_token: u64,
+    handler: H,
+    scratch: Vec<u8>,
+    /// Accepting pauses until then after the process ran out of descriptors.
+    accept_paused: Option<Instant>,
+}
+
+impl<H: FnMut(&Request) -> Reply> Server<H> {
+    /// A server for `listener` (made non-blocking here); `stop` ends [`run`](Self::run).
+    pub(crate) fn new(listener: UnixListener, stop: &EventFd, handler: H) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
+        check_fd_limit();
+        Ok(Server {
+            epoll,
+            listener,
+            connections: HashMap::new(),
+            next_token: FIRST_CONNECTION,
+            handler,
+            scratch: vec![0; MAX_INPUT],
+            accept_paused: None,
+        })
+    }
+
+    /// Serves until the stop event.
+    pub(crate) fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 256];
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let n = match self.epoll.wait(timeout.as_millis() as i32, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    warn!("api: cannot wait for connections: {e}; the API stops");
+                    return;
+                }
+            };
+            for e in &events[..n] {
+                match e.data() {
+                    STOP => return,
+                    LISTENER => self.accept(),
+                    token => self.ready(token, e.event_set()),
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.expire(now);
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the listener stays
+                    // readable, so stop watching it for a tick rather than spin.
+                    warn!("api: cannot accept a connection: {e}; retrying in a second");
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        self.listener.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    self.accept_paused = Some(Instant::now() + TICK);
+                    return;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.connections.len() >= MAX_CONNECTIONS {
+                // One non-blocking write of a small answer: it fits the socket's buffer.
+                let mut out = Vec::new();
+                let body = error_body(
+                    &format!("the control API serves {MAX_CONNECTIONS} connections already"),
+                    "close idle connections, then connect again",
+                );
+                write_reply(&mut out, &(503, body), false, false);
+                let _ = (&stream).write(&out);
+                continue;
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            let interest = EventSet::IN | EventSet::READ_HANG_UP;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                stream.as_raw_fd(),
+                EpollEvent::new(interest, token),
+            ) {
+                warn!("api: cannot watch a connection: {e}");
+                continue;
+            }
+            self.connections.insert(
+                token,
+                Connection {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    sent: 0,
+                    phase: Phase::Open,
+                    eof: false,
+                    continued: false,
+                    request_started: None,
+                    active: Instant::now(),
+                    interest,
+                },
+            );
+        }
+    }
+
+    fn ready(&mut self, token: u64, events: EventSet) {
+        let Some(mut c) = self.connections.remove(&token) else {
+            return;
+        };
+        let mut alive = !events.contains(EventSet::ERROR) && self.read(&mut c);
+        while alive {
+            let held_back = self.serve(&mut c);
+            alive = flush(&mut c);
+            // Requests held back while answers piled up go once those are sent.
+            if !held_back || c.pending() >= MAX_PENDING_OUT {
+                break;
+            }
+        }
+        // Otherwise dropping the stream closes it, which takes it off the epoll.
+        if alive && self.watch(token, &mut c) {
+            self.connections.insert(token, c);
+        }
+    }
+
+    /// Reads what the client sent; false when the connection is done with.
+    fn read(&mut self, c: &mut Connection) -> bool {
+        let room = match c.phase {
+            Phase::Open if !c.eof => MAX_INPUT - c.input.len(),
+            Phase::Lingering(_) => self.scratch.len(),
+            _ => return true,
+        };
+        if room == 0 {
+            return true;
+        }
+        match c.stream.read(&mut self.scratch[..room]) {
+            Ok(0) => {
+                c.eof = true;
+                // A lingering client has read its answer and closed; nothing more to do.
+                !matches!(c.phase, Phase::Lingering(_))
+            }
+            Ok(n) => {
+                c.active = Instant::now();
+                if c.phase == Phase::Open {
+                    if c.input.is_empty() {
+                        c.request_started = Some(c.active);
+                    }
+                    c.input.extend_from_slice(&self.scratch[..n]);
+                }
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Answers the complete requests in the buffer, in order. True when some may be left
+    /// because too many answers wait for the client.
+    fn serve(&mut self, c: &mut Connection) -> bool {
+        while c.phase == Phase::Open && c.pending() < MAX_PENDING_OUT && !c.input.is_empty() {
+            match parse(&c.input) {
+                Parsed::Partial { expects_continue } => {
+                    if expects_continue && !c.continued {
+                        c.output.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        c.continued = true;
+                    }
+                    break;
+                }
+                Parsed::Request(req, used) => {
+                    // A bug in one handler must not take the API down with it.
+                    let handler = &mut self.handler;
+                    let reply = std::panic::catch_unwind(AssertUnwindSafe(|| handler(&req)))
+                        .unwrap_or_else(|_| {
+                            let body = error_body(
+                                "the API failed on this request",
+                                "see ferry's log, and report it as a bug",
+                            );
+                            (500, body)
+                        });
+                    debug!("api: {} {} -> {}", req.method, req.target, reply.0);
+                    write_reply(&mut c.output, &reply, req.keep_alive, req.method == "HEAD");
+                    c.input.drain(..used);
+                    c.continued = false;
+                    c.request_started = (!c.input.is_empty()).then(Instant::now);
+                    if !req.keep_alive {
+                        c.phase = Phase::Closing;
+                    }
+                }
+                Parsed::Refused(r) => {
+                    debug!("api: refused: {} {}", r.status, r.error);
+                    let body = error_body(&r.error, r.hint);
+                    write_reply(&mut c.output, &(r.status, body), false, false);
+                    c.phase = Phase::Closing;
+                }
+            }
+        }
+        let held_back =
+            c.phase == Phase::Open && !c.input.is_empty() && c.pending() >= MAX_PENDING_OUT;
+        // The client has sent all it will: answer what is complete, then close.
+        if c.eof && c.phase == Phase::Open && !held_back {
+            c.phase = Phase::Closing;
+        }
+        if c.phase != Phase::Open {
+            // Nothing after the last answer is taken; its memory goes now.
+            c.input = Vec::new();
+            c.request_started = None;
+        } else if c.input.is_empty() && c.input.capacity() > 4096 {
+            // An idle connection keeps no large buffer.
+            c.input = Vec::new();
+        }
+        held_back
+    }
+
+    /// Changes what epoll watches for `c`, when that changed; false when it cannot.
+    fn watch(&mut self, token: u64, c: &mut Connection) -> bool {
+        let wanted = c.wanted();
+        if wanted == c.interest {
+            return true;
+        }
+        if wanted.is_empty() {
+            // Nothing to read or send: a client that shut down with no request pending.
+            return false;
+        }
+        c.interest = wanted;
+        self.epoll
+            .ctl(
+                ControlOperation::Modify,
+                c.stream.as_raw_fd(),
+                EpollEvent::new(wanted, token),
+            )
+            .is_ok()
+    }
+
+    /// Drops the connections past their deadline; a request that took too long is answered
+    /// 408 first.
+    fn expire(&mut self, now: Instant) {
+        if self.accept_paused.is_some_and(|t| now >= t) {
+            self.accept_paused = None;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                self.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER),
+            ) {
+                warn!("api: cannot watch the listener again: {e}");
+            }
+            self.accept();
+        }
+        let late: Vec<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| now >= c.deadline())
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            let Some(mut c) = self.connections.remove(&token) else {
+                continue;
+            };
+            if c.phase == Phase::Open && c.request_started.is_some() && c.pending() == 0 {
+                let body = error_body(
+                    "the request did not arrive within 30 s",
+                    "send the whole request at once",
+                );
+                write_reply(&mut c.output, &(408, body), false, false);
+                c.input = Vec::new();
+                c.request_started = None;
+                c.phase = Phase::Closing;
+                c.active = now;
+                if flush(&mut c) && self.watch(token, &mut c) {
+                    self.connections.insert(token, c);
+                }
+            }
+        }
+    }
+}
+
+/// Warns when the open-file limit cannot hold [`MAX_CONNECTIONS`] besides what the devices
+/// take. `devices::raise_fd_limit` raises it to the kernel's maximum (or the hard limit)
+/// first; below this, past the limit connections wait in the listen backlog until one closes.
+fn check_fd_limit() {
+    /// Descriptors left for published ports, guest connections and share nodes, at least.
+    const OTHERS: usize = 4096;
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the rlimit it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    let want = (MAX_CONNECTIONS + OTHERS) as libc::rlim_t;
+    if r.rlim_cur < want {
+        warn!(
+            "api: the open-file limit is {}, below the {want} that {MAX_CONNECTIONS} API connections and the devices may take; raise it (ulimit -n) to serve that many clients",
+            r.rlim_cur
+        );
+    }
+}
+
+/// Sends what it can of the answers; once the last is sent on a closing connection, shuts
+/// down its write side and lingers. False when the connection is done with.
+fn flush(c: &mut Connection) -> bool {
+    while c.pending() > 0 {
+        match c.stream.write(&c.output[c.sent..]) {
+            Ok(0) => return false,
+            Ok(n) => {
+                c.sent += n;
+                c.active = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    c.sent = 0;
+    if c.output.capacity() > MAX_PENDING_OUT {
+        c.output = Vec::new();
+    } else {
+        c.output.clear();
+    }
+    if c.phase == Phase::Closing {
+        if c.eof {
+            return false;
+        }
+        let _ = c.stream.shutdown(Shutdown::Write);
+        c.phase = Phase::Lingering(Instant::now() + LINGER);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(buf: &[u8]) -> (Request, usize) {
+        match parse(buf) {
+            Parsed::Request(r, n) => (r, n),
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    fn refused(buf: &[u8]) -> Refusal {
+        match parse(buf) {
+            Parsed::Refused(r) => r,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    #[test]
+    fn a_request_with_its_body() {
+        let buf = b"POST /rules HTTP/1.1\r\nHost: ferry\r\nContent-Length: 4\r\n\r\n{}\r\nGET";
+        let (r, n) = request(buf);
+        assert_eq!(
+            r,
+            Request {
+                method: "POST".into(),
+                target: "/rules".into(),
+                body: b"{}\r\n".to_vec(),
+                keep_alive: true,
+            }
+        );
+        assert_eq!(&buf[n..], b"GET");
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_refused() {
+        // The smuggling case: the "body" holds a request of its own.
+        let smuggled = b"POST /rules HTTP/1.1\r\nContent-Length: 17\r\n\r\n{\"spec\": \"drop\"}";
+        let mut buf = format!(
+            "POST /health HTTP/1.1\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            smuggled.len()
+        )
+        .into_bytes();
+        buf.extend_from_slice(smuggled);
+        let r = refused(&buf);
+        assert_eq!(r.status, 400);
+        assert!(r
+            .error
+            .contains("both Transfer-Encoding and Content-Length"));
+        // Either order of the headers.
+        let r =
+            refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn transfer_encoding_alone_is_not_implemented() {
+        let r = refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert_eq!(r.status, 501);
+        assert!(r.hint.contains("Content-Length"));
+    }
+
+    #[test]
+    fn content_lengths_that_differ_or_are_not_numbers_are_refused() {
+        let r = refused(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc");
+        assert_eq!((r.status, r.error.contains("differ")), (400, true));
+        for bad in ["abc", "+3", "3 3", "3, 3", "-1", "", "0x10"] {
+            let buf = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nabc");
+            let r = refused(buf.as_bytes());
+            assert_eq!(r.status, 400, "{bad:?}");
+        }
+        // The same length twice says one thing; it is taken.
+        let (r, _) =
+            request(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
+        assert_eq!(r.body, b"abc");
+    }
+
+    #[test]
+    fn a_long_head_or_many_headers_are_refused_with_431() {
+        let long = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(refused(long.as_bytes()).status, 431);
+        // Before the head ends: a client that never ends it is refused all the same.
+        assert_eq!(refused(&long.as_bytes()[..MAX_HEAD + 1]).status, 431);
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: 1\r\n"))
+            .collect();
+        let r = refused(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+        assert_eq!((r.status, r.error.contains("64 headers")), (431, true));
+        // 64 are fine.
+        let ok: String = (0..MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        request(format!("GET / HTTP/1.1\r\n{ok}\r\n").as_bytes());
+    }
+
+    #[test]
+    fn a_large_body_is_refused_with_413_before_it_arrives() {
+        let r = refused(b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n");
+        assert_eq!(r.status, 413);
+        let r = refused(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n");
+        assert_eq!(r.status, 413);
+    }
+
+    #[test]
+    fn malformed_request_lines_are_refused() {
+        for bad in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET /\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nNo colon\r\n\r\n",
+            b"\x00\x01\x02\n\n",
+        ] {
+            assert_eq!(
+                refused(bad).status,
+                400,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn partial_requests_wait_for_more() {
+        let full = b"POST /rules HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        for n in 0..full.len() {
+            assert_eq!(
+                parse(&full[..n]),
+                Parsed::Partial {
+                    expects_continue: false
+                },
+                "{n}"
+            );
+        }
+        let expect = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(
+            parse(expect),
+            Parsed::Partial {
+                expects_continue: true
+            }
+        );
+    }
+
+    #[test]
+    fn pipelined_requests_are_taken_in_order() {
+        let buf = b"GET /health HTTP/1.1\r\n\r\nPOST /rules HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}DELETE /rules/1 HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while at < buf.len() {
+            let (r, n) = request(&buf[at..]);
+            seen.push((r.method, r.target, r.keep_alive));
+            at += n;
+        }
+        assert_eq!(
+            seen,
+            [
+                ("GET".into(), "/health".into(), true),
+                ("POST".into(), "/rules".into(), true),
+                ("DELETE".into(), "/rules/1".into(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection() {
+        let alive = |head: &str| request(head.as_bytes()).0.keep_alive;
+        assert!(alive("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!alive("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!alive(
+            "GET / HTTP/1.1\r\nConnection: Upgrade, Close\r\n\r\n"
+        ));
+        assert!(!alive("GET / HTTP/1.0\r\n\r\n"));
+        assert!(alive("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn replies_carry_their_length_and_json() {
+        let mut out = Vec::new();
+        write_reply(
+            &mut out,
+            &(409, error_body("full", "delete one")),
+            true,
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 409 Conflict\r\n"), "{head}");
+        assert!(head.contains("Content-Type: application/json"), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            (v["error"].as_str(), v["hint"].as_str()),
+            (Some("full"), Some("delete one"))
+        );
+        let mut out = Vec::new();
+        write_reply(&mut out, &(204, Value::Null), false, false);
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+    }
+}
