@@ -232,6 +232,8 @@ pub struct NetStack {
     nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
     /// The DNS server queries are forwarded to, and the host socket connected to it.
     upstream: Option<UdpSocket>,
+    /// Where `upstream` sends (it connects again when a send finds it unconnected).
+    upstream_addr: Option<SocketAddr>,
     /// The upstream for DNS over TCP (IPv4 upstreams only, as the NAT is IPv4).
     upstream_tcp: Option<SocketAddrV4>,
     /// Forwarded queries in flight: our id -> (guest endpoint, the guest's query).
@@ -446,7 +448,12 @@ impl NetStack {
                 } else {
                     "[::]:0"
                 })?;
-                s.connect(addr)?;
+                // An upstream the host cannot reach now (offline, VPN not up yet) must not keep
+                // the device from starting: queries get SERVFAIL until it can be reached (each
+                // one tries again).
+                if let Err(e) = s.connect(addr) {
+                    log::warn!("dns: the upstream {addr} cannot be reached now ({e}); names ferry does not answer itself get SERVFAIL until it can");
+                }
                 s.set_nonblocking(true)?;
                 epoll.ctl(
                     ControlOperation::Add,
@@ -465,6 +472,7 @@ impl NetStack {
         };
         Ok(NetStack {
             upstream_tcp,
+            upstream_addr,
             cfg,
             iface,
             device,
@@ -1509,6 +1517,7 @@ impl NetStack {
                 Some(dns::Answer::Local(reply)) => reply,
                 Some(dns::Answer::Forward) => {
                     // Forward with an id of ours; the answer goes back unchanged but for it.
+                    let addr = self.upstream_addr;
                     let sent = self.upstream.as_ref().and_then(|up| {
                         if self.dns_pending.len() >= MAX_DNS_PENDING {
                             self.dns_pending.clear();
@@ -1517,7 +1526,13 @@ impl NetStack {
                         self.next_dns_id = self.next_dns_id.wrapping_add(1).max(1);
                         let mut q = query.to_vec();
                         q[0..2].copy_from_slice(&id.to_be_bytes());
-                        up.send(&q).ok()?;
+                        up.send(&q)
+                            .or_else(|_| {
+                                // Unconnected: the upstream was unreachable at the start.
+                                up.connect(addr.ok_or(io::ErrorKind::NotConnected)?)?;
+                                up.send(&q)
+                            })
+                            .ok()?;
                         self.dns_pending.insert(id, (meta.endpoint, query.to_vec()));
                         Some(())
                     });

@@ -26,3 +26,29 @@ fn inner_reaches_remote_and_nothing_else() {
     );
     assert!(String::from_utf8_lossy(&route.stderr).contains("unreachable"));
 }
+
+/// A host that cannot reach its DNS server (offline, the VPN not up yet) still gets a net
+/// device: ferry starts, says why names will fail, and serves the socket.
+#[test]
+fn ferry_starts_when_the_dns_upstream_is_unreachable() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let mut ferry = ferry_tests::FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            "192.0.2.1".into(),
+        ],
+        std::slice::from_ref(&sock),
+    );
+    assert!(ferry.is_running(), "{}", ferry.log_tail());
+    let log = ferry.log_text();
+    assert!(
+        log.contains("192.0.2.1:53 cannot be reached now"),
+        "the log should say why names will fail:\n{log}"
+    );
+}
