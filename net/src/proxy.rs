@@ -403,11 +403,33 @@ impl Request {
         } else {
             parse_absolute(&raw_target)?
         };
-        let headers = r
+        let headers: Vec<(String, Vec<u8>)> = r
             .headers
             .iter()
             .map(|h| (h.name.to_string(), h.value.to_vec()))
             .collect();
+        // Framing that two parsers may read two ways is how requests are smuggled past a
+        // proxy (RFC 9112, 6.3): refused, as are lengths that disagree.
+        let has = |n: &'static str| {
+            headers
+                .iter()
+                .filter(move |(h, _)| h.eq_ignore_ascii_case(n))
+        };
+        if has("transfer-encoding").next().is_some() && has("content-length").next().is_some() {
+            return Err(
+                "the request has both Transfer-Encoding and Content-Length; send one of them"
+                    .into(),
+            );
+        }
+        let mut lengths = has("content-length").map(|(_, v)| v.trim_ascii());
+        if let Some(first) = lengths.next() {
+            if !first.iter().all(u8::is_ascii_digit)
+                || first.is_empty()
+                || lengths.any(|v| v != first)
+            {
+                return Err("the request's Content-Length is not one number; send one".into());
+            }
+        }
         Ok(Request {
             method,
             raw_target,
@@ -459,6 +481,17 @@ impl Request {
         }
         out.extend_from_slice(b"\r\n");
         out
+    }
+}
+
+/// Entry points for the fuzz targets (`fuzz/`), with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// Parses a request head as the proxy does and, when it is one, writes both heads the
+    /// proxy could send on (to an upstream proxy and to the server).
+    pub fn request_head(head: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let r = super::Request::parse(head).ok()?;
+        Some((r.rewrite(true), r.rewrite(false)))
     }
 }
 
@@ -707,6 +740,15 @@ mod tests {
             (b"GET https://h/ HTTP/1.1\r\n\r\n", "CONNECT"),
             (b"CONNECT h HTTP/1.1\r\n\r\n", "host:port"),
             (b"GARBAGE\r\n\r\n", "malformed"),
+            (
+                b"POST http://h/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                b"POST http://h/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "not one number",
+            ),
+            (b"POST http://h/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "not one number"),
         ] {
             let e = Request::parse(head).unwrap_err();
             assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(head));
