@@ -11,7 +11,10 @@ FERRY   := target/debug/ferry
 QUICK   ?=
 BENCH_ARGS := $(if $(QUICK),--quick,)
 
-.PHONY: all deps build test run bench guest-image fmt fmt-check clippy lint clean
+# `make fuzz FUZZ_SECS=N`: each fuzz target for N seconds (CI runs 30 as a smoke run).
+FUZZ_SECS ?= 600
+
+.PHONY: all deps build test run bench fuzz guest-image fmt fmt-check clippy lint clean
 
 all: build
 
@@ -39,6 +42,10 @@ bench: guest-image
 	@bash scripts/install-deps.sh --bench
 	$(CARGO) build -j$(JOBS) --release -p ferry
 	python3 bench/bench.py $(BENCH_ARGS)
+
+# Fuzzing is not a test either: coverage-guided runs of every decoder (fuzz/, docs/fuzzing.md).
+fuzz:
+	@bash fuzz/run.sh $(FUZZ_SECS)
 
 fmt:
 	$(CARGO) fmt --all
