@@ -10,8 +10,12 @@
                                      "closed" or "timeout", then the seconds it took
   clients.py churn HOST PORT N       N connections one after another, each closed at once;
                                      prints "N done, E errors"
+  clients.py stall HOST PORT PATH S  asks for PATH over HTTP and reads nothing for S seconds
+  clients.py resetmid HOST PORT PATH N  asks for PATH, reads N bytes, then resets the
+                                     connection; prints "read N"
 """
 import socket
+import struct
 import sys
 import threading
 import time
@@ -52,6 +56,21 @@ def main():
         print("timeout")
     elif cmd == "peer":
         print(peer(host, port))
+    elif cmd in ("stall", "resetmid"):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(("GET %s HTTP/1.0\r\n\r\n" % sys.argv[4]).encode())
+        if cmd == "stall":
+            time.sleep(float(sys.argv[5]))
+            return
+        want, got = int(sys.argv[5]), 0
+        while got < want:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += len(chunk)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        print("read %d" % got)
     elif cmd == "churn":
         n, errors, kinds = int(sys.argv[4]), 0, set()
         for _ in range(n):
