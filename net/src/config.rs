@@ -126,8 +126,11 @@ pub struct NetConfig {
     pub subnet: Subnet,
     /// The link MTU, given to the guest in the virtio-net config space and by DHCP.
     pub mtu: u16,
-    /// The MAC address of the guest's NIC.
+    /// The MAC address of the guest's NIC until its frames show another (the one the device
+    /// offers in its config space).
     pub guest_mac: [u8; 6],
+    /// `guest_mac` was given (`--guest-mac`): frames from other MACs teach nothing.
+    pub guest_mac_pinned: bool,
     /// Most TCP connections through the NAT at once; past it, new ones get RST.
     pub max_connections: usize,
 }
@@ -146,6 +149,7 @@ impl NetConfig {
             subnet,
             mtu,
             guest_mac: GUEST_MAC,
+            guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         })
     }
@@ -155,7 +159,8 @@ impl NetConfig {
         self.subnet.nth(1)
     }
 
-    /// The address the guest is leased: the second one.
+    /// The address the guest is leased: the second one (a guest may set another: see
+    /// [`crate::guest::Guest`]).
     pub fn guest(&self) -> Ipv4Addr {
         self.subnet.nth(2)
     }
@@ -177,6 +182,7 @@ impl Default for NetConfig {
             subnet,
             mtu: DEFAULT_MTU,
             guest_mac: GUEST_MAC,
+            guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }

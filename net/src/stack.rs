@@ -216,6 +216,8 @@ pub struct FlowInfo {
 /// The guest's link and the services on it.
 pub struct NetStack {
     cfg: NetConfig,
+    /// The guest's MAC and address as its frames show them.
+    guest: crate::guest::Guest,
     iface: Interface,
     device: FrameQueue,
     sockets: SocketSet<'static>,
@@ -473,6 +475,7 @@ impl NetStack {
         Ok(NetStack {
             upstream_tcp,
             upstream_addr,
+            guest: crate::guest::Guest::new(&cfg),
             cfg,
             iface,
             device,
@@ -720,7 +723,7 @@ impl NetStack {
         );
         socket.set_ack_delay(None);
         socket.set_timeout(Some(PUBLISH_CONNECT_TIMEOUT));
-        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), key.guest_port);
+        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.guest.ip())), key.guest_port);
         let local = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
         socket.connect(self.iface.context(), remote, local).ok()?;
         Some(self.sockets.add(socket))
@@ -843,7 +846,7 @@ impl NetStack {
             // Larger than the link takes in one packet, or the guest is not reading.
             return;
         }
-        let guest = smol(self.cfg.guest());
+        let guest = smol(self.guest.ip());
         self.emit_to_guest(smol(src), IpProtocol::Udp, len, |buf| {
             udp.emit(
                 &mut UdpPacket::new_unchecked(buf),
@@ -867,14 +870,14 @@ impl NetStack {
         use smoltcp::wire::{EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr};
         let ip = Ipv4Repr {
             src_addr: src,
-            dst_addr: smol(self.cfg.guest()),
+            dst_addr: smol(self.guest.ip()),
             next_header,
             payload_len: len,
             hop_limit: 64,
         };
         let eth = EthernetRepr {
             src_addr: EthernetAddress(GATEWAY_MAC),
-            dst_addr: EthernetAddress(self.cfg.guest_mac),
+            dst_addr: EthernetAddress(self.guest.mac()),
             ethertype: EthernetProtocol::Ipv4,
         };
         let mut frame = Frame::take(&self.device.pool, eth.buffer_len() + ip.buffer_len() + len);
@@ -1361,7 +1364,7 @@ impl NetStack {
             let Some(&h) = self.nat_sockets.get(&key.dst) else {
                 continue;
             };
-            let guest = IpEndpoint::new(IpAddress::Ipv4(smol(self.cfg.guest())), key.guest_port);
+            let guest = IpEndpoint::new(IpAddress::Ipv4(smol(self.guest.ip())), key.guest_port);
             loop {
                 let socket = self.sockets.get_mut::<udp::Socket>(h);
                 // Backpressure: stop reading while the stack's buffer toward the guest is full.
@@ -1467,6 +1470,7 @@ impl NetStack {
         }
         self.stats.frames_in += 1;
         pcap::record(self.device.capture.get_mut(), &b);
+        self.guest.learn(&b);
         if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) || self.nat_udp_out(&b)
         {
             recycle(&self.device.pool, b);
@@ -1614,7 +1618,7 @@ impl NetStack {
     pub fn flows(&self) -> Vec<FlowInfo> {
         use crate::tcp_nat::FlowState;
         use smoltcp::socket::tcp;
-        let guest = self.cfg.guest();
+        let guest = self.guest.ip();
         let mut out = Vec::new();
         for (k, f) in &self.tcp.flows {
             let (state, inbound) = match &f.state {

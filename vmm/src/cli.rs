@@ -134,7 +134,7 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, dns-upstream, proxy-upstream, api-socket, default-bind, pcap, sandbox, seccomp; share,
+    /// mtu, guest-mac, dns-upstream, proxy-upstream, api-socket, default-bind, pcap, sandbox, seccomp; share,
     /// publish and rule as arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
@@ -204,6 +204,12 @@ pub struct ServeArgs {
     /// refused with RST and a line in the log [default: 16384].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// The guest NIC's MAC, pinned: frames from any other MAC are not learned from, and the
+    /// device offers this one in its config space [default: learned from the guest's frames;
+    /// 02:46:52:59:00:02 until then].
+    #[arg(long, value_name = "MAC")]
+    pub guest_mac: Option<String>,
 
     /// The DNS server to forward guest queries to, as IP or IP:PORT
     /// [default: the nameservers in /etc/resolv.conf].

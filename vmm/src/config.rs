@@ -124,6 +124,7 @@ struct FileConfig {
     subnet: Option<String>,
     mtu: Option<u32>,
     max_connections: Option<usize>,
+    guest_mac: Option<String>,
     dns_upstream: Option<String>,
     proxy_upstream: Option<String>,
     pcap: Option<PathBuf>,
@@ -254,6 +255,20 @@ fn parse_id_maps<'a>(
     IdMaps::new(maps).map_err(|why| usage(format!("{opt}: {key}: {why}")))
 }
 
+/// `aa:bb:cc:dd:ee:ff` as six bytes.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
 /// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
 fn parse_share(spec: &str) -> Result<ShareConfig> {
@@ -348,6 +363,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ));
             }
             net.max_connections = n;
+        }
+        if let Some(m) = args.guest_mac.or(file.guest_mac) {
+            net.guest_mac = parse_mac(&m).ok_or_else(|| {
+                usage(format!(
+                    "--guest-mac {m}: not a MAC; give six hex bytes such as 52:54:00:12:34:56"
+                ))
+            })?;
+            if net.guest_mac[0] & 1 != 0 {
+                return Err(usage(format!(
+                    "--guest-mac {m}: a multicast address cannot be a NIC's; clear the lowest bit of the first byte"
+                )));
+            }
+            net.guest_mac_pinned = true;
         }
 
         let net_socket = args.net_socket.or(file.net_socket);
@@ -637,6 +665,7 @@ mod tests {
             subnet: None,
             mtu: None,
             max_connections: None,
+            guest_mac: None,
             dns_upstream: None,
             proxy_upstream: None,
             pcap: None,
@@ -791,6 +820,33 @@ mod tests {
         a.net_socket = Some(dir.path().join("1.sock"));
         a.share = vec![format!("tag=a,dir={d},socket={d}/1.sock")];
         assert!(err(a).contains("already used"));
+    }
+
+    #[test]
+    fn guest_mac_pins_one_or_says_what_it_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.net_socket = Some(dir.path().join("n.sock"));
+        a.guest_mac = Some("52:54:00:AB:cd:01".into());
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(c.net.guest_mac, [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01]);
+        assert!(c.net.guest_mac_pinned);
+        for (bad, says) in [
+            ("52:54:00:ab:cd", "not a MAC"),
+            ("52:54:00:ab:cd:01:02", "not a MAC"),
+            ("52-54-00-ab-cd-01", "not a MAC"),
+            ("52:54:00:ab:cd:0g", "not a MAC"),
+            ("01:00:5e:00:00:01", "multicast"),
+        ] {
+            let mut a = args();
+            a.net_socket = Some(dir.path().join("n.sock"));
+            a.guest_mac = Some(bad.into());
+            let e = err(a);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let mut a = args();
+        a.net_socket = Some(dir.path().join("n.sock"));
+        assert!(!ServeConfig::try_from(a).unwrap().net.guest_mac_pinned);
     }
 
     #[test]

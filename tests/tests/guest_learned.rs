@@ -1,0 +1,188 @@
+//! A guest configured its own way: ferry learns its MAC and address from its frames. One ferry
+//! serves two boots: a guest whose NIC has QEMU's default MAC and takes its lease by DHCP, then
+//! one with a libvirt-style `52:54:00:…` MAC that sets the static address `.50` itself. Each
+//! does DNS, TCP, UDP and ICMP echo to a test host, is refused by a `reject` rule with ICMP port
+//! unreachable, and serves published TCP and UDP ports to host clients.
+//!
+//! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
+//! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestNet};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+const PAGE: &str = "served by a guest ferry learned";
+
+/// A test process, killed on drop.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `testhosts.py` in `ns` and waits for it to bind.
+fn test_host(ns: &str, args: &[&str]) -> Bg {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
+    let mut child = TestNet::command(ns, "python3")
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the test host (python3)");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped stdout");
+    BufReader::new(out).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the test host did not start");
+    Bg(child)
+}
+
+fn clients(ns: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
+    let out = TestNet::command(ns, "python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run the test clients (python3)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The guest's checks; `setup` configures its NIC first, `addr` is the address it ends with.
+fn script(setup: &str, mac: &str, addr: &str, remote: &str) -> String {
+    format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+P=/mnt/tools/probe
+{setup}
+check mac "$(cat /sys/class/net/eth0/address)" "{mac}"
+check address "$(ip -4 -o addr show eth0 | grep -c ' {addr}/24')" 1
+check dns "$(nslookup remote.test 2>&1 | grep -c 'Address.*{remote}')" 1
+check tcp "$(nc {remote} 7000 | wc -c)" 65536
+check udp "$($P udp {remote} 7777 100)" "100 SAME"
+check ping "$(ping -c 1 -W 3 {remote} 2>&1 | grep -c 'bytes from')" 1
+check reject-udp "$($P udp {remote} 7779 100)" errno:ECONNREFUSED
+mkdir -p /www && echo '{PAGE}' > /www/index.html && httpd -p 80 -h /www
+$P udpecho 7 &
+echo FERRY-READY
+i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+rm -f /mnt/tools/host-done
+"#
+    )
+}
+
+#[test]
+fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let _host = test_host(
+        &net.remote,
+        &[
+            &remote,
+            "--echo",
+            "7777",
+            "--echo",
+            "7779",
+            "--tcp-blob",
+            "7000",
+            "65536",
+            "--dns",
+            "53",
+            &format!("remote.test={remote}"),
+        ],
+    );
+    let sysctl = TestNet::command(&net.inner, "sysctl")
+        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
+        .status()
+        .unwrap();
+    assert!(sysctl.success(), "cannot allow ping sockets");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let mut ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            format!("{remote}:53"),
+            "--share".into(),
+            t.share.clone(),
+            "--rule".into(),
+            "reject,proto=udp,port=7779".into(),
+            "--publish".into(),
+            "8080:80".into(),
+            "--publish".into(),
+            "udp/5300:7".into(),
+        ],
+        &[sock.clone(), t.socket.clone()],
+    );
+    let static_setup = "ip link set eth0 up\nip addr add 192.168.127.50/24 dev eth0\n\
+                        ip route add default via 192.168.127.1\n\
+                        echo nameserver 192.168.127.1 > /etc/resolv.conf";
+    // (QEMU's MAC option, the guest's own setup, the MAC it shows, the address it ends with)
+    let boots = [
+        (None, "", "52:54:00:12:34:56", "192.168.127.2"),
+        (
+            Some("52:54:00:6b:3c:01"),
+            static_setup,
+            "52:54:00:6b:3c:01",
+            "192.168.127.50",
+        ),
+    ];
+    for (qemu_mac, setup, mac, addr) in boots {
+        let mut qemu = Qemu::boot(
+            dir.path(),
+            &GuestSpec {
+                script: script(setup, mac, addr, &remote),
+                net_socket: Some(sock.clone()),
+                shares: vec![("tools".into(), t.socket.clone())],
+                mac: qemu_mac.map(str::to_string),
+                no_dhcp: !setup.is_empty(),
+                ..Default::default()
+            },
+        );
+        qemu.wait_console("FERRY-READY", DEADLINE)
+            .unwrap_or_else(|e| panic!("{mac}: {e}\nferry log:\n{}", ferry.log_tail()));
+        // Published ports reach the guest at the address it uses.
+        let page = TestNet::command(&net.inner, "curl")
+            .args(["-sS", "-m", "20", "http://127.0.0.1:8080/"])
+            .output()
+            .expect("run curl");
+        let echo = clients(&net.inner, &["udp", "127.0.0.1", "5300", "through-5300"]);
+        std::fs::write(t.dir.join("host-done"), b"").unwrap();
+        let out = qemu
+            .wait_done(DEADLINE)
+            .unwrap_or_else(|e| panic!("{mac}: {e}\nferry log:\n{}", ferry.log_tail()));
+        let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
+        assert!(
+            failed.is_empty() && out.checks.len() == 7,
+            "{mac}: {} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+            out.checks.len(),
+            ferry_tests::tail(&out.console, 40),
+            ferry.log_tail()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&page.stdout).trim(),
+            PAGE,
+            "{mac}: published TCP: {}",
+            String::from_utf8_lossy(&page.stderr)
+        );
+        assert_eq!(echo, "through-5300", "{mac}: published UDP");
+    }
+    assert!(ferry.is_running());
+    let log = ferry.log_text();
+    assert!(
+        log.contains("the guest uses MAC 52:54:00:6b:3c:01"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the guest uses address 192.168.127.50"),
+        "{log}"
+    );
+}
