@@ -18,6 +18,7 @@ pub use publish::{PortSpec, PortSpecError, Protocol};
 
 pub mod dhcp;
 pub mod dns;
+pub mod fragments;
 pub mod guest;
 pub mod icmp;
 pub mod nat;

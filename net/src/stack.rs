@@ -218,6 +218,10 @@ pub struct NetStack {
     cfg: NetConfig,
     /// The guest's MAC and address as its frames show them.
     guest: crate::guest::Guest,
+    /// Datagrams the guest is sending in fragments.
+    fragments: crate::fragments::Reassembly,
+    /// The identification of the last datagram ferry sent the guest in fragments.
+    ip_id: u16,
     iface: Interface,
     device: FrameQueue,
     sockets: SocketSet<'static>,
@@ -476,6 +480,8 @@ impl NetStack {
             upstream_tcp,
             upstream_addr,
             guest: crate::guest::Guest::new(&cfg),
+            fragments: Default::default(),
+            ip_id: 0,
             cfg,
             iface,
             device,
@@ -840,13 +846,27 @@ impl NetStack {
         use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
         let udp = UdpRepr { src_port, dst_port };
         let len = udp.header_len() + data.len();
-        if len > usize::from(self.cfg.mtu).saturating_sub(20)
-            || self.device.tx.len() >= QUEUE_FRAMES
-        {
-            // Larger than the link takes in one packet, or the guest is not reading.
+        if len > 65535 - 20 || self.device.tx.len() >= QUEUE_FRAMES {
+            // Larger than IPv4 carries, or the guest is not reading.
             return;
         }
         let guest = smol(self.guest.ip());
+        let mtu_payload = usize::from(self.cfg.mtu).saturating_sub(20);
+        if len > mtu_payload {
+            // More than the link takes in one packet: in fragments, which the guest puts
+            // back together (the checksum covers the whole datagram).
+            let mut whole = vec![0u8; len];
+            udp.emit(
+                &mut UdpPacket::new_unchecked(&mut whole[..]),
+                &IpAddress::Ipv4(smol(src)),
+                &IpAddress::Ipv4(guest),
+                data.len(),
+                |p| p.copy_from_slice(data),
+                &Default::default(),
+            );
+            self.emit_fragments(smol(src), IpProtocol::Udp, &whole, mtu_payload & !7);
+            return;
+        }
         self.emit_to_guest(smol(src), IpProtocol::Udp, len, |buf| {
             udp.emit(
                 &mut UdpPacket::new_unchecked(buf),
@@ -857,6 +877,52 @@ impl NetStack {
                 &Default::default(),
             );
         });
+    }
+
+    /// Queues `payload` for the guest from `src` as IPv4 fragments of at most `chunk` bytes of
+    /// payload each (a multiple of 8).
+    fn emit_fragments(
+        &mut self,
+        src: Ipv4Address,
+        next_header: smoltcp::wire::IpProtocol,
+        payload: &[u8],
+        chunk: usize,
+    ) {
+        use smoltcp::wire::{EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr};
+        if chunk == 0 {
+            return;
+        }
+        self.ip_id = self.ip_id.wrapping_add(1);
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(GATEWAY_MAC),
+            dst_addr: EthernetAddress(self.guest.mac()),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        for (i, part) in payload.chunks(chunk).enumerate() {
+            let ip = Ipv4Repr {
+                src_addr: src,
+                dst_addr: smol(self.guest.ip()),
+                next_header,
+                payload_len: part.len(),
+                hop_limit: 64,
+            };
+            let mut frame = Frame::take(
+                &self.device.pool,
+                eth.buffer_len() + ip.buffer_len() + part.len(),
+            );
+            let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+            eth.emit(&mut f);
+            let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+            ip.emit(&mut p, &Default::default());
+            p.set_ident(self.ip_id);
+            p.set_dont_frag(false);
+            p.set_more_frags((i + 1) * chunk < payload.len());
+            p.set_frag_offset((i * chunk) as u16);
+            p.fill_checksum();
+            p.payload_mut()[..part.len()].copy_from_slice(part);
+            pcap::record(self.device.capture.get_mut(), &frame);
+            self.device.tx.push_back(frame);
+        }
     }
 
     /// Queues an IPv4 packet for the guest from `src`, its `len`-byte payload written by `fill`.
@@ -1471,13 +1537,26 @@ impl NetStack {
         self.stats.frames_in += 1;
         pcap::record(self.device.capture.get_mut(), &b);
         self.guest.learn(&b);
+        match self.fragments.take(&b, StdInstant::now()) {
+            crate::fragments::Verdict::Whole => self.dispatch(b),
+            crate::fragments::Verdict::Kept => recycle(&self.device.pool, b),
+            crate::fragments::Verdict::Complete(whole) => {
+                recycle(&self.device.pool, b);
+                self.dispatch(Frame::from(whole));
+            }
+        }
+        true
+    }
+
+    /// One whole frame from the guest: to the NAT paths that read frames themselves, or to
+    /// smoltcp.
+    fn dispatch(&mut self, b: Frame) {
         if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) || self.nat_udp_out(&b)
         {
             recycle(&self.device.pool, b);
-            return true;
+            return;
         }
         self.device.rx.push_back(b);
-        true
     }
 
     /// Runs the stack: handles the frames taken, answers what needs answering.

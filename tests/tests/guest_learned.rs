@@ -2,7 +2,8 @@
 //! serves two boots: a guest whose NIC has QEMU's default MAC and takes its lease by DHCP, then
 //! one with a libvirt-style `52:54:00:…` MAC that sets the static address `.50` itself. Each
 //! does DNS, TCP, UDP and ICMP echo to a test host, is refused by a `reject` rule with ICMP port
-//! unreachable, and serves published TCP and UDP ports to host clients.
+//! unreachable, and serves published TCP and UDP ports to host clients. Each also echoes a
+//! 65,507-byte datagram, and an 8,000-byte one with its MTU set to 1500, which it fragments.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
@@ -66,6 +67,11 @@ check tcp "$(nc {remote} 7000 | wc -c)" 65536
 check udp "$($P udp {remote} 7777 100)" "100 SAME"
 check ping "$(ping -c 1 -W 3 {remote} 2>&1 | grep -c 'bytes from')" 1
 check reject-udp "$($P udp {remote} 7779 100)" errno:ECONNREFUSED
+check udp-65507 "$($P udp {remote} 7777 65507)" "65507 SAME"
+# With the MTU most guests keep when they ignore DHCP's, the guest fragments its datagram and
+# ferry puts it back together.
+ip link set eth0 mtu 1500
+check udp-8000-at-mtu-1500 "$($P udp {remote} 7777 8000)" "8000 SAME"
 mkdir -p /www && echo '{PAGE}' > /www/index.html && httpd -p 80 -h /www
 $P udpecho 7 &
 echo FERRY-READY
@@ -155,13 +161,17 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
             .output()
             .expect("run curl");
         let echo = clients(&net.inner, &["udp", "127.0.0.1", "5300", "through-5300"]);
+        // The largest datagram, both ways through the published port: ferry sends it to the
+        // guest in fragments (it is more than the link's MTU), the guest answers in fragments.
+        let big = "x".repeat(65507);
+        let big_echo = clients(&net.inner, &["udp", "127.0.0.1", "5300", &big]);
         std::fs::write(t.dir.join("host-done"), b"").unwrap();
         let out = qemu
             .wait_done(DEADLINE)
             .unwrap_or_else(|e| panic!("{mac}: {e}\nferry log:\n{}", ferry.log_tail()));
         let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
         assert!(
-            failed.is_empty() && out.checks.len() == 7,
+            failed.is_empty() && out.checks.len() == 9,
             "{mac}: {} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
             out.checks.len(),
             ferry_tests::tail(&out.console, 40),
@@ -174,6 +184,11 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
             String::from_utf8_lossy(&page.stderr)
         );
         assert_eq!(echo, "through-5300", "{mac}: published UDP");
+        assert!(
+            big_echo == big,
+            "{mac}: a 65,507-byte datagram through the published port came back as {} bytes",
+            big_echo.len()
+        );
     }
     assert!(ferry.is_running());
     let log = ferry.log_text();
