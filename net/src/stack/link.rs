@@ -1,0 +1,197 @@
+//! The link: frames and the frame queue that is smoltcp's device.
+//!
+//! Theory of operation. Frames from the guest wait in `rx` for smoltcp, frames for the guest
+//! wait in `tx` for the device; both are `Frame`s from one pool of buffers, handed back after
+//! use, so steady traffic allocates nothing per frame. The parsers here read frames the NAT
+//! paths take before smoltcp.
+
+use super::*;
+
+/// Frames held at most in each direction; past it, new frames are dropped (and counted).
+pub(super) const QUEUE_FRAMES: usize = 1024;
+
+/// Frame buffers kept for reuse at most.
+pub(super) const POOL_FRAMES: usize = 512;
+
+/// One frame, in a buffer from the pool. The buffer keeps the longest length it has had,
+/// initialised, and the frame is its first `len` bytes: a buffer that held a 54-byte ACK and
+/// then takes a 64 KiB segment zeroes nothing, where a truncated `Vec` would zero 64 KiB.
+#[derive(Debug, Default)]
+pub struct Frame {
+    pub(super) buf: Vec<u8>,
+    pub(super) len: usize,
+}
+
+impl Frame {
+    /// A `len`-byte frame in a buffer from `pool`. Its bytes are whatever the buffer held
+    /// (this link's own earlier frames), or zeros where it grows: the caller writes them all.
+    pub(super) fn take(pool: &RefCell<Vec<Vec<u8>>>, len: usize) -> Frame {
+        let mut buf = pool.borrow_mut().pop().unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Frame { buf, len }
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(buf: Vec<u8>) -> Self {
+        let len = buf.len();
+        Frame { buf, len }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Frame {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+/// Frames between the guest and the stack. Buffers go back to a pool once used, so steady
+/// traffic allocates nothing per frame.
+pub(super) struct FrameQueue {
+    pub(super) rx: VecDeque<Frame>,
+    pub(super) tx: VecDeque<Frame>,
+    pub(super) pool: RefCell<Vec<Vec<u8>>>,
+    pub(super) mtu: usize,
+    /// The guest takes TCP/UDP frames without checksums (the device marks them valid).
+    pub(super) csum_offload: bool,
+    /// `--pcap`: every frame both ways.
+    pub(super) capture: RefCell<Option<Capture>>,
+}
+
+/// Puts `f`'s buffer back in `pool` (unless the pool is full).
+pub(super) fn recycle(pool: &RefCell<Vec<Vec<u8>>>, f: Frame) {
+    let mut p = pool.borrow_mut();
+    if p.len() < POOL_FRAMES {
+        p.push(f.buf);
+    }
+}
+
+pub(super) struct FrameRx<'a> {
+    pub(super) frame: Frame,
+    pub(super) pool: &'a RefCell<Vec<Vec<u8>>>,
+}
+
+pub(super) struct FrameTx<'a> {
+    pub(super) tx: &'a mut VecDeque<Frame>,
+    pub(super) pool: &'a RefCell<Vec<Vec<u8>>>,
+    pub(super) capture: &'a RefCell<Option<Capture>>,
+}
+
+impl RxToken for FrameRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        let r = f(&self.frame);
+        recycle(self.pool, self.frame);
+        r
+    }
+}
+
+impl TxToken for FrameTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        // smoltcp writes every byte of the frames it emits (headers, option padding, zeroed
+        // checksum fields, payload), so the buffer is not zeroed for it.
+        let mut frame = Frame::take(self.pool, len);
+        let r = f(&mut frame);
+        pcap::record(&mut self.capture.borrow_mut(), &frame);
+        self.tx.push_back(frame);
+        r
+    }
+}
+
+impl Device for FrameQueue {
+    type RxToken<'a> = FrameRx<'a>;
+    type TxToken<'a> = FrameTx<'a>;
+
+    fn receive(&mut self, _t: Instant) -> Option<(FrameRx<'_>, FrameTx<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((
+            FrameRx {
+                frame,
+                pool: &self.pool,
+            },
+            FrameTx {
+                tx: &mut self.tx,
+                pool: &self.pool,
+                capture: &self.capture,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<FrameTx<'_>> {
+        (self.tx.len() < QUEUE_FRAMES).then_some(FrameTx {
+            tx: &mut self.tx,
+            pool: &self.pool,
+            capture: &self.capture,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        // The MTU counts the IP packet; smoltcp's counts the Ethernet frame.
+        caps.max_transmission_unit = self.mtu + 14;
+        // TCP/UDP checksums of guest frames are not verified: the link is memory and cannot
+        // corrupt, as with a tap device, and a guest that offloads them (VIRTIO_NET_F_CSUM)
+        // sends partial sums. Frames to the guest carry them unless it takes them without.
+        let out = if self.csum_offload {
+            smoltcp::phy::Checksum::None
+        } else {
+            smoltcp::phy::Checksum::Tx
+        };
+        caps.checksum.tcp = out;
+        caps.checksum.udp = out;
+        caps
+    }
+}
+
+/// The IPv4 header of an Ethernet frame (checksum checked) and the packet's payload.
+pub(super) fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8])> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, Ipv4Packet, Ipv4Repr};
+    let f = EthernetFrame::new_checked(frame).ok()?;
+    if f.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let p = Ipv4Packet::new_checked(f.payload()).ok()?;
+    let ip = Ipv4Repr::parse(&p, &Default::default()).ok()?;
+    // The payload without Ethernet padding, as the IP header counts it.
+    let payload = &frame[14 + p.header_len() as usize..][..ip.payload_len];
+    Some((ip, payload))
+}
+
+/// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
+/// a receiver sends a sender, which the sender need not answer. The device asks it of the
+/// frames the stack makes, so no checksum is checked.
+pub fn is_bare_tcp_ack(frame: &[u8]) -> bool {
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    };
+    let Ok(f) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    let segment = match f.ethertype() {
+        EthernetProtocol::Ipv4 => match Ipv4Packet::new_checked(f.payload()) {
+            Ok(p) if p.next_header() == IpProtocol::Tcp => p.payload(),
+            _ => return false,
+        },
+        EthernetProtocol::Ipv6 => match Ipv6Packet::new_checked(f.payload()) {
+            // Stack-made frames carry no extension headers.
+            Ok(p) if p.next_header() == IpProtocol::Tcp => p.payload(),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    TcpPacket::new_checked(segment)
+        .is_ok_and(|t| !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
+}
+
+pub(super) fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {
+    Ipv4Address::from(a.octets())
+}
