@@ -11,10 +11,13 @@ FERRY   := target/debug/ferry
 QUICK   ?=
 BENCH_ARGS := $(if $(QUICK),--quick,)
 
+# `make soak SOAK_MINUTES=N`: the soak (bench/soak.py), 30 minutes by default; not a test.
+SOAK_MINUTES ?= 30
+
 # `make fuzz FUZZ_SECS=N`: each fuzz target for N seconds (CI runs 30 as a smoke run).
 FUZZ_SECS ?= 600
 
-.PHONY: all deps build test run bench fuzz guest-image fmt fmt-check clippy lint clean
+.PHONY: all deps build test run bench soak fuzz guest-image fmt fmt-check clippy lint clean
 
 all: build
 
@@ -42,6 +45,12 @@ bench: guest-image
 	@bash scripts/install-deps.sh --bench
 	$(CARGO) build -j$(JOBS) --release -p ferry
 	python3 bench/bench.py $(BENCH_ARGS)
+
+# The soak: every path under load for SOAK_MINUTES, with host-side bursts; writes bench/soak/.
+soak: guest-image
+	@bash scripts/install-deps.sh --bench
+	$(CARGO) build -j$(JOBS) --release -p ferry
+	python3 bench/soak.py --minutes $(SOAK_MINUTES)
 
 # Fuzzing is not a test either: coverage-guided runs of every decoder (fuzz/, docs/fuzzing.md).
 fuzz:
