@@ -306,8 +306,11 @@ class Soak:
         load.join(timeout=30)
         refused = getattr(self, "host_refused", [])
         if refused:
-            self.failures.append("published port 8080 refused %d connections (at %.0f–%.0f s)"
-                                 % (len(refused), refused[0], refused[-1]))
+            during = {n: sum(1 for t in refused if a <= t <= b + 30) for n, a, b, _, _ in self.phases}
+            self.failures.append("published port 8080 refused %d connections (%s; %d outside)"
+                                 % (len(refused), ", ".join("%d in or just after %s" % (c, n)
+                                                            for n, c in during.items()),
+                                    len(refused) - sum(during.values())))
         with open(self.ferry_log, errors="replace") as f:
             errors = [l for l in f if " ERROR " in l]
         if errors:
