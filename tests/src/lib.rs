@@ -11,7 +11,7 @@ mod qemu;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
 pub use ferry::{ferry_bin, wrapped, FerryProcess};
-pub use netns::TestNet;
+pub use netns::{clients, TestHost, TestNet};
 pub use qemu::{guest_image, GuestSpec, Qemu};
 
 use std::time::{Duration, Instant};

@@ -95,3 +95,45 @@ impl Drop for TestNet {
         let _ = ip(&["netns", "del", &self.remote]);
     }
 }
+
+/// A test-host process (`tests/servers/testhosts.py`) in a test namespace, killed on drop.
+pub struct TestHost(std::process::Child);
+
+impl TestHost {
+    /// Starts `testhosts.py ARGS` in namespace `ns` and waits until it has bound its sockets.
+    pub fn start(ns: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
+        let mut child = TestNet::command(ns, "python3")
+            .arg(script)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the test host (python3)");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("piped stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read from the test host");
+        assert_eq!(line.trim(), "ready", "the test host did not start");
+        TestHost(child)
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `tests/servers/clients.py ARGS` in namespace `ns`; returns what it printed, trimmed.
+pub fn clients(ns: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
+    let out = TestNet::command(ns, "python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run the test clients (python3)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -8,50 +8,12 @@
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestNet};
+use ferry_tests::{clients, FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 const PAGE: &str = "served by a guest ferry learned";
-
-/// A test process, killed on drop.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `testhosts.py` in `ns` and waits for it to bind.
-fn test_host(ns: &str, args: &[&str]) -> Bg {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
-    let mut child = TestNet::command(ns, "python3")
-        .arg(script)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the test host (python3)");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("piped stdout");
-    BufReader::new(out).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "the test host did not start");
-    Bg(child)
-}
-
-fn clients(ns: &str, args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
-    let out = TestNet::command(ns, "python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run the test clients (python3)");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// The guest's checks; `setup` configures its NIC first, `addr` is the address it ends with.
 fn script(setup: &str, mac: &str, addr: &str, remote: &str) -> String {
@@ -85,7 +47,7 @@ rm -f /mnt/tools/host-done
 fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let remote = net.remote_addr.clone();
-    let _host = test_host(
+    let _host = TestHost::start(
         &net.remote,
         &[
             &remote,

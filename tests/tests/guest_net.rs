@@ -2,23 +2,12 @@
 //! route out, and the "outside" is a test host on a veth link (198.18.0.0/15) running a UDP
 //! echo server and a DNS server. Nothing leaves the namespaces the test made.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestNet};
+use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(180);
-
-/// A test-host process, killed on drop.
-struct Host(Child);
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Waits for the guest to finish and asserts that its `want` checks all passed.
 fn all_checks_pass(qemu: &mut Qemu, ferry: &FerryProcess, want: usize) {
@@ -133,25 +122,6 @@ fn guest_reaches(qemu: &Qemu, tools: &std::path::Path, name: &str) {
     );
 }
 
-/// Starts `testhosts.py` in `ns` and waits for it to bind.
-fn test_host(ns: &str, args: &[&str]) -> Host {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/testhosts.py");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", script])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the test host (python3)");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("piped stdout");
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("read from the test host");
-    assert_eq!(line.trim(), "ready", "the test host did not start");
-    Host(child)
-}
-
 /// Writes `size` bytes of the pattern to `dir/pattern`; returns its sha256 and a guard value.
 fn pattern_file(dir: &std::path::Path, size: usize) -> (String, ()) {
     let block: Vec<u8> = (0..256 * 1024).map(|i| ((i * 7 + 3) & 255) as u8).collect();
@@ -194,7 +164,7 @@ fn pattern_sha256(size: usize) -> String {
 fn udp_and_dns_through_the_nat() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let remote = net.remote_addr.clone();
-    let _remote_host = test_host(
+    let _remote_host = TestHost::start(
         &net.remote,
         &[
             &remote,
@@ -219,7 +189,7 @@ fn udp_and_dns_through_the_nat() {
     let www = tempfile::tempdir().unwrap();
     let (big_sha, ()) = pattern_file(www.path(), 64 << 20);
     let www_dir = www.path().display().to_string();
-    let _local_host = test_host(
+    let _local_host = TestHost::start(
         &net.inner,
         &[
             "127.0.0.1",
@@ -378,7 +348,7 @@ fn http_proxy_on_the_gateway() {
     std::fs::write(www.path().join("hello.txt"), "hello from remote\n").unwrap();
     let (big_sha, ()) = pattern_file(www.path(), 16 << 20);
     let www_dir = www.path().display().to_string();
-    let _remote_host = test_host(
+    let _remote_host = TestHost::start(
         &net.remote,
         &[
             &remote,
@@ -459,7 +429,7 @@ fn rules_refuse_flows_and_count_them() {
     let www = tempfile::tempdir().unwrap();
     std::fs::write(www.path().join("hello.txt"), "hello from remote\n").unwrap();
     let www_dir = www.path().display().to_string();
-    let _remote_host = test_host(
+    let _remote_host = TestHost::start(
         &net.remote,
         &[
             &remote,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use ferry_tests::{ferry_bin, wait_for, FerryProcess, GuestSpec, Qemu, TestNet};
+use ferry_tests::{clients, ferry_bin, wait_for, FerryProcess, GuestSpec, Qemu, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const PAGE: &str = "hello from the guest";
@@ -25,16 +25,6 @@ fn guest_script(with_probe: bool) -> String {
     }
     s.push_str("sleep 1\necho FERRY-READY\nsleep 3600\n");
     s
-}
-
-fn clients(ns: &str, args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
-    let out = TestNet::command(ns, "python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run the test clients (python3)");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn curl(ns: &str, url: &str) -> String {

@@ -8,19 +8,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestNet};
+use ferry_tests::{clients, FerryProcess, GuestSpec, Qemu, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn clients(ns: &str, args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/servers/clients.py");
-    let out = TestNet::command(ns, "python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run the test clients (python3)");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
