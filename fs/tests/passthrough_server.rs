@@ -1077,6 +1077,18 @@ fn ownership_the_guest_sets_stays_off_the_host_by_default() {
         kept(&share.join("data")).as_deref(),
         Some("12345:12345:0750:dir")
     );
+    // The share's folder is marked: from now on (and after a restart) nodes are asked.
+    let c = std::ffi::CString::new(share.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: both strings are NUL-terminated; size 0 asks for the length only.
+    let marked = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"user.ferry.keeps-ownership".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    assert!(marked >= 0, "the share's folder is not marked");
 
     // A guest user's file: the caller's ids in the guest, the share owner's on the host.
     let c = abi::CreateIn {

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use super::ownership::{self, Ownership};
+use super::ownership::Ownership;
 use super::sys::{cvt, ebadf, erofs, proc_path, stat_fd};
 use super::PassthroughFs;
 use crate::filesystem::{Context, SetattrArgs, TimeSpec};
@@ -142,7 +142,7 @@ impl PassthroughFs {
             if o.mode & clear != 0 {
                 o.mode &= !clear;
                 let kept = (o != Ownership::of(&st)).then_some(o);
-                ownership::write(node.fd()?.as_raw_fd(), libc::S_IFREG, kept)?;
+                self.keep(node.fd()?.as_raw_fd(), libc::S_IFREG, kept)?;
                 node.set_ownership(kept);
             }
         }

@@ -259,7 +259,10 @@ impl PassthroughFs {
     /// The ownership host node `fd` (with attributes `st`) keeps, on a share that emulates
     /// ownership. One that cannot be read counts as none: the guest sees the host's values.
     pub(super) fn kept_ownership(&self, fd: RawFd, st: &libc::stat64) -> Option<Ownership> {
-        if self.cfg.trusted || !ownership::can_keep(st.st_mode & libc::S_IFMT) {
+        if self.cfg.trusted
+            || !self.keeps_ownership.load(Ordering::Relaxed)
+            || !ownership::can_keep(st.st_mode & libc::S_IFMT)
+        {
             return None;
         }
         ownership::read(fd).unwrap_or_else(|e| {

@@ -63,6 +63,10 @@ pub struct PassthroughFs {
     /// opens the directory for itself. A directory walk then costs the guest two requests
     /// per directory (a listing and the empty one that ends it) instead of four.
     stateless_dirs: AtomicBool,
+    /// Whether nodes of this share may keep ownership the guest set (see `ownership`): the
+    /// share's folder is marked once ferry keeps some in it. Until then nodes are not asked,
+    /// which spares a cold walk a system call per node.
+    keeps_ownership: AtomicBool,
 }
 
 /// The most nodes the guest may hold per share: past it, LOOKUP answers ENFILE.
@@ -110,9 +114,14 @@ impl PassthroughFs {
             switch_creds: root_user,
             share_owner: (st.st_uid, st.st_gid),
             stateless_dirs: AtomicBool::new(false),
+            keeps_ownership: AtomicBool::new(false),
         };
-        fs.root
-            .set_ownership(fs.kept_ownership(fs.root.fd()?.as_raw_fd(), &st));
+        let root_fd = fs.root.fd()?.as_raw_fd();
+        fs.keeps_ownership.store(
+            !fs.cfg.trusted && ownership::is_marked(root_fd),
+            Ordering::Relaxed,
+        );
+        fs.root.set_ownership(fs.kept_ownership(root_fd, &st));
         fs.register_root_mount();
         Ok(fs)
     }

@@ -13,7 +13,10 @@
 //!
 //! The attribute is written only when what the guest set differs from what the host file
 //! shows (a guest that creates files as the share's owner writes none), and it is read once
-//! per node, when the guest first looks the node up: nodes cache it. The host's permission
+//! per node, when the guest first looks the node up: nodes cache it. Reading it costs a
+//! system call per node (a third of a cold `find`), so the share's folder is marked
+//! (`user.ferry.keeps-ownership`) the first time ferry keeps ownership in the share, and
+//! nodes of an unmarked share are not asked: attributes other tools wrote there are not seen. The host's permission
 //! bits follow the guest's, except that the owner may always read and write (and search
 //! folders), so ferry keeps access to what it serves when it runs as that owner.
 //!
@@ -35,6 +38,17 @@ use crate::filesystem::{Context, Entry, SetattrArgs};
 
 /// The extended attribute that holds what the guest set.
 pub(super) const XATTR: &CStr = c"user.containers.override_stat";
+
+/// The attribute that marks a share's folder once ferry keeps ownership in the share: only
+/// then are nodes asked for [`XATTR`] (reading it costs a system call per node looked up).
+pub(super) const MARK: &CStr = c"user.ferry.keeps-ownership";
+
+/// Whether the share folder `fd` is marked with [`MARK`].
+pub(super) fn is_marked(fd: RawFd) -> bool {
+    let p = proc_path(fd);
+    // SAFETY: both strings are NUL-terminated; a zero size asks for the length only.
+    unsafe { libc::getxattr(p.as_ptr(), MARK.as_ptr(), std::ptr::null_mut(), 0) >= 0 }
+}
 
 /// Mode bits the guest may set: permissions, set-id and sticky.
 const MODE_BITS: u32 = 0o7777;
@@ -163,6 +177,28 @@ pub(super) fn write(fd: RawFd, fmt: u32, o: Option<Ownership>) -> io::Result<()>
 }
 
 impl PassthroughFs {
+    /// Keeps `o` on node `fd` of type `fmt` (or removes what it kept), marking the share's
+    /// folder the first time (see [`MARK`]).
+    pub(super) fn keep(&self, fd: RawFd, fmt: u32, o: Option<Ownership>) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if o.is_some() && !self.keeps_ownership.load(Ordering::Relaxed) {
+            let root = self.root.fd()?;
+            let p = proc_path(root.as_raw_fd());
+            // SAFETY: the strings are NUL-terminated and the value is valid for its length.
+            let r =
+                unsafe { libc::setxattr(p.as_ptr(), MARK.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    log::warn!("cannot mark a share's folder as keeping the guest's owners ({e}); they show until ferry restarts, not after")
+                });
+            }
+            self.keeps_ownership.store(true, Ordering::Relaxed);
+        }
+        write(fd, fmt, o)
+    }
+
     /// Takes the ids new host files get while alive, when ferry runs as root: the caller's (as
     /// the host names them) on a `trusted` share, the share folder's owner's on one that
     /// emulates ownership. Unprivileged, files are ferry's own.
@@ -229,7 +265,7 @@ impl PassthroughFs {
         let kept = (want != Ownership::of(&st)).then_some(want);
         if kept != node.ownership() {
             // The node exists whatever happens here: a failure shows the host's values.
-            match write(nf.as_raw_fd(), fmt, kept) {
+            match self.keep(nf.as_raw_fd(), fmt, kept) {
                 Ok(()) => node.set_ownership(kept),
                 Err(e) => log::debug!("cannot keep a new node's ownership: {e}"),
             }
@@ -285,7 +321,7 @@ impl PassthroughFs {
         };
         let kept = (want != host).then_some(want);
         if kept != node.ownership() {
-            write(fd, fmt, kept)?;
+            self.keep(fd, fmt, kept)?;
             node.set_ownership(kept);
         }
         Ok(())

@@ -23,9 +23,9 @@ impl PassthroughFs {
         }
     }
 
-    /// Whether `name` is the attribute ferry keeps the guest's ownership in on this share.
+    /// Whether `name` is an attribute ferry keeps the guest's ownership with on this share.
     fn is_ferrys(&self, name: &CStr) -> bool {
-        !self.cfg.trusted && name == ownership::XATTR
+        !self.cfg.trusted && (name == ownership::XATTR || name == ownership::MARK)
     }
 }
 
@@ -115,10 +115,13 @@ impl PassthroughFs {
         // SAFETY: the path is NUL-terminated and `buf` has the room given.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         let mut list = xattr_result(n, 1, buf)?;
-        let ours = ownership::XATTR.to_bytes_with_nul();
+        let ours = [
+            ownership::XATTR.to_bytes_with_nul(),
+            ownership::MARK.to_bytes_with_nul(),
+        ];
         let mut at = 0;
         while let Some(len) = list[at..].iter().position(|b| *b == 0).map(|i| i + 1) {
-            if &list[at..at + len] == ours {
+            if ours.contains(&&list[at..at + len]) {
                 list.drain(at..at + len);
             } else {
                 at += len;
