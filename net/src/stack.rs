@@ -396,7 +396,7 @@ impl NetStack {
         self.stats.frames_in += 1;
         pcap::record(self.device.capture.get_mut(), &b);
         self.guest.learn(&b);
-        match self.fragments.take(&b, StdInstant::now()) {
+        match self.fragments.take(&b, StdInstant::now) {
             crate::fragments::Verdict::Whole => self.dispatch(b),
             crate::fragments::Verdict::Kept => recycle(&self.device.pool, b),
             crate::fragments::Verdict::Complete(whole) => {
