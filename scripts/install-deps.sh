@@ -21,6 +21,7 @@ declare -A NEED=(
 	[curl]=curl
 	[python3]=python3
 	[setpriv]=util-linux
+	[systemd-socket-activate]=systemd
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -92,16 +92,22 @@ impl FerryProcess {
         args: &[String],
         sockets: &[PathBuf],
     ) -> Self {
-        let log = dir.join("ferry.log");
-        let err = File::create(&log).expect("create the ferry log");
         let mut cmd = wrapped(netns, user, bin);
         if user.is_some() {
             // Its private folder goes where that user may write.
             cmd.env("TMPDIR", dir);
         }
+        cmd.arg("serve").args(args);
+        Self::start(cmd, dir, sockets)
+    }
+
+    /// Starts `cmd` (a `ferry serve` command line, possibly behind a launcher such as
+    /// `systemd-socket-activate`) with its log in `dir/ferry.log`, and waits until every path
+    /// in `sockets` exists.
+    pub fn start(mut cmd: Command, dir: &Path, sockets: &[PathBuf]) -> Self {
+        let log = dir.join("ferry.log");
+        let err = File::create(&log).expect("create the ferry log");
         let child = cmd
-            .arg("serve")
-            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),

@@ -140,9 +140,25 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
 
-    /// Serve a virtio-net device over vhost-user on this UNIX socket.
+    /// Serve a virtio-net device over vhost-user on this UNIX socket. A socket systemd hands
+    /// over (LISTEN_FDS) that is bound to this path is served as it is.
     #[arg(long, value_name = "PATH")]
     pub net_socket: Option<PathBuf>,
+
+    /// Serve the virtio-net device on this already-listening UNIX socket, inherited from the
+    /// launcher (vhost-user's backend convention); instead of --net-socket.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Give the sockets ferry binds to this group, with mode 0660, so its members' QEMU can
+    /// connect (as virtiofsd's --socket-group).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Print this backend's vhost-user capabilities as JSON ({"type":"net","features":[]})
+    /// and exit, as vhost-user's backend conventions ask.
+    #[arg(long)]
+    pub print_capabilities: bool,
 
     /// Serve DIR as a virtio-fs device with this tag on this UNIX socket (repeatable).
     /// Options: readonly (every write fails with EROFS), cache=never|metadata|auto|always
@@ -153,7 +169,8 @@ pub struct ServeArgs {
     /// user.containers.override_stat attribute it is shown), uidmap=GUEST:HOST[:COUNT] and
     /// gidmap= (ids the guest names differently: uidmap=0:1000 shows the host's 1000 as the
     /// guest's root; given again, each adds a range, as uidmap=0:1000,uidmap=1:100000:65536
-    /// for a rootless engine's subordinate ids).
+    /// for a rootless engine's subordinate ids). fd=N instead of socket= serves a listening
+    /// socket inherited from the launcher.
     #[arg(
         long,
         value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,trusted][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"

@@ -2,8 +2,9 @@
 //! that can be served. Every check that can fail on user input happens here, before anything
 //! is bound or spawned, and each failure is one sentence that names the option.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -102,6 +103,18 @@ pub struct ServeConfig {
     pub pcap: Option<PathBuf>,
     /// The sandbox the devices run in.
     pub sandbox: SandboxConfig,
+    /// Listening sockets a launcher handed over (`--fd`, `fd=`, systemd), by the path each is
+    /// bound to: these are served as they are, not bound (see listen.rs).
+    pub handed: HashMap<PathBuf, RawFd>,
+    /// `--socket-group`: the group the sockets ferry binds are given to, with mode 0660.
+    pub socket_group: Option<libc::gid_t>,
+}
+
+impl ServeConfig {
+    /// Whether ferry binds `path` itself (and removes it on exit).
+    pub fn binds(&self, path: &Path) -> bool {
+        !self.handed.contains_key(path)
+    }
 }
 
 /// Where `ferry portd` listens unless told otherwise.
@@ -130,6 +143,7 @@ struct FileConfig {
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
     seccomp: Option<String>,
+    socket_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,7 +285,7 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
 /// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
-fn parse_share(spec: &str) -> Result<ShareConfig> {
+fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
@@ -282,6 +296,14 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             Some(("tag", v)) => tag = Some(v.to_string()),
             Some(("dir", v)) => dir = Some(PathBuf::from(v)),
             Some(("socket", v)) => socket = Some(PathBuf::from(v)),
+            Some(("fd", v)) => {
+                let fd = v.parse::<RawFd>().map_err(|_| {
+                    bad(format!("fd={v}: not a file descriptor number"))
+                })?;
+                let path = crate::listen::adopt(&format!("--share {spec}"), fd)?;
+                handed.insert(path.clone(), fd);
+                socket = Some(path);
+            }
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
             Some(("uidmap", v)) => uidmap.push(v),
             Some(("gidmap", v)) => gidmap.push(v),
@@ -291,14 +313,14 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
             None if part == "trusted" => trusted = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr and trusted"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr and trusted"
                 )))
             }
         }
     }
     let missing = |what: &str| {
         bad(format!(
-            "{what}= is missing; give tag=TAG,dir=DIR,socket=PATH"
+            "{what}= is missing; give tag=TAG,dir=DIR,socket=PATH (or fd=N for a socket already listening)"
         ))
     };
     Ok(ShareConfig {
@@ -315,7 +337,7 @@ fn parse_share(spec: &str) -> Result<ShareConfig> {
     })
 }
 
-fn check_share(s: &ShareConfig) -> Result<()> {
+fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> {
     let opt = format!("--share tag={}", s.tag);
     if s.tag.is_empty() || s.tag.len() > MAX_TAG_LEN {
         return Err(usage(format!(
@@ -327,6 +349,9 @@ fn check_share(s: &ShareConfig) -> Result<()> {
             "{opt}: dir {} does not exist or is not a directory; create it or share another one",
             s.dir.display()
         )));
+    }
+    if handed.contains_key(&s.socket) {
+        return Ok(());
     }
     check_socket_path(&format!("{opt}: socket"), &s.socket)
 }
@@ -378,8 +403,22 @@ impl TryFrom<ServeArgs> for ServeConfig {
             net.guest_mac_pinned = true;
         }
 
-        let net_socket = args.net_socket.or(file.net_socket);
-        if let Some(p) = &net_socket {
+        // Sockets handed over by systemd first: fds 3 and up are theirs until adopted.
+        let mut handed = crate::listen::from_systemd()?;
+        let mut net_socket = args.net_socket.or(file.net_socket);
+        if let Some(fd) = args.fd {
+            let path = crate::listen::adopt(&format!("--fd {fd}"), fd)?;
+            if let Some(p) = net_socket.as_ref().filter(|p| **p != path) {
+                return Err(usage(format!(
+                    "--fd {fd} is bound to {}, not to --net-socket {}; give one of the two",
+                    path.display(),
+                    p.display()
+                )));
+            }
+            handed.insert(path.clone(), fd);
+            net_socket = Some(path);
+        }
+        if let Some(p) = net_socket.as_ref().filter(|p| !handed.contains_key(*p)) {
             check_socket_path("--net-socket", p)?;
         }
 
@@ -409,12 +448,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
             });
         }
         for spec in &args.share {
-            shares.push(parse_share(spec)?);
+            shares.push(parse_share(spec, &mut handed)?);
         }
         let mut tags = HashSet::new();
         let mut sockets: HashSet<&Path> = net_socket.iter().map(|p| p.as_path()).collect();
         for s in &shares {
-            check_share(s)?;
+            check_share(s, &handed)?;
             if !tags.insert(s.tag.as_str()) {
                 return Err(usage(format!(
                     "--share tag={}: the tag is used twice; give each share its own tag",
@@ -526,6 +565,23 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }
             check_pcap_path(p)?;
         }
+        // A handed-over socket no device names would be left unserved without a word.
+        let named: HashSet<&Path> = net_socket
+            .iter()
+            .map(|p| p.as_path())
+            .chain(shares.iter().map(|s| s.socket.as_path()))
+            .collect();
+        if let Some(p) = handed.keys().find(|p| !named.contains(p.as_path())) {
+            return Err(usage(format!(
+                "a socket handed over by the launcher is bound to {}, which no device names; give it as --net-socket or a share's socket=",
+                p.display()
+            )));
+        }
+        let socket_group = args
+            .socket_group
+            .or(file.socket_group)
+            .map(|g| crate::listen::parse_group(&g))
+            .transpose()?;
         let sandbox = SandboxConfig::from_args(&SandboxArgs {
             sandbox: args.sandbox.sandbox.or(file.sandbox),
             seccomp: args.sandbox.seccomp.or(file.seccomp),
@@ -545,6 +601,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             portd_socket,
             pcap,
             sandbox,
+            handed,
+            socket_group,
         })
     }
 }
@@ -656,6 +714,9 @@ mod tests {
         ServeArgs {
             config: None,
             net_socket: None,
+            fd: None,
+            socket_group: None,
+            print_capabilities: false,
             share: vec![],
             publish: vec![],
             rule: vec![],
@@ -692,35 +753,51 @@ mod tests {
 
     #[test]
     fn share_spec_parses_all_parts() {
-        let s = parse_share("tag=t,dir=/tmp,socket=/tmp/s,readonly,cache=never").unwrap();
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/tmp/s,readonly,cache=never",
+            &mut HashMap::new(),
+        )
+        .unwrap();
         assert_eq!(s.tag, "t");
         assert!(s.readonly);
         assert_eq!(s.cache, CachePolicy::Never);
-        assert!(parse_share("tag=t,dir=/tmp")
+        assert!(parse_share("tag=t,dir=/tmp", &mut HashMap::new())
             .unwrap_err()
             .to_string()
             .contains("socket="));
-        assert!(parse_share("tag=t,dir=/tmp,socket=/s,color=red")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown part 'color=red'"));
-        let s = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=0:1000,gidmap=0:100:5").unwrap();
+        assert!(
+            parse_share("tag=t,dir=/tmp,socket=/s,color=red", &mut HashMap::new())
+                .unwrap_err()
+                .to_string()
+                .contains("unknown part 'color=red'")
+        );
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,uidmap=0:1000,gidmap=0:100:5",
+            &mut HashMap::new(),
+        )
+        .unwrap();
         let text = |m: &IdMaps| m.ranges().iter().map(|r| r.to_string()).collect::<Vec<_>>();
         assert_eq!(text(&s.uidmap), ["0:1000:1"]);
         assert_eq!(text(&s.gidmap), ["0:100:5"]);
         // Given again, a key adds a range; ranges that overlap are refused.
-        let s =
-            parse_share("tag=t,dir=/tmp,socket=/s,uidmap=0:1000,uidmap=1:100000:65536").unwrap();
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,uidmap=0:1000,uidmap=1:100000:65536",
+            &mut HashMap::new(),
+        )
+        .unwrap();
         assert_eq!(text(&s.uidmap), ["0:1000:1", "1:100000:65536"]);
         assert!(text(&s.gidmap).is_empty());
-        let e = parse_share("tag=t,dir=/tmp,socket=/s,gidmap=0:100:5,gidmap=4:200")
-            .unwrap_err()
-            .to_string();
+        let e = parse_share(
+            "tag=t,dir=/tmp,socket=/s,gidmap=0:100:5,gidmap=4:200",
+            &mut HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("--share tag=t,dir=/tmp,socket=/s,gidmap=0:100:5,gidmap=4:200: gidmap: 0:100:5 and 4:200:1 both map guest ids 4 to 4; give ranges that do not overlap"),
             "{e}"
         );
-        let e = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=1000")
+        let e = parse_share("tag=t,dir=/tmp,socket=/s,uidmap=1000", &mut HashMap::new())
             .unwrap_err()
             .to_string();
         assert!(

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use ferry_devices::{
-    bind_socket, serve_connections, NetServices, VhostUserFsBackend, VhostUserNetBackend,
-};
+use ferry_devices::{serve_connections, NetServices, VhostUserFsBackend, VhostUserNetBackend};
 use ferry_fs::{passthrough, PassthroughFs, Server};
 use ferry_net::ports::{Ports, PrivilegedBinder};
 use ferry_net::proxy::Proxy;
@@ -16,6 +14,7 @@ use ferry_net::rules::Rules;
 use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
+use crate::listen::listener;
 use crate::signals;
 
 /// Exit code a failing device thread leaves for `main`.
@@ -105,9 +104,12 @@ impl Devices {
         }
         let mut sockets = Vec::new();
         let mut net = None;
+        let mut handed = cfg.handed.clone();
         if let Some(path) = &cfg.net_socket {
-            let listener = bind_socket(path).map_err(|e| Error::Runtime(e.to_string()))?;
-            sockets.push(path.clone());
+            let (listener, bound) = listener(path, &mut handed, cfg.socket_group)?;
+            if bound {
+                sockets.push(path.clone());
+            }
             net = Some((listener, path.clone()));
         }
         let mut fs = Vec::new();
@@ -137,14 +139,18 @@ impl Devices {
                     share.dir.display()
                 ))
             })?;
-            let listener = match bind_socket(&share.socket) {
-                Ok(l) => l,
+            let listener = match listener(&share.socket, &mut handed, cfg.socket_group) {
+                Ok((l, bound)) => {
+                    if bound {
+                        sockets.push(share.socket.clone());
+                    }
+                    l
+                }
                 Err(e) => {
                     remove_sockets(&sockets);
-                    return Err(Error::Runtime(e.to_string()));
+                    return Err(e);
                 }
             };
-            sockets.push(share.socket.clone());
             fs.push((listener, share.clone(), pfs));
         }
 

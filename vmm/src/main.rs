@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod ctl;
 mod devices;
+mod listen;
 mod mount;
 mod portd;
 mod run;
@@ -27,6 +28,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = cli::Cli::parse();
     let res = match args.command {
+        cli::Command::Serve(a) if a.print_capabilities => {
+            // vhost-user.rst, "Backend program conventions": the capabilities as JSON, and
+            // nothing else done. The net device has no optional features to list.
+            println!(r#"{{"type": "net", "features": []}}"#);
+            Ok(ExitCode::SUCCESS)
+        }
         cli::Command::Serve(a) => config::ServeConfig::try_from(a).and_then(serve::serve),
         cli::Command::Run(a) => config::RunConfig::try_from(a).and_then(run::run),
         cli::Command::Mount(a) => mount::mount(a),

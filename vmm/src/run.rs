@@ -60,6 +60,8 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             scope_signals: false,
             ..cfg.sandbox
         },
+        handed: Default::default(),
+        socket_group: None,
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

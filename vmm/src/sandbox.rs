@@ -175,7 +175,8 @@ impl Paths {
             .net_socket
             .iter()
             .chain(cfg.api_socket.iter())
-            .chain(cfg.shares.iter().map(|s| &s.socket));
+            .chain(cfg.shares.iter().map(|s| &s.socket))
+            .filter(|s| cfg.binds(s));
         for s in sockets {
             let dir = parent_dir(s).to_path_buf();
             if !p.sockets.contains(&dir) {
