@@ -32,7 +32,7 @@ guest-image:
 
 # The guest suites that run a second time on QEMU 10 (Debian's bookworm-backports, unpacked
 # beside the system's 7.2 by scripts/install-qemu10.sh); every suite runs on 7.2.
-QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_ports guest_learned launch_conventions
+QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_ports guest_learned launch_conventions libvirt
 QEMU10_PREFIX ?= /opt/ferry/qemu-10
 
 test: deps guest-image
@@ -40,7 +40,7 @@ test: deps guest-image
 	$(CARGO) test -j$(JOBS) --workspace -- --test-threads=$(TEST_THREADS)
 	@echo "make test: the guest suites again on QEMU 10: $(QEMU10_SUITES)"
 	FERRY_QEMU10_PREFIX=$(QEMU10_PREFIX) bash scripts/install-qemu10.sh
-	FERRY_QEMU=$(QEMU10_PREFIX)/usr/bin/qemu-system-x86_64 $(CARGO) test -j$(JOBS) -p ferry-tests \
+	FERRY_QEMU=$(QEMU10_PREFIX)/bin/qemu-system-x86_64 $(CARGO) test -j$(JOBS) -p ferry-tests \
 		$(addprefix --test ,$(QEMU10_SUITES)) -- --test-threads=$(TEST_THREADS)
 
 # The demo fetches this checkout from the host's loopback (port 8089) through the NAT and the

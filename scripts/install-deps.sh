@@ -56,6 +56,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 	$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The libvirt end-to-end test's daemon and virsh, from bookworm-backports.
+bash "$(dirname "${BASH_SOURCE[0]}")/install-libvirt.sh"
+
 if ! command -v cargo >/dev/null 2>&1; then
 	echo "install-deps: cargo not found; install a current Rust toolchain (https://rustup.rs) and run this again" >&2
 	exit 1

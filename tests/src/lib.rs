@@ -6,6 +6,7 @@
 
 mod checks;
 mod ferry;
+pub mod libvirt;
 mod netns;
 mod qemu;
 
