@@ -73,11 +73,14 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
 /// the daemon's side of the relay, in a folder only this process uses. `on_connect` runs when
 /// a frontend's daemon is up (to register the device's own fds with its worker), and
 /// `on_disconnect` after each frontend leaves, so the device can drop per-connection state.
+/// `queue_pairs` is set for a NIC: the queue pairs it offers, which GET_QUEUE_NUM reports (see
+/// the relay).
 pub fn serve_connections<T, C, D>(
     name: &str,
     listener: UnixListener,
     private: PathBuf,
     backend: T,
+    queue_pairs: Option<u16>,
     on_connect: C,
     on_disconnect: D,
 ) -> Result<(), Error>
@@ -109,7 +112,7 @@ where
         // The connect completes into the private listener's backlog; the daemon accepts it.
         let daemon_side = UnixStream::connect(&private).map_err(accept_err)?;
         daemon.start(&mut inner).map_err(daemon_err)?;
-        let relays = relay(name, frontend, daemon_side).map_err(accept_err)?;
+        let relays = relay(name, frontend, daemon_side, queue_pairs).map_err(accept_err)?;
         on_connect(&daemon);
         info!("{name}: frontend connected");
         match daemon.wait() {

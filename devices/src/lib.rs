@@ -9,6 +9,7 @@ mod chain;
 mod connection;
 mod queue;
 mod relay;
+mod rx_steer;
 mod tx_poll;
 pub mod vhu_fs;
 pub mod vhu_net;

@@ -8,6 +8,11 @@
 //!   message itself (when a reply is asked for), remembers the state asked for, and replays it
 //!   right after SET_FEATURES, when the backend can take it; with PROTOCOL_FEATURES negotiated
 //!   the rings start disabled, and QEMU sends no other enable.
+//! - A NIC's GET_QUEUE_NUM is answered here, in queue pairs: QEMU reads the answer as the
+//!   most pairs it may use, while the backend library answers with its count of vrings (twice
+//!   that), and a frontend that took it at its word would set up rings that do not exist and
+//!   leave a dead NIC. A vring message naming a ring past the pairs offered ends the
+//!   connection with a line in the log that says what to ask for instead.
 //! - SET_MEM_TABLE without file descriptors means the guest's RAM is not shareable; vhost-user
 //!   cannot work then, and the first I/O would hang. The relay refuses the connection with an
 //!   error that says how to start QEMU.
@@ -32,6 +37,11 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_FDS: usize = 32;
 
 const SET_FEATURES: u32 = 2;
+const GET_QUEUE_NUM: u32 = 17;
+/// The vring messages whose payload starts with the ring's index (SET_VRING_NUM, _ADDR,
+/// _BASE, GET_VRING_BASE, SET_VRING_KICK, _CALL, _ERR); for the last three the index is the
+/// low byte of a u64.
+const VRING_MESSAGES: [u32; 7] = [8, 9, 10, 11, 12, 13, 14];
 const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION_1: u32 = 0x1;
@@ -135,12 +145,16 @@ enum Verdict {
     Forward,
     /// Answer with this u64 (when a reply is asked for) and do not forward.
     Absorb,
+    /// Answer with this u64 (always: the request has a reply) and do not forward.
+    Answer(u64),
     /// Close the connection.
-    Refuse(&'static str),
+    Refuse(String),
 }
 
 #[derive(Default)]
 struct FrontendState {
+    /// For a NIC: the queue pairs offered.
+    queue_pairs: Option<u16>,
     features_set: bool,
     /// Ring enable states asked for before SET_FEATURES, as (index, enable) payloads.
     early_enables: Vec<[u8; 8]>,
@@ -149,6 +163,26 @@ struct FrontendState {
 impl FrontendState {
     fn judge(&mut self, msg: &Message) -> Verdict {
         match msg.request() {
+            GET_QUEUE_NUM if self.queue_pairs.is_some() => {
+                Verdict::Answer(u64::from(self.queue_pairs.unwrap_or(1)))
+            }
+            r if VRING_MESSAGES.contains(&r) && self.queue_pairs.is_some() => {
+                let pairs = u32::from(self.queue_pairs.unwrap_or(1));
+                let index = msg.payload.first().map_or(0, |&b| u32::from(b));
+                let index = if r >= 12 {
+                    index
+                } else {
+                    msg.payload
+                        .get(0..4)
+                        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                };
+                if index >= 2 * pairs {
+                    return Verdict::Refuse(format!(
+                        "the frontend set up vring {index}, past the {pairs} queue pairs this NIC offers; ask for at most {pairs} (QEMU: queues={pairs} on -netdev vhost-user; libvirt: <driver queues='{pairs}'/>)"
+                    ));
+                }
+                Verdict::Forward
+            }
             SET_FEATURES => {
                 self.features_set = true;
                 Verdict::Forward
@@ -163,7 +197,8 @@ impl FrontendState {
             }
             SET_MEM_TABLE if msg.fds.is_empty() => Verdict::Refuse(
                 "the frontend's guest memory cannot be shared: start QEMU with \
-                 -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem",
+                 -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem"
+                    .to_string(),
             ),
             _ => Verdict::Forward,
         }
@@ -202,6 +237,7 @@ pub(crate) fn relay(
     name: &str,
     frontend: UnixStream,
     daemon: UnixStream,
+    queue_pairs: Option<u16>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let daemon_rx = daemon.try_clone()?;
@@ -210,7 +246,10 @@ pub(crate) fn relay(
     let up = thread::Builder::new()
         .name(format!("{name}-relay"))
         .spawn(move || {
-            let mut state = FrontendState::default();
+            let mut state = FrontendState {
+                queue_pairs,
+                ..Default::default()
+            };
             loop {
                 let msg = match recv_message(&frontend) {
                     Ok(Some(m)) => m,
@@ -234,14 +273,25 @@ pub(crate) fn relay(
                             break;
                         }
                     }
-                    Verdict::Absorb => {
-                        debug!("{n}: SET_VRING_ENABLE before SET_FEATURES kept for after it");
-                        if msg.flags() & FLAG_NEED_REPLY != 0 {
+                    v @ (Verdict::Absorb | Verdict::Answer(_)) => {
+                        let value = match v {
+                            Verdict::Answer(v) => {
+                                debug!("{n}: GET_QUEUE_NUM answered: {v} queue pairs");
+                                Some(v)
+                            }
+                            _ => {
+                                debug!(
+                                    "{n}: SET_VRING_ENABLE before SET_FEATURES kept for after it"
+                                );
+                                (msg.flags() & FLAG_NEED_REPLY != 0).then_some(0)
+                            }
+                        };
+                        if let Some(value) = value {
                             let mut reply = Vec::with_capacity(HEADER_LEN + 8);
                             reply.extend_from_slice(&msg.request().to_le_bytes());
                             reply.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
                             reply.extend_from_slice(&8u32.to_le_bytes());
-                            reply.extend_from_slice(&0u64.to_le_bytes());
+                            reply.extend_from_slice(&value.to_le_bytes());
                             let res = match replies.lock() {
                                 Ok(mut s) => s.write_all(&reply),
                                 Err(_) => break,
@@ -355,6 +405,37 @@ mod tests {
     }
 
     #[test]
+    fn a_nics_rings_past_its_pairs_are_refused_and_other_devices_pass() {
+        let mut nic = FrontendState {
+            queue_pairs: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            nic.judge(&msg(GET_QUEUE_NUM, 1, &[], vec![])),
+            Verdict::Answer(2)
+        );
+        let num = |i: u32| {
+            msg(
+                8,
+                1,
+                &[&i.to_le_bytes()[..], &256u32.to_le_bytes()].concat(),
+                vec![],
+            )
+        };
+        let kick = |i: u64| msg(12, 1, &i.to_le_bytes(), vec![]);
+        assert_eq!(nic.judge(&num(3)), Verdict::Forward);
+        assert_eq!(nic.judge(&kick(3)), Verdict::Forward);
+        assert!(matches!(nic.judge(&num(4)), Verdict::Refuse(m) if m.contains("queues=2")));
+        assert!(matches!(nic.judge(&kick(4)), Verdict::Refuse(_)));
+        let mut fs = FrontendState::default();
+        assert_eq!(
+            fs.judge(&msg(GET_QUEUE_NUM, 1, &[], vec![])),
+            Verdict::Forward
+        );
+        assert_eq!(fs.judge(&num(9)), Verdict::Forward);
+    }
+
+    #[test]
     fn memory_without_fds_is_refused() {
         let mut s = FrontendState::default();
         assert!(matches!(
@@ -372,7 +453,13 @@ mod tests {
     fn messages_and_fds_cross_the_relay_and_early_enable_gets_its_reply() {
         let (fe, fe_peer) = UnixStream::pair().unwrap();
         let (dm, dm_peer) = UnixStream::pair().unwrap();
-        let threads = relay("test", fe_peer, dm_peer).unwrap();
+        let threads = relay("test", fe_peer, dm_peer, Some(4)).unwrap();
+        // A NIC's GET_QUEUE_NUM is answered here, in queue pairs.
+        send_message(&fe, &msg(GET_QUEUE_NUM, 1, &[], vec![])).unwrap();
+        let mut reply = [0u8; HEADER_LEN + 8];
+        (&fe).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[0..4], &GET_QUEUE_NUM.to_le_bytes());
+        assert_eq!(&reply[HEADER_LEN..], &4u64.to_le_bytes());
         // An early enable asking for a reply is answered by the relay, not forwarded.
         send_message(
             &fe,

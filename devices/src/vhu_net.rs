@@ -1,7 +1,15 @@
 //! The virtio-net device over vhost-user.
 //!
-//! Queue 0 is RX (host to guest), queue 1 is TX (guest to host). Every TX chain starts with a
-//! `virtio_net_hdr_v1` (12 bytes) followed by one Ethernet frame.
+//! Up to [`MAX_QUEUE_PAIRS`] queue pairs (VIRTIO_NET_F_MQ): vring 2p is pair p's RX (host to
+//! guest), 2p+1 its TX (guest to host). Every TX chain starts with a `virtio_net_hdr_v1` (12
+//! bytes) followed by one Ethernet frame.
+//!
+//! Theory of operation: one worker thread serves every vring, and one stack (one flow table)
+//! serves every pair. A guest with several vCPUs sends on the TX queue of the vCPU it runs on;
+//! the device takes from every enabled TX ring whenever it takes from one. Frames to the guest
+//! go to an RX ring chosen by a hash of their flow (rx_steer.rs), so one flow's frames stay in
+//! order on one ring and the guest's receive work spreads over its vCPUs. With one pair (the
+//! frontends' default) none of this costs anything: there is one ring to look at.
 
 use std::io;
 use std::io::{Read, Write};
@@ -23,8 +31,9 @@ use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -38,15 +47,19 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain, Drained};
+use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain};
 use crate::tx_poll::{TxPoll, TX_BULK, TX_BULK_STREAMING, TX_STREAMING};
 use crate::{GuestMemoryAtomic, Vring};
 
-/// Index of the receive queue.
+/// Index of the first pair's receive queue.
 pub const RX_QUEUE: u16 = 0;
-/// Index of the transmit queue.
+/// Index of the first pair's transmit queue.
 pub const TX_QUEUE: u16 = 1;
-const NUM_QUEUES: usize = 2;
+/// The queue pairs offered: QEMU's `queues=N` (libvirt's `<driver queues='N'/>`) may ask for
+/// up to this many. The frontend learns it from GET_QUEUE_NUM (which the relay answers in
+/// pairs, as QEMU reads it for a NIC).
+pub const MAX_QUEUE_PAIRS: usize = 4;
+const NUM_QUEUES: usize = 2 * MAX_QUEUE_PAIRS;
 /// The event token of the stack's timer on the worker's epoll (tokens up to NUM_QUEUES are the
 /// library's).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
@@ -71,6 +84,10 @@ pub struct NetDeviceStats {
     pub rx_frames: AtomicU64,
     /// Bytes delivered to the guest, virtio headers excluded.
     pub rx_bytes: AtomicU64,
+    /// Frames the guest sent, per queue pair.
+    pub tx_frames_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
+    /// Frames delivered to the guest, per queue pair.
+    pub rx_frames_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
 }
 
 /// The virtio-net vhost-user backend.
@@ -103,6 +120,30 @@ struct Delivered {
     any: bool,
     /// Some frame was more than a bare TCP ACK: the guest may answer it.
     answers: bool,
+}
+
+/// What [`VhostUserNetBackend::drain_tx`] took from the TX rings.
+#[derive(Debug, Default, Clone, Copy)]
+struct TxDrained {
+    /// Chains taken, on every ring.
+    used: usize,
+    /// The TX rings whose interrupt the guest wants (bit p for pair p).
+    signal: u32,
+}
+
+/// An RX ring being filled by [`VhostUserNetBackend::deliver`].
+struct RxRing<'a> {
+    pair: usize,
+    state: std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemoryAtomic>>,
+    first_used: u16,
+    used: usize,
+}
+
+/// Whether the frontend has set `vring` up and enabled it: only then may the device read or
+/// write it (a pair the guest does not use is neither).
+fn ring_in_use(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
 }
 
 /// What a net device serves besides the link, shared with the control API.
@@ -208,12 +249,12 @@ impl VhostUserNetBackend {
     }
 
     /// Runs `f` on the stack (with guest memory), then delivers what it produced to the guest
-    /// and re-arms the timer: the shape of every event the device handles. `f` returns whether
-    /// the TX queue needs its interrupt.
+    /// and re-arms the timer: the shape of every event the device handles. `f` returns which
+    /// TX queues need their interrupt (bit p for pair p).
     fn with_stack(
         &self,
         vrings: &[Vring],
-        f: impl FnOnce(&mut NetStack, &GuestMemoryAtomic) -> io::Result<bool>,
+        f: impl FnOnce(&mut NetStack, &GuestMemoryAtomic) -> io::Result<u32>,
     ) -> io::Result<()> {
         let mem = self
             .mem
@@ -230,8 +271,10 @@ impl VhostUserNetBackend {
             // a frontend that finds both eventfds set in one wake-up raises one interrupt
             // (legacy INTx is one line), and the guest takes its ACK and frees its sent
             // buffers in one pass.
-            if tx_signal {
-                vrings[TX_QUEUE as usize].signal_used_queue()?;
+            for pair in 0..vrings.len() / 2 {
+                if tx_signal & (1 << pair) != 0 {
+                    vrings[2 * pair + 1].signal_used_queue()?;
+                }
             }
             delivered
         });
@@ -241,17 +284,16 @@ impl VhostUserNetBackend {
     }
 
     /// Delivers the stack's frames to the guest. When that ends TX coalescing, also takes what
-    /// the guest queued meanwhile (setting `tx_signal` if that needs the TX interrupt) and
-    /// delivers the answers.
+    /// the guest queued meanwhile (adding to `tx_signal` the TX queues that need their
+    /// interrupt) and delivers the answers.
     fn deliver_all(
         &self,
         stack: &mut NetStack,
         mem: &GuestMemoryAtomic,
         vrings: &[Vring],
-        tx_signal: &mut bool,
+        tx_signal: &mut u32,
     ) -> io::Result<()> {
-        let rx = &vrings[RX_QUEUE as usize];
-        let delivered = self.deliver(stack, rx, mem)?;
+        let delivered = self.deliver(stack, vrings, mem)?;
         let end_polls = {
             let mut p = self.tx_poll();
             let answers = if p.bulk {
@@ -266,7 +308,7 @@ impl VhostUserNetBackend {
             // meanwhile is taken now).
             *tx_signal |= self.drain_tx(stack, mem, vrings, true)?.0.signal;
             stack.poll();
-            self.deliver(stack, rx, mem)?;
+            self.deliver(stack, vrings, mem)?;
         }
         Ok(())
     }
@@ -331,14 +373,14 @@ impl VhostUserNetBackend {
         {
             // A ring the frontend has disabled is not ours to read (the vhost-user spec); its
             // kicks, once it is enabled again, restart the coalescing.
-            if vrings[TX_QUEUE as usize].get_ref().is_enabled() {
+            if (0..vrings.len() / 2).any(|p| vrings[2 * p + 1].get_ref().is_enabled()) {
                 return self.process_tx(vrings, false);
             }
             self.tx_poll().at = None;
         }
         self.with_stack(vrings, |stack, _| {
             stack.poll();
-            Ok(false)
+            Ok(0)
         })
     }
 
@@ -379,12 +421,12 @@ impl VhostUserNetBackend {
         }
     }
 
-    /// The virtio-net config space: MAC, link status, one queue pair, MTU.
+    /// The virtio-net config space: MAC, link status, the most queue pairs, MTU.
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..6].copy_from_slice(&self.cfg.guest_mac);
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&(MAX_QUEUE_PAIRS as u16).to_le_bytes());
         c[10..12].copy_from_slice(&self.cfg.mtu.to_le_bytes());
         c
     }
@@ -429,51 +471,68 @@ impl VhostUserNetBackend {
         })
     }
 
-    /// Hands every frame on the TX queue to the stack; the caller signals the queue when the
-    /// result says so. With `notify_after` false the guest's kicks stay off (when there were
-    /// frames). Also returns the largest frame's length, in bytes.
+    /// Hands every frame on the enabled TX queues to the stack; the caller signals the queues
+    /// the result's `signal` names (bit p for pair p). With `notify_after` false the guest's
+    /// kicks stay off (on queues that had frames). Also returns the largest frame's length, in
+    /// bytes.
     fn drain_tx(
         &self,
         stack: &mut NetStack,
         mem: &GuestMemoryAtomic,
         vrings: &[Vring],
         notify_after: bool,
-    ) -> io::Result<(Drained, usize)> {
+    ) -> io::Result<(TxDrained, usize)> {
         let max = self.max_frame();
         let mut largest = 0usize;
-        let d = drain_queue_unsignalled(
-            &vrings[TX_QUEUE as usize],
-            mem,
-            self.event_idx.load(Ordering::Relaxed),
-            notify_after,
-            |chain| {
-                let Ok((mut r, _)) = split_chain(chain.memory(), chain.clone()) else {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                };
-                let len = r.available_bytes();
-                // A chain shorter than the virtio header, or longer than the largest frame
-                // the MTU allows, is not a frame: drop it. The header itself is not needed:
-                // a partial checksum (VIRTIO_NET_F_CSUM) stays partial, since the stack
-                // does not verify guest checksums, and GSO is not offered.
-                let mut hdr = [0u8; NET_HDR_LEN];
-                if len < NET_HDR_LEN || len > NET_HDR_LEN + max || r.read_exact(&mut hdr).is_err() {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                }
-                if !stack.receive_frame_with(len - NET_HDR_LEN, |buf| r.read_exact(buf).is_ok()) {
-                    self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                    return Some(0);
-                }
-                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .tx_bytes
-                    .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                largest = largest.max(len - NET_HDR_LEN);
-                Some(0)
-            },
-        )?;
-        Ok((d, largest))
+        let mut all = TxDrained::default();
+        for pair in 0..vrings.len() / 2 {
+            let vring = &vrings[2 * pair + 1];
+            if !ring_in_use(vring) {
+                continue;
+            }
+            let d = drain_queue_unsignalled(
+                vring,
+                mem,
+                self.event_idx.load(Ordering::Relaxed),
+                notify_after,
+                |chain| {
+                    let Ok((mut r, _)) = split_chain(chain.memory(), chain.clone()) else {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    };
+                    let len = r.available_bytes();
+                    // A chain shorter than the virtio header, or longer than the largest frame
+                    // the MTU allows, is not a frame: drop it. The header itself is not
+                    // needed: a partial checksum (VIRTIO_NET_F_CSUM) stays partial, since the
+                    // stack does not verify guest checksums, and GSO is not offered.
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    if len < NET_HDR_LEN
+                        || len > NET_HDR_LEN + max
+                        || r.read_exact(&mut hdr).is_err()
+                    {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    }
+                    if !stack.receive_frame_with(len - NET_HDR_LEN, |buf| r.read_exact(buf).is_ok())
+                    {
+                        self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                        return Some(0);
+                    }
+                    self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats.tx_frames_by_pair[pair].fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .tx_bytes
+                        .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
+                    largest = largest.max(len - NET_HDR_LEN);
+                    Some(0)
+                },
+            )?;
+            all.used += d.used;
+            if d.signal {
+                all.signal |= 1 << pair;
+            }
+        }
+        Ok((all, largest))
     }
 
     /// The largest Ethernet frame the MTU allows.
@@ -481,27 +540,42 @@ impl VhostUserNetBackend {
         usize::from(self.cfg.mtu) + 14 + 4
     }
 
-    /// Writes the stack's frames into the guest's RX buffers. With MRG_RXBUF a frame may span
-    /// several buffers; the first one's header says how many. When the guest has not posted
-    /// enough buffers, the frame waits for the next RX kick.
+    /// Writes the stack's frames into the guest's RX buffers, each on the RX ring of the pair
+    /// its flow is steered to. With MRG_RXBUF a frame may span several buffers; the first
+    /// one's header says how many. When that ring has too few buffers posted, the frame (and
+    /// the ones after it) wait for the guest's next RX kick.
     fn deliver(
         &self,
         stack: &mut NetStack,
-        vring: &Vring,
+        vrings: &[Vring],
         mem: &GuestMemoryAtomic,
     ) -> io::Result<Delivered> {
         let mem = mem.memory();
-        let mut state = vring.get_mut();
-        if !state.is_enabled() {
-            // Frames wait until the frontend enables the ring (its kick delivers them).
+        // The RX rings the frontend has enabled (a ring it has not is not ours to write; frames
+        // wait until it enables one, and its kick delivers them).
+        let mut rings: SmallVec<[RxRing<'_>; MAX_QUEUE_PAIRS]> = SmallVec::new();
+        for pair in 0..vrings.len() / 2 {
+            let vring = &vrings[2 * pair];
+            if ring_in_use(vring) {
+                let state = vring.get_mut();
+                let first_used = state.get_queue().next_used();
+                rings.push(RxRing {
+                    pair,
+                    state,
+                    first_used,
+                    used: 0,
+                });
+            }
+        }
+        if rings.is_empty() {
             return Ok(Delivered::default());
         }
         let mut answers = false;
-        let queue = state.get_queue_mut();
-        let mut used = 0usize;
         let mut retries = 0;
-        let first_used = queue.next_used();
         while let Some(frame) = stack.pop_frame() {
+            let at = crate::rx_steer::ring_for(&frame, rings.len());
+            let ring = &mut rings[at];
+            let queue = ring.state.get_queue_mut();
             let need = NET_HDR_LEN + frame.len();
             let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
             let mut room = 0usize;
@@ -558,26 +632,30 @@ impl VhostUserNetBackend {
             if let Err(e) = add_used_together(queue, &*mem, &elems) {
                 warn!("net: cannot return RX descriptors: {e}");
             }
-            used += elems.len();
+            ring.used += elems.len();
             answers |= !is_bare_tcp_ack(&frame);
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.stats.rx_frames_by_pair[ring.pair].fetch_add(1, Ordering::Relaxed);
             self.stats
                 .rx_bytes
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
             stack.recycle_frame(frame);
         }
-        if used > 0 && wants_interrupt(queue, &*mem, first_used) {
-            state.signal_used_queue()?;
+        let mut any = false;
+        for ring in &mut rings {
+            if ring.used > 0 {
+                any = true;
+                if wants_interrupt(ring.state.get_queue_mut(), &*mem, ring.first_used) {
+                    ring.state.signal_used_queue()?;
+                }
+            }
         }
-        Ok(Delivered {
-            any: used > 0,
-            answers,
-        })
+        Ok(Delivered { any, answers })
     }
 
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
         // New RX buffers: only delivery to do.
-        self.with_stack(vrings, |_, _| Ok(false))
+        self.with_stack(vrings, |_, _| Ok(0))
     }
 }
 
@@ -598,6 +676,7 @@ impl VhostUserBackend for VhostUserNetBackend {
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MQ
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -653,13 +732,13 @@ impl VhostUserBackend for VhostUserNetBackend {
         }
         // An Err here would end the worker thread for good: log and carry on instead.
         let res = match device_event {
-            TX_QUEUE => self.process_tx(vrings, true),
+            q if usize::from(q) < NUM_QUEUES && q % 2 == 1 => self.process_tx(vrings, true),
             // New RX buffers: deliver what waited for them.
-            RX_QUEUE => self.process_rx(vrings),
+            q if usize::from(q) < NUM_QUEUES => self.process_rx(vrings),
             TIMER_EVENT => self.process_timer(vrings),
             HOST_EVENT => self.with_stack(vrings, |stack, _| {
                 stack.handle_host_events();
-                Ok(false)
+                Ok(0)
             }),
             other => {
                 debug!("net: event for unknown source {other}");

@@ -23,6 +23,18 @@ pub struct GuestOutcome {
 }
 
 impl GuestOutcome {
+    /// Panics unless the guest reported exactly `expected` checks and all passed; the message
+    /// lists the failures, the console's tail and `context` (ferry's log, say).
+    pub fn assert_all_ok(&self, expected: usize, context: &str) {
+        let failed: Vec<_> = self.checks.iter().filter(|c| !c.ok).collect();
+        assert!(
+            failed.is_empty() && self.checks.len() == expected,
+            "{} of {expected} checks reported, failed: {failed:?}\nconsole:\n{}\n{context}",
+            self.checks.len(),
+            crate::tail(&self.console, 40),
+        );
+    }
+
     /// The check called `name`, if reported.
     pub fn check(&self, name: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.name == name)

@@ -31,6 +31,17 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// `GET PATH` on a control API socket (through curl), as JSON; `Null` if it does not answer.
+pub fn api_get(api: &std::path::Path, path: &str) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "5", "--unix-socket"])
+        .arg(api)
+        .arg(format!("http://ferry{path}"))
+        .output()
+        .expect("run curl (apt-get install curl)");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();

@@ -168,6 +168,8 @@ pub struct Domain<'a> {
     pub tag: &'a str,
     /// The QEMU binary (`<emulator>`); None: libvirt's default.
     pub emulator: Option<PathBuf>,
+    /// Queue pairs on the NIC (`<driver queues='N'/>`); 0 or 1: libvirt's default, one.
+    pub queues: u16,
 }
 
 impl Domain<'_> {
@@ -189,6 +191,11 @@ impl Domain<'_> {
   </qemu:override>"#
         } else {
             ""
+        };
+        let driver = if self.queues > 1 {
+            format!("<driver queues='{}'/>", self.queues)
+        } else {
+            String::new()
         };
         format!(
             r#"<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
@@ -212,6 +219,7 @@ impl Domain<'_> {
     <interface type='vhostuser'>
       <source type='unix' path='{net}' mode='client'/>
       <model type='virtio'/>
+      {driver}
       <alias name='ua-net0'/>
     </interface>
     <filesystem type='mount'>

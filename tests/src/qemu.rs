@@ -68,6 +68,8 @@ pub struct GuestSpec {
     pub no_dhcp: bool,
     /// Guest memory in MiB (default 512).
     pub memory_mib: u32,
+    /// Queue pairs on the NIC (`queues=` on the netdev, `mq=on`); 0 or 1: one, the default.
+    pub queue_pairs: u16,
 }
 
 /// A running QEMU; killed on drop.
@@ -134,11 +136,21 @@ impl Qemu {
             if let Some(mac) = &spec.mac {
                 dev.push_str(&format!(",mac={mac}"));
             }
+            let mut netdev = "vhost-user,id=net0,chardev=n0".to_string();
+            if spec.queue_pairs > 1 {
+                // As libvirt does for <driver queues='N'/>: the pairs on the netdev, and the
+                // feature (and a vector per queue, plus config and control) on the device.
+                netdev.push_str(&format!(",queues={}", spec.queue_pairs));
+                dev.push_str(",mq=on");
+                if !dev.contains("vectors=") {
+                    dev.push_str(&format!(",vectors={}", 2 * spec.queue_pairs + 2));
+                }
+            }
             if let Some(mtu) = spec.mtu {
                 dev.push_str(&format!(",host_mtu={mtu}"));
             }
             c.args(["-chardev", &format!("socket,id=n0,path={}", sock.display())])
-                .args(["-netdev", "vhost-user,id=net0,chardev=n0"])
+                .args(["-netdev", &netdev])
                 .args(["-device", &dev]);
         }
         for (i, (tag, sock)) in spec.shares.iter().enumerate() {

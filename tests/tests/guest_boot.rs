@@ -65,6 +65,7 @@ fn spec(dir: &Path, script: String) -> GuestSpec {
         shares: vec![(TAG.into(), dir.join("fs.sock"))],
         no_dhcp: false,
         memory_mib: 256,
+        queue_pairs: 1,
     }
 }
 

@@ -117,13 +117,7 @@ fn a_burst_of_short_connections_is_released_and_many_clients_are_served() {
 
 /// How many TCP flows ferry has in each state, from `ferry ctl --json stats`.
 fn flow_states(api: &Path) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-m", "5", "--unix-socket"])
-        .arg(api)
-        .arg("http://ferry/stats")
-        .output()
-        .expect("run curl");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let stats = ferry_tests::api_get(api, "/stats");
     let mut by_state = std::collections::BTreeMap::<String, usize>::new();
     for f in stats["net"]["flows"].as_array().into_iter().flatten() {
         *by_state

@@ -43,14 +43,7 @@ fn boot_and_check(dir: &Path, net: &Path, fs: &Path, share: &Path, ferry: &Ferry
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
-    assert!(
-        failed.is_empty() && out.checks.len() == 3,
-        "{} of 3 checks reported, failed: {failed:?}\nconsole:\n{}\nferry log:\n{}",
-        out.checks.len(),
-        ferry_tests::tail(&out.console, 40),
-        ferry.log_tail()
-    );
+    out.assert_all_ok(3, &format!("ferry log:\n{}", ferry.log_tail()));
     assert_eq!(
         std::fs::read_to_string(share.join("from-guest")).unwrap(),
         "written-by-the-guest\n"

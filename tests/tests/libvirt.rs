@@ -1,7 +1,7 @@
 //! Guest end-to-end under libvirt: a domain as docs/libvirt.md documents it, defined in a
 //! libvirt daemon from Debian's packages (see `ferry_tests::libvirt`), started with `virsh
 //! start`. libvirt chooses the NIC's MAC. The guest takes its lease from ferry, resolves
-//! `host.ferry.internal`, fetches a page from a server on the host's loopback through the host
+//! `host.ferry.internal`, sees the two queue pairs `<driver queues='2'/>` asks for, fetches a page from a server on the host's loopback through the host
 //! alias, pings a test host and writes a file the host reads; then `virsh destroy` and a second
 //! `virsh start`, served by the same ferry.
 //!
@@ -26,6 +26,7 @@ fn script(remote: &str) -> String {
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
 echo "FERRY-MAC $(cat /sys/class/net/eth0/address)"
 check lease "$(ip -4 -o addr show eth0 | awk '{{print $4}}')" 192.168.127.2/24
+check queue-pairs "$(ls /sys/class/net/eth0/queues | tr '\n' ' ')" "rx-0 rx-1 tx-0 tx-1 "
 check dns-host "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 check fetch-host-alias "$(wget -q -O - http://host.ferry.internal:8089/page.txt 2>&1)" "{PAGE}"
 check ping-test-host "$(ping -c 1 -W 3 {remote} 2>&1 | grep -c 'bytes from')" 1
@@ -97,6 +98,7 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
         emulator: std::env::var_os("FERRY_QEMU")
             .filter(|q| !q.is_empty())
             .map(Into::into),
+        queues: 2,
     };
     lv.define(name, &domain.xml())
         .unwrap_or_else(|e| panic!("{e}\nlibvirtd:\n{}", lv.daemon_log()));
@@ -118,14 +120,7 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
                 ferry.log_tail()
             )
         });
-        let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
-        assert!(
-            failed.is_empty() && out.checks.len() == 5,
-            "boot {boot}: {} of 5 checks reported, failed: {failed:?}\nconsole:\n{}\nferry log:\n{}",
-            out.checks.len(),
-            ferry_tests::tail(&out.console, 40),
-            ferry.log_tail()
-        );
+        out.assert_all_ok(6, &format!("boot {boot}; ferry log:\n{}", ferry.log_tail()));
         assert_eq!(
             std::fs::read_to_string(share.join(format!("boot-{boot}"))).unwrap(),
             format!("boot {boot}\n")

@@ -496,6 +496,17 @@ fn stats(control: &Control) -> Value {
             "tx_malformed": d.tx_malformed.load(Ordering::Relaxed),
             "rx_frames": d.rx_frames.load(Ordering::Relaxed),
             "rx_bytes": d.rx_bytes.load(Ordering::Relaxed),
+            // Frames each way per queue pair (one entry per pair offered; a guest with one
+            // pair uses the first).
+            "queue_pairs": d
+                .tx_frames_by_pair
+                .iter()
+                .zip(&d.rx_frames_by_pair)
+                .map(|(t, r)| serde_json::json!({
+                    "tx_frames": t.load(Ordering::Relaxed),
+                    "rx_frames": r.load(Ordering::Relaxed),
+                }))
+                .collect::<Vec<_>>(),
             "dropped": s.dropped_in,
             "dhcp_replies": s.dhcp_replies,
             "dns_replies": s.dns_replies,

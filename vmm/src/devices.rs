@@ -261,9 +261,16 @@ impl Devices {
                         }
                     }
                 };
-                serve_connections("net", listener, inner, backend, on_connect, move || {
-                    b.frontend_gone()
-                })
+                let pairs = ferry_devices::vhu_net::MAX_QUEUE_PAIRS as u16;
+                serve_connections(
+                    "net",
+                    listener,
+                    inner,
+                    backend,
+                    Some(pairs),
+                    on_connect,
+                    move || b.frontend_gone(),
+                )
             })?;
         }
         for (i, (listener, share, pfs)) in fs.into_iter().enumerate() {
@@ -288,6 +295,7 @@ impl Devices {
                     listener,
                     inner,
                     backend,
+                    None,
                     |_| {},
                     move || {
                         // A new frontend starts a new FUSE session: drop the old one's nodes and
