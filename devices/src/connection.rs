@@ -1,10 +1,13 @@
 //! Serving one device's socket: one frontend at a time, again and again.
 //!
 //! `ferry serve` binds the socket once, before QEMU starts, and keeps it across frontend
-//! disconnects (VM reboot, QEMU restart). Each connection gets a fresh `VhostUserDaemon` around
-//! the same backend object, because a daemon's handler state cannot be reused. The frontend's
-//! connection reaches the daemon through the [relay](crate::relay), over a private socket that
-//! only this process uses.
+//! disconnects (VM reboot, QEMU restart). Or, as a client ([`Endpoint::Connect`]), it connects
+//! to a socket the frontend listens on (QEMU's `server=on`, libvirt's `mode='server'`), and
+//! connects again whenever that connection ends, as Open vSwitch's vhost-user-client ports do:
+//! a frontend that outlives ferry gets its device back when ferry starts again. Each connection
+//! gets a fresh `VhostUserDaemon` around the same backend object, because a daemon's handler
+//! state cannot be reused. The frontend's connection reaches the daemon through the
+//! [relay](crate::relay), over a private socket that only this process uses.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -69,7 +72,45 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     })
 }
 
-/// Serves frontends on `listener` one after another, forever. `private` is a socket path for
+/// Where a device meets its frontends.
+pub enum Endpoint {
+    /// Accept them on this listening socket.
+    Listen(UnixListener),
+    /// Connect to the frontend's listening socket at this path, again after each disconnect.
+    Connect(PathBuf),
+}
+
+/// How often a client endpoint tries to connect while its frontend's socket is not there.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Endpoint {
+    /// The next frontend's connection.
+    fn next(&self, name: &str) -> std::io::Result<UnixStream> {
+        match self {
+            Endpoint::Listen(l) => l.accept().map(|(s, _)| s),
+            Endpoint::Connect(path) => {
+                let mut said = false;
+                loop {
+                    match UnixStream::connect(path) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => {
+                            if !said {
+                                info!(
+                                    "{name}: waiting for the frontend to listen on {} ({e})",
+                                    path.display()
+                                );
+                                said = true;
+                            }
+                            std::thread::sleep(CONNECT_RETRY);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves frontends on `endpoint` one after another, forever. `private` is a socket path for
 /// the daemon's side of the relay, in a folder only this process uses. `on_connect` runs when
 /// a frontend's daemon is up (to register the device's own fds with its worker), and
 /// `on_disconnect` after each frontend leaves, so the device can drop per-connection state.
@@ -77,7 +118,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
 /// the relay).
 pub fn serve_connections<T, C, D>(
     name: &str,
-    listener: UnixListener,
+    endpoint: Endpoint,
     private: PathBuf,
     backend: T,
     queue_pairs: Option<u16>,
@@ -105,7 +146,7 @@ where
         })?
         .into();
     loop {
-        let (frontend, _) = listener.accept().map_err(accept_err)?;
+        let frontend = endpoint.next(name).map_err(accept_err)?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             VhostUserDaemon::new(name.to_string(), backend.clone(), mem).map_err(daemon_err)?;

@@ -14,7 +14,7 @@ mod tx_poll;
 pub mod vhu_fs;
 pub mod vhu_net;
 
-pub use connection::{bind_socket, serve_connections, Error};
+pub use connection::{bind_socket, serve_connections, Endpoint, Error};
 pub use vhu_fs::VhostUserFsBackend;
 pub use vhu_net::{NetServices, VhostUserNetBackend};
 

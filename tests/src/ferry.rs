@@ -151,6 +151,12 @@ impl FerryProcess {
         tail(&self.log_text(), 40)
     }
 
+    /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for it to exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         // SAFETY: kill has no memory effects; the child is ours and not yet reaped.

@@ -13,7 +13,7 @@ mod qemu;
 pub use checks::{parse_checks, Check, GuestOutcome};
 pub use ferry::{ferry_bin, wrapped, FerryProcess};
 pub use netns::{clients, TestHost, TestNet};
-pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, Qemu};
+pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, NetLink, Qemu};
 
 use std::time::{Duration, Instant};
 

@@ -70,6 +70,21 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// Queue pairs on the NIC (`queues=` on the netdev, `mq=on`); 0 or 1: one, the default.
     pub queue_pairs: u16,
+    /// How QEMU's net chardev meets ferry: connect once (the default), connect again after
+    /// ferry goes away, or listen for ferry to connect.
+    pub net_link: NetLink,
+}
+
+/// How QEMU's vhost-user net chardev meets the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetLink {
+    /// QEMU connects to ferry's socket, once.
+    #[default]
+    Connect,
+    /// QEMU connects, and again every second after the connection ends (`reconnect=`).
+    Reconnect,
+    /// QEMU listens (`server=on`); ferry connects (`--net-client`).
+    Listen,
 }
 
 /// A running QEMU; killed on drop.
@@ -149,7 +164,15 @@ impl Qemu {
             if let Some(mtu) = spec.mtu {
                 dev.push_str(&format!(",host_mtu={mtu}"));
             }
-            c.args(["-chardev", &format!("socket,id=n0,path={}", sock.display())])
+            let mut chardev = format!("socket,id=n0,path={}", sock.display());
+            match spec.net_link {
+                NetLink::Connect => {}
+                // QEMU 9.2 renamed reconnect (seconds) to reconnect-ms.
+                NetLink::Reconnect if qemu_major() >= 10 => chardev.push_str(",reconnect-ms=1000"),
+                NetLink::Reconnect => chardev.push_str(",reconnect=1"),
+                NetLink::Listen => chardev.push_str(",server=on,wait=off"),
+            }
+            c.args(["-chardev", &chardev])
                 .args(["-netdev", &netdev])
                 .args(["-device", &dev]);
         }

@@ -145,6 +145,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub net_socket: Option<PathBuf>,
 
+    /// Connect to the frontend's socket at PATH for the virtio-net device (QEMU's chardev
+    /// `server=on`, libvirt's `<source mode='server'>`) instead of listening, and connect again
+    /// whenever the connection ends, so a running VM gets its NIC back when ferry restarts.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["net_socket", "fd"])]
+    pub net_client: Option<PathBuf>,
+
     /// Serve the virtio-net device on this already-listening UNIX socket, inherited from the
     /// launcher (vhost-user's backend convention); instead of --net-socket.
     #[arg(long, value_name = "N")]
@@ -170,10 +176,11 @@ pub struct ServeArgs {
     /// gidmap= (ids the guest names differently: uidmap=0:1000 shows the host's 1000 as the
     /// guest's root; given again, each adds a range, as uidmap=0:1000,uidmap=1:100000:65536
     /// for a rootless engine's subordinate ids). fd=N instead of socket= serves a listening
-    /// socket inherited from the launcher.
+    /// socket inherited from the launcher; client connects to socket= (the frontend listens
+    /// there) and again after each disconnect, as --net-client.
     #[arg(
         long,
-        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,trusted][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
+        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,trusted][,client][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
     )]
     pub share: Vec<String>,
 

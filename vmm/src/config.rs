@@ -69,6 +69,8 @@ pub struct ShareConfig {
     pub noxattr: bool,
     /// Pass owners and set-id bits the guest sets through to the host files.
     pub trusted: bool,
+    /// Connect to `socket` (the frontend listens) instead of listening on it.
+    pub client: bool,
     /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
     /// per range).
     pub uidmap: IdMaps,
@@ -81,6 +83,8 @@ pub struct ShareConfig {
 pub struct ServeConfig {
     /// The virtio-net socket, if a net device is served.
     pub net_socket: Option<PathBuf>,
+    /// Connect to `net_socket` (the frontend listens) instead of listening on it.
+    pub net_client: bool,
     /// The network plan.
     pub net: NetConfig,
     /// virtio-fs shares.
@@ -111,9 +115,12 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// Whether ferry binds `path` itself (and removes it on exit).
+    /// Whether ferry binds `path` itself (and removes it on exit): not a socket handed over,
+    /// nor one a frontend listens on.
     pub fn binds(&self, path: &Path) -> bool {
-        !self.handed.contains_key(path)
+        let client = (self.net_client && self.net_socket.as_deref() == Some(path))
+            || self.shares.iter().any(|s| s.client && s.socket == path);
+        !client && !self.handed.contains_key(path)
     }
 }
 
@@ -160,6 +167,8 @@ struct FileShare {
     noxattr: bool,
     #[serde(default)]
     trusted: bool,
+    #[serde(default)]
+    client: bool,
     cache: Option<String>,
     #[serde(default)]
     uidmap: OneOrMany,
@@ -289,6 +298,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
+    let mut client = false;
     let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
@@ -311,9 +321,10 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
             None if part == "writeback" => writeback = true,
             None if part == "noxattr" => noxattr = true,
             None if part == "trusted" => trusted = true,
+            None if part == "client" => client = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr and trusted"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr, trusted and client"
                 )))
             }
         }
@@ -332,6 +343,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
         writeback,
         noxattr,
         trusted,
+        client,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
     })
@@ -351,6 +363,15 @@ fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> 
         )));
     }
     if handed.contains_key(&s.socket) {
+        return Ok(());
+    }
+    if s.client {
+        if s.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(usage(format!(
+                "{opt}: socket {}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one",
+                s.socket.display()
+            )));
+        }
         return Ok(());
     }
     check_socket_path(&format!("{opt}: socket"), &s.socket)
@@ -405,7 +426,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
 
         // Sockets handed over by systemd first: fds 3 and up are theirs until adopted.
         let mut handed = crate::listen::from_systemd()?;
-        let mut net_socket = args.net_socket.or(file.net_socket);
+        let net_client = args.net_client.is_some();
+        let mut net_socket = args.net_client.or(args.net_socket).or(file.net_socket);
         if let Some(fd) = args.fd {
             let path = crate::listen::adopt(&format!("--fd {fd}"), fd)?;
             if let Some(p) = net_socket.as_ref().filter(|p| **p != path) {
@@ -418,7 +440,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             handed.insert(path.clone(), fd);
             net_socket = Some(path);
         }
-        if let Some(p) = net_socket.as_ref().filter(|p| !handed.contains_key(*p)) {
+        if let Some(p) = net_socket
+            .as_ref()
+            .filter(|p| !handed.contains_key(*p) && !net_client)
+        {
             check_socket_path("--net-socket", p)?;
         }
 
@@ -445,6 +470,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 writeback: s.writeback,
                 noxattr: s.noxattr,
                 trusted: s.trusted,
+                client: s.client,
             });
         }
         for spec in &args.share {
@@ -590,6 +616,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
 
         Ok(ServeConfig {
             net_socket,
+            net_client,
             net,
             shares,
             dns_upstream,
@@ -714,6 +741,7 @@ mod tests {
         ServeArgs {
             config: None,
             net_socket: None,
+            net_client: None,
             fd: None,
             socket_group: None,
             print_capabilities: false,

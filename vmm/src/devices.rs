@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use ferry_devices::{serve_connections, NetServices, VhostUserFsBackend, VhostUserNetBackend};
+use ferry_devices::{
+    serve_connections, Endpoint, NetServices, VhostUserFsBackend, VhostUserNetBackend,
+};
 use ferry_fs::{passthrough, PassthroughFs, Server};
 use ferry_net::ports::{Ports, PrivilegedBinder};
 use ferry_net::proxy::Proxy;
@@ -106,11 +108,16 @@ impl Devices {
         let mut net = None;
         let mut handed = cfg.handed.clone();
         if let Some(path) = &cfg.net_socket {
-            let (listener, bound) = listener(path, &mut handed, cfg.socket_group)?;
-            if bound {
-                sockets.push(path.clone());
-            }
-            net = Some((listener, path.clone()));
+            let endpoint = if cfg.net_client {
+                Endpoint::Connect(path.clone())
+            } else {
+                let (listener, bound) = listener(path, &mut handed, cfg.socket_group)?;
+                if bound {
+                    sockets.push(path.clone());
+                }
+                Endpoint::Listen(listener)
+            };
+            net = Some((endpoint, path.clone()));
         }
         let mut fs = Vec::new();
         let mut ports = None;
@@ -139,22 +146,26 @@ impl Devices {
                     share.dir.display()
                 ))
             })?;
-            let listener = match listener(&share.socket, &mut handed, cfg.socket_group) {
-                Ok((l, bound)) => {
-                    if bound {
-                        sockets.push(share.socket.clone());
+            let endpoint = if share.client {
+                Endpoint::Connect(share.socket.clone())
+            } else {
+                match listener(&share.socket, &mut handed, cfg.socket_group) {
+                    Ok((l, bound)) => {
+                        if bound {
+                            sockets.push(share.socket.clone());
+                        }
+                        Endpoint::Listen(l)
                     }
-                    l
-                }
-                Err(e) => {
-                    remove_sockets(&sockets);
-                    return Err(e);
+                    Err(e) => {
+                        remove_sockets(&sockets);
+                        return Err(e);
+                    }
                 }
             };
-            fs.push((listener, share.clone(), pfs));
+            fs.push((endpoint, share.clone(), pfs));
         }
 
-        if let Some((listener, path)) = net {
+        if let Some((endpoint, path)) = net {
             let upstream = cfg.dns_upstream.or_else(|| {
                 std::fs::read_to_string("/etc/resolv.conf")
                     .ok()
@@ -229,7 +240,8 @@ impl Devices {
             }
             net_backend = Some(backend.clone());
             info!(
-                "net: serving virtio-net on {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
+                "net: serving virtio-net {} {} (guest {} mac {}, gateway {}, mtu {}, dns upstream {})",
+                if cfg.net_client { "as a client of" } else { "on" },
                 path.display(),
                 cfg.net.guest(),
                 mac_string(&cfg.net.guest_mac),
@@ -264,7 +276,7 @@ impl Devices {
                 let pairs = ferry_devices::vhu_net::MAX_QUEUE_PAIRS as u16;
                 serve_connections(
                     "net",
-                    listener,
+                    endpoint,
                     inner,
                     backend,
                     Some(pairs),
@@ -273,15 +285,16 @@ impl Devices {
                 )
             })?;
         }
-        for (i, (listener, share, pfs)) in fs.into_iter().enumerate() {
+        for (i, (endpoint, share, pfs)) in fs.into_iter().enumerate() {
             let name = format!("fs-{}", share.tag);
             let server = Arc::new(Server::new(pfs));
             let backend = VhostUserFsBackend::new(server);
             fs_backends.push((share.tag.clone(), backend.clone()));
             info!(
-                "{name}: serving {} as tag {} on {}{}",
+                "{name}: serving {} as tag {} {} {}{}",
                 share.dir.display(),
                 share.tag,
+                if share.client { "as a client of" } else { "on" },
                 share.socket.display(),
                 if share.readonly { " (read-only)" } else { "" }
             );
@@ -292,7 +305,7 @@ impl Devices {
                 let n2 = n.clone();
                 serve_connections(
                     &n,
-                    listener,
+                    endpoint,
                     inner,
                     backend,
                     None,

@@ -40,12 +40,14 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             writeback: false,
             noxattr: false,
             trusted: false,
+            client: false,
             uidmap: Default::default(),
             gidmap: Default::default(),
         })
         .collect();
     let serve = ServeConfig {
         net_socket: Some(dir.join("net.sock")),
+        net_client: false,
         net: Default::default(),
         shares,
         dns_upstream: None,

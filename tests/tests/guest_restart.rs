@@ -1,0 +1,146 @@
+//! Guest end-to-end: ferry killed with SIGKILL under a running guest and started again. Within
+//! 5 s the guest's next fetch from the host alias works, and so does a published port's
+//! client. Two ways to get there: ferry listens and QEMU's chardev reconnects (`reconnect=`),
+//! and QEMU listens (`server=on`) while ferry connects as a client (`--net-client`) and
+//! connects again when it starts anew.
+//!
+//! What the guest loses: its open connections through the NAT (their host sockets died with
+//! the old process; the new one answers their next segment with RST) and frames in flight.
+//! It keeps its address (ferry learns it again from its frames) and its published ports' server.
+//!
+//! Ferry runs in a test namespace with no route out; the host's loopback is that namespace's.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{FerryProcess, GuestSpec, NetLink, Qemu, TestHost, TestNet};
+
+const PAGE: &str = "served across a restart";
+
+fn script() -> String {
+    format!(
+        r#"
+mkdir -p /www && echo '{PAGE}' > /www/index.html && httpd -p 80 -h /www
+i=0
+while [ $i -lt 400 ]; do
+  # A fetch in flight when ferry dies waits out its TCP retransmissions: each fetch gets a
+  # second, so the next one starts soon after ferry is back.
+  if [ "$(timeout 1 wget -q -O - http://host.ferry.internal:8089/page.txt 2>/dev/null)" = "{PAGE}" ]; then
+    echo "FERRY-FETCH ok $(cut -d' ' -f1 /proc/uptime)"
+  else
+    echo "FERRY-FETCH fail $(cut -d' ' -f1 /proc/uptime)"
+  fi
+  sleep 0.2
+  i=$((i+1))
+done
+"#
+    )
+}
+
+fn start_ferry(net: &TestNet, dir: &Path, log_dir: &str, link: NetLink) -> FerryProcess {
+    let logs = dir.join(log_dir);
+    std::fs::create_dir_all(&logs).unwrap();
+    let sock = dir.join("net.sock");
+    let args = vec![
+        if link == NetLink::Listen {
+            "--net-client".to_string()
+        } else {
+            "--net-socket".to_string()
+        },
+        sock.display().to_string(),
+        "--publish".into(),
+        "127.0.0.1:8080:80".into(),
+        "--dns-upstream".into(),
+        "127.0.0.1:1".into(),
+    ];
+    // As a client there is no socket of ferry's to wait for.
+    let wait: Vec<_> = if link == NetLink::Listen {
+        vec![]
+    } else {
+        vec![sock]
+    };
+    FerryProcess::serve_in(Some(&net.inner), &logs, &args, &wait)
+}
+
+/// Polls until `f` holds; the time it took, or None past `limit`.
+fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    ferry_tests::wait_for(limit, || f().then_some(())).map(|_| t0.elapsed())
+}
+
+fn restart_under_a_running_guest(link: NetLink) {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web");
+    std::fs::create_dir(&web).unwrap();
+    std::fs::write(web.join("page.txt"), format!("{PAGE}\n")).unwrap();
+    let _web = TestHost::start(
+        &net.inner,
+        &["127.0.0.1", "--http", "8089", web.to_str().unwrap()],
+    );
+    let spec = GuestSpec {
+        script: script(),
+        net_socket: Some(dir.path().join("net.sock")),
+        memory_mib: 256,
+        net_link: link,
+        ..Default::default()
+    };
+    // QEMU listening must be there first; QEMU connecting needs ferry's socket first.
+    let (mut qemu, mut ferry) = if link == NetLink::Listen {
+        let q = Qemu::boot(dir.path(), &spec);
+        let sock = dir.path().join("net.sock");
+        ferry_tests::wait_for(Duration::from_secs(10), || sock.exists().then_some(()))
+            .expect("QEMU's listening socket");
+        (q, start_ferry(&net, dir.path(), "first", link))
+    } else {
+        let f = start_ferry(&net, dir.path(), "first", link);
+        (Qemu::boot(dir.path(), &spec), f)
+    };
+    if let Err(e) = qemu.wait_console("FERRY-FETCH ok", Duration::from_secs(120)) {
+        panic!("before the restart: {e}\nferry log:\n{}", ferry.log_tail());
+    }
+    let curl = |ns: &str| {
+        TestNet::command(ns, "curl")
+            .args(["-s", "-m", "2", "http://127.0.0.1:8080/"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == PAGE)
+            .unwrap_or(false)
+    };
+    assert!(curl(&net.inner), "the published port before the restart");
+
+    ferry.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let mark = qemu.console().len();
+    let ferry = start_ferry(&net, dir.path(), "second", link);
+    // Both at once: the published port's client from the host, while the guest fetches.
+    let (fetched, published) = std::thread::scope(|s| {
+        let p = s.spawn(|| within(Duration::from_secs(5), || curl(&net.inner)));
+        let f = within(Duration::from_secs(5), || {
+            qemu.console()
+                .get(mark..)
+                .is_some_and(|c| c.contains("FERRY-FETCH ok"))
+        });
+        (f, p.join().unwrap())
+    });
+    assert!(
+        fetched.is_some() && published.is_some(),
+        "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\nconsole:\n{}\nferry log:\n{}",
+        ferry_tests::tail(&qemu.console(), 30),
+        ferry.log_tail()
+    );
+    eprintln!(
+        "{link:?}: guest fetch back after {:?}, published port after {:?}",
+        fetched.unwrap(),
+        published.unwrap()
+    );
+}
+
+#[test]
+fn qemu_reconnects_to_a_restarted_ferry() {
+    restart_under_a_running_guest(NetLink::Reconnect);
+}
+
+#[test]
+fn a_restarted_ferry_reconnects_to_a_listening_qemu() {
+    restart_under_a_running_guest(NetLink::Listen);
+}
