@@ -83,6 +83,17 @@ impl Libvirt {
         self.virsh(&["define", path.to_str().unwrap()]).map(|_| ())
     }
 
+    /// The folder for the daemon's per-user config (`$XDG_CONFIG_HOME`): vhost-user
+    /// descriptors go in `qemu/vhost-user/` under it.
+    pub fn config_home(&self) -> PathBuf {
+        self.dir.join("home/.config")
+    }
+
+    /// Gives `path` (and what is under it) to the daemon's user.
+    pub fn give(&self, path: &Path) {
+        chown_tree(path);
+    }
+
     /// The daemon's log.
     pub fn daemon_log(&self) -> String {
         tail(
@@ -151,8 +162,21 @@ fn chown_tree(p: &Path) {
         .status();
 }
 
-/// What a domain holds: the tiny guest, a vhost-user NIC on `net_socket` with the MAC libvirt
-/// chooses, and virtio-fs `tag` on `fs_socket`, both served by a ferry that runs already.
+/// How a domain's virtio-fs device is served.
+pub enum DomainFs<'a> {
+    /// By a ferry that runs already, on this socket (`<source socket=…>`).
+    Socket(&'a Path),
+    /// By a file server libvirt starts (`<binary path=…>`) for this folder.
+    Binary {
+        /// The program libvirt runs, as it would virtiofsd.
+        binary: &'a Path,
+        /// The folder.
+        dir: &'a Path,
+    },
+}
+
+/// What a domain holds: the tiny guest, a vhost-user NIC on `net_socket` (when given) with the
+/// MAC libvirt chooses, and virtio-fs `tag`.
 pub struct Domain<'a> {
     /// The domain's name.
     pub name: &'a str,
@@ -160,10 +184,10 @@ pub struct Domain<'a> {
     pub script: &'a Path,
     /// The serial console's file.
     pub console: &'a Path,
-    /// Ferry's net socket.
-    pub net_socket: &'a Path,
-    /// Ferry's fs socket and the share's tag.
-    pub fs_socket: &'a Path,
+    /// Ferry's net socket (None: no NIC).
+    pub net_socket: Option<&'a Path>,
+    /// The virtio-fs device.
+    pub fs: DomainFs<'a>,
     /// The tag the guest mounts.
     pub tag: &'a str,
     /// The QEMU binary (`<emulator>`); None: libvirt's default.
@@ -183,7 +207,7 @@ impl Domain<'_> {
             .unwrap_or_default();
         // QEMU 7.2 under TCG crashes setting up MSI-X notifiers for a vhost-user NIC; libvirt's
         // own way to pass a device property it does not model is <qemu:override>.
-        let vectors = if qemu_major() < 8 {
+        let vectors = if qemu_major() < 8 && self.net_socket.is_some() {
             r#"<qemu:override>
     <qemu:device alias='ua-net0'>
       <qemu:frontend><qemu:property name='vectors' type='unsigned' value='0'/></qemu:frontend>
@@ -197,6 +221,45 @@ impl Domain<'_> {
         } else {
             String::new()
         };
+        let interface = match self.net_socket {
+            Some(net) => format!(
+                r#"<interface type='vhostuser'>
+      <source type='unix' path='{net}' mode='client'/>
+      <model type='virtio'/>
+      {driver}
+      <alias name='ua-net0'/>
+    </interface>"#,
+                net = net.display()
+            ),
+            None => String::new(),
+        };
+        let fs = match &self.fs {
+            DomainFs::Socket(sock) => format!(
+                r#"<filesystem type='mount'>
+      <driver type='virtiofs' queue='1024'/>
+      <source socket='{}'/>
+      <target dir='{}'/>
+    </filesystem>"#,
+                sock.display(),
+                self.tag
+            ),
+            DomainFs::Binary { binary, dir } => format!(
+                r#"<filesystem type='mount' accessmode='passthrough'>
+      <driver type='virtiofs' queue='1024'/>
+      <binary path='{}'/>
+      <source dir='{}'/>
+      <target dir='{}'/>
+    </filesystem>"#,
+                binary.display(),
+                dir.display(),
+                self.tag
+            ),
+        };
+        let net_off = if self.net_socket.is_none() {
+            " ferry.net=off"
+        } else {
+            ""
+        };
         format!(
             r#"<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
@@ -207,7 +270,7 @@ impl Domain<'_> {
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 ferry.noshell ferry.fs={tag}</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 ferry.noshell ferry.fs={tag}{net_off}</cmdline>
   </os>
   <sysinfo type='fwcfg'><entry name='opt/ferry/run' file='{script}'/></sysinfo>
   <features><acpi/><apic/></features>
@@ -216,17 +279,8 @@ impl Domain<'_> {
   <on_reboot>destroy</on_reboot>
   <devices>
     {emulator}
-    <interface type='vhostuser'>
-      <source type='unix' path='{net}' mode='client'/>
-      <model type='virtio'/>
-      {driver}
-      <alias name='ua-net0'/>
-    </interface>
-    <filesystem type='mount'>
-      <driver type='virtiofs' queue='1024'/>
-      <source socket='{fs}'/>
-      <target dir='{tag}'/>
-    </filesystem>
+    {interface}
+    {fs}
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -238,8 +292,6 @@ impl Domain<'_> {
             initrd = initrd.display(),
             tag = self.tag,
             script = self.script.display(),
-            net = self.net_socket.display(),
-            fs = self.fs_socket.display(),
             console = self.console.display(),
         )
     }

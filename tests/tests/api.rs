@@ -457,6 +457,79 @@ fn without_a_net_device_publishing_is_refused_with_the_reason() {
     expect_error(&api_sock, "GET", "/rules", None, 404, "no net device");
 }
 
+/// Shares added and removed at run time: what `POST /shares` refuses and why (the handed-over
+/// socket missing, a folder outside `--runtime-shares`, a tag in use), one added with a socket
+/// handed over as `ferry virtiofsd` does it, listed, and removed; a command-line share stays.
+#[test]
+fn shares_are_added_with_a_handed_over_socket_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("runtime");
+    let inside = root.join("vm1");
+    let outside = dir.path().join("elsewhere");
+    for d in [&inside, &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let fs_sock = dir.path().join("fs.sock");
+    let api_sock = dir.path().join("api.sock");
+    let _ferry = FerryProcess::serve(
+        dir.path(),
+        &[
+            "--share".into(),
+            format!("tag=data,dir={},socket={}", outside.display(), fs_sock.display()),
+            "--api-socket".into(),
+            api_sock.display().to_string(),
+            "--runtime-shares".into(),
+            root.display().to_string(),
+        ],
+        &[fs_sock, api_sock.clone()],
+    );
+    let body = format!(r#"{{"dir": "{}"}}"#, inside.display());
+    expect_error(&api_sock, "POST", "/shares", Some(&body), 400, "not one");
+    expect_error(&api_sock, "POST", "/shares", Some("{}"), 400, "not a share");
+    expect_error(&api_sock, "DELETE", "/shares/data", None, 409, "command line");
+    expect_error(&api_sock, "DELETE", "/shares/nope", None, 404, "no share");
+    // As ferry virtiofsd does: the listening socket rides with the request.
+    let add = |d: &Path, sock: &str, tag: Option<&str>| {
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join(sock)).unwrap();
+        let mut args = vec![
+            "virtiofsd".to_string(),
+            format!("--fd={}", 0),
+            format!("--shared-dir={}", d.display()),
+            format!("--api-socket={}", api_sock.display()),
+        ];
+        if let Some(t) = tag {
+            args.push(format!("--tag={t}"));
+        }
+        let mut c = Command::new(ferry_tests::ferry_bin());
+        c.args(&args)
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let outside_child = add(&outside, "o.sock", None).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&outside_child.stderr);
+    assert_eq!(outside_child.status.code(), Some(1), "{err}");
+    assert!(err.contains("--runtime-shares"), "{err}");
+    let taken = add(&inside, "t.sock", Some("data")).wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("served already"));
+    let mut front = add(&inside, "in.sock", Some("vm1"));
+    let listed = ferry_tests::wait_for(std::time::Duration::from_secs(5), || {
+        let (_, v) = api(&api_sock, "GET", "/shares", None);
+        v.as_array()
+            .and_then(|a| a.iter().find(|s| s["tag"] == "vm1").cloned())
+    })
+    .expect("the share added through ferry virtiofsd is listed");
+    assert_eq!(listed["runtime"], true, "{listed}");
+    assert_eq!(listed["socket"], dir.path().join("in.sock").display().to_string());
+    // SIGTERM: the front end removes the share and exits 0.
+    // SAFETY: kill has no memory effects; the child is ours and not yet reaped.
+    unsafe { libc::kill(front.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(front.wait().unwrap().success());
+    let (_, v) = api(&api_sock, "GET", "/shares", None);
+    let tags: Vec<&str> = v.as_array().unwrap().iter().filter_map(|s| s["tag"].as_str()).collect();
+    assert_eq!(tags, vec!["data"], "{v}");
+}
+
 /// `ferry serve` with a net device and the API in `net`'s namespace (published ports bind on
 /// 127.0.0.1 there); the API socket's path.
 fn serve_api(net: &TestNet, dir: &Path) -> (FerryProcess, PathBuf) {

@@ -12,7 +12,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use ferry_tests::libvirt::{wait_console_done, Domain, Libvirt, LIBVIRT_ID};
+use ferry_tests::libvirt::{wait_console_done, Domain, DomainFs, Libvirt, LIBVIRT_ID};
 use ferry_tests::{FerryProcess, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -92,8 +92,8 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
         name,
         script: &script_path,
         console: &console,
-        net_socket: &net_sock,
-        fs_socket: &fs_sock,
+        net_socket: Some(&net_sock),
+        fs: DomainFs::Socket(&fs_sock),
         tag: TAG,
         emulator: std::env::var_os("FERRY_QEMU")
             .filter(|q| !q.is_empty())
@@ -151,4 +151,206 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
     assert!(xml.contains("type='vhostuser'"), "{xml}");
     drop(lv);
     drop(ferry);
+}
+
+/// The processes whose command line holds every one of `words`.
+fn pids_with(words: &[&str]) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            words.iter().all(|w| cmd.contains(w)).then_some((pid, cmd))
+        })
+        .collect()
+}
+
+/// How many of `pid`'s descriptors are files under `dir`.
+fn fds_under(pid: u32, dir: &std::path::Path) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
+        .count()
+}
+
+/// libvirt starts `ferry virtiofsd` as the `<filesystem>`'s `<binary>`, as it would start
+/// virtiofsd: the front end hands its socket and options to the one running `ferry serve`,
+/// whose process serves the guest's files; `virsh destroy` removes the share. First behind a
+/// wrapper whose capabilities list no `separate-options`, so libvirt passes the option syntax
+/// libvirt 9.0 always uses (`-o source=…`); then as it is, with its vhost-user descriptor, so
+/// libvirt passes `--shared-dir …`.
+#[test]
+fn libvirt_starts_ferry_virtiofsd_and_the_running_ferry_serves_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o777)).unwrap();
+    // Everything runs as libvirt's user here: its session daemon starts the front end as
+    // itself, and the front end must reach ferry serve's API socket (mode 0600).
+    let root = dir.path().join("shares");
+    let share = root.join("vm");
+    std::fs::create_dir_all(&share).unwrap();
+    let chown = |p: &std::path::Path| {
+        std::process::Command::new("chown")
+            .args(["-R", &format!("{LIBVIRT_ID}:{LIBVIRT_ID}")])
+            .arg(p)
+            .status()
+            .unwrap()
+    };
+    chown(&root);
+    let api = dir.path().join("api.sock");
+    let ferry = FerryProcess::serve_as(
+        None,
+        Some(&LIBVIRT_ID.to_string()),
+        &ferry_tests::ferry_bin(),
+        dir.path(),
+        &[
+            "--api-socket".into(),
+            api.display().to_string(),
+            "--runtime-shares".into(),
+            root.display().to_string(),
+        ],
+        std::slice::from_ref(&api),
+    );
+    // libvirt's <binary> is one program with no arguments: a two-line wrapper names the API.
+    let wrapper = dir.path().join("ferry-virtiofsd");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} virtiofsd --api-socket {} \"$@\"\n",
+            ferry_tests::ferry_bin().display(),
+            api.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, PermissionsExt::from_mode(0o755)).unwrap();
+    let old_style = dir.path().join("old-virtiofsd");
+    std::fs::write(
+        &old_style,
+        format!(
+            "#!/bin/sh
+[ \"$1\" = --print-capabilities ] && {{ echo '{{\"type\": \"fs\", \"features\": []}}'; exit 0; }}
+exec {} virtiofsd --api-socket {} \"$@\"
+",
+            ferry_tests::ferry_bin().display(),
+            api.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&old_style, PermissionsExt::from_mode(0o755)).unwrap();
+
+    let lv = Libvirt::start(dir.path()).expect("start a private libvirt daemon");
+    let script_path = dir.path().join("guest.sh");
+    std::fs::write(
+        &script_path,
+        r#"
+check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
+check mounted "$(awk '$2 == "/mnt/lvfs" {print $3}' /proc/mounts)" virtiofs
+n=$(( $(ls /mnt/lvfs | grep -c '^boot-') + 1 ))
+echo "boot $n" > /mnt/lvfs/boot-$n && sync
+check write "$(cat /mnt/lvfs/boot-$n)" "boot $n"
+exec 3< /mnt/lvfs/boot-$n
+echo FERRY-HOLDING
+sleep 4
+exec 3<&-
+"#,
+    )
+    .unwrap();
+    let console = dir.path().join("console.log");
+    for (boot, syntax, binary) in [(1, "-o source=", &old_style), (2, "--shared-dir", &wrapper)] {
+        if boot == 2 {
+            // The descriptor libvirt looks the binary up in (separate-options comes from the
+            // binary's --print-capabilities).
+            let d = lv.config_home().join("qemu/vhost-user");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("50-ferry-fs.json"),
+                format!(
+                    r#"{{"description": "ferry virtiofsd", "type": "fs", "binary": "{}"}}"#,
+                    wrapper.display()
+                ),
+            )
+            .unwrap();
+            lv.give(&lv.config_home());
+        }
+        let name = format!("ferry-fs-{boot}");
+        let domain = Domain {
+            name: &name,
+            script: &script_path,
+            console: &console,
+            net_socket: None,
+            fs: DomainFs::Binary {
+                binary,
+                dir: &share,
+            },
+            tag: "lvfs",
+            emulator: std::env::var_os("FERRY_QEMU")
+                .filter(|q| !q.is_empty())
+                .map(Into::into),
+            queues: 1,
+        };
+        lv.define(domain.name, &domain.xml())
+            .unwrap_or_else(|e| panic!("{e}\nlibvirtd:\n{}", lv.daemon_log()));
+        let _ = std::fs::remove_file(&console);
+        lv.virsh(&["start", domain.name]).unwrap_or_else(|e| {
+            panic!(
+                "boot {boot}: {e}\nQEMU log:\n{}\nferry log:\n{}",
+                lv.qemu_log(domain.name),
+                ferry.log_tail()
+            )
+        });
+        let held = ferry_tests::wait_for(DEADLINE, || {
+            std::fs::read_to_string(&console)
+                .ok()?
+                .contains("FERRY-HOLDING")
+                .then_some(())
+        });
+        assert!(
+            held.is_some(),
+            "boot {boot}: the guest never held its file\nconsole:\n{}\nQEMU log:\n{}\nferry log:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default(),
+            lv.qemu_log(domain.name),
+            ferry.log_tail()
+        );
+        // The guest's open file is ferry serve's descriptor, not the front end's.
+        let front = pids_with(&["virtiofsd", "--fd="]);
+        assert_eq!(front.len(), 1, "boot {boot}: front ends: {front:?}");
+        assert!(
+            front[0].1.contains(syntax),
+            "boot {boot}: libvirt passed {}",
+            front[0].1
+        );
+        assert!(
+            fds_under(ferry.pid(), &share) > 0,
+            "boot {boot}: ferry serve holds no file of the share"
+        );
+        assert_eq!(
+            fds_under(front[0].0, &share),
+            0,
+            "boot {boot}: the front end holds share files"
+        );
+        let shares = ferry_tests::api_get(&api, "/shares");
+        assert_eq!(shares.as_array().map(Vec::len), Some(1), "{shares}");
+        let out = wait_console_done(&console, DEADLINE).unwrap();
+        out.assert_all_ok(2, &format!("boot {boot}; ferry log:\n{}", ferry.log_tail()));
+        assert_eq!(
+            std::fs::read_to_string(share.join(format!("boot-{boot}"))).unwrap(),
+            format!("boot {boot}\n")
+        );
+        // The guest powered off; libvirt stops the front end, which removes the share.
+        let _ = lv.virsh(&["destroy", domain.name]);
+        let gone = ferry_tests::wait_for(Duration::from_secs(15), || {
+            let s = ferry_tests::api_get(&api, "/shares");
+            (s.as_array().map(Vec::len) == Some(0)).then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "boot {boot}: the share stayed after the domain stopped: {}\nferry log:\n{}",
+            ferry_tests::api_get(&api, "/shares"),
+            ferry.log_tail()
+        );
+    }
 }

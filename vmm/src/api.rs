@@ -13,6 +13,10 @@
 //! POST   /rules        {"spec":"drop,to=10.0.0.0/8","position":1}   201 rule | 400 | 409
 //! POST   /rules/zero                           200 {"rules":...} (every counter back to 0)
 //! DELETE /rules/{id}                           204 | 400 | 404
+//! GET    /shares                               [share, ...]
+//! POST   /shares       {"dir":DIR,...} + fd    201 share | 400 | 403 | 409   (the listening
+//!                      socket comes with the request as SCM_RIGHTS: `ferry virtiofsd`)
+//! DELETE /shares/{tag}                         204 | 404 | 409
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
 //! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when
@@ -22,6 +26,7 @@
 mod http;
 
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -29,9 +34,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ferry_devices::{VhostUserFsBackend, VhostUserNetBackend};
+use ferry_devices::VhostUserNetBackend;
 use ferry_fs::abi::opcode;
-use ferry_fs::PassthroughFs;
 use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
 use ferry_net::proxy::{Proxy, Upstream};
 use ferry_net::rules::{Dir, RuleInfo, RuleSpec, Rules};
@@ -54,8 +58,8 @@ pub struct Control {
     pub proxy: Option<Arc<Proxy>>,
     /// The rules for the guest's flows and published ports' clients (None: no net device).
     pub rules: Option<Arc<Rules>>,
-    /// The file shares: tag and device.
-    pub fs: Vec<(String, Arc<VhostUserFsBackend<PassthroughFs>>)>,
+    /// The file shares.
+    pub shares: Arc<crate::shares::Shares>,
     /// When ferry started.
     pub started: Instant,
 }
@@ -94,10 +98,14 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
         ))
     };
     let stop = EventFd::new(EFD_NONBLOCK).map_err(cannot_serve)?;
-    let server = http::Server::new(listener, &stop, move |req: &http::Request| {
-        let path = req.target.split('?').next().unwrap_or("");
-        route(&control, &req.method, path, &req.body)
-    })
+    let server = http::Server::new(
+        listener,
+        &stop,
+        move |req: &http::Request, fds: &mut Vec<OwnedFd>| {
+            let path = req.target.split('?').next().unwrap_or("");
+            route(&control, &req.method, path, &req.body, fds)
+        },
+    )
     .map_err(cannot_serve)?;
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -115,7 +123,13 @@ fn error(status: u16, msg: impl Into<String>, hint: impl Into<String>) -> (u16, 
     (status, json!({"error": msg.into(), "hint": hint.into()}))
 }
 
-fn route(control: &Control, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+fn route(
+    control: &Control,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    fds: &mut Vec<OwnedFd>,
+) -> (u16, Value) {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, &segments[..]) {
         ("GET", ["health"]) => (200, health(control)),
@@ -144,6 +158,22 @@ fn route(control: &Control, method: &str, path: &str, body: &[u8]) -> (u16, Valu
             None => no_net("rules"),
         },
         ("DELETE", ["rules", id]) => delete_rule(control, id),
+        ("GET", ["shares"]) => (200, shares_json(control)),
+        ("POST", ["shares"]) => add_share(control, body, fds),
+        ("DELETE", ["shares", tag]) => match control.shares.remove(tag) {
+            Ok(()) => (204, Value::Null),
+            Err(crate::shares::ShareError(status, e, hint)) => error(status, e, hint),
+        },
+        (_, ["shares"]) => error(
+            405,
+            "/shares takes GET or POST",
+            "use GET to list, POST {\"dir\": DIR} with the listening socket to add",
+        ),
+        (_, ["shares", _]) => error(
+            405,
+            format!("{path} takes DELETE"),
+            "use DELETE to remove the share",
+        ),
         ("DELETE", ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
         (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
         (_, ["ports"]) => error(
@@ -179,8 +209,132 @@ fn route(control: &Control, method: &str, path: &str, body: &[u8]) -> (u16, Valu
         _ => error(
             404,
             format!("no endpoint {path}"),
-            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /rules, /rules/zero, /rules/{id}, /stats",
+            "see docs/api.md: /health, /ports, /ports/{proto}/{bind_ip}/{host_port}, /proxy, /rules, /rules/zero, /rules/{id}, /shares, /shares/{tag}, /stats",
         ),
+    }
+}
+
+fn shares_json(control: &Control) -> Value {
+    Value::Array(
+        control
+            .shares
+            .list()
+            .iter()
+            .map(|(s, runtime, _)| {
+                json!({
+                    "tag": s.tag,
+                    "dir": s.dir.display().to_string(),
+                    "socket": s.socket.display().to_string(),
+                    "readonly": s.readonly,
+                    "cache": format!("{:?}", s.cache).to_ascii_lowercase(),
+                    "runtime": runtime,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// What `POST /shares` takes. `cache`, `uidmap` and `gidmap` as `--share` takes them.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareRequest {
+    dir: PathBuf,
+    tag: Option<String>,
+    #[serde(default)]
+    readonly: bool,
+    cache: Option<String>,
+    #[serde(default)]
+    writeback: bool,
+    #[serde(default)]
+    xattr: bool,
+    #[serde(default)]
+    trusted: bool,
+    #[serde(default)]
+    uidmap: Vec<String>,
+    #[serde(default)]
+    gidmap: Vec<String>,
+}
+
+fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Value) {
+    let req: ShareRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                400,
+                format!("not a share: {e}"),
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap",
+            )
+        }
+    };
+    if fds.len() != 1 {
+        return error(
+            400,
+            format!("the request came with {} file descriptors, not one", fds.len()),
+            "send the share's listening socket with the request (SCM_RIGHTS), as ferry virtiofsd does",
+        );
+    }
+    let bad = |e: Error| {
+        error(
+            400,
+            e.to_string(),
+            "see docs/serve.md for --share's options",
+        )
+    };
+    let cache = match req
+        .cache
+        .as_deref()
+        .map(str::parse::<ferry_fs::CachePolicy>)
+    {
+        None => Default::default(),
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            return error(
+                400,
+                format!("cache: {e}"),
+                "use never, metadata, auto or always",
+            )
+        }
+    };
+    let opt = "POST /shares";
+    let uidmap =
+        match crate::config::parse_id_maps(opt, "uidmap", req.uidmap.iter().map(String::as_str)) {
+            Ok(m) => m,
+            Err(e) => return bad(e),
+        };
+    let gidmap =
+        match crate::config::parse_id_maps(opt, "gidmap", req.gidmap.iter().map(String::as_str)) {
+            Ok(m) => m,
+            Err(e) => return bad(e),
+        };
+    let tag = match control.shares.free_tag(req.tag.as_deref()) {
+        Ok(t) => t,
+        Err(crate::shares::ShareError(status, e, hint)) => return error(status, e, hint),
+    };
+    let share = crate::config::ShareConfig {
+        tag,
+        dir: req.dir,
+        socket: PathBuf::new(),
+        readonly: req.readonly,
+        cache,
+        writeback: req.writeback,
+        noxattr: !req.xattr,
+        trusted: req.trusted,
+        client: false,
+        uidmap,
+        gidmap,
+    };
+    let tag = share.tag.clone();
+    let fd = fds.remove(0);
+    match control.shares.add(share, fd) {
+        Ok(()) => {
+            let list = shares_json(control);
+            let me = list
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["tag"] == tag.as_str()).cloned())
+                .unwrap_or(Value::Null);
+            (201, me)
+        }
+        Err(crate::shares::ShareError(status, e, hint)) => error(status, e, hint),
     }
 }
 
@@ -192,7 +346,7 @@ fn health(control: &Control) -> Value {
         "uptime_secs": control.started.elapsed().as_secs(),
         "net": control.net.is_some(),
         "guest_attached": control.ports.as_ref().is_some_and(|p| p.attached()),
-        "shares": control.fs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+        "shares": control.shares.list().iter().map(|(s, _, _)| s.tag.clone()).collect::<Vec<_>>(),
     })
 }
 
@@ -524,9 +678,11 @@ fn stats(control: &Control) -> Value {
         })
     });
     let fs: Vec<Value> = control
-        .fs
+        .shares
+        .list()
         .iter()
-        .map(|(tag, b)| {
+        .map(|(share, _, b)| {
+            let tag = &share.tag;
             let server = b.server();
             let st = server.stats();
             let total: u64 = (0..=opcode::MAX + 1).map(|o| st.ops(o)).sum();

@@ -17,7 +17,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the devices on UNIX sockets until SIGTERM or SIGINT; QEMU or cloud-hypervisor
     /// attaches to them, and may disconnect and reconnect at will.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve the devices and boot the tiny guest under QEMU with them attached.
     Run(RunArgs),
     /// Serve DIR through the host's FUSE at MOUNTPOINT: the same file server the guest gets,
@@ -29,6 +29,19 @@ pub enum Command {
     /// The privileged-port helper: run it as root so that an unprivileged ferry can publish
     /// host ports below net.ipv4.ip_unprivileged_port_start.
     Portd(PortdArgs),
+    /// A virtiofsd-compatible front end for libvirt's <binary>: takes virtiofsd's options
+    /// (-o source=DIR,… or --shared-dir DIR …, --fd=N), hands the share to the running
+    /// `ferry serve` and stays until SIGTERM, when it removes it. `ferry virtiofsd --help`
+    /// lists what it takes.
+    #[command(disable_help_flag = true)]
+    Virtiofsd(VirtiofsdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VirtiofsdArgs {
+    /// virtiofsd's arguments, either syntax.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +168,12 @@ pub struct ServeArgs {
     /// launcher (vhost-user's backend convention); instead of --net-socket.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
+
+    /// Let shares be added under DIR while ferry runs, through the control API (`ferry
+    /// virtiofsd`, as libvirt starts it, does this); repeatable. The sandbox admits DIR from
+    /// the start, since it cannot widen later.
+    #[arg(long, value_name = "DIR")]
+    pub runtime_shares: Vec<PathBuf>,
 
     /// Give the sockets ferry binds to this group, with mode 0660, so its members' QEMU can
     /// connect (as virtiofsd's --socket-group).

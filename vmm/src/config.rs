@@ -112,6 +112,8 @@ pub struct ServeConfig {
     pub handed: HashMap<PathBuf, RawFd>,
     /// `--socket-group`: the group the sockets ferry binds are given to, with mode 0660.
     pub socket_group: Option<libc::gid_t>,
+    /// `--runtime-shares`: folders shares may be added under while running.
+    pub runtime_shares: Vec<PathBuf>,
 }
 
 impl ServeConfig {
@@ -151,6 +153,8 @@ struct FileConfig {
     sandbox: Option<String>,
     seccomp: Option<String>,
     socket_group: Option<String>,
+    #[serde(default)]
+    runtime_shares: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,7 +266,7 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
 
 /// Parses the values of `uidmap=`/`gidmap=` (each `GUEST:HOST[:COUNT]`, one per range) for the
 /// option `opt`.
-fn parse_id_maps<'a>(
+pub(crate) fn parse_id_maps<'a>(
     opt: &str,
     key: &str,
     values: impl Iterator<Item = &'a str>,
@@ -494,9 +498,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 )));
             }
         }
-        if net_socket.is_none() && shares.is_empty() {
+        let runtime_wanted = !args.runtime_shares.is_empty() || !file.runtime_shares.is_empty();
+        if net_socket.is_none() && shares.is_empty() && !runtime_wanted {
             return Err(usage(
-                "nothing to serve: give --net-socket PATH and/or --share tag=TAG,dir=DIR,socket=PATH",
+                "nothing to serve: give --net-socket PATH, --share tag=TAG,dir=DIR,socket=PATH, or --runtime-shares DIR with --api-socket PATH",
             ));
         }
 
@@ -603,6 +608,21 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 p.display()
             )));
         }
+        let mut runtime_shares = file.runtime_shares;
+        runtime_shares.extend(args.runtime_shares);
+        for d in &runtime_shares {
+            if !d.is_dir() {
+                return Err(usage(format!(
+                    "--runtime-shares {}: not a folder; create it or name another",
+                    d.display()
+                )));
+            }
+        }
+        if !runtime_shares.is_empty() && api_socket.is_none() {
+            return Err(usage(
+                "--runtime-shares: shares are added through the control API; give --api-socket PATH too",
+            ));
+        }
         let socket_group = args
             .socket_group
             .or(file.socket_group)
@@ -630,6 +650,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             sandbox,
             handed,
             socket_group,
+            runtime_shares,
         })
     }
 }
@@ -744,6 +765,7 @@ mod tests {
             net_client: None,
             fd: None,
             socket_group: None,
+            runtime_shares: vec![],
             print_capabilities: false,
             share: vec![],
             publish: vec![],

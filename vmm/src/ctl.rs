@@ -14,6 +14,17 @@ use crate::config::{Error, Result};
 
 /// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
 pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    call_with_fd(socket, method, path, body, None)
+}
+
+/// [`call`], handing `fd` over with the request (SCM_RIGHTS) when given.
+pub fn call_with_fd(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    fd: Option<std::os::fd::RawFd>,
+) -> Result<(u16, Value)> {
     let unreachable = |e: std::io::Error| {
         Error::Runtime(format!(
             "cannot reach ferry's control API at {}: {e}; check that `ferry serve --api-socket {}` runs and that you may open the socket",
@@ -28,7 +39,17 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Re
         "{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(unreachable)?;
+    match fd {
+        Some(fd) => {
+            use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+            // The descriptor rides on the first bytes; the rest follow as usual.
+            let sent = s
+                .send_with_fd(req.as_bytes(), fd)
+                .map_err(|e| unreachable(std::io::Error::from_raw_os_error(e.errno())))?;
+            s.write_all(&req.as_bytes()[sent..]).map_err(unreachable)?;
+        }
+        None => s.write_all(req.as_bytes()).map_err(unreachable)?,
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(unreachable)?;
     let bad = |what: &str| {

@@ -6,10 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use ferry_devices::{
-    serve_connections, Endpoint, NetServices, VhostUserFsBackend, VhostUserNetBackend,
-};
-use ferry_fs::{passthrough, PassthroughFs, Server};
+use ferry_devices::{serve_connections, Endpoint, NetServices, VhostUserNetBackend};
 use ferry_net::ports::{Ports, PrivilegedBinder};
 use ferry_net::proxy::Proxy;
 use ferry_net::rules::Rules;
@@ -124,22 +121,8 @@ impl Devices {
         let mut proxy = None;
         let mut rules = None;
         let mut net_backend = None;
-        let mut fs_backends = Vec::new();
         for share in &cfg.shares {
-            let pfs = PassthroughFs::new(
-                &share.dir,
-                passthrough::Config {
-                    cache: share.cache,
-                    readonly: share.readonly,
-                    node_fds: None,
-                    writeback: share.writeback,
-                    no_xattr: share.noxattr,
-                    trusted: share.trusted,
-                    uid_map: share.uidmap.clone(),
-                    gid_map: share.gidmap.clone(),
-                },
-            )
-            .map_err(|e| {
+            let pfs = crate::shares::Shares::open(share).map_err(|e| {
                 Error::Runtime(format!(
                     "--share tag={}: cannot open {}: {e}",
                     share.tag,
@@ -285,48 +268,16 @@ impl Devices {
                 )
             })?;
         }
-        for (i, (endpoint, share, pfs)) in fs.into_iter().enumerate() {
-            let name = format!("fs-{}", share.tag);
-            let server = Arc::new(Server::new(pfs));
-            let backend = VhostUserFsBackend::new(server);
-            fs_backends.push((share.tag.clone(), backend.clone()));
-            info!(
-                "{name}: serving {} as tag {} {} {}{}",
-                share.dir.display(),
-                share.tag,
-                if share.client { "as a client of" } else { "on" },
-                share.socket.display(),
-                if share.readonly { " (read-only)" } else { "" }
-            );
-            let n = name.clone();
-            let inner = private.join(format!("fs{i}.sock"));
-            spawn(&name, move || {
-                let b = backend.clone();
-                let n2 = n.clone();
-                serve_connections(
-                    &n,
-                    endpoint,
-                    inner,
-                    backend,
-                    None,
-                    |_| {},
-                    move || {
-                        // A new frontend starts a new FUSE session: drop the old one's nodes and
-                        // open files, which the guest that held them can no longer release.
-                        let server = b.server();
-                        let fs = server.fs();
-                        log::info!(
-                        "{n2}: session ended with {} nodes and {} open files; {} requests answered with an error, {} malformed",
-                        fs.inode_count(),
-                        fs.handle_count(),
-                        server.stats().errors(),
-                        server.stats().malformed()
-                    );
-                        server.cancel_waits();
-                        ferry_fs::FileSystem::destroy(fs);
-                    },
-                )
-            })?;
+        let shares = Arc::new(crate::shares::Shares::new(
+            private.clone(),
+            &cfg.runtime_shares,
+            cfg.sandbox.landlock,
+        ));
+        for (endpoint, share, pfs) in fs {
+            if let Err(e) = shares.start(endpoint, &share, pfs, false) {
+                remove_sockets(&sockets);
+                return Err(e);
+            }
         }
         let api = match &cfg.api_socket {
             Some(path) => {
@@ -336,7 +287,7 @@ impl Devices {
                     net: net_backend,
                     proxy,
                     rules,
-                    fs: fs_backends,
+                    shares,
                     started: std::time::Instant::now(),
                 };
                 match crate::api::start(path, control) {
@@ -376,7 +327,7 @@ fn remove_sockets(sockets: &[PathBuf]) {
     }
 }
 
-fn spawn<F>(name: &str, f: F) -> Result<()>
+pub(crate) fn spawn<F>(name: &str, f: F) -> Result<()>
 where
     F: FnOnce() -> std::result::Result<(), ferry_devices::Error> + Send + 'static,
 {

@@ -15,7 +15,9 @@ mod portd;
 mod run;
 mod sandbox;
 mod serve;
+mod shares;
 mod signals;
+mod virtiofsd;
 
 fn main() -> ExitCode {
     // Each guest TCP connection has multi-MiB stack buffers (the window the guest sees). Served
@@ -26,6 +28,17 @@ fn main() -> ExitCode {
     // SAFETY: mallopt only changes allocator tuning; it is called before any other thread runs.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // As `ferry-virtiofsd` (libvirt's <binary> names one program, with no arguments).
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(rest) = virtiofsd::as_alias(&argv) {
+        return match virtiofsd::run(&rest) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("ferry virtiofsd: {e}");
+                e.exit_code()
+            }
+        };
+    }
     let args = cli::Cli::parse();
     let res = match args.command {
         cli::Command::Serve(a) if a.print_capabilities => {
@@ -34,11 +47,12 @@ fn main() -> ExitCode {
             println!(r#"{{"type": "net", "features": []}}"#);
             Ok(ExitCode::SUCCESS)
         }
-        cli::Command::Serve(a) => config::ServeConfig::try_from(a).and_then(serve::serve),
+        cli::Command::Serve(a) => config::ServeConfig::try_from(*a).and_then(serve::serve),
         cli::Command::Run(a) => config::RunConfig::try_from(a).and_then(run::run),
         cli::Command::Mount(a) => mount::mount(a),
         cli::Command::Ctl(a) => ctl::ctl(a),
         cli::Command::Portd(a) => portd::portd(a),
+        cli::Command::Virtiofsd(a) => virtiofsd::run(&a.args),
     };
     match res {
         Ok(code) => code,

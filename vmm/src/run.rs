@@ -64,6 +64,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         },
         handed: Default::default(),
         socket_group: None,
+        runtime_shares: vec![],
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

@@ -167,6 +167,8 @@ impl Paths {
                 p.read_write.push(s.dir.clone());
             }
         }
+        // Shares added while running must be admitted now: Landlock cannot widen later.
+        p.read_write.extend(cfg.runtime_shares.iter().cloned());
         p.read_write.push(private.to_path_buf());
         if let Some(parent) = private.parent() {
             p.remove_dir.push(parent.to_path_buf());

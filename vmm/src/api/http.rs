@@ -25,14 +25,19 @@
 //! `Content-Length`s that differ, or one that is not a number. `Transfer-Encoding` alone
 //! (chunked) is answered 501: every client of this API knows its body's length.
 //!
+//! A client may send file descriptors with its request (SCM_RIGHTS): `ferry virtiofsd` hands
+//! over the listening socket libvirt gave it. Those that come with a request's bytes go to the
+//! handler with that request; at most [`MAX_FDS`] are held per connection (more are closed at
+//! once), and whatever the handler leaves is closed after it answers.
+//!
 //! Errors close the connection after the answer is sent: the write side is shut down, then
 //! what the client still sends is read and dropped for [`LINGER`], so that it reads the answer
 //! rather than a reset.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -41,6 +46,7 @@ use log::{debug, warn};
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Bytes of a request head (request line and headers), at most: ample for any client of
 /// this API, and what one slow connection may make the server hold before its body.
@@ -67,6 +73,8 @@ pub(crate) const LINGER: Duration = Duration::from_secs(2);
 const MAX_PENDING_OUT: usize = 256 * 1024;
 /// A connection's read buffer, at most: the largest request there is.
 const MAX_INPUT: usize = MAX_HEAD + MAX_BODY;
+/// Descriptors a connection may hold for its next request, at most.
+pub(crate) const MAX_FDS: usize = 4;
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -351,6 +359,8 @@ struct Connection {
     active: Instant,
     /// What epoll watches for it.
     interest: EventSet,
+    /// Descriptors the client sent that no request has taken yet.
+    fds: Vec<OwnedFd>,
 }
 
 impl Connection {
@@ -403,7 +413,7 @@ pub(crate) struct Server<H> {
     accept_paused: Option<Instant>,
 }
 
-impl<H: FnMut(&Request) -> Reply> Server<H> {
+impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
     /// A server for `listener` (made non-blocking here); `stop` ends [`run`](Self::run).
     pub(crate) fn new(listener: UnixListener, stop: &EventFd, handler: H) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
@@ -516,6 +526,7 @@ impl<H: FnMut(&Request) -> Reply> Server<H> {
                     request_started: None,
                     active: Instant::now(),
                     interest,
+                    fds: Vec::new(),
                 },
             );
         }
@@ -550,7 +561,7 @@ impl<H: FnMut(&Request) -> Reply> Server<H> {
         if room == 0 {
             return true;
         }
-        match c.stream.read(&mut self.scratch[..room]) {
+        match recv_with_fds(&c.stream, &mut self.scratch[..room], &mut c.fds) {
             Ok(0) => {
                 c.eof = true;
                 // A lingering client has read its answer and closed; nothing more to do.
@@ -587,7 +598,8 @@ impl<H: FnMut(&Request) -> Reply> Server<H> {
                 Parsed::Request(req, used) => {
                     // A bug in one handler must not take the API down with it.
                     let handler = &mut self.handler;
-                    let reply = std::panic::catch_unwind(AssertUnwindSafe(|| handler(&req)))
+                    let fds = &mut c.fds;
+                    let reply = std::panic::catch_unwind(AssertUnwindSafe(|| handler(&req, fds)))
                         .unwrap_or_else(|_| {
                             let body = error_body(
                                 "the API failed on this request",
@@ -597,6 +609,8 @@ impl<H: FnMut(&Request) -> Reply> Server<H> {
                         });
                     debug!("api: {} {} -> {}", req.method, req.target, reply.0);
                     write_reply(&mut c.output, &reply, req.keep_alive, req.method == "HEAD");
+                    // Descriptors the request did not take are not kept for the next one.
+                    c.fds.clear();
                     c.input.drain(..used);
                     c.continued = false;
                     c.request_started = (!c.input.is_empty()).then(Instant::now);
@@ -689,6 +703,28 @@ impl<H: FnMut(&Request) -> Reply> Server<H> {
             }
         }
     }
+}
+
+/// Reads into `buf` like `read`, taking the descriptors that come along into `fds` (past
+/// [`MAX_FDS`] held, they are closed at once).
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut raw = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points at `buf`, which outlives the call, and `raw` has room for
+    // MAX_FDS descriptors; every one received is owned right below.
+    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &fd in &raw[..nfds] {
+        // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if fds.len() < MAX_FDS {
+            fds.push(owned);
+        }
+    }
+    Ok(n)
 }
 
 /// Warns when the open-file limit cannot hold [`MAX_CONNECTIONS`] besides what the devices
