@@ -17,7 +17,7 @@ SOAK_MINUTES ?= 30
 # `make fuzz FUZZ_SECS=N`: each fuzz target for N seconds (CI runs 30 as a smoke run).
 FUZZ_SECS ?= 600
 
-.PHONY: all deps build test run bench soak fuzz guest-image fmt fmt-check clippy lint clean
+.PHONY: all deps build test run bench soak fuzz guest-image fmt fmt-check clippy lint clean deb
 
 all: build
 
@@ -60,6 +60,10 @@ soak: guest-image
 	@bash scripts/install-deps.sh --bench
 	$(CARGO) build -j$(JOBS) --release -p ferry
 	python3 bench/soak.py --minutes $(SOAK_MINUTES)
+
+# The Debian package (scripts/build-deb.sh): target/debian/ferry_VERSION_ARCH.deb.
+deb: deps
+	@bash scripts/build-deb.sh
 
 # Fuzzing is not a test either: coverage-guided runs of every decoder (fuzz/, docs/fuzzing.md).
 fuzz:

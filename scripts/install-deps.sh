@@ -22,6 +22,8 @@ declare -A NEED=(
 	[python3]=python3
 	[setpriv]=util-linux
 	[systemd-socket-activate]=systemd
+	[man]=man-db
+	[objdump]=binutils
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -475,7 +475,11 @@ fn shares_are_added_with_a_handed_over_socket_and_removed() {
         dir.path(),
         &[
             "--share".into(),
-            format!("tag=data,dir={},socket={}", outside.display(), fs_sock.display()),
+            format!(
+                "tag=data,dir={},socket={}",
+                outside.display(),
+                fs_sock.display()
+            ),
             "--api-socket".into(),
             api_sock.display().to_string(),
             "--runtime-shares".into(),
@@ -486,7 +490,14 @@ fn shares_are_added_with_a_handed_over_socket_and_removed() {
     let body = format!(r#"{{"dir": "{}"}}"#, inside.display());
     expect_error(&api_sock, "POST", "/shares", Some(&body), 400, "not one");
     expect_error(&api_sock, "POST", "/shares", Some("{}"), 400, "not a share");
-    expect_error(&api_sock, "DELETE", "/shares/data", None, 409, "command line");
+    expect_error(
+        &api_sock,
+        "DELETE",
+        "/shares/data",
+        None,
+        409,
+        "command line",
+    );
     expect_error(&api_sock, "DELETE", "/shares/nope", None, 404, "no share");
     // As ferry virtiofsd does: the listening socket rides with the request.
     let add = |d: &Path, sock: &str, tag: Option<&str>| {
@@ -510,7 +521,9 @@ fn shares_are_added_with_a_handed_over_socket_and_removed() {
     let err = String::from_utf8_lossy(&outside_child.stderr);
     assert_eq!(outside_child.status.code(), Some(1), "{err}");
     assert!(err.contains("--runtime-shares"), "{err}");
-    let taken = add(&inside, "t.sock", Some("data")).wait_with_output().unwrap();
+    let taken = add(&inside, "t.sock", Some("data"))
+        .wait_with_output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&taken.stderr).contains("served already"));
     let mut front = add(&inside, "in.sock", Some("vm1"));
     let listed = ferry_tests::wait_for(std::time::Duration::from_secs(5), || {
@@ -520,13 +533,21 @@ fn shares_are_added_with_a_handed_over_socket_and_removed() {
     })
     .expect("the share added through ferry virtiofsd is listed");
     assert_eq!(listed["runtime"], true, "{listed}");
-    assert_eq!(listed["socket"], dir.path().join("in.sock").display().to_string());
+    assert_eq!(
+        listed["socket"],
+        dir.path().join("in.sock").display().to_string()
+    );
     // SIGTERM: the front end removes the share and exits 0.
     // SAFETY: kill has no memory effects; the child is ours and not yet reaped.
     unsafe { libc::kill(front.id() as libc::pid_t, libc::SIGTERM) };
     assert!(front.wait().unwrap().success());
     let (_, v) = api(&api_sock, "GET", "/shares", None);
-    let tags: Vec<&str> = v.as_array().unwrap().iter().filter_map(|s| s["tag"].as_str()).collect();
+    let tags: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["tag"].as_str())
+        .collect();
     assert_eq!(tags, vec!["data"], "{v}");
 }
 

@@ -35,6 +35,18 @@ pub enum Command {
     /// lists what it takes.
     #[command(disable_help_flag = true)]
     Virtiofsd(VirtiofsdArgs),
+    /// Write the man pages (man) or a shell's completions (bash, zsh, fish) into DIR; for
+    /// packagers.
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// man, bash, zsh or fish.
+    pub what: String,
+    /// Where the files go.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -147,7 +159,8 @@ pub struct PortdArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Read options from a TOML file. Its keys are the long option names (net-socket, subnet,
-    /// mtu, guest-mac, dns-upstream, proxy-upstream, api-socket, default-bind, pcap, sandbox, seccomp; share,
+    /// mtu, guest-mac, dns-upstream, proxy-upstream, api-socket, default-bind, pcap, sandbox, seccomp,
+    /// socket-group; share, runtime-shares,
     /// publish and rule as arrays). Options given
     /// on the command line override scalars from the file and add to its lists.
     #[arg(long, value_name = "FILE.toml")]
@@ -197,10 +210,7 @@ pub struct ServeArgs {
     /// for a rootless engine's subordinate ids). fd=N instead of socket= serves a listening
     /// socket inherited from the launcher; client connects to socket= (the frontend listens
     /// there) and again after each disconnect, as --net-client.
-    #[arg(
-        long,
-        value_name = "tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr][,trusted][,client][,uidmap=G:H[:N]][,gidmap=G:H[:N]]"
-    )]
+    #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 
     /// Publish a host port to a guest port (repeatable); tcp and the default bind address
@@ -209,14 +219,12 @@ pub struct ServeArgs {
     pub publish: Vec<String>,
 
     /// A rule (repeatable; checked in order, the first match decides, flows no rule matches
-    /// are allowed). Outbound rules (the default) match the guest's flows by destination
+    /// are allowed): ACTION is allow, reject or drop; the keys are dir=out|in,
+    /// proto=tcp|udp|icmp, to=ADDR[/LEN] or from=ADDR[/LEN], and port=N[-M]. Outbound rules (the default) match the guest's flows by destination
     /// (to=, port=); inbound ones (dir=in) the clients of published ports (from=, and port=
     /// the host port). `reject` answers with RST (or ICMP port unreachable), `drop` says
     /// nothing. `ferry ctl rules` shows their counters.
-    #[arg(
-        long,
-        value_name = "allow|reject|drop[,dir=out|in][,proto=tcp|udp|icmp][,to=ADDR[/LEN]|,from=ADDR[/LEN]][,port=N[-M]]"
-    )]
+    #[arg(long, value_name = "ACTION[,KEY=VALUE]...")]
     pub rule: Vec<String>,
 
     /// The address published ports bind to when the spec names none [default: 0.0.0.0, which

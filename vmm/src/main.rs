@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod ctl;
 mod devices;
+mod generate;
 mod listen;
 mod mount;
 mod portd;
@@ -39,7 +40,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    let args = cli::Cli::parse();
+    // As `ferry-vhost-user-net` (the net descriptor's binary): `ferry serve`.
+    let args = if std::path::Path::new(&argv[0])
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with("vhost-user-net"))
+    {
+        cli::Cli::parse_from(
+            std::iter::once("ferry".to_string())
+                .chain(std::iter::once("serve".to_string()))
+                .chain(argv[1..].iter().cloned()),
+        )
+    } else {
+        cli::Cli::parse()
+    };
     let res = match args.command {
         cli::Command::Serve(a) if a.print_capabilities => {
             // vhost-user.rst, "Backend program conventions": the capabilities as JSON, and
@@ -53,6 +66,7 @@ fn main() -> ExitCode {
         cli::Command::Ctl(a) => ctl::ctl(a),
         cli::Command::Portd(a) => portd::portd(a),
         cli::Command::Virtiofsd(a) => virtiofsd::run(&a.args),
+        cli::Command::Generate(a) => generate::generate(a),
     };
     match res {
         Ok(code) => code,
