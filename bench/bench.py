@@ -304,6 +304,10 @@ echo "BENCH udp $(iperf3 -c $H -p 5201 -u -b 0 -l 1400 $A -f m 2>&1 | grep recei
 echo BENCH-AT bulk-end
 echo "BENCH $(/tmp/probe rr $H 7007 $T)"
 echo "BENCH $(/tmp/probe crr $H 7007 $T)"
+# Last, so the placement above holds for the rest: four streams at once, from both vCPUs, what several queue pairs can spread (ferry-mq).
+taskset -p -c 0-1 $$ > /dev/null
+echo "BENCH g2h_p4 $(iperf3 -c $H -p 5201 -P 4 $A -f m 2>&1 | grep SUM | grep receiver | tail -1)"
+echo "BENCH h2g_p4 $(iperf3 -c $H -p 5201 -P 4 -R $A -f m 2>&1 | grep SUM | grep receiver | tail -1)"
 (iperf3 -s -1 -p 5201 > /dev/null 2>&1; iperf3 -s -1 -p 5201 > /dev/null 2>&1) &
 sleep 0.3
 echo BENCH-PUBLISH-READY
@@ -312,7 +316,7 @@ wait
 
     def net_backend(self, kind):
         """Starts one net backend; returns (qemu device args, host alias, backend Proc, stop)."""
-        if kind == "ferry":
+        if kind in ("ferry", "ferry-mq"):
             sock = os.path.join(self.w, "net.sock")
             log_f = open(os.path.join(self.w, "ferry-net.log"), "w")
             p = subprocess.Popen(in_ns([FERRY, "serve", "--net-socket", sock, "--dns-upstream",
@@ -322,10 +326,14 @@ wait
             self.children.append(p)
             wait_path(sock)
             pid = pid_of("^%s serve --net-socket %s" % (FERRY, sock))
-            vectors = ",vectors=0" if os.environ.get("FERRY_ACCEL", "tcg") == "tcg" else ""
+            tcg = os.environ.get("FERRY_ACCEL", "tcg") == "tcg"
+            # ferry-mq: two queue pairs, as libvirt's <driver queues='2'/> asks for them.
+            pairs = 2 if kind == "ferry-mq" else 1
+            vectors = ",vectors=0" if tcg else (",vectors=%d" % (2 * pairs + 2) if pairs > 1 else "")
+            mq = ",mq=on" if pairs > 1 else ""
             dev = ["-chardev", "socket,id=n0,path=%s" % sock,
-                   "-netdev", "vhost-user,id=net0,chardev=n0",
-                   "-device", "virtio-net-pci,netdev=net0,romfile=,mac=%s%s" % (GUEST_MAC, vectors)]
+                   "-netdev", "vhost-user,id=net0,chardev=n0,queues=%d" % pairs,
+                   "-device", "virtio-net-pci,netdev=net0,romfile=,mac=%s%s%s" % (GUEST_MAC, vectors, mq)]
 
             def stop():
                 p.send_signal(signal.SIGTERM)
@@ -421,6 +429,10 @@ wait
             moved_mib += size
             if metric in xfer_cpu:
                 record_cpu(metric, *xfer_cpu[metric], size)
+        for metric in ("g2h_p4", "h2g_p4"):
+            rate, size = self.iperf_line(lines.get(metric))
+            self.record("net", metric, kind, rate)
+            moved_mib += size
         rr = lines.get("rr", "").split()
         self.record("net", "rr", kind, float(rr[1]) if len(rr) == 2 else None)
         crr = lines.get("crr", "").split()
@@ -624,6 +636,8 @@ rm -rf $D/tree
         ("pub_h2g", "TCP host→guest through the published port, Mbit/s", True),
         ("pub_g2h", "TCP guest→host through the published port (-R), Mbit/s", True),
         ("udp", "UDP guest→host, 1400-byte datagrams, received Mbit/s", True),
+        ("g2h_p4", "TCP guest→host, 4 streams (iperf3 -P 4), Mbit/s", True),
+        ("h2g_p4", "TCP host→guest, 4 streams (iperf3 -P 4 -R), Mbit/s", True),
         ("rr", "TCP_RR 1-byte request/response, µs per transaction", False),
         ("crr", "TCP_CRR connect+1-byte RR+close, connections/s", True),
     ]
@@ -703,6 +717,21 @@ rm -rf $D/tree
                     self.fmt(self.med(suite, metric, a)), self.fmt(self.med(suite, metric, b)),
                     "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
             L.append("")
+        if "ferry-mq" in net_kinds:
+            L.append("## Ferry with two queue pairs\n")
+            L.append("The same guest with `queues=2` (libvirt's `<driver queues='2'/>`): the "
+                     "four-stream rows against one queue pair. Under TCG both pairs' interrupts "
+                     "share the one INTx line QEMU 7.2 needs here.\n")
+            L.append("| metric | Ferry, 1 pair | Ferry, 2 pairs | 2 pairs / 1 |")
+            L.append("|---|---|---|---|")
+            for metric, label, higher in self.NET_ROWS:
+                if not metric.endswith("_p4"):
+                    continue
+                r = self.ratio("net", metric, "ferry-mq", "ferry", higher)
+                L.append("| %s | %s | %s | %s |" % (
+                    label, self.fmt(self.med("net", metric, "ferry")),
+                    self.fmt(self.med("net", metric, "ferry-mq")), "%.2fx" % r if r else "n/a"))
+            L.append("")
         L.append("## Cost\n")
         L.append("Host CPU seconds (utime+stime) of the backend process per GiB moved through it, "
                  "and its peak RSS (VmHWM). *Whole run* counts everything from the backend's start "
@@ -715,8 +744,8 @@ rm -rf $D/tree
                  "socket are QEMU's work, not passt's; Ferry does that work itself.\n")
         L.append("| backend | CPU s per GiB, whole run | CPU s per GiB, bulk only | peak RSS MiB |")
         L.append("|---|---|---|---|")
-        names = {"ferry": "Ferry", "slirp": "QEMU user net (QEMU itself)", "passt": "passt",
-                 "virtiofsd": "virtiofsd"}
+        names = {"ferry": "Ferry", "ferry-mq": "Ferry, 2 queue pairs",
+                 "slirp": "QEMU user net (QEMU itself)", "passt": "passt", "virtiofsd": "virtiofsd"}
         for suite, kinds in (("net", net_kinds), ("fs", [k for k in fs_kinds if k != "native"])):
             for k in kinds:
                 runs = self.cost.get((suite, k), [])
@@ -837,7 +866,7 @@ def main():
     # stops what the run started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.datetime.now(datetime.timezone.utc)
-    net_kinds = [] if args.only == "fs" else ["ferry", "slirp", "passt"]
+    net_kinds = [] if args.only == "fs" else ["ferry", "slirp", "passt", "ferry-mq"]
     fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native"]
     t0 = time.time()
     try:
