@@ -7,6 +7,12 @@
 //! as `nobody` too, which is how libvirt's system daemon runs QEMU as `libvirt-qemu`: ferry
 //! (root) gives its sockets to that user's group with `--socket-group`. libvirt picks the NIC's
 //! MAC; the guest's script reaches it through libvirt's own `<sysinfo type='fwcfg'>`.
+//!
+//! [`Libvirt::start_system_9`] runs Debian 12's own libvirt 9.0 instead (unpacked under
+//! /opt/ferry/libvirt-9 by scripts/install-libvirt.sh, beside the installed 11.3): 9.0 has no
+//! virtiofs in session mode, so it runs as the system daemon, as root, in a mount namespace of
+//! its own where /etc/libvirt, /run/libvirt and /var/{lib,cache,log}/libvirt are the test's
+//! folders; virsh reaches it through its socket's path.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -22,7 +28,14 @@ pub const LIBVIRT_ID: u32 = 65534;
 pub struct Libvirt {
     dir: PathBuf,
     daemon: Child,
+    /// virsh's connection URI.
+    uri: String,
+    /// The daemon runs as [`LIBVIRT_ID`] (session mode), not as root.
+    session: bool,
 }
+
+/// Where scripts/install-libvirt.sh unpacks libvirt 9.0.
+pub const LIBVIRT_9: &str = "/opt/ferry/libvirt-9";
 
 impl Libvirt {
     /// Starts `libvirtd` in session mode as [`LIBVIRT_ID`], with its state under `dir/libvirt`
@@ -42,7 +55,12 @@ impl Libvirt {
             .map_err(|e| {
                 format!("cannot start libvirtd ({e}): apt-get install libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients")
             })?;
-        let mut lv = Libvirt { dir, daemon };
+        let mut lv = Libvirt {
+            dir,
+            daemon,
+            uri: "qemu:///session".into(),
+            session: true,
+        };
         let sock = lv.dir.join("run/libvirt/libvirt-sock");
         if wait_for(Duration::from_secs(20), || sock.exists().then_some(())).is_none() {
             let status = lv.daemon.try_wait().ok().flatten();
@@ -55,10 +73,95 @@ impl Libvirt {
         Ok(lv)
     }
 
-    /// Runs `virsh -c qemu:///session ARGS`; its stdout, or `Err` with what it said.
+    /// Starts libvirt 9.0's daemon in system mode, as root, in a mount namespace where libvirt's
+    /// folders are under `dir/libvirt` (see the module's doc). QEMU runs as root, with no
+    /// security driver; logs go to files, not virtlogd.
+    pub fn start_system_9(dir: &Path) -> Result<Self, String> {
+        let prefix = Path::new(LIBVIRT_9);
+        let daemon_bin = prefix.join("usr/sbin/libvirtd");
+        if !daemon_bin.exists() {
+            return Err(format!(
+                "{} is missing: run scripts/install-libvirt.sh (make test does)",
+                daemon_bin.display()
+            ));
+        }
+        let dir = dir.join("libvirt");
+        let mounts = ["etc", "run", "lib", "cache", "log"];
+        for sub in mounts {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\ncgroup_controllers = [ ]\n",
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("etc/libvirtd.conf"), "").map_err(|e| e.to_string())?;
+        let targets = [
+            "/etc/libvirt",
+            "/run/libvirt",
+            "/var/lib/libvirt",
+            "/var/cache/libvirt",
+            "/var/log/libvirt",
+        ];
+        let mut script = String::new();
+        for (sub, target) in mounts.iter().zip(targets) {
+            // The mount point must exist; an empty folder outside the namespace costs nothing.
+            std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
+            script.push_str(&format!(
+                "mount --bind {} {target} && ",
+                dir.join(sub).display()
+            ));
+        }
+        let lib = prefix.join("usr/lib/x86_64-linux-gnu");
+        script.push_str(&format!(
+            "exec env LD_LIBRARY_PATH={} LIBVIRT_DRIVER_DIR={} {}",
+            lib.display(),
+            lib.join("libvirt/connection-driver").display(),
+            daemon_bin.display()
+        ));
+        let log = std::fs::File::create(dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
+        let daemon = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start libvirtd 9.0 ({e})"))?;
+        let sock = dir.join("run/libvirt-sock");
+        let mut lv = Libvirt {
+            uri: format!("qemu:///system?socket={}", sock.display()),
+            dir,
+            daemon,
+            session: false,
+        };
+        if wait_for(Duration::from_secs(20), || sock.exists().then_some(())).is_none() {
+            let status = lv.daemon.try_wait().ok().flatten();
+            return Err(format!(
+                "libvirtd 9.0 did not open {} within 20 s (exit status {status:?}); its log:\n{}",
+                sock.display(),
+                lv.daemon_log()
+            ));
+        }
+        Ok(lv)
+    }
+
+    /// Runs `virsh -c URI ARGS`; its stdout, or `Err` with what it said.
     pub fn virsh(&self, args: &[&str]) -> Result<String, String> {
-        let out: Output = as_libvirt_user(&self.dir, "virsh")
-            .args(["-c", "qemu:///session"])
+        let mut cmd = if self.session {
+            as_libvirt_user(&self.dir, "virsh")
+        } else {
+            Command::new("virsh")
+        };
+        let out: Output = cmd
+            .args(["-c", &self.uri])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -79,7 +182,9 @@ impl Libvirt {
     pub fn define(&self, name: &str, xml: &str) -> Result<(), String> {
         let path = self.dir.join(format!("{name}.xml"));
         std::fs::write(&path, xml).map_err(|e| e.to_string())?;
-        chown_tree(&path);
+        if self.session {
+            chown_tree(&path);
+        }
         self.virsh(&["define", path.to_str().unwrap()]).map(|_| ())
     }
 
@@ -104,9 +209,12 @@ impl Libvirt {
 
     /// QEMU's log for domain `name` (libvirt's command line for it and what QEMU said).
     pub fn qemu_log(&self, name: &str) -> String {
-        let p = self
-            .dir
-            .join(format!("home/.cache/libvirt/qemu/log/{name}.log"));
+        let p = if self.session {
+            self.dir
+                .join(format!("home/.cache/libvirt/qemu/log/{name}.log"))
+        } else {
+            self.dir.join(format!("log/qemu/{name}.log"))
+        };
         tail(&std::fs::read_to_string(p).unwrap_or_default(), 30)
     }
 }

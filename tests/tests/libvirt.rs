@@ -178,75 +178,9 @@ fn fds_under(pid: u32, dir: &std::path::Path) -> usize {
         .count()
 }
 
-/// libvirt starts `ferry virtiofsd` as the `<filesystem>`'s `<binary>`, as it would start
-/// virtiofsd: the front end hands its socket and options to the one running `ferry serve`,
-/// whose process serves the guest's files; `virsh destroy` removes the share. First behind a
-/// wrapper whose capabilities list no `separate-options`, so libvirt passes the option syntax
-/// libvirt 9.0 always uses (`-o source=…`); then as it is, with its vhost-user descriptor, so
-/// libvirt passes `--shared-dir …`.
-#[test]
-fn libvirt_starts_ferry_virtiofsd_and_the_running_ferry_serves_the_share() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o777)).unwrap();
-    // Everything runs as libvirt's user here: its session daemon starts the front end as
-    // itself, and the front end must reach ferry serve's API socket (mode 0600).
-    let root = dir.path().join("shares");
-    let share = root.join("vm");
-    std::fs::create_dir_all(&share).unwrap();
-    let chown = |p: &std::path::Path| {
-        std::process::Command::new("chown")
-            .args(["-R", &format!("{LIBVIRT_ID}:{LIBVIRT_ID}")])
-            .arg(p)
-            .status()
-            .unwrap()
-    };
-    chown(&root);
-    let api = dir.path().join("api.sock");
-    let ferry = FerryProcess::serve_as(
-        None,
-        Some(&LIBVIRT_ID.to_string()),
-        &ferry_tests::ferry_bin(),
-        dir.path(),
-        &[
-            "--api-socket".into(),
-            api.display().to_string(),
-            "--runtime-shares".into(),
-            root.display().to_string(),
-        ],
-        std::slice::from_ref(&api),
-    );
-    // libvirt's <binary> is one program with no arguments: a two-line wrapper names the API.
-    let wrapper = dir.path().join("ferry-virtiofsd");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec {} virtiofsd --api-socket {} \"$@\"\n",
-            ferry_tests::ferry_bin().display(),
-            api.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, PermissionsExt::from_mode(0o755)).unwrap();
-    let old_style = dir.path().join("old-virtiofsd");
-    std::fs::write(
-        &old_style,
-        format!(
-            "#!/bin/sh
-[ \"$1\" = --print-capabilities ] && {{ echo '{{\"type\": \"fs\", \"features\": []}}'; exit 0; }}
-exec {} virtiofsd --api-socket {} \"$@\"
-",
-            ferry_tests::ferry_bin().display(),
-            api.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&old_style, PermissionsExt::from_mode(0o755)).unwrap();
-
-    let lv = Libvirt::start(dir.path()).expect("start a private libvirt daemon");
-    let script_path = dir.path().join("guest.sh");
-    std::fs::write(
-        &script_path,
-        r#"
+/// The guest's script for the front-end tests: it writes through the share, then holds the
+/// file open for a while so the host can see whose descriptor it is.
+const HOLDING_SCRIPT: &str = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
 check mounted "$(awk '$2 == "/mnt/lvfs" {print $3}' /proc/mounts)" virtiofs
 n=$(( $(ls /mnt/lvfs | grep -c '^boot-') + 1 ))
@@ -256,101 +190,231 @@ exec 3< /mnt/lvfs/boot-$n
 echo FERRY-HOLDING
 sleep 4
 exec 3<&-
-"#,
+"#;
+
+/// A `ferry serve` for the front-end tests: only the API and `--runtime-shares ROOT`, as
+/// `user` when given; and a two-line `<binary>` wrapper that names its API socket (libvirt
+/// passes no arguments of its own choosing). `caps` replaces the wrapper's answer to
+/// `--print-capabilities` when given.
+struct FrontEndSetup {
+    ferry: FerryProcess,
+    api: std::path::PathBuf,
+    share: std::path::PathBuf,
+}
+
+fn front_end_setup(dir: &std::path::Path, user: Option<u32>) -> FrontEndSetup {
+    let root = dir.join("shares");
+    let share = root.join("vm");
+    std::fs::create_dir_all(&share).unwrap();
+    if let Some(u) = user {
+        std::process::Command::new("chown")
+            .args(["-R", &format!("{u}:{u}")])
+            .arg(&root)
+            .status()
+            .unwrap();
+    }
+    let api = dir.join("api.sock");
+    let ferry = FerryProcess::serve_as(
+        None,
+        user.map(|u| u.to_string()).as_deref(),
+        &ferry_tests::ferry_bin(),
+        dir,
+        &[
+            "--api-socket".into(),
+            api.display().to_string(),
+            "--runtime-shares".into(),
+            root.display().to_string(),
+        ],
+        std::slice::from_ref(&api),
+    );
+    FrontEndSetup { ferry, api, share }
+}
+
+fn wrapper(
+    dir: &std::path::Path,
+    name: &str,
+    api: &std::path::Path,
+    caps: Option<&str>,
+) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let caps = caps
+        .map(|c| format!("[ \"$1\" = --print-capabilities ] && {{ echo '{c}'; exit 0; }}\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n{caps}exec {} virtiofsd --api-socket {} \"$@\"\n",
+            ferry_tests::ferry_bin().display(),
+            api.display()
+        ),
     )
     .unwrap();
-    let console = dir.path().join("console.log");
-    for (boot, syntax, binary) in [(1, "-o source=", &old_style), (2, "--shared-dir", &wrapper)] {
-        if boot == 2 {
-            // The descriptor libvirt looks the binary up in (separate-options comes from the
-            // binary's --print-capabilities).
-            let d = lv.config_home().join("qemu/vhost-user");
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("50-ferry-fs.json"),
-                format!(
-                    r#"{{"description": "ferry virtiofsd", "type": "fs", "binary": "{}"}}"#,
-                    wrapper.display()
-                ),
-            )
-            .unwrap();
-            lv.give(&lv.config_home());
-        }
-        let name = format!("ferry-fs-{boot}");
-        let domain = Domain {
-            name: &name,
-            script: &script_path,
-            console: &console,
-            net_socket: None,
-            fs: DomainFs::Binary {
-                binary,
-                dir: &share,
-            },
-            tag: "lvfs",
-            emulator: std::env::var_os("FERRY_QEMU")
-                .filter(|q| !q.is_empty())
-                .map(Into::into),
-            queues: 1,
-        };
-        lv.define(domain.name, &domain.xml())
-            .unwrap_or_else(|e| panic!("{e}\nlibvirtd:\n{}", lv.daemon_log()));
-        let _ = std::fs::remove_file(&console);
-        lv.virsh(&["start", domain.name]).unwrap_or_else(|e| {
-            panic!(
-                "boot {boot}: {e}\nQEMU log:\n{}\nferry log:\n{}",
-                lv.qemu_log(domain.name),
-                ferry.log_tail()
-            )
-        });
-        let held = ferry_tests::wait_for(DEADLINE, || {
-            std::fs::read_to_string(&console)
-                .ok()?
-                .contains("FERRY-HOLDING")
-                .then_some(())
-        });
-        assert!(
-            held.is_some(),
-            "boot {boot}: the guest never held its file\nconsole:\n{}\nQEMU log:\n{}\nferry log:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default(),
-            lv.qemu_log(domain.name),
+    std::fs::set_permissions(&path, PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Boots domain `name` whose `<filesystem>` names `binary`, and checks: libvirt passed
+/// `syntax`; the guest's open file is a descriptor of `ferry serve`, not of the front end; the
+/// share is listed while the domain runs and gone after `virsh destroy`.
+fn boot_with_front_end(
+    lv: &Libvirt,
+    s: &FrontEndSetup,
+    dir: &std::path::Path,
+    name: &str,
+    binary: &std::path::Path,
+    syntax: &str,
+    emulator: Option<std::path::PathBuf>,
+) {
+    let script_path = dir.join("guest.sh");
+    std::fs::write(&script_path, HOLDING_SCRIPT).unwrap();
+    let console = dir.join(format!("{name}.log"));
+    let domain = Domain {
+        name,
+        script: &script_path,
+        console: &console,
+        net_socket: None,
+        fs: DomainFs::Binary {
+            binary,
+            dir: &s.share,
+        },
+        tag: "lvfs",
+        emulator,
+        queues: 1,
+    };
+    let ferry = &s.ferry;
+    lv.define(name, &domain.xml())
+        .unwrap_or_else(|e| panic!("{e}\nlibvirtd:\n{}", lv.daemon_log()));
+    lv.virsh(&["start", name]).unwrap_or_else(|e| {
+        panic!(
+            "{name}: {e}\nQEMU log:\n{}\nferry log:\n{}",
+            lv.qemu_log(name),
             ferry.log_tail()
-        );
-        // The guest's open file is ferry serve's descriptor, not the front end's.
-        let front = pids_with(&["virtiofsd", "--fd="]);
-        assert_eq!(front.len(), 1, "boot {boot}: front ends: {front:?}");
-        assert!(
-            front[0].1.contains(syntax),
-            "boot {boot}: libvirt passed {}",
-            front[0].1
-        );
-        assert!(
-            fds_under(ferry.pid(), &share) > 0,
-            "boot {boot}: ferry serve holds no file of the share"
-        );
-        assert_eq!(
-            fds_under(front[0].0, &share),
-            0,
-            "boot {boot}: the front end holds share files"
-        );
-        let shares = ferry_tests::api_get(&api, "/shares");
-        assert_eq!(shares.as_array().map(Vec::len), Some(1), "{shares}");
-        let out = wait_console_done(&console, DEADLINE).unwrap();
-        out.assert_all_ok(2, &format!("boot {boot}; ferry log:\n{}", ferry.log_tail()));
-        assert_eq!(
-            std::fs::read_to_string(share.join(format!("boot-{boot}"))).unwrap(),
-            format!("boot {boot}\n")
-        );
-        // The guest powered off; libvirt stops the front end, which removes the share.
-        let _ = lv.virsh(&["destroy", domain.name]);
-        let gone = ferry_tests::wait_for(Duration::from_secs(15), || {
-            let s = ferry_tests::api_get(&api, "/shares");
-            (s.as_array().map(Vec::len) == Some(0)).then_some(())
-        });
-        assert!(
-            gone.is_some(),
-            "boot {boot}: the share stayed after the domain stopped: {}\nferry log:\n{}",
-            ferry_tests::api_get(&api, "/shares"),
-            ferry.log_tail()
-        );
-    }
+        )
+    });
+    let held = ferry_tests::wait_for(DEADLINE, || {
+        std::fs::read_to_string(&console)
+            .ok()?
+            .contains("FERRY-HOLDING")
+            .then_some(())
+    });
+    assert!(
+        held.is_some(),
+        "{name}: the guest never held its file\nconsole:\n{}\nQEMU log:\n{}\nferry log:\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default(),
+        lv.qemu_log(name),
+        ferry.log_tail()
+    );
+    // The guest's open file is ferry serve's descriptor, not the front end's.
+    // This test's front end: its command line names this test's API socket.
+    let api = s.api.display().to_string();
+    let front = pids_with(&["virtiofsd", "--fd=", &api]);
+    assert_eq!(front.len(), 1, "{name}: front ends: {front:?}");
+    assert!(
+        front[0].1.contains(syntax),
+        "{name}: libvirt passed {}",
+        front[0].1
+    );
+    assert!(
+        fds_under(ferry.pid(), &s.share) > 0,
+        "{name}: ferry serve holds no file of the share"
+    );
+    assert_eq!(
+        fds_under(front[0].0, &s.share),
+        0,
+        "{name}: the front end holds share files"
+    );
+    let shares = ferry_tests::api_get(&s.api, "/shares");
+    assert_eq!(shares.as_array().map(Vec::len), Some(1), "{shares}");
+    let out = wait_console_done(&console, DEADLINE).unwrap();
+    out.assert_all_ok(2, &format!("{name}; ferry log:\n{}", ferry.log_tail()));
+    // The guest powered off; libvirt stops the front end, which removes the share.
+    let _ = lv.virsh(&["destroy", name]);
+    let gone = ferry_tests::wait_for(Duration::from_secs(15), || {
+        let v = ferry_tests::api_get(&s.api, "/shares");
+        (v.as_array().map(Vec::len) == Some(0)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "{name}: the share stayed after the domain stopped: {}\nferry log:\n{}",
+        ferry_tests::api_get(&s.api, "/shares"),
+        ferry.log_tail()
+    );
+}
+
+/// libvirt 11.3 starts `ferry virtiofsd` as the `<filesystem>`'s `<binary>`, as it would start
+/// virtiofsd: the front end hands its socket and options to the one running `ferry serve`,
+/// whose process serves the guest's files; `virsh destroy` removes the share. First behind a
+/// wrapper whose capabilities list no `separate-options`, so libvirt passes the `-o source=…`
+/// syntax; then as it is, with its vhost-user descriptor, so libvirt passes `--shared-dir …`.
+/// libvirt's session daemon starts the front end as its own user, so ferry serve runs as that
+/// user too (the API socket is 0600).
+#[test]
+fn libvirt_starts_ferry_virtiofsd_and_the_running_ferry_serves_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o777)).unwrap();
+    let s = front_end_setup(dir.path(), Some(LIBVIRT_ID));
+    let lv = Libvirt::start(dir.path()).expect("start a private libvirt daemon");
+    let emulator = || {
+        std::env::var_os("FERRY_QEMU")
+            .filter(|q| !q.is_empty())
+            .map(Into::into)
+    };
+    let old_style = wrapper(
+        dir.path(),
+        "old-virtiofsd",
+        &s.api,
+        Some(r#"{"type": "fs", "features": []}"#),
+    );
+    boot_with_front_end(
+        &lv,
+        &s,
+        dir.path(),
+        "ferry-fs-o",
+        &old_style,
+        "-o source=",
+        emulator(),
+    );
+    // The descriptor libvirt looks the binary up in (separate-options comes from the binary's
+    // --print-capabilities).
+    let current = wrapper(dir.path(), "ferry-virtiofsd", &s.api, None);
+    let d = lv.config_home().join("qemu/vhost-user");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("50-ferry-fs.json"),
+        format!(
+            r#"{{"description": "ferry virtiofsd", "type": "fs", "binary": "{}"}}"#,
+            current.display()
+        ),
+    )
+    .unwrap();
+    lv.give(&lv.config_home());
+    boot_with_front_end(
+        &lv,
+        &s,
+        dir.path(),
+        "ferry-fs-sep",
+        &current,
+        "--shared-dir",
+        emulator(),
+    );
+}
+
+/// The same with Debian 12's own libvirt 9.0 (its system daemon, in a mount namespace of its
+/// own, see `ferry_tests::libvirt`), which always passes virtiofsd's `-o source=…` syntax. It
+/// cannot probe QEMU 10, so it runs the system's QEMU 7.2 whatever `FERRY_QEMU` says.
+#[test]
+fn libvirt_9_starts_ferry_virtiofsd_with_its_o_syntax() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = front_end_setup(dir.path(), None);
+    let lv = Libvirt::start_system_9(dir.path()).expect("start libvirt 9.0's daemon");
+    let current = wrapper(dir.path(), "ferry-virtiofsd", &s.api, None);
+    boot_with_front_end(
+        &lv,
+        &s,
+        dir.path(),
+        "ferry-fs-9",
+        &current,
+        "-o source=",
+        None,
+    );
 }
