@@ -412,6 +412,44 @@ fn write_then_read_round_trips() {
     assert_eq!(&on_host[10..], &payload[..]);
 }
 
+/// A `devices` share (a container's root file system) takes device nodes and whiteouts, as
+/// virtiofsd does. Making a device node needs CAP_MKNOD: the test runs as root.
+#[test]
+fn a_devices_share_takes_device_nodes_and_whiteouts() {
+    let f = fixture_config(
+        Config {
+            devices: true,
+            ..Config::default()
+        },
+        |_| {},
+    );
+    let dev = abi::MknodIn {
+        mode: libc::S_IFCHR | 0o666,
+        rdev: (1 << 8) | 3, // 1:3, /dev/null
+        umask: 0,
+        padding: 0,
+    };
+    let (err, _) = f.call(opcode::MKNOD, 1, &[dev.as_slice(), b"null\0"]);
+    assert_eq!(err, 0, "mknod c 1 3");
+    let meta = std::fs::symlink_metadata(f.dir.path().join("null")).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), libc::makedev(1, 3));
+    std::fs::write(f.dir.path().join("upper"), b"x").unwrap();
+    let r = abi::Rename2In {
+        newdir: 1,
+        flags: libc::RENAME_WHITEOUT,
+        padding: 0,
+    };
+    let (err, _) = f.call(opcode::RENAME2, 1, &[r.as_slice(), b"upper\0moved\0"]);
+    assert_eq!(err, 0, "RENAME_WHITEOUT");
+    let wh = std::fs::symlink_metadata(f.dir.path().join("upper")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "the whiteout"
+    );
+}
+
 #[test]
 fn share_root_must_be_a_directory() {
     assert!(PassthroughFs::new(Path::new("/etc/hostname"), Config::default()).is_err());

@@ -320,6 +320,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         noxattr: !req.xattr,
         trusted: req.trusted,
         client: false,
+        devices: false,
         uidmap,
         gidmap,
     };

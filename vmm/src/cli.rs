@@ -209,7 +209,9 @@ pub struct ServeArgs {
     /// guest's root; given again, each adds a range, as uidmap=0:1000,uidmap=1:100000:65536
     /// for a rootless engine's subordinate ids). fd=N instead of socket= serves a listening
     /// socket inherited from the launcher; client connects to socket= (the frontend listens
-    /// there) and again after each disconnect, as --net-client.
+    /// there) and again after each disconnect, as --net-client; devices lets the guest make
+    /// device nodes, for a container's root file system (needs root; off by default, since a
+    /// device node in a shared folder opens the host's device).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 

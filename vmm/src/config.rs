@@ -71,6 +71,8 @@ pub struct ShareConfig {
     pub trusted: bool,
     /// Connect to `socket` (the frontend listens) instead of listening on it.
     pub client: bool,
+    /// Let the guest make device nodes (a container's root file system); needs root.
+    pub devices: bool,
     /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
     /// per range).
     pub uidmap: IdMaps,
@@ -173,6 +175,8 @@ struct FileShare {
     trusted: bool,
     #[serde(default)]
     client: bool,
+    #[serde(default)]
+    devices: bool,
     cache: Option<String>,
     #[serde(default)]
     uidmap: OneOrMany,
@@ -303,6 +307,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let mut client = false;
+    let mut devices = false;
     let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
@@ -326,9 +331,10 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
             None if part == "noxattr" => noxattr = true,
             None if part == "trusted" => trusted = true,
             None if part == "client" => client = true,
+            None if part == "devices" => devices = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr, trusted and client"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr, trusted, client and devices"
                 )))
             }
         }
@@ -348,6 +354,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
         noxattr,
         trusted,
         client,
+        devices,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
     })
@@ -355,6 +362,12 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
 
 fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> {
     let opt = format!("--share tag={}", s.tag);
+    // SAFETY: geteuid has no preconditions.
+    if s.devices && unsafe { libc::geteuid() } != 0 {
+        return Err(usage(format!(
+            "{opt}: devices: making device nodes needs root (CAP_MKNOD); run ferry as root or leave the option out"
+        )));
+    }
     if s.tag.is_empty() || s.tag.len() > MAX_TAG_LEN {
         return Err(usage(format!(
             "{opt}: a tag must be 1 to {MAX_TAG_LEN} bytes long"
@@ -475,6 +488,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 noxattr: s.noxattr,
                 trusted: s.trusted,
                 client: s.client,
+                devices: s.devices,
             });
         }
         for spec in &args.share {

@@ -106,6 +106,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             writeback: false,
             no_xattr: false,
             trusted: false,
+            devices: false,
             uid_map: Default::default(),
             gid_map: Default::default(),
         },

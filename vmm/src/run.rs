@@ -41,6 +41,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             noxattr: false,
             trusted: false,
             client: false,
+            devices: false,
             uidmap: Default::default(),
             gidmap: Default::default(),
         })

@@ -120,6 +120,8 @@ pub struct Paths {
     pub sockets: Vec<PathBuf>,
     /// Remove folders beneath these (the private folder's parent, at shutdown).
     pub remove_dir: Vec<PathBuf>,
+    /// Make device nodes beneath these (shares with `devices`).
+    pub devices: Vec<PathBuf>,
     /// The capabilities a process running as root keeps (bit numbers, `CAP_*`).
     pub capabilities: Vec<u32>,
 }
@@ -188,6 +190,15 @@ impl Paths {
         p.read_only
             .extend(SYSTEM_READ.iter().map(PathBuf::from).filter(|p| p.exists()));
         p.capabilities = SERVE_CAPS.to_vec();
+        p.devices = cfg
+            .shares
+            .iter()
+            .filter(|s| s.devices && !s.readonly)
+            .map(|s| s.dir.clone())
+            .collect();
+        if !p.devices.is_empty() {
+            p.capabilities.push(27); // CAP_MKNOD: a `devices` share's device nodes
+        }
         p
     }
 
@@ -291,7 +302,8 @@ fn landlock(paths: &Paths, scope_signals: bool) -> Result<()> {
     let abi = ABI::V6;
     let all = AccessFs::from_all(abi);
     // What a writable share allows: everything but executing and device nodes (the file server
-    // makes only FIFOs and sockets) and device ioctls.
+    // makes only FIFOs and sockets, unless a share takes `devices`: see `paths.devices`) and
+    // device ioctls.
     let write =
         all & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::IoctlDev);
     let read = AccessFs::ReadFile | AccessFs::ReadDir;
@@ -313,6 +325,7 @@ fn landlock(paths: &Paths, scope_signals: bool) -> Result<()> {
         (&paths.read_only, read),
         (&paths.sockets, AccessFs::MakeSock | AccessFs::RemoveFile),
         (&paths.remove_dir, AccessFs::RemoveDir.into()),
+        (&paths.devices, AccessFs::MakeChar | AccessFs::MakeBlock),
     ];
     for (list, access) in rules {
         for path in list {
@@ -336,7 +349,8 @@ fn landlock(paths: &Paths, scope_signals: bool) -> Result<()> {
     let paths = paths.read_write.len()
         + paths.read_only.len()
         + paths.sockets.len()
-        + paths.remove_dir.len();
+        + paths.remove_dir.len()
+        + paths.devices.len();
     let status = ruleset.restrict_self().map_err(err)?;
     match status.ruleset {
         RulesetStatus::FullyEnforced => {
@@ -568,6 +582,7 @@ mod tests {
             read_only: vec![],
             sockets: vec![],
             remove_dir: vec![],
+            devices: vec![],
             capabilities: vec![],
         };
         let (s, o) = (share.path().to_path_buf(), outside.path().to_path_buf());

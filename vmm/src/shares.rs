@@ -95,6 +95,7 @@ impl Shares {
                 writeback: share.writeback,
                 no_xattr: share.noxattr,
                 trusted: share.trusted,
+                devices: share.devices,
                 uid_map: share.uidmap.clone(),
                 gid_map: share.gidmap.clone(),
             },

@@ -81,4 +81,9 @@ pub struct Config {
     /// files as and no set-id bits, and what the guest set is kept in an extended attribute
     /// that it is shown (see `ownership`).
     pub trusted: bool,
+    /// Let the guest make block and character device nodes (and RENAME_WHITEOUT's), as for a
+    /// container's root file system. Off by default: a device node the guest's root makes in a
+    /// shared folder opens the host's device for any host user who can reach it. Needs
+    /// CAP_MKNOD.
+    pub devices: bool,
 }

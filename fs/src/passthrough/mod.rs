@@ -398,10 +398,11 @@ impl FileSystem for PassthroughFs {
         _umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        // FIFOs, sockets and plain files only: a device node made by the guest would open the
-        // host's device through the share.
+        // FIFOs, sockets and plain files only, unless the share takes devices: a device node
+        // made by the guest would open the host's device through the share.
         match mode & libc::S_IFMT {
             libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFREG => {}
+            libc::S_IFCHR | libc::S_IFBLK if self.cfg.devices => {}
             _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
         }
         let p = self.inode(parent)?;
@@ -467,8 +468,12 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
-        // Not RENAME_WHITEOUT: it makes a character device.
-        let allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        // RENAME_WHITEOUT only where devices are taken: it makes a character device (0:0, the
+        // whiteout overlayfs uses).
+        let mut allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if self.cfg.devices {
+            allowed |= libc::RENAME_WHITEOUT;
+        }
         if flags & !allowed != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
