@@ -273,7 +273,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         .clone()
         .ok_or_else(|| usage("no folder to share: give --shared-dir DIR (or -o source=DIR)"))?;
     // The listening socket: inherited, or bound here as virtiofsd's --socket-path does.
-    let (fd, _bound): (RawFd, Option<UnixListener>) = match (o.fd, &o.socket_path) {
+    let (fd, bound): (RawFd, Option<UnixListener>) = match (o.fd, &o.socket_path) {
         (Some(fd), _) => {
             crate::listen::adopt(&format!("--fd={fd}"), fd)?;
             (fd, None)
@@ -336,6 +336,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             v["error"].as_str().unwrap_or("")
         ),
         Err(e) => warn!("ferry virtiofsd: removing share {tag}: {e}"),
+    }
+    // A socket bound here (--socket-path) goes with this process, as virtiofsd's does.
+    if let (Some(p), Some(_)) = (&o.socket_path, &bound) {
+        let _ = std::fs::remove_file(p);
     }
     Ok(ExitCode::SUCCESS)
 }
