@@ -52,6 +52,9 @@ fn start_ferry(net: &TestNet, dir: &Path, log_dir: &str, link: NetLink) -> Ferry
         "127.0.0.1:8080:80".into(),
         "--dns-upstream".into(),
         "127.0.0.1:1".into(),
+        // For the failure message: what crossed the device after the restart.
+        "--api-socket".into(),
+        logs.join("api.sock").display().to_string(),
     ];
     // As a client there is no socket of ferry's to wait for.
     let wait: Vec<_> = if link == NetLink::Listen {
@@ -124,7 +127,8 @@ fn restart_under_a_running_guest(link: NetLink) {
     });
     assert!(
         fetched.is_some() && published.is_some(),
-        "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\nconsole:\n{}\nferry log:\n{}",
+        "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\nstats: {}\nconsole:\n{}\nferry log:\n{}",
+        ferry_tests::api_get(&dir.path().join("second/api.sock"), "/stats")["net"],
         ferry_tests::tail(&qemu.console(), 30),
         ferry.log_tail()
     );
