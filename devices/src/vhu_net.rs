@@ -31,9 +31,9 @@ use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -84,6 +84,9 @@ pub struct NetDeviceStats {
     pub rx_frames: AtomicU64,
     /// Bytes delivered to the guest, virtio headers excluded.
     pub rx_bytes: AtomicU64,
+    /// Frames to the guest dropped because it takes no merged buffers (no MRG_RXBUF) and its
+    /// buffer was smaller than the frame.
+    pub rx_dropped_too_big: AtomicU64,
     /// Frames the guest sent, per queue pair.
     pub tx_frames_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
     /// Frames delivered to the guest, per queue pair.
@@ -108,6 +111,9 @@ pub struct VhostUserNetBackend {
     /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
     /// marked DATA_VALID, and neither side spends time on them.
     guest_csum: AtomicBool,
+    /// The guest takes a frame over several RX buffers (MRG_RXBUF). Without it, a frame must
+    /// fit one descriptor chain.
+    mrg_rxbuf: AtomicBool,
     stats: NetDeviceStats,
     /// TX coalescing state (see [`TX_STREAMING`]).
     tx_poll: Mutex<TxPoll>,
@@ -187,6 +193,7 @@ impl VhostUserNetBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             guest_csum: AtomicBool::new(false),
+            mrg_rxbuf: AtomicBool::new(true),
             stats: NetDeviceStats::default(),
             tx_poll: Mutex::new(TxPoll::default()),
         }))
@@ -572,6 +579,7 @@ impl VhostUserNetBackend {
         }
         let mut answers = false;
         let mut retries = 0;
+        let mergeable = self.mrg_rxbuf.load(Ordering::Relaxed);
         while let Some(frame) = stack.pop_frame() {
             let at = crate::rx_steer::ring_for(&frame, rings.len());
             let ring = &mut rings[at];
@@ -579,7 +587,7 @@ impl VhostUserNetBackend {
             let need = NET_HDR_LEN + frame.len();
             let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
             let mut room = 0usize;
-            while room < need {
+            while room < need && (mergeable || chains.is_empty()) {
                 match queue.pop_descriptor_chain(mem.clone()) {
                     Some(c) => {
                         room += c
@@ -591,6 +599,17 @@ impl VhostUserNetBackend {
                     }
                     None => break,
                 }
+            }
+            if room < need && !mergeable && !chains.is_empty() {
+                // Without MRG_RXBUF a frame must fit one buffer (the header's num_buffers is 1
+                // by the spec): a guest whose buffers are smaller than the frame cannot take
+                // it. Drop it, counted, and keep the buffer for the next frame.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                self.stats
+                    .rx_dropped_too_big
+                    .fetch_add(1, Ordering::Relaxed);
+                stack.recycle_frame(frame);
+                continue;
             }
             if room < need {
                 // Not enough buffers: give the chains back and wait for the guest's kick. If
@@ -677,6 +696,11 @@ impl VhostUserBackend for VhostUserNetBackend {
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MQ
+            // The control queue is the frontend's to serve (QEMU and cloud-hypervisor both do;
+            // neither passes its ring here). Offered because MQ needs it: cloud-hypervisor gives
+            // the guest CTRL_VQ only when the backend offers it, and Linux refuses a NIC with
+            // MQ and no CTRL_VQ.
+            | 1 << VIRTIO_NET_F_CTRL_VQ
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -692,6 +716,10 @@ impl VhostUserBackend for VhostUserNetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        self.mrg_rxbuf.store(
+            features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            Ordering::Relaxed,
+        );
         let on = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
         self.guest_csum.store(on, Ordering::Relaxed);
         if let Ok(mut s) = self.stack.lock() {
@@ -1173,6 +1201,40 @@ mod coalesce_tests {
         m.write_slice(&arp, GuestAddress(at)).unwrap();
         let d = SplitDescriptor::new(at, arp.len() as u32, 0, 0);
         tx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+    }
+
+    /// Without MRG_RXBUF a frame must fit one buffer: one that does not is dropped and
+    /// counted, the small buffer stays for the next frame, and no frame spans two.
+    #[test]
+    fn without_mergeable_buffers_a_frame_never_spans_two() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.acked_features(1 << VIRTIO_F_VERSION_1);
+        // Two 40-byte buffers: together room for the ARP reply (12 + 42), each too small.
+        for i in 0..2u16 {
+            let d = SplitDescriptor::new(
+                0x30_0000 + u64::from(i) * 0x1000,
+                40,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            );
+            rx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+        }
+        queue_arp_request(&m, &tx_q, &cfg, 0);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(vrings[0].queue_used_idx().unwrap(), 0, "nothing written");
+        assert_eq!(b.stats().rx_dropped_too_big.load(Ordering::Relaxed), 1);
+        // With MRG_RXBUF the same buffers take it, in two.
+        b.acked_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        queue_arp_request(&m, &tx_q, &cfg, 1);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(
+            vrings[0].queue_used_idx().unwrap(),
+            2,
+            "one frame over both buffers"
+        );
     }
 
     #[test]

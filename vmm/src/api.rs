@@ -650,6 +650,7 @@ fn stats(control: &Control) -> Value {
             "tx_bytes": d.tx_bytes.load(Ordering::Relaxed),
             "tx_malformed": d.tx_malformed.load(Ordering::Relaxed),
             "rx_frames": d.rx_frames.load(Ordering::Relaxed),
+            "rx_dropped_too_big": d.rx_dropped_too_big.load(Ordering::Relaxed),
             "rx_bytes": d.rx_bytes.load(Ordering::Relaxed),
             // Frames each way per queue pair (one entry per pair offered; a guest with one
             // pair uses the first).
