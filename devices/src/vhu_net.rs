@@ -716,6 +716,9 @@ impl VhostUserBackend for VhostUserNetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        // What the frontend acked, for the log: after a reconnect it must match what the guest
+        // negotiated (QEMU restores it), or kicks and interrupts go astray.
+        log::info!("net: the frontend acked features {features:#x}");
         self.mrg_rxbuf.store(
             features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             Ordering::Relaxed,
