@@ -13,7 +13,7 @@
 //! frontend it has until that one leaves (QEMU is gone already when libvirt stops the
 //! launcher), then its thread ends without taking ferry with it.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -123,8 +123,10 @@ impl Shares {
             if runtime { " (added at run time)" } else { "" }
         );
         let listener = match (&endpoint, runtime) {
+            // A second descriptor of the listener, to shut it down from the API's thread.
             (Endpoint::Listen(l), true) => Some(
-                l.as_fd_copy()
+                l.as_fd()
+                    .try_clone_to_owned()
                     .map_err(|e| Error::Runtime(format!("{name}: cannot keep its socket: {e}")))?,
             ),
             _ => None,
@@ -291,16 +293,4 @@ fn end_session(name: &str, device: &FsDevice) {
     );
     server.cancel_waits();
     ferry_fs::FileSystem::destroy(fs);
-}
-
-/// A second descriptor for a listener, to shut it down from another thread.
-trait FdCopy {
-    fn as_fd_copy(&self) -> std::io::Result<OwnedFd>;
-}
-
-impl FdCopy for UnixListener {
-    fn as_fd_copy(&self) -> std::io::Result<OwnedFd> {
-        use std::os::fd::AsFd;
-        self.as_fd().try_clone_to_owned()
-    }
 }
