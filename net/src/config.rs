@@ -1,11 +1,18 @@
-//! The guest network's addressing plan: subnet, well-known addresses, MACs and MTU.
+//! The guest network's addressing plan: subnet, IPv6 prefix, well-known addresses, MACs and
+//! MTU.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// The subnet used when `--subnet` is not given (the same plan as gvisor-tap-vsock).
 pub const DEFAULT_SUBNET: &str = "192.168.127.0/24";
+/// The guest's IPv6 prefix when `--subnet6` is not given: a unique local /64 (RFC 4193; the
+/// bytes spell "FRY"). A ULA is never routed outside, so a dual-stack guest keeps preferring
+/// IPv4 for destinations that have both (RFC 6724 ranks a ULA source below IPv4 for global
+/// destinations) and uses IPv6 where only IPv6 answers, which is what a NAT wants. A fixed
+/// prefix, as passt and gvisor-tap-vsock use fixed addresses, keeps the plan predictable.
+pub const DEFAULT_SUBNET6: &str = "fd46:5259::/64";
 /// The MTU used when `--mtu` is not given (the same as passt).
 pub const DEFAULT_MTU: u16 = 65520;
 /// The MAC address the guest's NIC gets through the virtio-net config space.
@@ -37,6 +44,9 @@ pub enum Error {
         /// The same subnet with host bits cleared.
         suggested: String,
     },
+    /// The IPv6 prefix is not a /64 unicast prefix.
+    #[error("--subnet6 {0}: not an IPv6 /64 prefix; write it as a /64 such as {DEFAULT_SUBNET6} (SLAAC needs a /64), or off for no IPv6")]
+    Subnet6(String),
     /// The MTU is out of range.
     #[error("--mtu {0}: the MTU must be between {MIN_MTU} and 65535")]
     Mtu(u32),
@@ -78,6 +88,55 @@ impl Subnet {
     /// Whether `addr` is inside the subnet.
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
         u32::from(addr) & mask(self.prefix) == u32::from(self.network)
+    }
+}
+
+/// The guest's IPv6 /64: its first 64 bits, the rest clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet6 {
+    prefix: Ipv6Addr,
+}
+
+impl Subnet6 {
+    /// The prefix (interface identifier bits clear).
+    pub fn prefix(&self) -> Ipv6Addr {
+        self.prefix
+    }
+
+    /// The address with interface identifier `id` in the prefix.
+    pub fn nth(&self, id: u64) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.prefix) | u128::from(id))
+    }
+
+    /// Whether `addr` is in the prefix.
+    pub fn contains(&self, addr: Ipv6Addr) -> bool {
+        u128::from(addr) >> 64 == u128::from(self.prefix) >> 64
+    }
+}
+
+impl FromStr for Subnet6 {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::Subnet6(s.to_string());
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+        if len != "64"
+            || u128::from(addr) & u128::from(u64::MAX) != 0
+            || addr.is_multicast()
+            || addr.is_unspecified()
+            || addr.is_loopback()
+            || (addr.segments()[0] & 0xffc0) == 0xfe80
+        {
+            return Err(bad());
+        }
+        Ok(Subnet6 { prefix: addr })
+    }
+}
+
+impl fmt::Display for Subnet6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/64", self.prefix)
     }
 }
 
@@ -124,6 +183,8 @@ impl fmt::Display for Subnet {
 pub struct NetConfig {
     /// The guest subnet.
     pub subnet: Subnet,
+    /// The guest's IPv6 /64 (None: no IPv6).
+    pub subnet6: Option<Subnet6>,
     /// The link MTU, given to the guest in the virtio-net config space and by DHCP.
     pub mtu: u16,
     /// The MAC address of the guest's NIC until its frames show another (the one the device
@@ -147,6 +208,7 @@ impl NetConfig {
             .ok_or(Error::Mtu(mtu))?;
         Ok(NetConfig {
             subnet,
+            subnet6: Some(default_subnet6()),
             mtu,
             guest_mac: GUEST_MAC,
             guest_mac_pinned: false,
@@ -169,6 +231,31 @@ impl NetConfig {
     pub fn host_alias(&self) -> Ipv4Addr {
         self.subnet.nth(self.subnet.size() - 2)
     }
+
+    /// The gateway's IPv6 address: `::1` in the prefix (DNS answers there too). Meaningful
+    /// only with IPv6 on.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.subnet6.unwrap_or_else(default_subnet6).nth(1)
+    }
+
+    /// The host alias's IPv6 address, `::fe` in the prefix (the mirror of IPv4's `.254`): it
+    /// reaches the host's `::1`.
+    pub fn host_alias6(&self) -> Ipv6Addr {
+        self.subnet6.unwrap_or_else(default_subnet6).nth(0xfe)
+    }
+
+    /// The router's link-local address, `fe80::1`: router advertisements must come from a
+    /// link-local address, and guests route through it.
+    pub fn gateway_ll(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)
+    }
+}
+
+/// [`DEFAULT_SUBNET6`], parsed.
+fn default_subnet6() -> Subnet6 {
+    Subnet6 {
+        prefix: Ipv6Addr::new(0xfd46, 0x5259, 0, 0, 0, 0, 0, 0),
+    }
 }
 
 impl Default for NetConfig {
@@ -180,6 +267,7 @@ impl Default for NetConfig {
         };
         NetConfig {
             subnet,
+            subnet6: Some(default_subnet6()),
             mtu: DEFAULT_MTU,
             guest_mac: GUEST_MAC,
             guest_mac_pinned: false,
@@ -191,6 +279,33 @@ impl Default for NetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_prefixes_are_64s_of_unicast_space() {
+        let s: Subnet6 = DEFAULT_SUBNET6.parse().unwrap();
+        assert_eq!(s, default_subnet6());
+        assert_eq!(s.to_string(), DEFAULT_SUBNET6);
+        let c = NetConfig::default();
+        assert_eq!(c.gateway6(), "fd46:5259::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.host_alias6(),
+            "fd46:5259::fe".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(s.contains("fd46:5259::1234:5678:9abc:def0".parse().unwrap()));
+        assert!(!s.contains("fd46:525a::1".parse().unwrap()));
+        for bad in [
+            "fd00::/48",
+            "fd00::1/64",
+            "fe80::/64",
+            "ff02::/64",
+            "::/64",
+            "10.0.0.0/24",
+            "fd00::",
+        ] {
+            let e = bad.parse::<Subnet6>().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--subnet6 {bad}: ")), "{e}");
+        }
+    }
 
     #[test]
     fn default_plan_matches_design() {

@@ -1,11 +1,11 @@
-//! The DNS server on the gateway: the names of the network plan are answered here; other
-//! names go upstream (once forwarding exists) or get SERVFAIL at once.
+//! The DNS server on the gateway: the names of the network plan are answered here (A, and AAAA
+//! when the guest has IPv6); other names go upstream or get SERVFAIL at once.
 //!
 //! Queries come from the guest and are treated as hostile: every length is checked, names are
 //! read without following compression pointers (a question never needs them), and anything
 //! malformed gets no answer rather than a guess.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::NetConfig;
 
@@ -93,8 +93,20 @@ pub fn local_name(cfg: &NetConfig, name: &str) -> Option<Ipv4Addr> {
     }
 }
 
-/// A response to `query` (whose question is `q`) with `rcode` and the given A record, if any.
-fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<Ipv4Addr>) -> Vec<u8> {
+/// The IPv6 address of a name the gateway answers itself, if it is one and IPv6 is on.
+pub fn local_name6(cfg: &NetConfig, name: &str) -> Option<std::net::Ipv6Addr> {
+    cfg.subnet6?;
+    let v4 = local_name(cfg, name)?;
+    Some(if v4 == cfg.gateway() {
+        cfg.gateway6()
+    } else {
+        cfg.host_alias6()
+    })
+}
+
+/// A response to `query` (whose question is `q`) with `rcode` and the given A or AAAA record,
+/// if any.
+fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<IpAddr>) -> Vec<u8> {
     let mut r = Vec::with_capacity(q.end + 16);
     r.extend_from_slice(&query[0..2]);
     // QR, the query's opcode (0) and RD, RA, and the rcode.
@@ -113,22 +125,30 @@ fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<Ipv4Addr>) -> 
     r.extend_from_slice(&query[HEADER..q.end]);
     if let Some(ip) = answer {
         r.extend_from_slice(&[0xc0, HEADER as u8]);
-        r.extend_from_slice(&TYPE_A.to_be_bytes());
+        let (ty, data) = match ip {
+            IpAddr::V4(a) => (TYPE_A, a.octets().to_vec()),
+            IpAddr::V6(a) => (TYPE_AAAA, a.octets().to_vec()),
+        };
+        r.extend_from_slice(&ty.to_be_bytes());
         r.extend_from_slice(&CLASS_IN.to_be_bytes());
         r.extend_from_slice(&TTL.to_be_bytes());
-        r.extend_from_slice(&4u16.to_be_bytes());
-        r.extend_from_slice(&ip.octets());
+        r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        r.extend_from_slice(&data);
     }
     r
 }
 
-/// The answer the gateway gives itself: for the plan's names (A, and an empty answer for any
-/// other type), or SERVFAIL for everything else when there is no upstream to ask. `None` for a
+/// The answer the gateway gives itself: for the plan's names (A, AAAA with IPv6 on, and an
+/// empty answer for any other type), or SERVFAIL for everything else when there is no upstream to ask. `None` for a
 /// query that gets no answer at all (malformed).
 pub fn answer(cfg: &NetConfig, query: &[u8], have_upstream: bool) -> Option<Answer> {
     let q = parse_query(query)?;
     if let Some(ip) = local_name(cfg, &q.name) {
-        let a = (q.qtype == TYPE_A && q.qclass == CLASS_IN).then_some(ip);
+        let a = match (q.qtype, q.qclass) {
+            (TYPE_A, CLASS_IN) => Some(IpAddr::V4(ip)),
+            (TYPE_AAAA, CLASS_IN) => local_name6(cfg, &q.name).map(IpAddr::V6),
+            _ => None,
+        };
         return Some(Answer::Local(response(query, &q, 0, a)));
     }
     // Other names under our own zone do not exist.
@@ -192,13 +212,21 @@ mod tests {
     }
 
     #[test]
-    fn plan_names_get_a_records_and_empty_aaaa() {
+    fn plan_names_get_a_and_aaaa_records() {
         let cfg = NetConfig::default();
-        for (name, ip) in [
-            ("host.ferry.internal", [192, 168, 127, 254]),
-            ("HOST.docker.internal", [192, 168, 127, 254]),
-            ("gateway.ferry.internal", [192, 168, 127, 1]),
-            ("http.docker.internal", [192, 168, 127, 1]),
+        for (name, ip, ip6) in [
+            (
+                "host.ferry.internal",
+                [192, 168, 127, 254],
+                cfg.host_alias6(),
+            ),
+            (
+                "HOST.docker.internal",
+                [192, 168, 127, 254],
+                cfg.host_alias6(),
+            ),
+            ("gateway.ferry.internal", [192, 168, 127, 1], cfg.gateway6()),
+            ("http.docker.internal", [192, 168, 127, 1], cfg.gateway6()),
         ] {
             let r = local(answer(&cfg, &query(0x4242, name, TYPE_A), false));
             assert_eq!(&r[0..2], &[0x42, 0x42]);
@@ -206,6 +234,14 @@ mod tests {
             assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "{name}: one answer");
             assert_eq!(&r[r.len() - 4..], &ip, "{name}");
             let r = local(answer(&cfg, &query(1, name, TYPE_AAAA), false));
+            assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 1));
+            assert_eq!(&r[r.len() - 16..], &ip6.octets(), "{name}: AAAA");
+            // Without IPv6, an empty answer: the name exists, with no IPv6 address.
+            let v4only = NetConfig {
+                subnet6: None,
+                ..cfg.clone()
+            };
+            let r = local(answer(&v4only, &query(1, name, TYPE_AAAA), false));
             assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
         }
     }

@@ -1,4 +1,4 @@
-//! The guest as its own frames show it: its MAC and its IPv4 address.
+//! The guest as its own frames show it: its MAC, its IPv4 address and its IPv6 addresses.
 //!
 //! Theory of operation. Ferry never assumes how the guest is configured: libvirt gives every
 //! NIC its own `52:54:00:…` MAC, QEMU's default is another, and a guest may set a static
@@ -10,8 +10,14 @@
 //! its ARP traffic on its own; this covers what ferry writes without smoltcp. Until the guest
 //! has sent anything, the plan's address (`.2`) and the configured MAC stand in. `--guest-mac`
 //! pins the MAC: frames from others are then not learned from.
+//!
+//! IPv6: the guest's global address (the one in the link's /64, which SLAAC builds) and its
+//! link-local one are learned from the source of its IPv6 packets, and from the target of its
+//! duplicate address detection (a neighbour solicitation from `::`), which is the first thing
+//! a guest says of an address it is about to use. Until then the address SLAAC builds from the
+//! MAC (EUI-64) stands in: what most guests use.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{NetConfig, GATEWAY_MAC};
 
@@ -20,6 +26,10 @@ use crate::{NetConfig, GATEWAY_MAC};
 pub struct Guest {
     mac: [u8; 6],
     ip: Ipv4Addr,
+    /// Its IPv6 address in the link's /64, once seen.
+    ip6: Option<Ipv6Addr>,
+    /// Its IPv6 link-local address, once seen.
+    ll6: Option<Ipv6Addr>,
     /// The MAC was given (`--guest-mac`): only its frames teach anything.
     pinned: bool,
     cfg: NetConfig,
@@ -31,6 +41,8 @@ impl Guest {
         Guest {
             mac: cfg.guest_mac,
             ip: cfg.guest(),
+            ip6: None,
+            ll6: None,
             pinned: cfg.guest_mac_pinned,
             cfg: cfg.clone(),
         }
@@ -46,6 +58,69 @@ impl Guest {
         self.ip
     }
 
+    /// The guest's IPv6 address in the link's /64 (None when IPv6 is off): the one seen, or
+    /// the one SLAAC builds from its MAC.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.cfg.subnet6.as_ref()?;
+        Some(
+            self.ip6
+                .unwrap_or_else(|| eui64(self.cfg.gateway6(), self.mac)),
+        )
+    }
+
+    /// The guest's IPv6 link-local address: the one seen, or the one built from its MAC.
+    pub fn link_local(&self) -> Option<Ipv6Addr> {
+        self.cfg.subnet6.as_ref()?;
+        let fe80 = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+        Some(self.ll6.unwrap_or_else(|| eui64(fe80, self.mac)))
+    }
+
+    /// Learns the guest's IPv6 addresses from an IPv6 packet of its.
+    fn learn6(&mut self, frame: &[u8]) -> bool {
+        let addr = |r: std::ops::Range<usize>| {
+            frame
+                .get(r)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(Ipv6Addr::from)
+        };
+        let Some(mut src) = addr(22..38) else {
+            return false;
+        };
+        if src.is_unspecified() {
+            // Duplicate address detection: a neighbour solicitation (ICMPv6 135, no
+            // extension headers) names the address about to be used.
+            if frame.get(20) != Some(&58) || frame.get(54) != Some(&135) {
+                return false;
+            }
+            let Some(target) = addr(62..78) else {
+                return false;
+            };
+            src = target;
+        }
+        let link_local = (src.segments()[0] & 0xffc0) == 0xfe80;
+        let ours = [
+            self.cfg.gateway6(),
+            self.cfg.host_alias6(),
+            self.cfg.gateway_ll(),
+        ];
+        if ours.contains(&src) {
+            return false;
+        }
+        let slot = if link_local {
+            &mut self.ll6
+        } else if src.segments()[..4] == self.cfg.gateway6().segments()[..4] {
+            &mut self.ip6
+        } else {
+            return false;
+        };
+        if *slot == Some(src) {
+            return false;
+        }
+        log::info!("net: the guest uses address {src}");
+        *slot = Some(src);
+        true
+    }
+
     /// Learns from one frame the guest sent. Returns whether the MAC or address changed.
     pub fn learn(&mut self, frame: &[u8]) -> bool {
         let Some(src) = frame.get(6..12) else {
@@ -59,6 +134,10 @@ impl Guest {
         if self.pinned && src != self.mac {
             return false;
         }
+        let mut changed = false;
+        if self.cfg.subnet6.is_some() && frame.get(12..14) == Some(&[0x86, 0xdd]) {
+            changed |= self.learn6(frame);
+        }
         let ip = match frame.get(12..14) {
             // IPv4: the source address.
             Some([0x08, 0x00]) => frame.get(26..30),
@@ -71,7 +150,6 @@ impl Guest {
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(Ipv4Addr::from)
         .filter(|ip| self.could_be_guest(*ip));
-        let mut changed = false;
         if src != self.mac {
             log::info!(
                 "net: the guest uses MAC {}",
@@ -104,6 +182,22 @@ impl Guest {
             && ip != self.cfg.gateway()
             && ip != self.cfg.host_alias()
     }
+}
+
+/// The address SLAAC builds in `prefix` (its first 64 bits) from `mac` (modified EUI-64).
+fn eui64(prefix: Ipv6Addr, mac: [u8; 6]) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..].copy_from_slice(&[
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]);
+    Ipv6Addr::from(o)
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 mod config;
 
 pub use config::{
-    Error, NetConfig, Subnet, DEFAULT_MAX_CONNECTIONS, DEFAULT_MTU, DEFAULT_SUBNET, GATEWAY_MAC,
-    GUEST_MAC,
+    Error, NetConfig, Subnet, Subnet6, DEFAULT_MAX_CONNECTIONS, DEFAULT_MTU, DEFAULT_SUBNET,
+    DEFAULT_SUBNET6, GATEWAY_MAC, GUEST_MAC,
 };
 
 mod publish;
@@ -17,14 +17,13 @@ mod publish;
 pub use publish::{PortSpec, PortSpecError, Protocol};
 
 pub mod dhcp;
+pub mod dhcpv6;
 pub mod dns;
 pub mod fragments;
 pub mod guest;
-pub mod icmp;
-pub mod nat;
+pub mod ndp;
 pub mod pcap;
 pub mod ports;
 pub mod proxy;
 pub mod rules;
 pub mod stack;
-pub mod tcp_nat;

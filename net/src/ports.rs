@@ -262,9 +262,10 @@ pub fn bind_host_socket(spec: &PortSpec) -> io::Result<OwnedFd> {
 
 /// Binds one socket of `protocol` to `addr` (listening, for TCP); `v6only` sets IPV6_V6ONLY.
 fn bind_socket(protocol: Protocol, addr: SocketAddr, v6only: Option<bool>) -> io::Result<OwnedFd> {
-    let (family, addr_len) = match addr {
-        SocketAddr::V4(_) => (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>()),
-        SocketAddr::V6(_) => (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>()),
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
     let ty = match protocol {
         Protocol::Tcp => libc::SOCK_STREAM,
@@ -304,43 +305,9 @@ fn bind_socket(protocol: Protocol, addr: SocketAddr, v6only: Option<bool>) -> io
             libc::c_int::from(only),
         )?;
     }
-    // SAFETY: sockaddr_storage is plain data, large enough for either family.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage, which is aligned for it.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage, which is aligned for it.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-        }
-    }
-    // SAFETY: `storage` holds a valid address of `addr_len` bytes.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            addr_len as libc::socklen_t,
-        )
-    };
+    let c = crate::stack::sys::CAddr::new(addr);
+    // SAFETY: `c` holds a valid address of its length.
+    let r = unsafe { libc::bind(fd.as_raw_fd(), c.ptr(), c.len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -782,7 +782,11 @@ mod tests {
     /// A client connection to the proxy, opened and announced as the NAT does it.
     fn client(p: &Proxy) -> TcpStream {
         let to = p.addr();
-        let s = crate::tcp_nat::connect_nonblocking(to, Some(&|a| p.announce(a))).unwrap();
+        let s = crate::stack::sys::connect_nonblocking(
+            std::net::SocketAddr::V4(to),
+            Some(&|a| p.announce(a)),
+        )
+        .unwrap();
         s.set_nonblocking(false).unwrap();
         s
     }

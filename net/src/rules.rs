@@ -130,8 +130,8 @@ pub struct RuleSpec {
     pub dir: Dir,
     /// The protocol matched.
     pub proto: Proto,
-    /// The network matched: outbound, the destination as the guest addresses it (`to=`, IPv4:
-    /// the guest's network is); inbound, the client's (`from=`, IPv4 or IPv6).
+    /// The network matched, IPv4 or IPv6: outbound, the destination as the guest addresses it
+    /// (`to=`); inbound, the client's (`from=`).
     pub net: IpAddr,
     /// Its prefix length. `0.0.0.0/0` matches every address, IPv6 ones too; `::/0` every IPv6
     /// one.
@@ -233,11 +233,6 @@ impl FromStr for RuleSpec {
                     let addr: IpAddr = addr.parse().map_err(|_| {
                         err(format!("{k}={t}: {addr} is not an IPv4 or IPv6 address"))
                     })?;
-                    if addr.is_ipv6() && k == "to" {
-                        return Err(err(format!(
-                            "to={t}: the guest's network is IPv4, so no flow goes to an IPv6 address; give an IPv4 network"
-                        )));
-                    }
                     let max = if addr.is_ipv4() { 32 } else { 128 };
                     let len: u8 = match len {
                         None => max,
@@ -611,6 +606,7 @@ mod tests {
             "drop,dir=in,from=10.0.0.0/8",
             "reject,dir=in,proto=tcp,from=192.168.1.7/32,port=8080",
             "drop,dir=in,from=2001:db8::/32",
+            "reject,proto=udp,to=2001:db8::/32",
             "reject,dir=in,proto=udp,from=::1/128,port=53",
             "drop,dir=in,from=::/0",
         ] {
@@ -633,10 +629,6 @@ mod tests {
             ("reject,to=10.0.0.1/8", "host bits are set; use 10.0.0.0/8"),
             ("reject,to=10.0.0.0/33", "the prefix must be 0 to 32"),
             ("reject,to=example.com", "not an IPv4 or IPv6 address"),
-            (
-                "reject,to=2001:db8::/32",
-                "the guest's network is IPv4, so no flow goes to an IPv6 address",
-            ),
             ("drop,dir=in,from=fd00::/129", "the prefix must be 0 to 128"),
             (
                 "drop,dir=in,from=fd00::1/8",

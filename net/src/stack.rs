@@ -1,34 +1,44 @@
-//! The guest's network: a smoltcp interface that owns the gateway (.1) and the host alias, and
-//! the NAT that turns the guest's flows into host sockets.
+//! The guest's network: a smoltcp interface that owns the gateway and the host alias (in
+//! IPv4 and IPv6), and the NAT that turns the guest's flows into host sockets.
 //!
 //! Theory of operation. One `NetStack` runs on the device's worker thread and owns everything:
 //! no locks on the way of a frame. There are two ways in, and this file holds both dispatchers:
 //! - frames from the guest ([`NetStack::receive_frame_with`]): the learned guest
 //!   (`crate::guest`) looks at each, fragments are put back together (`crate::fragments`),
-//!   then ICMP echo, TCP SYNs and UDP to other hosts are taken by the NAT paths
-//!   (`ping`, `tcp`, `udp_flows`) and the rest goes to smoltcp (ARP, DHCP, DNS on the
+//!   the link's own IPv6 services answer router solicitations and DHCPv6 (`link6`), then
+//!   ICMP echo, TCP SYNs and UDP to other hosts are taken by the NAT paths (`ping`, `tcp`,
+//!   `udp_flows`) and the rest goes to smoltcp (ARP, neighbour discovery, DHCP, DNS on the
 //!   gateway, the established TCP flows);
-//! - host events ([`NetStack::handle_host_events`]): one epoll for every host socket, told
-//!   apart by token ranges: the DNS upstream (`dns_forward`), published ports (`inbound`),
-//!   TCP flows (`tcp`), ping sockets (`ping`) and UDP flows (`udp_flows`).
+//! - host events ([`NetStack::handle_host_events`]): one epoll for every host socket, each
+//!   named by a `flow::Token`: the DNS upstream (`dns_forward`), published ports (`inbound`),
+//!   and the flows, whose entry says which protocol takes the event.
 //!
-//! [`NetStack::poll`] runs smoltcp and moves data between each flow's stack socket and its
-//! host socket; frames for the guest leave through [`NetStack::pop_frame`]. The rules decide
-//! each new flow (`verdict`). Each protocol's file owns both its directions, as passt's do;
-//! the flow tables themselves (`crate::tcp_nat`, `crate::nat`, `crate::icmp`) are still one per
-//! protocol and IPv4 only: one table for every flow, either family, is the next step.
+//! Every flow, of any protocol, direction or family, lives in one table (`flow`), with both
+//! of its sides, its rule counters and its times; each protocol's file owns both directions of
+//! its flows, as passt's do. [`NetStack::poll`] runs smoltcp and moves data between each TCP
+//! flow's stack socket and its host socket; frames for the guest leave through
+//! [`NetStack::pop_frame`]. The rules decide each new flow (`verdict`).
 
 mod dns_forward;
+mod flow;
 mod inbound;
 mod link;
+mod link6;
 mod ping;
+pub(crate) mod sys;
 mod tcp;
+mod tcp_host;
 mod udp_flows;
 mod verdict;
 
+#[cfg(test)]
+mod ipv6_tests;
+
+use flow::{FlowId, FlowTable, Token};
 pub use link::{is_bare_tcp_ack, Frame};
-use link::{parse_ipv4, recycle, smol, FrameQueue, QUEUE_FRAMES};
-use udp_flows::{UdpMapping, UDP_PUBLISH_IDLE};
+use link::{parse_ip, recycle, smol, v6, FrameQueue, IpInfo, QUEUE_FRAMES};
+pub use tcp_host::DEFAULT_MAX_FLOWS;
+use tcp_host::{TcpFlow, TcpLimits};
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -39,17 +49,18 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::udp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, Ipv4Address,
+};
 
-use crate::nat::{FlowKey, UdpNat, FLOW_TOKEN_BASE};
 use crate::pcap::{self, Capture, CaptureStats};
 use crate::ports::{Incoming, Ports};
 use crate::rules::{Action, Counters, Proto, Rules};
 use crate::{dhcp, dns};
 use crate::{NetConfig, GATEWAY_MAC};
 use std::collections::HashMap;
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Weak};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -84,14 +95,36 @@ pub struct FlowInfo {
     /// "tcp", "udp" or "udp-published".
     pub protocol: &'static str,
     /// The guest's end.
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The other end as the guest sees it.
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     /// The TCP state ("Established"...), or "open".
     pub state: String,
     /// Whether a published port opened it (the host's client connected in).
     pub inbound: bool,
+    /// How long it has been open.
+    pub age: std::time::Duration,
 }
+
+/// What a flow of the table keeps for its protocol.
+pub(crate) enum Kind {
+    /// A TCP connection, either way.
+    Tcp(TcpFlow),
+    /// The guest's datagrams to one destination: the host socket connected there, and the
+    /// stack socket the replies leave from (shared by the flows to that destination).
+    Udp {
+        socket: UdpSocket,
+        reply: SocketHandle,
+    },
+    /// One client of a published UDP port (the flow's `host`), answered through the port's
+    /// socket while the port is published.
+    UdpPublished { socket: Weak<UdpSocket> },
+    /// The guest's echo requests to one host, with one identifier.
+    Ping { socket: OwnedFd },
+}
+
+/// The flows.
+pub(crate) type Flows = FlowTable<Kind>;
 
 /// The guest's link and the services on it.
 pub struct NetStack {
@@ -111,24 +144,34 @@ pub struct NetStack {
     stats: StackStats,
     /// Host sockets that wake the stack (NAT flows, the DNS upstream socket).
     epoll: Epoll,
-    nat: UdpNat,
-    icmp: crate::icmp::IcmpNat,
-    tcp: crate::tcp_nat::TcpNat,
-    /// The stack's UDP socket for each destination the guest talks to through the NAT.
-    nat_sockets: HashMap<SocketAddrV4, SocketHandle>,
+    /// Every flow through the NAT.
+    flows: Flows,
+    /// The TCP caps and the published connections waiting for the guest.
+    tcp_limits: TcpLimits,
+    /// The stack's UDP socket for each destination the guest talks to through the NAT, and
+    /// how many flows use it.
+    udp_replies: HashMap<SocketAddr, (SocketHandle, usize)>,
+    /// A ping socket could not be made (logged once).
+    ping_warned: bool,
+    /// When the last router advertisement went out.
+    last_ra: Option<StdInstant>,
+    /// The guest has sent an IPv6 frame (so it has IPv6 on).
+    spoke_ipv6: bool,
     /// The DNS server queries are forwarded to, and the host socket connected to it.
     upstream: Option<UdpSocket>,
-    /// Where `upstream` sends (it connects again when a send finds it unconnected).
+    /// Where `upstream` sends (it connects again when a send finds it unconnected), and where
+    /// DNS over TCP to the gateway goes.
     upstream_addr: Option<SocketAddr>,
-    /// The upstream for DNS over TCP (IPv4 upstreams only, as the NAT is IPv4).
-    upstream_tcp: Option<SocketAddrV4>,
-    /// Forwarded queries in flight: our id -> (guest endpoint, the guest's query).
-    dns_pending: HashMap<u16, (IpEndpoint, Vec<u8>)>,
+    /// Forwarded queries in flight: our id -> (guest endpoint, the gateway address it asked,
+    /// the guest's query).
+    dns_pending: HashMap<u16, (IpEndpoint, IpAddress, Vec<u8>)>,
+    /// The gateway's addresses: IPv4, and with IPv6 its global and link-local ones.
+    gateways: Vec<IpAddr>,
     next_dns_id: u16,
     last_expiry: StdInstant,
-    /// Reused buffers: host reads, and the flow keys a poll walks.
+    /// Reused buffers: host reads, and the flow ids a poll walks.
     host_buf: Vec<u8>,
-    pump_keys: Vec<crate::tcp_nat::TcpKey>,
+    pump_ids: Vec<FlowId>,
     /// Published ports (shared with the control API and the ports thread), if any.
     ports: Option<Arc<Ports>>,
     /// The HTTP(S) proxy the gateway's port 3128 leads to, if any.
@@ -137,15 +180,8 @@ pub struct NetStack {
     rules: Option<Arc<Rules>>,
     /// Reused buffer for what the ports thread hands over.
     incoming: Vec<Incoming>,
-    /// Published UDP mappings: the guest-side flow (guest port, the client as the guest sees
-    /// it) -> the published socket and the real client.
-    udp_pub: HashMap<FlowKey, UdpMapping>,
 }
 
-/// The epoll token of the DNS upstream socket.
-const DNS_TOKEN: u64 = 1;
-/// The epoll token of the published ports' handover.
-const PUBLISH_TOKEN: u64 = 2;
 /// A UDP socket bound to `port` on the stack's addresses.
 fn udp_socket(port: u16) -> udp::Socket<'static> {
     let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
@@ -180,10 +216,22 @@ impl NetStack {
         let epoch = StdInstant::now();
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
         let prefix = cfg.subnet.prefix();
+        let mut gateways = vec![IpAddr::V4(cfg.gateway())];
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(smol(cfg.gateway())), prefix));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(smol(cfg.host_alias())), prefix));
+            if cfg.subnet6.is_some() {
+                // The router's link-local address (router advertisements come from it), and
+                // the gateway and the host alias in the guest's /64.
+                for a in [cfg.gateway_ll(), cfg.gateway6(), cfg.host_alias6()] {
+                    let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), 64));
+                }
+            }
         });
+        if cfg.subnet6.is_some() {
+            gateways.push(IpAddr::V6(cfg.gateway6()));
+            gateways.push(IpAddr::V6(cfg.gateway_ll()));
+        }
         // Accept packets for any destination: the NAT answers for the whole world.
         iface.set_any_ip(true);
         let _ = iface
@@ -192,13 +240,9 @@ impl NetStack {
         let mut sockets = SocketSet::new(Vec::new());
         let socket = udp_socket(dhcp::SERVER_PORT);
         let dhcp = sockets.add(socket);
-        let mut dns_socket = udp_socket(dns::PORT);
-        // Only the gateway's port 53: queries the guest sends elsewhere go through the NAT.
-        let _ = dns_socket.bind(IpEndpoint::new(
-            IpAddress::Ipv4(smol(cfg.gateway())),
-            dns::PORT,
-        ));
-        let dns = sockets.add(dns_socket);
+        // Port 53 of every address: `serve_dns` answers only the gateway's (queries the guest
+        // sends elsewhere went through the NAT).
+        let dns = sockets.add(udp_socket(dns::PORT));
         let epoll = Epoll::new()?;
         let upstream_addr = upstream;
         let upstream = match upstream {
@@ -218,21 +262,18 @@ impl NetStack {
                 epoll.ctl(
                     ControlOperation::Add,
                     s.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, DNS_TOKEN),
+                    EpollEvent::new(EventSet::IN, Token::DnsUpstream.to_u64()),
                 )?;
                 Some(s)
             }
             None => None,
         };
-        let host_alias = cfg.host_alias();
         let max_connections = cfg.max_connections;
-        let upstream_tcp = match upstream_addr {
-            Some(SocketAddr::V4(a)) => Some(a),
-            _ => None,
-        };
         Ok(NetStack {
-            upstream_tcp,
             upstream_addr,
+            gateways,
+            last_ra: None,
+            spoke_ipv6: false,
             guest: crate::guest::Guest::new(&cfg),
             fragments: Default::default(),
             ip_id: 0,
@@ -245,25 +286,20 @@ impl NetStack {
             epoch,
             stats: StackStats::default(),
             epoll,
-            nat: UdpNat::new(host_alias),
-            icmp: crate::icmp::IcmpNat::default(),
-            tcp: {
-                let mut t = crate::tcp_nat::TcpNat::new(host_alias);
-                t.max_flows = max_connections;
-                t
-            },
-            nat_sockets: HashMap::new(),
+            flows: Flows::default(),
+            tcp_limits: TcpLimits::new(max_connections),
+            udp_replies: HashMap::new(),
+            ping_warned: false,
             upstream,
             dns_pending: HashMap::new(),
             next_dns_id: 1,
             last_expiry: StdInstant::now(),
             host_buf: Vec::new(),
-            pump_keys: Vec::new(),
+            pump_ids: Vec::new(),
             ports: None,
             proxy: None,
             rules: None,
             incoming: Vec::new(),
-            udp_pub: HashMap::new(),
         })
     }
 
@@ -277,7 +313,7 @@ impl NetStack {
         self.epoll.ctl(
             ControlOperation::Add,
             ports.notify_fd(),
-            EpollEvent::new(EventSet::IN, PUBLISH_TOKEN),
+            EpollEvent::new(EventSet::IN, Token::Published.to_u64()),
         )?;
         self.ports = Some(ports);
         Ok(self)
@@ -295,35 +331,116 @@ impl NetStack {
         self
     }
 
-    /// Queues an IPv4 packet for the guest from `src`, its `len`-byte payload written by `fill`.
+    /// Queues an IP packet for the guest from `src` (to the guest's address of its family),
+    /// its `len`-byte payload written by `fill`. Nothing goes to a guest with no address of
+    /// that family.
     fn emit_to_guest(
         &mut self,
-        src: Ipv4Address,
+        src: IpAddr,
         next_header: smoltcp::wire::IpProtocol,
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) {
-        use smoltcp::wire::{EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr};
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: smol(self.guest.ip()),
-            next_header,
-            payload_len: len,
-            hop_limit: 64,
+        let Some(dst) = self.guest_addr_for(src) else {
+            return;
+        };
+        self.emit_ip(src, dst, next_header, len, fill);
+    }
+
+    /// Queues an IP packet for the guest from `src` to `dst` (the same family), its
+    /// `len`-byte payload written by `fill`.
+    fn emit_ip(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        next_header: smoltcp::wire::IpProtocol,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
+        use smoltcp::wire::{
+            EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
+            Ipv6Repr,
+        };
+        let (ethertype, header) = match src {
+            IpAddr::V4(_) => (EthernetProtocol::Ipv4, 20),
+            IpAddr::V6(_) => (EthernetProtocol::Ipv6, 40),
         };
         let eth = EthernetRepr {
             src_addr: EthernetAddress(GATEWAY_MAC),
             dst_addr: EthernetAddress(self.guest.mac()),
-            ethertype: EthernetProtocol::Ipv4,
+            ethertype,
         };
-        let mut frame = Frame::take(&self.device.pool, eth.buffer_len() + ip.buffer_len() + len);
+        let mut frame = Frame::take(&self.device.pool, eth.buffer_len() + header + len);
         let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.emit(&mut f);
-        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-        ip.emit(&mut p, &Default::default());
-        fill(&mut p.payload_mut()[..len]);
+        match (src, dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let ip = Ipv4Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header,
+                    payload_len: len,
+                    hop_limit: 64,
+                };
+                let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+                ip.emit(&mut p, &Default::default());
+                fill(&mut p.payload_mut()[..len]);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let ip = Ipv6Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header,
+                    payload_len: len,
+                    hop_limit: 64,
+                };
+                let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
+                ip.emit(&mut p);
+                fill(&mut p.payload_mut()[..len]);
+            }
+            _ => return,
+        }
         pcap::record(self.device.capture.get_mut(), &frame);
         self.device.tx.push_back(frame);
+    }
+
+    /// Whether `a` is one of the gateway's addresses.
+    fn is_gateway(&self, a: IpAddr) -> bool {
+        self.gateways.contains(&a)
+    }
+
+    /// Whether `a` is the host alias (either family).
+    fn is_host_alias(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => a == self.cfg.host_alias(),
+            IpAddr::V6(a) => self.cfg.subnet6.is_some() && a == self.cfg.host_alias6(),
+        }
+    }
+
+    /// Where a host socket goes for the guest's destination `to`: the host's loopback for the
+    /// host alias, else `to` itself.
+    fn host_target(&self, to: SocketAddr) -> SocketAddr {
+        match to.ip() {
+            IpAddr::V4(_) if self.is_host_alias(to.ip()) => {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), to.port())
+            }
+            IpAddr::V6(_) if self.is_host_alias(to.ip()) => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), to.port())
+            }
+            _ => to,
+        }
+    }
+
+    /// The guest's address of `peer`'s family (IPv6: link-local for a link-local peer), if it
+    /// has one.
+    fn guest_addr_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        match peer {
+            IpAddr::V4(_) => Some(IpAddr::V4(self.guest.ip())),
+            IpAddr::V6(p) if (p.segments()[0] & 0xffc0) == 0xfe80 => {
+                self.guest.link_local().map(IpAddr::V6)
+            }
+            IpAddr::V6(_) => self.guest.ip6().map(IpAddr::V6),
+        }
     }
 
     /// The fd that becomes readable when a host socket has something for the guest; the
@@ -339,28 +456,26 @@ impl NetStack {
         let mut buf = std::mem::take(&mut self.host_buf);
         buf.resize(65536, 0);
         for ev in &events[..n] {
-            let token = ev.data();
-            if token == DNS_TOKEN {
-                self.dns_in(&mut buf);
-                continue;
-            }
-            if token == PUBLISH_TOKEN {
-                self.publish_in();
-                continue;
-            }
-            if token >= crate::tcp_nat::TOKEN_BASE {
-                let readable = ev.event_set().intersects(
-                    EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP,
-                );
-                self.tcp_event(token, readable);
-                continue;
-            }
-            if token >= crate::icmp::TOKEN_BASE {
-                self.ping_in(token, &mut buf);
-                continue;
-            }
-            if token >= FLOW_TOKEN_BASE {
-                self.udp_in(token, &mut buf);
+            match Token::from_u64(ev.data()) {
+                Some(Token::DnsUpstream) => self.dns_in(&mut buf),
+                Some(Token::Published) => self.publish_in(),
+                Some(Token::Flow(id)) => match self.flows.get(id).map(|f| &f.kind) {
+                    Some(Kind::Tcp(_)) => {
+                        let readable = ev.event_set().intersects(
+                            EventSet::IN
+                                | EventSet::HANG_UP
+                                | EventSet::ERROR
+                                | EventSet::READ_HANG_UP,
+                        );
+                        self.tcp_event(id, readable);
+                    }
+                    Some(Kind::Udp { .. }) => self.udp_in(id, &mut buf),
+                    Some(Kind::Ping { .. }) => self.ping_in(id, &mut buf),
+                    // Published UDP clients have no socket of their own; a closed flow's
+                    // last event finds nothing.
+                    Some(Kind::UdpPublished { .. }) | None => {}
+                },
+                None => {}
             }
         }
         self.host_buf = buf;
@@ -396,6 +511,7 @@ impl NetStack {
         self.stats.frames_in += 1;
         pcap::record(self.device.capture.get_mut(), &b);
         self.guest.learn(&b);
+        self.spoke_ipv6 |= b.get(12..14) == Some(&[0x86, 0xdd]);
         match self.fragments.take(&b, StdInstant::now) {
             crate::fragments::Verdict::Whole => self.dispatch(b),
             crate::fragments::Verdict::Kept => recycle(&self.device.pool, b),
@@ -410,12 +526,28 @@ impl NetStack {
     /// One whole frame from the guest: to the NAT paths that read frames themselves, or to
     /// smoltcp.
     fn dispatch(&mut self, b: Frame) {
-        if self.ping_out(&b) || self.tcp_syn(&b) || self.publish_udp_out(&b) || self.nat_udp_out(&b)
-        {
+        let taken = match parse_ip(&b) {
+            Some((ip, payload)) => {
+                use smoltcp::wire::IpProtocol;
+                match ip.proto {
+                    IpProtocol::Tcp => self.tcp_syn(&b, &ip, payload),
+                    IpProtocol::Udp => {
+                        self.link6_udp(&ip, payload) || self.udp_out(&b, &ip, payload)
+                    }
+                    IpProtocol::Icmp => self.ping_out(&b, &ip, payload),
+                    IpProtocol::Icmpv6 => {
+                        self.link6_icmp(&ip, payload) || self.ping_out(&b, &ip, payload)
+                    }
+                    _ => false,
+                }
+            }
+            None => false,
+        };
+        if taken {
             recycle(&self.device.pool, b);
-            return;
+        } else {
+            self.device.rx.push_back(b);
         }
-        self.device.rx.push_back(b);
     }
 
     /// Runs the stack: handles the frames taken, answers what needs answering.
@@ -424,15 +556,14 @@ impl NetStack {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dhcp();
         self.serve_dns();
+        self.advertise_router();
         self.pump_all();
         self.iface
             .poll(self.now(), &mut self.device, &mut self.sockets);
         if self.last_expiry.elapsed() > std::time::Duration::from_secs(5) {
             self.last_expiry = StdInstant::now();
-            self.nat.expire(&self.epoll);
-            self.icmp.expire_idle(&self.epoll);
-            self.udp_pub
-                .retain(|_, m| m.last.elapsed() < UDP_PUBLISH_IDLE && m.socket.strong_count() > 0);
+            self.udp_expire();
+            self.ping_expire();
         }
     }
 
@@ -504,43 +635,34 @@ impl NetStack {
 
     /// The open flows: TCP and UDP, outbound and from published ports.
     pub fn flows(&self) -> Vec<FlowInfo> {
-        use crate::tcp_nat::FlowState;
         use smoltcp::socket::tcp;
-        let guest = self.guest.ip();
+        use tcp_host::TcpState;
         let mut out = Vec::new();
-        for (k, f) in &self.tcp.flows {
-            let (state, inbound) = match &f.state {
-                FlowState::Connecting { .. } => ("Connecting".to_string(), false),
-                FlowState::Queued => ("Queued".to_string(), true),
-                FlowState::Open { handle, .. } => (
-                    format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state()),
-                    f.inbound,
+        for (_, f) in self.flows.iter() {
+            let (protocol, state) = match &f.kind {
+                Kind::Tcp(t) => (
+                    "tcp",
+                    match &t.state {
+                        TcpState::Connecting { .. } => "Connecting".to_string(),
+                        TcpState::Queued => "Queued".to_string(),
+                        TcpState::Open { handle, .. } => {
+                            format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state())
+                        }
+                    },
                 ),
+                Kind::Udp { .. } | Kind::UdpPublished { .. } => ("udp", "open".to_string()),
+                Kind::Ping { .. } => continue,
             };
+            let guest = self
+                .guest_addr_for(f.key.remote.ip())
+                .unwrap_or(IpAddr::V4(self.guest.ip()));
             out.push(FlowInfo {
-                protocol: "tcp",
-                guest: SocketAddrV4::new(guest, k.guest_port),
-                remote: k.dst,
+                protocol,
+                guest: SocketAddr::new(guest, f.key.guest_port),
+                remote: f.key.remote,
                 state,
-                inbound,
-            });
-        }
-        for k in self.nat.keys() {
-            out.push(FlowInfo {
-                protocol: "udp",
-                guest: SocketAddrV4::new(guest, k.guest_port),
-                remote: k.dst,
-                state: "open".into(),
-                inbound: false,
-            });
-        }
-        for k in self.udp_pub.keys() {
-            out.push(FlowInfo {
-                protocol: "udp",
-                guest: SocketAddrV4::new(guest, k.guest_port),
-                remote: k.dst,
-                state: "open".into(),
-                inbound: true,
+                inbound: f.inbound,
+                age: f.since.elapsed(),
             });
         }
         out
@@ -571,10 +693,18 @@ impl NetStack {
     /// The link's counters, with the open flows counted now.
     pub fn stats(&self) -> StackStats {
         StackStats {
-            tcp_flows: self.tcp.flows.len() as u64,
-            udp_flows: self.nat.len() as u64,
-            icmp_flows: self.icmp.len() as u64,
-            udp_published: self.udp_pub.len() as u64,
+            tcp_flows: self.flows.count(flow::Proto::Tcp) as u64,
+            udp_flows: self
+                .flows
+                .iter()
+                .filter(|(_, f)| matches!(f.kind, Kind::Udp { .. }))
+                .count() as u64,
+            icmp_flows: self.flows.count(flow::Proto::Ping) as u64,
+            udp_published: self
+                .flows
+                .iter()
+                .filter(|(_, f)| matches!(f.kind, Kind::UdpPublished { .. }))
+                .count() as u64,
             ..self.stats
         }
     }
@@ -1110,7 +1240,7 @@ mod published {
         while StdInstant::now() < end {
             stack.handle_host_events();
             while let Some(f) = stack.pop_frame() {
-                if let Some((ip, payload)) = parse_ipv4(&f) {
+                if let Some((ip, payload)) = link::parse_ipv4(&f) {
                     if ip.next_header == IpProtocol::Tcp && ip.dst_addr == smol(stack.cfg.guest()) {
                         return Some((ip.src_addr, payload.to_vec()));
                     }
@@ -1273,7 +1403,7 @@ mod published {
 
     #[test]
     fn published_clients_past_the_handshake_limit_wait_and_those_that_leave_go_at_once() {
-        use crate::tcp_nat::MAX_HANDSHAKES;
+        use tcp_host::MAX_HANDSHAKES;
         let cfg = NetConfig::default();
         let (port, ports, mut stack) = stack_with_published_port(&cfg, "127.0.0.1");
         ports.set_attached(true);
@@ -1299,7 +1429,7 @@ mod published {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(stack.stats().tcp_flows, 0, "{:?}", flow_states(&stack));
-        assert_eq!(stack.tcp.handshaking, 0);
+        assert_eq!(stack.tcp_limits.handshaking, 0);
         // A new client goes straight to the guest.
         let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_, seg) = next_segment(&mut stack).expect("a SYN to the guest");

@@ -36,6 +36,46 @@ static int tcp_connect(const char *host, int port) {
 	return fd;
 }
 
+/* ADDR:PORT as a socket address of ADDR's family (IPv6 when it has a colon); its length, or 0. */
+static socklen_t addr_of(const char *host, int port, struct sockaddr_storage *ss) {
+	memset(ss, 0, sizeof *ss);
+	if (strchr(host, ':')) {
+		struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+		a->sin6_family = AF_INET6;
+		a->sin6_port = htons((unsigned short)port);
+		return inet_pton(AF_INET6, host, &a->sin6_addr) == 1 ? sizeof *a : 0;
+	}
+	struct sockaddr_in *a = (struct sockaddr_in *)ss;
+	a->sin_family = AF_INET;
+	a->sin_port = htons((unsigned short)port);
+	return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? sizeof *a : 0;
+}
+
+/* A socket of TYPE listening on PORT of every IPv4 and IPv6 address. */
+static int bind_any(int type, int port) {
+	struct sockaddr_in6 a = { .sin6_family = AF_INET6, .sin6_port = htons((unsigned short)port), .sin6_addr = IN6ADDR_ANY_INIT };
+	int one = 1, zero = 0, fd = socket(AF_INET6, type, 0);
+	if (fd < 0) return -1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+	if (bind(fd, (struct sockaddr *)&a, sizeof a)) { close(fd); return -1; }
+	return fd;
+}
+
+/* "IP:PORT" of a peer (an IPv4 client of a dual-stack socket as plain IPv4, IPv6 as [IP]:PORT). */
+static void peer_name(const struct sockaddr_in6 *from, char *out, size_t size) {
+	char ip[INET6_ADDRSTRLEN];
+	const unsigned char *b = from->sin6_addr.s6_addr;
+	static const unsigned char mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	if (!memcmp(b, mapped, 12)) {
+		inet_ntop(AF_INET, b + 12, ip, sizeof ip);
+		snprintf(out, size, "%s:%d", ip, ntohs(from->sin6_port));
+	} else {
+		inet_ntop(AF_INET6, b, ip, sizeof ip);
+		snprintf(out, size, "[%s]:%d", ip, ntohs(from->sin6_port));
+	}
+}
+
 static int fail(void) {
 	const char *n = strerrorname_np(errno);
 	printf("errno:%s\n", n ? n : "?");
@@ -120,10 +160,12 @@ int main(int argc, char **argv) {
 		/* udp ADDR PORT SIZE: send one SIZE-byte datagram, wait up to 3 s for the echo, print
 		 * "SIZE-BACK SAME|DIFFERENT" or errno. */
 		size_t size = (size_t)atol(argv[4]);
-		int s = socket(AF_INET, SOCK_DGRAM, 0);
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
-		if (s < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
-		if (connect(s, (struct sockaddr *)&a, sizeof a)) return fail();
+		struct sockaddr_storage a;
+		socklen_t alen = addr_of(p, atoi(argv[3]), &a);
+		if (!alen) { errno = EINVAL; return fail(); }
+		int s = socket(a.ss_family, SOCK_DGRAM, 0);
+		if (s < 0) return fail();
+		if (connect(s, (struct sockaddr *)&a, alen)) return fail();
 		unsigned char *out = malloc(size ? size : 1), *in = malloc(65536);
 		for (size_t i = 0; i < size; i++) out[i] = (unsigned char)(i * 7 + 3);
 		if (send(s, out, size, 0) < 0) return fail();
@@ -298,12 +340,11 @@ int main(int argc, char **argv) {
 		printf("files %d %.3f %.3f %.3f\n", n, t1 - t0, t2 - t1, now() - t2);
 	} else if (!strcmp(cmd, "udpecho")) {
 		/* udpecho PORT: echoes every datagram to its sender, forever. */
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
-		int fd = socket(AF_INET, SOCK_DGRAM, 0);
-		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a)) return fail();
+		int fd = bind_any(SOCK_DGRAM, atoi(p));
+		if (fd < 0) return fail();
 		static char buf[65536];
 		for (;;) {
-			struct sockaddr_in from;
+			struct sockaddr_in6 from;
 			socklen_t fl = sizeof from;
 			ssize_t n = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &fl);
 			if (n >= 0) sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, fl);
@@ -323,19 +364,19 @@ int main(int argc, char **argv) {
 		if (err) { errno = err; return fail(); }
 		puts("connected");
 	} else if (!strcmp(cmd, "tcppeer")) {
-		/* tcppeer PORT: tells each client the address it comes from ("IP:PORT\n"), forever. */
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
-		int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
-		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 1024)) return fail();
+		/* tcppeer PORT: tells each client the address it comes from ("IP:PORT\n", IPv6 as
+		 * "[IP]:PORT\n"), forever, on IPv4 and IPv6. */
+		int fd = bind_any(SOCK_STREAM, atoi(p));
+		if (fd < 0 || listen(fd, 1024)) return fail();
 		for (;;) {
-			struct sockaddr_in from;
+			struct sockaddr_in6 from;
 			socklen_t fl = sizeof from;
 			int c = accept(fd, (struct sockaddr *)&from, &fl);
 			if (c < 0) continue;
-			char line[64];
-			int n = snprintf(line, sizeof line, "%s:%d\n", inet_ntoa(from.sin_addr), ntohs(from.sin_port));
-			(void)!write(c, line, (size_t)n);
+			char line[80];
+			peer_name(&from, line, sizeof line - 1);
+			strcat(line, "\n");
+			(void)!write(c, line, strlen(line));
 			close(c);
 		}
 	} else {

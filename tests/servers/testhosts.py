@@ -34,8 +34,13 @@ def pattern(size):
     return bytes(out[:size])
 
 
+def family(addr):
+    """The address family of `addr`: test hosts listen on IPv4 or IPv6 addresses."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def serve_tcp(addr, port, handler):
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = socket.socket(family(addr), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((addr, port))
     srv.listen(1024)
@@ -93,14 +98,23 @@ def dns_answer(query, names):
         return None
     qtype = struct.unpack("!H", query[pos + 1:pos + 3])[0]
     name = ".".join(labels)
-    ip = names.get(name)
+    ips = names.get(name)
     rd = flags & 0x0100
-    if ip is None:
+    if ips is None:
         return struct.pack("!HHHHHH", qid, 0x8080 | rd | 3, 1, 0, 0, 0) + query[12:end]
-    if qtype != 1:
-        return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 0, 0, 0) + query[12:end]
-    answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ip)
-    return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, 1, 0, 0) + query[12:end] + answer
+    # A names the IPv4 addresses given, AAAA the IPv6 ones.
+    answers = b""
+    count = 0
+    for ip in ips:
+        if qtype == 1 and ":" not in ip:
+            answers += struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ip)
+        elif qtype == 28 and ":" in ip:
+            answers += struct.pack("!HHHIH", 0xC00C, 28, 1, 60, 16)
+            answers += socket.inet_pton(socket.AF_INET6, ip)
+        else:
+            continue
+        count += 1
+    return struct.pack("!HHHHHH", qid, 0x8480 | rd, 1, count, 0, 0) + query[12:end] + answers
 
 
 def echo_handler(conn):
@@ -151,7 +165,10 @@ def serve_http(addr, port, directory):
             pass
 
     handler = functools.partial(Quiet, directory=directory)
-    srv = http.server.ThreadingHTTPServer((addr, port), handler)
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family(addr)
+
+    srv = Server((addr, port), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 
@@ -169,7 +186,7 @@ def main():
             i += 2
             while i < len(args) and "=" in args[i]:
                 k, v = args[i].split("=", 1)
-                names[k.lower()] = v
+                names.setdefault(k.lower(), []).append(v)
                 i += 1
         elif args[i] == "--tcp-echo":
             serve_tcp(addr, int(args[i + 1]), echo_handler)
@@ -192,12 +209,12 @@ def main():
             sys.exit("testhosts: unknown argument " + args[i])
     socks = {}
     for port in echo:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(addr), socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.bind((addr, port))
         socks[s] = "echo"
     for port in dns:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(addr), socket.SOCK_DGRAM)
         s.bind((addr, port))
         socks[s] = "dns"
 

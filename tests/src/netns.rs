@@ -21,6 +21,10 @@ pub struct TestNet {
     pub inner_addr: String,
     /// The remote side's address on the link (reach test servers here).
     pub remote_addr: String,
+    /// The inner side's IPv6 address on the link.
+    pub inner_addr6: String,
+    /// The remote side's IPv6 address on the link: test servers given it are IPv6-only.
+    pub remote_addr6: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -51,6 +55,8 @@ impl TestNet {
             remote: format!("ferry-rm-{id}"),
             inner_addr: format!("198.18.{octet}.1"),
             remote_addr: format!("198.18.{octet}.2"),
+            inner_addr6: format!("fd00:18:{octet}::1"),
+            remote_addr6: format!("fd00:18:{octet}::2"),
         };
         let (va, vb) = (format!("fi{id}"), format!("fr{id}"));
         ip(&["netns", "add", &net.inner])?;
@@ -69,15 +75,37 @@ impl TestNet {
             "netns",
             &net.remote,
         ])?;
-        for (ns, dev, addr) in [
-            (&net.inner, &va, &net.inner_addr),
-            (&net.remote, &vb, &net.remote_addr),
+        for (ns, dev, addr, addr6) in [
+            (&net.inner, &va, &net.inner_addr, &net.inner_addr6),
+            (&net.remote, &vb, &net.remote_addr, &net.remote_addr6),
         ] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            // No duplicate address detection: the link is the test's own, and the address is
+            // usable at once.
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(net)
+    }
+
+    /// Allows ping sockets in ferry's namespace (a new namespace keeps them off, and it has
+    /// its own sysctl), so ferry sends the guest's pings for real.
+    pub fn allow_ping_sockets(&self) {
+        let ok = Self::command(&self.inner, "sysctl")
+            .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot allow ping sockets in the test namespace");
     }
 
     /// A command that runs `program` inside namespace `ns`.

@@ -63,11 +63,7 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
             &format!("remote.test={remote}"),
         ],
     );
-    let sysctl = TestNet::command(&net.inner, "sysctl")
-        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
-        .status()
-        .unwrap();
-    assert!(sysctl.success(), "cannot allow ping sockets");
+    net.allow_ping_sockets();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let t = ferry_tests::tools_share(dir.path());

@@ -41,18 +41,6 @@ fn ctl(api: &std::path::Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Ping sockets for ferry's namespace (its own sysctl), so pings to the outside are real.
-fn allow_ping_sockets(net: &TestNet) {
-    let sysctl = TestNet::command(&net.inner, "sysctl")
-        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
-        .status()
-        .unwrap();
-    assert!(
-        sysctl.success(),
-        "cannot allow ping sockets in the test namespace"
-    );
-}
-
 /// A ferry serving the net device (DNS upstream: the test host), the control API and the
 /// tools share, in the test network's inner namespace.
 struct Served {
@@ -183,7 +171,7 @@ fn udp_and_dns_through_the_nat() {
             &format!("remote.test={remote}"),
         ],
     );
-    allow_ping_sockets(&net);
+    net.allow_ping_sockets();
     // The host side of the host alias: an echo, a blob, an HTTP server with a 64 MiB file,
     // and an upload sink, on the loopback of ferry's own namespace.
     let www = tempfile::tempdir().unwrap();
@@ -451,7 +439,7 @@ fn rules_refuse_flows_and_count_them() {
             "53",
         ],
     );
-    allow_ping_sockets(&net);
+    net.allow_ping_sockets();
 
     let dir = tempfile::tempdir().unwrap();
     let rules: Vec<String> = [

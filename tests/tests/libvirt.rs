@@ -50,11 +50,7 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
     std::fs::create_dir(&web).unwrap();
     std::fs::write(web.join("page.txt"), format!("{PAGE}\n")).unwrap();
     // Ferry answers the guest's pings through ping sockets, which a new namespace keeps off.
-    let sysctl = TestNet::command(&net.inner, "sysctl")
-        .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"])
-        .status()
-        .unwrap();
-    assert!(sysctl.success(), "cannot allow ping sockets");
+    net.allow_ping_sockets();
     let _remote = TestHost::start(&net.remote, &[&net.remote_addr]);
     let _web = TestHost::start(
         &net.inner,

@@ -641,6 +641,7 @@ fn stats(control: &Control) -> Value {
                     "remote": f.remote.to_string(),
                     "state": f.state,
                     "direction": if f.inbound { "in" } else { "out" },
+                    "age_secs": f.age.as_secs(),
                 })
             })
             .collect();

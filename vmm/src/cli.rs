@@ -249,6 +249,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "CIDR")]
     pub subnet: Option<String>,
 
+    /// The guest's IPv6 /64: gateway ::1, host alias ::fe (reaches the host's ::1); the guest
+    /// builds its address by SLAAC. `off` turns IPv6 off [default: fd46:5259::/64, a unique
+    /// local prefix: never routed outside, so guests keep preferring IPv4 where both exist].
+    #[arg(long, value_name = "CIDR|off")]
+    pub subnet6: Option<String>,
+
     /// The link MTU given to the guest [default: 65520].
     #[arg(long, value_name = "N")]
     pub mtu: Option<u32>,

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use ferry_fs::{CachePolicy, IdMap, IdMaps};
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
-use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET};
+use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, DEFAULT_SUBNET6};
 use serde::Deserialize;
 
 use crate::cli::{RunArgs, SandboxArgs, ServeArgs};
@@ -146,6 +146,7 @@ struct FileConfig {
     api_socket: Option<PathBuf>,
     portd_socket: Option<PathBuf>,
     subnet: Option<String>,
+    subnet6: Option<String>,
     mtu: Option<u32>,
     max_connections: Option<usize>,
     guest_mac: Option<String>,
@@ -419,6 +420,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let subnet: Subnet = subnet_s.parse().map_err(|e| usage(format!("{e}")))?;
         let mtu = args.mtu.or(file.mtu).unwrap_or(u32::from(DEFAULT_MTU));
         let mut net = NetConfig::new(subnet, mtu).map_err(|e| usage(e.to_string()))?;
+        net.subnet6 = match args.subnet6.or(file.subnet6).as_deref() {
+            Some("off") => None,
+            Some(s) => Some(s.parse().map_err(|e| usage(format!("{e}")))?),
+            None => Some(DEFAULT_SUBNET6.parse().map_err(|e| usage(format!("{e}")))?),
+        };
         if let Some(n) = args.max_connections.or(file.max_connections) {
             if n == 0 {
                 return Err(usage(
@@ -788,6 +794,7 @@ mod tests {
             api_socket: None,
             portd_socket: None,
             subnet: None,
+            subnet6: None,
             mtu: None,
             max_connections: None,
             guest_mac: None,

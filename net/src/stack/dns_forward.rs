@@ -1,5 +1,6 @@
 //! DNS on the gateway: names the plan owns are answered here, the rest forwarded to the
-//! upstream with an id of ferry's, and the answer goes back unchanged but for it.
+//! upstream with an id of ferry's, and the answer goes back unchanged but for it, from the
+//! gateway address (IPv4 or IPv6) the guest asked.
 
 use super::*;
 
@@ -12,10 +13,9 @@ impl NetStack {
     /// the guest's timeout. (The refusal comes back once, to whichever send or receive on the
     /// socket happens next, so it stands for all queries in flight.)
     pub(super) fn fail_pending_dns(&mut self) {
-        let gateway = IpAddress::Ipv4(smol(self.cfg.gateway()));
         let failed: Vec<_> = self.dns_pending.drain().map(|(_, v)| v).collect();
         let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
-        for (guest, query) in failed {
+        for (guest, gateway, query) in failed {
             if let Some(dns::Answer::Local(r)) = dns::answer(&self.cfg, &query, false) {
                 let mut meta = udp::UdpMetadata::from(guest);
                 meta.local_address = Some(gateway);
@@ -25,20 +25,19 @@ impl NetStack {
     }
 
     pub(super) fn dns_in(&mut self, buf: &mut [u8]) {
-        let gateway = IpAddress::Ipv4(smol(self.cfg.gateway()));
         loop {
             let Some(up) = &self.upstream else {
                 return;
             };
-            let (guest, reply) = match up.recv(buf) {
+            let (guest, gateway, reply) = match up.recv(buf) {
                 Ok(n) if n >= 12 => {
                     let id = u16::from_be_bytes([buf[0], buf[1]]);
-                    let Some((guest, query)) = self.dns_pending.remove(&id) else {
+                    let Some((guest, gateway, query)) = self.dns_pending.remove(&id) else {
                         continue;
                     };
                     // The answer goes back unchanged but for the guest's own id.
                     buf[0..2].copy_from_slice(&query[0..2]);
-                    (guest, buf[..n].to_vec())
+                    (guest, gateway, buf[..n].to_vec())
                 }
                 Ok(_) => continue,
                 // Nothing listens at the upstream: every query waiting on it fails now,
@@ -62,6 +61,14 @@ impl NetStack {
         let mut refused = false;
         let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
         while let Ok((query, meta)) = socket.recv() {
+            // The socket takes port 53 of every address the stack takes; only the gateway's
+            // (either family) is the DNS server (the NAT took queries to others before).
+            let Some(local) = meta
+                .local_address
+                .filter(|a| self.gateways.contains(&IpAddr::from(*a)))
+            else {
+                continue;
+            };
             let reply = match dns::answer(&self.cfg, query, self.upstream.is_some()) {
                 Some(dns::Answer::Local(reply)) => reply,
                 Some(dns::Answer::Forward) => {
@@ -82,7 +89,8 @@ impl NetStack {
                                 up.send(&q)
                             })
                             .ok()?;
-                        self.dns_pending.insert(id, (meta.endpoint, query.to_vec()));
+                        self.dns_pending
+                            .insert(id, (meta.endpoint, local, query.to_vec()));
                         Some(())
                     });
                     if sent.is_some() {
@@ -98,7 +106,7 @@ impl NetStack {
                 None => continue,
             };
             let mut out = udp::UdpMetadata::from(meta.endpoint);
-            out.local_address = meta.local_address;
+            out.local_address = Some(local);
             if socket.send_slice(&reply, out).is_ok() {
                 self.stats.dns_replies += 1;
             }

@@ -4,16 +4,25 @@
 use super::*;
 
 impl NetStack {
-    /// The address a published port's client has in the guest: its own when it is remote,
-    /// the host alias when it is this host (loopback) or not IPv4.
-    pub(super) fn seen_addr(&self, client: SocketAddr) -> std::net::Ipv4Addr {
-        let v4 = match client.ip() {
-            std::net::IpAddr::V4(a) => Some(a),
-            std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
-        };
-        match v4 {
-            Some(a) if !a.is_loopback() && !a.is_unspecified() => a,
-            _ => self.cfg.host_alias(),
+    /// The address a published port's client has in the guest: its own when it is remote
+    /// (an IPv6 client keeps its IPv6 address when the guest has IPv6), the host alias of its
+    /// family when it is this host (loopback), and the IPv4 host alias when the guest has not
+    /// shown it has IPv6.
+    pub(super) fn seen_addr(&self, client: SocketAddr) -> IpAddr {
+        let alias = IpAddr::V4(self.cfg.host_alias());
+        match client.ip() {
+            IpAddr::V4(a) if a.is_loopback() || a.is_unspecified() => alias,
+            IpAddr::V4(a) => IpAddr::V4(a),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) if v4.is_loopback() || v4.is_unspecified() => alias,
+                Some(v4) => IpAddr::V4(v4),
+                // A guest that has not spoken IPv6 may have it off: it would reset the client.
+                None if !self.spoke_ipv6 || self.guest.ip6().is_none() => alias,
+                None if a.is_loopback() || a.is_unspecified() => IpAddr::V6(self.cfg.host_alias6()),
+                // A link-local client cannot be told apart from the guest's own neighbours.
+                None if (a.segments()[0] & 0xffc0) == 0xfe80 => IpAddr::V6(self.cfg.host_alias6()),
+                None => IpAddr::V6(a),
+            },
         }
     }
 

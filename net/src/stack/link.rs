@@ -166,6 +166,62 @@ pub(super) fn parse_ipv4(frame: &[u8]) -> Option<(smoltcp::wire::Ipv4Repr, &[u8]
     Some((ip, payload))
 }
 
+/// What the NAT paths need of an IP packet's header, either family.
+pub(super) struct IpInfo {
+    pub(super) src: std::net::IpAddr,
+    pub(super) dst: std::net::IpAddr,
+    /// The transport protocol (IPv6: the first next header; packets with extension headers
+    /// are smoltcp's).
+    pub(super) proto: smoltcp::wire::IpProtocol,
+    pub(super) hop_limit: u8,
+    /// The whole packet's length, header included, as the rules count it.
+    pub(super) len: usize,
+}
+
+/// The header of an IPv4 (checksum checked) or IPv6 packet in an Ethernet frame, and the
+/// packet's payload without Ethernet padding.
+pub(super) fn parse_ip(frame: &[u8]) -> Option<(IpInfo, &[u8])> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, Ipv6Packet, Ipv6Repr};
+    match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            let (ip, payload) = parse_ipv4(frame)?;
+            Some((
+                IpInfo {
+                    src: ip.src_addr.into(),
+                    dst: ip.dst_addr.into(),
+                    proto: ip.next_header,
+                    hop_limit: ip.hop_limit,
+                    len: frame
+                        .len()
+                        .min(14 + usize::from(u16::from_be_bytes([frame[16], frame[17]])))
+                        - 14,
+                },
+                payload,
+            ))
+        }
+        [0x86, 0xdd] => {
+            let f = EthernetFrame::new_checked(frame).ok()?;
+            if f.ethertype() != EthernetProtocol::Ipv6 {
+                return None;
+            }
+            let p = Ipv6Packet::new_checked(f.payload()).ok()?;
+            let ip = Ipv6Repr::parse(&p).ok()?;
+            let payload = frame.get(14 + 40..14 + 40 + ip.payload_len)?;
+            Some((
+                IpInfo {
+                    src: ip.src_addr.into(),
+                    dst: ip.dst_addr.into(),
+                    proto: ip.next_header,
+                    hop_limit: ip.hop_limit,
+                    len: 40 + ip.payload_len,
+                },
+                payload,
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
 /// a receiver sends a sender, which the sender need not answer. The device asks it of the
 /// frames the stack makes, so no checksum is checked.
@@ -190,6 +246,14 @@ pub fn is_bare_tcp_ack(frame: &[u8]) -> bool {
     };
     TcpPacket::new_checked(segment)
         .is_ok_and(|t| !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
+}
+
+/// `a` as IPv6 (IPv4 mapped; callers on IPv6 paths have IPv6 addresses).
+pub(super) fn v6(a: std::net::IpAddr) -> std::net::Ipv6Addr {
+    match a {
+        std::net::IpAddr::V6(a) => a,
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+    }
 }
 
 pub(super) fn smol(a: std::net::Ipv4Addr) -> Ipv4Address {

@@ -1,8 +1,12 @@
 //! TCP, both directions: the guest's SYNs become host connects (SYN-ACK only once the connect
 //! succeeds), published ports' clients become connections to the guest (at most
 //! `MAX_HANDSHAKES` at once), and `pump` moves data between each flow's stack socket and host
-//! socket with backpressure both ways, and closes them.
+//! socket with backpressure both ways, and closes them. Either address family: a flow's ends
+//! are whatever the guest addressed (the host's loopback stands in for the host alias).
 
+use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
+use super::sys::{connect_nonblocking, peek_eof, take_error};
+use super::tcp_host::{TcpFlow, TcpState, MAX_HANDSHAKES};
 use super::*;
 
 /// How long the guest has to answer a published connection's SYN.
@@ -22,27 +26,36 @@ pub(super) const FIN_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration:
 /// size on demand), so an idle or short connection costs a few pages.
 pub(super) const TCP_BUFFER: usize = 4096 * 1024;
 
-/// Whether the peer of `host` has closed its side with nothing left to read (Some(true)), has
-/// sent data (Some(false)), or neither yet (None), without taking anything from the socket.
-pub(super) fn peek_eof(host: &std::net::TcpStream) -> Option<bool> {
-    let mut b = [0u8; 1];
-    // SAFETY: the fd is valid and `b` has room for the one byte asked for.
-    let n = unsafe {
-        libc::recv(
-            host.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Some(true),
-        n if n > 0 => Some(false),
-        _ => None,
-    }
+fn tcp_socket() -> smoltcp::socket::tcp::Socket<'static> {
+    use smoltcp::socket::tcp;
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+    );
+    socket.set_ack_delay(None);
+    socket
+}
+
+/// The TCP part of flow `id` of `flows`, if it is a TCP flow.
+fn tcp_of(flows: &mut Flows, id: FlowId) -> Option<&mut Flow<Kind>> {
+    flows.get_mut(id).filter(|f| matches!(f.kind, Kind::Tcp(_)))
 }
 
 impl NetStack {
+    /// Forgets TCP flow `id`: its host socket closes (and is returned, for a reset), its
+    /// handshake slot frees.
+    pub(super) fn tcp_remove(&mut self, id: FlowId) -> Option<std::net::TcpStream> {
+        let f = self.flows.remove(id)?;
+        let Kind::Tcp(mut t) = f.kind else {
+            return None;
+        };
+        t.unwatch(&self.epoll);
+        if t.handshaking {
+            self.tcp_limits.handshaking -= 1;
+        }
+        Some(t.host)
+    }
+
     /// A client connected to a published TCP port: the stack connects to the guest from the
     /// client's address, and the flow splices the two once the guest accepts. A guest that
     /// does not listen answers RST, and the client is reset too. `counters` are those of the
@@ -54,25 +67,26 @@ impl NetStack {
         guest_port: u16,
         counters: Option<Arc<Counters>>,
     ) {
-        use crate::tcp_nat::TcpKey;
-        let seen = self.seen_addr(client);
-        let mut key = TcpKey {
+        let mut key = FlowKey {
+            proto: FlowProto::Tcp,
             guest_port,
-            dst: SocketAddrV4::new(seen, client.port()),
+            remote: SocketAddr::new(self.seen_addr(client), client.port()),
         };
         // Two clients that look alike to the guest (loopback clients of one port from
         // different addresses): the later one gets another source port.
         let mut tries = 0u16;
-        while self.tcp.flows.contains_key(&key) && tries < 1024 {
+        while self.flows.lookup(&key).is_some() && tries < 1024 {
             let port = 49152 + (client.port().wrapping_add(tries.wrapping_mul(7919)) % 16384);
-            key.dst.set_port(port);
+            key.remote.set_port(port);
             tries += 1;
         }
-        if self.tcp.flows.contains_key(&key) || self.tcp.flows.len() >= self.tcp.max_flows {
+        if self.flows.lookup(&key).is_some()
+            || self.flows.count(FlowProto::Tcp) >= self.tcp_limits.max_flows
+        {
             crate::ports::reset(stream);
             return;
         }
-        let handle = if self.tcp.handshaking < crate::tcp_nat::MAX_HANDSHAKES {
+        let handle = if self.tcp_limits.handshaking < MAX_HANDSHAKES {
             match self.connect_to_guest(key) {
                 Some(h) => Some(h),
                 None => {
@@ -83,115 +97,140 @@ impl NetStack {
         } else {
             None
         };
-        if let Err(e) = self.tcp.adopt(key, stream, handle, &self.epoll, counters) {
-            log::warn!("ports: cannot watch a connection from {client}: {e}");
-            if let Some(h) = handle {
-                self.sockets.remove(h);
+        let state = match handle {
+            Some(handle) => TcpState::Open {
+                handle,
+                host_eof: false,
+                guest_eof: false,
+            },
+            None => TcpState::Queued,
+        };
+        // Its end is watched until the guest accepts; then its data.
+        let id = self.flows.next_id();
+        let mut t = match TcpFlow::watched(stream, state, EventSet::READ_HANG_UP, id, &self.epoll) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("ports: cannot watch a connection from {client}: {e}");
+                if let Some(h) = handle {
+                    self.sockets.remove(h);
+                }
+                return;
             }
-            return;
+        };
+        t.handshaking = handle.is_some();
+        let mut flow = Flow::new(key, client, true, Kind::Tcp(t));
+        flow.counters = counters;
+        self.flows.insert(flow);
+        match handle {
+            Some(_) => self.tcp_limits.handshaking += 1,
+            None => self.tcp_limits.queued.push_back(id),
         }
         self.stats.published_connections += 1;
     }
 
-    /// A stack socket connecting to the guest's `key.guest_port` from `key.dst` (the
-    /// published client as the guest sees it); None when smoltcp refuses the endpoints.
-    pub(super) fn connect_to_guest(&mut self, key: crate::tcp_nat::TcpKey) -> Option<SocketHandle> {
-        use smoltcp::socket::tcp;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-        );
-        socket.set_ack_delay(None);
+    /// A stack socket connecting to the guest's `key.guest_port` from `key.remote` (the
+    /// published client as the guest sees it); None when smoltcp refuses the endpoints or the
+    /// guest has no address of the client's family.
+    pub(super) fn connect_to_guest(&mut self, key: FlowKey) -> Option<SocketHandle> {
+        let mut socket = tcp_socket();
         socket.set_timeout(Some(PUBLISH_CONNECT_TIMEOUT));
-        let remote = IpEndpoint::new(IpAddress::Ipv4(smol(self.guest.ip())), key.guest_port);
-        let local = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
-        socket.connect(self.iface.context(), remote, local).ok()?;
+        let guest = self.guest_addr_for(key.remote.ip())?;
+        let remote = IpEndpoint::new(guest.into(), key.guest_port);
+        socket
+            .connect(self.iface.context(), remote, IpEndpoint::from(key.remote))
+            .ok()?;
         Some(self.sockets.add(socket))
     }
 
     /// Connects queued published clients to the guest, oldest first, while fewer than
     /// [`MAX_HANDSHAKES`] wait for the guest's answer.
     pub(super) fn dequeue_published(&mut self) {
-        use crate::tcp_nat::FlowState;
-        while self.tcp.handshaking < crate::tcp_nat::MAX_HANDSHAKES {
-            let Some(key) = self.tcp.queued.pop_front() else {
+        while self.tcp_limits.handshaking < MAX_HANDSHAKES {
+            let Some(id) = self.tcp_limits.queued.pop_front() else {
                 return;
             };
-            if !matches!(
-                self.tcp.flows.get(&key).map(|f| &f.state),
-                Some(FlowState::Queued)
-            ) {
+            let Some(key) = self.flows.get(id).map(|f| f.key) else {
                 continue; // it left while it waited
-            }
+            };
             let Some(handle) = self.connect_to_guest(key) else {
-                if let Some(f) = self.tcp.remove(&key, &self.epoll) {
-                    crate::ports::reset(f.host);
+                if let Some(host) = self.tcp_remove(id) {
+                    crate::ports::reset(host);
                 }
                 continue;
             };
-            if let Some(f) = self.tcp.flows.get_mut(&key) {
-                f.state = FlowState::Open {
+            if let Some(Kind::Tcp(t)) = self.flows.get_mut(id).map(|f| &mut f.kind) {
+                t.state = TcpState::Open {
                     handle,
                     host_eof: false,
                     guest_eof: false,
                 };
-                f.handshaking = true;
-                self.tcp.handshaking += 1;
+                t.handshaking = true;
+                self.tcp_limits.handshaking += 1;
             }
         }
     }
 
     /// A guest SYN to an outside address: held while ferry connects on the host. Returns
     /// whether it took the frame.
-    pub(super) fn tcp_syn(&mut self, frame: &[u8]) -> bool {
-        use crate::tcp_nat::{FlowState, TcpKey};
-        use smoltcp::wire::{IpProtocol, TcpPacket};
-        let Some((ip, payload)) = parse_ipv4(frame) else {
-            return false;
-        };
-        if ip.next_header != IpProtocol::Tcp {
-            return false;
-        }
+    pub(super) fn tcp_syn(&mut self, frame: &[u8], ip: &IpInfo, payload: &[u8]) -> bool {
+        use smoltcp::wire::TcpPacket;
         let Ok(t) = TcpPacket::new_checked(payload) else {
             return false;
         };
         if !t.syn() || t.ack() {
             return false;
         }
-        let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
-        let key = TcpKey {
+        let key = FlowKey {
+            proto: FlowProto::Tcp,
             guest_port: t.src_port(),
-            dst: SocketAddrV4::new(dst, t.dst_port()),
+            remote: SocketAddr::new(ip.dst, t.dst_port()),
         };
-        match self.tcp.flows.get(&key).map(|f| &f.state) {
-            // A retransmitted SYN while the host connect runs: the first one is held.
-            Some(FlowState::Connecting { .. }) => return true,
-            Some(FlowState::Open { .. } | FlowState::Queued) => return false,
-            None => {}
+        if let Some(id) = self.flows.lookup(&key) {
+            return match self.flows.get(id).map(|f| &f.kind) {
+                // A retransmitted SYN while the host connect runs: the first one is held.
+                Some(Kind::Tcp(TcpFlow {
+                    state: TcpState::Connecting { .. },
+                    ..
+                })) => true,
+                _ => false,
+            };
         }
         let mut target = None;
         let mut proxy = None;
         let mut counters = None;
-        if dst == self.cfg.gateway() {
+        if self.is_gateway(ip.dst) {
             // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
             // proxy, served in this process. They are not outbound flows: the proxy checks
             // the rules for the servers it connects to.
-            match (t.dst_port(), self.upstream_tcp, &self.proxy) {
+            match (t.dst_port(), self.upstream_addr, &self.proxy) {
                 (dns::PORT, Some(up), _) => target = Some(up),
                 (crate::proxy::PORT, _, Some(p)) => {
-                    target = Some(p.addr());
+                    target = Some(SocketAddr::V4(p.addr()));
                     proxy = Some(&**p);
                 }
                 _ => return false,
             }
         } else {
-            match self.decide(Proto::Tcp, key.dst, frame) {
+            match self.decide(Proto::Tcp, key.remote, frame, ip) {
                 Ok(c) => counters = c,
                 // No listener meets the SYN: the stack answers RST.
                 Err(Action::Reject) => return false,
                 Err(_) => return true,
             }
         }
+        if self.flows.count(FlowProto::Tcp) >= self.tcp_limits.max_flows {
+            if !self.tcp_limits.cap_logged {
+                self.tcp_limits.cap_logged = true;
+                log::warn!(
+                    "net: {} TCP connections are open, the most allowed; refusing new ones with RST (raise it with --max-connections)",
+                    self.tcp_limits.max_flows
+                );
+            }
+            return false;
+        }
+        // Where the host socket really connects: the given target (DNS over TCP goes to the
+        // upstream), the host's loopback for the host alias, or the guest's destination.
+        let target = target.unwrap_or_else(|| self.host_target(key.remote));
         // The proxy takes only the connections it was told of, by their source address.
         let tell_proxy = |a: SocketAddr| {
             if let Some(p) = proxy {
@@ -199,160 +238,158 @@ impl NetStack {
             }
         };
         let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
-        let started = self
-            .tcp
-            .start(key, target, announce, frame.to_vec(), &self.epoll)
-            .is_ok();
-        if let Some(f) = self.tcp.flows.get_mut(&key) {
-            f.counters = counters;
-        }
-        started
+        let host = match connect_nonblocking(target, announce) {
+            Ok(h) => h,
+            Err(e) => {
+                log::debug!("nat: tcp connect to {target} failed at once: {e}");
+                self.stats.tcp_refused += 1;
+                return false;
+            }
+        };
+        let id = self.flows.next_id();
+        let state = TcpState::Connecting {
+            syn: frame.to_vec(),
+        };
+        let Ok(t) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) else {
+            return false;
+        };
+        let mut flow = Flow::new(key, target, false, Kind::Tcp(t));
+        flow.counters = counters;
+        self.flows.insert(flow);
+        true
     }
 
-    /// A TCP flow's host socket is ready.
-    pub(super) fn tcp_event(&mut self, token: u64, readable: bool) {
-        use crate::tcp_nat::{take_error, FlowState, TcpNat};
-        use smoltcp::socket::tcp;
-        let Some(key) = self.tcp.key_of(token) else {
+    /// TCP flow `id`'s host socket is ready.
+    pub(super) fn tcp_event(&mut self, id: FlowId, readable: bool) {
+        let Some(flow) = tcp_of(&mut self.flows, id) else {
             return;
         };
-        let Some(flow) = self.tcp.flows.get_mut(&key) else {
+        let remote = flow.key.remote;
+        let Kind::Tcp(t) = &mut flow.kind else {
             return;
         };
-        flow.readable |= readable;
-        if let FlowState::Connecting { syn } = &mut flow.state {
+        t.readable |= readable;
+        if let TcpState::Connecting { syn } = &mut t.state {
             let syn = std::mem::take(syn);
-            let err = take_error(flow.host.as_raw_fd());
+            let err = take_error(t.host.as_raw_fd());
             if err != 0 {
                 // Refused or unreachable: the SYN meets no listener and the guest gets RST.
-                log::debug!("nat: tcp connect to {} failed: errno {err}", key.dst);
+                log::debug!("nat: tcp connect to {remote} failed: errno {err}");
                 self.stats.tcp_refused += 1;
-                self.tcp.remove(&key, &self.epoll);
+                self.tcp_remove(id);
                 self.device.rx.push_back(syn.into());
                 return;
             }
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            );
-            socket.set_ack_delay(None);
-            let ep = smoltcp::wire::IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(smol(*key.dst.ip()))),
-                port: key.dst.port(),
-            };
-            if socket.listen(ep).is_err() {
-                self.tcp.remove(&key, &self.epoll);
+            let mut socket = tcp_socket();
+            if socket.listen(IpListenEndpoint::from(remote)).is_err() {
+                self.tcp_remove(id);
                 self.device.rx.push_back(syn.into());
                 return;
             }
             let handle = self.sockets.add(socket);
-            flow.state = FlowState::Open {
+            t.state = TcpState::Open {
                 handle,
                 host_eof: false,
                 guest_eof: false,
             };
-            TcpNat::watch(flow, true, false, &self.epoll);
+            t.watch(true, false, id, &self.epoll);
             self.device.rx.push_back(syn.into());
             return;
         }
-        self.pump(key);
+        self.pump(id);
     }
 
     pub(super) fn pump_all(&mut self) {
-        // The key list is a reused buffer: polling allocates nothing.
-        let mut keys = std::mem::take(&mut self.pump_keys);
-        keys.clear();
-        // Queued published clients have no stack socket to move data for: their events pump them.
-        keys.extend(
-            self.tcp
-                .flows
-                .iter()
-                .filter(|(_, f)| !matches!(f.state, crate::tcp_nat::FlowState::Queued))
-                .map(|(k, _)| *k),
+        // The id list is a reused buffer: polling allocates nothing.
+        let mut ids = std::mem::take(&mut self.pump_ids);
+        // Queued published clients have no stack socket to move data for: their events pump
+        // them.
+        self.flows.select(
+            &mut ids,
+            |f| matches!(&f.kind, Kind::Tcp(t) if !matches!(t.state, TcpState::Queued)),
         );
-        for k in &keys {
-            self.pump(*k);
+        for id in &ids {
+            self.pump(*id);
         }
-        self.pump_keys = keys;
+        self.pump_ids = ids;
         self.dequeue_published();
     }
 
     /// Moves data between a flow's stack socket and its host socket, as far as both sides
     /// take it; closes and cleans up.
-    pub(super) fn pump(&mut self, key: crate::tcp_nat::TcpKey) {
-        use crate::tcp_nat::{FlowState, TcpNat};
+    pub(super) fn pump(&mut self, id: FlowId) {
         use smoltcp::socket::tcp;
         use std::io::{Read, Write};
-        let Some(flow) = self.tcp.flows.get_mut(&key) else {
+        let Some(flow) = tcp_of(&mut self.flows, id) else {
             return;
         };
-        if matches!(flow.state, FlowState::Queued) {
+        let Kind::Tcp(t) = &mut flow.kind else {
+            return;
+        };
+        if matches!(t.state, TcpState::Queued) {
             // Waiting for its turn: only a client that leaves is news.
-            if flow.readable {
-                flow.readable = false;
-                match peek_eof(&flow.host) {
+            if t.readable {
+                t.readable = false;
+                match peek_eof(&t.host) {
                     Some(true) => {
-                        self.tcp.remove(&key, &self.epoll);
+                        self.tcp_remove(id);
                     }
                     // Data (it waits for the guest), so EPOLLRDHUP would only repeat itself.
-                    Some(false) if flow.want_hup => {
-                        flow.want_hup = false;
-                        TcpNat::watch(flow, false, false, &self.epoll);
+                    Some(false) if t.want_hup => {
+                        t.want_hup = false;
+                        t.watch(false, false, id, &self.epoll);
                     }
                     _ => {}
                 }
             }
             return;
         }
-        if flow.handshaking {
-            if let FlowState::Open { handle, .. } = flow.state {
+        if t.handshaking {
+            if let TcpState::Open { handle, .. } = t.state {
                 if self.sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynSent {
-                    flow.handshaking = false;
-                    self.tcp.handshaking -= 1;
+                    t.handshaking = false;
+                    self.tcp_limits.handshaking -= 1;
                 }
             }
         }
-        let Some(flow) = self.tcp.flows.get_mut(&key) else {
-            return;
-        };
-        if flow.want_hup {
-            if let FlowState::Open { handle, .. } = flow.state {
+        if t.want_hup {
+            if let TcpState::Open { handle, .. } = t.state {
                 if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::SynSent {
                     // A published connection still waiting for the guest: a client that left
                     // without a word is let go now, rather than after the guest answers (which
                     // a guest behind on its accept queue may take seconds to do, while the
                     // descriptors pile up).
-                    if !flow.readable {
+                    if !t.readable {
                         return;
                     }
-                    flow.readable = false;
-                    let eof = peek_eof(&flow.host);
+                    t.readable = false;
+                    let eof = peek_eof(&t.host);
                     if eof == Some(true) {
                         // The guest's half-open connection meets no socket when it retransmits
                         // its SYN-ACK, and smoltcp answers that with RST.
                         self.sockets.remove(handle);
-                        self.tcp.remove(&key, &self.epoll);
+                        self.tcp_remove(id);
                         return;
                     }
                     // Data (it waits for the guest) or nothing yet. A client that half-closed
                     // after its request is served as usual once the guest answers.
                     if eof == Some(false) {
-                        flow.want_hup = false;
-                        TcpNat::watch(flow, flow.want_in, flow.want_out, &self.epoll);
+                        t.want_hup = false;
+                        t.watch(t.want_in, t.want_out, id, &self.epoll);
                     }
                     return;
                 }
             }
             // The guest answered: from now on EPOLLIN tells of the client's end.
-            flow.want_hup = false;
-            flow.readable = true;
-            TcpNat::watch(flow, flow.want_in, flow.want_out, &self.epoll);
+            t.want_hup = false;
+            t.readable = true;
+            t.watch(t.want_in, t.want_out, id, &self.epoll);
         }
-        let FlowState::Open {
+        let TcpState::Open {
             handle,
             host_eof,
             guest_eof,
-        } = &mut flow.state
+        } = &mut t.state
         else {
             return;
         };
@@ -364,8 +401,8 @@ impl NetStack {
             // the host peer is reset too, not closed as if all went well.
             let h = *handle;
             self.sockets.remove(h);
-            if let Some(f) = self.tcp.remove(&key, &self.epoll) {
-                crate::ports::reset(f.host);
+            if let Some(host) = self.tcp_remove(id) {
+                crate::ports::reset(host);
             }
             return;
         }
@@ -376,20 +413,16 @@ impl NetStack {
         }
         // Guest to host: write what the host takes; the rest stays in the window.
         let counters = flow.counters.as_deref();
+        let mut moved = 0;
         while socket.can_recv() {
-            let host = &mut flow.host;
+            let host = &mut t.host;
             let r = socket.recv(|data| match host.write(data) {
-                Ok(n) => {
-                    if let Some(c) = counters {
-                        c.add_bytes(n);
-                    }
-                    (n, Ok(n))
-                }
+                Ok(n) => (n, Ok(n)),
                 Err(e) => (0, Err(e)),
             });
             match r {
                 Ok(Ok(0)) => break,
-                Ok(Ok(_)) => {}
+                Ok(Ok(n)) => moved += n,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     want_out = true;
                     break;
@@ -408,20 +441,15 @@ impl NetStack {
             && socket.state() != tcp::State::SynReceived
             && socket.state() != tcp::State::SynSent
         {
-            let _ = flow.host.shutdown(std::net::Shutdown::Write);
+            let _ = t.host.shutdown(std::net::Shutdown::Write);
             *guest_eof = true;
         }
         // Host to guest: read only as much as the stack can send.
-        while !broken && !*host_eof && flow.readable && socket.can_send() {
-            let host = &mut flow.host;
+        while !broken && !*host_eof && t.readable && socket.can_send() {
+            let host = &mut t.host;
             let r = socket.send(|buf| match host.read(buf) {
                 Ok(0) => (0, Ok((0, false))),
-                Ok(n) => {
-                    if let Some(c) = counters {
-                        c.add_bytes(n);
-                    }
-                    (n, Ok((n, n < buf.len())))
-                }
+                Ok(n) => (n, Ok((n, n < buf.len()))),
                 Err(e) => (0, Err(e)),
             });
             match r {
@@ -430,13 +458,22 @@ impl NetStack {
                     socket.close();
                 }
                 // A short read drained the socket: epoll says when there is more.
-                Ok(Ok((_, drained))) => flow.readable = !drained,
+                Ok(Ok((n, drained))) => {
+                    moved += n;
+                    t.readable = !drained;
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    flow.readable = false;
+                    t.readable = false;
                     break;
                 }
                 _ => broken = true,
             }
+        }
+        if moved > 0 {
+            if let Some(c) = counters {
+                c.add_bytes(moved);
+            }
+            flow.last = StdInstant::now();
         }
         if broken {
             // The host side failed: reset the guest's connection.
@@ -460,17 +497,17 @@ impl NetStack {
         if done {
             let h = *handle;
             self.sockets.remove(h);
-            self.tcp.remove(&key, &self.epoll);
+            self.tcp_remove(id);
             return;
         }
         if *host_eof && *guest_eof {
             // Nothing more to read or write on the host: only the guest's side is closing.
-            TcpNat::unwatch(flow, &self.epoll);
+            t.unwatch(&self.epoll);
             return;
         }
         let want_in = !*host_eof && socket.can_send();
-        if want_in != flow.want_in || want_out != flow.want_out {
-            TcpNat::watch(flow, want_in, want_out, &self.epoll);
+        if want_in != t.want_in || want_out != t.want_out {
+            t.watch(want_in, want_out, id, &self.epoll);
         }
     }
 }

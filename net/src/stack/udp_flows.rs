@@ -2,51 +2,32 @@
 //! replies come back through the stack; published UDP ports map each client to the guest and
 //! back. Datagrams larger than the link's MTU go to the guest in fragments.
 
+use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
 use super::*;
 
-/// One client of a published UDP port.
-pub(super) struct UdpMapping {
-    pub(super) socket: Weak<UdpSocket>,
-    pub(super) client: SocketAddr,
-    pub(super) last: StdInstant,
-    /// The counters of the inbound rule that let the client in, if rules are set.
-    pub(super) counters: Option<Arc<Counters>>,
-}
+/// How long a UDP flow or a published UDP client lives without traffic.
+pub(super) const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How long a published UDP mapping lives without traffic.
-pub(super) const UDP_PUBLISH_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Outbound UDP flows open at most; past it, the one idle longest goes.
+pub(super) const MAX_UDP_FLOWS: usize = 4096;
 
-/// The flow of a guest UDP datagram to an IPv4 destination, and its payload, if `frame` is
-/// one (the IPv4 header's checksum checked; the UDP one is not, see
-/// `FrameQueue::capabilities`).
-pub(super) fn parse_udp_payload(frame: &[u8]) -> Option<(FlowKey, &[u8])> {
-    use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
-    let (ip, payload) = parse_ipv4(frame)?;
-    if ip.next_header != IpProtocol::Udp {
+/// The flow of a guest UDP datagram, and its payload, if `payload` (an IP payload) is one
+/// (the UDP checksum is not checked, see `FrameQueue::capabilities`).
+pub(super) fn parse_udp<'a>(ip: &IpInfo, payload: &'a [u8]) -> Option<(FlowKey, &'a [u8])> {
+    use smoltcp::wire::UdpPacket;
+    if ip.proto != smoltcp::wire::IpProtocol::Udp {
         return None;
     }
     let u = UdpPacket::new_checked(payload).ok()?;
-    let mut caps = smoltcp::phy::ChecksumCapabilities::default();
-    caps.udp = smoltcp::phy::Checksum::Tx;
-    let repr = UdpRepr::parse(&u, &ip.src_addr.into(), &ip.dst_addr.into(), &caps).ok()?;
-    let dst = std::net::Ipv4Addr::from(ip.dst_addr.octets());
-    let len = u.payload().len();
+    let len = usize::from(u.len()).checked_sub(8)?;
     Some((
         FlowKey {
-            guest_port: repr.src_port,
-            dst: SocketAddrV4::new(dst, repr.dst_port),
+            proto: FlowProto::Udp,
+            guest_port: u.src_port(),
+            remote: SocketAddr::new(ip.dst, u.dst_port()),
         },
-        &payload[8..8 + len],
+        payload.get(8..8 + len)?,
     ))
-}
-
-/// Sends a guest datagram on its flow's host socket, counting it for the flow's rule. UDP may
-/// drop: a full host socket buffer loses the datagram, as a router would.
-pub(super) fn send_on(flow: &mut crate::nat::UdpFlow, payload: &[u8]) {
-    if let (Ok(n), Some(c)) = (flow.socket.send(payload), &flow.counters) {
-        c.add_bytes(n);
-    }
-    flow.last = StdInstant::now();
 }
 
 impl NetStack {
@@ -63,71 +44,184 @@ impl NetStack {
     ) {
         let seen = self.seen_addr(client);
         let key = FlowKey {
+            proto: FlowProto::Udp,
             guest_port,
-            dst: SocketAddrV4::new(seen, client.port()),
+            remote: SocketAddr::new(seen, client.port()),
         };
-        let now = StdInstant::now();
-        if let Some(m) = self.udp_pub.get_mut(&key).filter(|m| m.client == client) {
-            m.socket = socket;
-            m.last = now;
-            if let Some(c) = &m.counters {
-                c.add_bytes(data.len());
+        match self.flows.by_key_mut(&key) {
+            Some((_, f)) if f.host == client && matches!(f.kind, Kind::UdpPublished { .. }) => {
+                f.kind = Kind::UdpPublished { socket };
+                f.count(data.len());
             }
-        } else {
-            let counters = match self.decide_in(Proto::Udp, client, host_port, data.len()) {
-                Ok(c) => c,
-                // Refused, whether dropped or rejected: an unprivileged socket cannot send
-                // the ICMP error, so the datagram is discarded (and counted).
-                Err(_) => return,
-            };
-            if let Some(c) = &counters {
-                c.add_bytes(data.len());
+            Some(_) => {
+                // The guest's own flow, or another client that looks alike: not this one.
+                return;
             }
-            self.udp_pub.insert(
-                key,
-                UdpMapping {
-                    socket,
-                    client,
-                    last: now,
-                    counters,
-                },
-            );
+            None => {
+                let counters = match self.decide_in(Proto::Udp, client, host_port, data.len()) {
+                    Ok(c) => c,
+                    // Refused, whether dropped or rejected: an unprivileged socket cannot send
+                    // the ICMP error, so the datagram is discarded (and counted).
+                    Err(_) => return,
+                };
+                let mut flow = Flow::new(key, client, true, Kind::UdpPublished { socket });
+                flow.counters = counters;
+                flow.count(data.len());
+                self.flows.insert(flow);
+            }
         }
         self.udp_to_guest(seen, client.port(), guest_port, data);
     }
 
-    /// A guest datagram that answers a published UDP port's client, sent back through the
-    /// published socket. Returns whether it took the frame.
-    pub(super) fn publish_udp_out(&mut self, frame: &[u8]) -> bool {
-        if self.udp_pub.is_empty() {
-            return false;
-        }
-        let Some((key, payload)) = parse_udp_payload(frame) else {
+    /// A guest datagram on a UDP flow: out on its host socket, or back through the published
+    /// socket to the published port's client it answers. Returns whether it took the frame.
+    pub(super) fn udp_out(&mut self, frame: &[u8], ip: &IpInfo, payload: &[u8]) -> bool {
+        let Some((key, data)) = parse_udp(ip, payload) else {
             return false;
         };
-        let Some(m) = self.udp_pub.get_mut(&key) else {
-            return false;
-        };
-        match m.socket.upgrade() {
-            Some(s) => {
-                m.last = StdInstant::now();
-                // UDP may drop: a full socket buffer loses the datagram.
-                if let (Ok(n), Some(c)) = (s.send_to(payload, m.client), &m.counters) {
-                    c.add_bytes(n);
+        // A flow already open: one lookup, and the datagram goes.
+        if let Some((id, f)) = self.flows.by_key_mut(&key) {
+            match &f.kind {
+                Kind::Udp { socket, .. } => {
+                    // UDP may drop: a full host socket buffer loses the datagram, as a
+                    // router would.
+                    if let Ok(n) = socket.send(data) {
+                        f.count(n);
+                    }
                 }
+                Kind::UdpPublished { socket } => match socket.upgrade() {
+                    Some(s) => {
+                        if let Ok(n) = s.send_to(data, f.host) {
+                            f.count(n);
+                        }
+                    }
+                    // The port was unpublished.
+                    None => self.udp_close(id),
+                },
+                _ => {}
             }
-            None => {
-                // The port was unpublished.
-                self.udp_pub.remove(&key);
+            return true;
+        }
+        if self.is_gateway(ip.dst) || !is_unicast(ip.dst) {
+            // DHCP, DNS on the gateway, broadcasts: the stack's.
+            return false;
+        }
+        let counters = match self.decide(Proto::Udp, key.remote, frame, ip) {
+            Ok(c) => c,
+            Err(_) => return true,
+        };
+        if self.flows.count(FlowProto::Udp) >= MAX_UDP_FLOWS {
+            self.udp_evict_oldest();
+        }
+        let target = self.host_target(key.remote);
+        let socket = match udp_host_socket(target) {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("nat: cannot open a host socket for {}: {e}", key.remote);
+                return true;
+            }
+        };
+        let Some(reply) = self.udp_reply_socket(key.remote) else {
+            return true;
+        };
+        let id = self.flows.next_id();
+        if self
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                socket.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, Token::Flow(id).to_u64()),
+            )
+            .is_err()
+        {
+            self.udp_reply_release(key.remote);
+            return true;
+        }
+        log::debug!("nat: udp flow guest:{} -> {}", key.guest_port, key.remote);
+        let mut flow = Flow::new(key, target, false, Kind::Udp { socket, reply });
+        flow.counters = counters;
+        if let Ok(n) = match &flow.kind {
+            Kind::Udp { socket, .. } => socket.send(data),
+            _ => Ok(0),
+        } {
+            flow.count(n);
+        }
+        self.flows.insert(flow);
+        true
+    }
+
+    /// The stack socket the replies from `remote` leave from, shared by every flow to it.
+    fn udp_reply_socket(&mut self, remote: SocketAddr) -> Option<SocketHandle> {
+        if let Some((h, users)) = self.udp_replies.get_mut(&remote) {
+            *users += 1;
+            return Some(*h);
+        }
+        let mut s = udp_reply_socket();
+        s.bind(IpEndpoint::from(remote)).ok()?;
+        let h = self.sockets.add(s);
+        self.udp_replies.insert(remote, (h, 1));
+        Some(h)
+    }
+
+    /// One flow fewer uses the reply socket of `remote`; the last one removes it.
+    fn udp_reply_release(&mut self, remote: SocketAddr) {
+        if let Some((h, users)) = self.udp_replies.get_mut(&remote) {
+            *users -= 1;
+            if *users == 0 {
+                let h = *h;
+                self.udp_replies.remove(&remote);
+                self.sockets.remove(h);
             }
         }
-        true
+    }
+
+    /// Closes UDP flow `id` (either kind).
+    pub(super) fn udp_close(&mut self, id: FlowId) {
+        let Some(f) = self.flows.remove(id) else {
+            return;
+        };
+        if let Kind::Udp { socket, .. } = &f.kind {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                socket.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.udp_reply_release(f.key.remote);
+        }
+    }
+
+    fn udp_evict_oldest(&mut self) {
+        let oldest = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f.kind, Kind::Udp { .. }))
+            .min_by_key(|(_, f)| f.last)
+            .map(|(id, _)| id);
+        if let Some(id) = oldest {
+            self.udp_close(id);
+        }
+    }
+
+    /// Closes the UDP flows idle for [`UDP_IDLE`], and published clients whose port went.
+    pub(super) fn udp_expire(&mut self) {
+        let mut ids = std::mem::take(&mut self.pump_ids);
+        self.flows.select(&mut ids, |f| match &f.kind {
+            Kind::Udp { .. } => f.last.elapsed() > UDP_IDLE,
+            Kind::UdpPublished { socket } => {
+                f.last.elapsed() > UDP_IDLE || socket.strong_count() == 0
+            }
+            _ => false,
+        });
+        for id in &ids {
+            self.udp_close(*id);
+        }
+        self.pump_ids = ids;
     }
 
     /// Emits a UDP datagram from `src:src_port` to the guest's `dst_port`.
     pub(super) fn udp_to_guest(
         &mut self,
-        src: std::net::Ipv4Addr,
+        src: std::net::IpAddr,
         src_port: u16,
         dst_port: u16,
         data: &[u8],
@@ -135,32 +229,41 @@ impl NetStack {
         use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
         let udp = UdpRepr { src_port, dst_port };
         let len = udp.header_len() + data.len();
-        if len > 65535 - 20 || self.device.tx.len() >= QUEUE_FRAMES {
+        let Some(guest) = self.guest_addr_for(src) else {
+            return;
+        };
+        let ip_header = if src.is_ipv4() { 20 } else { 40 };
+        if len > 65535 - ip_header || self.device.tx.len() >= QUEUE_FRAMES {
             // Larger than IPv4 carries, or the guest is not reading.
             return;
         }
-        let guest = smol(self.guest.ip());
-        let mtu_payload = usize::from(self.cfg.mtu).saturating_sub(20);
+        let (s, d) = (IpAddress::from(src), IpAddress::from(guest));
+        let mtu_payload = usize::from(self.cfg.mtu).saturating_sub(ip_header);
         if len > mtu_payload {
+            let std::net::IpAddr::V4(src4) = src else {
+                // IPv6 is never fragmented by routers, and ferry is one: the sender learns
+                // the path MTU (its host socket got EMSGSIZE) and sends less.
+                return;
+            };
             // More than the link takes in one packet: in fragments, which the guest puts
             // back together (the checksum covers the whole datagram).
             let mut whole = vec![0u8; len];
             udp.emit(
                 &mut UdpPacket::new_unchecked(&mut whole[..]),
-                &IpAddress::Ipv4(smol(src)),
-                &IpAddress::Ipv4(guest),
+                &s,
+                &d,
                 data.len(),
                 |p| p.copy_from_slice(data),
                 &Default::default(),
             );
-            self.emit_fragments(smol(src), IpProtocol::Udp, &whole, mtu_payload & !7);
+            self.emit_fragments(src4, IpProtocol::Udp, &whole, mtu_payload & !7);
             return;
         }
-        self.emit_to_guest(smol(src), IpProtocol::Udp, len, |buf| {
+        self.emit_to_guest(src, IpProtocol::Udp, len, |buf| {
             udp.emit(
                 &mut UdpPacket::new_unchecked(buf),
-                &IpAddress::Ipv4(smol(src)),
-                &IpAddress::Ipv4(guest),
+                &s,
+                &d,
                 data.len(),
                 |p| p.copy_from_slice(data),
                 &Default::default(),
@@ -214,76 +317,60 @@ impl NetStack {
         }
     }
 
-    /// A guest UDP datagram to the outside (or the host alias): sent at once on its flow's host
-    /// socket, opened on the flow's first datagram together with the stack socket its replies
-    /// leave from. It never waits in a stack socket, so a burst cannot overflow one. Returns
-    /// whether it took the frame.
-    pub(super) fn nat_udp_out(&mut self, frame: &[u8]) -> bool {
-        let Some((key, payload)) = parse_udp_payload(frame) else {
-            return false;
-        };
-        let gw = self.cfg.gateway();
-        if *key.dst.ip() == gw || key.dst.ip().is_broadcast() || key.dst.ip().is_multicast() {
-            return false;
-        }
-        // A flow already open: one lookup, and the datagram goes (its reply socket was made
-        // with it).
-        if let Some(flow) = self.nat.get_mut(&key) {
-            send_on(flow, payload);
-            return true;
-        }
-        let counters = match self.decide(Proto::Udp, key.dst, frame) {
-            Ok(c) => c,
-            Err(_) => return true,
-        };
-        if !self.nat_sockets.contains_key(&key.dst) {
-            let mut s = udp_reply_socket();
-            let ep = IpEndpoint::new(IpAddress::Ipv4(smol(*key.dst.ip())), key.dst.port());
-            if s.bind(ep).is_err() {
-                return true;
-            }
-            let h = self.sockets.add(s);
-            self.nat_sockets.insert(key.dst, h);
-        }
-        match self.nat.flow(key, &self.epoll) {
-            Ok(flow) => {
-                flow.counters = counters;
-                send_on(flow, payload);
-            }
-            Err(e) => log::debug!("nat: cannot open a host socket for {}: {e}", key.dst),
-        }
-        true
-    }
-
-    /// Replies on a NAT'd UDP flow's host socket, to the guest as far as the stack takes them.
-    pub(super) fn udp_in(&mut self, token: u64, buf: &mut [u8]) {
-        let Some(key) = self.nat.key_of(token) else {
+    /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.
+    pub(super) fn udp_in(&mut self, id: FlowId, buf: &mut [u8]) {
+        let Some(f) = self.flows.get(id) else {
             return;
         };
-        let Some(&h) = self.nat_sockets.get(&key.dst) else {
+        let (remote, guest_port) = (f.key.remote, f.key.guest_port);
+        let Kind::Udp { reply, .. } = f.kind else {
             return;
         };
-        let guest = IpEndpoint::new(IpAddress::Ipv4(smol(self.guest.ip())), key.guest_port);
+        let Some(guest) = self.guest_addr_for(remote.ip()) else {
+            return;
+        };
+        let to = IpEndpoint::new(guest.into(), guest_port);
         loop {
-            let socket = self.sockets.get_mut::<udp::Socket>(h);
+            let socket = self.sockets.get_mut::<udp::Socket>(reply);
             // Backpressure: stop reading while the stack's buffer toward the guest is full.
             if !socket.can_send() {
                 break;
             }
-            let Some(flow) = self.nat.get_mut(&key) else {
+            let Some(f) = self.flows.get_mut(id) else {
                 break;
             };
-            let n = match flow.socket.recv(buf) {
+            let Kind::Udp { socket: host, .. } = &f.kind else {
+                break;
+            };
+            let n = match host.recv(buf) {
                 Ok(n) => n,
                 Err(_) => break,
             };
-            flow.last = StdInstant::now();
-            if let Some(c) = &flow.counters {
-                c.add_bytes(n);
-            }
-            let mut meta = udp::UdpMetadata::from(guest);
-            meta.local_address = Some(IpAddress::Ipv4(smol(*key.dst.ip())));
+            f.count(n);
+            let mut meta = udp::UdpMetadata::from(to);
+            meta.local_address = Some(remote.ip().into());
             let _ = socket.send_slice(&buf[..n], meta);
         }
     }
+}
+
+/// Whether the guest may open a flow to `a`: no broadcast or multicast goes through the NAT.
+fn is_unicast(a: std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(a) => !a.is_broadcast() && !a.is_multicast() && !a.is_unspecified(),
+        std::net::IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
+    }
+}
+
+/// A host socket connected to `to`, of its family.
+fn udp_host_socket(to: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any)?;
+    s.connect(to)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
 }

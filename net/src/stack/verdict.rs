@@ -1,5 +1,5 @@
 //! The rules' verdicts on new flows: outbound on their first packet (answering the guest as
-//! `reject` says), inbound for published ports' clients.
+//! `reject` says, in either family), inbound for published ports' clients.
 
 use super::*;
 
@@ -10,46 +10,58 @@ impl NetStack {
     pub(super) fn decide(
         &mut self,
         proto: Proto,
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         frame: &[u8],
+        ip: &IpInfo,
     ) -> Result<Option<Arc<Counters>>, Action> {
         let Some(rules) = &self.rules else {
             return Ok(None);
         };
-        // The IPv4 total length (callers parsed the header), without Ethernet padding.
-        let len = frame
-            .get(16..18)
-            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-        let v = rules.check(proto, SocketAddr::V4(dst), len);
+        let v = rules.check(proto, dst, ip.len);
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             Action::Reject if proto != Proto::Tcp => {
-                self.port_unreachable(frame);
+                self.port_unreachable(frame, ip);
                 Err(Action::Reject)
             }
             refused => Err(refused),
         }
     }
 
-    /// Answers a guest IPv4 packet with ICMP port unreachable from its destination, quoting
-    /// its header and first 8 bytes (RFC 792), as `iptables -j REJECT` does.
-    pub(super) fn port_unreachable(&mut self, frame: &[u8]) {
-        use smoltcp::wire::{Icmpv4Packet, IpProtocol};
-        let Some((ip, _)) = parse_ipv4(frame) else {
-            return;
-        };
+    /// Answers a guest packet with a port unreachable error from its destination, as
+    /// `iptables -j REJECT` does: ICMP quoting its header and first 8 bytes (RFC 792), or
+    /// ICMPv6 quoting as much as fits the minimum IPv6 MTU (RFC 4443).
+    pub(super) fn port_unreachable(&mut self, frame: &[u8], ip: &IpInfo) {
+        use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpProtocol};
         if self.device.tx.len() >= QUEUE_FRAMES {
             return;
         }
-        // parse_ipv4 checked the header: its length fits in the frame.
-        let packet = &frame[14..];
-        let header = usize::from(packet[0] & 0x0f) * 4;
-        let quote = &packet[..(header + 8).min(packet.len())];
-        self.emit_to_guest(ip.dst_addr, IpProtocol::Icmp, 8 + quote.len(), |p| {
-            p[..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
-            p[8..].copy_from_slice(quote);
-            Icmpv4Packet::new_unchecked(p).fill_checksum();
-        });
+        // The caller parsed the header: the packet is in the frame.
+        let Some(packet) = frame.get(14..14 + ip.len) else {
+            return;
+        };
+        match ip.dst {
+            IpAddr::V4(_) => {
+                let header = usize::from(packet[0] & 0x0f) * 4;
+                let quote = &packet[..(header + 8).min(packet.len())];
+                self.emit_to_guest(ip.dst, IpProtocol::Icmp, 8 + quote.len(), |p| {
+                    p[..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+                    p[8..].copy_from_slice(quote);
+                    Icmpv4Packet::new_unchecked(p).fill_checksum();
+                });
+            }
+            IpAddr::V6(_) => {
+                // 1280 bytes at most: the IPv6 header (40) and the ICMPv6 header (8) first.
+                let quote = &packet[..packet.len().min(1280 - 48)];
+                let (src, dst) = (ip.dst, ip.src);
+                self.emit_ip(src, dst, IpProtocol::Icmpv6, 8 + quote.len(), |p| {
+                    // Destination unreachable, code 4: port unreachable.
+                    p[..8].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
+                    p[8..].copy_from_slice(quote);
+                    Icmpv6Packet::new_unchecked(p).fill_checksum(&v6(src), &v6(dst));
+                });
+            }
+        }
     }
 
     /// What the inbound rules say of a client at `client` of published host port

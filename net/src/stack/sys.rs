@@ -1,0 +1,202 @@
+//! The raw socket calls the NAT needs that std does not offer: a TCP connect that does not
+//! wait, ping sockets, a socket's pending error. Every `unsafe` of the flows is here.
+//!
+//! Theory of operation. std's `TcpStream::connect` blocks and its UDP and TCP types cannot
+//! make an ICMP socket, so these few calls go to libc directly, for either address family
+//! (a `SocketAddr` becomes a `sockaddr_in` or a `sockaddr_in6`). The descriptors become owned
+//! std types at once, so they close on every path.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// A C socket address of either family, and its length.
+pub(crate) struct CAddr {
+    storage: libc::sockaddr_storage,
+    pub(crate) len: libc::socklen_t,
+}
+
+impl CAddr {
+    pub(crate) fn new(a: SocketAddr) -> CAddr {
+        // SAFETY: sockaddr_storage is plain old data: all zeroes is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than, and aligned for, sockaddr_in.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
+                };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than, and aligned for, sockaddr_in6.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
+                };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        CAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> *const libc::sockaddr {
+        (&self.storage as *const libc::sockaddr_storage).cast()
+    }
+}
+
+fn family(a: &SocketAddr) -> libc::c_int {
+    if a.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A new non-blocking, close-on-exec socket.
+fn socket(family: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket() has no memory effects; the fd is owned right below.
+    let fd =
+        cvt(unsafe { libc::socket(family, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A TCP socket connecting to `to` without waiting. With `announce`, the socket is bound to
+/// an ephemeral loopback port first and `announce` gets that address before the connect
+/// (the in-process proxy takes only connections it was told of).
+pub(crate) fn connect_nonblocking(
+    to: SocketAddr,
+    announce: Option<&dyn Fn(SocketAddr)>,
+) -> io::Result<TcpStream> {
+    let stream = TcpStream::from(socket(family(&to), libc::SOCK_STREAM, 0)?);
+    if let Some(announce) = announce {
+        let lo = if to.is_ipv4() {
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        } else {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0)
+        };
+        let local = CAddr::new(lo);
+        // SAFETY: `local` is a valid socket address of its length.
+        cvt(unsafe { libc::bind(stream.as_raw_fd(), local.ptr(), local.len) })?;
+        announce(stream.local_addr()?);
+    }
+    let addr = CAddr::new(to);
+    // SAFETY: `addr` is a valid socket address of its length.
+    let r = unsafe { libc::connect(stream.as_raw_fd(), addr.ptr(), addr.len) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// An unprivileged ping socket connected to `dst` (ICMP or ICMPv6 by its family): the kernel
+/// sends echo requests from it and hands back only the replies to them, with the identifier
+/// it chose, which `ping` puts back.
+pub(crate) fn ping_socket(dst: std::net::IpAddr) -> io::Result<OwnedFd> {
+    let to = SocketAddr::new(dst, 0);
+    let proto = if to.is_ipv4() {
+        libc::IPPROTO_ICMP
+    } else {
+        libc::IPPROTO_ICMPV6
+    };
+    let fd = socket(family(&to), libc::SOCK_DGRAM, proto)?;
+    let addr = CAddr::new(to);
+    // SAFETY: `addr` is a valid socket address of its length.
+    cvt(unsafe { libc::connect(fd.as_raw_fd(), addr.ptr(), addr.len) })?;
+    Ok(fd)
+}
+
+/// Sends `buf` on a connected datagram socket.
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Receives one datagram into `buf` without waiting.
+pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Whether the peer of `host` has closed its side with nothing left to read (Some(true)), has
+/// sent data (Some(false)), or neither yet (None), without taking anything from the socket.
+pub(crate) fn peek_eof(host: &TcpStream) -> Option<bool> {
+    let mut b = [0u8; 1];
+    // SAFETY: the fd is valid and `b` has room for the one byte asked for.
+    let n = unsafe {
+        libc::recv(
+            host.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Some(true),
+        n if n > 0 => Some(false),
+        _ => None,
+    }
+}
+
+/// The pending error of a socket whose connect ended (0: connected).
+pub(crate) fn take_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are valid destinations of the right sizes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        libc::EIO
+    } else {
+        err
+    }
+}

@@ -1,0 +1,163 @@
+//! What a TCP flow keeps of its host side: the socket, where its connection is, which epoll
+//! events it asks for; and the TCP caps.
+//!
+//! Theory of operation. A guest SYN to A:p starts a non-blocking host `connect(A:p)` (the
+//! host's loopback for the host alias). The SYN is held until the connect ends: on success the
+//! stack gets a socket listening on A:p and the SYN, so the guest sees SYN-ACK; on failure the
+//! SYN meets no listener and the stack answers RST. No half-open lies. A published port's
+//! client arrives connected; its guest side connects to the guest, at most `MAX_HANDSHAKES` at
+//! once. The host socket is watched only for what the flow can use now (EPOLLIN while the
+//! stack socket has room toward the guest, EPOLLOUT while the host refused a write), so a
+//! flow that waits costs no wakeups. `stack::tcp` moves the data.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+use smoltcp::iface::SocketHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::flow::{FlowId, Token};
+
+/// Open TCP flows at most, unless configured otherwise.
+pub const DEFAULT_MAX_FLOWS: usize = 16384;
+
+/// Most published connections whose SYN the guest has yet to answer. More clients wait in
+/// ferry (the host kernel already finished their handshakes), so a burst of clients does not
+/// overflow the guest's accept queue, whose dropped handshakes the guest then retries for
+/// seconds, or fill the stack with sockets it must visit on every poll. A client that leaves
+/// while it waits costs the guest nothing.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Where a flow is.
+pub(crate) enum TcpState {
+    /// The host connect is in progress; the guest's SYN waits.
+    Connecting {
+        /// The guest's SYN frame.
+        syn: Vec<u8>,
+    },
+    /// A published port's client waiting for its turn to be connected to the guest; it costs
+    /// no stack socket until then.
+    Queued,
+    /// Connected: data moves between the stack socket and the host socket.
+    Open {
+        /// The stack's socket for the guest side.
+        handle: SocketHandle,
+        /// The host closed its side (EOF seen).
+        host_eof: bool,
+        /// The guest closed its side (host write side shut down).
+        guest_eof: bool,
+    },
+}
+
+/// The TCP part of a flow.
+pub(crate) struct TcpFlow {
+    /// The host socket.
+    pub(crate) host: TcpStream,
+    /// Where the flow is.
+    pub(crate) state: TcpState,
+    /// Whether EPOLLIN is currently asked for.
+    pub(crate) want_in: bool,
+    /// Whether EPOLLOUT is currently asked for.
+    pub(crate) want_out: bool,
+    /// Whether EPOLLRDHUP is asked for: while a published connection waits for the guest to
+    /// answer its SYN, so that a client that leaves meanwhile is let go at once.
+    pub(crate) want_hup: bool,
+    /// Whether the host socket may have data: set by EPOLLIN, cleared when a read finds it
+    /// drained, so a flow that only sends costs no failing read per poll.
+    pub(crate) readable: bool,
+    /// Whether the host socket is still on the stack's epoll.
+    pub(crate) watched: bool,
+    /// Whether it is one of the published connections whose SYN the guest has yet to answer
+    /// (counted in [`TcpLimits::handshaking`]).
+    pub(crate) handshaking: bool,
+}
+
+impl TcpFlow {
+    /// A flow whose host side is `host`, registered on `epoll` for `events` under `id`.
+    pub(crate) fn watched(
+        host: TcpStream,
+        state: TcpState,
+        events: EventSet,
+        id: FlowId,
+        epoll: &Epoll,
+    ) -> std::io::Result<TcpFlow> {
+        epoll.ctl(
+            ControlOperation::Add,
+            host.as_raw_fd(),
+            EpollEvent::new(events, Token::Flow(id).to_u64()),
+        )?;
+        Ok(TcpFlow {
+            host,
+            state,
+            want_in: events.contains(EventSet::IN),
+            want_out: events.contains(EventSet::OUT),
+            want_hup: events.contains(EventSet::READ_HANG_UP),
+            readable: !events.contains(EventSet::READ_HANG_UP),
+            watched: true,
+            handshaking: false,
+        })
+    }
+
+    /// Sets which events the host socket wakes the stack for (EPOLLRDHUP as long as
+    /// `want_hup` says).
+    pub(crate) fn watch(&mut self, want_in: bool, want_out: bool, id: FlowId, epoll: &Epoll) {
+        if !self.watched {
+            return;
+        }
+        let mut ev = EventSet::empty();
+        if want_in {
+            ev |= EventSet::IN;
+        }
+        if want_out {
+            ev |= EventSet::OUT;
+        }
+        if self.want_hup {
+            ev |= EventSet::READ_HANG_UP;
+        }
+        self.want_in = want_in;
+        self.want_out = want_out;
+        let _ = epoll.ctl(
+            ControlOperation::Modify,
+            self.host.as_raw_fd(),
+            EpollEvent::new(ev, Token::Flow(id).to_u64()),
+        );
+    }
+
+    /// Takes the host socket off the epoll for good: both of its directions are closed, and a
+    /// socket in that state reports EPOLLHUP on every wait, whatever it was asked for, which
+    /// would spin the stack until the guest has finished closing its side.
+    pub(crate) fn unwatch(&mut self, epoll: &Epoll) {
+        if self.watched {
+            self.watched = false;
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                self.host.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+}
+
+/// The TCP caps and the published connections' queue.
+pub(crate) struct TcpLimits {
+    /// Most flows open at once.
+    pub(crate) max_flows: usize,
+    /// Published connections whose SYN the guest has yet to answer.
+    pub(crate) handshaking: usize,
+    /// Published connections waiting for their turn, oldest first (some may have gone).
+    pub(crate) queued: VecDeque<FlowId>,
+    /// The cap was logged (once is enough).
+    pub(crate) cap_logged: bool,
+}
+
+impl TcpLimits {
+    pub(crate) fn new(max_flows: usize) -> Self {
+        TcpLimits {
+            max_flows,
+            handshaking: 0,
+            queued: VecDeque::new(),
+            cap_logged: false,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! IPv6 for the guest, end to end. The guest (NIC MAC left to QEMU's default) brings IPv6 up
+//! as a distribution does: SLAAC from ferry's router advertisement and a stateless DHCPv6
+//! client for its DNS server. Then, over IPv6 only: DNS to the gateway (AAAA for ferry's own
+//! names and for an upstream name), ping, HTTP and UDP to an IPv6-only test host, a `reject`
+//! rule's ICMPv6 port unreachable, the host alias reaching a server on the host's `::1`, and
+//! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses.
+//!
+//! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
+//! link (`tests/servers/testhosts.py`) with an IPv4 and an IPv6 address. Nothing leaves the
+//! namespaces the test made.
+
+use std::time::Duration;
+
+use ferry_tests::{clients, FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+const PAGE: &str = "served over IPv6 by the remote host";
+const LOOPBACK_PAGE: &str = "served on the host's ::1";
+
+/// The guest's IPv6 prefix, gateway and host alias with ferry's defaults.
+const PREFIX: &str = "fd46:5259::";
+const GATEWAY6: &str = "fd46:5259::1";
+const ALIAS6: &str = "fd46:5259::fe";
+
+fn script(remote6: &str) -> String {
+    format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+P=/mnt/tools/probe
+check slaac "$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | grep -c 'inet6 {PREFIX}')" 1
+check router "$(ip -6 route show default | grep -c 'via fe80::1 ')" 1
+check dns-server "$(grep -c '^nameserver {GATEWAY6}$' /etc/resolv.conf)" 1
+check aaaa-alias "$(nslookup -type=AAAA host.ferry.internal {GATEWAY6} 2>&1 | grep -c 'Address.*{ALIAS6}$')" 1
+check aaaa-remote "$(nslookup -type=AAAA remote6.test {GATEWAY6} 2>&1 | grep -c 'Address.*{remote6}$')" 1
+check ping6 "$(ping -6 -c 1 -W 3 {remote6} 2>&1 | grep -c 'bytes from')" 1
+check http6 "$(wget -q -T 10 -O - 'http://[{remote6}]:8000/index.html')" "{PAGE}"
+check udp6 "$($P udp {remote6} 7777 100)" "100 SAME"
+check udp6-big "$($P udp {remote6} 7777 1400)" "1400 SAME"
+check reject6 "$($P udp {remote6} 7779 100)" errno:ECONNREFUSED
+check host-alias6 "$(wget -q -T 10 -O - 'http://[{ALIAS6}]:8100/index.html')" "{LOOPBACK_PAGE}"
+$P tcppeer 81 &
+$P udpecho 7 &
+echo FERRY-READY
+i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+"#
+    )
+}
+
+#[test]
+fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let (remote, remote6) = (net.remote_addr.clone(), net.remote_addr6.clone());
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), format!("{PAGE}\n")).unwrap();
+    let lo_www = tempfile::tempdir().unwrap();
+    std::fs::write(
+        lo_www.path().join("index.html"),
+        format!("{LOOPBACK_PAGE}\n"),
+    )
+    .unwrap();
+    let www_dir = www.path().display().to_string();
+    let lo_dir = lo_www.path().display().to_string();
+    // The remote host: DNS on its IPv4 address (ferry's upstream), everything else on its
+    // IPv6 address only.
+    let _dns = TestHost::start(
+        &net.remote,
+        &[&remote, "--dns", "53", &format!("remote6.test={remote6}")],
+    );
+    let _host6 = TestHost::start(
+        &net.remote,
+        &[
+            &remote6, "--echo", "7777", "--echo", "7779", "--http", "8000", &www_dir,
+        ],
+    );
+    // A server on the host's ::1 only, for the host alias.
+    let _loopback = TestHost::start(&net.inner, &["::1", "--http", "8100", &lo_dir]);
+    net.allow_ping_sockets();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let mut ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--dns-upstream".into(),
+            format!("{remote}:53"),
+            "--share".into(),
+            t.share.clone(),
+            "--rule".into(),
+            "reject,proto=udp,port=7779".into(),
+            "--publish".into(),
+            "8081:81".into(),
+            "--publish".into(),
+            "udp/5300:7".into(),
+        ],
+        &[sock.clone(), t.socket.clone()],
+    );
+    let mut qemu = Qemu::boot(
+        dir.path(),
+        &GuestSpec {
+            script: script(&remote6),
+            net_socket: Some(sock.clone()),
+            shares: vec![("tools".into(), t.socket.clone())],
+            ..Default::default()
+        },
+    );
+    qemu.wait_console("FERRY-READY", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    // Clients on the remote host reach the guest's published ports over IPv6, and the guest
+    // sees their own IPv6 address.
+    let inner6 = net.inner_addr6.clone();
+    let peer = clients(&net.remote, &["peer", &inner6, "8081"]);
+    let echo = clients(
+        &net.remote,
+        &["udp", &inner6, "5300", "through-5300-over-ipv6"],
+    );
+    // An IPv4 client of the same port is still seen with its IPv4 address.
+    let peer4 = clients(&net.remote, &["peer", &net.inner_addr, "8081"]);
+    std::fs::write(t.dir.join("host-done"), b"").unwrap();
+    let out = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(11, &format!("ferry log:\n{}", ferry.log_tail()));
+    assert!(
+        peer.starts_with(&format!("[{remote6}]:")),
+        "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"
+    );
+    assert!(
+        peer4.starts_with(&format!("{remote}:")),
+        "the guest saw the published port's IPv4 client as {peer4:?}, not {remote}"
+    );
+    assert_eq!(echo, "through-5300-over-ipv6", "published UDP over IPv6");
+    assert!(ferry.is_running());
+}
