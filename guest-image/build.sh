@@ -17,7 +17,7 @@ STAMP=$OUT/.stamp
 # modules built into the kernel (modules.builtin) are skipped.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 failover net_failover virtio_net fuse virtiofs qemu_fw_cfg"
-BINARIES="usr/bin/iperf3 usr/bin/fio"
+BINARIES="usr/bin/iperf3 usr/bin/fio usr/sbin/dhcpcd"
 
 say() { echo "guest-image: $*"; }
 die() { echo "guest-image: error: $*" >&2; exit 1; }
@@ -103,7 +103,13 @@ install -m 755 "$HERE/init" "$R/init"
 install -m 755 "$HERE/files/default.script" "$R/usr/share/udhcpc/default.script"
 install -m 644 "$HERE/files/passwd" "$HERE/files/group" "$HERE/files/hosts" "$R/etc/"
 echo ferry-guest > "$R/etc/hostname"
+# dhcpcd (IPv6): its hook runner and Ferry's config and exit hook; /usr/lib/dhcpcd is the
+# home its privilege-separation user chroots into.
+mkdir -p "$R/usr/lib/dhcpcd/dhcpcd-hooks" "$R/var/lib/dhcpcd"
+install -m 644 "$HERE/files/dhcpcd.conf" "$HERE/files/dhcpcd.exit-hook" "$R/etc/"
 : > "$R/etc/resolv.conf"
+
+install -m 755 "$S/usr/lib/dhcpcd/dhcpcd-run-hooks" "$R/usr/lib/dhcpcd/dhcpcd-run-hooks"
 
 # ---- busybox -----------------------------------------------------------------
 [ -x "$S/bin/busybox" ] || die "busybox not found in busybox-static package"

@@ -16,12 +16,14 @@ set -euo pipefail
 KERNEL_ABI=${KERNEL_ABI:-6.1.0-56}
 KERNEL_FLAVOUR=cloud-amd64
 
-# Userspace: busybox + iperf3 + fio and the packages providing the shared
+# Userspace: busybox, dhcpcd (IPv6: SLAAC and DHCPv6; busybox has no DHCPv6 client) +
+# iperf3 + fio and the packages providing the shared
 # library closure (readelf NEEDED walk) of /usr/bin/iperf3 and /usr/bin/fio.
 # Debian's fio links librbd/librados/libgfapi/libpmem/... directly, hence the
 # long list.  build.sh fails with the missing soname if this list goes stale.
 PACKAGES=(
   busybox-static
+  dhcpcd-base
   iperf3 libiperf0 libsctp1 libssl3
   fio
   libc6 libgcc-s1 libstdc++6 zlib1g libnuma1 libaio1
