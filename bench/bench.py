@@ -50,6 +50,12 @@ FS_PIN = os.environ.get("FERRY_BENCH_PIN", "same" if SMP > 1 else "none")
 GUEST_MAC = "02:46:52:59:00:02"
 # The host side of the benchmark, in the namespace: iperf3 and the rr/crr echo server.
 IPERF_PORT, ECHO_PORT = 5201, 7007
+# The iperf3 server on the host's ::1, for the IPv6 rows, and the address each backend gives
+# the host's ::1 in the guest: Ferry's IPv6 host alias, libslirp's host (fec0::2), passt's
+# gateway (the namespace's IPv6 default router, which passt maps to the host).
+IPERF6_PORT = 5202
+HOST6 = {"ferry": "fd46:5259::fe", "ferry-mq": "fd46:5259::fe", "slirp": "fec0::2",
+         "passt": "fd00:18:250::fe"}
 # Published ports: host 15201 -> guest 5201 (iperf3 server in the guest).
 PUB_PORT = 15201
 
@@ -162,7 +168,11 @@ class Bench:
         sh("ip -n %s link set bench0 up" % NS)
         sh("ip -n %s link set bench1 up" % NS)
         sh("ip -n %s route add default via 198.18.250.254" % NS)
+        # The same for IPv6: passt takes its prefix and gateway from here too.
+        sh("ip -n %s addr add fd00:18:250::1/64 dev bench0 nodad" % NS)
+        sh("ip -n %s -6 route add default via fd00:18:250::fe" % NS)
         self.spawn(in_ns(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]))
+        self.spawn(in_ns(["iperf3", "-s", "-B", "::1", "-p", str(IPERF6_PORT)]))
         self.spawn(in_ns([self.probe, "tcpecho", str(ECHO_PORT)]))
         time.sleep(0.5)
 
@@ -308,6 +318,10 @@ echo "BENCH $(/tmp/probe crr $H 7007 $T)"
 taskset -p -c 0-1 $$ > /dev/null
 echo "BENCH g2h_p4 $(iperf3 -c $H -p 5201 -P 4 $A -f m 2>&1 | grep SUM | grep receiver | tail -1)"
 echo "BENCH h2g_p4 $(iperf3 -c $H -p 5201 -P 4 -R $A -f m 2>&1 | grep SUM | grep receiver | tail -1)"
+# IPv6: the same single streams to the host's ::1 through the backend's IPv6 host address.
+H6=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host6=' | cut -d= -f2)
+echo "BENCH g2h6 $(iperf3 -6 -c $H6 -p 5202 $A -f m 2>&1 | grep receiver | tail -1)"
+echo "BENCH h2g6 $(iperf3 -6 -c $H6 -p 5202 -R $A -f m 2>&1 | grep receiver | tail -1)"
 (iperf3 -s -1 -p 5201 > /dev/null 2>&1; iperf3 -s -1 -p 5201 > /dev/null 2>&1) &
 sleep 0.3
 echo BENCH-PUBLISH-READY
@@ -386,8 +400,8 @@ wait
     def run_net(self, kind):
         dev, host, proc, stop = self.net_backend(kind)
         qemu, console = self.qemu("net-%s" % kind, self.NET_GUEST,
-                                  "bench.host=%s bench.secs=%s bench.iperf=%s"
-                                  % (host, self.rr_secs, self.iperf), dev)
+                                  "bench.host=%s bench.host6=%s bench.secs=%s bench.iperf=%s"
+                                  % (host, HOST6[kind], self.rr_secs, self.iperf), dev)
         if not self.booted(console, qemu):
             qemu.kill()
             qemu.wait()
@@ -429,7 +443,7 @@ wait
             moved_mib += size
             if metric in xfer_cpu:
                 record_cpu(metric, *xfer_cpu[metric], size)
-        for metric in ("g2h_p4", "h2g_p4"):
+        for metric in ("g2h_p4", "h2g_p4", "g2h6", "h2g6"):
             rate, size = self.iperf_line(lines.get(metric))
             self.record("net", metric, kind, rate)
             moved_mib += size
@@ -638,6 +652,8 @@ rm -rf $D/tree
         ("udp", "UDP guest→host, 1400-byte datagrams, received Mbit/s", True),
         ("g2h_p4", "TCP guest→host, 4 streams (iperf3 -P 4), Mbit/s", True),
         ("h2g_p4", "TCP host→guest, 4 streams (iperf3 -P 4 -R), Mbit/s", True),
+        ("g2h6", "TCP guest→host over IPv6 (to the host's ::1), Mbit/s", True),
+        ("h2g6", "TCP host→guest over IPv6 (-R, the host's ::1), Mbit/s", True),
         ("rr", "TCP_RR 1-byte request/response, µs per transaction", False),
         ("crr", "TCP_CRR connect+1-byte RR+close, connections/s", True),
     ]

@@ -21,6 +21,8 @@ rm /mnt/share0/target/ferry-demo.txt
 echo "-- DNS: names ferry's gateway answers itself"
 nslookup host.ferry.internal 2>&1 | grep -A1 '^Name'
 nslookup http.docker.internal 2>&1 | grep -A1 '^Name'
+echo "-- IPv6: the address the guest built from ferry's router advertisement (SLAAC)"
+ip -6 -o addr show dev eth0 scope global | awk '{print $4}'
 echo "-- TCP through the NAT: the host alias is the host's 127.0.0.1, where make run serves this checkout on port 8089"
 wget -q -O - http://host.ferry.internal:8089/README.md | head -n 1
 echo "-- the same file through the HTTP proxy on the gateway's port 3128 (it connects from the host, so 127.0.0.1 is the host's)"

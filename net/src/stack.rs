@@ -526,6 +526,11 @@ impl NetStack {
     /// One whole frame from the guest: to the NAT paths that read frames themselves, or to
     /// smoltcp.
     fn dispatch(&mut self, b: Frame) {
+        if self.cfg.subnet6.is_none() && b.get(12..14) == Some(&[0x86, 0xdd]) {
+            // IPv6 is off: no router, no neighbour, no flow answers it.
+            recycle(&self.device.pool, b);
+            return;
+        }
         let taken = match parse_ip(&b) {
             Some((ip, payload)) => {
                 use smoltcp::wire::IpProtocol;

@@ -37,7 +37,7 @@ check ping-gateway "$(ping -c 2 -W 2 192.168.127.1 2>&1 | grep -c 'bytes from 19
 check ping-host-alias "$(ping -c 1 -W 2 192.168.127.254 2>&1 | grep -c 'bytes from')" 1
 check eth0-carrier "$(cat /sys/class/net/eth0/carrier 2>&1)" 1
 # DNS on the gateway: the plan's names locally; others go to an upstream that refuses.
-lookup() {{ nslookup "$1" 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}'; }}
+lookup() {{ nslookup -type=A "$1" 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}'; }}
 check dns-host "$(lookup host.ferry.internal)" 192.168.127.254
 check dns-docker-host "$(lookup host.docker.internal)" 192.168.127.254
 check dns-gateway "$(lookup gateway.ferry.internal)" 192.168.127.1

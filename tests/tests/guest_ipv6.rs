@@ -2,7 +2,8 @@
 //! as a distribution does: SLAAC from ferry's router advertisement and a stateless DHCPv6
 //! client for its DNS server. Then, over IPv6 only: DNS to the gateway (AAAA for ferry's own
 //! names and for an upstream name), ping, HTTP and UDP to an IPv6-only test host, a `reject`
-//! rule's ICMPv6 port unreachable, the host alias reaching a server on the host's `::1`, and
+//! rule's ICMPv6 port unreachable, the host alias (either family) reaching a server on the
+//! host's `::1`, and
 //! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
@@ -40,6 +41,9 @@ check udp6 "$($P udp {remote6} 7777 100)" "100 SAME"
 check udp6-big "$($P udp {remote6} 7777 1400)" "1400 SAME"
 check reject6 "$($P udp {remote6} 7779 100)" errno:ECONNREFUSED
 check host-alias6 "$(wget -q -O - 'http://[{ALIAS6}]:8100/index.html')" "{LOOPBACK_PAGE}"
+# The IPv4 alias reaches a server on the host's ::1 only too (and the IPv6 one a server on
+# 127.0.0.1 only: guest_net's downloads by name): the alias is the host's loopback.
+check host-alias4-to-v6-loopback "$(wget -q -O - 'http://192.168.127.254:8100/index.html')" "{LOOPBACK_PAGE}"
 $P tcppeer 81 &
 $P udpecho 7 &
 echo FERRY-READY
@@ -124,7 +128,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(12, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(13, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

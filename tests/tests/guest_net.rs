@@ -232,7 +232,7 @@ check udp-large-datagram "$($P udp {remote} 7777 65000)" "65000 SAME"
 # A burst with no pause between datagrams: the device polls the TX queue instead of waiting
 # for kicks, and the last datagrams must not wait for a kick that never comes.
 check udp-burst-host-alias "$($P udpburst 192.168.127.254 7778 200)" "200 of 200"
-check dns-upstream-name "$(nslookup remote.test 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" {remote}
+check dns-upstream-name "$(nslookup -type=A remote.test 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" {remote}
 nslookup missing.test > /tmp/ns 2>&1
 check dns-upstream-nxdomain "$(grep -q NXDOMAIN /tmp/ns && echo 1)" 1
 check ping-remote "$(ping -c 2 -W 2 {remote} 2>&1 | grep -c 'bytes from {remote}')" 2
@@ -264,7 +264,7 @@ i=0; while [ ! -e /mnt/tools/checked ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1
 kill $held 2>/dev/null
 check tcp-refused "$(grep -c 'refused' /tmp/refused) $(echo "$t1 $t0" | awk '{{print ($1 - $2) < 1}}')" "1 1"
 check dns-over-tcp "$($P dnstcp 192.168.127.1 remote.test)" {remote}
-check dns-local-still "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
+check dns-local-still "$(nslookup -type=A host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 "#
     );
     let mut qemu = Qemu::boot(

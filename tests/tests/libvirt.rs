@@ -27,7 +27,7 @@ check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERR
 echo "FERRY-MAC $(cat /sys/class/net/eth0/address)"
 check lease "$(ip -4 -o addr show eth0 | awk '{{print $4}}')" 192.168.127.2/24
 check queue-pairs "$(ls /sys/class/net/eth0/queues | tr '\n' ' ')" "rx-0 rx-1 tx-0 tx-1 "
-check dns-host "$(nslookup host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
+check dns-host "$(nslookup -type=A host.ferry.internal 2>&1 | awk '/^Address/ {{a=$2}} END {{print a}}')" 192.168.127.254
 check fetch-host-alias "$(wget -q -O - http://host.ferry.internal:8089/page.txt 2>&1)" "{PAGE}"
 check ping-test-host "$(ping -c 1 -W 3 {remote} 2>&1 | grep -c 'bytes from')" 1
 n=$(( $(ls /mnt/{TAG} | grep -c '^boot-') + 1 ))

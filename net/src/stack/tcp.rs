@@ -259,8 +259,33 @@ impl NetStack {
         true
     }
 
+    /// The other loopback to try for flow `id`, when its connect to the host alias's loopback
+    /// of the same family was refused and the other family's was not tried yet.
+    fn loopback_retry(&self, id: FlowId, err: i32) -> Option<SocketAddr> {
+        let f = self.flows.get(id)?;
+        if err != libc::ECONNREFUSED
+            || !self.is_host_alias(f.key.remote.ip())
+            || f.host.is_ipv4() != f.key.remote.is_ipv4()
+        {
+            return None;
+        }
+        Some(if f.host.is_ipv4() {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), f.host.port())
+        } else {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), f.host.port())
+        })
+    }
+
     /// TCP flow `id`'s host socket is ready.
     pub(super) fn tcp_event(&mut self, id: FlowId, readable: bool) {
+        // How the host connect ended, if it was under way (reading it clears it).
+        let err = match self.flows.get(id).map(|f| &f.kind) {
+            Some(Kind::Tcp(t)) if matches!(t.state, TcpState::Connecting { .. }) => {
+                take_error(t.host.as_raw_fd())
+            }
+            _ => 0,
+        };
+        let alias_retry = self.loopback_retry(id, err);
         let Some(flow) = tcp_of(&mut self.flows, id) else {
             return;
         };
@@ -269,9 +294,29 @@ impl NetStack {
             return;
         };
         t.readable |= readable;
+        if let Some(other) = alias_retry {
+            // The host alias is the host's loopback, whichever family listens there: a server
+            // on 127.0.0.1 only is reached from the IPv6 alias too (a guest picks the AAAA
+            // answer as often as not), and one on ::1 only from the IPv4 alias.
+            if let Ok(host) = connect_nonblocking(other, None) {
+                let syn = match &mut t.state {
+                    TcpState::Connecting { syn } => std::mem::take(syn),
+                    _ => Vec::new(),
+                };
+                t.unwatch(&self.epoll);
+                let state = TcpState::Connecting { syn };
+                if let Ok(again) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) {
+                    *t = again;
+                    flow.host = other;
+                    return;
+                }
+                // Could not watch it: the SYN is gone with the old state; the guest retries.
+                self.tcp_remove(id);
+                return;
+            }
+        }
         if let TcpState::Connecting { syn } = &mut t.state {
             let syn = std::mem::take(syn);
-            let err = take_error(t.host.as_raw_fd());
             if err != 0 {
                 // Refused or unreachable: the SYN meets no listener and the guest gets RST.
                 log::debug!("nat: tcp connect to {remote} failed: errno {err}");
