@@ -163,7 +163,7 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     );
 
     // A port added at runtime: the guest sees the non-local client's own address, and a
-    // loopback client as the host alias.
+    // loopback client as the host alias of its family.
     let o = ctl(&api, &["publish", "9000:9000"]);
     assert!(o.status.success(), "ferry ctl publish: {}", text(&o));
     let seen = clients(&net.remote, &["peer", &net.inner_addr, "9000"]);
@@ -177,9 +177,10 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
         seen.starts_with("192.168.127.254:"),
         "loopback client seen as {seen:?}"
     );
+    // The guest has IPv6 (its image brings it up): an IPv6 loopback client is the IPv6 alias.
     let seen = clients(&net.inner, &["peer", "::1", "9000"]);
     assert!(
-        seen.starts_with("192.168.127.254:"),
+        seen.starts_with("[fd46:5259::fe]:"),
         "IPv6 loopback client seen as {seen:?}"
     );
     let o = ctl(&api, &["ports"]);

@@ -452,3 +452,45 @@ fn mangled_ipv6_frames_never_panic() {
     s.poll();
     assert!(s.stats().udp_flows <= 4096);
 }
+
+#[test]
+fn echo_requests_to_other_hosts_are_never_answered_by_the_stack() {
+    let (mut s, cfg) = stack();
+    let me = guest_global(&cfg);
+    let echo = Icmpv6Repr::EchoRequest {
+        ident: 9,
+        seq_no: 1,
+        data: b"are you there",
+    };
+    // A link-local neighbour that does not exist, and an outside host (its reply, if any,
+    // would come from a ping socket, later and for real).
+    for (src, dst) in [
+        (guest_ll(), "fe80::99".parse::<Ipv6Addr>().unwrap()),
+        (me, "2001:db8::1".parse().unwrap()),
+    ] {
+        s.receive_frame(&icmp6_frame(src, dst, GATEWAY_MAC, &echo));
+    }
+    let replies: Vec<_> = settle(&mut s, me)
+        .into_iter()
+        .filter(|(_, _, proto, p)| *proto == IpProtocol::Icmpv6 && p.first() == Some(&129))
+        .collect();
+    assert!(replies.is_empty(), "fake echo replies: {replies:?}");
+    // The gateway answers for itself (once the guest has resolved it, as a guest does before
+    // its first packet: the solicitation tells the stack the guest's MAC).
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: cfg.gateway6(),
+        lladdr: Some(smoltcp::wire::RawHardwareAddress::from_bytes(&GUEST_MAC)),
+    });
+    s.receive_frame(&icmp6_frame(
+        me,
+        "ff02::1:ff00:1".parse().unwrap(),
+        [0x33, 0x33, 0xff, 0, 0, 1],
+        &ns,
+    ));
+    s.receive_frame(&icmp6_frame(me, cfg.gateway6(), GATEWAY_MAC, &echo));
+    assert!(settle(&mut s, me)
+        .iter()
+        .any(|(src, _, proto, p)| *src == cfg.gateway6()
+            && *proto == IpProtocol::Icmpv6
+            && p.first() == Some(&129)));
+}

@@ -37,9 +37,14 @@ impl NetStack {
                 if icmp.msg_type() != Icmpv6Message::EchoRequest
                     || self.is_gateway(ip.dst)
                     || self.is_host_alias(ip.dst)
-                    || !is_unicast_v6(ip.dst)
+                    || ip.dst.is_multicast()
                 {
                     return false;
+                }
+                if !is_unicast_v6(ip.dst) {
+                    // Another link-local address: nobody else is on this link, and the stack
+                    // must not answer for it.
+                    return true;
                 }
                 if !icmp.verify_checksum(&v6(ip.src), &v6(ip.dst)) {
                     return true;
