@@ -161,6 +161,8 @@ pub struct NetServices {
     pub proxy: Option<Arc<Proxy>>,
     /// The rules new outbound flows are checked against.
     pub rules: Option<Arc<Rules>>,
+    /// Where the DNS servers come from (None: the `upstream` given, if any).
+    pub dns: Option<ferry_net::stack::DnsSource>,
 }
 
 impl VhostUserNetBackend {
@@ -205,6 +207,9 @@ impl VhostUserNetBackend {
         services: &NetServices,
     ) -> io::Result<NetStack> {
         let mut stack = NetStack::new(cfg.clone(), upstream)?;
+        if let Some(d) = &services.dns {
+            stack = stack.with_dns(d.clone());
+        }
         if let Some(p) = &services.proxy {
             stack = stack.with_proxy(p.clone());
         }
@@ -215,6 +220,14 @@ impl VhostUserNetBackend {
             Some(p) => stack.with_ports(p.clone()),
             None => Ok(stack),
         }
+    }
+
+    /// The DNS servers the gateway forwards to, the one asked first leading.
+    pub fn dns_servers(&self) -> Vec<SocketAddr> {
+        self.stack
+            .lock()
+            .map(|s| s.dns_servers())
+            .unwrap_or_default()
     }
 
     /// The device's counters.

@@ -88,7 +88,11 @@ pub fn local_name(cfg: &NetConfig, name: &str) -> Option<Ipv4Addr> {
         "gateway.ferry.internal" | "gateway.docker.internal" | "http.docker.internal" => {
             Some(cfg.gateway())
         }
-        "host.ferry.internal" | "host.docker.internal" => Some(cfg.host_alias()),
+        // kubernetes.docker.internal is Docker Desktop's name for the host's Kubernetes API
+        // endpoint (its kubeconfig's server): the host, as from the host itself.
+        "host.ferry.internal" | "host.docker.internal" | "kubernetes.docker.internal" => {
+            Some(cfg.host_alias())
+        }
         _ => None,
     }
 }

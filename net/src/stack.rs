@@ -20,6 +20,7 @@
 //! [`NetStack::pop_frame`]. The rules decide each new flow (`verdict`).
 
 mod dns_forward;
+mod dns_upstream;
 mod flow;
 mod inbound;
 mod link;
@@ -34,6 +35,7 @@ mod verdict;
 #[cfg(test)]
 mod ipv6_tests;
 
+pub use dns_upstream::{servers_of, DnsSource};
 use flow::{FlowId, FlowTable, Token};
 pub use link::{is_bare_tcp_ack, Frame};
 use link::{parse_ip, recycle, smol, v6, FrameQueue, IpInfo, QUEUE_FRAMES};
@@ -157,14 +159,10 @@ pub struct NetStack {
     last_ra: Option<StdInstant>,
     /// The guest has sent an IPv6 frame (so it has IPv6 on).
     spoke_ipv6: bool,
-    /// The DNS server queries are forwarded to, and the host socket connected to it.
-    upstream: Option<UdpSocket>,
-    /// Where `upstream` sends (it connects again when a send finds it unconnected), and where
-    /// DNS over TCP to the gateway goes.
-    upstream_addr: Option<SocketAddr>,
-    /// Forwarded queries in flight: our id -> (guest endpoint, the gateway address it asked,
-    /// the guest's query).
-    dns_pending: HashMap<u16, (IpEndpoint, IpAddress, Vec<u8>)>,
+    /// The DNS servers queries are forwarded to.
+    upstreams: dns_upstream::Upstreams,
+    /// Forwarded queries in flight, by ferry's id.
+    dns_pending: HashMap<u16, dns_forward::Pending>,
     /// The gateway's addresses: IPv4, and with IPv6 its global and link-local ones.
     gateways: Vec<IpAddr>,
     next_dns_id: u16,
@@ -244,33 +242,13 @@ impl NetStack {
         // sends elsewhere went through the NAT).
         let dns = sockets.add(udp_socket(dns::PORT));
         let epoll = Epoll::new()?;
-        let upstream_addr = upstream;
-        let upstream = match upstream {
-            Some(addr) => {
-                let s = UdpSocket::bind(if addr.is_ipv4() {
-                    "0.0.0.0:0"
-                } else {
-                    "[::]:0"
-                })?;
-                // An upstream the host cannot reach now (offline, VPN not up yet) must not keep
-                // the device from starting: queries get SERVFAIL until it can be reached (each
-                // one tries again).
-                if let Err(e) = s.connect(addr) {
-                    log::warn!("dns: the upstream {addr} cannot be reached now ({e}); names ferry does not answer itself get SERVFAIL until it can");
-                }
-                s.set_nonblocking(true)?;
-                epoll.ctl(
-                    ControlOperation::Add,
-                    s.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, Token::DnsUpstream.to_u64()),
-                )?;
-                Some(s)
-            }
-            None => None,
-        };
+        let upstreams = dns_upstream::Upstreams::new(
+            DnsSource::Servers(upstream.into_iter().collect()),
+            &epoll,
+        );
         let max_connections = cfg.max_connections;
         Ok(NetStack {
-            upstream_addr,
+            upstreams,
             gateways,
             last_ra: None,
             spoke_ipv6: false,
@@ -290,7 +268,6 @@ impl NetStack {
             tcp_limits: TcpLimits::new(max_connections),
             udp_replies: HashMap::new(),
             ping_warned: false,
-            upstream,
             dns_pending: HashMap::new(),
             next_dns_id: 1,
             last_expiry: StdInstant::now(),
@@ -301,6 +278,12 @@ impl NetStack {
             rules: None,
             incoming: Vec::new(),
         })
+    }
+
+    /// Forwards DNS to the servers of `source` (a resolv.conf is followed as it changes).
+    pub fn with_dns(mut self, source: DnsSource) -> Self {
+        self.upstreams = dns_upstream::Upstreams::new(source, &self.epoll);
+        self
     }
 
     /// Whether the guest takes TCP/UDP frames without checksums (negotiated GUEST_CSUM).
@@ -561,6 +544,7 @@ impl NetStack {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.serve_dhcp();
         self.serve_dns();
+        self.dns_timers();
         self.advertise_router();
         self.pump_all();
         self.iface
@@ -591,9 +575,15 @@ impl NetStack {
     /// and later TCP timers); `None` when it has nothing pending.
     pub fn poll_delay(&mut self) -> Option<std::time::Duration> {
         let now = self.now();
-        self.iface
+        let stack = self
+            .iface
             .poll_delay(now, &self.sockets)
-            .map(|d| std::time::Duration::from_micros(d.total_micros()))
+            .map(|d| std::time::Duration::from_micros(d.total_micros()));
+        // A forwarded DNS query waits for its server's timeout (then the next server's turn).
+        match (stack, self.dns_delay()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next frame for the guest, if any.
@@ -1067,8 +1057,14 @@ mod upstream_tests {
             &q,
         ));
         s.poll();
-        let mut rcode = None;
-        for _ in 0..50 {
+        let rcode = dns_answer_within(&mut s, 0.5).map(|a| a[3] & 0x0f);
+        assert_eq!(rcode, Some(2), "no SERVFAIL within 0.5 s");
+    }
+
+    /// Runs the stack for up to `secs`, returning the first DNS answer to the guest.
+    fn dns_answer_within(s: &mut NetStack, secs: f64) -> Option<Vec<u8>> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+        while std::time::Instant::now() < end {
             std::thread::sleep(std::time::Duration::from_millis(10));
             s.handle_host_events();
             while let Some(frame) = s.pop_frame() {
@@ -1076,16 +1072,94 @@ mod upstream_tests {
                 if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
                     if let Ok(u) = UdpPacket::new_checked(p.payload()) {
                         if u.src_port() == dns::PORT {
-                            rcode = Some(u.payload()[3] & 0x0f);
+                            return Some(u.payload().to_vec());
                         }
                     }
                 }
             }
-            if rcode.is_some() {
-                break;
-            }
         }
-        assert_eq!(rcode, Some(2), "no SERVFAIL within 0.5 s");
+        None
+    }
+
+    /// A server on loopback that answers every query with its id, QR set and one byte of
+    /// `tag` in the answer count's place, so the test can tell who answered.
+    fn answering_server(tag: u8) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut r = buf[..n].to_vec();
+                r[2] |= 0x80;
+                r[7] = tag;
+                let _ = sock.send_to(&r, from);
+            }
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn a_refusing_first_server_passes_the_query_to_the_next_at_once() {
+        let cfg = NetConfig::default();
+        let (good, _h) = answering_server(7);
+        let mut s = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_dns(DnsSource::Servers(vec![
+                "127.0.0.1:1".parse().unwrap(),
+                good,
+            ]));
+        s.neighbor_hint();
+        let q = dns::query(0x4242, "other.example.test", dns::QTYPE_A);
+        s.receive_frame(&hostile_frames::udp_frame_pub(
+            smol(cfg.gateway()),
+            dns::PORT,
+            &q,
+        ));
+        s.poll();
+        let a = dns_answer_within(&mut s, 1.0).expect("an answer within 1 s");
+        assert_eq!(
+            (&a[0..2], a[7]),
+            (&[0x42, 0x42][..], 7),
+            "the guest's id, from the second server"
+        );
+        assert_eq!(
+            s.dns_servers()[0],
+            good,
+            "the server that answered goes first now"
+        );
+    }
+
+    #[test]
+    fn a_silent_first_server_passes_the_query_on_after_its_timeout() {
+        let cfg = NetConfig::default();
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (good, _h) = answering_server(9);
+        let mut s = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_dns(DnsSource::Servers(vec![silent.local_addr().unwrap(), good]));
+        s.neighbor_hint();
+        let q = dns::query(0x0101, "other.example.test", dns::QTYPE_A);
+        s.receive_frame(&hostile_frames::udp_frame_pub(
+            smol(cfg.gateway()),
+            dns::PORT,
+            &q,
+        ));
+        s.poll();
+        assert!(
+            s.poll_delay().is_some_and(|d| d <= dns_upstream::TIMEOUT),
+            "the stack wants to wake for the server's timeout"
+        );
+        let mut buf = [0u8; 512];
+        silent
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        silent
+            .recv_from(&mut buf)
+            .expect("the first server is asked first");
+        let a = dns_answer_within(&mut s, 3.0).expect("an answer after the timeout");
+        assert_eq!(a[7], 9, "from the second server");
     }
 }
 

@@ -43,6 +43,14 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+fn ip_output(args: &[&str]) -> String {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 impl TestNet {
     /// Makes the namespaces and the link. Needs root (CAP_NET_ADMIN).
     pub fn new() -> Result<Self, String> {
@@ -96,6 +104,28 @@ impl TestNet {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(net)
+    }
+
+    /// Another IPv4 address for the remote side (`.N` of its link), for a second test host.
+    pub fn add_remote_addr(&self, n: u8) -> String {
+        let base = self.remote_addr.rsplit_once('.').map_or("", |(b, _)| b);
+        let addr = format!("{base}.{n}");
+        let dev = ip_output(&["-n", &self.remote, "-o", "link", "show", "type", "veth"])
+            .split(':')
+            .nth(1)
+            .map(|d| d.trim().split('@').next().unwrap_or("").to_string())
+            .unwrap_or_default();
+        ip(&[
+            "-n",
+            &self.remote,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &dev,
+        ])
+        .expect("add an address to the remote side");
+        addr
     }
 
     /// Allows ping sockets in ferry's namespace (a new namespace keeps them off, and it has

@@ -647,6 +647,7 @@ fn stats(control: &Control) -> Value {
             .collect();
         json!({
             "guest_attached": control.ports.as_ref().is_some_and(|p| p.attached()),
+            "dns_servers": n.dns_servers().iter().map(ToString::to_string).collect::<Vec<_>>(),
             "tx_frames": d.tx_frames.load(Ordering::Relaxed),
             "tx_bytes": d.tx_bytes.load(Ordering::Relaxed),
             "tx_malformed": d.tx_malformed.load(Ordering::Relaxed),

@@ -270,10 +270,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MAC")]
     pub guest_mac: Option<String>,
 
-    /// The DNS server to forward guest queries to, as IP or IP:PORT
-    /// [default: the nameservers in /etc/resolv.conf].
-    #[arg(long, value_name = "ADDR")]
+    /// The DNS servers to forward guest queries to, in order, as IP or IP:PORT, comma
+    /// separated; the next is asked when one refuses or stays silent for 1.5 s [default: the
+    /// nameservers of --resolv-conf, re-read when it changes].
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     pub dns_upstream: Option<String>,
+
+    /// The resolv.conf whose nameservers DNS goes to, looked at every 2 s and re-read when it
+    /// changes (a VPN or another network replaces it) [default: /etc/resolv.conf].
+    #[arg(long, value_name = "PATH")]
+    pub resolv_conf: Option<PathBuf>,
 
     /// The proxy that the HTTP(S) proxy on the gateway's port 3128 sends its requests and
     /// tunnels through, as http://HOST:PORT [default: none; it connects to servers itself].

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use ferry_fs::{CachePolicy, IdMap, IdMaps};
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
+use ferry_net::stack::DnsSource;
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, DEFAULT_SUBNET6};
 use serde::Deserialize;
 
@@ -91,8 +92,9 @@ pub struct ServeConfig {
     pub net: NetConfig,
     /// virtio-fs shares.
     pub shares: Vec<ShareConfig>,
-    /// Where to forward DNS queries (None: /etc/resolv.conf's nameservers).
-    pub dns_upstream: Option<SocketAddr>,
+    /// Where the DNS servers queries are forwarded to come from: `--dns-upstream`, or the
+    /// resolv.conf (`--resolv-conf`, /etc/resolv.conf by default), followed as it changes.
+    pub dns: DnsSource,
     /// The upstream of the gateway's HTTP(S) proxy (None: it connects to servers itself).
     pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
@@ -130,6 +132,8 @@ impl ServeConfig {
 
 /// Where `ferry portd` listens unless told otherwise.
 pub const DEFAULT_PORTD_SOCKET: &str = "/run/ferry/portd.sock";
+/// The resolv.conf whose nameservers DNS goes to, unless `--dns-upstream` names them.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The TOML file's shape: the long option names as keys.
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +155,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     guest_mac: Option<String>,
     dns_upstream: Option<String>,
+    resolv_conf: Option<PathBuf>,
     proxy_upstream: Option<String>,
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
@@ -400,7 +405,7 @@ fn parse_dns_upstream(s: &str) -> Result<SocketAddr> {
         .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
         .map_err(|_| {
             usage(format!(
-                "--dns-upstream {s}: not an IP address or IP:PORT; for example 10.0.0.53 or 10.0.0.53:5353"
+                "--dns-upstream {s}: not an IP address or IP:PORT; for example 10.0.0.53 or 10.0.0.53:5353 (several: 10.0.0.53,10.0.0.54)"
             ))
         })
 }
@@ -570,9 +575,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if let Some(p) = &api_socket {
             check_socket_path("--api-socket", p)?;
         }
-        let dns_upstream = match args.dns_upstream.or(file.dns_upstream) {
-            Some(s) => Some(parse_dns_upstream(&s)?),
-            None => None,
+        let dns = match args.dns_upstream.or(file.dns_upstream) {
+            Some(s) => DnsSource::Servers(
+                s.split(',')
+                    .map(|a| parse_dns_upstream(a.trim()))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => DnsSource::ResolvConf(
+                args.resolv_conf
+                    .or(file.resolv_conf)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF)),
+            ),
         };
 
         let proxy_upstream = match args.proxy_upstream.or(file.proxy_upstream) {
@@ -659,7 +672,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             net_client,
             net,
             shares,
-            dns_upstream,
+            dns,
             proxy_upstream,
             publish,
             rules,
@@ -799,6 +812,7 @@ mod tests {
             max_connections: None,
             guest_mac: None,
             dns_upstream: None,
+            resolv_conf: None,
             proxy_upstream: None,
             pcap: None,
             sandbox: Default::default(),
@@ -819,7 +833,7 @@ mod tests {
         a.net_socket = Some(dir.path().join("net.sock"));
         let c = ServeConfig::try_from(a).unwrap();
         assert_eq!(c.net, NetConfig::default());
-        assert!(c.dns_upstream.is_none());
+        assert_eq!(c.dns, DnsSource::ResolvConf(DEFAULT_RESOLV_CONF.into()));
     }
 
     #[test]

@@ -258,6 +258,18 @@ fn print_stats(v: &Value) {
             s(&net["dhcp_replies"]), s(&net["dns_replies"]), s(&net["tcp_flows"]), s(&net["udp_flows"]),
             s(&net["icmp_flows"]), s(&net["tcp_refused"]), s(&net["published_connections"])
         );
+        let dns: Vec<&str> = net["dns_servers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "     DNS servers: {}",
+            if dns.is_empty() {
+                "none (names outside ferry.internal get SERVFAIL)".to_string()
+            } else {
+                dns.join(", ")
+            }
+        );
         if net["pcap"].is_object() {
             println!(
                 "     capturing to {}: {} frames / {} bytes",

@@ -149,14 +149,6 @@ impl Devices {
         }
 
         if let Some((endpoint, path)) = net {
-            let upstream = cfg.dns_upstream.or_else(|| {
-                std::fs::read_to_string("/etc/resolv.conf")
-                    .ok()
-                    .and_then(|t| ferry_net::dns::upstream_from_resolv_conf(&t))
-            });
-            if upstream.is_none() {
-                log::warn!("net: no DNS upstream (none given, none in /etc/resolv.conf): names outside ferry.internal get SERVFAIL");
-            }
             let portd = cfg.portd_socket.clone();
             let binder: PrivilegedBinder =
                 Box::new(move |spec| crate::portd::request(&portd, spec));
@@ -204,10 +196,10 @@ impl Devices {
                 ports: Some(p),
                 proxy: Some(px),
                 rules: Some(r),
+                dns: Some(cfg.dns.clone()),
             };
-            let backend =
-                VhostUserNetBackend::with_services(cfg.net.clone(), upstream, services)
-                    .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
+            let backend = VhostUserNetBackend::with_services(cfg.net.clone(), None, services)
+                .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
             if let Some(mut c) = capture.take() {
                 if let Err(e) = c.begin() {
                     remove_sockets(&sockets);
@@ -230,8 +222,15 @@ impl Devices {
                 mac_string(&cfg.net.guest_mac),
                 cfg.net.gateway(),
                 cfg.net.mtu,
-                cfg.dns_upstream
-                    .map_or_else(|| "from /etc/resolv.conf".to_string(), |a| a.to_string())
+                match &cfg.dns {
+                    ferry_net::stack::DnsSource::Servers(s) => s
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    ferry_net::stack::DnsSource::ResolvConf(p) =>
+                        format!("the nameservers of {}", p.display()),
+                }
             );
             let inner = private.join("net.sock");
             spawn("net", move || {

@@ -51,7 +51,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         net_client: false,
         net: Default::default(),
         shares,
-        dns_upstream: None,
+        dns: ferry_net::stack::DnsSource::ResolvConf(crate::config::DEFAULT_RESOLV_CONF.into()),
         proxy_upstream: None,
         publish: cfg.publish.clone(),
         rules: cfg.rules.clone(),

@@ -189,6 +189,20 @@ impl Paths {
         }
         p.read_only
             .extend(SYSTEM_READ.iter().map(PathBuf::from).filter(|p| p.exists()));
+        if let ferry_net::stack::DnsSource::ResolvConf(r) = &cfg.dns {
+            // A resolv.conf elsewhere (--resolv-conf): its folder, and where its symlink
+            // leads now (it may lead elsewhere later; the system folders above cover the
+            // usual places).
+            for f in [Some(r.clone()), std::fs::canonicalize(r).ok()]
+                .into_iter()
+                .flatten()
+            {
+                let dir = parent_dir(&f).to_path_buf();
+                if dir.exists() && !p.read_only.iter().any(|d| dir.starts_with(d)) {
+                    p.read_only.push(dir);
+                }
+            }
+        }
         p.capabilities = SERVE_CAPS.to_vec();
         p.devices = cfg
             .shares

@@ -1,66 +1,142 @@
 //! DNS on the gateway: names the plan owns are answered here, the rest forwarded to the
-//! upstream with an id of ferry's, and the answer goes back unchanged but for it, from the
-//! gateway address (IPv4 or IPv6) the guest asked.
+//! upstream servers (`dns_upstream`) with an id of ferry's, and the answer goes back unchanged
+//! but for it, from the gateway address (IPv4 or IPv6) the guest asked. A server that refuses
+//! or stays silent for `dns_upstream::TIMEOUT` passes the query to the next; when none is
+//! left, the guest gets SERVFAIL.
 
+use super::dns_upstream::TIMEOUT;
 use super::*;
 
 /// Forwarded queries waiting at most.
 pub(super) const MAX_DNS_PENDING: usize = 1024;
 
+/// A query forwarded upstream.
+pub(super) struct Pending {
+    /// The guest's endpoint and the gateway address it asked.
+    guest: IpEndpoint,
+    local: IpAddress,
+    /// The query as sent upstream (ferry's id), and the guest's own id.
+    query: Vec<u8>,
+    guest_id: [u8; 2],
+    /// Which server, counted from the preferred one, has it now; where; since when.
+    tries: usize,
+    server: SocketAddr,
+    sent: StdInstant,
+}
+
 impl NetStack {
-    /// A reply from the DNS upstream, back to the guest with its own id.
-    /// Nothing listens at the upstream: every query waiting on it fails now, rather than after
-    /// the guest's timeout. (The refusal comes back once, to whichever send or receive on the
-    /// socket happens next, so it stands for all queries in flight.)
-    pub(super) fn fail_pending_dns(&mut self) {
-        let failed: Vec<_> = self.dns_pending.drain().map(|(_, v)| v).collect();
-        let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
-        for (guest, gateway, query) in failed {
-            if let Some(dns::Answer::Local(r)) = dns::answer(&self.cfg, &query, false) {
-                let mut meta = udp::UdpMetadata::from(guest);
-                meta.local_address = Some(gateway);
-                let _ = socket.send_slice(&r, meta);
+    /// Sends pending query `id` to the next server that takes it, from its `tries`th on; the
+    /// guest gets SERVFAIL when none is left.
+    fn dns_send(&mut self, id: u16, mut p: Pending) {
+        while let Some(n) = (p.tries < self.upstreams.addrs().len()).then_some(p.tries) {
+            if let Some(server) = self.upstreams.send(n, &p.query, &self.epoll) {
+                p.server = server;
+                p.sent = StdInstant::now();
+                self.dns_pending.insert(id, p);
+                return;
             }
+            p.tries += 1;
+        }
+        self.dns_fail(p);
+    }
+
+    /// Answers a query no server answered with SERVFAIL.
+    fn dns_fail(&mut self, p: Pending) {
+        let mut q = p.query;
+        q[0..2].copy_from_slice(&p.guest_id);
+        if let Some(dns::Answer::Local(r)) = dns::answer(&self.cfg, &q, false) {
+            self.dns_reply(p.guest, p.local, &r);
         }
     }
 
-    pub(super) fn dns_in(&mut self, buf: &mut [u8]) {
-        loop {
-            let Some(up) = &self.upstream else {
-                return;
-            };
-            let (guest, gateway, reply) = match up.recv(buf) {
-                Ok(n) if n >= 12 => {
-                    let id = u16::from_be_bytes([buf[0], buf[1]]);
-                    let Some((guest, gateway, query)) = self.dns_pending.remove(&id) else {
-                        continue;
-                    };
-                    // The answer goes back unchanged but for the guest's own id.
-                    buf[0..2].copy_from_slice(&query[0..2]);
-                    (guest, gateway, buf[..n].to_vec())
-                }
-                Ok(_) => continue,
-                // Nothing listens at the upstream: every query waiting on it fails now,
-                // rather than after the guest's timeout.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    self.fail_pending_dns();
-                    continue;
-                }
-                Err(_) => return,
-            };
-            let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
-            let mut meta = udp::UdpMetadata::from(guest);
-            meta.local_address = Some(gateway);
-            if socket.send_slice(&reply, meta).is_ok() {
-                self.stats.dns_replies += 1;
-            }
+    fn dns_reply(&mut self, guest: IpEndpoint, local: IpAddress, reply: &[u8]) {
+        let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+        let mut meta = udp::UdpMetadata::from(guest);
+        meta.local_address = Some(local);
+        if socket.send_slice(reply, meta).is_ok() {
+            self.stats.dns_replies += 1;
         }
+    }
+
+    /// Passes query `id` on to the next server.
+    fn dns_failover(&mut self, id: u16) {
+        if let Some(mut p) = self.dns_pending.remove(&id) {
+            p.tries += 1;
+            self.dns_send(id, p);
+        }
+    }
+
+    /// What the servers sent: answers back to the guest with its own id, refusals passed on.
+    pub(super) fn dns_in(&mut self, buf: &mut [u8]) {
+        let mut got: Vec<(SocketAddr, Option<Vec<u8>>)> = Vec::new();
+        self.upstreams
+            .drain(buf, |from, data| got.push((from, data.map(|d| d.to_vec()))));
+        for (from, data) in got {
+            let Some(mut reply) = data else {
+                // Nothing listens at `from`: its queries go to the next server now, rather than
+                // after the guest's timeout.
+                let ids: Vec<u16> = self
+                    .dns_pending
+                    .iter()
+                    .filter(|(_, p)| p.server == from)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    self.dns_failover(id);
+                }
+                continue;
+            };
+            if reply.len() < 12 {
+                continue;
+            }
+            let id = u16::from_be_bytes([reply[0], reply[1]]);
+            // Only from the server the query went to: another one's (late) answer, or a
+            // guess, is not taken.
+            if self.dns_pending.get(&id).is_none_or(|p| p.server != from) {
+                continue;
+            }
+            let Some(p) = self.dns_pending.remove(&id) else {
+                continue;
+            };
+            self.upstreams.answered(from);
+            // The answer goes back unchanged but for the guest's own id.
+            reply[0..2].copy_from_slice(&p.guest_id);
+            self.dns_reply(p.guest, p.local, &reply);
+        }
+    }
+
+    /// Queries a server has left unanswered for too long go to the next one; the servers
+    /// follow the host's resolv.conf.
+    pub(super) fn dns_timers(&mut self) {
+        self.upstreams.follow(&self.epoll);
+        if self.dns_pending.is_empty() {
+            return;
+        }
+        let late: Vec<u16> = self
+            .dns_pending
+            .iter()
+            .filter(|(_, p)| p.sent.elapsed() >= TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.dns_failover(id);
+        }
+    }
+
+    /// How long until a forwarded query times out, if one waits.
+    pub(super) fn dns_delay(&self) -> Option<std::time::Duration> {
+        self.dns_pending
+            .values()
+            .map(|p| TIMEOUT.saturating_sub(p.sent.elapsed()))
+            .min()
     }
 
     pub(super) fn serve_dns(&mut self) {
-        let mut refused = false;
-        let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
-        while let Ok((query, meta)) = socket.recv() {
+        loop {
+            let socket = self.sockets.get_mut::<udp::Socket>(self.dns);
+            let Ok((query, meta)) = socket.recv() else {
+                return;
+            };
             // The socket takes port 53 of every address the stack takes; only the gateway's
             // (either family) is the DNS server (the NAT took queries to others before).
             let Some(local) = meta
@@ -69,50 +145,36 @@ impl NetStack {
             else {
                 continue;
             };
-            let reply = match dns::answer(&self.cfg, query, self.upstream.is_some()) {
-                Some(dns::Answer::Local(reply)) => reply,
+            let query = query.to_vec();
+            match dns::answer(&self.cfg, &query, self.upstreams.any()) {
+                Some(dns::Answer::Local(reply)) => self.dns_reply(meta.endpoint, local, &reply),
                 Some(dns::Answer::Forward) => {
+                    if self.dns_pending.len() >= MAX_DNS_PENDING {
+                        self.dns_pending.clear();
+                    }
                     // Forward with an id of ours; the answer goes back unchanged but for it.
-                    let addr = self.upstream_addr;
-                    let sent = self.upstream.as_ref().and_then(|up| {
-                        if self.dns_pending.len() >= MAX_DNS_PENDING {
-                            self.dns_pending.clear();
-                        }
-                        let id = self.next_dns_id;
-                        self.next_dns_id = self.next_dns_id.wrapping_add(1).max(1);
-                        let mut q = query.to_vec();
-                        q[0..2].copy_from_slice(&id.to_be_bytes());
-                        up.send(&q)
-                            .or_else(|_| {
-                                // Unconnected: the upstream was unreachable at the start.
-                                up.connect(addr.ok_or(io::ErrorKind::NotConnected)?)?;
-                                up.send(&q)
-                            })
-                            .ok()?;
-                        self.dns_pending
-                            .insert(id, (meta.endpoint, local, query.to_vec()));
-                        Some(())
-                    });
-                    if sent.is_some() {
-                        continue;
-                    }
-                    refused = true;
-                    // The upstream refused at once (nothing listens there): SERVFAIL now.
-                    match dns::answer(&self.cfg, query, false) {
-                        Some(dns::Answer::Local(reply)) => reply,
-                        _ => continue,
-                    }
+                    let id = self.next_dns_id;
+                    self.next_dns_id = self.next_dns_id.wrapping_add(1).max(1);
+                    let mut q = query.clone();
+                    q[0..2].copy_from_slice(&id.to_be_bytes());
+                    let p = Pending {
+                        guest: meta.endpoint,
+                        local,
+                        query: q,
+                        guest_id: [query[0], query[1]],
+                        tries: 0,
+                        server: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        sent: StdInstant::now(),
+                    };
+                    self.dns_send(id, p);
                 }
-                None => continue,
-            };
-            let mut out = udp::UdpMetadata::from(meta.endpoint);
-            out.local_address = Some(local);
-            if socket.send_slice(&reply, out).is_ok() {
-                self.stats.dns_replies += 1;
+                None => {}
             }
         }
-        if refused {
-            self.fail_pending_dns();
-        }
+    }
+
+    /// The DNS servers queries are forwarded to, the one asked first leading.
+    pub fn dns_servers(&self) -> Vec<SocketAddr> {
+        self.upstreams.in_use()
     }
 }

@@ -202,7 +202,7 @@ impl NetStack {
             // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
             // proxy, served in this process. They are not outbound flows: the proxy checks
             // the rules for the servers it connects to.
-            match (t.dst_port(), self.upstream_addr, &self.proxy) {
+            match (t.dst_port(), self.upstreams.preferred(), &self.proxy) {
                 (dns::PORT, Some(up), _) => target = Some(up),
                 (crate::proxy::PORT, _, Some(p)) => {
                     target = Some(SocketAddr::V4(p.addr()));

@@ -362,8 +362,8 @@ fn is_unicast(a: std::net::IpAddr) -> bool {
     }
 }
 
-/// A host socket connected to `to`, of its family.
-fn udp_host_socket(to: SocketAddr) -> io::Result<UdpSocket> {
+/// A non-blocking host socket connected to `to`, of its family.
+pub(super) fn udp_host_socket(to: SocketAddr) -> io::Result<UdpSocket> {
     let any: SocketAddr = if to.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
