@@ -163,6 +163,8 @@ pub struct NetServices {
     pub rules: Option<Arc<Rules>>,
     /// Where the DNS servers come from (None: the `upstream` given, if any).
     pub dns: Option<ferry_net::stack::DnsSource>,
+    /// Names the gateway's DNS answers from the host (records, the hosts file).
+    pub names: Option<Arc<ferry_net::names::Names>>,
 }
 
 impl VhostUserNetBackend {
@@ -209,6 +211,9 @@ impl VhostUserNetBackend {
         let mut stack = NetStack::new(cfg.clone(), upstream)?;
         if let Some(d) = &services.dns {
             stack = stack.with_dns(d.clone());
+        }
+        if let Some(n) = &services.names {
+            stack = stack.with_names(n.clone());
         }
         if let Some(p) = &services.proxy {
             stack = stack.with_proxy(p.clone());

@@ -108,15 +108,15 @@ pub fn local_name6(cfg: &NetConfig, name: &str) -> Option<std::net::Ipv6Addr> {
     })
 }
 
-/// A response to `query` (whose question is `q`) with `rcode` and the given A or AAAA record,
-/// if any.
-fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<IpAddr>) -> Vec<u8> {
-    let mut r = Vec::with_capacity(q.end + 16);
+/// A response to `query` (whose question is `q`) with `rcode` and the given A and AAAA
+/// records.
+fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(q.end + 16 + 28 * answers.len());
     r.extend_from_slice(&query[0..2]);
     // QR, the query's opcode (0) and RD, RA, and the rcode.
     let rd = query[2] & 0x01;
-    // AA: the plan's names are ours to answer.
-    let aa = if rcode == 0 && answer.is_some() {
+    // AA: the names answered here are ours to answer.
+    let aa = if rcode == 0 && !answers.is_empty() {
         0x04
     } else {
         0
@@ -124,10 +124,10 @@ fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<IpAddr>) -> Ve
     r.push(0x80 | aa | rd);
     r.push(0x80 | rcode);
     r.extend_from_slice(&1u16.to_be_bytes());
-    r.extend_from_slice(&u16::from(answer.is_some()).to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(&query[HEADER..q.end]);
-    if let Some(ip) = answer {
+    for ip in answers {
         r.extend_from_slice(&[0xc0, HEADER as u8]);
         let (ty, data) = match ip {
             IpAddr::V4(a) => (TYPE_A, a.octets().to_vec()),
@@ -143,24 +143,47 @@ fn response(query: &[u8], q: &Question, rcode: u8, answer: Option<IpAddr>) -> Ve
 }
 
 /// The answer the gateway gives itself: for the plan's names (A, AAAA with IPv6 on, and an
-/// empty answer for any other type), or SERVFAIL for everything else when there is no upstream to ask. `None` for a
-/// query that gets no answer at all (malformed).
+/// empty answer for any other type), or SERVFAIL for everything else when there is no
+/// upstream to ask. `None` for a query that gets no answer at all (malformed).
 pub fn answer(cfg: &NetConfig, query: &[u8], have_upstream: bool) -> Option<Answer> {
+    answer_with(cfg, query, have_upstream, |_| None)
+}
+
+/// [`answer`], with `names` asked before the query goes upstream (records set at run time,
+/// the host's hosts file): a name it knows gets its addresses of the asked type.
+pub fn answer_with(
+    cfg: &NetConfig,
+    query: &[u8],
+    have_upstream: bool,
+    names: impl FnOnce(&str) -> Option<Vec<IpAddr>>,
+) -> Option<Answer> {
     let q = parse_query(query)?;
+    let of_type = |addrs: &[IpAddr]| -> Vec<IpAddr> {
+        addrs
+            .iter()
+            .copied()
+            .filter(|a| {
+                matches!(
+                    (q.qtype, q.qclass, a),
+                    (TYPE_A, CLASS_IN, IpAddr::V4(_)) | (TYPE_AAAA, CLASS_IN, IpAddr::V6(_))
+                )
+            })
+            .collect()
+    };
     if let Some(ip) = local_name(cfg, &q.name) {
-        let a = match (q.qtype, q.qclass) {
-            (TYPE_A, CLASS_IN) => Some(IpAddr::V4(ip)),
-            (TYPE_AAAA, CLASS_IN) => local_name6(cfg, &q.name).map(IpAddr::V6),
-            _ => None,
-        };
-        return Some(Answer::Local(response(query, &q, 0, a)));
+        let mut addrs = vec![IpAddr::V4(ip)];
+        addrs.extend(local_name6(cfg, &q.name).map(IpAddr::V6));
+        return Some(Answer::Local(response(query, &q, 0, &of_type(&addrs))));
     }
     // Other names under our own zone do not exist.
     if q.name.ends_with(".ferry.internal") || q.name == "ferry.internal" {
-        return Some(Answer::Local(response(query, &q, RCODE_NXDOMAIN, None)));
+        return Some(Answer::Local(response(query, &q, RCODE_NXDOMAIN, &[])));
+    }
+    if let Some(addrs) = names(&q.name) {
+        return Some(Answer::Local(response(query, &q, 0, &of_type(&addrs))));
     }
     if !have_upstream {
-        return Some(Answer::Local(response(query, &q, RCODE_SERVFAIL, None)));
+        return Some(Answer::Local(response(query, &q, RCODE_SERVFAIL, &[])));
     }
     Some(Answer::Forward)
 }

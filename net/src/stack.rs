@@ -176,6 +176,8 @@ pub struct NetStack {
     proxy: Option<Arc<crate::proxy::Proxy>>,
     /// The rules new outbound flows and published ports' clients are checked against, if any.
     rules: Option<Arc<Rules>>,
+    /// Names answered from the host (records set at run time, the hosts file), if any.
+    names: Option<Arc<crate::names::Names>>,
     /// Reused buffer for what the ports thread hands over.
     incoming: Vec<Incoming>,
 }
@@ -276,8 +278,15 @@ impl NetStack {
             ports: None,
             proxy: None,
             rules: None,
+            names: None,
             incoming: Vec::new(),
         })
+    }
+
+    /// Answers the names of `names` (records, the host's hosts file) before asking upstream.
+    pub fn with_names(mut self, names: Arc<crate::names::Names>) -> Self {
+        self.names = Some(names);
+        self
     }
 
     /// Forwards DNS to the servers of `source` (a resolv.conf is followed as it changes).

@@ -182,3 +182,14 @@ impl Drop for FerryProcess {
         }
     }
 }
+
+/// Runs `ferry ctl --api-socket API ARGS...` and returns what it did.
+pub fn ferry_ctl(api: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run ferry ctl")
+}

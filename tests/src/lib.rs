@@ -11,7 +11,7 @@ mod netns;
 mod qemu;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
-pub use ferry::{ferry_bin, wrapped, FerryProcess};
+pub use ferry::{ferry_bin, ferry_ctl, wrapped, FerryProcess};
 pub use netns::{clients, TestHost, TestNet};
 pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, NetLink, Qemu};
 

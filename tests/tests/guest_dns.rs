@@ -7,11 +7,15 @@
 //! answers); the test stops the first server, and the guest's next lookup is answered by the
 //! second within one resolver timeout; the test replaces the symlink with one naming the
 //! third, and the guest's next lookup reaches it without a ferry restart. `/stats` names the
-//! servers in use.
+//! servers in use. Names come from the host too: a hosts file of the test's (`--hosts-file`,
+//! a loopback entry becoming the host alias, an entry added while ferry runs) and a record set
+//! and deleted with `ferry ctl dns`.
 
 use std::time::Duration;
 
 use ferry_tests::{api_get, FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+
+use ferry_tests::ferry_ctl as ctl;
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -20,17 +24,23 @@ check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY
 lookup() { nslookup -type=A who.test 2>&1 | awk '/^Address/ {a=$2} END {print a}'; }
 step() { echo "FERRY-STEP $1"; i=0; while [ ! -e /mnt/tools/go-$1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; }
 check first "$(lookup)" 10.0.0.1
+name() { nslookup -type=A "$1" 2>&1 | grep -c "Address.*$2\$"; }
+check hosts-file "$(name build.corp.test 10.0.0.77)" 1
+check hosts-loopback-is-alias "$(name local.corp.test 192.168.127.254)" 1
 step 1
+check record "$(name app.test 10.0.0.88)" 1
 t0=$(cut -d' ' -f1 /proc/uptime)
 check failover "$(lookup)" 10.0.0.2
 t1=$(cut -d' ' -f1 /proc/uptime)
 check failover-fast "$(awk -v a=$t0 -v b=$t1 'BEGIN {print (b - a < 5) ? "yes" : "no " b - a}')" yes
 step 2
 check followed "$(lookup)" 10.0.0.3
+check hosts-file-followed "$(name late.corp.test 10.0.0.99)" 1
+check record-deleted "$(name app.test 10.0.0.88)" 0
 "#;
 
 #[test]
-fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
+fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let servers: Vec<String> = vec![
         net.remote_addr.clone(),
@@ -59,6 +69,12 @@ fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
     };
     let first = conf("first.conf", &[&servers[0], &servers[1]]);
     let third = conf("third.conf", &[&servers[2]]);
+    let hosts_file = dir.path().join("hosts");
+    std::fs::write(
+        &hosts_file,
+        "10.0.0.77 build.corp.test\n127.0.0.1 local.corp.test\n",
+    )
+    .unwrap();
     let resolv = dir.path().join("resolv.conf");
     std::os::unix::fs::symlink(&first, &resolv).unwrap();
     let sock = dir.path().join("net.sock");
@@ -72,6 +88,8 @@ fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
             sock.display().to_string(),
             "--resolv-conf".into(),
             resolv.display().to_string(),
+            "--hosts-file".into(),
+            hosts_file.display().to_string(),
             "--api-socket".into(),
             api.display().to_string(),
             "--share".into(),
@@ -98,8 +116,10 @@ fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
         serde_json::json!([format!("{}:53", servers[0]), format!("{}:53", servers[1])]),
         "the servers of the resolv.conf, in order"
     );
-    // The first server goes away.
+    // The first server goes away; a record is set.
     hosts[0] = None;
+    let o = ctl(&api, &["dns", "add", "app.test", "10.0.0.88"]);
+    assert!(o.status.success(), "ferry ctl dns add: {o:?}");
     std::fs::write(t.dir.join("go-1"), b"").unwrap();
     if let Err(e) = qemu.wait_console("FERRY-STEP 2", DEADLINE) {
         fail(e, &ferry);
@@ -109,7 +129,20 @@ fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
         serde_json::json!(format!("{}:53", servers[1])),
         "the server that answered is asked first"
     );
-    // The network changes: the symlink is replaced (a new one renamed over it).
+    // The record goes; the hosts file gains a name; the network changes: the symlink is
+    // replaced (a new one renamed over it).
+    let o = ctl(&api, &["dns", "delete", "app.test"]);
+    assert!(o.status.success(), "ferry ctl dns delete: {o:?}");
+    let listed = ctl(&api, &["dns"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("no DNS records"),
+        "{listed:?}"
+    );
+    std::fs::write(
+        &hosts_file,
+        "10.0.0.77 build.corp.test\n10.0.0.99 late.corp.test\n",
+    )
+    .unwrap();
     let tmp = dir.path().join("resolv.conf.new");
     std::os::unix::fs::symlink(&third, &tmp).unwrap();
     std::fs::rename(&tmp, &resolv).unwrap();
@@ -119,7 +152,7 @@ fn lookups_fail_over_and_follow_a_replaced_resolv_conf() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(4, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(9, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         ferry.log_text().contains("changed: forwarding to"),
         "{}",

@@ -8,7 +8,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use ferry_tests::{clients, ferry_bin, wait_for, FerryProcess, GuestSpec, Qemu, TestNet};
@@ -39,15 +39,7 @@ fn curl(ns: &str, url: &str) -> String {
     )
 }
 
-fn ctl(api: &Path, args: &[&str]) -> Output {
-    Command::new(ferry_bin())
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(api)
-        .args(args)
-        .output()
-        .expect("run ferry ctl")
-}
+use ferry_tests::ferry_ctl as ctl;
 
 fn text(o: &Output) -> String {
     format!(

@@ -23,6 +23,7 @@
 //! the host port is in use or published already, or the ports or rules are at their cap.
 //! Requests the HTTP layer refuses (framing, sizes) have the same shape; see [`http`].
 
+mod dns;
 mod http;
 
 use std::net::IpAddr;
@@ -58,6 +59,9 @@ pub struct Control {
     pub proxy: Option<Arc<Proxy>>,
     /// The rules for the guest's flows and published ports' clients (None: no net device).
     pub rules: Option<Arc<Rules>>,
+    /// The names the gateway's DNS answers from records and the hosts file (None: no net
+    /// device).
+    pub names: Option<Arc<ferry_net::names::Names>>,
     /// The file shares.
     pub shares: Arc<crate::shares::Shares>,
     /// When ferry started.
@@ -158,6 +162,19 @@ fn route(
             None => no_net("rules"),
         },
         ("DELETE", ["rules", id]) => delete_rule(control, id),
+        ("GET", ["dns", "records"]) => dns::list(control),
+        ("POST", ["dns", "records"]) => dns::add(control, body),
+        ("DELETE", ["dns", "records", name]) => dns::delete(control, name),
+        (_, ["dns", "records"]) => error(
+            405,
+            "/dns/records takes GET or POST",
+            "use GET to list, POST {\"name\": NAME, \"address\": ADDR} to add",
+        ),
+        (_, ["dns", "records", _]) => error(
+            405,
+            format!("{path} takes DELETE"),
+            "use DELETE to remove the record",
+        ),
         ("GET", ["shares"]) => (200, shares_json(control)),
         ("POST", ["shares"]) => add_share(control, body, fds),
         ("DELETE", ["shares", tag]) => match control.shares.remove(tag) {

@@ -97,12 +97,39 @@ pub enum CtlCommand {
         #[command(subcommand)]
         change: Option<RuleChange>,
     },
+    /// The names the gateway's DNS answers from records set at run time (A and AAAA, before
+    /// the hosts file and the upstream servers), or add or delete one.
+    Dns {
+        /// `add NAME ADDR` or `delete NAME`; nothing to list them.
+        #[command(subcommand)]
+        change: Option<DnsChange>,
+    },
     /// Show the HTTP(S) proxy on the gateway's port 3128, or set or clear its upstream.
     Proxy {
         /// `set URL` to send requests through the proxy at URL (http://HOST:PORT), `clear`
         /// to connect to servers directly; nothing to show where it stands.
         #[command(subcommand)]
         change: Option<ProxyChange>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsChange {
+    /// Add ADDR (IPv4: an A record; IPv6: AAAA) to NAME; a name may have several.
+    Add {
+        /// The name, such as db.myapp.test.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Its address.
+        #[arg(value_name = "ADDR")]
+        addr: std::net::IpAddr,
+    },
+    /// Delete NAME's record, every address of it.
+    #[command(alias = "del")]
+    Delete {
+        /// The name.
+        #[arg(value_name = "NAME")]
+        name: String,
     },
 }
 
@@ -275,6 +302,11 @@ pub struct ServeArgs {
     /// nameservers of --resolv-conf, re-read when it changes].
     #[arg(long, value_name = "ADDR[,ADDR...]")]
     pub dns_upstream: Option<String>,
+
+    /// The hosts file whose names the gateway's DNS answers before it asks upstream (loopback
+    /// addresses become the host alias), re-read when it changes [default: /etc/hosts].
+    #[arg(long, value_name = "PATH")]
+    pub hosts_file: Option<PathBuf>,
 
     /// The resolv.conf whose nameservers DNS goes to, looked at every 2 s and re-read when it
     /// changes (a VPN or another network replaces it) [default: /etc/resolv.conf].

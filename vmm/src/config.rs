@@ -95,6 +95,8 @@ pub struct ServeConfig {
     /// Where the DNS servers queries are forwarded to come from: `--dns-upstream`, or the
     /// resolv.conf (`--resolv-conf`, /etc/resolv.conf by default), followed as it changes.
     pub dns: DnsSource,
+    /// The hosts file the gateway's DNS answers from (`--hosts-file`, /etc/hosts by default).
+    pub hosts_file: PathBuf,
     /// The upstream of the gateway's HTTP(S) proxy (None: it connects to servers itself).
     pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
@@ -132,6 +134,8 @@ impl ServeConfig {
 
 /// Where `ferry portd` listens unless told otherwise.
 pub const DEFAULT_PORTD_SOCKET: &str = "/run/ferry/portd.sock";
+/// The hosts file the gateway's DNS answers from.
+pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
 /// The resolv.conf whose nameservers DNS goes to, unless `--dns-upstream` names them.
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -156,6 +160,7 @@ struct FileConfig {
     guest_mac: Option<String>,
     dns_upstream: Option<String>,
     resolv_conf: Option<PathBuf>,
+    hosts_file: Option<PathBuf>,
     proxy_upstream: Option<String>,
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
@@ -667,12 +672,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
         })
         .map_err(usage)?;
 
+        let hosts_file = args
+            .hosts_file
+            .or(file.hosts_file)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_HOSTS_FILE));
         Ok(ServeConfig {
             net_socket,
             net_client,
             net,
             shares,
             dns,
+            hosts_file,
             proxy_upstream,
             publish,
             rules,
@@ -813,6 +823,7 @@ mod tests {
             guest_mac: None,
             dns_upstream: None,
             resolv_conf: None,
+            hosts_file: None,
             proxy_upstream: None,
             pcap: None,
             sandbox: Default::default(),

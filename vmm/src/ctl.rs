@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlCommand, ProxyChange, RuleChange};
+use crate::cli::{CtlArgs, CtlCommand, DnsChange, ProxyChange, RuleChange};
 use crate::config::{Error, Result};
 
 /// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
@@ -499,6 +499,43 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                     println!("every counter set to 0");
                     print_rules(v)
                 });
+            }
+        },
+        CtlCommand::Dns { change } => match change {
+            None => {
+                let v = expect(sock, "GET", "/dns/records", None, 200)?;
+                out(&v, &|v| {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|r| {
+                                    let addrs: Vec<String> = r["addresses"]
+                                        .as_array()
+                                        .map(|x| x.iter().map(s).collect())
+                                        .unwrap_or_default();
+                                    vec![s(&r["name"]), addrs.join(" ")]
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if rows.is_empty() {
+                        println!("no DNS records (ferry ctl dns add NAME ADDR sets one)");
+                    } else {
+                        table(&["NAME", "ADDRESSES"], &rows);
+                    }
+                });
+            }
+            Some(DnsChange::Add { name, addr }) => {
+                let body = json!({ "name": name, "address": addr.to_string() });
+                let v = expect(sock, "POST", "/dns/records", Some(&body), 201)?;
+                out(&v, &|v| {
+                    println!("{} -> {}", s(&v["name"]), s(&v["address"]))
+                });
+            }
+            Some(DnsChange::Delete { name }) => {
+                expect(sock, "DELETE", &format!("/dns/records/{name}"), None, 204)?;
+                out(&json!({ "deleted": name }), &|_| println!("deleted {name}"));
             }
         },
         CtlCommand::Unpublish { spec } => {

@@ -121,6 +121,7 @@ impl Devices {
         let mut proxy = None;
         let mut rules = None;
         let mut net_backend = None;
+        let mut dns_names = None;
         for share in &cfg.shares {
             let pfs = crate::shares::Shares::open(share).map_err(|e| {
                 Error::Runtime(format!(
@@ -192,11 +193,14 @@ impl Devices {
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
             );
             proxy = Some(px.clone());
+            let names = Arc::new(ferry_net::names::Names::new(Some(cfg.hosts_file.clone())));
+            dns_names = Some(names.clone());
             let services = NetServices {
                 ports: Some(p),
                 proxy: Some(px),
                 rules: Some(r),
                 dns: Some(cfg.dns.clone()),
+                names: Some(names.clone()),
             };
             let backend = VhostUserNetBackend::with_services(cfg.net.clone(), None, services)
                 .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
@@ -286,6 +290,7 @@ impl Devices {
                     net: net_backend,
                     proxy,
                     rules,
+                    names: dns_names,
                     shares,
                     started: std::time::Instant::now(),
                 };

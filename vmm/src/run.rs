@@ -52,6 +52,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         net: Default::default(),
         shares,
         dns: ferry_net::stack::DnsSource::ResolvConf(crate::config::DEFAULT_RESOLV_CONF.into()),
+        hosts_file: crate::config::DEFAULT_HOSTS_FILE.into(),
         proxy_upstream: None,
         publish: cfg.publish.clone(),
         rules: cfg.rules.clone(),

@@ -189,10 +189,14 @@ impl Paths {
         }
         p.read_only
             .extend(SYSTEM_READ.iter().map(PathBuf::from).filter(|p| p.exists()));
-        if let ferry_net::stack::DnsSource::ResolvConf(r) = &cfg.dns {
-            // A resolv.conf elsewhere (--resolv-conf): its folder, and where its symlink
-            // leads now (it may lead elsewhere later; the system folders above cover the
-            // usual places).
+        // A resolv.conf or hosts file elsewhere (--resolv-conf, --hosts-file): its folder, and
+        // where its symlink leads now (it may lead elsewhere later; the system folders above
+        // cover the usual places).
+        let resolv = match &cfg.dns {
+            ferry_net::stack::DnsSource::ResolvConf(r) => Some(r),
+            ferry_net::stack::DnsSource::Servers(_) => None,
+        };
+        for r in resolv.into_iter().chain([&cfg.hosts_file]) {
             for f in [Some(r.clone()), std::fs::canonicalize(r).ok()]
                 .into_iter()
                 .flatten()

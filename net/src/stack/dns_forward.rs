@@ -1,4 +1,5 @@
-//! DNS on the gateway: names the plan owns are answered here, the rest forwarded to the
+//! DNS on the gateway: names the plan owns are answered here, then the host's (records set
+//! through the API, the hosts file: `crate::names`), and the rest forwarded to the
 //! upstream servers (`dns_upstream`) with an id of ferry's, and the answer goes back unchanged
 //! but for it, from the gateway address (IPv4 or IPv6) the guest asked. A server that refuses
 //! or stays silent for `dns_upstream::TIMEOUT` passes the query to the next; when none is
@@ -146,7 +147,22 @@ impl NetStack {
                 continue;
             };
             let query = query.to_vec();
-            match dns::answer(&self.cfg, &query, self.upstreams.any()) {
+            let (names, cfg) = (&self.names, &self.cfg);
+            // The host's names; its loopback is the host alias to the guest.
+            let lookup = |n: &str| {
+                let addrs = names.as_ref()?.lookup(n)?;
+                Some(
+                    addrs
+                        .into_iter()
+                        .map(|a| match a {
+                            IpAddr::V4(v) if v.is_loopback() => IpAddr::V4(cfg.host_alias()),
+                            IpAddr::V6(v) if v.is_loopback() => IpAddr::V6(cfg.host_alias6()),
+                            a => a,
+                        })
+                        .collect(),
+                )
+            };
+            match dns::answer_with(cfg, &query, self.upstreams.any(), lookup) {
                 Some(dns::Answer::Local(reply)) => self.dns_reply(meta.endpoint, local, &reply),
                 Some(dns::Answer::Forward) => {
                     if self.dns_pending.len() >= MAX_DNS_PENDING {
