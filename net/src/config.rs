@@ -194,6 +194,9 @@ pub struct NetConfig {
     pub guest_mac_pinned: bool,
     /// Most TCP connections through the NAT at once; past it, new ones get RST.
     pub max_connections: usize,
+    /// The host's DNS search domains (its resolv.conf's), given to the guest after
+    /// `ferry.internal`; the stack keeps them up to date as the resolv.conf changes.
+    pub search: Vec<String>,
 }
 
 /// The TCP connection cap when none is given.
@@ -213,6 +216,7 @@ impl NetConfig {
             guest_mac: GUEST_MAC,
             guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            search: Vec::new(),
         })
     }
 
@@ -272,6 +276,7 @@ impl Default for NetConfig {
             guest_mac: GUEST_MAC,
             guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            search: Vec::new(),
         }
     }
 }

@@ -32,6 +32,21 @@ fn dns_labels(name: &str) -> Vec<u8> {
     v
 }
 
+/// The search list the guest is given, in DNS wire format: `ferry.internal`, then the host's
+/// search domains (`NetConfig::search`), as many as fit in `max` bytes. DHCP's option 119,
+/// DHCPv6's option 24 and the router advertisement's DNSSL all carry it.
+pub fn search_list(cfg: &NetConfig, max: usize) -> Vec<u8> {
+    let mut out = dns_labels(DOMAIN);
+    for name in &cfg.search {
+        let wire = dns_labels(name);
+        if out.len() + wire.len() > max {
+            break;
+        }
+        out.extend_from_slice(&wire);
+    }
+    out
+}
+
 /// The answer to one client message, as a DHCP payload for 255.255.255.255:68, or `None` for a
 /// message that needs none (RELEASE, DECLINE, a reply, or something malformed).
 pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
@@ -54,7 +69,7 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         _ => return None,
     };
     let mtu = cfg.mtu.to_be_bytes();
-    let search = dns_labels(DOMAIN);
+    let search = search_list(cfg, 255);
     let options = [
         DhcpOption {
             kind: OPT_MTU,
@@ -164,6 +179,31 @@ mod tests {
         let r = DhcpRepr::parse(&p).unwrap();
         let opts = p.options().map(|o| (o.kind, o.data.to_vec())).collect();
         (r.message_type, r.your_ip, r.router, opts)
+    }
+
+    #[test]
+    fn the_hosts_search_domains_follow_ferry_internal_as_far_as_they_fit() {
+        let cfg = NetConfig {
+            search: vec!["corp.example".into(), "lab.corp.example".into()],
+            ..NetConfig::default()
+        };
+        let (_, _, _, opts) =
+            parse(&reply(&cfg, &request(DhcpMessageType::Discover, None)).unwrap());
+        let search = opts.iter().find(|(k, _)| *k == 119).map(|(_, d)| d.clone());
+        assert_eq!(
+            search.as_deref(),
+            Some(
+                &b"\x05ferry\x08internal\x00\x04corp\x07example\x00\x03lab\x04corp\x07example\x00"
+                    [..]
+            )
+        );
+        let long = NetConfig {
+            search: (0..20)
+                .map(|i| format!("{}.example", "x".repeat(40 + i)))
+                .collect(),
+            ..NetConfig::default()
+        };
+        assert!(search_list(&long, 255).len() <= 255);
     }
 
     #[test]

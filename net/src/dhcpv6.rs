@@ -145,13 +145,7 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     }
     // The DNS options always: a client that asked for neither gets them too, harmlessly.
     push_option(&mut out, OPTION_DNS_SERVERS, &cfg.gateway6().octets());
-    let mut domain = Vec::new();
-    for label in dhcp::DOMAIN.split('.') {
-        domain.push(label.len() as u8);
-        domain.extend_from_slice(label.as_bytes());
-    }
-    domain.push(0);
-    push_option(&mut out, OPTION_DOMAIN_LIST, &domain);
+    push_option(&mut out, OPTION_DOMAIN_LIST, &dhcp::search_list(cfg, 1024));
     Some(out)
 }
 

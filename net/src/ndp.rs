@@ -56,17 +56,6 @@ pub fn is_router_solicit(frame: &[u8]) -> bool {
     payload.first() == Some(&ROUTER_SOLICIT) && icmp.verify_checksum(&repr.src_addr, &repr.dst_addr)
 }
 
-/// The DNS search list `ferry.internal` in DNS wire format (RFC 1035 labels).
-fn search_list() -> Vec<u8> {
-    let mut out = Vec::new();
-    for label in dhcp::DOMAIN.split('.') {
-        out.push(label.len() as u8);
-        out.extend_from_slice(label.as_bytes());
-    }
-    out.push(0);
-    out
-}
-
 /// The ICMPv6 body of the advertisement (checksum zero).
 fn advert_body(cfg: &NetConfig) -> Vec<u8> {
     let mut b = Vec::with_capacity(128);
@@ -94,7 +83,8 @@ fn advert_body(cfg: &NetConfig) -> Vec<u8> {
     b.extend_from_slice(&DNS_LIFETIME.to_be_bytes());
     b.extend_from_slice(&cfg.gateway6().octets());
     // DNS search list, padded with zeros to a multiple of 8 octets.
-    let mut names = search_list();
+    // The option's length counts 8-octet units in one byte.
+    let mut names = dhcp::search_list(cfg, 255 * 8 - 8);
     let len = (8 + names.len()).div_ceil(8) * 8;
     names.resize(len - 8, 0);
     b.extend_from_slice(&[31, (len / 8) as u8, 0, 0]);

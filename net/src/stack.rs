@@ -35,7 +35,7 @@ mod verdict;
 #[cfg(test)]
 mod ipv6_tests;
 
-pub use dns_upstream::{servers_of, DnsSource};
+pub use dns_upstream::{search_of, servers_of, DnsSource};
 use flow::{FlowId, FlowTable, Token};
 pub use link::{is_bare_tcp_ack, Frame};
 use link::{parse_ip, recycle, smol, v6, FrameQueue, IpInfo, QUEUE_FRAMES};
@@ -292,6 +292,7 @@ impl NetStack {
     /// Forwards DNS to the servers of `source` (a resolv.conf is followed as it changes).
     pub fn with_dns(mut self, source: DnsSource) -> Self {
         self.upstreams = dns_upstream::Upstreams::new(source, &self.epoll);
+        self.cfg.search = self.upstreams.search().to_vec();
         self
     }
 
@@ -1138,6 +1139,51 @@ mod upstream_tests {
             good,
             "the server that answered goes first now"
         );
+    }
+
+    #[test]
+    fn malformed_or_mismatched_upstream_answers_are_dropped() {
+        let cfg = NetConfig::default();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut s = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_dns(DnsSource::Servers(vec![server.local_addr().unwrap()]));
+        s.neighbor_hint();
+        let q = dns::query(0x5151, "other.example.test", dns::QTYPE_A);
+        s.receive_frame(&hostile_frames::udp_frame_pub(
+            smol(cfg.gateway()),
+            dns::PORT,
+            &q,
+        ));
+        s.poll();
+        let mut buf = [0u8; 512];
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let (n, from) = server.recv_from(&mut buf).expect("the query upstream");
+        let ours = [buf[0], buf[1]];
+        let mut wrong_id = buf[..n].to_vec();
+        wrong_id[0] ^= 0xff;
+        let mut huge = buf[..n].to_vec();
+        huge.resize(65000, 0xee);
+        huge[0..2].copy_from_slice(&[ours[0] ^ 0x55, ours[1]]);
+        // Short, empty, another id, a huge one with another id: none reaches the guest.
+        for bad in [&b""[..], &b"\x51"[..], &buf[..11], &wrong_id, &huge] {
+            server.send_to(bad, from).unwrap();
+        }
+        assert!(
+            dns_answer_within(&mut s, 0.3).is_none(),
+            "a bad answer reached the guest"
+        );
+        // The real one, truncated to its header plus garbage, still with our id: passed on
+        // unchanged (the guest's resolver judges it) with the guest's id.
+        let mut real = buf[..12].to_vec();
+        real[2] |= 0x80;
+        real.extend_from_slice(&[0xde, 0xad]);
+        server.send_to(&real, from).unwrap();
+        let a = dns_answer_within(&mut s, 1.0).expect("the answer with our id");
+        assert_eq!(&a[0..2], &[0x51, 0x51]);
+        assert_eq!(&a[12..], &[0xde, 0xad]);
     }
 
     #[test]

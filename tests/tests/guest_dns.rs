@@ -24,6 +24,7 @@ check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY
 lookup() { nslookup -type=A who.test 2>&1 | awk '/^Address/ {a=$2} END {print a}'; }
 step() { echo "FERRY-STEP $1"; i=0; while [ ! -e /mnt/tools/go-$1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; }
 check first "$(lookup)" 10.0.0.1
+check search "$(grep -c '^search ferry.internal corp.test$' /etc/resolv.conf)" 1
 name() { nslookup -type=A "$1" 2>&1 | grep -c "Address.*$2\$"; }
 check hosts-file "$(name build.corp.test 10.0.0.77)" 1
 check hosts-loopback-is-alias "$(name local.corp.test 192.168.127.254)" 1
@@ -64,7 +65,8 @@ fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() 
             .iter()
             .map(|s| format!("nameserver {s}\n"))
             .collect();
-        std::fs::write(&p, text).unwrap();
+        // The host's search domain, which the guest gets after ferry.internal.
+        std::fs::write(&p, format!("search corp.test\n{text}")).unwrap();
         p
     };
     let first = conf("first.conf", &[&servers[0], &servers[1]]);
@@ -152,7 +154,7 @@ fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() 
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(9, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(10, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         ferry.log_text().contains("changed: forwarding to"),
         "{}",

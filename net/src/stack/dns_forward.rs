@@ -109,7 +109,10 @@ impl NetStack {
     /// Queries a server has left unanswered for too long go to the next one; the servers
     /// follow the host's resolv.conf.
     pub(super) fn dns_timers(&mut self) {
-        self.upstreams.follow(&self.epoll);
+        if self.upstreams.follow(&self.epoll) {
+            // The guest gets the new search domains with its next lease or advertisement.
+            self.cfg.search = self.upstreams.search().to_vec();
+        }
         if self.dns_pending.is_empty() {
             return;
         }

@@ -71,6 +71,23 @@ pub fn servers_of(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The search domains of a resolv.conf's text: its last `search` or `domain` line (as the
+/// resolver reads them), at most 6, `ferry.internal` left out (the guest gets it first anyway).
+pub fn search_of(resolv_conf: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in resolv_conf.lines() {
+        let mut w = l.split_whitespace();
+        if matches!(w.next(), Some("search" | "domain")) {
+            out = w
+                .filter_map(crate::names::normalize)
+                .filter(|n| n != crate::dhcp::DOMAIN)
+                .take(6)
+                .collect();
+        }
+    }
+    out
+}
+
 /// One server and the socket connected to it.
 struct Server {
     addr: SocketAddr,
@@ -105,6 +122,8 @@ pub(super) struct Upstreams {
     preferred: usize,
     stamp: Option<Stamp>,
     checked: Instant,
+    /// The resolv.conf's search domains.
+    search: Vec<String>,
 }
 
 impl Upstreams {
@@ -116,12 +135,15 @@ impl Upstreams {
             preferred: 0,
             stamp: None,
             checked: Instant::now(),
+            search: Vec::new(),
         };
         let addrs = match &u.source {
             DnsSource::Servers(s) => s.clone(),
             DnsSource::ResolvConf(p) => {
                 u.stamp = stamp(p);
-                Self::read(p)
+                let (addrs, search) = Self::read(p);
+                u.search = search;
+                addrs
             }
         };
         u.set(addrs, epoll);
@@ -138,10 +160,15 @@ impl Upstreams {
         }
     }
 
-    fn read(path: &Path) -> Vec<SocketAddr> {
+    fn read(path: &Path) -> (Vec<SocketAddr>, Vec<String>) {
         std::fs::read_to_string(path)
-            .map(|t| servers_of(&t))
+            .map(|t| (servers_of(&t), search_of(&t)))
             .unwrap_or_default()
+    }
+
+    /// The host's search domains (from the resolv.conf; none with fixed servers).
+    pub(super) fn search(&self) -> &[String] {
+        &self.search
     }
 
     /// Replaces the servers with `addrs` (sockets of servers still in the list are kept).
@@ -173,8 +200,8 @@ impl Upstreams {
         self.preferred = 0;
     }
 
-    /// Looks at the resolv.conf again, at most every [`RECHECK`]; true when the servers
-    /// changed.
+    /// Looks at the resolv.conf again, at most every [`RECHECK`]; true when the servers or
+    /// the search domains changed.
     pub(super) fn follow(&mut self, epoll: &Epoll) -> bool {
         let DnsSource::ResolvConf(path) = &self.source else {
             return false;
@@ -189,9 +216,11 @@ impl Upstreams {
         }
         self.stamp = now;
         let path = path.clone();
-        let addrs = Self::read(&path);
+        let (addrs, search) = Self::read(&path);
+        let search_changed = search != self.search;
+        self.search = search;
         if addrs == self.addrs() {
-            return false;
+            return search_changed;
         }
         log::info!(
             "dns: {} changed: forwarding to {}",
@@ -309,6 +338,11 @@ mod tests {
             ]
         );
         assert!(servers_of("").is_empty());
+        assert_eq!(search_of(t), vec!["corp.example".to_string()]);
+        assert_eq!(
+            search_of("domain a.test\nsearch b.test ferry.internal c.test\n"),
+            vec!["b.test".to_string(), "c.test".to_string()]
+        );
         let lo = servers_of("nameserver fe80::1%lo\n");
         assert!(matches!(lo[0], SocketAddr::V6(a) if a.scope_id() == 1));
     }
