@@ -165,6 +165,8 @@ pub struct NetServices {
     pub dns: Option<ferry_net::stack::DnsSource>,
     /// Names the gateway's DNS answers from the host (records, the hosts file).
     pub names: Option<Arc<ferry_net::names::Names>>,
+    /// Split DNS: names under each suffix go to its own server only.
+    pub dns_zones: Vec<(String, SocketAddr)>,
 }
 
 impl VhostUserNetBackend {
@@ -212,6 +214,7 @@ impl VhostUserNetBackend {
         if let Some(d) = &services.dns {
             stack = stack.with_dns(d.clone());
         }
+        stack = stack.with_dns_zones(&services.dns_zones);
         if let Some(n) = &services.names {
             stack = stack.with_names(n.clone());
         }

@@ -1142,6 +1142,29 @@ mod upstream_tests {
     }
 
     #[test]
+    fn a_zones_names_go_to_its_server_only() {
+        let cfg = NetConfig::default();
+        let (default, _h1) = answering_server(1);
+        let (zone, _h2) = answering_server(2);
+        let mut s = NetStack::new(cfg.clone(), None)
+            .unwrap()
+            .with_dns(DnsSource::Servers(vec![default]))
+            .with_dns_zones(&[("corp.test".into(), zone)]);
+        s.neighbor_hint();
+        for (name, from) in [("who.corp.test", 2), ("corp.test", 2), ("notcorp.test", 1)] {
+            let q = dns::query(0x0707, name, dns::QTYPE_A);
+            s.receive_frame(&hostile_frames::udp_frame_pub(
+                smol(cfg.gateway()),
+                dns::PORT,
+                &q,
+            ));
+            s.poll();
+            let a = dns_answer_within(&mut s, 1.0).expect("an answer");
+            assert_eq!(a[7], from, "{name}");
+        }
+    }
+
+    #[test]
     fn malformed_or_mismatched_upstream_answers_are_dropped() {
         let cfg = NetConfig::default();
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -9,7 +9,7 @@
 //! third, and the guest's next lookup reaches it without a ferry restart. `/stats` names the
 //! servers in use. Names come from the host too: a hosts file of the test's (`--hosts-file`,
 //! a loopback entry becoming the host alias, an entry added while ferry runs) and a record set
-//! and deleted with `ferry ctl dns`.
+//! and deleted with `ferry ctl dns`. A split zone (`--dns-zone`) goes to its own server.
 
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ check first "$(lookup)" 10.0.0.1
 check search "$(grep -c '^search ferry.internal corp.test$' /etc/resolv.conf)" 1
 name() { nslookup -type=A "$1" 2>&1 | grep -c "Address.*$2\$"; }
 check hosts-file "$(name build.corp.test 10.0.0.77)" 1
+check split-zone "$(name who.corp.test 10.0.0.44)" 1
 check hosts-loopback-is-alias "$(name local.corp.test 192.168.127.254)" 1
 step 1
 check record "$(name app.test 10.0.0.88)" 1
@@ -58,6 +59,12 @@ fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() 
             ))
         })
         .collect();
+    // Split DNS: a fourth server answers corp.test's names, and only it is asked for them.
+    let zone_server = net.add_remote_addr(5);
+    let _zone = TestHost::start(
+        &net.remote,
+        &[&zone_server, "--dns", "53", "who.corp.test=10.0.0.44"],
+    );
     let dir = tempfile::tempdir().unwrap();
     let conf = |name: &str, servers: &[&String]| {
         let p = dir.path().join(name);
@@ -92,6 +99,8 @@ fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() 
             resolv.display().to_string(),
             "--hosts-file".into(),
             hosts_file.display().to_string(),
+            "--dns-zone".into(),
+            format!("corp.test={zone_server}"),
             "--api-socket".into(),
             api.display().to_string(),
             "--share".into(),
@@ -154,7 +163,7 @@ fn lookups_fail_over_follow_a_replaced_resolv_conf_and_answer_the_hosts_names() 
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(10, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(11, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         ferry.log_text().contains("changed: forwarding to"),
         "{}",

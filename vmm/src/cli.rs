@@ -308,6 +308,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub hosts_file: Option<PathBuf>,
 
+    /// Split DNS (repeatable): names under SUFFIX go to SERVER (IP or IP:PORT) and to no other
+    /// server, such as a VPN's internal zone: --dns-zone corp.example=10.8.0.53.
+    #[arg(long, value_name = "SUFFIX=SERVER")]
+    pub dns_zone: Vec<String>,
+
     /// The resolv.conf whose nameservers DNS goes to, looked at every 2 s and re-read when it
     /// changes (a VPN or another network replaces it) [default: /etc/resolv.conf].
     #[arg(long, value_name = "PATH")]

@@ -97,6 +97,8 @@ pub struct ServeConfig {
     pub dns: DnsSource,
     /// The hosts file the gateway's DNS answers from (`--hosts-file`, /etc/hosts by default).
     pub hosts_file: PathBuf,
+    /// Split DNS: (suffix, its server), from `--dns-zone`.
+    pub dns_zones: Vec<(String, SocketAddr)>,
     /// The upstream of the gateway's HTTP(S) proxy (None: it connects to servers itself).
     pub proxy_upstream: Option<Upstream>,
     /// Ports published from the start.
@@ -150,6 +152,8 @@ struct FileConfig {
     publish: Vec<String>,
     #[serde(default)]
     rule: Vec<String>,
+    #[serde(default)]
+    dns_zone: Vec<String>,
     default_bind: Option<String>,
     api_socket: Option<PathBuf>,
     portd_socket: Option<PathBuf>,
@@ -672,6 +676,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
         })
         .map_err(usage)?;
 
+        let mut dns_zones = Vec::new();
+        for z in file.dns_zone.iter().chain(&args.dns_zone) {
+            let bad = || {
+                usage(format!(
+                    "--dns-zone {z}: expected SUFFIX=SERVER, a DNS name and an IP or IP:PORT, for example corp.example=10.8.0.53"
+                ))
+            };
+            let (suffix, server) = z.split_once('=').ok_or_else(bad)?;
+            let suffix = ferry_net::names::normalize(suffix).ok_or_else(bad)?;
+            let server = parse_dns_upstream(server.trim()).map_err(|_| bad())?;
+            dns_zones.push((suffix, server));
+        }
         let hosts_file = args
             .hosts_file
             .or(file.hosts_file)
@@ -683,6 +699,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             shares,
             dns,
             hosts_file,
+            dns_zones,
             proxy_upstream,
             publish,
             rules,
@@ -824,6 +841,7 @@ mod tests {
             dns_upstream: None,
             resolv_conf: None,
             hosts_file: None,
+            dns_zone: vec![],
             proxy_upstream: None,
             pcap: None,
             sandbox: Default::default(),
@@ -930,6 +948,29 @@ mod tests {
         a.net_socket = Some(sock.clone());
         a.dns_upstream = Some("resolver".into());
         assert!(err(a).starts_with("--dns-upstream resolver"));
+
+        for bad in ["corp.example", "corp.example=server", "-bad=10.0.0.1"] {
+            let mut a = args();
+            a.net_socket = Some(sock.clone());
+            a.dns_zone = vec![bad.into()];
+            assert!(err(a).starts_with(&format!("--dns-zone {bad}: expected SUFFIX=SERVER")));
+        }
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.dns_zone = vec!["Corp.Example.=10.8.0.53".into()];
+        a.dns_upstream = Some("10.0.0.53, [2001:db8::53]:5353".into());
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(
+            c.dns_zones,
+            vec![("corp.example".into(), "10.8.0.53:53".parse().unwrap())]
+        );
+        assert_eq!(
+            c.dns,
+            DnsSource::Servers(vec![
+                "10.0.0.53:53".parse().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap()
+            ])
+        );
 
         let mut a = args();
         a.net_socket = Some(sock.clone());

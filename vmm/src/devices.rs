@@ -201,6 +201,7 @@ impl Devices {
                 rules: Some(r),
                 dns: Some(cfg.dns.clone()),
                 names: Some(names.clone()),
+                dns_zones: cfg.dns_zones.clone(),
             };
             let backend = VhostUserNetBackend::with_services(cfg.net.clone(), None, services)
                 .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;

@@ -53,6 +53,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         shares,
         dns: ferry_net::stack::DnsSource::ResolvConf(crate::config::DEFAULT_RESOLV_CONF.into()),
         hosts_file: crate::config::DEFAULT_HOSTS_FILE.into(),
+        dns_zones: vec![],
         proxy_upstream: None,
         publish: cfg.publish.clone(),
         rules: cfg.rules.clone(),

@@ -3,7 +3,7 @@
 //! upstream servers (`dns_upstream`) with an id of ferry's, and the answer goes back unchanged
 //! but for it, from the gateway address (IPv4 or IPv6) the guest asked. A server that refuses
 //! or stays silent for `dns_upstream::TIMEOUT` passes the query to the next; when none is
-//! left, the guest gets SERVFAIL.
+//! left, the guest gets SERVFAIL. Names of a split zone (`--dns-zone`) go to its server only.
 
 use super::dns_upstream::TIMEOUT;
 use super::*;
@@ -19,6 +19,8 @@ pub(super) struct Pending {
     /// The query as sent upstream (ferry's id), and the guest's own id.
     query: Vec<u8>,
     guest_id: [u8; 2],
+    /// The split-DNS zone whose server alone answers it, if any.
+    zone: Option<usize>,
     /// Which server, counted from the preferred one, has it now; where; since when.
     tries: usize,
     server: SocketAddr,
@@ -29,6 +31,23 @@ impl NetStack {
     /// Sends pending query `id` to the next server that takes it, from its `tries`th on; the
     /// guest gets SERVFAIL when none is left.
     fn dns_send(&mut self, id: u16, mut p: Pending) {
+        if let Some(z) = p.zone {
+            // A zone's names go to its server only: once, then SERVFAIL.
+            let sent = if p.tries == 0 {
+                self.upstreams.send_zone(z, &p.query, &self.epoll)
+            } else {
+                None
+            };
+            match sent {
+                Some(server) => {
+                    p.server = server;
+                    p.sent = StdInstant::now();
+                    self.dns_pending.insert(id, p);
+                }
+                None => self.dns_fail(p),
+            }
+            return;
+        }
         while let Some(n) = (p.tries < self.upstreams.addrs().len()).then_some(p.tries) {
             if let Some(server) = self.upstreams.send(n, &p.query, &self.epoll) {
                 p.server = server;
@@ -176,7 +195,10 @@ impl NetStack {
                     self.next_dns_id = self.next_dns_id.wrapping_add(1).max(1);
                     let mut q = query.clone();
                     q[0..2].copy_from_slice(&id.to_be_bytes());
+                    let zone =
+                        dns::parse_query(&query).and_then(|q| self.upstreams.zone_of(&q.name));
                     let p = Pending {
+                        zone,
                         guest: meta.endpoint,
                         local,
                         query: q,
@@ -190,6 +212,14 @@ impl NetStack {
                 None => {}
             }
         }
+    }
+
+    /// Sends the names under each suffix of `zones` to its own server only (split DNS).
+    pub fn with_dns_zones(mut self, zones: &[(String, SocketAddr)]) -> Self {
+        for (suffix, server) in zones {
+            self.upstreams.add_zone(suffix, *server, &self.epoll);
+        }
+        self
     }
 
     /// The DNS servers queries are forwarded to, the one asked first leading.

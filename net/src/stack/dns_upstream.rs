@@ -118,6 +118,9 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub(super) struct Upstreams {
     source: DnsSource,
     servers: Vec<Server>,
+    /// Split DNS: names under a suffix go to that zone's own server (`--dns-zone`), never to
+    /// the others (a VPN's internal names must not leak to a public resolver).
+    zones: Vec<(String, Server)>,
     /// The server that answered last: queries go there first.
     preferred: usize,
     stamp: Option<Stamp>,
@@ -132,6 +135,7 @@ impl Upstreams {
         let mut u = Upstreams {
             source,
             servers: Vec::new(),
+            zones: Vec::new(),
             preferred: 0,
             stamp: None,
             checked: Instant::now(),
@@ -252,9 +256,48 @@ impl Upstreams {
             .collect()
     }
 
+    /// Sends names under `suffix` to `server` only.
+    pub(super) fn add_zone(&mut self, suffix: &str, server: SocketAddr, epoll: &Epoll) {
+        let socket = connect(server, epoll)
+            .map_err(|e| log::warn!("dns: the server {server} of zone {suffix} cannot be reached now ({e}); ferry tries it again with the next query"))
+            .ok();
+        self.zones.push((
+            suffix.to_string(),
+            Server {
+                addr: server,
+                socket,
+            },
+        ));
+    }
+
+    /// The zone `name` (lowercase, no trailing dot) is in, if any: the longest suffix.
+    pub(super) fn zone_of(&self, name: &str) -> Option<usize> {
+        self.zones
+            .iter()
+            .enumerate()
+            .filter(|(_, (z, _))| name == z || name.ends_with(&format!(".{z}")))
+            .max_by_key(|(_, (z, _))| z.len())
+            .map(|(i, _)| i)
+    }
+
+    /// Sends `query` to zone `i`'s server; where it went.
+    pub(super) fn send_zone(
+        &mut self,
+        i: usize,
+        query: &[u8],
+        epoll: &Epoll,
+    ) -> Option<SocketAddr> {
+        let (_, s) = self.zones.get_mut(i)?;
+        if s.socket.is_none() {
+            s.socket = connect(s.addr, epoll).ok();
+        }
+        s.socket.as_ref()?.send(query).ok()?;
+        Some(s.addr)
+    }
+
     /// Whether there is any server to ask.
     pub(super) fn any(&self) -> bool {
-        !self.servers.is_empty()
+        !self.servers.is_empty() || !self.zones.is_empty()
     }
 
     /// The server DNS over TCP to the gateway goes to: the preferred one.
@@ -294,7 +337,7 @@ impl Upstreams {
         buf: &mut [u8],
         mut each: impl FnMut(SocketAddr, Option<&mut [u8]>),
     ) {
-        for s in &self.servers {
+        for s in self.servers.iter().chain(self.zones.iter().map(|(_, s)| s)) {
             let Some(sock) = &s.socket else {
                 continue;
             };
