@@ -1,7 +1,7 @@
 //! IPv6 for the guest, end to end. The guest (NIC MAC left to QEMU's default) brings IPv6 up
 //! as a distribution does: SLAAC from ferry's router advertisement and a stateless DHCPv6
 //! client for its DNS server. Then, over IPv6 only: DNS to the gateway (AAAA for ferry's own
-//! names and for an upstream name), ping, HTTP and UDP to an IPv6-only test host, a `reject`
+//! names and for an upstream name; the upstream is IPv6-only, over UDP and over TCP), ping, HTTP and UDP to an IPv6-only test host, a `reject`
 //! rule's ICMPv6 port unreachable, the host alias (either family) reaching a server on the
 //! host's `::1`, and
 //! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses.
@@ -23,7 +23,7 @@ const PREFIX: &str = "fd46:5259::";
 const GATEWAY6: &str = "fd46:5259::1";
 const ALIAS6: &str = "fd46:5259::fe";
 
-fn script(remote6: &str) -> String {
+fn script(remote: &str, remote6: &str) -> String {
     format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
@@ -33,6 +33,8 @@ check router "$(ip -6 route show default | grep -c 'via fe80::1 ')" 1
 check dns-server "$(grep -c '^nameserver {GATEWAY6}$' /etc/resolv.conf)" 1
 check aaaa-alias "$(nslookup -type=AAAA host.ferry.internal {GATEWAY6} 2>&1 | grep -c 'Address.*{ALIAS6}$')" 1
 check aaaa-remote "$(nslookup -type=AAAA remote6.test {GATEWAY6} 2>&1 | grep -c 'Address.*{remote6}$')" 1
+# The upstream DNS server is IPv6-only: over UDP and, relayed by the gateway, over TCP.
+check dns-tcp-v6-upstream "$($P dnstcp 192.168.127.1 remote4.test)" {remote}
 check ping6 "$(ping -6 -c 1 -W 3 {remote6} 2>&1 | grep -c 'bytes from')" 1
 # (busybox 1.35's wget crashes with -T and an IPv6 peer: no -T here.)
 check http6 "$(wget -q -O - http://remote6.test:8000/index.html)" "{PAGE}"
@@ -66,11 +68,16 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     .unwrap();
     let www_dir = www.path().display().to_string();
     let lo_dir = lo_www.path().display().to_string();
-    // The remote host: DNS on its IPv4 address (ferry's upstream), everything else on its
-    // IPv6 address only.
+    // The remote host, on its IPv6 address only: DNS (ferry's upstream) and the servers.
     let _dns = TestHost::start(
         &net.remote,
-        &[&remote, "--dns", "53", &format!("remote6.test={remote6}")],
+        &[
+            &remote6,
+            "--dns",
+            "53",
+            &format!("remote6.test={remote6}"),
+            &format!("remote4.test={remote}"),
+        ],
     );
     let _host6 = TestHost::start(
         &net.remote,
@@ -91,7 +98,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
             "--net-socket".into(),
             sock.display().to_string(),
             "--dns-upstream".into(),
-            format!("{remote}:53"),
+            format!("[{remote6}]:53"),
             "--share".into(),
             t.share.clone(),
             "--rule".into(),
@@ -106,7 +113,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let mut qemu = Qemu::boot(
         dir.path(),
         &GuestSpec {
-            script: script(&remote6),
+            script: script(&remote, &remote6),
             net_socket: Some(sock.clone()),
             shares: vec![("tools".into(), t.socket.clone())],
             ..Default::default()
@@ -128,7 +135,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(13, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(14, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"
