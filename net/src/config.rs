@@ -1,5 +1,13 @@
 //! The guest network's addressing plan: subnet, IPv6 prefix, well-known addresses, MACs and
 //! MTU.
+//!
+//! Theory of operation. Every address the guest meets on its link follows from two prefixes
+//! by fixed rules, as in passt and gvisor-tap-vsock: the gateway is the first address of
+//! each family (`.1`, `prefix::1`), the host alias the last usable IPv4 one (`.254` in a /24)
+//! and its mirror `prefix::fe` in IPv6. Nothing is negotiated or stored, so a guest, a test
+//! or a user can predict every address from the command line alone, and a restarted ferry
+//! hands out the same plan. IPv6 is a /64 because SLAAC builds 64-bit interface identifiers;
+//! the router itself speaks from the link-local `fe80::1`, as router advertisements must.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -253,6 +261,13 @@ impl NetConfig {
     pub fn gateway_ll(&self) -> Ipv6Addr {
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)
     }
+
+    /// The DNS server the guest is given over IPv6 (router advertisement RDNSS and DHCPv6):
+    /// the gateway, where the DNS server answers in either family. Meaningful only with IPv6
+    /// on.
+    pub fn dns6(&self) -> Ipv6Addr {
+        self.gateway6()
+    }
 }
 
 /// [`DEFAULT_SUBNET6`], parsed.
@@ -296,6 +311,21 @@ mod tests {
             c.host_alias6(),
             "fd46:5259::fe".parse::<Ipv6Addr>().unwrap()
         );
+        assert_eq!(c.dns6(), c.gateway6());
+        assert_eq!(c.gateway_ll(), "fe80::1".parse::<Ipv6Addr>().unwrap());
+        let other: Subnet6 = "2001:db8:1:2::/64".parse().unwrap();
+        let c = NetConfig {
+            subnet6: Some(other),
+            ..NetConfig::default()
+        };
+        assert_eq!(c.gateway6(), "2001:db8:1:2::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.host_alias6(),
+            "2001:db8:1:2::fe".parse::<Ipv6Addr>().unwrap()
+        );
+        // IPv6 is on unless turned off.
+        let s4 = DEFAULT_SUBNET.parse().unwrap();
+        assert_eq!(NetConfig::new(s4, 1500).unwrap().subnet6, Some(s));
         assert!(s.contains("fd46:5259::1234:5678:9abc:def0".parse().unwrap()));
         assert!(!s.contains("fd46:525a::1".parse().unwrap()));
         for bad in [
@@ -306,6 +336,12 @@ mod tests {
             "::/64",
             "10.0.0.0/24",
             "fd00::",
+            "fd00::/064",
+            "fd00::/",
+            "/64",
+            "ff00::/64",
+            "::1/64",
+            "fd00::%eth0/64",
         ] {
             let e = bad.parse::<Subnet6>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("--subnet6 {bad}: ")), "{e}");

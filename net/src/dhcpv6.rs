@@ -2,19 +2,30 @@
 //! search list for guests that ask DHCPv6 rather than read them from router advertisements.
 //!
 //! Theory of operation. Addresses come from SLAAC (the router advertisement says so: its
-//! managed flag is off, its other-configuration flag on), so this server hands out none. An
-//! INFORMATION-REQUEST gets a REPLY with the gateway as DNS server and `ferry.internal` as
-//! search list. A client that wants an address anyway (a SOLICIT or REQUEST with an IA_NA, as
-//! some stateful-only clients send) gets the same options with the IA_NA's status NoAddrsAvail,
-//! so it stops asking and keeps its SLAAC address. RENEW and REBIND of leases this server never
-//! gave get NoBinding. Messages for another server (a SERVERID that is not ours) and anything
-//! malformed get no answer: every option is bounds-checked, none is trusted.
+//! managed flag is off, its other-configuration flag on), so this server keeps no state and
+//! hands out no address or prefix. An INFORMATION-REQUEST gets a REPLY with the gateway as
+//! DNS server and `ferry.internal` (then the host's search domains) as search list. Those two
+//! options go in every answer that can carry configuration, whether or not the client's
+//! option request option names them: they are what this server is for, and a client ignores
+//! options it did not ask for. A client that wants an address anyway (a SOLICIT or REQUEST
+//! with an IA, as stateful-only clients send) hears, in each IA, that none is available
+//! (NoAddrsAvail, NoPrefixAvail for a prefix), so it stops asking and keeps its SLAAC
+//! address. RENEW, REBIND, RELEASE and DECLINE of leases this server never gave get
+//! NoBinding (REBIND's addresses come back with zero lifetimes: they are not ours to extend),
+//! and a CONFIRM is answered from the prefix alone. Messages that name another server, or
+//! break RFC 8415 section 16's rules on which messages carry a server or client identifier,
+//! and anything malformed get no answer: every option is bounds-checked, none is trusted.
+
+use std::net::Ipv6Addr;
 
 use crate::{dhcp, NetConfig, GATEWAY_MAC};
 
-/// The port DHCPv6 servers listen on, and the one clients do.
+/// The port DHCPv6 servers and relays listen on.
 pub const SERVER_PORT: u16 = 547;
+/// The port DHCPv6 clients listen on, where answers go.
 pub const CLIENT_PORT: u16 = 546;
+/// All_DHCP_Relay_Agents_and_Servers, where clients send (RFC 8415 7.1).
+pub const ALL_SERVERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
 
 // Message types.
 const SOLICIT: u8 = 1;
@@ -24,128 +35,279 @@ const CONFIRM: u8 = 4;
 const RENEW: u8 = 5;
 const REBIND: u8 = 6;
 const REPLY: u8 = 7;
+const RELEASE: u8 = 8;
+const DECLINE: u8 = 9;
 const INFORMATION_REQUEST: u8 = 11;
 
 // Options.
 const OPTION_CLIENTID: u16 = 1;
 const OPTION_SERVERID: u16 = 2;
 const OPTION_IA_NA: u16 = 3;
+const OPTION_IA_TA: u16 = 4;
+const OPTION_IAADDR: u16 = 5;
 const OPTION_STATUS_CODE: u16 = 13;
 const OPTION_DNS_SERVERS: u16 = 23;
 const OPTION_DOMAIN_LIST: u16 = 24;
+const OPTION_IA_PD: u16 = 25;
+const OPTION_IAPREFIX: u16 = 26;
+const OPTION_INFORMATION_REFRESH_TIME: u16 = 32;
 
 // Status codes.
+const SUCCESS: u16 = 0;
 const NO_ADDRS_AVAIL: u16 = 2;
 const NO_BINDING: u16 = 3;
 const NOT_ON_LINK: u16 = 4;
+const NO_PREFIX_AVAIL: u16 = 6;
 
-/// Longest client id kept (RFC 8415 caps DUIDs at 128 octets plus the type).
+/// Longest client id kept (RFC 8415 11.1: a DUID is at most 128 octets plus its type).
 const MAX_DUID: usize = 130;
+/// Most options read from one message or one IA: real clients send a dozen.
+const MAX_OPTIONS: usize = 64;
+/// Longest search list sent, in wire format.
+const MAX_DOMAIN_LIST: usize = 1024;
+/// How often a stateless client asks again (RFC 4242): as often as the router advertisement's
+/// DNS options expire, so a changed search list reaches the guest in the same time.
+const INFORMATION_REFRESH: u32 = 1800;
 
-/// Ferry's DUID: DUID-LL (type 3) of hardware type Ethernet (1) and the gateway's MAC.
-fn server_duid() -> Vec<u8> {
-    let mut d = vec![0, 3, 0, 1];
-    d.extend_from_slice(&GATEWAY_MAC);
-    d
+/// Ferry's DUID: DUID-LL (type 3) of hardware type Ethernet (1) and the gateway's MAC. It
+/// is the same on every run, as a DUID must be, without storing anything.
+fn server_duid() -> [u8; 10] {
+    let m = GATEWAY_MAC;
+    [0, 3, 0, 1, m[0], m[1], m[2], m[3], m[4], m[5]]
 }
 
-/// The options of a message body, as (code, data), or None if one overruns the message.
+/// The options in `b`, as (code, data), or `None` if one overruns it or there are too many.
 fn options(mut b: &[u8]) -> Option<Vec<(u16, &[u8])>> {
     let mut out = Vec::new();
     while !b.is_empty() {
-        let code = u16::from_be_bytes([*b.first()?, *b.get(1)?]);
-        let len = usize::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?]));
-        let data = b.get(4..4 + len)?;
-        out.push((code, data));
-        b = &b[4 + len..];
-        if out.len() > 64 {
+        if out.len() == MAX_OPTIONS {
             return None;
         }
+        let code = u16::from_be_bytes([*b.first()?, *b.get(1)?]);
+        let len = usize::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?]));
+        out.push((code, b.get(4..4 + len)?));
+        b = b.get(4 + len..)?;
     }
     Some(out)
 }
 
 fn push_option(out: &mut Vec<u8>, code: u16, data: &[u8]) {
     out.extend_from_slice(&code.to_be_bytes());
+    // Every option built here is far below 64 KiB: DUIDs, IAs, addresses, the search list.
     out.extend_from_slice(&(data.len() as u16).to_be_bytes());
     out.extend_from_slice(data);
 }
 
-/// A status code option's data.
-fn status(code: u16, text: &str) -> Vec<u8> {
+/// A status code option (RFC 8415 21.13), appended to `out`.
+fn push_status(out: &mut Vec<u8>, code: u16, text: &str) {
     let mut d = code.to_be_bytes().to_vec();
     d.extend_from_slice(text.as_bytes());
-    d
+    push_option(out, OPTION_STATUS_CODE, &d);
 }
 
-/// The answer to the DHCPv6 message `request` (a UDP payload from a client), or None when it
-/// gets none.
+/// An identity association from the client: an IA_NA, IA_TA or IA_PD.
+struct Ia<'a> {
+    code: u16,
+    iaid: &'a [u8],
+    options: Vec<(u16, &'a [u8])>,
+}
+
+impl<'a> Ia<'a> {
+    /// The IA in option `code` with data `d`, `None` for another option, `Some(None)` for a
+    /// malformed IA.
+    fn parse(code: u16, d: &'a [u8]) -> Option<Option<Self>> {
+        // IA_NA and IA_PD carry T1 and T2 after the IAID; IA_TA does not.
+        let fixed = match code {
+            OPTION_IA_NA | OPTION_IA_PD => 12,
+            OPTION_IA_TA => 4,
+            _ => return None,
+        };
+        let iaid = d.get(..4);
+        let options = d.get(fixed..).and_then(options);
+        Some(iaid.zip(options).map(|(iaid, options)| Ia {
+            code,
+            iaid,
+            options,
+        }))
+    }
+
+    /// The addresses (IA_NA, IA_TA) or prefixes (IA_PD) in the IA, as the option code and
+    /// its data; `None` if one is too short to hold what it must.
+    fn leases(&self) -> Option<Vec<(u16, &'a [u8])>> {
+        let (code, min) = match self.code {
+            OPTION_IA_PD => (OPTION_IAPREFIX, 25),
+            _ => (OPTION_IAADDR, 24),
+        };
+        let mut out = Vec::new();
+        for &(c, d) in &self.options {
+            if c == code {
+                out.push((c, d.get(..min)?));
+            }
+        }
+        Some(out)
+    }
+
+    /// The IA as it goes back to the client, holding `inner` (options already encoded); its
+    /// T1 and T2 are zero: there is nothing to renew.
+    fn answer(&self, inner: &[u8]) -> Vec<u8> {
+        let mut d = self.iaid.to_vec();
+        if self.code != OPTION_IA_TA {
+            d.extend_from_slice(&[0; 8]);
+        }
+        d.extend_from_slice(inner);
+        let mut o = Vec::with_capacity(4 + d.len());
+        push_option(&mut o, self.code, &d);
+        o
+    }
+
+    /// The IA holding only a status code.
+    fn with_status(&self, code: u16, text: &str) -> Vec<u8> {
+        let mut inner = Vec::new();
+        push_status(&mut inner, code, text);
+        self.answer(&inner)
+    }
+
+    /// The status of an IA this server is asked to fill: no address, or no prefix.
+    fn none_available(&self) -> Vec<u8> {
+        if self.code == OPTION_IA_PD {
+            self.with_status(NO_PREFIX_AVAIL, "no prefixes are delegated here")
+        } else {
+            self.with_status(NO_ADDRS_AVAIL, "addresses come from SLAAC")
+        }
+    }
+}
+
+/// The answer to the DHCPv6 message `request` (a UDP payload from a client to
+/// [`SERVER_PORT`]), to go back to the client's port; `None` when it gets none: IPv6 is off,
+/// the message is malformed, not for this server, or not one a server answers.
 pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     cfg.subnet6?;
     let kind = *request.first()?;
     let xid = request.get(1..4)?;
     let opts = options(request.get(4..)?)?;
     let find = |code: u16| opts.iter().find(|(c, _)| *c == code).map(|(_, d)| *d);
-    let client_id = find(OPTION_CLIENTID).filter(|d| (2..=MAX_DUID).contains(&d.len()));
-    if let Some(server) = find(OPTION_SERVERID) {
-        if server != server_duid().as_slice() {
-            return None; // for another server
-        }
-    }
-    let ia_na = find(OPTION_IA_NA).filter(|d| d.len() >= 12);
-    let (answer_type, ia_status) = match kind {
-        INFORMATION_REQUEST => (REPLY, None),
-        // RFC 8415 18.3.1: a SOLICIT must carry a client id.
-        SOLICIT => (ADVERTISE, Some(NO_ADDRS_AVAIL)),
-        REQUEST => (REPLY, Some(NO_ADDRS_AVAIL)),
-        RENEW | REBIND => (REPLY, Some(NO_BINDING)),
-        // No address of the client's is on this link but the ones SLAAC gives it: a CONFIRM
-        // of any other is not on link; one with no IA has nothing to confirm.
-        CONFIRM => (REPLY, Some(NOT_ON_LINK)),
-        _ => return None,
+    let client_id = match find(OPTION_CLIENTID) {
+        Some(d) if (2..=MAX_DUID).contains(&d.len()) => Some(d),
+        Some(_) => return None,
+        None => None,
     };
+    let duid = server_duid();
+    // RFC 8415 16: which messages must name this server, and which must name none.
+    match (kind, find(OPTION_SERVERID)) {
+        (_, Some(s)) if s != duid.as_slice() => return None,
+        (SOLICIT | CONFIRM | REBIND, Some(_)) => return None,
+        (REQUEST | RENEW | RELEASE | DECLINE, None) => return None,
+        _ => {}
+    }
     if kind != INFORMATION_REQUEST && client_id.is_none() {
         return None;
     }
-    let mut out = Vec::with_capacity(128);
-    out.push(answer_type);
+    let mut ias = Vec::new();
+    for &(code, d) in &opts {
+        if let Some(ia) = Ia::parse(code, d) {
+            ias.push(ia?);
+        }
+    }
+
+    let mut out = Vec::with_capacity(256);
+    out.push(if kind == SOLICIT { ADVERTISE } else { REPLY });
     out.extend_from_slice(xid);
     if let Some(id) = client_id {
         push_option(&mut out, OPTION_CLIENTID, id);
     }
-    push_option(&mut out, OPTION_SERVERID, &server_duid());
-    match (ia_status, ia_na) {
-        (Some(code), Some(ia)) if kind != CONFIRM => {
-            // The client's IAID, T1 and T2 zero, and the status inside the IA.
-            let mut d = ia[..4].to_vec();
-            d.extend_from_slice(&[0; 8]);
-            let text = if code == NO_ADDRS_AVAIL {
-                "addresses come from SLAAC"
+    push_option(&mut out, OPTION_SERVERID, &duid);
+    let mut configure = true;
+    match kind {
+        // RFC 8415 16.12: an information request with an IA is discarded.
+        INFORMATION_REQUEST if !ias.is_empty() => return None,
+        INFORMATION_REQUEST => {
+            push_option(
+                &mut out,
+                OPTION_INFORMATION_REFRESH_TIME,
+                &INFORMATION_REFRESH.to_be_bytes(),
+            );
+        }
+        SOLICIT | REQUEST => {
+            for ia in &ias {
+                out.extend_from_slice(&ia.none_available());
+            }
+            // RFC 3315 17.2.2's way of saying it in an advertisement, for older clients
+            // (RFC 8415 moved it into the IAs, above).
+            if kind == SOLICIT {
+                push_status(&mut out, NO_ADDRS_AVAIL, "addresses come from SLAAC");
+            }
+        }
+        RENEW => {
+            for ia in &ias {
+                out.extend_from_slice(&ia.with_status(NO_BINDING, "no such lease"));
+            }
+        }
+        REBIND => {
+            // RFC 8415 18.3.5: addresses no binding holds come back with zero lifetimes,
+            // so the client drops them at once; an IA with none gets NoBinding.
+            for ia in &ias {
+                let leases = ia.leases()?;
+                if leases.is_empty() {
+                    out.extend_from_slice(&ia.with_status(NO_BINDING, "no such lease"));
+                    continue;
+                }
+                let mut inner = Vec::new();
+                for (code, d) in leases {
+                    let mut z = d.to_vec();
+                    // IAADDR: address, then preferred and valid lifetime; IAPREFIX: the
+                    // lifetimes first.
+                    let lifetimes = if code == OPTION_IAPREFIX {
+                        0..8
+                    } else {
+                        16..24
+                    };
+                    z[lifetimes].fill(0);
+                    push_option(&mut inner, code, &z);
+                }
+                out.extend_from_slice(&ia.answer(&inner));
+            }
+        }
+        RELEASE | DECLINE => {
+            // RFC 8415 18.3.7 and 18.3.8: NoBinding in each IA, Success overall.
+            for ia in &ias {
+                out.extend_from_slice(&ia.with_status(NO_BINDING, "no such lease"));
+            }
+            push_status(&mut out, SUCCESS, "nothing to release");
+            configure = false;
+        }
+        CONFIRM => {
+            // RFC 8415 18.3.3: on link if every address is in the prefix; no addresses, no
+            // answer. Prefixes are not confirmed.
+            let mut addrs = Vec::new();
+            for ia in ias.iter().filter(|ia| ia.code != OPTION_IA_PD) {
+                for (_, d) in ia.leases()? {
+                    let a: [u8; 16] = d.get(..16)?.try_into().ok()?;
+                    addrs.push(Ipv6Addr::from(a));
+                }
+            }
+            if addrs.is_empty() {
+                return None;
+            }
+            let on_link = cfg
+                .subnet6
+                .is_some_and(|s| addrs.iter().all(|&a| s.contains(a)));
+            if on_link {
+                push_status(&mut out, SUCCESS, "all addresses still on link");
             } else {
-                "no such lease"
-            };
-            push_option(&mut d, OPTION_STATUS_CODE, &status(code, text));
-            push_option(&mut out, OPTION_IA_NA, &d);
+                push_status(&mut out, NOT_ON_LINK, "not on this link");
+            }
+            configure = false;
         }
-        (Some(code), _) if kind == CONFIRM => {
-            push_option(
-                &mut out,
-                OPTION_STATUS_CODE,
-                &status(code, "addresses come from SLAAC"),
-            );
-        }
-        (Some(code), None) if kind == SOLICIT || kind == REQUEST => {
-            push_option(
-                &mut out,
-                OPTION_STATUS_CODE,
-                &status(code, "addresses come from SLAAC"),
-            );
-        }
-        _ => {}
+        _ => return None,
     }
-    // The DNS options always: a client that asked for neither gets them too, harmlessly.
-    push_option(&mut out, OPTION_DNS_SERVERS, &cfg.gateway6().octets());
-    push_option(&mut out, OPTION_DOMAIN_LIST, &dhcp::search_list(cfg, 1024));
+    if configure {
+        push_option(&mut out, OPTION_DNS_SERVERS, &cfg.dns6().octets());
+        push_option(
+            &mut out,
+            OPTION_DOMAIN_LIST,
+            &dhcp::search_list(cfg, MAX_DOMAIN_LIST),
+        );
+    }
     Some(out)
 }
 
@@ -161,11 +323,48 @@ mod tests {
         m
     }
 
+    /// The answer's type, and its options as (code, data).
+    fn parsed(r: &[u8]) -> (u8, Vec<(u16, Vec<u8>)>) {
+        assert_eq!(&r[1..4], &[0xab, 0xcd, 0xef], "the transaction id");
+        let o = options(&r[4..]).expect("well-formed options");
+        (r[0], o.into_iter().map(|(c, d)| (c, d.to_vec())).collect())
+    }
+
+    fn get(o: &[(u16, Vec<u8>)], code: u16) -> Option<&[u8]> {
+        o.iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, d)| d.as_slice())
+    }
+
+    /// The status code inside an IA answer (after IAID, T1, T2 for IA_NA and IA_PD).
+    fn ia_status(code: u16, ia: &[u8]) -> u16 {
+        let fixed = if code == OPTION_IA_TA { 4 } else { 12 };
+        let inner = options(&ia[fixed..]).unwrap();
+        let s = inner
+            .iter()
+            .find(|(c, _)| *c == OPTION_STATUS_CODE)
+            .unwrap();
+        u16::from_be_bytes([s.1[0], s.1[1]])
+    }
+
     const DUID: &[u8] = &[0, 3, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const IA_NA: &[u8] = &[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    fn ours() -> Vec<u8> {
+        server_duid().to_vec()
+    }
+
+    fn iaaddr(a: &str) -> Vec<u8> {
+        let mut d = a.parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        d.extend_from_slice(&[0, 0, 0x0e, 0x10, 0, 0, 0x1c, 0x20]);
+        let mut ia = IA_NA.to_vec();
+        push_option(&mut ia, OPTION_IAADDR, &d);
+        ia
+    }
 
     #[test]
     fn an_information_request_gets_dns_and_the_search_list() {
-        let cfg = NetConfig::default();
+        let mut cfg = NetConfig::default();
         let r = reply(
             &cfg,
             &msg(
@@ -174,78 +373,338 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(&r[..4], &[REPLY, 0xab, 0xcd, 0xef]);
-        let o = options(&r[4..]).unwrap();
-        let get = |c| o.iter().find(|(k, _)| *k == c).map(|(_, d)| d.to_vec());
-        assert_eq!(get(OPTION_CLIENTID).unwrap(), DUID);
-        assert_eq!(get(OPTION_SERVERID).unwrap(), server_duid());
-        assert_eq!(get(OPTION_DNS_SERVERS).unwrap(), cfg.gateway6().octets());
+        let (kind, o) = parsed(&r);
+        assert_eq!(kind, REPLY);
+        assert_eq!(get(&o, OPTION_CLIENTID).unwrap(), DUID);
+        assert_eq!(get(&o, OPTION_SERVERID).unwrap(), ours());
+        assert_eq!(get(&o, OPTION_SERVERID).unwrap()[..4], [0, 3, 0, 1]);
+        assert_eq!(get(&o, OPTION_SERVERID).unwrap()[4..], GATEWAY_MAC);
         assert_eq!(
-            get(OPTION_DOMAIN_LIST).unwrap(),
+            get(&o, OPTION_DNS_SERVERS).unwrap(),
+            cfg.gateway6().octets()
+        );
+        assert_eq!(
+            get(&o, OPTION_DOMAIN_LIST).unwrap(),
             b"\x05ferry\x08internal\x00"
         );
-        assert!(get(OPTION_IA_NA).is_none());
+        assert_eq!(
+            get(&o, OPTION_INFORMATION_REFRESH_TIME).unwrap(),
+            1800u32.to_be_bytes()
+        );
+        assert!(get(&o, OPTION_IA_NA).is_none());
+        assert!(get(&o, OPTION_STATUS_CODE).is_none());
+        // Without a client id (allowed), without an option request (DNS anyway), and
+        // naming this server (allowed); the host's search domains follow ferry.internal.
+        cfg.search = vec!["corp.example".into()];
+        let r = reply(
+            &cfg,
+            &msg(INFORMATION_REQUEST, &[(OPTION_SERVERID, &ours())]),
+        )
+        .unwrap();
+        let (_, o) = parsed(&r);
+        assert!(get(&o, OPTION_CLIENTID).is_none());
+        assert_eq!(
+            get(&o, OPTION_DOMAIN_LIST).unwrap(),
+            b"\x05ferry\x08internal\x00\x04corp\x07example\x00"
+        );
+        // With an IA it is discarded (RFC 8415 16.12).
+        assert!(reply(&cfg, &msg(INFORMATION_REQUEST, &[(OPTION_IA_NA, IA_NA)])).is_none());
     }
 
     #[test]
     fn a_stateful_solicit_hears_that_addresses_come_from_slaac() {
         let cfg = NetConfig::default();
-        let ia = [0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0];
+        let ia_ta: &[u8] = &[0, 0, 0, 7];
+        let ia_pd: &[u8] = &[0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0];
         let r = reply(
             &cfg,
-            &msg(SOLICIT, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia)]),
+            &msg(
+                SOLICIT,
+                &[
+                    (OPTION_CLIENTID, DUID),
+                    (OPTION_IA_NA, IA_NA),
+                    (OPTION_IA_TA, ia_ta),
+                    (OPTION_IA_PD, ia_pd),
+                ],
+            ),
         )
         .unwrap();
-        assert_eq!(r[0], ADVERTISE);
-        let o = options(&r[4..]).unwrap();
-        let ia = o.iter().find(|(k, _)| *k == OPTION_IA_NA).unwrap().1;
-        assert_eq!(&ia[..4], &[0, 0, 0, 9]);
-        let inner = options(&ia[12..]).unwrap();
-        assert_eq!(inner[0].0, OPTION_STATUS_CODE);
-        assert_eq!(&inner[0].1[..2], &NO_ADDRS_AVAIL.to_be_bytes());
-        // A SOLICIT without a client id gets nothing.
-        assert!(reply(&cfg, &msg(SOLICIT, &[(OPTION_IA_NA, ia)])).is_none());
-    }
-
-    #[test]
-    fn messages_for_another_server_and_malformed_ones_get_nothing() {
-        let cfg = NetConfig::default();
+        let (kind, o) = parsed(&r);
+        assert_eq!(kind, ADVERTISE);
+        let na = get(&o, OPTION_IA_NA).unwrap();
+        assert_eq!(&na[..12], IA_NA, "the IAID, T1 and T2 zero");
+        assert_eq!(ia_status(OPTION_IA_NA, na), NO_ADDRS_AVAIL);
+        let ta = get(&o, OPTION_IA_TA).unwrap();
+        assert_eq!(&ta[..4], ia_ta);
+        assert_eq!(ia_status(OPTION_IA_TA, ta), NO_ADDRS_AVAIL);
+        let pd = get(&o, OPTION_IA_PD).unwrap();
+        assert_eq!(ia_status(OPTION_IA_PD, pd), NO_PREFIX_AVAIL);
+        assert_eq!(
+            get(&o, OPTION_STATUS_CODE).unwrap()[..2],
+            NO_ADDRS_AVAIL.to_be_bytes()
+        );
+        assert!(get(&o, OPTION_DNS_SERVERS).is_some());
+        // A SOLICIT without a client id, or naming a server (even this one), gets nothing.
+        assert!(reply(&cfg, &msg(SOLICIT, &[(OPTION_IA_NA, IA_NA)])).is_none());
         assert!(reply(
+            &cfg,
+            &msg(
+                SOLICIT,
+                &[(OPTION_CLIENTID, DUID), (OPTION_SERVERID, &ours())]
+            )
+        )
+        .is_none());
+        // A REQUEST (which must name this server) gets a REPLY, the same status in its IA.
+        let r = reply(
             &cfg,
             &msg(
                 REQUEST,
                 &[
                     (OPTION_CLIENTID, DUID),
-                    (OPTION_SERVERID, &[0, 3, 0, 1, 1, 2, 3, 4, 5, 6])
+                    (OPTION_SERVERID, &ours()),
+                    (OPTION_IA_NA, IA_NA),
+                ],
+            ),
+        )
+        .unwrap();
+        let (kind, o) = parsed(&r);
+        assert_eq!(kind, REPLY);
+        assert_eq!(
+            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
+            NO_ADDRS_AVAIL
+        );
+        assert!(reply(
+            &cfg,
+            &msg(REQUEST, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, IA_NA)])
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn leases_never_given_are_not_renewed_rebound_or_released() {
+        let cfg = NetConfig::default();
+        let ia = iaaddr("fd46:5259::1234");
+        let to_us = |kind, ia: &[u8]| {
+            reply(
+                &cfg,
+                &msg(
+                    kind,
+                    &[
+                        (OPTION_CLIENTID, DUID),
+                        (OPTION_SERVERID, &ours()),
+                        (OPTION_IA_NA, ia),
+                    ],
+                ),
+            )
+        };
+        let (kind, o) = parsed(&to_us(RENEW, &ia).unwrap());
+        assert_eq!(kind, REPLY);
+        assert_eq!(
+            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
+            NO_BINDING
+        );
+        for k in [RELEASE, DECLINE] {
+            let (_, o) = parsed(&to_us(k, &ia).unwrap());
+            assert_eq!(
+                ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
+                NO_BINDING
+            );
+            assert_eq!(
+                get(&o, OPTION_STATUS_CODE).unwrap()[..2],
+                SUCCESS.to_be_bytes()
+            );
+            assert!(get(&o, OPTION_DNS_SERVERS).is_none());
+        }
+        // REBIND names no server; its addresses come back with zero lifetimes.
+        let r = reply(
+            &cfg,
+            &msg(REBIND, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia)]),
+        )
+        .unwrap();
+        let (_, o) = parsed(&r);
+        let back = get(&o, OPTION_IA_NA).unwrap();
+        let inner = options(&back[12..]).unwrap();
+        assert_eq!(inner[0].0, OPTION_IAADDR);
+        assert_eq!(&inner[0].1[..16], &ia[16..32]);
+        assert_eq!(&inner[0].1[16..24], &[0; 8]);
+        let r = reply(
+            &cfg,
+            &msg(REBIND, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, IA_NA)]),
+        )
+        .unwrap();
+        let (_, o) = parsed(&r);
+        assert_eq!(
+            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
+            NO_BINDING
+        );
+        assert!(reply(
+            &cfg,
+            &msg(
+                REBIND,
+                &[
+                    (OPTION_CLIENTID, DUID),
+                    (OPTION_SERVERID, &ours()),
+                    (OPTION_IA_NA, &ia)
                 ]
             )
         )
         .is_none());
-        assert!(reply(&cfg, &msg(ADVERTISE, &[(OPTION_CLIENTID, DUID)])).is_none());
+        // RENEW, RELEASE and DECLINE must name this server.
+        for k in [RENEW, RELEASE, DECLINE] {
+            assert!(reply(
+                &cfg,
+                &msg(k, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia)])
+            )
+            .is_none());
+        }
+    }
+
+    #[test]
+    fn a_confirm_is_answered_from_the_prefix() {
+        let cfg = NetConfig::default();
+        let confirm = |ia: &[u8]| {
+            reply(
+                &cfg,
+                &msg(CONFIRM, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, ia)]),
+            )
+        };
+        let status = |r: Vec<u8>| {
+            let (_, o) = parsed(&r);
+            u16::from_be_bytes(
+                get(&o, OPTION_STATUS_CODE).unwrap()[..2]
+                    .try_into()
+                    .unwrap(),
+            )
+        };
+        assert_eq!(status(confirm(&iaaddr("fd46:5259::99")).unwrap()), SUCCESS);
+        assert_eq!(
+            status(confirm(&iaaddr("2001:db8::99")).unwrap()),
+            NOT_ON_LINK
+        );
+        assert!(confirm(IA_NA).is_none(), "nothing to confirm");
+    }
+
+    #[test]
+    fn messages_for_another_server_and_malformed_ones_get_nothing() {
+        let cfg = NetConfig::default();
+        let other: &[u8] = &[0, 3, 0, 1, 1, 2, 3, 4, 5, 6];
+        for kind in [INFORMATION_REQUEST, REQUEST, RENEW, RELEASE] {
+            assert!(
+                reply(
+                    &cfg,
+                    &msg(kind, &[(OPTION_CLIENTID, DUID), (OPTION_SERVERID, other)])
+                )
+                .is_none(),
+                "{kind}"
+            );
+        }
+        // Server and relay messages.
+        for kind in [ADVERTISE, REPLY, 10, 12, 13, 0, 255] {
+            assert!(reply(&cfg, &msg(kind, &[(OPTION_CLIENTID, DUID)])).is_none());
+        }
+        assert!(reply(&cfg, &[]).is_none());
         assert!(reply(&cfg, &[11, 0, 0]).is_none());
         assert!(
             reply(&cfg, &[11, 0, 0, 0, 0, 1, 0, 9, 1]).is_none(),
             "an option overruns"
         );
+        assert!(reply(&cfg, &[11, 0, 0, 0, 0, 1]).is_none(), "half a header");
+        assert!(
+            reply(&cfg, &msg(SOLICIT, &[(OPTION_CLIENTID, &[0])])).is_none(),
+            "a client id too short"
+        );
+        assert!(
+            reply(
+                &cfg,
+                &msg(
+                    SOLICIT,
+                    &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &[0, 0, 0, 1])]
+                )
+            )
+            .is_none(),
+            "an IA_NA without T1 and T2"
+        );
+        let mut bad_inner = IA_NA.to_vec();
+        bad_inner.extend_from_slice(&[0, 5, 0, 30, 1, 2]);
+        assert!(
+            reply(
+                &cfg,
+                &msg(
+                    SOLICIT,
+                    &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &bad_inner)]
+                )
+            )
+            .is_none(),
+            "an option inside the IA overruns it"
+        );
+        let mut short_addr = IA_NA.to_vec();
+        push_option(&mut short_addr, OPTION_IAADDR, &[0xfd; 20]);
+        assert!(
+            reply(
+                &cfg,
+                &msg(
+                    CONFIRM,
+                    &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &short_addr)]
+                )
+            )
+            .is_none(),
+            "an address option too short for its address"
+        );
+        let many: Vec<(u16, &[u8])> = (0..100).map(|_| (99, &[][..])).collect();
+        assert!(reply(&cfg, &msg(INFORMATION_REQUEST, &many)).is_none());
         let off = NetConfig {
             subnet6: None,
             ..NetConfig::default()
         };
         assert!(reply(&off, &msg(INFORMATION_REQUEST, &[])).is_none());
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let cfg = NetConfig::default();
+        let ia = iaaddr("fd46:5259::5");
+        let seeds = [
+            msg(
+                SOLICIT,
+                &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia), (6, &[0, 23])],
+            ),
+            msg(
+                RENEW,
+                &[
+                    (OPTION_CLIENTID, DUID),
+                    (OPTION_SERVERID, &ours()),
+                    (OPTION_IA_PD, IA_NA),
+                ],
+            ),
+            msg(
+                CONFIRM,
+                &[(OPTION_CLIENTID, DUID), (OPTION_IA_TA, &ia[8..])],
+            ),
+            msg(INFORMATION_REQUEST, &[(OPTION_CLIENTID, DUID)]),
+        ];
         let mut x: u64 = 0xdead_beef_cafe_f00d;
-        let seed = msg(
-            SOLICIT,
-            &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &[0; 12])],
-        );
-        for i in 0..20_000usize {
+        let mut next = move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let mut m = seed.clone();
-            let at = (x as usize) % m.len();
-            m[at] = (x >> 40) as u8;
-            m.truncate(i % (m.len() + 1));
-            let _ = reply(&cfg, &m);
+            x
+        };
+        let mut answered = 0;
+        for i in 0..50_000usize {
+            let mut m = seeds[i % seeds.len()].clone();
+            for _ in 0..1 + next() % 3 {
+                let r = next();
+                let at = (r as usize) % m.len();
+                m[at] = (r >> 40) as u8;
+            }
+            m.truncate((next() as usize) % (m.len() + 1));
+            if reply(&cfg, &m).is_some() {
+                answered += 1;
+            }
+            let noise: Vec<u8> = (0..next() % 200).map(|_| next() as u8).collect();
+            let _ = reply(&cfg, &noise);
         }
+        // The mutations leave some messages valid: the answering paths ran too.
+        assert!(answered > 100, "{answered}");
     }
 }

@@ -1,6 +1,14 @@
 //! The DNS server on the gateway: the names of the network plan are answered here (A, and AAAA
 //! when the guest has IPv6); other names go upstream or get SERVFAIL at once.
 //!
+//! Theory of operation. The plan's names (`gateway.ferry.internal`, `host.ferry.internal` and
+//! Docker Desktop's `*.docker.internal` equivalents) name addresses that exist only on the
+//! guest's link, so no upstream server could answer them: they are answered here, with the
+//! address of each family the guest has. A name has an AAAA record exactly when the guest
+//! has IPv6 (the mirror address, `prefix::1` or `prefix::fe`); with IPv6 off an AAAA query
+//! gets an empty NOERROR answer, which says "the name exists, with no IPv6 address", so a
+//! resolver asking both families uses the A record at once instead of failing or waiting.
+//!
 //! Queries come from the guest and are treated as hostile: every length is checked, names are
 //! read without following compression pointers (a question never needs them), and anything
 //! malformed gets no answer rather than a guess.
@@ -97,9 +105,11 @@ pub fn local_name(cfg: &NetConfig, name: &str) -> Option<Ipv4Addr> {
     }
 }
 
-/// The IPv6 address of a name the gateway answers itself, if it is one and IPv6 is on.
+/// The IPv6 address of a name the gateway answers itself, if it is one and IPv6 is on: the
+/// gateway's names get [`NetConfig::gateway6`], the host alias's [`NetConfig::host_alias6`].
 pub fn local_name6(cfg: &NetConfig, name: &str) -> Option<std::net::Ipv6Addr> {
     cfg.subnet6?;
+    // One table of names, in local_name: each IPv4 address has its IPv6 mirror.
     let v4 = local_name(cfg, name)?;
     Some(if v4 == cfg.gateway() {
         cfg.gateway6()
@@ -271,6 +281,35 @@ mod tests {
             let r = local(answer(&v4only, &query(1, name, TYPE_AAAA), false));
             assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
         }
+    }
+
+    #[test]
+    fn local_names_mirror_into_ipv6_only_with_ipv6_on() {
+        let cfg = NetConfig::default();
+        for (name, v6) in [
+            ("gateway.ferry.internal", Some(cfg.gateway6())),
+            ("gateway.docker.internal", Some(cfg.gateway6())),
+            ("http.docker.internal", Some(cfg.gateway6())),
+            ("host.ferry.internal", Some(cfg.host_alias6())),
+            ("host.docker.internal", Some(cfg.host_alias6())),
+            ("kubernetes.docker.internal", Some(cfg.host_alias6())),
+            ("example.test", None),
+            ("ferry.internal", None),
+        ] {
+            assert_eq!(local_name6(&cfg, name), v6, "{name}");
+        }
+        let off = NetConfig {
+            subnet6: None,
+            ..cfg.clone()
+        };
+        assert_eq!(local_name6(&off, "host.ferry.internal"), None);
+        assert_eq!(
+            local_name(&off, "host.ferry.internal"),
+            Some(cfg.host_alias())
+        );
+        // Another type (MX) for a local name: an empty NOERROR answer.
+        let r = local(answer(&cfg, &query(3, "host.ferry.internal", 15), false));
+        assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
     }
 
     #[test]
