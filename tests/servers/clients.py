@@ -3,6 +3,7 @@
 
   clients.py udp HOST PORT MSG       send MSG, print the reply (or "timeout")
   clients.py peer HOST PORT          connect, print the line the server sends (or the error)
+  clients.py range HOST FIRST LAST   one such client per port of the range; prints "GOT of N"
   clients.py many HOST PORT N [SECS] N clients at once, each reads its line (SECS to connect and
                                      read, default 60); prints "OK of N"
                                      and then each distinct line prefix (the part before ':')
@@ -56,6 +57,11 @@ def main():
         print("timeout")
     elif cmd == "peer":
         print(peer(host, port))
+    elif cmd == "range":
+        # range HOST FIRST LAST: one client per port; prints how many got their line.
+        last = int(sys.argv[4])
+        got = sum(1 for p in range(port, last + 1) if not peer(host, p, 10).startswith("error"))
+        print("%d of %d" % (got, last - port + 1))
     elif cmd in ("stall", "resetmid"):
         s = socket.create_connection((host, port), timeout=30)
         s.sendall(("GET %s HTTP/1.0\r\n\r\n" % sys.argv[4]).encode())

@@ -3,6 +3,9 @@
 //! accepts, writes a line and closes; `probe tcpecho`, which echoes each connection until its
 //! end) are fast enough not to be the limit, so what is measured is ferry's published path.
 //!
+//! A range of 100 ports published in one spec at run time is served port by port, and
+//! unpublishing the range closes every listener.
+//!
 //! Ferry runs in a test namespace (`TestNet::inner`); the clients run there too, on loopback.
 
 use std::path::Path;
@@ -24,6 +27,7 @@ fn boot(dir: &Path, net: &Path, tools: &Path) -> Qemu {
         &GuestSpec {
             script: concat!(
                 "/mnt/tools/probe tcppeer 9000 &\n",
+                "for p in $(seq 9100 9199); do /mnt/tools/probe tcppeer $p & done\n",
                 "/mnt/tools/probe tcpecho 9001 >/dev/null &\n",
                 "sleep 1\necho FERRY-READY\nsleep 3600\n"
             )
@@ -155,4 +159,65 @@ fn tcp_counters(ns: &str) -> String {
         .filter(|l| l.starts_with("Tcp") && l.split_whitespace().nth(1).is_none_or(|v| v != "0"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[test]
+fn a_published_range_is_served_port_by_port_and_unpublished_whole() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let api = dir.path().join("api.sock");
+    let t = ferry_tests::tools_share(dir.path());
+    let ferry = FerryProcess::serve_in(
+        Some(&net.inner),
+        dir.path(),
+        &[
+            "--net-socket".into(),
+            sock.display().to_string(),
+            "--share".into(),
+            t.share.clone(),
+            "--dns-upstream".into(),
+            "127.0.0.1:1".into(),
+            "--api-socket".into(),
+            api.display().to_string(),
+        ],
+        &[sock.clone(), t.socket.clone(), api.clone()],
+    );
+    let _qemu = boot(dir.path(), &sock, &t.socket);
+    let base = fds(ferry.pid());
+    let o = ferry_tests::ferry_ctl(&api, &["publish", "8100-8199:9100-9199"]);
+    assert!(o.status.success(), "ferry ctl publish a range: {o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        100,
+        "one line per published port"
+    );
+    // A range that collides with a published port fails whole.
+    let o = ferry_tests::ferry_ctl(&api, &["publish", "8190-8210:9190-9210"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("8190"),
+        "the message names the first busy port: {o:?}"
+    );
+    assert_eq!(
+        clients(&net.inner, &["range", "127.0.0.1", "8100", "8199"]),
+        "100 of 100"
+    );
+    let o = ferry_tests::ferry_ctl(&api, &["unpublish", "8100-8199"]);
+    assert!(o.status.success(), "ferry ctl unpublish a range: {o:?}");
+    let back = ferry_tests::wait_for(Duration::from_secs(10), || {
+        (fds(ferry.pid()) <= base).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "descriptors: {} before the range, {} after unpublishing it",
+        base,
+        fds(ferry.pid())
+    );
+    assert_eq!(
+        clients(&net.inner, &["probe", "127.0.0.1", "8150"])
+            .split_whitespace()
+            .next(),
+        Some("refused")
+    );
 }

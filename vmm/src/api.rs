@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use ferry_devices::VhostUserNetBackend;
 use ferry_fs::abi::opcode;
-use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports, PublishError};
+use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports};
 use ferry_net::proxy::{Proxy, Upstream};
 use ferry_net::rules::{Dir, RuleInfo, RuleSpec, Rules};
 use ferry_net::{PortSpec, Protocol};
@@ -396,7 +396,7 @@ fn publish(control: &Control, body: &[u8]) -> (u16, Value) {
         Ok(v) => v,
         Err(e) => return e,
     };
-    let spec = match spec_from_json(&v, control.default_bind) {
+    let specs = match spec_from_json(&v, control.default_bind) {
         Ok(s) => s,
         Err(e) => {
             return error(
@@ -406,23 +406,45 @@ fn publish(control: &Control, body: &[u8]) -> (u16, Value) {
             )
         }
     };
-    match ports.publish(spec) {
-        Ok(info) => (201, port_json(&info)),
-        // In use, published already, or MAX_PORTS published: each a conflict with the state.
-        Err(
-            e @ (PublishError::Unavailable { .. } | PublishError::Exists(_) | PublishError::Full),
-        ) => error(409, e.to_string(), e.hint()),
+    // A range or list is published whole or not at all: the first port that fails undoes the
+    // ones before it, and its error (Docker's message names the busy port) is the answer.
+    let mut done = Vec::new();
+    let mut failed = None;
+    for spec in &specs {
+        match ports.publish(*spec) {
+            Ok(info) => done.push(info),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
     }
+    let Some(e) = failed else {
+        return if done.len() == 1 {
+            (201, port_json(&done[0]))
+        } else {
+            (201, Value::Array(done.iter().map(port_json).collect()))
+        };
+    };
+    for d in &done {
+        ports.unpublish(&PortKey {
+            protocol: d.spec.protocol,
+            bind: d.spec.bind,
+            host_port: d.spec.host_port,
+        });
+    }
+    // In use, published already, or MAX_PORTS published: each a conflict with the state.
+    error(409, e.to_string(), e.hint())
 }
 
-/// A port spec from `{"spec": "..."}` or from its fields.
-fn spec_from_json(v: &Value, default_bind: IpAddr) -> std::result::Result<PortSpec, String> {
+/// The port specs of `{"spec": "..."}` (which may name ranges and lists) or of its fields.
+fn spec_from_json(v: &Value, default_bind: IpAddr) -> std::result::Result<Vec<PortSpec>, String> {
     let obj = v
         .as_object()
         .ok_or("the body must be a JSON object".to_string())?;
     if let Some(s) = obj.get("spec") {
         let s = s.as_str().ok_or("\"spec\" must be a string")?;
-        return PortSpec::parse_with_default(s, default_bind).map_err(|e| e.to_string());
+        return PortSpec::parse_many_with_default(s, default_bind).map_err(|e| e.to_string());
     }
     let protocol = match obj.get("proto").map(|p| p.as_str()) {
         None => Protocol::Tcp,
@@ -445,12 +467,12 @@ fn spec_from_json(v: &Value, default_bind: IpAddr) -> std::result::Result<PortSp
             .map(|p| p as u16)
             .ok_or(format!("\"{name}\" must be a number from 1 to 65535"))
     };
-    Ok(PortSpec {
+    Ok(vec![PortSpec {
         protocol,
         bind,
         host_port: port("host_port")?,
         guest_port: port("guest_port")?,
-    })
+    }])
 }
 
 fn unpublish(control: &Control, proto: &str, bind: &str, port: &str) -> (u16, Value) {

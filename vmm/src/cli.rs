@@ -76,13 +76,15 @@ pub enum CtlCommand {
     Health,
     /// The published ports and their counters.
     Ports,
-    /// Publish a host port to a guest port: [tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT.
+    /// Publish a host port to a guest port: [tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT (or a
+    /// range onto a range, 8000-8010:9000-9010; a list, 3000,3001; exclusions, ~3002).
     Publish {
         /// What to publish.
         #[arg(value_name = "SPEC")]
         spec: String,
     },
-    /// Unpublish a port: [tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT].
+    /// Unpublish a port: [tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT] (or a range or list of
+    /// host ports, 8000-8010).
     Unpublish {
         /// What to unpublish.
         #[arg(value_name = "SPEC")]
@@ -243,7 +245,7 @@ pub struct ServeArgs {
     pub share: Vec<String>,
 
     /// Publish a host port to a guest port (repeatable); tcp and the default bind address
-    /// unless given.
+    /// unless given. Ranges, lists and exclusions: 8000-8010:9000-9010, 3000,3001, ~8005.
     #[arg(long, value_name = "[tcp|udp/][BIND_IP:]HOST_PORT:GUEST_PORT")]
     pub publish: Vec<String>,
 

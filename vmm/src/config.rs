@@ -549,8 +549,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         };
         let mut publish = Vec::new();
         for spec in file.publish.iter().chain(&args.publish) {
-            publish.push(
-                PortSpec::parse_with_default(spec, default_bind)
+            publish.extend(
+                PortSpec::parse_many_with_default(spec, default_bind)
                     .map_err(|e| usage(e.to_string()))?,
             );
         }

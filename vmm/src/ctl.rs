@@ -352,6 +352,43 @@ fn print_stats(v: &Value) {
     }
 }
 
+/// The one-port unpublish specs of a spec that names a range or list of host ports
+/// (`8000-8010`, `3000,3001`, `udp/127.0.0.1:5000-5005:5000-5005`), or None for one port.
+fn unpublish_many(spec: &str) -> Result<Option<Vec<String>>> {
+    let ports_part = spec.rsplit(']').next().unwrap_or(spec);
+    if !ports_part.contains(['-', ',', '~']) {
+        return Ok(None);
+    }
+    let any = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+    let specs = ferry_net::PortSpec::parse_many_with_default(spec, any)
+        .map_err(|e| Error::Usage(e.to_string().replacen("--publish", "unpublish", 1)))?;
+    // Without a bind address in the spec, each port is looked up by its host port alone.
+    let named_bind = spec.contains('[')
+        || spec.split(':').count() > 2
+        || spec
+            .split_once('/')
+            .map_or(spec, |(_, r)| r)
+            .split(':')
+            .next()
+            .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok());
+    Ok(Some(
+        specs
+            .iter()
+            .map(|p| {
+                if named_bind {
+                    let b = match p.bind {
+                        std::net::IpAddr::V6(a) => format!("[{a}]"),
+                        a => a.to_string(),
+                    };
+                    format!("{}/{b}:{}", p.protocol, p.host_port)
+                } else {
+                    format!("{}/{}", p.protocol, p.host_port)
+                }
+            })
+            .collect(),
+    ))
+}
+
 /// Finds the published port an unpublish spec names: `[tcp|udp/][BIND_IP:]HOST_PORT[:GUEST_PORT]`.
 /// Without a bind address, the one published port with that protocol and host port.
 fn resolve_unpublish(socket: &Path, spec: &str) -> Result<String> {
@@ -444,13 +481,16 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCommand::Publish { spec } => {
             let v = expect(sock, "POST", "/ports", Some(&json!({ "spec": spec })), 201)?;
             out(&v, &|v| {
-                println!(
-                    "published {} {}:{} -> guest port {}",
-                    s(&v["proto"]).to_uppercase(),
-                    bracket(&s(&v["bind_ip"])),
-                    s(&v["host_port"]),
-                    s(&v["guest_port"])
-                )
+                // One port, or the ports of a range or list.
+                for p in v.as_array().map_or_else(|| vec![v], |a| a.iter().collect()) {
+                    println!(
+                        "published {} {}:{} -> guest port {}",
+                        s(&p["proto"]).to_uppercase(),
+                        bracket(&s(&p["bind_ip"])),
+                        s(&p["host_port"]),
+                        s(&p["guest_port"])
+                    )
+                }
             });
         }
         CtlCommand::Proxy { change } => {
@@ -539,9 +579,18 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             }
         },
         CtlCommand::Unpublish { spec } => {
-            let path = resolve_unpublish(sock, spec)?;
-            expect(sock, "DELETE", &path, None, 204)?;
-            out(&json!({"unpublished": path}), &|_| {
+            // A range or list: each of its host ports, the bind address as given.
+            let paths = match unpublish_many(spec)? {
+                Some(each) => each
+                    .iter()
+                    .map(|one| resolve_unpublish(sock, one))
+                    .collect::<Result<Vec<_>>>()?,
+                None => vec![resolve_unpublish(sock, spec)?],
+            };
+            for path in &paths {
+                expect(sock, "DELETE", path, None, 204)?;
+            }
+            out(&json!({"unpublished": paths}), &|_| {
                 println!("unpublished {spec}")
             });
         }
