@@ -75,7 +75,7 @@ struct Inner {
     records: BTreeMap<String, Vec<IpAddr>>,
     hosts_path: Option<PathBuf>,
     hosts: HashMap<String, Vec<IpAddr>>,
-    stamp: Option<(u64, u64, i64, i64)>,
+    stamp: Option<Stamp>,
     checked: Option<Instant>,
 }
 
@@ -84,7 +84,12 @@ pub struct Names {
     inner: Mutex<Inner>,
 }
 
-fn stamp(p: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
+/// What tells a followed file (the hosts file, a resolv.conf) changed without reading it:
+/// inode (a replaced file or symlink target), size and mtime.
+pub(crate) type Stamp = (u64, u64, i64, i64);
+
+/// `p`'s stamp, following symlinks; None if it cannot be read.
+pub(crate) fn stamp(p: &std::path::Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).ok()?;
     Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))

@@ -48,7 +48,7 @@ impl NetStack {
             }
             return;
         }
-        while let Some(n) = (p.tries < self.upstreams.addrs().len()).then_some(p.tries) {
+        while let Some(n) = (p.tries < self.upstreams.len()).then_some(p.tries) {
             if let Some(server) = self.upstreams.send(n, &p.query, &self.epoll) {
                 p.server = server;
                 p.sent = StdInstant::now();

@@ -94,25 +94,7 @@ struct Server {
     socket: Option<UdpSocket>,
 }
 
-/// What identifies a resolv.conf's content without reading it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        ino: m.ino(),
-        size: m.size(),
-        mtime: m.mtime(),
-        mtime_nsec: m.mtime_nsec(),
-    })
-}
+use crate::names::{stamp, Stamp};
 
 /// The servers and their sockets.
 pub(super) struct Upstreams {
@@ -246,6 +228,11 @@ impl Upstreams {
     /// The servers, in order.
     pub(super) fn addrs(&self) -> Vec<SocketAddr> {
         self.servers.iter().map(|s| s.addr).collect()
+    }
+
+    /// How many servers there are.
+    pub(super) fn len(&self) -> usize {
+        self.servers.len()
     }
 
     /// The servers, the one queries go to first leading.

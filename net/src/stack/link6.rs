@@ -16,8 +16,7 @@ use super::*;
 /// default is 600 s; the advertised router lifetime is 1800 s).
 const RA_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// The all-nodes multicast address, where unsolicited advertisements go.
-const ALL_NODES: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+use crate::ndp::ALL_NODES;
 
 impl NetStack {
     /// ICMPv6 the link answers itself: router solicitations (answered), router
@@ -56,9 +55,8 @@ impl NetStack {
             return false;
         }
         let dst_port = u16::from_be_bytes([payload[2], payload[3]]);
-        let all_servers = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
         if dst_port != crate::dhcpv6::SERVER_PORT
-            || !(dst == all_servers || dst == self.cfg.gateway_ll())
+            || !(dst == crate::dhcpv6::ALL_SERVERS || dst == self.cfg.gateway_ll())
         {
             return false;
         }
@@ -104,8 +102,7 @@ impl NetStack {
             return;
         }
         let mac = if to.is_multicast() {
-            let o = to.octets();
-            [0x33, 0x33, o[12], o[13], o[14], o[15]]
+            crate::ndp::multicast_mac(to)
         } else {
             self.guest.mac()
         };
