@@ -205,6 +205,9 @@ pub struct NetConfig {
     /// The host's DNS search domains (its resolv.conf's), given to the guest after
     /// `ferry.internal`; the stack keeps them up to date as the resolv.conf changes.
     pub search: Vec<String>,
+    /// `--guest-forward`: virtual addresses whose ports go to host services (checked with
+    /// [`crate::guest_forward::check`]).
+    pub guest_forwards: Vec<crate::guest_forward::GuestForward>,
 }
 
 /// The TCP connection cap when none is given.
@@ -225,6 +228,7 @@ impl NetConfig {
             guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             search: Vec::new(),
+            guest_forwards: Vec::new(),
         })
     }
 
@@ -292,6 +296,7 @@ impl Default for NetConfig {
             guest_mac_pinned: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             search: Vec::new(),
+            guest_forwards: Vec::new(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod dhcpv6;
 pub mod dns;
 pub mod fragments;
 pub mod guest;
+pub mod guest_forward;
 pub mod names;
 pub mod ndp;
 pub mod pcap;

@@ -25,6 +25,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{PortSpec, Protocol};
 
+mod sockets;
+pub use sockets::{SocketError, SocketInfo, SocketSpec, DEFAULT_MODE};
+
 /// Connections waiting for the net thread at most; past it, the listeners stop accepting
 /// (clients wait in the kernel's backlog) until the net thread has taken them.
 const MAX_INCOMING: usize = 4096;
@@ -163,6 +166,13 @@ pub enum Incoming {
         /// The payload.
         data: Vec<u8>,
     },
+    /// An accepted connection to a forwarded UNIX socket, for `guest_port`.
+    Unix {
+        /// The host side.
+        stream: std::os::unix::net::UnixStream,
+        /// Where it goes in the guest.
+        guest_port: u16,
+    },
 }
 
 /// Counters of one published port.
@@ -204,6 +214,9 @@ struct Inner {
     incoming_udp_bytes: usize,
     /// Listeners that stopped accepting while the queue was full: (token, fd).
     paused: Vec<(u64, RawFd)>,
+    /// Forwarded UNIX sockets, by path, and their epoll tokens (from the same counter).
+    sockets: BTreeMap<std::path::PathBuf, sockets::SocketEntry>,
+    socket_tokens: HashMap<u64, std::path::PathBuf>,
 }
 
 /// The published ports of one ferry process.
@@ -362,6 +375,8 @@ impl Ports {
                 incoming: VecDeque::new(),
                 incoming_udp_bytes: 0,
                 paused: Vec::new(),
+                sockets: BTreeMap::new(),
+                socket_tokens: HashMap::new(),
             }),
             epoll: Epoll::new()?,
             notify: EventFd::new(EFD_NONBLOCK)?,
@@ -600,7 +615,12 @@ impl Ports {
                     .and_then(|k| inner.ports.get(k))
                     .is_some_and(
                         |e| matches!(&e.socket, HostSocket::Tcp(l) if l.as_raw_fd() == fd),
-                    );
+                    )
+                    || inner
+                        .socket_tokens
+                        .get(&token)
+                        .and_then(|p| inner.sockets.get(p))
+                        .is_some_and(|e| e.listener.as_raw_fd() == fd);
                 if !same {
                     continue;
                 }
@@ -614,6 +634,16 @@ impl Ports {
         }
         let socket = {
             let inner = self.lock();
+            if let Some((path, e)) = inner
+                .socket_tokens
+                .get(&token)
+                .and_then(|p| inner.sockets.get_key_value(p))
+            {
+                let (path, listener) = (path.clone(), e.listener.clone());
+                drop(inner);
+                self.accept_unix_all(token, &path, &listener);
+                return;
+            }
             let Some(entry) = inner.by_token.get(&token).and_then(|k| inner.ports.get(k)) else {
                 return;
             };

@@ -33,6 +33,8 @@ mod udp_flows;
 mod verdict;
 
 #[cfg(test)]
+mod forward_tests;
+#[cfg(test)]
 mod ipv6_tests;
 
 pub use dns_upstream::{search_of, servers_of, DnsSource};
@@ -40,7 +42,7 @@ use flow::{FlowId, FlowTable, Token};
 pub use link::{is_bare_tcp_ack, Frame};
 use link::{parse_ip, recycle, smol, v6, FrameQueue, IpInfo, QUEUE_FRAMES};
 pub use tcp_host::DEFAULT_MAX_FLOWS;
-use tcp_host::{TcpFlow, TcpLimits};
+use tcp_host::{HostStream, TcpFlow, TcpLimits};
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -227,6 +229,17 @@ impl NetStack {
                     let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), 64));
                 }
             }
+            // Guest forwards' addresses: the stack answers ARP and neighbour solicitations
+            // for them (`guest_forward::check` kept them within the room left).
+            for f in &cfg.guest_forwards {
+                let a = match f.addr.ip() {
+                    IpAddr::V4(a) => IpCidr::new(IpAddress::Ipv4(smol(a)), 32),
+                    IpAddr::V6(a) => IpCidr::new(IpAddress::Ipv6(a), 128),
+                };
+                if !addrs.contains(&a) && addrs.push(a).is_err() {
+                    log::warn!("net: no room to answer for {}; it is not reachable", f.addr);
+                }
+            }
         });
         if cfg.subnet6.is_some() {
             gateways.push(IpAddr::V6(cfg.gateway6()));
@@ -400,6 +413,11 @@ impl NetStack {
     /// Whether `a` is one of the gateway's addresses.
     fn is_gateway(&self, a: IpAddr) -> bool {
         self.gateways.contains(&a)
+    }
+
+    /// Whether `a` is a guest forward's address.
+    fn is_forward_addr(&self, a: IpAddr) -> bool {
+        self.cfg.guest_forwards.iter().any(|f| f.addr.ip() == a)
     }
 
     /// Whether `a` is the host alias (either family).
@@ -1392,7 +1410,7 @@ mod published {
     use std::io::Read;
 
     /// The first TCP segment the stack sends the guest within a second, as (src, segment).
-    fn next_segment(stack: &mut NetStack) -> Option<(Ipv4Address, Vec<u8>)> {
+    pub(super) fn next_segment(stack: &mut NetStack) -> Option<(Ipv4Address, Vec<u8>)> {
         let end = StdInstant::now() + std::time::Duration::from_secs(2);
         while StdInstant::now() < end {
             stack.handle_host_events();

@@ -1,5 +1,5 @@
-//! Published ports: what the `ports` thread accepted and received, handed to TCP and UDP with
-//! the client's address as the guest will see it.
+//! Published ports and forwarded sockets: what the `ports` thread accepted and received,
+//! handed to TCP and UDP with the client's address as the guest will see it.
 
 use super::*;
 
@@ -41,12 +41,22 @@ impl NetStack {
                     host_port,
                     guest_port,
                 } => {
+                    let stream = HostStream::Tcp(stream);
                     match self.decide_in(Proto::Tcp, client, host_port, 0) {
                         Ok(counters) => self.publish_tcp(stream, client, guest_port, counters),
-                        Err(Action::Reject) => crate::ports::reset(stream),
+                        Err(Action::Reject) => stream.reset(),
                         // Dropped: closed without a word.
                         Err(_) => drop(stream),
                     }
+                }
+                Incoming::Unix { stream, guest_port } => {
+                    // A client of a forwarded socket: a local user the socket's permissions
+                    // let in, so no inbound rule applies. The guest sees it come from the
+                    // host alias, as a client on the host's loopback; its port is only a name
+                    // for the flow (another is picked if it is taken).
+                    let port = 49152 + (stream.as_raw_fd() as u16 % 16384);
+                    let client = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+                    self.publish_tcp(HostStream::Unix(stream), client, guest_port, None);
                 }
                 Incoming::Udp {
                     socket,

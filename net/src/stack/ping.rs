@@ -16,7 +16,10 @@ impl NetStack {
         use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol};
         let ident = match ip.proto {
             IpProtocol::Icmp => {
-                if self.is_gateway(ip.dst) || self.is_host_alias(ip.dst) {
+                if self.is_gateway(ip.dst)
+                    || self.is_host_alias(ip.dst)
+                    || self.is_forward_addr(ip.dst)
+                {
                     return false;
                 }
                 let Ok(icmp) = Icmpv4Packet::new_checked(payload) else {
@@ -37,6 +40,7 @@ impl NetStack {
                 if icmp.msg_type() != Icmpv6Message::EchoRequest
                     || self.is_gateway(ip.dst)
                     || self.is_host_alias(ip.dst)
+                    || self.is_forward_addr(ip.dst)
                     || ip.dst.is_multicast()
                 {
                     return false;

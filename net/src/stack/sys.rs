@@ -162,7 +162,7 @@ pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Whether the peer of `host` has closed its side with nothing left to read (Some(true)), has
 /// sent data (Some(false)), or neither yet (None), without taking anything from the socket.
-pub(crate) fn peek_eof(host: &TcpStream) -> Option<bool> {
+pub(crate) fn peek_eof(host: &impl AsRawFd) -> Option<bool> {
     let mut b = [0u8; 1];
     // SAFETY: the fd is valid and `b` has room for the one byte asked for.
     let n = unsafe {

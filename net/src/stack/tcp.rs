@@ -6,8 +6,9 @@
 
 use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
 use super::sys::{connect_nonblocking, peek_eof, take_error};
-use super::tcp_host::{TcpFlow, TcpState, MAX_HANDSHAKES};
+use super::tcp_host::{HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
 use super::*;
+use crate::guest_forward::ForwardTarget;
 
 /// How long the guest has to answer a published connection's SYN.
 pub(super) const PUBLISH_CONNECT_TIMEOUT: smoltcp::time::Duration =
@@ -44,7 +45,7 @@ fn tcp_of(flows: &mut Flows, id: FlowId) -> Option<&mut Flow<Kind>> {
 impl NetStack {
     /// Forgets TCP flow `id`: its host socket closes (and is returned, for a reset), its
     /// handshake slot frees.
-    pub(super) fn tcp_remove(&mut self, id: FlowId) -> Option<std::net::TcpStream> {
+    pub(super) fn tcp_remove(&mut self, id: FlowId) -> Option<HostStream> {
         let f = self.flows.remove(id)?;
         let Kind::Tcp(mut t) = f.kind else {
             return None;
@@ -62,7 +63,7 @@ impl NetStack {
     /// rule that let it in.
     pub(super) fn publish_tcp(
         &mut self,
-        stream: std::net::TcpStream,
+        stream: HostStream,
         client: SocketAddr,
         guest_port: u16,
         counters: Option<Arc<Counters>>,
@@ -83,14 +84,14 @@ impl NetStack {
         if self.flows.lookup(&key).is_some()
             || self.flows.count(FlowProto::Tcp) >= self.tcp_limits.max_flows
         {
-            crate::ports::reset(stream);
+            stream.reset();
             return;
         }
         let handle = if self.tcp_limits.handshaking < MAX_HANDSHAKES {
             match self.connect_to_guest(key) {
                 Some(h) => Some(h),
                 None => {
-                    crate::ports::reset(stream);
+                    stream.reset();
                     return;
                 }
             }
@@ -154,7 +155,7 @@ impl NetStack {
             };
             let Some(handle) = self.connect_to_guest(key) else {
                 if let Some(host) = self.tcp_remove(id) {
-                    crate::ports::reset(host);
+                    host.reset();
                 }
                 continue;
             };
@@ -198,7 +199,22 @@ impl NetStack {
         let mut target = None;
         let mut proxy = None;
         let mut counters = None;
-        if self.is_gateway(ip.dst) {
+        let mut unix = None;
+        if self.is_forward_addr(ip.dst) {
+            // A guest forward: its target, not the address; other ports meet no listener.
+            match self
+                .cfg
+                .guest_forwards
+                .iter()
+                .find(|f| f.addr == key.remote)
+            {
+                Some(f) => match &f.target {
+                    ForwardTarget::Tcp(a) => target = Some(*a),
+                    ForwardTarget::Unix(p) => unix = Some(p.clone()),
+                },
+                None => return false,
+            }
+        } else if self.is_gateway(ip.dst) {
             // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
             // proxy, served in this process. They are not outbound flows: the proxy checks
             // the rules for the servers it connects to.
@@ -238,10 +254,20 @@ impl NetStack {
             }
         };
         let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
-        let host = match connect_nonblocking(target, announce) {
+        let connected = match &unix {
+            // A UNIX connect ends at once (made, refused or the backlog full): the flow
+            // still waits for EPOLLOUT, which a connected socket reports straight away.
+            Some(path) => std::os::unix::net::UnixStream::connect(path)
+                .and_then(|s| s.set_nonblocking(true).map(|()| HostStream::Unix(s))),
+            None => connect_nonblocking(target, announce).map(HostStream::Tcp),
+        };
+        let host = match connected {
             Ok(h) => h,
             Err(e) => {
-                log::debug!("nat: tcp connect to {target} failed at once: {e}");
+                match &unix {
+                    Some(p) => log::debug!("nat: connect to {} failed: {e}", p.display()),
+                    None => log::debug!("nat: tcp connect to {target} failed at once: {e}"),
+                }
                 self.stats.tcp_refused += 1;
                 return false;
             }
@@ -298,7 +324,7 @@ impl NetStack {
             // The host alias is the host's loopback, whichever family listens there: a server
             // on 127.0.0.1 only is reached from the IPv6 alias too (a guest picks the AAAA
             // answer as often as not), and one on ::1 only from the IPv4 alias.
-            if let Ok(host) = connect_nonblocking(other, None) {
+            if let Ok(host) = connect_nonblocking(other, None).map(HostStream::Tcp) {
                 let syn = match &mut t.state {
                     TcpState::Connecting { syn } => std::mem::take(syn),
                     _ => Vec::new(),
@@ -447,7 +473,7 @@ impl NetStack {
             let h = *handle;
             self.sockets.remove(h);
             if let Some(host) = self.tcp_remove(id) {
-                crate::ports::reset(host);
+                host.reset();
             }
             return;
         }

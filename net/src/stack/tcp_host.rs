@@ -1,5 +1,5 @@
-//! What a TCP flow keeps of its host side: the socket, where its connection is, which epoll
-//! events it asks for; and the TCP caps.
+//! What a TCP flow keeps of its host side: the socket (TCP, or a UNIX stream for forwarded
+//! sockets), where its connection is, which epoll events it asks for; and the TCP caps.
 //!
 //! Theory of operation. A guest SYN to A:p starts a non-blocking host `connect(A:p)` (the
 //! host's loopback for the host alias). The SYN is held until the connect ends: on success the
@@ -9,10 +9,16 @@
 //! once. The host socket is watched only for what the flow can use now (EPOLLIN while the
 //! stack socket has room toward the guest, EPOLLOUT while the host refused a write), so a
 //! flow that waits costs no wakeups. `stack::tcp` moves the data.
+//!
+//! The host side is a UNIX stream when a host UNIX socket is the flow's other end: a client of
+//! a `--forward-socket` socket, or the service behind a `--guest-forward` address. Both kinds
+//! read, write and shut down alike, so the flow does not care which it has.
 
 use std::collections::VecDeque;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 
 use smoltcp::iface::SocketHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -28,6 +34,63 @@ pub const DEFAULT_MAX_FLOWS: usize = 16384;
 /// seconds, or fill the stack with sockets it must visit on every poll. A client that leaves
 /// while it waits costs the guest nothing.
 pub const MAX_HANDSHAKES: usize = 64;
+
+/// A TCP flow's host socket.
+pub(crate) enum HostStream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A UNIX stream connection.
+    Unix(UnixStream),
+}
+
+impl HostStream {
+    /// Shuts down `how` of the connection.
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.shutdown(how),
+            HostStream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Closes the connection so that the peer sees a reset (TCP; a UNIX peer sees it close).
+    pub(crate) fn reset(self) {
+        match self {
+            HostStream::Tcp(s) => crate::ports::reset(s),
+            HostStream::Unix(s) => drop(s),
+        }
+    }
+}
+
+impl Read for HostStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.read(buf),
+            HostStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for HostStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.write(buf),
+            HostStream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for HostStream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            HostStream::Tcp(s) => s.as_raw_fd(),
+            HostStream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
 
 /// Where a flow is.
 pub(crate) enum TcpState {
@@ -53,7 +116,7 @@ pub(crate) enum TcpState {
 /// The TCP part of a flow.
 pub(crate) struct TcpFlow {
     /// The host socket.
-    pub(crate) host: TcpStream,
+    pub(crate) host: HostStream,
     /// Where the flow is.
     pub(crate) state: TcpState,
     /// Whether EPOLLIN is currently asked for.
@@ -76,7 +139,7 @@ pub(crate) struct TcpFlow {
 impl TcpFlow {
     /// A flow whose host side is `host`, registered on `epoll` for `events` under `id`.
     pub(crate) fn watched(
-        host: TcpStream,
+        host: HostStream,
         state: TcpState,
         events: EventSet,
         id: FlowId,

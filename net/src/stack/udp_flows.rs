@@ -102,8 +102,9 @@ impl NetStack {
             }
             return true;
         }
-        if self.is_gateway(ip.dst) || !is_unicast(ip.dst) {
-            // DHCP, DNS on the gateway, broadcasts: the stack's.
+        if self.is_gateway(ip.dst) || self.is_forward_addr(ip.dst) || !is_unicast(ip.dst) {
+            // DHCP, DNS on the gateway, broadcasts: the stack's (and a guest forward's
+            // address has no UDP: the stack says the port is unreachable).
             return false;
         }
         let counters = match self.decide(Proto::Udp, key.remote, frame, ip) {
