@@ -11,6 +11,7 @@
 --tcp-hold PORT        a TCP server that keeps each connection open until the peer closes it
 --tcp-echo PORT        a TCP echo server
 --http PORT DIR        an HTTP server for the files in DIR
+--http-unix PATH DIR   an HTTP server for the files in DIR on the UNIX socket PATH (ADDR unused)
 --fake-proxy PORT      an upstream proxy stand-in: answers CONNECT with 200 and then echoes;
                        answers any other request with 200 and the body
                        "upstream saw: REQUEST-LINE" (what it was sent, unchanged)
@@ -172,6 +173,28 @@ def serve_http(addr, port, directory):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 
+def serve_http_unix(path, directory):
+    import functools
+    import http.server
+    import os
+    import socketserver
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def address_string(self):
+            return "unix"
+
+    class Server(socketserver.ThreadingUnixStreamServer):
+        daemon_threads = True
+
+    if os.path.exists(path):
+        os.unlink(path)
+    srv = Server(path, functools.partial(Quiet, directory=directory))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+
 def main():
     addr, args = sys.argv[1], sys.argv[2:]
     echo, dns = [], []
@@ -199,6 +222,9 @@ def main():
             i += 2
         elif args[i] == "--http":
             serve_http(addr, int(args[i + 1]), args[i + 2])
+            i += 3
+        elif args[i] == "--http-unix":
+            serve_http_unix(args[i + 1], args[i + 2])
             i += 3
         elif args[i] in ("--tcp-blob", "--tcp-sha"):
             port, size = int(args[i + 1]), int(args[i + 2])

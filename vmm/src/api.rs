@@ -17,6 +17,9 @@
 //! POST   /shares       {"dir":DIR,...} + fd    201 share | 400 | 403 | 409   (the listening
 //!                      socket comes with the request as SCM_RIGHTS: `ferry virtiofsd`)
 //! DELETE /shares/{tag}                         204 | 404 | 409
+//! GET    /sockets                              [socket, ...]
+//! POST   /sockets      {"spec":"/run/x.sock=2375"}  201 socket | 400 | 409
+//! DELETE /sockets/{path}                       204 | 404   (the socket's absolute path)
 //! ```
 //! Errors are `{"error": "...", "hint": "..."}` with the status that fits: 400 for malformed
 //! specs and JSON, 404 for no such port, 405 for a method an endpoint does not take, 409 when
@@ -25,6 +28,7 @@
 
 mod dns;
 mod http;
+mod sockets;
 
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
@@ -174,6 +178,14 @@ fn route(
             405,
             format!("{path} takes DELETE"),
             "use DELETE to remove the record",
+        ),
+        ("GET", ["sockets"]) => sockets::list(control),
+        ("POST", ["sockets"]) => sockets::add(control, body),
+        ("DELETE", ["sockets", rest @ ..]) if !rest.is_empty() => sockets::remove(control, rest),
+        (_, ["sockets", ..]) => error(
+            405,
+            format!("{path} takes GET or POST (/sockets) or DELETE (/sockets/{{path}})"),
+            "use GET to list, POST {\"spec\": SPEC} to add, DELETE /sockets/PATH to remove",
         ),
         ("GET", ["shares"]) => (200, shares_json(control)),
         ("POST", ["shares"]) => add_share(control, body, fds),

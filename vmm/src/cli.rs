@@ -106,6 +106,14 @@ pub enum CtlCommand {
         #[command(subcommand)]
         change: Option<DnsChange>,
     },
+    /// The forwarded UNIX sockets (host socket to guest TCP port, --forward-socket) with
+    /// their counters, or add or remove one.
+    Sockets {
+        /// `add HOST_PATH=GUEST_PORT[,mode=OCTAL][,group=GROUP]` or `remove HOST_PATH`;
+        /// nothing to list them.
+        #[command(subcommand)]
+        change: Option<SocketChange>,
+    },
     /// Show the HTTP(S) proxy on the gateway's port 3128, or set or clear its upstream.
     Proxy {
         /// `set URL` to send requests through the proxy at URL (http://HOST:PORT), `clear`
@@ -132,6 +140,23 @@ pub enum DnsChange {
         /// The name.
         #[arg(value_name = "NAME")]
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SocketChange {
+    /// Forward a new host socket to a guest port (mode 0600 unless mode= says otherwise).
+    Add {
+        /// What to forward.
+        #[arg(value_name = "HOST_PATH=GUEST_PORT[,mode=OCTAL][,group=GROUP]")]
+        spec: String,
+    },
+    /// Stop forwarding a socket and remove its file; connections already open stay.
+    #[command(alias = "rm", alias = "delete")]
+    Remove {
+        /// The socket's path.
+        #[arg(value_name = "HOST_PATH")]
+        path: PathBuf,
     },
 }
 
@@ -257,6 +282,20 @@ pub struct ServeArgs {
     /// nothing. `ferry ctl rules` shows their counters.
     #[arg(long, value_name = "ACTION[,KEY=VALUE]...")]
     pub rule: Vec<String>,
+
+    /// A host UNIX socket whose connections go to a guest TCP port (repeatable), such as the
+    /// container engine's API: --forward-socket /run/myapp/docker.sock=2375. The socket has
+    /// mode 0600 unless mode= says otherwise, and group= gives it to a group. `ferry ctl
+    /// sockets` adds and removes them while ferry runs.
+    #[arg(long, value_name = "HOST_PATH=GUEST_PORT[,mode=OCTAL][,group=GROUP]")]
+    pub forward_socket: Vec<String>,
+
+    /// A virtual address and port in the guest's network served by a host UNIX socket or
+    /// TCP address (repeatable), as QEMU's guestfwd: --guest-forward
+    /// 192.168.127.100:22=unix:/run/user/1000/ssh-agent.sock. Other ports of the address
+    /// refuse connections.
+    #[arg(long, value_name = "ADDR:PORT=unix:PATH|tcp:HOST:PORT")]
+    pub guest_forward: Vec<String>,
 
     /// The address published ports bind to when the spec names none [default: 0.0.0.0, which
     /// takes IPv6 clients too where the host has IPv6].

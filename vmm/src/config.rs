@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ferry_fs::{CachePolicy, IdMap, IdMaps};
+use ferry_net::ports::SocketSpec;
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::stack::DnsSource;
@@ -122,6 +123,8 @@ pub struct ServeConfig {
     pub socket_group: Option<libc::gid_t>,
     /// `--runtime-shares`: folders shares may be added under while running.
     pub runtime_shares: Vec<PathBuf>,
+    /// `--forward-socket`: host UNIX sockets whose clients go to guest ports.
+    pub forward_sockets: Vec<SocketSpec>,
 }
 
 impl ServeConfig {
@@ -172,6 +175,10 @@ struct FileConfig {
     socket_group: Option<String>,
     #[serde(default)]
     runtime_shares: Vec<PathBuf>,
+    #[serde(default)]
+    forward_socket: Vec<String>,
+    #[serde(default)]
+    guest_forward: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -668,8 +675,26 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let socket_group = args
             .socket_group
             .or(file.socket_group)
-            .map(|g| crate::listen::parse_group(&g))
+            .map(|g| crate::listen::parse_group("--socket-group", &g).map_err(usage))
             .transpose()?;
+        let forward_sockets = forwards(&file.forward_socket, &args.forward_socket)?;
+        if let (Some(f), None) = (forward_sockets.first(), &net_socket) {
+            return Err(usage(format!(
+                "--forward-socket {f}: the socket's clients go to the guest's network; give --net-socket PATH too"
+            )));
+        }
+        for g in file.guest_forward.iter().chain(&args.guest_forward) {
+            net.guest_forwards.push(
+                g.parse()
+                    .map_err(|e| usage(format!("--guest-forward {e}")))?,
+            );
+        }
+        ferry_net::guest_forward::check(&net, &net.guest_forwards).map_err(usage)?;
+        if let (Some(f), None) = (net.guest_forwards.first(), &net_socket) {
+            return Err(usage(format!(
+                "--guest-forward {f}: the address is on the guest's network; give --net-socket PATH too"
+            )));
+        }
         let sandbox = SandboxConfig::from_args(&SandboxArgs {
             sandbox: args.sandbox.sandbox.or(file.sandbox),
             seccomp: args.sandbox.seccomp.or(file.seccomp),
@@ -711,8 +736,32 @@ impl TryFrom<ServeArgs> for ServeConfig {
             handed,
             socket_group,
             runtime_shares,
+            forward_sockets,
         })
     }
+}
+
+/// The `--forward-socket` specs of the file and the command line, checked: each path once,
+/// no two on one path.
+fn forwards(file: &[String], args: &[String]) -> Result<Vec<SocketSpec>> {
+    let mut out: Vec<SocketSpec> = Vec::new();
+    for s in file.iter().chain(args) {
+        let spec = SocketSpec::parse(s, |g| crate::listen::parse_group("group=", g))
+            .map_err(|e| usage(format!("--forward-socket {e}")))?;
+        if out.iter().any(|o| o.path == spec.path) {
+            return Err(usage(format!(
+                "--forward-socket {s}: {} is forwarded twice; give each socket once",
+                spec.path.display()
+            )));
+        }
+        if spec.path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(usage(format!(
+                "--forward-socket {s}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one"
+            )));
+        }
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 /// What `ferry run` runs.
@@ -829,6 +878,8 @@ mod tests {
             print_capabilities: false,
             share: vec![],
             publish: vec![],
+            forward_socket: vec![],
+            guest_forward: vec![],
             rule: vec![],
             default_bind: None,
             api_socket: None,
@@ -948,6 +999,38 @@ mod tests {
         a.net_socket = Some(sock.clone());
         a.dns_upstream = Some("resolver".into());
         assert!(err(a).starts_with("--dns-upstream resolver"));
+
+        // Forwarding: each needs the net device, and says what is wrong with a spec.
+        let mut a = args();
+        a.share = vec![format!("tag=t,dir=/tmp,socket={}", sock.display())];
+        a.forward_socket = vec!["/run/x/docker.sock=2375".into()];
+        assert!(err(a).contains("give --net-socket PATH too"));
+        let mut a = args();
+        a.share = vec![format!("tag=t,dir=/tmp,socket={}", sock.display())];
+        a.guest_forward = vec!["192.168.127.100:22=unix:/run/agent.sock".into()];
+        assert!(err(a).contains("give --net-socket PATH too"));
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.forward_socket = vec!["/run/x/a.sock=22".into(), "/run/x/a.sock=23".into()];
+        assert!(err(a).contains("forwarded twice"));
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.forward_socket = vec!["/run/x/a.sock=22,group=no-such-group-here".into()];
+        assert!(err(a).contains("no such group"));
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.guest_forward = vec!["192.168.127.1:53=tcp:127.0.0.1:53".into()];
+        assert!(err(a).contains("the gateway's"));
+        let mut a = args();
+        a.net_socket = Some(sock.clone());
+        a.forward_socket = vec!["/run/x/d.sock=2375,mode=0660,group=0".into()];
+        a.guest_forward = vec!["10.9.9.9:22=unix:/run/agent.sock".into()];
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(
+            c.forward_sockets[0].to_string(),
+            "/run/x/d.sock=2375,mode=0660,group=0"
+        );
+        assert_eq!(c.net.guest_forwards.len(), 1);
 
         for bad in ["corp.example", "corp.example=server", "-bad=10.0.0.1"] {
             let mut a = args();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlCommand, DnsChange, ProxyChange, RuleChange};
+use crate::cli::{CtlArgs, CtlCommand, DnsChange, ProxyChange, RuleChange, SocketChange};
 use crate::config::{Error, Result};
 
 /// One HTTP exchange over the API socket; returns the status and the JSON body (Null if none).
@@ -576,6 +576,65 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             Some(DnsChange::Delete { name }) => {
                 expect(sock, "DELETE", &format!("/dns/records/{name}"), None, 204)?;
                 out(&json!({ "deleted": name }), &|_| println!("deleted {name}"));
+            }
+        },
+        CtlCommand::Sockets { change } => match change {
+            None => {
+                let v = expect(sock, "GET", "/sockets", None, 200)?;
+                out(&v, &|v| {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|r| {
+                                    vec![
+                                        s(&r["path"]),
+                                        s(&r["guest_port"]),
+                                        s(&r["mode"]),
+                                        s(&r["forwarded"]),
+                                        s(&r["refused"]),
+                                    ]
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if rows.is_empty() {
+                        println!("no forwarded sockets (ferry ctl sockets add PATH=PORT adds one)");
+                    } else {
+                        table(
+                            &["SOCKET", "GUEST PORT", "MODE", "FORWARDED", "REFUSED"],
+                            &rows,
+                        );
+                    }
+                });
+            }
+            Some(SocketChange::Add { spec }) => {
+                let v = expect(
+                    sock,
+                    "POST",
+                    "/sockets",
+                    Some(&json!({ "spec": spec })),
+                    201,
+                )?;
+                out(&v, &|v| {
+                    println!(
+                        "forwarding {} -> guest port {}",
+                        s(&v["path"]),
+                        s(&v["guest_port"])
+                    )
+                });
+            }
+            Some(SocketChange::Remove { path }) => {
+                let shown = path.display().to_string();
+                if !shown.starts_with('/') {
+                    return Err(Error::Usage(format!(
+                        "{shown}: give the socket's absolute path, as `ferry ctl sockets` lists it"
+                    )));
+                }
+                expect(sock, "DELETE", &format!("/sockets{shown}"), None, 204)?;
+                out(&json!({ "removed": shown }), &|_| {
+                    println!("no longer forwarding {shown}")
+                });
             }
         },
         CtlCommand::Unpublish { spec } => {

@@ -161,6 +161,13 @@ impl Devices {
                     return Err(Error::Runtime(format!("{e}\nhint: {}", e.hint())));
                 }
             }
+            for spec in &cfg.forward_sockets {
+                if let Err(e) = p.forward_socket(spec.clone()) {
+                    p.close_sockets();
+                    remove_sockets(&sockets);
+                    return Err(Error::Runtime(format!("--forward-socket {spec}: {e}")));
+                }
+            }
             ports = Some(p.clone());
             let r = Arc::new(Rules::with_host_alias(
                 &cfg.rules,
@@ -316,7 +323,9 @@ impl Devices {
     /// Removes the sockets; the process is about to exit.
     pub fn shutdown(self) {
         drop(self.api);
-        drop(self.ports);
+        if let Some(p) = self.ports {
+            p.close_sockets();
+        }
         remove_sockets(&self.sockets);
         let _ = std::fs::remove_dir_all(&self.private);
     }

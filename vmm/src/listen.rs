@@ -126,20 +126,24 @@ pub fn from_systemd() -> Result<HashMap<PathBuf, RawFd>> {
     Ok(out)
 }
 
-/// A group for the sockets ferry binds (`--socket-group`), by name or number.
-pub fn parse_group(name: &str) -> Result<libc::gid_t> {
+/// A group for the sockets ferry binds (`--socket-group`, a forwarded socket's `group=`), by
+/// name or number; `opt` names the option in the message.
+pub fn parse_group(opt: &str, name: &str) -> std::result::Result<libc::gid_t, String> {
     if let Ok(gid) = name.parse::<libc::gid_t>() {
         return Ok(gid);
     }
-    let c = CString::new(name)
-        .map_err(|_| Error::Usage(format!("--socket-group {name:?}: not a group name")))?;
-    // SAFETY: getgrnam reads a NUL-terminated string; the result is read at once, before any
-    // other call could reuse its static buffer (the process is still single-threaded here).
+    let c = CString::new(name).map_err(|_| format!("{opt} {name:?}: not a group name"))?;
+    // getgrnam's static buffer: one caller at a time (the API may ask while another thread
+    // parses options).
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: getgrnam reads a NUL-terminated string; the result is read at once, under the
+    // lock, before another call could reuse its static buffer.
     let gr = unsafe { libc::getgrnam(c.as_ptr()) };
     if gr.is_null() {
-        return Err(Error::Usage(format!(
-            "--socket-group {name}: no such group; create it (groupadd {name}) or give another"
-        )));
+        return Err(format!(
+            "{opt} {name}: no such group; create it (groupadd {name}), give its number, or give another"
+        ));
     }
     // SAFETY: non-null, so it points at a valid group entry.
     Ok(unsafe { (*gr).gr_gid })

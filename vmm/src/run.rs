@@ -68,6 +68,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         handed: Default::default(),
         socket_group: None,
         runtime_shares: vec![],
+        forward_sockets: vec![],
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

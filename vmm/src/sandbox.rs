@@ -180,7 +180,8 @@ impl Paths {
             .iter()
             .chain(cfg.api_socket.iter())
             .chain(cfg.shares.iter().map(|s| &s.socket))
-            .filter(|s| cfg.binds(s));
+            .filter(|s| cfg.binds(s))
+            .chain(cfg.forward_sockets.iter().map(|f| &f.path));
         for s in sockets {
             let dir = parent_dir(s).to_path_buf();
             if !p.sockets.contains(&dir) {
