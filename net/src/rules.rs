@@ -487,6 +487,15 @@ impl Rules {
         t.0.iter().enumerate().map(|(i, r)| info(i, r)).collect()
     }
 
+    /// Which rule holds `counters` (a flow's): `Some(id)` for a rule, `None` for the default
+    /// policy or a rule deleted since.
+    pub fn rule_of(&self, counters: &Arc<Counters>) -> Option<u64> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        t.0.iter()
+            .find(|r| Arc::ptr_eq(&r.counters, counters))
+            .map(|r| r.id)
+    }
+
     /// The default policy's counters for `dir` (flows no rule matched): packets and bytes.
     pub fn default_counters(&self, dir: Dir) -> (u64, u64) {
         match dir {

@@ -39,6 +39,7 @@ mod ipv6_tests;
 
 pub use dns_upstream::{search_of, servers_of, DnsSource};
 use flow::{FlowId, FlowTable, Token};
+pub use flow::{Origin, Traffic};
 pub use link::{is_bare_tcp_ack, Frame};
 use link::{parse_ip, recycle, smol, v6, FrameQueue, IpInfo, QUEUE_FRAMES};
 pub use tcp_host::DEFAULT_MAX_FLOWS;
@@ -93,21 +94,33 @@ pub struct StackStats {
     pub udp_published: u64,
 }
 
-/// One open flow, as the control API lists it.
+/// One open flow, as the control API lists it: both of its sides, ferry's host socket as
+/// `ss` shows it, and what crossed it.
 #[derive(Clone, Debug)]
 pub struct FlowInfo {
-    /// "tcp", "udp" or "udp-published".
+    /// "tcp", "udp", "icmp" or "icmpv6".
     pub protocol: &'static str,
-    /// The guest's end.
+    /// Who opened it, and for what.
+    pub origin: Origin,
+    /// The guest's end (its echo identifier as the port, for pings).
     pub guest: SocketAddr,
     /// The other end as the guest sees it.
     pub remote: SocketAddr,
+    /// Ferry's host socket: its descriptor, its own address and its peer's (a UNIX path for
+    /// a UNIX stream; none while unknown, or for a published UDP client's shared socket).
+    pub fd: Option<RawFd>,
+    pub host_local: Option<String>,
+    pub host_peer: Option<String>,
     /// The TCP state ("Established"...), or "open".
     pub state: String,
-    /// Whether a published port opened it (the host's client connected in).
-    pub inbound: bool,
-    /// How long it has been open.
+    /// What went to the guest and what came from it.
+    pub to_guest: Traffic,
+    pub from_guest: Traffic,
+    /// How long it has been open, and since traffic last crossed it.
     pub age: std::time::Duration,
+    pub idle: std::time::Duration,
+    /// The counters of the rule that let it through (`Rules::rule_of` names the rule).
+    pub counters: Option<Arc<Counters>>,
 }
 
 /// What a flow of the table keeps for its protocol.
@@ -656,36 +669,77 @@ impl NetStack {
         while self.pop_frame().is_some() {}
     }
 
-    /// The open flows: TCP and UDP, outbound and from published ports.
+    /// The open flows, of every protocol and origin.
     pub fn flows(&self) -> Vec<FlowInfo> {
         use smoltcp::socket::tcp;
         use tcp_host::TcpState;
+        let inet = |fd: RawFd, peer: bool| sys::socket_addr(fd, peer).map(|a| a.to_string());
+        let unix = |a: std::io::Result<std::os::unix::net::SocketAddr>| {
+            a.ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+        };
         let mut out = Vec::new();
         for (_, f) in self.flows.iter() {
-            let (protocol, state) = match &f.kind {
-                Kind::Tcp(t) => (
-                    "tcp",
-                    match &t.state {
+            let (protocol, state, fd, host_local, host_peer) = match &f.kind {
+                Kind::Tcp(t) => {
+                    let state = match &t.state {
                         TcpState::Connecting { .. } => "Connecting".to_string(),
                         TcpState::Queued => "Queued".to_string(),
                         TcpState::Open { handle, .. } => {
                             format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state())
                         }
-                    },
-                ),
-                Kind::Udp { .. } | Kind::UdpPublished { .. } => ("udp", "open".to_string()),
-                Kind::Ping { .. } => continue,
+                    };
+                    let fd = t.host.as_raw_fd();
+                    let (local, peer) = match &t.host {
+                        HostStream::Tcp(_) => (inet(fd, false), inet(fd, true)),
+                        HostStream::Unix(u) => (unix(u.local_addr()), unix(u.peer_addr())),
+                    };
+                    ("tcp", state, Some(fd), local, peer)
+                }
+                Kind::Udp { socket, .. } => {
+                    let fd = socket.as_raw_fd();
+                    let (l, p) = (inet(fd, false), inet(fd, true));
+                    ("udp", "open".to_string(), Some(fd), l, p)
+                }
+                Kind::UdpPublished { socket } => {
+                    let fd = socket.upgrade().map(|s| s.as_raw_fd());
+                    let local = fd.and_then(|fd| inet(fd, false));
+                    (
+                        "udp",
+                        "open".to_string(),
+                        fd,
+                        local,
+                        Some(f.host.to_string()),
+                    )
+                }
+                Kind::Ping { socket } => {
+                    let fd = socket.as_raw_fd();
+                    let icmp = if f.key.remote.is_ipv4() {
+                        "icmp"
+                    } else {
+                        "icmpv6"
+                    };
+                    let peer = Some(f.host.ip().to_string());
+                    (icmp, "open".to_string(), Some(fd), inet(fd, false), peer)
+                }
             };
             let guest = self
                 .guest_addr_for(f.key.remote.ip())
                 .unwrap_or(IpAddr::V4(self.guest.ip()));
             out.push(FlowInfo {
                 protocol,
+                origin: f.origin,
                 guest: SocketAddr::new(guest, f.key.guest_port),
                 remote: f.key.remote,
+                fd,
+                host_local,
+                host_peer,
                 state,
-                inbound: f.inbound,
+                to_guest: f.to_guest,
+                from_guest: f.from_guest,
                 age: f.since.elapsed(),
+                idle: f.last.elapsed(),
+                counters: f.counters.clone(),
             });
         }
         out

@@ -7,6 +7,7 @@
 //! POST   /ports        {"spec":"8080:80"}      201 port | 400 | 409
 //! DELETE /ports/{proto}/{bind_ip}/{host_port}  204 | 400 | 404
 //! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
+//! GET    /flows?proto=&port=&remote=           [flow, ...]
 //! GET    /proxy                                {"upstream":...,"requests":...}
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
 //! GET    /rules                                {"rules":[rule, ...],"default":{...},"default_in":{...}}
@@ -27,6 +28,7 @@
 //! Requests the HTTP layer refuses (framing, sizes) have the same shape; see [`http`].
 
 mod dns;
+mod flows;
 mod http;
 mod sockets;
 
@@ -110,8 +112,8 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
         listener,
         &stop,
         move |req: &http::Request, fds: &mut Vec<OwnedFd>| {
-            let path = req.target.split('?').next().unwrap_or("");
-            route(&control, &req.method, path, &req.body, fds)
+            let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+            route(&control, &req.method, path, query, &req.body, fds)
         },
     )
     .map_err(cannot_serve)?;
@@ -135,6 +137,7 @@ fn route(
     control: &Control,
     method: &str,
     path: &str,
+    query: &str,
     body: &[u8],
     fds: &mut Vec<OwnedFd>,
 ) -> (u16, Value) {
@@ -142,6 +145,7 @@ fn route(
     match (method, &segments[..]) {
         ("GET", ["health"]) => (200, health(control)),
         ("GET", ["stats"]) => (200, stats(control)),
+        ("GET", ["flows"]) => flows::list(control, query),
         ("GET", ["ports"]) => match &control.ports {
             Some(p) => (200, Value::Array(p.list().iter().map(port_json).collect())),
             None => (200, json!([])),
@@ -204,7 +208,9 @@ fn route(
             "use DELETE to remove the share",
         ),
         ("DELETE", ["ports", proto, bind, port]) => unpublish(control, proto, bind, port),
-        (_, ["health"] | ["stats"]) => error(405, format!("{path} takes GET"), "use GET"),
+        (_, ["health"] | ["stats"] | ["flows"]) => {
+            error(405, format!("{path} takes GET"), "use GET")
+        }
         (_, ["ports"]) => error(
             405,
             "/ports takes GET or POST",
@@ -691,7 +697,7 @@ fn stats(control: &Control) -> Value {
                     "guest": f.guest.to_string(),
                     "remote": f.remote.to_string(),
                     "state": f.state,
-                    "direction": if f.inbound { "in" } else { "out" },
+                    "direction": if f.origin.inbound() { "in" } else { "out" },
                     "age_secs": f.age.as_secs(),
                 })
             })

@@ -92,6 +92,20 @@ pub enum CtlCommand {
     },
     /// Net and fs counters, and the open flows.
     Stats,
+    /// The NAT's flows, live, as `conntrack -L` lists the kernel's: both sides, ferry's host
+    /// socket (fd and addresses, as `ss -tnpe` shows them), bytes each way, age, idle time and
+    /// rule.
+    Flows {
+        /// Only tcp, udp or icmp flows.
+        #[arg(long, value_name = "tcp|udp|icmp")]
+        proto: Option<String>,
+        /// Only flows with this port at either end.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// Only flows whose remote (or ferry's peer) is in ADDR[/LEN].
+        #[arg(long, value_name = "ADDR[/LEN]")]
+        remote: Option<String>,
+    },
     /// The rules for the guest's flows and published ports' clients with their counters, or
     /// add or delete one, or set the counters to 0.
     Rules {

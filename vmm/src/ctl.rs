@@ -474,6 +474,76 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             let v = expect(sock, "GET", "/ports", None, 200)?;
             out(&v, &print_ports);
         }
+        CtlCommand::Flows {
+            proto,
+            port,
+            remote,
+        } => {
+            let mut q: Vec<String> = Vec::new();
+            if let Some(p) = proto {
+                q.push(format!("proto={p}"));
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            if let Some(r) = remote {
+                q.push(format!("remote={}", r.replace(':', "%3A")));
+            }
+            let path = if q.is_empty() {
+                "/flows".to_string()
+            } else {
+                format!("/flows?{}", q.join("&"))
+            };
+            let v = expect(sock, "GET", &path, None, 200)?;
+            out(&v, &|v| {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|f| {
+                                vec![
+                                    s(&f["proto"]),
+                                    s(&f["origin"]),
+                                    s(&f["guest"]),
+                                    s(&f["remote"]),
+                                    s(&f["host"]["fd"]),
+                                    s(&f["host"]["local"]),
+                                    s(&f["host"]["peer"]),
+                                    s(&f["state"]),
+                                    s(&f["to_guest"]["bytes"]),
+                                    s(&f["from_guest"]["bytes"]),
+                                    format!("{:.0}", f["age_secs"].as_f64().unwrap_or(0.0)),
+                                    format!("{:.0}", f["idle_secs"].as_f64().unwrap_or(0.0)),
+                                    s(&f["rule"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if rows.is_empty() {
+                    println!("no flows");
+                } else {
+                    table(
+                        &[
+                            "PROTO",
+                            "ORIGIN",
+                            "GUEST",
+                            "REMOTE",
+                            "FD",
+                            "HOST LOCAL",
+                            "HOST PEER",
+                            "STATE",
+                            "TO GUEST",
+                            "FROM GUEST",
+                            "AGE",
+                            "IDLE",
+                            "RULE",
+                        ],
+                        &rows,
+                    );
+                }
+            });
+        }
         CtlCommand::Stats => {
             let v = expect(sock, "GET", "/stats", None, 200)?;
             out(&v, &print_stats);

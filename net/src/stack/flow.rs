@@ -86,6 +86,51 @@ pub(crate) struct FlowKey {
     pub(crate) remote: SocketAddr,
 }
 
+/// Who opened a flow, and for what: the control API and the audit log name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The guest, to a destination of its choosing.
+    Outbound,
+    /// A published port's client.
+    Published,
+    /// The guest, to the gateway's HTTP proxy (the proxy's own connections are not flows).
+    Proxy,
+    /// The guest, to the gateway's DNS over TCP, relayed to the upstream server.
+    Dns,
+    /// The guest, to a guest forward's address (`--guest-forward`).
+    Forward,
+    /// A client of a forwarded UNIX socket (`--forward-socket`).
+    Socket,
+}
+
+impl Origin {
+    /// Its name in the API: outbound, published, proxy, dns, forward, socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Outbound => "outbound",
+            Origin::Published => "published",
+            Origin::Proxy => "proxy",
+            Origin::Dns => "dns",
+            Origin::Forward => "forward",
+            Origin::Socket => "socket",
+        }
+    }
+
+    /// Whether the host side opened it.
+    pub fn inbound(self) -> bool {
+        matches!(self, Origin::Published | Origin::Socket)
+    }
+}
+
+/// What crossed a flow one way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Datagrams (UDP, ICMP); TCP counts bytes only, its segments are the stack's.
+    pub packets: u64,
+}
+
 /// One flow.
 pub(crate) struct Flow<K> {
     /// How the guest sees it.
@@ -93,8 +138,11 @@ pub(crate) struct Flow<K> {
     /// Where the host side goes: the socket's real destination (the host's loopback for the
     /// host alias, the DNS upstream for the gateway's port 53), or a published port's client.
     pub(crate) host: SocketAddr,
-    /// Whether a published port's client opened it (else the guest did).
-    pub(crate) inbound: bool,
+    /// Who opened it, and for what.
+    pub(crate) origin: Origin,
+    /// What went to the guest, and what came from it.
+    pub(crate) to_guest: Traffic,
+    pub(crate) from_guest: Traffic,
     /// The counters of the rule that let it through (None: no rules are set).
     pub(crate) counters: Option<Arc<Counters>>,
     /// When it opened, and when traffic last crossed it.
@@ -106,12 +154,14 @@ pub(crate) struct Flow<K> {
 
 impl<K> Flow<K> {
     /// A flow opened now.
-    pub(crate) fn new(key: FlowKey, host: SocketAddr, inbound: bool, kind: K) -> Self {
+    pub(crate) fn new(key: FlowKey, host: SocketAddr, origin: Origin, kind: K) -> Self {
         let now = Instant::now();
         Flow {
             key,
             host,
-            inbound,
+            origin,
+            to_guest: Traffic::default(),
+            from_guest: Traffic::default(),
             counters: None,
             since: now,
             last: now,
@@ -119,10 +169,25 @@ impl<K> Flow<K> {
         }
     }
 
-    /// Counts `n` bytes of traffic for the flow's rule and marks the flow busy.
-    pub(crate) fn count(&mut self, n: usize) {
+    /// Counts a datagram of `n` bytes to the guest, for the flow and its rule, and marks the
+    /// flow busy.
+    pub(crate) fn count_to_guest(&mut self, n: usize) {
+        self.to_guest.packets += 1;
+        self.count_bytes(n, 0);
+    }
+
+    /// Counts a datagram of `n` bytes from the guest, as [`count_to_guest`](Self::count_to_guest).
+    pub(crate) fn count_from_guest(&mut self, n: usize) {
+        self.from_guest.packets += 1;
+        self.count_bytes(0, n);
+    }
+
+    /// Counts stream bytes each way, for the flow and its rule, and marks the flow busy.
+    pub(crate) fn count_bytes(&mut self, to_guest: usize, from_guest: usize) {
+        self.to_guest.bytes += to_guest as u64;
+        self.from_guest.bytes += from_guest as u64;
         if let Some(c) = &self.counters {
-            c.add_bytes(n);
+            c.add_bytes(to_guest + from_guest);
         }
         self.last = Instant::now();
     }
@@ -282,7 +347,7 @@ mod tests {
     fn tokens_round_trip() {
         let mut t = FlowTable::default();
         let id = t
-            .insert(Flow::new(key(1), key(1).remote, false, ()))
+            .insert(Flow::new(key(1), key(1).remote, Origin::Outbound, ()))
             .unwrap();
         for tok in [Token::DnsUpstream, Token::Published, Token::Flow(id)] {
             assert_eq!(Token::from_u64(tok.to_u64()), Some(tok));
@@ -295,16 +360,16 @@ mod tests {
     fn a_closed_flows_token_finds_nothing_once_its_slot_is_reused() {
         let mut t = FlowTable::default();
         let a = t
-            .insert(Flow::new(key(1), key(1).remote, false, 1))
+            .insert(Flow::new(key(1), key(1).remote, Origin::Outbound, 1))
             .unwrap();
         assert!(t
-            .insert(Flow::new(key(1), key(1).remote, false, 9))
+            .insert(Flow::new(key(1), key(1).remote, Origin::Outbound, 9))
             .is_none());
         assert_eq!(t.count(Proto::Udp), 1);
         assert_eq!(t.remove(a).map(|f| f.kind), Some(1));
         let next = t.next_id();
         let b = t
-            .insert(Flow::new(key(2), key(2).remote, false, 2))
+            .insert(Flow::new(key(2), key(2).remote, Origin::Outbound, 2))
             .unwrap();
         assert_eq!(next, b);
         assert!(t.get(a).is_none(), "a stale id must not find the new flow");

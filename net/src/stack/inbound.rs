@@ -1,6 +1,7 @@
 //! Published ports and forwarded sockets: what the `ports` thread accepted and received,
 //! handed to TCP and UDP with the client's address as the guest will see it.
 
+use super::flow::Origin;
 use super::*;
 
 impl NetStack {
@@ -43,7 +44,13 @@ impl NetStack {
                 } => {
                     let stream = HostStream::Tcp(stream);
                     match self.decide_in(Proto::Tcp, client, host_port, 0) {
-                        Ok(counters) => self.publish_tcp(stream, client, guest_port, counters),
+                        Ok(counters) => self.publish_tcp(
+                            stream,
+                            client,
+                            guest_port,
+                            counters,
+                            Origin::Published,
+                        ),
                         Err(Action::Reject) => stream.reset(),
                         // Dropped: closed without a word.
                         Err(_) => drop(stream),
@@ -56,7 +63,13 @@ impl NetStack {
                     // for the flow (another is picked if it is taken).
                     let port = 49152 + (stream.as_raw_fd() as u16 % 16384);
                     let client = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
-                    self.publish_tcp(HostStream::Unix(stream), client, guest_port, None);
+                    self.publish_tcp(
+                        HostStream::Unix(stream),
+                        client,
+                        guest_port,
+                        None,
+                        Origin::Socket,
+                    );
                 }
                 Incoming::Udp {
                     socket,

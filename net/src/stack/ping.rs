@@ -1,7 +1,7 @@
 //! ICMP echo to other hosts, IPv4 and IPv6: out through unprivileged ping sockets, and only
 //! real replies come back (the stack never answers for an address it does not own).
 
-use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
+use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::*;
 
 /// How long a ping flow lives without an echo.
@@ -87,9 +87,10 @@ impl NetStack {
         if let Some(f) = self.flows.get_mut(id) {
             if let Kind::Ping { socket } = &f.kind {
                 // A full socket buffer loses the echo, as a router would.
-                let _ = sys::send(socket.as_raw_fd(), payload);
+                if let Ok(n) = sys::send(socket.as_raw_fd(), payload) {
+                    f.count_from_guest(n);
+                }
             }
-            f.last = StdInstant::now();
         }
         true
     }
@@ -113,8 +114,12 @@ impl NetStack {
             socket.as_raw_fd(),
             EpollEvent::new(EventSet::IN, Token::Flow(id).to_u64()),
         )?;
-        self.flows
-            .insert(Flow::new(key, key.remote, false, Kind::Ping { socket }));
+        self.flows.insert(Flow::new(
+            key,
+            key.remote,
+            Origin::Outbound,
+            Kind::Ping { socket },
+        ));
         Ok(id)
     }
 
@@ -156,7 +161,7 @@ impl NetStack {
             let Ok(n) = sys::recv(socket.as_raw_fd(), buf) else {
                 return;
             };
-            f.last = StdInstant::now();
+            f.count_to_guest(n);
             let (remote, ident) = (f.key.remote.ip(), f.key.guest_port);
             let Some(guest) = self.guest_addr_for(remote) else {
                 return;

@@ -64,6 +64,50 @@ impl CAddr {
     }
 }
 
+/// A socket's own address (`peer` false) or its peer's, if it is an IPv4 or IPv6 one: what
+/// `ss` shows for it. For the flow list only; nothing on the data path asks.
+pub(crate) fn socket_addr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data: all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut storage as *mut libc::sockaddr_storage).cast();
+    // SAFETY: `p` points at `len` writable bytes; the call writes at most that many.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        }
+    };
+    if r < 0 {
+        return None;
+    }
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is large
+            // enough and aligned for.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            Some(SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn family(a: &SocketAddr) -> libc::c_int {
     if a.is_ipv4() {
         libc::AF_INET

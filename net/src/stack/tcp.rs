@@ -4,7 +4,7 @@
 //! socket with backpressure both ways, and closes them. Either address family: a flow's ends
 //! are whatever the guest addressed (the host's loopback stands in for the host alias).
 
-use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
+use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::sys::{connect_nonblocking, peek_eof, take_error};
 use super::tcp_host::{HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
 use super::*;
@@ -67,6 +67,7 @@ impl NetStack {
         client: SocketAddr,
         guest_port: u16,
         counters: Option<Arc<Counters>>,
+        origin: Origin,
     ) {
         let mut key = FlowKey {
             proto: FlowProto::Tcp,
@@ -119,7 +120,7 @@ impl NetStack {
             }
         };
         t.handshaking = handle.is_some();
-        let mut flow = Flow::new(key, client, true, Kind::Tcp(t));
+        let mut flow = Flow::new(key, client, origin, Kind::Tcp(t));
         flow.counters = counters;
         self.flows.insert(flow);
         match handle {
@@ -200,7 +201,9 @@ impl NetStack {
         let mut proxy = None;
         let mut counters = None;
         let mut unix = None;
+        let mut origin = Origin::Outbound;
         if self.is_forward_addr(ip.dst) {
+            origin = Origin::Forward;
             // A guest forward: its target, not the address; other ports meet no listener.
             match self
                 .cfg
@@ -219,10 +222,14 @@ impl NetStack {
             // proxy, served in this process. They are not outbound flows: the proxy checks
             // the rules for the servers it connects to.
             match (t.dst_port(), self.upstreams.preferred(), &self.proxy) {
-                (dns::PORT, Some(up), _) => target = Some(up),
+                (dns::PORT, Some(up), _) => {
+                    target = Some(up);
+                    origin = Origin::Dns;
+                }
                 (crate::proxy::PORT, _, Some(p)) => {
                     target = Some(SocketAddr::V4(p.addr()));
                     proxy = Some(&**p);
+                    origin = Origin::Proxy;
                 }
                 _ => return false,
             }
@@ -279,7 +286,7 @@ impl NetStack {
         let Ok(t) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) else {
             return false;
         };
-        let mut flow = Flow::new(key, target, false, Kind::Tcp(t));
+        let mut flow = Flow::new(key, target, origin, Kind::Tcp(t));
         flow.counters = counters;
         self.flows.insert(flow);
         true
@@ -483,8 +490,7 @@ impl NetStack {
             socket.set_timeout(None);
         }
         // Guest to host: write what the host takes; the rest stays in the window.
-        let counters = flow.counters.as_deref();
-        let mut moved = 0;
+        let mut from_guest = 0;
         while socket.can_recv() {
             let host = &mut t.host;
             let r = socket.recv(|data| match host.write(data) {
@@ -493,7 +499,7 @@ impl NetStack {
             });
             match r {
                 Ok(Ok(0)) => break,
-                Ok(Ok(n)) => moved += n,
+                Ok(Ok(n)) => from_guest += n,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     want_out = true;
                     break;
@@ -516,6 +522,7 @@ impl NetStack {
             *guest_eof = true;
         }
         // Host to guest: read only as much as the stack can send.
+        let mut to_guest = 0;
         while !broken && !*host_eof && t.readable && socket.can_send() {
             let host = &mut t.host;
             let r = socket.send(|buf| match host.read(buf) {
@@ -530,7 +537,7 @@ impl NetStack {
                 }
                 // A short read drained the socket: epoll says when there is more.
                 Ok(Ok((n, drained))) => {
-                    moved += n;
+                    to_guest += n;
                     t.readable = !drained;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -540,9 +547,12 @@ impl NetStack {
                 _ => broken = true,
             }
         }
-        if moved > 0 {
-            if let Some(c) = counters {
-                c.add_bytes(moved);
+        if to_guest + from_guest > 0 {
+            // Field by field: `t` still borrows the flow's kind.
+            flow.to_guest.bytes += to_guest as u64;
+            flow.from_guest.bytes += from_guest as u64;
+            if let Some(c) = &flow.counters {
+                c.add_bytes(to_guest + from_guest);
             }
             flow.last = StdInstant::now();
         }

@@ -2,7 +2,7 @@
 //! replies come back through the stack; published UDP ports map each client to the guest and
 //! back. Datagrams larger than the link's MTU go to the guest in fragments.
 
-use super::flow::{Flow, FlowId, FlowKey, Proto as FlowProto};
+use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::*;
 
 /// How long a UDP flow or a published UDP client lives without traffic.
@@ -51,7 +51,7 @@ impl NetStack {
         match self.flows.by_key_mut(&key) {
             Some((_, f)) if f.host == client && matches!(f.kind, Kind::UdpPublished { .. }) => {
                 f.kind = Kind::UdpPublished { socket };
-                f.count(data.len());
+                f.count_to_guest(data.len());
             }
             Some(_) => {
                 // The guest's own flow, or another client that looks alike: not this one.
@@ -64,9 +64,14 @@ impl NetStack {
                     // the ICMP error, so the datagram is discarded (and counted).
                     Err(_) => return,
                 };
-                let mut flow = Flow::new(key, client, true, Kind::UdpPublished { socket });
+                let mut flow = Flow::new(
+                    key,
+                    client,
+                    Origin::Published,
+                    Kind::UdpPublished { socket },
+                );
                 flow.counters = counters;
-                flow.count(data.len());
+                flow.count_to_guest(data.len());
                 self.flows.insert(flow);
             }
         }
@@ -86,13 +91,13 @@ impl NetStack {
                     // UDP may drop: a full host socket buffer loses the datagram, as a
                     // router would.
                     if let Ok(n) = socket.send(data) {
-                        f.count(n);
+                        f.count_from_guest(n);
                     }
                 }
                 Kind::UdpPublished { socket } => match socket.upgrade() {
                     Some(s) => {
                         if let Ok(n) = s.send_to(data, f.host) {
-                            f.count(n);
+                            f.count_from_guest(n);
                         }
                     }
                     // The port was unpublished.
@@ -139,13 +144,13 @@ impl NetStack {
             return true;
         }
         log::debug!("nat: udp flow guest:{} -> {}", key.guest_port, key.remote);
-        let mut flow = Flow::new(key, target, false, Kind::Udp { socket, reply });
+        let mut flow = Flow::new(key, target, Origin::Outbound, Kind::Udp { socket, reply });
         flow.counters = counters;
         if let Ok(n) = match &flow.kind {
             Kind::Udp { socket, .. } => socket.send(data),
             _ => Ok(0),
         } {
-            flow.count(n);
+            flow.count_from_guest(n);
         }
         self.flows.insert(flow);
         true
@@ -347,7 +352,7 @@ impl NetStack {
                 Ok(n) => n,
                 Err(_) => break,
             };
-            f.count(n);
+            f.count_to_guest(n);
             let mut meta = udp::UdpMetadata::from(to);
             meta.local_address = Some(remote.ip().into());
             let _ = socket.send_slice(&buf[..n], meta);
