@@ -24,6 +24,8 @@ declare -A NEED=(
 	[systemd-socket-activate]=systemd
 	[man]=man-db
 	[objdump]=binutils
+	# `promtool check metrics` checks GET /metrics (tests/tests/guest_flows.rs).
+	[promtool]=prometheus
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -12,6 +12,7 @@ pub mod fuse_host;
 pub mod membuf;
 pub mod passthrough;
 mod server;
+mod stats;
 
 pub use filesystem::{
     Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
@@ -21,3 +22,4 @@ pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs};
 pub use server::{
     may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
 };
+pub use stats::LATENCY_BUCKETS;

@@ -19,6 +19,7 @@ use crate::abi::{self, opcode, InHeader, OutHeader};
 use crate::filesystem::{
     Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, SetattrArgs, TimeSpec,
 };
+pub use crate::stats::ServerStats;
 
 /// Largest WRITE payload Ferry accepts, and the size the kernel sizes its requests by.
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -69,47 +70,6 @@ pub enum Error {
 
 /// Crate result type for the server.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// Counters a server keeps for the control API.
-#[derive(Debug)]
-pub struct ServerStats {
-    ops: Vec<AtomicU64>,
-    errors: AtomicU64,
-    malformed: AtomicU64,
-}
-
-impl Default for ServerStats {
-    fn default() -> Self {
-        ServerStats {
-            ops: (0..=opcode::MAX + 1).map(|_| AtomicU64::new(0)).collect(),
-            errors: AtomicU64::new(0),
-            malformed: AtomicU64::new(0),
-        }
-    }
-}
-
-impl ServerStats {
-    /// Requests seen with `opcode` (unknown opcodes share the last slot).
-    pub fn ops(&self, opcode: u32) -> u64 {
-        let i = (opcode as usize).min(self.ops.len() - 1);
-        self.ops[i].load(Ordering::Relaxed)
-    }
-
-    /// Requests answered with an error.
-    pub fn errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
-    }
-
-    /// Requests too malformed to answer, or answered with EINVAL for lying about themselves.
-    pub fn malformed(&self) -> u64 {
-        self.malformed.load(Ordering::Relaxed)
-    }
-
-    fn count_op(&self, opcode: u32) {
-        let i = (opcode as usize).min(self.ops.len() - 1);
-        self.ops[i].fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// A FUSE server over one `FileSystem`.
 pub struct Server<F> {
@@ -277,11 +237,12 @@ impl<F: FileSystem> Server<F> {
         mut r: R,
         mut w: W,
     ) -> Result<usize> {
+        let start = std::time::Instant::now();
         let total = r.available_bytes();
         let hdr: InHeader = match read_obj(&mut r) {
             Ok(h) => h,
             Err(_) => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_malformed();
                 return Err(Error::ShortHeader(total));
             }
         };
@@ -289,10 +250,11 @@ impl<F: FileSystem> Server<F> {
         // The kernel's length must agree with what the transport carries; a request that lies
         // about its size is answered with EINVAL and nothing in it is trusted.
         if hdr.len as usize != total {
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_malformed();
             return self.reply_error(&hdr, libc::EINVAL, &mut w);
         }
         let res = self.dispatch(&hdr, &mut r, &mut w);
+        self.stats.observe(start.elapsed());
         log::trace!(
             "fuse: unique {} op {} node {} -> {:?}",
             hdr.unique,
@@ -304,7 +266,7 @@ impl<F: FileSystem> Server<F> {
             Ok(n) => Ok(n),
             Err(e) => {
                 if e.raw_os_error() == Some(libc::EINVAL) {
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.count_malformed();
                 }
                 self.reply_error(&hdr, errno(&e), &mut w)
             }
@@ -794,7 +756,7 @@ impl<F: FileSystem> Server<F> {
     }
 
     fn reply_error<W: ReplyWriter>(&self, hdr: &InHeader, errno: i32, w: &mut W) -> Result<usize> {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(hdr.opcode);
         let len = size_of::<OutHeader>();
         if w.available_bytes() < len {
             return Err(Error::ReplyTooLarge {

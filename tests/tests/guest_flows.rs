@@ -6,7 +6,8 @@
 //! checks both ways: every TCP flow row is exactly one `ss` row, and every ferry TCP socket
 //! in `ss` is a flow row. The UDP and ICMP flows are listed with their traffic, the filters
 //! pick what they say, and once idle past their timeouts (60 s, 30 s) the UDP and ICMP flows
-//! are gone while the TCP ones stay.
+//! are gone while the TCP ones stay. `GET /metrics` counts the same flows, and `promtool check
+//! metrics` finds nothing wrong with it.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -64,6 +65,43 @@ fn ss_rows(ns: &str, pid: u32) -> Vec<(String, String, i64)> {
         rows.push((cols[3].to_string(), cols[4].to_string(), fd));
     }
     rows
+}
+
+/// `GET /metrics`, with its content type checked.
+fn curl_metrics(api: &std::path::Path) -> String {
+    let o = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--unix-socket"])
+        .arg(api)
+        .arg("http://ferry/metrics")
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n");
+    let (head, body) = text.split_once("\n\n").expect("an HTTP answer");
+    assert!(
+        head.contains("200 OK") && head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// `promtool check metrics` finds no problem in `text`.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (Debian's prometheus package; scripts/install-deps.sh installs it)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn flows(api: &std::path::Path, args: &[&str]) -> Vec<Value> {
@@ -166,6 +204,19 @@ fn the_flow_list_matches_ss_both_ways_and_udp_and_icmp_flows_expire() {
     let table =
         String::from_utf8_lossy(&ctl(&api, &["flows", "--proto", "icmp"]).stdout).to_string();
     assert!(table.contains("PROTO") && table.contains("icmp"), "{table}");
+
+    // The same, as Prometheus metrics, which promtool accepts.
+    let metrics = curl_metrics(&api);
+    for want in [
+        "ferry_net_flows{proto=\"tcp\",origin=\"outbound\",state=\"established\"} 50",
+        "ferry_net_flows{proto=\"udp\",origin=\"outbound\",state=\"open\"} 1",
+        "# TYPE ferry_fs_request_duration_seconds histogram",
+        "ferry_fs_requests_total{share=\"tools\",opcode=\"lookup\"}",
+        "ferry_net_frames_total{direction=\"from_guest\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
+    promtool_accepts(&metrics);
 
     // Idle past the UDP timeout: the guest's next packet makes the stack look.
     std::thread::sleep(Duration::from_secs(66));

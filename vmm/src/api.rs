@@ -8,6 +8,7 @@
 //! DELETE /ports/{proto}/{bind_ip}/{host_port}  204 | 400 | 404
 //! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
 //! GET    /flows?proto=&port=&remote=           [flow, ...]
+//! GET    /metrics                              the Prometheus text format
 //! GET    /proxy                                {"upstream":...,"requests":...}
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
 //! GET    /rules                                {"rules":[rule, ...],"default":{...},"default_in":{...}}
@@ -30,6 +31,7 @@
 mod dns;
 mod flows;
 mod http;
+mod metrics;
 mod sockets;
 
 use std::net::IpAddr;
@@ -113,7 +115,11 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
         &stop,
         move |req: &http::Request, fds: &mut Vec<OwnedFd>| {
             let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-            route(&control, &req.method, path, query, &req.body, fds)
+            if req.method == "GET" && path.trim_end_matches('/') == "/metrics" {
+                return (200, metrics::render(&control));
+            }
+            let (status, body) = route(&control, &req.method, path, query, &req.body, fds);
+            (status, body.into())
         },
     )
     .map_err(cannot_serve)?;

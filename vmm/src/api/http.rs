@@ -95,8 +95,25 @@ pub(crate) struct Request {
     pub keep_alive: bool,
 }
 
-/// An answer: the status and a JSON body (Null: none, as for 204).
-pub(crate) type Reply = (u16, Value);
+/// An answer's body.
+pub(crate) enum Body {
+    /// JSON (Null: none, as for 204).
+    Json(Value),
+    /// Text of another type (`/metrics`: the Prometheus text format).
+    Text {
+        content_type: &'static str,
+        text: String,
+    },
+}
+
+impl From<Value> for Body {
+    fn from(v: Value) -> Self {
+        Body::Json(v)
+    }
+}
+
+/// An answer: the status and its body.
+pub(crate) type Reply = (u16, Body);
 
 /// A request the server refuses before the handler sees it; the connection closes after it.
 #[derive(Debug, PartialEq, Eq)]
@@ -304,15 +321,18 @@ fn reason(status: u16) -> &'static str {
 /// (a HEAD request) sends the length without the body.
 pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(*status));
-    let text = (*status != 204).then(|| {
-        let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
-        text.push(b'\n');
-        text
+    let text = (*status != 204).then(|| match body {
+        Body::Json(v) => {
+            let mut text = serde_json::to_vec_pretty(v).unwrap_or_default();
+            text.push(b'\n');
+            ("application/json", text)
+        }
+        Body::Text { content_type, text } => (*content_type, text.as_bytes().to_vec()),
     });
-    if let Some(text) = &text {
+    if let Some((content_type, text)) = &text {
         let _ = write!(
             out,
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
             text.len()
         );
     }
@@ -321,7 +341,7 @@ pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive:
     } else {
         b"Connection: close\r\n\r\n"
     });
-    if let Some(text) = text.filter(|_| !head) {
+    if let Some((_, text)) = text.filter(|_| !head) {
         out.extend_from_slice(&text);
     }
 }
@@ -498,7 +518,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                     &format!("the control API serves {MAX_CONNECTIONS} connections already"),
                     "close idle connections, then connect again",
                 );
-                write_reply(&mut out, &(503, body), false, false);
+                write_reply(&mut out, &(503, body.into()), false, false);
                 let _ = (&stream).write(&out);
                 continue;
             }
@@ -605,7 +625,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                                 "the API failed on this request",
                                 "see ferry's log, and report it as a bug",
                             );
-                            (500, body)
+                            (500, body.into())
                         });
                     debug!("api: {} {} -> {}", req.method, req.target, reply.0);
                     write_reply(&mut c.output, &reply, req.keep_alive, req.method == "HEAD");
@@ -621,7 +641,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                 Parsed::Refused(r) => {
                     debug!("api: refused: {} {}", r.status, r.error);
                     let body = error_body(&r.error, r.hint);
-                    write_reply(&mut c.output, &(r.status, body), false, false);
+                    write_reply(&mut c.output, &(r.status, body.into()), false, false);
                     c.phase = Phase::Closing;
                 }
             }
@@ -692,7 +712,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                     "the request did not arrive within 30 s",
                     "send the whole request at once",
                 );
-                write_reply(&mut c.output, &(408, body), false, false);
+                write_reply(&mut c.output, &(408, body.into()), false, false);
                 c.input = Vec::new();
                 c.request_started = None;
                 c.phase = Phase::Closing;
@@ -958,7 +978,7 @@ mod tests {
         let mut out = Vec::new();
         write_reply(
             &mut out,
-            &(409, error_body("full", "delete one")),
+            &(409, error_body("full", "delete one").into()),
             true,
             false,
         );
@@ -976,7 +996,7 @@ mod tests {
             (Some("full"), Some("delete one"))
         );
         let mut out = Vec::new();
-        write_reply(&mut out, &(204, Value::Null), false, false);
+        write_reply(&mut out, &(204, Value::Null.into()), false, false);
         assert_eq!(out, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
     }
 }
