@@ -167,6 +167,8 @@ pub struct NetServices {
     pub names: Option<Arc<ferry_net::names::Names>>,
     /// Split DNS: names under each suffix go to its own server only.
     pub dns_zones: Vec<(String, SocketAddr)>,
+    /// Where flow events go (`--audit-log`, `GET /events`).
+    pub audit: Option<ferry_audit::Audit>,
 }
 
 impl VhostUserNetBackend {
@@ -223,6 +225,9 @@ impl VhostUserNetBackend {
         }
         if let Some(r) = &services.rules {
             stack = stack.with_rules(r.clone());
+        }
+        if let Some(a) = &services.audit {
+            stack = stack.with_audit(a.clone());
         }
         match &services.ports {
             Some(p) => stack.with_ports(p.clone()),

@@ -104,6 +104,13 @@ pub trait FileSystem: Send + Sync {
     /// Ends a session: the guest unmounted, or the driver went away. Drop all per-session state.
     fn destroy(&self) {}
 
+    /// Where `inode` is inside the share, as `/a/b` (`/` for the root), for the audit log;
+    /// `None` when the file system cannot tell.
+    fn node_path(&self, inode: u64) -> Option<String> {
+        let _ = inode;
+        None
+    }
+
     /// Looks up `name` in `parent`.
     fn lookup(&self, ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         enosys()

@@ -6,6 +6,7 @@
 //! descriptor chains, and [`membuf`] implements them over memory.
 
 pub mod abi;
+pub mod audit;
 mod filesystem;
 /// Serving a [`FileSystem`] through the host kernel's /dev/fuse (`ferry mount`).
 pub mod fuse_host;

@@ -79,6 +79,8 @@ pub struct Server<F> {
     interrupts: Mutex<HashSet<u64>>,
     /// Bumped to abandon every wait (the session ended).
     generation: AtomicU64,
+    /// Where file events go (`audit=files`), once set.
+    audit: std::sync::OnceLock<crate::audit::FileAudit>,
 }
 
 /// Interrupts remembered at most; the guest interrupts only requests still in flight.
@@ -172,7 +174,21 @@ impl<F: FileSystem> Server<F> {
             stats: ServerStats::default(),
             interrupts: Mutex::new(HashSet::new()),
             generation: AtomicU64::new(0),
+            audit: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A file, folder, node or link `kind` named `name` was made in `node`.
+    fn created(&self, ctx: &Context, node: u64, name: &CStr, kind: &str) {
+        if let Some(a) = self.audit.get() {
+            let extra = ferry_audit::json!({ "kind": kind });
+            a.event(&self.fs, ctx, "create", node, Some(name), extra);
+        }
+    }
+
+    /// Sends this share's file events to `audit` from now on (`audit=files`).
+    pub fn set_file_audit(&self, audit: crate::audit::FileAudit) {
+        let _ = self.audit.set(audit);
     }
 
     /// Abandons every request waiting for a lock (they answer EINTR): the session is over.
@@ -373,6 +389,12 @@ impl<F: FileSystem> Server<F> {
                     kill_suidgid(fs, ctx, node, fh);
                 }
                 let (st, t) = fs.setattr(ctx, node, fh, args)?;
+                if let Some(a) = self.audit.get() {
+                    if args.mode.is_some() || args.uid.is_some() || args.gid.is_some() {
+                        let extra = crate::audit::setattr_fields(&args);
+                        a.event(fs, &ctx, "setattr", node, None, extra);
+                    }
+                }
                 return ok(&[attr_out(&st, t).as_slice()], w);
             }
             opcode::READLINK => {
@@ -383,27 +405,41 @@ impl<F: FileSystem> Server<F> {
                 let body = read_body(r)?;
                 let (name, rest) = take_name(&body)?;
                 let (target, _) = take_cstr(rest, PATH_MAX)?;
-                return entry(fs.symlink(ctx, target, node, name)?, w);
+                let e = fs.symlink(ctx, target, node, name)?;
+                self.created(&ctx, node, name, "symlink");
+                return entry(e, w);
             }
             opcode::MKNOD => {
                 let arg: abi::MknodIn = read_obj(r)?;
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
-                return entry(fs.mknod(ctx, node, name, arg.mode, arg.rdev, arg.umask)?, w);
+                let e = fs.mknod(ctx, node, name, arg.mode, arg.rdev, arg.umask)?;
+                self.created(&ctx, node, name, "node");
+                return entry(e, w);
             }
             opcode::MKDIR => {
                 let arg: abi::MkdirIn = read_obj(r)?;
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
-                return entry(fs.mkdir(ctx, node, name, arg.mode, arg.umask)?, w);
+                let e = fs.mkdir(ctx, node, name, arg.mode, arg.umask)?;
+                self.created(&ctx, node, name, "dir");
+                return entry(e, w);
             }
             opcode::UNLINK | opcode::RMDIR => {
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
-                if hdr.opcode == opcode::UNLINK {
+                // The path is read first: the entry is gone after.
+                let a = self.audit.get();
+                let path_then = a.map(|a| (a, a.entry_path(fs, node, name)));
+                let op = if hdr.opcode == opcode::UNLINK {
                     fs.unlink(ctx, node, name)?;
+                    "unlink"
                 } else {
                     fs.rmdir(ctx, node, name)?;
+                    "rmdir"
+                };
+                if let Some((a, path)) = path_then {
+                    a.removed(&ctx, op, path);
                 }
                 return ok(&[], w);
             }
@@ -417,14 +453,21 @@ impl<F: FileSystem> Server<F> {
                 let body = read_body(r)?;
                 let (old, rest) = take_name(&body)?;
                 let (new, _) = take_name(rest)?;
+                let a = self.audit.get();
+                let from = a.map(|a| (a, a.entry_path(fs, node, old)));
                 fs.rename(ctx, node, old, newdir, new, flags)?;
+                if let Some((a, from)) = from {
+                    a.renamed(fs, &ctx, from, newdir, new);
+                }
                 return ok(&[], w);
             }
             opcode::LINK => {
                 let arg: abi::LinkIn = read_obj(r)?;
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
-                return entry(fs.link(ctx, arg.oldnodeid, node, name)?, w);
+                let e = fs.link(ctx, arg.oldnodeid, node, name)?;
+                self.created(&ctx, node, name, "link");
+                return entry(e, w);
             }
             opcode::OPEN | opcode::OPENDIR => {
                 let arg: abi::OpenIn = read_obj(r)?;
@@ -432,6 +475,13 @@ impl<F: FileSystem> Server<F> {
                     let (fh, flags) = fs.open(ctx, node, arg.flags)?;
                     if arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
                         kill_suidgid(fs, ctx, node, Some(fh));
+                    }
+                    if let Some(a) = self.audit.get() {
+                        if crate::audit::writes(arg.flags) {
+                            let extra =
+                                ferry_audit::json!({ "flags": format!("{:#o}", arg.flags) });
+                            a.event(fs, &ctx, "open_write", node, None, extra);
+                        }
                     }
                     (fh, flags)
                 } else {
@@ -449,6 +499,7 @@ impl<F: FileSystem> Server<F> {
                 let body = read_body(r)?;
                 let (name, _) = take_name(&body)?;
                 let (e, fh, flags) = fs.create(ctx, node, name, arg.mode, arg.flags, arg.umask)?;
+                self.created(&ctx, node, name, "file");
                 if arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
                     kill_suidgid(fs, ctx, e.inode, Some(fh));
                 }

@@ -234,6 +234,8 @@ pub struct Ports {
     privileged: Option<PrivilegedBinder>,
     /// Datagram buffers the stack handed back, for reuse: steady UDP allocates nothing.
     spare: Mutex<Vec<Vec<u8>>>,
+    /// Where port and guest events go (`--audit-log`), once set.
+    audit: std::sync::OnceLock<ferry_audit::Audit>,
 }
 
 /// Datagram buffers kept for reuse at most.
@@ -385,6 +387,7 @@ impl Ports {
             guest,
             privileged,
             spare: Mutex::new(Vec::new()),
+            audit: std::sync::OnceLock::new(),
         });
         ports.epoll.ctl(
             ControlOperation::Add,
@@ -396,6 +399,17 @@ impl Ports {
             .name("ports".into())
             .spawn(move || run(weak))?;
         Ok(ports)
+    }
+
+    /// Sends port, socket and guest events to `audit` from now on.
+    pub fn set_audit(&self, audit: ferry_audit::Audit) {
+        let _ = self.audit.set(audit);
+    }
+
+    fn emit(&self, event: &str, fields: ferry_audit::Value) {
+        if let Some(a) = self.audit.get() {
+            a.emit(event, fields);
+        }
     }
 
     /// Whether `spec` may be published: not published already, and room in the table. The
@@ -451,6 +465,14 @@ impl Ports {
                 },
             );
         }
+        self.emit(
+            "port_published",
+            ferry_audit::json!({
+                "proto": spec.protocol.to_string(),
+                "host": host_endpoint(&spec),
+                "guest_port": spec.guest_port,
+            }),
+        );
         log::info!(
             "ports: publishing {} {} -> {}:{}",
             spec.protocol.to_string().to_uppercase(),
@@ -480,6 +502,14 @@ impl Ports {
         let _ = self
             .epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        self.emit(
+            "port_unpublished",
+            ferry_audit::json!({
+                "proto": entry.spec.protocol.to_string(),
+                "host": host_endpoint(&entry.spec),
+                "guest_port": entry.spec.guest_port,
+            }),
+        );
         log::info!(
             "ports: unpublished {} {}",
             entry.spec.protocol.to_string().to_uppercase(),
@@ -508,7 +538,17 @@ impl Ports {
 
     /// Whether a guest is attached (connections are forwarded) or not (they are reset).
     pub fn set_attached(&self, attached: bool) {
-        self.attached.store(attached, Ordering::SeqCst);
+        let was = self.attached.swap(attached, Ordering::SeqCst);
+        if was != attached {
+            self.emit(
+                if attached {
+                    "guest_attached"
+                } else {
+                    "guest_detached"
+                },
+                ferry_audit::json!({}),
+            );
+        }
         if !attached {
             // What the last guest never took: refuse it now.
             let pending: Vec<_> = {

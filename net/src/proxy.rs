@@ -130,9 +130,42 @@ pub struct Proxy {
     tunnels: AtomicU64,
     failed: AtomicU64,
     active: AtomicUsize,
+    /// Where request events go (`--audit-log`), once set.
+    audit: std::sync::OnceLock<ferry_audit::Audit>,
 }
 
 impl Proxy {
+    /// Sends an event per request to `audit` from now on.
+    pub fn set_audit(&self, audit: ferry_audit::Audit) {
+        let _ = self.audit.set(audit);
+    }
+
+    /// The request event: what was asked, where it went, and ferry's answer (`status`: the
+    /// code ferry answered with; relayed requests carry the server's, which ferry does not
+    /// read).
+    fn audit(&self, req: &Request, upstream: Option<&Upstream>, status: Option<u16>, result: &str) {
+        if let Some(a) = self.audit.get() {
+            let host = match &req.target {
+                Target::Authority(h, p)
+                | Target::Absolute {
+                    host: h, port: p, ..
+                } => {
+                    format!("{h}:{p}")
+                }
+            };
+            a.emit(
+                "proxy_request",
+                ferry_audit::json!({
+                    "method": req.method,
+                    "host": host,
+                    "upstream": upstream.map(|u| u.to_string()),
+                    "status": status,
+                    "result": result,
+                }),
+            );
+        }
+    }
+
     /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
     pub fn start(upstream: Option<Upstream>, rules: Option<Arc<Rules>>) -> io::Result<Arc<Proxy>> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -149,6 +182,7 @@ impl Proxy {
             tunnels: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             active: AtomicUsize::new(0),
+            audit: std::sync::OnceLock::new(),
         });
         let p = proxy.clone();
         std::thread::Builder::new()
@@ -289,6 +323,7 @@ impl Proxy {
         let (mut server, counters) = match connect(&connect_to.0, connect_to.1, rules) {
             Ok(s) => s,
             Err(ConnectError::Refused(a, pos, spec)) => {
+                self.audit(&req, upstream.as_ref(), Some(403), "refused");
                 log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
                 self.fail(
                     &client,
@@ -303,6 +338,7 @@ impl Proxy {
                     Some(up) => format!("the upstream proxy {up}"),
                     None => format!("{}:{}", connect_to.0, connect_to.1),
                 };
+                self.audit(&req, upstream.as_ref(), Some(502), "unreachable");
                 log::debug!("proxy: cannot connect to {what}: {e}");
                 self.fail(
                     &client,
@@ -313,6 +349,12 @@ impl Proxy {
                 return;
             }
         };
+        let result = match (&req.target, upstream.is_some()) {
+            (Target::Authority(..), false) => (Some(200), "tunnel"),
+            (Target::Authority(..), true) => (None, "tunnel"),
+            (Target::Absolute { .. }, _) => (None, "relayed"),
+        };
+        self.audit(&req, upstream.as_ref(), result.0, result.1);
         let sent = match (&req.target, upstream.is_some()) {
             (Target::Authority(..), false) => {
                 self.tunnels.fetch_add(1, Ordering::Relaxed);

@@ -19,6 +19,7 @@
 //! flow's stack socket and its host socket; frames for the guest leave through
 //! [`NetStack::pop_frame`]. The rules decide each new flow (`verdict`).
 
+mod audit;
 mod dns_forward;
 mod dns_upstream;
 mod flow;
@@ -191,6 +192,8 @@ pub struct NetStack {
     proxy: Option<Arc<crate::proxy::Proxy>>,
     /// The rules new outbound flows and published ports' clients are checked against, if any.
     rules: Option<Arc<Rules>>,
+    /// Where flow events go (`--audit-log`, `GET /events`), if anywhere.
+    audit: Option<ferry_audit::Audit>,
     /// Names answered from the host (records set at run time, the hosts file), if any.
     names: Option<Arc<crate::names::Names>>,
     /// Reused buffer for what the ports thread hands over.
@@ -304,6 +307,7 @@ impl NetStack {
             ports: None,
             proxy: None,
             rules: None,
+            audit: None,
             names: None,
             incoming: Vec::new(),
         })
@@ -671,6 +675,16 @@ impl NetStack {
 
     /// The open flows, of every protocol and origin.
     pub fn flows(&self) -> Vec<FlowInfo> {
+        self.flows
+            .iter()
+            .map(|(_, f)| self.flow_info(f, true))
+            .collect()
+    }
+
+    /// Flow `f` as the API and the audit log show it. `in_table`: it is still in the table,
+    /// so its stack socket is too (a flow being closed may have lost it already, and its
+    /// handle may name another socket by now).
+    fn flow_info(&self, f: &flow::Flow<Kind>, in_table: bool) -> FlowInfo {
         use smoltcp::socket::tcp;
         use tcp_host::TcpState;
         let inet = |fd: RawFd, peer: bool| sys::socket_addr(fd, peer).map(|a| a.to_string());
@@ -678,71 +692,68 @@ impl NetStack {
             a.ok()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
         };
-        let mut out = Vec::new();
-        for (_, f) in self.flows.iter() {
-            let (protocol, state, fd, host_local, host_peer) = match &f.kind {
-                Kind::Tcp(t) => {
-                    let state = match &t.state {
-                        TcpState::Connecting { .. } => "Connecting".to_string(),
-                        TcpState::Queued => "Queued".to_string(),
-                        TcpState::Open { handle, .. } => {
-                            format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state())
-                        }
-                    };
-                    let fd = t.host.as_raw_fd();
-                    let (local, peer) = match &t.host {
-                        HostStream::Tcp(_) => (inet(fd, false), inet(fd, true)),
-                        HostStream::Unix(u) => (unix(u.local_addr()), unix(u.peer_addr())),
-                    };
-                    ("tcp", state, Some(fd), local, peer)
-                }
-                Kind::Udp { socket, .. } => {
-                    let fd = socket.as_raw_fd();
-                    let (l, p) = (inet(fd, false), inet(fd, true));
-                    ("udp", "open".to_string(), Some(fd), l, p)
-                }
-                Kind::UdpPublished { socket } => {
-                    let fd = socket.upgrade().map(|s| s.as_raw_fd());
-                    let local = fd.and_then(|fd| inet(fd, false));
-                    (
-                        "udp",
-                        "open".to_string(),
-                        fd,
-                        local,
-                        Some(f.host.to_string()),
-                    )
-                }
-                Kind::Ping { socket } => {
-                    let fd = socket.as_raw_fd();
-                    let icmp = if f.key.remote.is_ipv4() {
-                        "icmp"
-                    } else {
-                        "icmpv6"
-                    };
-                    let peer = Some(f.host.ip().to_string());
-                    (icmp, "open".to_string(), Some(fd), inet(fd, false), peer)
-                }
-            };
-            let guest = self
-                .guest_addr_for(f.key.remote.ip())
-                .unwrap_or(IpAddr::V4(self.guest.ip()));
-            out.push(FlowInfo {
-                protocol,
-                origin: f.origin,
-                guest: SocketAddr::new(guest, f.key.guest_port),
-                remote: f.key.remote,
-                fd,
-                host_local,
-                host_peer,
-                state,
-                to_guest: f.to_guest,
-                from_guest: f.from_guest,
-                age: f.since.elapsed(),
-                idle: f.last.elapsed(),
-                counters: f.counters.clone(),
-            });
+        let (protocol, state, fd, host_local, host_peer) = match &f.kind {
+            Kind::Tcp(t) => {
+                let state = match &t.state {
+                    TcpState::Connecting { .. } => "Connecting".to_string(),
+                    TcpState::Queued => "Queued".to_string(),
+                    TcpState::Open { handle, .. } if in_table => {
+                        format!("{:?}", self.sockets.get::<tcp::Socket>(*handle).state())
+                    }
+                    TcpState::Open { .. } => "Closed".to_string(),
+                };
+                let fd = t.host.as_raw_fd();
+                let (local, peer) = match &t.host {
+                    HostStream::Tcp(_) => (inet(fd, false), inet(fd, true)),
+                    HostStream::Unix(u) => (unix(u.local_addr()), unix(u.peer_addr())),
+                };
+                ("tcp", state, Some(fd), local, peer)
+            }
+            Kind::Udp { socket, .. } => {
+                let fd = socket.as_raw_fd();
+                let (l, p) = (inet(fd, false), inet(fd, true));
+                ("udp", "open".to_string(), Some(fd), l, p)
+            }
+            Kind::UdpPublished { socket } => {
+                let fd = socket.upgrade().map(|s| s.as_raw_fd());
+                let local = fd.and_then(|fd| inet(fd, false));
+                (
+                    "udp",
+                    "open".to_string(),
+                    fd,
+                    local,
+                    Some(f.host.to_string()),
+                )
+            }
+            Kind::Ping { socket } => {
+                let fd = socket.as_raw_fd();
+                let icmp = if f.key.remote.is_ipv4() {
+                    "icmp"
+                } else {
+                    "icmpv6"
+                };
+                let peer = Some(f.host.ip().to_string());
+                (icmp, "open".to_string(), Some(fd), inet(fd, false), peer)
+            }
+        };
+        let guest = self
+            .guest_addr_for(f.key.remote.ip())
+            .unwrap_or(IpAddr::V4(self.guest.ip()));
+        FlowInfo {
+            protocol,
+            origin: f.origin,
+            guest: SocketAddr::new(guest, f.key.guest_port),
+            remote: f.key.remote,
+            fd,
+            host_local,
+            host_peer,
+            state,
+            to_guest: f.to_guest,
+            from_guest: f.from_guest,
+            age: f.since.elapsed(),
+            idle: f.last.elapsed(),
+            counters: f.counters.clone(),
         }
-        out
     }
 
     /// Starts (or with `None` ends) capturing every frame to and from the guest.

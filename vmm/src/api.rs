@@ -9,6 +9,7 @@
 //! GET    /stats                                {"net":{...},"fs":[...],"flows":[...]}
 //! GET    /flows?proto=&port=&remote=           [flow, ...]
 //! GET    /metrics                              the Prometheus text format
+//! GET    /events                               newline-delimited JSON, as events happen
 //! GET    /proxy                                {"upstream":...,"requests":...}
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
 //! GET    /rules                                {"rules":[rule, ...],"default":{...},"default_in":{...}}
@@ -29,6 +30,7 @@
 //! Requests the HTTP layer refuses (framing, sizes) have the same shape; see [`http`].
 
 mod dns;
+mod events;
 mod flows;
 mod http;
 mod metrics;
@@ -74,6 +76,8 @@ pub struct Control {
     pub shares: Arc<crate::shares::Shares>,
     /// When ferry started.
     pub started: Instant,
+    /// The audit log, whose events `/events` follows.
+    pub audit: Option<ferry_audit::Audit>,
 }
 
 /// A running API server; on drop its thread stops and its socket is removed.
@@ -115,8 +119,10 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
         &stop,
         move |req: &http::Request, fds: &mut Vec<OwnedFd>| {
             let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-            if req.method == "GET" && path.trim_end_matches('/') == "/metrics" {
-                return (200, metrics::render(&control));
+            match (req.method.as_str(), path.trim_end_matches('/')) {
+                ("GET", "/metrics") => return (200, metrics::render(&control)),
+                ("GET", "/events") => return events::follow(&control),
+                _ => {}
             }
             let (status, body) = route(&control, &req.method, path, query, &req.body, fds);
             (status, body.into())
@@ -291,6 +297,8 @@ struct ShareRequest {
     #[serde(default)]
     trusted: bool,
     #[serde(default)]
+    audit_files: bool,
+    #[serde(default)]
     uidmap: Vec<String>,
     #[serde(default)]
     gidmap: Vec<String>,
@@ -362,6 +370,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         trusted: req.trusted,
         client: false,
         devices: false,
+        audit_files: req.audit_files,
         uidmap,
         gidmap,
     };
@@ -781,6 +790,16 @@ fn stats(control: &Control) -> Value {
         "fs": fs,
         "ports": control.ports.as_ref().map(|p| p.list().iter().map(port_json).collect::<Vec<_>>()).unwrap_or_default(),
         "proxy": control.proxy.as_ref().map(|p| proxy_json(p)),
+        "audit": control.audit.as_ref().map(|a| {
+            let s = a.stats();
+            json!({
+                "events": s.events,
+                "written": s.written,
+                "dropped": s.dropped,
+                "dropped_followers": s.dropped_subscribers,
+                "followers": s.subscribers,
+            })
+        }),
         "rules": control.rules.as_ref().map(|r| rules_json(r)),
     })
 }

@@ -92,6 +92,14 @@ pub enum CtlCommand {
     },
     /// Net and fs counters, and the open flows.
     Stats,
+    /// Follow the audit log's events as they happen (flows opened and closed, refusals,
+    /// ports, the guest, proxy requests, file changes), one JSON object per line, until
+    /// interrupted.
+    Events {
+        /// Stop after N events.
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+    },
     /// The NAT's flows, live, as `conntrack -L` lists the kernel's: both sides, ferry's host
     /// socket (fd and addresses, as `ss -tnpe` shows them), bytes each way, age, idle time and
     /// rule.
@@ -310,6 +318,14 @@ pub struct ServeArgs {
     /// refuse connections.
     #[arg(long, value_name = "ADDR:PORT=unix:PATH|tcp:HOST:PORT")]
     pub guest_forward: Vec<String>,
+
+    /// Write the audit log here: one JSON object per line for each flow opened, closed or
+    /// refused, port published, guest attached, proxy request and (with a share's
+    /// audit=files) file change; FILE (appended, mode 0600), - for stderr, or unix:PATH for a
+    /// collector's datagram socket. A sink that stalls loses events (counted in /stats),
+    /// never traffic. Schema: docs/audit.md.
+    #[arg(long, value_name = "FILE|-|unix:PATH")]
+    pub audit_log: Option<String>,
 
     /// The address published ports bind to when the spec names none [default: 0.0.0.0, which
     /// takes IPv6 clients too where the host has IPv6].

@@ -75,6 +75,8 @@ pub struct ShareConfig {
     pub client: bool,
     /// Let the guest make device nodes (a container's root file system); needs root.
     pub devices: bool,
+    /// `audit=files`: the guest's changes to files go to the audit log.
+    pub audit_files: bool,
     /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
     /// per range).
     pub uidmap: IdMaps,
@@ -125,6 +127,8 @@ pub struct ServeConfig {
     pub runtime_shares: Vec<PathBuf>,
     /// `--forward-socket`: host UNIX sockets whose clients go to guest ports.
     pub forward_sockets: Vec<SocketSpec>,
+    /// `--audit-log`: where the audit log goes (None: only `/events` followers see events).
+    pub audit_log: Option<ferry_audit::Sink>,
 }
 
 impl ServeConfig {
@@ -175,6 +179,7 @@ struct FileConfig {
     socket_group: Option<String>,
     #[serde(default)]
     runtime_shares: Vec<PathBuf>,
+    audit_log: Option<String>,
     #[serde(default)]
     forward_socket: Vec<String>,
     #[serde(default)]
@@ -199,6 +204,7 @@ struct FileShare {
     client: bool,
     #[serde(default)]
     devices: bool,
+    audit: Option<String>,
     cache: Option<String>,
     #[serde(default)]
     uidmap: OneOrMany,
@@ -330,6 +336,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let mut client = false;
     let mut devices = false;
+    let mut audit_files = false;
     let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
@@ -348,6 +355,12 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
             Some(("uidmap", v)) => uidmap.push(v),
             Some(("gidmap", v)) => gidmap.push(v),
+            Some(("audit", "files")) => audit_files = true,
+            Some(("audit", v)) => {
+                return Err(bad(format!(
+                    "audit={v}: the one kind is audit=files (the guest's file changes go to the audit log)"
+                )))
+            }
             None if part == "readonly" => readonly = true,
             None if part == "writeback" => writeback = true,
             None if part == "noxattr" => noxattr = true,
@@ -356,7 +369,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
             None if part == "devices" => devices = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, readonly, writeback, noxattr, trusted, client and devices"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, audit=files, readonly, writeback, noxattr, trusted, client and devices"
                 )))
             }
         }
@@ -377,6 +390,7 @@ fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<Share
         trusted,
         client,
         devices,
+        audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
     })
@@ -493,6 +507,16 @@ impl TryFrom<ServeArgs> for ServeConfig {
 
         let mut shares = Vec::new();
         for s in file.share {
+            let audit_files = match s.audit.as_deref() {
+                None => false,
+                Some("files") => true,
+                Some(v) => {
+                    return Err(usage(format!(
+                        "[[share]] {}: audit = \"{v}\": the one kind is \"files\"",
+                        s.tag
+                    )))
+                }
+            };
             let cache = match s.cache {
                 Some(c) => c
                     .parse()
@@ -516,6 +540,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 trusted: s.trusted,
                 client: s.client,
                 devices: s.devices,
+                audit_files,
             });
         }
         for spec in &args.share {
@@ -678,6 +703,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
             .map(|g| crate::listen::parse_group("--socket-group", &g).map_err(usage))
             .transpose()?;
         let forward_sockets = forwards(&file.forward_socket, &args.forward_socket)?;
+        let audit_log = args.audit_log.or(file.audit_log);
+        if let (Some(s), None, None) = (
+            shares.iter().find(|s| s.audit_files),
+            &audit_log,
+            &api_socket,
+        ) {
+            return Err(usage(format!(
+                "--share tag={}: audit=files sends file events to the audit log; give --audit-log FILE (or --api-socket PATH to follow them with `ferry ctl events`)",
+                s.tag
+            )));
+        }
         if let (Some(f), None) = (forward_sockets.first(), &net_socket) {
             return Err(usage(format!(
                 "--forward-socket {f}: the socket's clients go to the guest's network; give --net-socket PATH too"
@@ -737,6 +773,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket_group,
             runtime_shares,
             forward_sockets,
+            audit_log: audit_log
+                .map(|s| s.parse::<ferry_audit::Sink>())
+                .transpose()
+                .map_err(usage)?,
         })
     }
 }
@@ -880,6 +920,7 @@ mod tests {
             publish: vec![],
             forward_socket: vec![],
             guest_forward: vec![],
+            audit_log: None,
             rule: vec![],
             default_bind: None,
             api_socket: None,

@@ -112,6 +112,56 @@ fn expect(
     Ok(v)
 }
 
+/// `ferry ctl events`: prints each event line of `GET /events` as it comes, `count` of them
+/// or until the API closes the stream.
+fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
+    use std::io::BufRead;
+    let unreachable = |e: std::io::Error| {
+        Error::Runtime(format!(
+            "cannot follow ferry's events at {}: {e}; check that `ferry serve --api-socket {}` runs",
+            socket.display(),
+            socket.display()
+        ))
+    };
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n")
+        .map_err(unreachable)?;
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(unreachable)?;
+    let status = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    // The head ends at an empty line.
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(unreachable)? == 0 || line.trim().is_empty() {
+            break;
+        }
+    }
+    if status != "200" {
+        let mut body = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut r, &mut body);
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        return Err(refusal(&v, status.parse().unwrap_or(0)));
+    }
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0;
+    while !matches!(count, Some(n) if seen >= n) {
+        line.clear();
+        if r.read_line(&mut line).map_err(unreachable)? == 0 {
+            break;
+        }
+        if out
+            .write_all(line.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break; // the reader went (a pipe closed)
+        }
+        seen += 1;
+    }
+    Ok(())
+}
+
 /// Prints rows as aligned columns under `header`.
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -474,6 +524,7 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             let v = expect(sock, "GET", "/ports", None, 200)?;
             out(&v, &print_ports);
         }
+        CtlCommand::Events { count } => follow_events(sock, *count)?,
         CtlCommand::Flows {
             proto,
             port,

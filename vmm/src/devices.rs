@@ -27,6 +27,8 @@ pub struct Devices {
     api: Option<crate::api::Api>,
     /// Published ports; their host sockets close when this goes.
     ports: Option<Arc<Ports>>,
+    /// The audit log, flushed at shutdown.
+    audit: Option<ferry_audit::Audit>,
 }
 
 /// A folder only this process can enter, for the daemons' private sockets.
@@ -94,6 +96,18 @@ impl Devices {
             ),
             None => None,
         };
+        // The audit log's file too; its thread starts inside the sandbox. Without
+        // --audit-log, events still reach `/events` followers.
+        let audit_out = match &cfg.audit_log {
+            Some(sink) => Some(ferry_audit::Audit::open(sink).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&private);
+                Error::Runtime(e)
+            })?),
+            None => cfg
+                .api_socket
+                .as_ref()
+                .and_then(|_| ferry_audit::Audit::open(&ferry_audit::Sink::None).ok()),
+        };
         if let Err(e) = crate::sandbox::enter(
             cfg.sandbox,
             &crate::sandbox::Paths::for_serve(cfg, &private),
@@ -101,6 +115,13 @@ impl Devices {
             let _ = std::fs::remove_dir_all(&private);
             return Err(e);
         }
+        let audit = match audit_out.map(|o| o.start()).transpose() {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&private);
+                return Err(Error::Runtime(e));
+            }
+        };
         let mut sockets = Vec::new();
         let mut net = None;
         let mut handed = cfg.handed.clone();
@@ -155,6 +176,9 @@ impl Devices {
                 Box::new(move |spec| crate::portd::request(&portd, spec));
             let p = Ports::new(cfg.net.guest(), Some(binder))
                 .map_err(|e| Error::Runtime(format!("cannot set up published ports: {e}")))?;
+            if let Some(a) = &audit {
+                p.set_audit(a.clone());
+            }
             for spec in &cfg.publish {
                 if let Err(e) = p.publish(*spec) {
                     remove_sockets(&sockets);
@@ -199,6 +223,9 @@ impl Devices {
                     .as_ref()
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
             );
+            if let Some(a) = &audit {
+                px.set_audit(a.clone());
+            }
             proxy = Some(px.clone());
             let names = Arc::new(ferry_net::names::Names::new(Some(cfg.hosts_file.clone())));
             dns_names = Some(names.clone());
@@ -209,6 +236,7 @@ impl Devices {
                 dns: Some(cfg.dns.clone()),
                 names: Some(names.clone()),
                 dns_zones: cfg.dns_zones.clone(),
+                audit: audit.clone(),
             };
             let backend = VhostUserNetBackend::with_services(cfg.net.clone(), None, services)
                 .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;
@@ -283,6 +311,7 @@ impl Devices {
             private.clone(),
             &cfg.runtime_shares,
             cfg.sandbox.landlock,
+            audit.clone(),
         ));
         for (endpoint, share, pfs) in fs {
             if let Err(e) = shares.start(endpoint, &share, pfs, false) {
@@ -301,6 +330,7 @@ impl Devices {
                     names: dns_names,
                     shares,
                     started: std::time::Instant::now(),
+                    audit: audit.clone(),
                 };
                 match crate::api::start(path, control) {
                     Ok(a) => Some(a),
@@ -317,6 +347,7 @@ impl Devices {
             private,
             api,
             ports,
+            audit,
         })
     }
 
@@ -325,6 +356,9 @@ impl Devices {
         drop(self.api);
         if let Some(p) = self.ports {
             p.close_sockets();
+        }
+        if let Some(a) = self.audit {
+            a.stop();
         }
         remove_sockets(&self.sockets);
         let _ = std::fs::remove_dir_all(&self.private);

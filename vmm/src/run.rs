@@ -42,6 +42,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             trusted: false,
             client: false,
             devices: false,
+            audit_files: false,
             uidmap: Default::default(),
             gidmap: Default::default(),
         })
@@ -69,6 +70,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         socket_group: None,
         runtime_shares: vec![],
         forward_sockets: vec![],
+        audit_log: None,
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

@@ -55,11 +55,18 @@ pub struct Shares {
     confined: bool,
     /// Numbers the private sockets and generated tags.
     next: AtomicUsize,
+    /// Where `audit=files` shares send their file events.
+    audit: Option<ferry_audit::Audit>,
 }
 
 impl Shares {
     /// No shares yet; `roots` are the `--runtime-shares` folders.
-    pub fn new(private: PathBuf, roots: &[PathBuf], confined: bool) -> Self {
+    pub fn new(
+        private: PathBuf,
+        roots: &[PathBuf],
+        confined: bool,
+        audit: Option<ferry_audit::Audit>,
+    ) -> Self {
         Shares {
             entries: Mutex::new(Vec::new()),
             private,
@@ -69,6 +76,7 @@ impl Shares {
                 .collect(),
             confined,
             next: AtomicUsize::new(0),
+            audit,
         }
     }
 
@@ -112,7 +120,13 @@ impl Shares {
         runtime: bool,
     ) -> Result<FsDevice> {
         let name = format!("fs-{}", share.tag);
-        let device = VhostUserFsBackend::new(Arc::new(Server::new(fs)));
+        let server = Server::new(fs);
+        if share.audit_files {
+            if let Some(a) = &self.audit {
+                server.set_file_audit(ferry_fs::audit::FileAudit::new(a.clone(), &share.tag));
+            }
+        }
+        let device = VhostUserFsBackend::new(Arc::new(server));
         info!(
             "{name}: serving {} as tag {} {} {}{}{}",
             share.dir.display(),

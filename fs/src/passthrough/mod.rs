@@ -13,6 +13,7 @@ mod idmap;
 mod inode;
 mod locks;
 mod ownership;
+mod paths;
 mod sys;
 mod xattr;
 
@@ -275,6 +276,10 @@ impl FileSystem for PassthroughFs {
             f |= abi::WRITEBACK_CACHE;
         }
         Ok(f)
+    }
+
+    fn node_path(&self, inode: u64) -> Option<String> {
+        self.path_of(inode)
     }
 
     fn destroy(&self) {

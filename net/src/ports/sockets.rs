@@ -297,6 +297,14 @@ impl Ports {
         inner.socket_tokens.insert(entry.token, spec.path.clone());
         inner.sockets.insert(spec.path.clone(), entry);
         drop(inner);
+        self.emit(
+            "socket_forwarded",
+            ferry_audit::json!({
+                "path": spec.path.display().to_string(),
+                "guest_port": spec.guest_port,
+                "mode": format!("{:04o}", spec.mode),
+            }),
+        );
         log::info!(
             "ports: forwarding socket {} (mode {:04o}) -> {}:{}",
             spec.path.display(),
@@ -324,6 +332,10 @@ impl Ports {
             EpollEvent::default(),
         );
         entry.remove_file();
+        self.emit(
+            "socket_unforwarded",
+            ferry_audit::json!({"path": path.display().to_string()}),
+        );
         log::info!("ports: no longer forwarding socket {}", path.display());
         Some(entry.spec)
     }

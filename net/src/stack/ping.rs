@@ -104,7 +104,7 @@ impl NetStack {
                 .min_by_key(|(_, f)| f.last)
                 .map(|(id, _)| id);
             if let Some(id) = oldest {
-                self.ping_close(id);
+                self.ping_close(id, "evicted");
             }
         }
         let socket = sys::ping_socket(key.remote.ip())?;
@@ -120,11 +120,13 @@ impl NetStack {
             Origin::Outbound,
             Kind::Ping { socket },
         ));
+        self.audit_open(id);
         Ok(id)
     }
 
-    pub(super) fn ping_close(&mut self, id: FlowId) {
+    pub(super) fn ping_close(&mut self, id: FlowId, reason: &'static str) {
         if let Some(f) = self.flows.remove(id) {
+            self.audit_close(&f, reason);
             if let Kind::Ping { socket } = &f.kind {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
@@ -142,7 +144,7 @@ impl NetStack {
             matches!(f.kind, Kind::Ping { .. }) && f.last.elapsed() >= PING_IDLE
         });
         for id in &ids {
-            self.ping_close(*id);
+            self.ping_close(*id, "idle");
         }
         self.pump_ids = ids;
     }

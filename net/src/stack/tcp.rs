@@ -45,8 +45,9 @@ fn tcp_of(flows: &mut Flows, id: FlowId) -> Option<&mut Flow<Kind>> {
 impl NetStack {
     /// Forgets TCP flow `id`: its host socket closes (and is returned, for a reset), its
     /// handshake slot frees.
-    pub(super) fn tcp_remove(&mut self, id: FlowId) -> Option<HostStream> {
+    pub(super) fn tcp_remove(&mut self, id: FlowId, reason: &'static str) -> Option<HostStream> {
         let f = self.flows.remove(id)?;
+        self.audit_close(&f, reason);
         let Kind::Tcp(mut t) = f.kind else {
             return None;
         };
@@ -122,7 +123,9 @@ impl NetStack {
         t.handshaking = handle.is_some();
         let mut flow = Flow::new(key, client, origin, Kind::Tcp(t));
         flow.counters = counters;
-        self.flows.insert(flow);
+        if let Some(id) = self.flows.insert(flow) {
+            self.audit_open(id);
+        }
         match handle {
             Some(_) => self.tcp_limits.handshaking += 1,
             None => self.tcp_limits.queued.push_back(id),
@@ -155,7 +158,7 @@ impl NetStack {
                 continue; // it left while it waited
             };
             let Some(handle) = self.connect_to_guest(key) else {
-                if let Some(host) = self.tcp_remove(id) {
+                if let Some(host) = self.tcp_remove(id, "error") {
                     host.reset();
                 }
                 continue;
@@ -288,7 +291,9 @@ impl NetStack {
         };
         let mut flow = Flow::new(key, target, origin, Kind::Tcp(t));
         flow.counters = counters;
-        self.flows.insert(flow);
+        if let Some(id) = self.flows.insert(flow) {
+            self.audit_open(id);
+        }
         true
     }
 
@@ -344,7 +349,7 @@ impl NetStack {
                     return;
                 }
                 // Could not watch it: the SYN is gone with the old state; the guest retries.
-                self.tcp_remove(id);
+                self.tcp_remove(id, "error");
                 return;
             }
         }
@@ -354,13 +359,13 @@ impl NetStack {
                 // Refused or unreachable: the SYN meets no listener and the guest gets RST.
                 log::debug!("nat: tcp connect to {remote} failed: errno {err}");
                 self.stats.tcp_refused += 1;
-                self.tcp_remove(id);
+                self.tcp_remove(id, "refused");
                 self.device.rx.push_back(syn.into());
                 return;
             }
             let mut socket = tcp_socket();
             if socket.listen(IpListenEndpoint::from(remote)).is_err() {
-                self.tcp_remove(id);
+                self.tcp_remove(id, "error");
                 self.device.rx.push_back(syn.into());
                 return;
             }
@@ -410,7 +415,7 @@ impl NetStack {
                 t.readable = false;
                 match peek_eof(&t.host) {
                     Some(true) => {
-                        self.tcp_remove(id);
+                        self.tcp_remove(id, "client_left");
                     }
                     // Data (it waits for the guest), so EPOLLRDHUP would only repeat itself.
                     Some(false) if t.want_hup => {
@@ -446,7 +451,7 @@ impl NetStack {
                         // The guest's half-open connection meets no socket when it retransmits
                         // its SYN-ACK, and smoltcp answers that with RST.
                         self.sockets.remove(handle);
-                        self.tcp_remove(id);
+                        self.tcp_remove(id, "client_left");
                         return;
                     }
                     // Data (it waits for the guest) or nothing yet. A client that half-closed
@@ -479,7 +484,7 @@ impl NetStack {
             // the host peer is reset too, not closed as if all went well.
             let h = *handle;
             self.sockets.remove(h);
-            if let Some(host) = self.tcp_remove(id) {
+            if let Some(host) = self.tcp_remove(id, "guest_reset") {
                 host.reset();
             }
             return;
@@ -578,7 +583,7 @@ impl NetStack {
         if done {
             let h = *handle;
             self.sockets.remove(h);
-            self.tcp_remove(id);
+            self.tcp_remove(id, if broken { "host_error" } else { "closed" });
             return;
         }
         if *host_eof && *guest_eof {

@@ -72,7 +72,9 @@ impl NetStack {
                 );
                 flow.counters = counters;
                 flow.count_to_guest(data.len());
-                self.flows.insert(flow);
+                if let Some(id) = self.flows.insert(flow) {
+                    self.audit_open(id);
+                }
             }
         }
         self.udp_to_guest(seen, client.port(), guest_port, data);
@@ -101,7 +103,7 @@ impl NetStack {
                         }
                     }
                     // The port was unpublished.
-                    None => self.udp_close(id),
+                    None => self.udp_close(id, "unpublished"),
                 },
                 _ => {}
             }
@@ -152,7 +154,9 @@ impl NetStack {
         } {
             flow.count_from_guest(n);
         }
-        self.flows.insert(flow);
+        if let Some(id) = self.flows.insert(flow) {
+            self.audit_open(id);
+        }
         true
     }
 
@@ -182,10 +186,11 @@ impl NetStack {
     }
 
     /// Closes UDP flow `id` (either kind).
-    pub(super) fn udp_close(&mut self, id: FlowId) {
+    pub(super) fn udp_close(&mut self, id: FlowId, reason: &'static str) {
         let Some(f) = self.flows.remove(id) else {
             return;
         };
+        self.audit_close(&f, reason);
         if let Kind::Udp { socket, .. } = &f.kind {
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -204,7 +209,7 @@ impl NetStack {
             .min_by_key(|(_, f)| f.last)
             .map(|(id, _)| id);
         if let Some(id) = oldest {
-            self.udp_close(id);
+            self.udp_close(id, "evicted");
         }
     }
 
@@ -219,7 +224,7 @@ impl NetStack {
             _ => false,
         });
         for id in &ids {
-            self.udp_close(*id);
+            self.udp_close(*id, "idle");
         }
         self.pump_ids = ids;
     }

@@ -18,6 +18,10 @@ impl NetStack {
             return Ok(None);
         };
         let v = rules.check(proto, dst, ip.len);
+        if v.action != Action::Allow {
+            let guest = SocketAddr::new(ip.src, super::audit::guest_port(ip, frame));
+            self.audit_refused(proto, "out", guest, dst, v.action, v.rule.map(|(n, _)| n));
+        }
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             Action::Reject if proto != Proto::Tcp => {
@@ -81,6 +85,14 @@ impl NetStack {
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             refused => {
+                self.audit_refused(
+                    proto,
+                    "in",
+                    client,
+                    SocketAddr::new(client.ip(), host_port),
+                    refused,
+                    v.rule.as_ref().map(|(n, _)| *n),
+                );
                 log::debug!(
                     "rules: {client} -> host port {host_port} ({proto}): {refused} by {}",
                     v.rule.map_or("the default policy".into(), |(n, s)| format!(

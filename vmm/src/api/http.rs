@@ -104,6 +104,11 @@ pub(crate) enum Body {
         content_type: &'static str,
         text: String,
     },
+    /// A response that goes on for as long as the client reads (`/events`): the server sends
+    /// the head (newline-delimited JSON, no length, the connection closing at its end), takes
+    /// the connection off its epoll and hands the socket, blocking, to this function on a
+    /// thread of its own.
+    Stream(Box<dyn FnOnce(UnixStream) + Send>),
 }
 
 impl From<Value> for Body {
@@ -321,6 +326,12 @@ fn reason(status: u16) -> &'static str {
 /// (a HEAD request) sends the length without the body.
 pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(*status));
+    if let Body::Stream(_) = body {
+        out.extend_from_slice(
+            b"Content-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        );
+        return;
+    }
     let text = (*status != 204).then(|| match body {
         Body::Json(v) => {
             let mut text = serde_json::to_vec_pretty(v).unwrap_or_default();
@@ -328,6 +339,7 @@ pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive:
             ("application/json", text)
         }
         Body::Text { content_type, text } => (*content_type, text.as_bytes().to_vec()),
+        Body::Stream(_) => ("application/x-ndjson", Vec::new()),
     });
     if let Some((content_type, text)) = &text {
         let _ = write!(
@@ -381,6 +393,8 @@ struct Connection {
     interest: EventSet,
     /// Descriptors the client sent that no request has taken yet.
     fds: Vec<OwnedFd>,
+    /// A streaming response's function, which takes the connection once its head is sent.
+    handoff: Option<Box<dyn FnOnce(UnixStream) + Send>>,
 }
 
 impl Connection {
@@ -547,6 +561,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                     active: Instant::now(),
                     interest,
                     fds: Vec::new(),
+                    handoff: None,
                 },
             );
         }
@@ -565,9 +580,38 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                 break;
             }
         }
+        if alive && c.handoff.is_some() && c.pending() == 0 {
+            self.hand_off(c);
+            return;
+        }
         // Otherwise dropping the stream closes it, which takes it off the epoll.
         if alive && self.watch(token, &mut c) {
             self.connections.insert(token, c);
+        }
+    }
+
+    /// Gives a streaming response's connection to its function, on a thread of its own: off
+    /// the epoll first (another descriptor of the socket would keep it there).
+    fn hand_off(&mut self, c: Connection) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            c.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let Connection {
+            stream, handoff, ..
+        } = c;
+        let Some(f) = handoff else {
+            return;
+        };
+        if stream.set_nonblocking(false).is_err() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("api-stream".into())
+            .spawn(move || f(stream));
+        if let Err(e) = spawned {
+            warn!("api: cannot start a thread for a streaming response: {e}");
         }
     }
 
@@ -629,6 +673,14 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                         });
                     debug!("api: {} {} -> {}", req.method, req.target, reply.0);
                     write_reply(&mut c.output, &reply, req.keep_alive, req.method == "HEAD");
+                    if let (_, Body::Stream(f)) = reply {
+                        // Nothing after it is read: the connection is the stream's now.
+                        c.handoff = Some(f);
+                        c.input = Vec::new();
+                        c.fds.clear();
+                        c.request_started = None;
+                        break;
+                    }
                     // Descriptors the request did not take are not kept for the next one.
                     c.fds.clear();
                     c.input.drain(..used);
