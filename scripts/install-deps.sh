@@ -26,6 +26,8 @@ declare -A NEED=(
 	[objdump]=binutils
 	# `promtool check metrics` checks GET /metrics (tests/tests/guest_flows.rs).
 	[promtool]=prometheus
+	# `ferry ctl pcap | tcpdump -r -` (tests/tests/guest_audit.rs).
+	[tcpdump]=tcpdump
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -169,6 +169,8 @@ pub struct NetServices {
     pub dns_zones: Vec<(String, SocketAddr)>,
     /// Where flow events go (`--audit-log`, `GET /events`).
     pub audit: Option<ferry_audit::Audit>,
+    /// Captures on demand (`GET /pcap`), across guests.
+    pub live_captures: Arc<ferry_net::pcap_live::LiveCaptures>,
 }
 
 impl VhostUserNetBackend {
@@ -229,6 +231,7 @@ impl VhostUserNetBackend {
         if let Some(a) = &services.audit {
             stack = stack.with_audit(a.clone());
         }
+        stack = stack.with_live_captures(services.live_captures.clone());
         match &services.ports {
             Some(p) => stack.with_ports(p.clone()),
             None => Ok(stack),
@@ -253,6 +256,11 @@ impl VhostUserNetBackend {
         if let Ok(mut s) = self.stack.lock() {
             s.set_capture(Some(capture));
         }
+    }
+
+    /// Captures on demand of this device's link.
+    pub fn live_captures(&self) -> &Arc<ferry_net::pcap_live::LiveCaptures> {
+        &self.services.live_captures
     }
 
     /// The capture's counters, when one is on.

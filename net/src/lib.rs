@@ -25,6 +25,7 @@ pub mod guest_forward;
 pub mod names;
 pub mod ndp;
 pub mod pcap;
+pub mod pcap_live;
 pub mod ports;
 pub mod proxy;
 pub mod rules;

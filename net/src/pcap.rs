@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use log::{info, warn};
 
@@ -72,14 +71,7 @@ impl Capture {
         self.file.set_len(0)?;
         self.file.rewind()?;
         self.buf.clear();
-        self.buf.extend_from_slice(&MAGIC.to_ne_bytes());
-        // Version 2.4.
-        self.buf.extend_from_slice(&2u16.to_ne_bytes());
-        self.buf.extend_from_slice(&4u16.to_ne_bytes());
-        // Time zone, accuracy, snap length, link type.
-        for v in [0, 0, self.snaplen, LINKTYPE_ETHERNET] {
-            self.buf.extend_from_slice(&v.to_ne_bytes());
-        }
+        self.buf.extend_from_slice(&file_header(self.snaplen));
         self.flush()?;
         info!(
             "net: capturing the guest's frames to {}",
@@ -90,19 +82,7 @@ impl Capture {
 
     /// Appends one frame, stamped now.
     pub fn record(&mut self, frame: &[u8]) {
-        let ts = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let kept = frame.len().min(self.snaplen as usize);
-        for v in [
-            ts.as_secs() as u32,
-            ts.subsec_micros(),
-            kept as u32,
-            frame.len() as u32,
-        ] {
-            self.buf.extend_from_slice(&v.to_ne_bytes());
-        }
-        self.buf.extend_from_slice(&frame[..kept]);
+        append_record(&mut self.buf, frame, self.snaplen);
         self.frames += 1;
         self.bytes += frame.len() as u64;
     }
@@ -130,6 +110,36 @@ impl Capture {
             bytes: self.bytes,
         }
     }
+}
+
+/// The libpcap file header: version 2.4, microsecond stamps, Ethernet, `snaplen`.
+pub(crate) fn file_header(snaplen: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(24);
+    b.extend_from_slice(&MAGIC.to_ne_bytes());
+    b.extend_from_slice(&2u16.to_ne_bytes());
+    b.extend_from_slice(&4u16.to_ne_bytes());
+    // Time zone, accuracy, snap length, link type.
+    for v in [0, 0, snaplen, LINKTYPE_ETHERNET] {
+        b.extend_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// Appends `frame`'s record (stamped now, cut at `snaplen`) to `buf`.
+fn append_record(buf: &mut Vec<u8>, frame: &[u8], snaplen: u32) {
+    let (secs, micros) = crate::pcap_live::stamp();
+    let kept = frame.len().min(snaplen as usize);
+    for v in [secs, micros, kept as u32, frame.len() as u32] {
+        buf.extend_from_slice(&v.to_ne_bytes());
+    }
+    buf.extend_from_slice(&frame[..kept]);
+}
+
+/// `frame`'s record alone.
+pub(crate) fn encode_record(frame: &[u8], snaplen: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + frame.len().min(snaplen as usize));
+    append_record(&mut b, frame, snaplen);
+    b
 }
 
 /// Records `frame` in `cap` if a capture is on; ends the capture when its file fails.

@@ -228,6 +228,7 @@ impl NetStack {
             mtu: usize::from(cfg.mtu),
             csum_offload: false,
             capture: RefCell::new(None),
+            live: None,
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         config.random_seed = u64::from(std::process::id()) ^ 0x5eed_f00d;
@@ -423,7 +424,7 @@ impl NetStack {
             }
             _ => return,
         }
-        pcap::record(self.device.capture.get_mut(), &frame);
+        self.device.record(&frame);
         self.device.tx.push_back(frame);
     }
 
@@ -537,7 +538,7 @@ impl NetStack {
             return false;
         }
         self.stats.frames_in += 1;
-        pcap::record(self.device.capture.get_mut(), &b);
+        self.device.record(&b);
         self.guest.learn(&b);
         self.spoke_ipv6 |= b.get(12..14) == Some(&[0x86, 0xdd]);
         match self.fragments.take(&b, StdInstant::now) {
@@ -704,7 +705,11 @@ impl NetStack {
                 };
                 let fd = t.host.as_raw_fd();
                 let (local, peer) = match &t.host {
-                    HostStream::Tcp(_) => (inet(fd, false), inet(fd, true)),
+                    // A peer that has gone has no address to ask for: where the socket went.
+                    HostStream::Tcp(_) => (
+                        inet(fd, false),
+                        inet(fd, true).or_else(|| Some(f.host.to_string())),
+                    ),
                     HostStream::Unix(u) => (unix(u.local_addr()), unix(u.peer_addr())),
                 };
                 ("tcp", state, Some(fd), local, peer)
@@ -754,6 +759,12 @@ impl NetStack {
             idle: f.last.elapsed(),
             counters: f.counters.clone(),
         }
+    }
+
+    /// Records every frame into the captures `live` runs (`GET /pcap`).
+    pub fn with_live_captures(mut self, live: Arc<crate::pcap_live::LiveCaptures>) -> Self {
+        self.device.live = Some(live);
+        self
     }
 
     /// Starts (or with `None` ends) capturing every frame to and from the guest.

@@ -7,7 +7,9 @@
 //! test reads `--audit-log`, checks every line against the schema of docs/audit.md, and
 //! finds exactly the expected events. `ferry ctl events`, started before the guest's last
 //! connection, shows that connection's open and close within 100 ms of when the server saw
-//! them (both on the host's clock).
+//! them (both on the host's clock). `ferry ctl pcap | tcpdump -r -` shows the guest's frames
+//! while it serves a published port, with two captures at once and a third whose client
+//! never reads.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -89,6 +91,70 @@ fn check_schema(e: &Value) {
     for f in schema(kind) {
         assert!(obj.contains_key(*f), "{kind} lacks {f}: {e}");
     }
+}
+
+/// Fetches the guest's page through the published port `n` times; how long that took.
+fn fetch_published(net: &TestNet, n: usize) -> Duration {
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let o = TestNet::command(&net.inner, "curl")
+            .args(["-sS", "-m", "20", "http://127.0.0.1:18080/"])
+            .output()
+            .expect("run curl");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), GUEST_PAGE);
+    }
+    t.elapsed()
+}
+
+/// `ferry ctl pcap | tcpdump -r -` while the guest serves: two captures at once each get
+/// their frames, and one whose client never reads does not slow the guest.
+fn captures_on_demand(net: &TestNet, api: &std::path::Path) {
+    let pcap = |args: &[&str]| {
+        let mut c = Command::new(ferry_bin());
+        c.args(["ctl", "--api-socket"])
+            .arg(api)
+            .arg("pcap")
+            .args(args);
+        c.stdout(Stdio::piped())
+            .spawn()
+            .expect("run ferry ctl pcap")
+    };
+    let tcpdump = |child: std::process::Child| {
+        let o = Command::new("tcpdump")
+            .args(["-n", "-r", "-"])
+            .stdin(child.stdout.unwrap())
+            .stderr(Stdio::null())
+            .output()
+            .expect("run tcpdump (scripts/install-deps.sh installs it)");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let baseline = fetch_published(net, 10);
+    // Two captures at once: every frame, and the guest's web server's TCP only.
+    let all = pcap(&["--count", "20"]);
+    let web = pcap(&["--proto", "tcp", "--port", "80", "--count", "6"]);
+    // A client that asks for a capture and never reads: its queue fills and drops.
+    let mut stalled = std::os::unix::net::UnixStream::connect(api).unwrap();
+    std::io::Write::write_all(&mut stalled, b"GET /pcap HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let with_captures = fetch_published(net, 10);
+    let all = tcpdump(all);
+    assert_eq!(all.lines().count(), 20, "{all}");
+    assert!(
+        all.contains("192.168.127.2.80"),
+        "the guest's web server's frames: {all}"
+    );
+    let web = tcpdump(web);
+    assert_eq!(web.lines().count(), 6, "{web}");
+    assert!(
+        web.lines().all(|l| l.contains(" IP") && l.contains(".80")),
+        "{web}"
+    );
+    // The stalled reader costs the guest nothing that shows.
+    assert!(
+        with_captures < baseline * 3 + Duration::from_secs(2),
+        "10 fetches took {with_captures:?} with a stalled capture running, {baseline:?} before"
+    );
+    drop(stalled);
 }
 
 #[test]
@@ -210,6 +276,7 @@ fn the_audit_log_says_what_the_guest_did() {
         .output()
         .expect("run curl");
     assert_eq!(String::from_utf8_lossy(&page.stdout).trim(), GUEST_PAGE);
+    captures_on_demand(&net, &api);
     // Follow the events, then let the guest make its last connection.
     let mut follower = Command::new(ferry_bin())
         .args(["ctl", "--api-socket"])
@@ -343,10 +410,17 @@ fn the_audit_log_says_what_the_guest_did() {
         "{}",
         dump()
     );
-    // The published port's client.
+    // The published port's clients: one, then twice ten while captures ran; each closed.
+    let published = |e: &Value| e["origin"] == "published" && e["host_local"] == "127.0.0.1:18080";
     assert_eq!(
-        count(&|e| e["event"] == "flow_open" && e["origin"] == "published"),
-        1,
+        count(&|e| e["event"] == "flow_open" && published(e)),
+        21,
+        "{}",
+        dump()
+    );
+    assert_eq!(
+        count(&|e| e["event"] == "flow_close" && published(e)),
+        21,
         "{}",
         dump()
     );

@@ -10,6 +10,7 @@
 //! GET    /flows?proto=&port=&remote=           [flow, ...]
 //! GET    /metrics                              the Prometheus text format
 //! GET    /events                               newline-delimited JSON, as events happen
+//! GET    /pcap?proto=&host=&port=&count=&bytes= the live link, in the libpcap format
 //! GET    /proxy                                {"upstream":...,"requests":...}
 //! PUT    /proxy        {"upstream":URL|null}   200 proxy | 400
 //! GET    /rules                                {"rules":[rule, ...],"default":{...},"default_in":{...}}
@@ -29,6 +30,7 @@
 //! the host port is in use or published already, or the ports or rules are at their cap.
 //! Requests the HTTP layer refuses (framing, sizes) have the same shape; see [`http`].
 
+mod capture;
 mod dns;
 mod events;
 mod flows;
@@ -122,6 +124,7 @@ pub fn start(path: &Path, control: Control) -> Result<Api> {
             match (req.method.as_str(), path.trim_end_matches('/')) {
                 ("GET", "/metrics") => return (200, metrics::render(&control)),
                 ("GET", "/events") => return events::follow(&control),
+                ("GET", "/pcap") => return capture::capture(&control, query),
                 _ => {}
             }
             let (status, body) = route(&control, &req.method, path, query, &req.body, fds);

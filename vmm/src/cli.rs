@@ -100,6 +100,29 @@ pub enum CtlCommand {
         #[arg(long, value_name = "N")]
         count: Option<usize>,
     },
+    /// Capture the guest's link as it runs, in the libpcap format on stdout: `ferry ctl pcap
+    /// --count 20 | tcpdump -r -`. Frames both ways, optionally of one protocol, address and
+    /// port, until --count frames or --bytes bytes (256 MiB unless given) or interrupted.
+    Pcap {
+        /// Stop after N frames.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after N bytes of capture.
+        #[arg(long, value_name = "N")]
+        bytes: Option<u64>,
+        /// Only tcp, udp, icmp or icmpv6.
+        #[arg(long, value_name = "tcp|udp|icmp|icmpv6")]
+        proto: Option<String>,
+        /// Only frames to or from ADDR.
+        #[arg(long, value_name = "ADDR")]
+        host: Option<String>,
+        /// Only TCP or UDP frames with this port at either end.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// Keep at most N bytes of each frame [default: 65535].
+        #[arg(long, value_name = "N")]
+        snaplen: Option<u32>,
+    },
     /// The NAT's flows, live, as `conntrack -L` lists the kernel's: both sides, ferry's host
     /// socket (fd and addresses, as `ss -tnpe` shows them), bytes each way, age, idle time and
     /// rule.

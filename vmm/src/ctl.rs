@@ -112,20 +112,23 @@ fn expect(
     Ok(v)
 }
 
-/// `ferry ctl events`: prints each event line of `GET /events` as it comes, `count` of them
-/// or until the API closes the stream.
-fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
+/// Opens a streaming response (`GET /events`, `GET /pcap`): the body's reader once the head
+/// said 200, or the API's refusal.
+fn open_stream(socket: &Path, path: &str) -> Result<std::io::BufReader<UnixStream>> {
     use std::io::BufRead;
     let unreachable = |e: std::io::Error| {
         Error::Runtime(format!(
-            "cannot follow ferry's events at {}: {e}; check that `ferry serve --api-socket {}` runs",
+            "cannot reach ferry's control API at {}: {e}; check that `ferry serve --api-socket {}` runs",
             socket.display(),
             socket.display()
         ))
     };
     let mut s = UnixStream::connect(socket).map_err(unreachable)?;
-    s.write_all(b"GET /events HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n")
-        .map_err(unreachable)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
     let mut r = std::io::BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).map_err(unreachable)?;
@@ -143,12 +146,22 @@ fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         return Err(refusal(&v, status.parse().unwrap_or(0)));
     }
+    Ok(r)
+}
+
+/// `ferry ctl events`: prints each event line of `GET /events` as it comes, `count` of them
+/// or until the API closes the stream.
+fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
+    use std::io::BufRead;
+    let mut r = open_stream(socket, "/events")?;
     let mut out = std::io::stdout().lock();
+    let mut line = String::new();
     let mut seen = 0;
     while !matches!(count, Some(n) if seen >= n) {
         line.clear();
-        if r.read_line(&mut line).map_err(unreachable)? == 0 {
-            break;
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
         if out
             .write_all(line.as_bytes())
@@ -158,6 +171,35 @@ fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
             break; // the reader went (a pipe closed)
         }
         seen += 1;
+    }
+    Ok(())
+}
+
+/// `ferry ctl pcap`: the live link in the libpcap format on stdout (not a terminal), for
+/// `tcpdump -r -` or a file.
+fn capture(socket: &Path, query: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        return Err(Error::Usage(
+            "ferry ctl pcap writes a binary capture; pipe it into `tcpdump -r -` or redirect it to a file".into(),
+        ));
+    }
+    let path = if query.is_empty() {
+        "/pcap".to_string()
+    } else {
+        format!("/pcap?{query}")
+    };
+    let mut r = open_stream(socket, &path)?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match std::io::Read::read(&mut r, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+            break; // the reader went
+        }
     }
     Ok(())
 }
@@ -525,6 +567,30 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             out(&v, &print_ports);
         }
         CtlCommand::Events { count } => follow_events(sock, *count)?,
+        CtlCommand::Pcap {
+            count,
+            bytes,
+            proto,
+            host,
+            port,
+            snaplen,
+        } => {
+            let mut q: Vec<String> = Vec::new();
+            let pairs = [
+                ("count", count.map(|v| v.to_string())),
+                ("bytes", bytes.map(|v| v.to_string())),
+                ("proto", proto.clone()),
+                ("host", host.as_ref().map(|h| h.replace(':', "%3A"))),
+                ("port", port.map(|v| v.to_string())),
+                ("snaplen", snaplen.map(|v| v.to_string())),
+            ];
+            for (k, v) in pairs {
+                if let Some(v) = v {
+                    q.push(format!("{k}={v}"));
+                }
+            }
+            capture(sock, &q.join("&"))?
+        }
         CtlCommand::Flows {
             proto,
             port,

@@ -237,6 +237,7 @@ impl Devices {
                 names: Some(names.clone()),
                 dns_zones: cfg.dns_zones.clone(),
                 audit: audit.clone(),
+                live_captures: Default::default(),
             };
             let backend = VhostUserNetBackend::with_services(cfg.net.clone(), None, services)
                 .map_err(|e| Error::Runtime(format!("cannot set up the net device: {e}")))?;

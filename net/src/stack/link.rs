@@ -65,6 +65,18 @@ pub(super) struct FrameQueue {
     pub(super) csum_offload: bool,
     /// `--pcap`: every frame both ways.
     pub(super) capture: RefCell<Option<Capture>>,
+    /// Captures on demand (`GET /pcap`).
+    pub(super) live: Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
+}
+
+impl FrameQueue {
+    /// Records a frame in the captures, the file's and the live ones.
+    pub(super) fn record(&mut self, frame: &[u8]) {
+        pcap::record(self.capture.get_mut(), frame);
+        if let Some(l) = &self.live {
+            l.record(frame);
+        }
+    }
 }
 
 /// Puts `f`'s buffer back in `pool` (unless the pool is full).
@@ -84,6 +96,7 @@ pub(super) struct FrameTx<'a> {
     pub(super) tx: &'a mut VecDeque<Frame>,
     pub(super) pool: &'a RefCell<Vec<Vec<u8>>>,
     pub(super) capture: &'a RefCell<Option<Capture>>,
+    pub(super) live: &'a Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
 }
 
 impl RxToken for FrameRx<'_> {
@@ -101,6 +114,9 @@ impl TxToken for FrameTx<'_> {
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
         pcap::record(&mut self.capture.borrow_mut(), &frame);
+        if let Some(l) = self.live {
+            l.record(&frame);
+        }
         self.tx.push_back(frame);
         r
     }
@@ -121,6 +137,7 @@ impl Device for FrameQueue {
                 tx: &mut self.tx,
                 pool: &self.pool,
                 capture: &self.capture,
+                live: &self.live,
             },
         ))
     }
@@ -130,6 +147,7 @@ impl Device for FrameQueue {
             tx: &mut self.tx,
             pool: &self.pool,
             capture: &self.capture,
+            live: &self.live,
         })
     }
 

@@ -20,7 +20,7 @@ use super::http::Body;
 use super::Control;
 
 /// Whether the client closed its end (or the socket failed): a look, no wait.
-fn hung_up(s: &UnixStream) -> bool {
+pub(super) fn hung_up(s: &UnixStream) -> bool {
     let mut p = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -66,5 +66,11 @@ pub(super) fn follow(control: &Control) -> (u16, Body) {
             }
         }
     };
-    (200, Body::Stream(Box::new(stream)))
+    (
+        200,
+        Body::Stream {
+            content_type: "application/x-ndjson",
+            stream: Box::new(stream),
+        },
+    )
 }

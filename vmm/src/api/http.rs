@@ -108,7 +108,10 @@ pub(crate) enum Body {
     /// the head (newline-delimited JSON, no length, the connection closing at its end), takes
     /// the connection off its epoll and hands the socket, blocking, to this function on a
     /// thread of its own.
-    Stream(Box<dyn FnOnce(UnixStream) + Send>),
+    Stream {
+        content_type: &'static str,
+        stream: Box<dyn FnOnce(UnixStream) + Send>,
+    },
 }
 
 impl From<Value> for Body {
@@ -326,9 +329,10 @@ fn reason(status: u16) -> &'static str {
 /// (a HEAD request) sends the length without the body.
 pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(*status));
-    if let Body::Stream(_) = body {
-        out.extend_from_slice(
-            b"Content-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+    if let Body::Stream { content_type, .. } = body {
+        let _ = write!(
+            out,
+            "Content-Type: {content_type}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
         );
         return;
     }
@@ -339,7 +343,7 @@ pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive:
             ("application/json", text)
         }
         Body::Text { content_type, text } => (*content_type, text.as_bytes().to_vec()),
-        Body::Stream(_) => ("application/x-ndjson", Vec::new()),
+        Body::Stream { content_type, .. } => (*content_type, Vec::new()),
     });
     if let Some((content_type, text)) = &text {
         let _ = write!(
@@ -673,7 +677,7 @@ impl<H: FnMut(&Request, &mut Vec<OwnedFd>) -> Reply> Server<H> {
                         });
                     debug!("api: {} {} -> {}", req.method, req.target, reply.0);
                     write_reply(&mut c.output, &reply, req.keep_alive, req.method == "HEAD");
-                    if let (_, Body::Stream(f)) = reply {
+                    if let (_, Body::Stream { stream: f, .. }) = reply {
                         // Nothing after it is read: the connection is the stream's now.
                         c.handoff = Some(f);
                         c.input = Vec::new();
