@@ -54,7 +54,7 @@ IPERF_PORT, ECHO_PORT = 5201, 7007
 # the host's ::1 in the guest: Ferry's IPv6 host alias, libslirp's host (fec0::2), passt's
 # gateway (the namespace's IPv6 default router, which passt maps to the host).
 IPERF6_PORT = 5202
-HOST6 = {"ferry": "fd46:5259::fe", "ferry-mq": "fd46:5259::fe", "slirp": "fec0::2",
+HOST6 = {"ferry": "fd46:5259::fe", "ferry-mq": "fd46:5259::fe", "ferry-audit": "fd46:5259::fe", "slirp": "fec0::2",
          "passt": "fd00:18:250::fe"}
 # Published ports: host 15201 -> guest 5201 (iperf3 server in the guest).
 PUB_PORT = 15201
@@ -330,15 +330,29 @@ wait
 
     def net_backend(self, kind):
         """Starts one net backend; returns (qemu device args, host alias, backend Proc, stop)."""
-        if kind in ("ferry", "ferry-mq"):
+        if kind in ("ferry", "ferry-mq", "ferry-audit"):
             sock = os.path.join(self.w, "net.sock")
             log_f = open(os.path.join(self.w, "ferry-net.log"), "w")
+            # ferry-audit: the audit log to a file, a follower of GET /events and a scrape of
+            # GET /metrics every second, all running through the whole guest run.
+            api = os.path.join(self.w, "api.sock")
+            audit = ["--audit-log", os.path.join(self.w, "audit.jsonl"), "--api-socket", api] \
+                if kind == "ferry-audit" else []
             p = subprocess.Popen(in_ns([FERRY, "serve", "--net-socket", sock, "--dns-upstream",
                                         "127.0.0.1:1", "--publish",
-                                        "127.0.0.1:%d:5201" % PUB_PORT]),
+                                        "127.0.0.1:%d:5201" % PUB_PORT] + audit),
                                  stdout=subprocess.DEVNULL, stderr=log_f)
             self.children.append(p)
             wait_path(sock)
+            observers = []
+            if kind == "ferry-audit":
+                wait_path(api)
+                observers.append(subprocess.Popen([FERRY, "ctl", "--api-socket", api, "events"],
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                observers.append(subprocess.Popen(
+                    ["sh", "-c", "while curl -s -o /dev/null --unix-socket %s http://f/metrics; "
+                     "do sleep 1; done" % api], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.children.extend(observers)
             pid = pid_of("^%s serve --net-socket %s" % (FERRY, sock))
             tcg = os.environ.get("FERRY_ACCEL", "tcg") == "tcg"
             # ferry-mq: two queue pairs, as libvirt's <driver queues='2'/> asks for them.
@@ -350,6 +364,9 @@ wait
                    "-device", "virtio-net-pci,netdev=net0,romfile=,mac=%s%s%s" % (GUEST_MAC, vectors, mq)]
 
             def stop():
+                for o in observers:
+                    o.kill()
+                    o.wait(timeout=5)
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=10)
             return dev, "192.168.127.254", Proc(pid), stop
@@ -748,6 +765,21 @@ rm -rf $D/tree
                     label, self.fmt(self.med("net", metric, "ferry")),
                     self.fmt(self.med("net", metric, "ferry-mq")), "%.2fx" % r if r else "n/a"))
             L.append("")
+        if "ferry-audit" in net_kinds:
+            L.append("## The audit log, events and metrics\n")
+            L.append("The same runs with `--audit-log FILE`, a `ferry ctl events` follower and a "
+                     "`GET /metrics` scrape every second (\"audit on\"), against plain Ferry: host "
+                     "CPU seconds of the ferry process per GiB moved, bulk transfers only, and "
+                     "throughput. The goal is under 5% more CPU per GiB.\n")
+            L.append("| transfer | Ferry, CPU s/GiB | audit on, CPU s/GiB | extra CPU |")
+            L.append("|---|---|---|---|")
+            for metric, label, _ in self.NET_ROWS:
+                a, b = self.med("cpu", metric, "ferry"), self.med("cpu", metric, "ferry-audit")
+                if a is None or b is None:
+                    continue
+                L.append("| %s | %s | %s | %+.1f%% |" % (label, self.fmt(a), self.fmt(b),
+                                                        100.0 * (b - a) / a if a else 0.0))
+            L.append("")
         L.append("## Cost\n")
         L.append("Host CPU seconds (utime+stime) of the backend process per GiB moved through it, "
                  "and its peak RSS (VmHWM). *Whole run* counts everything from the backend's start "
@@ -761,6 +793,7 @@ rm -rf $D/tree
         L.append("| backend | CPU s per GiB, whole run | CPU s per GiB, bulk only | peak RSS MiB |")
         L.append("|---|---|---|---|")
         names = {"ferry": "Ferry", "ferry-mq": "Ferry, 2 queue pairs",
+                 "ferry-audit": "Ferry with audit log, events and metrics",
                  "slirp": "QEMU user net (QEMU itself)", "passt": "passt", "virtiofsd": "virtiofsd"}
         for suite, kinds in (("net", net_kinds), ("fs", [k for k in fs_kinds if k != "native"])):
             for k in kinds:
@@ -869,6 +902,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--only", choices=["net", "fs"])
+    ap.add_argument("--net-kinds", help="comma-separated net backends to run (default: all), "
+                    "e.g. ferry,ferry-audit")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it makes a network namespace and drops caches)")
@@ -883,6 +918,11 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.datetime.now(datetime.timezone.utc)
     net_kinds = [] if args.only == "fs" else ["ferry", "slirp", "passt", "ferry-mq"]
+    # The audit log's cost is measured in full runs; quick runs (CI's smoke check) skip it.
+    if net_kinds and not args.quick:
+        net_kinds.append("ferry-audit")
+    if args.net_kinds:
+        net_kinds = args.net_kinds.split(",")
     fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native"]
     t0 = time.time()
     try:
