@@ -153,7 +153,9 @@ pub struct NetStack {
     fragments: crate::fragments::Reassembly,
     /// The identification of the last datagram ferry sent the guest in fragments.
     ip_id: u16,
-    iface: Interface,
+    /// Boxed: with IPv4 reassembly its buffer makes it ~64 KiB, and the stack is built by
+    /// value through builder calls (a debug build would copy it onto the stack at each).
+    iface: Box<Interface>,
     device: FrameQueue,
     sockets: SocketSet<'static>,
     dhcp: SocketHandle,
@@ -288,7 +290,7 @@ impl NetStack {
             fragments: Default::default(),
             ip_id: 0,
             cfg,
-            iface,
+            iface: Box::new(iface),
             device,
             sockets,
             dhcp,
