@@ -248,9 +248,14 @@ impl Audit {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        // The writer takes the whole queue when it wakes: only the first line of a batch
+        // needs to wake it (a wake is a system call).
+        let was_empty = s.lines.is_empty();
         s.lines.push_back(line);
         drop(s);
-        self.shared.wake.notify_one();
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// A new follower of the events from now on, or `None` past [`MAX_SUBSCRIBERS`].
@@ -330,24 +335,36 @@ impl Output {
         })
     }
 
-    /// Writes one line; false when it was lost.
-    fn write(&mut self, line: &str) -> bool {
-        match self {
-            Output::File(f) => {
-                let mut b = Vec::with_capacity(line.len() + 1);
-                b.extend_from_slice(line.as_bytes());
-                b.push(b'\n');
-                f.write_all(&b).is_ok()
+    /// Writes `lines`, a batch: one write for a file or stderr, a datagram each for a
+    /// collector. Returns how many were lost.
+    fn write(&mut self, lines: &[String], buf: &mut Vec<u8>) -> u64 {
+        let mut whole = |w: &mut dyn Write| {
+            buf.clear();
+            for l in lines {
+                buf.extend_from_slice(l.as_bytes());
+                buf.push(b'\n');
             }
-            Output::Stderr => writeln!(std::io::stderr().lock(), "{line}").is_ok(),
-            Output::Datagram(s, p) => s.send_to(line.as_bytes(), &*p).is_ok(),
-            Output::None => true,
+            if w.write_all(buf).is_ok() {
+                0
+            } else {
+                lines.len() as u64
+            }
+        };
+        match self {
+            Output::File(f) => whole(f),
+            Output::Stderr => whole(&mut std::io::stderr().lock()),
+            Output::Datagram(s, p) => lines
+                .iter()
+                .filter(|l| s.send_to(l.as_bytes(), &*p).is_err())
+                .count() as u64,
+            Output::None => 0,
         }
     }
 }
 
 fn run(shared: &Shared, out: &mut Output) {
-    let mut batch = Vec::new();
+    let mut batch: Vec<String> = Vec::new();
+    let mut buf = Vec::new();
     loop {
         let (subscribers, stop) = {
             let mut s = lock(&shared.queue);
@@ -357,25 +374,25 @@ fn run(shared: &Shared, out: &mut Output) {
             batch.extend(s.lines.drain(..));
             (s.subscribers.clone(), s.stop)
         };
-        for line in batch.drain(..) {
-            if matches!(out, Output::None) || out.write(&line) {
-                if !matches!(out, Output::None) {
-                    shared.written.fetch_add(1, Ordering::Relaxed);
-                }
-            } else {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            for sub in &subscribers {
-                let mut q = lock(&sub.lines);
-                if q.0.len() >= SUBSCRIBER_EVENTS {
-                    shared.dropped_subscribers.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                q.0.push_back(line.clone());
-                drop(q);
-                sub.wake.notify_one();
-            }
+        if !batch.is_empty() && !matches!(out, Output::None) {
+            let lost = out.write(&batch, &mut buf);
+            shared.dropped.fetch_add(lost, Ordering::Relaxed);
+            shared
+                .written
+                .fetch_add(batch.len() as u64 - lost, Ordering::Relaxed);
         }
+        for sub in &subscribers {
+            let mut q = lock(&sub.lines);
+            let room = SUBSCRIBER_EVENTS.saturating_sub(q.0.len());
+            let lost = batch.len().saturating_sub(room);
+            q.0.extend(batch.iter().take(room).cloned());
+            drop(q);
+            shared
+                .dropped_subscribers
+                .fetch_add(lost as u64, Ordering::Relaxed);
+            sub.wake.notify_one();
+        }
+        batch.clear();
         if stop {
             for sub in &subscribers {
                 lock(&sub.lines).1 = true;
