@@ -133,6 +133,35 @@ fn socket(family: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Resul
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A UNIX stream socket connected to `path`, without waiting: a UNIX connect ends at once
+/// (made, or refused), except that a listener whose backlog is full would keep a blocking
+/// connect waiting, and the net thread must not; that case fails with `WouldBlock`.
+pub(crate) fn connect_unix_nonblocking(
+    path: &std::path::Path,
+) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data: all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    // SAFETY: `addr` is a valid sockaddr_un of the given length.
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    })?;
+    Ok(std::os::unix::net::UnixStream::from(fd))
+}
+
 /// A TCP socket connecting to `to` without waiting. With `announce`, the socket is bound to
 /// an ephemeral loopback port first and `announce` gets that address before the connect
 /// (the in-process proxy takes only connections it was told of).

@@ -267,8 +267,7 @@ impl NetStack {
         let connected = match &unix {
             // A UNIX connect ends at once (made, refused or the backlog full): the flow
             // still waits for EPOLLOUT, which a connected socket reports straight away.
-            Some(path) => std::os::unix::net::UnixStream::connect(path)
-                .and_then(|s| s.set_nonblocking(true).map(|()| HostStream::Unix(s))),
+            Some(path) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
             None => connect_nonblocking(target, announce).map(HostStream::Tcp),
         };
         let host = match connected {
