@@ -8,7 +8,6 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ferry_fs::{CachePolicy, IdMap, IdMaps};
 use ferry_net::ports::SocketSpec;
 use ferry_net::proxy::Upstream;
 use ferry_net::rules::{RuleSpec, MAX_RULES};
@@ -18,6 +17,11 @@ use serde::Deserialize;
 
 use crate::cli::{RunArgs, SandboxArgs, ServeArgs};
 use crate::sandbox::SandboxConfig;
+
+mod share;
+pub(crate) use share::parse_id_maps;
+pub use share::ShareConfig;
+use share::{check_share, parse_share, FileShare};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = 36;
@@ -50,38 +54,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
-}
-
-/// One virtio-fs share.
-#[derive(Clone, Debug)]
-pub struct ShareConfig {
-    /// The tag the guest mounts.
-    pub tag: String,
-    /// The host directory served.
-    pub dir: PathBuf,
-    /// The vhost-user socket.
-    pub socket: PathBuf,
-    /// Answer writes with EROFS.
-    pub readonly: bool,
-    /// Cache policy.
-    pub cache: CachePolicy,
-    /// Let the guest cache writes (FUSE writeback cache).
-    pub writeback: bool,
-    /// Answer the xattr requests with ENOSYS (virtiofsd's default).
-    pub noxattr: bool,
-    /// Pass owners and set-id bits the guest sets through to the host files.
-    pub trusted: bool,
-    /// Connect to `socket` (the frontend listens) instead of listening on it.
-    pub client: bool,
-    /// Let the guest make device nodes (a container's root file system); needs root.
-    pub devices: bool,
-    /// `audit=files`: the guest's changes to files go to the audit log.
-    pub audit_files: bool,
-    /// User ids the guest names differently from the host (`uidmap=GUEST:HOST[:COUNT]`, once
-    /// per range).
-    pub uidmap: IdMaps,
-    /// Group ids the same way (`gidmap=`).
-    pub gidmap: IdMaps,
 }
 
 /// What `ferry serve` serves.
@@ -186,56 +158,6 @@ struct FileConfig {
     guest_forward: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileShare {
-    tag: String,
-    dir: PathBuf,
-    socket: PathBuf,
-    #[serde(default)]
-    readonly: bool,
-    #[serde(default)]
-    writeback: bool,
-    #[serde(default)]
-    noxattr: bool,
-    #[serde(default)]
-    trusted: bool,
-    #[serde(default)]
-    client: bool,
-    #[serde(default)]
-    devices: bool,
-    audit: Option<String>,
-    cache: Option<String>,
-    #[serde(default)]
-    uidmap: OneOrMany,
-    #[serde(default)]
-    gidmap: OneOrMany,
-}
-
-/// A TOML value that is one string or a list of them (`uidmap = "0:1000"` or
-/// `uidmap = ["0:1000", "1:100000:65536"]`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "uidmap and gidmap take a range \"GUEST:HOST[:COUNT]\" or a list of them, as uidmap = [\"0:1000\", \"1:100000:65536\"]"
-)]
-enum OneOrMany {
-    #[default]
-    None,
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn values(&self) -> &[String] {
-        match self {
-            OneOrMany::None => &[],
-            OneOrMany::One(v) => std::slice::from_ref(v),
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 fn load_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         usage(format!(
@@ -296,24 +218,6 @@ fn check_socket_path(option: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses the values of `uidmap=`/`gidmap=` (each `GUEST:HOST[:COUNT]`, one per range) for the
-/// option `opt`.
-pub(crate) fn parse_id_maps<'a>(
-    opt: &str,
-    key: &str,
-    values: impl Iterator<Item = &'a str>,
-) -> Result<IdMaps> {
-    let mut maps = Vec::new();
-    for v in values {
-        maps.push(IdMap::parse(v).map_err(|why| {
-            usage(format!(
-                "{opt}: {key}={v}: {why}; for example {key}=0:1000 shows host id 1000 to the guest as 0, and the guest's 0 creates files as 1000"
-            ))
-        })?);
-    }
-    IdMaps::new(maps).map_err(|why| usage(format!("{opt}: {key}: {why}")))
-}
-
 /// `aa:bb:cc:dd:ee:ff` as six bytes.
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -326,108 +230,6 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(p, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
-}
-
-/// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
-/// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
-fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
-    let bad = |why: String| usage(format!("--share {spec}: {why}"));
-    let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
-    let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
-    let mut client = false;
-    let mut devices = false;
-    let mut audit_files = false;
-    let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
-    let opt = format!("--share {spec}");
-    for part in spec.split(',') {
-        match part.split_once('=') {
-            Some(("tag", v)) => tag = Some(v.to_string()),
-            Some(("dir", v)) => dir = Some(PathBuf::from(v)),
-            Some(("socket", v)) => socket = Some(PathBuf::from(v)),
-            Some(("fd", v)) => {
-                let fd = v.parse::<RawFd>().map_err(|_| {
-                    bad(format!("fd={v}: not a file descriptor number"))
-                })?;
-                let path = crate::listen::adopt(&format!("--share {spec}"), fd)?;
-                handed.insert(path.clone(), fd);
-                socket = Some(path);
-            }
-            Some(("cache", v)) => cache = v.parse().map_err(bad)?,
-            Some(("uidmap", v)) => uidmap.push(v),
-            Some(("gidmap", v)) => gidmap.push(v),
-            Some(("audit", "files")) => audit_files = true,
-            Some(("audit", v)) => {
-                return Err(bad(format!(
-                    "audit={v}: the one kind is audit=files (the guest's file changes go to the audit log)"
-                )))
-            }
-            None if part == "readonly" => readonly = true,
-            None if part == "writeback" => writeback = true,
-            None if part == "noxattr" => noxattr = true,
-            None if part == "trusted" => trusted = true,
-            None if part == "client" => client = true,
-            None if part == "devices" => devices = true,
-            _ => {
-                return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, audit=files, readonly, writeback, noxattr, trusted, client and devices"
-                )))
-            }
-        }
-    }
-    let missing = |what: &str| {
-        bad(format!(
-            "{what}= is missing; give tag=TAG,dir=DIR,socket=PATH (or fd=N for a socket already listening)"
-        ))
-    };
-    Ok(ShareConfig {
-        tag: tag.ok_or_else(|| missing("tag"))?,
-        dir: dir.ok_or_else(|| missing("dir"))?,
-        socket: socket.ok_or_else(|| missing("socket"))?,
-        readonly,
-        cache,
-        writeback,
-        noxattr,
-        trusted,
-        client,
-        devices,
-        audit_files,
-        uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
-        gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
-    })
-}
-
-fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> {
-    let opt = format!("--share tag={}", s.tag);
-    // SAFETY: geteuid has no preconditions.
-    if s.devices && unsafe { libc::geteuid() } != 0 {
-        return Err(usage(format!(
-            "{opt}: devices: making device nodes needs root (CAP_MKNOD); run ferry as root or leave the option out"
-        )));
-    }
-    if s.tag.is_empty() || s.tag.len() > MAX_TAG_LEN {
-        return Err(usage(format!(
-            "{opt}: a tag must be 1 to {MAX_TAG_LEN} bytes long"
-        )));
-    }
-    if !s.dir.is_dir() {
-        return Err(usage(format!(
-            "{opt}: dir {} does not exist or is not a directory; create it or share another one",
-            s.dir.display()
-        )));
-    }
-    if handed.contains_key(&s.socket) {
-        return Ok(());
-    }
-    if s.client {
-        if s.socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(usage(format!(
-                "{opt}: socket {}: the path is longer than the {MAX_SOCKET_PATH} bytes a UNIX socket address holds; use a shorter one",
-                s.socket.display()
-            )));
-        }
-        return Ok(());
-    }
-    check_socket_path(&format!("{opt}: socket"), &s.socket)
 }
 
 fn parse_dns_upstream(s: &str) -> Result<SocketAddr> {
@@ -507,41 +309,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
 
         let mut shares = Vec::new();
         for s in file.share {
-            let audit_files = match s.audit.as_deref() {
-                None => false,
-                Some("files") => true,
-                Some(v) => {
-                    return Err(usage(format!(
-                        "[[share]] {}: audit = \"{v}\": the one kind is \"files\"",
-                        s.tag
-                    )))
-                }
-            };
-            let cache = match s.cache {
-                Some(c) => c
-                    .parse()
-                    .map_err(|e| usage(format!("--share tag={}: {e}", s.tag)))?,
-                None => CachePolicy::default(),
-            };
-            let opt = format!("--share tag={}", s.tag);
-            let map = |key: &str, v: &OneOrMany| {
-                parse_id_maps(&opt, key, v.values().iter().map(String::as_str))
-            };
-            shares.push(ShareConfig {
-                uidmap: map("uidmap", &s.uidmap)?,
-                gidmap: map("gidmap", &s.gidmap)?,
-                tag: s.tag,
-                dir: s.dir,
-                socket: s.socket,
-                readonly: s.readonly,
-                cache,
-                writeback: s.writeback,
-                noxattr: s.noxattr,
-                trusted: s.trusted,
-                client: s.client,
-                devices: s.devices,
-                audit_files,
-            });
+            shares.push(ShareConfig::try_from(s)?);
         }
         for spec in &args.share {
             shares.push(parse_share(spec, &mut handed)?);
@@ -906,6 +674,7 @@ impl TryFrom<RunArgs> for RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_fs::{CachePolicy, IdMaps};
 
     fn args() -> ServeArgs {
         ServeArgs {
