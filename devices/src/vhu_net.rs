@@ -272,8 +272,13 @@ impl VhostUserNetBackend {
     pub fn stack_stats(&self) -> (StackStats, Vec<FlowInfo>) {
         self.stack
             .lock()
-            .map(|s| (s.stats(), s.flows()))
+            .map(|s| (s.stats(), s.flows_brief()))
             .unwrap_or_default()
+    }
+
+    /// The open flows with ferry's host socket of each (fd and addresses).
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        self.stack.lock().map(|s| s.flows()).unwrap_or_default()
     }
 
     /// A frontend is attached: published ports forward to its guest from now on.

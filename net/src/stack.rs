@@ -676,23 +676,39 @@ impl NetStack {
         while self.pop_frame().is_some() {}
     }
 
-    /// The open flows, of every protocol and origin.
+    /// The open flows, of every protocol and origin, with ferry's host socket of each.
     pub fn flows(&self) -> Vec<FlowInfo> {
         self.flows
             .iter()
-            .map(|(_, f)| self.flow_info(f, true))
+            .map(|(_, f)| self.flow_info(f, true, true))
+            .collect()
+    }
+
+    /// The open flows without their host sockets' addresses, which cost two system calls
+    /// each: for counts and `/stats`, read often and under the stack's lock.
+    pub fn flows_brief(&self) -> Vec<FlowInfo> {
+        self.flows
+            .iter()
+            .map(|(_, f)| self.flow_info(f, true, false))
             .collect()
     }
 
     /// Flow `f` as the API and the audit log show it. `in_table`: it is still in the table,
     /// so its stack socket is too (a flow being closed may have lost it already, and its
     /// handle may name another socket by now).
-    fn flow_info(&self, f: &flow::Flow<Kind>, in_table: bool) -> FlowInfo {
+    /// `sockets`: ask the kernel for the host socket's addresses.
+    fn flow_info(&self, f: &flow::Flow<Kind>, in_table: bool, sockets: bool) -> FlowInfo {
         use smoltcp::socket::tcp;
         use tcp_host::TcpState;
-        let inet = |fd: RawFd, peer: bool| sys::socket_addr(fd, peer).map(|a| a.to_string());
-        let unix = |a: std::io::Result<std::os::unix::net::SocketAddr>| {
-            a.ok()
+        let inet = |fd: RawFd, peer: bool| {
+            sockets
+                .then(|| sys::socket_addr(fd, peer).map(|a| a.to_string()))
+                .flatten()
+        };
+        let unix = |a: &dyn Fn() -> std::io::Result<std::os::unix::net::SocketAddr>| {
+            sockets
+                .then(|| a().ok())
+                .flatten()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
         };
         let (protocol, state, fd, host_local, host_peer) = match &f.kind {
@@ -710,9 +726,9 @@ impl NetStack {
                     // A peer that has gone has no address to ask for: where the socket went.
                     HostStream::Tcp(_) => (
                         inet(fd, false),
-                        inet(fd, true).or_else(|| Some(f.host.to_string())),
+                        inet(fd, true).or_else(|| sockets.then(|| f.host.to_string())),
                     ),
-                    HostStream::Unix(u) => (unix(u.local_addr()), unix(u.peer_addr())),
+                    HostStream::Unix(u) => (unix(&|| u.local_addr()), unix(&|| u.peer_addr())),
                 };
                 ("tcp", state, Some(fd), local, peer)
             }

@@ -60,7 +60,7 @@ impl NetStack {
             return;
         };
         if let Some(f) = self.flows.get(id) {
-            let info = self.flow_info(f, true);
+            let info = self.flow_info(f, true, true);
             let mut v = flow_fields(&info);
             v["state"] = json!(info.state);
             a.emit("flow_open", v);
@@ -72,7 +72,7 @@ impl NetStack {
         let Some(a) = self.audit.as_ref().filter(|a| a.wanted()) else {
             return;
         };
-        let info = self.flow_info(f, false);
+        let info = self.flow_info(f, false, true);
         let mut v = flow_fields(&info);
         v["reason"] = json!(reason);
         v["duration_secs"] = json!(info.age.as_secs_f64());

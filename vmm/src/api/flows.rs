@@ -161,7 +161,7 @@ pub(super) fn list(control: &Control, query: &str) -> (u16, Value) {
         Ok(f) => f,
         Err(e) => return error(400, e, HINT),
     };
-    let (_, flows) = net.stack_stats();
+    let flows = net.flows();
     let rows = flows
         .iter()
         .filter(|f| filter.keeps(f))
