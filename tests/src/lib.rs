@@ -82,3 +82,61 @@ pub fn tools_share(dir: &std::path::Path) -> Tools {
         share,
     }
 }
+
+/// A guest test's setup: `ferry serve` in namespace `ns` with a net device, the control API
+/// and the probe's share (and `args` besides), and the guest booted on them with `script`.
+pub struct ServedGuest {
+    /// The ferry process.
+    pub ferry: FerryProcess,
+    /// The guest.
+    pub qemu: Qemu,
+    /// The probe's share (its folder is where the test writes `go-N` step files).
+    pub tools: Tools,
+    /// The control API's socket.
+    pub api: std::path::PathBuf,
+}
+
+/// Starts ferry in `ns` serving `dir/net.sock`, `dir/api.sock` and the tools share plus
+/// `args`, waits for `sockets` too, and boots the guest with `script` and `shares` (the tools
+/// share comes first).
+pub fn serve_and_boot(
+    ns: &str,
+    dir: &std::path::Path,
+    script: String,
+    args: &[String],
+    sockets: &[std::path::PathBuf],
+    shares: Vec<(String, std::path::PathBuf)>,
+) -> ServedGuest {
+    let sock = dir.join("net.sock");
+    let api = dir.join("api.sock");
+    let tools = tools_share(dir);
+    let mut all_args = vec![
+        "--net-socket".to_string(),
+        sock.display().to_string(),
+        "--api-socket".into(),
+        api.display().to_string(),
+        "--share".into(),
+        tools.share.clone(),
+    ];
+    all_args.extend_from_slice(args);
+    let mut all_sockets = vec![sock.clone(), tools.socket.clone(), api.clone()];
+    all_sockets.extend_from_slice(sockets);
+    let ferry = FerryProcess::serve_in(Some(ns), dir, &all_args, &all_sockets);
+    let mut guest_shares = vec![("tools".to_string(), tools.socket.clone())];
+    guest_shares.extend(shares);
+    let qemu = Qemu::boot(
+        dir,
+        &GuestSpec {
+            script,
+            net_socket: Some(sock),
+            shares: guest_shares,
+            ..Default::default()
+        },
+    );
+    ServedGuest {
+        ferry,
+        qemu,
+        tools,
+        api,
+    }
+}

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_tests::{ferry_bin, FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{ferry_bin, serve_and_boot, FerryProcess, ServedGuest, TestHost, TestNet};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -219,19 +219,18 @@ fn the_audit_log_says_what_the_guest_did() {
 
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let sock = dir.path().join("net.sock");
-    let api = dir.path().join("api.sock");
     let data_sock = dir.path().join("data.sock");
     let log = dir.path().join("audit.log");
-    let t = ferry_tests::tools_share(dir.path());
-    let ferry = FerryProcess::serve_in(
-        Some(&net.inner),
+    let ServedGuest {
+        ferry,
+        mut qemu,
+        tools: t,
+        api,
+    } = serve_and_boot(
+        &net.inner,
         dir.path(),
+        script(&net.remote_addr, &refused),
         &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--api-socket".into(),
-            api.display().to_string(),
             "--audit-log".into(),
             log.display().to_string(),
             "--rule".into(),
@@ -239,32 +238,14 @@ fn the_audit_log_says_what_the_guest_did() {
             "--publish".into(),
             "127.0.0.1:18080:80".into(),
             "--share".into(),
-            t.share.clone(),
-            "--share".into(),
             format!(
                 "tag=data,dir={},socket={},audit=files",
                 data.display(),
                 data_sock.display()
             ),
         ],
-        &[
-            sock.clone(),
-            t.socket.clone(),
-            api.clone(),
-            data_sock.clone(),
-        ],
-    );
-    let mut qemu = Qemu::boot(
-        dir.path(),
-        &GuestSpec {
-            script: script(&net.remote_addr, &refused),
-            net_socket: Some(sock.clone()),
-            shares: vec![
-                ("tools".into(), t.socket.clone()),
-                ("data".into(), data_sock.clone()),
-            ],
-            ..Default::default()
-        },
+        std::slice::from_ref(&data_sock),
+        vec![("data".into(), data_sock.clone())],
     );
     let fail = |e: String, ferry: &FerryProcess| panic!("{e}\nferry log:\n{}", ferry.log_tail());
     if let Err(e) = qemu.wait_console("FERRY-STEP 1", DEADLINE) {

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ferry_tests::ferry_ctl as ctl;
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{serve_and_boot, FerryProcess, ServedGuest, TestHost, TestNet};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(240);
@@ -127,31 +127,12 @@ fn the_flow_list_matches_ss_both_ways_and_udp_and_icmp_flows_expire() {
         .map(|a| TestHost::start(&net.remote, &[a, "--tcp-hold", "7000", "--echo", "7"]))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("net.sock");
-    let api = dir.path().join("api.sock");
-    let t = ferry_tests::tools_share(dir.path());
-    let ferry = FerryProcess::serve_in(
-        Some(&net.inner),
-        dir.path(),
-        &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--api-socket".into(),
-            api.display().to_string(),
-            "--share".into(),
-            t.share.clone(),
-        ],
-        &[sock.clone(), t.socket.clone(), api.clone()],
-    );
-    let mut qemu = Qemu::boot(
-        dir.path(),
-        &GuestSpec {
-            script: script(&servers),
-            net_socket: Some(sock.clone()),
-            shares: vec![("tools".into(), t.socket.clone())],
-            ..Default::default()
-        },
-    );
+    let ServedGuest {
+        ferry,
+        mut qemu,
+        tools: t,
+        api,
+    } = serve_and_boot(&net.inner, dir.path(), script(&servers), &[], &[], vec![]);
     let fail = |e: String, ferry: &FerryProcess| panic!("{e}\nferry log:\n{}", ferry.log_tail());
     if let Err(e) = qemu.wait_console("FERRY-STEP 1", DEADLINE) {
         fail(e, &ferry);

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_tests::ferry_ctl as ctl;
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{serve_and_boot, ServedGuest, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 const GUEST_PAGE: &str = "hello from the guest";
@@ -96,19 +96,18 @@ fn host_sockets_reach_the_guest_and_guest_forwards_reach_host_sockets() {
     );
     let _tcp_server = TestHost::start(&net.remote, &[&net.remote_addr, "--http", "8080", &www_s]);
 
-    let sock = dir.path().join("net.sock");
-    let api = dir.path().join("api.sock");
     let engine = dir.path().join("engine.sock");
     let open = dir.path().join("open.sock");
-    let t = ferry_tests::tools_share(dir.path());
-    let ferry = FerryProcess::serve_in(
-        Some(&net.inner),
+    let ServedGuest {
+        ferry,
+        mut qemu,
+        tools: t,
+        api,
+    } = serve_and_boot(
+        &net.inner,
         dir.path(),
+        script(),
         &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--api-socket".into(),
-            api.display().to_string(),
             "--forward-socket".into(),
             format!("{}=80", engine.display()),
             "--forward-socket".into(),
@@ -117,19 +116,9 @@ fn host_sockets_reach_the_guest_and_guest_forwards_reach_host_sockets() {
             format!("{FORWARD}:80=unix:{}", host_http.display()),
             "--guest-forward".into(),
             format!("{FORWARD}:81=tcp:{}:8080", net.remote_addr),
-            "--share".into(),
-            t.share.clone(),
         ],
-        &[sock.clone(), t.socket.clone(), api.clone(), engine.clone()],
-    );
-    let mut qemu = Qemu::boot(
-        dir.path(),
-        &GuestSpec {
-            script: script(),
-            net_socket: Some(sock.clone()),
-            shares: vec![("tools".into(), t.socket.clone())],
-            ..Default::default()
-        },
+        std::slice::from_ref(&engine),
+        vec![],
     );
     if let Err(e) = qemu.wait_console("FERRY-STEP 1", DEADLINE) {
         panic!("{e}\nferry log:\n{}", ferry.log_tail());

@@ -177,19 +177,14 @@ fn follow_events(socket: &Path, count: Option<usize>) -> Result<()> {
 
 /// `ferry ctl pcap`: the live link in the libpcap format on stdout (not a terminal), for
 /// `tcpdump -r -` or a file.
-fn capture(socket: &Path, query: &str) -> Result<()> {
+fn capture(socket: &Path, path: &str) -> Result<()> {
     use std::io::IsTerminal;
     if std::io::stdout().is_terminal() {
         return Err(Error::Usage(
             "ferry ctl pcap writes a binary capture; pipe it into `tcpdump -r -` or redirect it to a file".into(),
         ));
     }
-    let path = if query.is_empty() {
-        "/pcap".to_string()
-    } else {
-        format!("/pcap?{query}")
-    };
-    let mut r = open_stream(socket, &path)?;
+    let mut r = open_stream(socket, path)?;
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -202,6 +197,26 @@ fn capture(socket: &Path, query: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The rows `row` makes of each element of the array `v` (none when it is not an array).
+fn table_rows(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// `path`, with the query the given `key=value` pairs make (the ones given).
+fn with_query(path: &str, pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect();
+    if q.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", q.join("&"))
+    }
 }
 
 /// Prints rows as aligned columns under `header`.
@@ -235,22 +250,15 @@ fn s(v: &Value) -> String {
 }
 
 fn print_ports(ports: &Value) {
-    let rows: Vec<Vec<String>> = ports
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    vec![
-                        s(&p["proto"]).to_uppercase(),
-                        format!("{}:{}", bracket(&s(&p["bind_ip"])), s(&p["host_port"])),
-                        s(&p["guest_port"]),
-                        s(&p["forwarded"]),
-                        s(&p["refused"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = table_rows(ports, |p| {
+        vec![
+            s(&p["proto"]).to_uppercase(),
+            format!("{}:{}", bracket(&s(&p["bind_ip"])), s(&p["host_port"])),
+            s(&p["guest_port"]),
+            s(&p["forwarded"]),
+            s(&p["refused"]),
+        ]
+    });
     if rows.is_empty() {
         println!("no published ports");
         return;
@@ -575,68 +583,51 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             port,
             snaplen,
         } => {
-            let mut q: Vec<String> = Vec::new();
-            let pairs = [
-                ("count", count.map(|v| v.to_string())),
-                ("bytes", bytes.map(|v| v.to_string())),
-                ("proto", proto.clone()),
-                ("host", host.as_ref().map(|h| h.replace(':', "%3A"))),
-                ("port", port.map(|v| v.to_string())),
-                ("snaplen", snaplen.map(|v| v.to_string())),
-            ];
-            for (k, v) in pairs {
-                if let Some(v) = v {
-                    q.push(format!("{k}={v}"));
-                }
-            }
-            capture(sock, &q.join("&"))?
+            let path = with_query(
+                "/pcap",
+                &[
+                    ("count", count.map(|v| v.to_string())),
+                    ("bytes", bytes.map(|v| v.to_string())),
+                    ("proto", proto.clone()),
+                    ("host", host.as_ref().map(|h| h.replace(':', "%3A"))),
+                    ("port", port.map(|v| v.to_string())),
+                    ("snaplen", snaplen.map(|v| v.to_string())),
+                ],
+            );
+            capture(sock, &path)?
         }
         CtlCommand::Flows {
             proto,
             port,
             remote,
         } => {
-            let mut q: Vec<String> = Vec::new();
-            if let Some(p) = proto {
-                q.push(format!("proto={p}"));
-            }
-            if let Some(p) = port {
-                q.push(format!("port={p}"));
-            }
-            if let Some(r) = remote {
-                q.push(format!("remote={}", r.replace(':', "%3A")));
-            }
-            let path = if q.is_empty() {
-                "/flows".to_string()
-            } else {
-                format!("/flows?{}", q.join("&"))
-            };
+            let path = with_query(
+                "/flows",
+                &[
+                    ("proto", proto.clone()),
+                    ("port", port.map(|v| v.to_string())),
+                    ("remote", remote.as_ref().map(|r| r.replace(':', "%3A"))),
+                ],
+            );
             let v = expect(sock, "GET", &path, None, 200)?;
             out(&v, &|v| {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|f| {
-                                vec![
-                                    s(&f["proto"]),
-                                    s(&f["origin"]),
-                                    s(&f["guest"]),
-                                    s(&f["remote"]),
-                                    s(&f["host"]["fd"]),
-                                    s(&f["host"]["local"]),
-                                    s(&f["host"]["peer"]),
-                                    s(&f["state"]),
-                                    s(&f["to_guest"]["bytes"]),
-                                    s(&f["from_guest"]["bytes"]),
-                                    format!("{:.0}", f["age_secs"].as_f64().unwrap_or(0.0)),
-                                    format!("{:.0}", f["idle_secs"].as_f64().unwrap_or(0.0)),
-                                    s(&f["rule"]),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = table_rows(v, |f| {
+                    vec![
+                        s(&f["proto"]),
+                        s(&f["origin"]),
+                        s(&f["guest"]),
+                        s(&f["remote"]),
+                        s(&f["host"]["fd"]),
+                        s(&f["host"]["local"]),
+                        s(&f["host"]["peer"]),
+                        s(&f["state"]),
+                        s(&f["to_guest"]["bytes"]),
+                        s(&f["from_guest"]["bytes"]),
+                        format!("{:.0}", f["age_secs"].as_f64().unwrap_or(0.0)),
+                        format!("{:.0}", f["idle_secs"].as_f64().unwrap_or(0.0)),
+                        s(&f["rule"]),
+                    ]
+                });
                 if rows.is_empty() {
                     println!("no flows");
                 } else {
@@ -732,20 +723,13 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             None => {
                 let v = expect(sock, "GET", "/dns/records", None, 200)?;
                 out(&v, &|v| {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|r| {
-                                    let addrs: Vec<String> = r["addresses"]
-                                        .as_array()
-                                        .map(|x| x.iter().map(s).collect())
-                                        .unwrap_or_default();
-                                    vec![s(&r["name"]), addrs.join(" ")]
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let rows = table_rows(v, |r| {
+                        let addrs: Vec<String> = r["addresses"]
+                            .as_array()
+                            .map(|x| x.iter().map(s).collect())
+                            .unwrap_or_default();
+                        vec![s(&r["name"]), addrs.join(" ")]
+                    });
                     if rows.is_empty() {
                         println!("no DNS records (ferry ctl dns add NAME ADDR sets one)");
                     } else {
@@ -769,22 +753,15 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
             None => {
                 let v = expect(sock, "GET", "/sockets", None, 200)?;
                 out(&v, &|v| {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|r| {
-                                    vec![
-                                        s(&r["path"]),
-                                        s(&r["guest_port"]),
-                                        s(&r["mode"]),
-                                        s(&r["forwarded"]),
-                                        s(&r["refused"]),
-                                    ]
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let rows = table_rows(v, |r| {
+                        vec![
+                            s(&r["path"]),
+                            s(&r["guest_port"]),
+                            s(&r["mode"]),
+                            s(&r["forwarded"]),
+                            s(&r["refused"]),
+                        ]
+                    });
                     if rows.is_empty() {
                         println!("no forwarded sockets (ferry ctl sockets add PATH=PORT adds one)");
                     } else {
