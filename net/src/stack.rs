@@ -566,7 +566,7 @@ impl NetStack {
             Some((ip, payload)) => {
                 use smoltcp::wire::IpProtocol;
                 match ip.proto {
-                    IpProtocol::Tcp => self.tcp_syn(&b, &ip, payload),
+                    IpProtocol::Tcp => self.tcp_in(&b, &ip, payload),
                     IpProtocol::Udp => {
                         self.link6_udp(&ip, payload) || self.udp_out(&b, &ip, payload)
                     }
@@ -636,7 +636,9 @@ impl NetStack {
 
     /// The next frame for the guest, if any.
     pub fn pop_frame(&mut self) -> Option<Frame> {
-        self.device.tx.pop_front()
+        let f = self.device.tx.pop_front()?;
+        self.tcp_count_to_guest(&f, 1);
+        Some(f)
     }
 
     /// Returns a frame's buffer (from [`pop_frame`](Self::pop_frame)) for reuse.
@@ -646,6 +648,7 @@ impl NetStack {
 
     /// Puts back a frame the guest had no room for; it goes first next time.
     pub fn unpop_frame(&mut self, frame: Frame) {
+        self.tcp_count_to_guest(&frame, -1);
         self.device.tx.push_front(frame);
     }
 

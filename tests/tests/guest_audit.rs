@@ -72,6 +72,8 @@ fn schema(event: &str) -> &'static [&'static str] {
             "duration_secs",
             "to_guest_bytes",
             "from_guest_bytes",
+            "to_guest_packets",
+            "from_guest_packets",
         ],
         "flow_refused" => &["proto", "dir", "from", "to", "action", "rule"],
         "port_published" | "port_unpublished" => &["proto", "host", "guest_port"],
@@ -359,6 +361,14 @@ fn the_audit_log_says_what_the_guest_did() {
         .collect();
     assert_eq!(closes.len(), 1, "{}", dump());
     assert!(closes[0]["to_guest_bytes"].as_u64().unwrap() > HOST_PAGE.len() as u64);
+    // Its segments: at least SYN-ACK, the answer and FIN to the guest; SYN, the request,
+    // an ACK and FIN from it.
+    assert!(
+        closes[0]["to_guest_packets"].as_u64().unwrap() >= 3
+            && closes[0]["from_guest_packets"].as_u64().unwrap() >= 4,
+        "{}",
+        closes[0]
+    );
     assert_eq!(closes[0]["reason"], "closed");
     // The refusal, by the rule.
     let refusals: Vec<&Value> = events

@@ -144,6 +144,12 @@ fn the_flow_list_matches_ss_both_ways_and_udp_and_icmp_flows_expire() {
     for f in &tcp {
         assert_eq!(f["origin"], "outbound");
         assert_eq!(f["state"], "Established", "{f}");
+        // The handshake's segments: SYN and ACK from the guest, SYN-ACK to it.
+        assert!(
+            f["from_guest"]["packets"].as_u64() >= Some(2)
+                && f["to_guest"]["packets"].as_u64() >= Some(1),
+            "{f}"
+        );
     }
     // Both ways: each flow is one ss row, each ferry socket in ss is one flow.
     let ss: HashSet<(String, String, i64)> = ss_rows(&net.inner, ferry.pid()).into_iter().collect();

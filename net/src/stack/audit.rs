@@ -78,10 +78,8 @@ impl NetStack {
         v["duration_secs"] = json!(info.age.as_secs_f64());
         v["to_guest_bytes"] = json!(info.to_guest.bytes);
         v["from_guest_bytes"] = json!(info.from_guest.bytes);
-        if info.protocol != "tcp" {
-            v["to_guest_packets"] = json!(info.to_guest.packets);
-            v["from_guest_packets"] = json!(info.from_guest.packets);
-        }
+        v["to_guest_packets"] = json!(info.to_guest.packets);
+        v["from_guest_packets"] = json!(info.from_guest.packets);
         a.emit("flow_close", v);
     }
 

@@ -127,7 +127,8 @@ impl Origin {
 pub struct Traffic {
     /// Payload bytes.
     pub bytes: u64,
-    /// Datagrams (UDP, ICMP); TCP counts bytes only, its segments are the stack's.
+    /// Packets: datagrams (UDP, ICMP) or segments (TCP, bare ACKs included, counted as
+    /// they cross the link, `NetStack::tcp_in` and `tcp_count_to_guest`).
     pub packets: u64,
 }
 

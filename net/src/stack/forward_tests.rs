@@ -55,6 +55,19 @@ fn a_guest_forward_port_reaches_its_host_socket_and_other_ports_are_refused() {
     let mut b = [0u8; 5];
     peer.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"hello");
+    // Segments are counted as they cross the link: SYN and data from the guest, the
+    // SYN-ACK taken to it; a frame the guest had no room for is taken back.
+    let packets = |s: &NetStack| {
+        let f = &s.flows_brief()[0];
+        (f.from_guest.packets, f.to_guest.packets)
+    };
+    assert_eq!(packets(&s), (2, 1));
+    s.poll();
+    if let Some(ack) = s.pop_frame() {
+        assert_eq!(packets(&s), (2, 2));
+        s.unpop_frame(ack);
+    }
+    assert_eq!(packets(&s), (2, 1));
     // Another port of the address meets no listener.
     s.receive_frame(&guest_tcp_frame(dst, &guest_syn(40002, 23)));
     s.poll();

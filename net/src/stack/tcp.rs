@@ -175,30 +175,38 @@ impl NetStack {
         }
     }
 
-    /// A guest SYN to an outside address: held while ferry connects on the host. Returns
-    /// whether it took the frame.
-    pub(super) fn tcp_syn(&mut self, frame: &[u8], ip: &IpInfo, payload: &[u8]) -> bool {
+    /// A segment the guest sent: counted against its flow (every segment, as conntrack
+    /// counts packets); a SYN to an outside address opens a flow and is held while ferry
+    /// connects on the host. Returns whether it took the frame (else smoltcp has it).
+    pub(super) fn tcp_in(&mut self, frame: &[u8], ip: &IpInfo, payload: &[u8]) -> bool {
         use smoltcp::wire::TcpPacket;
         let Ok(t) = TcpPacket::new_checked(payload) else {
             return false;
         };
-        if !t.syn() || t.ack() {
-            return false;
-        }
+        let syn = t.syn() && !t.ack();
         let key = FlowKey {
             proto: FlowProto::Tcp,
             guest_port: t.src_port(),
             remote: SocketAddr::new(ip.dst, t.dst_port()),
         };
-        if let Some(id) = self.flows.lookup(&key) {
-            return match self.flows.get(id).map(|f| &f.kind) {
-                // A retransmitted SYN while the host connect runs: the first one is held.
-                Some(Kind::Tcp(TcpFlow {
-                    state: TcpState::Connecting { .. },
-                    ..
-                })) => true,
-                _ => false,
-            };
+        if let Some(f) = self
+            .flows
+            .lookup(&key)
+            .and_then(|id| self.flows.get_mut(id))
+        {
+            f.from_guest.packets += 1;
+            // A retransmitted SYN while the host connect runs: the first one is held.
+            return syn
+                && matches!(
+                    f.kind,
+                    Kind::Tcp(TcpFlow {
+                        state: TcpState::Connecting { .. },
+                        ..
+                    })
+                );
+        }
+        if !syn {
+            return false;
         }
         let mut target = None;
         let mut proxy = None;
@@ -290,10 +298,35 @@ impl NetStack {
         };
         let mut flow = Flow::new(key, target, origin, Kind::Tcp(t));
         flow.counters = counters;
+        flow.from_guest.packets = 1;
         if let Some(id) = self.flows.insert(flow) {
             self.audit_open(id);
         }
         true
+    }
+
+    /// Counts a TCP segment leaving for the guest against its flow (`n` = 1), or takes it
+    /// back (`n` = -1) when the guest had no room for it and it waits for the next round.
+    pub(super) fn tcp_count_to_guest(&mut self, frame: &[u8], n: i64) {
+        let Some((ip, payload)) = parse_ip(frame) else {
+            return;
+        };
+        if ip.proto != smoltcp::wire::IpProtocol::Tcp || payload.len() < 4 {
+            return;
+        }
+        let port = |at: usize| u16::from_be_bytes([payload[at], payload[at + 1]]);
+        let key = FlowKey {
+            proto: FlowProto::Tcp,
+            guest_port: port(2),
+            remote: SocketAddr::new(ip.src, port(0)),
+        };
+        if let Some(f) = self
+            .flows
+            .lookup(&key)
+            .and_then(|id| self.flows.get_mut(id))
+        {
+            f.to_guest.packets = f.to_guest.packets.wrapping_add_signed(n);
+        }
     }
 
     /// The other loopback to try for flow `id`, when its connect to the host alias's loopback

@@ -130,8 +130,6 @@ impl Filter {
 }
 
 fn flow_json(f: &FlowInfo, rule: Value) -> Value {
-    let tcp = f.protocol == "tcp";
-    let packets = |n: u64| if tcp { Value::Null } else { json!(n) };
     json!({
         "proto": f.protocol,
         "origin": f.origin.name(),
@@ -144,8 +142,8 @@ fn flow_json(f: &FlowInfo, rule: Value) -> Value {
             "peer": f.host_peer,
         },
         "state": f.state,
-        "to_guest": {"bytes": f.to_guest.bytes, "packets": packets(f.to_guest.packets)},
-        "from_guest": {"bytes": f.from_guest.bytes, "packets": packets(f.from_guest.packets)},
+        "to_guest": {"bytes": f.to_guest.bytes, "packets": f.to_guest.packets},
+        "from_guest": {"bytes": f.from_guest.bytes, "packets": f.from_guest.packets},
         "age_secs": f.age.as_secs_f64(),
         "idle_secs": f.idle.as_secs_f64(),
         "rule": rule,
