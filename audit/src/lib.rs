@@ -3,7 +3,9 @@
 //!
 //! Theory of operation. The devices call [`Audit::emit`] with an event name and its fields;
 //! the line (with `ts`, the Unix time in seconds, and `event`; keys in name order) is pushed onto a bounded
-//! queue under a mutex held for a push, and a condition variable wakes the `audit` thread.
+//! queue under a mutex held for a push, and a condition variable wakes the `audit` thread
+//! (for the first line of a batch only: the thread lets a batch gather for 5 ms, so a busy
+//! guest costs a wake-up and a write per batch, not per event).
 //! That thread alone does I/O: it appends each line to the sink (`--audit-log FILE`, `-` for
 //! stderr, or `unix:PATH` for a collector's datagram socket, one line per datagram) and hands
 //! it to every subscriber (`GET /events`), each of which has a bounded queue of its own. When
@@ -23,12 +25,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use serde_json::{json, Map, Value};
 
-/// Events waiting for the sink at most; past it, new ones are dropped and counted.
+/// Events waiting for the sink at most, unless told otherwise (`--audit-queue`); past it,
+/// new ones are dropped and counted.
 pub const QUEUE_EVENTS: usize = 8192;
+/// The smallest and largest queue `--audit-queue` may ask for.
+pub const QUEUE_RANGE: std::ops::RangeInclusive<usize> = 16..=1 << 20;
 /// Events waiting for one subscriber at most.
 pub const SUBSCRIBER_EVENTS: usize = 4096;
 /// Subscribers at once at most.
 pub const MAX_SUBSCRIBERS: usize = 16;
+/// How long the writer lets events gather after the first of a batch before it writes
+/// them: one wake-up and one write per batch instead of per event, at a cost in latency
+/// far below what a follower notices.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// Where the audit log goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +99,8 @@ pub struct AuditStats {
 }
 
 struct Shared {
+    /// Events waiting for the sink at most.
+    capacity: usize,
     /// Whether there is a sink (else events matter only while someone follows them).
     sink: bool,
     /// Followers now (read without the lock by [`Audit::wanted`]).
@@ -114,26 +125,44 @@ struct SubscriberQueue {
     wake: Condvar,
 }
 
-/// A live follower of the events (`GET /events`): [`next`](Self::next) gives each line.
+/// A live follower of the events (`GET /events`): [`next`](Self::next) gives each line,
+/// [`take_all`](Self::take_all) all that wait.
 pub struct Subscription {
     queue: Arc<SubscriberQueue>,
     audit: Audit,
 }
 
 impl Subscription {
+    /// The queue, once it holds a line or `timeout` passed or the audit log stopped.
+    fn wait(&self, timeout: Duration) -> MutexGuard<'_, (VecDeque<String>, bool)> {
+        let q = lock(&self.queue.lines);
+        if !q.0.is_empty() || q.1 {
+            return q;
+        }
+        self.queue
+            .wake
+            .wait_timeout(q, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
     /// The next event line (no newline), waiting up to `timeout`; `None` when none came or
     /// the audit log stopped.
     pub fn next(&self, timeout: Duration) -> Option<String> {
-        let mut q = lock(&self.queue.lines);
-        if q.0.is_empty() && !q.1 {
-            q = self
-                .queue
-                .wake
-                .wait_timeout(q, timeout)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        self.wait(timeout).0.pop_front()
+    }
+
+    /// Every event line waiting (at least one, waiting up to `timeout` for it), each with
+    /// its newline, appended to `out`: a follower writes them with one system call. How
+    /// many; 0 when none came or the audit log stopped.
+    pub fn take_all(&self, timeout: Duration, out: &mut Vec<u8>) -> usize {
+        let mut q = self.wait(timeout);
+        let n = q.0.len();
+        for l in q.0.drain(..) {
+            out.extend_from_slice(l.as_bytes());
+            out.push(b'\n');
         }
-        q.0.pop_front()
+        n
     }
 
     /// Whether the audit log stopped (no more events will come).
@@ -186,10 +215,12 @@ fn now() -> f64 {
 pub struct Opened(Output);
 
 impl Opened {
-    /// Starts the audit log's thread.
-    pub fn start(self) -> Result<Audit, String> {
+    /// Starts the audit log's thread, with room for `queue` events waiting for the sink
+    /// (clamped to [`QUEUE_RANGE`]).
+    pub fn start(self, queue: usize) -> Result<Audit, String> {
         let mut out = self.0;
         let shared = Arc::new(Shared {
+            capacity: queue.clamp(*QUEUE_RANGE.start(), *QUEUE_RANGE.end()),
             sink: !matches!(out, Output::None),
             followers: std::sync::atomic::AtomicUsize::new(0),
             queue: Mutex::new(State {
@@ -218,9 +249,9 @@ impl Audit {
         Output::open(sink).map(Opened)
     }
 
-    /// Opens `sink` and starts writing to it.
+    /// Opens `sink` and starts writing to it, with the default queue.
     pub fn start(sink: Sink) -> Result<Audit, String> {
-        Self::open(&sink)?.start()
+        Self::open(&sink)?.start(QUEUE_EVENTS)
     }
 
     /// Whether an event would go anywhere: a sink, or someone following. Callers whose
@@ -243,17 +274,18 @@ impl Audit {
         let line = Value::Object(obj).to_string();
         self.shared.events.fetch_add(1, Ordering::Relaxed);
         let mut s = lock(&self.shared.queue);
-        if s.lines.len() >= QUEUE_EVENTS {
+        if s.lines.len() >= self.shared.capacity {
             drop(s);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // The writer takes the whole queue when it wakes: only the first line of a batch
-        // needs to wake it (a wake is a system call).
-        let was_empty = s.lines.is_empty();
+        // needs to wake it (a wake is a system call), and the line that half fills the
+        // queue ends the writer's linger early.
         s.lines.push_back(line);
+        let n = s.lines.len();
         drop(s);
-        if was_empty {
+        if n == 1 || n == self.shared.capacity / 2 {
             self.shared.wake.notify_one();
         }
     }
@@ -370,6 +402,19 @@ fn run(shared: &Shared, out: &mut Output) {
             let mut s = lock(&shared.queue);
             while s.lines.is_empty() && !s.stop {
                 s = shared.wake.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            // Let the batch gather (see LINGER), unless the queue is half full.
+            let until = std::time::Instant::now() + LINGER;
+            while !s.stop && s.lines.len() < shared.capacity / 2 {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = shared
+                    .wake
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             batch.extend(s.lines.drain(..));
             (s.subscribers.clone(), s.stop)

@@ -35,6 +35,8 @@ fn help_documents_every_option() {
         "--subnet",
         "--mtu",
         "--max-connections",
+        "--audit-log",
+        "--audit-queue",
         "--dns-upstream",
         "--pcap",
         "--sandbox",
@@ -72,6 +74,15 @@ fn bad_values_exit_2_naming_the_option() {
                 format!("tag=a,dir={d}/missing,socket={d}/fs.sock"),
             ],
             "does not exist",
+        ),
+        (
+            vec![
+                "--net-socket".into(),
+                sock.clone(),
+                "--audit-queue".into(),
+                "4".into(),
+            ],
+            "--audit-queue 4: give between 16 and 1048576 events",
         ),
         (
             vec![

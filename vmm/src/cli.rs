@@ -350,6 +350,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE|-|unix:PATH")]
     pub audit_log: Option<String>,
 
+    /// Most audit events waiting for a slow sink; past it, new ones are dropped and counted
+    /// in /stats [default: 8192].
+    #[arg(long, value_name = "EVENTS")]
+    pub audit_queue: Option<usize>,
+
     /// The address published ports bind to when the spec names none [default: 0.0.0.0, which
     /// takes IPv6 clients too where the host has IPv6].
     #[arg(long, value_name = "IP")]

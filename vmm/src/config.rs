@@ -101,6 +101,8 @@ pub struct ServeConfig {
     pub forward_sockets: Vec<SocketSpec>,
     /// `--audit-log`: where the audit log goes (None: only `/events` followers see events).
     pub audit_log: Option<ferry_audit::Sink>,
+    /// `--audit-queue`: events waiting for the sink at most.
+    pub audit_queue: usize,
 }
 
 impl ServeConfig {
@@ -152,6 +154,7 @@ struct FileConfig {
     #[serde(default)]
     runtime_shares: Vec<PathBuf>,
     audit_log: Option<String>,
+    audit_queue: Option<usize>,
     #[serde(default)]
     forward_socket: Vec<String>,
     #[serde(default)]
@@ -472,6 +475,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
             .transpose()?;
         let forward_sockets = forwards(&file.forward_socket, &args.forward_socket)?;
         let audit_log = args.audit_log.or(file.audit_log);
+        let audit_queue = args
+            .audit_queue
+            .or(file.audit_queue)
+            .unwrap_or(ferry_audit::QUEUE_EVENTS);
+        if !ferry_audit::QUEUE_RANGE.contains(&audit_queue) {
+            return Err(usage(format!(
+                "--audit-queue {audit_queue}: give between {} and {} events",
+                ferry_audit::QUEUE_RANGE.start(),
+                ferry_audit::QUEUE_RANGE.end()
+            )));
+        }
         if let (Some(s), None, None) = (
             shares.iter().find(|s| s.audit_files),
             &audit_log,
@@ -545,6 +559,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 .map(|s| s.parse::<ferry_audit::Sink>())
                 .transpose()
                 .map_err(usage)?,
+            audit_queue,
         })
     }
 }
@@ -690,6 +705,7 @@ mod tests {
             forward_socket: vec![],
             guest_forward: vec![],
             audit_log: None,
+            audit_queue: None,
             rule: vec![],
             default_bind: None,
             api_socket: None,

@@ -115,7 +115,7 @@ impl Devices {
             let _ = std::fs::remove_dir_all(&private);
             return Err(e);
         }
-        let audit = match audit_out.map(|o| o.start()).transpose() {
+        let audit = match audit_out.map(|o| o.start(cfg.audit_queue)).transpose() {
             Ok(a) => a,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&private);

@@ -71,6 +71,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         runtime_shares: vec![],
         forward_sockets: vec![],
         audit_log: None,
+        audit_queue: ferry_audit::QUEUE_EVENTS,
     };
     // The devices start on a thread of their own, which enters the sandbox (and passes it to
     // the threads it starts): this thread stays outside it, to start QEMU.

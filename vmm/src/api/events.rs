@@ -2,8 +2,9 @@
 //! that lasts as long as the client reads (`ferry ctl events` follows it).
 //!
 //! Theory of operation. Each follower is a subscription of the audit log with a bounded queue
-//! of its own, and a thread of its own that owns the connection: it writes each event as a
-//! line, and looks every second whether the client hung up. A client that stops reading is
+//! of its own, and a thread of its own that owns the connection: it writes the events that
+//! came as lines (all that waited, with one write), and looks every second whether the
+//! client hung up. A client that stops reading is
 //! given 10 s per write, then dropped; meanwhile its queue fills and its events are dropped
 //! and counted, so nothing else waits for it. The HTTP server hands the connection over once
 //! the response head is out (`http::Body::Stream`).
@@ -53,16 +54,17 @@ pub(super) fn follow(control: &Control) -> (u16, Body) {
     };
     let stream = move |mut s: UnixStream| {
         let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut lines = Vec::new();
         loop {
-            match sub.next(Duration::from_secs(1)) {
-                Some(mut line) => {
-                    line.push('\n');
-                    if s.write_all(line.as_bytes()).is_err() {
+            lines.clear();
+            match sub.take_all(Duration::from_secs(1), &mut lines) {
+                0 if sub.closed() || hung_up(&s) => return,
+                0 => {}
+                _ => {
+                    if s.write_all(&lines).is_err() {
                         return;
                     }
                 }
-                None if sub.closed() || hung_up(&s) => return,
-                None => {}
             }
         }
     };
