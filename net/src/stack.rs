@@ -153,6 +153,8 @@ pub struct NetStack {
     fragments: crate::fragments::Reassembly,
     /// The identification of the last datagram ferry sent the guest in fragments.
     ip_id: u16,
+    /// The identification of the last datagram ferry sent the guest in IPv6 fragments.
+    ip6_id: u32,
     /// Boxed: with IPv4 reassembly its buffer makes it ~64 KiB, and the stack is built by
     /// value through builder calls (a debug build would copy it onto the stack at each).
     iface: Box<Interface>,
@@ -289,6 +291,7 @@ impl NetStack {
             guest: crate::guest::Guest::new(&cfg),
             fragments: Default::default(),
             ip_id: 0,
+            ip6_id: 0,
             cfg,
             iface: Box::new(iface),
             device,

@@ -46,6 +46,11 @@ check host-alias6 "$(wget -q -O - 'http://[{ALIAS6}]:8100/index.html')" "{LOOPBA
 # The IPv4 alias reaches a server on the host's ::1 only too (and the IPv6 one a server on
 # 127.0.0.1 only: guest_net's downloads by name): the alias is the host's loopback.
 check host-alias4-to-v6-loopback "$(wget -q -O - 'http://192.168.127.254:8100/index.html')" "{LOOPBACK_PAGE}"
+# Larger than the link: the guest sends it in IPv6 fragments and ferry puts them together;
+# the echo comes back in ferry's fragments. Then the same at the MTU most guests keep.
+check udp6-65507 "$($P udp {remote6} 7777 65507)" "65507 SAME"
+ip link set eth0 mtu 1500
+check udp6-8000-at-mtu-1500 "$($P udp {remote6} 7777 8000)" "8000 SAME"
 $P tcppeer 81 &
 $P udpecho 7 &
 echo FERRY-READY
@@ -135,7 +140,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(14, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(16, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

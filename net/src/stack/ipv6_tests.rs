@@ -494,3 +494,82 @@ fn echo_requests_to_other_hosts_are_never_answered_by_the_stack() {
             && *proto == IpProtocol::Icmpv6
             && p.first() == Some(&129)));
 }
+
+/// `frame` (an IPv6 packet without extension headers) as fragments of `chunk` payload bytes
+/// each, behind a Fragment header with identification `id`, as a guest with a small MTU
+/// sends a large datagram.
+fn fragmented6(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    let (head, payload) = frame.split_at(14 + 40);
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let mut f = head.to_vec();
+            f[18..20].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+            let next = f[20];
+            f[20] = 44;
+            let more = (i + 1) * chunk < payload.len();
+            let fo = (((i * chunk) / 8) as u16) << 3 | u16::from(more);
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&fo.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(part);
+            f
+        })
+        .collect()
+}
+
+#[test]
+fn large_udp_datagrams_cross_in_ipv6_fragments_both_ways_at_an_mtu_of_1500() {
+    let Ok(server) = std::net::UdpSocket::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let port = server.local_addr().unwrap().port();
+    let cfg = NetConfig {
+        mtu: 1500,
+        ..NetConfig::default()
+    };
+    let mut s = NetStack::new(cfg.clone(), None).unwrap();
+    let me = guest_global(&cfg);
+    let data: Vec<u8> = (0..8000).map(|i| (i * 7 + 3) as u8).collect();
+    // From the guest: its fragments, the last first, become one datagram on the host.
+    let mut parts = fragmented6(
+        &udp6_frame(me, 41000, cfg.host_alias6(), port, &data),
+        1448,
+        5,
+    );
+    parts.rotate_right(1);
+    for p in &parts {
+        s.receive_frame(p);
+    }
+    let mut buf = vec![0u8; 65536];
+    server
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let (n, from) = server.recv_from(&mut buf).expect("the datagram on ::1");
+    assert_eq!(&buf[..n], &data[..], "the guest's datagram, whole");
+    // To the guest: the host's reply comes in fragments that fit the link.
+    server.send_to(&data, from).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let sent: Vec<_> = settle(&mut s, me)
+        .into_iter()
+        .filter(|(src, dst, _, _)| *src == cfg.host_alias6() && *dst == me)
+        .collect();
+    assert!(sent.len() > 1, "fragments: {}", sent.len());
+    let mut whole = Vec::new();
+    for (k, (_, _, proto, p)) in sent.iter().enumerate() {
+        assert_eq!(*proto, IpProtocol::Ipv6Frag);
+        assert!(40 + p.len() <= 1500, "a fragment of {} bytes", 40 + p.len());
+        assert_eq!(p[0], 17, "UDP inside");
+        let fo = u16::from_be_bytes([p[2], p[3]]);
+        assert_eq!(usize::from(fo >> 3) * 8, whole.len(), "in order, no gaps");
+        assert_eq!(fo & 1 == 1, k + 1 < sent.len(), "M on all but the last");
+        assert_eq!(&p[4..8], &sent[0].3[4..8], "one identification");
+        whole.extend_from_slice(&p[8..]);
+    }
+    let udp = UdpPacket::new_checked(&whole[..]).unwrap();
+    assert!(udp.verify_checksum(&cfg.host_alias6().into(), &me.into()));
+    assert_eq!((udp.src_port(), udp.dst_port()), (port, 41000));
+    assert_eq!(udp.payload(), &data[..]);
+}

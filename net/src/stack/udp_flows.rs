@@ -5,6 +5,9 @@
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::*;
 
+/// The size of IPv6's Fragment header (RFC 8200 4.5).
+const FRAGMENT6: usize = 8;
+
 /// How long a UDP flow or a published UDP client lives without traffic.
 pub(super) const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -243,21 +246,23 @@ impl NetStack {
         let Some(guest) = self.guest_addr_for(src) else {
             return;
         };
-        let ip_header = if src.is_ipv4() { 20 } else { 40 };
-        if len > 65535 - ip_header || self.device.tx.len() >= QUEUE_FRAMES {
-            // Larger than IPv4 carries, or the guest is not reading.
+        // IPv4's total length counts its header; IPv6's payload length does not.
+        let (ip_header, largest) = if src.is_ipv4() {
+            (20, 65535 - 20)
+        } else {
+            (40, 65535)
+        };
+        if len > largest || self.device.tx.len() >= QUEUE_FRAMES {
+            // Larger than IP carries, or the guest is not reading.
             return;
         }
         let (s, d) = (IpAddress::from(src), IpAddress::from(guest));
         let mtu_payload = usize::from(self.cfg.mtu).saturating_sub(ip_header);
         if len > mtu_payload {
-            let std::net::IpAddr::V4(src4) = src else {
-                // IPv6 is never fragmented by routers, and ferry is one: the sender learns
-                // the path MTU (its host socket got EMSGSIZE) and sends less.
-                return;
-            };
             // More than the link takes in one packet: in fragments, which the guest puts
-            // back together (the checksum covers the whole datagram).
+            // back together (the checksum covers the whole datagram). For IPv6 too: routers
+            // never fragment it, but ferry is the guest-side packet's source, not a router
+            // (the host socket's datagram arrived whole), and a source fragments.
             let mut whole = vec![0u8; len];
             udp.emit(
                 &mut UdpPacket::new_unchecked(&mut whole[..]),
@@ -267,7 +272,18 @@ impl NetStack {
                 |p| p.copy_from_slice(data),
                 &Default::default(),
             );
-            self.emit_fragments(src4, IpProtocol::Udp, &whole, mtu_payload & !7);
+            match src {
+                std::net::IpAddr::V4(src4) => {
+                    self.emit_fragments(src4, IpProtocol::Udp, &whole, mtu_payload & !7)
+                }
+                std::net::IpAddr::V6(_) => self.emit_fragments6(
+                    src,
+                    guest,
+                    IpProtocol::Udp,
+                    &whole,
+                    mtu_payload.saturating_sub(FRAGMENT6) & !7,
+                ),
+            }
             return;
         }
         self.emit_to_guest(src, IpProtocol::Udp, len, |buf| {
@@ -323,8 +339,43 @@ impl NetStack {
             p.set_frag_offset((i * chunk) as u16);
             p.fill_checksum();
             p.payload_mut()[..part.len()].copy_from_slice(part);
-            pcap::record(self.device.capture.get_mut(), &frame);
+            self.device.record(&frame);
             self.device.tx.push_back(frame);
+        }
+    }
+
+    /// Queues `payload` for the guest from `src` to `dst` as IPv6 fragments of at most
+    /// `chunk` bytes of payload each (a multiple of 8), each behind a Fragment header.
+    fn emit_fragments6(
+        &mut self,
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        next_header: smoltcp::wire::IpProtocol,
+        payload: &[u8],
+        chunk: usize,
+    ) {
+        if chunk == 0 {
+            return;
+        }
+        self.ip6_id = self.ip6_id.wrapping_add(1);
+        let id = self.ip6_id;
+        for (i, part) in payload.chunks(chunk).enumerate() {
+            let more = (i + 1) * chunk < payload.len();
+            let off_flags = (((i * chunk) / 8) as u16) << 3 | u16::from(more);
+            self.emit_ip(
+                src,
+                dst,
+                smoltcp::wire::IpProtocol::Ipv6Frag,
+                FRAGMENT6 + part.len(),
+                |buf| {
+                    // RFC 8200 4.5: next header, reserved, offset and M, identification.
+                    buf[0] = next_header.into();
+                    buf[1] = 0;
+                    buf[2..4].copy_from_slice(&off_flags.to_be_bytes());
+                    buf[4..8].copy_from_slice(&id.to_be_bytes());
+                    buf[FRAGMENT6..].copy_from_slice(part);
+                },
+            );
         }
     }
 
@@ -341,10 +392,13 @@ impl NetStack {
             return;
         };
         let to = IpEndpoint::new(guest.into(), guest_port);
+        // smoltcp fragments IPv4 but not IPv6: an IPv6 datagram larger than the link's MTU
+        // goes to the guest in ferry's own fragments (it may pass smaller ones still in the
+        // socket's buffer; UDP promises no order).
+        let fits6 = usize::from(self.cfg.mtu).saturating_sub(40 + 8);
         loop {
-            let socket = self.sockets.get_mut::<udp::Socket>(reply);
             // Backpressure: stop reading while the stack's buffer toward the guest is full.
-            if !socket.can_send() {
+            if !self.sockets.get_mut::<udp::Socket>(reply).can_send() {
                 break;
             }
             let Some(f) = self.flows.get_mut(id) else {
@@ -358,6 +412,11 @@ impl NetStack {
                 Err(_) => break,
             };
             f.count_to_guest(n);
+            if remote.is_ipv6() && n > fits6 {
+                self.udp_to_guest(remote.ip(), remote.port(), guest_port, &buf[..n]);
+                continue;
+            }
+            let socket = self.sockets.get_mut::<udp::Socket>(reply);
             let mut meta = udp::UdpMetadata::from(to);
             meta.local_address = Some(remote.ip().into());
             let _ = socket.send_slice(&buf[..n], meta);
