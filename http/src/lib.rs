@@ -1,20 +1,33 @@
-//! HTTP/1.1 messages for the control API: a request's framing (RFC 9112: the head with
-//! httparse, then exactly `Content-Length` bytes of body) and an answer's bytes. No I/O: the
-//! server in `http.rs` owns the connections and feeds [`parse`] what it read.
+//! HTTP/1.1 messages for Ferry's control API: a request's framing (RFC 9112: the head with
+//! httparse, then exactly `Content-Length` bytes of body) and an answer's bytes.
 //!
-//! Framing is strict, against request smuggling (see `http.rs`): a request whose length two
-//! parties could read differently is refused, with the connection closed after the answer.
+//! Theory of operation. No I/O here: the API server (`vmm/src/api/http.rs`) owns the
+//! connections and feeds [`parse`] what it has read so far, which says whether a request is
+//! complete (and how many bytes it took), incomplete, or refused. A crate of its own so that
+//! the server and the fuzz target (`fuzz/fuzz_targets/api_requests.rs`) drive one parser.
+//!
+//! Framing is strict, against request smuggling: a request whose length two parties could
+//! read differently (`Transfer-Encoding` with `Content-Length`, two lengths that differ, one
+//! that is not a number) is refused with 400, and the server closes the connection after the
+//! answer, so no byte of it is ever taken as the start of another request. Every size is
+//! bounded: the head by [`MAX_HEAD`] and [`MAX_HEADERS`], the body by [`MAX_BODY`].
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use serde_json::{json, Value};
 
-use super::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
+/// Bytes of a request head (request line and headers), at most: ample for any client of
+/// this API, and what one slow connection may make the server hold before its body.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Headers in a request, at most: curl sends 4; each is parsed into a fixed slot on the stack.
+pub const MAX_HEADERS: usize = 64;
+/// Bytes of a request body, at most: the largest valid body (a spec) is under 1 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
 
 /// A complete request.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Request {
+pub struct Request {
     /// `GET`, `POST`, ... (case-sensitive, as RFC 9110 says).
     pub method: String,
     /// The request target as sent, query included.
@@ -26,7 +39,7 @@ pub(crate) struct Request {
 }
 
 /// An answer's body.
-pub(crate) enum Body {
+pub enum Body {
     /// JSON (Null: none, as for 204).
     Json(Value),
     /// Text of another type (`/metrics`: the Prometheus text format).
@@ -51,11 +64,11 @@ impl From<Value> for Body {
 }
 
 /// An answer: the status and its body.
-pub(crate) type Reply = (u16, Body);
+pub type Reply = (u16, Body);
 
 /// A request the server refuses before the handler sees it; the connection closes after it.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Refusal {
+pub struct Refusal {
     /// 400, 413, 431 or 501.
     pub status: u16,
     /// What happened.
@@ -66,7 +79,7 @@ pub(crate) struct Refusal {
 
 /// What the buffer holds.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Parsed {
+pub enum Parsed {
     /// Part of a request. `expects_continue`: its head is complete and asks for
     /// `100 Continue` before the client sends the body.
     Partial { expects_continue: bool },
@@ -95,7 +108,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Frames the request at the start of `buf`.
-pub(crate) fn parse(buf: &[u8]) -> Parsed {
+pub fn parse(buf: &[u8]) -> Parsed {
     // httparse is run only on a whole head: parsing each partial read again would let a
     // client sending a byte at a time cost a parse of up to MAX_HEAD bytes per byte.
     let Some(end) = head_end(&buf[..buf.len().min(MAX_HEAD + 1)]) else {
@@ -257,7 +270,7 @@ fn reason(status: u16) -> &'static str {
 
 /// Appends the answer `status`, `body` to `out`. 204 has no body (RFC 9110 15.3.5); `head`
 /// (a HEAD request) sends the length without the body.
-pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
+pub fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive: bool, head: bool) {
     let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(*status));
     if let Body::Stream { content_type, .. } = body {
         let _ = write!(
@@ -293,6 +306,6 @@ pub(crate) fn write_reply(out: &mut Vec<u8>, (status, body): &Reply, keep_alive:
 }
 
 /// The JSON error every refusal uses.
-pub(crate) fn error_body(error: &str, hint: &str) -> Value {
+pub fn error_body(error: &str, hint: &str) -> Value {
     json!({"error": error, "hint": hint})
 }

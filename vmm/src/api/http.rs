@@ -5,7 +5,7 @@
 //!
 //! One thread (`api`) runs an epoll loop over the listener and every connection, all
 //! non-blocking. Each connection has a read buffer and the answers it has not taken yet.
-//! Bytes read are framed by [`parse`] (`http/message.rs`, which also writes the answers):
+//! Bytes read are framed by [`parse`] (the `ferry-http` crate, which also writes the answers):
 //! the head with httparse, then exactly `Content-Length` bytes of body. A complete request goes to the handler (routing and JSON live in `api.rs`);
 //! its answer is queued, and the next pipelined request is taken only after it, so answers go
 //! out in order.
@@ -47,13 +47,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Bytes of a request head (request line and headers), at most: ample for any client of
-/// this API, and what one slow connection may make the server hold before its body.
-pub(crate) const MAX_HEAD: usize = 16 * 1024;
-/// Headers in a request, at most: curl sends 4; each is parsed into a fixed slot on the stack.
-pub(crate) const MAX_HEADERS: usize = 64;
-/// Bytes of a request body, at most: the largest valid body (a spec) is under 1 KiB.
-pub(crate) const MAX_BODY: usize = 64 * 1024;
 /// Connections open at once, at most. Past it, a new connection is answered 503 and closed:
 /// the clients already served keep their connections. Worst case memory is this many times
 /// [`MAX_HEAD`] + [`MAX_BODY`] (about 320 MiB), reachable only by the socket's owner.
@@ -81,8 +74,7 @@ const LISTENER: u64 = 0;
 const STOP: u64 = 1;
 const FIRST_CONNECTION: u64 = 2;
 
-mod message;
-pub(crate) use message::*;
+pub(crate) use ferry_http::*;
 
 /// Where a connection is.
 #[derive(Clone, Copy, PartialEq, Eq)]
