@@ -2,7 +2,7 @@
 
 use log::warn;
 use vhost_user_backend::VringT;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
 
 use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
@@ -66,7 +66,9 @@ where
                 .disable_notification(&*mem)
                 .map_err(std::io::Error::other)?;
         }
+        let mut popped = 0usize;
         while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
+            popped += 1;
             let head = chain.head_index();
             let Some(len) = handle(chain) else {
                 continue;
@@ -85,6 +87,15 @@ where
             .enable_notification(&*mem)
             .map_err(std::io::Error::other)?
         {
+            break;
+        }
+        // More is announced but nothing could be taken: the avail ring is broken (an index
+        // more than a ring ahead, a ring outside memory). Looping would spin forever at
+        // full CPU on what the guest wrote; stop, and serve it again on its next kick.
+        if popped == 0 {
+            if let Err(e) = queue.iter(mem.clone()) {
+                warn!("the guest's avail ring cannot be read ({e}); its requests wait until it is valid again");
+            }
             break;
         }
     }
@@ -232,5 +243,29 @@ mod tests {
         // A head outside the ring is refused before anything is published.
         assert!(add_used_together(q, &*m, &[(99, 1)]).is_err());
         assert_eq!(q.next_used(), 3);
+    }
+
+    #[test]
+    fn an_avail_index_far_ahead_of_the_ring_ends_the_drain_instead_of_spinning() {
+        use vm_memory::{Bytes, GuestAddress};
+        for event_idx in [false, true] {
+            let (mem, vring) = setup(3);
+            vring.set_queue_event_idx(event_idx);
+            // The guest claims 100 new chains in a ring of 16.
+            let avail = vring.get_ref().get_queue().avail_ring();
+            mem.memory()
+                .write_obj(100u16, GuestAddress(avail + 2))
+                .unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (m, v) = (mem.clone(), vring.clone());
+            std::thread::spawn(move || {
+                let _ =
+                    tx.send(drain_queue(&v, &m, event_idx, |_| Some(0)).map_err(|e| e.to_string()));
+            });
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("the drain returned (it spun before)");
+            assert_eq!(got, Ok(0), "event_idx {event_idx}");
+        }
     }
 }
