@@ -2,14 +2,14 @@
 # Runs every fuzz target for SECS seconds (default 600) and prints one line per target:
 # executions, corpus size, and whether it found anything. Used by `make fuzz` (and by CI with
 # 30 s as a smoke run). Installs cargo-fuzz when it is missing; needs the nightly toolchain and
-# root (guest_frames enters a network namespace of its own).
+# root (guest_frames and queue_chains enter a network namespace of their own).
 #   fuzz/run.sh [SECS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuse_requests guest_frames proxy_requests specs api_requests)
+[ ${#targets[@]} -gt 0 ] || targets=(fuse_requests guest_frames proxy_requests specs api_requests queue_chains)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 build_log=$(mktemp)
