@@ -59,6 +59,8 @@ where
     let mem = mem.memory();
     let mut used = 0usize;
     let mut state = vring.get_mut();
+    // Rounds in a row that took nothing though more was announced (see below).
+    let mut empty = 0;
     loop {
         let queue = state.get_queue_mut();
         if event_idx || !notify_after {
@@ -89,10 +91,13 @@ where
         {
             break;
         }
-        // More is announced but nothing could be taken: the avail ring is broken (an index
-        // more than a ring ahead, a ring outside memory). Looping would spin forever at
-        // full CPU on what the guest wrote; stop, and serve it again on its next kick.
-        if popped == 0 {
+        // More is announced. Once, with nothing taken, is the race the re-check is for (the
+        // guest posted a chain after the last pop looked): go round and take it. Twice in a
+        // row, the avail ring is broken (an index more than a ring ahead, a ring outside
+        // memory): looping would spin forever at full CPU on what the guest wrote, so stop,
+        // and look again on its next kick.
+        empty = if popped == 0 { empty + 1 } else { 0 };
+        if empty >= 2 {
             if let Err(e) = queue.iter(mem.clone()) {
                 warn!("the guest's avail ring cannot be read ({e}); its requests wait until it is valid again");
             }
