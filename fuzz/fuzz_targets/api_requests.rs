@@ -20,12 +20,18 @@ fuzz_target!(|data: &[u8]| {
         assert!(!req.method.is_empty());
         match parse(&data[..*used]) {
             Parsed::Request(again, n) => assert!(n == *used && again == *req),
-            other => panic!("the request's own bytes parse otherwise: {:?}", name(&other)),
+            other => panic!(
+                "the request's own bytes parse otherwise: {:?}",
+                name(&other)
+            ),
         }
         // Every shorter prefix is partial or refused, never a request.
         for cut in [*used / 2, used.saturating_sub(1)] {
             if cut < *used {
-                assert!(!matches!(parse(&data[..cut]), Parsed::Request(..)), "cut {cut}");
+                assert!(
+                    !matches!(parse(&data[..cut]), Parsed::Request(..)),
+                    "cut {cut}"
+                );
             }
         }
     }

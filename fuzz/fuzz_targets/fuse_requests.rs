@@ -13,6 +13,10 @@ use ferry_fs::passthrough::Config;
 use ferry_fs::{FileSystem, PassthroughFs, Server};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common/fuse_init.rs"]
+mod fuse_init;
+use fuse_init::init;
+
 struct Share {
     _dir: tempfile::TempDir,
     server: Server<PassthroughFs>,
@@ -31,24 +35,6 @@ fn share() -> Share {
         server: Server::new(fs),
         inputs: 0,
     }
-}
-
-/// An INIT from a guest kernel of FUSE 7.38 offering what 6.1 offers.
-fn init() -> Vec<u8> {
-    let mut m = Vec::with_capacity(104);
-    let body_len = 64u32;
-    m.extend_from_slice(&(40 + body_len).to_le_bytes()); // len
-    m.extend_from_slice(&26u32.to_le_bytes()); // FUSE_INIT
-    m.extend_from_slice(&1u64.to_le_bytes()); // unique
-    m.extend_from_slice(&0u64.to_le_bytes()); // nodeid
-    m.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen + padding
-    m.extend_from_slice(&7u32.to_le_bytes());
-    m.extend_from_slice(&38u32.to_le_bytes());
-    m.extend_from_slice(&(128u32 << 10).to_le_bytes()); // max_readahead
-    m.extend_from_slice(&0xffff_fffbu32.to_le_bytes()); // flags
-    m.extend_from_slice(&0u32.to_le_bytes()); // flags2
-    m.resize(40 + body_len as usize, 0);
-    m
 }
 
 fuzz_target!(|data: &[u8]| {

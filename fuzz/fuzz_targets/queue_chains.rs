@@ -22,6 +22,10 @@ use ferry_fs::membuf::{ReplyBuf, RequestBuf};
 use ferry_fs::passthrough::Config;
 use ferry_fs::{PassthroughFs, Server};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "common/fuse_init.rs"]
+mod fuse_init;
+use fuse_init::init;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
@@ -61,29 +65,14 @@ fn devices() -> Devices {
     }
 }
 
-/// An INIT from a guest kernel of FUSE 7.38 offering what 6.1 offers.
-fn init() -> Vec<u8> {
-    let mut m = Vec::with_capacity(104);
-    m.extend_from_slice(&104u32.to_le_bytes()); // len
-    m.extend_from_slice(&26u32.to_le_bytes()); // FUSE_INIT
-    m.extend_from_slice(&1u64.to_le_bytes()); // unique
-    m.extend_from_slice(&0u64.to_le_bytes()); // nodeid
-    m.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen + padding
-    m.extend_from_slice(&7u32.to_le_bytes());
-    m.extend_from_slice(&38u32.to_le_bytes());
-    m.extend_from_slice(&(128u32 << 10).to_le_bytes()); // max_readahead
-    m.extend_from_slice(&0xffff_fffbu32.to_le_bytes()); // flags
-    m.resize(104, 0);
-    m
-}
-
 /// Two vrings over `mem`, ready and enabled, with the rings where the input put them.
 fn vrings(mem: &GuestMemoryAtomic, size: u16, event_idx: bool) -> Vec<Vring> {
     (0..2)
         .map(|q| {
             let v = Vring::new(mem.clone(), 256).expect("a vring");
             v.set_queue_size(size);
-            v.set_queue_info(DESC, AVAIL[q], USED[q]).expect("ring addresses");
+            v.set_queue_info(DESC, AVAIL[q], USED[q])
+                .expect("ring addresses");
             v.set_queue_event_idx(event_idx);
             v.set_queue_ready(true);
             v.set_enabled(true);

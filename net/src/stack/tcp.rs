@@ -308,17 +308,13 @@ impl NetStack {
     /// Counts a TCP segment leaving for the guest against its flow (`n` = 1), or takes it
     /// back (`n` = -1) when the guest had no room for it and it waits for the next round.
     pub(super) fn tcp_count_to_guest(&mut self, frame: &[u8], n: i64) {
-        let Some((ip, payload)) = parse_ip(frame) else {
+        let Some((src, t)) = super::link::stack_tcp_segment(frame) else {
             return;
         };
-        if ip.proto != smoltcp::wire::IpProtocol::Tcp || payload.len() < 4 {
-            return;
-        }
-        let port = |at: usize| u16::from_be_bytes([payload[at], payload[at + 1]]);
         let key = FlowKey {
             proto: FlowProto::Tcp,
-            guest_port: port(2),
-            remote: SocketAddr::new(ip.src, port(0)),
+            guest_port: t.dst_port(),
+            remote: SocketAddr::new(src, t.src_port()),
         };
         if let Some(f) = self
             .flows
