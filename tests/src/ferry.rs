@@ -63,6 +63,18 @@ pub fn wrapped(netns: Option<&str>, user: Option<&str>, bin: &Path) -> Command {
     c
 }
 
+/// The environment variables ferry reads its proxy setting from.
+pub const PROXY_ENV: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "FERRY_PROXY_PASSWORD",
+    "ALL_PROXY",
+];
+
 /// A running `ferry serve`; stopped with SIGTERM on drop.
 pub struct FerryProcess {
     child: Child,
@@ -107,6 +119,11 @@ impl FerryProcess {
     pub fn start(mut cmd: Command, dir: &Path, sockets: &[PathBuf]) -> Self {
         let log = dir.join("ferry.log");
         let err = File::create(&log).expect("create the ferry log");
+        // Ferry takes the host's proxy setting from its environment: a test's ferry must not
+        // take the one of the machine the tests run on.
+        for v in PROXY_ENV {
+            cmd.env_remove(v);
+        }
         let child = cmd
             .env(
                 "RUST_LOG",

@@ -242,7 +242,37 @@ fn every_endpoint_over_the_socket_with_bad_input() {
     let (st, v) = api(s, "PUT", "/proxy", Some(r#"{"upstream": null}"#));
     assert!(st == 200 && v["upstream"].is_null(), "{v}");
     expect_error(s, "PUT", "/proxy", Some("not json"), 400, "not JSON");
-    expect_error(s, "PUT", "/proxy", Some("{}"), 400, "no \"upstream\"");
+    expect_error(s, "PUT", "/proxy", Some("{}"), 400, "none of \"upstream\"");
+    // A bypass list and an upstream for tunnels only, set apart from the upstream.
+    let (st, v) = api(
+        s,
+        "PUT",
+        "/proxy",
+        Some(
+            r#"{"bypass": "localhost,.corp.example 10.0.0.0/8", "https_upstream": "http://alice@127.0.0.1:3130"}"#,
+        ),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["bypass"], "localhost,.corp.example 10.0.0.0/8", "{v}");
+    assert_eq!(v["https_upstream"], "http://alice@127.0.0.1:3130", "{v}");
+    assert!(v["upstream"].is_null() && v["credentials"] == false, "{v}");
+    assert_eq!(v["errors"]["auth"], 0, "{v}");
+    expect_error(
+        s,
+        "PUT",
+        "/proxy",
+        Some(r#"{"bypass": "10.0.0.0/33"}"#),
+        400,
+        "bad bypass entry",
+    );
+    expect_error(
+        s,
+        "PUT",
+        "/proxy",
+        Some(r#"{"upstream": "http://u:pw@h:1"}"#),
+        400,
+        "--proxy-credentials",
+    );
     expect_error(
         s,
         "PUT",

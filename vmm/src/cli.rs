@@ -239,6 +239,12 @@ pub enum ProxyChange {
     },
     /// Connect to servers directly.
     Clear,
+    /// Reach these servers directly whatever the upstream (NO_PROXY syntax; "" for none).
+    Bypass {
+        /// The list, e.g. "localhost,.corp.example,10.0.0.0/8".
+        #[arg(value_name = "LIST")]
+        list: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -418,10 +424,23 @@ pub struct ServeArgs {
     pub resolv_conf: Option<PathBuf>,
 
     /// The proxy that the HTTP(S) proxy on the gateway's port 3128 sends its requests and
-    /// tunnels through, as http://HOST:PORT [default: none; it connects to servers itself].
-    /// `ferry ctl proxy` changes it while ferry runs.
+    /// tunnels through, as http://[USER@]HOST:PORT, or `none` [default: ferry's HTTP_PROXY
+    /// and HTTPS_PROXY, else none: it connects to servers itself]. `ferry ctl proxy` changes
+    /// it while ferry runs.
     #[arg(long, value_name = "URL")]
     pub proxy_upstream: Option<String>,
+
+    /// Servers the proxy reaches directly though an upstream is set, in NO_PROXY's syntax:
+    /// names (each with its subdomains), *, addresses and networks, each with an optional
+    /// :PORT, separated by commas [default: ferry's NO_PROXY with the environment's upstream].
+    #[arg(long, value_name = "LIST")]
+    pub proxy_bypass: Option<String>,
+
+    /// A file (mode 0600) whose first line is the password of the user in --proxy-upstream,
+    /// which ferry answers the upstream's Basic challenge with [default: the environment's
+    /// FERRY_PROXY_PASSWORD]. Never give it on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_credentials: Option<PathBuf>,
 
     /// Capture every frame to and from the guest into FILE (libpcap format, for tcpdump -r
     /// or Wireshark; mode 0600, emptied if it exists), across reconnects.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ferry_net::ports::SocketSpec;
-use ferry_net::proxy::Upstream;
+use ferry_net::proxy::{Bypass, Secret, Settings as ProxySettings, Upstream};
 use ferry_net::rules::{RuleSpec, MAX_RULES};
 use ferry_net::stack::DnsSource;
 use ferry_net::{NetConfig, PortSpec, Subnet, DEFAULT_MTU, DEFAULT_SUBNET, DEFAULT_SUBNET6};
@@ -52,6 +52,19 @@ impl Error {
 /// Crate result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The proxy settings ferry's environment gives (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`),
+/// as the host's own setting when no `--proxy-upstream` is given; an unusable value is
+/// warned about and left out, since it is the host's, not a mistake in ferry's options.
+pub fn proxy_from_env() -> ProxySettings {
+    match ProxySettings::from_env() {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            log::warn!("proxy: ignoring {e}; give --proxy-upstream to choose the upstream instead");
+            ProxySettings::default()
+        }
+    }
+}
+
 fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
 }
@@ -74,8 +87,12 @@ pub struct ServeConfig {
     pub hosts_file: PathBuf,
     /// Split DNS: (suffix, its server), from `--dns-zone`.
     pub dns_zones: Vec<(String, SocketAddr)>,
-    /// The upstream of the gateway's HTTP(S) proxy (None: it connects to servers itself).
-    pub proxy_upstream: Option<Upstream>,
+    /// Where the gateway's HTTP(S) proxy sends requests: `--proxy-upstream` and
+    /// `--proxy-bypass`, or else ferry's environment (`HTTP_PROXY`, `HTTPS_PROXY`,
+    /// `NO_PROXY`).
+    pub proxy: ProxySettings,
+    /// The upstream proxy's password (`--proxy-credentials FILE` or `FERRY_PROXY_PASSWORD`).
+    pub proxy_secret: Option<Secret>,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
     /// Rules for the guest's flows and published ports' clients, in order.
@@ -147,6 +164,8 @@ struct FileConfig {
     resolv_conf: Option<PathBuf>,
     hosts_file: Option<PathBuf>,
     proxy_upstream: Option<String>,
+    proxy_bypass: Option<String>,
+    proxy_credentials: Option<PathBuf>,
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
     seccomp: Option<String>,
@@ -400,18 +419,28 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ),
         };
 
-        let proxy_upstream = match args.proxy_upstream.or(file.proxy_upstream) {
-            Some(s) => Some(
-                s.parse::<Upstream>()
-                    .map_err(|e| usage(format!("--proxy-upstream: {e}")))?,
-            ),
-            None => None,
-        };
+        let proxy_upstream = args.proxy_upstream.or(file.proxy_upstream);
         if let (Some(u), None) = (&proxy_upstream, &net_socket) {
             return Err(usage(format!(
                 "--proxy-upstream {u}: the proxy serves the guest's network; give --net-socket PATH too"
             )));
         }
+        let mut proxy = match proxy_upstream.as_deref() {
+            Some("none") => ProxySettings::default(),
+            Some(s) => ProxySettings::with_upstream(Some(
+                s.parse::<Upstream>()
+                    .map_err(|e| usage(format!("--proxy-upstream: {e}")))?,
+            )),
+            None => proxy_from_env(),
+        };
+        if let Some(b) = args.proxy_bypass.or(file.proxy_bypass) {
+            proxy.bypass = b
+                .parse::<Bypass>()
+                .map_err(|e| usage(format!("--proxy-bypass: {e}")))?;
+        }
+        let proxy_secret =
+            Secret::load(args.proxy_credentials.or(file.proxy_credentials).as_deref())
+                .map_err(|e| usage(format!("--proxy-credentials: {e}")))?;
 
         if let (Some(p), None) = (publish.first(), &net_socket) {
             return Err(usage(format!(
@@ -543,7 +572,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             dns,
             hosts_file,
             dns_zones,
-            proxy_upstream,
+            proxy,
+            proxy_secret,
             publish,
             rules,
             default_bind,
@@ -720,6 +750,8 @@ mod tests {
             hosts_file: None,
             dns_zone: vec![],
             proxy_upstream: None,
+            proxy_bypass: None,
+            proxy_credentials: None,
             pcap: None,
             sandbox: Default::default(),
         }

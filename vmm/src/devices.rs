@@ -209,19 +209,24 @@ impl Devices {
                 );
             }
             rules = Some(r.clone());
-            let px = Proxy::start(cfg.proxy_upstream.clone(), Some(r.clone())).map_err(|e| {
+            let px = Proxy::start(cfg.proxy.clone(), cfg.proxy_secret.clone(), Some(r.clone())).map_err(|e| {
                 remove_sockets(&sockets);
                 Error::Runtime(format!(
                     "cannot start the HTTP proxy on a loopback port: {e}; check that the loopback interface is up"
                 ))
             })?;
+            let show = |u: &Option<ferry_net::proxy::Upstream>| {
+                u.as_ref()
+                    .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
+            };
             info!(
-                "net: HTTP(S) proxy on {}:{} (upstream: {})",
+                "net: HTTP(S) proxy on {}:{} (upstream: {}; for https: {}; bypass: {:?}; password: {})",
                 cfg.net.gateway(),
                 ferry_net::proxy::PORT,
-                cfg.proxy_upstream
-                    .as_ref()
-                    .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
+                show(&cfg.proxy.http),
+                show(&cfg.proxy.https),
+                cfg.proxy.bypass.to_string(),
+                if cfg.proxy_secret.is_some() { "held" } else { "none" }
             );
             if let Some(a) = &audit {
                 px.set_audit(a.clone());

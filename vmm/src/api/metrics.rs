@@ -242,8 +242,16 @@ fn net(control: &Control, s: &mut Snapshot) {
         );
         s.counter(
             "ferry_proxy_failures_total",
-            "Proxy requests answered with an error (400, 502, 503).",
-            vec![(vec![], ps.failed)],
+            "Proxy requests answered with an error, by kind (bad_request 400, too_large 431, timeout 408, refused 403, unreachable 502, auth 407, busy 503).",
+            ferry_net::proxy::Failure::ALL
+                .iter()
+                .map(|f| (l(&[("kind", f.name())]), ps.errors[*f as usize]))
+                .collect(),
+        );
+        s.counter(
+            "ferry_proxy_server_connections_total",
+            "Connections the proxy opened to servers and upstream proxies (kept alive across requests).",
+            vec![(vec![], ps.connections)],
         );
         s.gauge(
             "ferry_proxy_active_connections",

@@ -69,18 +69,40 @@ pub(super) fn bracket(ip: &str) -> String {
 }
 
 pub(super) fn print_proxy(p: &Value) {
-    let upstream = match p["upstream"].as_str() {
+    let way = |u: &Value| match u.as_str() {
         Some(u) => format!("through {u}"),
         None => "to servers directly".to_string(),
     };
+    let mut upstream = way(&p["upstream"]);
+    if p["https_upstream"] != p["upstream"] {
+        upstream = format!("{upstream}, tunnels {}", way(&p["https_upstream"]));
+    }
     println!(
-        "proxy: gateway port {}, {upstream}; {} requests, {} tunnels, {} failed, {} open",
+        "proxy: gateway port {}, {upstream}; {} requests, {} tunnels, {} failed, {} open, {} server connections",
         s(&p["port"]),
         s(&p["requests"]),
         s(&p["tunnels"]),
         s(&p["failed"]),
-        s(&p["active"])
+        s(&p["active"]),
+        s(&p["connections"])
     );
+    if let Some(b) = p["bypass"].as_str().filter(|b| !b.is_empty()) {
+        println!("bypass: {b}");
+    }
+    if p["credentials"].as_bool() == Some(true) {
+        println!("credentials: held by ferry");
+    }
+    if let Some(errors) = p["errors"]
+        .as_object()
+        .filter(|e| e.values().any(|v| v.as_u64() != Some(0)))
+    {
+        let list: Vec<String> = errors
+            .iter()
+            .filter(|(_, v)| v.as_u64() != Some(0))
+            .map(|(k, v)| format!("{k} {}", s(v)))
+            .collect();
+        println!("errors: {}", list.join(", "));
+    }
 }
 
 /// The rules as `iptables -L -v` shows a chain: counters first, then the match; the two

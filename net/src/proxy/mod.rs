@@ -1,0 +1,443 @@
+//! The HTTP(S) proxy on the gateway's port 3128, in the role of Docker Desktop's
+//! `http.docker.internal:3128`: a guest that sets `http_proxy=http://192.168.127.1:3128`
+//! reaches the web the way the host does, through the host's resolver and, when one is set,
+//! the host's upstream proxy, with credentials the host holds.
+//!
+//! # Theory of operation
+//! The NAT hands a guest connection to the gateway's port 3128 to an in-process listener on
+//! the host's loopback. That listener takes only the connections the NAT announced (their
+//! source address is registered before they connect), so it is no open proxy for other
+//! local programs. Each connection is served by a thread with blocking sockets
+//! ([`session`]), as a keep-alive loop of requests:
+//! - `CONNECT host:port` opens a tunnel ([`tunnel`]): `200 Connection established`, then
+//!   bytes both ways; through an upstream the CONNECT is relayed and the upstream answers;
+//! - an absolute-form request (`GET http://host[:port]/path HTTP/1.1`) goes to that server
+//!   in origin form, or to the upstream as it came, with its body framed as the guest
+//!   framed it ([`wire`]); the answer comes back the same way, and the connection to the
+//!   server or upstream is held for the guest's next request.
+//!
+//! Where a request goes is decided per request ([`Proxy::route`]): the upstream (one for
+//! plain requests and one for CONNECT, as `http_proxy` and `https_proxy` are two settings)
+//! unless the bypass list ([`bypass`]) names the server. With no setting at all, ferry's own
+//! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`) is the host's setting. When the
+//! upstream answers 407 and ferry holds a password ([`upstream::Secret`]), ferry answers
+//! the challenge itself ([`auth`]); a guest that sends its own `Proxy-Authorization` keeps
+//! it. Requests are checked before anything goes on ([`request`]): framing that could be
+//! read two ways is refused with 400, too many or too long headers with 431, a head that
+//! trickles in with 408.
+
+mod auth;
+pub mod bypass;
+mod request;
+mod session;
+mod tunnel;
+pub mod upstream;
+mod wire;
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use bypass::Bypass;
+use request::{Request, Target};
+pub use upstream::{Secret, Upstream};
+
+use crate::rules::Rules;
+
+/// The gateway's proxy port.
+pub const PORT: u16 = 3128;
+/// Connections served at once; past it, clients get 503.
+const MAX_ACTIVE: usize = 1024;
+/// How long an announced connection may take to arrive.
+const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
+
+/// Where the proxy sends requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The upstream for plain `http://` requests.
+    pub http: Option<Upstream>,
+    /// The upstream for CONNECT tunnels (`https://` and anything else).
+    pub https: Option<Upstream>,
+    /// Servers reached directly whatever the upstreams.
+    pub bypass: Bypass,
+}
+
+impl Settings {
+    /// One upstream for both kinds (`--proxy-upstream`).
+    pub fn with_upstream(up: Option<Upstream>) -> Settings {
+        Settings {
+            http: up.clone(),
+            https: up,
+            bypass: Bypass::default(),
+        }
+    }
+
+    /// The host's setting as ferry's environment gives it: `HTTP_PROXY`, `HTTPS_PROXY` and
+    /// `NO_PROXY` (or their lowercase forms, which curl prefers); `None` when none is set.
+    /// An unusable value is an error naming the variable.
+    pub fn from_env() -> Result<Option<Settings>, String> {
+        let var = |name: &str| {
+            [name.to_ascii_lowercase(), name.to_string()]
+                .into_iter()
+                .find_map(|n| {
+                    std::env::var(&n)
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                        .map(|v| (n, v))
+                })
+        };
+        let up = |name: &str| -> Result<Option<Upstream>, String> {
+            match var(name) {
+                None => Ok(None),
+                Some((n, v)) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| format!("the environment's {n}: {e}")),
+            }
+        };
+        let (http, https) = (up("HTTP_PROXY")?, up("HTTPS_PROXY")?);
+        if http.is_none() && https.is_none() {
+            return Ok(None);
+        }
+        let bypass = match var("NO_PROXY") {
+            None => Bypass::default(),
+            Some((n, v)) => v
+                .parse()
+                .map_err(|e| format!("the environment's {n}: {e}"))?,
+        };
+        Ok(Some(Settings {
+            http,
+            https,
+            bypass,
+        }))
+    }
+}
+
+/// Kinds of failure the proxy answers with, counted apart in [`ProxyStats::errors`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// 400: not a proxy request, framing refused, a malformed body.
+    BadRequest = 0,
+    /// 431: too many or too long headers.
+    TooLarge,
+    /// 408: a head that did not arrive in time.
+    Timeout,
+    /// 403: a rule refuses the server.
+    Refused,
+    /// 502: the server or upstream could not be reached or gave no answer.
+    Unreachable,
+    /// 407: the upstream refused ferry's credentials, or asked for some ferry does not hold.
+    Auth,
+    /// 503: too many connections.
+    Busy,
+}
+
+impl Failure {
+    /// Every kind, in counter order.
+    pub const ALL: [Failure; 7] = [
+        Failure::BadRequest,
+        Failure::TooLarge,
+        Failure::Timeout,
+        Failure::Refused,
+        Failure::Unreachable,
+        Failure::Auth,
+        Failure::Busy,
+    ];
+
+    /// The kind's name in `/proxy`, `/stats` and `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "bad_request",
+            Failure::TooLarge => "too_large",
+            Failure::Timeout => "timeout",
+            Failure::Refused => "refused",
+            Failure::Unreachable => "unreachable",
+            Failure::Auth => "auth",
+            Failure::Busy => "busy",
+        }
+    }
+
+    fn reason(self, code: u16) -> &'static str {
+        match code {
+            400 => "Bad Request",
+            403 => "Forbidden",
+            407 => "Proxy Authentication Required",
+            408 => "Request Timeout",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            _ => "Bad Gateway",
+        }
+    }
+}
+
+/// What the proxy has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Requests relayed (absolute-form), to servers or the upstream.
+    pub requests: u64,
+    /// CONNECT tunnels opened, to servers or through the upstream.
+    pub tunnels: u64,
+    /// Requests answered with an error, all kinds.
+    pub failed: u64,
+    /// Connections being served now.
+    pub active: u64,
+    /// Connections opened to servers and upstreams (fewer than requests when kept alive).
+    pub connections: u64,
+    /// Errors by kind, in [`Failure::ALL`]'s order.
+    pub errors: [u64; 7],
+}
+
+/// The proxy: its loopback listener and its settings.
+pub struct Proxy {
+    addr: SocketAddrV4,
+    settings: RwLock<Arc<Settings>>,
+    /// The password for the upstream's user, if ferry holds one.
+    secret: Option<Secret>,
+    /// The scheme that worked with each upstream (its `Display`), sent from the start.
+    learned: Mutex<HashMap<String, auth::Scheme>>,
+    /// Source addresses of the connections the NAT announced, and when.
+    announced: Mutex<HashMap<SocketAddr, Instant>>,
+    /// The guest's outbound rules, which the servers it connects to directly are checked
+    /// against.
+    rules: Option<Arc<Rules>>,
+    requests: AtomicU64,
+    tunnels: AtomicU64,
+    connections: AtomicU64,
+    errors: [AtomicU64; 7],
+    active: AtomicUsize,
+    /// Where request events go (`--audit-log`), once set.
+    audit: std::sync::OnceLock<ferry_audit::Audit>,
+}
+
+impl Proxy {
+    /// Sends an event per request to `audit` from now on.
+    pub fn set_audit(&self, audit: ferry_audit::Audit) {
+        let _ = self.audit.set(audit);
+    }
+
+    /// The request event: what was asked, where it went, and ferry's answer (`status`: the
+    /// code ferry answered with; relayed requests carry the server's, which ferry does not
+    /// read).
+    fn audit(&self, req: &Request, upstream: Option<&Upstream>, status: Option<u16>, result: &str) {
+        if let Some(a) = self.audit.get() {
+            let (h, p) = req.target.host_port();
+            a.emit(
+                "proxy_request",
+                ferry_audit::json!({
+                    "method": req.method,
+                    "host": format!("{h}:{p}"),
+                    "upstream": upstream.map(|u| u.to_string()),
+                    "status": status,
+                    "result": result,
+                }),
+            );
+        }
+    }
+
+    /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
+    pub fn start(
+        settings: Settings,
+        secret: Option<Secret>,
+        rules: Option<Arc<Rules>>,
+    ) -> io::Result<Arc<Proxy>> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let addr = match listener.local_addr()? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => return Err(io::Error::other("the proxy's listener is not IPv4")),
+        };
+        let proxy = Arc::new(Proxy {
+            addr,
+            settings: RwLock::new(Arc::new(settings)),
+            secret,
+            learned: Mutex::new(HashMap::new()),
+            announced: Mutex::new(HashMap::new()),
+            rules,
+            requests: AtomicU64::new(0),
+            tunnels: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            errors: Default::default(),
+            active: AtomicUsize::new(0),
+            audit: std::sync::OnceLock::new(),
+        });
+        let p = proxy.clone();
+        std::thread::Builder::new()
+            .name("ferry-proxy".into())
+            .spawn(move || p.accept_loop(listener))?;
+        Ok(proxy)
+    }
+
+    /// Where the NAT sends the guest's connections to the gateway's port 3128.
+    pub fn addr(&self) -> SocketAddrV4 {
+        self.addr
+    }
+
+    /// The settings now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the settings; requests from now on follow them (tunnels already open and
+    /// held connections to a server keep their way).
+    pub fn set_settings(&self, s: Settings) {
+        if let Ok(mut cur) = self.settings.write() {
+            *cur = Arc::new(s);
+        }
+    }
+
+    /// The upstream for plain requests, if one is set.
+    pub fn upstream(&self) -> Option<Upstream> {
+        self.settings().http.clone()
+    }
+
+    /// Sets or clears the one upstream for both kinds of request, keeping the bypass list.
+    pub fn set_upstream(&self, up: Option<Upstream>) {
+        let mut s = (*self.settings()).clone();
+        s.http = up.clone();
+        s.https = up;
+        self.set_settings(s);
+    }
+
+    /// Whether ferry holds a password for the upstream.
+    pub fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// The upstream a request for `target` goes through, or `None` for straight to the
+    /// server.
+    fn route(&self, target: &Target) -> Option<Upstream> {
+        let s = self.settings();
+        let up = match target {
+            Target::Authority(..) => s.https.clone(),
+            Target::Absolute { .. } => s.http.clone(),
+        }?;
+        let (host, port) = target.host_port();
+        (!s.bypass.matches(host, port)).then_some(up)
+    }
+
+    fn learned_scheme(&self, up: &Upstream) -> Option<auth::Scheme> {
+        self.learned.lock().ok()?.get(&up.to_string()).copied()
+    }
+
+    fn learn(&self, up: &Upstream, scheme: auth::Scheme) {
+        if let Ok(mut l) = self.learned.lock() {
+            l.insert(up.to_string(), scheme);
+        }
+    }
+
+    fn forget(&self, up: &Upstream) {
+        if let Ok(mut l) = self.learned.lock() {
+            l.remove(&up.to_string());
+        }
+    }
+
+    /// Ferry's `Proxy-Authorization` for `up` in `scheme`, when it holds a user and password.
+    fn credential(&self, up: &Upstream, scheme: auth::Scheme) -> Option<String> {
+        Some(auth::credential(
+            scheme,
+            up.user.as_deref()?,
+            self.secret.as_ref()?,
+        ))
+    }
+
+    /// The counters, now.
+    pub fn stats(&self) -> ProxyStats {
+        let errors = std::array::from_fn(|i| self.errors[i].load(Ordering::Relaxed));
+        ProxyStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            tunnels: self.tunnels.load(Ordering::Relaxed),
+            failed: errors.iter().sum(),
+            active: self.active.load(Ordering::Relaxed) as u64,
+            connections: self.connections.load(Ordering::Relaxed),
+            errors,
+        }
+    }
+
+    /// Announces a connection the NAT is about to open from `from` (its bound source
+    /// address): the listener takes only announced connections.
+    pub fn announce(&self, from: SocketAddr) {
+        let now = Instant::now();
+        if let Ok(mut a) = self.announced.lock() {
+            // Connections whose connect failed never arrive: their entries age out.
+            a.retain(|_, t| now.duration_since(*t) < ANNOUNCE_TTL);
+            a.insert(from, now);
+        }
+    }
+
+    fn take_announced(&self, from: SocketAddr) -> bool {
+        self.announced
+            .lock()
+            .is_ok_and(|mut a| a.remove(&from).is_some())
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            let client = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("proxy: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let Ok(peer) = client.peer_addr() else {
+                continue;
+            };
+            if !self.take_announced(peer) {
+                // Another local program found the port: it is not the guest's to use.
+                log::debug!("proxy: refused a connection from {peer}, which the NAT did not open");
+                continue;
+            }
+            if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
+                self.fail(
+                    &client,
+                    Failure::Busy,
+                    503,
+                    &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
+                );
+                continue;
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            let p = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ferry-proxy-conn".into())
+                .spawn(move || {
+                    session::serve(&p, client);
+                    p.active.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(e) = spawned {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                log::warn!("proxy: cannot start a thread for a connection: {e}");
+            }
+        }
+    }
+
+    /// Answers the client with an error of `kind` and closes; `body` is one line that says
+    /// what happened and what to do.
+    fn fail(&self, client: &TcpStream, kind: Failure, code: u16, body: &str) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+        let body = format!("{body}\n");
+        let _ = write!(
+            &*client,
+            "HTTP/1.1 {code} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            kind.reason(code),
+            body.len()
+        );
+    }
+}
+
+/// Entry points for the fuzz targets (`fuzz/`), with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// Parses a request head as the proxy does and, when it is one, writes both heads the
+    /// proxy could send on (to an upstream proxy and to the server).
+    pub fn request_head(head: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let r = super::Request::parse(head).ok()?;
+        Some((r.rewrite(true, None, false), r.rewrite(false, None, true)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

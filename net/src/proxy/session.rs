@@ -1,0 +1,513 @@
+//! One guest connection to the proxy, served to its end: a keep-alive loop of requests.
+//!
+//! Each request is read whole-head, checked, routed (straight to the server, or through the
+//! upstream unless the bypass list says otherwise) and relayed with its body; the answer
+//! comes back with its body framed as the server framed it, and the loop reads the next
+//! request. The server or upstream connection is held between requests and used again
+//! while the next request goes the same way, so a guest's keep-alive connection is one
+//! upstream connection too. A held connection the server closed meanwhile is noticed when
+//! the request gets no answer at all, and the request is sent again on a new one (RFC 9112,
+//! 9.3.1) when its body is in memory.
+//!
+//! Request bodies up to [`PREREAD`] are read before anything is sent on: a malformed body
+//! is refused before it reaches the next hop, and a request the upstream answers with 407
+//! can be sent again with ferry's credentials. Longer bodies are streamed.
+//!
+//! A CONNECT ends the loop: the connection becomes a tunnel. So does a `101` upgrade.
+
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::auth::{self, Scheme};
+use super::request::{Request, Target};
+use super::tunnel::{connect, splice, ConnectError, Counted};
+use super::upstream::Upstream;
+use super::wire::{BodyError, Framing, HeadError, Peer, Response};
+use super::{Failure, Proxy};
+use crate::rules::Counters;
+
+/// How long a client has to send a request head once it has begun.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keep-alive connection may wait for its next request; and how long a body may
+/// stall.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server or upstream may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Request bodies up to this size are read before the request is sent on.
+const PREREAD: usize = 64 * 1024;
+
+/// The connection to a server or upstream held between requests.
+struct Held {
+    /// Where it goes: the upstream, or the server's host and port.
+    to: (Option<Upstream>, String, u16),
+    peer: Peer,
+    counters: Option<Arc<Counters>>,
+}
+
+/// What the loop does after an exchange.
+enum Next {
+    Again,
+    Close,
+}
+
+/// Serves `client` until it closes, errs or becomes a tunnel.
+pub(super) fn serve(proxy: &Proxy, client: TcpStream) {
+    let mut guest = Peer::new(client);
+    let mut held: Option<Held> = None;
+    loop {
+        let head = match guest.read_head(Some(IDLE_TIMEOUT), HEAD_TIMEOUT) {
+            Ok(h) => h,
+            // The ends of a keep-alive connection: the client closed, or went quiet.
+            Err(HeadError::Closed | HeadError::Timeout { started: false }) => return,
+            Err(HeadError::Timeout { started: true }) => {
+                return proxy.fail(
+                    &guest.stream,
+                    Failure::Timeout,
+                    408,
+                    &format!(
+                        "ferry proxy: the request head did not arrive within {} s; send it whole",
+                        HEAD_TIMEOUT.as_secs()
+                    ),
+                )
+            }
+            Err(HeadError::TooLarge) => {
+                return proxy.fail(
+                    &guest.stream,
+                    Failure::TooLarge,
+                    431,
+                    &format!(
+                        "ferry proxy: the request head is longer than {} KiB; send shorter headers",
+                        super::wire::MAX_HEAD / 1024
+                    ),
+                )
+            }
+            Err(HeadError::Io(_)) => return,
+        };
+        let req = match Request::parse(&head) {
+            Ok(r) => r,
+            Err(r) => {
+                let kind = if r.code == 431 {
+                    Failure::TooLarge
+                } else {
+                    Failure::BadRequest
+                };
+                return proxy.fail(
+                    &guest.stream,
+                    kind,
+                    r.code,
+                    &format!("ferry proxy: {}", r.why),
+                );
+            }
+        };
+        let _ = guest.stream.set_read_timeout(Some(IDLE_TIMEOUT));
+        let upstream = proxy.route(&req.target);
+        if let Target::Authority(..) = req.target {
+            return tunnel(proxy, guest, &req, upstream);
+        }
+        match exchange(proxy, &mut guest, &req, upstream, &mut held) {
+            Next::Again => continue,
+            Next::Close => return,
+        }
+    }
+}
+
+/// Opens a connection to where the request goes, or answers the guest why not.
+fn open(
+    proxy: &Proxy,
+    guest: &TcpStream,
+    req: &Request,
+    upstream: Option<&Upstream>,
+) -> Option<(TcpStream, Option<Arc<Counters>>)> {
+    let (host, port) = match upstream {
+        Some(up) => (up.host.as_str(), up.port),
+        None => req.target.host_port(),
+    };
+    // Servers reached directly are checked against the guest's rules; an upstream proxy
+    // is the host's own choice.
+    let rules = if upstream.is_none() {
+        proxy.rules.as_deref()
+    } else {
+        None
+    };
+    match connect(host, port, rules) {
+        Ok(s) => {
+            proxy.connections.fetch_add(1, Ordering::Relaxed);
+            Some(s)
+        }
+        Err(ConnectError::Refused(a, pos, spec)) => {
+            proxy.audit(req, upstream, Some(403), "refused");
+            log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
+            proxy.fail(
+                guest,
+                Failure::Refused,
+                403,
+                &format!("ferry proxy: rule {pos} ({spec}) refuses connections to {a}; `ferry ctl rules` lists the rules"),
+            );
+            None
+        }
+        Err(ConnectError::Io(e)) => {
+            let what = match upstream {
+                Some(up) => format!("the upstream proxy {up}"),
+                None => format!("{host}:{port}"),
+            };
+            proxy.audit(req, upstream, Some(502), "unreachable");
+            log::debug!("proxy: cannot connect to {what}: {e}");
+            proxy.fail(
+                guest,
+                Failure::Unreachable,
+                502,
+                &format!("ferry proxy: cannot connect to {what}: {e}; check the address and that the server is up"),
+            );
+            None
+        }
+    }
+}
+
+/// Ferry's credential for `upstream` when the guest brought none: the scheme learned from
+/// an earlier 407, if any.
+fn preemptive(
+    proxy: &Proxy,
+    req: &Request,
+    upstream: Option<&Upstream>,
+) -> Option<(Scheme, String)> {
+    let up = upstream?;
+    if req.has_proxy_auth() {
+        return None;
+    }
+    let scheme = proxy.learned_scheme(up)?;
+    proxy.credential(up, scheme).map(|c| (scheme, c))
+}
+
+/// What a 407 from the upstream means for this request: `Some` credential to send it again
+/// with, or `None` when it goes to the guest.
+fn answer_challenge(
+    proxy: &Proxy,
+    req: &Request,
+    up: &Upstream,
+    resp: &Response,
+    tried: Option<Scheme>,
+) -> Result<Option<(Scheme, String)>, String> {
+    if req.has_proxy_auth() {
+        return Ok(None);
+    }
+    if let Some(s) = tried {
+        return Err(format!(
+            "ferry proxy: the upstream proxy {up} refused ferry's {} credentials for user {}; check the password in --proxy-credentials or {}",
+            s.name(),
+            up.user.as_deref().unwrap_or("?"),
+            super::upstream::SECRET_ENV
+        ));
+    }
+    let offered = auth::offered(resp.header("proxy-authenticate"));
+    let Some(scheme) = auth::choose(&offered) else {
+        if up.user.is_some() {
+            log::warn!(
+                "proxy: the upstream proxy {up} asks for {} authentication, which ferry does not do yet; its 407 goes to the guest",
+                offered.join(", ")
+            );
+        }
+        return Ok(None);
+    };
+    match proxy.credential(up, scheme) {
+        Some(c) => Ok(Some((scheme, c))),
+        None => Err(format!(
+            "ferry proxy: the upstream proxy {up} asks for credentials and ferry holds none; give the user in --proxy-upstream http://USER@HOST:PORT and the password in --proxy-credentials FILE"
+        )),
+    }
+}
+
+/// Relays one request and its answer. The guest connection goes on unless either side
+/// closes or the framing broke.
+fn exchange(
+    proxy: &Proxy,
+    guest: &mut Peer,
+    req: &Request,
+    upstream: Option<Upstream>,
+    held: &mut Option<Held>,
+) -> Next {
+    let framing = req.framing().unwrap_or(Framing::None);
+    let streaming_continue = req.expects_continue() && framing != Framing::None;
+    let mut body = Vec::new();
+    let whole = if streaming_continue {
+        false
+    } else {
+        match guest.read_body_upto(framing, PREREAD, &mut body) {
+            Ok(w) => w,
+            Err(BodyError::Malformed(why)) => {
+                return malformed(proxy, &guest.stream, &why);
+            }
+            Err(_) => return Next::Close,
+        }
+    };
+    let through = upstream.is_some();
+    let (host, port) = req.target.host_port();
+    let to = (upstream.clone(), host.to_string(), port);
+    let close = req.wants_close();
+    let mut cred = preemptive(proxy, req, upstream.as_ref());
+    for attempt in 0..3 {
+        let reused = held.as_ref().is_some_and(|h| h.to == to);
+        let mut server = match held.take().filter(|_| reused) {
+            Some(h) => h,
+            None => match open(proxy, &guest.stream, req, upstream.as_ref()) {
+                Some((s, counters)) => Held {
+                    to: to.clone(),
+                    peer: Peer::new(s),
+                    counters,
+                },
+                None => return Next::Close,
+            },
+        };
+        if attempt == 0 {
+            // A request counts as relayed once a way to its server is open.
+            proxy.requests.fetch_add(1, Ordering::Relaxed);
+            proxy.audit(req, upstream.as_ref(), None, "relayed");
+        }
+        let counters = server.counters.clone();
+        let mut out = Counted {
+            inner: &server.peer.stream,
+            counters: counters.as_deref(),
+        };
+        let head = req.rewrite(through, cred.as_ref().map(|c| c.1.as_str()), close);
+        let mut sent = out.write_all(&head).and_then(|()| out.write_all(&body));
+        if sent.is_ok() && streaming_continue {
+            // The guest waits for 100 Continue before its body; ferry gives it at once
+            // and streams the body, as the server would have asked for it anyway.
+            sent = guest.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        if sent.is_ok() && !whole {
+            match guest.copy_body(framing, &mut out) {
+                Ok(()) => {}
+                Err(BodyError::Malformed(why)) => {
+                    return malformed(proxy, &guest.stream, &why);
+                }
+                Err(BodyError::Read(e)) => {
+                    log::debug!("proxy: the guest's request body ended early: {e}");
+                    return Next::Close;
+                }
+                Err(BodyError::Write(e)) => sent = Err(e),
+            }
+        }
+        let answer = sent
+            .map_err(HeadError::Io)
+            .and_then(|()| server.peer.read_head(Some(ANSWER_TIMEOUT), ANSWER_TIMEOUT));
+        let mut rhead = match answer {
+            Ok(h) => h,
+            // A held connection the server had closed: once more on a new one.
+            Err(HeadError::Closed | HeadError::Io(_)) if reused && whole && attempt == 0 => {
+                continue
+            }
+            Err(e) => {
+                let what = match &upstream {
+                    Some(up) => format!("the upstream proxy {up}"),
+                    None => format!("{host}:{port}"),
+                };
+                proxy.fail(
+                    &guest.stream,
+                    Failure::Unreachable,
+                    502,
+                    &format!(
+                        "ferry proxy: {what} gave no answer ({}); try again, and check the server",
+                        head_error(&e)
+                    ),
+                );
+                return Next::Close;
+            }
+        };
+        // Interim answers (102, 103; a 100 the server sent anyway) go on as they came.
+        let mut resp = Response::parse(&rhead);
+        while let Some(r) = resp
+            .as_ref()
+            .filter(|r| (100..200).contains(&r.code) && r.code != 101)
+        {
+            if (r.code != 100 || !streaming_continue) && guest.stream.write_all(&rhead).is_err() {
+                return Next::Close;
+            }
+            rhead = match server.peer.read_head(Some(ANSWER_TIMEOUT), ANSWER_TIMEOUT) {
+                Ok(h) => h,
+                Err(_) => return Next::Close,
+            };
+            resp = Response::parse(&rhead);
+        }
+        let Some(resp) = resp else {
+            proxy.fail(&guest.stream, Failure::Unreachable, 502, "ferry proxy: the server's answer is not HTTP; check that the address is a web server");
+            return Next::Close;
+        };
+        let rframing = resp.framing(&req.method);
+        if resp.code == 407 {
+            if let Some(up) = upstream.as_ref() {
+                match answer_challenge(proxy, req, up, &resp, cred.as_ref().map(|c| c.0)) {
+                    Ok(Some(c)) if whole => {
+                        // Read the challenge's body off, then send the request again.
+                        if server.peer.copy_body(rframing, &mut io::sink()).is_ok()
+                            && !resp.closes()
+                            && rframing != Framing::UntilClose
+                        {
+                            *held = Some(server);
+                        }
+                        proxy.learn(up, c.0);
+                        cred = Some(c);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(why) => {
+                        proxy.forget(up);
+                        proxy.fail(&guest.stream, Failure::Auth, 407, &why);
+                        return Next::Close;
+                    }
+                }
+            }
+        }
+        let close_after = close || rframing == Framing::UntilClose || resp.code == 101;
+        let mut to_guest = Counted {
+            inner: &guest.stream,
+            counters: counters.as_deref(),
+        };
+        if to_guest
+            .write_all(&resp.rewrite(&rhead, close_after))
+            .is_err()
+        {
+            return Next::Close;
+        }
+        if resp.code == 101 {
+            // An upgrade (WebSocket): the connection is a tunnel now.
+            let early = guest.take_pending();
+            let late = server.peer.take_pending();
+            if server.peer.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok()
+            {
+                if let Ok(g) = guest.stream.try_clone() {
+                    splice(g, server.peer.stream, counters);
+                }
+            }
+            return Next::Close;
+        }
+        if server.peer.copy_body(rframing, &mut to_guest).is_err() {
+            return Next::Close;
+        }
+        if !resp.closes() && rframing != Framing::UntilClose {
+            *held = Some(server);
+        }
+        return if close_after {
+            Next::Close
+        } else {
+            Next::Again
+        };
+    }
+    proxy.fail(
+        &guest.stream,
+        Failure::Unreachable,
+        502,
+        "ferry proxy: the server closed the connection before answering, twice; try again",
+    );
+    Next::Close
+}
+
+/// Refuses a request whose body's framing broke, and ends the connection: where the next
+/// request would begin is unknown.
+fn malformed(proxy: &Proxy, guest: &TcpStream, why: &str) -> Next {
+    proxy.fail(
+        guest,
+        Failure::BadRequest,
+        400,
+        &format!("ferry proxy: the request body is malformed: {why}; send a well-formed body"),
+    );
+    Next::Close
+}
+
+fn head_error(e: &HeadError) -> String {
+    match e {
+        HeadError::Closed => "it closed the connection".into(),
+        HeadError::TooLarge => "its answer's head is too long".into(),
+        HeadError::Timeout { .. } => format!("none within {} s", ANSWER_TIMEOUT.as_secs()),
+        HeadError::Io(e) => e.to_string(),
+    }
+}
+
+/// A CONNECT: straight to the server (ferry answers 200), or relayed to the upstream, whose
+/// answer the guest gets; then bytes both ways.
+fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstream>) {
+    let Some(up) = upstream else {
+        let Some((mut server, counters)) = open(proxy, &guest.stream, req, None) else {
+            return;
+        };
+        proxy.tunnels.fetch_add(1, Ordering::Relaxed);
+        proxy.audit(req, None, Some(200), "tunnel");
+        let early = guest.take_pending();
+        if let Some(c) = &counters {
+            c.add_bytes(early.len());
+        }
+        if guest
+            .stream
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .is_ok()
+            && server.write_all(&early).is_ok()
+        {
+            splice(guest.stream, server, counters);
+        }
+        return;
+    };
+    let mut cred = preemptive(proxy, req, Some(&up));
+    let mut held: Option<Peer> = None;
+    for attempt in 0..2 {
+        let mut server = match held.take() {
+            Some(p) => p,
+            None => match open(proxy, &guest.stream, req, Some(&up)) {
+                Some((s, _)) => Peer::new(s),
+                None => return,
+            },
+        };
+        if attempt == 0 {
+            proxy.tunnels.fetch_add(1, Ordering::Relaxed);
+            proxy.audit(req, Some(&up), None, "tunnel");
+        }
+        let head = req.rewrite(true, cred.as_ref().map(|c| c.1.as_str()), false);
+        let answer = server
+            .stream
+            .write_all(&head)
+            .map_err(HeadError::Io)
+            .and_then(|()| server.read_head(Some(ANSWER_TIMEOUT), ANSWER_TIMEOUT));
+        let (rhead, resp) = match answer.map(|h| (Response::parse(&h), h)) {
+            Ok((Some(r), h)) => (h, r),
+            Ok((None, _)) | Err(_) => {
+                proxy.fail(&guest.stream, Failure::Unreachable, 502, &format!("ferry proxy: the upstream proxy {up} gave no answer to CONNECT; check that it is an HTTP proxy"));
+                return;
+            }
+        };
+        let rframing = resp.framing("CONNECT");
+        if resp.code == 407 {
+            match answer_challenge(proxy, req, &up, &resp, cred.as_ref().map(|c| c.0)) {
+                Ok(Some(c)) => {
+                    if server.copy_body(rframing, &mut io::sink()).is_ok()
+                        && !resp.closes()
+                        && rframing != Framing::UntilClose
+                    {
+                        held = Some(server);
+                    }
+                    proxy.learn(&up, c.0);
+                    cred = Some(c);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    proxy.forget(&up);
+                    return proxy.fail(&guest.stream, Failure::Auth, 407, &why);
+                }
+            }
+        }
+        if guest.stream.write_all(&rhead).is_err() {
+            return;
+        }
+        if (200..300).contains(&resp.code) {
+            let early = guest.take_pending();
+            let late = server.take_pending();
+            if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
+                splice(guest.stream, server.stream, None);
+            }
+        } else {
+            let _ = server.copy_body(rframing, &mut &guest.stream);
+        }
+        return;
+    }
+}
