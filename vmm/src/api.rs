@@ -36,6 +36,7 @@ mod events;
 mod flows;
 mod http;
 mod metrics;
+mod proxy;
 mod sockets;
 
 use std::net::IpAddr;
@@ -50,10 +51,11 @@ use std::time::Instant;
 use ferry_devices::VhostUserNetBackend;
 use ferry_fs::abi::opcode;
 use ferry_net::ports::{host_endpoint, PortInfo, PortKey, Ports};
-use ferry_net::proxy::{Proxy, Upstream};
+use ferry_net::proxy::Proxy;
 use ferry_net::rules::{Dir, RuleInfo, RuleSpec, Rules};
 use ferry_net::{PortSpec, Protocol};
 use log::info;
+pub use proxy::proxy_json;
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -170,7 +172,7 @@ fn route(
             Some(p) => (200, proxy_json(p)),
             None => no_net("HTTP proxy"),
         },
-        ("PUT", ["proxy"]) => set_proxy(control, body),
+        ("PUT", ["proxy"]) => proxy::set_proxy(control, body),
         ("GET", ["rules"]) => match &control.rules {
             Some(r) => (200, rules_json(r)),
             None => no_net("rules"),
@@ -565,108 +567,9 @@ fn no_net(what: &str) -> (u16, Value) {
     )
 }
 
-/// The proxy's settings and counters.
-pub fn proxy_json(p: &Proxy) -> Value {
-    let st = p.stats();
-    let set = p.settings();
-    let errors: serde_json::Map<String, Value> = ferry_net::proxy::Failure::ALL
-        .iter()
-        .map(|f| (f.name().to_string(), json!(st.errors[*f as usize])))
-        .collect();
-    json!({
-        "port": ferry_net::proxy::PORT,
-        "upstream": set.http.as_ref().map(|u| u.to_string()),
-        "https_upstream": set.https.as_ref().map(|u| u.to_string()),
-        "bypass": set.bypass.to_string(),
-        "credentials": p.has_secret(),
-        "requests": st.requests,
-        "tunnels": st.tunnels,
-        "failed": st.failed,
-        "errors": errors,
-        "active": st.active,
-        "connections": st.connections,
-    })
-}
-
-const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"}, or several"#;
-
 /// The request body as JSON, or the 400 that says what to send (`hint`).
 fn json_body(body: &[u8], hint: &str) -> std::result::Result<Value, (u16, Value)> {
     serde_json::from_slice(body).map_err(|e| error(400, format!("the body is not JSON: {e}"), hint))
-}
-
-/// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
-fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
-    let Some(p) = &control.proxy else {
-        return no_net("HTTP proxy");
-    };
-    let v = match json_body(body, SET_PROXY_HINT) {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
-    let upstream = |key: &str| -> std::result::Result<Option<Option<Upstream>>, (u16, Value)> {
-        match v.get(key) {
-            None => Ok(None),
-            Some(Value::Null) => Ok(Some(None)),
-            Some(Value::String(u)) => match u.parse::<Upstream>() {
-                Ok(u) => Ok(Some(Some(u))),
-                Err(e) => Err(error(
-                    400,
-                    e,
-                    "give the upstream as http://[USER@]HOST:PORT",
-                )),
-            },
-            Some(_) => Err(error(
-                400,
-                format!("\"{key}\" is not a string or null"),
-                SET_PROXY_HINT,
-            )),
-        }
-    };
-    let (both, https) = match (upstream("upstream"), upstream("https_upstream")) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return e,
-    };
-    let bypass = match v.get("bypass") {
-        None => None,
-        Some(Value::String(b)) => match b.parse::<ferry_net::proxy::Bypass>() {
-            Ok(b) => Some(b),
-            Err(e) => return error(400, e, SET_PROXY_HINT),
-        },
-        Some(_) => return error(400, "\"bypass\" is not a string", SET_PROXY_HINT),
-    };
-    if both.is_none() && https.is_none() && bypass.is_none() {
-        return error(
-            400,
-            "the body has none of \"upstream\", \"https_upstream\" and \"bypass\"",
-            SET_PROXY_HINT,
-        );
-    }
-    let mut s = (*p.settings()).clone();
-    if let Some(up) = both {
-        match &up {
-            Some(u) => info!("proxy: requests go through the upstream proxy {u} from now on"),
-            None => info!("proxy: requests go straight to servers from now on"),
-        }
-        s.http = up.clone();
-        s.https = up;
-    }
-    if let Some(up) = https {
-        info!(
-            "proxy: tunnels go {} from now on",
-            up.as_ref().map_or_else(
-                || "straight to servers".to_string(),
-                |u| format!("through {u}")
-            )
-        );
-        s.https = up;
-    }
-    if let Some(b) = bypass {
-        info!("proxy: bypass list {:?} from now on", b.to_string());
-        s.bypass = b;
-    }
-    p.set_settings(s);
-    (200, proxy_json(p))
 }
 
 /// A rule as JSON: `to` for an outbound rule's network, `from` for an inbound one's.

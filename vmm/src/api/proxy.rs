@@ -1,0 +1,107 @@
+//! `/proxy`: the gateway HTTP proxy's settings (upstreams, bypass list) and counters.
+//! The password ferry holds is never shown, only whether it holds one.
+
+use ferry_net::proxy::{Bypass, Failure, Proxy, Upstream};
+use log::info;
+use serde_json::{json, Value};
+
+use super::{error, json_body, no_net, Control};
+
+/// The proxy's settings and counters.
+pub fn proxy_json(p: &Proxy) -> Value {
+    let st = p.stats();
+    let set = p.settings();
+    let errors: serde_json::Map<String, Value> = Failure::ALL
+        .iter()
+        .map(|f| (f.name().to_string(), json!(st.errors[*f as usize])))
+        .collect();
+    json!({
+        "port": ferry_net::proxy::PORT,
+        "upstream": set.http.as_ref().map(|u| u.to_string()),
+        "https_upstream": set.https.as_ref().map(|u| u.to_string()),
+        "bypass": set.bypass.to_string(),
+        "credentials": p.has_secret(),
+        "requests": st.requests,
+        "tunnels": st.tunnels,
+        "failed": st.failed,
+        "errors": errors,
+        "active": st.active,
+        "connections": st.connections,
+    })
+}
+
+const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"}, or several"#;
+
+/// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
+pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
+    let Some(p) = &control.proxy else {
+        return no_net("HTTP proxy");
+    };
+    let v = match json_body(body, SET_PROXY_HINT) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let upstream = |key: &str| -> std::result::Result<Option<Option<Upstream>>, (u16, Value)> {
+        match v.get(key) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(u)) => match u.parse::<Upstream>() {
+                Ok(u) => Ok(Some(Some(u))),
+                Err(e) => Err(error(
+                    400,
+                    e,
+                    "give the upstream as http://[USER@]HOST:PORT",
+                )),
+            },
+            Some(_) => Err(error(
+                400,
+                format!("\"{key}\" is not a string or null"),
+                SET_PROXY_HINT,
+            )),
+        }
+    };
+    let (both, https) = match (upstream("upstream"), upstream("https_upstream")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let bypass = match v.get("bypass") {
+        None => None,
+        Some(Value::String(b)) => match b.parse::<Bypass>() {
+            Ok(b) => Some(b),
+            Err(e) => return error(400, e, SET_PROXY_HINT),
+        },
+        Some(_) => return error(400, "\"bypass\" is not a string", SET_PROXY_HINT),
+    };
+    if both.is_none() && https.is_none() && bypass.is_none() {
+        return error(
+            400,
+            "the body has none of \"upstream\", \"https_upstream\" and \"bypass\"",
+            SET_PROXY_HINT,
+        );
+    }
+    let mut s = (*p.settings()).clone();
+    if let Some(up) = both {
+        match &up {
+            Some(u) => info!("proxy: requests go through the upstream proxy {u} from now on"),
+            None => info!("proxy: requests go straight to servers from now on"),
+        }
+        s.http = up.clone();
+        s.https = up;
+    }
+    if let Some(up) = https {
+        info!(
+            "proxy: tunnels go {} from now on",
+            up.as_ref().map_or_else(
+                || "straight to servers".to_string(),
+                |u| format!("through {u}")
+            )
+        );
+        s.https = up;
+    }
+    if let Some(b) = bypass {
+        info!("proxy: bypass list {:?} from now on", b.to_string());
+        s.bypass = b;
+    }
+    p.set_settings(s);
+    (200, proxy_json(p))
+}
