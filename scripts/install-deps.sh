@@ -28,6 +28,9 @@ declare -A NEED=(
 	[promtool]=prometheus
 	# `ferry ctl pcap | tcpdump -r -` (tests/tests/guest_audit.rs).
 	[tcpdump]=tcpdump
+	# The corporate proxy of tests/tests/guest_proxy_upstream.rs, and its htpasswd file
+	# and TLS test certificate.
+	[openssl]=openssl
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt
@@ -42,6 +45,8 @@ for cmd in "${!NEED[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 
+# squid installs to /usr/sbin, which a non-root PATH lacks: checked by file.
+[ -x /usr/sbin/squid ] || missing+=(squid)
 # The guest tests' probe is linked statically against glibc.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 # virtiofsd (built below for the benchmark) links libseccomp and libcap-ng.

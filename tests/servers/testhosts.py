@@ -173,6 +173,26 @@ def serve_http(addr, port, directory):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 
+def serve_https(addr, port, directory, cert, key):
+    """serve_http behind TLS, with the certificate and key the test made."""
+    import functools
+    import http.server
+    import ssl
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family(addr)
+
+    srv = Server((addr, port), functools.partial(Quiet, directory=directory))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+
 def serve_http_unix(path, directory):
     import functools
     import http.server
@@ -223,6 +243,9 @@ def main():
         elif args[i] == "--http":
             serve_http(addr, int(args[i + 1]), args[i + 2])
             i += 3
+        elif args[i] == "--https":
+            serve_https(addr, int(args[i + 1]), args[i + 2], args[i + 3], args[i + 4])
+            i += 5
         elif args[i] == "--http-unix":
             serve_http_unix(args[i + 1], args[i + 2])
             i += 3

@@ -1,0 +1,284 @@
+//! The gateway proxy behind an authenticating corporate proxy, from the guest (issue 21).
+//!
+//! A real squid, from Debian's package, plays the corporate proxy in the test network's
+//! remote namespace, with Basic authentication (`basic_ncsa_auth` and an htpasswd file).
+//! Ferry holds the credentials (`--proxy-upstream http://alice@...` and
+//! `--proxy-credentials FILE`); the guest has none. Its curl goes through
+//! `http.docker.internal:3128`, and squid's access log, written in a format that names the
+//! user and ferry's source port, shows what went through it and on how many connections.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use ferry_tests::{TestHost, TestNet};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// A squid in namespace `ns`, listening on `addr:3128`, wanting Basic credentials from the
+/// users in `dir/passwd`; its access log is `dir/access.log`. Killed on drop.
+struct Squid {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Squid {
+    fn start(ns: &str, addr: &str, dir: &Path, users: &[(&str, &str)]) -> Squid {
+        let squid = ["/usr/sbin/squid", "/usr/lib/squid/basic_ncsa_auth"];
+        for p in squid {
+            assert!(
+                Path::new(p).exists(),
+                "{p} is missing: apt-get install squid (scripts/install-deps.sh does)"
+            );
+        }
+        // squid's workers run as the proxy user: the folder must be theirs to write.
+        std::fs::create_dir_all(dir).unwrap();
+        let mut passwd = String::new();
+        for (user, pw) in users {
+            let out = Command::new("openssl")
+                .args(["passwd", "-apr1", pw])
+                .output()
+                .expect("run openssl passwd");
+            passwd.push_str(&format!("{user}:{}", String::from_utf8_lossy(&out.stdout)));
+        }
+        std::fs::write(dir.join("passwd"), passwd).unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "http_port {addr}:3128
+pid_filename {d}/squid.pid
+cache_log {d}/cache.log
+logformat ferry %>a:%>p %un %rm %ru %>Hs
+access_log stdio:{d}/access.log ferry
+cache deny all
+strip_query_terms off
+coredump_dir {d}
+auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd
+auth_param basic realm ferry-test
+auth_param basic children 2
+acl authed proxy_auth REQUIRED
+http_access allow authed
+http_access deny all
+dns_nameservers {addr}
+hosts_file none
+shutdown_lifetime 0 seconds
+pinger_enable off
+visible_hostname ferry-test
+"
+        );
+        std::fs::write(dir.join("squid.conf"), conf).unwrap();
+        Command::new("chmod")
+            .args(["-R", "a+rwX", &dir.display().to_string()])
+            .status()
+            .unwrap();
+        let child = TestNet::command(ns, "/usr/sbin/squid")
+            .args(["-N", "-f", &dir.join("squid.conf").display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("squid.err")).unwrap())
+            .spawn()
+            .expect("start squid");
+        let up = ferry_tests::wait_for(Duration::from_secs(20), || {
+            let ss = TestNet::command(ns, "ss").args(["-ltn"]).output().ok()?;
+            String::from_utf8_lossy(&ss.stdout)
+                .contains(&format!("{addr}:3128"))
+                .then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "squid did not listen within 20 s: {}{}",
+            std::fs::read_to_string(dir.join("squid.err")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("cache.log")).unwrap_or_default()
+        );
+        Squid {
+            child,
+            log: dir.join("access.log"),
+        }
+    }
+
+    /// The access log's lines: `client:port user method url status`.
+    fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A self-signed certificate and key for the TLS test server, in `dir`.
+fn certificate(dir: &Path) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=origin.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl req")
+        .status
+        .success();
+    assert!(ok, "openssl could not make the test certificate");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credentials_of_its_own() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from remote\n").unwrap();
+    let (cert, key) = certificate(dir.path());
+    let names = format!("origin.test={remote}");
+    let www_s = www.display().to_string();
+    let _host = TestHost::start(
+        &net.remote,
+        &[
+            &remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
+            "53", &names,
+        ],
+    );
+    let squid = Squid::start(
+        &net.remote,
+        &remote,
+        &dir.path().join("squid"),
+        &[("alice", "s3cret pass"), ("bob", "another")],
+    );
+    // The password: a file only its owner reads.
+    let pw = dir.path().join("proxy-password");
+    std::fs::write(&pw, "s3cret pass\n").unwrap();
+    Command::new("chmod").arg("600").arg(&pw).status().unwrap();
+
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
+PX=http://http.docker.internal:3128
+C="curl -s --max-time 30 -x $PX"
+check via-squid-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
+check via-squid-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
+# The bypass list: the remote's address goes direct.
+check bypassed "$($C http://{remote}:8080/hello.txt?direct)" "hello from remote"
+# 200 requests on one keep-alive connection to the proxy.
+URLS=""; i=0; while [ $i -lt 200 ]; do URLS="$URLS http://origin.test:8080/hello.txt?k=$i"; i=$((i+1)); done
+check keep-alive-200 "$($C $URLS | grep -c 'hello from remote')" 200
+# Smuggling and floods: refused by ferry, never in squid's log.
+NC="nc -w 15 192.168.127.1 3128"
+check smuggle-cl-te "$(printf 'POST http://origin.test:8080/smuggle1 HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n' | $NC | head -1 | tr -d '\r')" "HTTP/1.1 400 Bad Request"
+check bad-chunk "$(printf 'POST http://origin.test:8080/smuggle2 HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n' | $NC | head -1 | tr -d '\r')" "HTTP/1.1 400 Bad Request"
+H=""; i=0; while [ $i -lt 200 ]; do H="${{H}}X-Flood-$i: y\r\n"; i=$((i+1)); done
+check header-flood "$(printf "GET http://origin.test:8080/smuggle3 HTTP/1.1\r\n$H\r\n" | $NC | head -1 | tr -d '\r')" "HTTP/1.1 431 Request Header Fields Too Large"
+check slow-head "$( (printf 'GET http://origin.test:8080/smuggle4 HTTP/1.1\r\nX-Slow: '; sleep 13) | $NC | head -1 | tr -d '\r')" "HTTP/1.1 408 Request Timeout"
+touch /mnt/tools/phase1-done
+i=0; while [ ! -e /mnt/tools/user-changed ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+# The host switched to a user whose password ferry does not hold.
+R="$(curl -s --max-time 30 -o /tmp/body -w '%{{http_code}}' -x $PX http://origin.test:8080/hello.txt)"
+check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob' /tmp/body)" "407 1"
+"#
+    );
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("http://alice@{remote}:3128"),
+        "--proxy-credentials".into(),
+        pw.display().to_string(),
+        "--proxy-bypass".into(),
+        remote.clone(),
+    ];
+    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    let phase1 = ferry_tests::wait_for(DEADLINE, || {
+        g.tools.dir.join("phase1-done").exists().then_some(())
+    });
+    assert!(
+        phase1.is_some(),
+        "the guest never finished the first phase; console:\n{}",
+        ferry_tests::tail(&g.qemu.console(), 40)
+    );
+    let proxy = ferry_tests::api_get(&g.api, "/proxy");
+    let log = squid.log();
+    // Squid saw the guest's requests as alice, over as few connections as ferry opened.
+    let alice: Vec<&String> = log.iter().filter(|l| l.contains(" alice ")).collect();
+    let keep: Vec<&String> = alice
+        .iter()
+        .copied()
+        .filter(|l| l.contains("?k="))
+        .collect();
+    assert_eq!(keep.len(), 200, "squid's log:\n{}", log.join("\n"));
+    let ports: std::collections::HashSet<&str> =
+        keep.iter().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(
+        ports.len(),
+        1,
+        "200 requests on one guest connection take one upstream connection: {ports:?}"
+    );
+    assert!(
+        alice
+            .iter()
+            .any(|l| l.contains("CONNECT origin.test:8443") && l.ends_with(" 200")),
+        "{}",
+        log.join("\n")
+    );
+    // The bypassed address and the refused requests never reached squid.
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("direct") || l.contains("smuggle")),
+        "{}",
+        log.join("\n")
+    );
+    // What squid challenged (one 407 before ferry learned the scheme) is all it refused.
+    assert!(
+        log.iter().filter(|l| l.ends_with(" 407")).count() <= 2,
+        "{}",
+        log.join("\n")
+    );
+    assert_eq!(proxy["errors"]["bad_request"], 2, "{proxy}");
+    assert_eq!(proxy["errors"]["too_large"], 1, "{proxy}");
+    assert_eq!(proxy["errors"]["timeout"], 1, "{proxy}");
+    assert_eq!(proxy["credentials"], true, "{proxy}");
+
+    // The host switches the upstream user to bob; ferry holds alice's password.
+    let out = Command::new(ferry_tests::ferry_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(&g.api)
+        .args(["proxy", "set", &format!("http://bob@{remote}:3128")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(g.tools.dir.join("user-changed"), b"").unwrap();
+    let done = g
+        .qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", g.ferry.log_tail()));
+    let failed: Vec<_> = done.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && done.checks.len() == 9,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        done.checks.len(),
+        ferry_tests::tail(&done.console, 40),
+        g.ferry.log_tail()
+    );
+    let proxy = ferry_tests::api_get(&g.api, "/proxy");
+    assert_eq!(proxy["errors"]["auth"], 1, "{proxy}");
+    // The password is in no log and no answer.
+    let all = format!(
+        "{}{proxy}{}",
+        g.ferry.log_text(),
+        ferry_tests::api_get(&g.api, "/stats")
+    );
+    assert!(!all.contains("s3cret"), "the password leaked");
+}
