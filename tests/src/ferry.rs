@@ -121,7 +121,9 @@ impl FerryProcess {
         let err = File::create(&log).expect("create the ferry log");
         // Ferry takes the host's proxy setting from its environment: a test's ferry must not
         // take the one of the machine the tests run on.
-        for v in PROXY_ENV {
+        // (A test that sets one on `cmd` keeps it.)
+        let set: Vec<std::ffi::OsString> = cmd.get_envs().map(|(k, _)| k.to_owned()).collect();
+        for v in PROXY_ENV.iter().filter(|v| !set.iter().any(|k| k == *v)) {
             cmd.env_remove(v);
         }
         let child = cmd

@@ -15,16 +15,29 @@ use ferry_tests::{TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
-/// A squid in namespace `ns`, listening on `addr:3128`, wanting Basic credentials from the
-/// users in `dir/passwd`; its access log is `dir/access.log`. Killed on drop.
+/// How squid authenticates.
+enum Auth<'a> {
+    /// Basic, with `basic_ncsa_auth` and these users and passwords.
+    Basic(&'a [(&'a str, &'a str)]),
+    /// NTLM, with squid's `ntlm_fake_auth` test helper (any password is taken; the user
+    /// name is logged).
+    Ntlm,
+}
+
+/// A squid in namespace `ns`, listening on `addr:3128`, wanting credentials as `auth`
+/// says; its access log is `dir/access.log`. Killed on drop.
 struct Squid {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl Squid {
-    fn start(ns: &str, addr: &str, dir: &Path, users: &[(&str, &str)]) -> Squid {
-        let squid = ["/usr/sbin/squid", "/usr/lib/squid/basic_ncsa_auth"];
+    fn start(ns: &str, addr: &str, dir: &Path, auth: Auth) -> Squid {
+        let squid = [
+            "/usr/sbin/squid",
+            "/usr/lib/squid/basic_ncsa_auth",
+            "/usr/lib/squid/ntlm_fake_auth",
+        ];
         for p in squid {
             assert!(
                 Path::new(p).exists(),
@@ -34,6 +47,10 @@ impl Squid {
         // squid's workers run as the proxy user: the folder must be theirs to write.
         std::fs::create_dir_all(dir).unwrap();
         let mut passwd = String::new();
+        let users = match auth {
+            Auth::Basic(u) => u,
+            Auth::Ntlm => &[],
+        };
         for (user, pw) in users {
             let out = Command::new("openssl")
                 .args(["passwd", "-apr1", pw])
@@ -43,6 +60,16 @@ impl Squid {
         }
         std::fs::write(dir.join("passwd"), passwd).unwrap();
         let d = dir.display();
+        let auth = match auth {
+            Auth::Basic(_) => format!(
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd
+auth_param basic realm ferry-test
+auth_param basic children 2"
+            ),
+            Auth::Ntlm => "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth
+auth_param ntlm children 2"
+                .to_string(),
+        };
         let conf = format!(
             "http_port {addr}:3128
 pid_filename {d}/squid.pid
@@ -52,9 +79,7 @@ access_log stdio:{d}/access.log ferry
 cache deny all
 strip_query_terms off
 coredump_dir {d}
-auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd
-auth_param basic realm ferry-test
-auth_param basic children 2
+{auth}
 acl authed proxy_auth REQUIRED
 http_access allow authed
 http_access deny all
@@ -152,7 +177,7 @@ fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credenti
         &net.remote,
         &remote,
         &dir.path().join("squid"),
-        &[("alice", "s3cret pass"), ("bob", "another")],
+        Auth::Basic(&[("alice", "s3cret pass"), ("bob", "another")]),
     );
     // The password: a file only its owner reads.
     let pw = dir.path().join("proxy-password");
@@ -281,4 +306,98 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
         ferry_tests::api_get(&g.api, "/stats")
     );
     assert!(!all.contains("s3cret"), "the password leaked");
+}
+
+#[test]
+fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from remote\n").unwrap();
+    let (cert, key) = certificate(dir.path());
+    let names = format!("origin.test={remote}");
+    let www_s = www.display().to_string();
+    let _host = TestHost::start(
+        &net.remote,
+        &[
+            &remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
+            "53", &names,
+        ],
+    );
+    let squid = Squid::start(&net.remote, &remote, &dir.path().join("squid"), Auth::Ntlm);
+    let script = r#"
+check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
+C="curl -s --max-time 30 -x http://http.docker.internal:3128"
+check ntlm-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
+check ntlm-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
+URLS=""; i=0; while [ $i -lt 20 ]; do URLS="$URLS http://origin.test:8080/hello.txt?n=$i"; i=$((i+1)); done
+check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
+"#
+    .to_string();
+    // The password comes from the environment this time; a domain user, percent-encoded.
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("http://CORP%5Calice@{remote}:3128"),
+    ];
+    let dirp = dir.path().to_path_buf();
+    let mut cmd = ferry_tests::wrapped(Some(&net.inner), None, &ferry_tests::ferry_bin());
+    let sock = dirp.join("net.sock");
+    let api = dirp.join("api.sock");
+    let tools = ferry_tests::tools_share(&dirp);
+    cmd.arg("serve")
+        .args(["--net-socket", &sock.display().to_string()])
+        .args(["--api-socket", &api.display().to_string()])
+        .args(["--share", &tools.share])
+        .args(&args)
+        .env("FERRY_PROXY_PASSWORD", "anything goes");
+    let ferry = ferry_tests::FerryProcess::start(
+        cmd,
+        &dirp,
+        &[sock.clone(), api.clone(), tools.socket.clone()],
+    );
+    let mut qemu = ferry_tests::Qemu::boot(
+        &dirp,
+        &ferry_tests::GuestSpec {
+            script,
+            net_socket: Some(sock),
+            shares: vec![("tools".into(), tools.socket.clone())],
+            ..Default::default()
+        },
+    );
+    let done = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    let failed: Vec<_> = done.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && done.checks.len() == 3,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        done.checks.len(),
+        ferry_tests::tail(&done.console, 40),
+        ferry.log_tail()
+    );
+    // Squid knew the user for every request it served; its refusals were the handshakes.
+    let log = squid.log();
+    let served: Vec<&String> = log.iter().filter(|l| l.ends_with(" 200")).collect();
+    assert_eq!(served.len(), 22, "{}", log.join("\n"));
+    assert!(
+        served
+            .iter()
+            .all(|l| l.to_ascii_lowercase().contains("alice")),
+        "{}",
+        log.join("\n")
+    );
+    let keep: std::collections::HashSet<&str> = served
+        .iter()
+        .filter(|l| l.contains("?n="))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert_eq!(
+        keep.len(),
+        1,
+        "one upstream connection for one guest connection: {keep:?}"
+    );
 }

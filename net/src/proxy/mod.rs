@@ -333,13 +333,30 @@ impl Proxy {
         }
     }
 
-    /// Ferry's `Proxy-Authorization` for `up` in `scheme`, when it holds a user and password.
-    fn credential(&self, up: &Upstream, scheme: auth::Scheme) -> Option<String> {
-        Some(auth::credential(
+    /// The first step of `scheme` for `up`, when ferry holds a user and password for it.
+    fn start_auth(
+        &self,
+        up: &Upstream,
+        scheme: auth::Scheme,
+    ) -> Option<Result<auth::Step, String>> {
+        Some(auth::start(
             scheme,
             up.user.as_deref()?,
             self.secret.as_ref()?,
         ))
+    }
+
+    /// The step after `sent`, from the upstream's 407 `resp`.
+    fn next_auth(
+        &self,
+        up: &Upstream,
+        sent: &auth::Step,
+        resp: &wire::Response,
+    ) -> Result<auth::Step, String> {
+        let (Some(user), Some(secret)) = (up.user.as_deref(), self.secret.as_ref()) else {
+            return Err("ferry holds no credentials for it".into());
+        };
+        auth::next(sent, resp.header("proxy-authenticate"), user, secret)
     }
 
     /// The counters, now.

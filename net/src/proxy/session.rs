@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::auth::{self, Scheme};
+use super::auth::{self, Step};
 use super::request::{Request, Target};
 use super::tunnel::{connect, splice, ConnectError, Counted};
 use super::upstream::Upstream;
@@ -45,6 +45,8 @@ struct Held {
     to: (Option<Upstream>, String, u16),
     peer: Peer,
     counters: Option<Arc<Counters>>,
+    /// Whether a per-connection scheme (NTLM) has authenticated it with the upstream.
+    authed: bool,
 }
 
 /// What the loop does after an exchange.
@@ -166,40 +168,45 @@ fn open(
     }
 }
 
-/// Ferry's credential for `upstream` when the guest brought none: the scheme learned from
-/// an earlier 407, if any.
-fn preemptive(
-    proxy: &Proxy,
-    req: &Request,
-    upstream: Option<&Upstream>,
-) -> Option<(Scheme, String)> {
+/// Ferry's first step for `upstream` when the guest brought no credentials: the scheme
+/// learned from an earlier 407, if any.
+fn preemptive(proxy: &Proxy, req: &Request, upstream: Option<&Upstream>) -> Option<Step> {
     let up = upstream?;
     if req.has_proxy_auth() {
         return None;
     }
     let scheme = proxy.learned_scheme(up)?;
-    proxy.credential(up, scheme).map(|c| (scheme, c))
+    proxy.start_auth(up, scheme)?.ok()
 }
 
-/// What a 407 from the upstream means for this request: `Some` credential to send it again
-/// with, or `None` when it goes to the guest.
+/// What a 407 from the upstream means for this request, after ferry sent `sent`: `Some`
+/// step to send it again with, `None` when the 407 goes to the guest as it is, or the
+/// one-line reason the guest gets instead.
 fn answer_challenge(
     proxy: &Proxy,
     req: &Request,
     up: &Upstream,
     resp: &Response,
-    tried: Option<Scheme>,
-) -> Result<Option<(Scheme, String)>, String> {
+    sent: Option<&Step>,
+) -> Result<Option<Step>, String> {
     if req.has_proxy_auth() {
         return Ok(None);
     }
-    if let Some(s) = tried {
-        return Err(format!(
-            "ferry proxy: the upstream proxy {up} refused ferry's {} credentials for user {}; check the password in --proxy-credentials or {}",
-            s.name(),
-            up.user.as_deref().unwrap_or("?"),
-            super::upstream::SECRET_ENV
-        ));
+    let user = up.user.as_deref().unwrap_or("?");
+    match sent {
+        Some(s) if s.last => {
+            return Err(format!(
+                "ferry proxy: the upstream proxy {up} refused ferry's {} credentials for user {user}; check the password in --proxy-credentials or {}",
+                s.scheme.name(),
+                super::upstream::SECRET_ENV
+            ))
+        }
+        Some(s) => {
+            return proxy.next_auth(up, s, resp).map(Some).map_err(|e| {
+                format!("ferry proxy: the {} handshake with the upstream proxy {up} failed: {e}; check that the upstream is a working proxy", s.scheme.name())
+            })
+        }
+        None => {}
     }
     let offered = auth::offered(resp.header("proxy-authenticate"));
     let Some(scheme) = auth::choose(&offered) else {
@@ -211,8 +218,8 @@ fn answer_challenge(
         }
         return Ok(None);
     };
-    match proxy.credential(up, scheme) {
-        Some(c) => Ok(Some((scheme, c))),
+    match proxy.start_auth(up, scheme) {
+        Some(step) => step.map(Some),
         None => Err(format!(
             "ferry proxy: the upstream proxy {up} asks for credentials and ferry holds none; give the user in --proxy-upstream http://USER@HOST:PORT and the password in --proxy-credentials FILE"
         )),
@@ -246,8 +253,9 @@ fn exchange(
     let (host, port) = req.target.host_port();
     let to = (upstream.clone(), host.to_string(), port);
     let close = req.wants_close();
-    let mut cred = preemptive(proxy, req, upstream.as_ref());
-    for attempt in 0..3 {
+    let mut cred: Option<Step> = None;
+    // A plain try, an NTLM NEGOTIATE, its AUTHENTICATE, and once more for a stale connection.
+    for attempt in 0..4 {
         let reused = held.as_ref().is_some_and(|h| h.to == to);
         let mut server = match held.take().filter(|_| reused) {
             Some(h) => h,
@@ -256,10 +264,14 @@ fn exchange(
                     to: to.clone(),
                     peer: Peer::new(s),
                     counters,
+                    authed: false,
                 },
                 None => return Next::Close,
             },
         };
+        if cred.is_none() && !server.authed {
+            cred = preemptive(proxy, req, upstream.as_ref());
+        }
         if attempt == 0 {
             // A request counts as relayed once a way to its server is open.
             proxy.requests.fetch_add(1, Ordering::Relaxed);
@@ -270,7 +282,11 @@ fn exchange(
             inner: &server.peer.stream,
             counters: counters.as_deref(),
         };
-        let head = req.rewrite(through, cred.as_ref().map(|c| c.1.as_str()), close);
+        let auth = cred
+            .as_ref()
+            .filter(|_| !server.authed)
+            .map(|c| c.header.as_str());
+        let head = req.rewrite(through, auth, close);
         let mut sent = out.write_all(&head).and_then(|()| out.write_all(&body));
         if sent.is_ok() && streaming_continue {
             // The guest waits for 100 Continue before its body; ferry gives it at once
@@ -338,7 +354,7 @@ fn exchange(
         let rframing = resp.framing(&req.method);
         if resp.code == 407 {
             if let Some(up) = upstream.as_ref() {
-                match answer_challenge(proxy, req, up, &resp, cred.as_ref().map(|c| c.0)) {
+                match answer_challenge(proxy, req, up, &resp, cred.as_ref()) {
                     Ok(Some(c)) if whole => {
                         // Read the challenge's body off, then send the request again.
                         if server.peer.copy_body(rframing, &mut io::sink()).is_ok()
@@ -347,7 +363,7 @@ fn exchange(
                         {
                             *held = Some(server);
                         }
-                        proxy.learn(up, c.0);
+                        proxy.learn(up, c.scheme);
                         cred = Some(c);
                         continue;
                     }
@@ -385,6 +401,13 @@ fn exchange(
         }
         if server.peer.copy_body(rframing, &mut to_guest).is_err() {
             return Next::Close;
+        }
+        if resp.code != 407
+            && cred
+                .as_ref()
+                .is_some_and(|c| c.scheme.per_connection() && c.last)
+        {
+            server.authed = true;
         }
         if !resp.closes() && rframing != Framing::UntilClose {
             *held = Some(server);
@@ -450,7 +473,7 @@ fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstre
     };
     let mut cred = preemptive(proxy, req, Some(&up));
     let mut held: Option<Peer> = None;
-    for attempt in 0..2 {
+    for attempt in 0..3 {
         let mut server = match held.take() {
             Some(p) => p,
             None => match open(proxy, &guest.stream, req, Some(&up)) {
@@ -462,7 +485,7 @@ fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstre
             proxy.tunnels.fetch_add(1, Ordering::Relaxed);
             proxy.audit(req, Some(&up), None, "tunnel");
         }
-        let head = req.rewrite(true, cred.as_ref().map(|c| c.1.as_str()), false);
+        let head = req.rewrite(true, cred.as_ref().map(|c| c.header.as_str()), false);
         let answer = server
             .stream
             .write_all(&head)
@@ -477,7 +500,7 @@ fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstre
         };
         let rframing = resp.framing("CONNECT");
         if resp.code == 407 {
-            match answer_challenge(proxy, req, &up, &resp, cred.as_ref().map(|c| c.0)) {
+            match answer_challenge(proxy, req, &up, &resp, cred.as_ref()) {
                 Ok(Some(c)) => {
                     if server.copy_body(rframing, &mut io::sink()).is_ok()
                         && !resp.closes()
@@ -485,7 +508,7 @@ fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstre
                     {
                         held = Some(server);
                     }
-                    proxy.learn(&up, c.0);
+                    proxy.learn(&up, c.scheme);
                     cred = Some(c);
                     continue;
                 }

@@ -376,14 +376,14 @@ fn tunnels_connect_and_relays_through_an_upstream() {
     assert_eq!((st.tunnels, st.requests, st.failed), (2, 1, 0));
 }
 
-/// An upstream that wants Basic `alice:s3cret` (and offers NTLM first, as corporate
-/// proxies do), then answers as a proxy would.
+/// An upstream that wants Basic `alice:s3cret` (and offers Negotiate first, which ferry
+/// does not do), then answers as a proxy would.
 fn authenticating_upstream() -> Origin {
     origin_with(|head| {
         let good = head.contains("Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n");
         if !good {
             let body = "auth first";
-            return format!("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            return format!("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         }
         if head.starts_with("CONNECT") {
             return "HTTP/1.1 200 Connection established\r\n\r\n".into();
@@ -497,4 +497,83 @@ fn the_environment_is_the_hosts_setting() {
     for v in ["http_proxy", "HTTPS_PROXY", "no_proxy"] {
         std::env::remove_var(v);
     }
+}
+
+/// An upstream that takes NTLM as squid does: a NEGOTIATE gets a CHALLENGE, an
+/// AUTHENTICATE authenticates the connection, and requests after it on that connection need
+/// nothing. Records, per request, which message came (or none).
+#[test]
+fn ferry_does_the_ntlm_handshake_once_per_upstream_connection() {
+    use base64::Engine;
+    let mut c = b"NTLMSSP\0\x02\0\0\0".to_vec();
+    c.extend_from_slice(&[0, 0, 0, 0, 56, 0, 0, 0]);
+    c.extend_from_slice(&0x0000_0201u32.to_le_bytes());
+    c.extend_from_slice(b"\x01\x23\x45\x67\x89\xab\xcd\xef");
+    c.extend_from_slice(&[0; 8]);
+    c.extend_from_slice(&[0, 0, 0, 0, 56, 0, 0, 0]);
+    c.extend_from_slice(&[0; 8]);
+    let challenge = base64::engine::general_purpose::STANDARD.encode(&c);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let seen = s2.clone();
+            let challenge = challenge.clone();
+            std::thread::spawn(move || {
+                let mut p = Peer::new(conn.unwrap());
+                let mut authed = false;
+                while let Ok(h) = p.read_head(None, Duration::from_secs(5)) {
+                    let h = String::from_utf8_lossy(&h).into_owned();
+                    let msg = if h.contains("NTLM TlRMTVNTUAAB") {
+                        "negotiate"
+                    } else if h.contains("NTLM TlRMTVNTUAAD") {
+                        "authenticate"
+                    } else {
+                        "none"
+                    };
+                    seen.lock().unwrap().push(msg);
+                    let answer = match (msg, authed) {
+                        ("negotiate", _) => format!("HTTP/1.1 407 Auth\r\nProxy-Authenticate: NTLM {challenge}\r\nContent-Length: 0\r\n\r\n"),
+                        ("authenticate", _) | ("none", true) => {
+                            authed = true;
+                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into()
+                        }
+                        _ => "HTTP/1.1 407 Auth\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=x\r\nContent-Length: 0\r\n\r\n".into(),
+                    };
+                    if p.stream.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut u: Upstream = addr.to_string().parse().unwrap();
+    u.user = Some("CORP\\alice".into());
+    let p = start(Settings::with_upstream(Some(u)), Some("pw"), None);
+    for _ in 0..2 {
+        let s = client(&p);
+        let mut g = Peer::new(s.try_clone().unwrap());
+        for _ in 0..3 {
+            (&s).write_all(b"GET http://198.18.0.9/ HTTP/1.1\r\n\r\n")
+                .unwrap();
+            assert_eq!(answer(&mut g).1, "ok");
+        }
+    }
+    // The first connection learns NTLM from a plain 407; the second starts with it.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "none",
+            "negotiate",
+            "authenticate",
+            "none",
+            "none",
+            "negotiate",
+            "authenticate",
+            "none",
+            "none"
+        ]
+    );
 }
