@@ -155,24 +155,31 @@ fn certificate(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// The test's web: `origin.test` (in the remote's DNS server) serving `hello.txt` over
+/// HTTP on 8080 and HTTPS on 8443, on the remote side.
+fn origin(net: &TestNet, dir: &Path) -> TestHost {
+    let remote = &net.remote_addr;
+    let www = dir.join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from remote\n").unwrap();
+    let (cert, key) = certificate(dir);
+    let names = format!("origin.test={remote}");
+    let www_s = www.display().to_string();
+    TestHost::start(
+        &net.remote,
+        &[
+            remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
+            "53", &names,
+        ],
+    )
+}
+
 #[test]
 fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credentials_of_its_own() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let remote = net.remote_addr.clone();
     let dir = tempfile::tempdir().unwrap();
-    let www = dir.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("hello.txt"), "hello from remote\n").unwrap();
-    let (cert, key) = certificate(dir.path());
-    let names = format!("origin.test={remote}");
-    let www_s = www.display().to_string();
-    let _host = TestHost::start(
-        &net.remote,
-        &[
-            &remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
-            "53", &names,
-        ],
-    );
+    let _host = origin(&net, dir.path());
     let squid = Squid::start(
         &net.remote,
         &remote,
@@ -313,19 +320,7 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let remote = net.remote_addr.clone();
     let dir = tempfile::tempdir().unwrap();
-    let www = dir.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("hello.txt"), "hello from remote\n").unwrap();
-    let (cert, key) = certificate(dir.path());
-    let names = format!("origin.test={remote}");
-    let www_s = www.display().to_string();
-    let _host = TestHost::start(
-        &net.remote,
-        &[
-            &remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
-            "53", &names,
-        ],
-    );
+    let _host = origin(&net, dir.path());
     let squid = Squid::start(&net.remote, &remote, &dir.path().join("squid"), Auth::Ntlm);
     let script = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
