@@ -155,8 +155,50 @@ fn certificate(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// Waits for the guest to touch `tools/name`, the end of a phase of its script.
+fn wait_phase(g: &ferry_tests::ServedGuest, name: &str) {
+    let reached = ferry_tests::wait_for(DEADLINE, || g.tools.dir.join(name).exists().then_some(()));
+    assert!(
+        reached.is_some(),
+        "the guest never reached {name}; console:\n{}",
+        ferry_tests::tail(&g.qemu.console(), 40)
+    );
+}
+
+/// Runs `ferry ctl ARGS` against `g`'s API, which must succeed, then lets the guest go on
+/// (`tools/go`).
+fn ctl_then_go(g: &ferry_tests::ServedGuest, args: &[&str], go: &str) {
+    let out = Command::new(ferry_tests::ferry_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(&g.api)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(g.tools.dir.join(go), b"").unwrap();
+}
+
+/// Waits for the guest's script to end and asserts that its `want` checks all passed.
+fn all_checks_pass(qemu: &mut ferry_tests::Qemu, ferry: &ferry_tests::FerryProcess, want: usize) {
+    let done = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    let failed: Vec<_> = done.checks.iter().filter(|c| !c.ok).collect();
+    assert!(
+        failed.is_empty() && done.checks.len() == want,
+        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
+        done.checks.len(),
+        ferry_tests::tail(&done.console, 40),
+        ferry.log_tail()
+    );
+}
+
 /// The test's web: `origin.test` (in the remote's DNS server) serving `hello.txt` over
-/// HTTP on 8080 and HTTPS on 8443, on the remote side.
+/// HTTP on 8080 and 80, and HTTPS on 8443 and 443, on the remote side.
 fn origin(net: &TestNet, dir: &Path) -> TestHost {
     let remote = &net.remote_addr;
     let www = dir.join("www");
@@ -168,24 +210,49 @@ fn origin(net: &TestNet, dir: &Path) -> TestHost {
     TestHost::start(
         &net.remote,
         &[
-            remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--dns",
-            "53", &names,
+            remote, "--http", "8080", &www_s, "--https", "8443", &www_s, &cert, &key, "--http",
+            "80", &www_s, "--https", "443", &www_s, &cert, &key, "--dns", "53", &names,
         ],
     )
 }
 
+/// A test's network: the origin and a squid wanting `auth` on the remote side.
+struct World {
+    net: TestNet,
+    dir: tempfile::TempDir,
+    _host: TestHost,
+    squid: Squid,
+}
+
+impl World {
+    fn new(auth: Auth) -> World {
+        let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+        let dir = tempfile::tempdir().unwrap();
+        let _host = origin(&net, dir.path());
+        let squid = Squid::start(
+            &net.remote,
+            &net.remote_addr,
+            &dir.path().join("squid"),
+            auth,
+        );
+        World {
+            net,
+            dir,
+            _host,
+            squid,
+        }
+    }
+}
+
 #[test]
 fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credentials_of_its_own() {
-    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let World {
+        net,
+        dir,
+        _host,
+        squid,
+    } = World::new(Auth::Basic(&[("alice", "s3cret pass"), ("bob", "another")]));
     let remote = net.remote_addr.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let _host = origin(&net, dir.path());
-    let squid = Squid::start(
-        &net.remote,
-        &remote,
-        &dir.path().join("squid"),
-        Auth::Basic(&[("alice", "s3cret pass"), ("bob", "another")]),
-    );
     // The password: a file only its owner reads.
     let pw = dir.path().join("proxy-password");
     std::fs::write(&pw, "s3cret pass\n").unwrap();
@@ -229,14 +296,7 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
         remote.clone(),
     ];
     let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
-    let phase1 = ferry_tests::wait_for(DEADLINE, || {
-        g.tools.dir.join("phase1-done").exists().then_some(())
-    });
-    assert!(
-        phase1.is_some(),
-        "the guest never finished the first phase; console:\n{}",
-        ferry_tests::tail(&g.qemu.console(), 40)
-    );
+    wait_phase(&g, "phase1-done");
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     let log = squid.log();
     // Squid saw the guest's requests as alice, over as few connections as ferry opened.
@@ -280,30 +340,12 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
     assert_eq!(proxy["credentials"], true, "{proxy}");
 
     // The host switches the upstream user to bob; ferry holds alice's password.
-    let out = Command::new(ferry_tests::ferry_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(&g.api)
-        .args(["proxy", "set", &format!("http://bob@{remote}:3128")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    ctl_then_go(
+        &g,
+        &["proxy", "set", &format!("http://bob@{remote}:3128")],
+        "user-changed",
     );
-    std::fs::write(g.tools.dir.join("user-changed"), b"").unwrap();
-    let done = g
-        .qemu
-        .wait_done(DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", g.ferry.log_tail()));
-    let failed: Vec<_> = done.checks.iter().filter(|c| !c.ok).collect();
-    assert!(
-        failed.is_empty() && done.checks.len() == 9,
-        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
-        done.checks.len(),
-        ferry_tests::tail(&done.console, 40),
-        g.ferry.log_tail()
-    );
+    all_checks_pass(&mut g.qemu, &g.ferry, 9);
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     assert_eq!(proxy["errors"]["auth"], 1, "{proxy}");
     // The password is in no log and no answer.
@@ -317,11 +359,13 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
 
 #[test]
 fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
-    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let World {
+        net,
+        dir,
+        _host,
+        squid,
+    } = World::new(Auth::Ntlm);
     let remote = net.remote_addr.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let _host = origin(&net, dir.path());
-    let squid = Squid::start(&net.remote, &remote, &dir.path().join("squid"), Auth::Ntlm);
     let script = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
 C="curl -s --max-time 30 -x http://http.docker.internal:3128"
@@ -363,17 +407,7 @@ check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
             ..Default::default()
         },
     );
-    let done = qemu
-        .wait_done(DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    let failed: Vec<_> = done.checks.iter().filter(|c| !c.ok).collect();
-    assert!(
-        failed.is_empty() && done.checks.len() == 3,
-        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
-        done.checks.len(),
-        ferry_tests::tail(&done.console, 40),
-        ferry.log_tail()
-    );
+    all_checks_pass(&mut qemu, &ferry, 3);
     // Squid knew the user for every request it served; its refusals were the handshakes.
     let log = squid.log();
     let served: Vec<&String> = log.iter().filter(|l| l.ends_with(" 200")).collect();
@@ -395,4 +429,52 @@ check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
         1,
         "one upstream connection for one guest connection: {keep:?}"
     );
+}
+
+#[test]
+fn transparent_mode_takes_a_guest_with_no_proxy_settings_through_the_upstream() {
+    let World {
+        net,
+        dir,
+        _host,
+        squid,
+    } = World::new(Auth::Basic(&[("alice", "pw")]));
+    let remote = net.remote_addr.clone();
+    let pw = dir.path().join("proxy-password");
+    std::fs::write(&pw, "pw\n").unwrap();
+    Command::new("chmod").arg("600").arg(&pw).status().unwrap();
+    let script = r#"
+check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
+check transparent-http "$(curl -s --max-time 30 http://origin.test/hello.txt?t=1)" "hello from remote"
+check transparent-https "$(curl -sk --max-time 30 https://origin.test/hello.txt?t=2)" "hello from remote"
+check other-port-direct "$(curl -s --max-time 30 http://origin.test:8080/hello.txt?t=3)" "hello from remote"
+touch /mnt/tools/phase1-done
+i=0; while [ ! -e /mnt/tools/mode-off ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+check off-direct "$(curl -s --max-time 30 http://origin.test/hello.txt?t=4)" "hello from remote"
+"#
+    .to_string();
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("http://alice@{remote}:3128"),
+        "--proxy-credentials".into(),
+        pw.display().to_string(),
+        "--proxy-transparent".into(),
+    ];
+    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    wait_phase(&g, "phase1-done");
+    ctl_then_go(&g, &["proxy", "transparent", "off"], "mode-off");
+    all_checks_pass(&mut g.qemu, &g.ferry, 4);
+    let log = squid.log().join("\n");
+    assert!(
+        log.contains("alice GET http://origin.test/hello.txt?t=1 200"),
+        "{log}"
+    );
+    assert!(log.contains("alice CONNECT origin.test:443 200"), "{log}");
+    assert!(!log.contains("t=3") && !log.contains("t=4"), "{log}");
+    let proxy = ferry_tests::api_get(&g.api, "/proxy");
+    assert_eq!(proxy["intercepted"], 2, "{proxy}");
+    assert_eq!(proxy["transparent"], false, "{proxy}");
 }

@@ -239,6 +239,12 @@ pub enum ProxyChange {
     },
     /// Connect to servers directly.
     Clear,
+    /// Turn transparent mode on or off: the guest's TCP to ports 80 and 443 through the proxy.
+    Transparent {
+        /// on or off.
+        #[arg(value_name = "on|off", value_parser = ["on", "off"])]
+        mode: String,
+    },
     /// Reach these servers directly whatever the upstream (NO_PROXY syntax; "" for none).
     Bypass {
         /// The list, e.g. "localhost,.corp.example,10.0.0.0/8".
@@ -441,6 +447,13 @@ pub struct ServeArgs {
     /// FERRY_PROXY_PASSWORD]. Never give it on the command line.
     #[arg(long, value_name = "FILE")]
     pub proxy_credentials: Option<PathBuf>,
+
+    /// Transparent mode: the guest's TCP to ports 80 and 443 that would go out directly goes
+    /// through the proxy instead (port 80 as HTTP, 443 as a CONNECT to the name in the TLS
+    /// ClientHello; nothing is decrypted), so a guest with no proxy settings works behind
+    /// the upstream. Rules apply first. `ferry ctl proxy transparent on|off` changes it.
+    #[arg(long)]
+    pub proxy_transparent: bool,
 
     /// Capture every frame to and from the guest into FILE (libpcap format, for tcpdump -r
     /// or Wireshark; mode 0600, emptied if it exists), across reconnects.

@@ -93,6 +93,9 @@ pub struct ServeConfig {
     pub proxy: ProxySettings,
     /// The upstream proxy's password (`--proxy-credentials FILE` or `FERRY_PROXY_PASSWORD`).
     pub proxy_secret: Option<Secret>,
+    /// Transparent mode (`--proxy-transparent`): guest TCP to ports 80 and 443 goes through
+    /// the proxy.
+    pub proxy_transparent: bool,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
     /// Rules for the guest's flows and published ports' clients, in order.
@@ -166,6 +169,7 @@ struct FileConfig {
     proxy_upstream: Option<String>,
     proxy_bypass: Option<String>,
     proxy_credentials: Option<PathBuf>,
+    proxy_transparent: Option<bool>,
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
     seccomp: Option<String>,
@@ -574,6 +578,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             dns_zones,
             proxy,
             proxy_secret,
+            proxy_transparent: args.proxy_transparent || file.proxy_transparent.unwrap_or(false),
             publish,
             rules,
             default_bind,
@@ -752,6 +757,7 @@ mod tests {
             proxy_upstream: None,
             proxy_bypass: None,
             proxy_credentials: None,
+            proxy_transparent: false,
             pcap: None,
             sandbox: Default::default(),
         }

@@ -445,6 +445,10 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                     let body = json!({ "upstream": null });
                     expect(sock, "PUT", "/proxy", Some(&body), 200)?
                 }
+                Some(ProxyChange::Transparent { mode }) => {
+                    let body = json!({ "transparent": mode == "on" });
+                    expect(sock, "PUT", "/proxy", Some(&body), 200)?
+                }
                 Some(ProxyChange::Bypass { list }) => {
                     let body = json!({ "bypass": list });
                     expect(sock, "PUT", "/proxy", Some(&body), 200)?

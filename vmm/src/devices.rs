@@ -231,6 +231,10 @@ impl Devices {
             if let Some(a) = &audit {
                 px.set_audit(a.clone());
             }
+            if cfg.proxy_transparent {
+                info!("net: transparent mode: the guest's TCP to ports 80 and 443 goes through the proxy");
+                px.set_transparent(true);
+            }
             proxy = Some(px.clone());
             let names = Arc::new(ferry_net::names::Names::new(Some(cfg.hosts_file.clone())));
             dns_names = Some(names.clone());

@@ -25,11 +25,18 @@
 //! it. Requests are checked before anything goes on ([`request`]): framing that could be
 //! read two ways is refused with 400, too many or too long headers with 431, a head that
 //! trickles in with 408.
+//!
+//! In transparent mode the NAT also sends here the guest's TCP to ports 80 and 443 that the
+//! rules let out, announcing where the guest meant to go ([`Proxy::announce_intercepted`]).
+//! HTTP is served as a proxy request made absolute from its `Host`; TLS becomes a CONNECT to
+//! the name in its ClientHello ([`sni`]). Straight connections go to the address the guest
+//! chose, which the NAT checked, not to a name a `Host` header could point anywhere.
 
 mod auth;
 pub mod bypass;
 mod request;
 mod session;
+mod sni;
 mod tunnel;
 pub mod upstream;
 mod wire;
@@ -186,6 +193,8 @@ pub struct ProxyStats {
     pub active: u64,
     /// Connections opened to servers and upstreams (fewer than requests when kept alive).
     pub connections: u64,
+    /// Guest connections to ports 80 and 443 taken in transparent mode.
+    pub intercepted: u64,
     /// Errors by kind, in [`Failure::ALL`]'s order.
     pub errors: [u64; 7],
 }
@@ -198,14 +207,18 @@ pub struct Proxy {
     secret: Option<Secret>,
     /// The scheme that worked with each upstream (its `Display`), sent from the start.
     learned: Mutex<HashMap<String, auth::Scheme>>,
-    /// Source addresses of the connections the NAT announced, and when.
-    announced: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Source addresses of the connections the NAT announced, when, and for connections it
+    /// intercepted (transparent mode), where the guest meant to go.
+    announced: Mutex<HashMap<SocketAddr, (Instant, Option<SocketAddr>)>>,
+    /// Transparent mode: the NAT sends the guest's TCP to ports 80 and 443 here.
+    transparent: std::sync::atomic::AtomicBool,
     /// The guest's outbound rules, which the servers it connects to directly are checked
     /// against.
     rules: Option<Arc<Rules>>,
     requests: AtomicU64,
     tunnels: AtomicU64,
     connections: AtomicU64,
+    intercepted: AtomicU64,
     errors: [AtomicU64; 7],
     active: AtomicUsize,
     /// Where request events go (`--audit-log`), once set.
@@ -254,10 +267,12 @@ impl Proxy {
             secret,
             learned: Mutex::new(HashMap::new()),
             announced: Mutex::new(HashMap::new()),
+            transparent: std::sync::atomic::AtomicBool::new(false),
             rules,
             requests: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            intercepted: AtomicU64::new(0),
             errors: Default::default(),
             active: AtomicUsize::new(0),
             audit: std::sync::OnceLock::new(),
@@ -368,6 +383,7 @@ impl Proxy {
             failed: errors.iter().sum(),
             active: self.active.load(Ordering::Relaxed) as u64,
             connections: self.connections.load(Ordering::Relaxed),
+            intercepted: self.intercepted.load(Ordering::Relaxed),
             errors,
         }
     }
@@ -375,18 +391,44 @@ impl Proxy {
     /// Announces a connection the NAT is about to open from `from` (its bound source
     /// address): the listener takes only announced connections.
     pub fn announce(&self, from: SocketAddr) {
+        self.announce_as(from, None);
+    }
+
+    /// Announces a guest connection to `original` that the NAT sends here instead
+    /// (transparent mode).
+    pub fn announce_intercepted(&self, from: SocketAddr, original: SocketAddr) {
+        self.announce_as(from, Some(original));
+    }
+
+    fn announce_as(&self, from: SocketAddr, original: Option<SocketAddr>) {
         let now = Instant::now();
         if let Ok(mut a) = self.announced.lock() {
             // Connections whose connect failed never arrive: their entries age out.
-            a.retain(|_, t| now.duration_since(*t) < ANNOUNCE_TTL);
-            a.insert(from, now);
+            a.retain(|_, (t, _)| now.duration_since(*t) < ANNOUNCE_TTL);
+            a.insert(from, (now, original));
         }
     }
 
-    fn take_announced(&self, from: SocketAddr) -> bool {
-        self.announced
-            .lock()
-            .is_ok_and(|mut a| a.remove(&from).is_some())
+    /// `Some` for an announced connection, with where the guest meant to go if the NAT
+    /// intercepted it.
+    fn take_announced(&self, from: SocketAddr) -> Option<Option<SocketAddr>> {
+        self.announced.lock().ok()?.remove(&from).map(|(_, o)| o)
+    }
+
+    /// Whether transparent mode is on.
+    pub fn transparent(&self) -> bool {
+        self.transparent.load(Ordering::Relaxed)
+    }
+
+    /// Turns transparent mode on or off, for connections the guest opens from now on.
+    pub fn set_transparent(&self, on: bool) {
+        self.transparent.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the NAT sends the guest's new TCP connection to `port` here: in transparent
+    /// mode, plain web traffic (80 as HTTP, 443 as TLS).
+    pub fn intercepts(&self, port: u16) -> bool {
+        (port == 80 || port == 443) && self.transparent()
     }
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -402,11 +444,11 @@ impl Proxy {
             let Ok(peer) = client.peer_addr() else {
                 continue;
             };
-            if !self.take_announced(peer) {
+            let Some(original) = self.take_announced(peer) else {
                 // Another local program found the port: it is not the guest's to use.
                 log::debug!("proxy: refused a connection from {peer}, which the NAT did not open");
                 continue;
-            }
+            };
             if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
                 self.fail(
                     &client,
@@ -421,7 +463,7 @@ impl Proxy {
             let spawned = std::thread::Builder::new()
                 .name("ferry-proxy-conn".into())
                 .spawn(move || {
-                    session::serve(&p, client);
+                    session::serve(&p, client, original);
                     p.active.fetch_sub(1, Ordering::Relaxed);
                 });
             if let Err(e) = spawned {

@@ -63,6 +63,10 @@ pub(super) struct Request {
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// For a request the NAT intercepted (transparent mode): the address the guest
+    /// connected to, which a direct request goes to whatever its `Host` says; the NAT
+    /// checked the rules for it.
+    pub pin: Option<std::net::SocketAddr>,
 }
 
 /// Headers that belong to one hop and are not passed on (RFC 9110, 7.6.1), besides the ones
@@ -111,9 +115,87 @@ impl Request {
                 .iter()
                 .map(|h| (h.name.to_string(), h.value.to_vec()))
                 .collect(),
+            pin: None,
         };
         req.framing()?;
         Ok(req)
+    }
+
+    /// A request the guest sent to `original` (port 80) with no proxy configured, in
+    /// origin form: made absolute from its `Host` (or the address, without one), and
+    /// pinned to `original` for a direct connection.
+    pub(super) fn parse_intercepted(
+        head: &[u8],
+        original: std::net::SocketAddr,
+    ) -> Result<Request, Refusal> {
+        let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Request::new(&mut hdrs);
+        let path = match r.parse(head) {
+            Ok(httparse::Status::Complete(_)) => r.path.unwrap_or("/"),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Refusal {
+                    code: 431,
+                    why: format!("the request has more than {MAX_HEADERS} headers; send fewer"),
+                })
+            }
+            _ => return Err(bad("the request head is malformed")),
+        };
+        if path.contains("://") || r.method == Some("CONNECT") {
+            // A client that knows it talks to a proxy: served as one.
+            let mut req = Request::parse(head)?;
+            req.pin = None;
+            return Ok(req);
+        }
+        if !path.starts_with('/') && path != "*" {
+            return Err(bad(format!("the request target {path:?} is not a path")));
+        }
+        let host = r
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+            .filter(|h| !h.is_empty() && !h.contains(['/', '@', ' ']));
+        let authority = match host {
+            Some(h) => h.to_string(),
+            None if original.is_ipv6() => format!("[{}]:{}", original.ip(), original.port()),
+            None => original.to_string(),
+        };
+        let mut req = Request::parse(
+            &[
+                format!(
+                    "{} http://{authority}{path} HTTP/1.1",
+                    r.method.unwrap_or("GET")
+                )
+                .as_bytes(),
+                &head[head
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(head.len(), |i| i + 1)
+                    - 2..],
+            ]
+            .concat(),
+        )?;
+        req.version = r.version.unwrap_or(1);
+        req.pin = Some(original);
+        Ok(req)
+    }
+
+    /// A CONNECT to `host:port`, as ferry sends it for a TLS connection it intercepted.
+    pub(super) fn connect_to(host: &str, port: u16, original: std::net::SocketAddr) -> Request {
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Request {
+            method: "CONNECT".into(),
+            raw_target: authority.clone(),
+            target: Target::Authority(host.to_string(), port),
+            version: 1,
+            headers: vec![("Host".into(), authority.into_bytes())],
+            pin: Some(original),
+        }
     }
 
     /// The values of header `name`.

@@ -16,14 +16,14 @@
 //! A CONNECT ends the loop: the connection becomes a tunnel. So does a `101` upgrade.
 
 use std::io::{self, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::{self, Step};
 use super::request::{Request, Target};
-use super::tunnel::{connect, splice, ConnectError, Counted};
+use super::tunnel::{connect, connect_pinned, splice, ConnectError, Counted};
 use super::upstream::Upstream;
 use super::wire::{BodyError, Framing, HeadError, Peer, Response};
 use super::{Failure, Proxy};
@@ -35,7 +35,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// stall.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server or upstream may take to answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Request bodies up to this size are read before the request is sent on.
 const PREREAD: usize = 64 * 1024;
 
@@ -56,8 +56,16 @@ enum Next {
 }
 
 /// Serves `client` until it closes, errs or becomes a tunnel.
-pub(super) fn serve(proxy: &Proxy, client: TcpStream) {
+pub(super) fn serve(proxy: &Proxy, client: TcpStream, original: Option<SocketAddr>) {
     let mut guest = Peer::new(client);
+    if let Some(o) = original {
+        proxy.intercepted.fetch_add(1, Ordering::Relaxed);
+        // TLS or HTTP by what the guest sends first, not by the port: a TLS record starts
+        // with 22 (handshake), a request with a method's letter.
+        if guest.peek_until(HEAD_TIMEOUT, |_| Some(1)).first() == Some(&22) {
+            return intercept_tls(proxy, guest, o);
+        }
+    }
     let mut held: Option<Held> = None;
     loop {
         let head = match guest.read_head(Some(IDLE_TIMEOUT), HEAD_TIMEOUT) {
@@ -88,7 +96,11 @@ pub(super) fn serve(proxy: &Proxy, client: TcpStream) {
             }
             Err(HeadError::Io(_)) => return,
         };
-        let req = match Request::parse(&head) {
+        let parsed = match original {
+            Some(o) => Request::parse_intercepted(&head, o),
+            None => Request::parse(&head),
+        };
+        let req = match parsed {
             Ok(r) => r,
             Err(r) => {
                 let kind = if r.code == 431 {
@@ -107,7 +119,7 @@ pub(super) fn serve(proxy: &Proxy, client: TcpStream) {
         let _ = guest.stream.set_read_timeout(Some(IDLE_TIMEOUT));
         let upstream = proxy.route(&req.target);
         if let Target::Authority(..) = req.target {
-            return tunnel(proxy, guest, &req, upstream);
+            return super::tunnel::tunnel(proxy, guest, &req, upstream);
         }
         match exchange(proxy, &mut guest, &req, upstream, &mut held) {
             Next::Again => continue,
@@ -117,7 +129,7 @@ pub(super) fn serve(proxy: &Proxy, client: TcpStream) {
 }
 
 /// Opens a connection to where the request goes, or answers the guest why not.
-fn open(
+pub(super) fn open(
     proxy: &Proxy,
     guest: &TcpStream,
     req: &Request,
@@ -128,13 +140,19 @@ fn open(
         None => req.target.host_port(),
     };
     // Servers reached directly are checked against the guest's rules; an upstream proxy
-    // is the host's own choice.
+    // is the host's own choice. A request the NAT intercepted goes to the address the guest
+    // chose, which the NAT checked.
     let rules = if upstream.is_none() {
         proxy.rules.as_deref()
     } else {
         None
     };
-    match connect(host, port, rules) {
+    let pinned = req.pin.filter(|_| upstream.is_none());
+    let connected = match pinned {
+        Some(a) => connect_pinned(a).map_err(ConnectError::Io),
+        None => connect(host, port, rules),
+    };
+    match connected {
         Ok(s) => {
             proxy.connections.fetch_add(1, Ordering::Relaxed);
             Some(s)
@@ -170,7 +188,11 @@ fn open(
 
 /// Ferry's first step for `upstream` when the guest brought no credentials: the scheme
 /// learned from an earlier 407, if any.
-fn preemptive(proxy: &Proxy, req: &Request, upstream: Option<&Upstream>) -> Option<Step> {
+pub(super) fn preemptive(
+    proxy: &Proxy,
+    req: &Request,
+    upstream: Option<&Upstream>,
+) -> Option<Step> {
     let up = upstream?;
     if req.has_proxy_auth() {
         return None;
@@ -182,7 +204,7 @@ fn preemptive(proxy: &Proxy, req: &Request, upstream: Option<&Upstream>) -> Opti
 /// What a 407 from the upstream means for this request, after ferry sent `sent`: `Some`
 /// step to send it again with, `None` when the 407 goes to the guest as it is, or the
 /// one-line reason the guest gets instead.
-fn answer_challenge(
+pub(super) fn answer_challenge(
     proxy: &Proxy,
     req: &Request,
     up: &Upstream,
@@ -448,89 +470,13 @@ fn head_error(e: &HeadError) -> String {
     }
 }
 
-/// A CONNECT: straight to the server (ferry answers 200), or relayed to the upstream, whose
-/// answer the guest gets; then bytes both ways.
-fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstream>) {
-    let Some(up) = upstream else {
-        let Some((mut server, counters)) = open(proxy, &guest.stream, req, None) else {
-            return;
-        };
-        proxy.tunnels.fetch_add(1, Ordering::Relaxed);
-        proxy.audit(req, None, Some(200), "tunnel");
-        let early = guest.take_pending();
-        if let Some(c) = &counters {
-            c.add_bytes(early.len());
-        }
-        if guest
-            .stream
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .is_ok()
-            && server.write_all(&early).is_ok()
-        {
-            splice(guest.stream, server, counters);
-        }
-        return;
-    };
-    let mut cred = preemptive(proxy, req, Some(&up));
-    let mut held: Option<Peer> = None;
-    for attempt in 0..3 {
-        let mut server = match held.take() {
-            Some(p) => p,
-            None => match open(proxy, &guest.stream, req, Some(&up)) {
-                Some((s, _)) => Peer::new(s),
-                None => return,
-            },
-        };
-        if attempt == 0 {
-            proxy.tunnels.fetch_add(1, Ordering::Relaxed);
-            proxy.audit(req, Some(&up), None, "tunnel");
-        }
-        let head = req.rewrite(true, cred.as_ref().map(|c| c.header.as_str()), false);
-        let answer = server
-            .stream
-            .write_all(&head)
-            .map_err(HeadError::Io)
-            .and_then(|()| server.read_head(Some(ANSWER_TIMEOUT), ANSWER_TIMEOUT));
-        let (rhead, resp) = match answer.map(|h| (Response::parse(&h), h)) {
-            Ok((Some(r), h)) => (h, r),
-            Ok((None, _)) | Err(_) => {
-                proxy.fail(&guest.stream, Failure::Unreachable, 502, &format!("ferry proxy: the upstream proxy {up} gave no answer to CONNECT; check that it is an HTTP proxy"));
-                return;
-            }
-        };
-        let rframing = resp.framing("CONNECT");
-        if resp.code == 407 {
-            match answer_challenge(proxy, req, &up, &resp, cred.as_ref()) {
-                Ok(Some(c)) => {
-                    if server.copy_body(rframing, &mut io::sink()).is_ok()
-                        && !resp.closes()
-                        && rframing != Framing::UntilClose
-                    {
-                        held = Some(server);
-                    }
-                    proxy.learn(&up, c.scheme);
-                    cred = Some(c);
-                    continue;
-                }
-                Ok(None) => {}
-                Err(why) => {
-                    proxy.forget(&up);
-                    return proxy.fail(&guest.stream, Failure::Auth, 407, &why);
-                }
-            }
-        }
-        if guest.stream.write_all(&rhead).is_err() {
-            return;
-        }
-        if (200..300).contains(&resp.code) {
-            let early = guest.take_pending();
-            let late = server.take_pending();
-            if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
-                splice(guest.stream, server.stream, None);
-            }
-        } else {
-            let _ = server.copy_body(rframing, &mut &guest.stream);
-        }
-        return;
-    }
+/// A guest's TLS connection that the NAT sent here in transparent mode (to port 443, as a
+/// rule): a CONNECT to the name in its TLS ClientHello (the address
+/// it connected to, without one), through the upstream or straight to that address.
+fn intercept_tls(proxy: &Proxy, mut guest: Peer, original: SocketAddr) {
+    let hello = guest.peek_until(HEAD_TIMEOUT, super::sni::record_len);
+    let host = super::sni::server_name(hello).unwrap_or_else(|| original.ip().to_string());
+    let req = Request::connect_to(&host, original.port(), original);
+    let upstream = proxy.route(&req.target);
+    super::tunnel::tunnel(proxy, guest, &req, upstream);
 }

@@ -84,6 +84,20 @@ impl Request {
     }
 }
 
+/// A TCP echo server on loopback.
+fn echo_server() -> SocketAddr {
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in echo.incoming() {
+            let mut c = c.unwrap();
+            let mut r = c.try_clone().unwrap();
+            let _ = io::copy(&mut r, &mut c);
+        }
+    });
+    addr
+}
+
 /// A client connection to the proxy, opened and announced as the NAT does it.
 fn client(p: &Proxy) -> TcpStream {
     let to = p.addr();
@@ -324,15 +338,7 @@ fn rules_refuse_servers_the_guest_may_not_reach() {
 #[test]
 fn tunnels_connect_and_relays_through_an_upstream() {
     // CONNECT straight to an echo server.
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in echo.incoming() {
-            let mut c = c.unwrap();
-            let mut r = c.try_clone().unwrap();
-            let _ = io::copy(&mut r, &mut c);
-        }
-    });
+    let echo_addr = echo_server();
     let p = start(Settings::default(), None, None);
     let mut s = client(&p);
     s.write_all(
@@ -576,4 +582,106 @@ fn ferry_does_the_ntlm_handshake_once_per_upstream_connection() {
             "none"
         ]
     );
+}
+
+/// A client connection the NAT intercepted on its way to `original` (transparent mode).
+fn intercepted(p: &Proxy, original: SocketAddr) -> TcpStream {
+    let s = crate::stack::sys::connect_nonblocking(
+        std::net::SocketAddr::V4(p.addr()),
+        Some(&|a| p.announce_intercepted(a, original)),
+    )
+    .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+#[test]
+fn transparent_http_goes_to_the_address_directly_or_by_name_through_the_upstream() {
+    let o = origin("plain");
+    let p = start(Settings::default(), None, None);
+    // Direct: to the address the guest chose, whatever its Host says.
+    let out = roundtrip(
+        intercepted(&p, o.addr),
+        "GET /x?y HTTP/1.1\r\nHost: name.test\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.ends_with("plain"), "{out}");
+    assert_eq!(
+        o.heads.lock().unwrap()[0],
+        "GET /x?y HTTP/1.1\r\nHost: name.test\r\nConnection: close\r\n\r\n"
+    );
+    // Through the upstream: by name, in absolute form.
+    let up = origin("via upstream");
+    p.set_upstream(Some(up.addr.to_string().parse().unwrap()));
+    let out = roundtrip(
+        intercepted(&p, "198.18.0.9:80".parse().unwrap()),
+        "GET /x HTTP/1.1\r\nHost: name.test\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.ends_with("via upstream"), "{out}");
+    assert!(
+        up.heads.lock().unwrap()[0].starts_with("GET http://name.test/x HTTP/1.1\r\n"),
+        "{:?}",
+        up.heads.lock().unwrap()
+    );
+    // No Host: the address.
+    let _ = roundtrip(
+        intercepted(&p, "198.18.0.9:80".parse().unwrap()),
+        "GET / HTTP/1.0\r\n\r\n",
+    );
+    assert!(up.heads.lock().unwrap()[1].starts_with("GET http://198.18.0.9:80/ HTTP/1.1\r\n"));
+    assert_eq!(p.stats().intercepted, 3);
+}
+
+#[test]
+fn transparent_tls_becomes_a_connect_to_the_name_it_asked_for() {
+    // An upstream that answers CONNECT with 200, then echoes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let mut p = Peer::new(c.unwrap());
+            let h = p.read_head(None, Duration::from_secs(5)).unwrap();
+            s2.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&h).into_owned());
+            p.stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .unwrap();
+            let mut echo = p.stream.try_clone().unwrap();
+            let pending = p.take_pending();
+            echo.write_all(&pending).unwrap();
+            let _ = io::copy(&mut p.stream, &mut echo);
+        }
+    });
+    let p = start(
+        Settings::with_upstream(Some(up_addr.to_string().parse().unwrap())),
+        None,
+        None,
+    );
+    let hello = sni::tests::client_hello(Some("secure.test"));
+    let mut s = intercepted(&p, "198.18.0.9:443".parse().unwrap());
+    s.write_all(&hello).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    // The guest sees only its own bytes come back: no HTTP from ferry or the upstream.
+    assert_eq!(back, hello);
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        "CONNECT secure.test:443 HTTP/1.1\r\nHost: secure.test:443\r\n\r\n"
+    );
+    // Bypassed: straight to the address, the ClientHello first.
+    let echo_addr = echo_server();
+    let mut s = (*p.settings()).clone();
+    s.bypass = "secure.test".parse().unwrap();
+    p.set_settings(s);
+    let mut s = intercepted(&p, echo_addr);
+    s.write_all(&hello).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back, hello);
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

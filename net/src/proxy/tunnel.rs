@@ -1,11 +1,18 @@
-//! Connections out of the proxy: to a server the guest's rules allow, and the byte pump
-//! that a CONNECT tunnel or an upgraded connection becomes.
+//! Connections out of the proxy: to a server the guest's rules allow, CONNECT tunnels
+//! (straight or through the upstream, asked by the guest or made for an intercepted TLS
+//! connection), and the byte pump a tunnel or an upgraded connection becomes.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::request::Request;
+use super::session::{answer_challenge, open, preemptive, ANSWER_TIMEOUT};
+use super::upstream::Upstream;
+use super::wire::{Framing, HeadError, Peer, Response};
+use super::{Failure, Proxy};
 use crate::rules::{Action, Counters, Proto, RuleSpec, Rules};
 
 /// How long connecting to a server or upstream may take.
@@ -63,6 +70,13 @@ pub(super) fn connect(
         }
         None => Err(ConnectError::Io(io_err)),
     }
+}
+
+/// Connects to `to`, an address the NAT already checked against the rules.
+pub(super) fn connect_pinned(to: SocketAddr) -> io::Result<(TcpStream, Option<Arc<Counters>>)> {
+    let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    let _ = s.set_nodelay(true);
+    Ok((s, None))
 }
 
 /// A writer that adds what passes through it to a rule's byte counter.
@@ -126,4 +140,100 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counters: Option<&Counters>) {
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A CONNECT: straight to the server (ferry answers 200), or relayed to the upstream, whose
+/// answer the guest gets; then bytes both ways. For a TLS connection the NAT intercepted
+/// (`req.pin` set), the guest sent no CONNECT and gets no answer to one: its ClientHello
+/// goes on once the way is open, and a failure closes the connection.
+pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstream>) {
+    let silent = req.pin.is_some();
+    let Some(up) = upstream else {
+        let Some((mut server, counters)) = open(proxy, &guest.stream, req, None) else {
+            return;
+        };
+        proxy.tunnels.fetch_add(1, Ordering::Relaxed);
+        proxy.audit(req, None, Some(200), "tunnel");
+        let early = guest.take_pending();
+        if let Some(c) = &counters {
+            c.add_bytes(early.len());
+        }
+        let answered = silent
+            || guest
+                .stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .is_ok();
+        if answered && server.write_all(&early).is_ok() {
+            splice(guest.stream, server, counters);
+        }
+        return;
+    };
+    let mut cred = preemptive(proxy, req, Some(&up));
+    let mut held: Option<Peer> = None;
+    for attempt in 0..3 {
+        let mut server = match held.take() {
+            Some(p) => p,
+            None => match open(proxy, &guest.stream, req, Some(&up)) {
+                Some((s, _)) => Peer::new(s),
+                None => return,
+            },
+        };
+        if attempt == 0 {
+            proxy.tunnels.fetch_add(1, Ordering::Relaxed);
+            proxy.audit(req, Some(&up), None, "tunnel");
+        }
+        let head = req.rewrite(true, cred.as_ref().map(|c| c.header.as_str()), false);
+        let answer = server
+            .stream
+            .write_all(&head)
+            .map_err(HeadError::Io)
+            .and_then(|()| server.read_head(Some(ANSWER_TIMEOUT), ANSWER_TIMEOUT));
+        let (rhead, resp) = match answer.map(|h| (Response::parse(&h), h)) {
+            Ok((Some(r), h)) => (h, r),
+            Ok((None, _)) | Err(_) => {
+                proxy.fail(&guest.stream, Failure::Unreachable, 502, &format!("ferry proxy: the upstream proxy {up} gave no answer to CONNECT; check that it is an HTTP proxy"));
+                return;
+            }
+        };
+        let rframing = resp.framing("CONNECT");
+        if resp.code == 407 {
+            match answer_challenge(proxy, req, &up, &resp, cred.as_ref()) {
+                Ok(Some(c)) => {
+                    if server.copy_body(rframing, &mut io::sink()).is_ok()
+                        && !resp.closes()
+                        && rframing != Framing::UntilClose
+                    {
+                        held = Some(server);
+                    }
+                    proxy.learn(&up, c.scheme);
+                    cred = Some(c);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    proxy.forget(&up);
+                    return proxy.fail(&guest.stream, Failure::Auth, 407, &why);
+                }
+            }
+        }
+        if !silent && guest.stream.write_all(&rhead).is_err() {
+            return;
+        }
+        if (200..300).contains(&resp.code) {
+            let early = guest.take_pending();
+            let late = server.take_pending();
+            if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
+                splice(guest.stream, server.stream, None);
+            }
+        } else if silent {
+            log::debug!(
+                "proxy: the upstream proxy {up} answered {} to the CONNECT for an intercepted TLS connection to {}; closing it",
+                resp.code,
+                req.raw_target
+            );
+        } else {
+            let _ = server.copy_body(rframing, &mut &guest.stream);
+        }
+        return;
+    }
 }

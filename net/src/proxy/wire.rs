@@ -329,6 +329,33 @@ impl Peer {
         }
     }
 
+    /// Reads until `enough` (given what has come) says how many bytes make the unit the
+    /// caller wants and that many are here, the peer closes, or `within` passes. The bytes
+    /// stay pending; what has come is returned.
+    pub(super) fn peek_until(
+        &mut self,
+        within: std::time::Duration,
+        enough: impl Fn(&[u8]) -> Option<usize>,
+    ) -> &[u8] {
+        let start = Instant::now();
+        loop {
+            if enough(self.pending()).is_some_and(|n| self.pending().len() >= n) {
+                break;
+            }
+            let Some(left) = within.checked_sub(start.elapsed()).filter(|d| !d.is_zero()) else {
+                break;
+            };
+            self.marked = true;
+            let _ = self.stream.set_read_timeout(Some(left));
+            let got = self.fill();
+            self.marked = false;
+            if !matches!(got, Ok(n) if n > 0) {
+                break;
+            }
+        }
+        self.pending()
+    }
+
     /// The bytes read past the last message, for a tunnel that takes over the socket.
     pub(super) fn take_pending(&mut self) -> Vec<u8> {
         let p = self.pending().to_vec();

@@ -210,6 +210,7 @@ impl NetStack {
         }
         let mut target = None;
         let mut proxy = None;
+        let mut intercepted = None;
         let mut counters = None;
         let mut unix = None;
         let mut origin = Origin::Outbound;
@@ -251,6 +252,17 @@ impl NetStack {
                 Err(Action::Reject) => return false,
                 Err(_) => return true,
             }
+            // Transparent mode: web traffic the rules let out goes through the proxy's
+            // logic (and so the host's upstream proxy), not straight out. The host alias
+            // is the host's own, and stays direct.
+            if let Some(p) = self.proxy.as_ref().filter(|p| p.intercepts(t.dst_port())) {
+                if self.host_target(key.remote) == key.remote {
+                    target = Some(SocketAddr::V4(p.addr()));
+                    proxy = Some(&**p);
+                    intercepted = Some(key.remote);
+                    origin = Origin::Proxy;
+                }
+            }
         }
         if self.flows.count(FlowProto::Tcp) >= self.tcp_limits.max_flows {
             if !self.tcp_limits.cap_logged {
@@ -266,10 +278,10 @@ impl NetStack {
         // upstream), the host's loopback for the host alias, or the guest's destination.
         let target = target.unwrap_or_else(|| self.host_target(key.remote));
         // The proxy takes only the connections it was told of, by their source address.
-        let tell_proxy = |a: SocketAddr| {
-            if let Some(p) = proxy {
-                p.announce(a);
-            }
+        let tell_proxy = |a: SocketAddr| match (proxy, intercepted) {
+            (Some(p), Some(original)) => p.announce_intercepted(a, original),
+            (Some(p), None) => p.announce(a),
+            _ => {}
         };
         let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
         let connected = match &unix {

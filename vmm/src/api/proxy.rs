@@ -21,6 +21,8 @@ pub fn proxy_json(p: &Proxy) -> Value {
         "https_upstream": set.https.as_ref().map(|u| u.to_string()),
         "bypass": set.bypass.to_string(),
         "credentials": p.has_secret(),
+        "transparent": p.transparent(),
+        "intercepted": st.intercepted,
         "requests": st.requests,
         "tunnels": st.tunnels,
         "failed": st.failed,
@@ -30,7 +32,7 @@ pub fn proxy_json(p: &Proxy) -> Value {
     })
 }
 
-const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"}, or several"#;
+const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"} or {"transparent": true|false}, or several"#;
 
 /// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
 pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
@@ -72,12 +74,24 @@ pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
         },
         Some(_) => return error(400, "\"bypass\" is not a string", SET_PROXY_HINT),
     };
-    if both.is_none() && https.is_none() && bypass.is_none() {
+    let transparent = match v.get("transparent") {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return error(400, "\"transparent\" is not true or false", SET_PROXY_HINT),
+    };
+    if both.is_none() && https.is_none() && bypass.is_none() && transparent.is_none() {
         return error(
             400,
-            "the body has none of \"upstream\", \"https_upstream\" and \"bypass\"",
+            "the body has none of \"upstream\", \"https_upstream\", \"bypass\" and \"transparent\"",
             SET_PROXY_HINT,
         );
+    }
+    if let Some(on) = transparent {
+        info!(
+            "proxy: transparent mode {} for new guest connections",
+            if on { "on" } else { "off" }
+        );
+        p.set_transparent(on);
     }
     let mut s = (*p.settings()).clone();
     if let Some(up) = both {

@@ -89,6 +89,12 @@ pub(super) fn print_proxy(p: &Value) {
     if let Some(b) = p["bypass"].as_str().filter(|b| !b.is_empty()) {
         println!("bypass: {b}");
     }
+    if p["transparent"].as_bool() == Some(true) {
+        println!(
+            "transparent mode: on ({} guest connections to ports 80 and 443 taken)",
+            s(&p["intercepted"])
+        );
+    }
     if p["credentials"].as_bool() == Some(true) {
         println!("credentials: held by ferry");
     }
