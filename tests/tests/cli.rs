@@ -237,8 +237,13 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
         let api = dir.path().join("api.sock");
         let share = dir.path().join("share");
         std::fs::create_dir(&share).unwrap();
+        // A PAC file, whose engine runs on a thread of its own.
+        let pac = dir.path().join("proxy.pac");
+        std::fs::write(&pac, "function FindProxyForURL(u, h) { return 'DIRECT'; }").unwrap();
         let mut cmd = Command::new(ferry_bin());
         cmd.arg("serve")
+            .arg("--proxy-pac")
+            .arg(&pac)
             .arg("--net-socket")
             .arg(&net)
             .arg("--api-socket")
@@ -265,8 +270,10 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
         let log = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{log}");
         assert!(!net.exists() && !fs.exists() && !api.exists(), "{log}");
-        // The main thread, the devices' threads, the ports and proxy threads and the API's.
+        // The main thread, the devices' threads, the ports and proxy threads (PAC's among
+        // them) and the API's.
         assert!(threads.len() >= 4, "{threads:?}");
+        assert!(threads.iter().any(|t| t.0 == "ferry-pac"), "{threads:?}");
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         for (name, nnp, seccomp, caps) in &threads {

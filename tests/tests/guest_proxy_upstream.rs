@@ -216,6 +216,14 @@ fn origin(net: &TestNet, dir: &Path) -> TestHost {
     )
 }
 
+/// `dir/proxy-password`, holding `pw`, readable by its owner only.
+fn password_file(dir: &Path, pw: &str) -> std::path::PathBuf {
+    let f = dir.join("proxy-password");
+    std::fs::write(&f, format!("{pw}\n")).unwrap();
+    Command::new("chmod").arg("600").arg(&f).status().unwrap();
+    f
+}
+
 /// A test's network: the origin and a squid wanting `auth` on the remote side.
 struct World {
     net: TestNet,
@@ -254,9 +262,7 @@ fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credenti
     } = World::new(Auth::Basic(&[("alice", "s3cret pass"), ("bob", "another")]));
     let remote = net.remote_addr.clone();
     // The password: a file only its owner reads.
-    let pw = dir.path().join("proxy-password");
-    std::fs::write(&pw, "s3cret pass\n").unwrap();
-    Command::new("chmod").arg("600").arg(&pw).status().unwrap();
+    let pw = password_file(dir.path(), "s3cret pass");
 
     let script = format!(
         r#"
@@ -440,9 +446,7 @@ fn transparent_mode_takes_a_guest_with_no_proxy_settings_through_the_upstream() 
         squid,
     } = World::new(Auth::Basic(&[("alice", "pw")]));
     let remote = net.remote_addr.clone();
-    let pw = dir.path().join("proxy-password");
-    std::fs::write(&pw, "pw\n").unwrap();
-    Command::new("chmod").arg("600").arg(&pw).status().unwrap();
+    let pw = password_file(dir.path(), "pw");
     let script = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
@@ -477,4 +481,78 @@ check off-direct "$(curl -s --max-time 30 http://origin.test/hello.txt?t=4)" "he
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     assert_eq!(proxy["intercepted"], 2, "{proxy}");
     assert_eq!(proxy["transparent"], false, "{proxy}");
+}
+
+#[test]
+fn a_pac_file_sends_some_names_through_the_upstream_and_changes_at_run_time() {
+    let World {
+        net,
+        dir,
+        _host,
+        squid,
+    } = World::new(Auth::Basic(&[("alice", "pw")]));
+    let remote = net.remote_addr.clone();
+    let pw = password_file(dir.path(), "pw");
+    // origin.test through squid, after a proxy that is down; the rest direct.
+    let first = dir.path().join("first.pac");
+    std::fs::write(
+        &first,
+        format!(
+            r#"function FindProxyForURL(url, host) {{
+                if (dnsDomainIs(host, "origin.test")) return "PROXY 127.0.0.1:9; PROXY {remote}:3128";
+                return "DIRECT";
+            }}"#
+        ),
+    )
+    .unwrap();
+    let second = dir.path().join("second.pac");
+    std::fs::write(
+        &second,
+        format!(r#"function FindProxyForURL(url, host) {{ return "PROXY {remote}:3128"; }}"#),
+    )
+    .unwrap();
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+C="curl -s --max-time 30 -x http://http.docker.internal:3128"
+check pac-proxied "$($C http://origin.test:8080/hello.txt?p=1)" "hello from remote"
+check pac-proxied-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
+check pac-direct "$($C http://{remote}:8080/hello.txt?p=2)" "hello from remote"
+touch /mnt/tools/phase1-done
+i=0; while [ ! -e /mnt/tools/pac-changed ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+check pac-changed "$($C http://{remote}:8080/hello.txt?p=3)" "hello from remote"
+"#
+    );
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("http://alice@{remote}:3128"),
+        "--proxy-credentials".into(),
+        pw.display().to_string(),
+        "--proxy-pac".into(),
+        first.display().to_string(),
+    ];
+    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    wait_phase(&g, "phase1-done");
+    let log = squid.log().join("\n");
+    assert!(
+        log.contains("alice GET http://origin.test:8080/hello.txt?p=1 200"),
+        "{log}"
+    );
+    assert!(log.contains("alice CONNECT origin.test:8443 200"), "{log}");
+    assert!(!log.contains("p=2"), "{log}");
+    ctl_then_go(
+        &g,
+        &["proxy", "pac", &second.display().to_string()],
+        "pac-changed",
+    );
+    all_checks_pass(&mut g.qemu, &g.ferry, 4);
+    let log = squid.log().join("\n");
+    assert!(
+        log.contains(&format!("alice GET http://{remote}:8080/hello.txt?p=3 200")),
+        "{log}"
+    );
+    let proxy = ferry_tests::api_get(&g.api, "/proxy");
+    assert_eq!(proxy["pac"], second.display().to_string(), "{proxy}");
 }

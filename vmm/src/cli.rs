@@ -239,6 +239,13 @@ pub enum ProxyChange {
     },
     /// Connect to servers directly.
     Clear,
+    /// Choose proxies with this PAC file (a path, or an http:// URL) from now on; `none` to
+    /// stop.
+    Pac {
+        /// The PAC file or URL, or none.
+        #[arg(value_name = "FILE|URL|none")]
+        location: String,
+    },
     /// Turn transparent mode on or off: the guest's TCP to ports 80 and 443 through the proxy.
     Transparent {
         /// on or off.
@@ -454,6 +461,13 @@ pub struct ServeArgs {
     /// the upstream. Rules apply first. `ferry ctl proxy transparent on|off` changes it.
     #[arg(long)]
     pub proxy_transparent: bool,
+
+    /// A PAC file (a path, or an http:// URL fetched at start) whose FindProxyForURL(url,
+    /// host) chooses the proxies per request, in order, falling back past one that cannot be
+    /// reached; the user in --proxy-upstream is who ferry authenticates as to them.
+    /// `ferry ctl proxy pac` changes it.
+    #[arg(long, value_name = "FILE|URL")]
+    pub proxy_pac: Option<String>,
 
     /// Capture every frame to and from the guest into FILE (libpcap format, for tcpdump -r
     /// or Wireshark; mode 0600, emptied if it exists), across reconnects.

@@ -96,6 +96,8 @@ pub struct ServeConfig {
     /// Transparent mode (`--proxy-transparent`): guest TCP to ports 80 and 443 goes through
     /// the proxy.
     pub proxy_transparent: bool,
+    /// The PAC file (`--proxy-pac`), read.
+    pub proxy_pac: Option<ferry_net::proxy::pac::PacSource>,
     /// Ports published from the start.
     pub publish: Vec<PortSpec>,
     /// Rules for the guest's flows and published ports' clients, in order.
@@ -170,6 +172,7 @@ struct FileConfig {
     proxy_bypass: Option<String>,
     proxy_credentials: Option<PathBuf>,
     proxy_transparent: Option<bool>,
+    proxy_pac: Option<String>,
     pcap: Option<PathBuf>,
     sandbox: Option<String>,
     seccomp: Option<String>,
@@ -442,6 +445,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 .parse::<Bypass>()
                 .map_err(|e| usage(format!("--proxy-bypass: {e}")))?;
         }
+        // The file is read now, before the sandbox; its script starts with the devices, on
+        // a sandboxed thread.
+        let proxy_pac = match args.proxy_pac.or(file.proxy_pac) {
+            Some(spec) => Some(
+                ferry_net::proxy::pac::PacSource::read(&spec)
+                    .map_err(|e| usage(format!("--proxy-pac: {e}")))?,
+            ),
+            None => None,
+        };
         let proxy_secret =
             Secret::load(args.proxy_credentials.or(file.proxy_credentials).as_deref())
                 .map_err(|e| usage(format!("--proxy-credentials: {e}")))?;
@@ -578,6 +590,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             dns_zones,
             proxy,
             proxy_secret,
+            proxy_pac,
             proxy_transparent: args.proxy_transparent || file.proxy_transparent.unwrap_or(false),
             publish,
             rules,
@@ -758,6 +771,7 @@ mod tests {
             proxy_bypass: None,
             proxy_credentials: None,
             proxy_transparent: false,
+            proxy_pac: None,
             pcap: None,
             sandbox: Default::default(),
         }

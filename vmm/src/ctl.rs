@@ -445,6 +445,22 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                     let body = json!({ "upstream": null });
                     expect(sock, "PUT", "/proxy", Some(&body), 200)?
                 }
+                Some(ProxyChange::Pac { location }) => {
+                    // A file is read here and sent: ferry's sandbox reads few files.
+                    let body = if location == "none" {
+                        json!({ "pac": null })
+                    } else if location.contains("://") {
+                        json!({ "pac": location })
+                    } else {
+                        let script = std::fs::read_to_string(location).map_err(|e| {
+                            Error::Usage(format!(
+                                "cannot read the PAC file {location}: {e}; give a readable PAC file or an http:// URL"
+                            ))
+                        })?;
+                        json!({ "pac": location, "pac_script": script })
+                    };
+                    expect(sock, "PUT", "/proxy", Some(&body), 200)?
+                }
                 Some(ProxyChange::Transparent { mode }) => {
                     let body = json!({ "transparent": mode == "on" });
                     expect(sock, "PUT", "/proxy", Some(&body), 200)?

@@ -209,7 +209,15 @@ impl Devices {
                 );
             }
             rules = Some(r.clone());
-            let px = Proxy::start(cfg.proxy.clone(), cfg.proxy_secret.clone(), Some(r.clone())).map_err(|e| {
+            let mut settings = cfg.proxy.clone();
+            if let Some(src) = &cfg.proxy_pac {
+                let pac = ferry_net::proxy::pac::Pac::start(src).map_err(|e| {
+                    remove_sockets(&sockets);
+                    Error::Runtime(format!("--proxy-pac: {e}"))
+                })?;
+                settings.pac = Some(Arc::new(pac));
+            }
+            let px = Proxy::start(settings, cfg.proxy_secret.clone(), Some(r.clone())).map_err(|e| {
                 remove_sockets(&sockets);
                 Error::Runtime(format!(
                     "cannot start the HTTP proxy on a loopback port: {e}; check that the loopback interface is up"
@@ -220,12 +228,13 @@ impl Devices {
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())
             };
             info!(
-                "net: HTTP(S) proxy on {}:{} (upstream: {}; for https: {}; bypass: {:?}; password: {})",
+                "net: HTTP(S) proxy on {}:{} (upstream: {}; for https: {}; bypass: {:?}; PAC: {}; password: {})",
                 cfg.net.gateway(),
                 ferry_net::proxy::PORT,
                 show(&cfg.proxy.http),
                 show(&cfg.proxy.https),
                 cfg.proxy.bypass.to_string(),
+                cfg.proxy_pac.as_ref().map_or("none", |p| p.name.as_str()),
                 if cfg.proxy_secret.is_some() { "held" } else { "none" }
             );
             if let Some(a) = &audit {

@@ -58,6 +58,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         proxy: crate::config::proxy_from_env(),
         proxy_secret: None,
         proxy_transparent: false,
+        proxy_pac: None,
         publish: cfg.publish.clone(),
         rules: cfg.rules.clone(),
         default_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),

@@ -18,7 +18,8 @@
 //!
 //! Where a request goes is decided per request ([`Proxy::route`]): the upstream (one for
 //! plain requests and one for CONNECT, as `http_proxy` and `https_proxy` are two settings)
-//! unless the bypass list ([`bypass`]) names the server. With no setting at all, ferry's own
+//! unless the bypass list ([`bypass`]) names the server, or as a PAC file says ([`pac`]), trying
+//! its proxies in order until one connects. With no setting at all, ferry's own
 //! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`) is the host's setting. When the
 //! upstream answers 407 and ferry holds a password ([`upstream::Secret`]), ferry answers
 //! the challenge itself ([`auth`]); a guest that sends its own `Proxy-Authorization` keeps
@@ -34,6 +35,7 @@
 
 mod auth;
 pub mod bypass;
+pub mod pac;
 mod request;
 mod session;
 mod sni;
@@ -62,7 +64,7 @@ const MAX_ACTIVE: usize = 1024;
 const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
 
 /// Where the proxy sends requests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// The upstream for plain `http://` requests.
     pub http: Option<Upstream>,
@@ -70,6 +72,9 @@ pub struct Settings {
     pub https: Option<Upstream>,
     /// Servers reached directly whatever the upstreams.
     pub bypass: Bypass,
+    /// A PAC script that chooses per request, instead of `http` and `https` (whose user,
+    /// if any, is the one ferry authenticates as to the proxies it names).
+    pub pac: Option<Arc<pac::Pac>>,
 }
 
 impl Settings {
@@ -79,6 +84,7 @@ impl Settings {
             http: up.clone(),
             https: up,
             bypass: Bypass::default(),
+            pac: None,
         }
     }
 
@@ -119,6 +125,7 @@ impl Settings {
             http,
             https,
             bypass,
+            pac: None,
         }))
     }
 }
@@ -140,11 +147,13 @@ pub enum Failure {
     Auth,
     /// 503: too many connections.
     Busy,
+    /// 502: the PAC file failed or named nothing usable.
+    Pac,
 }
 
 impl Failure {
     /// Every kind, in counter order.
-    pub const ALL: [Failure; 7] = [
+    pub const ALL: [Failure; 8] = [
         Failure::BadRequest,
         Failure::TooLarge,
         Failure::Timeout,
@@ -152,6 +161,7 @@ impl Failure {
         Failure::Unreachable,
         Failure::Auth,
         Failure::Busy,
+        Failure::Pac,
     ];
 
     /// The kind's name in `/proxy`, `/stats` and `/metrics`.
@@ -164,6 +174,7 @@ impl Failure {
             Failure::Unreachable => "unreachable",
             Failure::Auth => "auth",
             Failure::Busy => "busy",
+            Failure::Pac => "pac",
         }
     }
 
@@ -196,7 +207,7 @@ pub struct ProxyStats {
     /// Guest connections to ports 80 and 443 taken in transparent mode.
     pub intercepted: u64,
     /// Errors by kind, in [`Failure::ALL`]'s order.
-    pub errors: [u64; 7],
+    pub errors: [u64; 8],
 }
 
 /// The proxy: its loopback listener and its settings.
@@ -219,7 +230,7 @@ pub struct Proxy {
     tunnels: AtomicU64,
     connections: AtomicU64,
     intercepted: AtomicU64,
-    errors: [AtomicU64; 7],
+    errors: [AtomicU64; 8],
     active: AtomicUsize,
     /// Where request events go (`--audit-log`), once set.
     audit: std::sync::OnceLock<ferry_audit::Audit>,
@@ -320,16 +331,40 @@ impl Proxy {
         self.secret.is_some()
     }
 
-    /// The upstream a request for `target` goes through, or `None` for straight to the
-    /// server.
-    fn route(&self, target: &Target) -> Option<Upstream> {
+    /// Where `req` may go, in the order to try: upstreams, and `None` for straight to the
+    /// server. The bypass list first, then the PAC file if one is set (an error when it
+    /// fails), else the upstream for the request's kind.
+    fn route(&self, req: &Request) -> Result<Vec<Option<Upstream>>, String> {
         let s = self.settings();
-        let up = match target {
-            Target::Authority(..) => s.https.clone(),
-            Target::Absolute { .. } => s.http.clone(),
-        }?;
-        let (host, port) = target.host_port();
-        (!s.bypass.matches(host, port)).then_some(up)
+        let (host, port) = req.target.host_port();
+        if s.bypass.matches(host, port) {
+            return Ok(vec![None]);
+        }
+        let Some(pac) = &s.pac else {
+            return Ok(vec![match req.target {
+                Target::Authority(..) => s.https.clone(),
+                Target::Absolute { .. } => s.http.clone(),
+            }]);
+        };
+        // What a browser passes: the URL, or for a tunnel https://host/.
+        let url = match &req.target {
+            Target::Authority(..) if port == 443 => format!("https://{host}/"),
+            Target::Authority(..) => format!("https://{host}:{port}/"),
+            Target::Absolute { .. } => req.raw_target.clone(),
+        };
+        let user = s.http.as_ref().and_then(|u| u.user.clone());
+        Ok(pac
+            .find(&url, host)?
+            .into_iter()
+            .map(|c| match c {
+                pac::Choice::Direct => None,
+                pac::Choice::Proxy(host, port) => Some(Upstream {
+                    host,
+                    port,
+                    user: user.clone(),
+                }),
+            })
+            .collect())
     }
 
     fn learned_scheme(&self, up: &Upstream) -> Option<auth::Scheme> {

@@ -117,73 +117,104 @@ pub(super) fn serve(proxy: &Proxy, client: TcpStream, original: Option<SocketAdd
             }
         };
         let _ = guest.stream.set_read_timeout(Some(IDLE_TIMEOUT));
-        let upstream = proxy.route(&req.target);
+        let choices = match proxy.route(&req) {
+            Ok(c) => c,
+            Err(e) => {
+                return proxy.fail(
+                    &guest.stream,
+                    Failure::Pac,
+                    502,
+                    &format!("ferry proxy: the PAC file says nothing usable for this request: {e}; fix the PAC file or `ferry ctl proxy pac` another"),
+                )
+            }
+        };
         if let Target::Authority(..) = req.target {
-            return super::tunnel::tunnel(proxy, guest, &req, upstream);
+            return super::tunnel::tunnel(proxy, guest, &req, &choices);
         }
-        match exchange(proxy, &mut guest, &req, upstream, &mut held) {
+        match exchange(proxy, &mut guest, &req, &choices, &mut held) {
             Next::Again => continue,
             Next::Close => return,
         }
     }
 }
 
-/// Opens a connection to where the request goes, or answers the guest why not.
+/// Where a request may go, in order: an upstream, or `None` for straight to the server.
+pub(super) type Choices = [Option<Upstream>];
+
+/// Opens a connection to where the request goes, trying `choices` in order until one
+/// connects (a proxy that cannot be reached falls back to the next), or answers the guest
+/// why not. Returns the choice that connected, the socket, and the rule counters of a
+/// direct connection.
 pub(super) fn open(
     proxy: &Proxy,
     guest: &TcpStream,
     req: &Request,
-    upstream: Option<&Upstream>,
-) -> Option<(TcpStream, Option<Arc<Counters>>)> {
-    let (host, port) = match upstream {
-        Some(up) => (up.host.as_str(), up.port),
-        None => req.target.host_port(),
-    };
-    // Servers reached directly are checked against the guest's rules; an upstream proxy
-    // is the host's own choice. A request the NAT intercepted goes to the address the guest
-    // chose, which the NAT checked.
-    let rules = if upstream.is_none() {
-        proxy.rules.as_deref()
-    } else {
-        None
-    };
-    let pinned = req.pin.filter(|_| upstream.is_none());
-    let connected = match pinned {
-        Some(a) => connect_pinned(a).map_err(ConnectError::Io),
-        None => connect(host, port, rules),
-    };
-    match connected {
-        Ok(s) => {
-            proxy.connections.fetch_add(1, Ordering::Relaxed);
-            Some(s)
-        }
-        Err(ConnectError::Refused(a, pos, spec)) => {
-            proxy.audit(req, upstream, Some(403), "refused");
-            log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
-            proxy.fail(
-                guest,
-                Failure::Refused,
-                403,
-                &format!("ferry proxy: rule {pos} ({spec}) refuses connections to {a}; `ferry ctl rules` lists the rules"),
-            );
+    choices: &Choices,
+) -> Option<(Option<Upstream>, TcpStream, Option<Arc<Counters>>)> {
+    let mut failed = Vec::new();
+    let mut last = None;
+    for upstream in choices {
+        let (host, port) = match upstream {
+            Some(up) => (up.host.as_str(), up.port),
+            None => req.target.host_port(),
+        };
+        // Servers reached directly are checked against the guest's rules; an upstream proxy
+        // is the host's own choice. A request the NAT intercepted goes to the address the
+        // guest chose, which the NAT checked.
+        let rules = if upstream.is_none() {
+            proxy.rules.as_deref()
+        } else {
             None
-        }
-        Err(ConnectError::Io(e)) => {
-            let what = match upstream {
-                Some(up) => format!("the upstream proxy {up}"),
-                None => format!("{host}:{port}"),
-            };
-            proxy.audit(req, upstream, Some(502), "unreachable");
-            log::debug!("proxy: cannot connect to {what}: {e}");
-            proxy.fail(
-                guest,
-                Failure::Unreachable,
-                502,
-                &format!("ferry proxy: cannot connect to {what}: {e}; check the address and that the server is up"),
-            );
-            None
+        };
+        let pinned = req.pin.filter(|_| upstream.is_none());
+        let connected = match pinned {
+            Some(a) => connect_pinned(a).map_err(ConnectError::Io),
+            None => connect(host, port, rules),
+        };
+        let what = match upstream {
+            Some(up) => format!("the upstream proxy {up}"),
+            None => format!("{host}:{port}"),
+        };
+        match connected {
+            Ok((s, counters)) => {
+                if !failed.is_empty() {
+                    log::info!("proxy: {} unreachable; {what} instead", failed.join(", "));
+                }
+                proxy.connections.fetch_add(1, Ordering::Relaxed);
+                return Some((upstream.clone(), s, counters));
+            }
+            Err(ConnectError::Refused(a, pos, spec)) => {
+                proxy.audit(req, upstream.as_ref(), Some(403), "refused");
+                log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
+                proxy.fail(
+                    guest,
+                    Failure::Refused,
+                    403,
+                    &format!("ferry proxy: rule {pos} ({spec}) refuses connections to {a}; `ferry ctl rules` lists the rules"),
+                );
+                return None;
+            }
+            Err(ConnectError::Io(e)) => {
+                log::debug!("proxy: cannot connect to {what}: {e}");
+                last = Some((upstream, format!("cannot connect to {what}: {e}")));
+                failed.push(what);
+            }
         }
     }
+    let (upstream, why) = last?;
+    proxy.audit(req, upstream.as_ref(), Some(502), "unreachable");
+    let tried = if failed.len() > 1 {
+        format!(" (tried {})", failed.join(", "))
+    } else {
+        String::new()
+    };
+    proxy.fail(
+        guest,
+        Failure::Unreachable,
+        502,
+        &format!("ferry proxy: {why}{tried}; check the address and that the server is up"),
+    );
+    None
 }
 
 /// Ferry's first step for `upstream` when the guest brought no credentials: the scheme
@@ -254,7 +285,7 @@ fn exchange(
     proxy: &Proxy,
     guest: &mut Peer,
     req: &Request,
-    upstream: Option<Upstream>,
+    choices: &Choices,
     held: &mut Option<Held>,
 ) -> Next {
     let framing = req.framing().unwrap_or(Framing::None);
@@ -271,19 +302,24 @@ fn exchange(
             Err(_) => return Next::Close,
         }
     };
-    let through = upstream.is_some();
     let (host, port) = req.target.host_port();
-    let to = (upstream.clone(), host.to_string(), port);
     let close = req.wants_close();
     let mut cred: Option<Step> = None;
+    let mut upstream: Option<Upstream> = None;
     // A plain try, an NTLM NEGOTIATE, its AUTHENTICATE, and once more for a stale connection.
     for attempt in 0..4 {
-        let reused = held.as_ref().is_some_and(|h| h.to == to);
+        // Once a way is chosen, the request's later tries keep to it (a handshake is with
+        // one upstream).
+        let only = [upstream.clone()];
+        let ways: &Choices = if attempt == 0 { choices } else { &only };
+        let reused = held
+            .as_ref()
+            .is_some_and(|h| h.to.1 == host && h.to.2 == port && ways.contains(&h.to.0));
         let mut server = match held.take().filter(|_| reused) {
             Some(h) => h,
-            None => match open(proxy, &guest.stream, req, upstream.as_ref()) {
-                Some((s, counters)) => Held {
-                    to: to.clone(),
+            None => match open(proxy, &guest.stream, req, ways) {
+                Some((up, s, counters)) => Held {
+                    to: (up, host.to_string(), port),
                     peer: Peer::new(s),
                     counters,
                     authed: false,
@@ -291,6 +327,8 @@ fn exchange(
                 None => return Next::Close,
             },
         };
+        upstream = server.to.0.clone();
+        let through = upstream.is_some();
         if cred.is_none() && !server.authed {
             cred = preemptive(proxy, req, upstream.as_ref());
         }
@@ -477,6 +515,14 @@ fn intercept_tls(proxy: &Proxy, mut guest: Peer, original: SocketAddr) {
     let hello = guest.peek_until(HEAD_TIMEOUT, super::sni::record_len);
     let host = super::sni::server_name(hello).unwrap_or_else(|| original.ip().to_string());
     let req = Request::connect_to(&host, original.port(), original);
-    let upstream = proxy.route(&req.target);
-    super::tunnel::tunnel(proxy, guest, &req, upstream);
+    match proxy.route(&req) {
+        Ok(choices) => super::tunnel::tunnel(proxy, guest, &req, &choices),
+        Err(e) => {
+            // No HTTP answer for a TLS client: counted, logged, closed.
+            proxy.errors[Failure::Pac as usize].fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "proxy: the PAC file failed for an intercepted TLS connection to {host}: {e}"
+            );
+        }
+    }
 }

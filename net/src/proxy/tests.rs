@@ -685,3 +685,54 @@ fn transparent_tls_becomes_a_connect_to_the_name_it_asked_for() {
     assert_eq!(back, hello);
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn a_pac_file_chooses_per_request_and_falls_back_past_an_unreachable_proxy() {
+    let up = origin("via upstream");
+    let direct = origin("direct");
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let script = format!(
+        r#"function FindProxyForURL(url, host) {{
+            if (host == "broken.test") return null.x;
+            if (dnsDomainIs(host, ".corp.test")) return "PROXY {dead}; PROXY {}";
+            return "DIRECT";
+        }}"#,
+        up.addr
+    );
+    let mut s = Settings::with_upstream(Some("http://alice@127.0.0.1:1".parse().unwrap()));
+    s.pac = Some(Arc::new(pac::Pac::from_script("test.pac", script).unwrap()));
+    let p = start(s, None, None);
+    let get = |url: &str| {
+        roundtrip(
+            client(&p),
+            &format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    // The dead proxy first, then the live one.
+    assert!(get("http://www.corp.test/").ends_with("via upstream"));
+    assert!(up.heads.lock().unwrap()[0].starts_with("GET http://www.corp.test/ HTTP/1.1"));
+    assert!(get(&format!("http://{}/", direct.addr)).ends_with("direct"));
+    let out = get("http://broken.test/");
+    assert!(
+        out.starts_with("HTTP/1.1 502") && out.contains("the PAC file"),
+        "{out}"
+    );
+    assert_eq!(p.stats().errors[Failure::Pac as usize], 1);
+    // A new PAC at run time takes effect for the next request.
+    let mut s = (*p.settings()).clone();
+    s.pac = Some(Arc::new(
+        pac::Pac::from_script(
+            "new.pac",
+            format!(
+                "function FindProxyForURL(u, h) {{ return 'PROXY {}'; }}",
+                up.addr
+            ),
+        )
+        .unwrap(),
+    ));
+    p.set_settings(s);
+    assert!(get(&format!("http://{}/", direct.addr)).ends_with("via upstream"));
+}

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::request::Request;
-use super::session::{answer_challenge, open, preemptive, ANSWER_TIMEOUT};
-use super::upstream::Upstream;
+use super::session::{answer_challenge, open, preemptive, Choices, ANSWER_TIMEOUT};
 use super::wire::{Framing, HeadError, Peer, Response};
 use super::{Failure, Proxy};
 use crate::rules::{Action, Counters, Proto, RuleSpec, Rules};
@@ -146,12 +145,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counters: Option<&Counters>) {
 /// answer the guest gets; then bytes both ways. For a TLS connection the NAT intercepted
 /// (`req.pin` set), the guest sent no CONNECT and gets no answer to one: its ClientHello
 /// goes on once the way is open, and a failure closes the connection.
-pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Option<Upstream>) {
+pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Choices) {
     let silent = req.pin.is_some();
+    let Some((upstream, first, counters)) = open(proxy, &guest.stream, req, choices) else {
+        return;
+    };
     let Some(up) = upstream else {
-        let Some((mut server, counters)) = open(proxy, &guest.stream, req, None) else {
-            return;
-        };
+        let mut server = first;
         proxy.tunnels.fetch_add(1, Ordering::Relaxed);
         proxy.audit(req, None, Some(200), "tunnel");
         let early = guest.take_pending();
@@ -169,12 +169,13 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, upstream: Op
         return;
     };
     let mut cred = preemptive(proxy, req, Some(&up));
-    let mut held: Option<Peer> = None;
+    let mut held = Some(Peer::new(first));
+    let only = [Some(up.clone())];
     for attempt in 0..3 {
         let mut server = match held.take() {
             Some(p) => p,
-            None => match open(proxy, &guest.stream, req, Some(&up)) {
-                Some((s, _)) => Peer::new(s),
+            None => match open(proxy, &guest.stream, req, &only) {
+                Some((_, s, _)) => Peer::new(s),
                 None => return,
             },
         };

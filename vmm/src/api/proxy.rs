@@ -20,6 +20,7 @@ pub fn proxy_json(p: &Proxy) -> Value {
         "upstream": set.http.as_ref().map(|u| u.to_string()),
         "https_upstream": set.https.as_ref().map(|u| u.to_string()),
         "bypass": set.bypass.to_string(),
+        "pac": set.pac.as_ref().map(|p| p.source().to_string()),
         "credentials": p.has_secret(),
         "transparent": p.transparent(),
         "intercepted": st.intercepted,
@@ -32,7 +33,7 @@ pub fn proxy_json(p: &Proxy) -> Value {
     })
 }
 
-const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"} or {"transparent": true|false}, or several"#;
+const SET_PROXY_HINT: &str = r#"send {"upstream": "http://HOST:PORT" | null}, {"https_upstream": ...} or {"bypass": "LIST"}, {"pac": "FILE|URL" | null} or {"transparent": true|false}, or several"#;
 
 /// PUT /proxy {"upstream": "http://HOST:PORT" | null}.
 pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
@@ -74,15 +75,50 @@ pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
         },
         Some(_) => return error(400, "\"bypass\" is not a string", SET_PROXY_HINT),
     };
+    // A PAC script comes in the body ("pac_script", named by "pac"), since ferry's sandbox
+    // reads few files; or ferry fetches a "pac" URL, or reads a "pac" path it may read.
+    let pac = match (v.get("pac"), v.get("pac_script")) {
+        (None, None) => None,
+        (Some(Value::Null), None) => Some(None),
+        (name, Some(Value::String(script))) => {
+            let name = name.and_then(Value::as_str).unwrap_or("(PAC script)");
+            match ferry_net::proxy::pac::Pac::from_script(name, script.clone()) {
+                Ok(p) => Some(Some(std::sync::Arc::new(p))),
+                Err(e) => return error(400, e, "send a script that defines FindProxyForURL(url, host)"),
+            }
+        }
+        (Some(Value::String(spec)), None) => match ferry_net::proxy::pac::Pac::load(spec) {
+            Ok(p) => Some(Some(std::sync::Arc::new(p))),
+            Err(e) => {
+                return error(
+                    400,
+                    e,
+                    "give an http:// URL, or send the script itself as \"pac_script\" (`ferry ctl proxy pac FILE` does)",
+                )
+            }
+        },
+        _ => {
+            return error(
+                400,
+                "\"pac\" is not a string or null, or \"pac_script\" is not a string",
+                SET_PROXY_HINT,
+            )
+        }
+    };
     let transparent = match v.get("transparent") {
         None => None,
         Some(Value::Bool(b)) => Some(*b),
         Some(_) => return error(400, "\"transparent\" is not true or false", SET_PROXY_HINT),
     };
-    if both.is_none() && https.is_none() && bypass.is_none() && transparent.is_none() {
+    if both.is_none()
+        && https.is_none()
+        && bypass.is_none()
+        && transparent.is_none()
+        && pac.is_none()
+    {
         return error(
             400,
-            "the body has none of \"upstream\", \"https_upstream\", \"bypass\" and \"transparent\"",
+            "the body has none of \"upstream\", \"https_upstream\", \"bypass\", \"pac\" and \"transparent\"",
             SET_PROXY_HINT,
         );
     }
@@ -111,6 +147,16 @@ pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
             )
         );
         s.https = up;
+    }
+    if let Some(p) = pac {
+        match &p {
+            Some(p) => info!(
+                "proxy: the PAC file {} chooses the proxies from now on",
+                p.source()
+            ),
+            None => info!("proxy: no PAC file from now on"),
+        }
+        s.pac = p;
     }
     if let Some(b) = bypass {
         info!("proxy: bypass list {:?} from now on", b.to_string());

@@ -86,6 +86,9 @@ pub(super) fn print_proxy(p: &Value) {
         s(&p["active"]),
         s(&p["connections"])
     );
+    if let Some(pac) = p["pac"].as_str() {
+        println!("PAC file: {pac} (chooses the proxies per request)");
+    }
     if let Some(b) = p["bypass"].as_str().filter(|b| !b.is_empty()) {
         println!("bypass: {b}");
     }
