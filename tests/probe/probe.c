@@ -258,6 +258,56 @@ int main(int argc, char **argv) {
 		}
 		for (int i = 0; i < n; i++) close(fds[i]);
 		printf("%d of %d\n", ok, n);
+	} else if (!strcmp(cmd, "tunnels") && argc == 6) {
+		/* tunnels PROXY PORT TARGET N: N CONNECT tunnels to TARGET (an echo server) open at
+		 * once through the proxy at PROXY:PORT; each must answer 200, then carry one byte
+		 * there and back while all are open. Prints "OK of N". */
+		int n = atoi(argv[5]), ok = 0, up = 0;
+		int *fds = calloc((size_t)n, sizeof *fds);
+		int *state = calloc((size_t)n, sizeof *state); /* 0 connecting, 1 answered, 2 echoed */
+		struct pollfd *pf = calloc((size_t)n, sizeof *pf);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		char req[512];
+		int rl = snprintf(req, sizeof req, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", argv[4], argv[4]);
+		if (!fds || !state || !pf || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		for (int i = 0; i < n; i++) {
+			fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+			if (fds[i] < 0) return fail();
+			if (connect(fds[i], (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
+		}
+		int pending = n;
+		for (int round = 0; pending > 0 && round < 600; round++) {
+			pending = 0;
+			for (int i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLOUT; pf[i].revents = 0; }
+			poll(pf, (nfds_t)n, 100);
+			for (int i = 0; i < n; i++) if (!(pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) pending++;
+		}
+		for (int i = 0; i < n; i++) (void)!write(fds[i], req, (size_t)rl);
+		/* The answers: a head that starts "HTTP/1.1 200" and ends with a blank line. */
+		char buf[256];
+		int *seen = calloc((size_t)n, sizeof *seen);
+		for (int round = 0; round < 1200 && up < n; round++) {
+			for (int i = 0; i < n; i++) { pf[i].fd = state[i] ? -1 : fds[i]; pf[i].events = POLLIN; pf[i].revents = 0; }
+			poll(pf, (nfds_t)n, 100);
+			for (int i = 0; i < n; i++) {
+				if (state[i] || !(pf[i].revents & POLLIN)) continue;
+				ssize_t r = read(fds[i], buf, sizeof buf);
+				if (r <= 0) { state[i] = -1; continue; }
+				if (seen[i] == 0 && (r < 12 || memcmp(buf, "HTTP/1.1 200", 12))) { state[i] = -1; continue; }
+				seen[i] += (int)r;
+				if (r >= 4 && !memcmp(buf + r - 4, "\r\n\r\n", 4)) { state[i] = 1; up++; }
+			}
+		}
+		fprintf(stderr, "tunnels: %d connects unfinished, %d answered\n", pending, up);
+		for (int i = 0; i < n; i++) if (state[i] == 1) (void)!write(fds[i], "x", 1);
+		for (int round = 0; round < 600 && ok < up; round++) {
+			for (int i = 0; i < n; i++) { pf[i].fd = state[i] == 1 ? fds[i] : -1; pf[i].events = POLLIN; pf[i].revents = 0; }
+			poll(pf, (nfds_t)n, 100);
+			for (int i = 0; i < n; i++)
+				if (state[i] == 1 && (pf[i].revents & POLLIN) && read(fds[i], buf, 1) == 1 && buf[0] == 'x') { state[i] = 2; ok++; }
+		}
+		for (int i = 0; i < n; i++) close(fds[i]);
+		printf("%d of %d\n", ok, n);
 	} else if (!strcmp(cmd, "write-as") && argc == 4) {
 		/* write-as PATH UID: appends one byte to PATH as UID (without CAP_FSETID). */
 		if (setgid((gid_t)atoi(argv[3])) || setuid((uid_t)atoi(argv[3]))) return fail();

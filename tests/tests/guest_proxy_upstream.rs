@@ -556,3 +556,26 @@ check pac-changed "$($C http://{remote}:8080/hello.txt?p=3)" "hello from remote"
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     assert_eq!(proxy["pac"], second.display().to_string(), "{proxy}");
 }
+
+/// The proxy's listener takes a burst of a thousand connections (std's backlog of 128
+/// dropped SYNs past it, and some connects waited out a minute of retries), and a thousand
+/// tunnels stay open at once.
+#[test]
+fn a_thousand_tunnels_are_held_at_once() {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let remote = net.remote_addr.clone();
+    let _echo = TestHost::start(&net.remote, &[&remote, "--tcp-echo", "7005", "--dns", "53"]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"
+check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+check tunnels-1000 "$(/mnt/tools/probe tunnels 192.168.127.1 3128 {remote}:7005 1000)" "1000 of 1000"
+"#
+    );
+    let args = vec!["--dns-upstream".to_string(), format!("{remote}:53")];
+    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    all_checks_pass(&mut g.qemu, &g.ferry, 1);
+    let proxy = ferry_tests::api_get(&g.api, "/proxy");
+    assert_eq!(proxy["tunnels"], 1000, "{proxy}");
+    assert_eq!(proxy["failed"], 0, "{proxy}");
+}

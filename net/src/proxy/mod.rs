@@ -268,6 +268,14 @@ impl Proxy {
         rules: Option<Arc<Rules>>,
     ) -> io::Result<Arc<Proxy>> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        // std listens with a backlog of 128; a guest that opens a thousand connections at
+        // once would have its SYNs dropped past that and wait out the retry backoff.
+        // SAFETY: listen on a socket this function owns; calling it again only resizes
+        // the backlog.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SOMAXCONN) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
         let addr = match listener.local_addr()? {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => return Err(io::Error::other("the proxy's listener is not IPv4")),

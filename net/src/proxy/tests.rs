@@ -91,8 +91,10 @@ fn echo_server() -> SocketAddr {
     std::thread::spawn(move || {
         for c in echo.incoming() {
             let mut c = c.unwrap();
-            let mut r = c.try_clone().unwrap();
-            let _ = io::copy(&mut r, &mut c);
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = io::copy(&mut r, &mut c);
+            });
         }
     });
     addr
