@@ -58,6 +58,10 @@ HOST6 = {"ferry": "fd46:5259::fe", "ferry-mq": "fd46:5259::fe", "ferry-audit": "
          "passt": "fd00:18:250::fe"}
 # Published ports: host 15201 -> guest 5201 (iperf3 server in the guest).
 PUB_PORT = 15201
+# The proxy rows (Ferry only: the anchors have no gateway proxy): a server on the host's
+# loopback that sends a blob to each connection, fetched straight through the NAT and
+# through a CONNECT tunnel of the gateway's proxy.
+BLOB_PORT = 7010
 
 
 # The tiny guest boots in about 3 s under TCG. Once in a while (seen here once, in a full
@@ -174,6 +178,7 @@ class Bench:
         self.spawn(in_ns(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]))
         self.spawn(in_ns(["iperf3", "-s", "-B", "::1", "-p", str(IPERF6_PORT)]))
         self.spawn(in_ns([self.probe, "tcpecho", str(ECHO_PORT)]))
+        self.spawn(in_ns([self.probe, "blobserve", str(BLOB_PORT), "64" if self.quick else "512"]))
         time.sleep(0.5)
 
     def spawn(self, cmd, **kw):
@@ -319,6 +324,13 @@ echo "BENCH $(/tmp/probe crr $H 7007 $T)"
 H6=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host6=' | cut -d= -f2)
 echo "BENCH g2h6 $(iperf3 -6 -c $H6 -p 5202 $A -f m 2>&1 | grep receiver | tail -1)"
 echo "BENCH h2g6 $(iperf3 -6 -c $H6 -p 5202 -R $A -f m 2>&1 | grep receiver | tail -1)"
+# The gateway proxy (Ferry only): the same blob straight through the NAT, then through a
+# CONNECT tunnel (curl -p), to the host's loopback; MiB and seconds of each.
+if grep -q 'bench.proxy=1' /proc/cmdline; then
+  F="curl -s --http0.9 --max-time 120 -o /dev/null -w %{size_download}_%{time_total}"
+  echo "BENCH proxy_direct $($F http://$H:7010/ | tr _ ' ')"
+  echo "BENCH proxy_tunnel $($F -p -x http://192.168.127.1:3128 http://127.0.0.1:7010/ | tr _ ' ')"
+fi
 # Last, so the placement above holds for the rest: four streams at once, from both vCPUs, what several queue pairs can spread (ferry-mq).
 taskset -p -c 0-1 $$ > /dev/null
 echo "BENCH g2h_p4 $(iperf3 -c $H -p 5201 -P 4 $A -f m 2>&1 | grep SUM | grep receiver | tail -1)"
@@ -418,8 +430,9 @@ wait
     def run_net(self, kind):
         dev, host, proc, stop = self.net_backend(kind)
         qemu, console = self.qemu("net-%s" % kind, self.NET_GUEST,
-                                  "bench.host=%s bench.host6=%s bench.secs=%s bench.iperf=%s"
-                                  % (host, HOST6[kind], self.rr_secs, self.iperf), dev)
+                                  "bench.host=%s bench.host6=%s bench.secs=%s bench.iperf=%s bench.proxy=%d"
+                                  % (host, HOST6[kind], self.rr_secs, self.iperf,
+                                     kind.startswith("ferry")), dev)
         if not self.booted(console, qemu):
             qemu.kill()
             qemu.wait()
@@ -465,6 +478,11 @@ wait
             rate, size = self.iperf_line(lines.get(metric))
             self.record("net", metric, kind, rate)
             moved_mib += size
+        for metric in ("proxy_direct", "proxy_tunnel"):
+            got = lines.get(metric, "").split()
+            if len(got) == 2 and float(got[1]) > 0 and float(got[0]) > 0:
+                self.record("net", metric, kind, float(got[0]) / float(got[1]) / (1 << 20))
+                moved_mib += float(got[0]) / (1 << 20)
         rr = lines.get("rr", "").split()
         self.record("net", "rr", kind, float(rr[1]) if len(rr) == 2 else None)
         crr = lines.get("crr", "").split()
@@ -795,6 +813,20 @@ rm -rf $D/tree
                     a, b = statistics.median(plain[i]), statistics.median(audited[i])
                     L.append("| %s | %s | %s | %+.1f%% |" % (label, self.fmt(a), self.fmt(b),
                                                             100.0 * (b - a) / a))
+            L.append("")
+        if "ferry" in net_kinds:
+            L.append("## The gateway proxy\n")
+            L.append("A blob from a server on the host's loopback, fetched by curl in the guest "
+                     "straight through the NAT (to the host alias) and through a CONNECT tunnel of "
+                     "the proxy on the gateway's port 3128 (`curl -p -x`), in the same runs, MiB/s. "
+                     "The goal is a tunnel at least 0.9x the direct path. (A thousand tunnels held "
+                     "at once is a test: `tests/tests/guest_proxy_upstream.rs`.)\n")
+            L.append("| path | Ferry, MiB/s | tunnel / direct |")
+            L.append("|---|---|---|")
+            d, t = self.med("net", "proxy_direct", "ferry"), self.med("net", "proxy_tunnel", "ferry")
+            L.append("| straight through the NAT | %s | |" % self.fmt(d))
+            L.append("| CONNECT tunnel through the proxy | %s | %s |" % (
+                self.fmt(t), "%.2fx" % (t / d) if d else "n/a"))
             L.append("")
         L.append("## Cost\n")
         L.append("Host CPU seconds (utime+stime) of the backend process per GiB moved through it, "

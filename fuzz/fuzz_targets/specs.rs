@@ -1,4 +1,5 @@
-//! What users and clients type: port specs, rule specs, proxy upstreams, id maps, cache
+//! What users and clients type: port specs, rule specs, proxy upstreams, bypass lists, PAC
+//! answers, id maps, cache
 //! policies, a resolv.conf, and DNS queries as the gateway's DNS server parses and answers
 //! them. A spec that parses prints back to one that parses the same.
 
@@ -19,6 +20,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again.to_string(), r.to_string());
         }
         let _ = s.parse::<ferry_net::proxy::Upstream>();
+        if let Ok(b) = s.parse::<ferry_net::proxy::Bypass>() {
+            let _ = b.matches(s, 80);
+        }
+        let _ = ferry_net::proxy::pac::parse_answer(s);
         let _ = s.parse::<ferry_fs::CachePolicy>();
         let _ = ferry_fs::IdMap::parse(s);
         let _ = ferry_net::dns::upstream_from_resolv_conf(s);

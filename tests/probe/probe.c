@@ -336,6 +336,27 @@ int main(int argc, char **argv) {
 			while ((n = read(c, buf, sizeof buf)) > 0) (void)!write(c, buf, (size_t)n);
 			close(c);
 		}
+	} else if (!strcmp(cmd, "blobserve") && argc == 4) {
+		/* blobserve PORT MIB: sends each connection MIB MiB of zeros, after reading what it
+		 * sent first (a request line, which it ignores), then closes; one connection after
+		 * another (the host side of the proxy benchmark; curl takes it as HTTP/0.9). */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(p)) };
+		long mib = atol(argv[3]);
+		int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 64)) return fail();
+		static char chunk[1 << 20];
+		puts("ready");
+		fflush(stdout);
+		for (;;) {
+			int c = accept(fd, NULL, NULL);
+			if (c < 0) continue;
+			char req[4096];
+			(void)!read(c, req, sizeof req);
+			for (long i = 0; i < mib; i++)
+				if (write(c, chunk, sizeof chunk) != (ssize_t)sizeof chunk) break;
+			close(c);
+		}
 	} else if (!strcmp(cmd, "rr") && argc == 5) {
 		/* rr HOST PORT SECONDS: 1-byte request/response on one connection to an echo server.
 		 * Prints "rr TRANSACTIONS MICROSECONDS_PER_TRANSACTION". */

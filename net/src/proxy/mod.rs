@@ -36,6 +36,7 @@
 mod auth;
 pub mod bypass;
 pub mod pac;
+mod pump;
 mod request;
 mod session;
 mod sni;
@@ -538,6 +539,26 @@ pub mod fuzzing {
     pub fn request_head(head: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
         let r = super::Request::parse(head).ok()?;
         Some((r.rewrite(true, None, false), r.rewrite(false, None, true)))
+    }
+
+    /// A head the NAT intercepted (transparent mode), made absolute as the proxy makes it.
+    pub fn intercepted_head(head: &[u8]) -> Option<Vec<u8>> {
+        let original = std::net::SocketAddr::from(([198, 18, 0, 9], 80));
+        let r = super::Request::parse_intercepted(head, original).ok()?;
+        Some(r.rewrite(true, None, false))
+    }
+
+    /// A response head as the proxy reads it, its framing, and the head it passes on.
+    pub fn response_head(head: &[u8]) -> Option<Vec<u8>> {
+        let r = super::wire::Response::parse(head)?;
+        let _ = (r.framing("GET"), r.framing("HEAD"), r.closes());
+        Some(r.rewrite(head, false))
+    }
+
+    /// The name in a TLS ClientHello, as transparent mode reads it.
+    pub fn client_hello(rec: &[u8]) -> Option<String> {
+        let _ = super::sni::record_len(rec);
+        super::sni::server_name(rec)
     }
 }
 

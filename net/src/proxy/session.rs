@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::{self, Step};
+use super::pump::bridge;
 use super::request::{Request, Target};
-use super::tunnel::{connect, connect_pinned, splice, ConnectError, Counted};
+use super::tunnel::{connect, connect_pinned, ConnectError, Counted};
 use super::upstream::Upstream;
 use super::wire::{BodyError, Framing, HeadError, Peer, Response};
 use super::{Failure, Proxy};
@@ -454,7 +455,7 @@ fn exchange(
             if server.peer.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok()
             {
                 if let Ok(g) = guest.stream.try_clone() {
-                    splice(g, server.peer.stream, counters);
+                    bridge(g, server.peer.stream, counters);
                 }
             }
             return Next::Close;

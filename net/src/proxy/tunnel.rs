@@ -1,13 +1,14 @@
 //! Connections out of the proxy: to a server the guest's rules allow, CONNECT tunnels
 //! (straight or through the upstream, asked by the guest or made for an intercepted TLS
-//! connection), and the byte pump a tunnel or an upgraded connection becomes.
+//! connection); once open, a tunnel is [`super::pump`]'s.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::pump::bridge;
 use super::request::Request;
 use super::session::{answer_challenge, open, preemptive, Choices, ANSWER_TIMEOUT};
 use super::wire::{Framing, HeadError, Peer, Response};
@@ -97,50 +98,6 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
-/// Moves bytes both ways until both sides have finished; an end on one side is passed on
-/// as a half-close, so a client that shuts its writing side still gets its answer.
-pub(super) fn splice(client: TcpStream, server: TcpStream, counters: Option<Arc<Counters>>) {
-    let _ = client.set_read_timeout(None);
-    let _ = server.set_read_timeout(None);
-    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
-        return;
-    };
-    let c = counters.clone();
-    let up = std::thread::Builder::new()
-        .name("ferry-proxy-up".into())
-        .spawn(move || pump(c2, s2, c.as_deref()));
-    pump(server, client, counters.as_deref());
-    if let Ok(t) = up {
-        let _ = t.join();
-    }
-}
-
-/// Copies `from` to `to` until either ends, adding what it moves to `counters`.
-fn pump(mut from: TcpStream, mut to: TcpStream, counters: Option<&Counters>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if let Some(c) = counters {
-                    c.add_bytes(n);
-                }
-                if to.write_all(&buf[..n]).is_err() {
-                    let _ = from.shutdown(Shutdown::Read);
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                // A reset on one side resets the other, not a clean close.
-                let _ = to.shutdown(Shutdown::Both);
-                return;
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
 /// A CONNECT: straight to the server (ferry answers 200), or relayed to the upstream, whose
 /// answer the guest gets; then bytes both ways. For a TLS connection the NAT intercepted
 /// (`req.pin` set), the guest sent no CONNECT and gets no answer to one: its ClientHello
@@ -164,7 +121,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Ch
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .is_ok();
         if answered && server.write_all(&early).is_ok() {
-            splice(guest.stream, server, counters);
+            bridge(guest.stream, server, counters);
         }
         return;
     };
@@ -224,7 +181,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Ch
             let early = guest.take_pending();
             let late = server.take_pending();
             if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
-                splice(guest.stream, server.stream, None);
+                bridge(guest.stream, server.stream, None);
             }
         } else if silent {
             log::debug!(
