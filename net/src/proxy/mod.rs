@@ -517,6 +517,20 @@ impl Proxy {
         }
     }
 
+    /// As [`Proxy::fail`], for `req`: an intercepted TLS connection, which sent no HTTP,
+    /// gets no HTTP answer, only the close (the failure is counted and logged).
+    fn fail_for(&self, client: &TcpStream, req: &Request, kind: Failure, code: u16, body: &str) {
+        if req.pin.is_some() && matches!(req.target, Target::Authority(..)) {
+            self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "proxy: an intercepted TLS connection to {} closed: {body}",
+                req.raw_target
+            );
+            return;
+        }
+        self.fail(client, kind, code, body);
+    }
+
     /// Answers the client with an error of `kind` and closes; `body` is one line that says
     /// what happened and what to do.
     fn fail(&self, client: &TcpStream, kind: Failure, code: u16, body: &str) {

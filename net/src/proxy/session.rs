@@ -187,8 +187,9 @@ pub(super) fn open(
             Err(ConnectError::Refused(a, pos, spec)) => {
                 proxy.audit(req, upstream.as_ref(), Some(403), "refused");
                 log::debug!("proxy: rule {pos} ({spec}) refuses {a}");
-                proxy.fail(
+                proxy.fail_for(
                     guest,
+                    req,
                     Failure::Refused,
                     403,
                     &format!("ferry proxy: rule {pos} ({spec}) refuses connections to {a}; `ferry ctl rules` lists the rules"),
@@ -209,8 +210,9 @@ pub(super) fn open(
     } else {
         String::new()
     };
-    proxy.fail(
+    proxy.fail_for(
         guest,
+        req,
         Failure::Unreachable,
         502,
         &format!("ferry proxy: {why}{tried}; check the address and that the server is up"),

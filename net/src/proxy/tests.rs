@@ -738,3 +738,19 @@ fn a_pac_file_chooses_per_request_and_falls_back_past_an_unreachable_proxy() {
     p.set_settings(s);
     assert!(get(&format!("http://{}/", direct.addr)).ends_with("via upstream"));
 }
+
+#[test]
+fn an_intercepted_tls_connection_that_fails_gets_a_close_not_http() {
+    let p = start(Settings::default(), None, None);
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s = intercepted(&p, dead);
+    s.write_all(&sni::tests::client_hello(Some("secure.test")))
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    assert!(back.is_empty(), "{:?}", String::from_utf8_lossy(&back));
+    assert_eq!(p.stats().errors[Failure::Unreachable as usize], 1);
+}

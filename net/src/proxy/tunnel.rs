@@ -149,7 +149,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Ch
         let (rhead, resp) = match answer.map(|h| (Response::parse(&h), h)) {
             Ok((Some(r), h)) => (h, r),
             Ok((None, _)) | Err(_) => {
-                proxy.fail(&guest.stream, Failure::Unreachable, 502, &format!("ferry proxy: the upstream proxy {up} gave no answer to CONNECT; check that it is an HTTP proxy"));
+                proxy.fail_for(&guest.stream, req, Failure::Unreachable, 502, &format!("ferry proxy: the upstream proxy {up} gave no answer to CONNECT; check that it is an HTTP proxy"));
                 return;
             }
         };
@@ -170,7 +170,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Ch
                 Ok(None) => {}
                 Err(why) => {
                     proxy.forget(&up);
-                    return proxy.fail(&guest.stream, Failure::Auth, 407, &why);
+                    return proxy.fail_for(&guest.stream, req, Failure::Auth, 407, &why);
                 }
             }
         }
