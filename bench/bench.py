@@ -325,11 +325,10 @@ H6=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host6=' | cut -d= -f2)
 echo "BENCH g2h6 $(iperf3 -6 -c $H6 -p 5202 $A -f m 2>&1 | grep receiver | tail -1)"
 echo "BENCH h2g6 $(iperf3 -6 -c $H6 -p 5202 -R $A -f m 2>&1 | grep receiver | tail -1)"
 # The gateway proxy (Ferry only): the same blob straight through the NAT, then through a
-# CONNECT tunnel (curl -p), to the host's loopback; MiB and seconds of each.
+# CONNECT tunnel of the gateway's proxy, to the host's loopback; bytes and seconds of each.
 if grep -q 'bench.proxy=1' /proc/cmdline; then
-  F="curl -s --http0.9 --max-time 120 -o /dev/null -w %{size_download}_%{time_total}"
-  echo "BENCH proxy_direct $($F http://$H:7010/ | tr _ ' ')"
-  echo "BENCH proxy_tunnel $($F -p -x http://192.168.127.1:3128 http://127.0.0.1:7010/ | tr _ ' ')"
+  echo "BENCH proxy_direct $(/tmp/probe fetch $H 7010)"
+  echo "BENCH proxy_tunnel $(/tmp/probe fetch 127.0.0.1 7010 192.168.127.1 3128)"
 fi
 # Last, so the placement above holds for the rest: four streams at once, from both vCPUs, what several queue pairs can spread (ferry-mq).
 taskset -p -c 0-1 $$ > /dev/null
@@ -816,9 +815,9 @@ rm -rf $D/tree
             L.append("")
         if "ferry" in net_kinds:
             L.append("## The gateway proxy\n")
-            L.append("A blob from a server on the host's loopback, fetched by curl in the guest "
+            L.append("A blob from a server on the host's loopback, fetched by the probe in the guest "
                      "straight through the NAT (to the host alias) and through a CONNECT tunnel of "
-                     "the proxy on the gateway's port 3128 (`curl -p -x`), in the same runs, MiB/s. "
+                     "the proxy on the gateway's port 3128 (`probe fetch`), in the same runs, MiB/s. "
                      "The goal is a tunnel at least 0.9x the direct path. (A thousand tunnels held "
                      "at once is a test: `tests/tests/guest_proxy_upstream.rs`.)\n")
             L.append("| path | Ferry, MiB/s | tunnel / direct |")

@@ -17,7 +17,7 @@ STAMP=$OUT/.stamp
 # modules built into the kernel (modules.builtin) are skipped.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 failover net_failover virtio_net fuse virtiofs qemu_fw_cfg"
-BINARIES="usr/bin/iperf3 usr/bin/fio usr/bin/curl usr/sbin/dhcpcd"
+BINARIES="usr/bin/iperf3 usr/bin/fio usr/sbin/dhcpcd"
 
 say() { echo "guest-image: $*"; }
 die() { echo "guest-image: error: $*" >&2; exit 1; }
@@ -154,7 +154,7 @@ add_module() {
 for m in $MODULES; do add_module "$m"; done
 say "modules: $(tr '\n' ' ' < "$R/etc/ferry-modules")"
 
-# ---- iperf3 / fio / curl + shared library closure -----------------------------------
+# ---- iperf3 / fio + shared library closure -----------------------------------
 LIBDIRS="lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib64 lib usr/lib"
 elf_dyn() { readelf -d "$1" 2>/dev/null | sed -n "s/.*($2).*\[\(.*\)\]/\1/p"; }
 find_lib() { # soname requesting-file(relative) -> relative path in sysroot

@@ -17,8 +17,8 @@ KERNEL_ABI=${KERNEL_ABI:-6.1.0-56}
 KERNEL_FLAVOUR=cloud-amd64
 
 # Userspace: busybox, dhcpcd (IPv6: SLAAC and DHCPv6; busybox has no DHCPv6 client) +
-# iperf3 + fio + curl and the packages providing the shared
-# library closure (readelf NEEDED walk) of /usr/bin/iperf3, /usr/bin/fio and /usr/bin/curl.
+# iperf3 + fio and the packages providing the shared
+# library closure (readelf NEEDED walk) of /usr/bin/iperf3 and /usr/bin/fio.
 # Debian's fio links librbd/librados/libgfapi/libpmem/... directly, hence the
 # long list.  build.sh fails with the missing soname if this list goes stale.
 PACKAGES=(
@@ -36,9 +36,6 @@ PACKAGES=(
   libpmem1 libpmemblk1 libndctl6 libdaxctl1 libkmod2 libzstd1 libbz2-1.0
   libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1
   libp11-kit0 libffi8 libidn2-0 libunistring2 libtasn1-6 libnettle8 libhogweed6 libgmp10
-  # curl, for the proxy tests (busybox wget sends https:// straight, never through a proxy).
-  curl libcurl4 libnghttp2-14 libpsl5 librtmp1 libssh2-1 libldap-2.5-0 libsasl2-2 libbrotli1
-  libsasl2-modules-db libdb5.3
 )
 
 HERE=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)

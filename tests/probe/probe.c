@@ -336,6 +336,33 @@ int main(int argc, char **argv) {
 			while ((n = read(c, buf, sizeof buf)) > 0) (void)!write(c, buf, (size_t)n);
 			close(c);
 		}
+	} else if (!strcmp(cmd, "fetch") && (argc == 4 || argc == 6)) {
+		/* fetch ADDR PORT [PROXY PROXYPORT]: sends a request line to ADDR:PORT (straight, or
+		 * through a CONNECT tunnel of the proxy) and reads the answer to its end. Prints
+		 * "BYTES SECONDS" (the proxy benchmark's client; blobserve is its server). */
+		double t0 = now();
+		int fd = argc == 6 ? tcp_connect(argv[4], atoi(argv[5])) : tcp_connect(p, atoi(argv[3]));
+		if (fd < 0) return fail();
+		static char buf[1 << 16];
+		if (argc == 6) {
+			int n = snprintf(buf, sizeof buf, "CONNECT %s:%s HTTP/1.1\r\nHost: %s:%s\r\n\r\n", p, argv[3], p, argv[3]);
+			if (write(fd, buf, (size_t)n) != n) return fail();
+			/* The proxy's answer: up to its blank line, a byte at a time (it is short). */
+			char head[1024];
+			size_t got = 0;
+			while (got < sizeof head - 1 && (got < 4 || memcmp(head + got - 4, "\r\n\r\n", 4))) {
+				if (read(fd, head + got, 1) != 1) return fail();
+				got++;
+			}
+			head[got] = 0;
+			if (strncmp(head, "HTTP/1.1 200", 12)) { printf("refused: %.40s\n", head); return 0; }
+		}
+		const char *req = "GET / HTTP/1.0\r\n\r\n";
+		if (write(fd, req, strlen(req)) != (ssize_t)strlen(req)) return fail();
+		long long total = 0;
+		ssize_t r;
+		while ((r = read(fd, buf, sizeof buf)) > 0) total += r;
+		printf("%lld %.6f\n", total, now() - t0);
 	} else if (!strcmp(cmd, "blobserve") && argc == 4) {
 		/* blobserve PORT MIB: sends each connection MIB MiB of zeros, after reading what it
 		 * sent first (a request line, which it ignores), then closes; one connection after

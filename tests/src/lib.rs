@@ -65,11 +65,12 @@ pub struct Tools {
     pub share: String,
 }
 
-/// Makes the probe's share in `dir`.
+/// Makes the probe's share in `dir`, with the host's curl beside the probe.
 pub fn tools_share(dir: &std::path::Path) -> Tools {
     let tools = dir.join("tools");
     std::fs::create_dir(&tools).expect("create the tools folder");
     std::fs::copy(probe(), tools.join("probe")).expect("copy the probe into the tools share");
+    host_curl(&tools);
     let socket = dir.join("tools.sock");
     let share = format!(
         "tag=tools,dir={},socket={}",
@@ -81,6 +82,50 @@ pub fn tools_share(dir: &std::path::Path) -> Tools {
         socket,
         share,
     }
+}
+
+/// How a guest script runs curl: the host's, from the tools share (see [`host_curl`]).
+pub const CURL: &str =
+    "/mnt/tools/curl/ld-linux-x86-64.so.2 --library-path /mnt/tools/curl /mnt/tools/curl/curl";
+
+/// Copies the host's curl, the shared libraries it needs and their loader into
+/// `tools/curl` (the guest image has no curl: busybox wget never sends https:// through a
+/// proxy, and the image must stay small enough for a 256 MiB guest), and returns the
+/// command that runs it in the guest, where `tools` is mounted at /mnt/tools ([`CURL`]).
+pub fn host_curl(tools: &std::path::Path) -> String {
+    let dir = tools.join("curl");
+    std::fs::create_dir_all(&dir).expect("create tools/curl");
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/curl")
+        .output()
+        .expect("run ldd /usr/bin/curl (apt-get install curl)");
+    let mut loader = None;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let name = std::path::Path::new(path)
+            .file_name()
+            .expect("a library file name");
+        std::fs::copy(path, dir.join(name)).expect("copy one of curl's libraries");
+        if name.to_string_lossy().starts_with("ld-linux") {
+            loader = Some(name.to_string_lossy().into_owned());
+        }
+    }
+    std::fs::copy("/usr/bin/curl", dir.join("curl")).expect("copy /usr/bin/curl");
+    let loader = loader.expect("ldd names curl's loader");
+    let cmd =
+        format!("/mnt/tools/curl/{loader} --library-path /mnt/tools/curl /mnt/tools/curl/curl");
+    assert_eq!(cmd, CURL, "curl's loader has another name here");
+    cmd
 }
 
 /// A guest test's setup: `ferry serve` in namespace `ns` with a net device, the control API

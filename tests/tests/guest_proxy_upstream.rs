@@ -264,12 +264,14 @@ fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credenti
     // The password: a file only its owner reads.
     let pw = password_file(dir.path(), "s3cret pass");
 
+    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+CURL="{curl}"
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
 PX=http://http.docker.internal:3128
-C="curl -s --max-time 30 -x $PX"
+C="$CURL -s --max-time 30 -x $PX"
 check via-squid-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
 check via-squid-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
 # The bypass list: the remote's address goes direct.
@@ -287,7 +289,7 @@ check slow-head "$( (printf 'GET http://origin.test:8080/smuggle4 HTTP/1.1\r\nX-
 touch /mnt/tools/phase1-done
 i=0; while [ ! -e /mnt/tools/user-changed ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 # The host switched to a user whose password ferry does not hold.
-R="$(curl -s --max-time 30 -o /tmp/body -w '%{{http_code}}' -x $PX http://origin.test:8080/hello.txt)"
+R="$($CURL -s --max-time 30 -o /tmp/body -w '%{{http_code}}' -x $PX http://origin.test:8080/hello.txt)"
 check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob' /tmp/body)" "407 1"
 "#
     );
@@ -374,13 +376,14 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
     let remote = net.remote_addr.clone();
     let script = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
-C="curl -s --max-time 30 -x http://http.docker.internal:3128"
+CURL="CURL_CMD"
+C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
 check ntlm-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
 check ntlm-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
 URLS=""; i=0; while [ $i -lt 20 ]; do URLS="$URLS http://origin.test:8080/hello.txt?n=$i"; i=$((i+1)); done
 check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
 "#
-    .to_string();
+    .replace("CURL_CMD", ferry_tests::CURL);
     // The password comes from the environment this time; a domain user, percent-encoded.
     let args = vec![
         "--dns-upstream".to_string(),
@@ -449,15 +452,16 @@ fn transparent_mode_takes_a_guest_with_no_proxy_settings_through_the_upstream() 
     let pw = password_file(dir.path(), "pw");
     let script = r#"
 check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
+CURL="CURL_CMD"
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
-check transparent-http "$(curl -s --max-time 30 http://origin.test/hello.txt?t=1)" "hello from remote"
-check transparent-https "$(curl -sk --max-time 30 https://origin.test/hello.txt?t=2)" "hello from remote"
-check other-port-direct "$(curl -s --max-time 30 http://origin.test:8080/hello.txt?t=3)" "hello from remote"
+check transparent-http "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=1)" "hello from remote"
+check transparent-https "$($CURL -sk --max-time 30 https://origin.test/hello.txt?t=2)" "hello from remote"
+check other-port-direct "$($CURL -s --max-time 30 http://origin.test:8080/hello.txt?t=3)" "hello from remote"
 touch /mnt/tools/phase1-done
 i=0; while [ ! -e /mnt/tools/mode-off ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
-check off-direct "$(curl -s --max-time 30 http://origin.test/hello.txt?t=4)" "hello from remote"
+check off-direct "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=4)" "hello from remote"
 "#
-    .to_string();
+    .replace("CURL_CMD", ferry_tests::CURL);
     let args = vec![
         "--dns-upstream".to_string(),
         format!("{remote}:53"),
@@ -511,10 +515,12 @@ fn a_pac_file_sends_some_names_through_the_upstream_and_changes_at_run_time() {
         format!(r#"function FindProxyForURL(url, host) {{ return "PROXY {remote}:3128"; }}"#),
     )
     .unwrap();
+    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
-C="curl -s --max-time 30 -x http://http.docker.internal:3128"
+CURL="{curl}"
+C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
 check pac-proxied "$($C http://origin.test:8080/hello.txt?p=1)" "hello from remote"
 check pac-proxied-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
 check pac-direct "$($C http://{remote}:8080/hello.txt?p=2)" "hello from remote"
@@ -566,9 +572,11 @@ fn a_thousand_tunnels_are_held_at_once() {
     let remote = net.remote_addr.clone();
     let _echo = TestHost::start(&net.remote, &[&remote, "--tcp-echo", "7005", "--dns", "53"]);
     let dir = tempfile::tempdir().unwrap();
+    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+CURL="{curl}"
 check tunnels-1000 "$(/mnt/tools/probe tunnels 192.168.127.1 3128 {remote}:7005 1000)" "1000 of 1000"
 "#
     );
