@@ -161,21 +161,21 @@ impl Request {
             None if original.is_ipv6() => format!("[{}]:{}", original.ip(), original.port()),
             None => original.to_string(),
         };
-        let mut req = Request::parse(
-            &[
-                format!(
-                    "{} http://{authority}{path} HTTP/1.1",
-                    r.method.unwrap_or("GET")
-                )
-                .as_bytes(),
-                &head[head
-                    .iter()
-                    .position(|b| *b == b'\n')
-                    .map_or(head.len(), |i| i + 1)
-                    - 2..],
-            ]
-            .concat(),
-        )?;
+        // The head again with an absolute target: a new request line, then the header lines
+        // as they came (after any empty lines before the request line, which httparse skips).
+        let start = head
+            .iter()
+            .position(|b| !b"\r\n".contains(b))
+            .unwrap_or(head.len());
+        let headers = head[start..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(&[][..], |i| &head[start + i + 1..]);
+        let line = format!(
+            "{} http://{authority}{path} HTTP/1.1\r\n",
+            r.method.unwrap_or("GET")
+        );
+        let mut req = Request::parse(&[line.as_bytes(), headers].concat())?;
         req.version = r.version.unwrap_or(1);
         req.pin = Some(original);
         Ok(req)
@@ -427,6 +427,20 @@ mod tests {
         );
         let kept = Request::parse(b"GET http://h/ HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(!kept.unwrap().wants_close());
+    }
+
+    #[test]
+    fn intercepted_heads_are_made_absolute_and_odd_ones_refused_without_a_panic() {
+        let o: std::net::SocketAddr = "198.18.0.9:80".parse().unwrap();
+        let r =
+            Request::parse_intercepted(b"GET /a?b HTTP/1.1\r\nHost: h.test\r\n\r\n", o).unwrap();
+        assert_eq!(r.raw_target, "http://h.test/a?b");
+        assert_eq!(r.pin, Some(o));
+        let r = Request::parse_intercepted(b"\r\nGET / HTTP/1.0\n\n", o).unwrap();
+        assert_eq!(r.raw_target, "http://198.18.0.9:80/");
+        // Found by proxy_requests: a head that starts with an empty line.
+        let crash = b"\nHTT44444 /P HTTP/1.0\n\nIIII1.1$$:A@I\t\t\t\r";
+        let _ = Request::parse_intercepted(crash, o);
     }
 
     #[test]
