@@ -88,6 +88,27 @@ static int xopen(const char *p, int flags) {
 	return fd;
 }
 
+/* Opens n non-blocking connections to addr:port at once into fds and waits (up to 60 s)
+ * until every connect has ended; returns how many had not, or -1 on a bad address. pf is
+ * n pollfds of scratch space. */
+static int connect_all(const char *addr, int port, int n, int *fds, struct pollfd *pf) {
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)port) };
+	if (inet_pton(AF_INET, addr, &a.sin_addr) != 1) return -1;
+	for (int i = 0; i < n; i++) {
+		fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		if (fds[i] < 0) return -1;
+		if (connect(fds[i], (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return -1;
+	}
+	int pending = n;
+	for (int round = 0; pending > 0 && round < 600; round++) {
+		pending = 0;
+		for (int i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLOUT; pf[i].revents = 0; }
+		poll(pf, (nfds_t)n, 100);
+		for (int i = 0; i < n; i++) if (!(pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) pending++;
+	}
+	return pending;
+}
+
 int main(int argc, char **argv) {
 	if (argc < 3) { fprintf(stderr, "usage: probe CMD PATH [ARGS]\n"); return 2; }
 	const char *cmd = argv[1], *p = argv[2];
@@ -232,21 +253,8 @@ int main(int argc, char **argv) {
 		int n = atoi(argv[4]), ok = 0;
 		int *fds = calloc((size_t)n, sizeof *fds);
 		struct pollfd *pf = calloc((size_t)n, sizeof *pf);
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
-		if (!fds || !pf || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
-		for (int i = 0; i < n; i++) {
-			fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-			if (fds[i] < 0) return fail();
-			if (connect(fds[i], (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
-		}
-		/* Wait until every connect has ended, then send a byte on each. */
-		int pending = n;
-		for (int round = 0; pending > 0 && round < 600; round++) {
-			pending = 0;
-			for (int i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLOUT; pf[i].revents = 0; }
-			poll(pf, (nfds_t)n, 100);
-			for (int i = 0; i < n; i++) if (!(pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) pending++;
-		}
+		/* Every connect ended, then a byte on each. */
+		if (!fds || !pf || connect_all(p, atoi(argv[3]), n, fds, pf) < 0) return fail();
 		for (int i = 0; i < n; i++) (void)!write(fds[i], "x", 1);
 		char c;
 		int got[65536] = {0};
@@ -266,22 +274,11 @@ int main(int argc, char **argv) {
 		int *fds = calloc((size_t)n, sizeof *fds);
 		int *state = calloc((size_t)n, sizeof *state); /* 0 connecting, 1 answered, 2 echoed */
 		struct pollfd *pf = calloc((size_t)n, sizeof *pf);
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
 		char req[512];
 		int rl = snprintf(req, sizeof req, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", argv[4], argv[4]);
-		if (!fds || !state || !pf || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
-		for (int i = 0; i < n; i++) {
-			fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-			if (fds[i] < 0) return fail();
-			if (connect(fds[i], (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
-		}
-		int pending = n;
-		for (int round = 0; pending > 0 && round < 600; round++) {
-			pending = 0;
-			for (int i = 0; i < n; i++) { pf[i].fd = fds[i]; pf[i].events = POLLOUT; pf[i].revents = 0; }
-			poll(pf, (nfds_t)n, 100);
-			for (int i = 0; i < n; i++) if (!(pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) pending++;
-		}
+		if (!fds || !state || !pf) return fail();
+		int pending = connect_all(p, atoi(argv[3]), n, fds, pf);
+		if (pending < 0) return fail();
 		for (int i = 0; i < n; i++) (void)!write(fds[i], req, (size_t)rl);
 		/* The answers: a head that starts "HTTP/1.1 200" and ends with a blank line. */
 		char buf[256];

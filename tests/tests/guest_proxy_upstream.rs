@@ -155,6 +155,18 @@ fn certificate(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// A guest script: a `check NAME GOT WANT` function that reports to the test, `$CURL` (the
+/// host's curl, from the tools share), no proxy variables, then `body`.
+fn guest_script(body: &str) -> String {
+    format!(
+        r#"check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
+CURL="{}"
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
+{body}"#,
+        ferry_tests::CURL
+    )
+}
+
 /// Waits for the guest to touch `tools/name`, the end of a phase of its script.
 fn wait_phase(g: &ferry_tests::ServedGuest, name: &str) {
     let reached = ferry_tests::wait_for(DEADLINE, || g.tools.dir.join(name).exists().then_some(()));
@@ -264,12 +276,8 @@ fn the_guest_reaches_the_web_through_an_authenticating_upstream_with_no_credenti
     // The password: a file only its owner reads.
     let pw = password_file(dir.path(), "s3cret pass");
 
-    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
-check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
-CURL="{curl}"
-unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
 PX=http://http.docker.internal:3128
 C="$CURL -s --max-time 30 -x $PX"
 check via-squid-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
@@ -303,7 +311,14 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
         "--proxy-bypass".into(),
         remote.clone(),
     ];
-    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    let mut g = ferry_tests::serve_and_boot(
+        &net.inner,
+        dir.path(),
+        guest_script(&script),
+        &args,
+        &[],
+        vec![],
+    );
     wait_phase(&g, "phase1-done");
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     let log = squid.log();
@@ -375,15 +390,13 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
     } = World::new(Auth::Ntlm);
     let remote = net.remote_addr.clone();
     let script = r#"
-check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
-CURL="CURL_CMD"
 C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
 check ntlm-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
 check ntlm-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
 URLS=""; i=0; while [ $i -lt 20 ]; do URLS="$URLS http://origin.test:8080/hello.txt?n=$i"; i=$((i+1)); done
 check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
 "#
-    .replace("CURL_CMD", ferry_tests::CURL);
+    .to_string();
     // The password comes from the environment this time; a domain user, percent-encoded.
     let args = vec![
         "--dns-upstream".to_string(),
@@ -410,7 +423,7 @@ check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
     let mut qemu = ferry_tests::Qemu::boot(
         &dirp,
         &ferry_tests::GuestSpec {
-            script,
+            script: guest_script(&script),
             net_socket: Some(sock),
             shares: vec![("tools".into(), tools.socket.clone())],
             ..Default::default()
@@ -451,9 +464,6 @@ fn transparent_mode_takes_a_guest_with_no_proxy_settings_through_the_upstream() 
     let remote = net.remote_addr.clone();
     let pw = password_file(dir.path(), "pw");
     let script = r#"
-check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
-CURL="CURL_CMD"
-unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY
 check transparent-http "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=1)" "hello from remote"
 check transparent-https "$($CURL -sk --max-time 30 https://origin.test/hello.txt?t=2)" "hello from remote"
 check other-port-direct "$($CURL -s --max-time 30 http://origin.test:8080/hello.txt?t=3)" "hello from remote"
@@ -461,7 +471,7 @@ touch /mnt/tools/phase1-done
 i=0; while [ ! -e /mnt/tools/mode-off ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 check off-direct "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=4)" "hello from remote"
 "#
-    .replace("CURL_CMD", ferry_tests::CURL);
+    .to_string();
     let args = vec![
         "--dns-upstream".to_string(),
         format!("{remote}:53"),
@@ -471,7 +481,14 @@ check off-direct "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=4)" "h
         pw.display().to_string(),
         "--proxy-transparent".into(),
     ];
-    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    let mut g = ferry_tests::serve_and_boot(
+        &net.inner,
+        dir.path(),
+        guest_script(&script),
+        &args,
+        &[],
+        vec![],
+    );
     wait_phase(&g, "phase1-done");
     ctl_then_go(&g, &["proxy", "transparent", "off"], "mode-off");
     all_checks_pass(&mut g.qemu, &g.ferry, 4);
@@ -515,11 +532,8 @@ fn a_pac_file_sends_some_names_through_the_upstream_and_changes_at_run_time() {
         format!(r#"function FindProxyForURL(url, host) {{ return "PROXY {remote}:3128"; }}"#),
     )
     .unwrap();
-    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
-check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
-CURL="{curl}"
 C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
 check pac-proxied "$($C http://origin.test:8080/hello.txt?p=1)" "hello from remote"
 check pac-proxied-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
@@ -539,7 +553,14 @@ check pac-changed "$($C http://{remote}:8080/hello.txt?p=3)" "hello from remote"
         "--proxy-pac".into(),
         first.display().to_string(),
     ];
-    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    let mut g = ferry_tests::serve_and_boot(
+        &net.inner,
+        dir.path(),
+        guest_script(&script),
+        &args,
+        &[],
+        vec![],
+    );
     wait_phase(&g, "phase1-done");
     let log = squid.log().join("\n");
     assert!(
@@ -572,16 +593,20 @@ fn a_thousand_tunnels_are_held_at_once() {
     let remote = net.remote_addr.clone();
     let _echo = TestHost::start(&net.remote, &[&remote, "--tcp-echo", "7005", "--dns", "53"]);
     let dir = tempfile::tempdir().unwrap();
-    let curl = ferry_tests::CURL;
     let script = format!(
         r#"
-check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
-CURL="{curl}"
 check tunnels-1000 "$(/mnt/tools/probe tunnels 192.168.127.1 3128 {remote}:7005 1000)" "1000 of 1000"
 "#
     );
     let args = vec!["--dns-upstream".to_string(), format!("{remote}:53")];
-    let mut g = ferry_tests::serve_and_boot(&net.inner, dir.path(), script, &args, &[], vec![]);
+    let mut g = ferry_tests::serve_and_boot(
+        &net.inner,
+        dir.path(),
+        guest_script(&script),
+        &args,
+        &[],
+        vec![],
+    );
     all_checks_pass(&mut g.qemu, &g.ferry, 1);
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     assert_eq!(proxy["tunnels"], 1000, "{proxy}");

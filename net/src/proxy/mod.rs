@@ -217,8 +217,8 @@ pub struct Proxy {
     settings: RwLock<Arc<Settings>>,
     /// The password for the upstream's user, if ferry holds one.
     secret: Option<Secret>,
-    /// The scheme that worked with each upstream (its `Display`), sent from the start.
-    learned: Mutex<HashMap<String, auth::Scheme>>,
+    /// The scheme that worked with each upstream, sent from the start.
+    learned: Mutex<HashMap<Upstream, auth::Scheme>>,
     /// Source addresses of the connections the NAT announced, when, and for connections it
     /// intercepted (transparent mode), where the guest meant to go.
     announced: Mutex<HashMap<SocketAddr, (Instant, Option<SocketAddr>)>>,
@@ -377,18 +377,18 @@ impl Proxy {
     }
 
     fn learned_scheme(&self, up: &Upstream) -> Option<auth::Scheme> {
-        self.learned.lock().ok()?.get(&up.to_string()).copied()
+        self.learned.lock().ok()?.get(up).copied()
     }
 
     fn learn(&self, up: &Upstream, scheme: auth::Scheme) {
         if let Ok(mut l) = self.learned.lock() {
-            l.insert(up.to_string(), scheme);
+            l.insert(up.clone(), scheme);
         }
     }
 
     fn forget(&self, up: &Upstream) {
         if let Ok(mut l) = self.learned.lock() {
-            l.remove(&up.to_string());
+            l.remove(up);
         }
     }
 

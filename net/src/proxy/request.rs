@@ -200,10 +200,7 @@ impl Request {
 
     /// The values of header `name`.
     pub(super) fn header<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(h, _)| h.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        values(&self.headers, name)
     }
 
     /// How the body is framed, or why the framing is refused.
@@ -246,7 +243,7 @@ impl Request {
     /// Whether the client asks to close after this exchange (`Connection: close`, or
     /// HTTP/1.0 without keep-alive).
     pub(super) fn wants_close(&self) -> bool {
-        let conn = tokens(&self.header("connection").collect::<Vec<_>>());
+        let conn = header_tokens(&self.headers, "connection");
         conn.iter().any(|t| t == "close")
             || (self.version == 0 && !conn.iter().any(|t| t == "keep-alive"))
     }
@@ -273,7 +270,7 @@ impl Request {
             _ => self.raw_target.as_str(),
         };
         out.extend_from_slice(format!("{} {} HTTP/1.1\r\n", self.method, target).as_bytes());
-        let named = tokens(&self.header("connection").collect::<Vec<_>>());
+        let named = header_tokens(&self.headers, "connection");
         let tunnel = matches!(self.target, Target::Authority(..));
         let mut has_host = false;
         for (name, value) in &self.headers {
@@ -314,6 +311,22 @@ pub(super) fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// The values of header `name` in `headers` (a request's or a response's).
+pub(super) fn values<'a>(
+    headers: &'a [(String, Vec<u8>)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |(h, _)| h.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// The comma-separated tokens of header `name` in `headers`, trimmed and lowercased.
+pub(super) fn header_tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+    tokens(&values(headers, name).collect::<Vec<_>>())
 }
 
 /// The comma-separated tokens of header values, trimmed and lowercased.

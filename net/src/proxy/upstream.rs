@@ -13,7 +13,7 @@ use std::path::Path;
 pub const SECRET_ENV: &str = "FERRY_PROXY_PASSWORD";
 
 /// An upstream proxy: `http://[USER@]HOST:PORT` (or `HOST:PORT`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Upstream {
     /// Its host name or address.
     pub host: String,

@@ -401,10 +401,7 @@ impl Response {
     }
 
     pub(super) fn header<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(h, _)| h.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        super::request::values(&self.headers, name)
     }
 
     /// How the body of this answer to `method` ends (RFC 9112, 6.3).
@@ -416,7 +413,7 @@ impl Response {
         {
             return Framing::None;
         }
-        let te = super::request::tokens(&self.header("transfer-encoding").collect::<Vec<_>>());
+        let te = super::request::header_tokens(&self.headers, "transfer-encoding");
         if !te.is_empty() {
             return if te.last().map(String::as_str) == Some("chunked") {
                 Framing::Chunked
@@ -439,7 +436,7 @@ impl Response {
 
     /// Whether the sender closes after this answer.
     pub(super) fn closes(&self) -> bool {
-        let conn = super::request::tokens(&self.header("connection").collect::<Vec<_>>());
+        let conn = super::request::header_tokens(&self.headers, "connection");
         conn.iter().any(|t| t == "close")
             || (self.version == 0 && !conn.iter().any(|t| t == "keep-alive"))
     }
@@ -457,7 +454,7 @@ impl Response {
         out.extend_from_slice(format!("HTTP/1.1 {} ", self.code).as_bytes());
         out.extend_from_slice(reason);
         out.extend_from_slice(b"\r\n");
-        let named = super::request::tokens(&self.header("connection").collect::<Vec<_>>());
+        let named = super::request::header_tokens(&self.headers, "connection");
         for (name, value) in &self.headers {
             let lower = name.to_ascii_lowercase();
             let hop =
