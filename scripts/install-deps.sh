@@ -31,6 +31,8 @@ declare -A NEED=(
 	# The corporate proxy of tests/tests/guest_proxy_upstream.rs, and its htpasswd file
 	# and TLS test certificate.
 	[openssl]=openssl
+	# kinit, for the Kerberos realm of the same test.
+	[kinit]=krb5-user
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt
@@ -45,8 +47,15 @@ for cmd in "${!NEED[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 
-# squid installs to /usr/sbin, which a non-root PATH lacks: checked by file.
+# squid installs to /usr/sbin, which a non-root PATH lacks: checked by file. So do the
+# Kerberos test realm's KDC and the tool that makes its database and keytabs.
 [ -x /usr/sbin/squid ] || missing+=(squid)
+[ -x /usr/sbin/krb5kdc ] || missing+=(krb5-kdc)
+[ -x /usr/sbin/kadmin.local ] || missing+=(krb5-admin-server)
+# The proxy's Negotiate links MIT krb5's GSSAPI; the bindings are generated from its header
+# by bindgen, which needs libclang.
+[ -e /usr/include/gssapi/gssapi.h ] || missing+=(libkrb5-dev)
+compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || missing+=(libclang-dev)
 # The guest tests' probe is linked statically against glibc.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 # virtiofsd (built below for the benchmark) links libseccomp and libcap-ng.

@@ -22,6 +22,8 @@ enum Auth<'a> {
     /// NTLM, with squid's `ntlm_fake_auth` test helper (any password is taken; the user
     /// name is logged).
     Ntlm,
+    /// Negotiate, with squid's `negotiate_kerberos_auth` and the service keytab of `kdc`.
+    Negotiate(&'a Kdc),
 }
 
 /// A squid in namespace `ns`, listening on `addr:3128`, wanting credentials as `auth`
@@ -49,7 +51,7 @@ impl Squid {
         let mut passwd = String::new();
         let users = match auth {
             Auth::Basic(u) => u,
-            Auth::Ntlm => &[],
+            Auth::Ntlm | Auth::Negotiate(_) => &[],
         };
         for (user, pw) in users {
             let out = Command::new("openssl")
@@ -59,6 +61,10 @@ impl Squid {
             passwd.push_str(&format!("{user}:{}", String::from_utf8_lossy(&out.stdout)));
         }
         std::fs::write(dir.join("passwd"), passwd).unwrap();
+        let krb5_config = match auth {
+            Auth::Negotiate(kdc) => Some(kdc.conf.clone()),
+            _ => None,
+        };
         let d = dir.display();
         let auth = match auth {
             Auth::Basic(_) => format!(
@@ -69,6 +75,13 @@ auth_param basic children 2"
             Auth::Ntlm => "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth
 auth_param ntlm children 2"
                 .to_string(),
+            Auth::Negotiate(kdc) => format!(
+                "auth_param negotiate program /usr/lib/squid/negotiate_kerberos_auth -k {} -s {} -c {d}
+auth_param negotiate children 2
+auth_param negotiate keep_alive on",
+                kdc.service_keytab.display(),
+                kdc.service
+            ),
         };
         let conf = format!(
             "http_port {addr}:3128
@@ -95,20 +108,19 @@ visible_hostname ferry-test
             .args(["-R", "a+rwX", &dir.display().to_string()])
             .status()
             .unwrap();
-        let child = TestNet::command(ns, "/usr/sbin/squid")
+        let mut squid = TestNet::command(ns, "/usr/sbin/squid");
+        if let Some(conf) = krb5_config {
+            // Its Kerberos helper reads the realm from here.
+            squid.env("KRB5_CONFIG", conf);
+        }
+        let child = squid
             .args(["-N", "-f", &dir.join("squid.conf").display().to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("squid.err")).unwrap())
             .spawn()
             .expect("start squid");
-        let up = ferry_tests::wait_for(Duration::from_secs(20), || {
-            let ss = TestNet::command(ns, "ss").args(["-ltn"]).output().ok()?;
-            String::from_utf8_lossy(&ss.stdout)
-                .contains(&format!("{addr}:3128"))
-                .then_some(())
-        });
         assert!(
-            up.is_some(),
+            listens(ns, &format!("{addr}:3128")),
             "squid did not listen within 20 s: {}{}",
             std::fs::read_to_string(dir.join("squid.err")).unwrap_or_default(),
             std::fs::read_to_string(dir.join("cache.log")).unwrap_or_default()
@@ -130,6 +142,171 @@ visible_hostname ferry-test
 }
 
 impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a TCP socket in namespace `ns` listens on `addr` (`ADDRESS:PORT`) within 20 s.
+fn listens(ns: &str, addr: &str) -> bool {
+    ferry_tests::wait_for(Duration::from_secs(20), || {
+        let ss = TestNet::command(ns, "ss").args(["-ltn"]).output().ok()?;
+        String::from_utf8_lossy(&ss.stdout)
+            .contains(addr)
+            .then_some(())
+    })
+    .is_some()
+}
+
+/// The realm of the Kerberos tests.
+const REALM: &str = "FERRY.TEST";
+
+/// A Kerberos KDC (MIT's `krb5kdc`, from Debian's `krb5-kdc`) in namespace `ns` on
+/// `addr:8800`, for realm [`REALM`], with two principals: the user `alice`, whose keys are
+/// in `client_keytab`, and the proxy's service `HTTP/addr`, whose keys are in
+/// `service_keytab`. `conf` is the `krb5.conf` that names it. Killed on drop.
+struct Kdc {
+    child: Child,
+    conf: std::path::PathBuf,
+    client_keytab: std::path::PathBuf,
+    service_keytab: std::path::PathBuf,
+    service: String,
+}
+
+impl Kdc {
+    fn start(ns: &str, addr: &str, dir: &Path) -> Kdc {
+        for p in [
+            "/usr/sbin/krb5kdc",
+            "/usr/sbin/kdb5_util",
+            "/usr/sbin/kadmin.local",
+            "/usr/bin/kinit",
+        ] {
+            assert!(
+                Path::new(p).exists(),
+                "{p} is missing: apt-get install krb5-kdc krb5-admin-server krb5-user (scripts/install-deps.sh does)"
+            );
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        // Names as given: the test's hosts have no reverse DNS, and the service is named
+        // by the proxy's address.
+        let conf = dir.join("krb5.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[libdefaults]
+ default_realm = {REALM}
+ dns_lookup_kdc = false
+ dns_lookup_realm = false
+ rdns = false
+ dns_canonicalize_hostname = false
+[realms]
+ {REALM} = {{
+  kdc = {addr}:8800
+ }}
+"
+            ),
+        )
+        .unwrap();
+        let profile = dir.join("kdc.conf");
+        std::fs::write(
+            &profile,
+            format!(
+                "[kdcdefaults]
+ kdc_ports = 8800
+ kdc_tcp_ports = 8800
+[realms]
+ {REALM} = {{
+  database_name = {d}/principal
+  key_stash_file = {d}/stash
+  acl_file = {d}/kadm5.acl
+ }}
+[logging]
+ kdc = FILE:{d}/kdc.log
+"
+            ),
+        )
+        .unwrap();
+        let env = |c: &mut Command| {
+            c.env("KRB5_CONFIG", &conf)
+                .env("KRB5_KDC_PROFILE", &profile);
+        };
+        let run = |args: &[&str]| {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            env(&mut c);
+            let out = c
+                .output()
+                .unwrap_or_else(|e| panic!("run {}: {e}", args[0]));
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "/usr/sbin/kdb5_util",
+            "create",
+            "-s",
+            "-r",
+            REALM,
+            "-P",
+            "master password",
+        ]);
+        let service = format!("HTTP/{addr}@{REALM}");
+        let (client_keytab, service_keytab) = (dir.join("alice.keytab"), dir.join("http.keytab"));
+        for q in [
+            "addprinc -randkey alice".to_string(),
+            format!("addprinc -randkey {service}"),
+            format!("ktadd -k {} alice", client_keytab.display()),
+            format!("ktadd -k {} {service}", service_keytab.display()),
+        ] {
+            run(&["/usr/sbin/kadmin.local", "-r", REALM, "-q", &q]);
+        }
+        let mut kdc = TestNet::command(ns, "/usr/sbin/krb5kdc");
+        env(&mut kdc);
+        let child = kdc
+            .args(["-n", "-r", REALM])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("kdc.err")).unwrap())
+            .spawn()
+            .expect("start krb5kdc");
+        assert!(
+            listens(ns, ":8800"),
+            "krb5kdc did not listen within 20 s: {}",
+            std::fs::read_to_string(dir.join("kdc.err")).unwrap_or_default()
+        );
+        Kdc {
+            child,
+            conf,
+            client_keytab,
+            service_keytab,
+            service,
+        }
+    }
+
+    /// Gets alice a ticket, from namespace `ns`, into the ticket cache `ccache`.
+    fn kinit(&self, ns: &str, ccache: &Path) {
+        let out = TestNet::command(ns, "/usr/bin/kinit")
+            .env("KRB5_CONFIG", &self.conf)
+            .env("KRB5CCNAME", format!("FILE:{}", ccache.display()))
+            .arg("-k")
+            .arg("-t")
+            .arg(&self.client_keytab)
+            .arg("alice")
+            .output()
+            .expect("run kinit");
+        assert!(
+            out.status.success(),
+            "kinit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Kdc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -234,6 +411,82 @@ fn password_file(dir: &Path, pw: &str) -> std::path::PathBuf {
     std::fs::write(&f, format!("{pw}\n")).unwrap();
     Command::new("chmod").arg("600").arg(&f).status().unwrap();
     f
+}
+
+/// Starts `ferry serve` in `net`'s inner namespace with `args` and the environment `env`
+/// (which `ferry_tests::serve_and_boot` does not take), and boots the guest with `script`.
+fn serve_with_env(
+    net: &TestNet,
+    dir: &Path,
+    script: &str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> (ferry_tests::FerryProcess, ferry_tests::Qemu) {
+    let dirp = dir.to_path_buf();
+    let mut cmd = ferry_tests::wrapped(Some(&net.inner), None, &ferry_tests::ferry_bin());
+    let sock = dirp.join("net.sock");
+    let api = dirp.join("api.sock");
+    let tools = ferry_tests::tools_share(&dirp);
+    cmd.arg("serve")
+        .args(["--net-socket", &sock.display().to_string()])
+        .args(["--api-socket", &api.display().to_string()])
+        .args(["--share", &tools.share])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    let ferry = ferry_tests::FerryProcess::start(
+        cmd,
+        &dirp,
+        &[sock.clone(), api.clone(), tools.socket.clone()],
+    );
+    let qemu = ferry_tests::Qemu::boot(
+        &dirp,
+        &ferry_tests::GuestSpec {
+            script: guest_script(script),
+            net_socket: Some(sock),
+            shares: vec![("tools".into(), tools.socket.clone())],
+            ..Default::default()
+        },
+    );
+    (ferry, qemu)
+}
+
+/// The guest's script for a scheme (`tag` names its checks): an http:// and an https://
+/// fetch, then 20 on one keep-alive connection (`?n=`), through the gateway's proxy.
+fn three_fetches(tag: &str) -> String {
+    format!(
+        r#"
+C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
+check {tag}-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
+check {tag}-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
+URLS=""; i=0; while [ $i -lt 20 ]; do URLS="$URLS http://origin.test:8080/hello.txt?n=$i"; i=$((i+1)); done
+check {tag}-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
+"#
+    )
+}
+
+/// Asserts that squid served [`three_fetches`]' 22 requests, each as `user`, and the
+/// keep-alive ones on one upstream connection.
+fn served_as(squid: &Squid, user: &str) {
+    let log = squid.log();
+    let served: Vec<&String> = log.iter().filter(|l| l.ends_with(" 200")).collect();
+    assert_eq!(served.len(), 22, "{}", log.join("\n"));
+    assert!(
+        served
+            .iter()
+            .all(|l| l.split(' ').nth(1).is_some_and(|u| u == user)),
+        "all as {user}:\n{}",
+        log.join("\n")
+    );
+    let keep: std::collections::HashSet<&str> = served
+        .iter()
+        .filter(|l| l.contains("?n="))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert_eq!(
+        keep.len(),
+        1,
+        "one upstream connection for one guest connection: {keep:?}"
+    );
 }
 
 /// A test's network: the origin and a squid wanting `auth` on the remote side.
@@ -389,14 +642,7 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
         squid,
     } = World::new(Auth::Ntlm);
     let remote = net.remote_addr.clone();
-    let script = r#"
-C="$CURL -s --max-time 30 -x http://http.docker.internal:3128"
-check ntlm-http "$($C http://origin.test:8080/hello.txt)" "hello from remote"
-check ntlm-https "$($C -k https://origin.test:8443/hello.txt)" "hello from remote"
-URLS=""; i=0; while [ $i -lt 20 ]; do URLS="$URLS http://origin.test:8080/hello.txt?n=$i"; i=$((i+1)); done
-check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
-"#
-    .to_string();
+    let script = three_fetches("ntlm");
     // The password comes from the environment this time; a domain user, percent-encoded.
     let args = vec![
         "--dns-upstream".to_string(),
@@ -404,53 +650,73 @@ check ntlm-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
         "--proxy-upstream".into(),
         format!("http://CORP%5Calice@{remote}:3128"),
     ];
-    let dirp = dir.path().to_path_buf();
-    let mut cmd = ferry_tests::wrapped(Some(&net.inner), None, &ferry_tests::ferry_bin());
-    let sock = dirp.join("net.sock");
-    let api = dirp.join("api.sock");
-    let tools = ferry_tests::tools_share(&dirp);
-    cmd.arg("serve")
-        .args(["--net-socket", &sock.display().to_string()])
-        .args(["--api-socket", &api.display().to_string()])
-        .args(["--share", &tools.share])
-        .args(&args)
-        .env("FERRY_PROXY_PASSWORD", "anything goes");
-    let ferry = ferry_tests::FerryProcess::start(
-        cmd,
-        &dirp,
-        &[sock.clone(), api.clone(), tools.socket.clone()],
-    );
-    let mut qemu = ferry_tests::Qemu::boot(
-        &dirp,
-        &ferry_tests::GuestSpec {
-            script: guest_script(&script),
-            net_socket: Some(sock),
-            shares: vec![("tools".into(), tools.socket.clone())],
-            ..Default::default()
-        },
+    let (ferry, mut qemu) = serve_with_env(
+        &net,
+        dir.path(),
+        &script,
+        &args,
+        &[("FERRY_PROXY_PASSWORD", "anything goes".into())],
     );
     all_checks_pass(&mut qemu, &ferry, 3);
     // Squid knew the user for every request it served; its refusals were the handshakes.
-    let log = squid.log();
-    let served: Vec<&String> = log.iter().filter(|l| l.ends_with(" 200")).collect();
-    assert_eq!(served.len(), 22, "{}", log.join("\n"));
-    assert!(
-        served
-            .iter()
-            .all(|l| l.to_ascii_lowercase().contains("alice")),
-        "{}",
-        log.join("\n")
+    served_as(&squid, "CORP\\alice");
+}
+
+#[test]
+fn the_guest_reaches_the_web_through_a_kerberos_upstream_with_ferrys_ticket() {
+    kerberos_upstream(false);
+}
+
+#[test]
+fn the_guest_reaches_the_web_through_a_kerberos_upstream_with_ferrys_client_keytab() {
+    kerberos_upstream(true);
+}
+
+/// The guest behind a squid that takes Negotiate only. Ferry's user holds a ticket from
+/// kinit, or (`keytab`) only a client keytab, from which GSSAPI gets tickets itself into a
+/// ticket cache in ferry's memory.
+fn kerberos_upstream(keytab: bool) {
+    let net = TestNet::new().expect("make the test network (needs root and iproute2)");
+    let dir = tempfile::tempdir().unwrap();
+    let remote = net.remote_addr.clone();
+    let _host = origin(&net, dir.path());
+    let kdc = Kdc::start(&net.remote, &remote, &dir.path().join("kdc"));
+    // squid's helper runs as the proxy user: it reads the service keytab and krb5.conf.
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    let squid = Squid::start(
+        &net.remote,
+        &remote,
+        &dir.path().join("squid"),
+        Auth::Negotiate(&kdc),
     );
-    let keep: std::collections::HashSet<&str> = served
-        .iter()
-        .filter(|l| l.contains("?n="))
-        .filter_map(|l| l.split(' ').next())
-        .collect();
-    assert_eq!(
-        keep.len(),
-        1,
-        "one upstream connection for one guest connection: {keep:?}"
-    );
+    // Ferry itself holds no password.
+    let mut env = vec![("KRB5_CONFIG", kdc.conf.display().to_string())];
+    if keytab {
+        env.push((
+            "KRB5_CLIENT_KTNAME",
+            kdc.client_keytab.display().to_string(),
+        ));
+        env.push(("KRB5CCNAME", "MEMORY:ferry".into()));
+    } else {
+        let ccache = dir.path().join("ccache");
+        kdc.kinit(&net.inner, &ccache);
+        env.push(("KRB5CCNAME", format!("FILE:{}", ccache.display())));
+    }
+    let script = three_fetches("negotiate");
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("http://{remote}:3128"),
+    ];
+    let (ferry, mut qemu) = serve_with_env(&net, dir.path(), &script, &args, &env);
+    all_checks_pass(&mut qemu, &ferry, 3);
+    // squid knew alice's principal for every request it served.
+    served_as(&squid, &format!("alice@{REALM}"));
 }
 
 #[test]

@@ -208,6 +208,7 @@ impl Paths {
                 }
             }
         }
+        kerberos(&mut p, |v| std::env::var(v).ok());
         p.capabilities = SERVE_CAPS.to_vec();
         p.devices = cfg
             .shares
@@ -244,6 +245,60 @@ impl Paths {
             )],
             capabilities: vec![10],
             ..Default::default()
+        }
+    }
+}
+
+/// The files the proxy's Negotiate reads and writes through GSSAPI, from the variables of
+/// ferry's environment (`var`) as MIT krb5 reads them: `KRB5_CONFIG`'s files, the client
+/// keytab in `KRB5_CLIENT_KTNAME`, and the ticket cache in `KRB5CCNAME` (by default
+/// `/tmp/krb5cc_<uid>`), which GSSAPI also writes the proxy's service ticket to. `/etc`'s
+/// files are readable already; a `MEMORY:` or `KCM:` cache has no file. A `KEYRING:` cache
+/// needs system calls the filter refuses: use `FILE:` or `KCM:` with `--seccomp kill`.
+fn kerberos(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
+    let file = |name: &str| -> Option<PathBuf> {
+        match name.split_once(':') {
+            None => Some(PathBuf::from(name)),
+            Some(("FILE", path)) => Some(PathBuf::from(path)),
+            Some(_) => None,
+        }
+    };
+    for f in var("KRB5_CONFIG").iter().flat_map(|l| l.split(':')) {
+        let f = PathBuf::from(f);
+        if f.exists() {
+            p.read_only.push(f);
+        }
+    }
+    if let Some(kt) = var("KRB5_CLIENT_KTNAME").as_deref().and_then(file) {
+        if kt.exists() {
+            p.read_only.push(kt);
+        }
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let cc = var("KRB5CCNAME").unwrap_or_else(|| format!("FILE:/tmp/krb5cc_{uid}"));
+    let cache = match cc.split_once(':') {
+        // A collection: `DIR:folder`, or `DIR::folder/file` for one cache in it.
+        Some(("DIR", d)) => d
+            .strip_prefix(':')
+            .map_or(PathBuf::from(d), |f| parent_dir(Path::new(f)).to_path_buf()),
+        _ => match file(&cc) {
+            Some(f) => f,
+            None => return,
+        },
+    };
+    if cache.exists() {
+        p.read_write.push(cache);
+    } else if var("KRB5CCNAME").is_some() {
+        // A file a later kinit makes: its folder, unless that is one every user shares.
+        let dir = parent_dir(&cache).to_path_buf();
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.mode() & 0o002 == 0 => p.read_write.push(dir),
+            _ => warn!(
+                "sandbox: the Kerberos ticket cache {} does not exist yet, and the sandbox cannot admit it later; run kinit before ferry starts to use it for the proxy",
+                cache.display()
+            ),
         }
     }
 }
@@ -641,6 +696,41 @@ mod tests {
         assert_eq!(res.3, 7);
         assert!(res.4, "a sandboxed thread could start a program");
         assert!(!outside.path().join("new").exists());
+    }
+
+    #[test]
+    fn admits_the_kerberos_files_of_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["krb5.conf", "client.keytab", "ccache"] {
+            std::fs::write(d.join(f), "").unwrap();
+        }
+        let env = |cc: &'static str| {
+            let d = d.to_path_buf();
+            move |v: &str| match v {
+                "KRB5_CONFIG" => Some(format!(
+                    "{}:/nowhere/krb5.conf",
+                    d.join("krb5.conf").display()
+                )),
+                "KRB5_CLIENT_KTNAME" => Some(format!("FILE:{}", d.join("client.keytab").display())),
+                "KRB5CCNAME" => Some(cc.replace("@", &d.display().to_string())),
+                _ => None,
+            }
+        };
+        let mut p = Paths::default();
+        kerberos(&mut p, env("FILE:@/ccache"));
+        assert_eq!(p.read_only, [d.join("krb5.conf"), d.join("client.keytab")]);
+        assert_eq!(p.read_write, [d.join("ccache")]);
+        // A cache a later kinit makes: its (private) folder. No file: nothing.
+        for (cc, want) in [
+            ("@/later", vec![d.to_path_buf()]),
+            ("MEMORY:x", vec![]),
+            ("KCM:", vec![]),
+        ] {
+            let mut p = Paths::default();
+            kerberos(&mut p, env(cc));
+            assert_eq!(p.read_write, want, "{cc}");
+        }
     }
 
     #[test]

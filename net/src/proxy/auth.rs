@@ -1,7 +1,10 @@
 //! Ferry's own credentials for the upstream proxy: which scheme, and each step of it.
 //!
 //! The upstream's `407` names the schemes it takes (`Proxy-Authenticate`); ferry answers
-//! with the strongest it can do, as curl's `--proxy-anyauth` does: NTLM before Basic.
+//! with the strongest it can do, as curl's `--proxy-anyauth` does: Negotiate, then NTLM,
+//! then Basic, each only if ferry can do it (a ticket for Negotiate, a password for the others).
+//! - Negotiate (RFC 4559) is one step through the host's GSSAPI ([`super::negotiate`]): a
+//!   Kerberos ticket authenticates the connection.
 //! - Basic (RFC 7617) is one step: the credential goes with the request.
 //! - NTLM (MS-NLMP, v2 responses) is a handshake on one connection: ferry sends a
 //!   NEGOTIATE message, the upstream's next 407 carries its CHALLENGE, and ferry answers it
@@ -23,6 +26,7 @@ use super::upstream::Secret;
 pub(super) enum Scheme {
     Basic,
     Ntlm,
+    Negotiate,
 }
 
 impl Scheme {
@@ -30,12 +34,19 @@ impl Scheme {
         match self {
             Scheme::Basic => "Basic",
             Scheme::Ntlm => "NTLM",
+            Scheme::Negotiate => "Negotiate",
         }
     }
 
     /// Whether the scheme authenticates the connection rather than each request.
     pub(super) fn per_connection(self) -> bool {
-        self == Scheme::Ntlm
+        matches!(self, Scheme::Ntlm | Scheme::Negotiate)
+    }
+
+    /// Whether the scheme needs the user and password ferry holds (Negotiate takes the
+    /// host's Kerberos credentials instead).
+    pub(super) fn needs_password(self) -> bool {
+        self != Scheme::Negotiate
     }
 }
 
@@ -60,15 +71,12 @@ pub(super) fn offered<'a>(challenges: impl Iterator<Item = &'a [u8]>) -> Vec<Str
         .collect()
 }
 
-/// The scheme ferry answers an offer with, if it has one: the strongest.
-pub(super) fn choose(offered: &[String]) -> Option<Scheme> {
-    if offered.iter().any(|s| s == "ntlm") {
-        Some(Scheme::Ntlm)
-    } else if offered.iter().any(|s| s == "basic") {
-        Some(Scheme::Basic)
-    } else {
-        None
-    }
+/// The schemes of an offer ferry knows, strongest first.
+pub(super) fn choices(offered: &[String]) -> Vec<Scheme> {
+    [Scheme::Negotiate, Scheme::Ntlm, Scheme::Basic]
+        .into_iter()
+        .filter(|s| offered.iter().any(|o| o.eq_ignore_ascii_case(s.name())))
+        .collect()
 }
 
 /// `DOMAIN\user` (or `user@domain`, or a bare user) split for NTLM.
@@ -94,17 +102,30 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// The first step of `scheme` as `user`.
-pub(super) fn start(scheme: Scheme, user: &str, secret: &Secret) -> Result<Step, String> {
+/// The first step of `scheme` for the upstream proxy at `host`, with the user and password
+/// `creds` for the schemes that take one ([`Scheme::needs_password`]).
+pub(super) fn start(
+    scheme: Scheme,
+    host: &str,
+    creds: Option<(&str, &Secret)>,
+) -> Result<Step, String> {
     match scheme {
-        Scheme::Basic => Ok(Step {
+        Scheme::Negotiate => Ok(Step {
             scheme,
-            header: format!(
-                "Basic {}",
-                b64(format!("{user}:{}", secret.expose()).as_bytes())
-            ),
+            header: format!("Negotiate {}", b64(&super::negotiate::token(host)?)),
             last: true,
         }),
+        Scheme::Basic => {
+            let (user, secret) = creds.ok_or("ferry holds no user and password for it")?;
+            Ok(Step {
+                scheme,
+                header: format!(
+                    "Basic {}",
+                    b64(format!("{user}:{}", secret.expose()).as_bytes())
+                ),
+                last: true,
+            })
+        }
         Scheme::Ntlm => {
             let msg = ntlmclient::Message::Negotiate(ntlmclient::NegotiateMessage {
                 flags: ntlmclient::Flags::NEGOTIATE_UNICODE
@@ -204,12 +225,13 @@ mod tests {
 
     #[test]
     fn answers_the_strongest_scheme_it_holds() {
-        let offers = offered([&b"Negotiate"[..], b"NTLM", b"Basic realm=\"Squid\""].into_iter());
-        assert_eq!(offers, ["negotiate", "ntlm", "basic"]);
-        assert_eq!(choose(&offers), Some(Scheme::Ntlm));
-        assert_eq!(choose(&offers[2..]), Some(Scheme::Basic));
-        assert_eq!(choose(&offers[..1]), None);
-        let basic = start(Scheme::Basic, "Aladdin", &Secret::new("open sesame")).unwrap();
+        let offers = offered([&b"Basic realm=\"Squid\""[..], b"NTLM", b"Negotiate"].into_iter());
+        assert_eq!(offers, ["basic", "ntlm", "negotiate"]);
+        use Scheme::*;
+        assert_eq!(choices(&offers), [Negotiate, Ntlm, Basic]);
+        assert_eq!(choices(&offers[..1]), [Basic]);
+        assert_eq!(choices(&["digest".to_string()]), []);
+        let basic = start(Basic, "p", Some(("Aladdin", &Secret::new("open sesame")))).unwrap();
         assert_eq!(basic.header, "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
         assert!(basic.last);
     }
@@ -217,7 +239,7 @@ mod tests {
     #[test]
     fn ntlm_takes_a_challenge_and_refuses_garbage() {
         let secret = Secret::new("pw");
-        let t1 = start(Scheme::Ntlm, "CORP\\alice", &secret).unwrap();
+        let t1 = start(Scheme::Ntlm, "p", Some(("CORP\\alice", &secret))).unwrap();
         assert!(
             t1.header.starts_with("NTLM TlRMTVNTUAAB") && !t1.last,
             "{}",

@@ -21,8 +21,8 @@
 //! unless the bypass list ([`bypass`]) names the server, or as a PAC file says ([`pac`]), trying
 //! its proxies in order until one connects. With no setting at all, ferry's own
 //! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`) is the host's setting. When the
-//! upstream answers 407 and ferry holds a password ([`upstream::Secret`]), ferry answers
-//! the challenge itself ([`auth`]); a guest that sends its own `Proxy-Authorization` keeps
+//! upstream answers 407 and ferry holds a password ([`upstream::Secret`]) or its user a
+//! Kerberos ticket ([`negotiate`]), ferry answers the challenge itself ([`auth`]); a guest that sends its own `Proxy-Authorization` keeps
 //! it. Requests are checked before anything goes on ([`request`]): framing that could be
 //! read two ways is refused with 400, too many or too long headers with 431, a head that
 //! trickles in with 408.
@@ -35,6 +35,7 @@
 
 mod auth;
 pub mod bypass;
+mod negotiate;
 pub mod pac;
 mod pump;
 mod request;
@@ -392,17 +393,18 @@ impl Proxy {
         }
     }
 
-    /// The first step of `scheme` for `up`, when ferry holds a user and password for it.
+    /// The first step of `scheme` for `up`, unless the scheme takes a password and ferry
+    /// holds none for `up`.
     fn start_auth(
         &self,
         up: &Upstream,
         scheme: auth::Scheme,
     ) -> Option<Result<auth::Step, String>> {
-        Some(auth::start(
-            scheme,
-            up.user.as_deref()?,
-            self.secret.as_ref()?,
-        ))
+        let creds = up.user.as_deref().zip(self.secret.as_ref());
+        if scheme.needs_password() && creds.is_none() {
+            return None;
+        }
+        Some(auth::start(scheme, &up.host, creds))
     }
 
     /// The step after `sent`, from the upstream's 407 `resp`.

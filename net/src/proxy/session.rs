@@ -248,12 +248,18 @@ pub(super) fn answer_challenge(
     if req.has_proxy_auth() {
         return Ok(None);
     }
-    let user = up.user.as_deref().unwrap_or("?");
     match sent {
+        Some(s) if s.last && !s.scheme.needs_password() => {
+            return Err(format!(
+                "ferry proxy: the upstream proxy {up} refused ferry's Kerberos ticket; check that the proxy's keytab holds HTTP/{} in the realm of ferry's ticket (klist, as ferry's user, shows it)",
+                up.host
+            ))
+        }
         Some(s) if s.last => {
             return Err(format!(
-                "ferry proxy: the upstream proxy {up} refused ferry's {} credentials for user {user}; check the password in --proxy-credentials or {}",
+                "ferry proxy: the upstream proxy {up} refused ferry's {} credentials for user {}; check the password in --proxy-credentials or {}",
                 s.scheme.name(),
+                up.user.as_deref().unwrap_or("?"),
                 super::upstream::SECRET_ENV
             ))
         }
@@ -265,21 +271,37 @@ pub(super) fn answer_challenge(
         None => {}
     }
     let offered = auth::offered(resp.header("proxy-authenticate"));
-    let Some(scheme) = auth::choose(&offered) else {
+    let schemes = auth::choices(&offered);
+    if schemes.is_empty() {
         if up.user.is_some() {
             log::warn!(
-                "proxy: the upstream proxy {up} asks for {} authentication, which ferry does not do yet; its 407 goes to the guest",
+                "proxy: the upstream proxy {up} asks for {} authentication, which ferry does not do; its 407 goes to the guest",
                 offered.join(", ")
             );
         }
         return Ok(None);
-    };
-    match proxy.start_auth(up, scheme) {
-        Some(step) => step.map(Some),
-        None => Err(format!(
-            "ferry proxy: the upstream proxy {up} asks for credentials and ferry holds none; give the user in --proxy-upstream http://USER@HOST:PORT and the password in --proxy-credentials FILE"
-        )),
     }
+    // The strongest scheme ferry can do; a Negotiate with no ticket falls back to a
+    // password, when ferry holds one.
+    let mut failed = None;
+    for scheme in schemes {
+        match proxy.start_auth(up, scheme) {
+            Some(Ok(step)) => return Ok(Some(step)),
+            Some(Err(e)) => {
+                log::debug!("proxy: no {} step for {up}: {e}", scheme.name());
+                failed.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    Err(match failed {
+        Some(e) => format!(
+            "ferry proxy: ferry cannot authenticate to the upstream proxy {up}: {e}; run kinit as the user ferry runs as (or name a client keytab in KRB5_CLIENT_KTNAME), or give a password in --proxy-credentials FILE"
+        ),
+        None => format!(
+            "ferry proxy: the upstream proxy {up} asks for credentials and ferry holds none; give the user in --proxy-upstream http://USER@HOST:PORT and the password in --proxy-credentials FILE"
+        ),
+    })
 }
 
 /// Relays one request and its answer. The guest connection goes on unless either side
