@@ -12,6 +12,9 @@
 --tcp-echo PORT        a TCP echo server
 --http PORT DIR        an HTTP server for the files in DIR
 --http-unix PATH DIR   an HTTP server for the files in DIR on the UNIX socket PATH (ADDR unused)
+--tls-front PORT HOST TOPORT CERT KEY
+                       TLS in front of the TCP server HOST:TOPORT (as stunnel is), with the
+                       certificate and key the test made: an https:// proxy from squid
 --fake-proxy PORT      an upstream proxy stand-in: answers CONNECT with 200 and then echoes;
                        answers any other request with 200 and the body
                        "upstream saw: REQUEST-LINE" (what it was sent, unchanged)
@@ -193,6 +196,45 @@ def serve_https(addr, port, directory, cert, key):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 
+def serve_tls_front(addr, port, host, to_port, cert, key):
+    """Takes TLS on addr:port and relays the plaintext to host:to_port, both ways."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    def handle(conn):
+        # One thread, both directions: an SSL socket is not for two threads at once.
+        try:
+            tls = ctx.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            conn.close()
+            return
+        back = socket.create_connection((host, to_port))
+        try:
+            while True:
+                ready, _, _ = select.select([tls, back], [], [])
+                if tls in ready:
+                    data = tls.recv(65536)
+                    while data and tls.pending():
+                        data += tls.recv(tls.pending())
+                    if not data:
+                        break
+                    back.sendall(data)
+                if back in ready:
+                    data = back.recv(65536)
+                    if not data:
+                        break
+                    tls.sendall(data)
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            back.close()
+            tls.close()
+
+    serve_tcp(addr, port, handle)
+
+
 def serve_http_unix(path, directory):
     import functools
     import http.server
@@ -246,6 +288,9 @@ def main():
         elif args[i] == "--https":
             serve_https(addr, int(args[i + 1]), args[i + 2], args[i + 3], args[i + 4])
             i += 5
+        elif args[i] == "--tls-front":
+            serve_tls_front(addr, int(args[i + 1]), args[i + 2], int(args[i + 3]), args[i + 4], args[i + 5])
+            i += 6
         elif args[i] == "--http-unix":
             serve_http_unix(args[i + 1], args[i + 2])
             i += 3

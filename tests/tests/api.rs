@@ -279,7 +279,7 @@ fn every_endpoint_over_the_socket_with_bad_input() {
         "/proxy",
         Some(r#"{"upstream": "socks5://h:1"}"#),
         400,
-        "only http:// proxies",
+        "only http:// and https:// proxies",
     );
     expect_error(s, "POST", "/proxy", Some("{}"), 405, "GET or PUT");
 

@@ -391,8 +391,11 @@ check proxy-connect-via-upstream "$(head -1 /tmp/u | tr -d '\r') / $(grep -c 'vi
         shown.contains("to servers directly; 3 requests, 1 tunnels, 2 failed"),
         "{shown}"
     );
-    let (ok, refused) = ctl(&["proxy", "set", "https://nowhere:1"]);
-    assert!(!ok && refused.contains("only http:// proxies"), "{refused}");
+    let (ok, refused) = ctl(&["proxy", "set", "socks5://nowhere:1"]);
+    assert!(
+        !ok && refused.contains("only http:// and https:// proxies"),
+        "{refused}"
+    );
     let (ok, set) = ctl(&["proxy", "set", &format!("http://{remote}:3129")]);
     assert!(
         ok && set.contains(&format!("through http://{remote}:3129")),

@@ -332,6 +332,75 @@ fn certificate(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// A certificate for the https:// proxy at `addr`, issued by a CA of its own, in `dir`:
+/// the CA's certificate (what ferry is told to trust), the proxy's certificate and its key.
+fn proxy_certificate(dir: &Path, addr: &str) -> (String, String, String) {
+    let f = |n: &str| dir.join(n).display().to_string();
+    std::fs::write(
+        dir.join("proxy.ext"),
+        format!("subjectAltName=IP:{addr}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=ferry test CA",
+            "-keyout",
+            &f("ca.key"),
+            "-out",
+            &f("ca.pem"),
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={addr}"),
+            "-keyout",
+            &f("proxy.key"),
+            "-out",
+            &f("proxy.csr"),
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &f("proxy.csr"),
+            "-CA",
+            &f("ca.pem"),
+            "-CAkey",
+            &f("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &f("proxy.ext"),
+            "-out",
+            &f("proxy.pem"),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (f("ca.pem"), f("proxy.pem"), f("proxy.key"))
+}
+
 /// A guest script: a `check NAME GOT WANT` function that reports to the test, `$CURL` (the
 /// host's curl, from the tools share), no proxy variables, then `body`.
 fn guest_script(body: &str) -> String {
@@ -631,6 +700,42 @@ check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob
         ferry_tests::api_get(&g.api, "/stats")
     );
     assert!(!all.contains("s3cret"), "the password leaked");
+}
+
+#[test]
+fn the_guest_reaches_the_web_through_an_https_upstream() {
+    let World {
+        net,
+        dir,
+        _host,
+        squid,
+    } = World::new(Auth::Basic(&[("alice", "tls pass")]));
+    let remote = net.remote_addr.clone();
+    // squid behind TLS on port 3129, as stunnel would put it: an https:// proxy.
+    let (ca, cert, key) = proxy_certificate(dir.path(), &remote);
+    let _front = TestHost::start(
+        &net.remote,
+        &[&remote, "--tls-front", "3129", &remote, "3128", &cert, &key],
+    );
+    let pw = password_file(dir.path(), "tls pass");
+    let args = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        format!("https://alice@{remote}:3129"),
+        "--proxy-credentials".into(),
+        pw.display().to_string(),
+    ];
+    // The host trusts the proxy's CA as OpenSSL-based tools are told to.
+    let (ferry, mut qemu) = serve_with_env(
+        &net,
+        dir.path(),
+        &three_fetches("https-upstream"),
+        &args,
+        &[("SSL_CERT_FILE", ca)],
+    );
+    all_checks_pass(&mut qemu, &ferry, 3);
+    served_as(&squid, "alice");
 }
 
 #[test]

@@ -437,7 +437,8 @@ pub struct ServeArgs {
     pub resolv_conf: Option<PathBuf>,
 
     /// The proxy that the HTTP(S) proxy on the gateway's port 3128 sends its requests and
-    /// tunnels through, as http://[USER@]HOST:PORT, or `none` [default: ferry's HTTP_PROXY
+    /// tunnels through, as http://[USER@]HOST:PORT (https:// for TLS to it), or `none`
+    /// [default: ferry's HTTP_PROXY
     /// and HTTPS_PROXY, else none: it connects to servers itself]. `ferry ctl proxy` changes
     /// it while ferry runs.
     #[arg(long, value_name = "URL")]

@@ -208,7 +208,7 @@ impl Paths {
                 }
             }
         }
-        kerberos(&mut p, |v| std::env::var(v).ok());
+        library_files(&mut p, |v| std::env::var(v).ok());
         p.capabilities = SERVE_CAPS.to_vec();
         p.devices = cfg
             .shares
@@ -249,13 +249,14 @@ impl Paths {
     }
 }
 
-/// The files the proxy's Negotiate reads and writes through GSSAPI, from the variables of
-/// ferry's environment (`var`) as MIT krb5 reads them: `KRB5_CONFIG`'s files, the client
+/// The files the proxy reads through libraries, from the variables of ferry's environment
+/// (`var`): the certificates `SSL_CERT_FILE` and `SSL_CERT_DIR` name for an https://
+/// upstream, and what Negotiate reads and writes through GSSAPI, as MIT krb5 finds it: `KRB5_CONFIG`'s files, the client
 /// keytab in `KRB5_CLIENT_KTNAME`, and the ticket cache in `KRB5CCNAME` (by default
 /// `/tmp/krb5cc_<uid>`), which GSSAPI also writes the proxy's service ticket to. `/etc`'s
 /// files are readable already; a `MEMORY:` or `KCM:` cache has no file. A `KEYRING:` cache
 /// needs system calls the filter refuses: use `FILE:` or `KCM:` with `--seccomp kill`.
-fn kerberos(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
+fn library_files(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
     let file = |name: &str| -> Option<PathBuf> {
         match name.split_once(':') {
             None => Some(PathBuf::from(name)),
@@ -272,6 +273,16 @@ fn kerberos(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
     if let Some(kt) = var("KRB5_CLIENT_KTNAME").as_deref().and_then(file) {
         if kt.exists() {
             p.read_only.push(kt);
+        }
+    }
+    // The certificates an https:// upstream is checked against, when not the system's.
+    for f in ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .iter()
+        .filter_map(|v| var(v))
+        .flat_map(|l| l.split(':').map(PathBuf::from).collect::<Vec<_>>())
+    {
+        if f.exists() {
+            p.read_only.push(f);
         }
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -699,10 +710,10 @@ mod tests {
     }
 
     #[test]
-    fn admits_the_kerberos_files_of_the_environment() {
+    fn admits_the_files_the_environment_names() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for f in ["krb5.conf", "client.keytab", "ccache"] {
+        for f in ["krb5.conf", "client.keytab", "ccache", "ca.pem"] {
             std::fs::write(d.join(f), "").unwrap();
         }
         let env = |cc: &'static str| {
@@ -714,12 +725,20 @@ mod tests {
                 )),
                 "KRB5_CLIENT_KTNAME" => Some(format!("FILE:{}", d.join("client.keytab").display())),
                 "KRB5CCNAME" => Some(cc.replace("@", &d.display().to_string())),
+                "SSL_CERT_FILE" => Some(d.join("ca.pem").display().to_string()),
                 _ => None,
             }
         };
         let mut p = Paths::default();
-        kerberos(&mut p, env("FILE:@/ccache"));
-        assert_eq!(p.read_only, [d.join("krb5.conf"), d.join("client.keytab")]);
+        library_files(&mut p, env("FILE:@/ccache"));
+        assert_eq!(
+            p.read_only,
+            [
+                d.join("krb5.conf"),
+                d.join("client.keytab"),
+                d.join("ca.pem")
+            ]
+        );
         assert_eq!(p.read_write, [d.join("ccache")]);
         // A cache a later kinit makes: its (private) folder. No file: nothing.
         for (cc, want) in [
@@ -728,7 +747,7 @@ mod tests {
             ("KCM:", vec![]),
         ] {
             let mut p = Paths::default();
-            kerberos(&mut p, env(cc));
+            library_files(&mut p, env(cc));
             assert_eq!(p.read_write, want, "{cc}");
         }
     }

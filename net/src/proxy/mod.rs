@@ -41,6 +41,7 @@ mod pump;
 mod request;
 mod session;
 mod sni;
+mod tls;
 mod tunnel;
 pub mod upstream;
 mod wire;
@@ -368,7 +369,8 @@ impl Proxy {
             .into_iter()
             .map(|c| match c {
                 pac::Choice::Direct => None,
-                pac::Choice::Proxy(host, port) => Some(Upstream {
+                pac::Choice::Proxy { host, port, tls } => Some(Upstream {
+                    tls,
                     host,
                     port,
                     user: user.clone(),

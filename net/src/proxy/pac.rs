@@ -30,11 +30,12 @@ const MAX_SCRIPT: usize = 1 << 20;
 pub enum Choice {
     /// Straight to the server.
     Direct,
-    /// Through the HTTP proxy at host:port.
-    Proxy(String, u16),
+    /// Through the proxy at host:port: `PROXY` (or `HTTP`), or `HTTPS` for one spoken to
+    /// over TLS.
+    Proxy { host: String, port: u16, tls: bool },
 }
 
-/// Parses a PAC answer; entries ferry cannot use (SOCKS, HTTPS proxies) are left out, and
+/// Parses a PAC answer; entries ferry cannot use (SOCKS) are left out, and
 /// an answer with none left is an error.
 pub fn parse_answer(answer: &str) -> Result<Vec<Choice>, String> {
     let mut out = Vec::new();
@@ -43,14 +44,18 @@ pub fn parse_answer(answer: &str) -> Result<Vec<Choice>, String> {
         let kind = words.next().unwrap_or("").to_ascii_uppercase();
         match (kind.as_str(), words.next()) {
             ("DIRECT", _) => out.push(Choice::Direct),
-            ("PROXY" | "HTTP", Some(hp)) => match super::request::split_host_port(hp) {
-                Some((h, p)) if !h.is_empty() => out.push(Choice::Proxy(h, p)),
+            ("PROXY" | "HTTP" | "HTTPS", Some(hp)) => match super::request::split_host_port(hp) {
+                Some((host, port)) if !host.is_empty() => out.push(Choice::Proxy {
+                    host,
+                    port,
+                    tls: kind == "HTTPS",
+                }),
                 _ => {
                     log::debug!("proxy: the PAC answer's entry {entry:?} has no host:port; skipped")
                 }
             },
             _ => log::debug!(
-                "proxy: the PAC answer's entry {entry:?} is not PROXY or DIRECT; skipped"
+                "proxy: the PAC answer's entry {entry:?} is not PROXY, HTTPS or DIRECT; skipped"
             ),
         }
     }
@@ -367,6 +372,14 @@ fn fetch(url: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    fn proxy(host: &str, port: u16) -> Choice {
+        Choice::Proxy {
+            host: host.into(),
+            port,
+            tls: false,
+        }
+    }
+
     fn pac(script: &str) -> Pac {
         Pac::from_script("test.pac", script.to_string()).unwrap()
     }
@@ -375,7 +388,15 @@ mod tests {
     fn answers_are_parsed_in_order_and_unusable_entries_left_out() {
         assert_eq!(
             parse_answer("PROXY a.corp:3128; SOCKS s:1080;DIRECT").unwrap(),
-            [Choice::Proxy("a.corp".into(), 3128), Choice::Direct]
+            [proxy("a.corp", 3128), Choice::Direct]
+        );
+        assert_eq!(
+            parse_answer("HTTPS p.corp:443").unwrap(),
+            [Choice::Proxy {
+                host: "p.corp".into(),
+                port: 443,
+                tls: true
+            }]
         );
         assert!(parse_answer("SOCKS5 s:1")
             .unwrap_err()
@@ -383,7 +404,7 @@ mod tests {
         assert!(parse_answer("").is_err());
         assert_eq!(
             parse_answer("PROXY [::1]:3128").unwrap(),
-            [Choice::Proxy("::1".into(), 3128)]
+            [proxy("::1", 3128)]
         );
     }
 
@@ -409,21 +430,15 @@ mod tests {
         );
         assert_eq!(find("http://x.local/", "x.local"), [Choice::Direct]);
         assert_eq!(find("http://10.1.2.3/", "10.1.2.3"), [Choice::Direct]);
-        assert_eq!(
-            find("http://www/", "www.mozilla.org"),
-            [Choice::Proxy("a".into(), 1)]
-        );
-        assert_eq!(
-            find("http://a.b.c.d.e/", "a.b.c.d.e"),
-            [Choice::Proxy("deep".into(), 1)]
-        );
+        assert_eq!(find("http://www/", "www.mozilla.org"), [proxy("a", 1)]);
+        assert_eq!(find("http://a.b.c.d.e/", "a.b.c.d.e"), [proxy("deep", 1)]);
         assert_eq!(
             find("https://example.test/", "example.test"),
-            [Choice::Proxy("tls".into(), 3128), Choice::Direct]
+            [proxy("tls", 3128), Choice::Direct]
         );
         assert_eq!(
             find("http://example.test/", "example.test"),
-            [Choice::Proxy("up".into(), 3128), Choice::Direct]
+            [proxy("up", 3128), Choice::Direct]
         );
     }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 use super::auth::{self, Step};
 use super::pump::bridge;
 use super::request::{Request, Target};
+use super::tls;
 use super::tunnel::{connect, connect_pinned, ConnectError, Counted};
 use super::upstream::Upstream;
 use super::wire::{BodyError, Framing, HeadError, Peer, Response};
@@ -172,6 +173,13 @@ pub(super) fn open(
             Some(a) => connect_pinned(a).map_err(ConnectError::Io),
             None => connect(host, port, rules),
         };
+        // An https:// upstream: TLS beneath, plain HTTP above.
+        let connected = match (connected, upstream) {
+            (Ok((s, counters)), Some(up)) if up.tls => tls::wrap(s, &up.host)
+                .map(|s| (s, counters))
+                .map_err(ConnectError::Tls),
+            (c, _) => c,
+        };
         let what = match upstream {
             Some(up) => format!("the upstream proxy {up}"),
             None => format!("{host}:{port}"),
@@ -198,12 +206,25 @@ pub(super) fn open(
             }
             Err(ConnectError::Io(e)) => {
                 log::debug!("proxy: cannot connect to {what}: {e}");
-                last = Some((upstream, format!("cannot connect to {what}: {e}")));
+                last = Some((
+                    upstream,
+                    format!("cannot connect to {what}: {e}"),
+                    "check the address and that the server is up",
+                ));
+                failed.push(what);
+            }
+            Err(ConnectError::Tls(e)) => {
+                log::warn!("proxy: no TLS with {what}: {e}");
+                last = Some((
+                    upstream,
+                    format!("no TLS with {what}: {e}"),
+                    "check that the host trusts the proxy's certificate (SSL_CERT_FILE names a CA) and that it is a TLS port",
+                ));
                 failed.push(what);
             }
         }
     }
-    let (upstream, why) = last?;
+    let (upstream, why, hint) = last?;
     proxy.audit(req, upstream.as_ref(), Some(502), "unreachable");
     let tried = if failed.len() > 1 {
         format!(" (tried {})", failed.join(", "))
@@ -215,7 +236,7 @@ pub(super) fn open(
         req,
         Failure::Unreachable,
         502,
-        &format!("ferry proxy: {why}{tried}; check the address and that the server is up"),
+        &format!("ferry proxy: {why}{tried}; {hint}"),
     );
     None
 }

@@ -24,6 +24,8 @@ pub(super) enum ConnectError {
     Refused(SocketAddr, usize, RuleSpec),
     /// The resolver or the connect failed.
     Io(io::Error),
+    /// The TLS handshake with an `https://` upstream failed: why.
+    Tls(String),
 }
 
 impl From<io::Error> for ConnectError {

@@ -1,6 +1,7 @@
 //! The upstream proxy and the secret ferry holds for it.
 //!
-//! An upstream is `http://[USER@]HOST:PORT`. The user may sit in the URL, the password never
+//! An upstream is `http://[USER@]HOST:PORT`, or `https://` for one ferry speaks TLS to
+//! ([`super::tls`]). The user may sit in the URL, the password never
 //! does: a command line is readable by every local user (`ps`, `/proc/PID/cmdline`), so the
 //! secret comes from a file only its owner can read (`--proxy-credentials FILE`) or from
 //! ferry's environment (`FERRY_PROXY_PASSWORD`). [`Secret`] prints as `***` in every `Debug`
@@ -12,9 +13,11 @@ use std::path::Path;
 /// The environment variable a secret may come from instead of a file.
 pub const SECRET_ENV: &str = "FERRY_PROXY_PASSWORD";
 
-/// An upstream proxy: `http://[USER@]HOST:PORT` (or `HOST:PORT`).
+/// An upstream proxy: `http://[USER@]HOST:PORT` (or `HOST:PORT`), or `https://...`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Upstream {
+    /// Whether ferry speaks TLS to it (`https://`).
+    pub tls: bool,
     /// Its host name or address.
     pub host: String,
     /// Its port.
@@ -26,7 +29,7 @@ pub struct Upstream {
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("http://")?;
+        f.write_str(if self.tls { "https://" } else { "http://" })?;
         if let Some(u) = &self.user {
             write!(f, "{}@", percent_encode(u))?;
         }
@@ -50,12 +53,13 @@ impl std::str::FromStr for Upstream {
             _ => s.to_string(),
         };
         let bad = |why: &str| {
-            format!("bad upstream proxy {shown:?}: {why}; give it as http://HOST:PORT, e.g. http://proxy.example:3128")
+            format!("bad upstream proxy {shown:?}: {why}; give it as http://HOST:PORT or https://HOST:PORT, e.g. http://proxy.example:3128")
         };
-        let rest = match s.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some(_) => return Err(bad("only http:// proxies are supported")),
-            None => s,
+        let (tls, rest) = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            Some(_) => return Err(bad("only http:// and https:// proxies are supported")),
+            None => (false, s),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let (user, rest) = match rest.rsplit_once('@') {
@@ -79,7 +83,12 @@ impl std::str::FromStr for Upstream {
         if host.is_empty() {
             return Err(bad("it needs a host"));
         }
-        Ok(Upstream { host, port, user })
+        Ok(Upstream {
+            tls,
+            host,
+            port,
+            user,
+        })
     }
 }
 
@@ -188,6 +197,7 @@ mod tests {
         assert_eq!(
             u,
             Upstream {
+                tls: false,
                 host: "proxy.example".into(),
                 port: 3128,
                 user: None,
@@ -204,8 +214,11 @@ mod tests {
         let u: Upstream = "http://CORP%5Calice@p:3128".parse().unwrap();
         assert_eq!(u.user.as_deref(), Some("CORP\\alice"));
         assert_eq!(u.to_string(), "http://CORP%5Calice@p:3128");
+        let u: Upstream = "HTTPS://alice@p.example:443".parse().unwrap();
+        assert!(u.tls);
+        assert_eq!(u.to_string(), "https://alice@p.example:443");
         for bad in [
-            "https://p:1",
+            "socks5://p:1",
             "http://p",
             "p:0",
             ":80",

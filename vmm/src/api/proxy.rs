@@ -53,7 +53,7 @@ pub(super) fn set_proxy(control: &Control, body: &[u8]) -> (u16, Value) {
                 Err(e) => Err(error(
                     400,
                     e,
-                    "give the upstream as http://[USER@]HOST:PORT",
+                    "give the upstream as http://[USER@]HOST:PORT or https://[USER@]HOST:PORT",
                 )),
             },
             Some(_) => Err(error(
