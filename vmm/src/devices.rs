@@ -217,12 +217,7 @@ impl Devices {
                 })?;
                 settings.pac = Some(Arc::new(pac));
             }
-            let px = Proxy::start(settings, cfg.proxy_secret.clone(), Some(r.clone())).map_err(|e| {
-                remove_sockets(&sockets);
-                Error::Runtime(format!(
-                    "cannot start the HTTP proxy on a loopback port: {e}; check that the loopback interface is up"
-                ))
-            })?;
+            let px = Proxy::new(settings, cfg.proxy_secret.clone(), Some(r.clone()));
             let show = |u: &Option<ferry_net::proxy::Upstream>| {
                 u.as_ref()
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())

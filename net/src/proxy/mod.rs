@@ -4,11 +4,11 @@
 //! the host's upstream proxy, with credentials the host holds.
 //!
 //! # Theory of operation
-//! The NAT hands a guest connection to the gateway's port 3128 to an in-process listener on
-//! the host's loopback. That listener takes only the connections the NAT announced (their
-//! source address is registered before they connect), so it is no open proxy for other
-//! local programs. Each connection is served by a thread with blocking sockets
-//! ([`session`]), as a keep-alive loop of requests:
+//! The NAT hands a guest connection to the gateway's port 3128 to [`Proxy::accept`], which
+//! makes a UNIX socket pair: the NAT's flow keeps one end as its host socket, and a thread
+//! serves the other with blocking sockets ([`session`]). No listener is open, so the proxy
+//! is no open proxy for other local programs, and the bytes between the NAT and the proxy
+//! cross no TCP stack. Each connection is served as a keep-alive loop of requests:
 //! - `CONNECT host:port` opens a tunnel ([`tunnel`]): `200 Connection established`, then
 //!   bytes both ways; through an upstream the CONNECT is relayed and the upstream answers;
 //! - an absolute-form request (`GET http://host[:port]/path HTTP/1.1`) goes to that server
@@ -28,7 +28,7 @@
 //! trickles in with 408.
 //!
 //! In transparent mode the NAT also sends here the guest's TCP to ports 80 and 443 that the
-//! rules let out, announcing where the guest meant to go ([`Proxy::announce_intercepted`]).
+//! rules let out, with where the guest meant to go ([`Proxy::accept`]'s `original`).
 //! HTTP is served as a proxy request made absolute from its `Host`; TLS becomes a CONNECT to
 //! the name in its ClientHello ([`sni`]). Straight connections go to the address the guest
 //! chose, which the NAT checked, not to a name a `Host` header could point anywhere.
@@ -48,10 +48,10 @@ mod wire;
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 pub use bypass::Bypass;
 use request::{Request, Target};
@@ -63,8 +63,6 @@ use crate::rules::Rules;
 pub const PORT: u16 = 3128;
 /// Connections served at once; past it, clients get 503.
 const MAX_ACTIVE: usize = 1024;
-/// How long an announced connection may take to arrive.
-const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
 
 /// Where the proxy sends requests.
 #[derive(Clone, Debug, Default)]
@@ -213,17 +211,13 @@ pub struct ProxyStats {
     pub errors: [u64; 8],
 }
 
-/// The proxy: its loopback listener and its settings.
+/// The proxy: its settings and counters; [`Proxy::accept`] takes the guest's connections.
 pub struct Proxy {
-    addr: SocketAddrV4,
     settings: RwLock<Arc<Settings>>,
     /// The password for the upstream's user, if ferry holds one.
     secret: Option<Secret>,
     /// The scheme that worked with each upstream, sent from the start.
     learned: Mutex<HashMap<Upstream, auth::Scheme>>,
-    /// Source addresses of the connections the NAT announced, when, and for connections it
-    /// intercepted (transparent mode), where the guest meant to go.
-    announced: Mutex<HashMap<SocketAddr, (Instant, Option<SocketAddr>)>>,
     /// Transparent mode: the NAT sends the guest's TCP to ports 80 and 443 here.
     transparent: std::sync::atomic::AtomicBool,
     /// The guest's outbound rules, which the servers it connects to directly are checked
@@ -264,31 +258,16 @@ impl Proxy {
         }
     }
 
-    /// Binds the proxy's listener on an ephemeral loopback port and starts serving.
-    pub fn start(
+    /// The proxy, ready to take connections.
+    pub fn new(
         settings: Settings,
         secret: Option<Secret>,
         rules: Option<Arc<Rules>>,
-    ) -> io::Result<Arc<Proxy>> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        // std listens with a backlog of 128; a guest that opens a thousand connections at
-        // once would have its SYNs dropped past that and wait out the retry backoff.
-        // SAFETY: listen on a socket this function owns; calling it again only resizes
-        // the backlog.
-        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SOMAXCONN) } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        let addr = match listener.local_addr()? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => return Err(io::Error::other("the proxy's listener is not IPv4")),
-        };
-        let proxy = Arc::new(Proxy {
-            addr,
+    ) -> Arc<Proxy> {
+        Arc::new(Proxy {
             settings: RwLock::new(Arc::new(settings)),
             secret,
             learned: Mutex::new(HashMap::new()),
-            announced: Mutex::new(HashMap::new()),
             transparent: std::sync::atomic::AtomicBool::new(false),
             rules,
             requests: AtomicU64::new(0),
@@ -298,17 +277,38 @@ impl Proxy {
             errors: Default::default(),
             active: AtomicUsize::new(0),
             audit: std::sync::OnceLock::new(),
-        });
-        let p = proxy.clone();
-        std::thread::Builder::new()
-            .name("ferry-proxy".into())
-            .spawn(move || p.accept_loop(listener))?;
-        Ok(proxy)
+        })
     }
 
-    /// Where the NAT sends the guest's connections to the gateway's port 3128.
-    pub fn addr(&self) -> SocketAddrV4 {
-        self.addr
+    /// Takes a guest connection the NAT opens (`original`: where the guest meant to go, for
+    /// a connection it intercepted in transparent mode): returns the NAT's end of a socket
+    /// pair, non-blocking, whose other end a thread of the proxy serves. Past
+    /// [`MAX_ACTIVE`] connections the guest gets a 503 on it instead.
+    pub fn accept(self: &Arc<Self>, original: Option<SocketAddr>) -> io::Result<UnixStream> {
+        let (nat, client) = UnixStream::pair()?;
+        nat.set_nonblocking(true)?;
+        if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
+            self.fail(
+                &client,
+                Failure::Busy,
+                503,
+                &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
+            );
+            return Ok(nat);
+        }
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let p = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ferry-proxy-conn".into())
+            .spawn(move || {
+                session::serve(&p, client, original);
+                p.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(nat)
     }
 
     /// The settings now.
@@ -436,33 +436,6 @@ impl Proxy {
         }
     }
 
-    /// Announces a connection the NAT is about to open from `from` (its bound source
-    /// address): the listener takes only announced connections.
-    pub fn announce(&self, from: SocketAddr) {
-        self.announce_as(from, None);
-    }
-
-    /// Announces a guest connection to `original` that the NAT sends here instead
-    /// (transparent mode).
-    pub fn announce_intercepted(&self, from: SocketAddr, original: SocketAddr) {
-        self.announce_as(from, Some(original));
-    }
-
-    fn announce_as(&self, from: SocketAddr, original: Option<SocketAddr>) {
-        let now = Instant::now();
-        if let Ok(mut a) = self.announced.lock() {
-            // Connections whose connect failed never arrive: their entries age out.
-            a.retain(|_, (t, _)| now.duration_since(*t) < ANNOUNCE_TTL);
-            a.insert(from, (now, original));
-        }
-    }
-
-    /// `Some` for an announced connection, with where the guest meant to go if the NAT
-    /// intercepted it.
-    fn take_announced(&self, from: SocketAddr) -> Option<Option<SocketAddr>> {
-        self.announced.lock().ok()?.remove(&from).map(|(_, o)| o)
-    }
-
     /// Whether transparent mode is on.
     pub fn transparent(&self) -> bool {
         self.transparent.load(Ordering::Relaxed)
@@ -479,51 +452,9 @@ impl Proxy {
         (port == 80 || port == 443) && self.transparent()
     }
 
-    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        for conn in listener.incoming() {
-            let client = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    log::warn!("proxy: accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            let Ok(peer) = client.peer_addr() else {
-                continue;
-            };
-            let Some(original) = self.take_announced(peer) else {
-                // Another local program found the port: it is not the guest's to use.
-                log::debug!("proxy: refused a connection from {peer}, which the NAT did not open");
-                continue;
-            };
-            if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
-                self.fail(
-                    &client,
-                    Failure::Busy,
-                    503,
-                    &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
-                );
-                continue;
-            }
-            self.active.fetch_add(1, Ordering::Relaxed);
-            let p = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("ferry-proxy-conn".into())
-                .spawn(move || {
-                    session::serve(&p, client, original);
-                    p.active.fetch_sub(1, Ordering::Relaxed);
-                });
-            if let Err(e) = spawned {
-                self.active.fetch_sub(1, Ordering::Relaxed);
-                log::warn!("proxy: cannot start a thread for a connection: {e}");
-            }
-        }
-    }
-
     /// As [`Proxy::fail`], for `req`: an intercepted TLS connection, which sent no HTTP,
     /// gets no HTTP answer, only the close (the failure is counted and logged).
-    fn fail_for(&self, client: &TcpStream, req: &Request, kind: Failure, code: u16, body: &str) {
+    fn fail_for(&self, client: &UnixStream, req: &Request, kind: Failure, code: u16, body: &str) {
         if req.pin.is_some() && matches!(req.target, Target::Authority(..)) {
             self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
             log::info!(
@@ -537,7 +468,7 @@ impl Proxy {
 
     /// Answers the client with an error of `kind` and closes; `body` is one line that says
     /// what happened and what to do.
-    fn fail(&self, client: &TcpStream, kind: Failure, code: u16, body: &str) {
+    fn fail(&self, client: &UnixStream, kind: Failure, code: u16, body: &str) {
         self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
         let body = format!("{body}\n");
         let _ = write!(

@@ -6,14 +6,15 @@
 //! rows it gave the same tunnel/direct ratio, 0.80x to 0.88x against 0.84x to 0.87x over
 //! three runs each, since the guest side sets the pace; it is not worth its unsafe code.)
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io;
+use std::net::Shutdown;
 use std::sync::Arc;
 
+use super::wire::Socket;
 use crate::rules::Counters;
 
 /// Moves bytes both ways until both sides have finished, adding them to `counters`.
-pub(super) fn bridge(client: TcpStream, server: TcpStream, counters: Option<Arc<Counters>>) {
+pub(super) fn bridge<C: Socket, S: Socket>(client: C, server: S, counters: Option<Arc<Counters>>) {
     let _ = client.set_read_timeout(None);
     let _ = server.set_read_timeout(None);
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
@@ -40,8 +41,8 @@ enum End {
 }
 
 /// Copies `from` to `to` until either ends, adding what it moves to `counters`.
-fn pump(from: TcpStream, to: TcpStream, counters: Option<&Counters>) {
-    match copy_loop(&from, &to, counters) {
+fn pump<F: Socket, T: Socket>(mut from: F, mut to: T, counters: Option<&Counters>) {
+    match copy_loop(&mut from, &mut to, counters) {
         End::Eof => {
             let _ = to.shutdown(Shutdown::Write);
         }
@@ -55,7 +56,7 @@ fn pump(from: TcpStream, to: TcpStream, counters: Option<&Counters>) {
     }
 }
 
-fn copy_loop(mut from: &TcpStream, mut to: &TcpStream, counters: Option<&Counters>) -> End {
+fn copy_loop(from: &mut impl Socket, to: &mut impl Socket, counters: Option<&Counters>) -> End {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {

@@ -17,6 +17,7 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,7 +59,7 @@ enum Next {
 }
 
 /// Serves `client` until it closes, errs or becomes a tunnel.
-pub(super) fn serve(proxy: &Proxy, client: TcpStream, original: Option<SocketAddr>) {
+pub(super) fn serve(proxy: &Proxy, client: UnixStream, original: Option<SocketAddr>) {
     let mut guest = Peer::new(client);
     if let Some(o) = original {
         proxy.intercepted.fetch_add(1, Ordering::Relaxed);
@@ -149,7 +150,7 @@ pub(super) type Choices = [Option<Upstream>];
 /// direct connection.
 pub(super) fn open(
     proxy: &Proxy,
-    guest: &TcpStream,
+    guest: &UnixStream,
     req: &Request,
     choices: &Choices,
 ) -> Option<(Option<Upstream>, TcpStream, Option<Arc<Counters>>)> {
@@ -329,7 +330,7 @@ pub(super) fn answer_challenge(
 /// closes or the framing broke.
 fn exchange(
     proxy: &Proxy,
-    guest: &mut Peer,
+    guest: &mut Peer<UnixStream>,
     req: &Request,
     choices: &Choices,
     held: &mut Option<Held>,
@@ -535,7 +536,7 @@ fn exchange(
 
 /// Refuses a request whose body's framing broke, and ends the connection: where the next
 /// request would begin is unknown.
-fn malformed(proxy: &Proxy, guest: &TcpStream, why: &str) -> Next {
+fn malformed(proxy: &Proxy, guest: &UnixStream, why: &str) -> Next {
     proxy.fail(
         guest,
         Failure::BadRequest,
@@ -557,7 +558,7 @@ fn head_error(e: &HeadError) -> String {
 /// A guest's TLS connection that the NAT sent here in transparent mode (to port 443, as a
 /// rule): a CONNECT to the name in its TLS ClientHello (the address
 /// it connected to, without one), through the upstream or straight to that address.
-fn intercept_tls(proxy: &Proxy, mut guest: Peer, original: SocketAddr) {
+fn intercept_tls(proxy: &Proxy, mut guest: Peer<UnixStream>, original: SocketAddr) {
     let hello = guest.peek_until(HEAD_TIMEOUT, super::sni::record_len);
     let host = super::sni::server_name(hello).unwrap_or_else(|| original.ip().to_string());
     let req = Request::connect_to(&host, original.port(), original);

@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,7 +105,7 @@ impl<W: Write> Write for Counted<'_, W> {
 /// answer the guest gets; then bytes both ways. For a TLS connection the NAT intercepted
 /// (`req.pin` set), the guest sent no CONNECT and gets no answer to one: its ClientHello
 /// goes on once the way is open, and a failure closes the connection.
-pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer, req: &Request, choices: &Choices) {
+pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer<UnixStream>, req: &Request, choices: &Choices) {
     let silent = req.pin.is_some();
     let Some((upstream, first, counters)) = open(proxy, &guest.stream, req, choices) else {
         return;

@@ -9,8 +9,9 @@
 //! next hop to read another way.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::time::Instant;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 /// The longest head taken (request or response); longer gets 431.
 pub(super) const MAX_HEAD: usize = 64 * 1024;
@@ -55,17 +56,43 @@ pub(super) enum BodyError {
     Write(io::Error),
 }
 
+/// What the proxy needs of a blocking stream socket. The guest's side is a UNIX socket (a
+/// pair with the NAT, [`super::Proxy::accept`]); a server's or upstream's side is TCP.
+pub(super) trait Socket: Read + Write + Send + Sized + 'static {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, d)
+            }
+            fn try_clone(&self) -> io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+            fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
+
 /// A socket and the bytes read from it that are not used yet.
-pub(super) struct Peer {
-    pub stream: TcpStream,
+pub(super) struct Peer<S: Socket = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
     pos: usize,
     /// Set while a read may be rewound: the buffer is not compacted under it.
     marked: bool,
 }
 
-impl Peer {
-    pub(super) fn new(stream: TcpStream) -> Peer {
+impl<S: Socket> Peer<S> {
+    pub(super) fn new(stream: S) -> Peer<S> {
         Peer {
             stream,
             buf: Vec::new(),

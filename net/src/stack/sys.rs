@@ -7,7 +7,7 @@
 //! std types at once, so they close on every path.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// A C socket address of either family, and its length.
@@ -162,25 +162,9 @@ pub(crate) fn connect_unix_nonblocking(
     Ok(std::os::unix::net::UnixStream::from(fd))
 }
 
-/// A TCP socket connecting to `to` without waiting. With `announce`, the socket is bound to
-/// an ephemeral loopback port first and `announce` gets that address before the connect
-/// (the in-process proxy takes only connections it was told of).
-pub(crate) fn connect_nonblocking(
-    to: SocketAddr,
-    announce: Option<&dyn Fn(SocketAddr)>,
-) -> io::Result<TcpStream> {
+/// A TCP socket connecting to `to` without waiting.
+pub(crate) fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::from(socket(family(&to), libc::SOCK_STREAM, 0)?);
-    if let Some(announce) = announce {
-        let lo = if to.is_ipv4() {
-            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-        } else {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 0)
-        };
-        let local = CAddr::new(lo);
-        // SAFETY: `local` is a valid socket address of its length.
-        cvt(unsafe { libc::bind(stream.as_raw_fd(), local.ptr(), local.len) })?;
-        announce(stream.local_addr()?);
-    }
     let addr = CAddr::new(to);
     // SAFETY: `addr` is a valid socket address of its length.
     let r = unsafe { libc::connect(stream.as_raw_fd(), addr.ptr(), addr.len) };

@@ -239,8 +239,7 @@ impl NetStack {
                     origin = Origin::Dns;
                 }
                 (crate::proxy::PORT, _, Some(p)) => {
-                    target = Some(SocketAddr::V4(p.addr()));
-                    proxy = Some(&**p);
+                    proxy = Some(p.clone());
                     origin = Origin::Proxy;
                 }
                 _ => return false,
@@ -257,8 +256,7 @@ impl NetStack {
             // is the host's own, and stays direct.
             if let Some(p) = self.proxy.as_ref().filter(|p| p.intercepts(t.dst_port())) {
                 if self.host_target(key.remote) == key.remote {
-                    target = Some(SocketAddr::V4(p.addr()));
-                    proxy = Some(&**p);
+                    proxy = Some(p.clone());
                     intercepted = Some(key.remote);
                     origin = Origin::Proxy;
                 }
@@ -277,18 +275,13 @@ impl NetStack {
         // Where the host socket really connects: the given target (DNS over TCP goes to the
         // upstream), the host's loopback for the host alias, or the guest's destination.
         let target = target.unwrap_or_else(|| self.host_target(key.remote));
-        // The proxy takes only the connections it was told of, by their source address.
-        let tell_proxy = |a: SocketAddr| match (proxy, intercepted) {
-            (Some(p), Some(original)) => p.announce_intercepted(a, original),
-            (Some(p), None) => p.announce(a),
-            _ => {}
-        };
-        let announce: Option<&dyn Fn(SocketAddr)> = proxy.is_some().then_some(&tell_proxy);
-        let connected = match &unix {
-            // A UNIX connect ends at once (made, refused or the backlog full): the flow
-            // still waits for EPOLLOUT, which a connected socket reports straight away.
-            Some(path) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
-            None => connect_nonblocking(target, announce).map(HostStream::Tcp),
+        let connected = match (&unix, proxy) {
+            // A UNIX connect ends at once (made, refused or the backlog full), and so does
+            // the proxy's socket pair: the flow still waits for EPOLLOUT, which a connected
+            // socket reports straight away.
+            (Some(path), _) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
+            (None, Some(p)) => p.accept(intercepted).map(HostStream::Unix),
+            (None, None) => connect_nonblocking(target).map(HostStream::Tcp),
         };
         let host = match connected {
             Ok(h) => h,
@@ -376,7 +369,7 @@ impl NetStack {
             // The host alias is the host's loopback, whichever family listens there: a server
             // on 127.0.0.1 only is reached from the IPv6 alias too (a guest picks the AAAA
             // answer as often as not), and one on ::1 only from the IPv4 alias.
-            if let Ok(host) = connect_nonblocking(other, None).map(HostStream::Tcp) {
+            if let Ok(host) = connect_nonblocking(other).map(HostStream::Tcp) {
                 let syn = match &mut t.state {
                     TcpState::Connecting { syn } => std::mem::take(syn),
                     _ => Vec::new(),
