@@ -279,14 +279,22 @@ int main(int argc, char **argv) {
 		if (!fds || !state || !pf) return fail();
 		int pending = connect_all(p, atoi(argv[3]), n, fds, pf);
 		if (pending < 0) return fail();
-		for (int i = 0; i < n; i++) (void)!write(fds[i], req, (size_t)rl);
-		/* The answers: a head that starts "HTTP/1.1 200" and ends with a blank line. */
+		/* Each CONNECT goes once its connection is up (a connect still under way takes no
+		 * write); then the answers: a head that starts "HTTP/1.1 200" and ends with a blank
+		 * line. */
 		char buf[256];
 		int *seen = calloc((size_t)n, sizeof *seen);
+		int *sent = calloc((size_t)n, sizeof *sent);
+		if (!seen || !sent) return fail();
 		for (int round = 0; round < 1200 && up < n; round++) {
-			for (int i = 0; i < n; i++) { pf[i].fd = state[i] ? -1 : fds[i]; pf[i].events = POLLIN; pf[i].revents = 0; }
+			for (int i = 0; i < n; i++) { pf[i].fd = state[i] ? -1 : fds[i]; pf[i].events = sent[i] ? POLLIN : POLLOUT; pf[i].revents = 0; }
 			poll(pf, (nfds_t)n, 100);
 			for (int i = 0; i < n; i++) {
+				if (!state[i] && !sent[i] && (pf[i].revents & POLLOUT)) {
+					sent[i] = write(fds[i], req, (size_t)rl) == rl;
+					if (!sent[i]) state[i] = -1;
+					continue;
+				}
 				if (state[i] || !(pf[i].revents & POLLIN)) continue;
 				ssize_t r = read(fds[i], buf, sizeof buf);
 				if (r <= 0) { state[i] = -1; continue; }

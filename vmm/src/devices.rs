@@ -217,7 +217,12 @@ impl Devices {
                 })?;
                 settings.pac = Some(Arc::new(pac));
             }
-            let px = Proxy::new(settings, cfg.proxy_secret.clone(), Some(r.clone()));
+            let px = Proxy::new(settings, cfg.proxy_secret.clone(), Some(r.clone())).map_err(|e| {
+                remove_sockets(&sockets);
+                Error::Runtime(format!(
+                    "cannot start the HTTP proxy's thread: {e}; check the process and thread limits (ulimit -u)"
+                ))
+            })?;
             let show = |u: &Option<ferry_net::proxy::Upstream>| {
                 u.as_ref()
                     .map_or_else(|| "none, servers directly".to_string(), |u| u.to_string())

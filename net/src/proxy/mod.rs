@@ -10,7 +10,8 @@
 //! is no open proxy for other local programs, and the bytes between the NAT and the proxy
 //! cross no TCP stack. Each connection is served as a keep-alive loop of requests:
 //! - `CONNECT host:port` opens a tunnel ([`tunnel`]): `200 Connection established`, then
-//!   bytes both ways; through an upstream the CONNECT is relayed and the upstream answers;
+//!   bytes both ways; through an upstream the CONNECT is relayed and the upstream answers.
+//!   Once open, the tunnel's server socket goes to the NAT's flow ([`handoff`]);
 //! - an absolute-form request (`GET http://host[:port]/path HTTP/1.1`) goes to that server
 //!   in origin form, or to the upstream as it came, with its body framed as the guest
 //!   framed it ([`wire`]); the answer comes back the same way, and the connection to the
@@ -35,6 +36,7 @@
 
 mod auth;
 pub mod bypass;
+pub mod handoff;
 mod negotiate;
 pub mod pac;
 mod pump;
@@ -51,7 +53,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 pub use bypass::Bypass;
 use request::{Request, Target};
@@ -63,6 +65,13 @@ use crate::rules::Rules;
 pub const PORT: u16 = 3128;
 /// Connections served at once; past it, clients get 503.
 const MAX_ACTIVE: usize = 1024;
+
+/// A guest connection for [`Proxy::spawn_loop`].
+struct Incoming {
+    client: UnixStream,
+    original: Option<SocketAddr>,
+    handoff: Option<Arc<handoff::Handoff>>,
+}
 
 /// Where the proxy sends requests.
 #[derive(Clone, Debug, Default)]
@@ -213,6 +222,9 @@ pub struct ProxyStats {
 
 /// The proxy: its settings and counters; [`Proxy::accept`] takes the guest's connections.
 pub struct Proxy {
+    /// Guest connections on their way to [`Proxy::spawn_loop`], which starts their threads
+    /// (off the NAT's thread, which a thousand thread starts at once would hold up).
+    incoming: Mutex<mpsc::Sender<Incoming>>,
     settings: RwLock<Arc<Settings>>,
     /// The password for the upstream's user, if ferry holds one.
     secret: Option<Secret>,
@@ -258,13 +270,15 @@ impl Proxy {
         }
     }
 
-    /// The proxy, ready to take connections.
+    /// The proxy, ready to take connections, with the thread that starts their sessions.
     pub fn new(
         settings: Settings,
         secret: Option<Secret>,
         rules: Option<Arc<Rules>>,
-    ) -> Arc<Proxy> {
-        Arc::new(Proxy {
+    ) -> io::Result<Arc<Proxy>> {
+        let (tx, rx) = mpsc::channel();
+        let proxy = Arc::new(Proxy {
+            incoming: Mutex::new(tx),
             settings: RwLock::new(Arc::new(settings)),
             secret,
             learned: Mutex::new(HashMap::new()),
@@ -277,38 +291,67 @@ impl Proxy {
             errors: Default::default(),
             active: AtomicUsize::new(0),
             audit: std::sync::OnceLock::new(),
-        })
+        });
+        let weak = Arc::downgrade(&proxy);
+        std::thread::Builder::new()
+            .name("ferry-proxy".into())
+            .spawn(move || Proxy::spawn_loop(&weak, &rx))?;
+        Ok(proxy)
     }
 
     /// Takes a guest connection the NAT opens (`original`: where the guest meant to go, for
     /// a connection it intercepted in transparent mode): returns the NAT's end of a socket
-    /// pair, non-blocking, whose other end a thread of the proxy serves. Past
-    /// [`MAX_ACTIVE`] connections the guest gets a 503 on it instead.
-    pub fn accept(self: &Arc<Self>, original: Option<SocketAddr>) -> io::Result<UnixStream> {
+    /// pair, non-blocking, whose other end a thread of the proxy serves. A tunnel's server
+    /// socket is given to the NAT through `handoff`, when it offers one.
+    pub fn accept(
+        self: &Arc<Self>,
+        original: Option<SocketAddr>,
+        handoff: Option<Arc<handoff::Handoff>>,
+    ) -> io::Result<UnixStream> {
         let (nat, client) = UnixStream::pair()?;
         nat.set_nonblocking(true)?;
-        if self.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
-            self.fail(
-                &client,
-                Failure::Busy,
-                503,
-                &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
-            );
-            return Ok(nat);
+        let sent = self.incoming.lock().map(|tx| {
+            tx.send(Incoming {
+                client,
+                original,
+                handoff,
+            })
+        });
+        match sent {
+            Ok(Ok(())) => Ok(nat),
+            _ => Err(io::Error::other("the proxy's thread has stopped")),
         }
-        self.active.fetch_add(1, Ordering::Relaxed);
-        let p = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("ferry-proxy-conn".into())
-            .spawn(move || {
-                session::serve(&p, client, original);
+    }
+
+    /// Starts a session thread for each connection [`Proxy::accept`] takes, until the
+    /// proxy is dropped. Past [`MAX_ACTIVE`] the guest gets a 503 instead.
+    fn spawn_loop(proxy: &std::sync::Weak<Proxy>, rx: &mpsc::Receiver<Incoming>) {
+        while let Ok(c) = rx.recv() {
+            let Some(p) = proxy.upgrade() else {
+                return;
+            };
+            if p.active.load(Ordering::Relaxed) >= MAX_ACTIVE {
+                p.fail(
+                    &c.client,
+                    Failure::Busy,
+                    503,
+                    &format!("ferry proxy: {MAX_ACTIVE} connections are open, the most it serves; retry when some have closed"),
+                );
+                continue;
+            }
+            p.active.fetch_add(1, Ordering::Relaxed);
+            let p2 = p.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ferry-proxy-conn".into())
+                .spawn(move || {
+                    session::serve(&p2, c.client, c.original, c.handoff.as_deref());
+                    p2.active.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(e) = spawned {
                 p.active.fetch_sub(1, Ordering::Relaxed);
-            });
-        if let Err(e) = spawned {
-            self.active.fetch_sub(1, Ordering::Relaxed);
-            return Err(e);
+                log::warn!("proxy: cannot start a thread for a connection: {e}");
+            }
         }
-        Ok(nat)
     }
 
     /// The settings now.

@@ -1,4 +1,6 @@
-//! Bytes between two sockets, both ways, for a tunnel or an upgraded connection.
+//! Bytes between two sockets, both ways, for a tunnel or an upgraded connection that the
+//! NAT did not take ([`super::handoff`]: a connection not from the NAT, an upgrade, or a
+//! hand-off that failed).
 //!
 //! Each direction is one blocking loop on a thread of its own, copying through a 64 KiB
 //! buffer. An end of stream on one side is passed on as a half-close; a reset on one side

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::{self, Step};
+use super::handoff::Handoff;
 use super::pump::bridge;
 use super::request::{Request, Target};
 use super::tls;
@@ -58,15 +59,21 @@ enum Next {
     Close,
 }
 
-/// Serves `client` until it closes, errs or becomes a tunnel.
-pub(super) fn serve(proxy: &Proxy, client: UnixStream, original: Option<SocketAddr>) {
+/// Serves `client` until it closes, errs or becomes a tunnel (which goes to the NAT through
+/// `handoff`, when the NAT offers one).
+pub(super) fn serve(
+    proxy: &Proxy,
+    client: UnixStream,
+    original: Option<SocketAddr>,
+    handoff: Option<&Handoff>,
+) {
     let mut guest = Peer::new(client);
     if let Some(o) = original {
         proxy.intercepted.fetch_add(1, Ordering::Relaxed);
         // TLS or HTTP by what the guest sends first, not by the port: a TLS record starts
         // with 22 (handshake), a request with a method's letter.
         if guest.peek_until(HEAD_TIMEOUT, |_| Some(1)).first() == Some(&22) {
-            return intercept_tls(proxy, guest, o);
+            return intercept_tls(proxy, guest, o, handoff);
         }
     }
     let mut held: Option<Held> = None;
@@ -132,7 +139,7 @@ pub(super) fn serve(proxy: &Proxy, client: UnixStream, original: Option<SocketAd
             }
         };
         if let Target::Authority(..) = req.target {
-            return super::tunnel::tunnel(proxy, guest, &req, &choices);
+            return super::tunnel::tunnel(proxy, guest, &req, &choices, handoff);
         }
         match exchange(proxy, &mut guest, &req, &choices, &mut held) {
             Next::Again => continue,
@@ -558,12 +565,17 @@ fn head_error(e: &HeadError) -> String {
 /// A guest's TLS connection that the NAT sent here in transparent mode (to port 443, as a
 /// rule): a CONNECT to the name in its TLS ClientHello (the address
 /// it connected to, without one), through the upstream or straight to that address.
-fn intercept_tls(proxy: &Proxy, mut guest: Peer<UnixStream>, original: SocketAddr) {
+fn intercept_tls(
+    proxy: &Proxy,
+    mut guest: Peer<UnixStream>,
+    original: SocketAddr,
+    handoff: Option<&Handoff>,
+) {
     let hello = guest.peek_until(HEAD_TIMEOUT, super::sni::record_len);
     let host = super::sni::server_name(hello).unwrap_or_else(|| original.ip().to_string());
     let req = Request::connect_to(&host, original.port(), original);
     match proxy.route(&req) {
-        Ok(choices) => super::tunnel::tunnel(proxy, guest, &req, &choices),
+        Ok(choices) => super::tunnel::tunnel(proxy, guest, &req, &choices, handoff),
         Err(e) => {
             // No HTTP answer for a TLS client: counted, logged, closed.
             proxy.errors[Failure::Pac as usize].fetch_add(1, Ordering::Relaxed);

@@ -103,7 +103,7 @@ fn echo_server() -> SocketAddr {
 
 /// A client connection to the proxy, as the NAT opens it.
 fn client(p: &Arc<Proxy>) -> UnixStream {
-    let s = p.accept(None).unwrap();
+    let s = p.accept(None, None).unwrap();
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
@@ -132,7 +132,7 @@ fn answer<S: wire::Socket>(p: &mut Peer<S>) -> (String, String) {
 }
 
 fn start(settings: Settings, secret: Option<&str>, rules: Option<Arc<Rules>>) -> Arc<Proxy> {
-    Proxy::new(settings, secret.map(Secret::new), rules)
+    Proxy::new(settings, secret.map(Secret::new), rules).unwrap()
 }
 
 fn via(o: &Origin, user: Option<&str>) -> Settings {
@@ -572,7 +572,7 @@ fn ferry_does_the_ntlm_handshake_once_per_upstream_connection() {
 
 /// A client connection the NAT intercepted on its way to `original` (transparent mode).
 fn intercepted(p: &Arc<Proxy>, original: SocketAddr) -> UnixStream {
-    let s = p.accept(Some(original)).unwrap();
+    let s = p.accept(Some(original), None).unwrap();
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s

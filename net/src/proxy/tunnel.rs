@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::handoff::{Handoff, Taken};
 use super::pump::bridge;
 use super::request::Request;
 use super::session::{answer_challenge, open, preemptive, Choices, ANSWER_TIMEOUT};
@@ -101,11 +102,40 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
+/// An open tunnel's bytes: the NAT's to move when it takes them (`handoff`), else this
+/// thread's.
+fn relay(
+    guest: UnixStream,
+    server: TcpStream,
+    counters: Option<Arc<Counters>>,
+    handoff: Option<&Handoff>,
+) {
+    let taken = Taken {
+        server,
+        proxy_end: guest,
+        counters,
+    };
+    let taken = match handoff {
+        Some(h) => match h.give(taken) {
+            Ok(()) => return,
+            Err(t) => t,
+        },
+        None => taken,
+    };
+    bridge(taken.proxy_end, taken.server, taken.counters);
+}
+
 /// A CONNECT: straight to the server (ferry answers 200), or relayed to the upstream, whose
 /// answer the guest gets; then bytes both ways. For a TLS connection the NAT intercepted
 /// (`req.pin` set), the guest sent no CONNECT and gets no answer to one: its ClientHello
 /// goes on once the way is open, and a failure closes the connection.
-pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer<UnixStream>, req: &Request, choices: &Choices) {
+pub(super) fn tunnel(
+    proxy: &Proxy,
+    mut guest: Peer<UnixStream>,
+    req: &Request,
+    choices: &Choices,
+    handoff: Option<&Handoff>,
+) {
     let silent = req.pin.is_some();
     let Some((upstream, first, counters)) = open(proxy, &guest.stream, req, choices) else {
         return;
@@ -124,7 +154,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer<UnixStream>, req: &Request, 
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .is_ok();
         if answered && server.write_all(&early).is_ok() {
-            bridge(guest.stream, server, counters);
+            relay(guest.stream, server, counters, handoff);
         }
         return;
     };
@@ -184,7 +214,7 @@ pub(super) fn tunnel(proxy: &Proxy, mut guest: Peer<UnixStream>, req: &Request, 
             let early = guest.take_pending();
             let late = server.take_pending();
             if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
-                bridge(guest.stream, server.stream, None);
+                relay(guest.stream, server.stream, None, handoff);
             }
         } else if silent {
             log::debug!(

@@ -6,9 +6,10 @@
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::sys::{connect_nonblocking, peek_eof, take_error};
-use super::tcp_host::{HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
+use super::tcp_host::{adopt, HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
 use super::*;
 use crate::guest_forward::ForwardTarget;
+use crate::proxy::handoff::Handoff;
 
 /// How long the guest has to answer a published connection's SYN.
 pub(super) const PUBLISH_CONNECT_TIMEOUT: smoltcp::time::Duration =
@@ -213,6 +214,7 @@ impl NetStack {
         let mut intercepted = None;
         let mut counters = None;
         let mut unix = None;
+        let mut handoff = None;
         let mut origin = Origin::Outbound;
         if self.is_forward_addr(ip.dst) {
             origin = Origin::Forward;
@@ -280,7 +282,11 @@ impl NetStack {
             // the proxy's socket pair: the flow still waits for EPOLLOUT, which a connected
             // socket reports straight away.
             (Some(path), _) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
-            (None, Some(p)) => p.accept(intercepted).map(HostStream::Unix),
+            (None, Some(p)) => {
+                let slot = Arc::new(Handoff::default());
+                handoff = Some(slot.clone());
+                p.accept(intercepted, Some(slot)).map(HostStream::Unix)
+            }
             (None, None) => connect_nonblocking(target).map(HostStream::Tcp),
         };
         let host = match connected {
@@ -298,9 +304,10 @@ impl NetStack {
         let state = TcpState::Connecting {
             syn: frame.to_vec(),
         };
-        let Ok(t) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) else {
+        let Ok(mut t) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) else {
             return false;
         };
+        t.handoff = handoff;
         let mut flow = Flow::new(key, target, origin, Kind::Tcp(t));
         flow.counters = counters;
         flow.from_guest.packets = 1;
@@ -527,9 +534,20 @@ impl NetStack {
             // set when the host side closes stays).
             socket.set_timeout(None);
         }
-        // Guest to host: write what the host takes; the rest stays in the window.
+        // Guest to host: write what the host takes; the rest stays in the window. Bytes
+        // queued ahead of the stack socket's (a tunnel the proxy handed over) go first.
         let mut from_guest = 0;
-        while socket.can_recv() {
+        if !t.to_host.is_empty() {
+            match t.host.write(&t.to_host) {
+                Ok(n) => {
+                    t.to_host.drain(..n);
+                    from_guest += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => want_out = true,
+                Err(_) => broken = true,
+            }
+        }
+        while t.to_host.is_empty() && socket.can_recv() {
             let host = &mut t.host;
             let r = socket.recv(|data| match host.write(data) {
                 Ok(n) => (n, Ok(n)),
@@ -550,6 +568,7 @@ impl NetStack {
         }
         if !broken
             && !*guest_eof
+            && t.to_host.is_empty()
             && !socket.may_recv()
             && !socket.can_recv()
             && socket.state() != tcp::State::Listen
@@ -569,10 +588,42 @@ impl NetStack {
                 Err(e) => (0, Err(e)),
             });
             match r {
-                Ok(Ok((0, _))) => {
-                    *host_eof = true;
-                    socket.close();
-                }
+                Ok(Ok((0, _))) => match t.handoff.take().and_then(|h| h.take()) {
+                    // The proxy's end of stream with its tunnel in the slot: carry on with
+                    // the server socket.
+                    Some(taken) => {
+                        let counters = taken.counters.clone();
+                        match adopt(
+                            &mut t.host,
+                            t.watched,
+                            &mut t.to_host,
+                            taken,
+                            id,
+                            &self.epoll,
+                        ) {
+                            Ok(to) => {
+                                t.watched = true;
+                                t.want_in = true;
+                                t.want_out = !t.to_host.is_empty();
+                                t.readable = true;
+                                flow.host = to;
+                                flow.counters = counters;
+                                // A guest that finished sending meanwhile: shut the server's
+                                // side once the queued bytes are out.
+                                *guest_eof = false;
+                                want_out |= !t.to_host.is_empty();
+                            }
+                            Err(e) => {
+                                log::debug!("nat: cannot take the proxy's tunnel: {e}");
+                                broken = true;
+                            }
+                        }
+                    }
+                    None => {
+                        *host_eof = true;
+                        socket.close();
+                    }
+                },
                 // A short read drained the socket: epoll says when there is more.
                 Ok(Ok((n, drained))) => {
                     to_guest += n;
@@ -625,6 +676,7 @@ impl NetStack {
             return;
         }
         let want_in = !*host_eof && socket.can_send();
+        let want_out = want_out || !t.to_host.is_empty();
         if want_in != t.want_in || want_out != t.want_out {
             t.watch(want_in, want_out, id, &self.epoll);
         }

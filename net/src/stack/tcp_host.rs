@@ -11,19 +11,23 @@
 //! flow that waits costs no wakeups. `stack::tcp` moves the data.
 //!
 //! The host side is a UNIX stream when a host UNIX socket is the flow's other end: a client of
-//! a `--forward-socket` socket, or the service behind a `--guest-forward` address. Both kinds
-//! read, write and shut down alike, so the flow does not care which it has.
+//! a `--forward-socket` socket, the service behind a `--guest-forward` address, or the
+//! gateway's proxy (one end of a socket pair). Both kinds read, write and shut down alike, so
+//! the flow does not care which it has. A proxy flow whose CONNECT tunnel opened swaps its
+//! socket pair for the tunnel's server socket ([`adopt`], `proxy::handoff`).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use smoltcp::iface::SocketHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::flow::{FlowId, Token};
+use crate::proxy::handoff::{Handoff, Taken};
 
 /// Open TCP flows at most, unless configured otherwise.
 pub const DEFAULT_MAX_FLOWS: usize = 16384;
@@ -134,6 +138,11 @@ pub(crate) struct TcpFlow {
     /// Whether it is one of the published connections whose SYN the guest has yet to answer
     /// (counted in [`TcpLimits::handshaking`]).
     pub(crate) handshaking: bool,
+    /// A proxy flow's slot for its tunnel's server socket.
+    pub(crate) handoff: Option<Arc<Handoff>>,
+    /// Bytes from the guest that go to the host before any the stack socket holds: what the
+    /// guest sent into the proxy's socket pair that the proxy never read.
+    pub(crate) to_host: Vec<u8>,
 }
 
 impl TcpFlow {
@@ -159,6 +168,8 @@ impl TcpFlow {
             readable: !events.contains(EventSet::READ_HANG_UP),
             watched: true,
             handshaking: false,
+            handoff: None,
+            to_host: Vec::new(),
         })
     }
 
@@ -200,6 +211,58 @@ impl TcpFlow {
             );
         }
     }
+}
+
+/// Takes the proxy's open tunnel for flow `id`, whose host socket `host` is the proxy's
+/// socket pair: the tunnel's server socket becomes `host`, on `epoll` for EPOLLIN (and
+/// EPOLLOUT when bytes wait), and what the guest sent into the pair that the proxy never
+/// read is queued in `to_host`, ahead of anything newer. Returns the server's address. (A
+/// function of the fields, not a method: the caller holds the flow's state borrowed.)
+pub(crate) fn adopt(
+    host: &mut HostStream,
+    watched: bool,
+    to_host: &mut Vec<u8>,
+    taken: Taken,
+    id: FlowId,
+    epoll: &Epoll,
+) -> io::Result<std::net::SocketAddr> {
+    let Taken {
+        server,
+        mut proxy_end,
+        ..
+    } = taken;
+    server.set_nonblocking(true)?;
+    proxy_end.set_nonblocking(true)?;
+    let to = server.peer_addr()?;
+    // This thread holds both ends of the pair now: nothing more arrives in it.
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match proxy_end.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => to_host.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if watched {
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            host.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+    *host = HostStream::Tcp(server);
+    let mut ev = EventSet::IN;
+    if !to_host.is_empty() {
+        ev |= EventSet::OUT;
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        host.as_raw_fd(),
+        EpollEvent::new(ev, Token::Flow(id).to_u64()),
+    )?;
+    Ok(to)
 }
 
 /// The TCP caps and the published connections' queue.
