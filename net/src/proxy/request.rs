@@ -254,6 +254,17 @@ impl Request {
             .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
     }
 
+    /// Whether the request asks to switch protocols (a WebSocket handshake): an `Upgrade`
+    /// header that its `Connection` names. Both go on (RFC 9110, 7.8), and a `101` answer
+    /// makes the connection a tunnel.
+    pub(super) fn upgrade(&self) -> bool {
+        !matches!(self.target, Target::Authority(..))
+            && self.header("upgrade").next().is_some()
+            && header_tokens(&self.headers, "connection")
+                .iter()
+                .any(|t| t == "upgrade")
+    }
+
     /// Whether the guest brought its own credentials for the upstream.
     pub(super) fn has_proxy_auth(&self) -> bool {
         self.header("proxy-authorization").next().is_some()
@@ -272,10 +283,12 @@ impl Request {
         out.extend_from_slice(format!("{} {} HTTP/1.1\r\n", self.method, target).as_bytes());
         let named = header_tokens(&self.headers, "connection");
         let tunnel = matches!(self.target, Target::Authority(..));
+        let upgrade = self.upgrade();
         let mut has_host = false;
         for (name, value) in &self.headers {
             let lower = name.to_ascii_lowercase();
-            if HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower) {
+            let hop = HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower);
+            if hop && !(upgrade && lower == "upgrade") {
                 continue;
             }
             // Credentials for a proxy are for the upstream only, never for the server.
@@ -298,7 +311,9 @@ impl Request {
         if let Some(a) = auth {
             push_header(&mut out, "Proxy-Authorization", a.as_bytes());
         }
-        if close && !tunnel {
+        if upgrade {
+            out.extend_from_slice(b"Connection: upgrade\r\n");
+        } else if close && !tunnel {
             out.extend_from_slice(b"Connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");

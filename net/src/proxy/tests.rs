@@ -734,3 +734,55 @@ fn an_intercepted_tls_connection_that_fails_gets_a_close_not_http() {
     assert!(back.is_empty(), "{:?}", String::from_utf8_lossy(&back));
     assert_eq!(p.stats().errors[Failure::Unreachable as usize], 1);
 }
+
+#[test]
+fn a_websocket_upgrade_goes_on_and_the_connection_becomes_a_tunnel() {
+    // A server that takes the upgrade, checks what it was sent, then echoes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut p = Peer::new(l.accept().unwrap().0);
+        let head = String::from_utf8(p.read_head(None, Duration::from_secs(10)).unwrap()).unwrap();
+        p.stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+            .unwrap();
+        let mut echo = p.take_pending();
+        let mut buf = [0u8; 64];
+        while echo.len() < 8 {
+            let n = p.stream.read(&mut buf).unwrap();
+            echo.extend_from_slice(&buf[..n]);
+        }
+        p.stream.write_all(&echo).unwrap();
+        head
+    });
+    let p = start(Settings::default(), None, None);
+    let mut s = client(&p);
+    s.write_all(
+        format!("GET http://{addr}/chat HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\n\r\nping").as_bytes(),
+    )
+    .unwrap();
+    let mut g = Peer::new(s.try_clone().unwrap());
+    let (head, _) = (g.read_head(None, Duration::from_secs(10)).unwrap(), ());
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101 ") && head.contains("Upgrade: websocket\r\n"),
+        "{head}"
+    );
+    s.write_all(b"pong").unwrap();
+    let mut echo = g.take_pending();
+    let mut buf = [0u8; 64];
+    while echo.len() < 8 {
+        let n = g.stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {echo:?}");
+        echo.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(echo, b"pingpong");
+    let sent = server.join().unwrap();
+    assert!(
+        sent.starts_with("GET /chat HTTP/1.1\r\n")
+            && sent.contains("Upgrade: websocket\r\n")
+            && sent.contains("Connection: upgrade\r\n")
+            && !sent.contains("keep-alive"),
+        "{sent}"
+    );
+}
