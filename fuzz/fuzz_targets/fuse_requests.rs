@@ -26,6 +26,7 @@ struct Share {
 static SHARE: Mutex<Option<Share>> = Mutex::new(None);
 
 fn share() -> Share {
+    fuse_init::cap_file_size();
     let dir = tempfile::tempdir().expect("a temporary folder");
     std::fs::create_dir(dir.path().join("d")).ok();
     std::fs::write(dir.path().join("f"), b"ferry").ok();

@@ -44,6 +44,7 @@ struct Devices {
 static DEVICES: Mutex<Option<Devices>> = Mutex::new(None);
 
 fn devices() -> Devices {
+    fuse_init::cap_file_size();
     // SAFETY: unshare has no memory effects; it only moves this thread into a new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         panic!(

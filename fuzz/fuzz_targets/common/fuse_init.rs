@@ -1,5 +1,24 @@
-//! The FUSE INIT the targets that serve a share open their session with (included with
-//! `#[path]` by `fuse_requests` and `queue_chains`).
+//! What the targets that serve a share share (included with `#[path]` by `fuse_requests`
+//! and `queue_chains`): the FUSE INIT they open their session with, and a cap on the size
+//! of the files the inputs make.
+
+/// Caps every file this process writes at 64 MiB, and makes a write past it fail with
+/// EFBIG instead of killing the process with SIGXFSZ. Without it, an input's FALLOCATE or
+/// WRITE at a large offset fills the disk under the temporary folder (one run left 55 GB).
+pub fn cap_file_size() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let limit = libc::rlimit {
+            rlim_cur: 64 << 20,
+            rlim_max: 64 << 20,
+        };
+        // SAFETY: setrlimit reads the struct given; ignoring SIGXFSZ installs no handler.
+        unsafe {
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0, "setrlimit");
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        }
+    });
+}
 
 /// An INIT from a guest kernel of FUSE 7.38 offering what 6.1 offers.
 pub fn init() -> Vec<u8> {
