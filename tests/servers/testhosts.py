@@ -10,7 +10,8 @@
 --tcp-sha PORT SIZE    a TCP server reading SIZE bytes, answering their sha256 (hex), closing
 --tcp-hold PORT        a TCP server that keeps each connection open until the peer closes it
 --tcp-echo PORT        a TCP echo server
---http PORT DIR        an HTTP server for the files in DIR
+--http PORT DIR        an HTTP server for the files in DIR; POST or PUT answers the sha256
+                       of the body
 --http-unix PATH DIR   an HTTP server for the files in DIR on the UNIX socket PATH (ADDR unused)
 --tls-front PORT HOST TOPORT CERT KEY
                        TLS in front of the TCP server HOST:TOPORT (as stunnel is), with the
@@ -160,36 +161,55 @@ def fake_proxy_handler(conn):
         conn.close()
 
 
-def serve_http(addr, port, directory):
+def file_handler(directory):
+    """The handler of --http and --https: the files in `directory` for GET and HEAD, and for
+    POST or PUT the sha256 (hex) of the body it was sent (an upload's check)."""
     import functools
     import http.server
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+    class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    handler = functools.partial(Quiet, directory=directory)
+        def do_POST(self):
+            left = int(self.headers.get("Content-Length", "0"))
+            h = hashlib.sha256()
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            body = h.hexdigest().encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_POST
+
+    return functools.partial(Handler, directory=directory)
+
+
+def serve_http(addr, port, directory):
+    import http.server
+
     class Server(http.server.ThreadingHTTPServer):
         address_family = family(addr)
 
-    srv = Server((addr, port), handler)
+    srv = Server((addr, port), file_handler(directory))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 
 def serve_https(addr, port, directory, cert, key):
     """serve_http behind TLS, with the certificate and key the test made."""
-    import functools
     import http.server
     import ssl
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
 
     class Server(http.server.ThreadingHTTPServer):
         address_family = family(addr)
 
-    srv = Server((addr, port), functools.partial(Quiet, directory=directory))
+    srv = Server((addr, port), file_handler(directory))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)

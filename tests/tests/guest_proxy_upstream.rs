@@ -533,12 +533,12 @@ check {tag}-keep-alive "$($C $URLS | grep -c 'hello from remote')" 20
     )
 }
 
-/// Asserts that squid served [`three_fetches`]' 22 requests, each as `user`, and the
-/// keep-alive ones on one upstream connection.
-fn served_as(squid: &Squid, user: &str) {
+/// Asserts that squid served [`three_fetches`]' 22 requests and `more`, each as `user`, and
+/// the keep-alive ones on one upstream connection.
+fn served_as(squid: &Squid, user: &str, more: usize) {
     let log = squid.log();
     let served: Vec<&String> = log.iter().filter(|l| l.ends_with(" 200")).collect();
-    assert_eq!(served.len(), 22, "{}", log.join("\n"));
+    assert_eq!(served.len(), 22 + more, "{}", log.join("\n"));
     assert!(
         served
             .iter()
@@ -726,16 +726,20 @@ fn the_guest_reaches_the_web_through_an_https_upstream() {
         "--proxy-credentials".into(),
         pw.display().to_string(),
     ];
+    // Uploads both ways through the TLS to the upstream: a plain POST, and one inside a
+    // tunnel; the origin answers each body's sha256.
+    let script = three_fetches("https-upstream")
+        + r#"
+dd if=/dev/urandom of=/tmp/up bs=1024 count=4096 2>/dev/null
+SUM=$(sha256sum /tmp/up | cut -d' ' -f1)
+check upload-http "$($C --data-binary @/tmp/up http://origin.test:8080/sum)" "$SUM"
+check upload-https "$($C -k --data-binary @/tmp/up https://origin.test:8443/sum)" "$SUM"
+"#;
     // The host trusts the proxy's CA as OpenSSL-based tools are told to.
-    let (ferry, mut qemu) = serve_with_env(
-        &net,
-        dir.path(),
-        &three_fetches("https-upstream"),
-        &args,
-        &[("SSL_CERT_FILE", ca)],
-    );
-    all_checks_pass(&mut qemu, &ferry, 3);
-    served_as(&squid, "alice");
+    let (ferry, mut qemu) =
+        serve_with_env(&net, dir.path(), &script, &args, &[("SSL_CERT_FILE", ca)]);
+    all_checks_pass(&mut qemu, &ferry, 5);
+    served_as(&squid, "alice", 2);
 }
 
 #[test]
@@ -764,7 +768,7 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
     );
     all_checks_pass(&mut qemu, &ferry, 3);
     // Squid knew the user for every request it served; its refusals were the handshakes.
-    served_as(&squid, "CORP\\alice");
+    served_as(&squid, "CORP\\alice", 0);
 }
 
 #[test]
@@ -821,7 +825,7 @@ fn kerberos_upstream(keytab: bool) {
     let (ferry, mut qemu) = serve_with_env(&net, dir.path(), &script, &args, &env);
     all_checks_pass(&mut qemu, &ferry, 3);
     // squid knew alice's principal for every request it served.
-    served_as(&squid, &format!("alice@{REALM}"));
+    served_as(&squid, &format!("alice@{REALM}"), 0);
 }
 
 #[test]

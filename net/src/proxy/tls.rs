@@ -134,7 +134,7 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
                     let _ = sock.shutdown(Shutdown::Write);
                 }
                 Ok(n) => {
-                    if tls.writer().write_all(&buf[..n]).is_err() {
+                    if send_plain(&mut tls, &mut sock, &buf[..n]).is_err() {
                         break;
                     }
                 }
@@ -147,6 +147,25 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
     }
     let _ = inner.shutdown(Shutdown::Both);
     let _ = sock.shutdown(Shutdown::Both);
+}
+
+/// Encrypts `data` for the upstream. rustls takes plaintext only while its queue of records
+/// is under its limit (64 KiB): a write it takes in part is followed by sending what is
+/// queued, so no byte is dropped however much comes at once.
+fn send_plain(tls: &mut ClientConnection, sock: &mut TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = tls.writer().write(data)?;
+        if n == 0 && !tls.wants_write() {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+        if n == 0 || tls.wants_write() {
+            while tls.wants_write() {
+                tls.write_tls(sock)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `poll` waits for on `s`: input while `open`; nothing after (a negative descriptor
