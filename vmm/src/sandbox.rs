@@ -208,7 +208,10 @@ impl Paths {
                 }
             }
         }
-        library_files(&mut p, |v| std::env::var(v).ok());
+        // The proxy's libraries (GSSAPI, the TLS trust store) run only with a net device.
+        if cfg.net_socket.is_some() {
+            library_files(&mut p, |v| std::env::var(v).ok());
+        }
         p.capabilities = SERVE_CAPS.to_vec();
         p.devices = cfg
             .shares
@@ -298,19 +301,14 @@ fn library_files(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
             None => return,
         },
     };
-    if cache.exists() {
+    if cache.is_absolute() && cache.exists() {
         p.read_write.push(cache);
     } else if var("KRB5CCNAME").is_some() {
-        // A file a later kinit makes: its folder, unless that is one every user shares.
-        let dir = parent_dir(&cache).to_path_buf();
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(&dir) {
-            Ok(m) if m.mode() & 0o002 == 0 => p.read_write.push(dir),
-            _ => warn!(
-                "sandbox: the Kerberos ticket cache {} does not exist yet, and the sandbox cannot admit it later; run kinit before ferry starts to use it for the proxy",
-                cache.display()
-            ),
-        }
+        // Not its folder: that may be the user's home, or a folder every user writes to.
+        warn!(
+            "sandbox: the Kerberos ticket cache {} does not exist yet, and the sandbox cannot admit it later; run kinit before ferry starts, or give a client keytab in KRB5_CLIENT_KTNAME",
+            cache.display()
+        );
     }
 }
 
@@ -740,9 +738,11 @@ mod tests {
             ]
         );
         assert_eq!(p.read_write, [d.join("ccache")]);
-        // A cache a later kinit makes: its (private) folder. No file: nothing.
+        // A cache a later kinit makes, and caches with no file: nothing. A collection: its
+        // folder.
         for (cc, want) in [
-            ("@/later", vec![d.to_path_buf()]),
+            ("@/later", vec![]),
+            ("DIR:@", vec![d.to_path_buf()]),
             ("MEMORY:x", vec![]),
             ("KCM:", vec![]),
         ] {

@@ -13,9 +13,9 @@
 //!   crate; ferry only carries them.
 //!
 //! Once a scheme has worked with an upstream, sessions start with it (Basic: the credential
-//! on the first request; NTLM: the NEGOTIATE on each new connection), so a request is sent
-//! once more, not twice. Negotiate (Kerberos) is not built yet: an upstream that offers only
-//! that gets its 407 passed to the guest with a reason in ferry's log.
+//! on the first request; NTLM and Negotiate: their first token on each new connection), so a
+//! request is sent once more, not twice. An upstream that offers only schemes ferry cannot
+//! do gets its 407 passed to the guest, with a reason in ferry's log.
 
 use base64::Engine;
 

@@ -46,14 +46,12 @@ impl Handoff {
     /// Puts `taken` in the slot and tells the NAT, by the end of the proxy's stream; gives
     /// it back when it cannot (the caller then copies the tunnel itself).
     pub(super) fn give(&self, taken: Taken) -> Result<(), Taken> {
-        let Ok(end) = taken.proxy_end.try_clone() else {
+        let Ok(mut slot) = self.0.lock() else {
             return Err(taken);
         };
-        match self.0.lock() {
-            Ok(mut slot) => *slot = Some(taken),
-            Err(_) => return Err(taken),
-        }
-        let _ = end.shutdown(std::net::Shutdown::Write);
+        // Under the lock: the NAT cannot see the end of stream before the slot is full.
+        let _ = taken.proxy_end.shutdown(std::net::Shutdown::Write);
+        *slot = Some(taken);
         Ok(())
     }
 

@@ -6,9 +6,9 @@
 //! # Theory of operation
 //! The NAT hands a guest connection to the gateway's port 3128 to [`Proxy::accept`], which
 //! makes a UNIX socket pair: the NAT's flow keeps one end as its host socket, and a thread
-//! serves the other with blocking sockets ([`session`]). No listener is open, so the proxy
-//! is no open proxy for other local programs, and the bytes between the NAT and the proxy
-//! cross no TCP stack. Each connection is served as a keep-alive loop of requests:
+//! serves the other with blocking sockets ([`session`]). No listener takes guest
+//! connections, so the proxy is no open proxy for other local programs, and the bytes
+//! between the NAT and the proxy cross no TCP stack. Each connection is served as a keep-alive loop of requests:
 //! - `CONNECT host:port` opens a tunnel ([`tunnel`]): `200 Connection established`, then
 //!   bytes both ways; through an upstream the CONNECT is relayed and the upstream answers.
 //!   Once open, the tunnel's server socket goes to the NAT's flow ([`handoff`]);
@@ -224,7 +224,7 @@ pub struct ProxyStats {
 pub struct Proxy {
     /// Guest connections on their way to [`Proxy::spawn_loop`], which starts their threads
     /// (off the NAT's thread, which a thousand thread starts at once would hold up).
-    incoming: Mutex<mpsc::Sender<Incoming>>,
+    incoming: mpsc::Sender<Incoming>,
     settings: RwLock<Arc<Settings>>,
     /// The password for the upstream's user, if ferry holds one.
     secret: Option<Secret>,
@@ -278,7 +278,7 @@ impl Proxy {
     ) -> io::Result<Arc<Proxy>> {
         let (tx, rx) = mpsc::channel();
         let proxy = Arc::new(Proxy {
-            incoming: Mutex::new(tx),
+            incoming: tx,
             settings: RwLock::new(Arc::new(settings)),
             secret,
             learned: Mutex::new(HashMap::new()),
@@ -310,17 +310,14 @@ impl Proxy {
     ) -> io::Result<UnixStream> {
         let (nat, client) = UnixStream::pair()?;
         nat.set_nonblocking(true)?;
-        let sent = self.incoming.lock().map(|tx| {
-            tx.send(Incoming {
+        self.incoming
+            .send(Incoming {
                 client,
                 original,
                 handoff,
             })
-        });
-        match sent {
-            Ok(Ok(())) => Ok(nat),
-            _ => Err(io::Error::other("the proxy's thread has stopped")),
-        }
+            .map_err(|_| io::Error::other("the proxy's thread has stopped"))?;
+        Ok(nat)
     }
 
     /// Starts a session thread for each connection [`Proxy::accept`] takes, until the

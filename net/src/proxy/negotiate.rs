@@ -19,8 +19,6 @@ use libgssapi::oid::{GSS_MECH_SPNEGO, GSS_NT_HOSTBASED_SERVICE};
 /// The first (and only) Negotiate token for the proxy at `host`, or GSSAPI's reason why
 /// there is none (no ticket, no KDC, an unknown service).
 pub(super) fn token(host: &str) -> Result<Vec<u8>, String> {
-    // A bracketed IPv6 literal names the host without its brackets.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     let service = format!("HTTP@{host}");
     let name = Name::new(service.as_bytes(), Some(&GSS_NT_HOSTBASED_SERVICE))
         .map_err(|e| format!("GSSAPI cannot name the service {service}: {e}"))?;
@@ -29,7 +27,7 @@ pub(super) fn token(host: &str) -> Result<Vec<u8>, String> {
         Ok(Some(tok)) => Ok(tok.to_vec()),
         Ok(None) => Err(format!("GSSAPI gave no token for {service}")),
         Err(e) => Err(format!(
-            "GSSAPI has no ticket for {service}: {}",
+            "GSSAPI could not get a ticket for {service}: {}",
             one_line(&e.to_string())
         )),
     }
@@ -50,9 +48,9 @@ mod tests {
         if std::env::var_os("FERRY_NEGOTIATE_CHILD").is_none() {
             return;
         }
-        let e = token("[proxy.example]").unwrap_err();
+        let e = token("proxy.example").unwrap_err();
         assert!(
-            e.starts_with("GSSAPI has no ticket for HTTP@proxy.example: "),
+            e.starts_with("GSSAPI could not get a ticket for HTTP@proxy.example: "),
             "{e}"
         );
         assert!(!e.contains('\n'), "{e}");

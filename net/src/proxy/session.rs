@@ -325,7 +325,7 @@ pub(super) fn answer_challenge(
     }
     Err(match failed {
         Some(e) => format!(
-            "ferry proxy: ferry cannot authenticate to the upstream proxy {up}: {e}; run kinit as the user ferry runs as (or name a client keytab in KRB5_CLIENT_KTNAME), or give a password in --proxy-credentials FILE"
+            "ferry proxy: ferry cannot authenticate to the upstream proxy {up}: {e}; run kinit as ferry's user before ferry starts (or name a client keytab in KRB5_CLIENT_KTNAME), or give a password in --proxy-credentials FILE"
         ),
         None => format!(
             "ferry proxy: the upstream proxy {up} asks for credentials and ferry holds none; give the user in --proxy-upstream http://USER@HOST:PORT and the password in --proxy-credentials FILE"

@@ -6,10 +6,11 @@
 //! machine holds both directions), so it is not threaded through them. Instead [`wrap`]
 //! makes the TLS handshake with the upstream, then gives the caller one end of a loopback
 //! socket pair; a thread of its own moves bytes between the other end and the TLS
-//! connection, waiting on both sockets with `poll`. Half-closes pass through: an end of
-//! stream from ferry's side becomes a `close_notify` and a FIN, the upstream's
-//! `close_notify` or FIN an end of stream. The cost is one more copy and a loopback hop,
-//! for `https://` upstreams only.
+//! connection, with both sockets non-blocking and one `poll` for both. Half-closes pass
+//! through: an end of stream from ferry's side becomes a `close_notify` and a FIN, the
+//! upstream's `close_notify` or FIN an end of stream; a TLS error resets both sides. The
+//! cost is one more copy, a loopback hop and a thread per connection, for `https://`
+//! upstreams only.
 //!
 //! The upstream's certificate is checked against the host's trusted certificates (the
 //! system store, or `SSL_CERT_FILE`/`SSL_CERT_DIR`, as OpenSSL-based tools read them) and
@@ -43,7 +44,7 @@ fn config() -> Result<Arc<ClientConfig>, String> {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default();
                 return Err(format!(
-                    "the host has no trusted certificates to check it with{why}; install ca-certificates or point SSL_CERT_FILE at the proxy's CA"
+                    "the host has no trusted certificates to check it with{why}"
                 ));
             }
             // ring rather than aws-lc-rs, which would add a C build of its own (cmake); its
@@ -63,15 +64,18 @@ fn config() -> Result<Arc<ClientConfig>, String> {
 /// the caller speaks plain HTTP on, or why the handshake failed.
 pub(super) fn wrap(mut sock: TcpStream, host: &str) -> Result<TcpStream, String> {
     let config = config()?;
-    let name = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(name.to_string())
+    let name = ServerName::try_from(host.to_string())
         .map_err(|e| format!("{host} is not a name TLS can check ({e})"))?;
     let mut tls = ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
     let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
     while tls.is_handshaking() {
-        tls.complete_io(&mut sock)
-            .map_err(|e| format!("the TLS handshake failed: {e}"))?;
+        tls.complete_io(&mut sock).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no TLS answer within {} s", HANDSHAKE_TIMEOUT.as_secs())
+            }
+            _ => format!("the TLS handshake failed: {e}"),
+        })?;
     }
     let _ = sock.set_read_timeout(None);
     let _ = sock.set_write_timeout(None);
@@ -98,112 +102,161 @@ fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
     }
 }
 
+/// Most plaintext from the upstream held for ferry's side before the upstream is read again.
+const HELD: usize = 256 * 1024;
+
 /// Moves bytes between `inner` (ferry's plain side) and the TLS connection `tls` over
-/// `sock` until both directions have ended.
+/// `sock` until both directions have ended. Both sockets are non-blocking and each direction
+/// waits only on its own: a side that does not read holds back what goes to it, never the
+/// other direction (a blocking write to one side would stop the thread from reading the
+/// other, and two bulk directions could then wait on each other for good).
 fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    // Whether each side may still send: ferry's side (plaintext to encrypt) and the
-    // upstream (records to decrypt).
-    let (mut inner_open, mut upstream_open) = (true, true);
+    if sock.set_nonblocking(true).is_err() || inner.set_nonblocking(true).is_err() {
+        return reset(&sock, &inner);
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    // Plaintext from the upstream that ferry's side has not taken yet.
+    let mut down: Vec<u8> = Vec::new();
+    // Each side's end of stream, when seen; and whether it was passed on.
+    let (mut inner_eof, mut upstream_eof) = (false, false);
+    let (mut sock_shut, mut inner_shut) = (false, false);
     loop {
+        // Out as far as each side takes: records to the upstream, plaintext to ferry's side.
         while tls.wants_write() {
-            if tls.write_tls(&mut sock).is_err() {
-                let _ = inner.shutdown(Shutdown::Both);
-                return;
+            match tls.write_tls(&mut sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return reset(&sock, &inner),
             }
         }
-        if !inner_open && !upstream_open {
+        while !down.is_empty() {
+            match inner.write(&down) {
+                Ok(n) => {
+                    down.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return reset(&sock, &inner),
+            }
+        }
+        // An end of stream goes on after everything before it.
+        if inner_eof && !sock_shut && !tls.wants_write() {
+            let _ = sock.shutdown(Shutdown::Write);
+            sock_shut = true;
+        }
+        if upstream_eof && !inner_shut && down.is_empty() {
+            let _ = inner.shutdown(Shutdown::Write);
+            inner_shut = true;
+        }
+        if sock_shut && inner_shut {
             return;
         }
-        let mut fds = [poll_for(&inner, inner_open), poll_for(&sock, upstream_open)];
+        // Ferry's side is read only once the records before are out (which bounds what
+        // rustls queues), the upstream only while ferry's side keeps up.
+        let read_inner = !inner_eof && !tls.wants_write();
+        let read_sock = !upstream_eof && down.len() < HELD;
+        let mut fds = [
+            poll_for(&inner, read_inner, !down.is_empty()),
+            poll_for(&sock, read_sock, tls.wants_write()),
+        ];
         // SAFETY: `fds` is a valid array of two pollfd for the length given; both
-        // descriptors are owned by this frame and open.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
+        // descriptors are owned by this frame and open (or -1, which poll skips).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            break;
+            return reset(&sock, &inner);
         }
-        if fds[0].revents != 0 {
+        if read_inner && fds[0].revents != 0 {
             match inner.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    inner_open = false;
+                Ok(0) => {
+                    inner_eof = true;
                     tls.send_close_notify();
-                    while tls.wants_write() && tls.write_tls(&mut sock).is_ok() {}
-                    let _ = sock.shutdown(Shutdown::Write);
                 }
+                // Under rustls' limit on queued records (64 KiB), which are all out.
                 Ok(n) => {
-                    if send_plain(&mut tls, &mut sock, &buf[..n]).is_err() {
-                        break;
+                    if tls.writer().write_all(&buf[..n]).is_err() {
+                        return reset(&sock, &inner);
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return reset(&sock, &inner),
             }
         }
-        if fds[1].revents != 0 && !from_upstream(&mut tls, &mut sock, &mut inner, &mut buf) {
-            upstream_open = false;
-            let _ = inner.shutdown(Shutdown::Write);
-        }
-    }
-    let _ = inner.shutdown(Shutdown::Both);
-    let _ = sock.shutdown(Shutdown::Both);
-}
-
-/// Encrypts `data` for the upstream. rustls takes plaintext only while its queue of records
-/// is under its limit (64 KiB): a write it takes in part is followed by sending what is
-/// queued, so no byte is dropped however much comes at once.
-fn send_plain(tls: &mut ClientConnection, sock: &mut TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        let n = tls.writer().write(data)?;
-        if n == 0 && !tls.wants_write() {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        data = &data[n..];
-        if n == 0 || tls.wants_write() {
-            while tls.wants_write() {
-                tls.write_tls(sock)?;
+        if read_sock && fds[1].revents != 0 {
+            match from_upstream(&mut tls, &mut sock, &mut down, &mut buf) {
+                Ok(ended) => upstream_eof |= ended,
+                Err(e) => {
+                    log::debug!("proxy: TLS from the upstream: {e}");
+                    return reset(&sock, &inner);
+                }
             }
         }
     }
-    Ok(())
 }
 
-/// What `poll` waits for on `s`: input while `open`; nothing after (a negative descriptor
-/// is skipped, so a hung-up side does not wake the loop again and again).
-fn poll_for(s: &TcpStream, open: bool) -> libc::pollfd {
+/// What `poll` waits for on `s`: input when `read`, room when `write`; a socket that waits
+/// for neither is skipped (a negative descriptor), so a hung-up side does not wake the loop
+/// again and again.
+fn poll_for(s: &TcpStream, read: bool, write: bool) -> libc::pollfd {
+    let mut events = 0;
+    if read {
+        events |= libc::POLLIN;
+    }
+    if write {
+        events |= libc::POLLOUT;
+    }
     libc::pollfd {
-        fd: if open { s.as_raw_fd() } else { -1 },
-        events: libc::POLLIN,
+        fd: if events == 0 { -1 } else { s.as_raw_fd() },
+        events,
         revents: 0,
     }
 }
 
-/// Reads what the upstream sent and passes its plaintext on; `false` once the upstream
-/// has ended its side (or broke the connection).
+/// Reads what the upstream sent and adds its plaintext to `down`; `true` once the upstream
+/// has ended its stream. An end of TCP without TLS's `close_notify` counts as an end too,
+/// as many servers close that way and a plain upstream's end looks no different; a TLS
+/// error is an error.
 fn from_upstream(
     tls: &mut ClientConnection,
     sock: &mut TcpStream,
-    inner: &mut TcpStream,
+    down: &mut Vec<u8>,
     buf: &mut [u8],
-) -> bool {
+) -> io::Result<bool> {
     match tls.read_tls(sock) {
-        Ok(0) | Err(_) => return false,
         Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
     }
-    if let Err(e) = tls.process_new_packets() {
-        log::debug!("proxy: TLS from the upstream: {e}");
-        return false;
-    }
+    tls.process_new_packets().map_err(io::Error::other)?;
     loop {
         match tls.reader().read(buf) {
-            Ok(0) => return false,
-            Ok(n) => {
-                if inner.write_all(&buf[..n]).is_err() {
-                    return false;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
+            Ok(0) => return Ok(true),
+            Ok(n) => down.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Ends the relay with a reset of both sockets (SO_LINGER 0 before they close), so each
+/// peer sees a broken connection rather than a clean end of stream.
+fn reset(sock: &TcpStream, inner: &TcpStream) {
+    let hard = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for s in [sock, inner] {
+        // SAFETY: setsockopt reads `hard`, a valid linger of the size given, for a socket
+        // this frame holds open.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&hard as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Connections out of the proxy: to a server the guest's rules allow, CONNECT tunnels
 //! (straight or through the upstream, asked by the guest or made for an intercepted TLS
-//! connection); once open, a tunnel is [`super::pump`]'s.
+//! connection); once open, a tunnel goes to the NAT's flow ([`super::handoff`]), or to
+//! [`super::pump`] when the NAT offered none.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

@@ -538,10 +538,11 @@ impl NetStack {
         // queued ahead of the stack socket's (a tunnel the proxy handed over) go first.
         let mut from_guest = 0;
         if !t.to_host.is_empty() {
+            // Counted already, when the stack socket gave them to the proxy's pair.
             match t.host.write(&t.to_host) {
+                Ok(n) if n == t.to_host.len() => t.to_host = Vec::new(),
                 Ok(n) => {
                     t.to_host.drain(..n);
-                    from_guest += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => want_out = true,
                 Err(_) => broken = true,
@@ -607,7 +608,11 @@ impl NetStack {
                                 t.want_out = !t.to_host.is_empty();
                                 t.readable = true;
                                 flow.host = to;
-                                flow.counters = counters;
+                                // The rule that let a direct tunnel out counts it from now
+                                // on; an intercepted flow keeps the one it had.
+                                if counters.is_some() {
+                                    flow.counters = counters;
+                                }
                                 // A guest that finished sending meanwhile: shut the server's
                                 // side once the queued bytes are out.
                                 *guest_eof = false;
