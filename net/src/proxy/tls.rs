@@ -112,7 +112,7 @@ const HELD: usize = 256 * 1024;
 /// other, and two bulk directions could then wait on each other for good).
 fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
     if sock.set_nonblocking(true).is_err() || inner.set_nonblocking(true).is_err() {
-        return reset(&sock, &inner);
+        return reset(sock, inner);
     }
     let mut buf = vec![0u8; 16 * 1024];
     // Plaintext from the upstream that ferry's side has not taken yet.
@@ -126,7 +126,7 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
             match tls.write_tls(&mut sock) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return reset(&sock, &inner),
+                Err(_) => return reset(sock, inner),
             }
         }
         while !down.is_empty() {
@@ -135,7 +135,7 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
                     down.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return reset(&sock, &inner),
+                Err(_) => return reset(sock, inner),
             }
         }
         // An end of stream goes on after everything before it.
@@ -164,7 +164,7 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return reset(&sock, &inner);
+            return reset(sock, inner);
         }
         if read_inner && fds[0].revents != 0 {
             match inner.read(&mut buf) {
@@ -175,11 +175,11 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
                 // Under rustls' limit on queued records (64 KiB), which are all out.
                 Ok(n) => {
                     if tls.writer().write_all(&buf[..n]).is_err() {
-                        return reset(&sock, &inner);
+                        return reset(sock, inner);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return reset(&sock, &inner),
+                Err(_) => return reset(sock, inner),
             }
         }
         if read_sock && fds[1].revents != 0 {
@@ -187,7 +187,7 @@ fn relay(mut tls: ClientConnection, mut sock: TcpStream, mut inner: TcpStream) {
                 Ok(ended) => upstream_eof |= ended,
                 Err(e) => {
                     log::debug!("proxy: TLS from the upstream: {e}");
-                    return reset(&sock, &inner);
+                    return reset(sock, inner);
                 }
             }
         }
@@ -239,26 +239,11 @@ fn from_upstream(
     }
 }
 
-/// Ends the relay with a reset of both sockets (SO_LINGER 0 before they close), so each
-/// peer sees a broken connection rather than a clean end of stream.
-fn reset(sock: &TcpStream, inner: &TcpStream) {
-    let hard = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    for s in [sock, inner] {
-        // SAFETY: setsockopt reads `hard`, a valid linger of the size given, for a socket
-        // this frame holds open.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&hard as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
-    }
+/// Ends the relay with a reset of both sockets, so each peer sees a broken connection
+/// rather than a clean end of stream.
+fn reset(sock: TcpStream, inner: TcpStream) {
+    crate::ports::reset(sock);
+    crate::ports::reset(inner);
 }
 
 #[cfg(test)]
