@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuse_requests guest_frames proxy_requests specs api_requests queue_chains)
+[ ${#targets[@]} -gt 0 ] || targets=(fuse_requests guest_frames dns_answers proxy_requests specs api_requests queue_chains)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 build_log=$(mktemp)
