@@ -935,8 +935,8 @@ mod tests {
 
         let mut a = args();
         a.net_socket = Some(sock.clone());
-        a.proxy_upstream = Some("https://proxy:3128".into());
-        assert!(err(a).starts_with("--proxy-upstream: bad upstream proxy \"https://proxy:3128\""));
+        a.proxy_upstream = Some("socks5://proxy:3128".into());
+        assert!(err(a).starts_with("--proxy-upstream: bad upstream proxy \"socks5://proxy:3128\""));
 
         let mut a = args();
         a.share = vec![format!("tag=t,dir=/tmp,socket={}", sock.display())];
