@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use super::auth::{self, Step};
 use super::handoff::Handoff;
-use super::pump::bridge;
 use super::request::{Request, Target};
 use super::tls;
 use super::tunnel::{connect, connect_pinned, ConnectError, Counted};
@@ -503,13 +502,9 @@ fn exchange(
         }
         if resp.code == 101 {
             // An upgrade (WebSocket): the connection is a tunnel now.
-            let early = guest.take_pending();
-            let late = server.peer.take_pending();
-            if server.peer.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok()
-            {
-                if let Ok(g) = guest.stream.try_clone() {
-                    bridge(g, server.peer.stream, counters);
-                }
+            let (early, late) = (guest.take_pending(), server.peer.take_pending());
+            if let Ok(g) = guest.stream.try_clone() {
+                super::tunnel::carry(g, &early, server.peer.stream, &late, counters, None);
             }
             return Next::Close;
         }

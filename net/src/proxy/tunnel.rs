@@ -103,6 +103,21 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
+/// An open tunnel (or upgraded connection) from its first bytes: what the guest sent early
+/// goes to the server and what the server sent early to the guest, then the rest both ways.
+pub(super) fn carry(
+    guest: UnixStream,
+    early: &[u8],
+    server: TcpStream,
+    late: &[u8],
+    counters: Option<Arc<Counters>>,
+    handoff: Option<&Handoff>,
+) {
+    if (&server).write_all(early).is_ok() && (&guest).write_all(late).is_ok() {
+        relay(guest, server, counters, handoff);
+    }
+}
+
 /// An open tunnel's bytes: the NAT's to move when it takes them (`handoff`), else this
 /// thread's.
 fn relay(
@@ -142,7 +157,6 @@ pub(super) fn tunnel(
         return;
     };
     let Some(up) = upstream else {
-        let mut server = first;
         proxy.tunnels.fetch_add(1, Ordering::Relaxed);
         proxy.audit(req, None, Some(200), "tunnel");
         let early = guest.take_pending();
@@ -154,8 +168,8 @@ pub(super) fn tunnel(
                 .stream
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .is_ok();
-        if answered && server.write_all(&early).is_ok() {
-            relay(guest.stream, server, counters, handoff);
+        if answered {
+            carry(guest.stream, &early, first, &[], counters, handoff);
         }
         return;
     };
@@ -212,11 +226,8 @@ pub(super) fn tunnel(
             return;
         }
         if (200..300).contains(&resp.code) {
-            let early = guest.take_pending();
-            let late = server.take_pending();
-            if server.stream.write_all(&early).is_ok() && guest.stream.write_all(&late).is_ok() {
-                relay(guest.stream, server.stream, None, handoff);
-            }
+            let (early, late) = (guest.take_pending(), server.take_pending());
+            carry(guest.stream, &early, server.stream, &late, None, handoff);
         } else if silent {
             log::debug!(
                 "proxy: the upstream proxy {up} answered {} to the CONNECT for an intercepted TLS connection to {}; closing it",

@@ -287,3 +287,62 @@ impl TcpLimits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::flow::{Flow, FlowKey, FlowTable, Origin, Proto};
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn adopting_a_tunnel_queues_what_the_proxy_never_read_and_watches_the_server() {
+        let epoll = Epoll::new().unwrap();
+        let key = FlowKey {
+            proto: Proto::Tcp,
+            guest_port: 40000,
+            remote: "192.168.127.1:3128".parse().unwrap(),
+        };
+        let mut flows = FlowTable::default();
+        let id = flows
+            .insert(Flow::new(key, key.remote, Origin::Proxy, ()))
+            .unwrap();
+        let (nat, proxy_end) = UnixStream::pair().unwrap();
+        nat.set_nonblocking(true).unwrap();
+        // What the guest sent after the proxy's last read: still in the pair.
+        (&nat).write_all(b"early bytes").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut far, _) = l.accept().unwrap();
+        let mut host = HostStream::Unix(nat);
+        let token = Token::Flow(id).to_u64();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                host.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .unwrap();
+        let mut to_host = Vec::new();
+        let taken = Taken {
+            server,
+            proxy_end,
+            counters: None,
+        };
+        let to = adopt(&mut host, true, &mut to_host, taken, id, &epoll).unwrap();
+        assert_eq!(to, l.local_addr().unwrap());
+        assert_eq!(to_host, b"early bytes");
+        assert!(matches!(host, HostStream::Tcp(_)));
+        // The server socket is on the epoll, under the flow's token, for room to write the
+        // queued bytes; the pair is not (its ends are closed).
+        let mut events = [EpollEvent::default(); 4];
+        let n = epoll.wait(1000, &mut events).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(events[0].data(), token);
+        assert!(events[0].event_set().contains(EventSet::OUT));
+        // And it is the server: what the flow writes arrives there.
+        host.write_all(&to_host).unwrap();
+        let mut got = [0u8; 11];
+        far.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"early bytes");
+    }
+}
