@@ -482,6 +482,33 @@ fn password_file(dir: &Path, pw: &str) -> std::path::PathBuf {
     f
 }
 
+/// Ferry's options for a test behind the upstream proxy `upstream`: the test network's DNS
+/// server at `remote`, the password file `password` when given, and `more`.
+fn upstream_args(
+    remote: &str,
+    upstream: &str,
+    password: Option<&Path>,
+    more: &[&str],
+) -> Vec<String> {
+    let mut a = vec![
+        "--dns-upstream".to_string(),
+        format!("{remote}:53"),
+        "--proxy-upstream".into(),
+        upstream.to_string(),
+    ];
+    if let Some(pw) = password {
+        a.extend(["--proxy-credentials".to_string(), pw.display().to_string()]);
+    }
+    a.extend(more.iter().map(|m| m.to_string()));
+    a
+}
+
+/// Starts `ferry serve` in `net`'s inner namespace with `args` and boots the guest with
+/// `script`.
+fn serve(net: &TestNet, dir: &Path, script: &str, args: &[String]) -> ferry_tests::ServedGuest {
+    ferry_tests::serve_and_boot(&net.inner, dir, guest_script(script), args, &[], vec![])
+}
+
 /// Starts `ferry serve` in `net`'s inner namespace with `args` and the environment `env`
 /// (which `ferry_tests::serve_and_boot` does not take), and boots the guest with `script`.
 fn serve_with_env(
@@ -623,24 +650,13 @@ R="$($CURL -s --max-time 30 -o /tmp/body -w '%{{http_code}}' -x $PX http://origi
 check wrong-secret "$R $(grep -c 'refused ferry.s Basic credentials for user bob' /tmp/body)" "407 1"
 "#
     );
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("http://alice@{remote}:3128"),
-        "--proxy-credentials".into(),
-        pw.display().to_string(),
-        "--proxy-bypass".into(),
-        remote.clone(),
-    ];
-    let mut g = ferry_tests::serve_and_boot(
-        &net.inner,
-        dir.path(),
-        guest_script(&script),
-        &args,
-        &[],
-        vec![],
+    let args = upstream_args(
+        &remote,
+        &format!("http://alice@{remote}:3128"),
+        Some(&pw),
+        &["--proxy-bypass", &remote],
     );
+    let mut g = serve(&net, dir.path(), &script, &args);
     wait_phase(&g, "phase1-done");
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     let log = squid.log();
@@ -718,14 +734,12 @@ fn the_guest_reaches_the_web_through_an_https_upstream() {
         &[&remote, "--tls-front", "3129", &remote, "3128", &cert, &key],
     );
     let pw = password_file(dir.path(), "tls pass");
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("https://alice@{remote}:3129"),
-        "--proxy-credentials".into(),
-        pw.display().to_string(),
-    ];
+    let args = upstream_args(
+        &remote,
+        &format!("https://alice@{remote}:3129"),
+        Some(&pw),
+        &[],
+    );
     // Uploads both ways through the TLS to the upstream: a plain POST, and one inside a
     // tunnel; the origin answers each body's sha256.
     let script = three_fetches("https-upstream")
@@ -753,12 +767,12 @@ fn the_guest_reaches_the_web_through_an_ntlm_upstream() {
     let remote = net.remote_addr.clone();
     let script = three_fetches("ntlm");
     // The password comes from the environment this time; a domain user, percent-encoded.
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("http://CORP%5Calice@{remote}:3128"),
-    ];
+    let args = upstream_args(
+        &remote,
+        &format!("http://CORP%5Calice@{remote}:3128"),
+        None,
+        &[],
+    );
     let (ferry, mut qemu) = serve_with_env(
         &net,
         dir.path(),
@@ -816,12 +830,7 @@ fn kerberos_upstream(keytab: bool) {
         env.push(("KRB5CCNAME", format!("FILE:{}", ccache.display())));
     }
     let script = three_fetches("negotiate");
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("http://{remote}:3128"),
-    ];
+    let args = upstream_args(&remote, &format!("http://{remote}:3128"), None, &[]);
     let (ferry, mut qemu) = serve_with_env(&net, dir.path(), &script, &args, &env);
     all_checks_pass(&mut qemu, &ferry, 3);
     // squid knew alice's principal for every request it served.
@@ -847,23 +856,13 @@ i=0; while [ ! -e /mnt/tools/mode-off ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+
 check off-direct "$($CURL -s --max-time 30 http://origin.test/hello.txt?t=4)" "hello from remote"
 "#
     .to_string();
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("http://alice@{remote}:3128"),
-        "--proxy-credentials".into(),
-        pw.display().to_string(),
-        "--proxy-transparent".into(),
-    ];
-    let mut g = ferry_tests::serve_and_boot(
-        &net.inner,
-        dir.path(),
-        guest_script(&script),
-        &args,
-        &[],
-        vec![],
+    let args = upstream_args(
+        &remote,
+        &format!("http://alice@{remote}:3128"),
+        Some(&pw),
+        &["--proxy-transparent"],
     );
+    let mut g = serve(&net, dir.path(), &script, &args);
     wait_phase(&g, "phase1-done");
     ctl_then_go(&g, &["proxy", "transparent", "off"], "mode-off");
     all_checks_pass(&mut g.qemu, &g.ferry, 4);
@@ -918,24 +917,13 @@ i=0; while [ ! -e /mnt/tools/pac-changed ] && [ $i -lt 600 ]; do sleep 0.1; i=$(
 check pac-changed "$($C http://{remote}:8080/hello.txt?p=3)" "hello from remote"
 "#
     );
-    let args = vec![
-        "--dns-upstream".to_string(),
-        format!("{remote}:53"),
-        "--proxy-upstream".into(),
-        format!("http://alice@{remote}:3128"),
-        "--proxy-credentials".into(),
-        pw.display().to_string(),
-        "--proxy-pac".into(),
-        first.display().to_string(),
-    ];
-    let mut g = ferry_tests::serve_and_boot(
-        &net.inner,
-        dir.path(),
-        guest_script(&script),
-        &args,
-        &[],
-        vec![],
+    let args = upstream_args(
+        &remote,
+        &format!("http://alice@{remote}:3128"),
+        Some(&pw),
+        &["--proxy-pac", &first.display().to_string()],
     );
+    let mut g = serve(&net, dir.path(), &script, &args);
     wait_phase(&g, "phase1-done");
     let log = squid.log().join("\n");
     assert!(
@@ -974,14 +962,7 @@ check tunnels-1000 "$(/mnt/tools/probe tunnels 192.168.127.1 3128 {remote}:7005 
 "#
     );
     let args = vec!["--dns-upstream".to_string(), format!("{remote}:53")];
-    let mut g = ferry_tests::serve_and_boot(
-        &net.inner,
-        dir.path(),
-        guest_script(&script),
-        &args,
-        &[],
-        vec![],
-    );
+    let mut g = serve(&net, dir.path(), &script, &args);
     all_checks_pass(&mut g.qemu, &g.ferry, 1);
     let proxy = ferry_tests::api_get(&g.api, "/proxy");
     assert_eq!(proxy["tunnels"], 1000, "{proxy}");

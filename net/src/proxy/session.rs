@@ -213,20 +213,14 @@ pub(super) fn open(
             }
             Err(ConnectError::Io(e)) => {
                 log::debug!("proxy: cannot connect to {what}: {e}");
-                last = Some((
-                    upstream,
-                    format!("cannot connect to {what}: {e}"),
-                    "check the address and that the server is up",
-                ));
+                let why = format!("cannot connect to {what}: {e}");
+                last = Some((upstream, why, "check the address and that the server is up"));
                 failed.push(what);
             }
             Err(ConnectError::Tls(e)) => {
                 log::warn!("proxy: no TLS with {what}: {e}");
-                last = Some((
-                    upstream,
-                    format!("no TLS with {what}: {e}"),
-                    "check that the host trusts the proxy's certificate (SSL_CERT_FILE names a CA) and that it is a TLS port",
-                ));
+                let why = format!("no TLS with {what}: {e}");
+                last = Some((upstream, why, "check that the host trusts the proxy's certificate (SSL_CERT_FILE names a CA) and that it is a TLS port"));
                 failed.push(what);
             }
         }
