@@ -161,7 +161,7 @@ pub enum CtlCommand {
     },
     /// Show the HTTP(S) proxy on the gateway's port 3128, or set or clear its upstream.
     Proxy {
-        /// `set URL` to send requests through the proxy at URL (http://HOST:PORT), `clear`
+        /// `set URL` to send requests through the proxy at URL (http://[USER@]HOST:PORT, or https://...), `clear`
         /// to connect to servers directly; nothing to show where it stands.
         #[command(subcommand)]
         change: Option<ProxyChange>,
@@ -231,7 +231,7 @@ pub enum RuleChange {
 
 #[derive(Debug, Subcommand)]
 pub enum ProxyChange {
-    /// Send requests and tunnels through the proxy at URL (http://HOST:PORT).
+    /// Send requests and tunnels through the proxy at URL (http://[USER@]HOST:PORT, or https://...).
     Set {
         /// The upstream proxy.
         #[arg(value_name = "URL")]
@@ -451,7 +451,7 @@ pub struct ServeArgs {
     pub proxy_bypass: Option<String>,
 
     /// A file (mode 0600) whose first line is the password of the user in --proxy-upstream,
-    /// which ferry answers the upstream's Basic challenge with [default: the environment's
+    /// which ferry answers the upstream's NTLM or Basic challenge with (Negotiate uses the Kerberos ticket cache or KRB5_CLIENT_KTNAME instead) [default: the environment's
     /// FERRY_PROXY_PASSWORD]. Never give it on the command line.
     #[arg(long, value_name = "FILE")]
     pub proxy_credentials: Option<PathBuf>,
