@@ -111,7 +111,8 @@ impl Endpoint {
 }
 
 /// Serves frontends on `endpoint` one after another, forever. `private` is a socket path for
-/// the daemon's side of the relay, in a folder only this process uses. `on_connect` runs when
+/// the daemon's side of the relay, in a folder only this process uses, where nothing is yet
+/// (the thread may be one that removes no file: see ferry's sandbox). `on_connect` runs when
 /// a frontend's daemon is up (to register the device's own fds with its worker), and
 /// `on_disconnect` after each frontend leaves, so the device can drop per-connection state.
 /// `queue_pairs` is set for a NIC: the queue pairs it offers, which GET_QUEUE_NUM reports (see
@@ -138,7 +139,6 @@ where
         name: name.to_string(),
         source,
     };
-    let _ = std::fs::remove_file(&private);
     let mut inner: Listener = UnixListener::bind(&private)
         .map_err(|source| Error::Bind {
             path: private.display().to_string(),

@@ -202,8 +202,8 @@ fn sigterm_and_sigint_remove_the_sockets() {
 }
 
 /// What `/proc/PID/task/*/status` says of each thread's sandbox: (name, NoNewPrivs, Seccomp,
-/// CapEff).
-fn thread_sandboxes(pid: u32) -> Vec<(String, String, String, String)> {
+/// CapEff, Seccomp_filters).
+fn thread_sandboxes(pid: u32) -> Vec<(String, String, String, String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let t = t.unwrap().path();
@@ -223,6 +223,7 @@ fn thread_sandboxes(pid: u32) -> Vec<(String, String, String, String)> {
             field("NoNewPrivs:"),
             field("Seccomp:"),
             field("CapEff:"),
+            field("Seccomp_filters:"),
         ));
     }
     out
@@ -276,7 +277,14 @@ fn every_thread_runs_in_the_sandbox_unless_told_otherwise() {
         assert!(threads.iter().any(|t| t.0 == "ferry-pac"), "{threads:?}");
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        for (name, nnp, seccomp, caps) in &threads {
+        for (name, nnp, seccomp, caps, filters) in &threads {
+            // The process's two filters; the device threads narrow theirs with a third.
+            let want = match name.as_str() {
+                "net" | "fs-t" if !off => "3",
+                _ if !off => "2",
+                _ => "0",
+            };
+            assert_eq!(filters, want, "{name}: {threads:?}");
             if off {
                 assert_eq!(seccomp, "0", "{name}: {threads:?}");
             } else {

@@ -485,8 +485,9 @@ pub struct ServeArgs {
 pub struct SandboxArgs {
     /// Confine file access with Landlock to what the process serves (its shares, its sockets,
     /// the system files name resolution reads), and as root keep only the capabilities it
-    /// needs (landlock), or neither (none) [default: landlock].
-    #[arg(long, value_name = "landlock|none")]
+    /// needs (landlock); besides, run in new namespaces with a root holding only those paths
+    /// (namespace, ferry serve only); or neither (none) [default: landlock].
+    #[arg(long, value_name = "landlock|namespace|none")]
     pub sandbox: Option<String>,
 
     /// The system call filter: refuse calls ferry never makes and stop with a message naming

@@ -729,7 +729,14 @@ impl TryFrom<RunArgs> for RunConfig {
             publish,
             rules,
             pcap: a.pcap,
-            sandbox: SandboxConfig::from_args(&a.sandbox).map_err(usage)?,
+            sandbox: SandboxConfig::from_args(&a.sandbox)
+                .and_then(|s| {
+                    s.without_namespace(
+                        "ferry run",
+                        "QEMU, which it starts, must stay outside them",
+                    )
+                })
+                .map_err(usage)?,
         })
     }
 }

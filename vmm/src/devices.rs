@@ -14,6 +14,7 @@ use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
 use crate::listen::listener;
+use crate::sandbox::{confine_thread, Role, SeccompMode};
 use crate::signals;
 
 /// Exit code a failing device thread leaves for `main`.
@@ -108,10 +109,16 @@ impl Devices {
                 .as_ref()
                 .and_then(|_| ferry_audit::Audit::open(&ferry_audit::Sink::None).ok()),
         };
-        if let Err(e) = crate::sandbox::enter(
-            cfg.sandbox,
-            &crate::sandbox::Paths::for_serve(cfg, &private),
-        ) {
+        let mut paths = crate::sandbox::Paths::for_serve(cfg, &private);
+        let entered = match cfg.sandbox.mode {
+            // Here, while this is the only thread: a user namespace needs that.
+            crate::sandbox::SandboxMode::Namespace => {
+                crate::sandbox::namespace::enter(&mut paths, &private)
+            }
+            _ => Ok(()),
+        }
+        .and_then(|()| crate::sandbox::enter(cfg.sandbox, &paths));
+        if let Err(e) = entered {
             let _ = std::fs::remove_dir_all(&private);
             return Err(e);
         }
@@ -292,44 +299,48 @@ impl Devices {
                 }
             );
             let inner = private.join("net.sock");
-            spawn("net", move || {
-                let b = backend.clone();
-                let b2 = backend.clone();
-                let on_connect = move |d: &vhost_user_backend::VhostUserDaemon<_>| {
-                    b2.frontend_attached();
-                    // The stack's timer and host sockets wake the worker that serves the queues.
-                    let Some(h) = d.get_epoll_handlers().into_iter().next() else {
-                        return;
-                    };
-                    for (fd, token) in [
-                        (b2.timer_fd(), ferry_devices::vhu_net::TIMER_EVENT),
-                        (b2.host_fd(), ferry_devices::vhu_net::HOST_EVENT),
-                    ] {
-                        if let Err(e) = h.register_listener(
-                            fd,
-                            vmm_sys_util::epoll::EventSet::IN,
-                            u64::from(token),
-                        ) {
-                            error!("net: cannot watch the stack's events: {e}");
+            spawn(
+                "net",
+                Some((Role::Network, cfg.sandbox.seccomp)),
+                move || {
+                    let b = backend.clone();
+                    let b2 = backend.clone();
+                    let on_connect = move |d: &vhost_user_backend::VhostUserDaemon<_>| {
+                        b2.frontend_attached();
+                        // The stack's timer and host sockets wake the worker that serves the queues.
+                        let Some(h) = d.get_epoll_handlers().into_iter().next() else {
+                            return;
+                        };
+                        for (fd, token) in [
+                            (b2.timer_fd(), ferry_devices::vhu_net::TIMER_EVENT),
+                            (b2.host_fd(), ferry_devices::vhu_net::HOST_EVENT),
+                        ] {
+                            if let Err(e) = h.register_listener(
+                                fd,
+                                vmm_sys_util::epoll::EventSet::IN,
+                                u64::from(token),
+                            ) {
+                                error!("net: cannot watch the stack's events: {e}");
+                            }
                         }
-                    }
-                };
-                let pairs = ferry_devices::vhu_net::MAX_QUEUE_PAIRS as u16;
-                serve_connections(
-                    "net",
-                    endpoint,
-                    inner,
-                    backend,
-                    Some(pairs),
-                    on_connect,
-                    move || b.frontend_gone(),
-                )
-            })?;
+                    };
+                    let pairs = ferry_devices::vhu_net::MAX_QUEUE_PAIRS as u16;
+                    serve_connections(
+                        "net",
+                        endpoint,
+                        inner,
+                        backend,
+                        Some(pairs),
+                        on_connect,
+                        move || b.frontend_gone(),
+                    )
+                },
+            )?;
         }
         let shares = Arc::new(crate::shares::Shares::new(
             private.clone(),
             &cfg.runtime_shares,
-            cfg.sandbox.landlock,
+            cfg.sandbox,
             audit.clone(),
         ));
         for (endpoint, share, pfs) in fs {
@@ -394,7 +405,9 @@ fn remove_sockets(sockets: &[PathBuf]) {
     }
 }
 
-pub(crate) fn spawn<F>(name: &str, f: F) -> Result<()>
+/// Starts device thread `name` running `f`, narrowed to `role` under the seccomp mode given.
+/// A failure stops ferry.
+pub(crate) fn spawn<F>(name: &str, role: Option<(Role, SeccompMode)>, f: F) -> Result<()>
 where
     F: FnOnce() -> std::result::Result<(), ferry_devices::Error> + Send + 'static,
 {
@@ -402,6 +415,14 @@ where
     thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            if let Some((role, mode)) = role {
+                if let Err(e) = confine_thread(role, mode) {
+                    error!("{n}: {e}");
+                    FAILURE.store(1, Ordering::SeqCst);
+                    signals::request_termination();
+                    return;
+                }
+            }
             if let Err(e) = f() {
                 error!("{n}: {e}; stopping");
                 FAILURE.store(1, Ordering::SeqCst);

@@ -125,7 +125,9 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
     // The threads that serve the mount enter the sandbox once the mount is made (mounting is
     // what the sandbox refuses): from then on they reach only the share, so a folder the host
     // moves out of it is out of reach even through a node the client holds.
-    let sandbox = SandboxConfig::from_args(&args.sandbox).map_err(Error::Usage)?;
+    let sandbox = SandboxConfig::from_args(&args.sandbox)
+        .and_then(|s| s.without_namespace("ferry mount", "its mount must be made in the host's mount namespace, by a thread that stays outside the sandbox"))
+        .map_err(Error::Usage)?;
     let paths = Paths::for_mount(
         &share.canonicalize().unwrap_or(share.clone()),
         args.readonly,

@@ -157,7 +157,14 @@ pub fn portd(args: PortdArgs) -> Result<ExitCode> {
         .iter()
         .map(|u| parse_uid(u))
         .collect::<Result<Vec<_>>>()?;
-    let sandbox = crate::sandbox::SandboxConfig::from_args(&args.sandbox).map_err(Error::Usage)?;
+    let sandbox = crate::sandbox::SandboxConfig::from_args(&args.sandbox)
+        .and_then(|s| {
+            s.without_namespace(
+                "ferry portd",
+                "it hands out host sockets and holds no files",
+            )
+        })
+        .map_err(Error::Usage)?;
     let path = args
         .socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PORTD_SOCKET));

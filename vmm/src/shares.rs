@@ -24,6 +24,7 @@ use ferry_fs::{passthrough, PassthroughFs, Server};
 use log::{info, warn};
 
 use crate::config::{Error, Result, ShareConfig};
+use crate::sandbox::{confine_thread, Role, SandboxConfig, SeccompMode};
 
 /// A share's device, as the API and the stats see it.
 pub type FsDevice = Arc<VhostUserFsBackend<PassthroughFs>>;
@@ -53,6 +54,8 @@ pub struct Shares {
     roots: Vec<PathBuf>,
     /// Whether the sandbox confines file access (then only `roots` can be added).
     confined: bool,
+    /// The system call filter the shares' threads narrow.
+    seccomp: SeccompMode,
     /// Numbers the private sockets and generated tags.
     next: AtomicUsize,
     /// Where `audit=files` shares send their file events.
@@ -64,7 +67,7 @@ impl Shares {
     pub fn new(
         private: PathBuf,
         roots: &[PathBuf],
-        confined: bool,
+        sandbox: SandboxConfig,
         audit: Option<ferry_audit::Audit>,
     ) -> Self {
         Shares {
@@ -74,7 +77,8 @@ impl Shares {
                 .iter()
                 .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
                 .collect(),
-            confined,
+            confined: sandbox.confines_files(),
+            seccomp: sandbox.seccomp,
             next: AtomicUsize::new(0),
             audit,
         }
@@ -151,6 +155,7 @@ impl Shares {
             self.next.fetch_add(1, Ordering::Relaxed)
         ));
         let (b, n, stop) = (device.clone(), name.clone(), stopping.clone());
+        let seccomp = self.seccomp;
         let serve = move || {
             let n2 = n.clone();
             let b2 = b.clone();
@@ -167,14 +172,17 @@ impl Shares {
         if runtime {
             std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || match serve() {
-                    Err(_) if stop.load(Ordering::SeqCst) => info!("{name}: removed"),
-                    Err(e) => warn!("{name}: {e}; this share is no longer served"),
-                    Ok(()) => {}
+                .spawn(move || match confine_thread(Role::FileServer, seccomp) {
+                    Err(e) => warn!("{name}: {e}; this share is not served"),
+                    Ok(()) => match serve() {
+                        Err(_) if stop.load(Ordering::SeqCst) => info!("{name}: removed"),
+                        Err(e) => warn!("{name}: {e}; this share is no longer served"),
+                        Ok(()) => {}
+                    },
                 })
                 .map_err(|e| Error::Runtime(format!("cannot start a share's thread: {e}")))?;
         } else {
-            crate::devices::spawn(&name, serve)?;
+            crate::devices::spawn(&name, Some((Role::FileServer, seccomp)), serve)?;
         }
         self.entries().push(Entry {
             config: share.clone(),

@@ -1,35 +1,48 @@
 //! The sandbox the devices run in (`--sandbox`, `--seccomp`).
 //!
-//! Two layers, both unprivileged and both inherited by every thread the device code starts:
+//! Three layers, all unprivileged and all inherited by every thread the device code starts:
 //!
-//! - **Landlock** confines file access to what the devices need: the shares (read-only ones
-//!   read-only), ferry's private folder, the folders of its own sockets (to remove them when it
-//!   stops), and read access to the few system files name resolution reads. A path the guest
-//!   smuggles past the file server's own confinement still meets the kernel's check.
-//! - **seccomp** allows only the system calls the devices make. `exec*`, `ptrace`, `mount`,
-//!   `bpf`, module loading and the rest are refused; a thread may only start threads, not
-//!   processes.
+//! - **namespaces** (`--sandbox namespace`, [`namespace`]): ferry moves into new mount, PID,
+//!   IPC and UTS namespaces (and a user namespace when it is not root), and its root becomes
+//!   an empty file system holding only what it serves: the shares, its sockets' folders and
+//!   the system files name resolution reads, bind-mounted at their own paths. The rest of the
+//!   host's files, its processes and its IPC are not there to reach. The network namespace
+//!   stays the host's: the NAT's sockets are host sockets.
+//! - **Landlock** ([`landlock`], the default and part of `namespace`) confines file access to
+//!   the same list, by where a file is rather than by how it was reached.
+//! - **seccomp** ([`seccomp`]) allows only the system calls the devices make, narrowed further
+//!   per thread. `exec*`, `ptrace`, `mount`, `bpf`, module loading and the rest are refused; a
+//!   thread may only start threads, not processes.
 //!
 //! The sandbox restricts the calling thread and whatever it starts afterwards (Landlock before
 //! ABI 8 cannot restrict sibling threads). `ferry serve` enters it on its main thread before any
 //! other thread exists; `ferry run` enters it on the thread that starts the devices, so QEMU,
 //! spawned from the main thread, is not confined by it.
 
-use std::collections::BTreeMap;
+mod landlock;
+pub mod namespace;
+mod seccomp;
+
 use std::path::{Path, PathBuf};
 
-use landlock::{
-    Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
-};
 use log::{info, warn};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
-};
+
+pub use seccomp::{confine_thread, Role};
 
 use crate::cli::SandboxArgs;
 use crate::config::{parent_dir, Error, Result, ServeConfig};
+
+/// What `--sandbox` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// File access confined only by the file server's own checks.
+    None,
+    /// Landlock, and as root only the capabilities the devices need.
+    #[default]
+    Landlock,
+    /// New namespaces and an empty root holding what ferry serves, then Landlock.
+    Namespace,
+}
 
 /// What `--seccomp` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,12 +73,12 @@ impl std::str::FromStr for SeccompMode {
     }
 }
 
-/// What `--sandbox` and `--seccomp` ask for. `--sandbox landlock` also drops the capabilities
-/// a root ferry does not need.
+/// What `--sandbox` and `--seccomp` ask for. `--sandbox landlock` (and `namespace`) also drops
+/// the capabilities a root ferry does not need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SandboxConfig {
-    /// Confine file access with Landlock (`--sandbox landlock`, the default).
-    pub landlock: bool,
+    /// `--sandbox`.
+    pub mode: SandboxMode,
     /// The system call filter.
     pub seccomp: SeccompMode,
     /// Refuse signals to processes outside the sandbox. Off for `ferry run`, whose main
@@ -77,7 +90,7 @@ pub struct SandboxConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
-            landlock: true,
+            mode: SandboxMode::Landlock,
             seccomp: SeccompMode::Kill,
             scope_signals: true,
         }
@@ -89,23 +102,41 @@ impl SandboxConfig {
     pub fn from_args(args: &SandboxArgs) -> std::result::Result<Self, String> {
         let mut c = Self::default();
         if let Some(s) = &args.sandbox {
-            c.landlock = parse_sandbox(s).map_err(|e| format!("--sandbox {s}: {e}"))?;
+            c.mode = s.parse().map_err(|e| format!("--sandbox {s}: {e}"))?;
         }
         if let Some(s) = &args.seccomp {
             c.seccomp = s.parse().map_err(|e| format!("--seccomp {s}: {e}"))?;
         }
         Ok(c)
     }
+
+    /// The same, for a command that cannot take `--sandbox namespace` (`why` says why).
+    pub fn without_namespace(self, command: &str, why: &str) -> std::result::Result<Self, String> {
+        if self.mode == SandboxMode::Namespace {
+            return Err(format!(
+                "--sandbox namespace: {command} cannot run in namespaces ({why}); use --sandbox landlock (the default) or none, or ferry serve"
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Whether file access is confined beyond the file server's own checks.
+    pub fn confines_files(&self) -> bool {
+        self.mode != SandboxMode::None
+    }
 }
 
-/// Parses `--sandbox landlock|none`.
-pub fn parse_sandbox(s: &str) -> std::result::Result<bool, String> {
-    match s {
-        "landlock" => Ok(true),
-        "none" => Ok(false),
-        _ => Err(format!(
-            "'{s}' is not a sandbox; use landlock (the default) or none"
-        )),
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "landlock" => Ok(Self::Landlock),
+            "namespace" => Ok(Self::Namespace),
+            "none" => Ok(Self::None),
+            _ => Err(format!(
+                "'{s}' is not a sandbox; use landlock (the default), namespace or none"
+            )),
+        }
     }
 }
 
@@ -315,14 +346,14 @@ fn library_files(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
 /// Enters the sandbox on the calling thread: Landlock first (its own setup needs system calls
 /// the filter then refuses), then seccomp.
 pub fn enter(cfg: SandboxConfig, paths: &Paths) -> Result<()> {
-    if cfg.landlock {
+    if cfg.confines_files() {
         keep_capabilities(&paths.capabilities)
             .map_err(|e| sandbox_error("dropping capabilities", e))?;
-        landlock(paths, cfg.scope_signals)?;
+        landlock::confine(paths, cfg.scope_signals)?;
     } else {
         warn!("sandbox: off (--sandbox none): file access is confined only by the file server's own checks, and root keeps its capabilities");
     }
-    seccomp(cfg.seccomp)
+    seccomp::install(cfg.seccomp)
 }
 
 /// Keeps only `keep` of the calling thread's permitted and effective capabilities and clears
@@ -367,285 +398,21 @@ fn keep_capabilities(keep: &[u32]) -> std::io::Result<()> {
     if unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    info!(
-        "sandbox: keeping capabilities {:#x} of root's",
-        u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
-    );
+    if keep.is_empty() {
+        info!("sandbox: dropping every capability");
+    } else {
+        info!(
+            "sandbox: keeping capabilities {:#x} of root's",
+            u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
+        );
+    }
     Ok(())
 }
 
-fn sandbox_error(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn sandbox_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!(
         "cannot enter the sandbox ({what}: {e}); run with --sandbox none or --seccomp none to go without that part"
     ))
-}
-
-/// Confines file access to `paths`.
-fn landlock(paths: &Paths, scope_signals: bool) -> Result<()> {
-    let abi = ABI::V6;
-    let all = AccessFs::from_all(abi);
-    // What a writable share allows: everything but executing and device nodes (the file server
-    // makes only FIFOs and sockets, unless a share takes `devices`: see `paths.devices`) and
-    // device ioctls.
-    let write =
-        all & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::IoctlDev);
-    let read = AccessFs::ReadFile | AccessFs::ReadDir;
-    let err = |e| sandbox_error("Landlock", e);
-    let mut ruleset = Ruleset::default()
-        .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(all)
-        .map_err(err)?
-        .scope(if scope_signals {
-            Scope::AbstractUnixSocket | Scope::Signal
-        } else {
-            Scope::AbstractUnixSocket.into()
-        })
-        .map_err(err)?
-        .create()
-        .map_err(err)?;
-    let rules = [
-        (&paths.read_write, write),
-        (&paths.read_only, read),
-        (&paths.sockets, AccessFs::MakeSock | AccessFs::RemoveFile),
-        (&paths.remove_dir, AccessFs::RemoveDir.into()),
-        (&paths.devices, AccessFs::MakeChar | AccessFs::MakeBlock),
-    ];
-    for (list, access) in rules {
-        for path in list {
-            let fd = PathFd::new(path).map_err(|e| {
-                Error::Runtime(format!(
-                    "cannot enter the sandbox: cannot open {} ({e}); check that it exists",
-                    path.display()
-                ))
-            })?;
-            // A rule on a file may only carry file rights.
-            let access = if path.is_dir() {
-                access
-            } else {
-                access & AccessFs::from_file(abi)
-            };
-            ruleset = ruleset
-                .add_rule(PathBeneath::new(fd, access))
-                .map_err(err)?;
-        }
-    }
-    let paths = paths.read_write.len()
-        + paths.read_only.len()
-        + paths.sockets.len()
-        + paths.remove_dir.len()
-        + paths.devices.len();
-    let status = ruleset.restrict_self().map_err(err)?;
-    match status.ruleset {
-        RulesetStatus::FullyEnforced => {
-            info!("sandbox: Landlock confines file access to {paths} folders and files")
-        }
-        RulesetStatus::PartiallyEnforced => info!(
-            "sandbox: Landlock confines file access to {paths} folders and files (this kernel enforces part of the rights)"
-        ),
-        RulesetStatus::NotEnforced => warn!(
-            "sandbox: this kernel has no Landlock: file access is confined only by the file server's own checks"
-        ),
-    }
-    Ok(())
-}
-
-/// The system calls the devices make. Everything else is refused.
-#[rustfmt::skip]
-fn allowed_syscalls() -> Vec<libc::c_long> {
-    use libc::*;
-    let mut v = vec![
-        // Memory and threads.
-        SYS_mmap, SYS_munmap, SYS_mprotect, SYS_mremap, SYS_madvise, SYS_brk, SYS_futex,
-        SYS_set_robust_list, SYS_rseq, SYS_exit, SYS_exit_group, SYS_gettid, SYS_getpid,
-        SYS_tgkill, SYS_kill, SYS_sched_yield, SYS_sched_getaffinity, SYS_getrandom,
-        SYS_clock_gettime, SYS_clock_getres, SYS_gettimeofday, SYS_clock_nanosleep, SYS_nanosleep,
-        SYS_getrlimit, SYS_prlimit64, SYS_membarrier,
-        // Signals.
-        SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
-        SYS_sigaltstack, SYS_restart_syscall,
-        // Descriptors and polling.
-        SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_close, SYS_dup, SYS_dup3, SYS_fcntl,
-        SYS_lseek, SYS_pipe2, SYS_splice, SYS_sendfile, SYS_ppoll, SYS_epoll_create1, SYS_epoll_ctl,
-        SYS_epoll_pwait, SYS_epoll_pwait2, SYS_eventfd2, SYS_timerfd_create, SYS_timerfd_settime,
-        SYS_timerfd_gettime,
-        // Sockets: the NAT, published ports, the proxy, DNS, ping, vhost-user and the API.
-        SYS_socket, SYS_socketpair, SYS_connect, SYS_bind, SYS_listen, SYS_accept4, SYS_sendto,
-        SYS_recvfrom, SYS_sendmsg, SYS_recvmsg, SYS_sendmmsg, SYS_recvmmsg, SYS_shutdown,
-        SYS_getsockname, SYS_getpeername, SYS_setsockopt, SYS_getsockopt,
-        // Files: the passthrough file server.
-        SYS_openat, SYS_open_by_handle_at, SYS_name_to_handle_at, SYS_newfstatat, SYS_fstat,
-        SYS_statx, SYS_statfs, SYS_fstatfs, SYS_getdents64, SYS_readlinkat, SYS_mkdirat,
-        SYS_mknodat, SYS_symlinkat, SYS_linkat, SYS_unlinkat, SYS_renameat2, SYS_fchmod,
-        SYS_fchmodat, SYS_fchmodat2, SYS_fchown, SYS_fchownat, SYS_utimensat, SYS_ftruncate,
-        SYS_fallocate, SYS_fsync, SYS_fdatasync, SYS_syncfs, SYS_flock, SYS_copy_file_range,
-        SYS_pread64, SYS_pwrite64, SYS_preadv, SYS_pwritev, SYS_preadv2, SYS_pwritev2,
-        SYS_faccessat, SYS_faccessat2, SYS_getxattr, SYS_lgetxattr, SYS_fgetxattr, SYS_setxattr,
-        SYS_lsetxattr, SYS_fsetxattr, SYS_listxattr, SYS_llistxattr, SYS_flistxattr,
-        SYS_removexattr, SYS_lremovexattr, SYS_fremovexattr, SYS_getcwd,
-        // Credentials: the file server creates files as the guest's caller.
-        SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid, SYS_setfsuid, SYS_setfsgid, SYS_uname,
-    ];
-    #[cfg(target_arch = "x86_64")]
-    v.extend([
-        SYS_open, SYS_stat, SYS_lstat, SYS_poll, SYS_epoll_wait, SYS_dup2, SYS_pipe, SYS_access,
-        SYS_readlink, SYS_unlink, SYS_rmdir, SYS_mkdir, SYS_rename, SYS_arch_prctl, SYS_chmod,
-        SYS_renameat,
-    ]);
-    v
-}
-
-/// An ioctl request number as a filter operand (its C type differs between C libraries).
-#[allow(clippy::unnecessary_cast)]
-fn ioctl_request(op: libc::Ioctl) -> u64 {
-    op as u64
-}
-
-fn rule(
-    conditions: Vec<SeccompCondition>,
-) -> std::result::Result<SeccompRule, seccompiler::BackendError> {
-    SeccompRule::new(conditions)
-}
-
-fn arg_eq(
-    index: u8,
-    value: u64,
-) -> std::result::Result<SeccompCondition, seccompiler::BackendError> {
-    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-}
-
-/// The filters, in the order to install them, and how many system calls they allow: the
-/// allow-list, and one that answers `clone3` with ENOSYS so the C library falls back to
-/// `clone`, whose flags a filter can see (it allows threads, not processes).
-fn filters(mode: SeccompMode) -> std::result::Result<(Vec<BpfProgram>, usize), seccompiler::Error> {
-    let mismatch = match mode {
-        SeccompMode::Kill => SeccompAction::Trap,
-        SeccompMode::Log => SeccompAction::Log,
-        SeccompMode::None => return Ok((vec![], 0)),
-        #[cfg(test)]
-        SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
-    };
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(seccompiler::Error::Backend)?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls()
-        .into_iter()
-        .map(|nr| (nr, vec![]))
-        .collect();
-    let thread = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-        libc::CLONE_THREAD as u64,
-    )?;
-    rules.insert(libc::SYS_clone, vec![rule(vec![thread])?]);
-    // clone3 reaches the second filter, which answers ENOSYS.
-    rules.insert(libc::SYS_clone3, vec![]);
-    // Thread names, and the no-new-privileges bit Landlock set.
-    rules.insert(
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_NAME,
-            libc::PR_GET_NAME,
-            libc::PR_GET_NO_NEW_PRIVS,
-        ]
-        .into_iter()
-        .map(|op| rule(vec![arg_eq(0, op as u64)?]))
-        .collect::<std::result::Result<_, _>>()?,
-    );
-    // Non-blocking and close-on-exec switches, and isatty (the logger).
-    rules.insert(
-        libc::SYS_ioctl,
-        [libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::FIONREAD]
-            .into_iter()
-            .map(|op| rule(vec![arg_eq(1, ioctl_request(op))?]))
-            .collect::<std::result::Result<_, _>>()?,
-    );
-    let allowed = rules.len();
-    let allow = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
-    let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3, vec![])]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )?;
-    // Installing a filter sets no-new-privileges with prctl, which the allow-list refuses:
-    // it goes last.
-    Ok((vec![clone3.try_into()?, allow.try_into()?], allowed))
-}
-
-/// Installs the system call filter on the calling thread.
-fn seccomp(mode: SeccompMode) -> Result<()> {
-    if mode == SeccompMode::None {
-        warn!("sandbox: no system call filter (--seccomp none)");
-        return Ok(());
-    }
-    if mode == SeccompMode::Kill {
-        install_sigsys_handler().map_err(|e| sandbox_error("SIGSYS handler", e))?;
-    }
-    let (progs, allowed) = filters(mode).map_err(|e| sandbox_error("seccomp", e))?;
-    for p in &progs {
-        seccompiler::apply_filter(p).map_err(|e| sandbox_error("seccomp", e))?;
-    }
-    info!(
-        "sandbox: seccomp allows {allowed} system calls{}",
-        if mode == SeccompMode::Log {
-            " and logs the others to the kernel log (--seccomp log)"
-        } else {
-            ""
-        }
-    );
-    Ok(())
-}
-
-/// SIGSYS: a refused system call. Says which one and stops the process (there is no safe way
-/// to go on: the code that made the call expects it to have happened).
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // The kernel fills si_syscall (an int at offset 24 of siginfo_t on 64-bit Linux) for
-    // SIGSYS from seccomp.
-    // SAFETY: `info` is the siginfo the kernel passed for this signal; SA_SIGINFO guarantees it
-    // is valid, and a seccomp SIGSYS carries si_call_addr, si_syscall and si_arch there.
-    let nr = unsafe { *((info as *const u8).add(24) as *const libc::c_int) };
-    let mut buf = [0u8; 200];
-    let mut len = 0;
-    let mut put = |b: &[u8]| {
-        let n = b.len().min(buf.len() - len);
-        buf[len..len + n].copy_from_slice(&b[..n]);
-        len += n;
-    };
-    put(b"ferry: the sandbox refused system call ");
-    let mut digits = [0u8; 12];
-    let mut i = digits.len();
-    let mut n = nr.unsigned_abs();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    put(&digits[i..]);
-    put(b" and stopped; this is a bug in ferry: please report it, and run with --seccomp log meanwhile\n");
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf[..len]` is initialised.
-    unsafe {
-        libc::write(2, buf.as_ptr().cast(), len);
-        libc::_exit(128 + libc::SIGSYS);
-    }
-}
-
-fn install_sigsys_handler() -> std::io::Result<()> {
-    // SAFETY: the sigaction struct is plain data, zeroed then filled; the handler only calls
-    // async-signal-safe functions.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -672,7 +439,7 @@ mod tests {
         let res = std::thread::spawn(move || {
             enter(
                 SandboxConfig {
-                    landlock: true,
+                    mode: SandboxMode::Landlock,
                     seccomp: SeccompMode::Errno,
                     scope_signals: true,
                 },
@@ -757,7 +524,11 @@ mod tests {
         assert_eq!("kill".parse(), Ok(SeccompMode::Kill));
         assert_eq!("log".parse(), Ok(SeccompMode::Log));
         assert!("off".parse::<SeccompMode>().unwrap_err().contains("kill"));
-        assert_eq!(parse_sandbox("none"), Ok(false));
-        assert!(parse_sandbox("chroot").unwrap_err().contains("landlock"));
+        assert_eq!("none".parse(), Ok(SandboxMode::None));
+        assert_eq!("namespace".parse(), Ok(SandboxMode::Namespace));
+        assert!("chroot"
+            .parse::<SandboxMode>()
+            .unwrap_err()
+            .contains("landlock"));
     }
 }
