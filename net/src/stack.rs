@@ -235,7 +235,15 @@ impl NetStack {
             live: None,
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
-        config.random_seed = u64::from(std::process::id()) ^ 0x5eed_f00d;
+        // smoltcp draws TCP initial sequence numbers and IP identifications from this: a
+        // random seed (std's hasher keys come from the OS), not the PID, which is 1 for every
+        // ferry in the namespace sandbox.
+        config.random_seed = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
         let epoch = StdInstant::now();
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
         let prefix = cfg.subnet.prefix();
