@@ -18,6 +18,14 @@ pub use connection::{bind_socket, serve_connections, Endpoint, Error};
 pub use vhu_fs::VhostUserFsBackend;
 pub use vhu_net::{NetServices, VhostUserNetBackend};
 
+/// `size` bytes of a device's config space from `offset`, as GET_CONFIG answers: exactly the
+/// size asked for, and zero past the fields the device defines.
+pub(crate) fn config_bytes(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    (offset as usize..(offset as usize).saturating_add(size as usize))
+        .map(|i| space.get(i).copied().unwrap_or(0))
+        .collect()
+}
+
 /// Guest memory as the vhost-user backends see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 /// Guest memory that the frontend can replace at any time (SET_MEM_TABLE).

@@ -2,8 +2,10 @@
 //!
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the request queue. Each
 //! chain holds one FUSE request in its readable descriptors and room for the reply in its
-//! writable ones. The tag and the number of request queues live in QEMU's device options, not
-//! here.
+//! writable ones. The config space (GET_CONFIG, with the CONFIG protocol feature) holds the
+//! tag and the number of request queues, as virtiofsd's `--tag` puts them there, for
+//! frontends that read them (crosvm, QEMU's `vhost-user-fs` without `tag=`); QEMU 7.2 and
+//! cloud-hypervisor build it from their own options.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,6 +29,11 @@ use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 const NUM_QUEUES: usize = 2;
+/// `struct virtio_fs_config`: the tag (36 bytes, NUL-padded) and the number of request queues
+/// (le32).
+const CONFIG_LEN: usize = 40;
+/// The longest tag the config space holds.
+pub const MAX_TAG_LEN: usize = 36;
 /// Most requests that wait for a lock at once, each on a thread; past it they wait in line.
 const MAX_WAITING: usize = 64;
 
@@ -55,16 +62,23 @@ pub struct VhostUserFsBackend<F> {
     waiting: Arc<AtomicUsize>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
+    config: [u8; CONFIG_LEN],
 }
 
 impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
-    /// A device serving `server`.
-    pub fn new(server: Arc<Server<F>>) -> Arc<Self> {
+    /// A device serving `server` under `tag` (cut to [`MAX_TAG_LEN`] bytes; ferry's options
+    /// refuse longer ones).
+    pub fn new(server: Arc<Server<F>>, tag: &str) -> Arc<Self> {
+        let mut config = [0u8; CONFIG_LEN];
+        let t = &tag.as_bytes()[..tag.len().min(MAX_TAG_LEN)];
+        config[..t.len()].copy_from_slice(t);
+        config[MAX_TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
         Arc::new(VhostUserFsBackend {
             server,
             waiting: Arc::new(AtomicUsize::new(0)),
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            config,
         })
     }
 
@@ -168,7 +182,13 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        crate::config_bytes(&self.config, offset, size)
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -774,11 +774,7 @@ impl VhostUserBackend for VhostUserNetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // Answer exactly `size` bytes; anything past the fields Ferry defines reads as zero.
-        let space = self.config_space();
-        (offset as usize..(offset as usize).saturating_add(size as usize))
-            .map(|i| space.get(i).copied().unwrap_or(0))
-            .collect()
+        crate::config_bytes(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {

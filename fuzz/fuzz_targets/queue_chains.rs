@@ -61,7 +61,7 @@ fn devices() -> Devices {
         .expect("a net device");
     Devices {
         _dir: dir,
-        fs: VhostUserFsBackend::new(Arc::new(server)),
+        fs: VhostUserFsBackend::new(Arc::new(server), "fuzz"),
         net,
     }
 }

@@ -161,15 +161,31 @@ fn a_ring_past_the_queue_pairs_offered_fails_at_negotiation_with_a_message() {
     assert!(ferry.is_running(), "{}", ferry.log_tail());
 }
 
+/// With CONFIG, the fs config space gives the tag and one request queue, as virtiofsd's
+/// `--tag` does for frontends that read it (crosvm, QEMU's vhost-user-fs without `tag=`).
 #[test]
-fn fs_negotiates_across_reconnects() {
+fn fs_negotiates_across_reconnects_and_gives_its_tag() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ferry, _, fs) = start(dir.path());
-    let proto = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+    let proto = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK;
     for _ in 0..2 {
         let mut fe = connect(&fs);
         let offered = negotiate(&mut fe, proto, 2);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
+        let (_, cfg) = fe
+            .get_config(0, 40, VhostUserConfigFlags::WRITABLE, &[0u8; 40])
+            .unwrap();
+        let mut tag = [0u8; 36];
+        tag[0] = b't';
+        assert_eq!(&cfg[..36], &tag, "the tag, NUL-padded");
+        assert_eq!(&cfg[36..], &1u32.to_le_bytes(), "request queues");
+        // Part of it, as a frontend reading field by field asks.
+        let (_, part) = fe
+            .get_config(36, 4, VhostUserConfigFlags::WRITABLE, &[0u8; 4])
+            .unwrap();
+        assert_eq!(part, 1u32.to_le_bytes());
         drop(fe);
     }
     assert!(ferry.is_running(), "{}", ferry.log_tail());

@@ -24,7 +24,7 @@ pub use share::ShareConfig;
 use share::{check_share, parse_share, FileShare};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
-const MAX_TAG_LEN: usize = 36;
+const MAX_TAG_LEN: usize = ferry_devices::vhu_fs::MAX_TAG_LEN;
 /// The longest path a UNIX socket address holds.
 const MAX_SOCKET_PATH: usize = 107;
 

@@ -130,7 +130,7 @@ impl Shares {
                 server.set_file_audit(ferry_fs::audit::FileAudit::new(a.clone(), &share.tag));
             }
         }
-        let device = VhostUserFsBackend::new(Arc::new(server));
+        let device = VhostUserFsBackend::new(Arc::new(server), &share.tag);
         info!(
             "{name}: serving {} as tag {} {} {}{}{}",
             share.dir.display(),
