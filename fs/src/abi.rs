@@ -8,7 +8,7 @@ use vm_memory::ByteValued;
 /// The FUSE major version Ferry speaks.
 pub const KERNEL_VERSION: u32 = 7;
 /// The FUSE minor version Ferry speaks. The kernel falls back to it when it is newer.
-pub const KERNEL_MINOR_VERSION: u32 = 31;
+pub const KERNEL_MINOR_VERSION: u32 = 32;
 /// The smallest minor version Ferry accepts (the first with `FUSE_MAX_PAGES`).
 pub const MIN_KERNEL_MINOR_VERSION: u32 = 28;
 /// The node id of the share's root directory.
@@ -45,6 +45,11 @@ pub const PARALLEL_DIROPS: u32 = 1 << 18;
 /// INIT flag (from the kernel only): an OPENDIR answered with ENOSYS turns OPENDIR and
 /// RELEASEDIR off for the session; directory requests then carry handle 0.
 pub const NO_OPENDIR_SUPPORT: u32 = 1 << 24;
+/// INIT flag: the server marks directories on other file systems (`ATTR_SUBMOUNT`), which the
+/// guest mounts as submounts (7.32).
+pub const SUBMOUNTS: u32 = 1 << 27;
+/// `Attr::flags`: this directory is the root of another file system (7.32).
+pub const ATTR_SUBMOUNT: u32 = 1 << 0;
 /// INIT flag: the server clears suid/sgid and capabilities when asked (the flags below), and
 /// the guest stops asking for `security.capability` before every write.
 pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;

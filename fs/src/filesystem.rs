@@ -32,6 +32,8 @@ pub struct Entry {
     pub inode: u64,
     /// The node's attributes.
     pub attr: libc::stat64,
+    /// FUSE attribute flags (`abi::ATTR_SUBMOUNT`).
+    pub attr_flags: u32,
     /// How long the kernel may cache the attributes.
     pub attr_timeout: Duration,
     /// How long the kernel may cache the name.
@@ -79,7 +81,7 @@ pub trait FileWriter {
 /// One entry READDIR returns.
 #[derive(Clone, Copy, Debug)]
 pub struct DirEntry<'a> {
-    /// Inode number (as the host reports it).
+    /// Inode number (as the guest sees it: see `passthrough::submounts`).
     pub ino: u64,
     /// Offset to resume reading after this entry.
     pub offset: u64,

@@ -185,3 +185,34 @@ pub fn serve_and_boot(
         api,
     }
 }
+
+/// A tmpfs of `mib` MiB mounted at `at` (made if missing) for a test; unmounted on drop.
+/// Needs root.
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts it.
+    pub fn mount(at: &std::path::Path, mib: u32) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "ferry-test"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mount a {mib} MiB tmpfs at {} (needs root)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

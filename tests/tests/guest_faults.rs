@@ -3,10 +3,9 @@
 //! QEMU killed with SIGKILL while the guest writes loses no byte the guest had fsynced, and
 //! the next boot is served by the same ferry.
 
-use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::{wait_for, FerryProcess, GuestSpec, Qemu};
+use ferry_tests::{wait_for, FerryProcess, GuestSpec, Qemu, Tmpfs};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -75,37 +74,12 @@ fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
 }
 
-/// A tmpfs of `mib` MiB at `at`, unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, mib: u32) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "ferry-small"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount a {mib} MiB tmpfs (needs root)");
-        SmallDisk(at.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_a_stopped_ferry_and_a_killed_qemu_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let rw = dir.path().join("rw");
     std::fs::create_dir(&rw).unwrap();
-    let small = SmallDisk::mount(&dir.path().join("small"), 4);
+    let small = Tmpfs::mount(&dir.path().join("small"), 4);
     let rw_sock = dir.path().join("rw.sock");
     let small_sock = dir.path().join("small.sock");
     let mut ferry = FerryProcess::serve(

@@ -1,17 +1,48 @@
-//! Attributes: SETATTR (mode, owner, size, times), the clearing of set-id bits after a write
-//! by another user, and ACCESS, each through the ownership emulation of `ownership` on a share
-//! that is not `trusted`.
+//! Attributes: what the guest is shown (ids mapped, ownership kept, inode numbers made
+//! distinct across host file systems), SETATTR (mode, owner, size, times), the clearing of
+//! set-id bits after a write by another user, and ACCESS, each through the ownership emulation
+//! of `ownership` on a share that is not `trusted`.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use super::inode::Inode;
 use super::ownership::Ownership;
 use super::sys::{cvt, ebadf, erofs, proc_path, stat_fd};
 use super::PassthroughFs;
-use crate::filesystem::{Context, SetattrArgs, TimeSpec};
+use crate::filesystem::{Context, Entry, SetattrArgs, TimeSpec};
 
 impl PassthroughFs {
+    /// The guest's entry for `node` (its id `inode`, host attributes `attr`).
+    pub(super) fn entry(&self, inode: u64, node: &Inode, attr: libc::stat64) -> Entry {
+        let t = self.cfg.cache.attr_timeout();
+        Entry {
+            inode,
+            attr: self.guest_attr(node, attr),
+            attr_flags: 0,
+            attr_timeout: t,
+            entry_timeout: t,
+        }
+    }
+
+    /// The host attributes `st` of `node` as the guest sees them: with the ownership the
+    /// guest set (see `ownership`), and ids as the guest names them.
+    pub(super) fn guest_attr(&self, node: &Inode, mut st: libc::stat64) -> libc::stat64 {
+        if let Some(o) = node.ownership() {
+            o.apply(&mut st);
+        }
+        st.st_ino = self.spanned.guest_ino(st.st_dev, st.st_ino);
+        self.guest_ids(st)
+    }
+
+    /// `st` with its owner and group as the guest names them.
+    pub(super) fn guest_ids(&self, mut st: libc::stat64) -> libc::stat64 {
+        st.st_uid = self.cfg.uid_map.to_guest(st.st_uid);
+        st.st_gid = self.cfg.gid_map.to_guest(st.st_gid);
+        st
+    }
+
     pub(super) fn set_attr(
         &self,
         _ctx: Context,

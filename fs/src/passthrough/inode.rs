@@ -189,6 +189,19 @@ impl PassthroughFs {
         name: &CStr,
         listed_ino: Option<u64>,
     ) -> io::Result<Entry> {
+        // The listing gave the number as the guest sees it (see `submounts`).
+        let listed_ino = listed_ino.map(|i| self.spanned.guest_ino(parent.key.0, i));
+        let entry = self.lookup_node(parent_id, parent, name, listed_ino)?;
+        Ok(self.spanned.mark(entry, parent.key.0))
+    }
+
+    fn lookup_node(
+        &self,
+        parent_id: u64,
+        parent: &Inode,
+        name: &CStr,
+        listed_ino: Option<u64>,
+    ) -> io::Result<Entry> {
         let name_b = name.to_bytes();
         // ".." of the root is the root: the guest never gets above the share.
         if (name_b == b".." || name_b == b".") && parent.key == self.root.key {

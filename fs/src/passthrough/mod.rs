@@ -14,6 +14,7 @@ mod inode;
 mod locks;
 mod ownership;
 mod paths;
+mod submounts;
 mod sys;
 mod xattr;
 
@@ -68,6 +69,8 @@ pub struct PassthroughFs {
     /// share's folder is marked once ferry keeps some in it. Until then nodes are not asked,
     /// which spares a cold walk a system call per node.
     keeps_ownership: AtomicBool,
+    /// The host file systems the share spans (see `submounts`).
+    spanned: submounts::Spanned,
 }
 
 /// The most nodes the guest may hold per share: past it, LOOKUP answers ENFILE.
@@ -116,6 +119,7 @@ impl PassthroughFs {
             share_owner: (st.st_uid, st.st_gid),
             stateless_dirs: AtomicBool::new(false),
             keeps_ownership: AtomicBool::new(false),
+            spanned: submounts::Spanned::new(st.st_dev),
         };
         let root_fd = fs.root.fd()?.as_raw_fd();
         fs.keeps_ownership.store(
@@ -198,32 +202,6 @@ impl PassthroughFs {
         }
     }
 
-    fn entry(&self, inode: u64, node: &Inode, attr: libc::stat64) -> Entry {
-        let t = self.cfg.cache.attr_timeout();
-        Entry {
-            inode,
-            attr: self.guest_attr(node, attr),
-            attr_timeout: t,
-            entry_timeout: t,
-        }
-    }
-
-    /// The host attributes `st` of `node` as the guest sees them: with the ownership the
-    /// guest set (see `ownership`), and ids as the guest names them.
-    fn guest_attr(&self, node: &Inode, mut st: libc::stat64) -> libc::stat64 {
-        if let Some(o) = node.ownership() {
-            o.apply(&mut st);
-        }
-        self.guest_ids(st)
-    }
-
-    /// `st` with its owner and group as the guest names them.
-    fn guest_ids(&self, mut st: libc::stat64) -> libc::stat64 {
-        st.st_uid = self.cfg.uid_map.to_guest(st.st_uid);
-        st.st_gid = self.cfg.gid_map.to_guest(st.st_gid);
-        st
-    }
-
     /// The guest caller `ctx` with its ids as the host names them.
     fn host_ctx(&self, ctx: Context) -> Context {
         Context {
@@ -257,7 +235,9 @@ impl FileSystem for PassthroughFs {
     fn init(&self, capable: InitFlags) -> io::Result<InitFlags> {
         self.stateless_dirs
             .store(capable & abi::NO_OPENDIR_SUPPORT != 0, Ordering::Relaxed);
-        let mut f = abi::ASYNC_READ
+        self.spanned.set_announce(capable & abi::SUBMOUNTS != 0);
+        let mut f = abi::SUBMOUNTS
+            | abi::ASYNC_READ
             | abi::ATOMIC_O_TRUNC
             | abi::EXPORT_SUPPORT
             | abi::BIG_WRITES
@@ -703,6 +683,18 @@ impl FileSystem for PassthroughFs {
         offset: u64,
         add: &mut dyn FnMut(DirEntry<'_>) -> bool,
     ) -> io::Result<()> {
+        // Inode numbers as the guest sees them (see `submounts`), when the share spans more
+        // than its own file system.
+        let dev = match self.spanned.spans() {
+            true => Some(self.inode(inode)?.key.0),
+            false => None,
+        };
+        let add = &mut |mut e: DirEntry<'_>| {
+            if let Some(d) = dev {
+                e.ino = self.spanned.guest_ino(d, e.ino);
+            }
+            add(e)
+        };
         if handle == 0 {
             // No OPENDIR (see `stateless_dirs`): a descriptor of this request's own. The
             // offsets the guest passes are the host's d_off cookies, which hold across opens

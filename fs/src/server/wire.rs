@@ -68,7 +68,10 @@ pub(super) fn entry_out(e: &Entry) -> abi::EntryOut {
         attr_valid: e.attr_timeout.as_secs(),
         entry_valid_nsec: e.entry_timeout.subsec_nanos(),
         attr_valid_nsec: e.attr_timeout.subsec_nanos(),
-        attr: abi::Attr::from(&e.attr),
+        attr: abi::Attr {
+            flags: e.attr_flags,
+            ..abi::Attr::from(&e.attr)
+        },
     }
 }
 
