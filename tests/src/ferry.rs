@@ -110,6 +110,13 @@ impl FerryProcess {
             cmd.env("TMPDIR", dir);
         }
         cmd.arg("serve").args(args);
+        // `FERRY_TEST_SANDBOX=namespace make test` runs the suites in another sandbox mode
+        // (where a test does not choose its own).
+        if let Ok(mode) = std::env::var("FERRY_TEST_SANDBOX") {
+            if !args.iter().any(|a| a == "--sandbox") {
+                cmd.args(["--sandbox", &mode]);
+            }
+        }
         Self::start(cmd, dir, sockets)
     }
 
