@@ -75,6 +75,12 @@ pub const PROXY_ENV: [&str; 8] = [
     "ALL_PROXY",
 ];
 
+/// Whether process `pid` runs the ferry binary.
+fn is_ferry(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|e| e.file_name().is_some_and(|n| n == "ferry"))
+}
+
 /// A running `ferry serve`; stopped with SIGTERM on drop.
 pub struct FerryProcess {
     child: Child,
@@ -160,6 +166,20 @@ impl FerryProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The id of the process that serves: with `--sandbox namespace` the child the started
+    /// process forked (it holds the files and sockets; the started one only supervises it),
+    /// else the started process itself.
+    pub fn serving_pid(&self) -> u32 {
+        let pid = self.pid();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let mut it = children.split_whitespace().filter_map(|c| c.parse().ok());
+        match (it.next(), it.next()) {
+            (Some(child), None) if crate::ferry::is_ferry(child) => child,
+            _ => pid,
+        }
     }
 
     /// Whether it is still running.

@@ -111,9 +111,9 @@ fn a_full_disk_a_stopped_ferry_and_a_killed_qemu_lose_nothing() {
     wait_for(DEADLINE, || rw.join("want-stop").exists().then_some(()))
         .unwrap_or_else(|| panic!("the guest never asked for the stop:\n{}", qemu.console()));
     std::thread::sleep(Duration::from_secs(1));
-    signal(ferry.pid(), libc::SIGSTOP);
+    signal(ferry.serving_pid(), libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(5));
-    signal(ferry.pid(), libc::SIGCONT);
+    signal(ferry.serving_pid(), libc::SIGCONT);
     std::thread::sleep(Duration::from_secs(2));
     std::fs::write(rw.join("resumed"), b"").unwrap();
 

@@ -152,7 +152,9 @@ fn the_flow_list_matches_ss_both_ways_and_udp_and_icmp_flows_expire() {
         );
     }
     // Both ways: each flow is one ss row, each ferry socket in ss is one flow.
-    let ss: HashSet<(String, String, i64)> = ss_rows(&net.inner, ferry.pid()).into_iter().collect();
+    let ss: HashSet<(String, String, i64)> = ss_rows(&net.inner, ferry.serving_pid())
+        .into_iter()
+        .collect();
     let listed: HashSet<(String, String, i64)> = tcp
         .iter()
         .map(|f| {

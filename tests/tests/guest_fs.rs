@@ -219,10 +219,14 @@ fn guest_file_operations_through_ferry() {
             ferry.log_tail()
         );
     }
-    let held = open_in(ferry.pid(), &rw.join("big"));
-    let children = children_of(ferry.pid());
+    let held = open_in(ferry.serving_pid(), &rw.join("big"));
+    let children = children_of(ferry.serving_pid());
     std::fs::write(rw.join("released"), b"").unwrap();
-    assert!(held, "ferry (pid {}) does not hold big open", ferry.pid());
+    assert!(
+        held,
+        "ferry (pid {}) does not hold big open",
+        ferry.serving_pid()
+    );
     assert!(
         children.is_empty(),
         "ferry has helper processes: {children:?}"

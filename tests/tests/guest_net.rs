@@ -285,17 +285,17 @@ check dns-local-still "$(nslookup -type=A host.ferry.internal 2>&1 | awk '/^Addr
             .unwrap_or(0)
     };
     ferry_tests::wait_for(DEADLINE, || tools.join("many-start").exists().then_some(()));
-    let before = fds(ferry.pid());
+    let before = fds(ferry.serving_pid());
     ferry_tests::wait_for(DEADLINE, || tools.join("many-done").exists().then_some(()));
     let after = ferry_tests::wait_for(Duration::from_secs(20), || {
-        let n = fds(ferry.pid());
+        let n = fds(ferry.serving_pid());
         // A few new file nodes on the share are fine; a leak would be ~1000.
         (n <= before + 16).then_some(n)
     });
     assert!(
         after.is_some(),
         "ferry's descriptors grew from {before} to {} after 1000 connections",
-        fds(ferry.pid())
+        fds(ferry.serving_pid())
     );
     // While the guest holds a connection to the test host, the host-side socket is ferry's.
     let holding = ferry_tests::wait_for(DEADLINE, || tools.join("holding").exists().then_some(()));
@@ -318,9 +318,9 @@ check dns-local-still "$(nslookup -type=A host.ferry.internal 2>&1 | awk '/^Addr
         .find(|l| l.contains(&format!("{remote}:7004")))
         .unwrap_or_else(|| panic!("no socket to {remote}:7004 in ss -tnp:\n{ss}"));
     assert!(
-        line.contains(&format!("pid={},", ferry.pid())),
+        line.contains(&format!("pid={},", ferry.serving_pid())),
         "the socket to the test host is not ferry's (pid {}): {line}",
-        ferry.pid()
+        ferry.serving_pid()
     );
     all_checks_pass(&mut qemu, &ferry, 17);
     assert!(ferry.is_running());

@@ -343,7 +343,7 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     assert!(text(&o).contains(msg), "{}", text(&o));
 
     // Publishing and unpublishing leaks no descriptors.
-    let before = fds(ferry.pid());
+    let before = fds(ferry.serving_pid());
     for i in 0..25 {
         let spec = format!("udp/127.0.0.1:{}:7", 6000 + i);
         assert!(ctl(&api, &["publish", &spec]).status.success());
@@ -355,7 +355,11 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
             .status
             .success());
     }
-    assert_eq!(fds(ferry.pid()), before, "fds leaked by publish/unpublish");
+    assert_eq!(
+        fds(ferry.serving_pid()),
+        before,
+        "fds leaked by publish/unpublish"
+    );
 
     // QEMU dies; the port stays bound and refuses at once; a new QEMU serves it again.
     qemu.kill();
@@ -448,11 +452,11 @@ fn an_unprivileged_ferry_publishes_port_80_through_portd() {
         &serve_args(&sock),
         std::slice::from_ref(&sock),
     );
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", ferry.pid())).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", ferry.serving_pid()))
+        .unwrap_or_default();
     // The pid is ip's until it execs; wait for ferry's own uid line.
     let uid_line = wait_for(Duration::from_secs(5), || {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", ferry.pid())).ok()?;
+        let s = std::fs::read_to_string(format!("/proc/{}/status", ferry.serving_pid())).ok()?;
         s.lines()
             .find(|l| l.starts_with("Uid:"))
             .filter(|l| l.contains("65534"))

@@ -73,7 +73,7 @@ fn a_burst_of_short_connections_is_released_and_many_clients_are_served() {
     let _qemu = boot(dir.path(), &sock, &tools_sock);
     let peer = clients(&net.inner, &["peer", "127.0.0.1", "9000"]);
     assert!(peer.starts_with("192.168.127.254:"), "{peer}");
-    let base = fds(ferry.pid());
+    let base = fds(ferry.serving_pid());
 
     // 10,000 connections, each closed at once by the client: once the burst ends, ferry's
     // descriptors are back where they were within 5 s. The guest's echo server says nothing
@@ -88,10 +88,10 @@ fn a_burst_of_short_connections_is_released_and_many_clients_are_served() {
         ferry.log_tail()
     );
     let ended = Instant::now();
-    let mut last = fds(ferry.pid());
+    let mut last = fds(ferry.serving_pid());
     while last > base + 4 && ended.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
-        last = fds(ferry.pid());
+        last = fds(ferry.serving_pid());
         if std::env::var("FERRY_HOLD").is_ok() {
             eprintln!(
                 "T {:?} fds {last} flows {}",
@@ -105,7 +105,7 @@ fn a_burst_of_short_connections_is_released_and_many_clients_are_served() {
         last <= base + 4 && took <= Duration::from_secs(5),
         "after the burst ferry holds {last} descriptors ({base} before), {took:?} after it ended; flows by state: {}; ferry's sockets by state: {}\n{}",
         flow_states(&api),
-        socket_states(&net.inner, ferry.pid()),
+        socket_states(&net.inner, ferry.serving_pid()),
         ferry.log_tail()
     );
 
@@ -184,7 +184,7 @@ fn a_published_range_is_served_port_by_port_and_unpublished_whole() {
         &[sock.clone(), t.socket.clone(), api.clone()],
     );
     let _qemu = boot(dir.path(), &sock, &t.socket);
-    let base = fds(ferry.pid());
+    let base = fds(ferry.serving_pid());
     let o = ferry_tests::ferry_ctl(&api, &["publish", "8100-8199:9100-9199"]);
     assert!(o.status.success(), "ferry ctl publish a range: {o:?}");
     assert_eq!(
@@ -206,13 +206,13 @@ fn a_published_range_is_served_port_by_port_and_unpublished_whole() {
     let o = ferry_tests::ferry_ctl(&api, &["unpublish", "8100-8199"]);
     assert!(o.status.success(), "ferry ctl unpublish a range: {o:?}");
     let back = ferry_tests::wait_for(Duration::from_secs(10), || {
-        (fds(ferry.pid()) <= base).then_some(())
+        (fds(ferry.serving_pid()) <= base).then_some(())
     });
     assert!(
         back.is_some(),
         "descriptors: {} before the range, {} after unpublishing it",
         base,
-        fds(ferry.pid())
+        fds(ferry.serving_pid())
     );
     assert_eq!(
         clients(&net.inner, &["probe", "127.0.0.1", "8150"])

@@ -56,7 +56,7 @@ fn guest_walks_100k_files_without_exhausting_descriptors() {
             ferry.log_tail()
         );
     }
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", ferry.pid()))
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", ferry.serving_pid()))
         .map(|d| d.count())
         .unwrap_or(0);
     std::fs::write(share.join("counted"), b"").unwrap();

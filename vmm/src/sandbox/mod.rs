@@ -153,6 +153,10 @@ pub struct Paths {
     pub remove_dir: Vec<PathBuf>,
     /// Make device nodes beneath these (shares with `devices`).
     pub devices: Vec<PathBuf>,
+    /// The folders of sockets ferry connects to (`ferry portd`'s, guest forwards' UNIX
+    /// targets, frontends' sockets in client mode): connecting needs no Landlock right, but in
+    /// the namespace sandbox they must be there (read-only) to be reached.
+    pub connect: Vec<PathBuf>,
     /// The capabilities a process running as root keeps (bit numbers, `CAP_*`).
     pub capabilities: Vec<u32>,
 }
@@ -242,6 +246,29 @@ impl Paths {
         // The proxy's libraries (GSSAPI, the TLS trust store) run only with a net device.
         if cfg.net_socket.is_some() {
             library_files(&mut p, |v| std::env::var(v).ok());
+        }
+        let targets = cfg
+            .net
+            .guest_forwards
+            .iter()
+            .filter_map(|f| match &f.target {
+                ferry_net::guest_forward::ForwardTarget::Unix(p) => Some(p),
+                _ => None,
+            });
+        let clients = cfg
+            .net_socket
+            .iter()
+            .chain(cfg.shares.iter().map(|s| &s.socket))
+            .filter(|s| !cfg.binds(s) && !cfg.handed.contains_key(*s));
+        for s in [&cfg.portd_socket]
+            .into_iter()
+            .chain(targets)
+            .chain(clients)
+        {
+            let dir = parent_dir(s).to_path_buf();
+            if !p.connect.contains(&dir) {
+                p.connect.push(dir);
+            }
         }
         p.capabilities = SERVE_CAPS.to_vec();
         p.devices = cfg

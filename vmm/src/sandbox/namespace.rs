@@ -16,7 +16,8 @@
 //!    child dies with its supervisor (`PR_SET_PDEATHSIG`), so a SIGKILL to the PID a launcher
 //!    knows ends both.
 //! 3. The child builds a new root on a small tmpfs in the private folder: every path of
-//!    [`Paths`] bind-mounted at its own path (read-only ones read-only), the few device nodes
+//!    [`Paths`] bind-mounted at its own path (read-only ones read-only; the folders of sockets
+//!    ferry connects to, such as `ferry portd`'s, read-only too), the few device nodes
 //!    C libraries open, and a fresh `/proc` of the new PID namespace (the file server reaches
 //!    files through `/proc/self/fd`). Paths stay what they were, so nothing else in ferry
 //!    changes. Then `pivot_root` into it and detach the old root: the rest of the host's
@@ -211,7 +212,13 @@ fn listed(paths: &Paths) -> impl Iterator<Item = (&Path, bool)> {
         .iter()
         .chain(&paths.sockets)
         .map(|p| (p.as_path(), false))
-        .chain(paths.read_only.iter().map(|p| (p.as_path(), true)))
+        .chain(
+            paths
+                .read_only
+                .iter()
+                .chain(&paths.connect)
+                .map(|p| (p.as_path(), true)),
+        )
         .chain(DEVICES.iter().map(|d| (Path::new(d), false)))
 }
 
