@@ -1197,17 +1197,28 @@ fn ownership_the_guest_sets_stays_off_the_host_by_default() {
         "{body:?}"
     );
 
-    // A FIFO's owner cannot be kept: refused. A symlink's grants nothing: taken and dropped.
+    // Symlinks and FIFOs run nothing: their owner and mode reach the host file.
     std::os::unix::fs::symlink("plant", share.join("link")).unwrap();
     let link = f.lookup(1, "link").unwrap().nodeid;
-    assert_eq!(set_attr(&f, link, abi::fattr::UID, 7, 0, 0), 0);
+    let chown_link = set_attr(&f, link, abi::fattr::UID, 7, 0, 0);
+    assert_eq!(chown_link, if me == 0 { 0 } else { libc::EPERM });
     let fifo = abi::MknodIn {
         mode: libc::S_IFIFO | 0o644,
         ..Default::default()
     };
     assert_eq!(f.call(opcode::MKNOD, 1, &[fifo.as_slice(), b"fifo\0"]).0, 0);
     let fifo = f.lookup(1, "fifo").unwrap().nodeid;
-    assert_eq!(set_attr(&f, fifo, abi::fattr::UID, 7, 0, 0), libc::EPERM);
+    if me == 0 {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(set_attr(&f, fifo, abi::fattr::UID, 7, 0, 0), 0);
+        assert_eq!(set_attr(&f, fifo, abi::fattr::MODE, 0, 0, 0o4640), 0);
+        let host = |n: &str| std::fs::symlink_metadata(share.join(n)).unwrap();
+        assert_eq!(host("link").uid(), 7);
+        assert_eq!(
+            (host("fifo").uid(), host("fifo").mode() & 0o7777),
+            (7, 0o4640)
+        );
+    }
 
     // A new session (a remount) reads what was kept.
     f.call(opcode::DESTROY, 0, &[]);
@@ -1269,4 +1280,33 @@ fn files_the_guest_makes_belong_to_the_share_owner_on_the_host() {
     assert_eq!(f.call(opcode::MKDIR, 1, &[mk.as_slice(), b"d\0"]).0, 0);
     assert_eq!(host_attr(&share.join("d")), (4321, 4322, 0o755));
     assert_eq!(f.lookup(1, "d").unwrap().attr.uid, 0);
+}
+
+/// SETATTR of a symlink's times sets the link's own, as `touch -h` asks (utimensat with
+/// AT_SYMLINK_NOFOLLOW in the guest), and leaves its target alone.
+#[test]
+fn a_symlinks_own_times_are_set() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture(false);
+    let share = f.share();
+    std::fs::write(share.join("target"), b"x").unwrap();
+    std::os::unix::fs::symlink("target", share.join("link")).unwrap();
+    f.init(0);
+    let link = f.lookup(1, "link").unwrap().nodeid;
+    let s = abi::SetattrIn {
+        valid: abi::fattr::MTIME,
+        mtime: 1_000_000,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::SETATTR, link, &[s.as_slice()]).0, 0);
+    assert_eq!(
+        std::fs::symlink_metadata(share.join("link"))
+            .unwrap()
+            .mtime(),
+        1_000_000
+    );
+    assert_ne!(
+        std::fs::metadata(share.join("target")).unwrap().mtime(),
+        1_000_000
+    );
 }

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::inode::Inode;
-use super::ownership::Ownership;
+use super::ownership::{passes_through, Ownership};
 use super::sys::{cvt, ebadf, erofs, proc_path, stat_fd};
 use super::PassthroughFs;
 use crate::filesystem::{Context, Entry, SetattrArgs, TimeSpec};
@@ -60,7 +60,10 @@ impl PassthroughFs {
         if args.mode.is_some() && is_link {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        if !self.cfg.trusted {
+        // Symlinks, FIFOs and sockets take the guest's owner and mode on the host on any share
+        // (see `ownership`).
+        let pass = self.cfg.trusted || passes_through(st.st_mode & libc::S_IFMT);
+        if !pass {
             if args.mode.is_some() || args.uid.is_some() || args.gid.is_some() {
                 self.set_ownership(&node, fd, &st, &args)?;
             }
@@ -68,7 +71,7 @@ impl PassthroughFs {
             // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
             cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
         }
-        if self.cfg.trusted && (args.uid.is_some() || args.gid.is_some()) {
+        if pass && (args.uid.is_some() || args.gid.is_some()) {
             let uid = args.uid.map_or(u32::MAX, |u| self.cfg.uid_map.to_host(u));
             let gid = args.gid.map_or(u32::MAX, |g| self.cfg.gid_map.to_host(g));
             // SAFETY: the fd is valid and the empty path is NUL-terminated.
@@ -117,10 +120,21 @@ impl PassthroughFs {
             };
             let times = [ts(args.atime), ts(args.mtime)];
             if is_link {
-                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+                // The link itself, through its O_PATH descriptor (AT_EMPTY_PATH; a kernel that
+                // refuses that for utimensat answers EINVAL, given as EOPNOTSUPP).
+                // SAFETY: the fd is valid, the empty path is NUL-terminated and `times` holds
+                // two timespecs.
+                cvt(unsafe {
+                    libc::utimensat(fd, c"".as_ptr(), times.as_ptr(), libc::AT_EMPTY_PATH)
+                })
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EINVAL) => io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+                    _ => e,
+                })?;
+            } else {
+                // SAFETY: `p` is NUL-terminated and `times` holds two timespecs.
+                cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
             }
-            // SAFETY: `p` is NUL-terminated and `times` holds two timespecs.
-            cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
         }
         Ok((
             self.guest_attr(&node, stat_fd(fd)?),

@@ -370,7 +370,8 @@ impl FileSystem for PassthroughFs {
             // SAFETY: both strings are NUL-terminated and the fd is valid.
             cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
         }
-        self.do_lookup(parent, &p, name)
+        let entry = self.do_lookup(parent, &p, name)?;
+        self.adopt(ctx, &p, entry, 0o777)
     }
 
     fn mknod(

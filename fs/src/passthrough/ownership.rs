@@ -21,10 +21,12 @@
 //! folders), so ferry keeps access to what it serves when it runs as that owner.
 //!
 //! Linux keeps `user.*` attributes on regular files and folders only. Symlinks, FIFOs and
-//! sockets show the host's owner: a symlink's owner grants nothing, so the guest's change of
-//! it is taken and dropped; a FIFO's or socket's is refused with EPERM, as for a user without
-//! CAP_CHOWN. A host file system that keeps no `user.*` attributes refuses ownership changes
-//! the same way. The guest can neither read nor change the attribute itself: a guest user
+//! sockets need none: nothing runs from them, so their owner and mode grant no privilege on the
+//! host, and they pass through as on a `trusted` share (made as the guest's caller, chown and
+//! chmod on the host file; see [`passes_through`]). Device nodes never do: their owner would
+//! open the host's device to that host user. A host file system that keeps no `user.*`
+//! attributes refuses ownership changes of files and folders with EPERM, as for a user without
+//! CAP_CHOWN. The guest can neither read nor change the attribute itself: a guest user
 //! could otherwise make its own file look like a set-user-ID root program to the guest.
 
 use std::ffi::CStr;
@@ -104,6 +106,12 @@ impl Ownership {
 /// regular files and folders only).
 pub(super) fn can_keep(fmt: u32) -> bool {
     fmt == libc::S_IFREG || fmt == libc::S_IFDIR
+}
+
+/// Whether a node of type `fmt` takes the guest's owner and mode on the host itself, on any
+/// share: symlinks, FIFOs and sockets, which run nothing.
+pub(super) fn passes_through(fmt: u32) -> bool {
+    matches!(fmt, libc::S_IFLNK | libc::S_IFIFO | libc::S_IFSOCK)
 }
 
 /// The host's permission bits for a node the guest sees with `mode`: no set-id bits, and the
@@ -218,7 +226,7 @@ impl PassthroughFs {
     /// The mode to create a host node of type `fmt` with, for the guest's `mode`: as asked on
     /// a `trusted` share; without set-id bits on one that emulates ownership.
     pub(super) fn create_mode(&self, mode: u32, fmt: u32) -> u32 {
-        if self.cfg.trusted {
+        if self.cfg.trusted || passes_through(fmt) {
             mode
         } else {
             (mode & libc::S_IFMT) | host_mode(mode, fmt)
@@ -228,7 +236,8 @@ impl PassthroughFs {
     /// On a share that emulates ownership, makes the node of `entry`, which the guest's
     /// caller `ctx` just made in `parent` with `mode`, look as the guest made it: the caller's,
     /// or a set-group-ID folder's group (which a folder inherits the bit of), with the mode
-    /// asked for. A node that cannot keep it shows the host's (see `ownership`).
+    /// asked for. A symlink, FIFO or socket is given that owner on the host; a device node
+    /// shows the host's (see `ownership`).
     pub(super) fn adopt(
         &self,
         ctx: Context,
@@ -243,7 +252,7 @@ impl PassthroughFs {
         let nf = node.fd()?;
         let st = stat_fd(nf.as_raw_fd())?;
         let fmt = st.st_mode & libc::S_IFMT;
-        if !can_keep(fmt) {
+        if !can_keep(fmt) && !passes_through(fmt) {
             return Ok(entry);
         }
         let host = self.host_ctx(ctx);
@@ -261,6 +270,27 @@ impl PassthroughFs {
             if fmt == libc::S_IFDIR {
                 want.mode |= libc::S_ISGID;
             }
+        }
+        if passes_through(fmt) {
+            // Made as the share's owner (the caller may not write the host folder, whose
+            // owner the guest does not see), then given to the caller, as the guest made it.
+            if (want.uid, want.gid) != (st.st_uid, st.st_gid) {
+                // SAFETY: the fd is valid and the empty path is NUL-terminated.
+                let r = cvt(unsafe {
+                    libc::fchownat(
+                        nf.as_raw_fd(),
+                        c"".as_ptr(),
+                        want.uid,
+                        want.gid,
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                });
+                if let Err(e) = r {
+                    log::debug!("cannot give a new node to its maker: {e}");
+                }
+            }
+            entry.attr = self.guest_attr(&node, stat_fd(nf.as_raw_fd())?);
+            return Ok(entry);
         }
         let kept = (want != Ownership::of(&st)).then_some(want);
         if kept != node.ownership() {
@@ -296,11 +326,11 @@ impl PassthroughFs {
             }
         }
         if !can_keep(fmt) {
-            // A FIFO's or socket's owner decides who may use it, and cannot be kept: refused,
-            // as for a caller without CAP_CHOWN. A symlink's grants nothing: dropped.
+            // A device node (in a `devices` share) keeps the host's owner: refused, as for a
+            // caller without CAP_CHOWN.
             let changes =
                 uid.is_some_and(|u| u != st.st_uid) || gid.is_some_and(|g| g != st.st_gid);
-            if changes && fmt != libc::S_IFLNK {
+            if changes {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             return Ok(());
