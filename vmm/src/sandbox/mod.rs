@@ -456,11 +456,7 @@ mod tests {
         let private = tempfile::tempdir().unwrap();
         let paths = Paths {
             read_write: vec![share.path().to_path_buf(), private.path().to_path_buf()],
-            read_only: vec![],
-            sockets: vec![],
-            remove_dir: vec![],
-            devices: vec![],
-            capabilities: vec![],
+            ..Default::default()
         };
         let (s, o) = (share.path().to_path_buf(), outside.path().to_path_buf());
         let res = std::thread::spawn(move || {
