@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Ferry needs on a Debian 12 host, and nothing that is
 # already there. Run as root (or with sudo available). Idempotent and quick when all is present.
-#   install-deps.sh          build and test
+#   install-deps.sh          build and test (pjdfstest included, by cargo install)
 #   install-deps.sh --bench  also what `make bench` compares against and measures with:
 #                            passt, iperf3, fio, gnuplot, and virtiofsd (cargo install)
 set -euo pipefail
@@ -87,4 +87,11 @@ fi
 if [ $BENCH = 1 ] && ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/virtiofsd" ]; then
 	echo "install-deps: building virtiofsd (cargo install virtiofsd --locked) for the benchmark"
 	cargo install -j2 --locked virtiofsd
+fi
+
+# pjdfstest (the Rust port), which the guest conformance test runs inside the guest from the
+# tools share (tests/tests/guest_pjdfstest.rs). A pinned version: its test list is the bar.
+if [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest" ]; then
+	echo "install-deps: building pjdfstest 0.2.2 (cargo install pjdfstest --locked) for the conformance test"
+	cargo install -j2 --locked --version 0.2.2 pjdfstest
 fi

@@ -93,12 +93,22 @@ pub const CURL: &str =
 /// proxy, and the image must stay small enough for a 256 MiB guest), and returns the
 /// command that runs it in the guest, where `tools` is mounted at /mnt/tools ([`CURL`]).
 pub fn host_curl(tools: &std::path::Path) -> String {
-    let dir = tools.join("curl");
-    std::fs::create_dir_all(&dir).expect("create tools/curl");
+    let cmd = host_program(tools, "curl", std::path::Path::new("/usr/bin/curl"));
+    assert_eq!(cmd, CURL, "curl's loader has another name here");
+    cmd
+}
+
+/// Copies host program `binary`, the shared libraries `ldd` names for it and their loader into
+/// `tools/NAME`, and returns the command that runs it in the guest, where `tools` is mounted
+/// at /mnt/tools: the guest image stays small, and the program finds the libraries it was
+/// built against.
+pub fn host_program(tools: &std::path::Path, name: &str, binary: &std::path::Path) -> String {
+    let dir = tools.join(name);
+    std::fs::create_dir_all(&dir).expect("create a program's folder in the tools share");
     let ldd = std::process::Command::new("ldd")
-        .arg("/usr/bin/curl")
+        .arg(binary)
         .output()
-        .expect("run ldd /usr/bin/curl (apt-get install curl)");
+        .expect("run ldd");
     let mut loader = None;
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
@@ -112,20 +122,17 @@ pub fn host_curl(tools: &std::path::Path) -> String {
         let Some(path) = path.filter(|p| p.starts_with('/')) else {
             continue;
         };
-        let name = std::path::Path::new(path)
+        let lib = std::path::Path::new(path)
             .file_name()
             .expect("a library file name");
-        std::fs::copy(path, dir.join(name)).expect("copy one of curl's libraries");
-        if name.to_string_lossy().starts_with("ld-linux") {
-            loader = Some(name.to_string_lossy().into_owned());
+        std::fs::copy(path, dir.join(lib)).expect("copy one of a program's libraries");
+        if lib.to_string_lossy().starts_with("ld-linux") {
+            loader = Some(lib.to_string_lossy().into_owned());
         }
     }
-    std::fs::copy("/usr/bin/curl", dir.join("curl")).expect("copy /usr/bin/curl");
-    let loader = loader.expect("ldd names curl's loader");
-    let cmd =
-        format!("/mnt/tools/curl/{loader} --library-path /mnt/tools/curl /mnt/tools/curl/curl");
-    assert_eq!(cmd, CURL, "curl's loader has another name here");
-    cmd
+    std::fs::copy(binary, dir.join(name)).expect("copy a program into the tools share");
+    let loader = loader.expect("ldd names the program's loader");
+    format!("/mnt/tools/{name}/{loader} --library-path /mnt/tools/{name} /mnt/tools/{name}/{name}")
 }
 
 /// A guest test's setup: `ferry serve` in namespace `ns` with a net device, the control API

@@ -1,0 +1,190 @@
+//! POSIX conformance measured with a suite no one here wrote: pjdfstest (the Rust port,
+//! `cargo install pjdfstest`, which `scripts/install-deps.sh` does) runs as root inside the
+//! guest on a default share (ownership emulated), as it runs on virtiofsd. Only the device-node
+//! tests fail there (ferry refuses device nodes in such a share on purpose), each with EPERM.
+//! The share's folder is searchable by other users, as pjdfstest's unprivileged subtests need on
+//! any server. The binary comes from the host through the tools share: the guest image does
+//! not grow. (A `devices,trusted` share is not asserted yet: see docs/status.md.)
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::{host_program, tools_share, FerryProcess, GuestSpec, Qemu};
+
+const DEADLINE: Duration = Duration::from_secs(600);
+
+/// pjdfstest's configuration: the opt-in features Linux has, and the users to switch to
+/// (`nobody` is in the guest image; the script adds `tests`).
+const CONFIG: &str = r#"
+[features]
+posix_fallocate = {}
+rename_ctime = {}
+utime_now = {}
+utimensat = {}
+
+[settings]
+naptime = 0.001
+allow_remount = false
+
+[dummy_auth]
+entries = [["nobody", "nobody"], ["tests", "tests"]]
+"#;
+
+/// Where `cargo install pjdfstest` put it.
+fn pjdfstest() -> PathBuf {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_default();
+    let bin = cargo_home.join("bin/pjdfstest");
+    assert!(
+        bin.exists(),
+        "pjdfstest is not installed at {}: run scripts/install-deps.sh (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One run's result: (failed tests with their first message line, passed, skipped).
+struct Run {
+    failed: Vec<(String, String)>,
+    passed: usize,
+}
+
+/// Reads pjdfstest's output: `NAME   ok|FAILED|skipped` lines, a failure's message on the
+/// next line, and `Summary: F failed, S skipped, P passed, ...`.
+fn parse(out: &str) -> Run {
+    let plain: String = {
+        // Colour escapes off.
+        let mut s = String::with_capacity(out.len());
+        let mut esc = false;
+        for c in out.chars() {
+            match (esc, c) {
+                (false, '\u{1b}') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => s.push(c),
+            }
+        }
+        s
+    };
+    let lines: Vec<&str> = plain.lines().collect();
+    let mut failed = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let mut w = l.split_whitespace();
+        if let (Some(name), Some("FAILED")) = (w.next(), w.next()) {
+            // The message, and the values of a failed comparison on the lines after it.
+            let why: Vec<&str> = lines[i + 1..]
+                .iter()
+                .take_while(|m| m.starts_with(char::is_whitespace) || m.is_empty())
+                .take(4)
+                .map(|m| m.trim())
+                .collect();
+            failed.push((name.to_string(), why.join(" | ")));
+        }
+    }
+    let summary = lines
+        .iter()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or_else(|| panic!("no summary in pjdfstest's output:\n{plain}"));
+    let count = |what: &str| -> usize {
+        summary
+            .split(',')
+            .find(|p| p.trim().ends_with(what))
+            .and_then(|p| p.split_whitespace().find_map(|w| w.parse().ok()))
+            .unwrap_or(0)
+    };
+    assert_eq!(count("failed"), failed.len(), "{summary}");
+    Run {
+        failed,
+        passed: count("passed"),
+    }
+}
+
+fn share_dir(dir: &Path, name: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+#[test]
+fn pjdfstest_in_the_guest_fails_only_device_nodes_on_a_default_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tools = tools_share(d);
+    let pjd = host_program(&tools.dir, "pjdfstest", &pjdfstest());
+    std::fs::write(tools.dir.join("pjdfstest.toml"), CONFIG).unwrap();
+    let data = share_dir(d, "data");
+    let data_sock = d.join("data.sock");
+    let ferry = FerryProcess::serve(
+        d,
+        &[
+            "--share".into(),
+            tools.share.clone(),
+            "--share".into(),
+            format!(
+                "tag=data,dir={},socket={}",
+                data.display(),
+                data_sock.display()
+            ),
+        ],
+        &[tools.socket.clone(), data_sock.clone()],
+    );
+    let script = format!(
+        r#"
+echo 'tests:x:1001:1001:tests:/:/bin/false' >> /etc/passwd
+echo 'tests:x:1001:' >> /etc/group
+# In a folder of the share, as the suite is usually run (at a mount's root its long-path
+# tests overflow computing their lengths).
+mkdir -m 755 /mnt/data/work && cd /mnt/data/work
+{pjd} -c /mnt/tools/pjdfstest.toml -p /mnt/data/work > /mnt/tools/data.out 2>&1
+echo "FERRY-CHECK pjdfstest-ran ok rc=$?"
+"#
+    );
+    let mut qemu = Qemu::boot(
+        d,
+        &GuestSpec {
+            script,
+            shares: vec![
+                ("tools".into(), tools.socket.clone()),
+                ("data".into(), data_sock.clone()),
+            ],
+            ..Default::default()
+        },
+    );
+    let out = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(1, &format!("ferry log:\n{}", ferry.log_tail()));
+    let read = |s: &str| std::fs::read_to_string(tools.dir.join(format!("{s}.out"))).unwrap();
+
+    let data_run = parse(&read("data"));
+    let not_devices: Vec<_> = data_run
+        .failed
+        .iter()
+        .filter(|(name, _)| !(name.ends_with("::char") || name.ends_with("::block")))
+        .collect();
+    assert!(
+        not_devices.is_empty(),
+        "pjdfstest failures other than device nodes on a default share: {not_devices:#?}"
+    );
+    // Refused as ferry refuses them: EPERM (or an assertion that mknod of a device worked).
+    let other_errors: Vec<_> = data_run
+        .failed
+        .iter()
+        .filter(|(_, why)| !(why.contains("EPERM") || why.contains("mknod(")))
+        .collect();
+    assert!(other_errors.is_empty(), "{other_errors:#?}");
+    assert!(
+        !data_run.failed.is_empty() && data_run.passed > 250,
+        "fewer tests ran than pjdfstest has: {} passed",
+        data_run.passed
+    );
+    eprintln!(
+        "pjdfstest: default share {} passed, {} failed (device nodes)",
+        data_run.passed,
+        data_run.failed.len()
+    );
+}
