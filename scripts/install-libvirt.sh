@@ -17,6 +17,11 @@ if [ ! -x "$V9/usr/sbin/libvirtd" ]; then
 	rm -rf "$work"
 	echo "install-libvirt: unpacked libvirt 9.0 under $V9" >&2
 fi
+# 9.0 links libyajl (11.3 uses json-c): unpacked, it brings no dependencies of its own.
+if ! dpkg -s libyajl2 >/dev/null 2>&1; then
+	SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends libyajl2 >&2
+fi
 if command -v virsh >/dev/null 2>&1 && command -v libvirtd >/dev/null 2>&1 &&
 	[ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] &&
 	virsh --version 2>/dev/null | grep -q '^11\.'; then
