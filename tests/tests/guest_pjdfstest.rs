@@ -7,7 +7,7 @@
 //! not grow. (A `devices,trusted` share is not asserted yet: see docs/status.md.)
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_tests::{host_program, tools_share, FerryProcess, GuestSpec, Qemu};
@@ -46,30 +46,18 @@ fn pjdfstest() -> PathBuf {
     bin
 }
 
-/// One run's result: (failed tests with their first message line, passed, skipped).
+/// One run's result.
 struct Run {
+    /// The failed tests, each with its message.
     failed: Vec<(String, String)>,
+    /// How many passed.
     passed: usize,
 }
 
-/// Reads pjdfstest's output: `NAME   ok|FAILED|skipped` lines, a failure's message on the
-/// next line, and `Summary: F failed, S skipped, P passed, ...`.
+/// Reads pjdfstest's output (without colours: NO_COLOR): `NAME   ok|FAILED|skipped` lines, a
+/// failure's message on the next lines, and `Summary: F failed, S skipped, P passed, ...`.
 fn parse(out: &str) -> Run {
-    let plain: String = {
-        // Colour escapes off.
-        let mut s = String::with_capacity(out.len());
-        let mut esc = false;
-        for c in out.chars() {
-            match (esc, c) {
-                (false, '\u{1b}') => esc = true,
-                (true, 'm') => esc = false,
-                (true, _) => {}
-                (false, c) => s.push(c),
-            }
-        }
-        s
-    };
-    let lines: Vec<&str> = plain.lines().collect();
+    let lines: Vec<&str> = out.lines().collect();
     let mut failed = Vec::new();
     for (i, l) in lines.iter().enumerate() {
         let mut w = l.split_whitespace();
@@ -87,7 +75,7 @@ fn parse(out: &str) -> Run {
     let summary = lines
         .iter()
         .find(|l| l.starts_with("Summary:"))
-        .unwrap_or_else(|| panic!("no summary in pjdfstest's output:\n{plain}"));
+        .unwrap_or_else(|| panic!("no summary in pjdfstest's output:\n{out}"));
     let count = |what: &str| -> usize {
         summary
             .split(',')
@@ -102,13 +90,6 @@ fn parse(out: &str) -> Run {
     }
 }
 
-fn share_dir(dir: &Path, name: &str) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir(&d).unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
-
 #[test]
 fn pjdfstest_in_the_guest_fails_only_device_nodes_on_a_default_share() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +97,10 @@ fn pjdfstest_in_the_guest_fails_only_device_nodes_on_a_default_share() {
     let tools = tools_share(d);
     let pjd = host_program(&tools.dir, "pjdfstest", &pjdfstest());
     std::fs::write(tools.dir.join("pjdfstest.toml"), CONFIG).unwrap();
-    let data = share_dir(d, "data");
+    // Searchable by the users pjdfstest switches to.
+    let data = d.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     let data_sock = d.join("data.sock");
     let ferry = FerryProcess::serve(
         d,
@@ -139,7 +123,7 @@ echo 'tests:x:1001:' >> /etc/group
 # In a folder of the share, as the suite is usually run (at a mount's root its long-path
 # tests overflow computing their lengths).
 mkdir -m 755 /mnt/data/work && cd /mnt/data/work
-{pjd} -c /mnt/tools/pjdfstest.toml -p /mnt/data/work > /mnt/tools/data.out 2>&1
+NO_COLOR=1 {pjd} -c /mnt/tools/pjdfstest.toml -p /mnt/data/work > /mnt/tools/data.out 2>&1
 echo "FERRY-CHECK pjdfstest-ran ok rc=$?"
 "#
     );
