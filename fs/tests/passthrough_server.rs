@@ -1310,3 +1310,34 @@ fn a_symlinks_own_times_are_set() {
         1_000_000
     );
 }
+
+/// On a `devices,trusted` share (a container's root file system) a device node's mode and
+/// owner reach the host as the guest sets them, as any file's do there.
+#[test]
+fn a_trusted_devices_shares_device_nodes_take_chmod_and_chown() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no memory effects.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let f = fixture_config(
+        Config {
+            trusted: true,
+            devices: true,
+            ..Default::default()
+        },
+        |_| {},
+    );
+    f.init(0);
+    let mk = abi::MknodIn {
+        mode: libc::S_IFCHR | 0o644,
+        rdev: libc::makedev(1, 3) as u32,
+        ..Default::default()
+    };
+    assert_eq!(f.call(opcode::MKNOD, 1, &[mk.as_slice(), b"null\0"]).0, 0);
+    let node = f.lookup(1, "null").unwrap().nodeid;
+    assert_eq!(set_attr(&f, node, abi::fattr::MODE, 0, 0, 0o111), 0);
+    assert_eq!(set_attr(&f, node, abi::fattr::UID, 7, 0, 0), 0);
+    let m = std::fs::symlink_metadata(f.dir.path().join("null")).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid()), (0o111, 7));
+}

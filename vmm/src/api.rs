@@ -398,7 +398,7 @@ fn health(control: &Control) -> Value {
     json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "pid": crate::sandbox::namespace::host_pid(),
+        "pid": crate::sandbox::host_pid(),
         "uptime_secs": control.started.elapsed().as_secs(),
         "net": control.net.is_some(),
         "guest_attached": control.ports.as_ref().is_some_and(|p| p.attached()),

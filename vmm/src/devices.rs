@@ -110,15 +110,7 @@ impl Devices {
                 .and_then(|_| ferry_audit::Audit::open(&ferry_audit::Sink::None).ok()),
         };
         let mut paths = crate::sandbox::Paths::for_serve(cfg, &private);
-        let entered = match cfg.sandbox.mode {
-            // Here, while this is the only thread: a user namespace needs that.
-            crate::sandbox::SandboxMode::Namespace => {
-                crate::sandbox::namespace::enter(&mut paths, &private)
-            }
-            _ => Ok(()),
-        }
-        .and_then(|()| crate::sandbox::enter(cfg.sandbox, &paths));
-        if let Err(e) = entered {
+        if let Err(e) = crate::sandbox::enter_serving(cfg.sandbox, &mut paths, &private) {
             let _ = std::fs::remove_dir_all(&private);
             return Err(e);
         }

@@ -14,7 +14,7 @@ pub fn serve(cfg: ServeConfig) -> Result<ExitCode> {
     signals::block_termination()
         .map_err(|e| Error::Runtime(format!("cannot block termination signals: {e}")))?;
     let devices = Devices::start(&cfg)?;
-    info!("ready (pid {})", crate::sandbox::namespace::host_pid());
+    info!("ready (pid {})", crate::sandbox::host_pid());
     let sig = signals::wait_termination()
         .map_err(|e| Error::Runtime(format!("cannot wait for signals: {e}")))?;
     let failed = FAILURE.load(Ordering::SeqCst);

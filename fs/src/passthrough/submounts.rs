@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use crate::abi;
 use crate::filesystem::Entry;
@@ -29,8 +29,9 @@ pub(super) struct Spanned {
     root_dev: u64,
     /// Whether any other has been met (so the common case takes no lock).
     spans: AtomicBool,
-    /// Other file systems by device, with their index.
-    others: Mutex<HashMap<u64, u64>>,
+    /// Other file systems by device, with their index (read for every node on them, written
+    /// once per file system).
+    others: RwLock<HashMap<u64, u64>>,
     /// Whether the guest took FUSE_SUBMOUNTS.
     announce: AtomicBool,
 }
@@ -41,7 +42,7 @@ impl Spanned {
         Spanned {
             root_dev,
             spans: AtomicBool::new(false),
-            others: Mutex::new(HashMap::new()),
+            others: RwLock::new(HashMap::new()),
             announce: AtomicBool::new(false),
         }
     }
@@ -56,7 +57,10 @@ impl Spanned {
         if dev == self.root_dev {
             return ino;
         }
-        let Ok(mut others) = self.others.lock() else {
+        if let Some(i) = self.others.read().ok().and_then(|o| o.get(&dev).copied()) {
+            return ino ^ (i << 56);
+        }
+        let Ok(mut others) = self.others.write() else {
             return ino;
         };
         let next = others.len() as u64 + 1;

@@ -20,13 +20,14 @@
 //! spawned from the main thread, is not confined by it.
 
 mod landlock;
-pub mod namespace;
+mod namespace;
 mod seccomp;
 
 use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
+pub use namespace::host_pid;
 pub use seccomp::{confine_thread, Role};
 
 use crate::cli::SandboxArgs;
@@ -368,6 +369,16 @@ fn library_files(p: &mut Paths, var: impl Fn(&str) -> Option<String>) {
             cache.display()
         );
     }
+}
+
+/// Enters the sandbox `ferry serve` asks for, on its main thread while it is the only one:
+/// with `namespace`, the namespaces and the new root first (the process that called this stays
+/// outside as the supervisor and never returns; see [`namespace`]), then [`enter`].
+pub fn enter_serving(cfg: SandboxConfig, paths: &mut Paths, private: &Path) -> Result<()> {
+    if cfg.mode == SandboxMode::Namespace {
+        namespace::enter(paths, private)?;
+    }
+    enter(cfg, paths)
 }
 
 /// Enters the sandbox on the calling thread: Landlock first (its own setup needs system calls
