@@ -33,6 +33,8 @@ guest-image:
 # The guest suites that run a second time on QEMU 10 (Debian's bookworm-backports, unpacked
 # beside the system's 7.2 by scripts/install-qemu10.sh); every suite runs on 7.2.
 QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_ports guest_learned guest_ipv6 guest_multiqueue launch_conventions libvirt
+# Suites run again with every ferry serve in the namespace sandbox (FERRY_TEST_SANDBOX).
+NAMESPACE_SUITES ?= guest_fs guest_ports api
 QEMU10_PREFIX ?= /opt/ferry/qemu-10
 
 test: deps guest-image
@@ -42,6 +44,9 @@ test: deps guest-image
 	FERRY_QEMU10_PREFIX=$(QEMU10_PREFIX) bash scripts/install-qemu10.sh
 	FERRY_QEMU=$(QEMU10_PREFIX)/bin/qemu-system-x86_64 $(CARGO) test -j$(JOBS) -p ferry-tests \
 		$(addprefix --test ,$(QEMU10_SUITES)) -- --test-threads=$(TEST_THREADS)
+	@echo "make test: suites again under --sandbox namespace: $(NAMESPACE_SUITES)"
+	FERRY_TEST_SANDBOX=namespace $(CARGO) test -j$(JOBS) -p ferry-tests \
+		$(addprefix --test ,$(NAMESPACE_SUITES)) -- --test-threads=$(TEST_THREADS)
 
 # The demo fetches this checkout from the host's loopback (port 8089) through the NAT and the
 # proxy; the server lives as long as the guest.
