@@ -205,8 +205,9 @@ struct Bind {
     read_only: bool,
 }
 
-/// The paths of `paths` and the device nodes, each with whether it is read-only.
-fn listed(paths: &Paths) -> impl Iterator<Item = (&Path, bool)> {
+/// The paths of `paths` and the device nodes that exist outside `/proc` (the new one's), each
+/// as (how it was named, where it is with no symlink on the way, whether it is read-only).
+fn resolved(paths: &Paths) -> Vec<(&Path, PathBuf, bool)> {
     paths
         .read_write
         .iter()
@@ -220,33 +221,34 @@ fn listed(paths: &Paths) -> impl Iterator<Item = (&Path, bool)> {
                 .map(|p| (p.as_path(), true)),
         )
         .chain(DEVICES.iter().map(|d| (Path::new(d), false)))
-}
-
-/// The symlinks on the way to listed paths (`/lib` to `usr/lib`, say), as (how the path was
-/// named, where it is): the new root gets the same names.
-fn links(paths: &Paths) -> Vec<(PathBuf, PathBuf)> {
-    listed(paths)
-        .filter_map(|(p, _)| {
+        .filter_map(|(p, read_only)| {
             let real = std::fs::canonicalize(p).ok()?;
-            (real != p && !real.starts_with("/proc")).then(|| (p.to_path_buf(), real))
+            (!real.starts_with("/proc")).then_some((p, real, read_only))
         })
         .collect()
 }
 
-/// The bind mounts for `paths`, parents before children; a path beneath another of at least
-/// its access is left out. `/proc` is the new one's.
-fn binds(paths: &Paths) -> Vec<Bind> {
+/// The symlinks on the way to listed paths (`/lib` to `usr/lib`, say), as (how the path was
+/// named, where it is): the new root gets the same names.
+fn links(resolved: &[(&Path, PathBuf, bool)]) -> Vec<(PathBuf, PathBuf)> {
+    resolved
+        .iter()
+        .filter(|(p, real, _)| real != p)
+        .map(|(p, real, _)| (p.to_path_buf(), real.clone()))
+        .collect()
+}
+
+/// The bind mounts for the resolved paths, parents before children; a path beneath another of
+/// at least its access is left out.
+fn binds(resolved: &[(&Path, PathBuf, bool)]) -> Vec<Bind> {
     let mut all: Vec<Bind> = Vec::new();
-    for (p, read_only) in listed(paths) {
-        let Ok(real) = std::fs::canonicalize(p) else {
-            continue;
-        };
-        if real.starts_with("/proc") {
-            continue;
-        }
-        match all.iter_mut().find(|b| b.real == real) {
+    for (_, real, read_only) in resolved {
+        match all.iter_mut().find(|b| b.real == *real) {
             Some(b) => b.read_only &= read_only,
-            None => all.push(Bind { real, read_only }),
+            None => all.push(Bind {
+                real: real.clone(),
+                read_only: *read_only,
+            }),
         }
     }
     all.sort_by(|a, b| a.real.cmp(&b.real));
@@ -361,7 +363,8 @@ fn build_root(paths: &Paths, root: &Path) -> io::Result<()> {
     )?;
     let root_dev = root.metadata()?.dev();
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    for b in binds(paths) {
+    let resolved = resolved(paths);
+    for b in binds(&resolved) {
         let target = inside(&b.real);
         make_target(&target, b.real.is_dir(), root_dev)?;
         mount(
@@ -378,7 +381,7 @@ fn build_root(paths: &Paths, root: &Path) -> io::Result<()> {
     }
     // The same links in the new root, where one can be made on its own file system (inside a
     // bound folder the host's own link is there already).
-    for (named, real) in links(paths) {
+    for (named, real) in links(&resolved) {
         let link = inside(&named);
         let Some(parent) = link.parent() else {
             continue;
@@ -445,7 +448,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let b = binds(&paths);
+        let r = resolved(&paths);
+        let b = binds(&r);
         let share = share.canonicalize().unwrap();
         let ro = ro.canonicalize().unwrap();
         let got: Vec<_> = b
@@ -459,6 +463,6 @@ mod tests {
         want.sort();
         assert_eq!(got, want);
         assert!(b.iter().any(|b| b.real == Path::new("/dev/null")));
-        assert!(links(&paths).contains(&(link, ro)));
+        assert!(links(&r).contains(&(link, ro)));
     }
 }
