@@ -33,6 +33,8 @@ declare -A NEED=(
 	[openssl]=openssl
 	# kinit, for the Kerberos realm of the same test.
 	[kinit]=krb5-user
+	# A guest test that times out prints where each of ferry's threads is (tests/src/ferry.rs).
+	[gdb]=gdb
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -197,6 +197,50 @@ impl FerryProcess {
         tail(&self.log_text(), 40)
     }
 
+    /// Each of the serving process's threads: name, state, where in the kernel it waits
+    /// and (as root) its kernel stack. For a failure's message when a guest hangs.
+    pub fn threads(&self) -> String {
+        let pid = self.serving_pid();
+        let mut out = String::new();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            // The state follows the parenthesised name, which may hold spaces.
+            let state = stat.rsplit(") ").next().and_then(|r| r.split(' ').next());
+            out += &format!(
+                "{} {} {} wchan={}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                state.unwrap_or("?"),
+                read("wchan")
+            );
+            for line in read("stack").lines().take(8) {
+                out += &format!("    {line}\n");
+            }
+        }
+        // Where each thread is in ferry's own code, when gdb is at hand (CI installs it).
+        let bt = std::process::Command::new("timeout")
+            .args(["30", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "thread apply all bt 10"])
+            .stdin(std::process::Stdio::null())
+            .output();
+        if let Ok(o) = bt {
+            let text = String::from_utf8_lossy(&o.stdout);
+            for line in text.lines() {
+                if line.starts_with("Thread ") || line.starts_with('#') {
+                    // A frame's function and place; its arguments are noise here.
+                    let short: String = line.chars().take(180).collect();
+                    out += &format!("{short}\n");
+                }
+            }
+        }
+        out
+    }
+
     /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

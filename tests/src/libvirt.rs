@@ -155,12 +155,23 @@ impl Libvirt {
 
     /// Runs `virsh -c URI ARGS`; its stdout, or `Err` with what it said.
     pub fn virsh(&self, args: &[&str]) -> Result<String, String> {
+        self.virsh_within(None, args)
+    }
+
+    /// [`Self::virsh`], killed after `limit` seconds when one is given (for commands that
+    /// talk to a QEMU that may be stuck).
+    fn virsh_within(&self, limit: Option<u32>, args: &[&str]) -> Result<String, String> {
+        let (program, pre) = match limit {
+            Some(secs) => ("timeout", vec![secs.to_string(), "virsh".to_string()]),
+            None => ("virsh", vec![]),
+        };
         let mut cmd = if self.session {
-            as_libvirt_user(&self.dir, "virsh")
+            as_libvirt_user(&self.dir, program)
         } else {
-            Command::new("virsh")
+            Command::new(program)
         };
         let out: Output = cmd
+            .args(pre)
             .args(["-c", &self.uri])
             .args(args)
             .stdin(Stdio::null())
@@ -205,6 +216,30 @@ impl Libvirt {
             &std::fs::read_to_string(self.dir.join("libvirtd.log")).unwrap_or_default(),
             30,
         )
+    }
+
+    /// What QEMU says of a domain whose guest went quiet: its run state and, for each
+    /// virtio device in `devices` (their `id`s), the device's status and each vhost
+    /// queue's indexes: whether the guest set the device up, queued requests, and whether
+    /// the backend answered them. For a failure's message.
+    pub fn virtio_state(&self, name: &str, devices: &[(&str, u16)]) -> String {
+        let hmp = |cmd: &str| {
+            self.virsh_within(Some(15), &["qemu-monitor-command", name, "--hmp", cmd])
+                .map_err(|e| e + "\n")
+        };
+        let mut out = match hmp("info status") {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let hmp = |cmd: &str| hmp(cmd).unwrap_or_else(|e| e);
+        for (id, queues) in devices {
+            let path = format!("/machine/peripheral/{id}/virtio-backend");
+            out += &format!("-- {id}: {}", hmp(&format!("info virtio-status {path}")));
+            for q in 0..*queues {
+                out += &hmp(&format!("info virtio-vhost-queue-status {path} {q}"));
+            }
+        }
+        out
     }
 
     /// QEMU's log for domain `name` (libvirt's command line for it and what QEMU said).

@@ -111,9 +111,11 @@ fn a_libvirt_domain_is_served_and_served_again_after_destroy() {
         });
         let out = wait_console_done(&console, DEADLINE).unwrap_or_else(|e| {
             panic!(
-                "boot {boot}: {e}\nQEMU log:\n{}\nferry log:\n{}",
+                "boot {boot}: {e}\nQEMU log:\n{}\nferry log:\n{}\nQEMU's view:\n{}\nferry's threads:\n{}",
                 lv.qemu_log(name),
-                ferry.log_tail()
+                ferry.log_tail(),
+                lv.virtio_state(name, &[("fs0", 2), ("ua-net0", 5)]),
+                ferry.threads()
             )
         });
         out.assert_all_ok(6, &format!("boot {boot}; ferry log:\n{}", ferry.log_tail()));
