@@ -19,7 +19,7 @@ pub use filesystem::{
     Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
     TimeSpec,
 };
-pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs};
+pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs, XattrMap, XattrRule};
 pub use server::{
     may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
 };

@@ -124,8 +124,11 @@ int main(int argc, char **argv) {
 		char buf[4096];
 		ssize_t n = listxattr(p, buf, sizeof buf);
 		if (n < 0) return fail();
+		/* user.* names only, unless asked for all ("xattr-list PATH all"): a host may add
+		 * labels of its own to the others. */
+		int all = argc == 4 && !strcmp(argv[3], "all");
 		for (ssize_t i = 0; i < n; i += strlen(buf + i) + 1)
-			if (!strncmp(buf + i, "user.", 5)) printf("%s,", buf + i);
+			if (all || !strncmp(buf + i, "user.", 5)) printf("%s,", buf + i);
 		puts("");
 	} else if (!strcmp(cmd, "xattr-rm") && argc == 4) {
 		if (removexattr(p, argv[3])) return fail();

@@ -9,6 +9,7 @@ mod ferry;
 pub mod libvirt;
 mod netns;
 mod qemu;
+pub mod xattr;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
 pub use ferry::{ferry_bin, ferry_ctl, wrapped, FerryProcess};

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_tests::xattr::{get_xattr, set_xattr};
 use ferry_tests::{wait_for, FerryProcess, GuestSpec, Qemu};
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -51,6 +52,15 @@ check xattr-list "$($P xattr-list target)" "user.color,"
 check xattr-rm "$($P xattr-rm target user.color)" ok
 check xattr-gone "$($P xattr-get target user.color)" errno:ENODATA
 check xattr-privileged "$($P xattr-set target trusted.ferry x)" errno:EPERM
+# The share maps security. to user.virtiofs.security. (xattrmap=): the guest's root labels a
+# file as an SELinux guest does, and the host keeps the label in a user. attribute (checked on
+# the host); the mapped name itself is out of the guest's reach.
+check label-set "$($P xattr-set target security.selinux system_u:object_r:container_file_t:s0)" ok
+check label-get "$($P xattr-get target security.selinux)" system_u:object_r:container_file_t:s0
+check label-list "$($P xattr-list target all)" "security.selinux,"
+check label-forge "$($P xattr-set target user.virtiofs.security.selinux x)" errno:EPERM
+check label-hidden "$($P xattr-get target user.virtiofs.security.selinux)" errno:ENODATA
+check label-host-made "$($P xattr-get from-host.txt security.selinux)" host_label
 printf A > ra && printf B > rb
 check rename-noreplace "$($P rename2 ra rb noreplace)" errno:EEXIST
 check rename-exchange "$($P rename2 ra rb exchange)$(cat ra)$(cat rb)" okBA
@@ -145,6 +155,13 @@ fn guest_file_operations_through_ferry() {
         }
     }
     std::fs::write(rw.join("from-host.txt"), b"written on the host").unwrap();
+    // A label the host set under the mapped name, as a share that virtiofsd served has.
+    set_xattr(
+        &rw.join("from-host.txt"),
+        "user.virtiofs.security.selinux",
+        b"host_label",
+    )
+    .expect("setxattr on the host");
     std::fs::copy(ferry_tests::probe(), rw.join("probe")).unwrap();
     std::fs::write(ro.join("keep"), b"kept").unwrap();
     std::fs::write(dir.path().join("host-secret"), b"HOST-SECRET").unwrap();
@@ -181,7 +198,11 @@ fn guest_file_operations_through_ferry() {
             "--api-socket".into(),
             api.display().to_string(),
             "--share".into(),
-            format!("tag=rw,dir={},socket={}", rw.display(), rw_sock.display()),
+            format!(
+                "tag=rw,dir={},socket={},xattrmap=security.:user.virtiofs.security.",
+                rw.display(),
+                rw_sock.display()
+            ),
             "--share".into(),
             format!(
                 "tag=ro,dir={},socket={},readonly",
@@ -244,7 +265,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 63,
+        failed.is_empty() && out.checks.len() >= 69,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -277,6 +298,11 @@ fn guest_file_operations_through_ferry() {
         "idmap: chown in the second range"
     );
     assert!(!ro.join("new").exists());
+    assert_eq!(
+        get_xattr(&rw.join("target"), "user.virtiofs.security.selinux").as_deref(),
+        Ok(&b"system_u:object_r:container_file_t:s0"[..]),
+        "the guest's label under the mapped name on the host"
+    );
     // The default share kept the plant and the chowns off the host; the trusted one did not.
     let attr = |p: &Path| {
         use std::os::unix::fs::MetadataExt;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ferry_tests::xattr::{get_xattr, list_xattr, set_xattr};
 use ferry_tests::{ferry_bin, tail, wait_for};
 
 const DEV_FUSE: &str = "/dev/fuse";
@@ -451,52 +452,6 @@ fn readdir_lists_1000_entries() {
     assert_eq!(list(&m.path("many")), through);
 
     m.unmount();
-}
-
-/// setxattr(2) on `p`; the errno on failure.
-fn set_xattr(p: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: both strings are NUL-terminated and `value` is valid for its length.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    Ok(())
-}
-
-/// getxattr(2) on `p`; the errno on failure.
-fn get_xattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and `buf` has the room given.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-/// listxattr(2) on `p`, as names.
-fn list_xattr(p: &Path) -> Vec<String> {
-    let p = cpath(p);
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: the string is NUL-terminated and `buf` has the room given.
-    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
-    buf.truncate(r as usize);
-    buf.split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
 }
 
 #[test]

@@ -286,7 +286,8 @@ fn shares_json(control: &Control) -> Value {
     )
 }
 
-/// What `POST /shares` takes. `cache`, `uidmap` and `gidmap` as `--share` takes them.
+/// What `POST /shares` takes. `cache`, `uidmap`, `gidmap` and `xattrmap` as `--share` takes
+/// them.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ShareRequest {
@@ -307,6 +308,8 @@ struct ShareRequest {
     uidmap: Vec<String>,
     #[serde(default)]
     gidmap: Vec<String>,
+    #[serde(default)]
+    xattrmap: Vec<String>,
 }
 
 fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Value) {
@@ -316,7 +319,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             return error(
                 400,
                 format!("not a share: {e}"),
-                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap",
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap",
             )
         }
     };
@@ -360,6 +363,11 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             Ok(m) => m,
             Err(e) => return bad(e),
         };
+    let xattrmap =
+        match crate::config::parse_xattr_map(opt, req.xattrmap.iter().map(String::as_str)) {
+            Ok(m) => m,
+            Err(e) => return bad(e),
+        };
     let tag = match control.shares.free_tag(req.tag.as_deref()) {
         Ok(t) => t,
         Err(crate::shares::ShareError(status, e, hint)) => return error(status, e, hint),
@@ -371,13 +379,15 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         readonly: req.readonly,
         cache,
         writeback: req.writeback,
-        noxattr: !req.xattr,
+        // As virtiofsd's --xattrmap, rules turn extended attributes on.
+        noxattr: !req.xattr && xattrmap.is_empty(),
         trusted: req.trusted,
         client: false,
         devices: false,
         audit_files: req.audit_files,
         uidmap,
         gidmap,
+        xattrmap,
     };
     let tag = share.tag.clone();
     let fd = fds.remove(0);

@@ -329,7 +329,10 @@ pub struct ServeArgs {
     /// socket inherited from the launcher; client connects to socket= (the frontend listens
     /// there) and again after each disconnect, as --net-client; devices lets the guest make
     /// device nodes, for a container's root file system (needs root; off by default, since a
-    /// device node in a shared folder opens the host's device).
+    /// device node in a shared folder opens the host's device); xattrmap=GUEST:HOST renames
+    /// the guest's attributes under one prefix to the host's under another, as
+    /// xattrmap=security.:user.virtiofs.security. for a guest that labels its files (SELinux)
+    /// without privileges on the host (given again, each adds a rule).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 

@@ -19,9 +19,9 @@ use crate::cli::{RunArgs, SandboxArgs, ServeArgs};
 use crate::sandbox::SandboxConfig;
 
 mod share;
-pub(crate) use share::parse_id_maps;
 pub use share::ShareConfig;
 use share::{check_share, parse_share, FileShare};
+pub(crate) use share::{parse_id_maps, parse_xattr_map};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = ferry_devices::vhu_fs::MAX_TAG_LEN;
@@ -856,6 +856,33 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn share_xattrmap_rules_parse_and_bad_ones_say_what_to_give() {
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,xattrmap=security.:user.virtiofs.security.",
+            &mut HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.xattrmap.to_host(b"security.selinux"),
+            ferry_fs::passthrough::HostName::Mapped(b"user.virtiofs.security.selinux".to_vec())
+        );
+        let e = parse_share(
+            "tag=t,dir=/tmp,socket=/s,xattrmap=security.:trusted.x.",
+            &mut HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("the host prefix must start with user."), "{e}");
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,noxattr,xattrmap=security.:user.v.",
+            &mut HashMap::new(),
+        )
+        .unwrap();
+        let e = check_share(&s, &HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("leave one of them out"), "{e}");
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             devices: false,
             uid_map: Default::default(),
             gid_map: Default::default(),
+            xattr_map: Default::default(),
         },
     )
     .map_err(|e| {

@@ -45,6 +45,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             audit_files: false,
             uidmap: Default::default(),
             gidmap: Default::default(),
+            xattrmap: Default::default(),
         })
         .collect();
     let serve = ServeConfig {

@@ -110,6 +110,7 @@ impl Shares {
                 devices: share.devices,
                 uid_map: share.uidmap.clone(),
                 gid_map: share.gidmap.clone(),
+                xattr_map: share.xattrmap.clone(),
             },
         )
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::IdMaps;
+use super::{IdMaps, XattrMap};
 use crate::abi;
 
 /// How long the guest may cache attributes and entries.
@@ -86,4 +86,7 @@ pub struct Config {
     /// shared folder opens the host's device for any host user who can reach it. Needs
     /// CAP_MKNOD.
     pub devices: bool,
+    /// Attribute names the guest and the host see differently (`xattrmap=`): how a guest
+    /// keeps `security.` labels in the host's `user.` attributes.
+    pub xattr_map: XattrMap,
 }

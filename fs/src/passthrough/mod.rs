@@ -17,9 +17,11 @@ mod paths;
 mod submounts;
 mod sys;
 mod xattr;
+mod xattrmap;
 
 pub use config::{CachePolicy, Config};
 pub use idmap::{IdMap, IdMaps};
+pub use xattrmap::{HostName, XattrMap, XattrRule};
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};

@@ -1,13 +1,16 @@
 //! Extended attributes: the guest's `user.*` ones pass through to the host file. On a share
 //! that emulates ownership, the attribute that keeps it (`ownership::XATTR`) is ferry's: the
-//! guest neither sees nor changes it.
+//! guest neither sees nor changes it. A share's `xattrmap=` rules rename attributes on the way
+//! (see `xattrmap`); the checks below apply to the host's name, after the mapping.
 
-use std::ffi::CStr;
+use std::borrow::Cow;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::AsRawFd;
 
 use super::ownership;
 use super::sys::{cvt, proc_path};
+use super::xattrmap::HostName;
 use super::PassthroughFs;
 use crate::filesystem::Context;
 
@@ -26,6 +29,19 @@ impl PassthroughFs {
     /// Whether `name` is an attribute ferry keeps the guest's ownership with on this share.
     fn is_ferrys(&self, name: &CStr) -> bool {
         !self.cfg.trusted && (name == ownership::XATTR || name == ownership::MARK)
+    }
+
+    /// The host's name for the guest's attribute `name`; a name the mapping keeps from the
+    /// guest gets `reserved` (EPERM to change it, ENODATA to read it, as if it were not there).
+    fn host_name<'a>(&self, name: &'a CStr, reserved: i32) -> io::Result<Cow<'a, CStr>> {
+        match self.cfg.xattr_map.to_host(name.to_bytes()) {
+            HostName::Same(_) => Ok(Cow::Borrowed(name)),
+            // The mapped name is the guest's tail under a host prefix, neither holding a NUL.
+            HostName::Mapped(h) => CString::new(h)
+                .map(Cow::Owned)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)),
+            HostName::Reserved => Err(io::Error::from_raw_os_error(reserved)),
+        }
     }
 }
 
@@ -53,7 +69,8 @@ impl PassthroughFs {
     ) -> io::Result<()> {
         self.check_xattr_on()?;
         self.check_writable()?;
-        self.check_xattr_name(name)?;
+        let name = self.host_name(name, libc::EPERM)?;
+        self.check_xattr_name(&name)?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -78,7 +95,8 @@ impl PassthroughFs {
         size: u32,
     ) -> io::Result<Vec<u8>> {
         self.check_xattr_on()?;
-        if self.is_ferrys(name) {
+        let name = self.host_name(name, libc::ENODATA)?;
+        if self.is_ferrys(&name) {
             return Err(io::Error::from_raw_os_error(libc::ENODATA));
         }
         let node = self.inode(inode)?;
@@ -103,7 +121,7 @@ impl PassthroughFs {
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
-        if self.cfg.trusted {
+        if self.cfg.trusted && self.cfg.xattr_map.is_empty() {
             let mut buf = vec![0u8; size as usize];
             // SAFETY: the path is NUL-terminated and `buf` has the room given.
             let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -114,17 +132,17 @@ impl PassthroughFs {
         let mut buf = vec![0u8; 65536];
         // SAFETY: the path is NUL-terminated and `buf` has the room given.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        let mut list = xattr_result(n, 1, buf)?;
-        let ours = [
-            ownership::XATTR.to_bytes_with_nul(),
-            ownership::MARK.to_bytes_with_nul(),
-        ];
-        let mut at = 0;
-        while let Some(len) = list[at..].iter().position(|b| *b == 0).map(|i| i + 1) {
-            if ours.contains(&&list[at..at + len]) {
-                list.drain(at..at + len);
-            } else {
-                at += len;
+        let host = xattr_result(n, 1, buf)?;
+        let mut list = Vec::with_capacity(host.len());
+        for name in host.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let ours = !self.cfg.trusted
+                && (name == ownership::XATTR.to_bytes() || name == ownership::MARK.to_bytes());
+            if ours {
+                continue;
+            }
+            if let Some(guest) = self.cfg.xattr_map.to_guest(name) {
+                list.extend_from_slice(&guest);
+                list.push(0);
             }
         }
         if size == 0 {
@@ -139,7 +157,8 @@ impl PassthroughFs {
     pub(super) fn remove_xattr(&self, _ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_xattr_on()?;
         self.check_writable()?;
-        self.check_xattr_name(name)?;
+        let name = self.host_name(name, libc::EPERM)?;
+        self.check_xattr_name(&name)?;
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use ferry_fs::{CachePolicy, IdMap, IdMaps};
+use ferry_fs::{CachePolicy, IdMap, IdMaps, XattrMap, XattrRule};
 use serde::Deserialize;
 
 use super::{check_socket_path, usage, Error, Result, MAX_SOCKET_PATH, MAX_TAG_LEN};
@@ -40,6 +40,9 @@ pub struct ShareConfig {
     pub uidmap: IdMaps,
     /// Group ids the same way (`gidmap=`).
     pub gidmap: IdMaps,
+    /// Attribute names the guest and the host see differently (`xattrmap=GUEST:HOST`, once
+    /// per rule).
+    pub xattrmap: XattrMap,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +69,8 @@ pub(super) struct FileShare {
     uidmap: OneOrMany,
     #[serde(default)]
     gidmap: OneOrMany,
+    #[serde(default)]
+    xattrmap: OneOrMany,
 }
 
 /// A TOML value that is one string or a list of them (`uidmap = "0:1000"` or
@@ -119,6 +124,7 @@ impl TryFrom<FileShare> for ShareConfig {
         Ok(ShareConfig {
             uidmap: map("uidmap", &s.uidmap)?,
             gidmap: map("gidmap", &s.gidmap)?,
+            xattrmap: parse_xattr_map(&opt, s.xattrmap.values().iter().map(String::as_str))?,
             tag: s.tag,
             dir: s.dir,
             socket: s.socket,
@@ -153,7 +159,7 @@ pub(crate) fn parse_id_maps<'a>(
 }
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
-/// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]`.
+/// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]][,xattrmap=GUEST:HOST]`.
 pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
@@ -161,7 +167,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
     let mut client = false;
     let mut devices = false;
     let mut audit_files = false;
-    let (mut uidmap, mut gidmap) = (Vec::new(), Vec::new());
+    let (mut uidmap, mut gidmap, mut xattrmap) = (Vec::new(), Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -179,6 +185,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             Some(("cache", v)) => cache = v.parse().map_err(bad)?,
             Some(("uidmap", v)) => uidmap.push(v),
             Some(("gidmap", v)) => gidmap.push(v),
+            Some(("xattrmap", v)) => xattrmap.push(v),
             Some(("audit", "files")) => audit_files = true,
             Some(("audit", v)) => {
                 return Err(bad(format!(
@@ -193,7 +200,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             None if part == "devices" => devices = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, audit=files, readonly, writeback, noxattr, trusted, client and devices"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, audit=files, readonly, writeback, noxattr, trusted, client and devices"
                 )))
             }
         }
@@ -217,7 +224,20 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
         audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
+        xattrmap: parse_xattr_map(&opt, xattrmap.into_iter())?,
     })
+}
+
+/// Parses `xattrmap=GUEST:HOST` rules, in order, for the option `opt` names.
+pub(crate) fn parse_xattr_map<'a>(
+    opt: &str,
+    rules: impl Iterator<Item = &'a str>,
+) -> Result<XattrMap> {
+    let rules = rules
+        .map(|r| r.parse::<XattrRule>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| usage(format!("{opt}: {e}")))?;
+    XattrMap::new(rules).map_err(|e| usage(format!("{opt}: {e}")))
 }
 
 pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> {
@@ -226,6 +246,11 @@ pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> 
     if s.devices && unsafe { libc::geteuid() } != 0 {
         return Err(usage(format!(
             "{opt}: devices: making device nodes needs root (CAP_MKNOD); run ferry as root or leave the option out"
+        )));
+    }
+    if s.noxattr && !s.xattrmap.is_empty() {
+        return Err(usage(format!(
+            "{opt}: xattrmap renames extended attributes, which noxattr turns off; leave one of them out"
         )));
     }
     if s.tag.is_empty() || s.tag.len() > MAX_TAG_LEN {
