@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::inode::Inode;
-use super::ownership::{passes_through, Ownership};
+use super::ownership::Ownership;
 use super::sys::{cvt, ebadf, erofs, proc_path, stat_fd};
 use super::PassthroughFs;
 use crate::filesystem::{Context, Entry, SetattrArgs, TimeSpec};
@@ -60,9 +60,9 @@ impl PassthroughFs {
         if args.mode.is_some() && is_link {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        // Symlinks, FIFOs and sockets take the guest's owner and mode on the host on any share
-        // (see `ownership`).
-        let pass = self.cfg.trusted || passes_through(st.st_mode & libc::S_IFMT);
+        // Symlinks, FIFOs and sockets take the guest's owner and mode on the host on any share,
+        // device nodes on a `devices` one (see `ownership`).
+        let pass = self.passes(st.st_mode & libc::S_IFMT);
         if !pass {
             if args.mode.is_some() || args.uid.is_some() || args.gid.is_some() {
                 self.set_ownership(&node, fd, &st, &args)?;

@@ -407,7 +407,8 @@ impl FileSystem for PassthroughFs {
                 )
             })?;
         }
-        let entry = self.do_lookup(parent, &p, name)?;
+        let mut entry = self.do_lookup(parent, &p, name)?;
+        self.settle_mode(&mut entry, mode, mode & libc::S_IFMT)?;
         self.adopt(ctx, &p, entry, mode)
     }
 
@@ -427,7 +428,8 @@ impl FileSystem for PassthroughFs {
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), host_mode) })?;
         }
-        let entry = self.do_lookup(parent, &p, name)?;
+        let mut entry = self.do_lookup(parent, &p, name)?;
+        self.settle_mode(&mut entry, mode, libc::S_IFDIR)?;
         self.adopt(ctx, &p, entry, mode)
     }
 
@@ -565,8 +567,9 @@ impl FileSystem for PassthroughFs {
         };
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        let entry = self.do_lookup(parent, &p, name)?;
+        let mut entry = self.do_lookup(parent, &p, name)?;
         let entry = if made {
+            self.settle_mode(&mut entry, mode, libc::S_IFREG)?;
             self.adopt(ctx, &p, entry, mode)?
         } else {
             entry

@@ -23,8 +23,10 @@
 //! Linux keeps `user.*` attributes on regular files and folders only. Symlinks, FIFOs and
 //! sockets need none: nothing runs from them, so their owner and mode grant no privilege on the
 //! host, and they pass through as on a `trusted` share (made as the guest's caller, chown and
-//! chmod on the host file; see [`passes_through`]). Device nodes never do: their owner would
-//! open the host's device to that host user. A host file system that keeps no `user.*`
+//! chmod on the host file; see [`passes_through`]). Device nodes do only on a share given
+//! `devices`, whose guest may make any device node with any mode anyway (a device node's owner
+//! opens the host's device to that host user); elsewhere their owner and mode stay the
+//! host's. A host file system that keeps no `user.*`
 //! attributes refuses ownership changes of files and folders with EPERM, as for a user without
 //! CAP_CHOWN. The guest can neither read nor change the attribute itself: a guest user
 //! could otherwise make its own file look like a set-user-ID root program to the guest.
@@ -223,14 +225,44 @@ impl PassthroughFs {
         CredGuard::new(self.switch_creds, ids)
     }
 
+    /// Whether a node of type `fmt` takes the guest's owner and mode on the host itself on
+    /// this share: any on a `trusted` share, symlinks, FIFOs and sockets on every share, device
+    /// nodes on a `devices` share.
+    pub(super) fn passes(&self, fmt: u32) -> bool {
+        self.cfg.trusted
+            || passes_through(fmt)
+            || (self.cfg.devices && matches!(fmt, libc::S_IFCHR | libc::S_IFBLK))
+    }
+
     /// The mode to create a host node of type `fmt` with, for the guest's `mode`: as asked on
     /// a `trusted` share; without set-id bits on one that emulates ownership.
     pub(super) fn create_mode(&self, mode: u32, fmt: u32) -> u32 {
-        if self.cfg.trusted || passes_through(fmt) {
+        if self.passes(fmt) {
             mode
         } else {
             (mode & libc::S_IFMT) | host_mode(mode, fmt)
         }
+    }
+
+    /// Puts back the permission bits of a node just made (`entry`, asked for with the guest's
+    /// `mode`, of type `fmt`) that ferry's own umask took off. The guest's kernel applied the
+    /// guest's umask already (the mode FUSE sends is masked), so the host node should have
+    /// what was asked, as virtiofsd's have by running with umask 0. Only those bits: a
+    /// set-group-ID bit the host kernel stripped (a caller outside the group) stays off.
+    pub(super) fn settle_mode(&self, entry: &mut Entry, mode: u32, fmt: u32) -> io::Result<()> {
+        let want = self.create_mode(mode, fmt) & 0o777;
+        let have = entry.attr.st_mode;
+        if have & 0o777 == want || have & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(());
+        }
+        let node = self.inode(entry.inode)?;
+        let nf = node.fd()?;
+        let p = proc_path(nf.as_raw_fd());
+        let settled = (have & 0o7000) | want;
+        // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
+        cvt(unsafe { libc::chmod(p.as_ptr(), settled) })?;
+        entry.attr.st_mode = (have & libc::S_IFMT) | settled;
+        Ok(())
     }
 
     /// On a share that emulates ownership, makes the node of `entry`, which the guest's
@@ -252,7 +284,7 @@ impl PassthroughFs {
         let nf = node.fd()?;
         let st = stat_fd(nf.as_raw_fd())?;
         let fmt = st.st_mode & libc::S_IFMT;
-        if !can_keep(fmt) && !passes_through(fmt) {
+        if !can_keep(fmt) && !self.passes(fmt) {
             return Ok(entry);
         }
         let host = self.host_ctx(ctx);
@@ -271,7 +303,7 @@ impl PassthroughFs {
                 want.mode |= libc::S_ISGID;
             }
         }
-        if passes_through(fmt) {
+        if self.passes(fmt) {
             // Made as the share's owner (the caller may not write the host folder, whose
             // owner the guest does not see), then given to the caller, as the guest made it.
             if (want.uid, want.gid) != (st.st_uid, st.st_gid) {
@@ -326,8 +358,8 @@ impl PassthroughFs {
             }
         }
         if !can_keep(fmt) {
-            // A device node (in a `devices` share) keeps the host's owner: refused, as for a
-            // caller without CAP_CHOWN.
+            // A device node the host made keeps the host's owner: refused, as for a caller
+            // without CAP_CHOWN.
             let changes =
                 uid.is_some_and(|u| u != st.st_uid) || gid.is_some_and(|g| g != st.st_gid);
             if changes {
