@@ -87,6 +87,11 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         &self.server
     }
 
+    /// How many requests wait for a lock on threads of their own now.
+    pub fn waiting_requests(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// Answers one request; returns the number of reply bytes written into the chain, or
     /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
     /// completes the chain itself.
@@ -127,16 +132,15 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .name("fs-lock-wait".into())
             .spawn(move || {
                 let len = answer(&server, &chain);
-                waiting.fetch_sub(1, Ordering::SeqCst);
                 if let Err(e) = vring.add_used(head, len) {
                     warn!("fs: cannot return descriptor {head} to the guest: {e}");
-                    return;
-                }
-                if !event_idx || vring.needs_notification().unwrap_or(true) {
+                } else if !event_idx || vring.needs_notification().unwrap_or(true) {
                     if let Err(e) = vring.signal_used_queue() {
                         warn!("fs: cannot signal the guest: {e}");
                     }
                 }
+                // Counted until its chain is back with the guest: see `waiting_requests`.
+                waiting.fetch_sub(1, Ordering::SeqCst);
             });
         match spawned {
             Ok(_) => None,
