@@ -35,6 +35,9 @@ declare -A NEED=(
 	[kinit]=krb5-user
 	# A guest test that times out prints where each of ferry's threads is (tests/src/ferry.rs).
 	[gdb]=gdb
+	# setfacl and getfacl, on the host and (through the tools share) in the guest:
+	# tests/tests/guest_acl.rs.
+	[setfacl]=acl
 )
 if [ $BENCH = 1 ]; then
 	NEED[passt]=passt

@@ -50,6 +50,10 @@ pub const NO_OPENDIR_SUPPORT: u32 = 1 << 24;
 pub const SUBMOUNTS: u32 = 1 << 27;
 /// `Attr::flags`: this directory is the root of another file system (7.32).
 pub const ATTR_SUBMOUNT: u32 = 1 << 0;
+/// INIT flag: the kernel sends create modes unmasked, with the umask beside them.
+pub const DONT_MASK: u32 = 1 << 6;
+/// INIT flag: the kernel enforces POSIX ACLs, which it reads and sets as attributes.
+pub const POSIX_ACL: u32 = 1 << 20;
 /// INIT flag: the server clears suid/sgid and capabilities when asked (the flags below), and
 /// the guest stops asking for `security.capability` before every write.
 pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;

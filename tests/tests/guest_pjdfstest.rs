@@ -1,8 +1,8 @@
 //! POSIX conformance measured with a suite no one here wrote: pjdfstest (the Rust port,
 //! `cargo install pjdfstest`, which `scripts/install-deps.sh` does) runs as root inside the
-//! guest, as it runs on virtiofsd. On a default share (ownership emulated) only the device-node
-//! tests fail (ferry refuses device nodes in such a share on purpose), each with EPERM; on a
-//! `devices` share and a `devices,trusted` one, none does. The share's folder is searchable by
+//! guest, as it runs on virtiofsd. On a default share (ownership emulated), with and without
+//! `posixacl`, only the device-node tests fail (ferry refuses device nodes in such a share on
+//! purpose), each with EPERM; on a `devices` share and a `devices,trusted` one, none does. The share's folder is searchable by
 //! other users, as pjdfstest's unprivileged subtests need on any server. The binary comes from
 //! the host through the tools share: the guest image does not grow.
 
@@ -175,35 +175,39 @@ fn forgive_etxtbsy(run: &mut Run, reruns: &str) {
     }
 }
 
+/// A default share, and one with `posixacl` (where the guest's kernel sends create modes
+/// unmasked and ferry applies the umask: see `fs/src/passthrough/acl.rs`).
 #[test]
 fn pjdfstest_in_the_guest_fails_only_device_nodes_on_a_default_share() {
-    let (data_run, _) = run_pjdfstest("");
-    let not_devices: Vec<_> = data_run
-        .failed
-        .iter()
-        .filter(|(name, _)| !(name.ends_with("::char") || name.ends_with("::block")))
-        .collect();
-    assert!(
-        not_devices.is_empty(),
-        "pjdfstest failures other than device nodes on a default share: {not_devices:#?}"
-    );
-    // Refused as ferry refuses them: EPERM (or an assertion that mknod of a device worked).
-    let other_errors: Vec<_> = data_run
-        .failed
-        .iter()
-        .filter(|(_, why)| !(why.contains("EPERM") || why.contains("mknod(")))
-        .collect();
-    assert!(other_errors.is_empty(), "{other_errors:#?}");
-    assert!(
-        !data_run.failed.is_empty() && data_run.passed > 250,
-        "fewer tests ran than pjdfstest has: {} passed",
-        data_run.passed
-    );
-    eprintln!(
-        "pjdfstest: default share {} passed, {} failed (device nodes)",
-        data_run.passed,
-        data_run.failed.len()
-    );
+    for options in ["", ",posixacl"] {
+        let (data_run, _) = run_pjdfstest(options);
+        let not_devices: Vec<_> = data_run
+            .failed
+            .iter()
+            .filter(|(name, _)| !(name.ends_with("::char") || name.ends_with("::block")))
+            .collect();
+        assert!(
+            not_devices.is_empty(),
+            "pjdfstest failures other than device nodes on a share with '{options}': {not_devices:#?}"
+        );
+        // Refused as ferry refuses them: EPERM (or an assertion that mknod of a device worked).
+        let other_errors: Vec<_> = data_run
+            .failed
+            .iter()
+            .filter(|(_, why)| !(why.contains("EPERM") || why.contains("mknod(")))
+            .collect();
+        assert!(other_errors.is_empty(), "{other_errors:#?}");
+        assert!(
+            !data_run.failed.is_empty() && data_run.passed > 250,
+            "fewer tests ran than pjdfstest has: {} passed",
+            data_run.passed
+        );
+        eprintln!(
+            "pjdfstest: share with '{options}' {} passed, {} failed (device nodes)",
+            data_run.passed,
+            data_run.failed.len()
+        );
+    }
 }
 
 /// A share for a container's root file system (`devices`), and one that also passes owners

@@ -310,6 +310,8 @@ struct ShareRequest {
     gidmap: Vec<String>,
     #[serde(default)]
     xattrmap: Vec<String>,
+    #[serde(default)]
+    posixacl: bool,
 }
 
 fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Value) {
@@ -319,7 +321,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             return error(
                 400,
                 format!("not a share: {e}"),
-                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap",
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl",
             )
         }
     };
@@ -380,7 +382,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         cache,
         writeback: req.writeback,
         // As virtiofsd's --xattrmap, rules turn extended attributes on.
-        noxattr: !req.xattr && xattrmap.is_empty(),
+        noxattr: !req.xattr && xattrmap.is_empty() && !req.posixacl,
         trusted: req.trusted,
         client: false,
         devices: false,
@@ -388,6 +390,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         uidmap,
         gidmap,
         xattrmap,
+        posixacl: req.posixacl,
     };
     let tag = share.tag.clone();
     let fd = fds.remove(0);

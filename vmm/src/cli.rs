@@ -332,7 +332,9 @@ pub struct ServeArgs {
     /// device node in a shared folder opens the host's device); xattrmap=GUEST:HOST renames
     /// the guest's attributes under one prefix to the host's under another, as
     /// xattrmap=security.:user.virtiofs.security. for a guest that labels its files (SELinux)
-    /// without privileges on the host (given again, each adds a rule).
+    /// without privileges on the host (given again, each adds a rule); posixacl turns POSIX
+    /// ACLs on (the guest's kernel enforces them; they are kept on the host files, named ids
+    /// renamed by uidmap and gidmap).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 

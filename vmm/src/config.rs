@@ -883,6 +883,17 @@ mod tests {
         .unwrap();
         let e = check_share(&s, &HashMap::new()).unwrap_err().to_string();
         assert!(e.contains("leave one of them out"), "{e}");
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,noxattr,posixacl",
+            &mut HashMap::new(),
+        )
+        .unwrap();
+        assert!(s.posixacl);
+        let e = check_share(&s, &HashMap::new()).unwrap_err().to_string();
+        assert!(
+            e.contains("posixacl keeps ACLs in extended attributes"),
+            "{e}"
+        );
     }
 
     #[test]

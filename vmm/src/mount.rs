@@ -110,6 +110,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             uid_map: Default::default(),
             gid_map: Default::default(),
             xattr_map: Default::default(),
+            posix_acl: false,
         },
     )
     .map_err(|e| {

@@ -46,6 +46,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             uidmap: Default::default(),
             gidmap: Default::default(),
             xattrmap: Default::default(),
+            posixacl: false,
         })
         .collect();
     let serve = ServeConfig {

@@ -111,6 +111,7 @@ impl Shares {
                 uid_map: share.uidmap.clone(),
                 gid_map: share.gidmap.clone(),
                 xattr_map: share.xattrmap.clone(),
+                posix_acl: share.posixacl,
             },
         )
     }

@@ -39,6 +39,7 @@ pub struct Options {
     pub xattr: bool,
     pub readonly: bool,
     pub writeback: bool,
+    pub posix_acl: bool,
     pub uidmap: Vec<String>,
     pub gidmap: Vec<String>,
     pub api_socket: Option<PathBuf>,
@@ -73,8 +74,6 @@ const IGNORED_FLAGS: &[&str] = &[
     "--no-announce-submounts",
     "--killpriv-v2",
     "--no-killpriv-v2",
-    "--posix-acl",
-    "--no-posix-acl",
     "--security-label",
     "--allow-direct-io",
     "--allow-mmap",
@@ -131,19 +130,20 @@ fn apply_o(o: &mut Options, list: &str) -> Result<()> {
             None if item == "writeback" => o.writeback = true,
             None if item == "no_writeback" => o.writeback = false,
             None if item == "readonly" || item == "ro" => o.readonly = true,
+            None if item == "posix_acl" => o.posix_acl = true,
+            None if item == "no_posix_acl" => o.posix_acl = false,
             None if matches!(
                 item.as_str(),
                 "flock" | "no_flock" | "posix_lock" | "no_posix_lock" | "announce_submounts"
                     | "no_announce_submounts" | "allow_direct_io" | "no_allow_direct_io"
-                    | "killpriv_v2" | "no_killpriv_v2" | "posix_acl" | "no_posix_acl"
-                    | "readdirplus" | "no_readdirplus"
+                    | "killpriv_v2" | "no_killpriv_v2" | "readdirplus" | "no_readdirplus"
             ) =>
             {
                 o.ignored.push(item)
             }
             _ => {
                 return Err(usage(format!(
-                    "-o {item}: not an option ferry virtiofsd knows; it takes source=, cache=, xattr, no_xattr, writeback, readonly and virtiofsd's locking and sandbox options"
+                    "-o {item}: not an option ferry virtiofsd knows; it takes source=, cache=, xattr, no_xattr, writeback, readonly, posix_acl and virtiofsd's locking and sandbox options"
                 )))
             }
         }
@@ -185,6 +185,8 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--cache" => o.cache = Some(value(name)?),
             "--xattr" => o.xattr = true,
             "--readonly" => o.readonly = true,
+            "--posix-acl" => o.posix_acl = true,
+            "--no-posix-acl" => o.posix_acl = false,
             "--uid-map" => {
                 let v = value(name)?;
                 o.uidmap.push(id_map(name, &v)?);
@@ -233,6 +235,7 @@ removes the share.
   --cache never|metadata|auto|always | -o cache=…
   --xattr | -o xattr                 extended attributes on (off by default, as virtiofsd)
   --readonly | -o readonly           refuse writes
+  --posix-acl | -o posix_acl         POSIX ACLs, enforced by the guest (turns xattr on)
   --uid-map=:GUEST:HOST:COUNT:  --gid-map=…
   --tag TAG                          the share's name in ferry (default: share<N>)
   --api-socket PATH                  ferry serve's control API [default: $FERRY_API_SOCKET,
@@ -299,6 +302,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         "xattr": o.xattr,
         "readonly": o.readonly,
         "writeback": o.writeback,
+        "posixacl": o.posix_acl,
         "uidmap": o.uidmap,
         "gidmap": o.gidmap,
     });

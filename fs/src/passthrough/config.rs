@@ -89,4 +89,7 @@ pub struct Config {
     /// Attribute names the guest and the host see differently (`xattrmap=`): how a guest
     /// keeps `security.` labels in the host's `user.` attributes.
     pub xattr_map: XattrMap,
+    /// POSIX ACLs (`posixacl`): the guest's kernel enforces them and they pass through to the
+    /// host files (see `acl`).
+    pub posix_acl: bool,
 }

@@ -7,11 +7,13 @@
 //! that need a real file descriptor reopen a node through `/proc/self/fd`, which reaches the
 //! same inode without walking a path.
 
+mod acl;
 mod attr;
 mod config;
 mod idmap;
 mod inode;
 mod locks;
+mod make;
 mod ownership;
 mod paths;
 mod submounts;
@@ -39,7 +41,7 @@ use crate::filesystem::{
 };
 use inode::{fd_budget, file_handle, Handle, Inode, InodeMap, NodeFd, PathFd};
 use locks::posix_lock;
-use sys::{cvt, ebadf, erofs, off_t, proc_path, read_dir_at, stat_fd, sync_fd};
+use sys::{cvt, ebadf, erofs, off_t, read_dir_at, stat_fd, sync_fd};
 
 /// A file system that passes requests through to a host directory.
 pub struct PassthroughFs {
@@ -73,6 +75,8 @@ pub struct PassthroughFs {
     keeps_ownership: AtomicBool,
     /// The host file systems the share spans (see `submounts`).
     spanned: submounts::Spanned,
+    /// The guest sends create modes unmasked (FUSE_DONT_MASK, asked for with `posix_acl`).
+    dont_mask: AtomicBool,
 }
 
 /// The most nodes the guest may hold per share: past it, LOOKUP answers ENFILE.
@@ -122,6 +126,7 @@ impl PassthroughFs {
             stateless_dirs: AtomicBool::new(false),
             keeps_ownership: AtomicBool::new(false),
             spanned: submounts::Spanned::new(st.st_dev),
+            dont_mask: AtomicBool::new(false),
         };
         let root_fd = fs.root.fd()?.as_raw_fd();
         fs.keeps_ownership.store(
@@ -257,6 +262,12 @@ impl FileSystem for PassthroughFs {
         if self.cfg.writeback && !self.cfg.readonly {
             f |= abi::WRITEBACK_CACHE;
         }
+        // ACLs need the umask apart (see `acl`): without DONT_MASK, none.
+        let acls = self.cfg.posix_acl && !self.cfg.no_xattr && capable & abi::DONT_MASK != 0;
+        self.dont_mask.store(acls, Ordering::Relaxed);
+        if acls {
+            f |= abi::POSIX_ACL | abi::DONT_MASK;
+        }
         Ok(f)
     }
 
@@ -365,15 +376,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn symlink(&self, ctx: Context, target: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.check_writable()?;
-        let p = self.inode(parent)?;
-        {
-            let _c = self.creating_as(ctx);
-            // SAFETY: both strings are NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
-        }
-        let entry = self.do_lookup(parent, &p, name)?;
-        self.adopt(ctx, &p, entry, 0o777)
+        self.make_symlink(ctx, target, parent, name)
     }
 
     fn mknod(
@@ -383,33 +386,9 @@ impl FileSystem for PassthroughFs {
         name: &CStr,
         mode: u32,
         rdev: u32,
-        _umask: u32,
+        umask: u32,
     ) -> io::Result<Entry> {
-        self.check_writable()?;
-        // FIFOs, sockets and plain files only, unless the share takes devices: a device node
-        // made by the guest would open the host's device through the share.
-        match mode & libc::S_IFMT {
-            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFREG => {}
-            libc::S_IFCHR | libc::S_IFBLK if self.cfg.devices => {}
-            _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
-        }
-        let p = self.inode(parent)?;
-        {
-            let _c = self.creating_as(ctx);
-            let host_mode = self.create_mode(mode, mode & libc::S_IFMT);
-            // SAFETY: the name is NUL-terminated and the fd is valid.
-            cvt(unsafe {
-                libc::mknodat(
-                    p.fd()?.as_raw_fd(),
-                    name.as_ptr(),
-                    host_mode,
-                    u64::from(rdev),
-                )
-            })?;
-        }
-        let mut entry = self.do_lookup(parent, &p, name)?;
-        self.settle_mode(&mut entry, mode, mode & libc::S_IFMT)?;
-        self.adopt(ctx, &p, entry, mode)
+        self.make_node(ctx, parent, name, mode, rdev, umask)
     }
 
     fn mkdir(
@@ -418,19 +397,9 @@ impl FileSystem for PassthroughFs {
         parent: u64,
         name: &CStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
     ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let p = self.inode(parent)?;
-        {
-            let _c = self.creating_as(ctx);
-            let host_mode = self.create_mode(mode, libc::S_IFDIR);
-            // SAFETY: the name is NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), host_mode) })?;
-        }
-        let mut entry = self.do_lookup(parent, &p, name)?;
-        self.settle_mode(&mut entry, mode, libc::S_IFDIR)?;
-        self.adopt(ctx, &p, entry, mode)
+        self.make_dir(ctx, parent, name, mode, umask)
     }
 
     fn unlink(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -491,26 +460,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn link(&self, ctx: Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        self.check_writable()?;
-        let node = self.inode(inode)?;
-        let p = self.inode(newparent)?;
-        let nf = node.fd()?;
-        let src = proc_path(nf.as_raw_fd());
-        {
-            let _c = self.creating_as(ctx);
-            // SAFETY: paths are NUL-terminated and the fd is valid. AT_SYMLINK_FOLLOW follows
-            // the /proc magic link to the node itself (a symlink stays a symlink).
-            cvt(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    src.as_ptr(),
-                    p.fd()?.as_raw_fd(),
-                    newname.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })?;
-        }
-        self.do_lookup(newparent, &p, newname)
+        self.make_link(ctx, inode, newparent, newname)
     }
 
     fn open(&self, _ctx: Context, inode: u64, flags: u32) -> io::Result<(u64, u32)> {
@@ -532,50 +482,9 @@ impl FileSystem for PassthroughFs {
         name: &CStr,
         mode: u32,
         flags: u32,
-        _umask: u32,
+        umask: u32,
     ) -> io::Result<(Entry, u64, u32)> {
-        self.check_writable()?;
-        let p = self.inode(parent)?;
-        let pfd = p.fd()?;
-        let host_mode = self.create_mode(mode, libc::S_IFREG);
-        let open = |extra: i32| {
-            // SAFETY: the name is NUL-terminated and the fd is valid. O_NOFOLLOW: a symlink
-            // at `name` is refused, never followed.
-            cvt(unsafe {
-                libc::openat(
-                    pfd.as_raw_fd(),
-                    name.as_ptr(),
-                    (self.host_flags(flags) | extra | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                        & !libc::O_DIRECTORY,
-                    host_mode,
-                )
-            })
-        };
-        // O_EXCL first: only a file this request made takes the caller's ownership. One that
-        // appeared since the guest's lookup is opened as it is, as O_CREAT would.
-        let (fd, made) = {
-            let _c = self.creating_as(ctx);
-            match open(libc::O_CREAT | libc::O_EXCL) {
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EEXIST)
-                        && flags as i32 & libc::O_EXCL == 0 =>
-                {
-                    (open(0)?, false)
-                }
-                r => (r?, true),
-            }
-        };
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let mut entry = self.do_lookup(parent, &p, name)?;
-        let entry = if made {
-            self.settle_mode(&mut entry, mode, libc::S_IFREG)?;
-            self.adopt(ctx, &p, entry, mode)?
-        } else {
-            entry
-        };
-        let fh = self.add_handle(file, entry.inode)?;
-        Ok((entry, fh, self.cfg.cache.open_flags()))
+        self.make_file(ctx, parent, name, mode, flags, umask)
     }
 
     fn read(

@@ -249,11 +249,22 @@ impl PassthroughFs {
     /// guest's umask already (the mode FUSE sends is masked), so the host node should have
     /// what was asked, as virtiofsd's have by running with umask 0. Only those bits: a
     /// set-group-ID bit the host kernel stripped (a caller outside the group) stays off.
-    pub(super) fn settle_mode(&self, entry: &mut Entry, mode: u32, fmt: u32) -> io::Result<()> {
+    /// A node that `inherits` a default ACL has the mode the ACL gave it, and keeps it (see
+    /// `acl`). Returns the mode the guest made the node with.
+    pub(super) fn settle_mode(
+        &self,
+        entry: &mut Entry,
+        mode: u32,
+        fmt: u32,
+        inherits: bool,
+    ) -> io::Result<u32> {
         let want = self.create_mode(mode, fmt) & 0o777;
         let have = entry.attr.st_mode;
+        if inherits {
+            return Ok((mode & !0o777) | (have & 0o777));
+        }
         if have & 0o777 == want || have & libc::S_IFMT == libc::S_IFLNK {
-            return Ok(());
+            return Ok(mode);
         }
         let node = self.inode(entry.inode)?;
         let nf = node.fd()?;
@@ -262,7 +273,7 @@ impl PassthroughFs {
         // SAFETY: `p` is NUL-terminated; chmod has no other memory effects.
         cvt(unsafe { libc::chmod(p.as_ptr(), settled) })?;
         entry.attr.st_mode = (have & libc::S_IFMT) | settled;
-        Ok(())
+        Ok(mode)
     }
 
     /// On a share that emulates ownership, makes the node of `entry`, which the guest's

@@ -8,10 +8,10 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::AsRawFd;
 
-use super::ownership;
 use super::sys::{cvt, proc_path};
 use super::xattrmap::HostName;
 use super::PassthroughFs;
+use super::{acl, ownership};
 use crate::filesystem::Context;
 
 impl PassthroughFs {
@@ -19,6 +19,11 @@ impl PassthroughFs {
     /// grant file capabilities or other privileges on the host; and not the one that keeps the
     /// ownership it set, which would let a guest user make its file look like root's.
     fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
+        // ACLs, on a share that takes them: the guest's kernel checked that the caller owns
+        // the file (see `acl`).
+        if self.acls() && acl::is_acl(name.to_bytes()) {
+            return Ok(());
+        }
         if name.to_bytes().starts_with(b"user.") && !self.is_ferrys(name) {
             Ok(())
         } else {
@@ -71,6 +76,13 @@ impl PassthroughFs {
         self.check_writable()?;
         let name = self.host_name(name, libc::EPERM)?;
         self.check_xattr_name(&name)?;
+        let mapped;
+        let value = if self.acls() && acl::is_acl(name.to_bytes()) {
+            mapped = self.map_acl(value, true)?;
+            &mapped[..]
+        } else {
+            value
+        };
         let node = self.inode(inode)?;
         let nf = node.fd()?;
         let p = proc_path(nf.as_raw_fd());
@@ -113,7 +125,11 @@ impl PassthroughFs {
                 buf.len(),
             )
         };
-        xattr_result(n, size, buf)
+        let value = xattr_result(n, size, buf)?;
+        if size != 0 && self.acls() && acl::is_acl(name.to_bytes()) {
+            return self.map_acl(&value, false);
+        }
+        Ok(value)
     }
 
     pub(super) fn list_xattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<Vec<u8>> {

@@ -43,6 +43,8 @@ pub struct ShareConfig {
     /// Attribute names the guest and the host see differently (`xattrmap=GUEST:HOST`, once
     /// per rule).
     pub xattrmap: XattrMap,
+    /// POSIX ACLs, which the guest's kernel enforces (`posixacl`).
+    pub posixacl: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +65,8 @@ pub(super) struct FileShare {
     client: bool,
     #[serde(default)]
     devices: bool,
+    #[serde(default)]
+    posixacl: bool,
     audit: Option<String>,
     cache: Option<String>,
     #[serde(default)]
@@ -135,6 +139,7 @@ impl TryFrom<FileShare> for ShareConfig {
             trusted: s.trusted,
             client: s.client,
             devices: s.devices,
+            posixacl: s.posixacl,
             audit_files,
         })
     }
@@ -159,13 +164,14 @@ pub(crate) fn parse_id_maps<'a>(
 }
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
-/// [,trusted][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]][,xattrmap=GUEST:HOST]`.
+/// [,trusted][,devices][,posixacl][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]
+/// [,xattrmap=GUEST:HOST]`.
 pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let mut client = false;
-    let mut devices = false;
+    let (mut devices, mut posixacl) = (false, false);
     let mut audit_files = false;
     let (mut uidmap, mut gidmap, mut xattrmap) = (Vec::new(), Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
@@ -198,9 +204,10 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             None if part == "trusted" => trusted = true,
             None if part == "client" => client = true,
             None if part == "devices" => devices = true,
+            None if part == "posixacl" => posixacl = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, audit=files, readonly, writeback, noxattr, trusted, client and devices"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, audit=files, readonly, writeback, noxattr, trusted, client, devices and posixacl"
                 )))
             }
         }
@@ -221,6 +228,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
         trusted,
         client,
         devices,
+        posixacl,
         audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
@@ -246,6 +254,11 @@ pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> 
     if s.devices && unsafe { libc::geteuid() } != 0 {
         return Err(usage(format!(
             "{opt}: devices: making device nodes needs root (CAP_MKNOD); run ferry as root or leave the option out"
+        )));
+    }
+    if s.noxattr && s.posixacl {
+        return Err(usage(format!(
+            "{opt}: posixacl keeps ACLs in extended attributes, which noxattr turns off; leave one of them out"
         )));
     }
     if s.noxattr && !s.xattrmap.is_empty() {
