@@ -140,8 +140,8 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         })),
         ..MountConfig::default()
     };
-    // fuser answers INIT, and so enters the sandbox, on the thread that mounts; the threads
-    // that serve requests start from it and inherit the sandbox. A thread of its own does the
+    // fuser mounts and answers INIT on the thread that mounts, which then enters the
+    // sandbox; the thread that serves requests starts from it and inherits the sandbox. A thread of its own does the
     // mounting, so that this one stays outside and can unmount at the end (which Landlock
     // refuses to a confined thread).
     let mp = mountpoint.clone();
