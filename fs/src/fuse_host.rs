@@ -11,9 +11,10 @@
 //! POSIX locks, READDIRPLUS and the stateless directories of FUSE_NO_OPENDIR_SUPPORT.
 //!
 //! One thread serves the mount; a request that may wait long (SETLKW) is answered on a thread
-//! of its own, as on the virtio path. Only the mounting user may use the mount (no
-//! `allow_other`): the kernel checks no permissions for it (no `default_permissions`), as
-//! the file system is served with the mounting user's rights. Buffers are copied: READ
+//! of its own, as on the virtio path. By default only the mounting user may use the mount,
+//! and the kernel checks no permissions for it. With [`MountConfig::allow_other`] every user
+//! may, and the kernel checks each access against the attributes the mount shows
+//! (`allow_other,default_permissions`), as a guest's kernel does on virtio-fs. Buffers are copied: READ
 //! replies go through memory rather than straight from the file, which is fine for an
 //! inspection and test tool.
 
@@ -45,6 +46,9 @@ pub struct MountConfig {
     /// served: where `ferry mount` enters its sandbox, which the mount itself must precede.
     /// The serving threads start from it and inherit it. An error unmounts.
     pub confine: Option<Confine>,
+    /// Let every user use the mount, the kernel checking permissions (`allow_other` and
+    /// `default_permissions`; as root, or with `user_allow_other` in /etc/fuse.conf).
+    pub allow_other: bool,
 }
 
 /// A confinement for the serving thread (see [`MountConfig::confine`]).
@@ -55,6 +59,7 @@ impl Default for MountConfig {
         MountConfig {
             fsname: "ferry".to_string(),
             confine: None,
+            allow_other: false,
         }
     }
 }
@@ -121,6 +126,10 @@ pub fn spawn_mount<F: FileSystem + 'static>(
         MountOption::FSName(cfg.fsname.clone()),
         MountOption::Subtype("ferry".to_string()),
     ];
+    if cfg.allow_other {
+        config.acl = fuser::SessionACL::All;
+        config.mount_options.push(MountOption::DefaultPermissions);
+    }
     let handshake = Handshake {
         server: server.clone(),
     };

@@ -8,6 +8,7 @@ mod checks;
 mod ferry;
 pub mod libvirt;
 mod netns;
+pub mod pjdfstest;
 mod qemu;
 pub mod xattr;
 

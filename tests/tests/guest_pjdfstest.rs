@@ -7,88 +7,12 @@
 //! the host through the tools share: the guest image does not grow.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use ferry_tests::pjdfstest::{config, forgive_etxtbsy, parse, pjdfstest, Run};
 use ferry_tests::{host_program, tools_share, FerryProcess, GuestSpec, Qemu};
 
 const DEADLINE: Duration = Duration::from_secs(600);
-
-/// pjdfstest's configuration: the opt-in features Linux has, and the users to switch to
-/// (`nobody` is in the guest image; the script adds `tests`).
-const CONFIG: &str = r#"
-[features]
-posix_fallocate = {}
-rename_ctime = {}
-utime_now = {}
-utimensat = {}
-
-[settings]
-naptime = 0.001
-allow_remount = false
-
-[dummy_auth]
-entries = [["nobody", "nobody"], ["tests", "tests"]]
-"#;
-
-/// Where `cargo install pjdfstest` put it.
-fn pjdfstest() -> PathBuf {
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_default();
-    let bin = cargo_home.join("bin/pjdfstest");
-    assert!(
-        bin.exists(),
-        "pjdfstest is not installed at {}: run scripts/install-deps.sh (make test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// One run's result.
-struct Run {
-    /// The failed tests, each with its message.
-    failed: Vec<(String, String)>,
-    /// How many passed.
-    passed: usize,
-}
-
-/// Reads pjdfstest's output (without colours: NO_COLOR): `NAME   ok|FAILED|skipped` lines, a
-/// failure's message on the next lines, and `Summary: F failed, S skipped, P passed, ...`.
-fn parse(out: &str) -> Run {
-    let lines: Vec<&str> = out.lines().collect();
-    let mut failed = Vec::new();
-    for (i, l) in lines.iter().enumerate() {
-        let mut w = l.split_whitespace();
-        if let (Some(name), Some("FAILED")) = (w.next(), w.next()) {
-            // The message, and the values of a failed comparison on the lines after it.
-            let why: Vec<&str> = lines[i + 1..]
-                .iter()
-                .take_while(|m| m.starts_with(char::is_whitespace) || m.is_empty())
-                .take(4)
-                .map(|m| m.trim())
-                .collect();
-            failed.push((name.to_string(), why.join(" | ")));
-        }
-    }
-    let summary = lines
-        .iter()
-        .find(|l| l.starts_with("Summary:"))
-        .unwrap_or_else(|| panic!("no summary in pjdfstest's output:\n{out}"));
-    let count = |what: &str| -> usize {
-        summary
-            .split(',')
-            .find(|p| p.trim().ends_with(what))
-            .and_then(|p| p.split_whitespace().find_map(|w| w.parse().ok()))
-            .unwrap_or(0)
-    };
-    assert_eq!(count("failed"), failed.len(), "{summary}");
-    Run {
-        failed,
-        passed: count("passed"),
-    }
-}
 
 /// Runs pjdfstest in the guest on a share of a fresh folder with `options` (`,`-led, or
 /// empty); returns its result and ferry's log.
@@ -97,7 +21,12 @@ fn run_pjdfstest(options: &str) -> (Run, String) {
     let d = dir.path();
     let tools = tools_share(d);
     let pjd = host_program(&tools.dir, "pjdfstest", &pjdfstest());
-    std::fs::write(tools.dir.join("pjdfstest.toml"), CONFIG).unwrap();
+    // `nobody` is in the guest image; the script adds `tests`.
+    std::fs::write(
+        tools.dir.join("pjdfstest.toml"),
+        config(&[("nobody", "nobody"), ("tests", "tests")]),
+    )
+    .unwrap();
     // The ETXTBSY tests copy `sleep` into the share and run the copy: busybox's applet would
     // exit at once under a name it does not know, and the test would race it. The host's
     // coreutils one runs with the guest's C library (the same Debian release).
@@ -158,21 +87,6 @@ done
     let mut run = parse(&read("data"));
     forgive_etxtbsy(&mut run, &read("etxtbsy"));
     (run, ferry.log_text())
-}
-
-/// pjdfstest's `open::etxtbsy` runs a copy of `sleep` from the share and at once opens the
-/// copy for writing, which the guest's kernel refuses while the copy runs. In this guest it
-/// fails about one run in five on every kind of share (the open succeeds), and it was not
-/// found why: its sibling `truncate::etxtbsy`, and the same steps from a shell, never fail.
-/// A failure is forgiven when the three reruns `reruns` holds pass at least once, so a server
-/// that lost ETXTBSY altogether still fails the test.
-fn forgive_etxtbsy(run: &mut Run, reruns: &str) {
-    let passed_again = reruns
-        .lines()
-        .any(|l| l.starts_with("open::etxtbsy") && l.trim_end().ends_with(" ok"));
-    if passed_again {
-        run.failed.retain(|(name, _)| name != "open::etxtbsy");
-    }
 }
 
 /// A default share, and one with `posixacl` (where the guest's kernel sends create modes

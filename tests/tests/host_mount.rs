@@ -800,3 +800,68 @@ fn running_out_of_descriptors_is_logged_once() {
     assert!(File::open(m.path("f399")).is_ok());
     m.unmount();
 }
+
+/// pjdfstest through `ferry mount --allow-other` (the kernel checks permissions, as a
+/// guest's does) gives what it gives in a guest on a default share: only the device-node
+/// tests fail, each refused with EPERM (tests/tests/guest_pjdfstest.rs).
+#[test]
+fn pjdfstest_through_the_mount_fails_only_device_nodes_as_in_a_guest() {
+    use ferry_tests::pjdfstest::{config as config_for, forgive_etxtbsy, parse, pjdfstest};
+    let (tmp, src, mnt) = dirs();
+    // Searchable by the users pjdfstest switches to.
+    for d in [tmp.path(), &src, &mnt] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = tmp.path().join("pjdfstest.toml");
+    // The users it switches to are ones every Debian host has.
+    fs::write(
+        &config,
+        config_for(&[("nobody", "nogroup"), ("daemon", "daemon")]),
+    )
+    .unwrap();
+    let m = HostMount::start(&src, &mnt, &["--allow-other"]);
+    let work = m.path("work");
+    fs::create_dir(&work).unwrap();
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    let run_suite = |pattern: Option<&str>| {
+        let out = Command::new(pjdfstest())
+            .env("NO_COLOR", "1")
+            .arg("-c")
+            .arg(&config)
+            .arg("-p")
+            .arg(&work)
+            .args(pattern)
+            .current_dir(&work)
+            .output()
+            .expect("run pjdfstest");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let mut run = parse(&run_suite(None));
+    if run.failed.iter().any(|(n, _)| n == "open::etxtbsy") {
+        let reruns: String = (0..3).map(|_| run_suite(Some("open::etxtbsy"))).collect();
+        forgive_etxtbsy(&mut run, &reruns);
+    }
+    let not_devices: Vec<_> = run
+        .failed
+        .iter()
+        .filter(|(name, why)| {
+            !((name.ends_with("::char") || name.ends_with("::block"))
+                && (why.contains("EPERM") || why.contains("mknod(")))
+        })
+        .collect();
+    assert!(
+        not_devices.is_empty(),
+        "pjdfstest failures through ferry mount other than device nodes refused with EPERM: {not_devices:#?}\nlog:\n{}",
+        m.log_tail()
+    );
+    assert!(
+        !run.failed.is_empty() && run.passed > 250,
+        "fewer tests ran than pjdfstest has: {} passed",
+        run.passed
+    );
+    eprintln!(
+        "pjdfstest through ferry mount: {} passed, {} failed (device nodes)",
+        run.passed,
+        run.failed.len()
+    );
+}

@@ -565,6 +565,12 @@ pub struct MountArgs {
     #[arg(long, value_name = "POLICY", default_value = "auto")]
     pub cache: String,
 
+    /// Let every user use the mount, the kernel checking their permissions against what it
+    /// shows (allow_other,default_permissions), as a guest's kernel does. Without it only the
+    /// mounting user may. Needs root, or user_allow_other in /etc/fuse.conf.
+    #[arg(long)]
+    pub allow_other: bool,
+
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 }

@@ -138,6 +138,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
         confine: Some(Box::new(move || {
             sandbox::enter(sandbox, &paths).map_err(|e| io::Error::other(e.to_string()))
         })),
+        allow_other: args.allow_other,
         ..MountConfig::default()
     };
     // fuser mounts and answers INIT on the thread that mounts, which then enters the
