@@ -7,6 +7,7 @@
 
 mod chain;
 mod connection;
+mod fs_pool;
 mod queue;
 mod relay;
 mod rx_steer;

@@ -6,6 +6,13 @@
 //! tag and the number of request queues, as virtiofsd's `--tag` puts them there, for
 //! frontends that read them (crosvm, QEMU's `vhost-user-fs` without `tag=`); QEMU 7.2 and
 //! cloud-hypervisor build it from their own options.
+//!
+//! Requests are answered on the queue's worker thread, one after another, unless the share
+//! has a pool (`threads=N`): then each goes to a pool thread (`fs_pool`), which answers it and
+//! returns its chain to the guest. A request that may wait long (SETLKW) gets a thread of its
+//! own either way, so it never holds a pool thread. High-priority requests (FORGET,
+//! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
+//! the requests it interrupts.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,10 +32,13 @@ use vmm_sys_util::event::{
 };
 
 use crate::chain::split_chain;
+use crate::fs_pool::RequestPool;
 use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
 const NUM_QUEUES: usize = 2;
+/// The request queue (queue 0 is the high-priority one).
+const REQUEST_QUEUE: usize = 1;
 /// `struct virtio_fs_config`: the tag (36 bytes, NUL-padded) and the number of request queues
 /// (le32).
 const CONFIG_LEN: usize = 40;
@@ -63,12 +73,20 @@ pub struct VhostUserFsBackend<F> {
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     config: [u8; CONFIG_LEN],
+    /// The request queue's pool, if the share has one.
+    pool: Option<RequestPool>,
 }
 
 impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// A device serving `server` under `tag` (cut to [`MAX_TAG_LEN`] bytes; ferry's options
     /// refuse longer ones).
     pub fn new(server: Arc<Server<F>>, tag: &str) -> Arc<Self> {
+        Self::with_threads(server, tag, 0)
+    }
+
+    /// [`Self::new`], answering the request queue on a pool of `threads` threads (0: on the
+    /// queue's worker).
+    pub fn with_threads(server: Arc<Server<F>>, tag: &str, threads: usize) -> Arc<Self> {
         let mut config = [0u8; CONFIG_LEN];
         let t = &tag.as_bytes()[..tag.len().min(MAX_TAG_LEN)];
         config[..t.len()].copy_from_slice(t);
@@ -79,12 +97,18 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             config,
+            pool: (threads > 0).then(|| RequestPool::new(&format!("fs-{tag}"), threads)),
         })
     }
 
     /// The FUSE server behind the device.
     pub fn server(&self) -> &Arc<Server<F>> {
         &self.server
+    }
+
+    /// How many threads answer the request queue (0: its worker does, without a pool).
+    pub fn pool_threads(&self) -> usize {
+        self.pool.as_ref().map_or(0, RequestPool::threads)
     }
 
     /// How many requests wait for a lock on threads of their own now.
@@ -95,7 +119,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// Answers one request; returns the number of reply bytes written into the chain, or
     /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
     /// completes the chain itself.
-    fn handle_chain(&self, chain: Chain, vring: &Vring) -> Option<u32> {
+    fn handle_chain(&self, chain: Chain, vring: &Vring, queue: usize) -> Option<u32> {
         let (reader, writer) = match split_chain(chain.memory(), chain.clone()) {
             Ok(rw) => rw,
             Err(e) => {
@@ -106,6 +130,10 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         if may_block(reader.peek_opcode()) {
             drop((reader, writer));
             return self.defer(chain.clone(), vring);
+        }
+        if let Some(pool) = self.pool.as_ref().filter(|_| queue == REQUEST_QUEUE) {
+            drop((reader, writer));
+            return self.on_pool(pool, chain, vring);
         }
         Some(match self.server.handle_message(reader, writer) {
             Ok(n) => n as u32,
@@ -123,22 +151,12 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Some(answer(&self.server, &chain));
         }
-        let server = self.server.clone();
-        let vring = vring.clone();
+        let job = self.completion(chain, vring);
         let waiting = self.waiting.clone();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let head = chain.head_index();
         let spawned = std::thread::Builder::new()
             .name("fs-lock-wait".into())
             .spawn(move || {
-                let len = answer(&server, &chain);
-                if let Err(e) = vring.add_used(head, len) {
-                    warn!("fs: cannot return descriptor {head} to the guest: {e}");
-                } else if !event_idx || vring.needs_notification().unwrap_or(true) {
-                    if let Err(e) = vring.signal_used_queue() {
-                        warn!("fs: cannot signal the guest: {e}");
-                    }
-                }
+                job();
                 // Counted until its chain is back with the guest: see `waiting_requests`.
                 waiting.fetch_sub(1, Ordering::SeqCst);
             });
@@ -153,14 +171,47 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         }
     }
 
-    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
+    /// Answers `chain` on a pool thread, which completes it; answers it here when the pool
+    /// cannot take it.
+    fn on_pool(&self, pool: &RequestPool, chain: Chain, vring: &Vring) -> Option<u32> {
+        let head = chain.head_index();
+        match pool.submit(self.completion(chain, vring)) {
+            Ok(()) => None,
+            Err(job) => {
+                warn!("fs: no request thread for descriptor {head}; answering it in line");
+                job();
+                None
+            }
+        }
+    }
+
+    /// A job that answers `chain`, returns it to the guest on `vring` and signals the guest
+    /// when it asks to be.
+    fn completion(&self, chain: Chain, vring: &Vring) -> crate::fs_pool::Job {
+        let server = self.server.clone();
+        let vring = vring.clone();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let head = chain.head_index();
+        Box::new(move || {
+            let len = answer(&server, &chain);
+            if let Err(e) = vring.add_used(head, len) {
+                warn!("fs: cannot return descriptor {head} to the guest: {e}");
+            } else if !event_idx || vring.needs_notification().unwrap_or(true) {
+                if let Err(e) = vring.signal_used_queue() {
+                    warn!("fs: cannot signal the guest: {e}");
+                }
+            }
+        })
+    }
+
+    fn process_queue(&self, vring: &Vring, queue: usize) -> io::Result<()> {
         let mem = self
             .mem
             .read()
             .map_err(|_| io::Error::other("poisoned"))?
             .clone();
         drain_queue(vring, &mem, self.event_idx.load(Ordering::Relaxed), |c| {
-            self.handle_chain(c, vring)
+            self.handle_chain(c, vring, queue)
         })?;
         Ok(())
     }
@@ -223,7 +274,7 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
             return Ok(());
         };
         // An Err here would end the worker thread for good: log and carry on instead.
-        if let Err(e) = self.process_queue(vring) {
+        if let Err(e) = self.process_queue(vring, device_event as usize) {
             warn!("fs: error while processing queue {device_event}: {e}");
         }
         Ok(())

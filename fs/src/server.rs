@@ -185,6 +185,7 @@ impl<F: FileSystem> Server<F> {
         mut w: W,
     ) -> Result<usize> {
         let start = std::time::Instant::now();
+        let _answering = self.stats.in_flight();
         let total = r.available_bytes();
         let hdr: InHeader = match read_obj(&mut r) {
             Ok(h) => h,

@@ -1,5 +1,6 @@
 //! What a FUSE server counts for the control API and `/metrics`: requests by opcode, errors
-//! by opcode, requests too malformed to trust, and how long requests take.
+//! by opcode, requests too malformed to trust, how long requests take, and the most
+//! requests answered at once.
 //!
 //! Theory of operation. Every counter is an atomic the server's threads add to without a
 //! lock; readers take a consistent-enough snapshot by loading them one by one. The latency
@@ -27,6 +28,9 @@ pub struct ServerStats {
     /// Requests per latency bucket (not cumulative), the last past every bound.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
+    /// Requests being answered now, and the most there have been at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 impl Default for ServerStats {
@@ -39,6 +43,8 @@ impl Default for ServerStats {
             malformed: AtomicU64::new(0),
             latency: Default::default(),
             latency_sum_ns: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         }
     }
 }
@@ -80,6 +86,19 @@ impl ServerStats {
         (counts, sum)
     }
 
+    /// The most requests that were being answered at once (more than one with a pool, or
+    /// while lock waits are pending).
+    pub fn max_in_flight(&self) -> u64 {
+        self.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A request is being answered until the guard returned is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(self)
+    }
+
     pub(crate) fn count_op(&self, opcode: u32) {
         self.ops[self.slot(opcode)].fetch_add(1, Ordering::Relaxed);
     }
@@ -105,6 +124,15 @@ impl ServerStats {
             t.as_nanos().min(u128::from(u64::MAX)) as u64,
             Ordering::Relaxed,
         );
+    }
+}
+
+/// One request being answered (see [`ServerStats::in_flight`]).
+pub(crate) struct InFlight<'a>(&'a ServerStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -28,6 +28,11 @@ truncate -s 5 f && check truncate "$(cat f)" hello
 truncate -s 1000000 f && check extend "$(stat -c %s f)" 1000000
 check host-file "$(cat from-host.txt)" "written on the host"
 
+# Four writers at once, each syncing: the share's pool (threads=4) answers their requests
+# side by side (checked on the host through /stats).
+for i in 1 2 3 4; do dd if=/dev/zero of=par$i bs=65536 count=32 conv=fsync 2>/dev/null & done; wait
+check parallel-writes "$(cat par1 par2 par3 par4 | wc -c)" 8388608
+
 # Directories and names.
 mkdir -p d1/d2 && check mkdir "$(stat -c %F d1/d2)" directory
 mv f d1/d2/g && check rename "$(cat d1/d2/g | head -c 5)" hello
@@ -202,7 +207,7 @@ fn guest_file_operations_through_ferry() {
             api.display().to_string(),
             "--share".into(),
             format!(
-                "tag=rw,dir={},socket={},xattrmap=security.:user.virtiofs.security.",
+                "tag=rw,dir={},socket={},xattrmap=security.:user.virtiofs.security.,threads=4",
                 rw.display(),
                 rw_sock.display()
             ),
@@ -268,7 +273,7 @@ fn guest_file_operations_through_ferry() {
     });
     let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
     assert!(
-        failed.is_empty() && out.checks.len() >= 70,
+        failed.is_empty() && out.checks.len() >= 71,
         "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
         out.checks.len(),
         ferry_tests::tail(&out.console, 80),
@@ -345,6 +350,19 @@ fn guest_file_operations_through_ferry() {
         .unwrap_or_else(|| panic!("no share rw in {stats}"));
     let ops = &share["ops"];
     assert_eq!(ops["opendir"], 1, "{share}");
+    // The pool's four threads answered the rw share, some requests side by side.
+    assert!(
+        share["max_in_flight"].as_u64().unwrap_or(0) >= 2,
+        "threads=4 answered one request at a time: {share}"
+    );
+    let pool_threads = std::fs::read_dir(format!("/proc/{}/task", ferry.serving_pid()))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("fs-rw-"))
+        })
+        .count();
+    assert_eq!(pool_threads, 4, "the rw share's pool threads");
     assert!(ops["releasedir"].is_null(), "{share}");
     let listings = ops["readdirplus"].as_u64().unwrap_or(0) + ops["readdir"].as_u64().unwrap_or(0);
     assert!(listings >= 2 * 41, "{share}");

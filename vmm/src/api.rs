@@ -312,6 +312,8 @@ struct ShareRequest {
     xattrmap: Vec<String>,
     #[serde(default)]
     posixacl: bool,
+    #[serde(default)]
+    threads: usize,
 }
 
 fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Value) {
@@ -321,7 +323,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             return error(
                 400,
                 format!("not a share: {e}"),
-                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl",
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl, threads",
             )
         }
     };
@@ -370,6 +372,17 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             Ok(m) => m,
             Err(e) => return bad(e),
         };
+    if req.threads > crate::config::MAX_THREADS {
+        return error(
+            400,
+            format!(
+                "threads: {} is more than the {} threads a share may have",
+                req.threads,
+                crate::config::MAX_THREADS
+            ),
+            "give fewer threads, or 0 for none",
+        );
+    }
     let tag = match control.shares.free_tag(req.tag.as_deref()) {
         Ok(t) => t,
         Err(crate::shares::ShareError(status, e, hint)) => return error(status, e, hint),
@@ -391,6 +404,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         gidmap,
         xattrmap,
         posixacl: req.posixacl,
+        threads: req.threads,
     };
     let tag = share.tag.clone();
     let fd = fds.remove(0);
@@ -750,6 +764,7 @@ fn stats(control: &Control) -> Value {
                 "lookups": st.ops(opcode::LOOKUP),
                 "errors": st.errors(),
                 "malformed": st.malformed(),
+                "max_in_flight": st.max_in_flight(),
                 "nodes": server.fs().inode_count(),
                 "open_files": server.fs().handle_count(),
                 "ops": ops,

@@ -19,9 +19,9 @@ use crate::cli::{RunArgs, SandboxArgs, ServeArgs};
 use crate::sandbox::SandboxConfig;
 
 mod share;
-pub use share::ShareConfig;
 use share::{check_share, parse_share, FileShare};
 pub(crate) use share::{parse_id_maps, parse_xattr_map};
+pub use share::{ShareConfig, MAX_THREADS};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = ferry_devices::vhu_fs::MAX_TAG_LEN;

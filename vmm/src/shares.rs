@@ -132,7 +132,7 @@ impl Shares {
                 server.set_file_audit(ferry_fs::audit::FileAudit::new(a.clone(), &share.tag));
             }
         }
-        let device = VhostUserFsBackend::new(Arc::new(server), &share.tag);
+        let device = VhostUserFsBackend::with_threads(Arc::new(server), &share.tag, share.threads);
         info!(
             "{name}: serving {} as tag {} {} {}{}{}",
             share.dir.display(),

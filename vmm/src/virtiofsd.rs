@@ -40,6 +40,8 @@ pub struct Options {
     pub readonly: bool,
     pub writeback: bool,
     pub posix_acl: bool,
+    /// `--thread-pool-size`: threads that answer the share's requests.
+    pub threads: usize,
     pub uidmap: Vec<String>,
     pub gidmap: Vec<String>,
     pub api_socket: Option<PathBuf>,
@@ -50,9 +52,8 @@ pub struct Options {
 }
 
 /// virtiofsd's options that ferry accepts and leaves to its own defaults: its sandbox,
-/// seccomp, thread pool, descriptor limit, logging, submount announcement, file handles.
+/// seccomp, descriptor limit, logging, submount announcement, file handles.
 const IGNORED_WITH_VALUE: &[&str] = &[
-    "--thread-pool-size",
     "--rlimit-nofile",
     "--log-level",
     "--sandbox",
@@ -186,6 +187,12 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--xattr" => o.xattr = true,
             "--readonly" => o.readonly = true,
             "--posix-acl" => o.posix_acl = true,
+            "--thread-pool-size" => {
+                let v = value(name)?;
+                o.threads = v.parse().map_err(|_| {
+                    usage(format!("--thread-pool-size {v}: not a number of threads"))
+                })?;
+            }
             "--no-posix-acl" => o.posix_acl = false,
             "--uid-map" => {
                 let v = value(name)?;
@@ -236,6 +243,7 @@ removes the share.
   --xattr | -o xattr                 extended attributes on (off by default, as virtiofsd)
   --readonly | -o readonly           refuse writes
   --posix-acl | -o posix_acl         POSIX ACLs, enforced by the guest (turns xattr on)
+  --thread-pool-size N               threads that answer the share's requests (0: none)
   --uid-map=:GUEST:HOST:COUNT:  --gid-map=…
   --tag TAG                          the share's name in ferry (default: share<N>)
   --api-socket PATH                  ferry serve's control API [default: $FERRY_API_SOCKET,
@@ -303,6 +311,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         "readonly": o.readonly,
         "writeback": o.writeback,
         "posixacl": o.posix_acl,
+        "threads": o.threads,
         "uidmap": o.uidmap,
         "gidmap": o.gidmap,
     });
@@ -383,7 +392,8 @@ mod tests {
         assert_eq!(o.cache.as_deref(), Some("always"));
         assert!(o.xattr);
         assert_eq!(o.uidmap, vec!["0:1000:1"]);
-        assert_eq!(o.ignored.len(), 3);
+        assert_eq!(o.threads, 4);
+        assert_eq!(o.ignored.len(), 2);
     }
 
     #[test]

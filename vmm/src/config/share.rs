@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use super::{check_socket_path, usage, Error, Result, MAX_SOCKET_PATH, MAX_TAG_LEN};
 
+/// The most threads a share's pool may have.
+pub const MAX_THREADS: usize = 64;
+
 /// One virtio-fs share.
 #[derive(Clone, Debug)]
 pub struct ShareConfig {
@@ -45,6 +48,8 @@ pub struct ShareConfig {
     pub xattrmap: XattrMap,
     /// POSIX ACLs, which the guest's kernel enforces (`posixacl`).
     pub posixacl: bool,
+    /// Threads that answer the request queue (`threads=N`; 0: the queue's worker does).
+    pub threads: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +72,8 @@ pub(super) struct FileShare {
     devices: bool,
     #[serde(default)]
     posixacl: bool,
+    #[serde(default)]
+    threads: usize,
     audit: Option<String>,
     cache: Option<String>,
     #[serde(default)]
@@ -140,6 +147,7 @@ impl TryFrom<FileShare> for ShareConfig {
             client: s.client,
             devices: s.devices,
             posixacl: s.posixacl,
+            threads: s.threads,
             audit_files,
         })
     }
@@ -165,13 +173,13 @@ pub(crate) fn parse_id_maps<'a>(
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
 /// [,trusted][,devices][,posixacl][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]
-/// [,xattrmap=GUEST:HOST]`.
+/// [,xattrmap=GUEST:HOST][,threads=N]`.
 pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let mut client = false;
-    let (mut devices, mut posixacl) = (false, false);
+    let (mut devices, mut posixacl, mut threads) = (false, false, 0);
     let mut audit_files = false;
     let (mut uidmap, mut gidmap, mut xattrmap) = (Vec::new(), Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
@@ -192,6 +200,13 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             Some(("uidmap", v)) => uidmap.push(v),
             Some(("gidmap", v)) => gidmap.push(v),
             Some(("xattrmap", v)) => xattrmap.push(v),
+            Some(("threads", v)) => {
+                threads = v.parse().map_err(|_| {
+                    bad(format!(
+                        "threads={v}: not a number of threads; give 0 (no pool) to {MAX_THREADS}"
+                    ))
+                })?
+            }
             Some(("audit", "files")) => audit_files = true,
             Some(("audit", v)) => {
                 return Err(bad(format!(
@@ -207,7 +222,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             None if part == "posixacl" => posixacl = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, audit=files, readonly, writeback, noxattr, trusted, client, devices and posixacl"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, threads=, audit=files, readonly, writeback, noxattr, trusted, client, devices and posixacl"
                 )))
             }
         }
@@ -229,6 +244,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
         client,
         devices,
         posixacl,
+        threads,
         audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
@@ -254,6 +270,12 @@ pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> 
     if s.devices && unsafe { libc::geteuid() } != 0 {
         return Err(usage(format!(
             "{opt}: devices: making device nodes needs root (CAP_MKNOD); run ferry as root or leave the option out"
+        )));
+    }
+    if s.threads > MAX_THREADS {
+        return Err(usage(format!(
+            "{opt}: threads={}: at most {MAX_THREADS} threads answer a share's requests; give fewer",
+            s.threads
         )));
     }
     if s.noxattr && s.posixacl {
