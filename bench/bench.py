@@ -4,7 +4,8 @@
 Net: Ferry (vhost-user) vs QEMU user net (libslirp) vs passt (-netdev stream).
 FS:  Ferry vs virtiofsd (same cache policy, cache=auto, and the same features: xattrs and
      FUSE_HANDLE_KILLPRIV_V2 on, as Ferry serves by default), with the host's own filesystem
-     as the ceiling.
+     as the ceiling; and four fio jobs at once, with and without each server's pool of four
+     threads (Ferry's threads=4, virtiofsd's --thread-pool-size=4).
 
 Every backend runs the same guest image under the same QEMU with the same settings. Runs are
 interleaved, ROUNDS of each, and the median is reported. Each round starts the order one
@@ -15,7 +16,8 @@ servers are on its loopback, so no packet leaves the machine.
 
 Benchmarks are not tests: this measures and writes tables; it asserts no speed.
 
-  bench/bench.py [--quick] [--rounds N] [--out DIR] [--only net|fs]
+  bench/bench.py [--quick] [--rounds N] [--out DIR] [--only net|fs] [--net-kinds K,..]
+                 [--fs-kinds K,..]
 
 Writes DIR/YYYY-MM-DD-HHMM.md and .png (and latest.md, latest.png). Needs root, qemu-system-x86,
 iperf3, fio, passt, gnuplot and virtiofsd (`make bench` installs them), a release build of
@@ -553,6 +555,19 @@ echo "BENCH tree $t0 $t1 $t2 $t3 $t4"
 rm -rf $D/tree
 """
     FS_STEPS += FS_META_STEPS
+    # Four jobs at once on four files (what a share's pool is for): random reads, random
+    # writes, and a mix that syncs every 16 writes. The pool kinds run only these.
+    FS_PAR_STEPS = r"""
+par() { n=$1; shift; fio_json --name=$n --directory=$D --filename_format='par.$jobnum' --numjobs=4 --group_reporting --bs=4k --size=$((S / 4 + 1))M --ioengine=psync --runtime=$T --time_based "$@"; }
+fio_json() { fio --output-format=json "$@" 2>/dev/null | tr -d '\n'; }
+echo "BENCH-FIO par_randread $(par par_randread --rw=randread)"
+echo "BENCH-FIO par_randwrite $(par par_randwrite --rw=randwrite --end_fsync=1)"
+echo "BENCH-FIO par_mix $(par par_mix --rw=randrw --rwmixread=50 --fsync=16)"
+rm -f $D/par.*
+"""
+    FS_STEPS += FS_PAR_STEPS
+    # The pool kinds: Ferry with `threads=4`, virtiofsd with `--thread-pool-size=4`.
+    POOL_KINDS = ("ferry-pool", "virtiofsd-pool")
 
     def make_tree_tar(self):
         """A source-like tree of small files (deterministic), as a tarball."""
@@ -572,8 +587,9 @@ rm -rf $D/tree
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         shutil.copy(self.tar, os.path.join(d, "tree.tar"))
+        steps = self.FS_PAR_STEPS if kind in self.POOL_KINDS else self.FS_STEPS
         with open(os.path.join(d, "steps.sh"), "w") as f:
-            f.write("P=/tmp/probe\n" + self.FS_STEPS)
+            f.write("P=/tmp/probe\n" + steps)
         return d
 
     def parse_fs(self, text, kind, elapsed_note=None):
@@ -585,9 +601,10 @@ rm -rf $D/tree
                     job = json.loads(js)["jobs"][0]
                 except (ValueError, KeyError, IndexError):
                     continue
-                side = job["read"] if "read" in name else job["write"]
-                self.record("fs", name, kind, side["bw_bytes"] / 2**20)
-                moved_mib += side["io_bytes"] / 2**20
+                sides = [job["read"], job["write"]] if name == "par_mix" else \
+                    [job["read"] if "read" in name else job["write"]]
+                self.record("fs", name, kind, sum(x["bw_bytes"] for x in sides) / 2**20)
+                moved_mib += sum(x["io_bytes"] for x in sides) / 2**20
             elif line.startswith("BENCH twice "):
                 t = [float(x) for x in line.split()[2:5]]
                 self.record("fs", "read_cold", kind, self.size_mib / max(t[1] - t[0], 1e-6))
@@ -619,14 +636,17 @@ rm -rf $D/tree
         if os.path.exists(sock):
             os.unlink(sock)
         log_f = open(os.path.join(self.w, "%s-fs.log" % kind), "w")
-        if kind == "ferry":
-            cmd = [FERRY, "serve", "--share", "tag=bench,dir=%s,socket=%s,cache=auto" % (d, sock)]
+        if kind in ("ferry", "ferry-pool"):
+            pool = ",threads=4" if kind == "ferry-pool" else ""
+            cmd = [FERRY, "serve", "--share", "tag=bench,dir=%s,socket=%s,cache=auto%s" % (d, sock, pool)]
         else:
             # Ferry serves xattrs and negotiates KILLPRIV_V2 by default; virtiofsd does neither
             # unless asked. Without xattrs the guest skips one GETXATTR per newly written file.
             cmd = [virtiofsd_bin(), "--socket-path", sock, "--shared-dir", d, "--cache", "auto",
                    "--xattr", "--killpriv-v2",
                    "--sandbox", "none"]
+            if kind == "virtiofsd-pool":
+                cmd += ["--thread-pool-size", "4"]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_f)
         self.children.append(p)
         wait_path(sock)
@@ -707,6 +727,12 @@ rm -rf $D/tree
         ("read_warm", "read it again (page cache), MiB/s", True),
     ]
 
+    FS_PAR_ROWS = [
+        ("par_randread", "fio 4 jobs, 4 KiB random read, 4 files, MiB/s", True),
+        ("par_randwrite", "fio 4 jobs, 4 KiB random write, 4 files, MiB/s", True),
+        ("par_mix", "fio 4 jobs, random read/write, fsync every 16 writes, MiB/s", True),
+    ]
+
     def cost_lists(self, suite, k):
         """CPU s per GiB of backend k by round: (whole run, bulk transfers only)."""
         runs = self.cost.get((suite, k), [])
@@ -772,6 +798,25 @@ rm -rf $D/tree
                 L.append("| %s | %s | %s | %s | %s | %s |" % (
                     label, self.fmt(self.med(suite, metric, "ferry")),
                     self.fmt(self.med(suite, metric, a)), self.fmt(self.med(suite, metric, b)),
+                    "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
+            L.append("")
+        if all(k in fs_kinds for k in self.POOL_KINDS):
+            L.append("## FS, four jobs at once\n")
+            L.append("Four fio jobs on four files: without a pool each server answers one request "
+                     "at a time; Ferry's `threads=4` and virtiofsd's `--thread-pool-size=4` answer "
+                     "four at once. The first ratio is the goal's (Ferry's pool against "
+                     "virtiofsd's), the second the pool's gain over Ferry without it.\n")
+            L.append("| metric | Ferry | Ferry, threads=4 | virtiofsd | virtiofsd, pool of 4 | "
+                     "pool: Ferry/virtiofsd | Ferry: pool/none |")
+            L.append("|---|---|---|---|---|---|---|")
+            for metric, label, higher in self.FS_PAR_ROWS:
+                r1 = self.ratio("fs", metric, "ferry-pool", "virtiofsd-pool", higher)
+                r2 = self.ratio("fs", metric, "ferry-pool", "ferry", higher)
+                L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+                    label, self.fmt(self.med("fs", metric, "ferry")),
+                    self.fmt(self.med("fs", metric, "ferry-pool")),
+                    self.fmt(self.med("fs", metric, "virtiofsd")),
+                    self.fmt(self.med("fs", metric, "virtiofsd-pool")),
                     "%.2fx" % r1 if r1 else "n/a", "%.2fx" % r2 if r2 else "n/a"))
             L.append("")
         if "ferry-mq" in net_kinds:
@@ -841,7 +886,9 @@ rm -rf $D/tree
         L.append("|---|---|---|---|")
         names = {"ferry": "Ferry", "ferry-mq": "Ferry, 2 queue pairs",
                  "ferry-audit": "Ferry with audit log, events and metrics",
-                 "slirp": "QEMU user net (QEMU itself)", "passt": "passt", "virtiofsd": "virtiofsd"}
+                 "slirp": "QEMU user net (QEMU itself)", "passt": "passt", "virtiofsd": "virtiofsd",
+                 "ferry-pool": "Ferry, threads=4 (four-job runs only)",
+                 "virtiofsd-pool": "virtiofsd, pool of 4 (four-job runs only)"}
         for suite, kinds in (("net", net_kinds), ("fs", [k for k in fs_kinds if k != "native"])):
             for k in kinds:
                 runs = self.cost.get((suite, k), [])
@@ -950,6 +997,8 @@ def main():
     ap.add_argument("--only", choices=["net", "fs"])
     ap.add_argument("--net-kinds", help="comma-separated net backends to run (default: all), "
                     "e.g. ferry,ferry-audit")
+    ap.add_argument("--fs-kinds", help="comma-separated fs backends to run (default: all), "
+                    "e.g. ferry,ferry-pool,virtiofsd,virtiofsd-pool")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it makes a network namespace and drops caches)")
@@ -969,7 +1018,10 @@ def main():
         net_kinds.append("ferry-audit")
     if args.net_kinds:
         net_kinds = args.net_kinds.split(",")
-    fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native"]
+    fs_kinds = [] if args.only == "net" else ["ferry", "virtiofsd", "native", "ferry-pool",
+                                              "virtiofsd-pool"]
+    if args.fs_kinds:
+        fs_kinds = args.fs_kinds.split(",")
     t0 = time.time()
     try:
         b.setup()
