@@ -173,16 +173,19 @@ fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
             .get(4..8)
             .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         if may_block(opcode) {
-            let (server, dev) = (server.clone(), dev.try_clone());
-            let spawned = dev.and_then(|d| {
+            // The thread takes a copy: if it cannot start, the request is answered here.
+            let (s, copy) = (server.clone(), request.clone());
+            let spawned = dev.try_clone().and_then(|d| {
                 std::thread::Builder::new()
                     .name("fuse-lock-wait".into())
-                    .spawn(move || answer(&server, &d, request))
+                    .spawn(move || answer(&s, &d, copy))
             });
-            if let Err(e) = spawned {
-                log::warn!("fuse: cannot start a thread for a lock wait: {e}");
+            match spawned {
+                Ok(_) => continue,
+                Err(e) => log::warn!(
+                    "fuse: cannot start a thread for a lock wait ({e}); answering it in line"
+                ),
             }
-            continue;
         }
         answer(server, &dev, request);
     }
