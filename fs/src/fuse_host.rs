@@ -156,6 +156,9 @@ pub fn spawn_mount<F: FileSystem + 'static>(
 /// Reads the kernel's requests from `dev` and answers them, until the mount goes away.
 fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
     let mut buf = vec![0u8; REQUEST_ROOM];
+    // One reply buffer for the thread, reused: a reply is sent only up to the length the
+    // server wrote, so what an earlier one left past it is never read.
+    let reply = ReplyBuf::new(REPLY_ROOM);
     loop {
         let n = match dev.read(&mut buf) {
             Ok(n) => n,
@@ -178,7 +181,7 @@ fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
             let spawned = dev.try_clone().and_then(|d| {
                 std::thread::Builder::new()
                     .name("fuse-lock-wait".into())
-                    .spawn(move || answer(&s, &d, copy))
+                    .spawn(move || answer(&s, &d, copy, ReplyBuf::new(REPLY_ROOM)))
             });
             match spawned {
                 Ok(_) => continue,
@@ -187,15 +190,14 @@ fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
                 ),
             }
         }
-        answer(server, &dev, request);
+        answer(server, &dev, request, reply.clone());
     }
     server.cancel_waits();
     server.fs().destroy();
 }
 
-/// Answers one request, whole in `request`, on `dev`.
-fn answer<F: FileSystem>(server: &Server<F>, mut dev: &File, request: Vec<u8>) {
-    let reply = ReplyBuf::new(REPLY_ROOM);
+/// Answers one request, whole in `request`, on `dev`, writing the reply into `reply`.
+fn answer<F: FileSystem>(server: &Server<F>, mut dev: &File, request: Vec<u8>, reply: ReplyBuf) {
     match server.handle_message(RequestBuf::new(request), reply.clone()) {
         // FORGET and its kind take no reply.
         Ok(0) => {}
