@@ -7,56 +7,66 @@ use vm_memory::ByteValued;
 
 /// The FUSE major version Ferry speaks.
 pub const KERNEL_VERSION: u32 = 7;
-/// The FUSE minor version Ferry speaks. The kernel falls back to it when it is newer.
-pub const KERNEL_MINOR_VERSION: u32 = 32;
+/// The FUSE minor version Ferry speaks (7.36: INIT's `flags2`, for FUSE_SECURITY_CTX). The
+/// kernel falls back to it when it is newer; what it sends beyond it is asked for by flag.
+pub const KERNEL_MINOR_VERSION: u32 = 36;
 /// The smallest minor version Ferry accepts (the first with `FUSE_MAX_PAGES`).
 pub const MIN_KERNEL_MINOR_VERSION: u32 = 28;
 /// The node id of the share's root directory.
 pub const ROOT_ID: u64 = 1;
 
+/// The INIT flags the kernel offers and the file system accepts: `flags`, and from 7.36 (with
+/// [`INIT_EXT`]) `flags2` in the high 32 bits.
+pub type InitFlags = u64;
+
+/// INIT flag: `flags2` is valid (7.36).
+pub const INIT_EXT: InitFlags = 1 << 30;
+/// INIT flag (`flags2`): the kernel sends the security context (an LSM's label) of the node
+/// a CREATE, MKNOD, MKDIR or SYMLINK makes, for the server to set on it (7.36).
+pub const SECURITY_CTX: InitFlags = 1 << 32;
 /// INIT flag: the file system accepts `max_pages` in INIT's reply.
-pub const MAX_PAGES: u32 = 1 << 22;
+pub const MAX_PAGES: InitFlags = 1 << 22;
 /// INIT flag: the file system handles POSIX (fcntl) locks.
-pub const POSIX_LOCKS: u32 = 1 << 1;
+pub const POSIX_LOCKS: InitFlags = 1 << 1;
 /// INIT flag: the file system handles BSD (flock) locks.
-pub const FLOCK_LOCKS: u32 = 1 << 10;
+pub const FLOCK_LOCKS: InitFlags = 1 << 10;
 /// LK request flag: the lock is a BSD flock, not a POSIX lock.
 pub const LK_FLOCK: u32 = 1;
 /// The end of a lock that reaches the end of the file.
 pub const OFFSET_MAX: u64 = i64::MAX as u64;
 /// INIT flag: reads may be issued in parallel.
-pub const ASYNC_READ: u32 = 1 << 0;
+pub const ASYNC_READ: InitFlags = 1 << 0;
 /// INIT flag: the file system handles O_TRUNC in OPEN.
-pub const ATOMIC_O_TRUNC: u32 = 1 << 3;
+pub const ATOMIC_O_TRUNC: InitFlags = 1 << 3;
 /// INIT flag: the file system handles LOOKUP of "." and "..".
-pub const EXPORT_SUPPORT: u32 = 1 << 4;
+pub const EXPORT_SUPPORT: InitFlags = 1 << 4;
 /// INIT flag: writes larger than 4 KiB.
-pub const BIG_WRITES: u32 = 1 << 5;
+pub const BIG_WRITES: InitFlags = 1 << 5;
 /// INIT flag: invalidate cached data when mtime or size change.
-pub const AUTO_INVAL_DATA: u32 = 1 << 12;
+pub const AUTO_INVAL_DATA: InitFlags = 1 << 12;
 /// INIT flag: READDIRPLUS is supported.
-pub const DO_READDIRPLUS: u32 = 1 << 13;
+pub const DO_READDIRPLUS: InitFlags = 1 << 13;
 /// INIT flag: the kernel chooses between READDIR and READDIRPLUS.
-pub const READDIRPLUS_AUTO: u32 = 1 << 14;
+pub const READDIRPLUS_AUTO: InitFlags = 1 << 14;
 /// INIT flag: the kernel caches writes (writeback cache).
-pub const WRITEBACK_CACHE: u32 = 1 << 16;
+pub const WRITEBACK_CACHE: InitFlags = 1 << 16;
 /// INIT flag: directory operations may run in parallel.
-pub const PARALLEL_DIROPS: u32 = 1 << 18;
+pub const PARALLEL_DIROPS: InitFlags = 1 << 18;
 /// INIT flag (from the kernel only): an OPENDIR answered with ENOSYS turns OPENDIR and
 /// RELEASEDIR off for the session; directory requests then carry handle 0.
-pub const NO_OPENDIR_SUPPORT: u32 = 1 << 24;
+pub const NO_OPENDIR_SUPPORT: InitFlags = 1 << 24;
 /// INIT flag: the server marks directories on other file systems (`ATTR_SUBMOUNT`), which the
 /// guest mounts as submounts (7.32).
-pub const SUBMOUNTS: u32 = 1 << 27;
+pub const SUBMOUNTS: InitFlags = 1 << 27;
 /// `Attr::flags`: this directory is the root of another file system (7.32).
 pub const ATTR_SUBMOUNT: u32 = 1 << 0;
 /// INIT flag: the kernel sends create modes unmasked, with the umask beside them.
-pub const DONT_MASK: u32 = 1 << 6;
+pub const DONT_MASK: InitFlags = 1 << 6;
 /// INIT flag: the kernel enforces POSIX ACLs, which it reads and sets as attributes.
-pub const POSIX_ACL: u32 = 1 << 20;
+pub const POSIX_ACL: InitFlags = 1 << 20;
 /// INIT flag: the server clears suid/sgid and capabilities when asked (the flags below), and
 /// the guest stops asking for `security.capability` before every write.
-pub const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
+pub const HANDLE_KILLPRIV_V2: InitFlags = 1 << 28;
 /// WRITE's write_flags: clear suid/sgid (FUSE_WRITE_KILL_SUIDGID).
 pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
 /// OPEN's and CREATE's open_flags: clear suid/sgid (with O_TRUNC).

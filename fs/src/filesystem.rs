@@ -22,8 +22,17 @@ pub struct Context {
     pub pid: u32,
 }
 
-/// The INIT flags the kernel offers and the file system accepts (the `abi` flag bits).
-pub type InitFlags = u32;
+pub use crate::abi::InitFlags;
+
+/// The label the guest's LSM gives a node it makes (FUSE_SECURITY_CTX): an attribute name,
+/// `security.selinux` in practice, and its value, to be set on the node as it is made.
+#[derive(Clone, Copy, Debug)]
+pub struct SecCtx<'a> {
+    /// The attribute's name in the guest.
+    pub name: &'a CStr,
+    /// Its value, as the guest's LSM made it.
+    pub value: &'a [u8],
+}
 
 /// A looked-up node: what LOOKUP, MKDIR, CREATE and friends answer.
 #[derive(Clone, Copy, Debug)]
@@ -159,8 +168,17 @@ pub trait FileSystem: Send + Sync {
         enosys()
     }
 
-    /// Creates a symlink `name` in `parent` pointing at `target`.
-    fn symlink(&self, ctx: Context, target: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+    /// Creates a symlink `name` in `parent` pointing at `target`. `secctx` is the label the
+    /// guest's LSM gives it, on a session with FUSE_SECURITY_CTX (the same for the other
+    /// calls that make a node).
+    fn symlink(
+        &self,
+        ctx: Context,
+        target: &CStr,
+        parent: u64,
+        name: &CStr,
+        secctx: Option<SecCtx<'_>>,
+    ) -> io::Result<Entry> {
         enosys()
     }
 
@@ -173,6 +191,7 @@ pub trait FileSystem: Send + Sync {
         mode: u32,
         rdev: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
         enosys()
     }
@@ -185,6 +204,7 @@ pub trait FileSystem: Send + Sync {
         name: &CStr,
         mode: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
         enosys()
     }
@@ -231,6 +251,7 @@ pub trait FileSystem: Send + Sync {
         mode: u32,
         flags: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<(Entry, u64, u32)> {
         enosys()
     }

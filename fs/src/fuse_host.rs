@@ -91,9 +91,11 @@ struct Handshake<F: FileSystem> {
 impl<F: FileSystem + 'static> Filesystem for Handshake<F> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let caps = config.capabilities();
-        // The low 32 bits: the flags `Server` negotiates (FUSE 7.32 has no flags2).
-        let wanted = self.server.fs().init(caps.bits() as u32)? | abi::MAX_PAGES;
-        let flags = fuser::InitFlags::from_bits_truncate(u64::from(wanted)) & caps;
+        // Not SECURITY_CTX: the host's own LSM labels what is made through a host mount, and
+        // the requests' extra part would reach a `Server` that did not answer this INIT.
+        let offered = caps.bits() & !abi::SECURITY_CTX;
+        let wanted = self.server.fs().init(offered)? | abi::MAX_PAGES;
+        let flags = fuser::InitFlags::from_bits_truncate(wanted & !abi::SECURITY_CTX) & caps;
         if let Err(unsupported) = config.add_capabilities(flags) {
             log::warn!("the host's FUSE lacks INIT flags {unsupported:?}");
         }

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::ffi::CStr;
 use std::io::{self, Read, Write};
 use std::mem::size_of;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use vm_memory::ByteValued;
 
 use crate::abi::{self, opcode, InHeader, OutHeader};
 use crate::filesystem::{
-    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, SetattrArgs, TimeSpec,
+    Context, DirEntry, Entry, FileReader, FileSystem, FileWriter, SecCtx, SetattrArgs, TimeSpec,
 };
 pub use crate::stats::ServerStats;
 
@@ -79,6 +79,8 @@ pub struct Server<F> {
     interrupts: Mutex<HashSet<u64>>,
     /// Bumped to abandon every wait (the session ended).
     generation: AtomicU64,
+    /// The session asked for the labels of the nodes the guest makes (FUSE_SECURITY_CTX).
+    secctx: AtomicBool,
     /// Where file events go (`audit=files`), once set.
     audit: std::sync::OnceLock<crate::audit::FileAudit>,
 }
@@ -94,7 +96,9 @@ pub fn may_block(opcode: u32) -> bool {
     opcode == opcode::SETLKW
 }
 
+mod extensions;
 mod wire;
+use extensions::{security_context, split_extensions};
 use wire::*;
 
 impl<F: FileSystem> Server<F> {
@@ -105,8 +109,22 @@ impl<F: FileSystem> Server<F> {
             stats: ServerStats::default(),
             interrupts: Mutex::new(HashSet::new()),
             generation: AtomicU64::new(0),
+            secctx: AtomicBool::new(false),
             audit: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The security context of a request that makes a node: in its extensions (`ext`, 6.2 and
+    /// later guests), or after its names (`rest`, earlier ones), on a session that asked for
+    /// it; `None` on one that did not (then `rest` is whatever followed, as ever ignored).
+    fn secctx<'a>(&self, ext: &'a [u8], rest: &'a [u8]) -> io::Result<Option<SecCtx<'a>>> {
+        if !ext.is_empty() {
+            return security_context(ext);
+        }
+        if self.secctx.load(Ordering::Relaxed) {
+            return security_context(rest);
+        }
+        Ok(None)
     }
 
     /// A file, folder, node or link `kind` named `name` was made in `node`.
@@ -335,25 +353,31 @@ impl<F: FileSystem> Server<F> {
             }
             opcode::SYMLINK => {
                 let body = read_body(r)?;
-                let (name, rest) = take_name(&body)?;
-                let (target, _) = take_cstr(rest, PATH_MAX)?;
-                let e = fs.symlink(ctx, target, node, name)?;
+                let (args, ext) = split_extensions(&body, hdr.total_extlen)?;
+                let (name, rest) = take_name(args)?;
+                let (target, rest) = take_cstr(rest, PATH_MAX)?;
+                let secctx = self.secctx(ext, rest)?;
+                let e = fs.symlink(ctx, target, node, name, secctx)?;
                 self.created(&ctx, node, name, "symlink");
                 return entry(e, w);
             }
             opcode::MKNOD => {
                 let arg: abi::MknodIn = read_obj(r)?;
                 let body = read_body(r)?;
-                let (name, _) = take_name(&body)?;
-                let e = fs.mknod(ctx, node, name, arg.mode, arg.rdev, arg.umask)?;
+                let (args, ext) = split_extensions(&body, hdr.total_extlen)?;
+                let (name, rest) = take_name(args)?;
+                let secctx = self.secctx(ext, rest)?;
+                let e = fs.mknod(ctx, node, name, arg.mode, arg.rdev, arg.umask, secctx)?;
                 self.created(&ctx, node, name, "node");
                 return entry(e, w);
             }
             opcode::MKDIR => {
                 let arg: abi::MkdirIn = read_obj(r)?;
                 let body = read_body(r)?;
-                let (name, _) = take_name(&body)?;
-                let e = fs.mkdir(ctx, node, name, arg.mode, arg.umask)?;
+                let (args, ext) = split_extensions(&body, hdr.total_extlen)?;
+                let (name, rest) = take_name(args)?;
+                let secctx = self.secctx(ext, rest)?;
+                let e = fs.mkdir(ctx, node, name, arg.mode, arg.umask, secctx)?;
                 self.created(&ctx, node, name, "dir");
                 return entry(e, w);
             }
@@ -429,8 +453,11 @@ impl<F: FileSystem> Server<F> {
             opcode::CREATE => {
                 let arg: abi::CreateIn = read_obj(r)?;
                 let body = read_body(r)?;
-                let (name, _) = take_name(&body)?;
-                let (e, fh, flags) = fs.create(ctx, node, name, arg.mode, arg.flags, arg.umask)?;
+                let (args, ext) = split_extensions(&body, hdr.total_extlen)?;
+                let (name, rest) = take_name(args)?;
+                let secctx = self.secctx(ext, rest)?;
+                let (e, fh, flags) =
+                    fs.create(ctx, node, name, arg.mode, arg.flags, arg.umask, secctx)?;
                 self.created(&ctx, node, name, "file");
                 if arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
                     kill_suidgid(fs, ctx, e.inode, Some(fh));
@@ -596,8 +623,20 @@ impl<F: FileSystem> Server<F> {
         if init.major > abi::KERNEL_VERSION {
             return self.reply_ok(hdr, &[out.as_slice()], w).map_err(to_io);
         }
-        let wanted = self.fs.init(init.flags)? | abi::MAX_PAGES;
-        out.flags = init.flags & wanted;
+        // 7.36 and later: `flags2` follows, valid when the kernel sets INIT_EXT.
+        let mut capable = abi::InitFlags::from(init.flags);
+        if capable & abi::INIT_EXT != 0 && r.available_bytes() >= size_of::<u32>() {
+            let flags2: u32 = read_obj(r)?;
+            capable |= abi::InitFlags::from(flags2) << 32;
+        }
+        let accepted = capable & (self.fs.init(capable)? | abi::MAX_PAGES);
+        self.secctx
+            .store(accepted & abi::SECURITY_CTX != 0, Ordering::Relaxed);
+        out.flags = accepted as u32;
+        out.flags2 = (accepted >> 32) as u32;
+        if out.flags2 != 0 {
+            out.flags |= abi::INIT_EXT as u32;
+        }
         out.max_readahead = init.max_readahead;
         out.max_background = u16::MAX;
         out.congestion_threshold = (u16::MAX / 4) * 3;
@@ -820,6 +859,12 @@ mod tests {
             Err(io::Error::from_raw_os_error(libc::ENOENT))
         }
 
+        fn init(&self, _capable: abi::InitFlags) -> io::Result<abi::InitFlags> {
+            Ok(abi::SECURITY_CTX)
+        }
+
+        /// EEXIST, or with a label ENOTEMPTY when it is `security.selinux`=`lbl`, else
+        /// ENOTDIR: the tests tell what arrived by the errno.
         fn mkdir(
             &self,
             _ctx: Context,
@@ -827,9 +872,14 @@ mod tests {
             name: &CStr,
             _mode: u32,
             _umask: u32,
+            secctx: Option<SecCtx<'_>>,
         ) -> io::Result<Entry> {
             assert!(!name.to_bytes().contains(&b'/'));
-            Err(io::Error::from_raw_os_error(libc::EEXIST))
+            Err(io::Error::from_raw_os_error(match secctx {
+                None => libc::EEXIST,
+                Some(c) if c.name == c"security.selinux" && c.value == b"lbl" => libc::ENOTEMPTY,
+                Some(_) => libc::ENOTDIR,
+            }))
         }
     }
 
@@ -870,7 +920,7 @@ mod tests {
             major,
             minor,
             max_readahead: 4096,
-            flags: abi::MAX_PAGES | 1,
+            flags: abi::MAX_PAGES as u32 | 1,
         }
         .as_slice()
         .to_vec();
@@ -891,7 +941,83 @@ mod tests {
         assert_eq!(out.max_write, MAX_WRITE);
         assert_eq!(out.max_pages, 256);
         // Only flags the file system accepted are echoed: bit 0 (ASYNC_READ) is not.
-        assert_eq!(out.flags, abi::MAX_PAGES);
+        assert_eq!(out.flags, abi::MAX_PAGES as u32);
+    }
+
+    /// INIT from a 6.1 kernel, which offers FUSE_SECURITY_CTX in flags2.
+    fn init_with_secctx() -> Vec<u8> {
+        let mut v = abi::InitIn {
+            major: 7,
+            minor: 37,
+            max_readahead: 4096,
+            flags: (abi::MAX_PAGES | abi::INIT_EXT) as u32,
+        }
+        .as_slice()
+        .to_vec();
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&[0u8; 44]);
+        request(opcode::INIT, 0, &v)
+    }
+
+    #[test]
+    fn init_takes_flags2_and_answers_with_init_ext() {
+        let server = Server::new(RootOnly);
+        let w = ReplyBuf::new(4096);
+        let n = server
+            .handle_message(RequestBuf::new(init_with_secctx()), w.clone())
+            .unwrap();
+        let mut out = abi::InitOut::default();
+        out.as_mut_slice().copy_from_slice(&w.bytes(n)[16..80]);
+        assert_eq!(out.flags2, 1);
+        assert_ne!(out.flags & abi::INIT_EXT as u32, 0);
+        // Without INIT_EXT from the kernel, flags2 is not there to read.
+        let (_, reply) = run(request(opcode::INIT, 0, &init_body(7, 38)), 4096);
+        out.as_mut_slice().copy_from_slice(&reply[16..80]);
+        assert_eq!((out.flags2, out.flags & abi::INIT_EXT as u32), (0, 0));
+    }
+
+    #[test]
+    fn security_contexts_arrive_in_both_layouts() {
+        let server = Server::new(RootOnly);
+        let call = |req: Vec<u8>| {
+            let w = ReplyBuf::new(4096);
+            let n = server
+                .handle_message(RequestBuf::new(req), w.clone())
+                .unwrap();
+            -out_header(&w.bytes(n)).error
+        };
+        let mkdir = |ext: &[u8], in_ext: bool| {
+            let mut body = abi::MkdirIn::default().as_slice().to_vec();
+            body.extend_from_slice(b"d\0");
+            body.extend_from_slice(ext);
+            let mut req = request(opcode::MKDIR, 1, &body);
+            if in_ext {
+                let mut h = InHeader::default();
+                h.as_mut_slice().copy_from_slice(&req[..40]);
+                h.total_extlen = (ext.len() / 8) as u16;
+                req[..40].copy_from_slice(h.as_slice());
+            }
+            req
+        };
+        let label = extensions::tests::record("security.selinux", b"lbl");
+        // Before INIT asked for them, bytes after the name are ignored, as they always were.
+        assert_eq!(call(mkdir(&label, false)), libc::EEXIST);
+        // A 6.2 and later kernel says where its extensions are, asked for or not.
+        assert_eq!(call(mkdir(&label, true)), libc::ENOTEMPTY);
+        call(init_with_secctx());
+        // 6.1: right after the name.
+        assert_eq!(call(mkdir(&label, false)), libc::ENOTEMPTY);
+        assert_eq!(call(mkdir(&label, true)), libc::ENOTEMPTY);
+        // No LSM in the guest: an empty context, or none at all.
+        assert_eq!(call(mkdir(&[8, 0, 0, 0, 0, 0, 0, 0], false)), libc::EEXIST);
+        assert_eq!(call(mkdir(&[], false)), libc::EEXIST);
+        let other = extensions::tests::record("security.SMACK64", b"lbl");
+        assert_eq!(call(mkdir(&other, true)), libc::ENOTDIR);
+        // Malformed: EINVAL, and an extension length past the request too.
+        assert_eq!(call(mkdir(&label[..12], false)), libc::EINVAL);
+        let mut long = mkdir(&label, true);
+        long[36] = 200;
+        assert_eq!(call(long), libc::EINVAL);
     }
 
     #[test]

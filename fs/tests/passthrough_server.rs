@@ -136,15 +136,18 @@ impl Fixture {
         Ok(out)
     }
 
-    /// INIT from a kernel of FUSE 7.38 that offers `flags`.
-    fn init(&self, flags: u32) {
+    /// INIT from a kernel of FUSE 7.38 that offers `flags` (the high half in `flags2`).
+    fn init(&self, flags: abi::InitFlags) {
         let init = abi::InitIn {
             major: 7,
             minor: 38,
             max_readahead: 1 << 20,
-            flags,
+            flags: flags as u32 | abi::INIT_EXT as u32,
         };
-        assert_eq!(self.call(opcode::INIT, 0, &[init.as_slice()]).0, 0);
+        let flags2 = ((flags >> 32) as u32).to_le_bytes();
+        let unused = [0u8; 44];
+        let (e, _) = self.call(opcode::INIT, 0, &[init.as_slice(), &flags2, &unused]);
+        assert_eq!(e, 0);
     }
 
     /// Every name in directory `node` (sorted), read between OPENDIR and RELEASEDIR.
@@ -739,7 +742,7 @@ fn writeback_is_opt_in_and_write_only_opens_become_read_write() {
         assert_eq!(err, 0);
         let mut out = abi::InitOut::default();
         out.as_mut_slice().copy_from_slice(&body);
-        assert_eq!(out.flags & abi::WRITEBACK_CACHE != 0, writeback);
+        assert_eq!(out.flags & abi::WRITEBACK_CACHE as u32 != 0, writeback);
         // Under writeback, a write-only open can also be read (the kernel reads pages).
         std::fs::write(f.dir.path().join("w"), b"data").unwrap();
         let node = f.lookup(1, "w").unwrap().nodeid;

@@ -73,6 +73,8 @@ pub struct GuestSpec {
     /// How QEMU's net chardev meets ferry: connect once (the default), connect again after
     /// ferry goes away, or listen for ferry to connect.
     pub net_link: NetLink,
+    /// More on the guest kernel's command line (`security=selinux`).
+    pub kernel_args: String,
 }
 
 /// How QEMU's vhost-user net chardev meets the backend.
@@ -117,6 +119,10 @@ impl Qemu {
         );
         if spec.no_dhcp || spec.net_socket.is_none() {
             append.push_str(" ferry.net=off");
+        }
+        if !spec.kernel_args.is_empty() {
+            append.push(' ');
+            append.push_str(&spec.kernel_args);
         }
         let mut c = Command::new(qemu_binary());
         c.args(["-machine", &format!("q35,accel={accel}")])

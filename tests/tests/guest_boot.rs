@@ -66,7 +66,7 @@ fn spec(dir: &Path, script: String) -> GuestSpec {
         no_dhcp: false,
         memory_mib: 256,
         queue_pairs: 1,
-        net_link: Default::default(),
+        ..Default::default()
     }
 }
 

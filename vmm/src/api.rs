@@ -313,6 +313,8 @@ struct ShareRequest {
     #[serde(default)]
     posixacl: bool,
     #[serde(default)]
+    seclabel: bool,
+    #[serde(default)]
     threads: usize,
 }
 
@@ -323,7 +325,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             return error(
                 400,
                 format!("not a share: {e}"),
-                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl, threads",
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl, seclabel, threads",
             )
         }
     };
@@ -404,6 +406,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         gidmap,
         xattrmap,
         posixacl: req.posixacl,
+        seclabel: req.seclabel,
         threads: req.threads,
     };
     let tag = share.tag.clone();

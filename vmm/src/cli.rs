@@ -334,7 +334,9 @@ pub struct ServeArgs {
     /// xattrmap=security.:user.virtiofs.security. for a guest that labels its files (SELinux)
     /// without privileges on the host (given again, each adds a rule); posixacl turns POSIX
     /// ACLs on (the guest's kernel enforces them; they are kept on the host files, named ids
-    /// renamed by uidmap and gidmap); threads=N answers the share's requests on a pool of N
+    /// renamed by uidmap and gidmap); seclabel sets the label the guest's LSM (SELinux) gives
+    /// each file and folder it makes as it is made, under the name xattrmap gives it (needs
+    /// an xattrmap rule for security.); threads=N answers the share's requests on a pool of N
     /// threads, side by side (virtiofsd's --thread-pool-size; default 0, one at a time on
     /// the queue's thread).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]

@@ -894,6 +894,16 @@ mod tests {
             e.contains("posixacl keeps ACLs in extended attributes"),
             "{e}"
         );
+        let s = parse_share("tag=t,dir=/tmp,socket=/s,seclabel", &mut HashMap::new()).unwrap();
+        let e = check_share(&s, &HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("add xattrmap=security.:user."), "{e}");
+        let s = parse_share(
+            "tag=t,dir=/tmp,socket=/s,seclabel,xattrmap=security.:user.virtiofs.security.",
+            &mut HashMap::new(),
+        )
+        .unwrap();
+        assert!(s.seclabel);
+        check_share(&s, &HashMap::new()).unwrap();
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub fn mount(args: MountArgs) -> Result<ExitCode> {
             gid_map: Default::default(),
             xattr_map: Default::default(),
             posix_acl: false,
+            security_label: false,
         },
     )
     .map_err(|e| {

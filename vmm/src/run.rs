@@ -47,6 +47,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             gidmap: Default::default(),
             xattrmap: Default::default(),
             posixacl: false,
+            seclabel: false,
             threads: 0,
         })
         .collect();

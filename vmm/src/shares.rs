@@ -112,6 +112,7 @@ impl Shares {
                 gid_map: share.gidmap.clone(),
                 xattr_map: share.xattrmap.clone(),
                 posix_acl: share.posixacl,
+                security_label: share.seclabel,
             },
         )
     }

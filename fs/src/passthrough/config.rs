@@ -92,4 +92,8 @@ pub struct Config {
     /// POSIX ACLs (`posixacl`): the guest's kernel enforces them and they pass through to the
     /// host files (see `acl`).
     pub posix_acl: bool,
+    /// Security labels (`seclabel`): the label the guest's LSM gives each node it makes is set
+    /// on the node as it is made (FUSE_SECURITY_CTX), under the host name `xattr_map` gives it
+    /// (see `seclabel`).
+    pub security_label: bool,
 }

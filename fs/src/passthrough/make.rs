@@ -2,8 +2,9 @@
 //!
 //! Each is made as the guest's caller would make it (`ownership::creating_as`), with the mode
 //! the guest asked for (`acl::creation_mode` applies the umask where ACLs hand it over, and
-//! `ownership::settle_mode` undoes what ferry's own umask took), then looked up, and on a share
-//! that emulates ownership given the caller's owner and mode (`ownership::adopt`).
+//! `ownership::settle_mode` undoes what ferry's own umask took), labelled on a share that
+//! takes the guest's security labels (`seclabel`), then looked up, and on a share that
+//! emulates ownership given the caller's owner and mode (`ownership::adopt`).
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -12,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use super::sys::{cvt, proc_path};
 use super::PassthroughFs;
-use crate::filesystem::{Context, Entry};
+use crate::filesystem::{Context, Entry, SecCtx};
 
 impl PassthroughFs {
     pub(super) fn make_symlink(
@@ -21,17 +22,21 @@ impl PassthroughFs {
         target: &CStr,
         parent: u64,
         name: &CStr,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let p = self.inode(parent)?;
+        let pfd = p.fd()?;
         {
             let _c = self.creating_as(ctx);
             // SAFETY: both strings are NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::symlinkat(target.as_ptr(), p.fd()?.as_raw_fd(), name.as_ptr()) })?;
+            cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd.as_raw_fd(), name.as_ptr()) })?;
         }
+        self.label_new(pfd.as_raw_fd(), name, libc::S_IFLNK, None, secctx)?;
         let entry = self.do_lookup(parent, &p, name)?;
         self.adopt(ctx, &p, entry, 0o777)
     }
+    #[allow(clippy::too_many_arguments)] // the FUSE request's fields, as the trait's
     pub(super) fn make_node(
         &self,
         ctx: Context,
@@ -40,6 +45,7 @@ impl PassthroughFs {
         mode: u32,
         rdev: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
         self.check_writable()?;
         // FIFOs, sockets and plain files only, unless the share takes devices: a device node
@@ -50,20 +56,17 @@ impl PassthroughFs {
             _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
         }
         let p = self.inode(parent)?;
+        let pfd = p.fd()?;
         let (mode, inherits) = self.creation_mode(&p, mode, umask);
         {
             let _c = self.creating_as(ctx);
             let host_mode = self.create_mode(mode, mode & libc::S_IFMT);
             // SAFETY: the name is NUL-terminated and the fd is valid.
             cvt(unsafe {
-                libc::mknodat(
-                    p.fd()?.as_raw_fd(),
-                    name.as_ptr(),
-                    host_mode,
-                    u64::from(rdev),
-                )
+                libc::mknodat(pfd.as_raw_fd(), name.as_ptr(), host_mode, u64::from(rdev))
             })?;
         }
+        self.label_new(pfd.as_raw_fd(), name, mode & libc::S_IFMT, None, secctx)?;
         let mut entry = self.do_lookup(parent, &p, name)?;
         let mode = self.settle_mode(&mut entry, mode, mode & libc::S_IFMT, inherits)?;
         self.adopt(ctx, &p, entry, mode)
@@ -75,16 +78,19 @@ impl PassthroughFs {
         name: &CStr,
         mode: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let p = self.inode(parent)?;
+        let pfd = p.fd()?;
         let (mode, inherits) = self.creation_mode(&p, mode, umask);
         {
             let _c = self.creating_as(ctx);
             let host_mode = self.create_mode(mode, libc::S_IFDIR);
             // SAFETY: the name is NUL-terminated and the fd is valid.
-            cvt(unsafe { libc::mkdirat(p.fd()?.as_raw_fd(), name.as_ptr(), host_mode) })?;
+            cvt(unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), host_mode) })?;
         }
+        self.label_new(pfd.as_raw_fd(), name, libc::S_IFDIR, None, secctx)?;
         let mut entry = self.do_lookup(parent, &p, name)?;
         let mode = self.settle_mode(&mut entry, mode, libc::S_IFDIR, inherits)?;
         self.adopt(ctx, &p, entry, mode)
@@ -117,6 +123,7 @@ impl PassthroughFs {
         }
         self.do_lookup(newparent, &p, newname)
     }
+    #[allow(clippy::too_many_arguments)] // the FUSE request's fields, as the trait's
     pub(super) fn make_file(
         &self,
         ctx: Context,
@@ -125,6 +132,7 @@ impl PassthroughFs {
         mode: u32,
         flags: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<(Entry, u64, u32)> {
         self.check_writable()?;
         let p = self.inode(parent)?;
@@ -160,6 +168,9 @@ impl PassthroughFs {
         };
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
+        if made {
+            self.label_new(pfd.as_raw_fd(), name, libc::S_IFREG, Some(&file), secctx)?;
+        }
         let mut entry = self.do_lookup(parent, &p, name)?;
         let entry = if made {
             let mode = self.settle_mode(&mut entry, mode, libc::S_IFREG, inherits)?;

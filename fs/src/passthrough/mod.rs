@@ -16,6 +16,7 @@ mod locks;
 mod make;
 mod ownership;
 mod paths;
+mod seclabel;
 mod submounts;
 mod sys;
 mod xattr;
@@ -37,7 +38,8 @@ use std::time::Duration;
 
 use crate::abi::{self, ROOT_ID};
 use crate::filesystem::{
-    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SetattrArgs,
+    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SecCtx,
+    SetattrArgs,
 };
 use inode::{fd_budget, file_handle, Handle, Inode, InodeMap, NodeFd, PathFd};
 use locks::posix_lock;
@@ -268,6 +270,15 @@ impl FileSystem for PassthroughFs {
         if acls {
             f |= abi::POSIX_ACL | abi::DONT_MASK;
         }
+        if self.takes_labels() {
+            if capable & abi::SECURITY_CTX != 0 {
+                f |= abi::SECURITY_CTX;
+            } else {
+                log::warn!(
+                    "the guest's kernel does not send security labels (FUSE_SECURITY_CTX, Linux 5.17 and later): what it makes on this share is not labelled until it is told with setfattr"
+                );
+            }
+        }
         Ok(f)
     }
 
@@ -375,8 +386,15 @@ impl FileSystem for PassthroughFs {
         Ok(buf)
     }
 
-    fn symlink(&self, ctx: Context, target: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.make_symlink(ctx, target, parent, name)
+    fn symlink(
+        &self,
+        ctx: Context,
+        target: &CStr,
+        parent: u64,
+        name: &CStr,
+        secctx: Option<SecCtx<'_>>,
+    ) -> io::Result<Entry> {
+        self.make_symlink(ctx, target, parent, name, secctx)
     }
 
     fn mknod(
@@ -387,8 +405,9 @@ impl FileSystem for PassthroughFs {
         mode: u32,
         rdev: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
-        self.make_node(ctx, parent, name, mode, rdev, umask)
+        self.make_node(ctx, parent, name, mode, rdev, umask, secctx)
     }
 
     fn mkdir(
@@ -398,8 +417,9 @@ impl FileSystem for PassthroughFs {
         name: &CStr,
         mode: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<Entry> {
-        self.make_dir(ctx, parent, name, mode, umask)
+        self.make_dir(ctx, parent, name, mode, umask, secctx)
     }
 
     fn unlink(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -483,8 +503,9 @@ impl FileSystem for PassthroughFs {
         mode: u32,
         flags: u32,
         umask: u32,
+        secctx: Option<SecCtx<'_>>,
     ) -> io::Result<(Entry, u64, u32)> {
-        self.make_file(ctx, parent, name, mode, flags, umask)
+        self.make_file(ctx, parent, name, mode, flags, umask, secctx)
     }
 
     fn read(

@@ -18,7 +18,7 @@ impl PassthroughFs {
     /// The guest may change `user.*` attributes only: `security.*` and `trusted.*` ones would
     /// grant file capabilities or other privileges on the host; and not the one that keeps the
     /// ownership it set, which would let a guest user make its file look like root's.
-    fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
+    pub(super) fn check_xattr_name(&self, name: &CStr) -> io::Result<()> {
         // ACLs, on a share that takes them: the guest's kernel checked that the caller owns
         // the file (see `acl`).
         if self.acls() && acl::is_acl(name.to_bytes()) {
@@ -38,7 +38,7 @@ impl PassthroughFs {
 
     /// The host's name for the guest's attribute `name`; a name the mapping keeps from the
     /// guest gets `reserved` (EPERM to change it, ENODATA to read it, as if it were not there).
-    fn host_name<'a>(&self, name: &'a CStr, reserved: i32) -> io::Result<Cow<'a, CStr>> {
+    pub(super) fn host_name<'a>(&self, name: &'a CStr, reserved: i32) -> io::Result<Cow<'a, CStr>> {
         match self.cfg.xattr_map.to_host(name.to_bytes()) {
             HostName::Same(_) => Ok(Cow::Borrowed(name)),
             // The mapped name is the guest's tail under a host prefix, neither holding a NUL.

@@ -48,6 +48,8 @@ pub struct ShareConfig {
     pub xattrmap: XattrMap,
     /// POSIX ACLs, which the guest's kernel enforces (`posixacl`).
     pub posixacl: bool,
+    /// The labels the guest's LSM gives what it makes are set as it is made (`seclabel`).
+    pub seclabel: bool,
     /// Threads that answer the request queue (`threads=N`; 0: the queue's worker does).
     pub threads: usize,
 }
@@ -72,6 +74,8 @@ pub(super) struct FileShare {
     devices: bool,
     #[serde(default)]
     posixacl: bool,
+    #[serde(default)]
+    seclabel: bool,
     #[serde(default)]
     threads: usize,
     audit: Option<String>,
@@ -147,6 +151,7 @@ impl TryFrom<FileShare> for ShareConfig {
             client: s.client,
             devices: s.devices,
             posixacl: s.posixacl,
+            seclabel: s.seclabel,
             threads: s.threads,
             audit_files,
         })
@@ -172,14 +177,14 @@ pub(crate) fn parse_id_maps<'a>(
 }
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
-/// [,trusted][,devices][,posixacl][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]
+/// [,trusted][,devices][,posixacl][,seclabel][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]
 /// [,xattrmap=GUEST:HOST][,threads=N]`.
 pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
     let (mut readonly, mut writeback, mut noxattr, mut trusted) = (false, false, false, false);
     let mut client = false;
-    let (mut devices, mut posixacl, mut threads) = (false, false, 0);
+    let (mut devices, mut posixacl, mut seclabel, mut threads) = (false, false, false, 0);
     let mut audit_files = false;
     let (mut uidmap, mut gidmap, mut xattrmap) = (Vec::new(), Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
@@ -220,9 +225,10 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             None if part == "client" => client = true,
             None if part == "devices" => devices = true,
             None if part == "posixacl" => posixacl = true,
+            None if part == "seclabel" => seclabel = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, threads=, audit=files, readonly, writeback, noxattr, trusted, client, devices and posixacl"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, threads=, audit=files, readonly, writeback, noxattr, trusted, client, devices, posixacl and seclabel"
                 )))
             }
         }
@@ -244,6 +250,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
         client,
         devices,
         posixacl,
+        seclabel,
         threads,
         audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
@@ -264,6 +271,15 @@ pub(crate) fn parse_xattr_map<'a>(
     XattrMap::new(rules).map_err(|e| usage(format!("{opt}: {e}")))
 }
 
+/// Whether `map` gives the guest's `security.` labels a host name (one under `user.`: the
+/// map's rules take no other host prefix).
+fn maps_labels(map: &XattrMap) -> bool {
+    matches!(
+        map.to_host(b"security.selinux"),
+        ferry_fs::passthrough::HostName::Mapped(_)
+    )
+}
+
 pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> Result<()> {
     let opt = format!("--share tag={}", s.tag);
     // SAFETY: geteuid has no preconditions.
@@ -281,6 +297,11 @@ pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> 
     if s.noxattr && s.posixacl {
         return Err(usage(format!(
             "{opt}: posixacl keeps ACLs in extended attributes, which noxattr turns off; leave one of them out"
+        )));
+    }
+    if s.seclabel && !maps_labels(&s.xattrmap) {
+        return Err(usage(format!(
+            "{opt}: seclabel: the guest's labels (security.selinux) must be kept under a host user. name, which ferry can set without privileges; add xattrmap=security.:user.virtiofs.security. (or another user. prefix)"
         )));
     }
     if s.noxattr && !s.xattrmap.is_empty() {
