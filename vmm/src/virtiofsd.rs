@@ -40,6 +40,10 @@ pub struct Options {
     pub readonly: bool,
     pub writeback: bool,
     pub posix_acl: bool,
+    /// `--security-label`: the guest's labels are set on what it makes.
+    pub security_label: bool,
+    /// `--xattrmap`, as `--share`'s `xattrmap=GUEST:HOST` rules.
+    pub xattrmap: Vec<String>,
     /// `--thread-pool-size`: threads that answer the share's requests.
     pub threads: usize,
     pub uidmap: Vec<String>,
@@ -60,7 +64,6 @@ const IGNORED_WITH_VALUE: &[&str] = &[
     "--seccomp",
     "--inode-file-handles",
     "--modcaps",
-    "--xattrmap",
     "--translate-uid",
     "--translate-gid",
     "--migration-mode",
@@ -75,7 +78,6 @@ const IGNORED_FLAGS: &[&str] = &[
     "--no-announce-submounts",
     "--killpriv-v2",
     "--no-killpriv-v2",
-    "--security-label",
     "--allow-direct-io",
     "--allow-mmap",
     "--preserve-noatime",
@@ -98,6 +100,48 @@ fn id_map(option: &str, v: &str) -> Result<String> {
             "{option}={v}: not :GUEST:HOST:COUNT: (for example :0:1000:1:)"
         ))),
     }
+}
+
+/// virtiofsd's `--xattrmap` rules as `--share`'s `xattrmap=GUEST:HOST` ones. A rule is
+/// `<c>TYPE<c>SCOPE<c>KEY<c>PREPEND<c>` or `<c>map<c>KEY<c>PREPEND<c>`, any character `c` the
+/// separator, rules one after another. ferry's rules rename a prefix both ways, so
+/// `:map:K:P:` and `:prefix:all:K:P:` (the guest's `K…` is the host's `PK…`) become `K:PK`,
+/// and `:ok:all:::` (the rest as they are) is what ferry does with names no rule covers.
+/// Other rules (`bad`, `unsupported`, one-way scopes) have no ferry form: refused, named.
+fn xattr_map(option: &str, v: &str) -> Result<Vec<String>> {
+    let bad = |why: &str| {
+        usage(format!(
+            "{option}={v}: {why}; ferry takes :map:KEY:PREPEND:, :prefix:all:KEY:PREPEND: and :ok:all:::, or give ferry serve's share xattrmap=GUEST:HOST"
+        ))
+    };
+    let mut out = Vec::new();
+    let mut rest = v.trim_start();
+    while let Some(sep) = rest.chars().next() {
+        let mut fields = rest[sep.len_utf8()..].split(sep);
+        let kind = fields.next().unwrap_or_default();
+        let n = if kind == "map" { 2 } else { 3 };
+        let f: Vec<&str> = fields.by_ref().take(n).collect();
+        if f.len() < n {
+            return Err(bad(
+                "a rule ends early (each field ends with the separator)",
+            ));
+        }
+        let used = sep.len_utf8() * (n + 2) + kind.len() + f.iter().map(|x| x.len()).sum::<usize>();
+        rest = rest.get(used..).unwrap_or_default().trim_start();
+        match (kind, &f[..]) {
+            ("map", [key, prepend]) | ("prefix", ["all", key, prepend]) => {
+                out.push(format!("{key}:{prepend}{key}"))
+            }
+            ("ok", ["all", "", ""]) => {}
+            _ => {
+                return Err(bad(&format!(
+                    "the rule {kind} {} has no ferry form",
+                    f.join(" ")
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The `-o` list: comma-separated, with a literal comma in a value written twice (as libvirt
@@ -125,7 +169,8 @@ fn apply_o(o: &mut Options, list: &str) -> Result<()> {
         match item.split_once('=') {
             Some(("source", v)) => o.dir = Some(PathBuf::from(v)),
             Some(("cache", v)) => o.cache = Some(v.to_string()),
-            Some(("sandbox" | "modcaps" | "xattrmap" | "timeout", _)) => o.ignored.push(item),
+            Some(("xattrmap", v)) => o.xattrmap.extend(xattr_map("-o xattrmap", v)?),
+            Some(("sandbox" | "modcaps" | "timeout", _)) => o.ignored.push(item),
             None if item == "xattr" => o.xattr = true,
             None if item == "no_xattr" => o.xattr = false,
             None if item == "writeback" => o.writeback = true,
@@ -133,6 +178,8 @@ fn apply_o(o: &mut Options, list: &str) -> Result<()> {
             None if item == "readonly" || item == "ro" => o.readonly = true,
             None if item == "posix_acl" => o.posix_acl = true,
             None if item == "no_posix_acl" => o.posix_acl = false,
+            None if item == "security_label" => o.security_label = true,
+            None if item == "no_security_label" => o.security_label = false,
             None if matches!(
                 item.as_str(),
                 "flock" | "no_flock" | "posix_lock" | "no_posix_lock" | "announce_submounts"
@@ -144,7 +191,7 @@ fn apply_o(o: &mut Options, list: &str) -> Result<()> {
             }
             _ => {
                 return Err(usage(format!(
-                    "-o {item}: not an option ferry virtiofsd knows; it takes source=, cache=, xattr, no_xattr, writeback, readonly, posix_acl and virtiofsd's locking and sandbox options"
+                    "-o {item}: not an option ferry virtiofsd knows; it takes source=, cache=, xattr, no_xattr, writeback, readonly, posix_acl, security_label, xattrmap= and virtiofsd's locking and sandbox options"
                 )))
             }
         }
@@ -194,6 +241,11 @@ pub fn parse(args: &[String]) -> Result<Options> {
                 })?;
             }
             "--no-posix-acl" => o.posix_acl = false,
+            "--security-label" => o.security_label = true,
+            "--xattrmap" => {
+                let v = value(name)?;
+                o.xattrmap.extend(xattr_map(name, &v)?);
+            }
             "--uid-map" => {
                 let v = value(name)?;
                 o.uidmap.push(id_map(name, &v)?);
@@ -243,6 +295,11 @@ removes the share.
   --xattr | -o xattr                 extended attributes on (off by default, as virtiofsd)
   --readonly | -o readonly           refuse writes
   --posix-acl | -o posix_acl         POSIX ACLs, enforced by the guest (turns xattr on)
+  --xattrmap RULES | -o xattrmap=…   rename attributes: :map:KEY:PREPEND: and
+                                     :prefix:all:KEY:PREPEND: rules (turns xattr on)
+  --security-label | -o security_label
+                                     set the guest's labels on what it makes (needs an
+                                     --xattrmap rule for security. to a user. name)
   --thread-pool-size N               threads that answer the share's requests (0: none)
   --uid-map=:GUEST:HOST:COUNT:  --gid-map=…
   --tag TAG                          the share's name in ferry (default: share<N>)
@@ -311,6 +368,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         "readonly": o.readonly,
         "writeback": o.writeback,
         "posixacl": o.posix_acl,
+        "seclabel": o.security_label,
+        "xattrmap": o.xattrmap,
         "threads": o.threads,
         "uidmap": o.uidmap,
         "gidmap": o.gidmap,
@@ -430,6 +489,35 @@ mod tests {
         let e = parse(&args(&["--uid-map=0:1"])).unwrap_err().to_string();
         assert!(e.contains(":GUEST:HOST:COUNT:"), "{e}");
         assert!(parse(&args(&["--fd"])).is_err());
+    }
+
+    #[test]
+    fn xattrmap_rules_become_prefix_rules() {
+        let o = parse(&args(&[
+            "--fd=3",
+            "--xattrmap",
+            ":map:security.:user.virtiofs.:",
+            "--security-label",
+        ]))
+        .unwrap();
+        assert_eq!(o.xattrmap, vec!["security.:user.virtiofs.security."]);
+        assert!(o.security_label);
+        let o = parse(&args(&[
+            "-o",
+            "xattrmap=/prefix/all/trusted./user.t./ /ok/all///,security_label",
+        ]))
+        .unwrap();
+        assert_eq!(o.xattrmap, vec!["trusted.:user.t.trusted."]);
+        assert!(o.security_label);
+        for bad in [
+            ":bad:all:::",
+            ":prefix:client:a:b:",
+            ":map:a",
+            ":unsupported:all:x::",
+        ] {
+            let e = parse(&args(&["--xattrmap", bad])).unwrap_err().to_string();
+            assert!(e.contains(":map:KEY:PREPEND:"), "{bad}: {e}");
+        }
     }
 
     #[test]
