@@ -32,7 +32,7 @@ guest-image:
 
 # The guest suites that run a second time on QEMU 10 (Debian's bookworm-backports, unpacked
 # beside the system's 7.2 by scripts/install-qemu10.sh); every suite runs on 7.2.
-QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_ports guest_learned guest_ipv6 guest_multiqueue launch_conventions libvirt
+QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_fs_queues guest_ports guest_learned guest_ipv6 guest_multiqueue launch_conventions libvirt
 # Suites run again with every ferry serve in the namespace sandbox (FERRY_TEST_SANDBOX).
 NAMESPACE_SUITES ?= guest_fs guest_ports api
 QEMU10_PREFIX ?= /opt/ferry/qemu-10

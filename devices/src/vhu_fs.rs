@@ -1,21 +1,25 @@
 //! The virtio-fs device over vhost-user.
 //!
-//! Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the request queue. Each
-//! chain holds one FUSE request in its readable descriptors and room for the reply in its
-//! writable ones. The config space (GET_CONFIG, with the CONFIG protocol feature) holds the
-//! tag and the number of request queues, as virtiofsd's `--tag` puts them there, for
-//! frontends that read them (crosvm, QEMU's `vhost-user-fs` without `tag=`); QEMU 7.2 and
-//! cloud-hypervisor build it from their own options.
+//! Queue 0 is the high-priority queue (FORGET, INTERRUPT), the others are request queues:
+//! one by default, up to [`MAX_REQUEST_QUEUES`] when the frontend sets them up (QEMU's
+//! `num-request-queues`, which it does not check against the backend's maximum, so ferry
+//! takes any count a guest is likely to get; Linux 6.11 and later spread requests over them
+//! by CPU, earlier kernels use the first). Each chain holds one FUSE request in its readable
+//! descriptors and room for the reply in its writable ones. The config space (GET_CONFIG,
+//! with the CONFIG protocol feature) holds the tag and one request queue, as virtiofsd's
+//! `--tag` puts them there, for frontends that read them (crosvm, QEMU's `vhost-user-fs`
+//! without `tag=`); QEMU and cloud-hypervisor build it from their own options.
 //!
-//! Requests are answered on the queue's worker thread, one after another, unless the share
-//! has a pool (`threads=N`): then each goes to a pool thread (`fs_pool`), which answers it and
-//! returns its chain to the guest. A request that may wait long (SETLKW) gets a thread of its
+//! Requests are answered on the device's worker thread, one after another and from every
+//! request queue, unless the share has a pool (`threads=N`): then each goes to a pool thread
+//! (`fs_pool`), which answers it and returns its chain to the guest; that is how requests from
+//! several queues, or one, proceed side by side. A request that may wait long (SETLKW) gets a thread of its
 //! own either way, so it never holds a pool thread. High-priority requests (FORGET,
 //! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
 //! the requests it interrupts.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ferry_fs::{may_block, FileSystem, Server};
@@ -36,9 +40,11 @@ use crate::fs_pool::RequestPool;
 use crate::queue::{drain_queue, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
-const NUM_QUEUES: usize = 2;
-/// The request queue (queue 0 is the high-priority one).
-const REQUEST_QUEUE: usize = 1;
+/// The most request queues a frontend may set up.
+pub const MAX_REQUEST_QUEUES: usize = 16;
+const NUM_QUEUES: usize = 1 + MAX_REQUEST_QUEUES;
+/// The high-priority queue; every other is a request queue.
+const HIPRIO_QUEUE: usize = 0;
 /// `struct virtio_fs_config`: the tag (36 bytes, NUL-padded) and the number of request queues
 /// (le32).
 const CONFIG_LEN: usize = 40;
@@ -73,8 +79,10 @@ pub struct VhostUserFsBackend<F> {
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     config: [u8; CONFIG_LEN],
-    /// The request queue's pool, if the share has one.
+    /// The request queues' pool, if the share has one.
     pool: Option<RequestPool>,
+    /// Requests taken off each request queue (queue 1 first).
+    taken: [AtomicU64; MAX_REQUEST_QUEUES],
 }
 
 impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
@@ -90,7 +98,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let mut config = [0u8; CONFIG_LEN];
         let t = &tag.as_bytes()[..tag.len().min(MAX_TAG_LEN)];
         config[..t.len()].copy_from_slice(t);
-        config[MAX_TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
+        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Arc::new(VhostUserFsBackend {
             server,
             waiting: Arc::new(AtomicUsize::new(0)),
@@ -98,6 +106,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             event_idx: AtomicBool::new(false),
             config,
             pool: (threads > 0).then(|| RequestPool::new(&format!("fs-{tag}"), threads)),
+            taken: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
 
@@ -111,6 +120,20 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         self.pool.as_ref().map_or(0, RequestPool::threads)
     }
 
+    /// Requests taken off each request queue so far, queue 1 first, up to the last queue
+    /// that carried one.
+    pub fn requests_by_queue(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .taken
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        v
+    }
+
     /// How many requests wait for a lock on threads of their own now.
     pub fn waiting_requests(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
@@ -120,6 +143,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
     /// completes the chain itself.
     fn handle_chain(&self, chain: Chain, vring: &Vring, queue: usize) -> Option<u32> {
+        if let Some(n) = queue.checked_sub(1).and_then(|i| self.taken.get(i)) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         let (reader, writer) = match split_chain(chain.memory(), chain.clone()) {
             Ok(rw) => rw,
             Err(e) => {
@@ -131,7 +157,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             drop((reader, writer));
             return self.defer(chain.clone(), vring);
         }
-        if let Some(pool) = self.pool.as_ref().filter(|_| queue == REQUEST_QUEUE) {
+        if let Some(pool) = self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
             drop((reader, writer));
             return self.on_pool(pool, chain, vring);
         }

@@ -75,6 +75,11 @@ pub struct GuestSpec {
     pub net_link: NetLink,
     /// More on the guest kernel's command line (`security=selinux`).
     pub kernel_args: String,
+    /// Request queues on each virtio-fs device (QEMU's `num-request-queues`); 0 or 1: one,
+    /// the default.
+    pub fs_request_queues: u16,
+    /// Virtual CPUs (default 2).
+    pub cpus: u16,
 }
 
 /// How QEMU's vhost-user net chardev meets the backend.
@@ -126,7 +131,8 @@ impl Qemu {
         }
         let mut c = Command::new(qemu_binary());
         c.args(["-machine", &format!("q35,accel={accel}")])
-            .args(["-cpu", "max", "-smp", "2", "-m", &format!("{mem}M")])
+            .args(["-cpu", "max", "-smp", &spec.cpus.max(2).to_string()])
+            .args(["-m", &format!("{mem}M")])
             .args([
                 "-nographic",
                 "-no-reboot",
@@ -183,14 +189,15 @@ impl Qemu {
                 .args(["-device", &dev]);
         }
         for (i, (tag, sock)) in spec.shares.iter().enumerate() {
+            let mut dev = format!("vhost-user-fs-pci,chardev=f{i},tag={tag}");
+            if spec.fs_request_queues > 1 {
+                dev.push_str(&format!(",num-request-queues={}", spec.fs_request_queues));
+            }
             c.args([
                 "-chardev",
                 &format!("socket,id=f{i},path={}", sock.display()),
             ])
-            .args([
-                "-device",
-                &format!("vhost-user-fs-pci,chardev=f{i},tag={tag}"),
-            ]);
+            .args(["-device", &dev]);
         }
         let out = File::create(&console).expect("create the console log");
         let err = out.try_clone().expect("clone the console log");

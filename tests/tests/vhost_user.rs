@@ -162,7 +162,8 @@ fn a_ring_past_the_queue_pairs_offered_fails_at_negotiation_with_a_message() {
 }
 
 /// With CONFIG, the fs config space gives the tag and one request queue, as virtiofsd's
-/// `--tag` does for frontends that read it (crosvm, QEMU's vhost-user-fs without `tag=`).
+/// `--tag` does for frontends that read it (crosvm, QEMU's vhost-user-fs without `tag=`);
+/// GET_QUEUE_NUM offers the high-priority queue and sixteen request queues.
 #[test]
 fn fs_negotiates_across_reconnects_and_gives_its_tag() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +173,7 @@ fn fs_negotiates_across_reconnects_and_gives_its_tag() {
         | VhostUserProtocolFeatures::REPLY_ACK;
     for _ in 0..2 {
         let mut fe = connect(&fs);
-        let offered = negotiate(&mut fe, proto, 2);
+        let offered = negotiate(&mut fe, proto, 17);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
         let (_, cfg) = fe
             .get_config(0, 40, VhostUserConfigFlags::WRITABLE, &[0u8; 40])
@@ -218,7 +219,7 @@ fn guest_ram_mappings(pid: u32) -> usize {
 fn a_departed_frontends_memory_is_unmapped() {
     let dir = tempfile::tempdir().unwrap();
     let (ferry, net, fs) = start(dir.path());
-    for (sock, queue_num) in [(&net, 4), (&fs, 2)] {
+    for (sock, queue_num) in [(&net, 4), (&fs, 17)] {
         let mut fe = connect(sock);
         negotiate(&mut fe, VhostUserProtocolFeatures::MQ, queue_num);
         // The memory table is taken asynchronously from the frontend's view: wait for it.

@@ -768,6 +768,7 @@ fn stats(control: &Control) -> Value {
                 "errors": st.errors(),
                 "malformed": st.malformed(),
                 "max_in_flight": st.max_in_flight(),
+                "request_queues": b.requests_by_queue(),
                 "nodes": server.fs().inode_count(),
                 "open_files": server.fs().handle_count(),
                 "ops": ops,
