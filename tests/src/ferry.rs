@@ -273,6 +273,17 @@ impl Drop for FerryProcess {
     }
 }
 
+/// The `/stats` entry of the share `tag` (`ferry ctl --json stats`).
+pub fn share_stats(api: &Path, tag: &str) -> serde_json::Value {
+    let out = ferry_ctl(api, &["--json", "stats"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    stats["fs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["tag"] == tag))
+        .cloned()
+        .unwrap_or_else(|| panic!("no share {tag} in {stats}"))
+}
+
 /// Runs `ferry ctl --api-socket API ARGS...` and returns what it did.
 pub fn ferry_ctl(api: &Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(ferry_bin())

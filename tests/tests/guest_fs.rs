@@ -337,17 +337,7 @@ fn guest_file_operations_through_ferry() {
     // The guest's kernel read every folder without OPENDIR: ferry refused the first one and
     // the guest sent no more (nor RELEASEDIR), so each folder of the walk, the 10k-entry one
     // and the rest cost a listing and the empty read that ends it.
-    let out = std::process::Command::new(ferry_tests::ferry_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(&api)
-        .args(["--json", "stats"])
-        .output()
-        .expect("run ferry ctl");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
-    let share = stats["fs"]
-        .as_array()
-        .and_then(|a| a.iter().find(|f| f["tag"] == "rw"))
-        .unwrap_or_else(|| panic!("no share rw in {stats}"));
+    let share = ferry_tests::share_stats(&api, "rw");
     let ops = &share["ops"];
     assert_eq!(ops["opendir"], 1, "{share}");
     // The pool's four threads answered the rw share, some requests side by side.

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ferry_bin, tools_share, FerryProcess, GuestSpec, Qemu};
+use ferry_tests::{share_stats, tools_share, FerryProcess, GuestSpec, Qemu};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -72,17 +72,7 @@ sync
         std::fs::read_to_string(data.join("cpu0/f7")).unwrap(),
         "0.7\n"
     );
-    let stats = std::process::Command::new(ferry_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(&api)
-        .args(["--json", "stats"])
-        .output()
-        .expect("run ferry ctl");
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
-    let share = stats["fs"]
-        .as_array()
-        .and_then(|a| a.iter().find(|f| f["tag"] == "data"))
-        .unwrap_or_else(|| panic!("no share data in {stats}"));
+    let share = share_stats(&api, "data");
     let queues: Vec<u64> = share["request_queues"]
         .as_array()
         .unwrap_or_else(|| panic!("no request_queues in {share}"))
