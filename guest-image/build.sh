@@ -2,15 +2,34 @@
 # Build the Ferry test guest: out/vmlinuz + out/initramfs.cpio.gz, from the
 # Debian packages pinned in packages.lock (fetched with apt-get download into
 # cache/, unpacked with dpkg -x; nothing is installed on the host).
-# Usage: bash guest-image/build.sh [--force]     (any cwd)
+# Usage: bash guest-image/build.sh [--force] [--kernel-lock FILE]     (any cwd)
+#   --kernel-lock kernel-6.12.lock   the same guest with the kernel pinned in FILE instead
+#                                    (Debian's bookworm-backports one), in out-6.12/: the
+#                                    guest suites run on a second kernel (see the Makefile)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 LOCK=$HERE/packages.lock
 CACHE=$HERE/cache
 DEBS=$CACHE/debs
-WORK=$CACHE/build
-OUT=$HERE/out
+FORCE= KLOCK=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--force) FORCE=1 ;;
+	--kernel-lock) KLOCK=$(readlink -f "$2") || { echo "guest-image: --kernel-lock needs a file" >&2; exit 2; }; shift ;;
+	*) echo "usage: $0 [--force] [--kernel-lock FILE]" >&2; exit 2 ;;
+	esac
+	shift
+done
+if [ -n "$KLOCK" ]; then
+	[ -f "$KLOCK" ] || { echo "guest-image: error: kernel lock $KLOCK not found" >&2; exit 1; }
+	NAME=$(basename "$KLOCK" .lock); NAME=${NAME#kernel-}
+	WORK=$CACHE/build-$NAME
+	OUT=$HERE/out-$NAME
+else
+	WORK=$CACHE/build
+	OUT=$HERE/out
+fi
 STAMP=$OUT/.stamp
 
 # Loaded in this order; dependencies found in .modinfo are pulled in first,
@@ -28,10 +47,10 @@ done
 
 # ---- no-op check -------------------------------------------------------------
 inputs_hash() {
-	(cd "$HERE" && { echo "$MODULES"; find build.sh init packages.lock files -type f | LC_ALL=C sort | xargs sha256sum; }) | sha256sum | cut -d' ' -f1
+	(cd "$HERE" && { echo "$MODULES"; find build.sh init packages.lock files ${KLOCK:+"$KLOCK"} -type f | LC_ALL=C sort | xargs sha256sum; }) | sha256sum | cut -d' ' -f1
 }
 HASH=$(inputs_hash)
-if [ "${1:-}" != "--force" ] && [ -f "$STAMP" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] &&
+if [ -z "$FORCE" ] && [ -f "$STAMP" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] &&
 	[ "$(cat "$STAMP")" = "$HASH $(sha256sum < "$OUT/vmlinuz" | cut -d' ' -f1) $(sha256sum < "$OUT/initramfs.cpio.gz" | cut -d' ' -f1)" ]; then
 	say "up to date ($OUT)"
 	exit 0
@@ -56,7 +75,7 @@ fetch() { # name version sha256 -> path of verified .deb
 		fi
 		if ! (cd "$tmp" && apt-get download -q "$name=$ver") >"$tmp/log" 2>&1; then
 			sed 's/^/    /' "$tmp/log" >&2; rm -rf "$tmp"
-			die "pinned package $name version $ver is no longer downloadable from the apt archive; run 'apt-cache policy $name' to see the current version, then 'bash guest-image/update-pins.sh' (for a new kernel ABI: 'bash guest-image/update-pins.sh --latest-kernel') and rebuild."
+			die "pinned package $name version $ver is no longer downloadable from the apt archive; run 'apt-cache policy $name' to see the current version, then 'bash guest-image/update-pins.sh' (for a new kernel ABI: 'bash guest-image/update-pins.sh --latest-kernel'; for kernel-6.12.lock's: '--backports-kernel') and rebuild."
 		fi
 	fi
 	local got; got=$(find "$tmp" -name '*.deb' | head -n1)
@@ -72,12 +91,22 @@ fetch() { # name version sha256 -> path of verified .deb
 
 KPKG=
 declare -a DEBLIST=()
+# With --kernel-lock, its kernel replaces packages.lock's; it comes from bookworm-backports,
+# whose apt source is added (derived from the machine's Debian entry) when missing.
+if [ -n "$KLOCK" ]; then
+	. "$HERE/../scripts/backports-source.sh"
+fi
+pins() { # the pins: packages.lock's, its kernel replaced by --kernel-lock's
+	if [ -z "$KLOCK" ]; then cat "$LOCK"; return; fi
+	grep -v '^linux-image-' "$LOCK"
+	grep '^linux-image-' "$KLOCK"
+}
 while read -r name ver sha rest; do
 	case "$name" in ''|'#'*) continue ;; esac
-	[ -n "$sha" ] && [ -z "$rest" ] || die "bad line in packages.lock: $name $ver $sha $rest"
+	[ -n "$sha" ] && [ -z "$rest" ] || die "bad pin: $name $ver $sha $rest"
 	deb=$(fetch "$name" "$ver" "$sha")
 	case "$name" in linux-image-*) KPKG=$deb; KVER=${name#linux-image-} ;; *) DEBLIST+=("$deb") ;; esac
-done < "$LOCK"
+done < <(pins)
 [ -n "$KPKG" ] || die "no linux-image-* package in packages.lock"
 say "fetched $(( ${#DEBLIST[@]} + 1 )) pinned packages"
 

@@ -53,6 +53,9 @@ ip link set eth0 mtu 1500
 check udp6-8000-at-mtu-1500 "$($P udp {remote6} 7777 8000)" "8000 SAME"
 $P tcppeer 81 &
 $P udpecho 7 &
+# Ready once both listen (the host's clients come at once; a slower guest kernel, 6.12's,
+# was not there yet and the published port's client was reset).
+i=0; while ! grep -q ':0051 ' /proc/net/tcp6 || ! grep -q ':0007 ' /proc/net/udp6; do [ $i -lt 100 ] || break; sleep 0.1; i=$((i+1)); done
 echo FERRY-READY
 i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 "#
