@@ -17,6 +17,15 @@
 //!   cannot work then, and the first I/O would hang. The relay refuses the connection with an
 //!   error that says how to start QEMU.
 //!
+//! - After a ring's kick descriptor (SET_VRING_KICK) reaches the daemon, the relay kicks it
+//!   once, so the device looks at the ring as soon as it is enabled, whether or not the
+//!   guest kicks. A guest that queued buffers while no backend served it (ferry restarted
+//!   under it, QEMU reconnecting) may have its notifications suppressed: with EVENT_IDX it
+//!   kicks only when its index crosses the `avail_event` the device last wrote, and the
+//!   device that wrote it is gone, or QEMU's own handling in between left it behind. It then
+//!   never kicks again, and the ring stays full forever; one look, which ends by writing a
+//!   fresh `avail_event`, puts it right. A kick on an empty ring costs a glance.
+//!
 //! Only the control channel passes here: vring kicks and calls are eventfds and guest memory is
 //! mapped directly, so the data path never touches the relay.
 
@@ -44,6 +53,7 @@ const GET_QUEUE_NUM: u32 = 17;
 const VRING_MESSAGES: [u32; 7] = [8, 9, 10, 11, 12, 13, 14];
 const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;
+const SET_VRING_KICK: u32 = 12;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -231,6 +241,21 @@ impl FrontendState {
     }
 }
 
+/// Kicks the ring whose kick eventfd `msg` (a SET_VRING_KICK) carried, once (see the module's
+/// notes). The eventfd stays readable until the daemon's worker reads it, which it does once
+/// the ring is enabled.
+fn kick_once(name: &str, msg: &Message) {
+    let Some(fd) = msg.fds.first() else {
+        return;
+    };
+    let kicked = fd
+        .try_clone()
+        .and_then(|fd| std::fs::File::from(fd).write_all(&1u64.to_ne_bytes()));
+    if let Err(e) = kicked {
+        debug!("{name}: cannot kick a new ring once: {e}");
+    }
+}
+
 /// Relays between `frontend` and `daemon` until either side closes. Returns the two relay
 /// threads; both end when the connection does.
 pub(crate) fn relay(
@@ -271,6 +296,9 @@ pub(crate) fn relay(
                         if let Err(e) = res {
                             debug!("{n}: daemon connection: {e}");
                             break;
+                        }
+                        if msg.request() == SET_VRING_KICK {
+                            kick_once(&n, &msg);
                         }
                     }
                     v @ (Verdict::Absorb | Verdict::Answer(_)) => {
@@ -451,6 +479,7 @@ mod tests {
 
     #[test]
     fn messages_and_fds_cross_the_relay_and_early_enable_gets_its_reply() {
+        use std::os::fd::AsRawFd;
         let (fe, fe_peer) = UnixStream::pair().unwrap();
         let (dm, dm_peer) = UnixStream::pair().unwrap();
         let threads = relay("test", fe_peer, dm_peer, Some(4)).unwrap();
@@ -480,6 +509,26 @@ mod tests {
         assert_eq!(got.request(), SET_MEM_TABLE);
         assert_eq!(got.payload, b"regions!");
         assert_eq!(got.fds.len(), 1);
+        // A ring's kick eventfd reaches the daemon kicked once.
+        let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // SAFETY: dup gives a new descriptor that nothing else owns.
+        let kick_fd = unsafe { OwnedFd::from_raw_fd(libc::dup(efd.as_raw_fd())) };
+        send_message(
+            &fe,
+            &msg(SET_VRING_KICK, 1, &1u64.to_le_bytes(), vec![kick_fd]),
+        )
+        .unwrap();
+        let got = recv_message(&dm).unwrap().unwrap();
+        assert_eq!((got.request(), got.fds.len()), (SET_VRING_KICK, 1));
+        let mut kicked = None;
+        for _ in 0..100 {
+            if let Ok(v) = efd.read() {
+                kicked = Some(v);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(kicked, Some(1));
         // Daemon replies come back unchanged.
         let r = msg(1, FLAG_VERSION_1 | FLAG_REPLY, &7u64.to_le_bytes(), vec![]);
         send_message(&dm, &r).unwrap();
