@@ -1,8 +1,10 @@
 //! FUSE requests into the real `Server` over a `PassthroughFs` serving a temporary folder, one
 //! session per input: an INIT as a 5.x guest kernel sends it, then the input read as FUSE
 //! messages one after another (each header's `len` says where the next begins), so lookups
-//! and creates make nodes and handles that the following requests use. A fresh folder every
-//! 1000 inputs keeps what the inputs create from piling up.
+//! and creates make nodes and handles that the following requests use. The share takes the
+//! guest's security labels (`seclabel`, its `security.` names mapped to `user.`), so what
+//! follows a create's name is parsed as a security context. A fresh folder every 1000 inputs
+//! keeps what the inputs create from piling up.
 
 #![no_main]
 
@@ -10,7 +12,7 @@ use std::sync::Mutex;
 
 use ferry_fs::membuf::{ReplyBuf, RequestBuf};
 use ferry_fs::passthrough::Config;
-use ferry_fs::{FileSystem, PassthroughFs, Server};
+use ferry_fs::{FileSystem, PassthroughFs, Server, XattrMap};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common/fuse_init.rs"]
@@ -30,7 +32,13 @@ fn share() -> Share {
     let dir = tempfile::tempdir().expect("a temporary folder");
     std::fs::create_dir(dir.path().join("d")).ok();
     std::fs::write(dir.path().join("f"), b"ferry").ok();
-    let fs = PassthroughFs::new(dir.path(), Config::default()).expect("serve the folder");
+    let labels = XattrMap::new(vec!["security.:user.virtiofs.security.".parse().unwrap()]);
+    let cfg = Config {
+        security_label: true,
+        xattr_map: labels.expect("a valid xattr map"),
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(dir.path(), cfg).expect("serve the folder");
     Share {
         _dir: dir,
         server: Server::new(fs),

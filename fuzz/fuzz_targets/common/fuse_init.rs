@@ -20,7 +20,8 @@ pub fn cap_file_size() {
     });
 }
 
-/// An INIT from a guest kernel of FUSE 7.38 offering what 6.1 offers.
+/// An INIT from a guest kernel of FUSE 7.38 offering what 6.1 offers (FUSE_SECURITY_CTX, in
+/// flags2, included: a share with `seclabel` takes it, and its creates carry a context).
 pub fn init() -> Vec<u8> {
     let mut m = Vec::with_capacity(104);
     let body_len = 64u32;
@@ -33,7 +34,7 @@ pub fn init() -> Vec<u8> {
     m.extend_from_slice(&38u32.to_le_bytes());
     m.extend_from_slice(&(128u32 << 10).to_le_bytes()); // max_readahead
     m.extend_from_slice(&0xffff_fffbu32.to_le_bytes()); // flags
-    m.extend_from_slice(&0u32.to_le_bytes()); // flags2
+    m.extend_from_slice(&1u32.to_le_bytes()); // flags2: FUSE_SECURITY_CTX
     m.resize(40 + body_len as usize, 0);
     m
 }
