@@ -6,7 +6,8 @@
 //! sends CH's messages in CH's order with CH's feature masks, lays out the virtqueues in a
 //! memfd it shares with Ferry, and then moves data through them. The net device must answer
 //! an ARP request for the gateway on its RX ring and return the request on its TX ring; the
-//! fs device must answer FUSE_INIT on its request queue. Each answer is read back from guest
+//! fs device must answer FUSE_INIT on its request queue, and with two request queues
+//! (`--fs num_queues=2`) a request on each. Each answer is read back from guest
 //! memory, and each ring's call eventfd must have fired, so a device that negotiates fine
 //! but cannot find, read, write or complete the rings fails here, with no QEMU or guest
 //! kernel in the way.
@@ -805,8 +806,8 @@ fn fs_answers_fuse_init_on_rings_set_up_as_cloud_hypervisor_does() {
         "CH would refuse the device: {FS_NUM_QUEUES} queues wanted, {backend_num_queues} offered"
     );
     // No GET_CONFIG: CH's fs frontend does not ask for CONFIG and fills the fs config space
-    // (tag, num_request_queues) itself. Ferry's fs device does not expose its tag in a config
-    // space either, so nothing here depends on one.
+    // (tag, num_request_queues) itself, so nothing here depends on Ferry's (which holds the
+    // tag for frontends that read it: tests/tests/vhost_user.rs).
 
     // The guest acks VERSION_1 and INDIRECT_DESC (and, as for net, not EVENT_IDX); CH adds
     // VHOST_USER_F_PROTOCOL_FEATURES.
@@ -884,5 +885,109 @@ fn fs_answers_fuse_init_on_rings_set_up_as_cloud_hypervisor_does() {
     // CH reset_vhost_user: the request queue's base is past the one request.
     assert_eq!(vu.reset(FS_NUM_QUEUES), vec![0, 1], "vring bases");
 
+    assert!(ferry.is_running(), "{}", ferry.log_tail());
+}
+
+/// Puts one request (`parts`, readable) with room for an `out_len`-byte reply on `queue`,
+/// kicks it and returns the reply once it is used.
+fn fs_call(
+    ram: &mut GuestRam,
+    queue: &mut SplitQueue,
+    parts: &[&[u8]],
+    out_len: usize,
+    ferry: &FerryProcess,
+) -> Vec<u8> {
+    let mut bufs = Vec::new();
+    for p in parts {
+        let gpa = ram.alloc(p.len(), 8);
+        ram.write(gpa, p);
+        bufs.push(Buf::readable(gpa, p.len()));
+    }
+    let out = ram.alloc(out_len, 8);
+    ram.write(out, &vec![0xa5; out_len]);
+    bufs.push(Buf::writable(out, out_len));
+    let before = queue.used_idx(ram);
+    let head = queue.add_chain(ram, &bufs);
+    queue.kick();
+    assert_eq!(
+        queue.wait_used(ram, before + 1),
+        Some(before + 1),
+        "no reply within {ANSWER_TIMEOUT:?}; log:\n{}",
+        ferry.log_tail()
+    );
+    let (id, len) = queue.used_elem(ram, before);
+    assert_eq!(id, u32::from(head), "used id");
+    ram.read(out, len as usize)
+}
+
+/// CH with `--fs num_queues=2` (three vrings: the high-priority queue and two request
+/// queues, the count QEMU's `num-request-queues` sets too): FUSE_INIT on the second request
+/// queue and a GETATTR of the root on the first are both answered.
+#[test]
+fn fs_answers_on_each_of_two_request_queues_set_up_as_cloud_hypervisor_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ferry, _, fs) = start(dir.path());
+    let num_queues = 1 + 2;
+    let mut vu = ChFrontend::connect(&fs, num_queues);
+    let (backend_acked, _) = vu.negotiate(CH_DEFAULT_VIRTIO_FEATURES, ch_fs_protocol_features());
+    let backend_num_queues = vu.vu.get_queue_num().expect("GET_QUEUE_NUM");
+    assert!(
+        num_queues as u64 <= backend_num_queues,
+        "CH would refuse the device: {num_queues} queues wanted, {backend_num_queues} offered"
+    );
+    let guest_acks = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC;
+    let acked_features = guest_acks | (backend_acked & PROTOCOL_FEATURES);
+    let mut ram = GuestRam::new();
+    let hiprio = SplitQueue::new(&mut ram, FS_QUEUE_SIZE);
+    let mut first = SplitQueue::new(&mut ram, FS_QUEUE_SIZE);
+    let mut second = SplitQueue::new(&mut ram, FS_QUEUE_SIZE);
+    vu.setup(&ram, &[&hiprio, &first, &second], acked_features);
+
+    let (hdr, init) = fuse_init_request(7);
+    let reply = fs_call(
+        &mut ram,
+        &mut second,
+        &[&hdr, &init],
+        FUSE_OUT_HEADER_LEN + FUSE_INIT_OUT_LEN,
+        &ferry,
+    );
+    assert_eq!(reply.len(), FUSE_OUT_HEADER_LEN + FUSE_INIT_OUT_LEN);
+    assert_eq!(
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "INIT's error"
+    );
+
+    // GETATTR (3) of the root (node 1): fuse_in_header, fuse_getattr_in; the reply is
+    // fuse_out_header and fuse_attr_out (104 bytes).
+    let mut hdr = Vec::with_capacity(FUSE_IN_HEADER_LEN);
+    hdr.extend_from_slice(&((FUSE_IN_HEADER_LEN + 16) as u32).to_le_bytes());
+    hdr.extend_from_slice(&3u32.to_le_bytes());
+    hdr.extend_from_slice(&8u64.to_le_bytes()); // unique
+    hdr.extend_from_slice(&1u64.to_le_bytes()); // nodeid
+    hdr.resize(FUSE_IN_HEADER_LEN, 0);
+    let reply = fs_call(
+        &mut ram,
+        &mut first,
+        &[&hdr, &[0u8; 16]],
+        FUSE_OUT_HEADER_LEN + 104,
+        &ferry,
+    );
+    assert_eq!(reply.len(), FUSE_OUT_HEADER_LEN + 104, "GETATTR's reply");
+    assert_eq!(
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "GETATTR's error"
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[8..16].try_into().unwrap()),
+        8,
+        "GETATTR's unique"
+    );
+    // mode, in fuse_attr at offset 16 + 16 + 60: a folder.
+    let mode = u32::from_le_bytes(reply[92..96].try_into().unwrap());
+    assert_eq!(mode & libc::S_IFMT, libc::S_IFDIR, "the root is a folder");
+    assert_eq!(hiprio.used_idx(&ram), 0);
+    assert_eq!(vu.reset(num_queues), vec![0, 1, 1], "vring bases");
     assert!(ferry.is_running(), "{}", ferry.log_tail());
 }
