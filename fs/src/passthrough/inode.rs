@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::ownership::{self, Ownership};
-use super::sys::{cvt, ebadf, proc_path, stat_at, stat_fd};
+use super::sys::{cvt, ebadf, open_node_at, proc_path, stat_at, stat_fd};
 use super::{PassthroughFs, MAX_NODES};
 use crate::abi::ROOT_ID;
 use crate::filesystem::Entry;
@@ -225,17 +225,7 @@ impl PassthroughFs {
                 return Ok(self.entry(id, node, st));
             }
         }
-        // SAFETY: the parent fd is valid, `name` is NUL-terminated; O_NOFOLLOW keeps a
-        // symlink a symlink instead of following it.
-        let fd = cvt(unsafe {
-            libc::openat(
-                parent_fd.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = open_node_at(parent_fd.as_raw_fd(), name)?;
         // The name may have been replaced since the fstatat: what was opened is what counts.
         let st = stat_fd(file.as_raw_fd())?;
         let key = (st.st_dev, st.st_ino);
@@ -418,19 +408,9 @@ impl PassthroughFs {
             return Ok(None);
         };
         let pfd = parent.fd()?;
-        // SAFETY: the parent fd is valid and `name` is NUL-terminated.
-        let fd = unsafe {
-            libc::openat(
-                pfd.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
+        let Ok(file) = open_node_at(pfd.as_raw_fd(), &name) else {
             return Ok(None);
-        }
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        };
         let st = stat_fd(file.as_raw_fd())?;
         Ok(((st.st_dev, st.st_ino) == node.key).then_some(file))
     }

@@ -36,7 +36,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::inode::Inode;
-use super::sys::{cvt, proc_path, stat_fd, CredGuard};
+use super::sys::{cvt, proc_path, set_xattr_fd, stat_fd, CredGuard};
 use super::PassthroughFs;
 use crate::filesystem::{Context, Entry, SetattrArgs};
 
@@ -158,17 +158,11 @@ pub(super) fn read(fd: RawFd) -> io::Result<Option<Ownership>> {
 pub(super) fn write(fd: RawFd, fmt: u32, o: Option<Ownership>) -> io::Result<()> {
     let p = proc_path(fd);
     let r = match o {
-        Some(o) => {
-            let v = o.encode(fmt);
-            // SAFETY: both strings are NUL-terminated and `v` is valid for its length.
-            cvt(unsafe {
-                libc::setxattr(p.as_ptr(), XATTR.as_ptr(), v.as_ptr().cast(), v.len(), 0)
-            })
-        }
+        Some(o) => set_xattr_fd(fd, XATTR, o.encode(fmt).as_bytes(), 0),
         // SAFETY: both strings are NUL-terminated.
         None => match cvt(unsafe { libc::removexattr(p.as_ptr(), XATTR.as_ptr()) }) {
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(0),
-            r => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+            r => r.map(|_| ()),
         },
     };
     match r {

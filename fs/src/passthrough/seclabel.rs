@@ -21,9 +21,9 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
-use super::sys::{cvt, proc_path};
+use super::sys::{cvt, open_node_at, set_xattr_fd};
 use super::PassthroughFs;
 use crate::filesystem::SecCtx;
 
@@ -82,35 +82,12 @@ impl PassthroughFs {
             log::debug!("{name:?} stays unlabelled: the host keeps user. attributes on files and folders only");
             return Ok(());
         }
-        let opened;
-        let fd = match file {
-            Some(f) => f.as_raw_fd(),
+        match file {
+            Some(f) => set_xattr_fd(f.as_raw_fd(), &host, label.value, 0),
             None => {
-                // SAFETY: the name is NUL-terminated and the fd is valid; O_PATH|O_NOFOLLOW
-                // opens the node itself, never what a symlink points at.
-                let fd = cvt(unsafe {
-                    libc::openat(
-                        dir,
-                        name.as_ptr(),
-                        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                    )
-                })?;
-                // SAFETY: `fd` was just opened and is owned by nobody else.
-                opened = unsafe { File::from_raw_fd(fd) };
-                opened.as_raw_fd()
+                let node = open_node_at(dir, name)?;
+                set_xattr_fd(node.as_raw_fd(), &host, label.value, 0)
             }
-        };
-        let p = proc_path(fd);
-        // SAFETY: strings are NUL-terminated and the value is valid for its length.
-        cvt(unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                host.as_ptr(),
-                label.value.as_ptr().cast(),
-                label.value.len(),
-                0,
-            )
-        })
-        .map(|_| ())
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use crate::filesystem::{Context, DirEntry};
 
@@ -111,6 +111,37 @@ pub(super) fn fstatat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result
     // destination of the right type.
     cvt(unsafe { libc::fstatat64(dir, name.as_ptr(), &mut st, flags) })?;
     Ok(st)
+}
+
+/// An `O_PATH` descriptor of `name` in the directory `dir`: the node itself, a symlink never
+/// followed.
+pub(super) fn open_node_at(dir: RawFd, name: &CStr) -> io::Result<File> {
+    // SAFETY: the fd is valid for the call and `name` is NUL-terminated.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// setxattr(2) of `name` on the node `fd` (an `O_PATH` descriptor will do), through /proc.
+pub(super) fn set_xattr_fd(fd: RawFd, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let p = proc_path(fd);
+    // SAFETY: both strings are NUL-terminated and `value` is valid for its length.
+    cvt(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(|_| ())
 }
 
 /// `/proc/self/fd/N` for `fd`: reaches the fd's inode without walking a path.

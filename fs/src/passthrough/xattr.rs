@@ -8,7 +8,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::AsRawFd;
 
-use super::sys::{cvt, proc_path};
+use super::sys::{cvt, proc_path, set_xattr_fd};
 use super::xattrmap::HostName;
 use super::PassthroughFs;
 use super::{acl, ownership};
@@ -85,18 +85,7 @@ impl PassthroughFs {
         };
         let node = self.inode(inode)?;
         let nf = node.fd()?;
-        let p = proc_path(nf.as_raw_fd());
-        // SAFETY: strings are NUL-terminated and `value` is valid for its length.
-        cvt(unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags as i32,
-            )
-        })
-        .map(|_| ())
+        set_xattr_fd(nf.as_raw_fd(), &name, value, flags as i32)
     }
 
     pub(super) fn get_xattr(
