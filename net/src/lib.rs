@@ -19,6 +19,7 @@ pub use publish::{PortSpec, PortSpecError, Protocol};
 pub mod dhcp;
 pub mod dhcpv6;
 pub mod dns;
+pub mod ext_headers;
 pub mod fragments;
 pub mod guest;
 pub mod guest_forward;

@@ -538,7 +538,8 @@ impl NetStack {
 
     /// Takes one Ethernet frame of `len` bytes from the guest, which `fill` writes straight
     /// into the stack's buffer (no copy in between). `fill` returns false when it could not,
-    /// and so does this; a frame dropped because the queue is full counts as taken.
+    /// and so does this, as for a frame it drops as malformed (an IPv6 extension header chain
+    /// that breaks RFC 8200); a frame dropped because the queue is full counts as taken.
     pub fn receive_frame_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
         if self.device.rx.len() >= QUEUE_FRAMES {
             self.stats.dropped_in += 1;
@@ -554,6 +555,14 @@ impl NetStack {
         self.device.record(&b);
         self.guest.learn(&b);
         self.spoke_ipv6 |= b.get(12..14) == Some(&[0x86, 0xdd]);
+        match crate::ext_headers::strip(&mut b) {
+            crate::ext_headers::Outcome::Untouched => {}
+            crate::ext_headers::Outcome::Stripped(n) => b.len = n,
+            crate::ext_headers::Outcome::Drop => {
+                recycle(&self.device.pool, b);
+                return false;
+            }
+        }
         match self.fragments.take(&b, StdInstant::now) {
             crate::fragments::Verdict::Whole => self.dispatch(b),
             crate::fragments::Verdict::Kept => recycle(&self.device.pool, b),

@@ -324,20 +324,29 @@ fn dns_over_ipv6_answers_aaaa_for_the_host_alias() {
     );
 }
 
-#[test]
-fn udp_to_the_host_alias_reaches_the_hosts_loopback_and_back() {
+/// A UDP socket on the host's `::1` (reads time out after 5 s) and its port; None, said so,
+/// where the host has no IPv6 loopback.
+fn udp_server6() -> Option<(std::net::UdpSocket, u16)> {
     let Ok(server) = std::net::UdpSocket::bind("[::1]:0") else {
         eprintln!("no IPv6 loopback here; skipped");
+        return None;
+    };
+    server
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let port = server.local_addr().unwrap().port();
+    Some((server, port))
+}
+
+#[test]
+fn udp_to_the_host_alias_reaches_the_hosts_loopback_and_back() {
+    let Some((server, port)) = udp_server6() else {
         return;
     };
-    let port = server.local_addr().unwrap().port();
     let (mut s, cfg) = stack();
     let me = guest_global(&cfg);
     s.receive_frame(&udp6_frame(me, 41000, cfg.host_alias6(), port, b"over six"));
     let mut buf = [0u8; 64];
-    server
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
     let (n, from) = server.recv_from(&mut buf).expect("the datagram on ::1");
     assert_eq!(&buf[..n], b"over six");
     server.send_to(b"and back", from).unwrap();
@@ -572,4 +581,43 @@ fn large_udp_datagrams_cross_in_ipv6_fragments_both_ways_at_an_mtu_of_1500() {
     assert!(udp.verify_checksum(&cfg.host_alias6().into(), &me.into()));
     assert_eq!((udp.src_port(), udp.dst_port()), (port, 41000));
     assert_eq!(udp.payload(), &data[..]);
+}
+
+/// `frame` (an IPv6 packet without extension headers) with a Hop-by-Hop Options header and a
+/// Destination Options header (PadN only) put in before its payload.
+fn with_options(frame: &[u8]) -> Vec<u8> {
+    let proto = frame[14 + 6];
+    let mut f = frame[..14 + 40].to_vec();
+    f[14 + 6] = 0; // Hop-by-Hop first
+    f.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]); // then Destination Options
+    f.extend_from_slice(&[proto, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&frame[14 + 40..]);
+    let len = u16::from_be_bytes([frame[18], frame[19]]) + 24;
+    f[18..20].copy_from_slice(&len.to_be_bytes());
+    f
+}
+
+#[test]
+fn udp_behind_extension_headers_reaches_the_host() {
+    let Some((server, port)) = udp_server6() else {
+        return;
+    };
+    let (mut s, cfg) = stack();
+    let me = guest_global(&cfg);
+    let plain = udp6_frame(me, 41001, cfg.host_alias6(), port, b"with options");
+    assert!(s.receive_frame_with(plain.len() + 24, |b| {
+        b.copy_from_slice(&with_options(&plain));
+        true
+    }));
+    let mut buf = [0u8; 64];
+    let (n, _) = server.recv_from(&mut buf).expect("the datagram on ::1");
+    assert_eq!(&buf[..n], b"with options");
+    // A Routing header with a segment left is not ours to follow: dropped, said so.
+    let mut routed = with_options(&plain);
+    routed[14 + 40] = 43; // Hop-by-Hop, then a Routing header: to UDP, type 0, 1 left
+    routed[14 + 40 + 8..14 + 40 + 12].copy_from_slice(&[17, 1, 0, 1]);
+    assert!(!s.receive_frame_with(routed.len(), |b| {
+        b.copy_from_slice(&routed);
+        true
+    }));
 }
