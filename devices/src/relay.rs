@@ -26,6 +26,11 @@
 //!   never kicks again, and the ring stays full forever; one look, which ends by writing a
 //!   fresh `avail_event`, puts it right. A kick on an empty ring costs a glance.
 //!
+//! - A GET_VRING_BASE on a connection that has not set its features belongs to the
+//!   frontend's previous connection (a listening QEMU still stopping the old device when it
+//!   accepted the new one): the relay closes the connection rather than let the daemon answer
+//!   a fresh ring's position, which the frontend would take as the guest's.
+//!
 //! Only the control channel passes here: vring kicks and calls are eventfds and guest memory is
 //! mapped directly, so the data path never touches the relay.
 
@@ -35,7 +40,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use log::{debug, error};
+use log::{debug, error, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Size of a vhost-user message header: request, flags, payload size.
@@ -54,6 +59,7 @@ const VRING_MESSAGES: [u32; 7] = [8, 9, 10, 11, 12, 13, 14];
 const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_ENABLE: u32 = 18;
 const SET_VRING_KICK: u32 = 12;
+const GET_VRING_BASE: u32 = 11;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -159,6 +165,9 @@ enum Verdict {
     Answer(u64),
     /// Close the connection.
     Refuse(String),
+    /// Close the connection: a message that belongs to the frontend's previous connection
+    /// (see [`FrontendState::judge`]); the frontend recovers and connects again.
+    Stale(String),
 }
 
 #[derive(Default)]
@@ -173,6 +182,22 @@ struct FrontendState {
 impl FrontendState {
     fn judge(&mut self, msg: &Message) -> Verdict {
         match msg.request() {
+            // A ring's position asked for on a connection that has not even set its
+            // features belongs to the frontend's previous connection. QEMU stops a vhost-user
+            // NIC whose backend went away in a bottom half run after the disconnect; were a
+            // listening QEMU to accept the restarted backend's connection before that runs,
+            // the stop's requests would reach the new connection. The daemon's answer, a
+            // fresh ring's position 0, would then become the guest's, and the new session would
+            // take the guest's old buffers again and move its used index backwards: a NIC dead
+            // for good. Closed instead, the request fails, and QEMU takes the position from
+            // the guest's used ring, as it does for a backend that died. (Not seen to happen:
+            // a guard against an ordering QEMU's code allows.)
+            GET_VRING_BASE if !self.features_set => Verdict::Stale(
+                "the frontend asked for a ring's position before setting this connection up \
+                 (it was still stopping the device of its previous connection): closed, so it \
+                 takes the position from the guest's rings; the next connection is served"
+                    .to_string(),
+            ),
             GET_QUEUE_NUM if self.queue_pairs.is_some() => {
                 Verdict::Answer(u64::from(self.queue_pairs.unwrap_or(1)))
             }
@@ -333,6 +358,10 @@ pub(crate) fn relay(
                         error!("{n}: {why}");
                         break;
                     }
+                    Verdict::Stale(why) => {
+                        warn!("{n}: {why}");
+                        break;
+                    }
                 }
             }
             let _ = frontend.shutdown(std::net::Shutdown::Both);
@@ -461,6 +490,33 @@ mod tests {
             Verdict::Forward
         );
         assert_eq!(fs.judge(&num(9)), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_rings_position_asked_before_set_features_closes_the_connection() {
+        let state = |i: u32| {
+            msg(
+                GET_VRING_BASE,
+                1,
+                &[&i.to_le_bytes()[..], &[0; 4]].concat(),
+                vec![],
+            )
+        };
+        for queue_pairs in [Some(1), None] {
+            let mut s = FrontendState {
+                queue_pairs,
+                ..Default::default()
+            };
+            assert!(
+                matches!(s.judge(&state(0)), Verdict::Stale(m) if m.contains("previous connection"))
+            );
+            // Once the connection is set up, stopping a ring is the frontend's right.
+            assert_eq!(
+                s.judge(&msg(SET_FEATURES, 1, &[0; 8], vec![])),
+                Verdict::Forward
+            );
+            assert_eq!(s.judge(&state(1)), Verdict::Forward);
+        }
     }
 
     #[test]

@@ -128,6 +128,36 @@ fn net_negotiates_and_exposes_mac_and_mtu_across_reconnects() {
     assert!(!net.exists(), "socket left behind");
 }
 
+/// QEMU listening (`server=on`) accepts a restarted ferry's connection before it has finished
+/// stopping the device of the one before, and its GET_VRING_BASE for the old rings reaches the
+/// new connection first. Answered (a fresh ring's position, 0), QEMU would take it for the
+/// guest's; ferry closes the connection instead, so the request fails and QEMU reads the
+/// position from the guest's used ring. The next connection is served as usual.
+#[test]
+fn a_rings_position_asked_on_a_fresh_connection_gets_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ferry, net, fs) = start(dir.path());
+    for (sock, queue_num) in [(&net, 4), (&fs, 17)] {
+        let fe = connect(sock);
+        let got = fe.get_vring_base(0);
+        assert!(got.is_err(), "{}: answered {got:?}", sock.display());
+        let mut fe = connect(sock);
+        negotiate(
+            &mut fe,
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+            queue_num,
+        );
+    }
+    assert!(ferry.is_running(), "{}", ferry.log_tail());
+    assert!(
+        ferry
+            .log_text()
+            .contains("before setting this connection up"),
+        "{}",
+        ferry.log_tail()
+    );
+}
+
 #[test]
 fn a_ring_past_the_queue_pairs_offered_fails_at_negotiation_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
