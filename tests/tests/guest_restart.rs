@@ -71,37 +71,66 @@ fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     ferry_tests::wait_for(limit, || f().then_some(())).map(|_| t0.elapsed())
 }
 
-fn restart_under_a_running_guest(link: NetLink) {
+/// A test network with a web server on its loopback (`page.txt`, and 4 MiB in `big`), and a
+/// guest running `script` served by a first ferry (its logs in `run-0`), both linked as `link`
+/// says, once the guest's first fetch worked.
+struct Setup {
+    net: TestNet,
+    dir: tempfile::TempDir,
+    qemu: Qemu,
+    ferry: FerryProcess,
+    _web: TestHost,
+}
+
+fn boot(link: NetLink, script: String) -> Setup {
     let net = TestNet::new().expect("make the test network (needs root and iproute2)");
     let dir = tempfile::tempdir().unwrap();
     let web = dir.path().join("web");
     std::fs::create_dir(&web).unwrap();
     std::fs::write(web.join("page.txt"), format!("{PAGE}\n")).unwrap();
-    let _web = TestHost::start(
+    std::fs::write(web.join("big"), vec![7u8; 4 << 20]).unwrap();
+    let web = TestHost::start(
         &net.inner,
         &["127.0.0.1", "--http", "8089", web.to_str().unwrap()],
     );
     let spec = GuestSpec {
-        script: script(),
+        script,
         net_socket: Some(dir.path().join("net.sock")),
         memory_mib: 256,
         net_link: link,
         ..Default::default()
     };
     // QEMU listening must be there first; QEMU connecting needs ferry's socket first.
-    let (mut qemu, mut ferry) = if link == NetLink::Listen {
+    let (mut qemu, ferry) = if link == NetLink::Listen {
         let q = Qemu::boot(dir.path(), &spec);
         let sock = dir.path().join("net.sock");
         ferry_tests::wait_for(Duration::from_secs(10), || sock.exists().then_some(()))
             .expect("QEMU's listening socket");
-        (q, start_ferry(&net, dir.path(), "first", link))
+        (q, start_ferry(&net, dir.path(), "run-0", link))
     } else {
-        let f = start_ferry(&net, dir.path(), "first", link);
+        let f = start_ferry(&net, dir.path(), "run-0", link);
         (Qemu::boot(dir.path(), &spec), f)
     };
     if let Err(e) = qemu.wait_console("FERRY-FETCH ok", Duration::from_secs(120)) {
         panic!("before the restart: {e}\nferry log:\n{}", ferry.log_tail());
     }
+    Setup {
+        net,
+        dir,
+        qemu,
+        ferry,
+        _web: web,
+    }
+}
+
+fn restart_under_a_running_guest(link: NetLink) {
+    let Setup {
+        net,
+        dir,
+        qemu,
+        mut ferry,
+        _web,
+    } = boot(link, script());
     let curl = |ns: &str| {
         TestNet::command(ns, "curl")
             .args(["-s", "-m", "2", "http://127.0.0.1:8080/"])
@@ -114,7 +143,7 @@ fn restart_under_a_running_guest(link: NetLink) {
     ferry.kill();
     std::thread::sleep(Duration::from_secs(1));
     let mark = qemu.console().len();
-    let ferry = start_ferry(&net, dir.path(), "second", link);
+    let ferry = start_ferry(&net, dir.path(), "run-1", link);
     // Both at once: the published port's client from the host, while the guest fetches.
     let (fetched, published) = std::thread::scope(|s| {
         let p = s.spawn(|| within(Duration::from_secs(5), || curl(&net.inner)));
@@ -128,7 +157,7 @@ fn restart_under_a_running_guest(link: NetLink) {
     assert!(
         fetched.is_some() && published.is_some(),
         "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\nstats: {}\nconsole:\n{}\nferry log:\n{}",
-        ferry_tests::api_get(&dir.path().join("second/api.sock"), "/stats")["net"],
+        ferry_tests::api_get(&dir.path().join("run-1/api.sock"), "/stats")["net"],
         ferry_tests::tail(&qemu.console(), 30),
         ferry.log_tail()
     );
@@ -139,12 +168,14 @@ fn restart_under_a_running_guest(link: NetLink) {
     );
 }
 
-// Both tests pass by hand every time here (30 restarts, idle and under load), but failed once
-// each in four CI runs: after the restart the guest sent a few frames and then none, and
-// answered none of the frames delivered to it (see the stats in the failure message). Not
-// explained yet (a QEMU link-state race on reconnect is the suspect: the console now shows the
-// guest's carrier at each failed fetch). Run them with `cargo test -p ferry-tests --test
-// guest_restart -- --ignored`.
+// Both tests pass by hand nearly every time here, but failed once each in four CI runs: after
+// the restart the guest sent a few frames and then none, and answered none of the frames
+// delivered to it (see the stats in the failure message). Not explained. The ten-restart runs
+// below (`restarted_again_and_again`) went through about 300 restarts on this machine, on
+// QEMU 7.2 and 10, idle and beside CPU hogs, and one failed: QEMU 10, ferry as the client,
+// 50 ms after the kill (its details were lost). Suspects: a QEMU link-state race on
+// reconnect (the console shows the guest's carrier at each failed fetch). Run them with
+// `cargo test -p ferry-tests --test guest_restart -- --ignored`.
 #[test]
 #[ignore = "intermittent in CI, under investigation; run with --ignored"]
 fn qemu_reconnects_to_a_restarted_ferry() {
@@ -155,4 +186,62 @@ fn qemu_reconnects_to_a_restarted_ferry() {
 #[ignore = "intermittent in CI, under investigation; run with --ignored"]
 fn a_restarted_ferry_reconnects_to_a_listening_qemu() {
     restart_under_a_running_guest(NetLink::Listen);
+}
+
+/// Ten restarts in one boot, at different points of the guest's traffic: a 4 MiB download
+/// runs in a loop beside the fetches, so some kills land while the device polls the guest's
+/// queues with its kicks off, and the new process must find the queues as the old one left
+/// them. Each restart must be served within 5 s.
+fn restarted_again_and_again(link: NetLink) {
+    let script = format!(
+        "(while true; do timeout 5 wget -q -O /dev/null http://host.ferry.internal:8089/big; done) &\n{}",
+        script().replace("-lt 400", "-lt 2000")
+    );
+    let Setup {
+        net,
+        dir,
+        qemu,
+        mut ferry,
+        _web,
+    } = boot(link, script);
+    // How long the guest runs unserved before the next ferry starts.
+    let pauses = [0, 300, 1000, 50, 2000, 700, 0, 1500, 100, 500];
+    for (i, pause) in pauses.iter().enumerate() {
+        // Let the download get going again before the next kill.
+        std::thread::sleep(Duration::from_millis(1500 + 137 * i as u64));
+        ferry.kill();
+        std::thread::sleep(Duration::from_millis(*pause));
+        let mark = qemu.console().len();
+        ferry = start_ferry(&net, dir.path(), &format!("run-{}", i + 1), link);
+        let fetched = within(Duration::from_secs(5), || {
+            qemu.console()
+                .get(mark..)
+                .is_some_and(|c| c.contains("FERRY-FETCH ok"))
+        });
+        assert!(
+            fetched.is_some(),
+            "{link:?}: restart {} (after {pause} ms unserved): no fetch within 5 s\nstats: {}\nconsole:\n{}\nferry log:\n{}",
+            i + 1,
+            ferry_tests::api_get(&dir.path().join(format!("run-{}/api.sock", i + 1)), "/stats")["net"],
+            ferry_tests::tail(&qemu.console(), 30),
+            ferry.log_tail()
+        );
+        eprintln!(
+            "{link:?}: restart {} served after {:?}",
+            i + 1,
+            fetched.unwrap()
+        );
+    }
+}
+
+#[test]
+#[ignore = "a stress run of ten restarts; run with --ignored"]
+fn qemu_reconnects_again_and_again() {
+    restarted_again_and_again(NetLink::Reconnect);
+}
+
+#[test]
+#[ignore = "a stress run of ten restarts; run with --ignored"]
+fn a_listening_qemu_is_served_again_and_again() {
+    restarted_again_and_again(NetLink::Listen);
 }

@@ -128,11 +128,11 @@ fn net_negotiates_and_exposes_mac_and_mtu_across_reconnects() {
     assert!(!net.exists(), "socket left behind");
 }
 
-/// QEMU listening (`server=on`) accepts a restarted ferry's connection before it has finished
-/// stopping the device of the one before, and its GET_VRING_BASE for the old rings reaches the
-/// new connection first. Answered (a fresh ring's position, 0), QEMU would take it for the
-/// guest's; ferry closes the connection instead, so the request fails and QEMU reads the
-/// position from the guest's used ring. The next connection is served as usual.
+/// A GET_VRING_BASE as a connection's first request belongs to the frontend's previous
+/// connection (a listening QEMU that accepted a restarted ferry before it stopped the old
+/// device). Answered (a fresh ring's position, 0), the frontend would take it for the guest's;
+/// ferry closes the connection instead, so the request fails and QEMU reads the position from
+/// the guest's used ring. The next connection is served as usual.
 #[test]
 fn a_rings_position_asked_on_a_fresh_connection_gets_no_answer() {
     let dir = tempfile::tempdir().unwrap();
