@@ -10,6 +10,7 @@ mod connection;
 mod fs_pool;
 mod queue;
 mod relay;
+pub mod ring_state;
 mod rx_steer;
 mod tx_poll;
 pub mod vhu_fs;

@@ -108,6 +108,8 @@ pub struct VhostUserNetBackend {
     armed: Mutex<Option<std::time::Instant>>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
+    /// The connection's rings, for `/stats`.
+    rings: crate::ring_state::RingWatch,
     /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
     /// marked DATA_VALID, and neither side spends time on them.
     guest_csum: AtomicBool,
@@ -202,6 +204,7 @@ impl VhostUserNetBackend {
             cfg,
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            rings: Default::default(),
             guest_csum: AtomicBool::new(false),
             mrg_rxbuf: AtomicBool::new(true),
             stats: NetDeviceStats::default(),
@@ -266,6 +269,14 @@ impl VhostUserNetBackend {
     /// The capture's counters, when one is on.
     pub fn capture_stats(&self) -> Option<ferry_net::pcap::CaptureStats> {
         self.stack.lock().ok().and_then(|s| s.capture_stats())
+    }
+
+    /// Where each ring of the current connection stands (none between connections).
+    pub fn ring_states(&self) -> Vec<crate::ring_state::RingState> {
+        match self.mem.read() {
+            Ok(mem) => self.rings.states(&mem),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The stack's counters and open flows, now.
@@ -433,6 +444,7 @@ impl VhostUserNetBackend {
     /// Called when a frontend leaves: log what crossed the device so far, and start the next
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
+        self.rings.forget();
         *self.tx_poll() = TxPoll::default();
         if let Some(p) = &self.services.ports {
             // Until the next guest, published ports refuse their clients at once.
@@ -796,6 +808,7 @@ impl VhostUserBackend for VhostUserNetBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
+        self.rings.note(vrings);
         // An Err here would end the worker thread for good: log and carry on instead.
         let res = match device_event {
             q if usize::from(q) < NUM_QUEUES && q % 2 == 1 => self.process_tx(vrings, true),

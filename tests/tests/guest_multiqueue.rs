@@ -46,6 +46,7 @@ for i in 1 2 3 4; do
 done
 wait
 check uploads "$(cat /tmp/up-* | sort -u | wc -l) $(cat /tmp/up-* | wc -l)" "1 4"
+echo FERRY-QUIET; sleep 3
 "#
     );
     let mut qemu = Qemu::boot(
@@ -58,6 +59,35 @@ check uploads "$(cat /tmp/up-* | sort -u | wc -l) $(cat /tmp/up-* | wc -l)" "1 4
             ..Default::default()
         },
     );
+    // While the guest sits idle: where its rings stand, as /stats shows them.
+    if let Err(e) = qemu.wait_console("FERRY-QUIET", DEADLINE) {
+        panic!("{e}\nferry log:\n{}", ferry.log_tail());
+    }
+    let rings = ferry_tests::api_get(&api, "/stats")["net"]["rings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let at = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    for r in &rings {
+        let i = at(r, "index");
+        if i >= 4 {
+            // Pairs the guest did not set up.
+            assert_eq!(r["ready"], false, "ring {i}: {r}");
+            continue;
+        }
+        assert!(r["ready"] == true && r["enabled"] == true, "ring {i}: {r}");
+        // Everything the device took it gave back; an idle TX ring has nothing waiting, and
+        // RX rings hold the guest's spare buffers, at most a ring's worth.
+        assert_eq!(at(r, "used_idx"), at(r, "next_used"), "ring {i}: {r}");
+        let waiting = (at(r, "avail_idx") as u16).wrapping_sub(at(r, "next_avail") as u16);
+        if i % 2 == 1 {
+            assert_eq!(waiting, 0, "TX ring {i} has frames waiting: {r}");
+        } else {
+            assert!(waiting <= at(r, "size") as u16, "ring {i}: {r}");
+        }
+        assert!(r["used_event"].is_u64() && r["avail_event"].is_u64(), "ring {i}: {r}");
+    }
+    assert!(rings.len() >= 4, "rings in /stats: {rings:?}");
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));

@@ -28,7 +28,7 @@ while [ $i -lt 400 ]; do
   if [ "$(timeout 1 wget -q -O - http://host.ferry.internal:8089/page.txt 2>/dev/null)" = "{PAGE}" ]; then
     echo "FERRY-FETCH ok $(cut -d' ' -f1 /proc/uptime)"
   else
-    echo "FERRY-FETCH fail $(cut -d' ' -f1 /proc/uptime) carrier=$(cat /sys/class/net/eth0/carrier)"
+    echo "FERRY-FETCH fail $(cut -d' ' -f1 /proc/uptime) carrier=$(cat /sys/class/net/eth0/carrier) irqs: $(grep virtio /proc/interrupts | tr -s ' ' | cut -d' ' -f2-4,7- | tr '\n' ';')"
   fi
   sleep 0.2
   i=$((i+1))

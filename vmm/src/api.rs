@@ -689,6 +689,22 @@ fn delete_rule(control: &Control, id: &str) -> (u16, Value) {
     }
 }
 
+/// One ring's positions, as `/stats` shows them.
+fn ring_json(r: &ferry_devices::ring_state::RingState) -> Value {
+    json!({
+        "index": r.index,
+        "ready": r.ready,
+        "enabled": r.enabled,
+        "size": r.size,
+        "avail_idx": r.avail_idx,
+        "next_avail": r.next_avail,
+        "used_idx": r.used_idx,
+        "next_used": r.next_used,
+        "used_event": r.used_event,
+        "avail_event": r.avail_event,
+    })
+}
+
 fn stats(control: &Control) -> Value {
     let net = control.net.as_ref().map(|n| {
         let d = n.stats();
@@ -726,6 +742,8 @@ fn stats(control: &Control) -> Value {
                     "rx_frames": r.load(Ordering::Relaxed),
                 }))
                 .collect::<Vec<_>>(),
+            // Each ring's positions, the guest's and the device's (docs/api.md).
+            "rings": n.ring_states().iter().map(ring_json).collect::<Vec<_>>(),
             "dropped": s.dropped_in,
             "dhcp_replies": s.dhcp_replies,
             "dns_replies": s.dns_replies,
