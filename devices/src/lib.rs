@@ -7,6 +7,7 @@
 
 mod chain;
 mod connection;
+mod first_interrupt;
 mod fs_pool;
 mod queue;
 mod relay;

@@ -110,6 +110,8 @@ pub struct VhostUserNetBackend {
     event_idx: AtomicBool,
     /// The connection's rings, for `/stats`.
     rings: crate::ring_state::RingWatch,
+    /// Which rings have had their first interrupt of the connection.
+    first_interrupts: crate::first_interrupt::FirstInterrupts,
     /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
     /// marked DATA_VALID, and neither side spends time on them.
     guest_csum: AtomicBool,
@@ -205,6 +207,7 @@ impl VhostUserNetBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             rings: Default::default(),
+            first_interrupts: Default::default(),
             guest_csum: AtomicBool::new(false),
             mrg_rxbuf: AtomicBool::new(true),
             stats: NetDeviceStats::default(),
@@ -445,6 +448,7 @@ impl VhostUserNetBackend {
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
         self.rings.forget();
+        self.first_interrupts.reset();
         *self.tx_poll() = TxPoll::default();
         if let Some(p) = &self.services.ports {
             // Until the next guest, published ports refuse their clients at once.
@@ -809,6 +813,10 @@ impl VhostUserBackend for VhostUserNetBackend {
             return Ok(());
         }
         self.rings.note(vrings);
+        if usize::from(device_event) < NUM_QUEUES {
+            self.first_interrupts
+                .give(vrings, usize::from(device_event));
+        }
         // An Err here would end the worker thread for good: log and carry on instead.
         let res = match device_event {
             q if usize::from(q) < NUM_QUEUES && q % 2 == 1 => self.process_tx(vrings, true),
@@ -973,6 +981,54 @@ mod tx_tests {
         v.set_queue_ready(true);
         v.set_enabled(true);
         v
+    }
+
+    /// A restarted ferry under a running guest: the RX ring's used index already past the
+    /// guest's `used_event` (the dead process's last interrupt may never have gone out). The
+    /// first event on each ring of a connection interrupts the guest, once.
+    #[test]
+    fn a_connections_first_event_on_a_ring_interrupts_the_guest_once() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let atomic = Atomic::new(m.clone());
+        let rx_q = MockSplitQueue::create(&m, GuestAddress(0x20_0000), 16);
+        let tx_q = MockSplitQueue::new(&m, 16);
+        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
+        b.update_memory(atomic.clone()).unwrap();
+        b.set_event_idx(true);
+        let vrings = [vring(&atomic, &rx_q), vring(&atomic, &tx_q)];
+        let calls: Vec<EventFd> = vrings
+            .iter()
+            .map(|v| {
+                v.set_queue_event_idx(true);
+                let call = EventFd::new(EFD_NONBLOCK).unwrap();
+                // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
+                let f =
+                    unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+                v.set_call(Some(f));
+                call
+            })
+            .collect();
+        for (ring, call) in calls.iter().enumerate() {
+            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
+                .unwrap();
+            assert_eq!(
+                call.read().ok(),
+                Some(1),
+                "ring {ring}: the first interrupt"
+            );
+            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
+                .unwrap();
+            assert!(call.read().is_err(), "ring {ring}: one per connection");
+        }
+        b.frontend_gone();
+        b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+        assert_eq!(
+            calls[0].read().ok(),
+            Some(1),
+            "again on the next connection"
+        );
     }
 
     #[test]

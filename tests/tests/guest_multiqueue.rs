@@ -85,7 +85,10 @@ echo FERRY-QUIET; sleep 3
         } else {
             assert!(waiting <= at(r, "size") as u16, "ring {i}: {r}");
         }
-        assert!(r["used_event"].is_u64() && r["avail_event"].is_u64(), "ring {i}: {r}");
+        assert!(
+            r["used_event"].is_u64() && r["avail_event"].is_u64(),
+            "ring {i}: {r}"
+        );
     }
     assert!(rings.len() >= 4, "rings in /stats: {rings:?}");
     let out = qemu
