@@ -7,8 +7,8 @@
 
 mod chain;
 mod connection;
-mod first_interrupt;
 mod fs_pool;
+mod lost_interrupts;
 mod queue;
 mod relay;
 pub mod ring_state;

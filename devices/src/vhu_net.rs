@@ -110,8 +110,8 @@ pub struct VhostUserNetBackend {
     event_idx: AtomicBool,
     /// The connection's rings, for `/stats`.
     rings: crate::ring_state::RingWatch,
-    /// Which rings have had their first interrupt of the connection.
-    first_interrupts: crate::first_interrupt::FirstInterrupts,
+    /// Interrupts the guest's `used_event` does not ask for, so none stays lost.
+    lost_interrupts: crate::lost_interrupts::LostInterrupts,
     /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
     /// marked DATA_VALID, and neither side spends time on them.
     guest_csum: AtomicBool,
@@ -207,7 +207,7 @@ impl VhostUserNetBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             rings: Default::default(),
-            first_interrupts: Default::default(),
+            lost_interrupts: crate::lost_interrupts::LostInterrupts::new(NUM_QUEUES),
             guest_csum: AtomicBool::new(false),
             mrg_rxbuf: AtomicBool::new(true),
             stats: NetDeviceStats::default(),
@@ -448,7 +448,7 @@ impl VhostUserNetBackend {
     /// guest with a fresh link.
     pub fn frontend_gone(&self) {
         self.rings.forget();
-        self.first_interrupts.reset();
+        self.lost_interrupts.reset();
         *self.tx_poll() = TxPoll::default();
         if let Some(p) = &self.services.ports {
             // Until the next guest, published ports refuse their clients at once.
@@ -719,8 +719,12 @@ impl VhostUserNetBackend {
         for ring in &mut rings {
             if ring.used > 0 {
                 any = true;
-                if wants_interrupt(ring.state.get_queue_mut(), &*mem, ring.first_used) {
+                let index = 2 * ring.pair;
+                if wants_interrupt(ring.state.get_queue_mut(), &*mem, ring.first_used)
+                    || self.lost_interrupts.overdue(index)
+                {
                     ring.state.signal_used_queue()?;
+                    self.lost_interrupts.signalled(index);
                 }
             }
         }
@@ -814,8 +818,8 @@ impl VhostUserBackend for VhostUserNetBackend {
         }
         self.rings.note(vrings);
         if usize::from(device_event) < NUM_QUEUES {
-            self.first_interrupts
-                .give(vrings, usize::from(device_event));
+            self.lost_interrupts
+                .first_event(vrings, usize::from(device_event));
         }
         // An Err here would end the worker thread for good: log and carry on instead.
         let res = match device_event {
@@ -1028,6 +1032,85 @@ mod tx_tests {
             calls[0].read().ok(),
             Some(1),
             "again on the next connection"
+        );
+    }
+
+    /// A guest whose `used_event` stands behind the used index asks for no interrupt: the
+    /// device still sends one when the ring has had none for LOST_AFTER, so a guest that lost
+    /// one (a restart under it) hears of its frames again.
+    #[test]
+    fn a_ring_filled_without_an_interrupt_for_a_while_gets_one() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vm_memory::Bytes;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let atomic = Atomic::new(m.clone());
+        let rx_q = MockSplitQueue::create(&m, GuestAddress(0x20_0000), 16);
+        let rx: Vec<RawDescriptor> = (0..8)
+            .map(|i| {
+                let d = SplitDescriptor::new(
+                    0x30_0000 + i * 0x1000,
+                    2048,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                );
+                RawDescriptor::from(d)
+            })
+            .collect();
+        rx_q.build_multiple_desc_chains(&rx).unwrap();
+        let tx_q = MockSplitQueue::new(&m, 16);
+        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
+        b.update_memory(atomic.clone()).unwrap();
+        b.set_event_idx(true);
+        let vrings = [vring(&atomic, &rx_q), vring(&atomic, &tx_q)];
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        for v in &vrings {
+            v.set_queue_event_idx(true);
+        }
+        // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
+        let f = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+        vrings[0].set_call(Some(f));
+        // The guest's used_event (after the avail ring) stays at 0 while the used index moves
+        // on from 0: past the first frame, no crossing asks for an interrupt.
+        let used_event = GuestAddress(rx_q.avail_addr().0 + 4 + 2 * 16);
+        m.write_obj(0u16, used_event).unwrap();
+        let cfg = NetConfig::default();
+        let arp = |i: u16| {
+            // An ARP request from the guest for the gateway: the stack answers it.
+            let mut f = vec![0u8; NET_HDR_LEN];
+            f.extend_from_slice(&[0xff; 6]);
+            f.extend_from_slice(&cfg.guest_mac);
+            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            f.extend_from_slice(&cfg.guest_mac);
+            f.extend_from_slice(&cfg.guest().octets());
+            f.extend_from_slice(&[0; 6]);
+            f.extend_from_slice(&cfg.gateway().octets());
+            let at = GuestAddress(0x10_0000 + u64::from(i) * 0x1000);
+            m.write_slice(&f, at).unwrap();
+            let d = SplitDescriptor::new(at.0, f.len() as u32, 0, 0);
+            tx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
+            b.process_tx(&vrings, true).unwrap();
+        };
+        arp(0);
+        assert_eq!(
+            call.read().ok(),
+            Some(1),
+            "the first answer crosses used_event 0"
+        );
+        arp(1);
+        assert!(
+            call.read().is_err(),
+            "the guest asked for no interrupt, and had one just now"
+        );
+        std::thread::sleep(
+            crate::lost_interrupts::LOST_AFTER + std::time::Duration::from_millis(20),
+        );
+        arp(2);
+        assert_eq!(call.read().ok(), Some(1), "none for LOST_AFTER: one anyway");
+        assert_eq!(
+            vrings[0].queue_used_idx().unwrap(),
+            3,
+            "three answers delivered"
         );
     }
 
