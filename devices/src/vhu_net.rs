@@ -9,10 +9,12 @@
 //! the device takes from every enabled TX ring whenever it takes from one. Frames to the guest
 //! go to an RX ring chosen by a hash of their flow (rx_steer.rs), so one flow's frames stay in
 //! order on one ring and the guest's receive work spreads over its vCPUs. With one pair (the
-//! frontends' default) none of this costs anything: there is one ring to look at.
+//! frontends' default) none of this costs anything: there is one ring to look at. Delivery
+//! into the RX rings is in `vhu_net/rx.rs`; TX coalescing's policy in `tx_poll.rs`; which
+//! interrupts go out beyond what the guest's `used_event` asks for in `lost_interrupts.rs`.
 
 use std::io;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,10 +24,9 @@ use ferry_fs::RequestReader;
 use ferry_net::ports::Ports;
 use ferry_net::proxy::Proxy;
 use ferry_net::rules::Rules;
-use ferry_net::stack::{is_bare_tcp_ack, FlowInfo, NetStack, StackStats};
+use ferry_net::stack::{FlowInfo, NetStack, StackStats};
 use ferry_net::NetConfig;
 use log::{debug, warn};
-use smallvec::SmallVec;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::VringT;
@@ -33,13 +34,12 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -47,9 +47,11 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::split_chain;
-use crate::queue::{add_used_together, drain_queue_unsignalled, wants_interrupt, Chain};
+use crate::queue::drain_queue_unsignalled;
 use crate::tx_poll::{TxPoll, TX_BULK, TX_BULK_STREAMING, TX_STREAMING};
 use crate::{GuestMemoryAtomic, Vring};
+
+mod rx;
 
 /// Index of the first pair's receive queue.
 pub const RX_QUEUE: u16 = 0;
@@ -123,15 +125,6 @@ pub struct VhostUserNetBackend {
     tx_poll: Mutex<TxPoll>,
 }
 
-/// What [`VhostUserNetBackend::deliver`] gave the guest.
-#[derive(Debug, Default, Clone, Copy)]
-struct Delivered {
-    /// Some frame went to the guest.
-    any: bool,
-    /// Some frame was more than a bare TCP ACK: the guest may answer it.
-    answers: bool,
-}
-
 /// What [`VhostUserNetBackend::drain_tx`] took from the TX rings.
 #[derive(Debug, Default, Clone, Copy)]
 struct TxDrained {
@@ -139,14 +132,6 @@ struct TxDrained {
     used: usize,
     /// The TX rings whose interrupt the guest wants (bit p for pair p).
     signal: u32,
-}
-
-/// An RX ring being filled by [`VhostUserNetBackend::deliver`].
-struct RxRing<'a> {
-    pair: usize,
-    state: std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemoryAtomic>>,
-    first_used: u16,
-    used: usize,
 }
 
 /// Whether the frontend has set `vring` up and enabled it: only then may the device read or
@@ -602,135 +587,6 @@ impl VhostUserNetBackend {
         usize::from(self.cfg.mtu) + 14 + 4
     }
 
-    /// Writes the stack's frames into the guest's RX buffers, each on the RX ring of the pair
-    /// its flow is steered to. With MRG_RXBUF a frame may span several buffers; the first
-    /// one's header says how many. When that ring has too few buffers posted, the frame (and
-    /// the ones after it) wait for the guest's next RX kick.
-    fn deliver(
-        &self,
-        stack: &mut NetStack,
-        vrings: &[Vring],
-        mem: &GuestMemoryAtomic,
-    ) -> io::Result<Delivered> {
-        let mem = mem.memory();
-        // The RX rings the frontend has enabled (a ring it has not is not ours to write; frames
-        // wait until it enables one, and its kick delivers them).
-        let mut rings: SmallVec<[RxRing<'_>; MAX_QUEUE_PAIRS]> = SmallVec::new();
-        for pair in 0..vrings.len() / 2 {
-            let vring = &vrings[2 * pair];
-            if ring_in_use(vring) {
-                let state = vring.get_mut();
-                let first_used = state.get_queue().next_used();
-                rings.push(RxRing {
-                    pair,
-                    state,
-                    first_used,
-                    used: 0,
-                });
-            }
-        }
-        if rings.is_empty() {
-            return Ok(Delivered::default());
-        }
-        let mut answers = false;
-        let mut retries = 0;
-        let mergeable = self.mrg_rxbuf.load(Ordering::Relaxed);
-        while let Some(frame) = stack.pop_frame() {
-            let at = crate::rx_steer::ring_for(&frame, rings.len());
-            let ring = &mut rings[at];
-            let queue = ring.state.get_queue_mut();
-            let need = NET_HDR_LEN + frame.len();
-            let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
-            let mut room = 0usize;
-            while room < need && (mergeable || chains.is_empty()) {
-                match queue.pop_descriptor_chain(mem.clone()) {
-                    Some(c) => {
-                        room += c
-                            .clone()
-                            .writable()
-                            .map(|d| d.len() as usize)
-                            .fold(0, usize::saturating_add);
-                        chains.push(c);
-                    }
-                    None => break,
-                }
-            }
-            if room < need && !mergeable && !chains.is_empty() {
-                // Without MRG_RXBUF a frame must fit one buffer (the header's num_buffers is 1
-                // by the spec): a guest whose buffers are smaller than the frame cannot take
-                // it. Drop it, counted, and keep the buffer for the next frame.
-                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                self.stats
-                    .rx_dropped_too_big
-                    .fetch_add(1, Ordering::Relaxed);
-                stack.recycle_frame(frame);
-                continue;
-            }
-            if room < need {
-                // Not enough buffers: give the chains back and wait for the guest's kick. If
-                // the guest posted more while we looked (it saw the old avail_event and will
-                // not kick for them), try again now rather than stall until some other event.
-                let back = queue.next_avail().wrapping_sub(chains.len() as u16);
-                queue.set_next_avail(back);
-                stack.unpop_frame(frame);
-                if queue.enable_notification(&*mem).unwrap_or(false) && retries < 8 {
-                    retries += 1;
-                    continue;
-                }
-                break;
-            }
-            let mut hdr = [0u8; NET_HDR_LEN];
-            if self.guest_csum.load(Ordering::Relaxed) {
-                hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
-            }
-            hdr[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
-            let mut src: &[u8] = &frame;
-            let mut first = true;
-            let mut elems: SmallVec<[(u16, u32); 16]> = SmallVec::new();
-            for c in &chains {
-                let head = c.head_index();
-                let Ok((_, mut w)) = split_chain(c.memory(), c.clone()) else {
-                    elems.push((head, 0));
-                    continue;
-                };
-                let mut written = 0usize;
-                if first {
-                    written += w.write(&hdr).unwrap_or(0);
-                    first = false;
-                }
-                let n = w.write(src).unwrap_or(0);
-                src = &src[n..];
-                written += n;
-                elems.push((head, written as u32));
-            }
-            if let Err(e) = add_used_together(queue, &*mem, &elems) {
-                warn!("net: cannot return RX descriptors: {e}");
-            }
-            ring.used += elems.len();
-            answers |= !is_bare_tcp_ack(&frame);
-            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-            self.stats.rx_frames_by_pair[ring.pair].fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .rx_bytes
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            stack.recycle_frame(frame);
-        }
-        let mut any = false;
-        for ring in &mut rings {
-            if ring.used > 0 {
-                any = true;
-                let index = 2 * ring.pair;
-                if wants_interrupt(ring.state.get_queue_mut(), &*mem, ring.first_used)
-                    || self.lost_interrupts.overdue(index)
-                {
-                    ring.state.signal_used_queue()?;
-                    self.lost_interrupts.signalled(index);
-                }
-            }
-        }
-        Ok(Delivered { any, answers })
-    }
-
     fn process_rx(&self, vrings: &[Vring]) -> io::Result<()> {
         // New RX buffers: only delivery to do.
         self.with_stack(vrings, |_, _| Ok(0))
@@ -847,6 +703,7 @@ impl VhostUserBackend for VhostUserNetBackend {
 mod tests {
     use super::*;
     use crate::tx_poll::{TX_POLL_MAX, TX_POLL_MIN, TX_POLL_STEP};
+    use ferry_net::stack::is_bare_tcp_ack;
 
     #[test]
     fn config_space_has_mac_status_and_mtu() {

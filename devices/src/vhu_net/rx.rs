@@ -1,0 +1,174 @@
+//! Frames from the stack into the guest's RX rings: the host-to-guest half of the device.
+//!
+//! Theory of operation. After each event the device pops the stack's frames and writes each
+//! into buffers of the RX ring its flow is steered to (`rx_steer`): the virtio header, then the
+//! frame, over as many buffers as it takes with MRG_RXBUF, published together
+//! (`add_used_together`) so the guest never sees a frame's first buffer without the rest. When
+//! a ring has too few buffers the frame waits in the stack for the guest's next RX kick. Each
+//! ring that got frames is interrupted once at the end, when the guest's `used_event` asks for
+//! it or the ring has gone too long without one (`lost_interrupts`).
+
+use std::io;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use ferry_net::stack::{is_bare_tcp_ack, NetStack};
+use log::warn;
+use smallvec::SmallVec;
+use vhost_user_backend::VringT;
+use virtio_bindings::bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::{ring_in_use, VhostUserNetBackend, MAX_QUEUE_PAIRS, NET_HDR_LEN};
+use crate::chain::split_chain;
+use crate::queue::{add_used_together, wants_interrupt, Chain};
+use crate::{GuestMemoryAtomic, Vring};
+
+/// What [`VhostUserNetBackend::deliver`] gave the guest.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Delivered {
+    /// Some frame went to the guest.
+    pub(super) any: bool,
+    /// Some frame was more than a bare TCP ACK: the guest may answer it.
+    pub(super) answers: bool,
+}
+
+/// An RX ring being filled by [`VhostUserNetBackend::deliver`].
+struct RxRing<'a> {
+    pair: usize,
+    state: std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemoryAtomic>>,
+    first_used: u16,
+    used: usize,
+}
+
+impl VhostUserNetBackend {
+    /// Writes the stack's frames into the guest's RX buffers, each on the RX ring of the pair
+    /// its flow is steered to. With MRG_RXBUF a frame may span several buffers; the first
+    /// one's header says how many. When that ring has too few buffers posted, the frame (and
+    /// the ones after it) wait for the guest's next RX kick.
+    pub(super) fn deliver(
+        &self,
+        stack: &mut NetStack,
+        vrings: &[Vring],
+        mem: &GuestMemoryAtomic,
+    ) -> io::Result<Delivered> {
+        let mem = mem.memory();
+        // The RX rings the frontend has enabled (a ring it has not is not ours to write; frames
+        // wait until it enables one, and its kick delivers them).
+        let mut rings: SmallVec<[RxRing<'_>; MAX_QUEUE_PAIRS]> = SmallVec::new();
+        for pair in 0..vrings.len() / 2 {
+            let vring = &vrings[2 * pair];
+            if ring_in_use(vring) {
+                let state = vring.get_mut();
+                let first_used = state.get_queue().next_used();
+                rings.push(RxRing {
+                    pair,
+                    state,
+                    first_used,
+                    used: 0,
+                });
+            }
+        }
+        if rings.is_empty() {
+            return Ok(Delivered::default());
+        }
+        let mut answers = false;
+        let mut retries = 0;
+        let mergeable = self.mrg_rxbuf.load(Ordering::Relaxed);
+        while let Some(frame) = stack.pop_frame() {
+            let at = crate::rx_steer::ring_for(&frame, rings.len());
+            let ring = &mut rings[at];
+            let queue = ring.state.get_queue_mut();
+            let need = NET_HDR_LEN + frame.len();
+            let mut chains: SmallVec<[Chain; 4]> = SmallVec::new();
+            let mut room = 0usize;
+            while room < need && (mergeable || chains.is_empty()) {
+                match queue.pop_descriptor_chain(mem.clone()) {
+                    Some(c) => {
+                        room += c
+                            .clone()
+                            .writable()
+                            .map(|d| d.len() as usize)
+                            .fold(0, usize::saturating_add);
+                        chains.push(c);
+                    }
+                    None => break,
+                }
+            }
+            if room < need && !mergeable && !chains.is_empty() {
+                // Without MRG_RXBUF a frame must fit one buffer (the header's num_buffers is 1
+                // by the spec): a guest whose buffers are smaller than the frame cannot take
+                // it. Drop it, counted, and keep the buffer for the next frame.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                self.stats
+                    .rx_dropped_too_big
+                    .fetch_add(1, Ordering::Relaxed);
+                stack.recycle_frame(frame);
+                continue;
+            }
+            if room < need {
+                // Not enough buffers: give the chains back and wait for the guest's kick. If
+                // the guest posted more while we looked (it saw the old avail_event and will
+                // not kick for them), try again now rather than stall until some other event.
+                let back = queue.next_avail().wrapping_sub(chains.len() as u16);
+                queue.set_next_avail(back);
+                stack.unpop_frame(frame);
+                if queue.enable_notification(&*mem).unwrap_or(false) && retries < 8 {
+                    retries += 1;
+                    continue;
+                }
+                break;
+            }
+            let mut hdr = [0u8; NET_HDR_LEN];
+            if self.guest_csum.load(Ordering::Relaxed) {
+                hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+            }
+            hdr[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+            let mut src: &[u8] = &frame;
+            let mut first = true;
+            let mut elems: SmallVec<[(u16, u32); 16]> = SmallVec::new();
+            for c in &chains {
+                let head = c.head_index();
+                let Ok((_, mut w)) = split_chain(c.memory(), c.clone()) else {
+                    elems.push((head, 0));
+                    continue;
+                };
+                let mut written = 0usize;
+                if first {
+                    written += w.write(&hdr).unwrap_or(0);
+                    first = false;
+                }
+                let n = w.write(src).unwrap_or(0);
+                src = &src[n..];
+                written += n;
+                elems.push((head, written as u32));
+            }
+            if let Err(e) = add_used_together(queue, &*mem, &elems) {
+                warn!("net: cannot return RX descriptors: {e}");
+            }
+            ring.used += elems.len();
+            answers |= !is_bare_tcp_ack(&frame);
+            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.stats.rx_frames_by_pair[ring.pair].fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rx_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            stack.recycle_frame(frame);
+        }
+        let mut any = false;
+        for ring in &mut rings {
+            if ring.used > 0 {
+                any = true;
+                let index = 2 * ring.pair;
+                if wants_interrupt(ring.state.get_queue_mut(), &*mem, ring.first_used)
+                    || self.lost_interrupts.overdue(index)
+                {
+                    ring.state.signal_used_queue()?;
+                    self.lost_interrupts.signalled(index);
+                }
+            }
+        }
+        Ok(Delivered { any, answers })
+    }
+}
