@@ -35,3 +35,16 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemoryMmap>;
 /// The vring type both backends use.
 pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic>;
+
+/// For tests: an eventfd set as `vring`'s call descriptor, to read the interrupts it gets.
+#[cfg(test)]
+pub(crate) fn call_eventfd(vring: &Vring) -> vmm_sys_util::eventfd::EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vhost_user_backend::VringT;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let fd = call.try_clone().unwrap().into_raw_fd();
+    // SAFETY: `fd` is a fresh duplicate that nothing else owns.
+    vring.set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+    call
+}

@@ -104,9 +104,7 @@ impl LostInterrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{FromRawFd, IntoRawFd};
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[test]
     fn each_ring_is_interrupted_once_per_connection_once_it_has_a_call_descriptor() {
@@ -119,10 +117,7 @@ mod tests {
         let lost = LostInterrupts::new(2);
         // No call descriptor yet: nothing to signal, and the ring still has its turn.
         lost.first_event(&vrings, 0);
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
-        let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-        vrings[0].set_call(Some(file));
+        let call = crate::call_eventfd(&vrings[0]);
         lost.first_event(&vrings, 0);
         assert_eq!(call.read().unwrap(), 1, "the first interrupt");
         lost.first_event(&vrings, 0);

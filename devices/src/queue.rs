@@ -154,6 +154,19 @@ pub(crate) fn add_used_together<Q: QueueT, M: vm_memory::GuestMemory>(
     .map_err(virtio_queue::Error::GuestMemory)
 }
 
+/// Where the guest's `used_event` sits: after the avail ring's flags, index and `size` entries.
+pub(crate) fn used_event_addr<Q: QueueT>(queue: &Q) -> Option<vm_memory::GuestAddress> {
+    use vm_memory::Address;
+    vm_memory::GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()))
+}
+
+/// Where the device's `avail_event` sits: after the used ring's flags, index and `size`
+/// 8-byte entries.
+pub(crate) fn avail_event_addr<Q: QueueT>(queue: &Q) -> Option<vm_memory::GuestAddress> {
+    use vm_memory::Address;
+    vm_memory::GuestAddress(queue.used_ring()).checked_add(4 + 8 * u64::from(queue.size()))
+}
+
 /// Whether the guest wants an interrupt for the used entries from `old` to now: with
 /// EVENT_IDX, when its `used_event` falls in that range (the Linux rule); always without.
 pub(crate) fn wants_interrupt<Q: QueueT, M: vm_memory::GuestMemory>(
@@ -161,14 +174,12 @@ pub(crate) fn wants_interrupt<Q: QueueT, M: vm_memory::GuestMemory>(
     mem: &M,
     old: u16,
 ) -> bool {
-    use vm_memory::{Address, Bytes, GuestAddress};
+    use vm_memory::Bytes;
     if !queue.event_idx_enabled() {
         return true;
     }
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    // used_event sits after the avail ring: flags, idx, ring[size].
-    let Some(at) = GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()))
-    else {
+    let Some(at) = used_event_addr(queue) else {
         return true;
     };
     let Ok(event) = mem.load::<u16>(at, std::sync::atomic::Ordering::Acquire) else {

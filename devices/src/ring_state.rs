@@ -18,6 +18,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
+use crate::queue::{avail_event_addr, used_event_addr};
 use crate::{GuestMemoryAtomic, Vring};
 
 /// One ring's positions. The indexes are free-running u16s, as the virtio spec has them.
@@ -81,31 +82,24 @@ impl RingWatch {
                 let q = state.get_queue();
                 let ready = q.ready();
                 // A ring not set up has no addresses to read.
-                let read = |at: u64| -> Option<u16> {
+                let read = |at: Option<GuestAddress>| -> Option<u16> {
                     ready
-                        .then(|| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok())
+                        .then(|| mem.load::<u16>(at?, Ordering::Acquire).ok())
                         .flatten()
                         .map(u16::from_le)
                 };
-                let size = q.size();
-                let (avail, used) = (q.avail_ring(), q.used_ring());
                 let events = q.event_idx_enabled();
                 RingState {
                     index,
                     ready,
                     enabled: state.is_enabled(),
-                    size,
-                    avail_idx: read(avail + 2),
+                    size: q.size(),
+                    avail_idx: read(GuestAddress(q.avail_ring()).checked_add(2)),
                     next_avail: q.next_avail(),
-                    used_idx: read(used + 2),
+                    used_idx: read(GuestAddress(q.used_ring()).checked_add(2)),
                     next_used: q.next_used(),
-                    // used_event follows the avail ring, avail_event the used ring.
-                    used_event: events
-                        .then(|| read(GuestAddress(avail).unchecked_add(4 + 2 * u64::from(size)).0))
-                        .flatten(),
-                    avail_event: events
-                        .then(|| read(GuestAddress(used).unchecked_add(4 + 8 * u64::from(size)).0))
-                        .flatten(),
+                    used_event: events.then(|| read(used_event_addr(q))).flatten(),
+                    avail_event: events.then(|| read(avail_event_addr(q))).flatten(),
                 }
             })
             .collect()

@@ -844,133 +844,6 @@ mod tx_tests {
         v
     }
 
-    /// A restarted ferry under a running guest: the RX ring's used index already past the
-    /// guest's `used_event` (the dead process's last interrupt may never have gone out). The
-    /// first event on each ring of a connection interrupts the guest, once.
-    #[test]
-    fn a_connections_first_event_on_a_ring_interrupts_the_guest_once() {
-        use std::os::fd::{FromRawFd, IntoRawFd};
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let atomic = Atomic::new(m.clone());
-        let rx_q = MockSplitQueue::create(&m, GuestAddress(0x20_0000), 16);
-        let tx_q = MockSplitQueue::new(&m, 16);
-        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
-        b.update_memory(atomic.clone()).unwrap();
-        b.set_event_idx(true);
-        let vrings = [vring(&atomic, &rx_q), vring(&atomic, &tx_q)];
-        let calls: Vec<EventFd> = vrings
-            .iter()
-            .map(|v| {
-                v.set_queue_event_idx(true);
-                let call = EventFd::new(EFD_NONBLOCK).unwrap();
-                // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
-                let f =
-                    unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-                v.set_call(Some(f));
-                call
-            })
-            .collect();
-        for (ring, call) in calls.iter().enumerate() {
-            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
-                .unwrap();
-            assert_eq!(
-                call.read().ok(),
-                Some(1),
-                "ring {ring}: the first interrupt"
-            );
-            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
-                .unwrap();
-            assert!(call.read().is_err(), "ring {ring}: one per connection");
-        }
-        b.frontend_gone();
-        b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
-        assert_eq!(
-            calls[0].read().ok(),
-            Some(1),
-            "again on the next connection"
-        );
-    }
-
-    /// A guest whose `used_event` stands behind the used index asks for no interrupt: the
-    /// device still sends one when the ring has had none for LOST_AFTER, so a guest that lost
-    /// one (a restart under it) hears of its frames again.
-    #[test]
-    fn a_ring_filled_without_an_interrupt_for_a_while_gets_one() {
-        use std::os::fd::{FromRawFd, IntoRawFd};
-        use vm_memory::Bytes;
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let atomic = Atomic::new(m.clone());
-        let rx_q = MockSplitQueue::create(&m, GuestAddress(0x20_0000), 16);
-        let rx: Vec<RawDescriptor> = (0..8)
-            .map(|i| {
-                let d = SplitDescriptor::new(
-                    0x30_0000 + i * 0x1000,
-                    2048,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                );
-                RawDescriptor::from(d)
-            })
-            .collect();
-        rx_q.build_multiple_desc_chains(&rx).unwrap();
-        let tx_q = MockSplitQueue::new(&m, 16);
-        let b = VhostUserNetBackend::new(NetConfig::default(), None).unwrap();
-        b.update_memory(atomic.clone()).unwrap();
-        b.set_event_idx(true);
-        let vrings = [vring(&atomic, &rx_q), vring(&atomic, &tx_q)];
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        for v in &vrings {
-            v.set_queue_event_idx(true);
-        }
-        // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
-        let f = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-        vrings[0].set_call(Some(f));
-        // The guest's used_event (after the avail ring) stays at 0 while the used index moves
-        // on from 0: past the first frame, no crossing asks for an interrupt.
-        let used_event = GuestAddress(rx_q.avail_addr().0 + 4 + 2 * 16);
-        m.write_obj(0u16, used_event).unwrap();
-        let cfg = NetConfig::default();
-        let arp = |i: u16| {
-            // An ARP request from the guest for the gateway: the stack answers it.
-            let mut f = vec![0u8; NET_HDR_LEN];
-            f.extend_from_slice(&[0xff; 6]);
-            f.extend_from_slice(&cfg.guest_mac);
-            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-            f.extend_from_slice(&cfg.guest_mac);
-            f.extend_from_slice(&cfg.guest().octets());
-            f.extend_from_slice(&[0; 6]);
-            f.extend_from_slice(&cfg.gateway().octets());
-            let at = GuestAddress(0x10_0000 + u64::from(i) * 0x1000);
-            m.write_slice(&f, at).unwrap();
-            let d = SplitDescriptor::new(at.0, f.len() as u32, 0, 0);
-            tx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
-            b.process_tx(&vrings, true).unwrap();
-        };
-        arp(0);
-        assert_eq!(
-            call.read().ok(),
-            Some(1),
-            "the first answer crosses used_event 0"
-        );
-        arp(1);
-        assert!(
-            call.read().is_err(),
-            "the guest asked for no interrupt, and had one just now"
-        );
-        std::thread::sleep(
-            crate::lost_interrupts::LOST_AFTER + std::time::Duration::from_millis(20),
-        );
-        arp(2);
-        assert_eq!(call.read().ok(), Some(1), "none for LOST_AFTER: one anyway");
-        assert_eq!(
-            vrings[0].queue_used_idx().unwrap(),
-            3,
-            "three answers delivered"
-        );
-    }
-
     #[test]
     fn chains_that_lie_are_dropped_and_counted() {
         let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
@@ -1250,6 +1123,95 @@ mod coalesce_tests {
         tx_q.add_desc_chains(&[RawDescriptor::from(d)], i).unwrap();
     }
 
+    /// A restarted ferry under a running guest: the RX ring's used index already past the
+    /// guest's `used_event` (the dead process's last interrupt may never have gone out). The
+    /// first event on each ring of a connection interrupts the guest, once.
+    #[test]
+    fn a_connections_first_event_on_a_ring_interrupts_the_guest_once() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.set_event_idx(true);
+        for v in &vrings {
+            v.set_queue_event_idx(true);
+        }
+        let calls: Vec<_> = vrings.iter().map(crate::call_eventfd).collect();
+        for (ring, call) in calls.iter().enumerate() {
+            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
+                .unwrap();
+            assert_eq!(
+                call.read().ok(),
+                Some(1),
+                "ring {ring}: the first interrupt"
+            );
+            b.handle_event(ring as u16, EventSet::IN, &vrings, 0)
+                .unwrap();
+            assert!(call.read().is_err(), "ring {ring}: one per connection");
+        }
+        b.frontend_gone();
+        b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+        assert_eq!(
+            calls[0].read().ok(),
+            Some(1),
+            "again on the next connection"
+        );
+    }
+
+    /// A guest whose `used_event` stands behind the used index asks for no interrupt: the
+    /// device still sends one when the ring has had none for LOST_AFTER, so a guest that lost
+    /// one (a restart under it) hears of its frames again.
+    #[test]
+    fn a_ring_filled_without_an_interrupt_for_a_while_gets_one() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        for i in 1..3u16 {
+            let rx = SplitDescriptor::new(
+                0x30_0000 + u64::from(i) * 0x1000,
+                2048,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            );
+            rx_q.add_desc_chains(&[RawDescriptor::from(rx)], i).unwrap();
+        }
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.set_event_idx(true);
+        for v in &vrings {
+            v.set_queue_event_idx(true);
+        }
+        let call = crate::call_eventfd(&vrings[0]);
+        // The guest's used_event (after the avail ring) stays at 0 while the used index moves
+        // on from 0: past the first frame, no crossing asks for an interrupt.
+        let used_event = GuestAddress(rx_q.avail_addr().0 + 4 + 2 * 16);
+        m.write_obj(0u16, used_event).unwrap();
+        let arp = |i: u16| {
+            // An ARP request from the guest for the gateway: the stack answers it.
+            queue_arp_request(&m, &tx_q, &cfg, i);
+            b.process_tx(&vrings, true).unwrap();
+        };
+        arp(0);
+        assert_eq!(
+            call.read().ok(),
+            Some(1),
+            "the first answer crosses used_event 0"
+        );
+        arp(1);
+        assert!(
+            call.read().is_err(),
+            "the guest asked for no interrupt, and had one just now"
+        );
+        std::thread::sleep(
+            crate::lost_interrupts::LOST_AFTER + std::time::Duration::from_millis(20),
+        );
+        arp(2);
+        assert_eq!(call.read().ok(), Some(1), "none for LOST_AFTER: one anyway");
+        assert_eq!(
+            vrings[0].queue_used_idx().unwrap(),
+            3,
+            "three answers delivered"
+        );
+    }
+
     /// Without MRG_RXBUF a frame must fit one buffer: one that does not is dropped and
     /// counted, the small buffer stays for the next frame, and no frame spans two.
     #[test]
@@ -1286,22 +1248,11 @@ mod coalesce_tests {
 
     #[test]
     fn a_frame_with_an_answer_signals_both_queues() {
-        use std::os::fd::{FromRawFd, IntoRawFd};
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let (tx_q, rx_q) = queues(&m);
         let cfg = NetConfig::default();
         let (b, vrings) = device(&m, &tx_q, &rx_q);
-        let calls: Vec<EventFd> = vrings
-            .iter()
-            .map(|v| {
-                let e = EventFd::new(EFD_NONBLOCK).unwrap();
-                let fd = e.try_clone().unwrap().into_raw_fd();
-                // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-                v.set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
-                e
-            })
-            .collect();
+        let calls: Vec<_> = vrings.iter().map(crate::call_eventfd).collect();
         // The TX interrupt is held back until the reply is on the RX ring, and then sent too.
         queue_arp_request(&m, &tx_q, &cfg, 0);
         b.process_tx(&vrings, true).unwrap();

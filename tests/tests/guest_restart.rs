@@ -123,6 +123,26 @@ fn boot(link: NetLink, script: String) -> Setup {
     }
 }
 
+/// How long after `mark` (a console length) the guest's next fetch worked, within 5 s.
+fn fetch_back(qemu: &Qemu, mark: usize) -> Option<Duration> {
+    within(Duration::from_secs(5), || {
+        qemu.console()
+            .get(mark..)
+            .is_some_and(|c| c.contains("FERRY-FETCH ok"))
+    })
+}
+
+/// For a failure's message: what crossed the device of run `run` (its `/stats`), the
+/// console's tail and ferry's log.
+fn what_ferry_saw(dir: &Path, run: usize, qemu: &Qemu, ferry: &FerryProcess) -> String {
+    format!(
+        "stats: {}\nconsole:\n{}\nferry log:\n{}",
+        ferry_tests::api_get(&dir.join(format!("run-{run}/api.sock")), "/stats")["net"],
+        ferry_tests::tail(&qemu.console(), 30),
+        ferry.log_tail()
+    )
+}
+
 fn restart_under_a_running_guest(link: NetLink) {
     let Setup {
         net,
@@ -147,19 +167,13 @@ fn restart_under_a_running_guest(link: NetLink) {
     // Both at once: the published port's client from the host, while the guest fetches.
     let (fetched, published) = std::thread::scope(|s| {
         let p = s.spawn(|| within(Duration::from_secs(5), || curl(&net.inner)));
-        let f = within(Duration::from_secs(5), || {
-            qemu.console()
-                .get(mark..)
-                .is_some_and(|c| c.contains("FERRY-FETCH ok"))
-        });
+        let f = fetch_back(&qemu, mark);
         (f, p.join().unwrap())
     });
     assert!(
         fetched.is_some() && published.is_some(),
-        "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\nstats: {}\nconsole:\n{}\nferry log:\n{}",
-        ferry_tests::api_get(&dir.path().join("run-1/api.sock"), "/stats")["net"],
-        ferry_tests::tail(&qemu.console(), 30),
-        ferry.log_tail()
+        "{link:?}: after the restart, guest fetch {fetched:?}, published port {published:?} (limit 5 s)\n{}",
+        what_ferry_saw(dir.path(), 1, &qemu, &ferry)
     );
     eprintln!(
         "{link:?}: guest fetch back after {:?}, published port after {:?}",
@@ -211,18 +225,12 @@ fn restarted_again_and_again(link: NetLink) {
         std::thread::sleep(Duration::from_millis(*pause));
         let mark = qemu.console().len();
         ferry = start_ferry(&net, dir.path(), &format!("run-{}", i + 1), link);
-        let fetched = within(Duration::from_secs(5), || {
-            qemu.console()
-                .get(mark..)
-                .is_some_and(|c| c.contains("FERRY-FETCH ok"))
-        });
+        let fetched = fetch_back(&qemu, mark);
         assert!(
             fetched.is_some(),
-            "{link:?}: restart {} (after {pause} ms unserved): no fetch within 5 s\nstats: {}\nconsole:\n{}\nferry log:\n{}",
+            "{link:?}: restart {} (after {pause} ms unserved): no fetch within 5 s\n{}",
             i + 1,
-            ferry_tests::api_get(&dir.path().join(format!("run-{}/api.sock", i + 1)), "/stats")["net"],
-            ferry_tests::tail(&qemu.console(), 30),
-            ferry.log_tail()
+            what_ferry_saw(dir.path(), i + 1, &qemu, &ferry)
         );
         eprintln!(
             "{link:?}: restart {} served after {:?}",
