@@ -237,7 +237,7 @@ impl Write for ChainWriter<'_> {
 }
 
 /// Copying into a volatile slice, bounded by both lengths.
-trait CopyFrom {
+pub(crate) trait CopyFrom {
     fn copy_from_slice_len(&self, buf: &[u8]) -> usize;
 }
 
