@@ -1586,6 +1586,40 @@ mod published {
         assert_eq!(s.epoll.wait(0, &mut events).unwrap(), 0);
     }
 
+    /// Whether the guest takes frames without checksums is negotiated after the stack is made
+    /// (and again for each guest): the stack's TCP segments follow it either way.
+    #[test]
+    fn segments_to_the_guest_carry_checksums_unless_it_takes_them_without() {
+        let cfg = NetConfig::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let dst = smol(cfg.host_alias());
+        let guest = smol(cfg.guest());
+        let synack = |s: &mut NetStack, sport: u16| {
+            let seg = hostile_frames::guest_syn(sport, port);
+            s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
+            s.poll();
+            let (_, synack) = next_segment(s).expect("SYN-ACK");
+            listener.accept().unwrap();
+            synack
+        };
+        s.set_checksum_offload(true);
+        let t = synack(&mut s, 40010);
+        let t = TcpPacket::new_checked(&t[..]).unwrap();
+        assert!(t.syn() && t.ack());
+        assert_eq!(t.checksum(), 0, "no checksum for a guest that offloads it");
+        s.set_checksum_offload(false);
+        let t = synack(&mut s, 40011);
+        let t = TcpPacket::new_checked(&t[..]).unwrap();
+        assert!(t.syn() && t.ack());
+        assert!(
+            t.verify_checksum(&dst.into(), &guest.into()),
+            "a full checksum for a guest that does not"
+        );
+    }
+
     /// A stack with one TCP port published on `bind` (a free host port, which it returns) to
     /// the guest's port 80; the guest's MAC is known, and no guest is attached yet.
     fn stack_with_published_port(cfg: &NetConfig, bind: &str) -> (u16, Arc<Ports>, NetStack) {

@@ -80,6 +80,8 @@ pub struct GuestSpec {
     pub fs_request_queues: u16,
     /// Virtual CPUs (default 2).
     pub cpus: u16,
+    /// More properties for the NIC's `-device` (`,guest_csum=off`), as a user would add them.
+    pub nic_options: String,
 }
 
 /// How QEMU's vhost-user net chardev meets the backend.
@@ -163,6 +165,7 @@ impl Qemu {
             if let Some(mac) = &spec.mac {
                 dev.push_str(&format!(",mac={mac}"));
             }
+            dev.push_str(&spec.nic_options);
             let mut netdev = "vhost-user,id=net0,chardev=n0".to_string();
             if spec.queue_pairs > 1 {
                 // As libvirt does for <driver queues='N'/>: the pairs on the netdev, and the

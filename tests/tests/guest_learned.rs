@@ -4,6 +4,8 @@
 //! does DNS, TCP, UDP and ICMP echo to a test host, is refused by a `reject` rule with ICMP port
 //! unreachable, and serves published TCP and UDP ports to host clients. Each also echoes a
 //! 65,507-byte datagram, and an 8,000-byte one with its MTU set to 1500, which it fragments.
+//! A third boot does it all with checksum offload off on the NIC (`csum=off,guest_csum=off`),
+//! so every frame ferry sends it must carry its TCP and UDP checksums.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
@@ -89,17 +91,26 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
     let static_setup = "ip link set eth0 up\nip addr add 192.168.127.50/24 dev eth0\n\
                         ip route add default via 192.168.127.1\n\
                         echo nameserver 192.168.127.1 > /etc/resolv.conf";
-    // (QEMU's MAC option, the guest's own setup, the MAC it shows, the address it ends with)
+    // (QEMU's MAC option, its other NIC options, the guest's own setup, the MAC it shows, the
+    // address it ends with)
     let boots = [
-        (None, "", "52:54:00:12:34:56", "192.168.127.2"),
+        (None, "", "", "52:54:00:12:34:56", "192.168.127.2"),
         (
             Some("52:54:00:6b:3c:01"),
+            "",
             static_setup,
             "52:54:00:6b:3c:01",
             "192.168.127.50",
         ),
+        (
+            Some("52:54:00:6b:3c:02"),
+            ",csum=off,guest_csum=off",
+            "",
+            "52:54:00:6b:3c:02",
+            "192.168.127.2",
+        ),
     ];
-    for (qemu_mac, setup, mac, addr) in boots {
+    for (qemu_mac, nic_options, setup, mac, addr) in boots {
         let mut qemu = Qemu::boot(
             dir.path(),
             &GuestSpec {
@@ -107,6 +118,7 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
                 net_socket: Some(sock.clone()),
                 shares: vec![("tools".into(), t.socket.clone())],
                 mac: qemu_mac.map(str::to_string),
+                nic_options: nic_options.into(),
                 no_dhcp: !setup.is_empty(),
                 ..Default::default()
             },

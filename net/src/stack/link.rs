@@ -97,6 +97,8 @@ pub(super) struct FrameTx<'a> {
     pub(super) pool: &'a RefCell<Vec<Vec<u8>>>,
     pub(super) capture: &'a RefCell<Option<Capture>>,
     pub(super) live: &'a Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
+    /// The guest needs TCP/UDP checksums (it did not negotiate GUEST_CSUM).
+    pub(super) fill_checksums: bool,
 }
 
 impl RxToken for FrameRx<'_> {
@@ -113,6 +115,9 @@ impl TxToken for FrameTx<'_> {
         // checksum fields, payload), so the buffer is not zeroed for it.
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
+        if self.fill_checksums {
+            fill_l4_checksum(&mut frame);
+        }
         pcap::record(&mut self.capture.borrow_mut(), &frame);
         if let Some(l) = self.live {
             l.record(&frame);
@@ -138,6 +143,7 @@ impl Device for FrameQueue {
                 pool: &self.pool,
                 capture: &self.capture,
                 live: &self.live,
+                fill_checksums: !self.csum_offload,
             },
         ))
     }
@@ -148,6 +154,7 @@ impl Device for FrameQueue {
             pool: &self.pool,
             capture: &self.capture,
             live: &self.live,
+            fill_checksums: !self.csum_offload,
         })
     }
 
@@ -158,15 +165,67 @@ impl Device for FrameQueue {
         caps.max_transmission_unit = self.mtu + 14;
         // TCP/UDP checksums of guest frames are not verified: the link is memory and cannot
         // corrupt, as with a tap device, and a guest that offloads them (VIRTIO_NET_F_CSUM)
-        // sends partial sums. Frames to the guest carry them unless it takes them without.
-        let out = if self.csum_offload {
-            smoltcp::phy::Checksum::None
-        } else {
-            smoltcp::phy::Checksum::Tx
-        };
-        caps.checksum.tcp = out;
-        caps.checksum.udp = out;
+        // sends partial sums. Nor does smoltcp fill them in the frames it emits: it reads these
+        // capabilities once, when the interface is made, and whether the guest takes frames
+        // without checksums (GUEST_CSUM) is negotiated later and may change with the next
+        // guest; `FrameTx` fills them when it does not.
+        caps.checksum.tcp = smoltcp::phy::Checksum::None;
+        caps.checksum.udp = smoltcp::phy::Checksum::None;
         caps
+    }
+}
+
+/// Fills the TCP or UDP checksum of a frame smoltcp emitted with it left zero. A fragment
+/// keeps its zero: smoltcp fragments only IPv4, where a UDP checksum of zero means none.
+fn fill_l4_checksum(frame: &mut [u8]) {
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+        UdpPacket,
+    };
+    let Ok(mut eth) = EthernetFrame::new_checked(frame) else {
+        return;
+    };
+    let (src, dst, proto, payload): (IpAddress, IpAddress, _, &mut [u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+                return;
+            };
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return;
+            }
+            let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
+            let len = usize::from(ip.total_len());
+            let hdr = usize::from(ip.header_len());
+            let Some(payload) = ip.into_inner().get_mut(hdr..len) else {
+                return;
+            };
+            (src.into(), dst.into(), proto, payload)
+        }
+        EthernetProtocol::Ipv6 => {
+            let Ok(ip) = Ipv6Packet::new_checked(eth.payload_mut()) else {
+                return;
+            };
+            let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
+            let len = usize::from(ip.payload_len());
+            let Some(payload) = ip.into_inner().get_mut(40..40 + len) else {
+                return;
+            };
+            (src.into(), dst.into(), proto, payload)
+        }
+        _ => return,
+    };
+    match proto {
+        IpProtocol::Tcp => {
+            if let Ok(mut t) = TcpPacket::new_checked(payload) {
+                t.fill_checksum(&src, &dst);
+            }
+        }
+        IpProtocol::Udp => {
+            if let Ok(mut u) = UdpPacket::new_checked(payload) {
+                u.fill_checksum(&src, &dst);
+            }
+        }
+        _ => {}
     }
 }
 
