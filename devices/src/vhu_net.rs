@@ -120,6 +120,8 @@ pub struct VhostUserNetBackend {
     /// The guest takes a frame over several RX buffers (MRG_RXBUF). Without it, a frame must
     /// fit one descriptor chain.
     mrg_rxbuf: AtomicBool,
+    /// Without MRG_RXBUF: the guest's RX buffer size is known to the stack (`rx::learn_rx_buffers`).
+    rx_buffers_learned: AtomicBool,
     stats: NetDeviceStats,
     /// TX coalescing state (see [`TX_STREAMING`]).
     tx_poll: Mutex<TxPoll>,
@@ -195,6 +197,7 @@ impl VhostUserNetBackend {
             lost_interrupts: crate::lost_interrupts::LostInterrupts::new(NUM_QUEUES),
             guest_csum: AtomicBool::new(false),
             mrg_rxbuf: AtomicBool::new(true),
+            rx_buffers_learned: AtomicBool::new(false),
             stats: NetDeviceStats::default(),
             tx_poll: Mutex::new(TxPoll::default()),
         }))
@@ -434,6 +437,7 @@ impl VhostUserNetBackend {
     pub fn frontend_gone(&self) {
         self.rings.forget();
         self.lost_interrupts.reset();
+        self.rx_buffers_learned.store(false, Ordering::Relaxed);
         *self.tx_poll() = TxPoll::default();
         if let Some(p) = &self.services.ports {
             // Until the next guest, published ports refuse their clients at once.
@@ -503,6 +507,9 @@ impl VhostUserNetBackend {
             hot
         };
         self.with_stack(vrings, |stack, mem| {
+            // Before the guest's frames: its DHCP request is answered with the MTU its RX
+            // buffers take.
+            self.learn_rx_buffers(stack, vrings, mem);
             let (drained, largest) = self.drain_tx(stack, mem, vrings, !streaming)?;
             let mut p = self.tx_poll();
             if drained.used > 0 {
@@ -640,8 +647,11 @@ impl VhostUserBackend for VhostUserNetBackend {
         );
         let on = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
         self.guest_csum.store(on, Ordering::Relaxed);
+        // A new negotiation (firmware, then the OS) may post buffers of another size.
+        self.rx_buffers_learned.store(false, Ordering::Relaxed);
         if let Ok(mut s) = self.stack.lock() {
             s.set_checksum_offload(on);
+            s.limit_frames(None);
         }
     }
 
@@ -1244,6 +1254,30 @@ mod coalesce_tests {
             2,
             "one frame over both buffers"
         );
+    }
+
+    /// Without MRG_RXBUF the guest's first RX buffer sets the MTU the stack offers it (and
+    /// stays posted); a negotiation with mergeable buffers lifts the limit.
+    #[test]
+    fn without_mergeable_buffers_the_stack_learns_the_buffer_size() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.acked_features(1 << VIRTIO_F_VERSION_1);
+        // Linux's small buffers: the virtio header and a 1,518-byte frame.
+        let d = SplitDescriptor::new(0x30_0000, 1530, VRING_DESC_F_WRITE as u16, 0);
+        rx_q.add_desc_chains(&[RawDescriptor::from(d)], 0).unwrap();
+        queue_arp_request(&m, &tx_q, &cfg, 0);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(b.stack.lock().unwrap().link_mtu(), 1504);
+        assert_eq!(
+            vrings[0].queue_used_idx().unwrap(),
+            1,
+            "the buffer looked at still took the ARP reply"
+        );
+        b.acked_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        assert_eq!(b.stack.lock().unwrap().link_mtu(), cfg.mtu);
     }
 
     #[test]

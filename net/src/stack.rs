@@ -345,6 +345,25 @@ impl NetStack {
         self.device.csum_offload = on;
     }
 
+    /// The largest frame the guest's RX buffers take, when it is less than the MTU allows
+    /// (a guest without mergeable RX buffers posts buffers of a size of its choosing, 1,518
+    /// bytes for Linux unless it was told a larger MTU); `None` lifts the limit. DHCP and
+    /// router advertisements then offer the MTU those frames carry, so the guest's TCP MSS
+    /// follows, and datagrams to the guest are fragmented to fit.
+    pub fn limit_frames(&mut self, max_frame: Option<usize>) {
+        let cap = max_frame.map_or(usize::MAX, |f| f.saturating_sub(14).max(576));
+        let mtu = self.device.mtu.min(cap);
+        if usize::from(self.cfg.mtu) != mtu {
+            log::info!("net: the guest's link carries IP packets of up to {mtu} bytes");
+        }
+        self.cfg.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+    }
+
+    /// The MTU the guest is offered: the configured one, or less if its buffers take less.
+    pub fn link_mtu(&self) -> u16 {
+        self.cfg.mtu
+    }
+
     /// Takes connections and datagrams from published ports.
     pub fn with_ports(mut self, ports: Arc<Ports>) -> io::Result<Self> {
         self.epoll.ctl(
@@ -1380,6 +1399,78 @@ mod upstream_tests {
 mod nat_tests {
     use super::*;
     use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
+
+    /// IPv4 fragments of `frame` (a guest's frame, an IPv4 packet without options), `chunk`
+    /// payload bytes each.
+    fn fragmented4(frame: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
+        let payload = &frame[34..];
+        payload
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let mut f = frame[..34].to_vec();
+                f.extend_from_slice(part);
+                let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
+                p.set_total_len((20 + part.len()) as u16);
+                p.set_ident(id);
+                p.set_dont_frag(false);
+                p.set_more_frags((i + 1) * chunk < payload.len());
+                p.set_frag_offset((i * chunk) as u16);
+                p.fill_checksum();
+                f
+            })
+            .collect()
+    }
+
+    /// A guest without mergeable RX buffers takes 1,518-byte frames: a datagram larger than
+    /// that reaches it in fragments that fit, whether it comes from a UDP flow or a ping.
+    #[test]
+    fn replies_to_a_guest_with_small_buffers_come_in_fragments_that_fit_them() {
+        let cfg = NetConfig::default();
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = echo.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        s.limit_frames(Some(1518));
+        let data: Vec<u8> = (0..8000).map(|i| (i * 7 + 3) as u8).collect();
+        let alias = smol(cfg.host_alias());
+        for f in fragmented4(&hostile_frames::udp_frame_pub(alias, port, &data), 1480, 7) {
+            s.receive_frame(&f);
+        }
+        s.poll();
+        let mut buf = vec![0u8; 65536];
+        echo.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let (n, from) = echo.recv_from(&mut buf).expect("the datagram on loopback");
+        assert_eq!(&buf[..n], &data[..], "the guest's datagram, whole");
+        echo.send_to(&data, from).unwrap();
+        let mut whole = Vec::new();
+        let mut last = false;
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                assert!(frame.len() <= 1518, "a frame of {} bytes", frame.len());
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                let Ok(p) = Ipv4Packet::new_checked(f.payload()) else {
+                    continue;
+                };
+                if p.src_addr() != alias || p.next_header() != smoltcp::wire::IpProtocol::Udp {
+                    continue;
+                }
+                assert_eq!(usize::from(p.frag_offset()), whole.len(), "in order");
+                whole.extend_from_slice(p.payload());
+                last = !p.more_frags();
+            }
+            if last {
+                break;
+            }
+        }
+        assert!(last, "the reply came back, {} bytes of it", whole.len());
+        let u = UdpPacket::new_checked(&whole[..]).unwrap();
+        assert!(u.verify_checksum(&alias.into(), &smol(cfg.guest()).into()));
+        assert_eq!(u.payload(), &data[..]);
+    }
 
     #[test]
     fn udp_to_the_host_alias_reaches_loopback_and_the_reply_comes_back() {

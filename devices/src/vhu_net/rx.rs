@@ -24,6 +24,10 @@ use crate::chain::CopyFrom;
 use crate::queue::{add_used_together, wants_interrupt};
 use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
 
+/// The smallest RX buffer taken as a guest's buffer size: a 576-byte IP packet, its Ethernet
+/// header and the virtio header. A guest posting less is not configured to receive at all.
+const SMALLEST_RX_BUFFER: usize = NET_HDR_LEN + 14 + 576;
+
 /// What [`VhostUserNetBackend::deliver`] gave the guest.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Delivered {
@@ -103,6 +107,47 @@ struct RxRing<'a> {
 }
 
 impl VhostUserNetBackend {
+    /// Without MRG_RXBUF each frame must fit one RX buffer, whose size is the guest's choice:
+    /// Linux posts 1,518-byte buffers unless the device offered a larger MTU or TSO before the
+    /// driver started (QEMU offers the MTU only with `host_mtu`), and then 64 KiB ones. Ferry
+    /// would send 64 KiB segments that every buffer refuses, so it reads the size of the
+    /// first buffer the guest posts (and leaves it posted) and gives the stack the frame
+    /// limit. Once per negotiation: a guest posts one size.
+    pub(super) fn learn_rx_buffers(
+        &self,
+        stack: &mut NetStack,
+        vrings: &[Vring],
+        mem: &GuestMemoryAtomic,
+    ) {
+        if self.mrg_rxbuf.load(Ordering::Relaxed) || self.rx_buffers_learned.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let mem = mem.memory();
+        for pair in 0..vrings.len() / 2 {
+            let vring = &vrings[2 * pair];
+            if !ring_in_use(vring) {
+                continue;
+            }
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                continue;
+            };
+            let room = RxBuf::of(&mem, chain).room;
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+            if room < SMALLEST_RX_BUFFER {
+                continue;
+            }
+            log::info!(
+                "net: the guest has no mergeable RX buffers and posts {room}-byte ones: frames to it are kept within them"
+            );
+            stack.limit_frames(Some(room - NET_HDR_LEN));
+            self.rx_buffers_learned.store(true, Ordering::Relaxed);
+            return;
+        }
+    }
+
     /// Writes the stack's frames into the guest's RX buffers, each on the RX ring of the pair
     /// its flow is steered to. With MRG_RXBUF a frame may span several buffers; the first
     /// one's header says how many. When that ring has too few buffers posted, the frame (and

@@ -272,18 +272,7 @@ impl NetStack {
                 |p| p.copy_from_slice(data),
                 &Default::default(),
             );
-            match src {
-                std::net::IpAddr::V4(src4) => {
-                    self.emit_fragments(src4, IpProtocol::Udp, &whole, mtu_payload & !7)
-                }
-                std::net::IpAddr::V6(_) => self.emit_fragments6(
-                    src,
-                    guest,
-                    IpProtocol::Udp,
-                    &whole,
-                    mtu_payload.saturating_sub(FRAGMENT6) & !7,
-                ),
-            }
+            self.emit_fragmented(src, guest, IpProtocol::Udp, &whole);
             return;
         }
         self.emit_to_guest(src, IpProtocol::Udp, len, |buf| {
@@ -298,9 +287,34 @@ impl NetStack {
         });
     }
 
+    /// Queues `payload` (a whole UDP datagram or ICMP message) for the guest from `src` to
+    /// `guest`, in fragments that each fit the link's MTU.
+    pub(super) fn emit_fragmented(
+        &mut self,
+        src: std::net::IpAddr,
+        guest: std::net::IpAddr,
+        next_header: smoltcp::wire::IpProtocol,
+        payload: &[u8],
+    ) {
+        let header = if src.is_ipv4() { 20 } else { 40 };
+        let room = usize::from(self.cfg.mtu).saturating_sub(header);
+        match src {
+            std::net::IpAddr::V4(src4) => {
+                self.emit_fragments(src4, next_header, payload, room & !7)
+            }
+            std::net::IpAddr::V6(_) => self.emit_fragments6(
+                src,
+                guest,
+                next_header,
+                payload,
+                room.saturating_sub(FRAGMENT6) & !7,
+            ),
+        }
+    }
+
     /// Queues `payload` for the guest from `src` as IPv4 fragments of at most `chunk` bytes of
     /// payload each (a multiple of 8).
-    pub(super) fn emit_fragments(
+    fn emit_fragments(
         &mut self,
         src: Ipv4Address,
         next_header: smoltcp::wire::IpProtocol,
@@ -392,10 +406,12 @@ impl NetStack {
             return;
         };
         let to = IpEndpoint::new(guest.into(), guest_port);
-        // smoltcp fragments IPv4 but not IPv6: an IPv6 datagram larger than the link's MTU
-        // goes to the guest in ferry's own fragments (it may pass smaller ones still in the
-        // socket's buffer; UDP promises no order).
-        let fits6 = usize::from(self.cfg.mtu).saturating_sub(40 + 8);
+        // A datagram larger than the link's MTU goes to the guest in ferry's own fragments (it
+        // may pass smaller ones still in the socket's buffer; UDP promises no order): smoltcp
+        // fragments IPv4 only, and at the MTU it was made with, not a smaller one learned
+        // from the guest's buffers (`limit_frames`).
+        let header = if remote.is_ipv4() { 20 } else { 40 };
+        let fits = usize::from(self.cfg.mtu).saturating_sub(header + 8);
         loop {
             // Backpressure: stop reading while the stack's buffer toward the guest is full.
             if !self.sockets.get_mut::<udp::Socket>(reply).can_send() {
@@ -412,7 +428,7 @@ impl NetStack {
                 Err(_) => break,
             };
             f.count_to_guest(n);
-            if remote.is_ipv6() && n > fits6 {
+            if n > fits {
                 self.udp_to_guest(remote.ip(), remote.port(), guest_port, &buf[..n]);
                 continue;
             }
