@@ -82,6 +82,9 @@ pub struct GuestSpec {
     pub cpus: u16,
     /// More properties for the NIC's `-device` (`,guest_csum=off`), as a user would add them.
     pub nic_options: String,
+    /// A reboot in the guest restarts it in the same QEMU, as for a user's VM (the devices
+    /// stay connected), rather than end QEMU (`-no-reboot`, the default here).
+    pub reboots: bool,
 }
 
 /// How QEMU's vhost-user net chardev meets the backend.
@@ -135,13 +138,12 @@ impl Qemu {
         c.args(["-machine", &format!("q35,accel={accel}")])
             .args(["-cpu", "max", "-smp", &spec.cpus.max(2).to_string()])
             .args(["-m", &format!("{mem}M")])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
+            .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+            .args(if spec.reboots {
+                None
+            } else {
+                Some("-no-reboot")
+            })
             .args([
                 "-object",
                 &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
