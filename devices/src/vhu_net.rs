@@ -68,8 +68,11 @@ pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// The event token of the stack's host sockets (NAT flows, DNS upstream).
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 2;
 const QUEUE_SIZE: usize = 1024;
-/// Size of `virtio_net_hdr_v1`, which precedes every frame.
+/// Size of `virtio_net_hdr_v1`, which precedes every frame (with VERSION_1 or MRG_RXBUF).
 pub const NET_HDR_LEN: usize = 12;
+/// Size of the legacy `virtio_net_hdr`, without `num_buffers`: a legacy device (no
+/// VERSION_1, QEMU's `disable-modern=on`) without MRG_RXBUF.
+const LEGACY_HDR_LEN: usize = 10;
 /// Size of the virtio-net config space Ferry exposes (mac, status, max pairs, mtu).
 const CONFIG_LEN: usize = 12;
 
@@ -122,6 +125,8 @@ pub struct VhostUserNetBackend {
     mrg_rxbuf: AtomicBool,
     /// Without MRG_RXBUF: the guest's RX buffer size is known to the stack (`rx::learn_rx_buffers`).
     rx_buffers_learned: AtomicBool,
+    /// The virtio header's size as negotiated: `NET_HDR_LEN` or `LEGACY_HDR_LEN`.
+    hdr_len: std::sync::atomic::AtomicUsize,
     stats: NetDeviceStats,
     /// TX coalescing state (see [`TX_STREAMING`]).
     tx_poll: Mutex<TxPoll>,
@@ -198,6 +203,7 @@ impl VhostUserNetBackend {
             guest_csum: AtomicBool::new(false),
             mrg_rxbuf: AtomicBool::new(true),
             rx_buffers_learned: AtomicBool::new(false),
+            hdr_len: std::sync::atomic::AtomicUsize::new(NET_HDR_LEN),
             stats: NetDeviceStats::default(),
             tx_poll: Mutex::new(TxPoll::default()),
         }))
@@ -537,6 +543,7 @@ impl VhostUserNetBackend {
         notify_after: bool,
     ) -> io::Result<(TxDrained, usize)> {
         let max = self.max_frame();
+        let h = self.hdr_len.load(Ordering::Relaxed);
         let mut largest = 0usize;
         let mut all = TxDrained::default();
         for pair in 0..vrings.len() / 2 {
@@ -560,15 +567,11 @@ impl VhostUserNetBackend {
                     // needed: a partial checksum (VIRTIO_NET_F_CSUM) stays partial, since the
                     // stack does not verify guest checksums, and GSO is not offered.
                     let mut hdr = [0u8; NET_HDR_LEN];
-                    if len < NET_HDR_LEN
-                        || len > NET_HDR_LEN + max
-                        || r.read_exact(&mut hdr).is_err()
-                    {
+                    if len < h || len > h + max || r.read_exact(&mut hdr[..h]).is_err() {
                         self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                         return Some(0);
                     }
-                    if !stack.receive_frame_with(len - NET_HDR_LEN, |buf| r.read_exact(buf).is_ok())
-                    {
+                    if !stack.receive_frame_with(len - h, |buf| r.read_exact(buf).is_ok()) {
                         self.stats.tx_malformed.fetch_add(1, Ordering::Relaxed);
                         return Some(0);
                     }
@@ -576,8 +579,8 @@ impl VhostUserNetBackend {
                     self.stats.tx_frames_by_pair[pair].fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .tx_bytes
-                        .fetch_add((len - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                    largest = largest.max(len - NET_HDR_LEN);
+                        .fetch_add((len - h) as u64, Ordering::Relaxed);
+                    largest = largest.max(len - h);
                     Some(0)
                 },
             )?;
@@ -643,6 +646,11 @@ impl VhostUserBackend for VhostUserNetBackend {
         log::info!("net: the frontend acked features {features:#x}");
         self.mrg_rxbuf.store(
             features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            Ordering::Relaxed,
+        );
+        let long = features & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        self.hdr_len.store(
+            if long { NET_HDR_LEN } else { LEGACY_HDR_LEN },
             Ordering::Relaxed,
         );
         let on = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
@@ -1118,7 +1126,18 @@ mod coalesce_tests {
 
     /// Queues, as descriptor `i`, the guest's ARP request for the gateway.
     fn queue_arp_request(m: &Mem, tx_q: &MockSplitQueue<'_, Mem>, cfg: &NetConfig, i: u16) {
-        let mut arp = vec![0u8; NET_HDR_LEN];
+        queue_arp_request_after(m, tx_q, cfg, i, NET_HDR_LEN);
+    }
+
+    /// [`queue_arp_request`] behind a virtio header of `hdr` bytes.
+    fn queue_arp_request_after(
+        m: &Mem,
+        tx_q: &MockSplitQueue<'_, Mem>,
+        cfg: &NetConfig,
+        i: u16,
+        hdr: usize,
+    ) {
+        let mut arp = vec![0u8; hdr];
         arp.extend_from_slice(&[0xff; 6]);
         arp.extend_from_slice(&cfg.guest_mac);
         arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
@@ -1126,7 +1145,7 @@ mod coalesce_tests {
         arp.extend_from_slice(&cfg.guest().octets());
         arp.extend_from_slice(&[0; 6]);
         arp.extend_from_slice(&cfg.gateway().octets());
-        arp.resize(NET_HDR_LEN + 60, 0);
+        arp.resize(hdr + 60, 0);
         let at = 0x18_0000 + u64::from(i) * 0x1000;
         m.write_slice(&arp, GuestAddress(at)).unwrap();
         let d = SplitDescriptor::new(at, arp.len() as u32, 0, 0);
@@ -1278,6 +1297,32 @@ mod coalesce_tests {
         );
         b.acked_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF);
         assert_eq!(b.stack.lock().unwrap().link_mtu(), cfg.mtu);
+    }
+
+    /// A legacy device without MRG_RXBUF (QEMU's `disable-modern=on,mrg_rxbuf=off`): the
+    /// virtio header has no `num_buffers` and is 10 bytes, both ways.
+    #[test]
+    fn a_legacy_device_without_mergeable_buffers_has_the_short_header() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.acked_features(0);
+        let d = SplitDescriptor::new(0x30_0000, 1528, VRING_DESC_F_WRITE as u16, 0);
+        rx_q.add_desc_chains(&[RawDescriptor::from(d)], 0).unwrap();
+        queue_arp_request_after(&m, &tx_q, &cfg, 0, LEGACY_HDR_LEN);
+        b.process_tx(&vrings, true).unwrap();
+        assert_eq!(b.stats().tx_malformed.load(Ordering::Relaxed), 0);
+        assert_eq!(vrings[0].queue_used_idx().unwrap(), 1, "an answer");
+        let mut reply = [0u8; 14];
+        m.read_slice(&mut reply, GuestAddress(0x30_0000 + LEGACY_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(
+            &reply[..6],
+            &cfg.guest_mac,
+            "the frame right after 10 bytes"
+        );
+        assert_eq!(&reply[12..], &[0x08, 0x06], "an ARP reply");
     }
 
     #[test]

@@ -142,7 +142,7 @@ impl VhostUserNetBackend {
             log::info!(
                 "net: the guest has no mergeable RX buffers and posts {room}-byte ones: frames to it are kept within them"
             );
-            stack.limit_frames(Some(room - NET_HDR_LEN));
+            stack.limit_frames(Some(room - self.hdr_len.load(Ordering::Relaxed)));
             self.rx_buffers_learned.store(true, Ordering::Relaxed);
             return;
         }
@@ -181,11 +181,12 @@ impl VhostUserNetBackend {
         let mut answers = false;
         let mut retries = 0;
         let mergeable = self.mrg_rxbuf.load(Ordering::Relaxed);
+        let h = self.hdr_len.load(Ordering::Relaxed);
         while let Some(frame) = stack.pop_frame() {
             let at = crate::rx_steer::ring_for(&frame, rings.len());
             let ring = &mut rings[at];
             let queue = ring.state.get_queue_mut();
-            let need = NET_HDR_LEN + frame.len();
+            let need = h + frame.len();
             // Each buffer's descriptors are read once, into slices of guest memory, and
             // borrow the memory snapshot rather than clone its reference count: with 4 KiB
             // buffers a 64 KiB frame takes 17 of them, and the atomic increments of cloned
@@ -230,8 +231,9 @@ impl VhostUserNetBackend {
             if self.guest_csum.load(Ordering::Relaxed) {
                 hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
             }
+            // num_buffers, in the header of every length but the legacy one.
             hdr[10..12].copy_from_slice(&(bufs.len() as u16).to_le_bytes());
-            let mut src: [&[u8]; 2] = [&hdr, &frame];
+            let mut src: [&[u8]; 2] = [&hdr[..h], &frame];
             let mut elems: SmallVec<[(u16, u32); 20]> = SmallVec::new();
             for b in &bufs {
                 elems.push((b.head, b.fill(&mut src) as u32));
