@@ -83,6 +83,8 @@ pub struct Server<F> {
     secctx: AtomicBool,
     /// Where file events go (`audit=files`), once set.
     audit: std::sync::OnceLock<crate::audit::FileAudit>,
+    /// An INIT has been answered: the next one starts a new session (a guest that rebooted).
+    started: AtomicBool,
 }
 
 /// Interrupts remembered at most; the guest interrupts only requests still in flight.
@@ -111,6 +113,7 @@ impl<F: FileSystem> Server<F> {
             generation: AtomicU64::new(0),
             secctx: AtomicBool::new(false),
             audit: std::sync::OnceLock::new(),
+            started: AtomicBool::new(false),
         }
     }
 
@@ -628,6 +631,15 @@ impl<F: FileSystem> Server<F> {
         if capable & abi::INIT_EXT != 0 && r.available_bytes() >= size_of::<u32>() {
             let flags2: u32 = read_obj(r)?;
             capable |= abi::InitFlags::from(flags2) << 32;
+        }
+        if self.started.swap(true, Ordering::AcqRel) {
+            // A guest that rebooted (or reloaded its driver) in the same VM: QEMU resets the
+            // device but the connection stays, and no DESTROY came. The previous kernel can no
+            // longer forget its nodes or release its files, which would hold their host
+            // descriptors for good: drop them, as when a frontend leaves.
+            log::info!("a new FUSE session replaces the previous one (the guest restarted): its nodes and open files are dropped");
+            self.cancel_waits();
+            self.fs.destroy();
         }
         let accepted = capable & (self.fs.init(capable)? | abi::MAX_PAGES);
         self.secctx

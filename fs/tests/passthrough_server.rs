@@ -274,8 +274,9 @@ fn directories_are_read_without_opendir_when_the_kernel_offers_it() {
         assert_eq!(e, want, "node {node}");
     }
 
-    // A new session, from a kernel that does not offer it.
+    // A new session, from a kernel that does not offer it (and looks its nodes up anew).
     f.init(0);
+    let d = f.lookup(abi::ROOT_ID, "d").unwrap().nodeid;
     assert_eq!(f.readdir_names(d, true).len(), 302);
 }
 
@@ -337,6 +338,30 @@ fn readonly_share_answers_writes_with_erofs() {
     let open = abi::OpenIn::default();
     assert_eq!(f.call(opcode::OPEN, e.nodeid, &[open.as_slice()]).0, 0);
     assert!(std::fs::read(f.share().join("f")).is_ok());
+}
+
+/// A guest that reboots sends INIT again on the same device, without DESTROY: the previous
+/// kernel's nodes and open files are dropped (it can no longer forget or release them), as a
+/// frontend that leaves has them dropped.
+#[test]
+fn a_second_init_drops_the_previous_sessions_nodes_and_files() {
+    let f = fixture(false);
+    std::fs::write(f.share().join("f"), b"data").unwrap();
+    f.init(0);
+    let e = f.lookup(1, "f").unwrap();
+    let open = abi::OpenIn::default();
+    assert_eq!(f.call(opcode::OPEN, e.nodeid, &[open.as_slice()]).0, 0);
+    assert_eq!(
+        (f.server.fs().inode_count(), f.server.fs().handle_count()),
+        (2, 1)
+    );
+    f.init(0);
+    assert_eq!(
+        (f.server.fs().inode_count(), f.server.fs().handle_count()),
+        (1, 0),
+        "only the root after the new INIT"
+    );
+    assert!(f.lookup(1, "f").is_ok(), "the new session looks up again");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! A guest that reboots in the same QEMU, as a user's VM does: QEMU resets both devices and
 //! the guest's next kernel negotiates them again over the same vhost-user connections. The
 //! network (DHCP, DNS, TCP to a test host, a published port) and the share (a new FUSE
-//! session: INIT again, the first boot's files there) must work in the second boot as in the
-//! first, with ferry still running.
+//! session: INIT again, the first boot's files there; the first session's nodes and open files
+//! dropped) must work in the second boot as in the first, with ferry still running.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
@@ -109,4 +109,11 @@ i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i
         String::from_utf8_lossy(&page.stderr)
     );
     assert!(ferry.is_running());
+    // The share's second INIT came on the same connection: the first boot's nodes and open
+    // files went with it.
+    let log = ferry.log_text();
+    assert!(
+        log.contains("a new FUSE session replaces the previous one"),
+        "{log}"
+    );
 }
