@@ -7,6 +7,11 @@
 //! a ring has too few buffers the frame waits in the stack for the guest's next RX kick. Each
 //! ring that got frames is interrupted once at the end, when the guest's `used_event` asks for
 //! it or the ring has gone too long without one (`lost_interrupts`).
+//!
+//! Without MRG_RXBUF a frame must fit one buffer, whose size the guest chose: the size of the
+//! first one it posts is given to the stack (`learn_rx_buffers`), which then offers the guest
+//! an MTU its buffers take. The virtio header is 12 bytes, or 10 on a legacy device without
+//! mergeable buffers (no `num_buffers`).
 
 use std::io;
 use std::sync::atomic::Ordering;

@@ -2,8 +2,9 @@
 //!
 //! Theory of operation. Frames from the guest wait in `rx` for smoltcp, frames for the guest
 //! wait in `tx` for the device; both are `Frame`s from one pool of buffers, handed back after
-//! use, so steady traffic allocates nothing per frame. The parsers here read frames the NAT
-//! paths take before smoltcp.
+//! use, so steady traffic allocates nothing per frame. smoltcp emits TCP and UDP without
+//! checksums, and `FrameTx` fills them for a guest that did not negotiate GUEST_CSUM (see
+//! `capabilities`). The parsers here read frames the NAT paths take before smoltcp.
 
 use super::*;
 
