@@ -3,8 +3,8 @@
 //! Theory of operation. Frames from the guest wait in `rx` for smoltcp, frames for the guest
 //! wait in `tx` for the device; both are `Frame`s from one pool of buffers, handed back after
 //! use, so steady traffic allocates nothing per frame. smoltcp emits TCP and UDP without
-//! checksums, and `FrameTx` fills them for a guest that did not negotiate GUEST_CSUM (see
-//! `capabilities`). The parsers here read frames the NAT paths take before smoltcp.
+//! checksums, and `FrameTx` fills them for a guest that did not negotiate GUEST_CSUM, and
+//! IPv6 UDP's for every guest (see `capabilities`). The parsers here read frames the NAT paths take before smoltcp.
 
 use super::*;
 
@@ -116,9 +116,7 @@ impl TxToken for FrameTx<'_> {
         // checksum fields, payload), so the buffer is not zeroed for it.
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
-        if self.fill_checksums {
-            fill_l4_checksum(&mut frame);
-        }
+        fill_l4_checksum(&mut frame, self.fill_checksums);
         pcap::record(&mut self.capture.borrow_mut(), &frame);
         if let Some(l) = self.live {
             l.record(&frame);
@@ -176,9 +174,12 @@ impl Device for FrameQueue {
     }
 }
 
-/// Fills the TCP or UDP checksum of a frame smoltcp emitted with it left zero. A fragment
-/// keeps its zero: smoltcp fragments only IPv4, where a UDP checksum of zero means none.
-fn fill_l4_checksum(frame: &mut [u8]) {
+/// Fills the TCP or UDP checksum of a frame smoltcp emitted with it left zero: every one when
+/// `all` (the guest did not negotiate GUEST_CSUM), else only IPv6 UDP's, since a zero UDP
+/// checksum is invalid in IPv6 and Linux drops such a datagram whatever the device vouched
+/// for (the gateway's DNS answers). A fragment keeps its zero: smoltcp fragments only IPv4,
+/// where a UDP checksum of zero means none.
+fn fill_l4_checksum(frame: &mut [u8], all: bool) {
     use smoltcp::wire::{
         EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
         UdpPacket,
@@ -215,6 +216,10 @@ fn fill_l4_checksum(frame: &mut [u8]) {
         }
         _ => return,
     };
+    let udp6 = proto == IpProtocol::Udp && matches!(src, IpAddress::Ipv6(_));
+    if !(all || udp6) {
+        return;
+    }
     match proto {
         IpProtocol::Tcp => {
             if let Ok(mut t) = TcpPacket::new_checked(payload) {
