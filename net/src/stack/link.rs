@@ -4,7 +4,8 @@
 //! wait in `tx` for the device; both are `Frame`s from one pool of buffers, handed back after
 //! use, so steady traffic allocates nothing per frame. smoltcp emits TCP and UDP without
 //! checksums, and `FrameTx` fills them for a guest that did not negotiate GUEST_CSUM, and
-//! IPv6 UDP's for every guest (see `capabilities`). The parsers here read frames the NAT paths take before smoltcp.
+//! IPv6 UDP's for every guest (see `capabilities`). The parsers here read frames the NAT
+//! paths take before smoltcp.
 
 use super::*;
 
@@ -167,7 +168,8 @@ impl Device for FrameQueue {
         // sends partial sums. Nor does smoltcp fill them in the frames it emits: it reads these
         // capabilities once, when the interface is made, and whether the guest takes frames
         // without checksums (GUEST_CSUM) is negotiated later and may change with the next
-        // guest; `FrameTx` fills them when it does not.
+        // guest; `FrameTx` fills them when it does not (and IPv6 UDP's always, see
+        // `fill_l4_checksum`).
         caps.checksum.tcp = smoltcp::phy::Checksum::None;
         caps.checksum.udp = smoltcp::phy::Checksum::None;
         caps
