@@ -1634,13 +1634,19 @@ mod published {
         None
     }
 
-    #[test]
-    fn a_flow_closed_on_the_host_side_does_not_wake_the_stack_while_the_guest_closes() {
+    /// A stack that knows the guest's MAC, a host listener on loopback and its port.
+    fn stack_and_listener() -> (NetConfig, NetStack, std::net::TcpListener, u16) {
         let cfg = NetConfig::default();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let mut s = NetStack::new(cfg.clone(), None).unwrap();
         s.neighbor_hint();
+        (cfg, s, listener, port)
+    }
+
+    #[test]
+    fn a_flow_closed_on_the_host_side_does_not_wake_the_stack_while_the_guest_closes() {
+        let (cfg, mut s, listener, port) = stack_and_listener();
         let dst = smol(cfg.host_alias());
         let mut seg = hostile_frames::guest_syn(40001, port);
         s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
@@ -1681,11 +1687,7 @@ mod published {
     /// (and again for each guest): the stack's TCP segments follow it either way.
     #[test]
     fn segments_to_the_guest_carry_checksums_unless_it_takes_them_without() {
-        let cfg = NetConfig::default();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut s = NetStack::new(cfg.clone(), None).unwrap();
-        s.neighbor_hint();
+        let (cfg, mut s, listener, port) = stack_and_listener();
         let dst = smol(cfg.host_alias());
         let guest = smol(cfg.guest());
         let synack = |s: &mut NetStack, sport: u16| {

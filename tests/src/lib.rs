@@ -161,6 +161,23 @@ pub fn serve_and_boot(
     sockets: &[std::path::PathBuf],
     shares: Vec<(String, std::path::PathBuf)>,
 ) -> ServedGuest {
+    let spec = GuestSpec {
+        script,
+        shares,
+        ..Default::default()
+    };
+    serve_and_boot_spec(ns, dir, spec, args, sockets)
+}
+
+/// [`serve_and_boot`] with a guest of its own description (`spec.shares` after the tools
+/// share; its net socket is ferry's).
+pub fn serve_and_boot_spec(
+    ns: &str,
+    dir: &std::path::Path,
+    mut spec: GuestSpec,
+    args: &[String],
+    sockets: &[std::path::PathBuf],
+) -> ServedGuest {
     let sock = dir.join("net.sock");
     let api = dir.join("api.sock");
     let tools = tools_share(dir);
@@ -176,17 +193,10 @@ pub fn serve_and_boot(
     let mut all_sockets = vec![sock.clone(), tools.socket.clone(), api.clone()];
     all_sockets.extend_from_slice(sockets);
     let ferry = FerryProcess::serve_in(Some(ns), dir, &all_args, &all_sockets);
-    let mut guest_shares = vec![("tools".to_string(), tools.socket.clone())];
-    guest_shares.extend(shares);
-    let qemu = Qemu::boot(
-        dir,
-        &GuestSpec {
-            script,
-            net_socket: Some(sock),
-            shares: guest_shares,
-            ..Default::default()
-        },
-    );
+    spec.shares
+        .insert(0, ("tools".to_string(), tools.socket.clone()));
+    spec.net_socket = Some(sock);
+    let qemu = Qemu::boot(dir, &spec);
     ServedGuest {
         ferry,
         qemu,

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{GuestSpec, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -30,23 +30,6 @@ fn both_devices_work_again_after_the_guest_reboots() {
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("net.sock");
-    let t = ferry_tests::tools_share(dir.path());
-    let mut ferry = FerryProcess::serve_in(
-        Some(&net.inner),
-        dir.path(),
-        &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--dns-upstream".into(),
-            format!("{remote}:53"),
-            "--share".into(),
-            t.share.clone(),
-            "--publish".into(),
-            "8080:80".into(),
-        ],
-        &[sock.clone(), t.socket.clone()],
-    );
     // The first boot leaves a file on the share and reboots; the second finds it and checks
     // everything again, then serves a page on the published port.
     let script = format!(
@@ -70,15 +53,26 @@ echo FERRY-READY
 i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 "#
     );
-    let mut qemu = Qemu::boot(
+    let ferry_tests::ServedGuest {
+        mut ferry,
+        mut qemu,
+        tools,
+        ..
+    } = ferry_tests::serve_and_boot_spec(
+        &net.inner,
         dir.path(),
-        &GuestSpec {
+        GuestSpec {
             script,
-            net_socket: Some(sock.clone()),
-            shares: vec![("tools".into(), t.socket.clone())],
             reboots: true,
             ..Default::default()
         },
+        &[
+            "--dns-upstream".into(),
+            format!("{remote}:53"),
+            "--publish".into(),
+            "8080:80".into(),
+        ],
+        &[],
     );
     qemu.wait_console("FERRY-READY", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
@@ -86,18 +80,11 @@ i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i
         .args(["-sS", "-m", "20", "http://127.0.0.1:8080/"])
         .output()
         .expect("run curl");
-    std::fs::write(t.dir.join("host-done"), b"").unwrap();
+    std::fs::write(tools.dir.join("host-done"), b"").unwrap();
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
-    assert!(
-        failed.is_empty() && out.checks.len() == 8,
-        "{} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
-        out.checks.len(),
-        ferry_tests::tail(&out.console, 40),
-        ferry.log_tail()
-    );
+    out.assert_all_ok(8, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         out.console.contains("FERRY-REBOOTING"),
         "the first boot rebooted"

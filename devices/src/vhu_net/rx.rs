@@ -42,7 +42,10 @@ pub(super) struct Delivered {
     pub(super) answers: bool,
 }
 
-/// One guest RX buffer (a descriptor chain's device-writable part) taken for a frame.
+/// One guest RX buffer (a descriptor chain's device-writable part) taken for a frame. Not
+/// `chain::ChainWriter`: its list holds 16 slices inline, sized for FUSE requests, and a 64 KiB
+/// frame takes 17 buffers, so a frame's writers would be some 10 KiB to build and move; a
+/// Linux guest's RX buffer is one slice.
 struct RxBuf<'m> {
     head: u16,
     /// Where the buffer lies in guest memory (one slice for a Linux guest's buffers).
