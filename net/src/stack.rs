@@ -388,8 +388,9 @@ impl NetStack {
     }
 
     /// Queues an IP packet for the guest from `src` (to the guest's address of its family),
-    /// its `len`-byte payload written by `fill`. Nothing goes to a guest with no address of
-    /// that family.
+    /// its `len`-byte payload written by `fill`; in fragments when it is more than the link's
+    /// MTU carries (a large datagram or ping reply, or a guest whose buffers take less). Nothing
+    /// goes to a guest with no address of that family.
     fn emit_to_guest(
         &mut self,
         src: IpAddr,
@@ -400,6 +401,13 @@ impl NetStack {
         let Some(dst) = self.guest_addr_for(src) else {
             return;
         };
+        let header = if src.is_ipv4() { 20 } else { 40 };
+        if header + len > usize::from(self.cfg.mtu) {
+            let mut whole = vec![0u8; len];
+            fill(&mut whole);
+            self.emit_fragmented(src, dst, next_header, &whole);
+            return;
+        }
         self.emit_ip(src, dst, next_header, len, fill);
     }
 

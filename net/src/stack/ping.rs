@@ -192,13 +192,7 @@ impl NetStack {
             };
             if self.device.tx.len() < QUEUE_FRAMES {
                 let msg = &buf[..n];
-                let header = if remote.is_ipv4() { 20 } else { 40 };
-                if header + n > usize::from(self.cfg.mtu) {
-                    // A large ping's reply, as the guest's own stack would fragment it.
-                    self.emit_fragmented(remote, guest, proto, msg);
-                } else {
-                    self.emit_to_guest(remote, proto, n, |p| p.copy_from_slice(msg));
-                }
+                self.emit_to_guest(remote, proto, n, |p| p.copy_from_slice(msg));
             }
         }
     }

@@ -247,34 +247,16 @@ impl NetStack {
             return;
         };
         // IPv4's total length counts its header; IPv6's payload length does not.
-        let (ip_header, largest) = if src.is_ipv4() {
-            (20, 65535 - 20)
-        } else {
-            (40, 65535)
-        };
+        let largest = if src.is_ipv4() { 65535 - 20 } else { 65535 };
         if len > largest || self.device.tx.len() >= QUEUE_FRAMES {
             // Larger than IP carries, or the guest is not reading.
             return;
         }
         let (s, d) = (IpAddress::from(src), IpAddress::from(guest));
-        let mtu_payload = usize::from(self.cfg.mtu).saturating_sub(ip_header);
-        if len > mtu_payload {
-            // More than the link takes in one packet: in fragments, which the guest puts
-            // back together (the checksum covers the whole datagram). For IPv6 too: routers
-            // never fragment it, but ferry is the guest-side packet's source, not a router
-            // (the host socket's datagram arrived whole), and a source fragments.
-            let mut whole = vec![0u8; len];
-            udp.emit(
-                &mut UdpPacket::new_unchecked(&mut whole[..]),
-                &s,
-                &d,
-                data.len(),
-                |p| p.copy_from_slice(data),
-                &Default::default(),
-            );
-            self.emit_fragmented(src, guest, IpProtocol::Udp, &whole);
-            return;
-        }
+        // More than the link takes in one packet goes in fragments (`emit_to_guest`), which
+        // the guest puts back together (the checksum covers the whole datagram). For IPv6
+        // too: routers never fragment it, but ferry is the guest-side packet's source, not a
+        // router (the host socket's datagram arrived whole), and a source fragments.
         self.emit_to_guest(src, IpProtocol::Udp, len, |buf| {
             udp.emit(
                 &mut UdpPacket::new_unchecked(buf),
