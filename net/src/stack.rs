@@ -23,6 +23,7 @@ mod audit;
 mod dns_forward;
 mod dns_upstream;
 mod flow;
+mod fragment_for_guest;
 mod inbound;
 mod link;
 mod link6;
@@ -151,10 +152,6 @@ pub struct NetStack {
     guest: crate::guest::Guest,
     /// Datagrams the guest is sending in fragments.
     fragments: crate::fragments::Reassembly,
-    /// The identification of the last datagram ferry sent the guest in fragments.
-    ip_id: u16,
-    /// The identification of the last datagram ferry sent the guest in IPv6 fragments.
-    ip6_id: u32,
     /// Boxed: with IPv4 reassembly its buffer makes it ~64 KiB, and the stack is built by
     /// value through builder calls (a debug build would copy it onto the stack at each).
     iface: Box<Interface>,
@@ -233,6 +230,8 @@ impl NetStack {
             csum_offload: false,
             capture: RefCell::new(None),
             live: None,
+            link_mtu: usize::from(cfg.mtu),
+            fragment_ids: Default::default(),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         // smoltcp draws TCP initial sequence numbers and IP identifications from this: a
@@ -298,8 +297,6 @@ impl NetStack {
             spoke_ipv6: false,
             guest: crate::guest::Guest::new(&cfg),
             fragments: Default::default(),
-            ip_id: 0,
-            ip6_id: 0,
             cfg,
             iface: Box::new(iface),
             device,
@@ -357,6 +354,7 @@ impl NetStack {
             log::info!("net: the guest's link carries IP packets of up to {mtu} bytes");
         }
         self.cfg.mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+        self.device.link_mtu = usize::from(self.cfg.mtu);
     }
 
     /// The MTU the guest is offered: the configured one, or less if its buffers take less.
@@ -388,9 +386,9 @@ impl NetStack {
     }
 
     /// Queues an IP packet for the guest from `src` (to the guest's address of its family),
-    /// its `len`-byte payload written by `fill`; in fragments when it is more than the link's
-    /// MTU carries (a large datagram or ping reply, or a guest whose buffers take less). Nothing
-    /// goes to a guest with no address of that family.
+    /// its `len`-byte payload written by `fill`; the link sends it in fragments when it is more
+    /// than the link's MTU carries (a large datagram or ping reply, or a guest whose buffers
+    /// take less). Nothing goes to a guest with no address of that family.
     fn emit_to_guest(
         &mut self,
         src: IpAddr,
@@ -401,13 +399,6 @@ impl NetStack {
         let Some(dst) = self.guest_addr_for(src) else {
             return;
         };
-        let header = if src.is_ipv4() { 20 } else { 40 };
-        if header + len > usize::from(self.cfg.mtu) {
-            let mut whole = vec![0u8; len];
-            fill(&mut whole);
-            self.emit_fragmented(src, dst, next_header, &whole);
-            return;
-        }
         self.emit_ip(src, dst, next_header, len, fill);
     }
 
@@ -464,8 +455,7 @@ impl NetStack {
             }
             _ => return,
         }
-        self.device.record(&frame);
-        self.device.tx.push_back(frame);
+        self.device.outbox().push(frame);
     }
 
     /// Whether `a` is one of the gateway's addresses.
@@ -1326,15 +1316,21 @@ mod upstream_tests {
         }
     }
 
-    #[test]
-    fn malformed_or_mismatched_upstream_answers_are_dropped() {
+    /// A stack forwarding to a server on loopback, whose guest asked `name` with `id`: the
+    /// stack, the server, the query as it arrived there, and where from.
+    fn asked_upstream(
+        id: u16,
+        name: &str,
+        limit: Option<usize>,
+    ) -> (NetStack, std::net::UdpSocket, Vec<u8>, std::net::SocketAddr) {
         let cfg = NetConfig::default();
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut s = NetStack::new(cfg.clone(), None)
             .unwrap()
             .with_dns(DnsSource::Servers(vec![server.local_addr().unwrap()]));
+        s.limit_frames(limit);
         s.neighbor_hint();
-        let q = dns::query(0x5151, "other.example.test", dns::QTYPE_A);
+        let q = dns::query(id, name, dns::QTYPE_A);
         s.receive_frame(&hostile_frames::udp_frame_pub(
             smol(cfg.gateway()),
             dns::PORT,
@@ -1346,6 +1342,13 @@ mod upstream_tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(1)))
             .unwrap();
         let (n, from) = server.recv_from(&mut buf).expect("the query upstream");
+        (s, server, buf[..n].to_vec(), from)
+    }
+
+    #[test]
+    fn malformed_or_mismatched_upstream_answers_are_dropped() {
+        let (mut s, server, query, from) = asked_upstream(0x5151, "other.example.test", None);
+        let (buf, n) = (&query[..], query.len());
         let ours = [buf[0], buf[1]];
         let mut wrong_id = buf[..n].to_vec();
         wrong_id[0] ^= 0xff;
@@ -1369,6 +1372,42 @@ mod upstream_tests {
         let a = dns_answer_within(&mut s, 1.0).expect("the answer with our id");
         assert_eq!(&a[0..2], &[0x51, 0x51]);
         assert_eq!(&a[12..], &[0xde, 0xad]);
+    }
+
+    #[test]
+    fn a_large_answer_reaches_a_guest_with_small_buffers_in_fragments() {
+        // A guest without mergeable RX buffers takes frames of 1,518 bytes; an answer of
+        // 3,000 (a DNSSEC or TXT reply to a query with EDNS) must reach it in fragments that
+        // fit, not as one frame its device would drop.
+        let (mut s, server, query, from) = asked_upstream(0x3131, "big.example.test", Some(1518));
+        let n = query.len();
+        let mut answer = query;
+        answer[2] |= 0x80;
+        answer.extend((0..3000 - n).map(|i| i as u8));
+        server.send_to(&answer, from).unwrap();
+        let mut whole = crate::fragments::Reassembly::default();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut got = None;
+        while got.is_none() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                assert!(frame.len() <= 1518, "a {}-byte frame", frame.len());
+                if let crate::fragments::Verdict::Complete(f) =
+                    whole.take(&frame, std::time::Instant::now)
+                {
+                    got = Some(f);
+                }
+            }
+        }
+        let f = got.expect("the answer, in fragments");
+        let (ip, payload) = link::parse_ipv4(&f).unwrap();
+        assert_eq!(ip.next_header, smoltcp::wire::IpProtocol::Udp);
+        let u = UdpPacket::new_checked(payload).unwrap();
+        assert_eq!(u.src_port(), dns::PORT);
+        assert_eq!(u.payload().len(), 3000);
+        assert_eq!(&u.payload()[0..2], &[0x31, 0x31], "the guest's id");
+        assert_eq!(&u.payload()[n..], &answer[n..]);
     }
 
     #[test]

@@ -36,6 +36,21 @@ static int tcp_connect(const char *host, int port) {
 	return fd;
 }
 
+/* A recursive A query for NAME (id 0x1234, no other records) written at q; its length. */
+static size_t dns_query(unsigned char *q, const char *name) {
+	size_t len = 0;
+	q[len++] = 0x12; q[len++] = 0x34; q[len++] = 0x01; q[len++] = 0x00;
+	q[len++] = 0; q[len++] = 1; memset(q + len, 0, 6); len += 6;
+	for (const char *l = name; *l;) {
+		const char *dot = strchr(l, '.');
+		size_t n = dot ? (size_t)(dot - l) : strlen(l);
+		q[len++] = (unsigned char)n; memcpy(q + len, l, n); len += n;
+		l += n + (dot ? 1 : 0);
+	}
+	q[len++] = 0; q[len++] = 0; q[len++] = 1; q[len++] = 0; q[len++] = 1;
+	return len;
+}
+
 /* ADDR:PORT as a socket address of ADDR's family (IPv6 when it has a colon); its length, or 0. */
 static socklen_t addr_of(const char *host, int port, struct sockaddr_storage *ss) {
 	memset(ss, 0, sizeof *ss);
@@ -218,19 +233,30 @@ int main(int argc, char **argv) {
 		while (got < count && poll(&pf, 1, 3000) == 1)
 			if (recv(s, buf, sizeof buf, 0) == (ssize_t)sizeof buf) got++;
 		printf("%d of %d\n", got, count);
+	} else if (!strcmp(cmd, "dnsudp") && argc == 4) {
+		/* dnsudp SERVER NAME: an A query over UDP offering EDNS0 answers of up to 4,096 bytes,
+		 * as modern resolvers do; prints "ANSWERS BYTES" of the reply, or timeout. */
+		unsigned char q[512], *r = malloc(65536);
+		size_t len = dns_query(q, argv[3]);
+		q[11] = 1; /* one additional record: the OPT */
+		/* OPT: root name, type 41, class = UDP size 4096, TTL 0, no data (RFC 6891). */
+		const unsigned char opt[] = { 0, 0, 41, 0x10, 0x00, 0, 0, 0, 0, 0, 0 };
+		memcpy(q + len, opt, sizeof opt); len += sizeof opt;
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(53) };
+		if (s < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
+		if (connect(s, (struct sockaddr *)&a, sizeof a)) return fail();
+		if (send(s, q, len, 0) < 0) return fail();
+		struct pollfd pf = { .fd = s, .events = POLLIN };
+		if (poll(&pf, 1, 3000) != 1) { puts("timeout"); return 0; }
+		ssize_t n = recv(s, r, 65536, 0);
+		if (n < 0) return fail();
+		if (n < 12) { puts("short"); return 0; }
+		printf("%d %zd\n", (r[6] << 8) | r[7], n);
 	} else if (!strcmp(cmd, "dnstcp") && argc == 4) {
 		/* dnstcp SERVER NAME: an A query over TCP; prints the first address, or rcode:N. */
 		unsigned char q[512], r[4096];
-		size_t len = 2;
-		q[len++] = 0x12; q[len++] = 0x34; q[len++] = 0x01; q[len++] = 0x00;
-		q[len++] = 0; q[len++] = 1; memset(q + len, 0, 6); len += 6;
-		for (const char *l = argv[3]; *l;) {
-			const char *dot = strchr(l, '.');
-			size_t n = dot ? (size_t)(dot - l) : strlen(l);
-			q[len++] = (unsigned char)n; memcpy(q + len, l, n); len += n;
-			l += n + (dot ? 1 : 0);
-		}
-		q[len++] = 0; q[len++] = 0; q[len++] = 1; q[len++] = 0; q[len++] = 1;
+		size_t len = 2 + dns_query(q + 2, argv[3]);
 		q[0] = (unsigned char)((len - 2) >> 8); q[1] = (unsigned char)(len - 2);
 		int s = socket(AF_INET, SOCK_STREAM, 0);
 		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(53) };

@@ -7,6 +7,7 @@
 //! IPv6 UDP's for every guest (see `capabilities`). The parsers here read frames the NAT
 //! paths take before smoltcp.
 
+use super::fragment_for_guest::{self, FragmentIds};
 use super::*;
 
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
@@ -69,6 +70,10 @@ pub(super) struct FrameQueue {
     pub(super) capture: RefCell<Option<Capture>>,
     /// Captures on demand (`GET /pcap`).
     pub(super) live: Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
+    /// The longest IP packet the guest's link carries: `mtu`, or less when its RX buffers
+    /// take less (`NetStack::limit_frames`). Longer ones go to it in fragments.
+    pub(super) link_mtu: usize,
+    pub(super) fragment_ids: FragmentIds,
 }
 
 impl FrameQueue {
@@ -78,6 +83,29 @@ impl FrameQueue {
         if let Some(l) = &self.live {
             l.record(frame);
         }
+    }
+
+    /// The way frames the stack makes itself go to the guest: `FrameTx::push`.
+    pub(super) fn outbox(&mut self) -> FrameTx<'_> {
+        self.split_borrow().2
+    }
+
+    /// The frames from the guest, the buffer pool, and the way to the guest, borrowed apart.
+    fn split_borrow(&mut self) -> (&mut VecDeque<Frame>, &RefCell<Vec<Vec<u8>>>, FrameTx<'_>) {
+        let fill_checksums = !self.csum_offload;
+        (
+            &mut self.rx,
+            &self.pool,
+            FrameTx {
+                tx: &mut self.tx,
+                pool: &self.pool,
+                capture: &self.capture,
+                live: &self.live,
+                fill_checksums,
+                link_mtu: self.link_mtu,
+                fragment_ids: &mut self.fragment_ids,
+            },
+        )
     }
 }
 
@@ -101,6 +129,36 @@ pub(super) struct FrameTx<'a> {
     pub(super) live: &'a Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
     /// The guest needs TCP/UDP checksums (it did not negotiate GUEST_CSUM).
     pub(super) fill_checksums: bool,
+    pub(super) link_mtu: usize,
+    pub(super) fragment_ids: &'a mut FragmentIds,
+}
+
+impl FrameTx<'_> {
+    /// Queues `frame` for the guest, in fragments if its IP packet is longer than the link
+    /// carries (see `fragment_for_guest`), and records what is queued in the captures.
+    pub(super) fn push(&mut self, frame: Frame) {
+        let too_long = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > self.link_mtu);
+        let pieces = too_long
+            .then(|| fragment_for_guest::split(&frame, self.link_mtu, self.fragment_ids, self.pool))
+            .flatten();
+        match pieces {
+            Some(pieces) => {
+                recycle(self.pool, frame);
+                for p in pieces {
+                    self.queue(p);
+                }
+            }
+            None => self.queue(frame),
+        }
+    }
+
+    fn queue(&mut self, frame: Frame) {
+        pcap::record(&mut self.capture.borrow_mut(), &frame);
+        if let Some(l) = self.live {
+            l.record(&frame);
+        }
+        self.tx.push_back(frame);
+    }
 }
 
 impl RxToken for FrameRx<'_> {
@@ -118,11 +176,8 @@ impl TxToken for FrameTx<'_> {
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
         fill_l4_checksum(&mut frame, self.fill_checksums);
-        pcap::record(&mut self.capture.borrow_mut(), &frame);
-        if let Some(l) = self.live {
-            l.record(&frame);
-        }
-        self.tx.push_back(frame);
+        let mut this = self;
+        this.push(frame);
         r
     }
 }
@@ -132,30 +187,13 @@ impl Device for FrameQueue {
     type TxToken<'a> = FrameTx<'a>;
 
     fn receive(&mut self, _t: Instant) -> Option<(FrameRx<'_>, FrameTx<'_>)> {
-        let frame = self.rx.pop_front()?;
-        Some((
-            FrameRx {
-                frame,
-                pool: &self.pool,
-            },
-            FrameTx {
-                tx: &mut self.tx,
-                pool: &self.pool,
-                capture: &self.capture,
-                live: &self.live,
-                fill_checksums: !self.csum_offload,
-            },
-        ))
+        let (rx, pool, tx) = self.split_borrow();
+        let frame = rx.pop_front()?;
+        Some((FrameRx { frame, pool }, tx))
     }
 
     fn transmit(&mut self, _t: Instant) -> Option<FrameTx<'_>> {
-        (self.tx.len() < QUEUE_FRAMES).then_some(FrameTx {
-            tx: &mut self.tx,
-            pool: &self.pool,
-            capture: &self.capture,
-            live: &self.live,
-            fill_checksums: !self.csum_offload,
-        })
+        (self.tx.len() < QUEUE_FRAMES).then(|| self.outbox())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -107,8 +107,7 @@ impl NetStack {
             self.guest.mac()
         };
         let frame = crate::ndp::router_advert(&self.cfg, mac, to);
-        pcap::record(self.device.capture.get_mut(), &frame);
-        self.device.tx.push_back(Frame::from(frame));
+        self.device.outbox().push(Frame::from(frame));
         self.last_ra = Some(StdInstant::now());
     }
 

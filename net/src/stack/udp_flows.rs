@@ -1,12 +1,9 @@
 //! UDP, both directions: the guest's datagrams go out on one connected host socket per flow,
 //! replies come back through the stack; published UDP ports map each client to the guest and
-//! back. Datagrams larger than the link's MTU go to the guest in fragments.
+//! back. Datagrams larger than the link's MTU bypass smoltcp's socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::*;
-
-/// The size of IPv6's Fragment header (RFC 8200 4.5).
-const FRAGMENT6: usize = 8;
 
 /// How long a UDP flow or a published UDP client lives without traffic.
 pub(super) const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -269,112 +266,6 @@ impl NetStack {
         });
     }
 
-    /// Queues `payload` (a whole UDP datagram or ICMP message) for the guest from `src` to
-    /// `guest`, in fragments that each fit the link's MTU.
-    pub(super) fn emit_fragmented(
-        &mut self,
-        src: std::net::IpAddr,
-        guest: std::net::IpAddr,
-        next_header: smoltcp::wire::IpProtocol,
-        payload: &[u8],
-    ) {
-        let header = if src.is_ipv4() { 20 } else { 40 };
-        let room = usize::from(self.cfg.mtu).saturating_sub(header);
-        match src {
-            std::net::IpAddr::V4(src4) => {
-                self.emit_fragments(src4, next_header, payload, room & !7)
-            }
-            std::net::IpAddr::V6(_) => self.emit_fragments6(
-                src,
-                guest,
-                next_header,
-                payload,
-                room.saturating_sub(FRAGMENT6) & !7,
-            ),
-        }
-    }
-
-    /// Queues `payload` for the guest from `src` as IPv4 fragments of at most `chunk` bytes of
-    /// payload each (a multiple of 8).
-    fn emit_fragments(
-        &mut self,
-        src: Ipv4Address,
-        next_header: smoltcp::wire::IpProtocol,
-        payload: &[u8],
-        chunk: usize,
-    ) {
-        use smoltcp::wire::{EthernetFrame, EthernetProtocol, EthernetRepr, Ipv4Packet, Ipv4Repr};
-        if chunk == 0 {
-            return;
-        }
-        self.ip_id = self.ip_id.wrapping_add(1);
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(GATEWAY_MAC),
-            dst_addr: EthernetAddress(self.guest.mac()),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        for (i, part) in payload.chunks(chunk).enumerate() {
-            let ip = Ipv4Repr {
-                src_addr: src,
-                dst_addr: smol(self.guest.ip()),
-                next_header,
-                payload_len: part.len(),
-                hop_limit: 64,
-            };
-            let mut frame = Frame::take(
-                &self.device.pool,
-                eth.buffer_len() + ip.buffer_len() + part.len(),
-            );
-            let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
-            eth.emit(&mut f);
-            let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
-            ip.emit(&mut p, &Default::default());
-            p.set_ident(self.ip_id);
-            p.set_dont_frag(false);
-            p.set_more_frags((i + 1) * chunk < payload.len());
-            p.set_frag_offset((i * chunk) as u16);
-            p.fill_checksum();
-            p.payload_mut()[..part.len()].copy_from_slice(part);
-            self.device.record(&frame);
-            self.device.tx.push_back(frame);
-        }
-    }
-
-    /// Queues `payload` for the guest from `src` to `dst` as IPv6 fragments of at most
-    /// `chunk` bytes of payload each (a multiple of 8), each behind a Fragment header.
-    fn emit_fragments6(
-        &mut self,
-        src: std::net::IpAddr,
-        dst: std::net::IpAddr,
-        next_header: smoltcp::wire::IpProtocol,
-        payload: &[u8],
-        chunk: usize,
-    ) {
-        if chunk == 0 {
-            return;
-        }
-        self.ip6_id = self.ip6_id.wrapping_add(1);
-        let id = self.ip6_id;
-        for (i, part) in payload.chunks(chunk).enumerate() {
-            let more = (i + 1) * chunk < payload.len();
-            let off_flags = (((i * chunk) / 8) as u16) << 3 | u16::from(more);
-            self.emit_ip(
-                src,
-                dst,
-                smoltcp::wire::IpProtocol::Ipv6Frag,
-                FRAGMENT6 + part.len(),
-                |buf| {
-                    // RFC 8200 4.5: next header, reserved, offset and M, identification.
-                    buf[0] = next_header.into();
-                    buf[1] = 0;
-                    buf[2..4].copy_from_slice(&off_flags.to_be_bytes());
-                    buf[4..8].copy_from_slice(&id.to_be_bytes());
-                    buf[FRAGMENT6..].copy_from_slice(part);
-                },
-            );
-        }
-    }
-
     /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.
     pub(super) fn udp_in(&mut self, id: FlowId, buf: &mut [u8]) {
         let Some(f) = self.flows.get(id) else {
@@ -388,10 +279,10 @@ impl NetStack {
             return;
         };
         let to = IpEndpoint::new(guest.into(), guest_port);
-        // A datagram larger than the link's MTU goes to the guest in ferry's own fragments (it
-        // may pass smaller ones still in the socket's buffer; UDP promises no order): smoltcp
-        // fragments IPv4 only, and at the MTU it was made with, not a smaller one learned
-        // from the guest's buffers (`limit_frames`).
+        // A datagram larger than the link's MTU is built here, not sent through smoltcp's
+        // socket (it may pass smaller ones still in the socket's buffer; UDP promises no
+        // order): smoltcp cannot send an IPv6 datagram over the MTU it was made with. The link
+        // fragments it (`fragment_for_guest`).
         let header = if remote.is_ipv4() { 20 } else { 40 };
         let fits = usize::from(self.cfg.mtu).saturating_sub(header + 8);
         loop {
