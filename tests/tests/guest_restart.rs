@@ -160,10 +160,21 @@ fn restart_under_a_running_guest(link: NetLink) {
     };
     assert!(curl(&net.inner), "the published port before the restart");
 
+    // Its private folder (sockets, the namespace sandbox's root) outlives a SIGKILL; the next
+    // ferry removes it.
+    let private = std::env::temp_dir().join(format!("ferry-{}", ferry.pid()));
+    assert!(private.is_dir(), "{} while ferry runs", private.display());
     ferry.kill();
     std::thread::sleep(Duration::from_secs(1));
     let mark = qemu.console().len();
     let ferry = start_ferry(&net, dir.path(), "run-1", link);
+    // (The old socket file may still stand when `start_ferry` returns: wait for the new one.)
+    assert!(
+        within(Duration::from_secs(5), || !private.exists()).is_some(),
+        "the killed ferry's {} is still there\n{}",
+        private.display(),
+        ferry.log_tail()
+    );
     // Both at once: the published port's client from the host, while the guest fetches.
     let (fetched, published) = std::thread::scope(|s| {
         let p = s.spawn(|| within(Duration::from_secs(5), || curl(&net.inner)));

@@ -14,6 +14,7 @@ use log::{error, info};
 
 use crate::config::{Error, Result, ServeConfig};
 use crate::listen::listener;
+use crate::runtime_dir::RuntimeDir;
 use crate::sandbox::{confine_thread, Role, SeccompMode};
 use crate::signals;
 
@@ -24,6 +25,8 @@ pub static FAILURE: AtomicU8 = AtomicU8::new(0);
 pub struct Devices {
     sockets: Vec<PathBuf>,
     private: PathBuf,
+    /// Holds `private`'s lock (see `runtime_dir`).
+    _private_lock: RuntimeDir,
     /// The control API, when asked for; dropped (and its socket removed) at shutdown.
     api: Option<crate::api::Api>,
     /// Published ports; their host sockets close when this goes.
@@ -33,20 +36,8 @@ pub struct Devices {
 }
 
 /// A folder only this process can enter, for the daemons' private sockets.
-fn private_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("ferry-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| {
-            Error::Runtime(format!(
-                "cannot create the private folder {}: {e}; check that TMPDIR is writable",
-                dir.display()
-            ))
-        })?;
-    Ok(dir)
+fn private_dir() -> Result<RuntimeDir> {
+    RuntimeDir::create("ferry-").map_err(Error::Runtime)
 }
 
 /// Raises the open-file limit: to the kernel's maximum (fs.nr_open) when allowed, else to the
@@ -81,7 +72,8 @@ impl Devices {
     /// it), binds every socket and starts one thread per device.
     pub fn start(cfg: &ServeConfig) -> Result<Self> {
         raise_fd_limit();
-        let private = private_dir()?;
+        let private_lock = private_dir()?;
+        let private = private_lock.path().to_path_buf();
         // Opened before the sandbox, which allows no file outside the shares; emptied once the
         // sockets are bound. The snap length is the longest frame the device takes (a VLAN
         // tag included).
@@ -367,6 +359,7 @@ impl Devices {
         Ok(Devices {
             sockets,
             private,
+            _private_lock: private_lock,
             api,
             ports,
             audit,

@@ -14,6 +14,7 @@ mod listen;
 mod mount;
 mod portd;
 mod run;
+mod runtime_dir;
 mod sandbox;
 mod serve;
 mod shares;

@@ -20,13 +20,8 @@ fn accel() -> String {
 pub fn run(cfg: RunConfig) -> Result<ExitCode> {
     signals::block_termination()
         .map_err(|e| Error::Runtime(format!("cannot block termination signals: {e}")))?;
-    let dir = std::env::temp_dir().join(format!("ferry-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        Error::Runtime(format!(
-            "cannot create the runtime folder {}: {e}",
-            dir.display()
-        ))
-    })?;
+    let runtime = crate::runtime_dir::RuntimeDir::create("ferry-run-").map_err(Error::Runtime)?;
+    let dir = runtime.path().to_path_buf();
     let shares: Vec<ShareConfig> = cfg
         .shares
         .iter()
@@ -116,7 +111,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
         .wait()
         .map_err(|e| Error::Runtime(format!("cannot wait for QEMU: {e}")))?;
     devices.shutdown();
-    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
     info!("QEMU exited: {status}");
     if FAILURE.load(Ordering::SeqCst) != 0 {
         return Ok(ExitCode::from(1));
