@@ -1550,6 +1550,8 @@ mod nat_tests {
                     if let Ok(u) = UdpPacket::new_checked(p.payload()) {
                         // Without GUEST_CSUM, frames to the guest carry full checksums.
                         assert!(u.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()));
+                        // A guest that routes it on to a smaller MTU may fragment it.
+                        assert!(!p.dont_frag() && p.verify_checksum(), "DF on a datagram");
                         got = Some((p.src_addr(), u.src_port(), u.payload().to_vec()));
                     }
                 }

@@ -15,6 +15,13 @@
 //! header behind the fixed header (RFC 8200 4.5); the stack emits no other extension headers,
 //! and a packet that has some is not split. What cannot be split is left whole, for the
 //! device to drop and count.
+//!
+//! Don't Fragment, which smoltcp sets on every IPv4 packet, is cleared on all but TCP's
+//! (`allow_fragments`): a guest that routes a datagram on (to the containers of an engine in
+//! it, over a bridge of MTU 1500 while its own link's is 65520) must be free to fragment it, as
+//! the host's kernel was for the datagram's sender; with DF it would drop the datagram and
+//! answer "fragmentation needed" to the stack, which has no one to tell. TCP keeps DF: its
+//! segments are sized by the MSS of the end that receives them.
 
 use super::link::Frame;
 use crate::fragments::checksum;
@@ -49,6 +56,24 @@ pub(super) fn ip_len(frame: &[u8]) -> Option<usize> {
         ),
         _ => None,
     }
+}
+
+/// Clears Don't Fragment on an IPv4 packet for the guest that is not TCP (see above).
+pub(super) fn allow_fragments(frame: &mut [u8]) {
+    if frame.get(12..14) != Some(&[0x08, 0x00]) || frame.len() < ETH + 20 {
+        return;
+    }
+    let hdr = usize::from(frame[ETH] & 0x0f) * 4;
+    let Some(h) = frame.get_mut(ETH..ETH + hdr) else {
+        return;
+    };
+    if hdr < 20 || h[9] == 6 || h[6] & 0x40 == 0 {
+        return;
+    }
+    h[6] &= !0x40;
+    h[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// `frame`'s IP packet in fragments of at most `mtu` bytes each, as frames from `pool`;
@@ -253,6 +278,19 @@ mod tests {
         let back = reassemble(&pieces, 1280);
         assert_eq!(back[ETH + HEADER6..], f[ETH + HEADER6..]);
         assert_eq!(back[ETH + 6], 17);
+    }
+
+    #[test]
+    fn only_tcp_keeps_dont_fragment() {
+        let mut udp = ipv4(100);
+        allow_fragments(&mut udp);
+        assert_eq!(udp[ETH + 6] & 0x40, 0, "DF on a datagram");
+        assert_eq!(checksum(&udp[ETH..ETH + 20]), 0, "header checksum");
+        let mut tcp = ipv4(100);
+        tcp[ETH + 9] = 6;
+        let before = tcp.clone();
+        allow_fragments(&mut tcp);
+        assert_eq!(tcp, before, "a TCP segment changed");
     }
 
     #[test]

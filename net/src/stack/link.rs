@@ -135,8 +135,10 @@ pub(super) struct FrameTx<'a> {
 
 impl FrameTx<'_> {
     /// Queues `frame` for the guest, in fragments if its IP packet is longer than the link
-    /// carries (see `fragment_for_guest`), and records what is queued in the captures.
-    pub(super) fn push(&mut self, frame: Frame) {
+    /// carries, free to be fragmented further unless TCP (see `fragment_for_guest`), and
+    /// records what is queued in the captures.
+    pub(super) fn push(&mut self, mut frame: Frame) {
+        fragment_for_guest::allow_fragments(&mut frame);
         let too_long = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > self.link_mtu);
         let pieces = too_long
             .then(|| fragment_for_guest::split(&frame, self.link_mtu, self.fragment_ids, self.pool))
