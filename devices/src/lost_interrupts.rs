@@ -15,8 +15,10 @@
 //! or what it missed):
 //! - each ring gets an interrupt at its first event of a connection (the relay kicks every
 //!   ring once as it is set up);
-//! - a ring that the device fills while the guest asks for no interrupt, and that has had
-//!   none for [`LOST_AFTER`], gets one anyway. A guest that is busy taking entries (Linux
+//! - a ring that the device fills (RX) or takes chains from (TX) while the guest asks for no
+//!   interrupt, and that has had none for [`LOST_AFTER`], gets one anyway (a guest that lost
+//!   a TX interrupt waits for it to free what it sent, and stops sending once the ring is
+//!   full). A guest that is busy taking entries (Linux
 //!   leaves `used_event` behind while its NAPI poll runs) sees at most one such interrupt
 //!   per [`LOST_AFTER`]; a guest that lost one is woken within that time of the next frame.
 //!

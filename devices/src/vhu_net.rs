@@ -328,6 +328,7 @@ impl VhostUserNetBackend {
             for pair in 0..vrings.len() / 2 {
                 if tx_signal & (1 << pair) != 0 {
                     vrings[2 * pair + 1].signal_used_queue()?;
+                    self.lost_interrupts.signalled(2 * pair + 1);
                 }
             }
             delivered
@@ -585,7 +586,9 @@ impl VhostUserNetBackend {
                 },
             )?;
             all.used += d.used;
-            if d.signal {
+            // As for RX rings (`lost_interrupts`): a guest that lost an interrupt waits for it to
+            // free what it sent, and stops sending once the ring is full.
+            if d.signal || (d.used > 0 && self.lost_interrupts.overdue(2 * pair + 1)) {
                 all.signal |= 1 << pair;
             }
         }
@@ -1239,6 +1242,41 @@ mod coalesce_tests {
             3,
             "three answers delivered"
         );
+    }
+
+    /// The same for a TX ring: a guest that lost the interrupt for the chains it sent waits
+    /// for it to free them, and stops sending once the ring is full.
+    #[test]
+    fn a_tx_ring_used_without_an_interrupt_for_a_while_gets_one() {
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        b.set_event_idx(true);
+        for v in &vrings {
+            v.set_queue_event_idx(true);
+        }
+        let call = crate::call_eventfd(&vrings[1]);
+        let used_event = GuestAddress(tx_q.avail_addr().0 + 4 + 2 * 16);
+        m.write_obj(0u16, used_event).unwrap();
+        let send = |i: u16| {
+            queue_arp_request(&m, &tx_q, &cfg, i);
+            b.process_tx(&vrings, true).unwrap();
+        };
+        send(0);
+        assert_eq!(
+            call.read().ok(),
+            Some(1),
+            "the first chain crosses used_event 0"
+        );
+        send(1);
+        assert!(call.read().is_err(), "the guest asked for no interrupt");
+        std::thread::sleep(
+            crate::lost_interrupts::LOST_AFTER + std::time::Duration::from_millis(20),
+        );
+        send(2);
+        assert_eq!(call.read().ok(), Some(1), "none for LOST_AFTER: one anyway");
+        assert_eq!(vrings[1].queue_used_idx().unwrap(), 3, "three chains taken");
     }
 
     /// Without MRG_RXBUF a frame must fit one buffer: one that does not is dropped and
