@@ -385,25 +385,10 @@ impl NetStack {
         self
     }
 
-    /// Queues an IP packet for the guest from `src` (to the guest's address of its family),
-    /// its `len`-byte payload written by `fill`; the link sends it in fragments when it is more
-    /// than the link's MTU carries (a large datagram or ping reply, or a guest whose buffers
-    /// take less). Nothing goes to a guest with no address of that family.
-    fn emit_to_guest(
-        &mut self,
-        src: IpAddr,
-        next_header: smoltcp::wire::IpProtocol,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) {
-        let Some(dst) = self.guest_addr_for(src) else {
-            return;
-        };
-        self.emit_ip(src, dst, next_header, len, fill);
-    }
-
     /// Queues an IP packet for the guest from `src` to `dst` (the same family), its
-    /// `len`-byte payload written by `fill`.
+    /// `len`-byte payload written by `fill`; the link sends it in fragments when it is more
+    /// than the link's MTU carries (a large datagram or ping reply, or a guest whose buffers
+    /// take less).
     fn emit_ip(
         &mut self,
         src: IpAddr,
@@ -490,8 +475,9 @@ impl NetStack {
         }
     }
 
-    /// The guest's address of `peer`'s family (IPv6: link-local for a link-local peer), if it
-    /// has one.
+    /// The guest's address of `peer`'s family (IPv6: link-local for a link-local peer), as
+    /// last seen, if it has one: where a flow ferry starts toward the guest goes (a published
+    /// port's client). A flow the guest opened answers to its own (`FlowKey::guest`).
     fn guest_addr_for(&self, peer: IpAddr) -> Option<IpAddr> {
         match peer {
             IpAddr::V4(_) => Some(IpAddr::V4(self.guest.ip())),
@@ -799,13 +785,10 @@ impl NetStack {
                 (icmp, "open".to_string(), Some(fd), inet(fd, false), peer)
             }
         };
-        let guest = self
-            .guest_addr_for(f.key.remote.ip())
-            .unwrap_or(IpAddr::V4(self.guest.ip()));
         FlowInfo {
             protocol,
             origin: f.origin,
-            guest: SocketAddr::new(guest, f.key.guest_port),
+            guest: SocketAddr::new(f.key.guest, f.key.guest_port),
             remote: f.key.remote,
             fd,
             host_local,

@@ -213,6 +213,38 @@ int main(int argc, char **argv) {
 		ssize_t n = recv(s, in, 65536, 0);
 		if (n < 0) return fail();
 		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
+	} else if (!strcmp(cmd, "udpfrom") && argc >= 5) {
+		/* udpfrom ADDR PORT SRC...: one datagram naming its source to an echo server from
+		 * each local address SRC, all sent before any echo is read (a late echo server
+		 * answers after all); print "GOT of N", the sockets that had their own echo within
+		 * 3 s. A guest that uses several addresses at once needs each reply at its own. */
+		int n = argc - 4, got = 0, fds[8];
+		if (n > 8) { errno = E2BIG; return fail(); }
+		for (int i = 0; i < n; i++) {
+			struct sockaddr_storage src, dst;
+			socklen_t slen = addr_of(argv[4 + i], 0, &src), dlen = addr_of(p, atoi(argv[3]), &dst);
+			if (!slen || !dlen) { errno = EINVAL; return fail(); }
+			fds[i] = socket(dst.ss_family, SOCK_DGRAM, 0);
+			if (fds[i] < 0 || bind(fds[i], (struct sockaddr *)&src, slen)) return fail();
+			if (connect(fds[i], (struct sockaddr *)&dst, dlen)) return fail();
+			if (send(fds[i], argv[4 + i], strlen(argv[4 + i]), 0) < 0) return fail();
+		}
+		double end = now() + 3;
+		int done[8] = {0};
+		while (got < n && now() < end) {
+			struct pollfd pf[8];
+			for (int i = 0; i < n; i++) pf[i] = (struct pollfd){ .fd = fds[i], .events = POLLIN };
+			if (poll(pf, (nfds_t)n, 100) <= 0) continue;
+			for (int i = 0; i < n; i++) {
+				char buf[128];
+				if (!(pf[i].revents & POLLIN)) continue;
+				ssize_t r = recv(fds[i], buf, sizeof buf - 1, 0);
+				if (r < 0) continue;
+				buf[r] = 0;
+				if (!done[i] && !strcmp(buf, argv[4 + i])) { done[i] = 1; got++; }
+			}
+		}
+		printf("%d of %d\n", got, n);
 	} else if (!strcmp(cmd, "udpburst") && argc == 5) {
 		/* udpburst ADDR PORT COUNT: send COUNT 64-byte datagrams back to back to an echo
 		 * server, then collect echoes until 3 s pass without one; print "GOT of COUNT". */

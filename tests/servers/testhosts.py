@@ -4,6 +4,7 @@
     testhosts.py ADDR [--echo PORT]... [--dns PORT NAME=IP...]
 
 --echo PORT   a UDP echo server on ADDR:PORT
+--echo-late PORT MS    a UDP echo server answering each datagram MS milliseconds late
 --dns PORT    a DNS server on ADDR:PORT answering A queries for the NAME=IP pairs that follow,
               NXDOMAIN for other names
 --tcp-blob PORT SIZE   a TCP server sending SIZE bytes of the pattern (i*7+3)&255, then closing
@@ -279,13 +280,16 @@ def serve_http_unix(path, directory):
 
 def main():
     addr, args = sys.argv[1], sys.argv[2:]
-    echo, dns = [], []
+    echo, dns, late = [], [], []
     names = {}
     i = 0
     while i < len(args):
         if args[i] == "--echo":
             echo.append(int(args[i + 1]))
             i += 2
+        elif args[i] == "--echo-late":
+            late.append((int(args[i + 1]), int(args[i + 2])))
+            i += 3
         elif args[i] == "--dns":
             dns.append(int(args[i + 1]))
             i += 2
@@ -327,6 +331,16 @@ def main():
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.bind((addr, port))
         socks[s] = "echo"
+    for port, ms in late:
+        s = socket.socket(family(addr), socket.SOCK_DGRAM)
+        s.bind((addr, port))
+
+        def echo_late(s=s, ms=ms):
+            while True:
+                data, peer = s.recvfrom(65535)
+                threading.Timer(ms / 1000, s.sendto, (data, peer)).start()
+
+        threading.Thread(target=echo_late, daemon=True).start()
     for port in dns:
         s = socket.socket(family(addr), socket.SOCK_DGRAM)
         s.bind((addr, port))

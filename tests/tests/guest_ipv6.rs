@@ -36,6 +36,14 @@ check aaaa-remote "$(nslookup -type=AAAA remote6.test {GATEWAY6} 2>&1 | grep -c 
 # The upstream DNS server is IPv6-only: over UDP and, relayed by the gateway, over TCP.
 check dns-tcp-v6-upstream "$($P dnstcp 192.168.127.1 remote4.test)" {remote}
 check ping6 "$(ping -6 -c 1 -W 3 {remote6} 2>&1 | grep -c 'bytes from')" 1
+# Two addresses at once, as a guest with privacy addresses has (a stable one and a temporary
+# one, RFC 8981): a datagram from each, both out before the late echo server answers either,
+# and each echo reaches the address its datagram came from.
+A1=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | sed -n 's/.*inet6 \([^/]*\).*/\1/p' | head -1)
+ip -6 addr add {PREFIX}beef/64 dev eth0
+i=0; while ip -6 addr show dev eth0 | grep -q tentative && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+check two-addresses "$($P udpfrom {remote6} 7781 $A1 {PREFIX}beef)" "2 of 2"
+ip -6 addr del {PREFIX}beef/64 dev eth0
 # (busybox 1.35's wget crashes with -T and an IPv6 peer: no -T here.)
 check http6 "$(wget -q -O - http://remote6.test:8000/index.html)" "{PAGE}"
 check http6-literal "$(wget -q -O - 'http://[{remote6}]:8000/index.html')" "{PAGE}"
@@ -90,7 +98,17 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let _host6 = TestHost::start(
         &net.remote,
         &[
-            &remote6, "--echo", "7777", "--echo", "7779", "--http", "8000", &www_dir,
+            &remote6,
+            "--echo",
+            "7777",
+            "--echo",
+            "7779",
+            "--echo-late",
+            "7781",
+            "300",
+            "--http",
+            "8000",
+            &www_dir,
         ],
     );
     // A server on the host's ::1 only, for the host alias.
@@ -143,7 +161,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(16, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(17, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

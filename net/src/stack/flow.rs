@@ -10,14 +10,14 @@
 //! (`Kind`). Entries live in slots found by index, as passt's `flow.c` keeps them: an epoll
 //! token names its flow by slot and generation, so an event is one array index away from its
 //! flow, and an event for a flow that closed (a slot since reused) names an old generation and
-//! finds nothing. New flows are looked up by `FlowKey` (protocol, the guest's port or echo
-//! identifier, the other end), in either address family.
+//! finds nothing. New flows are looked up by `FlowKey` (protocol, the guest's address and its
+//! port or echo identifier, the other end), in either address family.
 //!
 //! The protocols (`tcp`, `udp_flows`, `ping`) own what happens in their flows; this module
 //! only keeps them. The caps are theirs too: the table counts flows per protocol for them.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,12 +76,16 @@ pub(crate) enum Proto {
     Ping,
 }
 
-/// What a new packet is looked up by: the protocol, the guest's port (its echo identifier for
-/// pings) and the other end as the guest addresses it (port 0 for pings). It names one flow
-/// whichever side opened it: a published client's flow is found by the guest's replies.
+/// What a new packet is looked up by: the protocol, the guest's address and port (its echo
+/// identifier for pings) and the other end as the guest addresses it (port 0 for pings). It
+/// names one flow whichever side opened it: a published client's flow is found by the guest's
+/// replies. The guest's address is the one its packets came from, and where the flow's
+/// replies go: a guest may use several of a family at once (IPv6 privacy addresses beside the
+/// stable one, a temporary address that replaced another while flows of the old one live).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct FlowKey {
     pub(crate) proto: Proto,
+    pub(crate) guest: IpAddr,
     pub(crate) guest_port: u16,
     pub(crate) remote: SocketAddr,
 }
@@ -339,6 +343,7 @@ mod tests {
     fn key(port: u16) -> FlowKey {
         FlowKey {
             proto: Proto::Udp,
+            guest: "fd00::2".parse().unwrap(),
             guest_port: port,
             remote: "[2001:db8::1]:53".parse().unwrap(),
         }

@@ -118,18 +118,30 @@ fn sent6(s: &mut NetStack) -> Vec<(Ipv6Addr, Ipv6Addr, IpProtocol, Vec<u8>)> {
 /// Runs the stack a few rounds, answering its neighbour solicitations for the guest's address
 /// `me` as the guest would, and returns the other IPv6 packets it sent.
 fn settle(s: &mut NetStack, me: Ipv6Addr) -> Vec<(Ipv6Addr, Ipv6Addr, IpProtocol, Vec<u8>)> {
+    settle_as(s, &[me])
+}
+
+/// As [`settle`], for a guest that has each of the addresses `mine`.
+fn settle_as(
+    s: &mut NetStack,
+    mine: &[Ipv6Addr],
+) -> Vec<(Ipv6Addr, Ipv6Addr, IpProtocol, Vec<u8>)> {
     let mut out = Vec::new();
     for _ in 0..4 {
         s.handle_host_events();
         s.poll();
         for (src, dst, proto, p) in sent6(s) {
-            if proto == IpProtocol::Icmpv6 && p.first() == Some(&135) {
+            // A neighbour solicitation: type 135, then code, checksum, reserved, the target.
+            let target = p.get(8..24).and_then(|t| <[u8; 16]>::try_from(t).ok());
+            let target = target.map(Ipv6Addr::from).filter(|t| mine.contains(t));
+            if let (IpProtocol::Icmpv6, Some(&135), Some(me)) = (proto, p.first(), target) {
                 let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
                     flags: smoltcp::wire::NdiscNeighborFlags::SOLICITED,
                     target_addr: me,
                     lladdr: Some(smoltcp::wire::RawHardwareAddress::from_bytes(&GUEST_MAC)),
                 });
                 s.receive_frame(&icmp6_frame(me, src, GATEWAY_MAC, &na));
+            } else if proto == IpProtocol::Icmpv6 && p.first() == Some(&135) {
             } else {
                 out.push((src, dst, proto, p));
             }
@@ -371,6 +383,70 @@ fn udp_to_the_host_alias_reaches_the_hosts_loopback_and_back() {
         .flows()
         .iter()
         .any(|f| f.remote == SocketAddr::new(cfg.host_alias6().into(), port)));
+}
+
+/// A guest with a stable address and a temporary one (RFC 8981, as Ubuntu's default
+/// `use_tempaddr=2` makes) uses both at once: each flow's replies go to the address it came
+/// from, not to the one the guest spoke from last.
+#[test]
+fn replies_go_to_the_address_each_flow_came_from() {
+    let Some((server, port)) = udp_server6() else {
+        return;
+    };
+    let (mut s, cfg) = stack();
+    let stable = guest_global(&cfg);
+    let mut o = stable.octets();
+    o[8..].copy_from_slice(&[0x3c, 0x91, 0x07, 0x5e, 0xa2, 0x44, 0x19, 0xd0]);
+    let temporary = Ipv6Addr::from(o);
+    let alias = cfg.host_alias6();
+    // The stable address's flow first; then the temporary one's, which the guest was last
+    // seen using when the replies come.
+    let flows = [(stable, 41001u16), (temporary, 41002u16)];
+    for (addr, sport) in flows {
+        // Its neighbour advertisement, as after duplicate address detection (smoltcp asks
+        // for one neighbour a second, which would hold the second reply that long).
+        let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            flags: smoltcp::wire::NdiscNeighborFlags::OVERRIDE,
+            target_addr: addr,
+            lladdr: Some(smoltcp::wire::RawHardwareAddress::from_bytes(&GUEST_MAC)),
+        });
+        s.receive_frame(&icmp6_frame(
+            addr,
+            "ff02::1".parse().unwrap(),
+            [0x33, 0x33, 0, 0, 0, 1],
+            &na,
+        ));
+        s.receive_frame(&udp6_frame(addr, sport, alias, port, &sport.to_be_bytes()));
+    }
+    let mut buf = [0u8; 64];
+    for _ in flows {
+        let (n, from) = server.recv_from(&mut buf).expect("a datagram on ::1");
+        let mut reply = b"back to ".to_vec();
+        reply.extend_from_slice(&buf[..n]);
+        server.send_to(&reply, from).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let sent = settle_as(&mut s, &[stable, temporary]);
+    for (addr, sport) in flows {
+        let mut want = b"back to ".to_vec();
+        want.extend_from_slice(&sport.to_be_bytes());
+        assert!(
+            sent.iter().any(|(src, dst, proto, p)| {
+                *proto == IpProtocol::Udp
+                    && *src == alias
+                    && *dst == addr
+                    && p.get(2..4) == Some(&sport.to_be_bytes()[..])
+                    && p.ends_with(&want)
+            }),
+            "no reply to {addr} port {sport} in {sent:?}"
+        );
+        assert!(
+            s.flows()
+                .iter()
+                .any(|f| f.guest == SocketAddr::new(addr.into(), sport)),
+            "/flows shows the guest's end {addr}"
+        );
+    }
 }
 
 #[test]

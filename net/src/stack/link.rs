@@ -347,16 +347,21 @@ pub(super) fn parse_ip(frame: &[u8]) -> Option<(IpInfo, &[u8])> {
     }
 }
 
-/// The TCP segment of a frame the stack made, IPv4 or IPv6, and its IP source: no checksum
-/// is checked (the stack wrote the frame), so it costs a few header reads per frame.
+/// The TCP segment of a frame the stack made, IPv4 or IPv6, and its IP source and destination:
+/// no checksum is checked (the stack wrote the frame), so it costs a few header reads per
+/// frame.
 pub(super) fn stack_tcp_segment(
     frame: &[u8],
-) -> Option<(std::net::IpAddr, smoltcp::wire::TcpPacket<&[u8]>)> {
+) -> Option<(
+    std::net::IpAddr,
+    std::net::IpAddr,
+    smoltcp::wire::TcpPacket<&[u8]>,
+)> {
     use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
     let f = EthernetFrame::new_checked(frame).ok()?;
     // The frame's buffer, past the Ethernet header (the packet views borrow `f` otherwise).
     let ip = frame.get(14..)?;
-    let (src, segment) = match f.ethertype() {
+    let (src, dst, segment) = match f.ethertype() {
         EthernetProtocol::Ipv4 => {
             let p = Ipv4Packet::new_checked(ip).ok()?;
             if p.next_header() != IpProtocol::Tcp {
@@ -364,7 +369,7 @@ pub(super) fn stack_tcp_segment(
             }
             let at = usize::from(p.header_len());
             let end = usize::from(p.total_len()).min(ip.len());
-            (p.src_addr().into(), ip.get(at..end)?)
+            (p.src_addr().into(), p.dst_addr().into(), ip.get(at..end)?)
         }
         EthernetProtocol::Ipv6 => {
             // Stack-made frames carry no extension headers.
@@ -373,11 +378,15 @@ pub(super) fn stack_tcp_segment(
                 return None;
             }
             let end = (40 + usize::from(p.payload_len())).min(ip.len());
-            (p.src_addr().into(), ip.get(40..end)?)
+            (p.src_addr().into(), p.dst_addr().into(), ip.get(40..end)?)
         }
         _ => return None,
     };
-    Some((src, smoltcp::wire::TcpPacket::new_checked(segment).ok()?))
+    Some((
+        src,
+        dst,
+        smoltcp::wire::TcpPacket::new_checked(segment).ok()?,
+    ))
 }
 
 /// Whether `frame` is an IPv4 or IPv6 TCP segment with no payload and no SYN, FIN or RST: what
@@ -385,7 +394,7 @@ pub(super) fn stack_tcp_segment(
 /// frames the stack makes, so no checksum is checked.
 pub fn is_bare_tcp_ack(frame: &[u8]) -> bool {
     stack_tcp_segment(frame)
-        .is_some_and(|(_, t)| !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
+        .is_some_and(|(_, _, t)| !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
 }
 
 /// `a` as IPv6 (IPv4 mapped; callers on IPv6 paths have IPv6 addresses).

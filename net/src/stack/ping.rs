@@ -65,6 +65,7 @@ impl NetStack {
         }
         let key = FlowKey {
             proto: FlowProto::Ping,
+            guest: ip.src,
             guest_port: ident,
             remote: SocketAddr::new(ip.dst, 0),
         };
@@ -164,10 +165,7 @@ impl NetStack {
                 return;
             };
             f.count_to_guest(n);
-            let (remote, ident) = (f.key.remote.ip(), f.key.guest_port);
-            let Some(guest) = self.guest_addr_for(remote) else {
-                return;
-            };
+            let (remote, guest, ident) = (f.key.remote.ip(), f.key.guest, f.key.guest_port);
             let msg = &mut buf[..n];
             let proto = if remote.is_ipv4() {
                 let Ok(mut icmp) = Icmpv4Packet::new_checked(&mut msg[..]) else {
@@ -192,7 +190,7 @@ impl NetStack {
             };
             if self.device.tx.len() < QUEUE_FRAMES {
                 let msg = &buf[..n];
-                self.emit_to_guest(remote, proto, n, |p| p.copy_from_slice(msg));
+                self.emit_ip(remote, guest, proto, n, |p| p.copy_from_slice(msg));
             }
         }
     }

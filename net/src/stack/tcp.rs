@@ -71,10 +71,17 @@ impl NetStack {
         counters: Option<Arc<Counters>>,
         origin: Origin,
     ) {
+        let seen = self.seen_addr(client);
+        // A guest with no address of the client's family: nothing to connect to.
+        let Some(guest) = self.guest_addr_for(seen) else {
+            stream.reset();
+            return;
+        };
         let mut key = FlowKey {
             proto: FlowProto::Tcp,
+            guest,
             guest_port,
-            remote: SocketAddr::new(self.seen_addr(client), client.port()),
+            remote: SocketAddr::new(seen, client.port()),
         };
         // Two clients that look alike to the guest (loopback clients of one port from
         // different addresses): the later one gets another source port.
@@ -134,14 +141,12 @@ impl NetStack {
         self.stats.published_connections += 1;
     }
 
-    /// A stack socket connecting to the guest's `key.guest_port` from `key.remote` (the
-    /// published client as the guest sees it); None when smoltcp refuses the endpoints or the
-    /// guest has no address of the client's family.
+    /// A stack socket connecting to the guest's `key.guest:key.guest_port` from `key.remote`
+    /// (the published client as the guest sees it); None when smoltcp refuses the endpoints.
     pub(super) fn connect_to_guest(&mut self, key: FlowKey) -> Option<SocketHandle> {
         let mut socket = tcp_socket();
         socket.set_timeout(Some(PUBLISH_CONNECT_TIMEOUT));
-        let guest = self.guest_addr_for(key.remote.ip())?;
-        let remote = IpEndpoint::new(guest.into(), key.guest_port);
+        let remote = IpEndpoint::new(key.guest.into(), key.guest_port);
         socket
             .connect(self.iface.context(), remote, IpEndpoint::from(key.remote))
             .ok()?;
@@ -187,6 +192,7 @@ impl NetStack {
         let syn = t.syn() && !t.ack();
         let key = FlowKey {
             proto: FlowProto::Tcp,
+            guest: ip.src,
             guest_port: t.src_port(),
             remote: SocketAddr::new(ip.dst, t.dst_port()),
         };
@@ -320,11 +326,12 @@ impl NetStack {
     /// Counts a TCP segment leaving for the guest against its flow (`n` = 1), or takes it
     /// back (`n` = -1) when the guest had no room for it and it waits for the next round.
     pub(super) fn tcp_count_to_guest(&mut self, frame: &[u8], n: i64) {
-        let Some((src, t)) = super::link::stack_tcp_segment(frame) else {
+        let Some((src, dst, t)) = super::link::stack_tcp_segment(frame) else {
             return;
         };
         let key = FlowKey {
             proto: FlowProto::Tcp,
+            guest: dst,
             guest_port: t.dst_port(),
             remote: SocketAddr::new(src, t.src_port()),
         };

@@ -299,6 +299,7 @@ mod tests {
         let epoll = Epoll::new().unwrap();
         let key = FlowKey {
             proto: Proto::Tcp,
+            guest: "192.168.127.2".parse().unwrap(),
             guest_port: 40000,
             remote: "192.168.127.1:3128".parse().unwrap(),
         };

@@ -23,6 +23,7 @@ pub(super) fn parse_udp<'a>(ip: &IpInfo, payload: &'a [u8]) -> Option<(FlowKey, 
     Some((
         FlowKey {
             proto: FlowProto::Udp,
+            guest: ip.src,
             guest_port: u.src_port(),
             remote: SocketAddr::new(ip.dst, u.dst_port()),
         },
@@ -43,8 +44,12 @@ impl NetStack {
         data: &[u8],
     ) {
         let seen = self.seen_addr(client);
+        let Some(guest) = self.guest_addr_for(seen) else {
+            return;
+        };
         let key = FlowKey {
             proto: FlowProto::Udp,
+            guest,
             guest_port,
             remote: SocketAddr::new(seen, client.port()),
         };
@@ -77,7 +82,12 @@ impl NetStack {
                 }
             }
         }
-        self.udp_to_guest(seen, client.port(), guest_port, data);
+        self.udp_to_guest(
+            SocketAddr::new(seen, client.port()),
+            guest,
+            guest_port,
+            data,
+        );
     }
 
     /// A guest datagram on a UDP flow: out on its host socket, or back through the published
@@ -229,20 +239,18 @@ impl NetStack {
         self.pump_ids = ids;
     }
 
-    /// Emits a UDP datagram from `src:src_port` to the guest's `dst_port`.
+    /// Emits a UDP datagram from `from` to the guest's `guest:dst_port`.
     pub(super) fn udp_to_guest(
         &mut self,
-        src: std::net::IpAddr,
-        src_port: u16,
+        from: SocketAddr,
+        guest: std::net::IpAddr,
         dst_port: u16,
         data: &[u8],
     ) {
         use smoltcp::wire::{IpProtocol, UdpPacket, UdpRepr};
+        let (src, src_port) = (from.ip(), from.port());
         let udp = UdpRepr { src_port, dst_port };
         let len = udp.header_len() + data.len();
-        let Some(guest) = self.guest_addr_for(src) else {
-            return;
-        };
         // IPv4's total length counts its header; IPv6's payload length does not.
         let largest = if src.is_ipv4() { 65535 - 20 } else { 65535 };
         if len > largest || self.device.tx.len() >= QUEUE_FRAMES {
@@ -250,11 +258,11 @@ impl NetStack {
             return;
         }
         let (s, d) = (IpAddress::from(src), IpAddress::from(guest));
-        // More than the link takes in one packet goes in fragments (`emit_to_guest`), which
+        // More than the link takes in one packet goes in fragments (`fragment_for_guest`), which
         // the guest puts back together (the checksum covers the whole datagram). For IPv6
         // too: routers never fragment it, but ferry is the guest-side packet's source, not a
         // router (the host socket's datagram arrived whole), and a source fragments.
-        self.emit_to_guest(src, IpProtocol::Udp, len, |buf| {
+        self.emit_ip(src, guest, IpProtocol::Udp, len, |buf| {
             udp.emit(
                 &mut UdpPacket::new_unchecked(buf),
                 &s,
@@ -271,11 +279,8 @@ impl NetStack {
         let Some(f) = self.flows.get(id) else {
             return;
         };
-        let (remote, guest_port) = (f.key.remote, f.key.guest_port);
+        let (remote, guest, guest_port) = (f.key.remote, f.key.guest, f.key.guest_port);
         let Kind::Udp { reply, .. } = f.kind else {
-            return;
-        };
-        let Some(guest) = self.guest_addr_for(remote.ip()) else {
             return;
         };
         let to = IpEndpoint::new(guest.into(), guest_port);
@@ -302,7 +307,7 @@ impl NetStack {
             };
             f.count_to_guest(n);
             if n > fits {
-                self.udp_to_guest(remote.ip(), remote.port(), guest_port, &buf[..n]);
+                self.udp_to_guest(remote, guest, guest_port, &buf[..n]);
                 continue;
             }
             let socket = self.sockets.get_mut::<udp::Socket>(reply);

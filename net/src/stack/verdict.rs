@@ -48,7 +48,7 @@ impl NetStack {
             IpAddr::V4(_) => {
                 let header = usize::from(packet[0] & 0x0f) * 4;
                 let quote = &packet[..(header + 8).min(packet.len())];
-                self.emit_to_guest(ip.dst, IpProtocol::Icmp, 8 + quote.len(), |p| {
+                self.emit_ip(ip.dst, ip.src, IpProtocol::Icmp, 8 + quote.len(), |p| {
                     p[..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
                     p[8..].copy_from_slice(quote);
                     Icmpv4Packet::new_unchecked(p).fill_checksum();
