@@ -243,6 +243,25 @@ pub struct Ports {
 /// Datagram buffers kept for reuse at most.
 const SPARE_BUFFERS: usize = 256;
 
+/// Drops `socket`, closing it, once no one else holds it (a clone lives only while the ports
+/// thread or the stack uses it, so this waits at most a moment); false if it stayed shared.
+fn close_when_alone<T>(mut socket: Arc<T>) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match Arc::try_unwrap(socket) {
+            Ok(s) => {
+                drop(s);
+                return true;
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                socket = shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
 impl Ports {
     /// No ports yet; `guest` is the guest's address (for messages), `privileged` binds ports
     /// below `ip_unprivileged_port_start` when this process may not. Starts the `ports` thread.
@@ -393,7 +412,18 @@ impl Ports {
             entry.spec.protocol.to_string().to_uppercase(),
             host_endpoint(&entry.spec)
         );
-        // The ports thread may hold a clone of the socket for a moment; it drops it right after.
+        // The port is free when this returns, for a program (or a publish) that binds it next:
+        // the ports thread and the stack hold a clone of the socket only while they use it.
+        let closed = match entry.socket {
+            HostSocket::Tcp(l) => close_when_alone(l),
+            HostSocket::Udp(s) => close_when_alone(s),
+        };
+        if !closed {
+            log::warn!(
+                "ports: {} stays bound a while longer: the socket is in use",
+                host_endpoint(&entry.spec)
+            );
+        }
         Some(entry.spec)
     }
 
@@ -734,6 +764,44 @@ mod tests {
 
     /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
     /// a port again once one is unpublished.
+    /// A port unpublished is free when `unpublish` returns, even while datagrams stream in
+    /// (the ports thread holds the socket while it reads them).
+    #[test]
+    fn an_unpublished_port_is_free_at_once() {
+        let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let spec = PortSpec {
+            protocol: Protocol::Udp,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host_port: port,
+            guest_port: 53,
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = c.send_to(&[7u8; 512], ("127.0.0.1", port));
+                }
+            })
+        };
+        for round in 0..50 {
+            ports.publish(spec).expect("publish");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            assert!(ports.unpublish(&PortKey::of(&spec)).is_some());
+            let again = std::net::UdpSocket::bind(("127.0.0.1", port));
+            assert!(
+                again.is_ok(),
+                "round {round}: the port is still bound: {again:?}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.join().unwrap();
+    }
+
     #[test]
     fn publishing_stops_at_max_ports() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
