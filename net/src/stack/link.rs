@@ -172,14 +172,13 @@ impl RxToken for FrameRx<'_> {
 }
 
 impl TxToken for FrameTx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
         // smoltcp writes every byte of the frames it emits (headers, option padding, zeroed
         // checksum fields, payload), so the buffer is not zeroed for it.
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
         fill_l4_checksum(&mut frame, self.fill_checksums);
-        let mut this = self;
-        this.push(frame);
+        self.push(frame);
         r
     }
 }
