@@ -185,8 +185,13 @@ pub fn answer_with(
         addrs.extend(local_name6(cfg, &q.name).map(IpAddr::V6));
         return Some(Answer::Local(response(query, &q, 0, &of_type(&addrs))));
     }
-    // Other names under our own zone do not exist.
-    if q.name.ends_with(".ferry.internal") || q.name == "ferry.internal" {
+    // The zone's apex exists (it has names below it), with no records to give: NXDOMAIN there
+    // would tell a resolver that nothing below exists either (RFC 8020), and a validating one
+    // asks for the apex's DS or SOA. Other names under it do not exist.
+    if q.name == "ferry.internal" {
+        return Some(Answer::Local(response(query, &q, 0, &[])));
+    }
+    if q.name.ends_with(".ferry.internal") {
         return Some(Answer::Local(response(query, &q, RCODE_NXDOMAIN, &[])));
     }
     if let Some(addrs) = names(&q.name) {
@@ -323,6 +328,15 @@ mod tests {
         );
         let r = local(answer(&cfg, &query(7, "nope.ferry.internal", TYPE_A), true));
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
+        // The apex, whatever the type (SOA, DS, A): there, with nothing to give.
+        for qtype in [6, 43, TYPE_A] {
+            let r = local(answer(&cfg, &query(7, "Ferry.Internal", qtype), true));
+            assert_eq!(
+                (r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])),
+                (0, 0),
+                "{qtype}"
+            );
+        }
     }
 
     #[test]
