@@ -29,6 +29,8 @@ const RCODE_NXDOMAIN: u8 = 3;
 const TTL: u32 = 60;
 /// Longest name on the wire.
 const MAX_NAME: usize = 255;
+/// The UDP payload size the gateway's own answers offer with EDNS (DNS flag day 2020's).
+const EDNS_PAYLOAD: u16 = 1232;
 
 /// One question, as parsed from a query.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +43,8 @@ pub struct Question {
     pub qclass: u16,
     /// Where the question ends in the query (the answer section starts there).
     end: usize,
+    /// The query offers EDNS (an OPT record follows the question, RFC 6891).
+    edns: bool,
 }
 
 /// The question of a standard query with exactly one question; `None` for anything else.
@@ -81,11 +85,16 @@ pub fn parse_query(q: &[u8]) -> Option<Question> {
     }
     let qtype = u16::from_be_bytes([*q.get(pos)?, *q.get(pos + 1)?]);
     let qclass = u16::from_be_bytes([*q.get(pos + 2)?, *q.get(pos + 3)?]);
+    // A query's only additional record, when it has one, is its OPT: the root name (0), then
+    // type 41.
+    let arcount = u16::from_be_bytes([q[10], q[11]]);
+    let edns = arcount == 1 && q.get(pos + 4..pos + 7) == Some(&[0, 0, 41][..]);
     Some(Question {
         name,
         qtype,
         qclass,
         end: pos + 4,
+        edns,
     })
 }
 
@@ -135,7 +144,7 @@ fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr]) -> Vec<u8
     r.push(0x80 | rcode);
     r.extend_from_slice(&1u16.to_be_bytes());
     r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&[0, 0, 0, u8::from(q.edns)]);
     r.extend_from_slice(&query[HEADER..q.end]);
     for ip in answers {
         r.extend_from_slice(&[0xc0, HEADER as u8]);
@@ -148,6 +157,15 @@ fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr]) -> Vec<u8
         r.extend_from_slice(&TTL.to_be_bytes());
         r.extend_from_slice(&(data.len() as u16).to_be_bytes());
         r.extend_from_slice(&data);
+    }
+    if q.edns {
+        // Our own OPT, as an EDNS responder answers one (RFC 6891 7): a resolver that finds
+        // none takes the server for one without EDNS and falls back to 512-byte answers
+        // (systemd-resolved's "degraded feature set"). Root name, type 41, our UDP payload
+        // size as class, extended rcode and flags 0, no options.
+        r.extend_from_slice(&[0, 0, 41]);
+        r.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     }
     r
 }
@@ -337,6 +355,32 @@ mod tests {
                 "{qtype}"
             );
         }
+    }
+
+    #[test]
+    fn a_query_with_edns_gets_an_opt_back() {
+        let cfg = NetConfig::default();
+        let mut q = query(9, "host.ferry.internal", TYPE_A);
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]);
+        let r = local(answer(&cfg, &q, false));
+        assert_eq!(
+            u16::from_be_bytes([r[10], r[11]]),
+            1,
+            "one additional record"
+        );
+        assert_eq!(
+            &r[r.len() - 11..],
+            &[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "and the answer");
+        // Without EDNS, none.
+        let r = local(answer(
+            &cfg,
+            &query(9, "host.ferry.internal", TYPE_A),
+            false,
+        ));
+        assert_eq!(u16::from_be_bytes([r[10], r[11]]), 0);
     }
 
     #[test]
