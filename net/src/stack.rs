@@ -21,6 +21,7 @@
 
 mod audit;
 mod dns_forward;
+mod dns_tcp;
 mod dns_upstream;
 mod flow;
 mod fragment_for_guest;

@@ -170,20 +170,7 @@ impl NetStack {
             };
             let query = query.to_vec();
             let (names, cfg) = (&self.names, &self.cfg);
-            // The host's names; its loopback is the host alias to the guest.
-            let lookup = |n: &str| {
-                let addrs = names.as_ref()?.lookup(n)?;
-                Some(
-                    addrs
-                        .into_iter()
-                        .map(|a| match a {
-                            IpAddr::V4(v) if v.is_loopback() => IpAddr::V4(cfg.host_alias()),
-                            IpAddr::V6(v) if v.is_loopback() => IpAddr::V6(cfg.host_alias6()),
-                            a => a,
-                        })
-                        .collect(),
-                )
-            };
+            let lookup = |n: &str| host_names(names.as_deref(), cfg, n);
             match dns::answer_with(cfg, &query, self.upstreams.any(), lookup) {
                 Some(dns::Answer::Local(reply)) => self.dns_reply(meta.endpoint, local, &reply),
                 Some(dns::Answer::Forward) => {
@@ -226,4 +213,24 @@ impl NetStack {
     pub fn dns_servers(&self) -> Vec<SocketAddr> {
         self.upstreams.in_use()
     }
+}
+
+/// The addresses the host's names (records set at run time, the hosts file) give `n`; the
+/// host's loopback is the host alias to the guest.
+pub(super) fn host_names(
+    names: Option<&crate::names::Names>,
+    cfg: &NetConfig,
+    n: &str,
+) -> Option<Vec<IpAddr>> {
+    let addrs = names?.lookup(n)?;
+    Some(
+        addrs
+            .into_iter()
+            .map(|a| match a {
+                IpAddr::V4(v) if v.is_loopback() => IpAddr::V4(cfg.host_alias()),
+                IpAddr::V6(v) if v.is_loopback() => IpAddr::V6(cfg.host_alias6()),
+                a => a,
+            })
+            .collect(),
+    )
 }

@@ -258,6 +258,14 @@ impl Upstreams {
     }
 
     /// The zone `name` (lowercase, no trailing dot) is in, if any: the longest suffix.
+    /// The split zones: each suffix and its server.
+    pub(super) fn zones(&self) -> Vec<(String, SocketAddr)> {
+        self.zones
+            .iter()
+            .map(|(z, s)| (z.clone(), s.addr))
+            .collect()
+    }
+
     pub(super) fn zone_of(&self, name: &str) -> Option<usize> {
         self.zones
             .iter()

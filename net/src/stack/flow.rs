@@ -99,7 +99,7 @@ pub enum Origin {
     Published,
     /// The guest, to the gateway's HTTP proxy (the proxy's own connections are not flows).
     Proxy,
-    /// The guest, to the gateway's DNS over TCP, relayed to the upstream server.
+    /// The guest, to the gateway's DNS over TCP (`dns_tcp`).
     Dns,
     /// The guest, to a guest forward's address (`--guest-forward`).
     Forward,

@@ -221,6 +221,7 @@ impl NetStack {
         let mut counters = None;
         let mut unix = None;
         let mut handoff = None;
+        let mut dns_tcp = None;
         let mut origin = Origin::Outbound;
         if self.is_forward_addr(ip.dst) {
             origin = Origin::Forward;
@@ -238,15 +239,20 @@ impl NetStack {
                 None => return false,
             }
         } else if self.is_gateway(ip.dst) {
-            // The gateway's TCP services: DNS, relayed to the upstream server, and the HTTP
+            // The gateway's TCP services: DNS, answered as over UDP (`dns_tcp`), and the HTTP
             // proxy, served in this process. They are not outbound flows: the proxy checks
             // the rules for the servers it connects to.
-            match (t.dst_port(), self.upstreams.preferred(), &self.proxy) {
-                (dns::PORT, Some(up), _) => {
-                    target = Some(up);
+            match (t.dst_port(), &self.proxy) {
+                (dns::PORT, _) => {
+                    dns_tcp = Some(super::dns_tcp::Resolver {
+                        cfg: self.cfg.clone(),
+                        names: self.names.clone(),
+                        zones: self.upstreams.zones(),
+                        preferred: self.upstreams.preferred(),
+                    });
                     origin = Origin::Dns;
                 }
-                (crate::proxy::PORT, _, Some(p)) => {
+                (crate::proxy::PORT, Some(p)) => {
                     proxy = Some(p.clone());
                     origin = Origin::Proxy;
                 }
@@ -283,17 +289,18 @@ impl NetStack {
         // Where the host socket really connects: the given target (DNS over TCP goes to the
         // upstream), the host's loopback for the host alias, or the guest's destination.
         let target = target.unwrap_or_else(|| self.host_target(key.remote));
-        let connected = match (&unix, proxy) {
+        let connected = match (&unix, proxy, dns_tcp) {
             // A UNIX connect ends at once (made, refused or the backlog full), and so does
-            // the proxy's socket pair: the flow still waits for EPOLLOUT, which a connected
-            // socket reports straight away.
-            (Some(path), _) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
-            (None, Some(p)) => {
+            // the proxy's or the DNS server's socket pair: the flow still waits for EPOLLOUT,
+            // which a connected socket reports straight away.
+            (Some(path), _, _) => super::sys::connect_unix_nonblocking(path).map(HostStream::Unix),
+            (None, Some(p), _) => {
                 let slot = Arc::new(Handoff::default());
                 handoff = Some(slot.clone());
                 p.accept(intercepted, Some(slot)).map(HostStream::Unix)
             }
-            (None, None) => connect_nonblocking(target).map(HostStream::Tcp),
+            (None, None, Some(resolver)) => super::dns_tcp::accept(resolver).map(HostStream::Unix),
+            (None, None, None) => connect_nonblocking(target).map(HostStream::Tcp),
         };
         let host = match connected {
             Ok(h) => h,
