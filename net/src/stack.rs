@@ -1503,6 +1503,46 @@ mod nat_tests {
         assert_eq!(u.payload(), &data[..]);
     }
 
+    /// A datagram to a port where nothing listens: the host's socket hears the ICMP error,
+    /// and so does the guest, from the address it sent to, quoting its ports.
+    #[test]
+    fn a_remote_port_unreachable_reaches_the_guest() {
+        let cfg = NetConfig::default();
+        let port = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let alias = smol(cfg.host_alias());
+        s.receive_frame(&hostile_frames::udp_frame_pub(alias, port, b"anyone?"));
+        s.poll();
+        let mut got = None;
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                    if p.next_header() == smoltcp::wire::IpProtocol::Icmp {
+                        got = Some((p.src_addr(), p.payload().to_vec()));
+                    }
+                }
+            }
+            if got.is_some() {
+                break;
+            }
+        }
+        let (src, icmp) = got.expect("an ICMP error for the guest");
+        assert_eq!(src, alias, "from the address the guest sent to");
+        assert_eq!(&icmp[0..2], &[3, 3], "destination unreachable, port");
+        let quote = &icmp[8..];
+        assert_eq!(quote[9], 17, "a UDP datagram quoted");
+        assert_eq!(&quote[12..16], &cfg.guest().octets(), "from the guest");
+        assert_eq!(&quote[16..20], &cfg.host_alias().octets());
+        assert_eq!(&quote[22..24], &port.to_be_bytes(), "to the port");
+    }
+
     #[test]
     fn udp_to_the_host_alias_reaches_loopback_and_the_reply_comes_back() {
         let cfg = NetConfig::default();

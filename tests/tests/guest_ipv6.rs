@@ -50,6 +50,8 @@ check http6-literal "$(wget -q -O - 'http://[{remote6}]:8000/index.html')" "{PAG
 check udp6 "$($P udp {remote6} 7777 100)" "100 SAME"
 check udp6-big "$($P udp {remote6} 7777 1400)" "1400 SAME"
 check reject6 "$($P udp {remote6} 7779 100)" errno:ECONNREFUSED
+# No server on 7778: the test host's ICMPv6 port unreachable reaches the guest.
+check refused6 "$($P udp {remote6} 7778 100)" errno:ECONNREFUSED
 check host-alias6 "$(wget -q -O - 'http://[{ALIAS6}]:8100/index.html')" "{LOOPBACK_PAGE}"
 # The IPv4 alias reaches a server on the host's ::1 only too (and the IPv6 one a server on
 # 127.0.0.1 only: guest_net's downloads by name): the alias is the host's loopback.
@@ -161,7 +163,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(17, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(18, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

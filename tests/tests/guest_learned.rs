@@ -36,6 +36,8 @@ check udp "$($P udp {remote} 7777 100)" "100 SAME"
 check ping "$(ping -c 1 -W 3 {remote} 2>&1 | grep -c 'bytes from')" 1
 check ping-4000 "$(ping -c 1 -W 3 -s 4000 {remote} 2>&1 | grep -c '4008 bytes from')" 1
 check reject-udp "$($P udp {remote} 7779 100)" errno:ECONNREFUSED
+# No server on 7778: the test host's port unreachable reaches the guest through ferry.
+check refused-udp "$($P udp {remote} 7778 100)" errno:ECONNREFUSED
 check udp-65507 "$($P udp {remote} 7777 65507)" "65507 SAME"
 # With the MTU most guests keep when they ignore DHCP's, the guest fragments its datagram and
 # ferry puts it back together.
@@ -151,7 +153,7 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
             .unwrap_or_else(|e| panic!("{mac}: {e}\nferry log:\n{}", ferry.log_tail()));
         let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
         assert!(
-            failed.is_empty() && out.checks.len() == 11,
+            failed.is_empty() && out.checks.len() == 12,
             "{mac}: {} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
             out.checks.len(),
             ferry_tests::tail(&out.console, 40),

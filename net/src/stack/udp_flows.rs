@@ -1,6 +1,6 @@
 //! UDP, both directions: the guest's datagrams go out on one connected host socket per flow,
-//! replies come back through the stack; published UDP ports map each client to the guest and
-//! back. Datagrams larger than the link's MTU bypass smoltcp's socket; the link fragments them.
+//! replies come back through the stack (and a remote's port unreachable, which the host socket
+//! reports, as ICMP); published UDP ports map each client to the guest and back. Datagrams larger than the link's MTU bypass smoltcp's socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::*;
@@ -274,6 +274,62 @@ impl NetStack {
         });
     }
 
+    /// Tells the guest that `remote` answered its datagrams from `guest:guest_port` with
+    /// port unreachable (the host's socket got the ICMP error; its quote is rebuilt from the
+    /// flow, which is all the guest's kernel matches it by: addresses, protocol and ports).
+    pub(super) fn port_unreachable_from(
+        &mut self,
+        remote: SocketAddr,
+        guest: IpAddr,
+        guest_port: u16,
+    ) {
+        if self.device.tx.len() >= QUEUE_FRAMES {
+            return;
+        }
+        let udp = |q: &mut Vec<u8>| {
+            q.extend_from_slice(&guest_port.to_be_bytes());
+            q.extend_from_slice(&remote.port().to_be_bytes());
+            q.extend_from_slice(&[0, 8, 0, 0]);
+        };
+        let mut quote = Vec::with_capacity(48);
+        match (guest, remote.ip()) {
+            (IpAddr::V4(g), IpAddr::V4(r)) => {
+                quote.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+                quote.extend_from_slice(&g.octets());
+                quote.extend_from_slice(&r.octets());
+                let sum = crate::fragments::checksum(&quote);
+                quote[10..12].copy_from_slice(&sum.to_be_bytes());
+                udp(&mut quote);
+            }
+            (IpAddr::V6(g), IpAddr::V6(r)) => {
+                quote.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
+                quote.extend_from_slice(&g.octets());
+                quote.extend_from_slice(&r.octets());
+                udp(&mut quote);
+            }
+            _ => return,
+        }
+        let frame = {
+            // The error as `port_unreachable` sends it for a rule: from the remote, quoting.
+            let mut f = vec![0u8; 14];
+            f[12..14].copy_from_slice(if guest.is_ipv4() {
+                &[0x08, 0x00]
+            } else {
+                &[0x86, 0xdd]
+            });
+            f.extend_from_slice(&quote);
+            f
+        };
+        let info = IpInfo {
+            src: guest,
+            dst: remote.ip(),
+            proto: smoltcp::wire::IpProtocol::Udp,
+            hop_limit: 64,
+            len: quote.len(),
+        };
+        self.port_unreachable(&frame, &info);
+    }
+
     /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.
     pub(super) fn udp_in(&mut self, id: FlowId, buf: &mut [u8]) {
         let Some(f) = self.flows.get(id) else {
@@ -303,6 +359,14 @@ impl NetStack {
             };
             let n = match host.recv(buf) {
                 Ok(n) => n,
+                // The remote answered a datagram with ICMP port unreachable (the host's
+                // kernel reports it on the connected socket): the guest hears it too, as it
+                // would on a real network, so its resolver or client gives up at once
+                // rather than wait out a timeout.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    self.port_unreachable_from(remote, guest, guest_port);
+                    break;
+                }
                 Err(_) => break,
             };
             f.count_to_guest(n);
