@@ -240,13 +240,17 @@ pub struct Ports {
     audit: std::sync::OnceLock<ferry_audit::Audit>,
 }
 
+/// Datagrams a published UDP port's event reads at most.
+const UDP_BATCH: usize = 64;
+
 /// Datagram buffers kept for reuse at most.
 const SPARE_BUFFERS: usize = 256;
 
 /// Drops `socket`, closing it, once no one else holds it (a clone lives only while the ports
-/// thread or the stack uses it, so this waits at most a moment); false if it stayed shared.
+/// thread reads a batch from it or the stack sends on it, so this waits a moment; 5 s at most,
+/// for a thread the machine's load keeps from running); false if it stayed shared.
 fn close_when_alone<T>(mut socket: Arc<T>) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match Arc::try_unwrap(socket) {
             Ok(s) => {
@@ -602,7 +606,7 @@ impl Ports {
         };
         match socket {
             (spec, Some(listener), _) => self.accept_all(token, &spec, &listener),
-            (spec, _, Some(udp)) => self.receive_all(&spec, &udp, buf),
+            (spec, _, Some(udp)) => self.receive_batch(&spec, &udp, buf),
             _ => {}
         }
     }
@@ -694,9 +698,13 @@ impl Ports {
         self.count(spec, forwarded, refused);
     }
 
-    fn receive_all(&self, spec: &PortSpec, socket: &Arc<UdpSocket>, buf: &mut [u8]) {
+    fn receive_batch(&self, spec: &PortSpec, socket: &Arc<UdpSocket>, buf: &mut [u8]) {
         let (mut forwarded, mut dropped) = (0, 0);
-        loop {
+        // A batch at a time: the socket is watched level-triggered, so what is left wakes the
+        // thread again, after the other ports' events. Reading until the socket is empty let
+        // one flooded port hold the thread (every other port's clients waited) and its
+        // socket (an unpublish could not close it).
+        for _ in 0..UDP_BATCH {
             let (n, client) = match socket.recv_from(buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -762,16 +770,16 @@ fn run(ports: Weak<Ports>) {
 mod tests {
     use super::*;
 
-    /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
-    /// a port again once one is unpublished.
     /// A port unpublished is free when `unpublish` returns, even while datagrams stream in
     /// (the ports thread holds the socket while it reads them).
     #[test]
     fn an_unpublished_port_is_free_at_once() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
-        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = free.local_addr().unwrap().port();
-        drop(free);
+        // Below the ephemeral range, so the other tests' sockets bound to port 0 never take
+        // it between rounds.
+        let port = (21000..32000)
+            .find(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port");
         let spec = PortSpec {
             protocol: Protocol::Udp,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -802,6 +810,8 @@ mod tests {
         sender.join().unwrap();
     }
 
+    /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
+    /// a port again once one is unpublished.
     #[test]
     fn publishing_stops_at_max_ports() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
