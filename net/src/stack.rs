@@ -1503,6 +1503,41 @@ mod nat_tests {
         assert_eq!(u.payload(), &data[..]);
     }
 
+    /// What the host's socket says becomes the ICMP code a router would send: no route is
+    /// net unreachable (the error ferry's own connect gets), from the address asked.
+    #[test]
+    fn the_hosts_unreachable_errors_become_their_icmp_codes() {
+        use super::verdict::Unreachable;
+        let err = |n| std::io::Error::from_raw_os_error(n);
+        assert_eq!(
+            Unreachable::of(&err(libc::ENETUNREACH)),
+            Some(Unreachable::Net)
+        );
+        assert_eq!(
+            Unreachable::of(&err(libc::EHOSTUNREACH)),
+            Some(Unreachable::Host)
+        );
+        assert_eq!(
+            Unreachable::of(&err(libc::ECONNREFUSED)),
+            Some(Unreachable::Port)
+        );
+        assert_eq!(Unreachable::of(&err(libc::EAGAIN)), None);
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        let remote: SocketAddr = "198.51.100.7:53".parse().unwrap();
+        s.unreachable_from(remote, IpAddr::V4(cfg.guest()), 40000, Unreachable::Net);
+        let frame = s.pop_frame().expect("an ICMP error for the guest");
+        let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+        let p = Ipv4Packet::new_checked(f.payload()).unwrap();
+        assert_eq!(p.src_addr(), smol(std::net::Ipv4Addr::new(198, 51, 100, 7)));
+        assert_eq!(&p.payload()[0..2], &[3, 0], "destination unreachable, net");
+        assert_eq!(
+            &p.payload()[8 + 20..8 + 24],
+            &[0x9c, 0x40, 0, 53],
+            "the flow's ports"
+        );
+    }
+
     /// A datagram to a port where nothing listens: the host's socket hears the ICMP error,
     /// and so does the guest, from the address it sent to, quoting its ports.
     #[test]

@@ -3,6 +3,7 @@
 //! reports, as ICMP); published UDP ports map each client to the guest and back. Datagrams larger than the link's MTU bypass smoltcp's socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
+use super::verdict::Unreachable;
 use super::*;
 
 /// How long a UDP flow or a published UDP client lives without traffic.
@@ -136,6 +137,10 @@ impl NetStack {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("nat: cannot open a host socket for {}: {e}", key.remote);
+                // No route from the host: the gateway says so, as a router without one does.
+                if let Some(why) = Unreachable::of(&e) {
+                    self.unreachable_from(key.remote, key.guest, key.guest_port, why);
+                }
                 return true;
             }
         };
@@ -274,14 +279,16 @@ impl NetStack {
         });
     }
 
-    /// Tells the guest that `remote` answered its datagrams from `guest:guest_port` with
-    /// port unreachable (the host's socket got the ICMP error; its quote is rebuilt from the
-    /// flow, which is all the guest's kernel matches it by: addresses, protocol and ports).
-    pub(super) fn port_unreachable_from(
+    /// Tells the guest that `remote` is unreachable (`why`) for its datagrams from
+    /// `guest:guest_port`: the host's socket said so (a remote's ICMP error, or no route);
+    /// the quote is rebuilt from the flow, which is all the guest's kernel matches the error
+    /// by (addresses, protocol and ports).
+    pub(super) fn unreachable_from(
         &mut self,
         remote: SocketAddr,
         guest: IpAddr,
         guest_port: u16,
+        why: Unreachable,
     ) {
         if self.device.tx.len() >= QUEUE_FRAMES {
             return;
@@ -310,7 +317,7 @@ impl NetStack {
             _ => return,
         }
         let frame = {
-            // The error as `port_unreachable` sends it for a rule: from the remote, quoting.
+            // The error as `unreachable` sends it for a rule: from the remote, quoting.
             let mut f = vec![0u8; 14];
             f[12..14].copy_from_slice(if guest.is_ipv4() {
                 &[0x08, 0x00]
@@ -327,7 +334,7 @@ impl NetStack {
             hop_limit: 64,
             len: quote.len(),
         };
-        self.port_unreachable(&frame, &info);
+        self.unreachable(&frame, &info, why);
     }
 
     /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.
@@ -359,15 +366,16 @@ impl NetStack {
             };
             let n = match host.recv(buf) {
                 Ok(n) => n,
-                // The remote answered a datagram with ICMP port unreachable (the host's
-                // kernel reports it on the connected socket): the guest hears it too, as it
-                // would on a real network, so its resolver or client gives up at once
-                // rather than wait out a timeout.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    self.port_unreachable_from(remote, guest, guest_port);
+                // The remote (or a router on the way) answered a datagram with an ICMP
+                // error, which the host's kernel reports on the connected socket: the guest
+                // hears it too, as it would on a real network, so its resolver or client
+                // gives up at once rather than wait out a timeout.
+                Err(e) => {
+                    if let Some(why) = Unreachable::of(&e) {
+                        self.unreachable_from(remote, guest, guest_port, why);
+                    }
                     break;
                 }
-                Err(_) => break,
             };
             f.count_to_guest(n);
             if n > fits {

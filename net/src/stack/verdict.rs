@@ -25,17 +25,18 @@ impl NetStack {
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             Action::Reject if proto != Proto::Tcp => {
-                self.port_unreachable(frame, ip);
+                self.unreachable(frame, ip, Unreachable::Port);
                 Err(Action::Reject)
             }
             refused => Err(refused),
         }
     }
 
-    /// Answers a guest packet with a port unreachable error from its destination, as
-    /// `iptables -j REJECT` does: ICMP quoting its header and first 8 bytes (RFC 792), or
-    /// ICMPv6 quoting as much as fits the minimum IPv6 MTU (RFC 4443).
-    pub(super) fn port_unreachable(&mut self, frame: &[u8], ip: &IpInfo) {
+    /// Answers a guest packet with a destination unreachable error (`why`) from its
+    /// destination, as `iptables -j REJECT` does for a port: ICMP quoting its header and
+    /// first 8 bytes (RFC 792), or ICMPv6 quoting as much as fits the minimum IPv6 MTU (RFC
+    /// 4443).
+    pub(super) fn unreachable(&mut self, frame: &[u8], ip: &IpInfo, why: Unreachable) {
         use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpProtocol};
         if self.device.tx.len() >= QUEUE_FRAMES {
             return;
@@ -49,7 +50,7 @@ impl NetStack {
                 let header = usize::from(packet[0] & 0x0f) * 4;
                 let quote = &packet[..(header + 8).min(packet.len())];
                 self.emit_ip(ip.dst, ip.src, IpProtocol::Icmp, 8 + quote.len(), |p| {
-                    p[..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+                    p[..8].copy_from_slice(&[3, why.code4(), 0, 0, 0, 0, 0, 0]);
                     p[8..].copy_from_slice(quote);
                     Icmpv4Packet::new_unchecked(p).fill_checksum();
                 });
@@ -59,8 +60,7 @@ impl NetStack {
                 let quote = &packet[..packet.len().min(1280 - 48)];
                 let (src, dst) = (ip.dst, ip.src);
                 self.emit_ip(src, dst, IpProtocol::Icmpv6, 8 + quote.len(), |p| {
-                    // Destination unreachable, code 4: port unreachable.
-                    p[..8].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
+                    p[..8].copy_from_slice(&[1, why.code6(), 0, 0, 0, 0, 0, 0]);
                     p[8..].copy_from_slice(quote);
                     Icmpv6Packet::new_unchecked(p).fill_checksum(&v6(src), &v6(dst));
                 });
@@ -101,6 +101,46 @@ impl NetStack {
                 );
                 Err(refused)
             }
+        }
+    }
+}
+
+/// Why a destination is unreachable, in the codes of ICMP's type 3 and ICMPv6's type 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unreachable {
+    /// No route to the network (ENETUNREACH).
+    Net,
+    /// The host did not answer its neighbour discovery (EHOSTUNREACH).
+    Host,
+    /// Nothing listens on the port (ECONNREFUSED, or a `reject` rule).
+    Port,
+}
+
+impl Unreachable {
+    /// What the host's socket said, if it is one of these.
+    pub(super) fn of(e: &std::io::Error) -> Option<Self> {
+        match e.kind() {
+            std::io::ErrorKind::NetworkUnreachable => Some(Unreachable::Net),
+            std::io::ErrorKind::HostUnreachable => Some(Unreachable::Host),
+            std::io::ErrorKind::ConnectionRefused => Some(Unreachable::Port),
+            _ => None,
+        }
+    }
+
+    fn code4(self) -> u8 {
+        match self {
+            Unreachable::Net => 0,
+            Unreachable::Host => 1,
+            Unreachable::Port => 3,
+        }
+    }
+
+    /// ICMPv6: no route, address unreachable, port unreachable.
+    fn code6(self) -> u8 {
+        match self {
+            Unreachable::Net => 0,
+            Unreachable::Host => 3,
+            Unreachable::Port => 4,
         }
     }
 }
