@@ -50,7 +50,7 @@ impl Resolver {
     fn server_for(&self, name: &str) -> Option<SocketAddr> {
         self.zones
             .iter()
-            .filter(|(z, _)| name == z || name.ends_with(&format!(".{z}")))
+            .filter(|(z, _)| super::dns_upstream::in_zone(name, z))
             .max_by_key(|(z, _)| z.len())
             .map(|(_, s)| *s)
             .or(self.preferred)

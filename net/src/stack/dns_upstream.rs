@@ -270,7 +270,7 @@ impl Upstreams {
         self.zones
             .iter()
             .enumerate()
-            .filter(|(_, (z, _))| name == z || name.ends_with(&format!(".{z}")))
+            .filter(|(_, (z, _))| in_zone(name, z))
             .max_by_key(|(_, (z, _))| z.len())
             .map(|(i, _)| i)
     }
@@ -345,6 +345,13 @@ impl Upstreams {
             }
         }
     }
+}
+/// Whether `name` is zone `zone` or a name under it.
+pub(super) fn in_zone(name: &str, zone: &str) -> bool {
+    name == zone
+        || name
+            .strip_suffix(zone)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 /// A non-blocking UDP socket connected to `addr`, on `epoll` as the DNS upstream.

@@ -1,6 +1,8 @@
 //! UDP, both directions: the guest's datagrams go out on one connected host socket per flow,
-//! replies come back through the stack (and a remote's port unreachable, which the host socket
-//! reports, as ICMP); published UDP ports map each client to the guest and back. Datagrams larger than the link's MTU bypass smoltcp's socket; the link fragments them.
+//! replies come back through the stack (and the ICMP errors the host socket reports, a
+//! remote's port unreachable or no route, as ICMP from the remote); published UDP ports map
+//! each client to the guest and back. Datagrams larger than the link's MTU bypass smoltcp's
+//! socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::verdict::Unreachable;
