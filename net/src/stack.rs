@@ -1503,6 +1503,29 @@ mod nat_tests {
         assert_eq!(u.payload(), &data[..]);
     }
 
+    /// Handles host events for up to half a second, until `pick` takes an IPv4 packet the
+    /// stack sends the guest; what it made of it.
+    fn ipv4_to_guest_within<T>(
+        s: &mut NetStack,
+        mut pick: impl FnMut(&Ipv4Packet<&[u8]>) -> Option<T>,
+    ) -> Option<T> {
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            s.handle_host_events();
+            let mut got = None;
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                    got = pick(&p).or(got);
+                }
+            }
+            if got.is_some() {
+                return got;
+            }
+        }
+        None
+    }
+
     /// What the host's socket says becomes the ICMP code a router would send: no route is
     /// net unreachable (the error ferry's own connect gets), from the address asked.
     #[test]
@@ -1552,22 +1575,10 @@ mod nat_tests {
         let alias = smol(cfg.host_alias());
         s.receive_frame(&hostile_frames::udp_frame_pub(alias, port, b"anyone?"));
         s.poll();
-        let mut got = None;
-        for _ in 0..50 {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            s.handle_host_events();
-            while let Some(frame) = s.pop_frame() {
-                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
-                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
-                    if p.next_header() == smoltcp::wire::IpProtocol::Icmp {
-                        got = Some((p.src_addr(), p.payload().to_vec()));
-                    }
-                }
-            }
-            if got.is_some() {
-                break;
-            }
-        }
+        let got = ipv4_to_guest_within(&mut s, |p| {
+            (p.next_header() == smoltcp::wire::IpProtocol::Icmp)
+                .then(|| (p.src_addr(), p.payload().to_vec()))
+        });
         let (src, icmp) = got.expect("an ICMP error for the guest");
         assert_eq!(src, alias, "from the address the guest sent to");
         assert_eq!(&icmp[0..2], &[3, 3], "destination unreachable, port");
@@ -1599,26 +1610,14 @@ mod nat_tests {
             .expect("the datagram reached loopback");
         assert_eq!(&buf[..n], b"ping!");
         echo.send_to(b"pong!", from).unwrap();
-        let mut got = None;
-        for _ in 0..50 {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            s.handle_host_events();
-            while let Some(frame) = s.pop_frame() {
-                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
-                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
-                    if let Ok(u) = UdpPacket::new_checked(p.payload()) {
-                        // Without GUEST_CSUM, frames to the guest carry full checksums.
-                        assert!(u.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()));
-                        // A guest that routes it on to a smaller MTU may fragment it.
-                        assert!(!p.dont_frag() && p.verify_checksum(), "DF on a datagram");
-                        got = Some((p.src_addr(), u.src_port(), u.payload().to_vec()));
-                    }
-                }
-            }
-            if got.is_some() {
-                break;
-            }
-        }
+        let got = ipv4_to_guest_within(&mut s, |p| {
+            let u = UdpPacket::new_checked(p.payload()).ok()?;
+            // Without GUEST_CSUM, frames to the guest carry full checksums.
+            assert!(u.verify_checksum(&p.src_addr().into(), &p.dst_addr().into()));
+            // A guest that routes it on to a smaller MTU may fragment it.
+            assert!(!p.dont_frag() && p.verify_checksum(), "DF on a datagram");
+            Some((p.src_addr(), u.src_port(), u.payload().to_vec()))
+        });
         let (src, sport, data) = got.expect("the reply came back to the guest");
         assert_eq!(
             (src, sport, data.as_slice()),

@@ -292,9 +292,6 @@ impl NetStack {
         guest_port: u16,
         why: Unreachable,
     ) {
-        if self.device.tx.len() >= QUEUE_FRAMES {
-            return;
-        }
         let udp = |q: &mut Vec<u8>| {
             q.extend_from_slice(&guest_port.to_be_bytes());
             q.extend_from_slice(&remote.port().to_be_bytes());
@@ -318,25 +315,8 @@ impl NetStack {
             }
             _ => return,
         }
-        let frame = {
-            // The error as `unreachable` sends it for a rule: from the remote, quoting.
-            let mut f = vec![0u8; 14];
-            f[12..14].copy_from_slice(if guest.is_ipv4() {
-                &[0x08, 0x00]
-            } else {
-                &[0x86, 0xdd]
-            });
-            f.extend_from_slice(&quote);
-            f
-        };
-        let info = IpInfo {
-            src: guest,
-            dst: remote.ip(),
-            proto: smoltcp::wire::IpProtocol::Udp,
-            hop_limit: 64,
-            len: quote.len(),
-        };
-        self.unreachable(&frame, &info, why);
+        // The error as `unreachable` sends it for a rule: from the remote, quoting.
+        self.unreachable(&quote, guest, remote.ip(), why);
     }
 
     /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.

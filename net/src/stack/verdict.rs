@@ -25,31 +25,36 @@ impl NetStack {
         match v.action {
             Action::Allow => Ok(Some(v.counters)),
             Action::Reject if proto != Proto::Tcp => {
-                self.unreachable(frame, ip, Unreachable::Port);
+                // The caller parsed the header: the packet is in the frame.
+                if let Some(packet) = frame.get(14..14 + ip.len) {
+                    self.unreachable(packet, ip.src, ip.dst, Unreachable::Port);
+                }
                 Err(Action::Reject)
             }
             refused => Err(refused),
         }
     }
 
-    /// Answers a guest packet with a destination unreachable error (`why`) from its
-    /// destination, as `iptables -j REJECT` does for a port: ICMP quoting its header and
-    /// first 8 bytes (RFC 792), or ICMPv6 quoting as much as fits the minimum IPv6 MTU (RFC
-    /// 4443).
-    pub(super) fn unreachable(&mut self, frame: &[u8], ip: &IpInfo, why: Unreachable) {
+    /// Answers `packet`, an IP packet the guest sent from `guest` to `to`, with a destination
+    /// unreachable error (`why`) from `to`, as `iptables -j REJECT` does for a port: ICMP
+    /// quoting its header and first 8 bytes (RFC 792), or ICMPv6 quoting as much as fits the
+    /// minimum IPv6 MTU (RFC 4443).
+    pub(super) fn unreachable(
+        &mut self,
+        packet: &[u8],
+        guest: IpAddr,
+        to: IpAddr,
+        why: Unreachable,
+    ) {
         use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpProtocol};
-        if self.device.tx.len() >= QUEUE_FRAMES {
+        if self.device.tx.len() >= QUEUE_FRAMES || packet.is_empty() {
             return;
         }
-        // The caller parsed the header: the packet is in the frame.
-        let Some(packet) = frame.get(14..14 + ip.len) else {
-            return;
-        };
-        match ip.dst {
+        match to {
             IpAddr::V4(_) => {
                 let header = usize::from(packet[0] & 0x0f) * 4;
                 let quote = &packet[..(header + 8).min(packet.len())];
-                self.emit_ip(ip.dst, ip.src, IpProtocol::Icmp, 8 + quote.len(), |p| {
+                self.emit_ip(to, guest, IpProtocol::Icmp, 8 + quote.len(), |p| {
                     p[..8].copy_from_slice(&[3, why.code4(), 0, 0, 0, 0, 0, 0]);
                     p[8..].copy_from_slice(quote);
                     Icmpv4Packet::new_unchecked(p).fill_checksum();
@@ -58,7 +63,7 @@ impl NetStack {
             IpAddr::V6(_) => {
                 // 1280 bytes at most: the IPv6 header (40) and the ICMPv6 header (8) first.
                 let quote = &packet[..packet.len().min(1280 - 48)];
-                let (src, dst) = (ip.dst, ip.src);
+                let (src, dst) = (to, guest);
                 self.emit_ip(src, dst, IpProtocol::Icmpv6, 8 + quote.len(), |p| {
                     p[..8].copy_from_slice(&[1, why.code6(), 0, 0, 0, 0, 0, 0]);
                     p[8..].copy_from_slice(quote);
