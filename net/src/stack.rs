@@ -28,6 +28,7 @@ mod fragment_for_guest;
 mod inbound;
 mod link;
 mod link6;
+mod path_errors;
 mod ping;
 pub(crate) mod sys;
 mod tcp;
@@ -135,12 +136,15 @@ pub(crate) enum Kind {
     Udp {
         socket: UdpSocket,
         reply: SocketHandle,
+        /// The TTL its datagrams leave with (`path_errors`): the guest's, less one.
+        ttl: u8,
     },
     /// One client of a published UDP port (the flow's `host`), answered through the port's
     /// socket while the port is published.
     UdpPublished { socket: Weak<UdpSocket> },
-    /// The guest's echo requests to one host, with one identifier.
-    Ping { socket: OwnedFd },
+    /// The guest's echo requests to one host, with one identifier, and the TTL they leave
+    /// with.
+    Ping { socket: OwnedFd, ttl: u8 },
 }
 
 /// The flows.
@@ -444,6 +448,15 @@ impl NetStack {
         self.device.outbox().push(frame);
     }
 
+    /// The gateway's address in the family of `a` (IPv6: its address in the prefix, which
+    /// the guest's own global addresses reach).
+    fn gateway_for(&self, a: IpAddr) -> IpAddr {
+        match a {
+            IpAddr::V4(_) => IpAddr::V4(self.cfg.gateway()),
+            IpAddr::V6(_) => IpAddr::V6(self.cfg.gateway6()),
+        }
+    }
+
     /// Whether `a` is one of the gateway's addresses.
     fn is_gateway(&self, a: IpAddr) -> bool {
         self.gateways.contains(&a)
@@ -515,8 +528,16 @@ impl NetStack {
                         );
                         self.tcp_event(id, readable);
                     }
-                    Some(Kind::Udp { .. }) => self.udp_in(id, &mut buf),
-                    Some(Kind::Ping { .. }) => self.ping_in(id, &mut buf),
+                    Some(Kind::Udp { .. }) => {
+                        let errors = ev.event_set().contains(EventSet::ERROR);
+                        self.udp_in(id, &mut buf, errors)
+                    }
+                    Some(Kind::Ping { .. }) => {
+                        if ev.event_set().contains(EventSet::ERROR) {
+                            self.relay_path_errors(id);
+                        }
+                        self.ping_in(id, &mut buf)
+                    }
                     // Published UDP clients have no socket of their own; a closed flow's
                     // last event finds nothing.
                     Some(Kind::UdpPublished { .. }) | None => {}
@@ -775,7 +796,7 @@ impl NetStack {
                     Some(f.host.to_string()),
                 )
             }
-            Kind::Ping { socket } => {
+            Kind::Ping { socket, .. } => {
                 let fd = socket.as_raw_fd();
                 let icmp = if f.key.remote.is_ipv4() {
                     "icmp"
@@ -1527,7 +1548,7 @@ mod nat_tests {
     }
 
     /// What the host's socket says becomes the ICMP code a router would send: no route is
-    /// net unreachable (the error ferry's own connect gets), from the address asked.
+    /// net unreachable (the error ferry's own connect gets), from the gateway.
     #[test]
     fn the_hosts_unreachable_errors_become_their_icmp_codes() {
         use super::verdict::Unreachable;
@@ -1548,11 +1569,18 @@ mod nat_tests {
         let cfg = NetConfig::default();
         let mut s = NetStack::new(cfg.clone(), None).unwrap();
         let remote: SocketAddr = "198.51.100.7:53".parse().unwrap();
-        s.unreachable_from(remote, IpAddr::V4(cfg.guest()), 40000, Unreachable::Net);
+        let gateway = IpAddr::V4(cfg.gateway());
+        let guest = IpAddr::V4(cfg.guest());
+        let quote = super::path_errors::quote_udp(guest, 40000, remote, b"q").unwrap();
+        s.unreachable(&quote, guest, gateway, Unreachable::Net);
         let frame = s.pop_frame().expect("an ICMP error for the guest");
         let f = EthernetFrame::new_checked(&frame[..]).unwrap();
         let p = Ipv4Packet::new_checked(f.payload()).unwrap();
-        assert_eq!(p.src_addr(), smol(std::net::Ipv4Addr::new(198, 51, 100, 7)));
+        assert_eq!(
+            p.src_addr(),
+            smol(cfg.gateway()),
+            "from the router without a route"
+        );
         assert_eq!(&p.payload()[0..2], &[3, 0], "destination unreachable, net");
         assert_eq!(
             &p.payload()[8 + 20..8 + 24],

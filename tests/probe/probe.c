@@ -197,7 +197,7 @@ int main(int argc, char **argv) {
 		waitpid(c, &st, 0);
 	} else if (!strcmp(cmd, "udp") && argc == 5) {
 		/* udp ADDR PORT SIZE: send one SIZE-byte datagram, wait up to 3 s for the echo, print
-		 * "SIZE-BACK SAME|DIFFERENT" or errno. */
+		 * "SIZE-BACK SAME|DIFFERENT" or errno (EMSGSIZE with the path MTU learned). */
 		size_t size = (size_t)atol(argv[4]);
 		struct sockaddr_storage a;
 		socklen_t alen = addr_of(p, atoi(argv[3]), &a);
@@ -211,6 +211,14 @@ int main(int argc, char **argv) {
 		struct pollfd pf = { .fd = s, .events = POLLIN };
 		if (poll(&pf, 1, 3000) != 1) { puts("timeout"); return 0; }
 		ssize_t n = recv(s, in, 65536, 0);
+		if (n < 0 && errno == EMSGSIZE) {
+			/* Too big for the path: what the socket learned of its MTU. */
+			int v6 = a.ss_family == AF_INET6, mtu = 0;
+			socklen_t ml = sizeof mtu;
+			getsockopt(s, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_MTU : IP_MTU, &mtu, &ml);
+			printf("errno:EMSGSIZE mtu %d\n", mtu);
+			return 0;
+		}
 		if (n < 0) return fail();
 		printf("%zd %s\n", n, (size_t)n == size && !memcmp(in, out, size) ? "SAME" : "DIFFERENT");
 	} else if (!strcmp(cmd, "udpfrom") && argc >= 5) {
@@ -245,6 +253,50 @@ int main(int argc, char **argv) {
 			}
 		}
 		printf("%d of %d\n", got, n);
+	} else if (!strcmp(cmd, "pingttl") && argc == 4) {
+		/* One echo request to ADDR with TTL (hop limit) N, from a raw socket: prints
+		 * "reply FROM" or "time-exceeded FROM" (the ICMP error quoting it), or "timeout". */
+		struct sockaddr_storage ss, from;
+		if (!addr_of(argv[2], 0, &ss)) return 2;
+		int v6 = ss.ss_family == AF_INET6, ttl = atoi(argv[3]);
+		int fd = socket(ss.ss_family, SOCK_RAW, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+		if (fd < 0) return fail();
+		setsockopt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_UNICAST_HOPS : IP_TTL, &ttl, sizeof ttl);
+		unsigned char req[16] = { v6 ? 128 : 8, 0, 0, 0, 0x4f, 0x52, 0, 1, 'f', 'e', 'r', 'r', 'y', 't', 't', 'l' };
+		if (!v6) { /* ICMPv6's checksum is the kernel's */
+			unsigned sum = 0;
+			for (int i = 0; i < 16; i += 2) sum += (unsigned)(req[i] << 8 | req[i + 1]);
+			while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+			req[2] = (unsigned char)(~sum >> 8); req[3] = (unsigned char)~sum;
+		}
+		if (sendto(fd, req, sizeof req, 0, (struct sockaddr *)&ss, v6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in)) < 0) return fail();
+		double end = now() + 3;
+		while (now() < end) {
+			struct pollfd p = { .fd = fd, .events = POLLIN };
+			if (poll(&p, 1, 100) <= 0) continue;
+			unsigned char b[1500];
+			socklen_t fl = sizeof from;
+			ssize_t n = recvfrom(fd, b, sizeof b, 0, (struct sockaddr *)&from, &fl);
+			if (n <= 0) continue;
+			/* IPv4 raw sockets see the IP header; the message (and a quote's echo header) follow. */
+			size_t at = v6 ? 0 : (size_t)(b[0] & 15) * 4;
+			if ((size_t)n < at + 8) continue;
+			const unsigned char *m = b + at, *q;
+			const char *what;
+			if (m[0] == (v6 ? 129 : 0)) { what = "reply"; q = m; }
+			else if (m[0] == (v6 ? 3 : 11)) {
+				what = "time-exceeded";
+				size_t qh = v6 ? 40 : ((size_t)n >= at + 9 ? (size_t)(m[8] & 15) * 4 : 0);
+				if ((size_t)n < at + 8 + qh + 8) continue;
+				q = m + 8 + qh;
+			} else continue;
+			if (q[4] != 0x4f || q[5] != 0x52) continue;
+			char ip[INET6_ADDRSTRLEN];
+			inet_ntop(from.ss_family, v6 ? (void *)&((struct sockaddr_in6 *)&from)->sin6_addr : (void *)&((struct sockaddr_in *)&from)->sin_addr, ip, sizeof ip);
+			printf("%s %s\n", what, ip);
+			return 0;
+		}
+		printf("timeout\n");
 	} else if (!strcmp(cmd, "udpburst") && argc == 5) {
 		/* udpburst ADDR PORT COUNT: send COUNT 64-byte datagrams back to back to an echo
 		 * server, then collect echoes until 3 s pass without one; print "GOT of COUNT". */

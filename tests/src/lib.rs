@@ -14,7 +14,7 @@ pub mod xattr;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
 pub use ferry::{ferry_bin, ferry_ctl, share_stats, wrapped, FerryProcess};
-pub use netns::{clients, TestHost, TestNet};
+pub use netns::{clients, FarSide, TestHost, TestNet};
 pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, NetLink, Qemu};
 
 use std::time::{Duration, Instant};

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The MTU of the link between `remote` and the far side ([`TestNet::add_far_side`]).
+pub const FAR_MTU: &str = "1400";
+
 /// Two namespaces and a link between them.
 pub struct TestNet {
     /// Where ferry runs.
@@ -51,6 +54,24 @@ fn ip_output(args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// A veth pair between two namespaces, each end (namespace, device, IPv4 address in a /24,
+/// IPv6 address in a /64) addressed and up, with the namespace's loopback.
+fn link(a: (&str, &str, &str, &str), b: (&str, &str, &str, &str)) -> Result<(), String> {
+    ip(&[
+        "link", "add", a.1, "netns", a.0, "type", "veth", "peer", "name", b.1, "netns", b.0,
+    ])?;
+    for (ns, dev, addr, addr6) in [a, b] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        // No duplicate address detection: the link is the test's own, and the address is
+        // usable at once.
+        let addr6 = format!("{addr6}/64");
+        ip(&["-n", ns, "addr", "add", &addr6, "dev", dev, "nodad"])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    Ok(())
+}
+
 impl TestNet {
     /// Makes the namespaces and the link. Needs root (CAP_NET_ADMIN).
     pub fn new() -> Result<Self, String> {
@@ -69,40 +90,10 @@ impl TestNet {
         let (va, vb) = (format!("fi{id}"), format!("fr{id}"));
         ip(&["netns", "add", &net.inner])?;
         ip(&["netns", "add", &net.remote])?;
-        ip(&[
-            "link",
-            "add",
-            &va,
-            "netns",
-            &net.inner,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vb,
-            "netns",
-            &net.remote,
-        ])?;
-        for (ns, dev, addr, addr6) in [
+        link(
             (&net.inner, &va, &net.inner_addr, &net.inner_addr6),
             (&net.remote, &vb, &net.remote_addr, &net.remote_addr6),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            // No duplicate address detection: the link is the test's own, and the address is
-            // usable at once.
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
+        )?;
         Ok(net)
     }
 
@@ -138,6 +129,81 @@ impl TestNet {
         assert!(ok, "cannot allow ping sockets in the test namespace");
     }
 
+    /// A third namespace behind `remote`, which becomes a router between it and `inner`
+    /// (forwarding on, ICMP errors not rate-limited): a host one hop further, for tests of
+    /// what routers on the way say (traceroute, path MTU discovery: the far link's MTU is
+    /// [`FAR_MTU`], less than the rest). Its addresses are in 198.19.N.0/24 and
+    /// fd00:19:N::/64, routed from `inner` through `remote`.
+    pub fn add_far_side(&self) -> Result<FarSide, String> {
+        let id = self.remote.trim_start_matches("ferry-rm-");
+        let octet = self.remote_addr.split('.').nth(2).unwrap_or("1");
+        let far = FarSide {
+            ns: format!("ferry-far-{id}"),
+            router: format!("198.19.{octet}.1"),
+            router6: format!("fd00:19:{octet}::1"),
+            addr: format!("198.19.{octet}.2"),
+            addr6: format!("fd00:19:{octet}::2"),
+        };
+        let (va, vb) = (format!("fx{id}"), format!("ff{id}"));
+        ip(&["netns", "add", &far.ns])?;
+        link(
+            (&self.remote, &va, &far.router, &far.router6),
+            (&far.ns, &vb, &far.addr, &far.addr6),
+        )?;
+        for (ns, dev) in [(&self.remote, &va), (&far.ns, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", FAR_MTU])?;
+        }
+        ip(&["-n", &far.ns, "route", "add", "default", "via", &far.router])?;
+        ip(&[
+            "-n",
+            &far.ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &far.router6,
+        ])?;
+        let (net, net6) = (
+            format!("198.19.{octet}.0/24"),
+            format!("fd00:19:{octet}::/64"),
+        );
+        ip(&[
+            "-n",
+            &self.inner,
+            "route",
+            "add",
+            &net,
+            "via",
+            &self.remote_addr,
+        ])?;
+        ip(&[
+            "-n",
+            &self.inner,
+            "-6",
+            "route",
+            "add",
+            &net6,
+            "via",
+            &self.remote_addr6,
+        ])?;
+        let sysctl = |ns: &str, setting: &str| -> Result<(), String> {
+            let ok = Self::command(ns, "sysctl")
+                .args(["-qw", setting])
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(())
+                .ok_or_else(|| format!("sysctl {setting} failed in namespace {ns}"))
+        };
+        sysctl(&self.remote, "net.ipv4.ip_forward=1")?;
+        sysctl(&self.remote, "net.ipv6.conf.all.forwarding=1")?;
+        for ns in [&self.remote, &far.ns] {
+            sysctl(ns, "net.ipv4.icmp_ratelimit=0")?;
+            sysctl(ns, "net.ipv6.icmp.ratelimit=0")?;
+        }
+        Ok(far)
+    }
+
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(ns: &str, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -151,6 +217,25 @@ impl Drop for TestNet {
         // Deleting a namespace removes its end of the veth pair, and so the pair.
         let _ = ip(&["netns", "del", &self.inner]);
         let _ = ip(&["netns", "del", &self.remote]);
+    }
+}
+
+/// A namespace one router beyond a [`TestNet`]'s `remote` ([`TestNet::add_far_side`]),
+/// deleted on drop.
+pub struct FarSide {
+    /// The namespace: test servers one hop further listen here.
+    pub ns: String,
+    /// The router's (`remote`'s) addresses on the far link.
+    pub router: String,
+    pub router6: String,
+    /// The far side's addresses.
+    pub addr: String,
+    pub addr6: String,
+}
+
+impl Drop for FarSide {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.ns]);
     }
 }
 

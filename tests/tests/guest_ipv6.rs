@@ -4,7 +4,9 @@
 //! names and for an upstream name; the upstream is IPv6-only, over UDP and over TCP), ping, HTTP and UDP to an IPv6-only test host, a `reject`
 //! rule's ICMPv6 port unreachable, the host alias (either family) reaching a server on the
 //! host's `::1`, and
-//! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses.
+//! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses;
+//! and, in both families, traceroute (UDP) and echo requests with short TTLs to a host one
+//! router further, each hop answering from its own address, ferry's gateway the first.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`) with an IPv4 and an IPv6 address. Nothing leaves the
@@ -23,7 +25,21 @@ const PREFIX: &str = "fd46:5259::";
 const GATEWAY6: &str = "fd46:5259::1";
 const ALIAS6: &str = "fd46:5259::fe";
 
-fn script(remote: &str, remote6: &str) -> String {
+/// The far side's addresses and the router's before it (`TestNet::add_far_side`).
+struct Far<'a> {
+    far: &'a str,
+    far6: &'a str,
+    router: &'a str,
+    router6: &'a str,
+}
+
+fn script(remote: &str, remote6: &str, path: &Far) -> String {
+    let Far {
+        far,
+        far6,
+        router,
+        router6,
+    } = path;
     format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
@@ -61,6 +77,19 @@ check host-alias4-to-v6-loopback "$(wget -q -O - 'http://192.168.127.254:8100/in
 check udp6-65507 "$($P udp {remote6} 7777 65507)" "65507 SAME"
 ip link set eth0 mtu 1500
 check udp6-8000-at-mtu-1500 "$($P udp {remote6} 7777 8000)" "8000 SAME"
+# Ferry is the guest's router: a probe whose TTL ends at the gateway gets "time exceeded"
+# from it, the next from the test network's router, and the last reaches the far host (its
+# port unreachable, or its echo reply), in either family, UDP and ICMP, as traceroute and
+# mtr send them.
+hops() {{ awk '/^ *[0-9]/ {{print $2}}' | tr '\n' ' '; }}
+check traceroute "$(traceroute -n -q 1 -w 2 -m 5 {far} 2>/dev/null | hops)" "192.168.127.1 {router} {far} "
+check traceroute6 "$(traceroute6 -n -q 1 -w 2 -m 5 {far6} 2>/dev/null | hops)" "{GATEWAY6} {router6} {far6} "
+check ping-ttl "$($P pingttl {far} 1) $($P pingttl {far} 2) $($P pingttl {far} 3)" "time-exceeded 192.168.127.1 time-exceeded {router} reply {far}"
+check ping-ttl6 "$($P pingttl {far6} 1) $($P pingttl {far6} 2) $($P pingttl {far6} 3)" "time-exceeded {GATEWAY6} time-exceeded {router6} reply {far6}"
+# The far link's MTU is 1400: the router's "fragmentation needed" and "packet too big" reach
+# the guest, whose socket hears EMSGSIZE and learns the path's MTU.
+check pmtu "$($P udp {far} 9 1450)" "errno:EMSGSIZE mtu 1400"
+check pmtu6 "$($P udp {far6} 9 1450)" "errno:EMSGSIZE mtu 1400"
 $P tcppeer 81 &
 $P udpecho 7 &
 # Ready once both listen (the host's clients come at once; a slower guest kernel, 6.12's,
@@ -116,6 +145,9 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     // A server on the host's ::1 only, for the host alias.
     let _loopback = TestHost::start(&net.inner, &["::1", "--http", "8100", &lo_dir]);
     net.allow_ping_sockets();
+    let far = net
+        .add_far_side()
+        .expect("make a host one router further (needs root and iproute2)");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let t = ferry_tests::tools_share(dir.path());
@@ -141,7 +173,16 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let mut qemu = Qemu::boot(
         dir.path(),
         &GuestSpec {
-            script: script(&remote, &remote6),
+            script: script(
+                &remote,
+                &remote6,
+                &Far {
+                    far: &far.addr,
+                    far6: &far.addr6,
+                    router: &net.remote_addr,
+                    router6: &net.remote_addr6,
+                },
+            ),
             net_socket: Some(sock.clone()),
             shares: vec![("tools".into(), t.socket.clone())],
             ..Default::default()
@@ -163,7 +204,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(18, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(24, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

@@ -1,7 +1,9 @@
-//! ICMP echo to other hosts, IPv4 and IPv6: out through unprivileged ping sockets, and only
-//! real replies come back (the stack never answers for an address it does not own).
+//! ICMP echo to other hosts, IPv4 and IPv6: out through unprivileged ping sockets with their
+//! TTL less one, and only real replies come back (the stack never answers for an address it
+//! does not own), or the ICMP errors the requests met on the way (`path_errors`).
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
+use super::path_errors::{hop_limit_for, keep_hop_limit};
 use super::*;
 
 /// How long a ping flow lives without an echo.
@@ -57,6 +59,9 @@ impl NetStack {
             }
             _ => return false,
         };
+        let Some(hops) = hop_limit_for(ip.hop_limit) else {
+            return self.expires_here(frame, ip);
+        };
         // Every echo request is checked: a ping flow is a request and its reply.
         match self.decide(Proto::Icmp, SocketAddr::new(ip.dst, 0), frame, ip) {
             Ok(Some(c)) => c.add_bytes(payload.len()),
@@ -86,7 +91,8 @@ impl NetStack {
             },
         };
         if let Some(f) = self.flows.get_mut(id) {
-            if let Kind::Ping { socket } = &f.kind {
+            if let Kind::Ping { socket, ttl } = &mut f.kind {
+                keep_hop_limit(socket.as_raw_fd(), ip.dst.is_ipv6(), ttl, hops);
                 // A full socket buffer loses the echo, as a router would.
                 if let Ok(n) = sys::send(socket.as_raw_fd(), payload) {
                     f.count_from_guest(n);
@@ -119,7 +125,7 @@ impl NetStack {
             key,
             key.remote,
             Origin::Outbound,
-            Kind::Ping { socket },
+            Kind::Ping { socket, ttl: 0 },
         ));
         self.audit_open(id);
         Ok(id)
@@ -128,7 +134,7 @@ impl NetStack {
     pub(super) fn ping_close(&mut self, id: FlowId, reason: &'static str) {
         if let Some(f) = self.flows.remove(id) {
             self.audit_close(&f, reason);
-            if let Kind::Ping { socket } = &f.kind {
+            if let Kind::Ping { socket, .. } = &f.kind {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
                     socket.as_raw_fd(),
@@ -158,7 +164,7 @@ impl NetStack {
             let Some(f) = self.flows.get_mut(id) else {
                 return;
             };
-            let Kind::Ping { socket } = &f.kind else {
+            let Kind::Ping { socket, .. } = &f.kind else {
                 return;
             };
             let Ok(n) = sys::recv(socket.as_raw_fd(), buf) else {

@@ -1,5 +1,6 @@
 //! The raw socket calls the NAT needs that std does not offer: a TCP connect that does not
-//! wait, ping sockets, a socket's pending error. Every `unsafe` of the flows is here.
+//! wait, ping sockets, a socket's pending error, the TTL of its packets and the ICMP errors
+//! they met on the way. Every `unsafe` of the flows is here.
 //!
 //! Theory of operation. std's `TcpStream::connect` blocks and its UDP and TCP types cannot
 //! make an ICMP socket, so these few calls go to libc directly, for either address family
@@ -82,13 +83,17 @@ pub(crate) fn socket_addr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     if r < 0 {
         return None;
     }
+    from_storage(&storage)
+}
+
+/// The IPv4 or IPv6 address in a C socket address.
+fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in, which it is large
             // enough and aligned for.
-            let a = unsafe {
-                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(SocketAddr::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
                 u16::from_be(a.sin_port),
@@ -97,7 +102,7 @@ pub(crate) fn socket_addr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
             let a = unsafe {
-                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
             };
             Some(SocketAddr::new(
                 Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
@@ -180,7 +185,7 @@ pub(crate) fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
 
 /// An unprivileged ping socket connected to `dst` (ICMP or ICMPv6 by its family): the kernel
 /// sends echo requests from it and hands back only the replies to them, with the identifier
-/// it chose, which `ping` puts back.
+/// it chose, which `ping` puts back, and queues the errors they meet ([`recv_error`]).
 pub(crate) fn ping_socket(dst: std::net::IpAddr) -> io::Result<OwnedFd> {
     let to = SocketAddr::new(dst, 0);
     let proto = if to.is_ipv4() {
@@ -189,6 +194,7 @@ pub(crate) fn ping_socket(dst: std::net::IpAddr) -> io::Result<OwnedFd> {
         libc::IPPROTO_ICMPV6
     };
     let fd = socket(family(&to), libc::SOCK_DGRAM, proto)?;
+    enable_recverr(fd.as_raw_fd(), to.is_ipv6())?;
     let addr = CAddr::new(to);
     // SAFETY: `addr` is a valid socket address of its length.
     cvt(unsafe { libc::connect(fd.as_raw_fd(), addr.ptr(), addr.len) })?;
@@ -255,5 +261,145 @@ pub(crate) fn take_error(fd: RawFd) -> i32 {
         libc::EIO
     } else {
         err
+    }
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the value is a valid c_int of the length given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Has the kernel queue the ICMP errors that a datagram socket's packets meet (IP_RECVERR or
+/// IPV6_RECVERR), each with the address of the router or host that sent it, for
+/// [`recv_error`]. Without it a UDP socket hears of port unreachable only, and never who
+/// said so.
+pub(crate) fn enable_recverr(fd: RawFd, v6: bool) -> io::Result<()> {
+    if v6 {
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
+    } else {
+        set_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+    }
+}
+
+/// Sets the TTL (IPv4) or hop limit (IPv6) of the packets a socket sends.
+pub(crate) fn set_hop_limit(fd: RawFd, v6: bool, hops: u8) -> io::Result<()> {
+    let hops = libc::c_int::from(hops);
+    if v6 {
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, hops)
+    } else {
+        set_int(fd, libc::IPPROTO_IP, libc::IP_TTL, hops)
+    }
+}
+
+/// One ICMP error from a socket's error queue (`recv_error`).
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedError {
+    /// ICMPv6 (true) or ICMP.
+    pub(crate) v6: bool,
+    pub(crate) icmp_type: u8,
+    pub(crate) code: u8,
+    /// The next hop's MTU of "fragmentation needed" and "packet too big".
+    pub(crate) info: u32,
+    /// Who sent the error: a router on the way, or the destination.
+    pub(crate) offender: Option<std::net::IpAddr>,
+    /// What the error quotes of the packet past its transport header: a UDP datagram's
+    /// payload (traceroute6 finds its probe's sequence there), or for a ping socket the echo
+    /// request, header first (its sequence number). At most [`QUOTED_MAX`] bytes.
+    pub(crate) quoted: Vec<u8>,
+}
+
+/// The most of a packet an ICMP error about it quotes that [`recv_error`] keeps: what an
+/// ICMPv6 error holds at most (RFC 4443: the error fits 1280 bytes).
+pub(crate) const QUOTED_MAX: usize = 1280 - 48;
+
+/// Takes the oldest ICMP error from the error queue of a socket with [`enable_recverr`], or
+/// None when the queue is empty. Errors of the socket's own making (no ICMP behind them) are
+/// passed over.
+pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
+    let mut data = vec![0u8; QUOTED_MAX];
+    loop {
+        // Whole again after a message passed over.
+        data.resize(QUOTED_MAX, 0);
+        // Room for the one control message the kernel sends: the extended error and the
+        // offender's address (at most a sockaddr_in6), with the headers and padding.
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain old data: all zeroes is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `msg` points at the valid buffers above, of the lengths it gives.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return None;
+        }
+        data.truncate((n as usize).min(QUOTED_MAX));
+        // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR and CMSG_NXTHDR stay within the
+        // control buffer it describes.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR lies inside `control`.
+            let (level, ty, len) =
+                unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+            let ours = (level == libc::IPPROTO_IP && ty == libc::IP_RECVERR)
+                || (level == libc::IPPROTO_IPV6 && ty == libc::IPV6_RECVERR);
+            let ee_len = std::mem::size_of::<libc::sock_extended_err>();
+            // SAFETY: CMSG_LEN(0) is the header's length, a constant computation.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            if ours && len >= header + ee_len {
+                // SAFETY: the control message holds a sock_extended_err (its length was
+                // checked); it may be unaligned, hence read_unaligned.
+                let (ee, at) = unsafe {
+                    let at = libc::CMSG_DATA(cmsg);
+                    (
+                        std::ptr::read_unaligned(at.cast::<libc::sock_extended_err>()),
+                        at,
+                    )
+                };
+                let v6 = match ee.ee_origin {
+                    libc::SO_EE_ORIGIN_ICMP => false,
+                    libc::SO_EE_ORIGIN_ICMP6 => true,
+                    _ => break,
+                };
+                // The offender's address follows the error (SO_EE_OFFENDER), as much of a
+                // sockaddr_storage as the message holds.
+                // SAFETY: sockaddr_storage is plain old data: all zeroes is a valid value.
+                let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                let room = (len - header - ee_len).min(std::mem::size_of_val(&storage));
+                // SAFETY: `room` bytes past the error are inside the control message, and
+                // `storage` has room for them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        at.add(ee_len),
+                        (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
+                        room,
+                    )
+                };
+                return Some(QueuedError {
+                    v6,
+                    icmp_type: ee.ee_type,
+                    code: ee.ee_code,
+                    info: ee.ee_info,
+                    offender: from_storage(&storage).map(|a| a.ip()),
+                    quoted: data,
+                });
+            }
+            // SAFETY: as for CMSG_FIRSTHDR.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
     }
 }

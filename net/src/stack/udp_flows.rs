@@ -1,10 +1,12 @@
 //! UDP, both directions: the guest's datagrams go out on one connected host socket per flow,
-//! replies come back through the stack (and the ICMP errors the host socket reports, a
-//! remote's port unreachable or no route, as ICMP from the remote); published UDP ports map
+//! with their TTL less one, replies come back through the stack (and the ICMP errors the host
+//! socket queues, from the router or remote that sent them: `path_errors`; the host's lack of
+//! a route from the gateway); published UDP ports map
 //! each client to the guest and back. Datagrams larger than the link's MTU bypass smoltcp's
 //! socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
+use super::path_errors::{hop_limit_for, keep_hop_limit};
 use super::verdict::Unreachable;
 use super::*;
 
@@ -99,10 +101,16 @@ impl NetStack {
         let Some((key, data)) = parse_udp(ip, payload) else {
             return false;
         };
+        let Some(hops) = hop_limit_for(ip.hop_limit) else {
+            // Its last hop: it ends at the gateway, unless it is for the gateway (or the
+            // link) in the first place.
+            return self.routes(ip.dst) && self.expires_here(frame, ip);
+        };
         // A flow already open: one lookup, and the datagram goes.
         if let Some((id, f)) = self.flows.by_key_mut(&key) {
-            match &f.kind {
-                Kind::Udp { socket, .. } => {
+            match &mut f.kind {
+                Kind::Udp { socket, ttl, .. } => {
+                    keep_hop_limit(socket.as_raw_fd(), key.remote.is_ipv6(), ttl, hops);
                     // UDP may drop: a full host socket buffer loses the datagram, as a
                     // router would.
                     if let Ok(n) = socket.send(data) {
@@ -122,9 +130,7 @@ impl NetStack {
             }
             return true;
         }
-        if self.is_gateway(ip.dst) || self.is_forward_addr(ip.dst) || !is_unicast(ip.dst) {
-            // DHCP, DNS on the gateway, broadcasts: the stack's (and a guest forward's
-            // address has no UDP: the stack says the port is unreachable).
+        if !self.routes(ip.dst) {
             return false;
         }
         let counters = match self.decide(Proto::Udp, key.remote, frame, ip) {
@@ -140,8 +146,10 @@ impl NetStack {
             Err(e) => {
                 log::debug!("nat: cannot open a host socket for {}: {e}", key.remote);
                 // No route from the host: the gateway says so, as a router without one does.
-                if let Some(why) = Unreachable::of(&e) {
-                    self.unreachable_from(key.remote, key.guest, key.guest_port, why);
+                if let (Some(why), Some(packet)) = (Unreachable::of(&e), frame.get(14..14 + ip.len))
+                {
+                    let gateway = self.gateway_for(key.guest);
+                    self.unreachable(packet, key.guest, gateway, why);
                 }
                 return true;
             }
@@ -163,7 +171,10 @@ impl NetStack {
             return true;
         }
         log::debug!("nat: udp flow guest:{} -> {}", key.guest_port, key.remote);
-        let mut flow = Flow::new(key, target, Origin::Outbound, Kind::Udp { socket, reply });
+        let mut ttl = 0;
+        keep_hop_limit(socket.as_raw_fd(), key.remote.is_ipv6(), &mut ttl, hops);
+        let kind = Kind::Udp { socket, reply, ttl };
+        let mut flow = Flow::new(key, target, Origin::Outbound, kind);
         flow.counters = counters;
         if let Ok(n) = match &flow.kind {
             Kind::Udp { socket, .. } => socket.send(data),
@@ -281,46 +292,19 @@ impl NetStack {
         });
     }
 
-    /// Tells the guest that `remote` is unreachable (`why`) for its datagrams from
-    /// `guest:guest_port`: the host's socket said so (a remote's ICMP error, or no route);
-    /// the quote is rebuilt from the flow, which is all the guest's kernel matches the error
-    /// by (addresses, protocol and ports).
-    pub(super) fn unreachable_from(
-        &mut self,
-        remote: SocketAddr,
-        guest: IpAddr,
-        guest_port: u16,
-        why: Unreachable,
-    ) {
-        let udp = |q: &mut Vec<u8>| {
-            q.extend_from_slice(&guest_port.to_be_bytes());
-            q.extend_from_slice(&remote.port().to_be_bytes());
-            q.extend_from_slice(&[0, 8, 0, 0]);
-        };
-        let mut quote = Vec::with_capacity(48);
-        match (guest, remote.ip()) {
-            (IpAddr::V4(g), IpAddr::V4(r)) => {
-                quote.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-                quote.extend_from_slice(&g.octets());
-                quote.extend_from_slice(&r.octets());
-                let sum = crate::fragments::checksum(&quote);
-                quote[10..12].copy_from_slice(&sum.to_be_bytes());
-                udp(&mut quote);
-            }
-            (IpAddr::V6(g), IpAddr::V6(r)) => {
-                quote.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
-                quote.extend_from_slice(&g.octets());
-                quote.extend_from_slice(&r.octets());
-                udp(&mut quote);
-            }
-            _ => return,
-        }
-        // The error as `unreachable` sends it for a rule: from the remote, quoting.
-        self.unreachable(&quote, guest, remote.ip(), why);
+    /// Whether a guest datagram to `dst` goes through the NAT: DHCP, DNS on the gateway and
+    /// broadcasts are the stack's (and a guest forward's address has no UDP: the stack says
+    /// the port is unreachable).
+    fn routes(&self, dst: IpAddr) -> bool {
+        !self.is_gateway(dst) && !self.is_forward_addr(dst) && is_unicast(dst)
     }
 
-    /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them.
-    pub(super) fn udp_in(&mut self, id: FlowId, buf: &mut [u8]) {
+    /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them,
+    /// after the ICMP errors it queued (`errors`: epoll said there are some).
+    pub(super) fn udp_in(&mut self, id: FlowId, buf: &mut [u8], errors: bool) {
+        if errors {
+            self.relay_path_errors(id);
+        }
         let Some(f) = self.flows.get(id) else {
             return;
         };
@@ -349,12 +333,12 @@ impl NetStack {
             let n = match host.recv(buf) {
                 Ok(n) => n,
                 // The remote (or a router on the way) answered a datagram with an ICMP
-                // error, which the host's kernel reports on the connected socket: the guest
-                // hears it too, as it would on a real network, so its resolver or client
-                // gives up at once rather than wait out a timeout.
+                // error, which the host's kernel queued with who sent it: the guest hears it
+                // too, as it would on a real network, so its resolver or client gives up at
+                // once rather than wait out a timeout, and its traceroute sees the router.
                 Err(e) => {
-                    if let Some(why) = Unreachable::of(&e) {
-                        self.unreachable_from(remote, guest, guest_port, why);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        self.relay_path_errors(id);
                     }
                     break;
                 }
@@ -390,5 +374,7 @@ pub(super) fn udp_host_socket(to: SocketAddr) -> io::Result<UdpSocket> {
     let s = UdpSocket::bind(any)?;
     s.connect(to)?;
     s.set_nonblocking(true)?;
+    // The ICMP errors its datagrams meet, queued with who sent them (`path_errors`).
+    sys::enable_recverr(s.as_raw_fd(), to.is_ipv6())?;
     Ok(s)
 }

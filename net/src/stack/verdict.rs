@@ -36,9 +36,7 @@ impl NetStack {
     }
 
     /// Answers `packet`, an IP packet the guest sent from `guest` to `to`, with a destination
-    /// unreachable error (`why`) from `to`, as `iptables -j REJECT` does for a port: ICMP
-    /// quoting its header and first 8 bytes (RFC 792), or ICMPv6 quoting as much as fits the
-    /// minimum IPv6 MTU (RFC 4443).
+    /// unreachable error (`why`) from `to`, as `iptables -j REJECT` does for a port.
     pub(super) fn unreachable(
         &mut self,
         packet: &[u8],
@@ -46,31 +44,8 @@ impl NetStack {
         to: IpAddr,
         why: Unreachable,
     ) {
-        use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpProtocol};
-        if self.device.tx.len() >= QUEUE_FRAMES || packet.is_empty() {
-            return;
-        }
-        match to {
-            IpAddr::V4(_) => {
-                let header = usize::from(packet[0] & 0x0f) * 4;
-                let quote = &packet[..(header + 8).min(packet.len())];
-                self.emit_ip(to, guest, IpProtocol::Icmp, 8 + quote.len(), |p| {
-                    p[..8].copy_from_slice(&[3, why.code4(), 0, 0, 0, 0, 0, 0]);
-                    p[8..].copy_from_slice(quote);
-                    Icmpv4Packet::new_unchecked(p).fill_checksum();
-                });
-            }
-            IpAddr::V6(_) => {
-                // 1280 bytes at most: the IPv6 header (40) and the ICMPv6 header (8) first.
-                let quote = &packet[..packet.len().min(1280 - 48)];
-                let (src, dst) = (to, guest);
-                self.emit_ip(src, dst, IpProtocol::Icmpv6, 8 + quote.len(), |p| {
-                    p[..8].copy_from_slice(&[1, why.code6(), 0, 0, 0, 0, 0, 0]);
-                    p[8..].copy_from_slice(quote);
-                    Icmpv6Packet::new_unchecked(p).fill_checksum(&v6(src), &v6(dst));
-                });
-            }
-        }
+        let e = super::path_errors::IcmpError::unreachable(to.is_ipv6(), why);
+        self.icmp_error(packet, guest, to, e);
     }
 
     /// What the inbound rules say of a client at `client` of published host port
@@ -132,7 +107,7 @@ impl Unreachable {
         }
     }
 
-    fn code4(self) -> u8 {
+    pub(super) fn code4(self) -> u8 {
         match self {
             Unreachable::Net => 0,
             Unreachable::Host => 1,
@@ -141,7 +116,7 @@ impl Unreachable {
     }
 
     /// ICMPv6: no route, address unreachable, port unreachable.
-    fn code6(self) -> u8 {
+    pub(super) fn code6(self) -> u8 {
         match self {
             Unreachable::Net => 0,
             Unreachable::Host => 3,

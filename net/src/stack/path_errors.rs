@@ -1,0 +1,467 @@
+//! Ferry as the guest's router: the TTL of what the NAT sends on, and the ICMP errors the
+//! guest's packets meet on the way, so `traceroute`, `mtr` and path MTU discovery work from the
+//! guest as behind any router.
+//!
+//! Theory of operation. The gateway is one hop: a datagram or echo request the guest sends
+//! through the NAT with a TTL (hop limit) of 1 expires there, and the gateway answers "time
+//! exceeded" from its own address, quoting the packet, as Linux forwarding does; any other
+//! goes out with its TTL less one (`hop_limit_for`), set on the flow's host socket when it
+//! changes (a traceroute changes it on each probe; other traffic never does). The host
+//! sockets of UDP and ping flows queue the ICMP errors their packets meet (IP_RECVERR), with
+//! who sent each: `relay` passes each on to the guest, from that sender (a router on the
+//! host's path, or the remote; the host's own loopback stands for the address the guest
+//! used), quoting the guest's packet rebuilt from the flow and what the error quotes of it:
+//! the guest's kernel matches it by addresses, protocol and ports (or echo identifier), and
+//! traceroute6 by its probe's payload.
+//! Destination unreachable, time exceeded and IPv6's packet too big pass, the next hop's MTU
+//! with them; other kinds (redirects, parameter problems) stay on the host.
+
+use super::sys::QueuedError;
+use super::verdict::Unreachable;
+use super::*;
+
+/// The first 8 bytes of an ICMP or ICMPv6 error (type, code, checksum, and the word that
+/// holds the next hop's MTU for "too big"), the checksum left to fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct IcmpError {
+    pub(super) icmp_type: u8,
+    pub(super) code: u8,
+    pub(super) rest: [u8; 4],
+}
+
+impl IcmpError {
+    /// "Time exceeded in transit", in the family of `v6`.
+    fn time_exceeded(v6: bool) -> Self {
+        IcmpError {
+            icmp_type: if v6 { 3 } else { 11 },
+            code: 0,
+            rest: [0; 4],
+        }
+    }
+
+    /// Destination unreachable for `why`, in the family of `v6`.
+    pub(super) fn unreachable(v6: bool, why: Unreachable) -> Self {
+        let (icmp_type, code) = if v6 {
+            (1, why.code6())
+        } else {
+            (3, why.code4())
+        };
+        IcmpError {
+            icmp_type,
+            code,
+            rest: [0; 4],
+        }
+    }
+
+    /// The error to give the guest for one a host socket queued, if it is a kind that passes.
+    fn of(e: &QueuedError) -> Option<Self> {
+        let rest = match (e.v6, e.icmp_type, e.code) {
+            // Fragmentation needed: the next hop's MTU in the low half (RFC 1191).
+            (false, 3, 4) => [0, 0, (e.info >> 8) as u8, e.info as u8],
+            (false, 3, _) | (false, 11, _) => [0; 4],
+            (true, 2, _) => e.info.to_be_bytes(),
+            (true, 1, _) | (true, 3, _) => [0; 4],
+            _ => return None,
+        };
+        Some(IcmpError {
+            icmp_type: e.icmp_type,
+            code: e.code,
+            rest,
+        })
+    }
+}
+
+/// The TTL (hop limit) that a guest packet arriving with `hops` leaves the host with, if it
+/// goes on: one hop less, as a router forwards it; None when it expires at the gateway.
+pub(super) fn hop_limit_for(hops: u8) -> Option<u8> {
+    hops.checked_sub(1).filter(|h| *h > 0)
+}
+
+/// Sets the TTL of `fd`'s packets to `want` unless `current` (the last one set) already is.
+pub(super) fn keep_hop_limit(fd: RawFd, v6: bool, current: &mut u8, want: u8) {
+    if *current != want {
+        match sys::set_hop_limit(fd, v6, want) {
+            Ok(()) => *current = want,
+            Err(e) => log::debug!("nat: cannot set a host socket's TTL to {want}: {e}"),
+        }
+    }
+}
+
+/// An IPv4 header of 20 bytes or an IPv6 one, `guest` to `remote`, for a payload of `len`
+/// bytes of `proto`: the start of a rebuilt quote.
+fn quote_header(guest: IpAddr, remote: IpAddr, proto: u8, len: u16) -> Option<Vec<u8>> {
+    let mut q = Vec::with_capacity(48);
+    match (guest, remote) {
+        (IpAddr::V4(g), IpAddr::V4(r)) => {
+            let total = (20 + len).to_be_bytes();
+            q.extend_from_slice(&[0x45, 0, total[0], total[1], 0, 0, 0x40, 0, 64, proto, 0, 0]);
+            q.extend_from_slice(&g.octets());
+            q.extend_from_slice(&r.octets());
+            let sum = crate::fragments::checksum(&q);
+            q[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        (IpAddr::V6(g), IpAddr::V6(r)) => {
+            let l = len.to_be_bytes();
+            q.extend_from_slice(&[0x60, 0, 0, 0, l[0], l[1], proto, 64]);
+            q.extend_from_slice(&g.octets());
+            q.extend_from_slice(&r.octets());
+        }
+        _ => return None,
+    }
+    Some(q)
+}
+
+/// A guest datagram of UDP flow `guest:guest_port` -> `remote` as far as an error quotes it,
+/// rebuilt: its IP and UDP headers, then `data`, the payload quoted.
+pub(super) fn quote_udp(
+    guest: IpAddr,
+    guest_port: u16,
+    remote: SocketAddr,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    let len = u16::try_from(8 + data.len()).ok()?;
+    let mut q = quote_header(guest, remote.ip(), 17, len)?;
+    q.extend_from_slice(&guest_port.to_be_bytes());
+    q.extend_from_slice(&remote.port().to_be_bytes());
+    q.extend_from_slice(&len.to_be_bytes());
+    q.extend_from_slice(&[0, 0]);
+    q.extend_from_slice(data);
+    Some(q)
+}
+
+/// A guest echo request `guest` -> `remote` with identifier `ident` as far as an error quotes
+/// it, rebuilt from `echo`, the request the host's socket sent (the kernel's identifier in
+/// it is the guest's again).
+fn quote_echo(guest: IpAddr, remote: IpAddr, ident: u16, echo: &[u8]) -> Option<Vec<u8>> {
+    let proto = if remote.is_ipv4() { 1 } else { 58 };
+    let mut q = quote_header(guest, remote, proto, u16::try_from(echo.len()).ok()?)?;
+    let at = q.len();
+    q.extend_from_slice(echo);
+    q[at + 4..at + 6].copy_from_slice(&ident.to_be_bytes());
+    Some(q)
+}
+
+impl NetStack {
+    /// A guest packet `frame` bound through the NAT with a TTL that ends at the gateway:
+    /// answered with "time exceeded" from the gateway. Returns whether it expired (and is
+    /// taken).
+    pub(super) fn expires_here(&mut self, frame: &[u8], ip: &IpInfo) -> bool {
+        if hop_limit_for(ip.hop_limit).is_some() {
+            return false;
+        }
+        let from = self.gateway_for(ip.src);
+        if let Some(packet) = frame.get(14..14 + ip.len) {
+            let e = IcmpError::time_exceeded(ip.src.is_ipv6());
+            self.icmp_error(packet, ip.src, from, e);
+        }
+        true
+    }
+
+    /// The ICMP errors queued on flow `id`'s host socket (UDP or ping), passed on to the
+    /// guest.
+    pub(super) fn relay_path_errors(&mut self, id: FlowId) {
+        loop {
+            let Some(f) = self.flows.get(id) else {
+                return;
+            };
+            let fd = match &f.kind {
+                Kind::Udp { socket, .. } => socket.as_raw_fd(),
+                Kind::Ping { socket, .. } => socket.as_raw_fd(),
+                _ => return,
+            };
+            let Some(e) = sys::recv_error(fd) else {
+                return;
+            };
+            let (key, host) = (f.key, f.host.ip());
+            let Some(error) = IcmpError::of(&e) else {
+                continue;
+            };
+            let quote = if key.proto == super::flow::Proto::Ping {
+                if e.quoted.len() < 8 {
+                    continue;
+                }
+                quote_echo(key.guest, key.remote.ip(), key.guest_port, &e.quoted)
+            } else {
+                quote_udp(key.guest, key.guest_port, key.remote, &e.quoted)
+            };
+            let Some(quote) = quote else {
+                continue;
+            };
+            // The host's side of the flow, or its loopback (the host alias's), stands for the
+            // address the guest sent to; a router on the way is itself.
+            let from = match e.offender {
+                Some(o) if o != host && !o.is_loopback() && !o.is_unspecified() => o,
+                _ => key.remote.ip(),
+            };
+            if from.is_ipv4() != key.guest.is_ipv4() {
+                continue;
+            }
+            log::debug!(
+                "nat: ICMP type {} code {} from {from} for the guest's flow to {}",
+                e.icmp_type,
+                e.code,
+                key.remote
+            );
+            self.icmp_error(&quote, key.guest, from, error);
+        }
+    }
+
+    /// Sends the guest ICMP error `e` from `from` about `packet`, an IP packet it sent from
+    /// `guest` (or the start of one): quoting as much of it as Linux does, up to 576 bytes in
+    /// all for ICMP (RFC 1812 4.3.2.3), the minimum IPv6 MTU for ICMPv6 (RFC 4443).
+    pub(super) fn icmp_error(&mut self, packet: &[u8], guest: IpAddr, from: IpAddr, e: IcmpError) {
+        use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpProtocol};
+        if self.device.tx.len() >= QUEUE_FRAMES || packet.is_empty() {
+            return;
+        }
+        let head = [
+            e.icmp_type,
+            e.code,
+            0,
+            0,
+            e.rest[0],
+            e.rest[1],
+            e.rest[2],
+            e.rest[3],
+        ];
+        match from {
+            IpAddr::V4(_) => {
+                let quote = &packet[..packet.len().min(576 - 28)];
+                self.emit_ip(from, guest, IpProtocol::Icmp, 8 + quote.len(), |p| {
+                    p[..8].copy_from_slice(&head);
+                    p[8..].copy_from_slice(quote);
+                    Icmpv4Packet::new_unchecked(p).fill_checksum();
+                });
+            }
+            IpAddr::V6(_) => {
+                // 1280 bytes at most: the IPv6 header (40) and the ICMPv6 header (8) first.
+                let quote = &packet[..packet.len().min(1280 - 48)];
+                self.emit_ip(from, guest, IpProtocol::Icmpv6, 8 + quote.len(), |p| {
+                    p[..8].copy_from_slice(&head);
+                    p[8..].copy_from_slice(quote);
+                    Icmpv6Packet::new_unchecked(p).fill_checksum(&v6(from), &v6(guest));
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hop_is_taken_off_and_the_last_one_ends_here() {
+        assert_eq!(hop_limit_for(64), Some(63));
+        assert_eq!(hop_limit_for(2), Some(1));
+        assert_eq!(hop_limit_for(1), None);
+        assert_eq!(hop_limit_for(0), None);
+    }
+
+    fn queued(v6: bool, icmp_type: u8, code: u8, info: u32) -> QueuedError {
+        QueuedError {
+            v6,
+            icmp_type,
+            code,
+            info,
+            offender: None,
+            quoted: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn errors_pass_with_the_next_hops_mtu_and_others_stay() {
+        let e = IcmpError::of(&queued(false, 3, 4, 1400)).unwrap();
+        assert_eq!((e.icmp_type, e.code, e.rest), (3, 4, [0, 0, 0x05, 0x78]));
+        let e = IcmpError::of(&queued(false, 11, 0, 0)).unwrap();
+        assert_eq!((e.icmp_type, e.code, e.rest), (11, 0, [0; 4]));
+        let e = IcmpError::of(&queued(true, 2, 0, 1280)).unwrap();
+        assert_eq!((e.icmp_type, e.rest), (2, [0, 0, 0x05, 0x00]));
+        assert!(IcmpError::of(&queued(true, 3, 0, 0)).is_some());
+        assert!(IcmpError::of(&queued(true, 1, 4, 0)).is_some());
+        // Redirects, parameter problems, source quench: not the guest's business.
+        assert!(IcmpError::of(&queued(false, 5, 1, 0)).is_none());
+        assert!(IcmpError::of(&queued(false, 12, 0, 0)).is_none());
+        assert!(IcmpError::of(&queued(true, 4, 0, 0)).is_none());
+    }
+
+    #[test]
+    fn quotes_are_headers_the_guest_can_match() {
+        let g: IpAddr = "192.168.127.2".parse().unwrap();
+        let q = quote_udp(g, 40000, "198.18.1.2:33435".parse().unwrap(), b"probe").unwrap();
+        assert_eq!(q.len(), 33);
+        assert_eq!(
+            crate::fragments::checksum(&q[..20]),
+            0,
+            "a valid IPv4 header"
+        );
+        assert_eq!(&q[2..4], &[0, 33], "the IP length");
+        assert_eq!(&q[12..16], &[192, 168, 127, 2]);
+        assert_eq!(
+            &q[20..26],
+            &[0x9c, 0x40, 0x82, 0x9b, 0, 13],
+            "ports and UDP length"
+        );
+        assert_eq!(
+            &q[28..],
+            b"probe",
+            "the payload quoted, where traceroute6 looks"
+        );
+        let echo = [8, 0, 0xab, 0xcd, 0x77, 0x77, 0, 7, b'x'];
+        let q = quote_echo(g, "198.18.1.2".parse().unwrap(), 0x1234, &echo).unwrap();
+        assert_eq!(
+            (q[9], &q[20..]),
+            (1, &[8, 0, 0xab, 0xcd, 0x12, 0x34, 0, 7, b'x'][..])
+        );
+        let g6: IpAddr = "fd46:5259::2".parse().unwrap();
+        let echo6 = [128, 0, 0, 0, 0, 9, 0, 1];
+        let q = quote_echo(g6, "fd00::2".parse().unwrap(), 1, &echo6).unwrap();
+        assert_eq!(
+            (q.len(), q[6], q[40], &q[44..46]),
+            (48, 58, 128, &[0, 1][..])
+        );
+        assert!(quote_udp(g, 1, "[fd00::2]:53".parse().unwrap(), b"").is_none());
+    }
+
+    /// `frame`, a guest IPv4 frame, with its TTL set to `ttl` (header checksum mended).
+    fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+        frame[14 + 8] = ttl;
+        frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let sum = crate::fragments::checksum(&frame[14..34]);
+        frame[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+        frame
+    }
+
+    /// The ICMP messages the stack sends the guest within half a second: (source, message).
+    fn icmp_to_guest(s: &mut NetStack) -> Vec<(IpAddr, Vec<u8>)> {
+        use smoltcp::wire::{EthernetFrame, IpProtocol, Ipv4Packet};
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            s.handle_host_events();
+            while let Some(frame) = s.pop_frame() {
+                let f = EthernetFrame::new_checked(&frame[..]).unwrap();
+                if let Ok(p) = Ipv4Packet::new_checked(f.payload()) {
+                    if p.next_header() == IpProtocol::Icmp {
+                        got.push((IpAddr::V4(p.src_addr()), p.payload().to_vec()));
+                    }
+                }
+            }
+            if !got.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        got
+    }
+
+    #[test]
+    fn a_datagram_on_its_last_hop_expires_at_the_gateway() {
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let far = smoltcp::wire::Ipv4Address::new(198, 51, 100, 7);
+        let frame = with_ttl(
+            super::super::hostile_frames::udp_frame_pub(far, 33434, b"x"),
+            1,
+        );
+        s.receive_frame(&frame);
+        s.poll();
+        let got = icmp_to_guest(&mut s);
+        assert_eq!(got.len(), 1, "one ICMP error: {got:?}");
+        let (src, icmp) = &got[0];
+        assert_eq!(*src, IpAddr::V4(cfg.gateway()), "from the gateway");
+        assert_eq!(&icmp[0..2], &[11, 0], "time exceeded in transit");
+        assert_eq!(
+            &icmp[8..8 + 28],
+            &frame[14..14 + 28],
+            "quoting the datagram"
+        );
+        assert_eq!(
+            s.flows.count(super::super::flow::Proto::Udp),
+            0,
+            "and no flow"
+        );
+    }
+
+    #[test]
+    fn a_datagram_leaves_the_host_with_one_hop_less() {
+        let cfg = NetConfig::default();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let alias = smol(cfg.host_alias());
+        let ttl_of_flow = |s: &NetStack| -> Vec<(u8, i32)> {
+            s.flows
+                .iter()
+                .filter_map(|(_, f)| match &f.kind {
+                    Kind::Udp { socket, ttl, .. } => {
+                        let mut v: libc::c_int = 0;
+                        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                        // SAFETY: `v` and `len` are valid destinations of the right sizes.
+                        let r = unsafe {
+                            libc::getsockopt(
+                                socket.as_raw_fd(),
+                                libc::IPPROTO_IP,
+                                libc::IP_TTL,
+                                (&mut v as *mut libc::c_int).cast(),
+                                &mut len,
+                            )
+                        };
+                        assert_eq!(r, 0);
+                        Some((*ttl, v))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let frame = super::super::hostile_frames::udp_frame_pub(alias, port, b"one");
+        s.receive_frame(&with_ttl(frame.clone(), 5));
+        assert_eq!(ttl_of_flow(&s), vec![(4, 4)]);
+        s.receive_frame(&frame);
+        assert_eq!(
+            ttl_of_flow(&s),
+            vec![(63, 63)],
+            "the flow follows the guest"
+        );
+        let mut b = [0u8; 16];
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(server.recv(&mut b).unwrap(), 3, "both went out");
+        assert_eq!(server.recv(&mut b).unwrap(), 3);
+    }
+
+    #[test]
+    fn an_echo_request_on_its_last_hop_expires_at_the_gateway() {
+        use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol};
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let echo = Icmpv4Repr::EchoRequest {
+            ident: 0x1234,
+            seq_no: 3,
+            data: b"ferry",
+        };
+        let far = smoltcp::wire::Ipv4Address::new(198, 51, 100, 7);
+        let frame = super::super::hostile_frames::guest_ip_frame(
+            far,
+            IpProtocol::Icmp,
+            echo.buffer_len(),
+            |b, _| {
+                echo.emit(&mut Icmpv4Packet::new_unchecked(b), &Default::default());
+            },
+        );
+        s.receive_frame(&with_ttl(frame, 1));
+        s.poll();
+        let got = icmp_to_guest(&mut s);
+        assert_eq!(got.len(), 1, "one ICMP error: {got:?}");
+        assert_eq!(got[0].0, IpAddr::V4(cfg.gateway()));
+        assert_eq!(&got[0].1[0..2], &[11, 0]);
+        assert_eq!(
+            &got[0].1[8 + 20..8 + 28][4..8],
+            &[0x12, 0x34, 0, 3],
+            "its id and sequence"
+        );
+    }
+}
