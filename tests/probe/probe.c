@@ -566,12 +566,15 @@ int main(int argc, char **argv) {
 			if (n >= 0) sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, fl);
 		}
 	} else if (!strcmp(cmd, "connect") && argc == 5) {
-		/* connect ADDR PORT MS: one TCP connect, waiting up to MS ms; prints "connected",
-		 * "timeout" (nothing answered) or the errno (ECONNREFUSED for a reset). */
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
-		int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-		if (fd < 0 || inet_pton(AF_INET, p, &a.sin_addr) != 1) return fail();
-		if (connect(fd, (struct sockaddr *)&a, sizeof a) && errno != EINPROGRESS) return fail();
+		/* connect ADDR PORT MS: one TCP connect (IPv4 or IPv6), waiting up to MS ms; prints
+		 * "connected", "timeout" (nothing answered) or the errno (ECONNREFUSED for a reset,
+		 * ENETUNREACH or EHOSTUNREACH for an ICMP error). */
+		struct sockaddr_storage a;
+		socklen_t alen = addr_of(p, atoi(argv[3]), &a);
+		if (!alen) { errno = EINVAL; return fail(); }
+		int fd = socket(a.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		if (fd < 0) return fail();
+		if (connect(fd, (struct sockaddr *)&a, alen) && errno != EINPROGRESS) return fail();
 		struct pollfd pf = { .fd = fd, .events = POLLOUT };
 		if (poll(&pf, 1, atoi(argv[4])) != 1) { puts("timeout"); return 0; }
 		int err = 0;

@@ -6,7 +6,8 @@
 //! host's `::1`, and
 //! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses;
 //! and, in both families, traceroute (UDP) and echo requests with short TTLs to a host one
-//! router further, each hop answering from its own address, ferry's gateway the first.
+//! router further, each hop answering from its own address, ferry's gateway the first; the
+//! router's MTU errors; and TCP connects with no route or no host met by ICMP, not RST.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`) with an IPv4 and an IPv6 address. Nothing leaves the
@@ -31,6 +32,8 @@ struct Far<'a> {
     far6: &'a str,
     router: &'a str,
     router6: &'a str,
+    /// An address on the far link that nobody has.
+    nobody: &'a str,
 }
 
 fn script(remote: &str, remote6: &str, path: &Far) -> String {
@@ -39,6 +42,7 @@ fn script(remote: &str, remote6: &str, path: &Far) -> String {
         far6,
         router,
         router6,
+        nobody,
     } = path;
     format!(
         r#"
@@ -90,6 +94,12 @@ check ping-ttl6 "$($P pingttl {far6} 1) $($P pingttl {far6} 2) $($P pingttl {far
 # the guest, whose socket hears EMSGSIZE and learns the path's MTU.
 check pmtu "$($P udp {far} 9 1450)" "errno:EMSGSIZE mtu 1400"
 check pmtu6 "$($P udp {far6} 9 1450)" "errno:EMSGSIZE mtu 1400"
+# A connect the host cannot make, with no route (ferry's namespace has none to 203.0.113.0/24
+# or 2001:db8::/32) or no host behind the router (its ARP goes unanswered): the guest hears
+# ICMP from the gateway, as behind any router, not a reset.
+check tcp-no-route "$($P connect 203.0.113.9 80 3000)" errno:ENETUNREACH
+check tcp-no-route6 "$($P connect 2001:db8::9 80 3000)" errno:ENETUNREACH
+check tcp-no-host "$($P connect {nobody} 80 8000)" errno:EHOSTUNREACH
 $P tcppeer 81 &
 $P udpecho 7 &
 # Ready once both listen (the host's clients come at once; a slower guest kernel, 6.12's,
@@ -148,6 +158,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let far = net
         .add_far_side()
         .expect("make a host one router further (needs root and iproute2)");
+    let nobody = format!("{}.99", far.addr.rsplit_once('.').map_or("", |(n, _)| n));
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let t = ferry_tests::tools_share(dir.path());
@@ -181,6 +192,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
                     far6: &far.addr6,
                     router: &net.remote_addr,
                     router6: &net.remote_addr6,
+                    nobody: &nobody,
                 },
             ),
             net_socket: Some(sock.clone()),
@@ -204,7 +216,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(24, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(27, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

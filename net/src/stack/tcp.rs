@@ -1,5 +1,6 @@
 //! TCP, both directions: the guest's SYNs become host connects (SYN-ACK only once the connect
-//! succeeds), published ports' clients become connections to the guest (at most
+//! succeeds; a failed one answered as the host's error says: RST, ICMP unreachable or, for a
+//! timeout, nothing), published ports' clients become connections to the guest (at most
 //! `MAX_HANDSHAKES` at once), and `pump` moves data between each flow's stack socket and host
 //! socket with backpressure both ways, and closes them. Either address family: a flow's ends
 //! are whatever the guest addressed (the host's loopback stands in for the host alias).
@@ -7,6 +8,7 @@
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
 use super::sys::{connect_nonblocking, peek_eof, take_error};
 use super::tcp_host::{adopt, HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
+use super::verdict::Unreachable;
 use super::*;
 use crate::guest_forward::ForwardTarget;
 use crate::proxy::handoff::Handoff;
@@ -310,7 +312,16 @@ impl NetStack {
                     None => log::debug!("nat: tcp connect to {target} failed at once: {e}"),
                 }
                 self.stats.tcp_refused += 1;
-                return false;
+                // No route from the host: the gateway says so. Else the SYN goes to smoltcp,
+                // which meets it with RST.
+                return match (Unreachable::of(&e), frame.get(14..14 + ip.len)) {
+                    (Some(why @ (Unreachable::Net | Unreachable::Host)), Some(packet)) => {
+                        let gateway = self.gateway_for(ip.src);
+                        self.unreachable(packet, ip.src, gateway, why);
+                        true
+                    }
+                    _ => false,
+                };
             }
         };
         let id = self.flows.next_id();
@@ -368,6 +379,31 @@ impl NetStack {
         })
     }
 
+    /// Flow `id`'s host connect failed with `e`: the guest hears it as from a real network,
+    /// for its held SYN `syn`. Refused: RST (smoltcp's answer to a SYN no listener meets). No
+    /// route or no host: ICMP net or host unreachable from the gateway (Linux ends a connect
+    /// at once on either, with the errno the host saw: "No route to host", not "Connection
+    /// refused"). Timed out: nothing, as the guest's own connect times out too.
+    fn connect_failed(&mut self, id: FlowId, syn: Vec<u8>, e: &io::Error) {
+        let why = Unreachable::of(e);
+        let reason = match why {
+            Some(Unreachable::Net | Unreachable::Host) => "unreachable",
+            _ if e.kind() == io::ErrorKind::TimedOut => "timeout",
+            _ => "refused",
+        };
+        self.tcp_remove(id, reason);
+        match (why, parse_ip(&syn)) {
+            (Some(why @ (Unreachable::Net | Unreachable::Host)), Some((ip, _))) => {
+                if let Some(packet) = syn.get(14..14 + ip.len) {
+                    let gateway = self.gateway_for(ip.src);
+                    self.unreachable(packet, ip.src, gateway, why);
+                }
+            }
+            _ if reason == "timeout" => {}
+            _ => self.device.rx.push_back(syn.into()),
+        }
+    }
+
     /// TCP flow `id`'s host socket is ready.
     pub(super) fn tcp_event(&mut self, id: FlowId, readable: bool) {
         // How the host connect ended, if it was under way (reading it clears it).
@@ -410,11 +446,9 @@ impl NetStack {
         if let TcpState::Connecting { syn } = &mut t.state {
             let syn = std::mem::take(syn);
             if err != 0 {
-                // Refused or unreachable: the SYN meets no listener and the guest gets RST.
                 log::debug!("nat: tcp connect to {remote} failed: errno {err}");
                 self.stats.tcp_refused += 1;
-                self.tcp_remove(id, "refused");
-                self.device.rx.push_back(syn.into());
+                self.connect_failed(id, syn, &io::Error::from_raw_os_error(err));
                 return;
             }
             let mut socket = tcp_socket();
