@@ -243,6 +243,9 @@ pub struct Ports {
 /// Datagrams a published UDP port's event reads at most.
 const UDP_BATCH: usize = 64;
 
+/// Connections a published TCP port's event accepts at most.
+const ACCEPT_BATCH: usize = 64;
+
 /// Datagram buffers kept for reuse at most.
 const SPARE_BUFFERS: usize = 256;
 
@@ -635,9 +638,13 @@ impl Ports {
         }
     }
 
+    /// Takes a batch of the clients waiting on a published TCP port: to the guest, or reset
+    /// when none is attached. A batch, as for UDP: the listener is watched level-triggered,
+    /// and a port flooded with connections would otherwise hold the thread while every other
+    /// port waited.
     fn accept_all(&self, token: u64, spec: &PortSpec, listener: &TcpListener) {
         let (mut forwarded, mut refused) = (0, 0);
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             if self.attached() {
                 let mut inner = self.lock();
                 if inner.incoming.len() >= MAX_INCOMING {
@@ -813,6 +820,30 @@ mod tests {
 
     /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
     /// a port again once one is unpublished.
+    #[test]
+    fn a_port_flooded_with_connections_takes_a_batch_per_event() {
+        let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let at = listener.local_addr().unwrap();
+        let clients: Vec<_> = (0..ACCEPT_BATCH + 36)
+            .map(|_| std::net::TcpStream::connect(at).unwrap())
+            .collect();
+        let spec = PortSpec {
+            protocol: Protocol::Tcp,
+            bind: at.ip(),
+            host_port: at.port(),
+            guest_port: 80,
+        };
+        // No guest is attached: each client taken is reset.
+        ports.accept_all(0, &spec, &listener);
+        let mut left = 0;
+        while listener.accept().is_ok() {
+            left += 1;
+        }
+        assert_eq!(left, 36, "one event took {} of them", clients.len() - left);
+    }
+
     #[test]
     fn publishing_stops_at_max_ports() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
