@@ -1,5 +1,6 @@
 //! The DHCP server: one lease, the guest address, with the router, DNS server, MTU, domain and
-//! search list of the network plan.
+//! search list of the network plan; the same plan without a lease for a client that set its
+//! own address and asks with INFORM.
 
 use smoltcp::wire::{
     DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress, Ipv4Address,
@@ -20,6 +21,7 @@ const LEASE_SECS: u32 = 86400;
 const OPT_MTU: u8 = 26;
 const OPT_DOMAIN_NAME: u8 = 15;
 const OPT_DOMAIN_SEARCH: u8 = 119;
+const OPT_CLIENT_ID: u8 = 61;
 
 /// `name` in DNS wire format (length-prefixed labels, then a zero), as option 119 wants.
 fn dns_labels(name: &str) -> Vec<u8> {
@@ -47,8 +49,9 @@ pub fn search_list(cfg: &NetConfig, max: usize) -> Vec<u8> {
     out
 }
 
-/// The answer to one client message, as a DHCP payload for 255.255.255.255:68, or `None` for a
-/// message that needs none (RELEASE, DECLINE, a reply, or something malformed).
+/// The answer to one client message (DISCOVER, REQUEST, INFORM), as a DHCP payload for
+/// 255.255.255.255:68, or `None` for a message that needs none (RELEASE, DECLINE, a reply, or
+/// something malformed).
 pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     let packet = DhcpPacket::new_checked(request).ok()?;
     let req = DhcpRepr::parse(&packet).ok()?;
@@ -56,6 +59,9 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     let gateway = to_smol(cfg.gateway());
     let message_type = match req.message_type {
         DhcpMessageType::Discover => DhcpMessageType::Offer,
+        // A client with an address of its own asks for the rest of the plan (RFC 2131 3.4):
+        // an ACK with no address and no lease.
+        DhcpMessageType::Inform => DhcpMessageType::Ack,
         DhcpMessageType::Request => {
             // A request for another address (a lease from another network) is refused, and
             // the client starts over with DISCOVER.
@@ -68,9 +74,19 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         }
         _ => return None,
     };
+    let inform = req.message_type == DhcpMessageType::Inform;
     let mtu = cfg.mtu.to_be_bytes();
     let search = search_list(cfg, 255);
-    let options = [
+    // The client's identifier goes back as it came, whatever its type (RFC 6842: a MAC, or
+    // the DUID systemd-networkd and dhcpcd send), in every answer, a NAK's too.
+    let client_id = packet
+        .options()
+        .find(|o| o.kind == OPT_CLIENT_ID && !o.data.is_empty())
+        .map(|o| DhcpOption {
+            kind: OPT_CLIENT_ID,
+            data: o.data,
+        });
+    let plan = [
         DhcpOption {
             kind: OPT_MTU,
             data: &mtu,
@@ -85,6 +101,10 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         },
     ];
     let nak = message_type == DhcpMessageType::Nak;
+    let mut options: Vec<DhcpOption> = client_id.into_iter().collect();
+    if !nak {
+        options.extend_from_slice(&plan);
+    }
     let mut dns = heapless_dns();
     if !nak {
         let _ = dns.push(gateway);
@@ -95,7 +115,11 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         secs: 0,
         client_hardware_address: req.client_hardware_address,
         client_ip: Ipv4Address::UNSPECIFIED,
-        your_ip: if nak { Ipv4Address::UNSPECIFIED } else { guest },
+        your_ip: if nak || inform {
+            Ipv4Address::UNSPECIFIED
+        } else {
+            guest
+        },
         server_ip: gateway,
         router: (!nak).then_some(gateway),
         subnet_mask: (!nak).then_some(to_smol(cfg.subnet.netmask())),
@@ -107,10 +131,10 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         parameter_request_list: None,
         dns_servers: (!nak).then_some(dns),
         max_size: None,
-        lease_duration: (!nak).then_some(LEASE_SECS),
+        lease_duration: (!nak && !inform).then_some(LEASE_SECS),
         renew_duration: None,
         rebind_duration: None,
-        additional_options: if nak { &[] } else { &options },
+        additional_options: &options,
     };
     let mut buf = vec![0u8; repr.buffer_len()];
     let mut out = DhcpPacket::new_unchecked(&mut buf[..]);
@@ -179,6 +203,57 @@ mod tests {
         let r = DhcpRepr::parse(&p).unwrap();
         let opts = p.options().map(|o| (o.kind, o.data.to_vec())).collect();
         (r.message_type, r.your_ip, r.router, opts)
+    }
+
+    /// `request` with option 61 (client identifier) `id` added before its end.
+    fn with_client_id(mut req: Vec<u8>, id: &[u8]) -> Vec<u8> {
+        let end = req.iter().rposition(|b| *b == 255).unwrap();
+        let mut opt = vec![OPT_CLIENT_ID, id.len() as u8];
+        opt.extend_from_slice(id);
+        req.splice(end..end, opt);
+        req
+    }
+
+    #[test]
+    fn the_client_identifier_comes_back_as_it_came() {
+        let cfg = NetConfig::default();
+        // A DUID client identifier (type 255, IAID, DUID-LL), as systemd-networkd sends.
+        let id = [255, 0, 0, 0, 1, 0, 3, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        for (kind, answer) in [
+            (DhcpMessageType::Discover, DhcpMessageType::Offer),
+            (DhcpMessageType::Request, DhcpMessageType::Ack),
+        ] {
+            let req = with_client_id(request(kind, Some(to_smol(cfg.guest()))), &id);
+            let (t, _, _, opts) = parse(&reply(&cfg, &req).unwrap());
+            assert_eq!(t, answer);
+            assert!(opts.contains(&(OPT_CLIENT_ID, id.to_vec())), "{opts:?}");
+        }
+        let req = with_client_id(request(DhcpMessageType::Request, None), &id);
+        let (_, _, _, opts) = parse(&reply(&cfg, &req).unwrap());
+        assert_eq!(opts.iter().filter(|(k, _)| *k == OPT_CLIENT_ID).count(), 1);
+        // No identifier asked, none given.
+        let (_, _, _, opts) =
+            parse(&reply(&cfg, &request(DhcpMessageType::Discover, None)).unwrap());
+        assert!(!opts.iter().any(|(k, _)| *k == OPT_CLIENT_ID));
+    }
+
+    #[test]
+    fn inform_gets_the_plan_without_an_address_or_a_lease() {
+        let cfg = NetConfig::default();
+        let mut req = request(DhcpMessageType::Inform, None);
+        // ciaddr: the address the client set itself.
+        req[12..16].copy_from_slice(&[192, 168, 127, 50]);
+        let (t, yiaddr, router, opts) = parse(&reply(&cfg, &req).unwrap());
+        assert_eq!(t, DhcpMessageType::Ack);
+        assert_eq!(yiaddr, Ipv4Address::UNSPECIFIED);
+        assert_eq!(router, Some(to_smol(cfg.gateway())));
+        assert!(
+            opts.iter()
+                .any(|(k, v)| *k == 6 && v == &cfg.gateway().octets()),
+            "DNS"
+        );
+        assert!(opts.iter().any(|(k, _)| *k == OPT_MTU));
+        assert!(!opts.iter().any(|(k, _)| *k == 51), "no lease time");
     }
 
     #[test]
