@@ -1,20 +1,23 @@
-//! A stateless DHCPv6 server (RFC 8415, the part RFC 3736 describes): DNS servers and the
-//! search list for guests that ask DHCPv6 rather than read them from router advertisements.
+//! The DHCPv6 server (RFC 8415): DNS servers and the search list for every guest that asks,
+//! and an address for a guest configured to take one from DHCPv6 rather than SLAAC.
 //!
-//! Theory of operation. Addresses come from SLAAC (the router advertisement says so: its
-//! managed flag is off, its other-configuration flag on), so this server keeps no state and
-//! hands out no address or prefix. An INFORMATION-REQUEST gets a REPLY with the gateway as
-//! DNS server and `ferry.internal` (then the host's search domains) as search list. Those two
-//! options go in every answer that can carry configuration, whether or not the client's
-//! option request option names them: they are what this server is for, and a client ignores
-//! options it did not ask for. A client that wants an address anyway (a SOLICIT or REQUEST
-//! with an IA, as stateful-only clients send) hears, in each IA, that none is available
-//! (NoAddrsAvail, NoPrefixAvail for a prefix), so it stops asking and keeps its SLAAC
-//! address. RENEW, REBIND, RELEASE and DECLINE of leases this server never gave get
-//! NoBinding (REBIND's addresses come back with zero lifetimes: they are not ours to extend),
-//! and a CONFIRM is answered from the prefix alone. Messages that name another server, or
-//! break RFC 8415 section 16's rules on which messages carry a server or client identifier,
-//! and anything malformed get no answer: every option is bounds-checked, none is trusted.
+//! Theory of operation. Addresses come from SLAAC by default (the router advertisement's
+//! managed flag is off, its other-configuration flag on), so most guests only send an
+//! INFORMATION-REQUEST, which gets a REPLY with the gateway as DNS server and
+//! `ferry.internal` (then the host's search domains) as search list. Those two options go in
+//! every answer that can carry configuration, whether or not the client's option request
+//! option names them: they are what this server is for, and a client ignores options it did
+//! not ask for. A guest set up for stateful DHCPv6 (NetworkManager's `ipv6.method=dhcp`,
+//! netplan's `dhcp6` without SLAAC) sends an IA_NA: it gets one address in the prefix whose
+//! interface identifier is a hash of its DUID and IAID (`lease_for`), so the same client's IA
+//! gets the same address every time, on every run, while the server keeps no state: a
+//! REQUEST, RENEW or REBIND is answered by computing the address again (anything else the IA
+//! names comes back with zero lifetimes, RFC 8415 18.3.4), RELEASE and DECLINE have nothing
+//! to free, and SOLICIT with Rapid Commit gets the REPLY at once. Temporary addresses (IA_TA)
+//! and delegated prefixes (IA_PD) are not given: NoAddrsAvail and NoPrefixAvail in their IAs.
+//! A CONFIRM is answered from the prefix alone. Messages that name another server, or break
+//! RFC 8415 section 16's rules on which messages carry a server or client identifier, and
+//! anything malformed get no answer: every option is bounds-checked, none is trusted.
 
 use std::net::Ipv6Addr;
 
@@ -46,6 +49,7 @@ const OPTION_IA_NA: u16 = 3;
 const OPTION_IA_TA: u16 = 4;
 const OPTION_IAADDR: u16 = 5;
 const OPTION_STATUS_CODE: u16 = 13;
+const OPTION_RAPID_COMMIT: u16 = 14;
 const OPTION_DNS_SERVERS: u16 = 23;
 const OPTION_DOMAIN_LIST: u16 = 24;
 const OPTION_IA_PD: u16 = 25;
@@ -68,6 +72,38 @@ const MAX_DOMAIN_LIST: usize = 1024;
 /// How often a stateless client asks again (RFC 4242): as often as the router advertisement's
 /// DNS options expire, so a changed search list reaches the guest in the same time.
 const INFORMATION_REFRESH: u32 = 1800;
+
+/// How long a leased address stays preferred and valid: a day, as DHCP's IPv4 lease (the
+/// same address comes back at every renewal anyway).
+const LEASE: u32 = 86400;
+/// When the client renews (T1) and rebinds (T2): at half and at 80% of the lease.
+const T1: u32 = LEASE / 2;
+const T2: u32 = LEASE / 5 * 4;
+
+/// The address of IA_NA `iaid` of the client `duid`: the prefix and an interface identifier
+/// hashed from both (FNV-1a, stable across runs and builds), its universal/local bit clear
+/// (RFC 4291: not derived from a MAC), and never one of the low identifiers ferry's own
+/// addresses use (`::1`, `::fe`).
+fn lease_for(cfg: &NetConfig, duid: &[u8], iaid: &[u8]) -> Option<Ipv6Addr> {
+    let subnet = cfg.subnet6?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in duid.iter().chain(iaid) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let id = (h & !(0x02 << 56)) | (1 << 32);
+    Some(subnet.nth(id))
+}
+
+/// An IAADDR option (RFC 8415 21.6) for `addr` with both lifetimes `lifetime`.
+fn iaaddr(addr: Ipv6Addr, lifetime: u32) -> Vec<u8> {
+    let mut d = addr.octets().to_vec();
+    d.extend_from_slice(&lifetime.to_be_bytes());
+    d.extend_from_slice(&lifetime.to_be_bytes());
+    let mut o = Vec::with_capacity(28);
+    push_option(&mut o, OPTION_IAADDR, &d);
+    o
+}
 
 /// Ferry's DUID: DUID-LL (type 3) of hardware type Ethernet (1) and the gateway's MAC. It
 /// is the same on every run, as a DUID must be, without storing anything.
@@ -150,9 +186,15 @@ impl<'a> Ia<'a> {
     /// The IA as it goes back to the client, holding `inner` (options already encoded); its
     /// T1 and T2 are zero: there is nothing to renew.
     fn answer(&self, inner: &[u8]) -> Vec<u8> {
+        self.answer_with(inner, 0, 0)
+    }
+
+    /// The IA as it goes back, holding `inner`, with renewal times `t1` and `t2`.
+    fn answer_with(&self, inner: &[u8], t1: u32, t2: u32) -> Vec<u8> {
         let mut d = self.iaid.to_vec();
         if self.code != OPTION_IA_TA {
-            d.extend_from_slice(&[0; 8]);
+            d.extend_from_slice(&t1.to_be_bytes());
+            d.extend_from_slice(&t2.to_be_bytes());
         }
         d.extend_from_slice(inner);
         let mut o = Vec::with_capacity(4 + d.len());
@@ -167,13 +209,28 @@ impl<'a> Ia<'a> {
         self.answer(&inner)
     }
 
-    /// The status of an IA this server is asked to fill: no address, or no prefix.
+    /// The status of an IA this server is asked to fill and does not: no temporary address,
+    /// or no prefix.
     fn none_available(&self) -> Vec<u8> {
         if self.code == OPTION_IA_PD {
             self.with_status(NO_PREFIX_AVAIL, "no prefixes are delegated here")
         } else {
-            self.with_status(NO_ADDRS_AVAIL, "addresses come from SLAAC")
+            self.with_status(NO_ADDRS_AVAIL, "temporary addresses come from SLAAC")
         }
+    }
+
+    /// An IA_NA filled with `lease`, the client's address, for a day; any other address the
+    /// client named comes back with zero lifetimes (not ours to extend). `None` if an address
+    /// the IA holds is malformed.
+    fn leased(&self, lease: Ipv6Addr) -> Option<Vec<u8>> {
+        let mut inner = iaaddr(lease, LEASE);
+        for (_, d) in self.leases()? {
+            let a: [u8; 16] = d.get(..16)?.try_into().ok()?;
+            if Ipv6Addr::from(a) != lease {
+                inner.extend_from_slice(&iaaddr(Ipv6Addr::from(a), 0));
+            }
+        }
+        Some(self.answer_with(&inner, T1, T2))
     }
 }
 
@@ -209,13 +266,25 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         }
     }
 
+    // SOLICIT with Rapid Commit (RFC 8415 18.3.1) is answered with the REPLY at once, which
+    // the client takes as REQUEST's.
+    let rapid = kind == SOLICIT && find(OPTION_RAPID_COMMIT).is_some();
     let mut out = Vec::with_capacity(256);
-    out.push(if kind == SOLICIT { ADVERTISE } else { REPLY });
+    out.push(if kind == SOLICIT && !rapid {
+        ADVERTISE
+    } else {
+        REPLY
+    });
     out.extend_from_slice(xid);
     if let Some(id) = client_id {
         push_option(&mut out, OPTION_CLIENTID, id);
     }
     push_option(&mut out, OPTION_SERVERID, &duid);
+    if rapid {
+        push_option(&mut out, OPTION_RAPID_COMMIT, &[]);
+    }
+    // The address of an IA_NA of this client.
+    let lease = |ia: &Ia| lease_for(cfg, client_id.unwrap_or_default(), ia.iaid);
     let mut configure = true;
     match kind {
         // RFC 8415 16.12: an information request with an IA is discarded.
@@ -227,6 +296,18 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
                 &INFORMATION_REFRESH.to_be_bytes(),
             );
         }
+        SOLICIT | REQUEST | RENEW | REBIND if ias.iter().any(|ia| ia.code == OPTION_IA_NA) => {
+            // Each IA_NA its address (again, for RENEW and REBIND: the same one); the
+            // temporary addresses and prefixes asked with them are not given.
+            for ia in &ias {
+                let answer = match (ia.code, lease(ia)) {
+                    (OPTION_IA_NA, Some(a)) => ia.leased(a)?,
+                    _ if matches!(kind, SOLICIT | REQUEST) => ia.none_available(),
+                    _ => ia.with_status(NO_BINDING, "no such lease"),
+                };
+                out.extend_from_slice(&answer);
+            }
+        }
         SOLICIT | REQUEST => {
             for ia in &ias {
                 out.extend_from_slice(&ia.none_available());
@@ -234,7 +315,11 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
             // RFC 3315 17.2.2's way of saying it in an advertisement, for older clients
             // (RFC 8415 moved it into the IAs, above).
             if kind == SOLICIT {
-                push_status(&mut out, NO_ADDRS_AVAIL, "addresses come from SLAAC");
+                push_status(
+                    &mut out,
+                    NO_ADDRS_AVAIL,
+                    "only IA_NA addresses are given here",
+                );
             }
         }
         RENEW => {
@@ -268,8 +353,9 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
             }
         }
         RELEASE | DECLINE => {
-            // RFC 8415 18.3.7 and 18.3.8: NoBinding in each IA, Success overall.
-            for ia in &ias {
+            // RFC 8415 18.3.7 and 18.3.8: Success overall; NoBinding in each IA but an
+            // IA_NA's (whose address is computed, not held: nothing to free).
+            for ia in ias.iter().filter(|ia| ia.code != OPTION_IA_NA) {
                 out.extend_from_slice(&ia.with_status(NO_BINDING, "no such lease"));
             }
             push_status(&mut out, SUCCESS, "nothing to release");
@@ -411,39 +497,88 @@ mod tests {
         assert!(reply(&cfg, &msg(INFORMATION_REQUEST, &[(OPTION_IA_NA, IA_NA)])).is_none());
     }
 
+    /// The addresses of an IA_NA answer with their preferred and valid lifetimes, and its
+    /// T1 and T2.
+    fn addresses(na: &[u8]) -> (Vec<(Ipv6Addr, u32, u32)>, u32, u32) {
+        let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let inner = options(&na[12..]).unwrap();
+        let addrs = inner
+            .iter()
+            .filter(|(c, _)| *c == OPTION_IAADDR)
+            .map(|(_, d)| {
+                let a: [u8; 16] = d[..16].try_into().unwrap();
+                (Ipv6Addr::from(a), be(&d[16..20]), be(&d[20..24]))
+            })
+            .collect();
+        (addrs, be(&na[4..8]), be(&na[8..12]))
+    }
+
     #[test]
-    fn a_stateful_solicit_hears_that_addresses_come_from_slaac() {
+    fn a_stateful_solicit_gets_an_address_of_its_own_and_no_temporary_ones_or_prefixes() {
         let cfg = NetConfig::default();
         let ia_ta: &[u8] = &[0, 0, 0, 7];
         let ia_pd: &[u8] = &[0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0];
-        let r = reply(
-            &cfg,
-            &msg(
-                SOLICIT,
-                &[
-                    (OPTION_CLIENTID, DUID),
-                    (OPTION_IA_NA, IA_NA),
-                    (OPTION_IA_TA, ia_ta),
-                    (OPTION_IA_PD, ia_pd),
-                ],
-            ),
-        )
-        .unwrap();
-        let (kind, o) = parsed(&r);
+        let solicit = |duid: &[u8], ias: &[(u16, &[u8])]| {
+            let mut opts = vec![(OPTION_CLIENTID, duid)];
+            opts.extend_from_slice(ias);
+            parsed(&reply(&cfg, &msg(SOLICIT, &opts)).unwrap())
+        };
+        let (kind, o) = solicit(
+            DUID,
+            &[
+                (OPTION_IA_NA, IA_NA),
+                (OPTION_IA_TA, ia_ta),
+                (OPTION_IA_PD, ia_pd),
+            ],
+        );
         assert_eq!(kind, ADVERTISE);
         let na = get(&o, OPTION_IA_NA).unwrap();
-        assert_eq!(&na[..12], IA_NA, "the IAID, T1 and T2 zero");
-        assert_eq!(ia_status(OPTION_IA_NA, na), NO_ADDRS_AVAIL);
+        assert_eq!(&na[..4], &IA_NA[..4], "the IAID");
+        let (addrs, t1, t2) = addresses(na);
+        assert_eq!((t1, t2), (43200, 69120));
+        assert_eq!(addrs.len(), 1);
+        let (lease, preferred, valid) = addrs[0];
+        assert_eq!((preferred, valid), (86400, 86400));
+        assert!(
+            cfg.subnet6.unwrap().contains(lease),
+            "{lease} in the prefix"
+        );
+        assert!(![cfg.gateway6(), cfg.host_alias6()].contains(&lease));
+        assert_eq!(
+            u128::from(lease) >> 57 & 1,
+            0,
+            "the universal/local bit clear"
+        );
         let ta = get(&o, OPTION_IA_TA).unwrap();
         assert_eq!(&ta[..4], ia_ta);
         assert_eq!(ia_status(OPTION_IA_TA, ta), NO_ADDRS_AVAIL);
         let pd = get(&o, OPTION_IA_PD).unwrap();
         assert_eq!(ia_status(OPTION_IA_PD, pd), NO_PREFIX_AVAIL);
+        assert!(
+            get(&o, OPTION_STATUS_CODE).is_none(),
+            "an address was given"
+        );
+        assert!(get(&o, OPTION_DNS_SERVERS).is_some());
+        // The same client and IA: the same address, on every run; another IA or client:
+        // another.
+        let again = |duid: &[u8], ia: &[u8]| {
+            let (_, o) = solicit(duid, &[(OPTION_IA_NA, ia)]);
+            addresses(get(&o, OPTION_IA_NA).unwrap()).0[0].0
+        };
+        assert_eq!(again(DUID, IA_NA), lease);
+        assert_ne!(again(DUID, &[0, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0]), lease);
+        assert_ne!(again(&[0, 3, 0, 1, 2, 0, 0, 0, 0, 1], IA_NA), lease);
+        // Rapid Commit: the REPLY at once, saying so.
+        let (kind, o) = solicit(DUID, &[(OPTION_IA_NA, IA_NA), (OPTION_RAPID_COMMIT, &[])]);
+        assert_eq!(kind, REPLY);
+        assert_eq!(get(&o, OPTION_RAPID_COMMIT), Some(&[][..]));
+        assert_eq!(addresses(get(&o, OPTION_IA_NA).unwrap()).0[0].0, lease);
+        // Only a temporary address asked: none, said in the IA and overall.
+        let (_, o) = solicit(DUID, &[(OPTION_IA_TA, ia_ta)]);
         assert_eq!(
             get(&o, OPTION_STATUS_CODE).unwrap()[..2],
             NO_ADDRS_AVAIL.to_be_bytes()
         );
-        assert!(get(&o, OPTION_DNS_SERVERS).is_some());
         // A SOLICIT without a client id, or naming a server (even this one), gets nothing.
         assert!(reply(&cfg, &msg(SOLICIT, &[(OPTION_IA_NA, IA_NA)])).is_none());
         assert!(reply(
@@ -454,7 +589,7 @@ mod tests {
             )
         )
         .is_none());
-        // A REQUEST (which must name this server) gets a REPLY, the same status in its IA.
+        // A REQUEST (which must name this server) gets a REPLY with the same address.
         let r = reply(
             &cfg,
             &msg(
@@ -470,8 +605,8 @@ mod tests {
         let (kind, o) = parsed(&r);
         assert_eq!(kind, REPLY);
         assert_eq!(
-            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
-            NO_ADDRS_AVAIL
+            addresses(get(&o, OPTION_IA_NA).unwrap()).0,
+            vec![(lease, 86400, 86400)]
         );
         assert!(reply(
             &cfg,
@@ -481,9 +616,11 @@ mod tests {
     }
 
     #[test]
-    fn leases_never_given_are_not_renewed_rebound_or_released() {
+    fn renewals_get_the_same_address_and_others_are_dropped() {
         let cfg = NetConfig::default();
-        let ia = iaaddr("fd46:5259::1234");
+        let lease = lease_for(&cfg, DUID, &IA_NA[..4]).unwrap();
+        let foreign = iaaddr("fd46:5259::1234");
+        let own = iaaddr(&lease.to_string());
         let to_us = |kind, ia: &[u8]| {
             reply(
                 &cfg,
@@ -497,46 +634,57 @@ mod tests {
                 ),
             )
         };
-        let (kind, o) = parsed(&to_us(RENEW, &ia).unwrap());
+        let (kind, o) = parsed(&to_us(RENEW, &own).unwrap());
         assert_eq!(kind, REPLY);
+        let (addrs, t1, t2) = addresses(get(&o, OPTION_IA_NA).unwrap());
+        assert_eq!((addrs, t1, t2), (vec![(lease, 86400, 86400)], 43200, 69120));
+        assert!(get(&o, OPTION_DNS_SERVERS).is_some());
+        // An address this client's IA does not have comes back with zero lifetimes, beside
+        // the one it has.
+        let (_, o) = parsed(&to_us(RENEW, &foreign).unwrap());
+        let foreign_addr: Ipv6Addr = "fd46:5259::1234".parse().unwrap();
         assert_eq!(
-            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
+            addresses(get(&o, OPTION_IA_NA).unwrap()).0,
+            vec![(lease, 86400, 86400), (foreign_addr, 0, 0)]
+        );
+        // REBIND names no server; the same answer.
+        let r = reply(
+            &cfg,
+            &msg(REBIND, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &own)]),
+        )
+        .unwrap();
+        assert_eq!(
+            addresses(get(&parsed(&r).1, OPTION_IA_NA).unwrap()).0,
+            vec![(lease, 86400, 86400)]
+        );
+        // A temporary address was never given: NoBinding.
+        let ia_ta: &[u8] = &[0, 0, 0, 7];
+        let r = reply(
+            &cfg,
+            &msg(
+                RENEW,
+                &[
+                    (OPTION_CLIENTID, DUID),
+                    (OPTION_SERVERID, &ours()),
+                    (OPTION_IA_TA, ia_ta),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            ia_status(OPTION_IA_TA, get(&parsed(&r).1, OPTION_IA_TA).unwrap()),
             NO_BINDING
         );
+        // RELEASE and DECLINE: nothing is held, Success.
         for k in [RELEASE, DECLINE] {
-            let (_, o) = parsed(&to_us(k, &ia).unwrap());
-            assert_eq!(
-                ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
-                NO_BINDING
-            );
+            let (_, o) = parsed(&to_us(k, &own).unwrap());
+            assert!(get(&o, OPTION_IA_NA).is_none());
             assert_eq!(
                 get(&o, OPTION_STATUS_CODE).unwrap()[..2],
                 SUCCESS.to_be_bytes()
             );
             assert!(get(&o, OPTION_DNS_SERVERS).is_none());
         }
-        // REBIND names no server; its addresses come back with zero lifetimes.
-        let r = reply(
-            &cfg,
-            &msg(REBIND, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia)]),
-        )
-        .unwrap();
-        let (_, o) = parsed(&r);
-        let back = get(&o, OPTION_IA_NA).unwrap();
-        let inner = options(&back[12..]).unwrap();
-        assert_eq!(inner[0].0, OPTION_IAADDR);
-        assert_eq!(&inner[0].1[..16], &ia[16..32]);
-        assert_eq!(&inner[0].1[16..24], &[0; 8]);
-        let r = reply(
-            &cfg,
-            &msg(REBIND, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, IA_NA)]),
-        )
-        .unwrap();
-        let (_, o) = parsed(&r);
-        assert_eq!(
-            ia_status(OPTION_IA_NA, get(&o, OPTION_IA_NA).unwrap()),
-            NO_BINDING
-        );
         assert!(reply(
             &cfg,
             &msg(
@@ -544,7 +692,7 @@ mod tests {
                 &[
                     (OPTION_CLIENTID, DUID),
                     (OPTION_SERVERID, &ours()),
-                    (OPTION_IA_NA, &ia)
+                    (OPTION_IA_NA, &own)
                 ]
             )
         )
@@ -553,7 +701,7 @@ mod tests {
         for k in [RENEW, RELEASE, DECLINE] {
             assert!(reply(
                 &cfg,
-                &msg(k, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &ia)])
+                &msg(k, &[(OPTION_CLIENTID, DUID), (OPTION_IA_NA, &own)])
             )
             .is_none());
         }

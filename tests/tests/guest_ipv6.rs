@@ -7,7 +7,8 @@
 //! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses;
 //! and, in both families, traceroute (UDP) and echo requests with short TTLs to a host one
 //! router further, each hop answering from its own address, ferry's gateway the first; the
-//! router's MTU errors; and TCP connects with no route or no host met by ICMP, not RST.
+//! router's MTU errors; TCP connects with no route or no host met by ICMP, not RST; and a
+//! guest set up for stateful DHCPv6 gets an address of its own that works.
 //!
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`) with an IPv4 and an IPv6 address. Nothing leaves the
@@ -107,6 +108,15 @@ $P udpecho 7 &
 i=0; while ! grep -q ':0051 ' /proc/net/tcp6 || ! grep -q ':0007 ' /proc/net/udp6; do [ $i -lt 100 ] || break; sleep 0.1; i=$((i+1)); done
 echo FERRY-READY
 i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+# A guest set up for stateful DHCPv6 (dhcpcd's ia_na; NetworkManager's ipv6.method=dhcp):
+# ferry leases it an address of its own in the prefix (a /128), which works as any other.
+dhcpcd -x eth0 >/dev/null 2>&1
+printf 'ipv6only\nnoipv4ll\nnodelay\nia_na 1\n' > /tmp/na.conf
+dhcpcd -b -f /tmp/na.conf eth0 >/tmp/na.log 2>&1
+i=0; while ! ip -6 addr show dev eth0 | grep -v tentative | grep -q "inet6 {PREFIX}.*/128" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+NA=$(ip -6 addr show dev eth0 | grep -v tentative | sed -n 's|.*inet6 \({PREFIX}[^/]*\)/128.*|\1|p' | head -1)
+check dhcpv6-address "$(echo "$NA" | grep -c .)" 1
+check dhcpv6-address-works "$($P udpfrom {remote6} 7781 $NA)" "1 of 1"
 "#
     )
 }
@@ -216,7 +226,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(27, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(29, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"
