@@ -88,6 +88,11 @@ impl Subnet {
         Ipv4Addr::from(u32::from(self.network) + n)
     }
 
+    /// The subnet's broadcast address (all host bits set).
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !mask(self.prefix))
+    }
+
     /// The number of addresses in the subnet, network and broadcast included.
     fn size(&self) -> u32 {
         1u32 << (32 - u32::from(self.prefix))

@@ -77,8 +77,9 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     let inform = req.message_type == DhcpMessageType::Inform;
     let mtu = cfg.mtu.to_be_bytes();
     let search = search_list(cfg, 255);
-    // The client's identifier goes back as it came, whatever its type (RFC 6842: a MAC, or
-    // the DUID systemd-networkd and dhcpcd send), in every answer, a NAK's too.
+    // The client's identifier goes back as it came (RFC 6842: a MAC, or the DUID
+    // systemd-networkd and dhcpcd send), in every answer, a NAK's too. (A 7-byte one that is
+    // not a MAC fails smoltcp's parse above and gets no answer.)
     let client_id = packet
         .options()
         .find(|o| o.kind == OPT_CLIENT_ID && !o.data.is_empty())
@@ -114,7 +115,12 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         transaction_id: req.transaction_id,
         secs: 0,
         client_hardware_address: req.client_hardware_address,
-        client_ip: Ipv4Address::UNSPECIFIED,
+        // INFORM's answer names the address the client asked from (RFC 2131 4.3.5).
+        client_ip: if inform {
+            req.client_ip
+        } else {
+            Ipv4Address::UNSPECIFIED
+        },
         your_ip: if nak || inform {
             Ipv4Address::UNSPECIFIED
         } else {
@@ -243,7 +249,9 @@ mod tests {
         let mut req = request(DhcpMessageType::Inform, None);
         // ciaddr: the address the client set itself.
         req[12..16].copy_from_slice(&[192, 168, 127, 50]);
-        let (t, yiaddr, router, opts) = parse(&reply(&cfg, &req).unwrap());
+        let answer = reply(&cfg, &req).unwrap();
+        assert_eq!(&answer[12..16], &[192, 168, 127, 50], "ciaddr named back");
+        let (t, yiaddr, router, opts) = parse(&answer);
         assert_eq!(t, DhcpMessageType::Ack);
         assert_eq!(yiaddr, Ipv4Address::UNSPECIFIED);
         assert_eq!(router, Some(to_smol(cfg.gateway())));

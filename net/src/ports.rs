@@ -608,7 +608,7 @@ impl Ports {
             }
         };
         match socket {
-            (spec, Some(listener), _) => self.accept_all(token, &spec, &listener),
+            (spec, Some(listener), _) => self.accept_batch(token, &spec, &listener),
             (spec, _, Some(udp)) => self.receive_batch(&spec, &udp, buf),
             _ => {}
         }
@@ -642,7 +642,7 @@ impl Ports {
     /// when none is attached. A batch, as for UDP: the listener is watched level-triggered,
     /// and a port flooded with connections would otherwise hold the thread while every other
     /// port waited.
-    fn accept_all(&self, token: u64, spec: &PortSpec, listener: &TcpListener) {
+    fn accept_batch(&self, token: u64, spec: &PortSpec, listener: &TcpListener) {
         let (mut forwarded, mut refused) = (0, 0);
         for _ in 0..ACCEPT_BATCH {
             if self.attached() {
@@ -818,8 +818,7 @@ mod tests {
         sender.join().unwrap();
     }
 
-    /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
-    /// a port again once one is unpublished.
+    /// One event takes a batch of a flooded port's clients, and leaves the rest for the next.
     #[test]
     fn a_port_flooded_with_connections_takes_a_batch_per_event() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
@@ -836,7 +835,7 @@ mod tests {
             guest_port: 80,
         };
         // No guest is attached: each client taken is reset.
-        ports.accept_all(0, &spec, &listener);
+        ports.accept_batch(0, &spec, &listener);
         let mut left = 0;
         while listener.accept().is_ok() {
             left += 1;
@@ -844,6 +843,8 @@ mod tests {
         assert_eq!(left, 36, "one event took {} of them", clients.len() - left);
     }
 
+    /// The table stops at MAX_PORTS, with the error the API and `ferry ctl` show, and takes
+    /// a port again once one is unpublished.
     #[test]
     fn publishing_stops_at_max_ports() {
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");

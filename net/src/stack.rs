@@ -457,6 +457,21 @@ impl NetStack {
         }
     }
 
+    /// Whether the guest's packets to `a` may leave its link through the NAT: no broadcast
+    /// (the subnet's own included: nobody else is on the link, and the host's network is
+    /// not the guest's to broadcast on), no multicast, no unspecified address.
+    fn leaves_link(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => {
+                !a.is_broadcast()
+                    && !a.is_multicast()
+                    && !a.is_unspecified()
+                    && a != self.cfg.subnet.broadcast()
+            }
+            IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
+        }
+    }
+
     /// Whether `a` is one of the gateway's addresses.
     fn is_gateway(&self, a: IpAddr) -> bool {
         self.gateways.contains(&a)

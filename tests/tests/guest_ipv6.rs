@@ -86,9 +86,10 @@ check udp6-8000-at-mtu-1500 "$($P udp {remote6} 7777 8000)" "8000 SAME"
 # from it, the next from the test network's router, and the last reaches the far host (its
 # port unreachable, or its echo reply), in either family, UDP and ICMP, as traceroute and
 # mtr send them.
-hops() {{ awk '/^ *[0-9]/ {{print $2}}' | tr '\n' ' '; }}
-check traceroute "$(traceroute -n -q 1 -w 2 -m 5 {far} 2>/dev/null | hops)" "192.168.127.1 {router} {far} "
-check traceroute6 "$(traceroute6 -n -q 1 -w 2 -m 5 {far6} 2>/dev/null | hops)" "{GATEWAY6} {router6} {far6} "
+# Two probes a hop, the first address that answered each (one lost probe prints "*").
+hops() {{ awk '/^ *[0-9]/ {{ a = "*"; for (i = 2; i <= NF; i++) if ($i ~ /[.:]/) {{ a = $i; break }}; print a }}' | tr '\n' ' '; }}
+check traceroute "$(traceroute -n -q 2 -w 2 -m 5 {far} 2>/dev/null | hops)" "192.168.127.1 {router} {far} "
+check traceroute6 "$(traceroute6 -n -q 2 -w 2 -m 5 {far6} 2>/dev/null | hops)" "{GATEWAY6} {router6} {far6} "
 check ping-ttl "$($P pingttl {far} 1) $($P pingttl {far} 2) $($P pingttl {far} 3)" "time-exceeded 192.168.127.1 time-exceeded {router} reply {far}"
 check ping-ttl6 "$($P pingttl {far6} 1) $($P pingttl {far6} 2) $($P pingttl {far6} 3)" "time-exceeded {GATEWAY6} time-exceeded {router6} reply {far6}"
 # The far link's MTU is 1400: the router's "fragmentation needed" and "packet too big" reach

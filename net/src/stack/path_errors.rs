@@ -4,9 +4,11 @@
 //!
 //! Theory of operation. The gateway is one hop: a datagram or echo request the guest sends
 //! through the NAT with a TTL (hop limit) of 1 expires there, and the gateway answers "time
-//! exceeded" from its own address, quoting the packet, as Linux forwarding does; any other
-//! goes out with its TTL less one (`hop_limit_for`), set on the flow's host socket when it
-//! changes (a traceroute changes it on each probe; other traffic never does). The host
+//! exceeded" from its own address, quoting the packet, as Linux forwarding does (never about
+//! a packet from or to a broadcast, multicast or link-local address, nor one for the link
+//! itself, such as the host alias: `hops_or_expire`); any other goes out with its TTL less
+//! one (`hop_limit_for`), set on the flow's host socket when it changes (a traceroute
+//! changes it on each probe; other traffic never does). The host
 //! sockets of UDP and ping flows queue the ICMP errors their packets meet (IP_RECVERR), with
 //! who sent each: `relay` passes each on to the guest, from that sender (a router on the
 //! host's path, or the remote; the host's own loopback stands for the address the guest
@@ -141,37 +143,59 @@ fn quote_echo(guest: IpAddr, remote: IpAddr, ident: u16, echo: &[u8]) -> Option<
     Some(q)
 }
 
+/// Whether `a` is an address an ICMP error may be about or go to (RFC 1812 4.3.2.7): no
+/// broadcast, multicast, unspecified or link-local one.
+fn unicast_beyond_link(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => {
+            !a.is_broadcast() && !a.is_multicast() && !a.is_unspecified() && !a.is_link_local()
+        }
+        IpAddr::V6(a) => {
+            !a.is_multicast() && !a.is_unspecified() && (a.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
 impl NetStack {
-    /// A guest packet `frame` bound through the NAT with a TTL that ends at the gateway:
-    /// answered with "time exceeded" from the gateway. Returns whether it expired (and is
-    /// taken).
-    pub(super) fn expires_here(&mut self, frame: &[u8], ip: &IpInfo) -> bool {
-        if hop_limit_for(ip.hop_limit).is_some() {
-            return false;
+    /// The TTL the NAT sends guest packet `ip` on with (`hop_limit_for`), or None when it
+    /// expires at the gateway, which then answers "time exceeded" (and the packet is taken).
+    /// A packet on its last hop to the link itself (the host alias) or about which no error
+    /// may be sent (from or to a broadcast, multicast or link-local address) goes on with a
+    /// TTL of 1.
+    pub(super) fn hops_or_expire(&mut self, frame: &[u8], ip: &IpInfo) -> Option<u8> {
+        if let Some(h) = hop_limit_for(ip.hop_limit) {
+            return Some(h);
+        }
+        let on_link =
+            self.is_host_alias(ip.dst) || self.is_gateway(ip.dst) || self.is_forward_addr(ip.dst);
+        if on_link || !unicast_beyond_link(ip.dst) || !unicast_beyond_link(ip.src) {
+            return Some(1);
         }
         let from = self.gateway_for(ip.src);
         if let Some(packet) = frame.get(14..14 + ip.len) {
             let e = IcmpError::time_exceeded(ip.src.is_ipv6());
             self.icmp_error(packet, ip.src, from, e);
         }
-        true
+        None
     }
 
     /// The ICMP errors queued on flow `id`'s host socket (UDP or ping), passed on to the
-    /// guest.
-    pub(super) fn relay_path_errors(&mut self, id: FlowId) {
+    /// guest. Returns how many it read.
+    pub(super) fn relay_path_errors(&mut self, id: FlowId) -> usize {
+        let mut read = 0;
         loop {
             let Some(f) = self.flows.get(id) else {
-                return;
+                return read;
             };
             let fd = match &f.kind {
                 Kind::Udp { socket, .. } => socket.as_raw_fd(),
                 Kind::Ping { socket, .. } => socket.as_raw_fd(),
-                _ => return,
+                _ => return read,
             };
             let Some(e) = sys::recv_error(fd) else {
-                return;
+                return read;
             };
+            read += 1;
             let (key, host) = (f.key, f.host.ip());
             let Some(error) = IcmpError::of(&e) else {
                 continue;
@@ -204,6 +228,32 @@ impl NetStack {
             );
             self.icmp_error(&quote, key.guest, from, error);
         }
+    }
+
+    /// Sends `data` on flow `id`'s host socket (UDP or ping). With IP_RECVERR every ICMP
+    /// error the socket heard leaves it a pending error, which the kernel hands to the next
+    /// send instead of sending: then the errors go to the guest and the send is tried again,
+    /// rather than the datagram lost. Returns the bytes sent.
+    pub(super) fn send_on_flow(&mut self, id: FlowId, data: &[u8]) -> Option<usize> {
+        for attempt in 0..2 {
+            let fd = match &self.flows.get(id)?.kind {
+                Kind::Udp { socket, .. } => socket.as_raw_fd(),
+                Kind::Ping { socket, .. } => socket.as_raw_fd(),
+                _ => return None,
+            };
+            match sys::send(fd, data) {
+                Ok(n) => return Some(n),
+                // UDP may drop: a full host socket buffer loses the datagram, as a router
+                // would.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || attempt == 1 => {
+                    return None
+                }
+                Err(_) => {
+                    self.relay_path_errors(id);
+                }
+            }
+        }
+        None
     }
 
     /// Sends the guest ICMP error `e` from `from` about `packet`, an IP packet it sent from
@@ -462,6 +512,82 @@ mod tests {
             &got[0].1[8 + 20..8 + 28][4..8],
             &[0x12, 0x34, 0, 3],
             "its id and sequence"
+        );
+    }
+
+    #[test]
+    fn a_last_hop_to_the_link_itself_goes_on_and_no_error_is_about_multicast() {
+        use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol};
+        let cfg = NetConfig::default();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        // TTL 1 to the host alias, which is on the link: delivered, not expired.
+        let alias = smol(cfg.host_alias());
+        let frame = super::super::hostile_frames::udp_frame_pub(alias, port, b"near");
+        s.receive_frame(&with_ttl(frame, 1));
+        let mut b = [0u8; 8];
+        assert_eq!(server.recv(&mut b).unwrap(), 4);
+        // TTL 1 to a multicast group and to the subnet's broadcast: no ICMP error about it.
+        let echo = Icmpv4Repr::EchoRequest {
+            ident: 1,
+            seq_no: 1,
+            data: b"all",
+        };
+        let group = smoltcp::wire::Ipv4Address::new(224, 0, 0, 1);
+        let ping = super::super::hostile_frames::guest_ip_frame(
+            group,
+            IpProtocol::Icmp,
+            echo.buffer_len(),
+            |b, _| echo.emit(&mut Icmpv4Packet::new_unchecked(b), &Default::default()),
+        );
+        s.receive_frame(&with_ttl(ping, 1));
+        let bcast = smol(cfg.subnet.broadcast());
+        let frame = super::super::hostile_frames::udp_frame_pub(bcast, 9, b"all");
+        s.receive_frame(&with_ttl(frame, 1));
+        s.poll();
+        let errors: Vec<_> = icmp_to_guest(&mut s)
+            .into_iter()
+            .filter(|(_, m)| m[0] == 11)
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    /// With IP_RECVERR, an ICMP error leaves the host socket a pending error that the next
+    /// send returns instead of sending: the datagram must still go.
+    #[test]
+    fn a_datagram_after_an_icmp_error_is_not_lost() {
+        let cfg = NetConfig::default();
+        let port = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let alias = smol(cfg.host_alias());
+        let frame = super::super::hostile_frames::udp_frame_pub(alias, port, b"first");
+        // Nothing listens yet: the host's port unreachable comes back on the flow's socket.
+        s.receive_frame(&frame);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let server = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        s.receive_frame(&super::super::hostile_frames::udp_frame_pub(
+            alias, port, b"again",
+        ));
+        let mut b = [0u8; 8];
+        let n = server.recv(&mut b).expect("the second datagram arrives");
+        assert_eq!(&b[..n], b"again");
+        s.poll();
+        let got = icmp_to_guest(&mut s);
+        assert!(
+            got.iter().any(|(_, m)| m[..2] == [3, 3]),
+            "and the guest heard the first's error"
         );
     }
 }

@@ -3,7 +3,8 @@
 //! does not own), or the ICMP errors the requests met on the way (`path_errors`).
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
-use super::path_errors::{hop_limit_for, keep_hop_limit};
+use super::path_errors::keep_hop_limit;
+use super::verdict::Unreachable;
 use super::*;
 
 /// How long a ping flow lives without an echo.
@@ -27,8 +28,12 @@ impl NetStack {
                 let Ok(icmp) = Icmpv4Packet::new_checked(payload) else {
                     return true;
                 };
-                if icmp.msg_type() != Icmpv4Message::EchoRequest || !icmp.verify_checksum() {
-                    // Other ICMP to the outside has nowhere to go; drop it here.
+                if icmp.msg_type() != Icmpv4Message::EchoRequest
+                    || !icmp.verify_checksum()
+                    || !self.leaves_link(ip.dst)
+                {
+                    // Other ICMP to the outside has nowhere to go, nor has an echo request
+                    // to a broadcast or multicast address; drop it here.
                     return true;
                 }
                 icmp.echo_ident()
@@ -59,8 +64,8 @@ impl NetStack {
             }
             _ => return false,
         };
-        let Some(hops) = hop_limit_for(ip.hop_limit) else {
-            return self.expires_here(frame, ip);
+        let Some(hops) = self.hops_or_expire(frame, ip) else {
+            return true;
         };
         // Every echo request is checked: a ping flow is a request and its reply.
         match self.decide(Proto::Icmp, SocketAddr::new(ip.dst, 0), frame, ip) {
@@ -78,6 +83,16 @@ impl NetStack {
             Some(id) => id,
             None => match self.ping_open(key) {
                 Ok(id) => id,
+                // No route from the host: the gateway says so, as for UDP and TCP.
+                Err(e) if Unreachable::of(&e).is_some() => {
+                    if let (Some(why), Some(packet)) =
+                        (Unreachable::of(&e), frame.get(14..14 + ip.len))
+                    {
+                        let gateway = self.gateway_for(ip.src);
+                        self.unreachable(packet, ip.src, gateway, why);
+                    }
+                    return true;
+                }
                 Err(e) => {
                     if !self.ping_warned {
                         self.ping_warned = true;
@@ -93,10 +108,12 @@ impl NetStack {
         if let Some(f) = self.flows.get_mut(id) {
             if let Kind::Ping { socket, ttl } = &mut f.kind {
                 keep_hop_limit(socket.as_raw_fd(), ip.dst.is_ipv6(), ttl, hops);
-                // A full socket buffer loses the echo, as a router would.
-                if let Ok(n) = sys::send(socket.as_raw_fd(), payload) {
-                    f.count_from_guest(n);
-                }
+            }
+        }
+        // A full socket buffer loses the echo, as a router would.
+        if let Some(n) = self.send_on_flow(id, payload) {
+            if let Some(f) = self.flows.get_mut(id) {
+                f.count_from_guest(n);
             }
         }
         true

@@ -325,10 +325,8 @@ pub(crate) const QUOTED_MAX: usize = 1280 - 48;
 /// None when the queue is empty. Errors of the socket's own making (no ICMP behind them) are
 /// passed over.
 pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
-    let mut data = vec![0u8; QUOTED_MAX];
+    let mut data = [0u8; QUOTED_MAX];
     loop {
-        // Whole again after a message passed over.
-        data.resize(QUOTED_MAX, 0);
         // Room for the one control message the kernel sends: the extended error and the
         // offender's address (at most a sockaddr_in6), with the headers and padding.
         let mut control = [0u64; 16];
@@ -347,7 +345,7 @@ pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
         if n < 0 {
             return None;
         }
-        data.truncate((n as usize).min(QUOTED_MAX));
+        let quoted = &data[..(n as usize).min(QUOTED_MAX)];
         // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR and CMSG_NXTHDR stay within the
         // control buffer it describes.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
@@ -360,7 +358,9 @@ pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
             let ee_len = std::mem::size_of::<libc::sock_extended_err>();
             // SAFETY: CMSG_LEN(0) is the header's length, a constant computation.
             let header = unsafe { libc::CMSG_LEN(0) } as usize;
-            if ours && len >= header + ee_len {
+            // Within what the kernel wrote, which is within the buffer.
+            let inside = (cmsg as usize - control.as_ptr() as usize) + len <= msg.msg_controllen;
+            if ours && inside && len >= header + ee_len {
                 // SAFETY: the control message holds a sock_extended_err (its length was
                 // checked); it may be unaligned, hence read_unaligned.
                 let (ee, at) = unsafe {
@@ -395,7 +395,7 @@ pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
                     code: ee.ee_code,
                     info: ee.ee_info,
                     offender: from_storage(&storage).map(|a| a.ip()),
-                    quoted: data,
+                    quoted: quoted.to_vec(),
                 });
             }
             // SAFETY: as for CMSG_FIRSTHDR.

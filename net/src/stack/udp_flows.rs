@@ -101,20 +101,25 @@ impl NetStack {
         let Some((key, data)) = parse_udp(ip, payload) else {
             return false;
         };
-        let Some(hops) = hop_limit_for(ip.hop_limit) else {
-            // Its last hop: it ends at the gateway, unless it is for the gateway (or the
-            // link) in the first place.
-            return self.routes(ip.dst) && self.expires_here(frame, ip);
+        let hops = match hop_limit_for(ip.hop_limit) {
+            Some(h) => h,
+            // Its last hop: it ends at the gateway, unless it is for the gateway (DHCP, DNS)
+            // or the link in the first place.
+            None if !self.routes(ip.dst) => return false,
+            None => match self.hops_or_expire(frame, ip) {
+                Some(h) => h,
+                None => return true,
+            },
         };
         // A flow already open: one lookup, and the datagram goes.
         if let Some((id, f)) = self.flows.by_key_mut(&key) {
             match &mut f.kind {
                 Kind::Udp { socket, ttl, .. } => {
                     keep_hop_limit(socket.as_raw_fd(), key.remote.is_ipv6(), ttl, hops);
-                    // UDP may drop: a full host socket buffer loses the datagram, as a
-                    // router would.
-                    if let Ok(n) = socket.send(data) {
-                        f.count_from_guest(n);
+                    if let Some(n) = self.send_on_flow(id, data) {
+                        if let Some(f) = self.flows.get_mut(id) {
+                            f.count_from_guest(n);
+                        }
                     }
                 }
                 Kind::UdpPublished { socket } => match socket.upgrade() {
@@ -176,14 +181,13 @@ impl NetStack {
         let kind = Kind::Udp { socket, reply, ttl };
         let mut flow = Flow::new(key, target, Origin::Outbound, kind);
         flow.counters = counters;
-        if let Ok(n) = match &flow.kind {
-            Kind::Udp { socket, .. } => socket.send(data),
-            _ => Ok(0),
-        } {
-            flow.count_from_guest(n);
-        }
         if let Some(id) = self.flows.insert(flow) {
             self.audit_open(id);
+            if let Some(n) = self.send_on_flow(id, data) {
+                if let Some(f) = self.flows.get_mut(id) {
+                    f.count_from_guest(n);
+                }
+            }
         }
         true
     }
@@ -296,7 +300,7 @@ impl NetStack {
     /// broadcasts are the stack's (and a guest forward's address has no UDP: the stack says
     /// the port is unreachable).
     fn routes(&self, dst: IpAddr) -> bool {
-        !self.is_gateway(dst) && !self.is_forward_addr(dst) && is_unicast(dst)
+        !self.is_gateway(dst) && !self.is_forward_addr(dst) && self.leaves_link(dst)
     }
 
     /// Replies on UDP flow `id`'s host socket, to the guest as far as the stack takes them,
@@ -337,8 +341,15 @@ impl NetStack {
                 // too, as it would on a real network, so its resolver or client gives up at
                 // once rather than wait out a timeout, and its traceroute sees the router.
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        self.relay_path_errors(id);
+                    // The error queue holds it, unless the socket's buffer had no room for
+                    // it: then it is rebuilt from the errno, from the remote.
+                    if e.kind() != io::ErrorKind::WouldBlock && self.relay_path_errors(id) == 0 {
+                        if let (Some(why), Some(quote)) = (
+                            Unreachable::of(&e),
+                            super::path_errors::quote_udp(guest, guest_port, remote, &[]),
+                        ) {
+                            self.unreachable(&quote, guest, remote.ip(), why);
+                        }
                     }
                     break;
                 }
@@ -353,14 +364,6 @@ impl NetStack {
             meta.local_address = Some(remote.ip().into());
             let _ = socket.send_slice(&buf[..n], meta);
         }
-    }
-}
-
-/// Whether the guest may open a flow to `a`: no broadcast or multicast goes through the NAT.
-fn is_unicast(a: std::net::IpAddr) -> bool {
-    match a {
-        std::net::IpAddr::V4(a) => !a.is_broadcast() && !a.is_multicast() && !a.is_unspecified(),
-        std::net::IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
     }
 }
 
