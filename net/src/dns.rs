@@ -9,6 +9,10 @@
 //! gets an empty NOERROR answer, which says "the name exists, with no IPv6 address", so a
 //! resolver asking both families uses the A record at once instead of failing or waiting.
 //!
+//! Ferry is the authority for `ferry.internal`: its negative answers there (a name that does
+//! not exist, or one without the type asked) carry the zone's SOA, so resolvers cache them
+//! (RFC 2308) instead of asking again for every short name their search list tries first.
+//!
 //! Queries come from the guest and are treated as hostile: every length is checked, names are
 //! read without following compression pointers (a question never needs them), and anything
 //! malformed gets no answer rather than a guess.
@@ -22,6 +26,7 @@ pub const PORT: u16 = 53;
 const HEADER: usize = 12;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
+const TYPE_SOA: u16 = 6;
 const CLASS_IN: u16 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
@@ -127,25 +132,58 @@ pub fn local_name6(cfg: &NetConfig, name: &str) -> Option<std::net::Ipv6Addr> {
     })
 }
 
+/// The SOA record of `ferry.internal` (RFC 1035 3.3.13): the gateway as primary server, the
+/// TTL of local answers as the time a resolver keeps a negative answer (RFC 2308 5).
+fn soa_record() -> Vec<u8> {
+    const APEX: &[u8] = b"\x05ferry\x08internal\x00";
+    let mut rdata = b"\x07gateway".to_vec();
+    rdata.extend_from_slice(APEX);
+    rdata.extend_from_slice(b"\x0ahostmaster");
+    rdata.extend_from_slice(APEX);
+    // Serial, refresh, retry, expire, minimum.
+    for v in [1u32, 3600, 600, 86400, TTL] {
+        rdata.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut r = APEX.to_vec();
+    r.extend_from_slice(&TYPE_SOA.to_be_bytes());
+    r.extend_from_slice(&CLASS_IN.to_be_bytes());
+    r.extend_from_slice(&TTL.to_be_bytes());
+    r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    r.extend_from_slice(&rdata);
+    r
+}
+
 /// A response to `query` (whose question is `q`) with `rcode` and the given A and AAAA
-/// records.
-fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(q.end + 16 + 28 * answers.len());
+/// records, for a name of ferry's own zone (`ferry.internal`) when `zone`: then ferry is the
+/// authority, and an answer with no records (NXDOMAIN, or a name without the type asked)
+/// carries the zone's SOA, so a resolver caches it (RFC 2308) rather than ask again for every
+/// short name its search list tries first.
+fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr], zone: bool) -> Vec<u8> {
+    let mut r = Vec::with_capacity(q.end + 80 + 28 * answers.len());
     r.extend_from_slice(&query[0..2]);
     // QR, the query's opcode (0) and RD, RA, and the rcode.
     let rd = query[2] & 0x01;
     // AA: the names answered here are ours to answer.
-    let aa = if rcode == 0 && !answers.is_empty() {
+    let aa = if zone || (rcode == 0 && !answers.is_empty()) {
         0x04
     } else {
         0
     };
+    // The apex's own SOA, asked for: the answer; any other empty answer of the zone: the
+    // SOA as authority.
+    let soa_asked = zone && q.name == "ferry.internal" && q.qtype == TYPE_SOA && rcode == 0;
+    let soa_authority = zone && answers.is_empty() && !soa_asked;
     r.push(0x80 | aa | rd);
     r.push(0x80 | rcode);
     r.extend_from_slice(&1u16.to_be_bytes());
-    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-    r.extend_from_slice(&[0, 0, 0, u8::from(q.edns)]);
+    let count = answers.len() + usize::from(soa_asked);
+    r.extend_from_slice(&(count as u16).to_be_bytes());
+    r.extend_from_slice(&u16::from(soa_authority).to_be_bytes());
+    r.extend_from_slice(&u16::from(q.edns).to_be_bytes());
     r.extend_from_slice(&query[HEADER..q.end]);
+    if soa_asked {
+        r.extend_from_slice(&soa_record());
+    }
     for ip in answers {
         r.extend_from_slice(&[0xc0, HEADER as u8]);
         let (ty, data) = match ip {
@@ -157,6 +195,9 @@ fn response(query: &[u8], q: &Question, rcode: u8, answers: &[IpAddr]) -> Vec<u8
         r.extend_from_slice(&TTL.to_be_bytes());
         r.extend_from_slice(&(data.len() as u16).to_be_bytes());
         r.extend_from_slice(&data);
+    }
+    if soa_authority {
+        r.extend_from_slice(&soa_record());
     }
     if q.edns {
         // Our own OPT, as an EDNS responder answers one (RFC 6891 7): a resolver that finds
@@ -198,25 +239,45 @@ pub fn answer_with(
             })
             .collect()
     };
+    let zone = q.name == "ferry.internal" || q.name.ends_with(".ferry.internal");
     if let Some(ip) = local_name(cfg, &q.name) {
         let mut addrs = vec![IpAddr::V4(ip)];
         addrs.extend(local_name6(cfg, &q.name).map(IpAddr::V6));
-        return Some(Answer::Local(response(query, &q, 0, &of_type(&addrs))));
+        let r = response(query, &q, 0, &of_type(&addrs), zone);
+        return Some(Answer::Local(r));
     }
-    // The zone's apex exists (it has names below it), with no records to give: NXDOMAIN there
-    // would tell a resolver that nothing below exists either (RFC 8020), and a validating one
-    // asks for the apex's DS or SOA. Other names under it do not exist.
+    // The zone's apex exists (it has names below it), with no records to give but its SOA:
+    // NXDOMAIN there would tell a resolver that nothing below exists either (RFC 8020), and a
+    // validating one asks for the apex's DS or SOA. Other names under it do not exist.
     if q.name == "ferry.internal" {
-        return Some(Answer::Local(response(query, &q, 0, &[])));
+        return Some(Answer::Local(response(query, &q, 0, &[], true)));
     }
-    if q.name.ends_with(".ferry.internal") {
-        return Some(Answer::Local(response(query, &q, RCODE_NXDOMAIN, &[])));
+    if zone {
+        return Some(Answer::Local(response(
+            query,
+            &q,
+            RCODE_NXDOMAIN,
+            &[],
+            true,
+        )));
     }
     if let Some(addrs) = names(&q.name) {
-        return Some(Answer::Local(response(query, &q, 0, &of_type(&addrs))));
+        return Some(Answer::Local(response(
+            query,
+            &q,
+            0,
+            &of_type(&addrs),
+            false,
+        )));
     }
     if !have_upstream {
-        return Some(Answer::Local(response(query, &q, RCODE_SERVFAIL, &[])));
+        return Some(Answer::Local(response(
+            query,
+            &q,
+            RCODE_SERVFAIL,
+            &[],
+            false,
+        )));
     }
     Some(Answer::Forward)
 }
@@ -346,12 +407,13 @@ mod tests {
         );
         let r = local(answer(&cfg, &query(7, "nope.ferry.internal", TYPE_A), true));
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
-        // The apex, whatever the type (SOA, DS, A): there, with nothing to give.
-        for qtype in [6, 43, TYPE_A] {
+        // The apex, whatever the type (DS, A): there, with nothing to give but its SOA (which
+        // is the answer when asked for).
+        for (qtype, answers) in [(43, 0), (TYPE_A, 0), (TYPE_SOA, 1)] {
             let r = local(answer(&cfg, &query(7, "Ferry.Internal", qtype), true));
             assert_eq!(
                 (r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])),
-                (0, 0),
+                (0, answers),
                 "{qtype}"
             );
         }
@@ -381,6 +443,64 @@ mod tests {
             false,
         ));
         assert_eq!(u16::from_be_bytes([r[10], r[11]]), 0);
+    }
+
+    /// (answer count, authority count, additional count) of response `r`.
+    fn counts(r: &[u8]) -> (u16, u16, u16) {
+        let at = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+        (at(6), at(8), at(10))
+    }
+
+    #[test]
+    fn negative_answers_of_ferrys_zone_carry_its_soa() {
+        let cfg = NetConfig::default();
+        let soa = soa_record();
+        // NXDOMAIN below the apex: authoritative, the SOA as authority, its minimum the TTL.
+        let r = local(answer(
+            &cfg,
+            &query(1, "nobody.ferry.internal", TYPE_A),
+            true,
+        ));
+        assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
+        assert_ne!(r[2] & 0x04, 0, "AA");
+        assert_eq!(counts(&r), (0, 1, 0));
+        assert!(r.ends_with(&soa));
+        assert_eq!(&soa[soa.len() - 4..], &TTL.to_be_bytes(), "negative TTL");
+        assert_eq!(&soa[..16], b"\x05ferry\x08internal\x00");
+        // A name of the zone without the type asked (AAAA with IPv6 off): NODATA, the SOA.
+        let v4only = NetConfig {
+            subnet6: None,
+            ..NetConfig::default()
+        };
+        let r = local(answer(
+            &v4only,
+            &query(2, "gateway.ferry.internal", TYPE_AAAA),
+            true,
+        ));
+        assert_eq!((r[3] & 0x0f, counts(&r)), (0, (0, 1, 0)));
+        assert!(r.ends_with(&soa));
+        // The apex: its SOA as the answer when asked, as authority otherwise.
+        let r = local(answer(&cfg, &query(3, "ferry.internal", TYPE_SOA), true));
+        assert_eq!((r[3] & 0x0f, counts(&r)), (0, (1, 0, 0)));
+        assert!(r.ends_with(&soa));
+        let r = local(answer(&cfg, &query(4, "ferry.internal", TYPE_A), true));
+        assert_eq!(counts(&r), (0, 1, 0));
+        // With EDNS the OPT still comes last; an answer with records has no SOA.
+        let mut q = query(5, "nobody.ferry.internal", TYPE_A);
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]);
+        let r = local(answer(&cfg, &q, true));
+        assert_eq!(counts(&r), (0, 1, 1));
+        assert_eq!(r[r.len() - 11..r.len() - 8], [0, 0, 41]);
+        let r = local(answer(&cfg, &query(6, "host.ferry.internal", TYPE_A), true));
+        assert_eq!(counts(&r), (1, 0, 0));
+        // Docker's names are not ferry's zone: no SOA of it.
+        let r = local(answer(
+            &v4only,
+            &query(7, "host.docker.internal", TYPE_AAAA),
+            true,
+        ));
+        assert_eq!(counts(&r), (0, 0, 0));
     }
 
     #[test]
