@@ -56,7 +56,7 @@ IPERF_PORT, ECHO_PORT = 5201, 7007
 # the host's ::1 in the guest: Ferry's IPv6 host alias, libslirp's host (fec0::2), passt's
 # gateway (the namespace's IPv6 default router, which passt maps to the host).
 IPERF6_PORT = 5202
-HOST6 = {"ferry": "fd46:5259::fe", "ferry-mq": "fd46:5259::fe", "ferry-audit": "fd46:5259::fe", "slirp": "fec0::2",
+HOST6 = {"ferry": "fd46:6572:7279::fe", "ferry-mq": "fd46:6572:7279::fe", "ferry-audit": "fd46:6572:7279::fe", "slirp": "fec0::2",
          "passt": "fd00:18:250::fe"}
 # Published ports: host 15201 -> guest 5201 (iperf3 server in the guest).
 PUB_PORT = 15201

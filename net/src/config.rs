@@ -15,12 +15,13 @@ use std::str::FromStr;
 
 /// The subnet used when `--subnet` is not given (the same plan as gvisor-tap-vsock).
 pub const DEFAULT_SUBNET: &str = "192.168.127.0/24";
-/// The guest's IPv6 prefix when `--subnet6` is not given: a unique local /64 (RFC 4193; the
-/// bytes spell "FRY"). A ULA is never routed outside, so a dual-stack guest keeps preferring
-/// IPv4 for destinations that have both (RFC 6724 ranks a ULA source below IPv4 for global
-/// destinations) and uses IPv6 where only IPv6 answers, which is what a NAT wants. A fixed
-/// prefix, as passt and gvisor-tap-vsock use fixed addresses, keeps the plan predictable.
-pub const DEFAULT_SUBNET6: &str = "fd46:5259::/64";
+/// The guest's IPv6 prefix when `--subnet6` is not given, DESIGN.md's: a unique local /64
+/// (RFC 4193; the bytes spell "Ferry"). A ULA is never routed outside, so a dual-stack guest
+/// keeps preferring IPv4 for destinations that have both (RFC 6724 ranks a ULA source below
+/// IPv4 for global destinations) and uses IPv6 where only IPv6 answers, which is what a NAT
+/// wants. A fixed prefix, as passt and gvisor-tap-vsock use fixed addresses, keeps the plan
+/// predictable.
+pub const DEFAULT_SUBNET6: &str = "fd46:6572:7279::/64";
 /// The MTU used when `--mtu` is not given (the same as passt).
 pub const DEFAULT_MTU: u16 = 65520;
 /// The MAC address the guest's NIC gets through the virtio-net config space.
@@ -282,7 +283,7 @@ impl NetConfig {
 /// [`DEFAULT_SUBNET6`], parsed.
 fn default_subnet6() -> Subnet6 {
     Subnet6 {
-        prefix: Ipv6Addr::new(0xfd46, 0x5259, 0, 0, 0, 0, 0, 0),
+        prefix: Ipv6Addr::new(0xfd46, 0x6572, 0x7279, 0, 0, 0, 0, 0),
     }
 }
 
@@ -316,10 +317,13 @@ mod tests {
         assert_eq!(s, default_subnet6());
         assert_eq!(s.to_string(), DEFAULT_SUBNET6);
         let c = NetConfig::default();
-        assert_eq!(c.gateway6(), "fd46:5259::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.gateway6(),
+            "fd46:6572:7279::1".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(
             c.host_alias6(),
-            "fd46:5259::fe".parse::<Ipv6Addr>().unwrap()
+            "fd46:6572:7279::fe".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(c.dns6(), c.gateway6());
         assert_eq!(c.gateway_ll(), "fe80::1".parse::<Ipv6Addr>().unwrap());
@@ -336,7 +340,7 @@ mod tests {
         // IPv6 is on unless turned off.
         let s4 = DEFAULT_SUBNET.parse().unwrap();
         assert_eq!(NetConfig::new(s4, 1500).unwrap().subnet6, Some(s));
-        assert!(s.contains("fd46:5259::1234:5678:9abc:def0".parse().unwrap()));
+        assert!(s.contains("fd46:6572:7279::1234:5678:9abc:def0".parse().unwrap()));
         assert!(!s.contains("fd46:525a::1".parse().unwrap()));
         for bad in [
             "fd00::/48",

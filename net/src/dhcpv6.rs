@@ -619,7 +619,7 @@ mod tests {
     fn renewals_get_the_same_address_and_others_are_dropped() {
         let cfg = NetConfig::default();
         let lease = lease_for(&cfg, DUID, &IA_NA[..4]).unwrap();
-        let foreign = iaaddr("fd46:5259::1234");
+        let foreign = iaaddr("fd46:6572:7279::1234");
         let own = iaaddr(&lease.to_string());
         let to_us = |kind, ia: &[u8]| {
             reply(
@@ -642,7 +642,7 @@ mod tests {
         // An address this client's IA does not have comes back with zero lifetimes, beside
         // the one it has.
         let (_, o) = parsed(&to_us(RENEW, &foreign).unwrap());
-        let foreign_addr: Ipv6Addr = "fd46:5259::1234".parse().unwrap();
+        let foreign_addr: Ipv6Addr = "fd46:6572:7279::1234".parse().unwrap();
         assert_eq!(
             addresses(get(&o, OPTION_IA_NA).unwrap()).0,
             vec![(lease, 86400, 86400), (foreign_addr, 0, 0)]
@@ -724,7 +724,10 @@ mod tests {
                     .unwrap(),
             )
         };
-        assert_eq!(status(confirm(&iaaddr("fd46:5259::99")).unwrap()), SUCCESS);
+        assert_eq!(
+            status(confirm(&iaaddr("fd46:6572:7279::99")).unwrap()),
+            SUCCESS
+        );
         assert_eq!(
             status(confirm(&iaaddr("2001:db8::99")).unwrap()),
             NOT_ON_LINK
@@ -810,7 +813,7 @@ mod tests {
     #[test]
     fn random_bytes_never_panic() {
         let cfg = NetConfig::default();
-        let ia = iaaddr("fd46:5259::5");
+        let ia = iaaddr("fd46:6572:7279::5");
         let seeds = [
             msg(
                 SOLICIT,

@@ -323,7 +323,7 @@ mod tests {
         ip[6] = 44;
         ip[7] = 64;
         ip[8..24].copy_from_slice(
-            &"fd46:5259::2"
+            &"fd46:6572:7279::2"
                 .parse::<std::net::Ipv6Addr>()
                 .unwrap()
                 .octets(),

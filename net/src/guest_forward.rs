@@ -158,7 +158,9 @@ mod tests {
         assert_eq!(f.addr, "192.168.127.100:22".parse().unwrap());
         assert_eq!(f.target, ForwardTarget::Unix("/run/agent.sock".into()));
         assert_eq!(f.to_string(), "192.168.127.100:22=unix:/run/agent.sock");
-        let f: GuestForward = "[fd46:5259::100]:80=tcp:127.0.0.1:8080".parse().unwrap();
+        let f: GuestForward = "[fd46:6572:7279::100]:80=tcp:127.0.0.1:8080"
+            .parse()
+            .unwrap();
         assert_eq!(
             f.target,
             ForwardTarget::Tcp("127.0.0.1:8080".parse().unwrap())

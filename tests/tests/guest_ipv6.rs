@@ -23,9 +23,12 @@ const PAGE: &str = "served over IPv6 by the remote host";
 const LOOPBACK_PAGE: &str = "served on the host's ::1";
 
 /// The guest's IPv6 prefix, gateway and host alias with ferry's defaults.
-const PREFIX: &str = "fd46:5259::";
-const GATEWAY6: &str = "fd46:5259::1";
-const ALIAS6: &str = "fd46:5259::fe";
+const PREFIX: &str = "fd46:6572:7279::";
+/// What every address in the prefix starts with as `ip` prints it (a SLAAC address's fourth
+/// group, zero, is written out, not folded into `::`).
+const IN_PREFIX: &str = "fd46:6572:7279:";
+const GATEWAY6: &str = "fd46:6572:7279::1";
+const ALIAS6: &str = "fd46:6572:7279::fe";
 
 /// The far side's addresses and the router's before it (`TestNet::add_far_side`).
 struct Far<'a> {
@@ -49,7 +52,7 @@ fn script(remote: &str, remote6: &str, path: &Far) -> String {
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
 P=/mnt/tools/probe
-check slaac "$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | grep -c 'inet6 {PREFIX}')" 1
+check slaac "$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | grep -c 'inet6 {IN_PREFIX}')" 1
 check router "$(ip -6 route show default | grep -c 'via fe80::1 ')" 1
 check dns-server "$(grep -c '^nameserver {GATEWAY6}$' /etc/resolv.conf)" 1
 check aaaa-alias "$(nslookup -type=AAAA host.ferry.internal {GATEWAY6} 2>&1 | grep -c 'Address.*{ALIAS6}$')" 1
@@ -114,8 +117,8 @@ i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i
 dhcpcd -x eth0 >/dev/null 2>&1
 printf 'ipv6only\nnoipv4ll\nnodelay\nia_na 1\n' > /tmp/na.conf
 dhcpcd -b -f /tmp/na.conf eth0 >/tmp/na.log 2>&1
-i=0; while ! ip -6 addr show dev eth0 | grep -v tentative | grep -q "inet6 {PREFIX}.*/128" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-NA=$(ip -6 addr show dev eth0 | grep -v tentative | sed -n 's|.*inet6 \({PREFIX}[^/]*\)/128.*|\1|p' | head -1)
+i=0; while ! ip -6 addr show dev eth0 | grep -v tentative | grep -q "inet6 {IN_PREFIX}.*/128" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+NA=$(ip -6 addr show dev eth0 | grep -v tentative | sed -n 's|.*inet6 \({IN_PREFIX}[^/]*\)/128.*|\1|p' | head -1)
 check dhcpv6-address "$(echo "$NA" | grep -c .)" 1
 check dhcpv6-address-works "$($P udpfrom {remote6} 7781 $NA)" "1 of 1"
 "#

@@ -207,7 +207,7 @@ fn published_ports_reach_the_guest_change_at_runtime_and_survive_a_restart() {
     // The guest has IPv6 (its image brings it up): an IPv6 loopback client is the IPv6 alias.
     let seen = clients(&net.inner, &["peer", "::1", "9000"]);
     assert!(
-        seen.starts_with("[fd46:5259::fe]:"),
+        seen.starts_with("[fd46:6572:7279::fe]:"),
         "IPv6 loopback client seen as {seen:?}"
     );
     let o = ctl(&api, &["ports"]);

@@ -363,7 +363,7 @@ mod tests {
             (q[9], &q[20..]),
             (1, &[8, 0, 0xab, 0xcd, 0x12, 0x34, 0, 7, b'x'][..])
         );
-        let g6: IpAddr = "fd46:5259::2".parse().unwrap();
+        let g6: IpAddr = "fd46:6572:7279::2".parse().unwrap();
         let echo6 = [128, 0, 0, 0, 0, 9, 0, 1];
         let q = quote_echo(g6, "fd00::2".parse().unwrap(), 1, &echo6).unwrap();
         assert_eq!(
