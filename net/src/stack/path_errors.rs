@@ -80,7 +80,7 @@ pub(super) fn hop_limit_for(hops: u8) -> Option<u8> {
 }
 
 /// Sets the TTL of `fd`'s packets to `want` unless `current` (the last one set) already is.
-pub(super) fn keep_hop_limit(fd: RawFd, v6: bool, current: &mut u8, want: u8) {
+fn keep_hop_limit(fd: RawFd, v6: bool, current: &mut u8, want: u8) {
     if *current != want {
         match sys::set_hop_limit(fd, v6, want) {
             Ok(()) => *current = want,
@@ -179,6 +179,26 @@ impl NetStack {
         None
     }
 
+    /// The host could not send guest packet `ip` (in `frame`) on, for no route or no host
+    /// (`e`, from a host socket's connect): the gateway says so as a router without one does,
+    /// with ICMP net or host unreachable quoting it. Returns whether `e` was such an error.
+    pub(super) fn no_route_from_gateway(
+        &mut self,
+        frame: &[u8],
+        ip: &IpInfo,
+        e: &std::io::Error,
+    ) -> bool {
+        let why = match Unreachable::of(e) {
+            Some(why @ (Unreachable::Net | Unreachable::Host)) => why,
+            _ => return false,
+        };
+        if let Some(packet) = frame.get(14..14 + ip.len) {
+            let gateway = self.gateway_for(ip.src);
+            self.unreachable(packet, ip.src, gateway, why);
+        }
+        true
+    }
+
     /// The ICMP errors queued on flow `id`'s host socket (UDP or ping), passed on to the
     /// guest. Returns how many it read.
     pub(super) fn relay_path_errors(&mut self, id: FlowId) -> usize {
@@ -230,30 +250,37 @@ impl NetStack {
         }
     }
 
-    /// Sends `data` on flow `id`'s host socket (UDP or ping). With IP_RECVERR every ICMP
-    /// error the socket heard leaves it a pending error, which the kernel hands to the next
-    /// send instead of sending: then the errors go to the guest and the send is tried again,
-    /// rather than the datagram lost. Returns the bytes sent.
-    pub(super) fn send_on_flow(&mut self, id: FlowId, data: &[u8]) -> Option<usize> {
+    /// Sends `data` on flow `id`'s host socket (UDP or ping), with TTL `hops`, and counts
+    /// it. With IP_RECVERR
+    /// every ICMP error the socket heard leaves it a pending error, which the kernel hands to
+    /// the next send instead of sending: then the errors go to the guest and the send is
+    /// tried again, rather than the datagram lost. A full socket buffer loses the datagram,
+    /// as a router would.
+    pub(super) fn send_on_flow(&mut self, id: FlowId, data: &[u8], hops: u8) {
         for attempt in 0..2 {
-            let fd = match &self.flows.get(id)?.kind {
-                Kind::Udp { socket, .. } => socket.as_raw_fd(),
-                Kind::Ping { socket, .. } => socket.as_raw_fd(),
-                _ => return None,
+            let Some(f) = self.flows.get_mut(id) else {
+                return;
+            };
+            let v6 = f.key.remote.is_ipv6();
+            let fd = match &mut f.kind {
+                Kind::Udp { socket, ttl, .. } => {
+                    keep_hop_limit(socket.as_raw_fd(), v6, ttl, hops);
+                    socket.as_raw_fd()
+                }
+                Kind::Ping { socket, ttl } => {
+                    keep_hop_limit(socket.as_raw_fd(), v6, ttl, hops);
+                    socket.as_raw_fd()
+                }
+                _ => return,
             };
             match sys::send(fd, data) {
-                Ok(n) => return Some(n),
-                // UDP may drop: a full host socket buffer loses the datagram, as a router
-                // would.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || attempt == 1 => {
-                    return None
-                }
+                Ok(n) => return f.count_from_guest(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || attempt == 1 => return,
                 Err(_) => {
                     self.relay_path_errors(id);
                 }
             }
         }
-        None
     }
 
     /// Sends the guest ICMP error `e` from `from` about `packet`, an IP packet it sent from

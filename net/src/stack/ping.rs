@@ -3,8 +3,6 @@
 //! does not own), or the ICMP errors the requests met on the way (`path_errors`).
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
-use super::path_errors::keep_hop_limit;
-use super::verdict::Unreachable;
 use super::*;
 
 /// How long a ping flow lives without an echo.
@@ -83,17 +81,11 @@ impl NetStack {
             Some(id) => id,
             None => match self.ping_open(key) {
                 Ok(id) => id,
-                // No route from the host: the gateway says so, as for UDP and TCP.
-                Err(e) if Unreachable::of(&e).is_some() => {
-                    if let (Some(why), Some(packet)) =
-                        (Unreachable::of(&e), frame.get(14..14 + ip.len))
-                    {
-                        let gateway = self.gateway_for(ip.src);
-                        self.unreachable(packet, ip.src, gateway, why);
-                    }
-                    return true;
-                }
                 Err(e) => {
+                    // No route from the host: the gateway says so, as for UDP and TCP.
+                    if self.no_route_from_gateway(frame, ip, &e) {
+                        return true;
+                    }
                     if !self.ping_warned {
                         self.ping_warned = true;
                         log::warn!(
@@ -105,17 +97,7 @@ impl NetStack {
                 }
             },
         };
-        if let Some(f) = self.flows.get_mut(id) {
-            if let Kind::Ping { socket, ttl } = &mut f.kind {
-                keep_hop_limit(socket.as_raw_fd(), ip.dst.is_ipv6(), ttl, hops);
-            }
-        }
-        // A full socket buffer loses the echo, as a router would.
-        if let Some(n) = self.send_on_flow(id, payload) {
-            if let Some(f) = self.flows.get_mut(id) {
-                f.count_from_guest(n);
-            }
-        }
+        self.send_on_flow(id, payload, hops);
         true
     }
 

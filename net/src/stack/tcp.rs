@@ -323,14 +323,7 @@ impl NetStack {
                 self.stats.tcp_refused += 1;
                 // No route from the host: the gateway says so. Else the SYN goes to smoltcp,
                 // which meets it with RST.
-                return match (Unreachable::of(&e), frame.get(14..14 + ip.len)) {
-                    (Some(why @ (Unreachable::Net | Unreachable::Host)), Some(packet)) => {
-                        let gateway = self.gateway_for(ip.src);
-                        self.unreachable(packet, ip.src, gateway, why);
-                        true
-                    }
-                    _ => false,
-                };
+                return self.no_route_from_gateway(frame, ip, &e);
             }
         };
         let id = self.flows.next_id();
@@ -401,14 +394,13 @@ impl NetStack {
             _ => "refused",
         };
         self.tcp_remove(id, reason);
-        match (why, parse_ip(&syn)) {
-            (Some(why @ (Unreachable::Net | Unreachable::Host)), Some((ip, _))) => {
-                if let Some(packet) = syn.get(14..14 + ip.len) {
-                    let gateway = self.gateway_for(ip.src);
-                    self.unreachable(packet, ip.src, gateway, why);
+        match reason {
+            "unreachable" => {
+                if let Some((ip, _)) = parse_ip(&syn) {
+                    self.no_route_from_gateway(&syn, &ip, e);
                 }
             }
-            _ if reason == "timeout" => {}
+            "timeout" => {}
             _ => self.device.rx.push_back(syn.into()),
         }
     }

@@ -6,7 +6,7 @@
 //! socket; the link fragments them.
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
-use super::path_errors::{hop_limit_for, keep_hop_limit};
+use super::path_errors::hop_limit_for;
 use super::verdict::Unreachable;
 use super::*;
 
@@ -114,14 +114,7 @@ impl NetStack {
         // A flow already open: one lookup, and the datagram goes.
         if let Some((id, f)) = self.flows.by_key_mut(&key) {
             match &mut f.kind {
-                Kind::Udp { socket, ttl, .. } => {
-                    keep_hop_limit(socket.as_raw_fd(), key.remote.is_ipv6(), ttl, hops);
-                    if let Some(n) = self.send_on_flow(id, data) {
-                        if let Some(f) = self.flows.get_mut(id) {
-                            f.count_from_guest(n);
-                        }
-                    }
-                }
+                Kind::Udp { .. } => self.send_on_flow(id, data, hops),
                 Kind::UdpPublished { socket } => match socket.upgrade() {
                     Some(s) => {
                         if let Ok(n) = s.send_to(data, f.host) {
@@ -151,11 +144,7 @@ impl NetStack {
             Err(e) => {
                 log::debug!("nat: cannot open a host socket for {}: {e}", key.remote);
                 // No route from the host: the gateway says so, as a router without one does.
-                if let (Some(why), Some(packet)) = (Unreachable::of(&e), frame.get(14..14 + ip.len))
-                {
-                    let gateway = self.gateway_for(key.guest);
-                    self.unreachable(packet, key.guest, gateway, why);
-                }
+                self.no_route_from_gateway(frame, ip, &e);
                 return true;
             }
         };
@@ -176,18 +165,16 @@ impl NetStack {
             return true;
         }
         log::debug!("nat: udp flow guest:{} -> {}", key.guest_port, key.remote);
-        let mut ttl = 0;
-        keep_hop_limit(socket.as_raw_fd(), key.remote.is_ipv6(), &mut ttl, hops);
-        let kind = Kind::Udp { socket, reply, ttl };
+        let kind = Kind::Udp {
+            socket,
+            reply,
+            ttl: 0,
+        };
         let mut flow = Flow::new(key, target, Origin::Outbound, kind);
         flow.counters = counters;
         if let Some(id) = self.flows.insert(flow) {
             self.audit_open(id);
-            if let Some(n) = self.send_on_flow(id, data) {
-                if let Some(f) = self.flows.get_mut(id) {
-                    f.count_from_guest(n);
-                }
-            }
+            self.send_on_flow(id, data, hops);
         }
         true
     }
