@@ -404,8 +404,9 @@ pub struct ServeArgs {
     pub subnet: Option<String>,
 
     /// The guest's IPv6 /64: gateway ::1, host alias ::fe (reaches the host's ::1); the guest
-    /// builds its address by SLAAC. `off` turns IPv6 off [default: fd46:6572:7279::/64, a unique
-    /// local prefix: never routed outside, so guests keep preferring IPv4 where both exist].
+    /// builds its address by SLAAC, or takes one from DHCPv6 if set up to. `off` turns IPv6
+    /// off [default: fd46:6572:7279::/64, a unique local prefix: never routed outside, so
+    /// guests keep preferring IPv4 where both exist].
     #[arg(long, value_name = "CIDR|off")]
     pub subnet6: Option<String>,
 
