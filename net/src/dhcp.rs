@@ -1,6 +1,12 @@
 //! The DHCP server: one lease, the guest address, with the router, DNS server, MTU, domain and
 //! search list of the network plan; the same plan without a lease for a client that set its
 //! own address and asks with INFORM.
+//!
+//! Where answers go (RFC 2131 4.1): to a client that names its address (`ciaddr`: a bound
+//! client renewing, or one asking with INFORM) at that address, since it asks from a UDP
+//! socket bound there (systemd-networkd, dhcpcd), and a broadcast would never reach it; to
+//! everyone else, and every NAK, by broadcast, which a client still without an address takes
+//! whether or not it set the broadcast flag.
 
 use smoltcp::wire::{
     DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress, Ipv4Address,
@@ -49,12 +55,26 @@ pub fn search_list(cfg: &NetConfig, max: usize) -> Vec<u8> {
     out
 }
 
-/// The answer to one client message (DISCOVER, REQUEST, INFORM), as a DHCP payload for
-/// 255.255.255.255:68, or `None` for a message that needs none (RELEASE, DECLINE, a reply, or
-/// something malformed).
-pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
-    let packet = DhcpPacket::new_checked(request).ok()?;
+/// The answer to one client message, and where it goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The DHCP payload, for the client's port 68.
+    pub payload: Vec<u8>,
+    /// The client's own address, when the answer goes there rather than to 255.255.255.255.
+    pub unicast: Option<std::net::Ipv4Addr>,
+}
+
+/// The answer to one client message (DISCOVER, REQUEST, INFORM), or `None` for a message that
+/// needs none (RELEASE, DECLINE, a reply, or something malformed).
+pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Reply> {
+    // smoltcp's parser refuses a 7-byte client identifier that is not a MAC (type 1), as a
+    // client naming itself by a 6-character string sends; the identifier is read here from
+    // the raw options, so it is hidden from the parse.
+    let mut parsed = request.to_vec();
+    hide_client_id(&mut parsed);
+    let packet = DhcpPacket::new_checked(&parsed[..]).ok()?;
     let req = DhcpRepr::parse(&packet).ok()?;
+    let packet = DhcpPacket::new_checked(request).ok()?;
     let guest = to_smol(cfg.guest());
     let gateway = to_smol(cfg.gateway());
     let message_type = match req.message_type {
@@ -130,7 +150,8 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
         router: (!nak).then_some(gateway),
         subnet_mask: (!nak).then_some(to_smol(cfg.subnet.netmask())),
         relay_agent_ip: Ipv4Address::UNSPECIFIED,
-        broadcast: true,
+        // The client's flags come back as they came (RFC 2131 4.3.1).
+        broadcast: req.broadcast,
         requested_ip: None,
         client_identifier: None,
         server_identifier: Some(gateway),
@@ -145,7 +166,39 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; repr.buffer_len()];
     let mut out = DhcpPacket::new_unchecked(&mut buf[..]);
     repr.emit(&mut out).ok()?;
-    Some(buf)
+    let ciaddr = std::net::Ipv4Addr::from(req.client_ip.octets());
+    let ours = [cfg.gateway(), cfg.host_alias(), cfg.subnet.broadcast()];
+    let unicast = (!nak
+        && !ciaddr.is_unspecified()
+        && cfg.subnet.contains(ciaddr)
+        && !ours.contains(&ciaddr))
+    .then_some(ciaddr);
+    Some(Reply {
+        payload: buf,
+        unicast,
+    })
+}
+
+/// Renames option 61 (client identifier) in a copy of a request to a code no parser reads
+/// (224, site-specific), walking the options as RFC 2132 lays them out.
+fn hide_client_id(request: &mut [u8]) {
+    // op .. file (236 bytes), then the magic cookie.
+    let mut at = 240;
+    while at < request.len() {
+        match request[at] {
+            0 => at += 1,
+            255 => return,
+            kind => {
+                let Some(&len) = request.get(at + 1) else {
+                    return;
+                };
+                if kind == OPT_CLIENT_ID {
+                    request[at] = 224;
+                }
+                at += 2 + usize::from(len);
+            }
+        }
+    }
 }
 
 fn heapless_dns() -> heapless::Vec<Ipv4Address, DHCP_MAX_DNS_SERVER_COUNT> {
@@ -163,11 +216,12 @@ pub fn client_mac(request: &[u8]) -> Option<EthernetAddress> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use smoltcp::wire::DhcpRepr;
 
-    fn request(kind: DhcpMessageType, requested: Option<Ipv4Address>) -> Vec<u8> {
+    /// A client message of `kind` from the guest's MAC, asking for `requested`.
+    pub(crate) fn request(kind: DhcpMessageType, requested: Option<Ipv4Address>) -> Vec<u8> {
         let repr = DhcpRepr {
             message_type: kind,
             transaction_id: 0x1234_5678,
@@ -205,8 +259,12 @@ mod tests {
     );
 
     fn parse(buf: &[u8]) -> Parsed {
+        // smoltcp's parse refuses some identifiers a reply may echo; see `hide_client_id`.
+        let mut copy = buf.to_vec();
+        hide_client_id(&mut copy);
+        let hidden = DhcpPacket::new_checked(&copy[..]).unwrap();
+        let r = DhcpRepr::parse(&hidden).unwrap();
         let p = DhcpPacket::new_checked(buf).unwrap();
-        let r = DhcpRepr::parse(&p).unwrap();
         let opts = p.options().map(|o| (o.kind, o.data.to_vec())).collect();
         (r.message_type, r.your_ip, r.router, opts)
     }
@@ -230,16 +288,19 @@ mod tests {
             (DhcpMessageType::Request, DhcpMessageType::Ack),
         ] {
             let req = with_client_id(request(kind, Some(to_smol(cfg.guest()))), &id);
-            let (t, _, _, opts) = parse(&reply(&cfg, &req).unwrap());
+            let (t, _, _, opts) = parse(&reply(&cfg, &req).unwrap().payload);
             assert_eq!(t, answer);
             assert!(opts.contains(&(OPT_CLIENT_ID, id.to_vec())), "{opts:?}");
         }
         let req = with_client_id(request(DhcpMessageType::Request, None), &id);
-        let (_, _, _, opts) = parse(&reply(&cfg, &req).unwrap());
+        let (_, _, _, opts) = parse(&reply(&cfg, &req).unwrap().payload);
         assert_eq!(opts.iter().filter(|(k, _)| *k == OPT_CLIENT_ID).count(), 1);
         // No identifier asked, none given.
-        let (_, _, _, opts) =
-            parse(&reply(&cfg, &request(DhcpMessageType::Discover, None)).unwrap());
+        let (_, _, _, opts) = parse(
+            &reply(&cfg, &request(DhcpMessageType::Discover, None))
+                .unwrap()
+                .payload,
+        );
         assert!(!opts.iter().any(|(k, _)| *k == OPT_CLIENT_ID));
     }
 
@@ -250,6 +311,12 @@ mod tests {
         // ciaddr: the address the client set itself.
         req[12..16].copy_from_slice(&[192, 168, 127, 50]);
         let answer = reply(&cfg, &req).unwrap();
+        assert_eq!(
+            answer.unicast,
+            Some([192, 168, 127, 50].into()),
+            "sent to ciaddr"
+        );
+        let answer = answer.payload;
         assert_eq!(&answer[12..16], &[192, 168, 127, 50], "ciaddr named back");
         let (t, yiaddr, router, opts) = parse(&answer);
         assert_eq!(t, DhcpMessageType::Ack);
@@ -270,8 +337,11 @@ mod tests {
             search: vec!["corp.example".into(), "lab.corp.example".into()],
             ..NetConfig::default()
         };
-        let (_, _, _, opts) =
-            parse(&reply(&cfg, &request(DhcpMessageType::Discover, None)).unwrap());
+        let (_, _, _, opts) = parse(
+            &reply(&cfg, &request(DhcpMessageType::Discover, None))
+                .unwrap()
+                .payload,
+        );
         let search = opts.iter().find(|(k, _)| *k == 119).map(|(_, d)| d.clone());
         assert_eq!(
             search.as_deref(),
@@ -292,8 +362,11 @@ mod tests {
     #[test]
     fn discover_gets_an_offer_and_request_an_ack_with_the_plan() {
         let cfg = NetConfig::default();
-        let (t, yip, router, opts) =
-            parse(&reply(&cfg, &request(DhcpMessageType::Discover, None)).unwrap());
+        let (t, yip, router, opts) = parse(
+            &reply(&cfg, &request(DhcpMessageType::Discover, None))
+                .unwrap()
+                .payload,
+        );
         assert_eq!(t, DhcpMessageType::Offer);
         assert_eq!(yip, Ipv4Address::new(192, 168, 127, 2));
         assert_eq!(router, Some(Ipv4Address::new(192, 168, 127, 1)));
@@ -315,7 +388,44 @@ mod tests {
             ),
         )
         .unwrap();
-        assert_eq!(parse(&ack).0, DhcpMessageType::Ack);
+        assert_eq!(
+            ack.unicast, None,
+            "a client without an address gets a broadcast"
+        );
+        assert_eq!(parse(&ack.payload).0, DhcpMessageType::Ack);
+    }
+
+    #[test]
+    fn a_renewing_client_is_answered_at_its_address() {
+        let cfg = NetConfig::default();
+        // RENEWING (RFC 2131 4.3.2): ciaddr set, no requested address, no server id.
+        let mut req = request(DhcpMessageType::Request, None);
+        req[12..16].copy_from_slice(&cfg.guest().octets());
+        let ack = reply(&cfg, &req).unwrap();
+        assert_eq!(ack.unicast, Some(cfg.guest()));
+        let (t, yiaddr, _, opts) = parse(&ack.payload);
+        assert_eq!((t, yiaddr), (DhcpMessageType::Ack, to_smol(cfg.guest())));
+        assert!(opts.iter().any(|(k, _)| *k == 51), "a lease time");
+        // One that names another network's address is refused, by broadcast.
+        req[12..16].copy_from_slice(&[10, 0, 0, 9]);
+        let nak = reply(&cfg, &req).unwrap();
+        assert_eq!(nak.unicast, None);
+        assert_eq!(parse(&nak.payload).0, DhcpMessageType::Nak);
+        // Nor is an answer ever sent to one of ferry's own addresses.
+        let mut inform = request(DhcpMessageType::Inform, None);
+        inform[12..16].copy_from_slice(&cfg.gateway().octets());
+        assert_eq!(reply(&cfg, &inform).unwrap().unicast, None);
+    }
+
+    #[test]
+    fn a_client_named_by_a_string_is_answered() {
+        let cfg = NetConfig::default();
+        // Type 0 and six characters: seven bytes that are not a MAC.
+        let id = [0, b'g', b'u', b'e', b's', b't', b'1'];
+        let req = with_client_id(request(DhcpMessageType::Discover, None), &id);
+        let (t, _, _, opts) = parse(&reply(&cfg, &req).unwrap().payload);
+        assert_eq!(t, DhcpMessageType::Offer);
+        assert!(opts.contains(&(OPT_CLIENT_ID, id.to_vec())), "{opts:?}");
     }
 
     #[test]
@@ -329,7 +439,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let (t, yip, router, _) = parse(&nak);
+        let (t, yip, router, _) = parse(&nak.payload);
         assert_eq!(
             (t, yip, router),
             (DhcpMessageType::Nak, Ipv4Address::UNSPECIFIED, None)

@@ -670,10 +670,11 @@ impl NetStack {
             let Some(answer) = dhcp::reply(&self.cfg, payload) else {
                 continue;
             };
-            let to = IpEndpoint::new(IpAddress::Ipv4(Ipv4Address::BROADCAST), dhcp::CLIENT_PORT);
+            let to = answer.unicast.map_or(Ipv4Address::BROADCAST, smol);
+            let to = IpEndpoint::new(IpAddress::Ipv4(to), dhcp::CLIENT_PORT);
             let mut meta = udp::UdpMetadata::from(to);
             meta.local_address = Some(IpAddress::Ipv4(smol(self.cfg.gateway())));
-            if socket.send_slice(&answer, meta).is_ok() {
+            if socket.send_slice(&answer.payload, meta).is_ok() {
                 self.stats.dhcp_replies += 1;
             }
         }
@@ -1116,6 +1117,32 @@ pub(crate) mod hostile_frames {
                 );
             },
         )
+    }
+
+    #[test]
+    fn a_renewing_dhcp_client_is_answered_at_its_address() {
+        use smoltcp::wire::DhcpMessageType;
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        // RENEWING: a unicast REQUEST from the client's address naming it in ciaddr; the
+        // client reads the answer from a socket bound to that address (systemd-networkd).
+        let mut req = crate::dhcp::tests::request(DhcpMessageType::Request, None);
+        req[12..16].copy_from_slice(&cfg.guest().octets());
+        s.receive_frame(&udp_frame(smol(cfg.gateway()), dhcp::SERVER_PORT, &req));
+        s.poll();
+        let f = s.pop_frame().expect("an answer");
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        assert_eq!(eth.dst_addr(), EthernetAddress(crate::GUEST_MAC));
+        let p = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(p.dst_addr(), smol(cfg.guest()), "to the client's address");
+        assert_eq!(p.src_addr(), smol(cfg.gateway()));
+        let u = UdpPacket::new_checked(p.payload()).unwrap();
+        assert_eq!((u.src_port(), u.dst_port()), (67, 68));
+        assert_eq!(
+            u.payload()[240..243],
+            [53, 1, u8::from(DhcpMessageType::Ack)]
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@
 #include <netinet/tcp.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 
 static double now(void) {
 	struct timespec t;
@@ -253,6 +255,51 @@ int main(int argc, char **argv) {
 			}
 		}
 		printf("%d of %d\n", got, n);
+	} else if (!strcmp(cmd, "dhcp") && argc == 5) {
+		/* dhcp IFACE SERVER request|inform: what a bound DHCP client sends from its address,
+		 * as systemd-networkd and dhcpcd do: a REQUEST renewing its lease, or an INFORM
+		 * asking for the rest of the plan, unicast to SERVER:67 from a UDP socket bound to
+		 * the interface's address, port 68, with ciaddr set. Prints "ack YIADDR" or "nak"
+		 * for an answer that reaches that socket within 3 s, or "timeout". */
+		struct ifreq ifr = {0};
+		strncpy(ifr.ifr_name, p, IFNAMSIZ - 1);
+		int s = socket(AF_INET, SOCK_DGRAM, 0), one = 1;
+		if (s < 0 || ioctl(s, SIOCGIFADDR, &ifr)) return fail();
+		struct in_addr me = ((struct sockaddr_in *)&ifr.ifr_addr)->sin_addr;
+		if (ioctl(s, SIOCGIFHWADDR, &ifr)) return fail();
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		struct sockaddr_in b = { .sin_family = AF_INET, .sin_port = htons(68), .sin_addr = me };
+		struct sockaddr_in srv = { .sin_family = AF_INET, .sin_port = htons(67) };
+		if (inet_pton(AF_INET, argv[3], &srv.sin_addr) != 1) { errno = EINVAL; return fail(); }
+		if (bind(s, (struct sockaddr *)&b, sizeof b)) return fail();
+		unsigned char m[300] = { 1, 1, 6, 0, 'F', 'e', 'r', 'y' };
+		memcpy(m + 12, &me, 4);                      /* ciaddr */
+		memcpy(m + 28, ifr.ifr_hwaddr.sa_data, 6);   /* chaddr */
+		memcpy(m + 236, "\x63\x82\x53\x63", 4);      /* the magic cookie */
+		unsigned char opts[] = { 53, 1, !strcmp(argv[4], "inform") ? 8 : 3, 255 };
+		memcpy(m + 240, opts, sizeof opts);
+		if (sendto(s, m, sizeof m, 0, (struct sockaddr *)&srv, sizeof srv) < 0) return fail();
+		double end = now() + 3;
+		const char *result = "timeout";
+		char line[64];
+		while (now() < end) {
+			struct pollfd pf = { .fd = s, .events = POLLIN };
+			unsigned char r[1500];
+			if (poll(&pf, 1, 100) <= 0) continue;
+			ssize_t n = recv(s, r, sizeof r, 0);
+			if (n < 244 || r[0] != 2 || memcmp(r + 4, m + 4, 4)) continue;
+			int type = 0;
+			for (ssize_t i = 240; i + 2 < n && r[i] != 255; i += r[i] ? 2 + r[i + 1] : 1)
+				if (r[i] == 53) type = r[i + 2];
+			if (type == 6) { result = "nak"; break; }
+			if (type != 5) continue;
+			char a[INET_ADDRSTRLEN];
+			inet_ntop(AF_INET, r + 16, a, sizeof a);
+			snprintf(line, sizeof line, "ack %s", a);
+			result = line;
+			break;
+		}
+		puts(result);
 	} else if (!strcmp(cmd, "pingttl") && argc == 4) {
 		/* One echo request to ADDR with TTL (hop limit) N, from a raw socket: prints
 		 * "reply FROM" or "time-exceeded FROM" (the ICMP error quoting it), or "timeout". */
