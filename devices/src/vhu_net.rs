@@ -117,8 +117,9 @@ pub struct VhostUserNetBackend {
     rings: crate::ring_state::RingWatch,
     /// Interrupts the guest's `used_event` does not ask for, so none stays lost.
     lost_interrupts: crate::lost_interrupts::LostInterrupts,
-    /// The guest accepts frames whose TCP/UDP checksums are left out (GUEST_CSUM): they are
-    /// marked DATA_VALID, and neither side spends time on them.
+    /// The guest accepts frames whose TCP/UDP checksums are partial (GUEST_CSUM): they go
+    /// as NEEDS_CSUM (`rx::header_for`), and neither side sums the payload of a segment the
+    /// guest delivers locally.
     guest_csum: AtomicBool,
     /// The guest takes a frame over several RX buffers (MRG_RXBUF). Without it, a frame must
     /// fit one descriptor chain.
@@ -1361,6 +1362,106 @@ mod coalesce_tests {
             "the frame right after 10 bytes"
         );
         assert_eq!(&reply[12..], &[0x08, 0x06], "an ARP reply");
+    }
+
+    /// The gateway's DNS answer, a UDP datagram smoltcp emits: to a guest that negotiated
+    /// GUEST_CSUM it goes with NEEDS_CSUM and the pseudo-header's sum, which the guest finishes
+    /// into the right checksum; to one that did not, whole, with no flags.
+    #[test]
+    fn partial_checksums_go_as_needs_csum_and_whole_ones_without_flags() {
+        use virtio_bindings::bindings::virtio_net::{
+            VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        };
+        let m = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (tx_q, rx_q) = queues(&m);
+        let cfg = NetConfig::default();
+        let (b, vrings) = device(&m, &tx_q, &rx_q);
+        // One's complement sum of `data`, folded.
+        let sum = |data: &[u8]| {
+            let mut s: u32 = data
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+                .sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            s as u16
+        };
+        for (i, guest_csum) in [(0u16, true), (1, false)] {
+            let csum = if guest_csum {
+                1 << VIRTIO_NET_F_GUEST_CSUM
+            } else {
+                0
+            };
+            b.acked_features(1 << VIRTIO_F_VERSION_1 | csum);
+            // The ARP request (its reply), then the query (its answer).
+            for j in 0..2u16 {
+                let d = SplitDescriptor::new(
+                    0x30_0000 + u64::from(2 * i + j) * 0x1000,
+                    2048,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                );
+                rx_q.add_desc_chains(&[RawDescriptor::from(d)], 2 * i + j)
+                    .unwrap();
+            }
+            queue_arp_request(&m, &tx_q, &cfg, 2 * i);
+            let q = ferry_net::dns::query(7, "gateway.ferry.internal", 1);
+            let mut f = vec![0u8; NET_HDR_LEN];
+            f.extend_from_slice(&[0xff; 6]);
+            f.extend_from_slice(&cfg.guest_mac);
+            f.extend_from_slice(&[0x08, 0x00]);
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+            ip[2..4].copy_from_slice(&(20 + 8 + q.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&cfg.guest().octets());
+            ip.extend_from_slice(&cfg.gateway().octets());
+            let c = !sum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&40000u16.to_be_bytes());
+            f.extend_from_slice(&53u16.to_be_bytes());
+            f.extend_from_slice(&(8 + q.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+            f.extend_from_slice(&q);
+            let at = 0x18_0000 + u64::from(2 * i + 1) * 0x1000;
+            m.write_slice(&f, GuestAddress(at)).unwrap();
+            let d = SplitDescriptor::new(at, f.len() as u32, 0, 0);
+            tx_q.add_desc_chains(&[RawDescriptor::from(d)], 2 * i + 1)
+                .unwrap();
+            b.process_tx(&vrings, true).unwrap();
+            assert_eq!(
+                vrings[0].queue_used_idx().unwrap(),
+                2 * i + 2,
+                "two answers"
+            );
+            // The used ring's element for the answer: id, then length.
+            let elem = rx_q.used_addr().0 + 4 + 8 * u64::from(2 * i + 1);
+            let id = m.read_obj::<u32>(GuestAddress(elem)).unwrap();
+            let len = m.read_obj::<u32>(GuestAddress(elem + 4)).unwrap() as usize;
+            let mut got = vec![0u8; len];
+            m.read_slice(&mut got, GuestAddress(0x30_0000 + u64::from(id) * 0x1000))
+                .unwrap();
+            let (hdr, frame) = got.split_at_mut(NET_HDR_LEN);
+            assert_eq!(&frame[12..14], &[0x08, 0x00]);
+            assert_eq!(frame[23], 17, "UDP");
+            let l4 = 34;
+            let udp_len = usize::from(u16::from_be_bytes([frame[l4 + 4], frame[l4 + 5]]));
+            if guest_csum {
+                assert_eq!(hdr[0], VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, "NEEDS_CSUM");
+                assert_eq!(u16::from_le_bytes([hdr[6], hdr[7]]), 34, "csum_start");
+                assert_eq!(u16::from_le_bytes([hdr[8], hdr[9]]), 6, "csum_offset");
+                // As the guest's kernel finishes it.
+                let c = !sum(&frame[l4..l4 + udp_len]);
+                frame[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+            } else {
+                assert_eq!(hdr[0], 0, "no flags");
+            }
+            let mut pseudo = frame[26..34].to_vec();
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+            pseudo.extend_from_slice(&frame[l4..l4 + udp_len]);
+            assert_eq!(sum(&pseudo), 0xffff, "the checksum verifies ({guest_csum})");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! [`NetStack::pop_frame`]. The rules decide each new flow (`verdict`).
 
 mod audit;
+mod checksum;
 mod dns_forward;
 mod dns_tcp;
 mod dns_upstream;
@@ -41,6 +42,7 @@ mod forward_tests;
 #[cfg(test)]
 mod ipv6_tests;
 
+pub use checksum::PartialChecksum;
 pub use dns_upstream::{search_of, servers_of, DnsSource};
 use flow::{FlowId, FlowTable, Token};
 pub use flow::{Origin, Traffic};
@@ -342,7 +344,7 @@ impl NetStack {
         self
     }
 
-    /// Whether the guest takes TCP/UDP frames without checksums (negotiated GUEST_CSUM).
+    /// Whether the guest takes TCP/UDP frames with partial checksums (negotiated GUEST_CSUM).
     pub fn set_checksum_offload(&mut self, on: bool) {
         self.device.csum_offload = on;
     }
@@ -1796,13 +1798,20 @@ mod published {
 
     /// The first TCP segment the stack sends the guest within a second, as (src, segment).
     pub(super) fn next_segment(stack: &mut NetStack) -> Option<(Ipv4Address, Vec<u8>)> {
+        let f = next_segment_frame(stack)?;
+        let (ip, payload) = link::parse_ipv4(&f)?;
+        Some((ip.src_addr, payload.to_vec()))
+    }
+
+    /// The next TCP segment to the guest, as the frame the device gets.
+    pub(super) fn next_segment_frame(stack: &mut NetStack) -> Option<Frame> {
         let end = StdInstant::now() + std::time::Duration::from_secs(2);
         while StdInstant::now() < end {
             stack.handle_host_events();
             while let Some(f) = stack.pop_frame() {
-                if let Some((ip, payload)) = link::parse_ipv4(&f) {
+                if let Some((ip, _)) = link::parse_ipv4(&f) {
                     if ip.next_header == IpProtocol::Tcp && ip.dst_addr == smol(stack.cfg.guest()) {
-                        return Some((ip.src_addr, payload.to_vec()));
+                        return Some(f);
                     }
                 }
             }
@@ -1860,10 +1869,10 @@ mod published {
         assert_eq!(s.epoll.wait(0, &mut events).unwrap(), 0);
     }
 
-    /// Whether the guest takes frames without checksums is negotiated after the stack is made
-    /// (and again for each guest): the stack's TCP segments follow it either way.
+    /// Whether the guest takes partial checksums is negotiated after the stack is made (and
+    /// again for each guest): the stack's TCP segments follow it either way.
     #[test]
-    fn segments_to_the_guest_carry_checksums_unless_it_takes_them_without() {
+    fn segments_to_the_guest_carry_whole_checksums_unless_it_takes_them_partial() {
         let (cfg, mut s, listener, port) = stack_and_listener();
         let dst = smol(cfg.host_alias());
         let guest = smol(cfg.guest());
@@ -1871,23 +1880,34 @@ mod published {
             let seg = hostile_frames::guest_syn(sport, port);
             s.receive_frame(&hostile_frames::guest_tcp_frame(dst, &seg));
             s.poll();
-            let (_, synack) = next_segment(s).expect("SYN-ACK");
+            let synack = next_segment_frame(s).expect("SYN-ACK");
             listener.accept().unwrap();
             synack
         };
+        let verifies = |f: &Frame| {
+            let (_, seg) = link::parse_ipv4(f).unwrap();
+            let t = TcpPacket::new_checked(seg).unwrap();
+            assert!(t.syn() && t.ack());
+            t.verify_checksum(&dst.into(), &guest.into())
+        };
         s.set_checksum_offload(true);
-        let t = synack(&mut s, 40010);
-        let t = TcpPacket::new_checked(&t[..]).unwrap();
-        assert!(t.syn() && t.ack());
-        assert_eq!(t.checksum(), 0, "no checksum for a guest that offloads it");
-        s.set_checksum_offload(false);
-        let t = synack(&mut s, 40011);
-        let t = TcpPacket::new_checked(&t[..]).unwrap();
-        assert!(t.syn() && t.ack());
-        assert!(
-            t.verify_checksum(&dst.into(), &guest.into()),
-            "a full checksum for a guest that does not"
+        let mut f = synack(&mut s, 40010);
+        assert_eq!(
+            f.partial_checksum(),
+            Some(PartialChecksum {
+                start: 34,
+                offset: 16
+            }),
+            "partial for a guest that takes it so"
         );
+        assert!(!verifies(&f));
+        // As the guest's kernel does before it sends the segment on.
+        f.finish_checksum();
+        assert!(verifies(&f), "the guest finishes a correct checksum");
+        s.set_checksum_offload(false);
+        let f = synack(&mut s, 40011);
+        assert_eq!(f.partial_checksum(), None);
+        assert!(verifies(&f), "a whole checksum for a guest that does not");
     }
 
     /// A stack with one TCP port published on `bind` (a free host port, which it returns) to

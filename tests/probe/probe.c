@@ -21,6 +21,8 @@
 #include <time.h>
 #include <net/if.h>
 #include <sys/ioctl.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
 
 static double now(void) {
 	struct timespec t;
@@ -255,6 +257,53 @@ int main(int argc, char **argv) {
 			}
 		}
 		printf("%d of %d\n", got, n);
+	} else if (!strcmp(cmd, "tcpcsum") && argc == 4) {
+		/* tcpcsum ADDR PORT: connects to ADDR:PORT (IPv4) while a packet socket watches, and
+		 * checks the SYN-ACK's TCP checksum as a kernel that sends the segment on would see
+		 * it: one the device left partial (TP_STATUS_CSUMNOTREADY) is finished first, as
+		 * skb_checksum_help does. Prints "ok", "bad" or "timeout". */
+		int ps = socket(AF_PACKET, SOCK_DGRAM, htons(ETH_P_IP)), one = 1;
+		if (ps < 0 || setsockopt(ps, SOL_PACKET, PACKET_AUXDATA, &one, sizeof one)) return fail();
+		struct sockaddr_in dst = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[3])) };
+		if (inet_pton(AF_INET, p, &dst.sin_addr) != 1) { errno = EINVAL; return fail(); }
+		int c = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		if (c < 0 || (connect(c, (struct sockaddr *)&dst, sizeof dst) && errno != EINPROGRESS)) return fail();
+		double end = now() + 5;
+		const char *result = "timeout";
+		while (now() < end) {
+			struct pollfd pf = { .fd = ps, .events = POLLIN };
+			if (poll(&pf, 1, 100) <= 0) continue;
+			unsigned char b[2048];
+			char ctl[CMSG_SPACE(sizeof(struct tpacket_auxdata))];
+			struct iovec iov = { b, sizeof b };
+			struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl };
+			ssize_t n = recvmsg(ps, &mh, MSG_TRUNC);
+			if (n < 40 || n > (ssize_t)sizeof b) continue;
+			unsigned status = 0;
+			for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+				if (cm->cmsg_level == SOL_PACKET && cm->cmsg_type == PACKET_AUXDATA)
+					status = ((struct tpacket_auxdata *)CMSG_DATA(cm))->tp_status;
+			/* SOCK_DGRAM: b holds the IP packet. */
+			size_t ihl = (size_t)(b[0] & 15) * 4, total = (size_t)b[2] << 8 | b[3];
+			if (b[9] != 6 || total > (size_t)n || total < ihl + 20) continue;
+			unsigned char *t = b + ihl;
+			size_t tlen = total - ihl;
+			if (memcmp(b + 12, &dst.sin_addr, 4) || memcmp(t, &dst.sin_port, 2) || (t[13] & 0x12) != 0x12) continue;
+			unsigned long sum = 0;
+			if (status & TP_STATUS_CSUMNOTREADY) {
+				for (size_t i = 0; i < tlen; i += 2) sum += (unsigned)t[i] << 8 | (i + 1 < tlen ? t[i + 1] : 0);
+				while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+				t[16] = (unsigned char)(~sum >> 8); t[17] = (unsigned char)~sum;
+				sum = 0;
+			}
+			for (int i = 12; i < 20; i += 2) sum += (unsigned)b[i] << 8 | b[i + 1];
+			sum += 6 + tlen;
+			for (size_t i = 0; i < tlen; i += 2) sum += (unsigned)t[i] << 8 | (i + 1 < tlen ? t[i + 1] : 0);
+			while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+			result = sum == 0xffff ? "ok" : "bad";
+			break;
+		}
+		puts(result);
 	} else if (!strcmp(cmd, "dhcp") && argc == 5) {
 		/* dhcp IFACE SERVER request|inform: what a bound DHCP client sends from its address,
 		 * as systemd-networkd and dhcpcd do: a REQUEST renewing its lease, or an INFORM

@@ -4,8 +4,10 @@
 //! does DNS, TCP, UDP and ICMP echo to a test host, is refused by a `reject` rule with ICMP port
 //! unreachable, and serves published TCP and UDP ports to host clients. Each also echoes a
 //! 65,507-byte datagram, and an 8,000-byte one with its MTU set to 1500, which it fragments.
-//! Each asks the DHCP server from its address, as a bound client does (a renewal, or an
-//! INFORM from the static guest), and gets the answer there.
+//! Each checks that a TCP segment from ferry carries a checksum that holds if the guest sends
+//! it on (partial, finished by the guest, where it negotiated GUEST_CSUM), and asks the DHCP
+//! server from its address, as a bound client does (a renewal, or an INFORM from the static
+//! guest), and gets the answer there.
 //! A third boot does it all on a legacy NIC (virtio 0.9, as old guests speak it) without
 //! offloads or mergeable RX buffers (`disable-modern=on,csum=off,guest_csum=off,mrg_rxbuf=off`):
 //! every frame has the 10-byte legacy header, and every frame ferry sends must carry its TCP
@@ -40,6 +42,9 @@ check ping-4000 "$(ping -c 1 -W 3 -s 4000 {remote} 2>&1 | grep -c '4008 bytes fr
 check reject-udp "$($P udp {remote} 7779 100)" errno:ECONNREFUSED
 # No server on 7778: the test host's port unreachable reaches the guest through ferry.
 check refused-udp "$($P udp {remote} 7778 100)" errno:ECONNREFUSED
+# The SYN-ACK's checksum as a guest that routes the segment on sends it: finished where the
+# device left it partial, and correct.
+check tcp-checksum "$($P tcpcsum {remote} 7000)" ok
 # A bound client asks from its address, and reads the answer from a socket bound there.
 if [ "{addr}" = 192.168.127.2 ]; then
 	check dhcp-renew "$($P dhcp eth0 192.168.127.1 request)" "ack {addr}"
@@ -161,7 +166,7 @@ fn a_guest_with_any_mac_and_a_static_address_works_in_full() {
             .unwrap_or_else(|e| panic!("{mac}: {e}\nferry log:\n{}", ferry.log_tail()));
         let failed: Vec<_> = out.checks.iter().filter(|c| !c.ok).collect();
         assert!(
-            failed.is_empty() && out.checks.len() == 13,
+            failed.is_empty() && out.checks.len() == 14,
             "{mac}: {} checks, failed: {failed:#?}\nconsole:\n{}\nferry log:\n{}",
             out.checks.len(),
             ferry_tests::tail(&out.console, 40),

@@ -16,11 +16,13 @@
 use std::io;
 use std::sync::atomic::Ordering;
 
-use ferry_net::stack::{is_bare_tcp_ack, NetStack};
+use ferry_net::stack::{is_bare_tcp_ack, Frame, NetStack};
 use log::warn;
 use smallvec::SmallVec;
 use vhost_user_backend::VringT;
-use virtio_bindings::bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID;
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
@@ -156,6 +158,28 @@ impl VhostUserNetBackend {
         }
     }
 
+    /// The virtio header of `frame` but for `num_buffers`: a checksum the stack left partial
+    /// goes as NEEDS_CSUM with where it starts and lies; other frames to a guest that
+    /// negotiated GUEST_CSUM carry whole checksums, or none (IPv4 UDP), and are DATA_VALID.
+    /// A guest without GUEST_CSUM must not see a partial one (a frame made for the guest
+    /// before it): the checksum is finished here.
+    fn header_for(&self, frame: &mut Frame) -> [u8; NET_HDR_LEN] {
+        let mut hdr = [0u8; NET_HDR_LEN];
+        if !self.guest_csum.load(Ordering::Relaxed) {
+            frame.finish_checksum();
+            return hdr;
+        }
+        match frame.partial_checksum() {
+            Some(p) => {
+                hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+                hdr[6..8].copy_from_slice(&p.start.to_le_bytes());
+                hdr[8..10].copy_from_slice(&p.offset.to_le_bytes());
+            }
+            None => hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8,
+        }
+        hdr
+    }
+
     /// Writes the stack's frames into the guest's RX buffers, each on the RX ring of the pair
     /// its flow is steered to. With MRG_RXBUF a frame may span several buffers; the first
     /// one's header says how many. When that ring has too few buffers posted, the frame (and
@@ -190,7 +214,7 @@ impl VhostUserNetBackend {
         let mut retries = 0;
         let mergeable = self.mrg_rxbuf.load(Ordering::Relaxed);
         let h = self.hdr_len.load(Ordering::Relaxed);
-        while let Some(frame) = stack.pop_frame() {
+        while let Some(mut frame) = stack.pop_frame() {
             let at = crate::rx_steer::ring_for(&frame, rings.len());
             let ring = &mut rings[at];
             let queue = ring.state.get_queue_mut();
@@ -235,10 +259,7 @@ impl VhostUserNetBackend {
                 }
                 break;
             }
-            let mut hdr = [0u8; NET_HDR_LEN];
-            if self.guest_csum.load(Ordering::Relaxed) {
-                hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
-            }
+            let mut hdr = self.header_for(&mut frame);
             // num_buffers, in the header of every length but the legacy one.
             hdr[10..12].copy_from_slice(&(bufs.len() as u16).to_le_bytes());
             let mut src: [&[u8]; 2] = [&hdr[..h], &frame];

@@ -3,10 +3,11 @@
 //! Theory of operation. Frames from the guest wait in `rx` for smoltcp, frames for the guest
 //! wait in `tx` for the device; both are `Frame`s from one pool of buffers, handed back after
 //! use, so steady traffic allocates nothing per frame. smoltcp emits TCP and UDP without
-//! checksums, and `FrameTx` fills them for a guest that did not negotiate GUEST_CSUM, and
-//! IPv6 UDP's for every guest (see `capabilities`). The parsers here read frames the NAT
-//! paths take before smoltcp.
+//! checksums, and `FrameTx` fills them in as the guest takes them (`checksum`: partial for a
+//! guest that negotiated GUEST_CSUM, whole for one that did not). The parsers here read frames
+//! the NAT paths take before smoltcp.
 
+use super::checksum::{self, PartialChecksum};
 use super::fragment_for_guest::{self, FragmentIds};
 use super::*;
 
@@ -23,6 +24,8 @@ pub(super) const POOL_FRAMES: usize = 512;
 pub struct Frame {
     pub(super) buf: Vec<u8>,
     pub(super) len: usize,
+    /// Its TCP or UDP checksum is left for the guest to finish (see `checksum`).
+    pub(super) partial: Option<PartialChecksum>,
 }
 
 impl Frame {
@@ -33,14 +36,36 @@ impl Frame {
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        Frame { buf, len }
+        Frame {
+            buf,
+            len,
+            partial: None,
+        }
+    }
+
+    /// Where its TCP or UDP checksum was left partial, for the device's VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    /// `None` when the frame's checksums are whole (or it has none).
+    pub fn partial_checksum(&self) -> Option<PartialChecksum> {
+        self.partial
+    }
+
+    /// Makes a partial checksum whole, for a guest that cannot take it so (one that connected
+    /// without GUEST_CSUM while the frame waited).
+    pub fn finish_checksum(&mut self) {
+        if let Some(p) = self.partial.take() {
+            checksum::finish(&mut self.buf[..self.len], p);
+        }
     }
 }
 
 impl From<Vec<u8>> for Frame {
     fn from(buf: Vec<u8>) -> Self {
         let len = buf.len();
-        Frame { buf, len }
+        Frame {
+            buf,
+            len,
+            partial: None,
+        }
     }
 }
 
@@ -127,7 +152,7 @@ pub(super) struct FrameTx<'a> {
     pub(super) pool: &'a RefCell<Vec<Vec<u8>>>,
     pub(super) capture: &'a RefCell<Option<Capture>>,
     pub(super) live: &'a Option<std::sync::Arc<crate::pcap_live::LiveCaptures>>,
-    /// The guest needs TCP/UDP checksums (it did not negotiate GUEST_CSUM).
+    /// The guest needs whole TCP/UDP checksums (it did not negotiate GUEST_CSUM).
     pub(super) fill_checksums: bool,
     pub(super) link_mtu: usize,
     pub(super) fragment_ids: &'a mut FragmentIds,
@@ -177,7 +202,10 @@ impl TxToken for FrameTx<'_> {
         // checksum fields, payload), so the buffer is not zeroed for it.
         let mut frame = Frame::take(self.pool, len);
         let r = f(&mut frame);
-        fill_l4_checksum(&mut frame, self.fill_checksums);
+        // A packet the link splits gets its whole checksum: no fragment is a segment the
+        // guest could finish.
+        let split = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > self.link_mtu);
+        frame.partial = checksum::fill(&mut frame, self.fill_checksums || split);
         self.push(frame);
         r
     }
@@ -205,74 +233,12 @@ impl Device for FrameQueue {
         // TCP/UDP checksums of guest frames are not verified: the link is memory and cannot
         // corrupt, as with a tap device, and a guest that offloads them (VIRTIO_NET_F_CSUM)
         // sends partial sums. Nor does smoltcp fill them in the frames it emits: it reads these
-        // capabilities once, when the interface is made, and whether the guest takes frames
-        // without checksums (GUEST_CSUM) is negotiated later and may change with the next
-        // guest; `FrameTx` fills them when it does not (and IPv6 UDP's always, see
-        // `fill_l4_checksum`).
+        // capabilities once, when the interface is made, and whether the guest takes partial
+        // checksums (GUEST_CSUM) is negotiated later and may change with the next guest;
+        // `FrameTx` fills them in as the guest takes them (`checksum`).
         caps.checksum.tcp = smoltcp::phy::Checksum::None;
         caps.checksum.udp = smoltcp::phy::Checksum::None;
         caps
-    }
-}
-
-/// Fills the TCP or UDP checksum of a frame smoltcp emitted with it left zero: every one when
-/// `all` (the guest did not negotiate GUEST_CSUM), else only IPv6 UDP's, since a zero UDP
-/// checksum is invalid in IPv6 and Linux drops such a datagram whatever the device vouched
-/// for (the gateway's DNS answers). A fragment keeps its zero: smoltcp fragments only IPv4,
-/// where a UDP checksum of zero means none.
-fn fill_l4_checksum(frame: &mut [u8], all: bool) {
-    use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
-        UdpPacket,
-    };
-    let Ok(mut eth) = EthernetFrame::new_checked(frame) else {
-        return;
-    };
-    let (src, dst, proto, payload): (IpAddress, IpAddress, _, &mut [u8]) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => {
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
-                return;
-            };
-            if ip.more_frags() || ip.frag_offset() != 0 {
-                return;
-            }
-            let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
-            let len = usize::from(ip.total_len());
-            let hdr = usize::from(ip.header_len());
-            let Some(payload) = ip.into_inner().get_mut(hdr..len) else {
-                return;
-            };
-            (src.into(), dst.into(), proto, payload)
-        }
-        EthernetProtocol::Ipv6 => {
-            let Ok(ip) = Ipv6Packet::new_checked(eth.payload_mut()) else {
-                return;
-            };
-            let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
-            let len = usize::from(ip.payload_len());
-            let Some(payload) = ip.into_inner().get_mut(40..40 + len) else {
-                return;
-            };
-            (src.into(), dst.into(), proto, payload)
-        }
-        _ => return,
-    };
-    let udp6 = proto == IpProtocol::Udp && matches!(src, IpAddress::Ipv6(_));
-    if !(all || udp6) {
-        return;
-    }
-    match proto {
-        IpProtocol::Tcp => {
-            if let Ok(mut t) = TcpPacket::new_checked(payload) {
-                t.fill_checksum(&src, &dst);
-            }
-        }
-        IpProtocol::Udp => {
-            if let Ok(mut u) = UdpPacket::new_checked(payload) {
-                u.fill_checksum(&src, &dst);
-            }
-        }
-        _ => {}
     }
 }
 
