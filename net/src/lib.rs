@@ -31,3 +31,9 @@ pub mod ports;
 pub mod proxy;
 pub mod rules;
 pub mod stack;
+
+/// Held by the tests that start a process and by those that need a port free the moment its
+/// socket closes: a child between fork and exec holds a copy of every descriptor of this
+/// (multi-threaded) test process, so a socket another test closes meanwhile stays bound.
+#[cfg(test)]
+pub(crate) static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

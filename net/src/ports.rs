@@ -781,6 +781,7 @@ mod tests {
     /// (the ports thread holds the socket while it reads them).
     #[test]
     fn an_unpublished_port_is_free_at_once() {
+        let _no_child_holds_it = crate::SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let ports = Ports::new(Ipv4Addr::new(192, 168, 127, 2), None).expect("ports");
         // Below the ephemeral range, so the other tests' sockets bound to port 0 never take
         // it between rounds, and above the ports `publishing_stops_at_max_ports` fills from

@@ -63,6 +63,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("krb5.conf");
         std::fs::write(&conf, "[libdefaults]\n").unwrap();
+        let _spawning = crate::SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
