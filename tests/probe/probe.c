@@ -393,6 +393,54 @@ int main(int argc, char **argv) {
 			return 0;
 		}
 		printf("timeout\n");
+	} else if (!strcmp(cmd, "tcpttl") && argc == 5) {
+		/* tcpttl ADDR PORT N: a TCP connect to ADDR:PORT whose SYN has TTL (hop limit) N, as
+		 * tcptraceroute sends: prints "time-exceeded FROM" for an ICMP error quoting the SYN
+		 * (read on a raw socket), else how the connect ended ("connected" or "errno:NAME"),
+		 * or "timeout" after 3 s. */
+		struct sockaddr_storage ss, from;
+		socklen_t sl = addr_of(p, atoi(argv[3]), &ss);
+		if (!sl) return 2;
+		int v6 = ss.ss_family == AF_INET6, ttl = atoi(argv[4]);
+		int raw = socket(ss.ss_family, SOCK_RAW, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+		int c = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		if (raw < 0 || c < 0) return fail();
+		setsockopt(c, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_UNICAST_HOPS : IP_TTL, &ttl, sizeof ttl);
+		if (connect(c, (struct sockaddr *)&ss, sl) && errno != EINPROGRESS) return fail();
+		struct sockaddr_storage me;
+		socklen_t ml = sizeof me;
+		getsockname(c, (struct sockaddr *)&me, &ml);
+		unsigned short sport = v6 ? ((struct sockaddr_in6 *)&me)->sin6_port : ((struct sockaddr_in *)&me)->sin_port;
+		double end = now() + 3;
+		while (now() < end) {
+			struct pollfd pf[2] = { { .fd = raw, .events = POLLIN }, { .fd = c, .events = POLLOUT } };
+			if (poll(pf, 2, 100) <= 0) continue;
+			while (pf[0].revents & POLLIN) {
+				unsigned char b[1500];
+				socklen_t fl = sizeof from;
+				ssize_t n = recvfrom(raw, b, sizeof b, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+				if (n <= 0) break;
+				size_t at = v6 ? 0 : (size_t)(b[0] & 15) * 4;
+				if ((size_t)n < at + 8 || b[at] != (v6 ? 3 : 11)) continue;
+				const unsigned char *q = b + at + 8;
+				size_t qh = v6 ? 40 : ((size_t)n > at + 8 ? (size_t)(q[0] & 15) * 4 : 0);
+				if ((size_t)n < at + 8 + qh + 4 || q[v6 ? 6 : 9] != IPPROTO_TCP) continue;
+				if (memcmp(q + qh, &sport, 2)) continue;
+				char ip[INET6_ADDRSTRLEN];
+				inet_ntop(from.ss_family, v6 ? (void *)&((struct sockaddr_in6 *)&from)->sin6_addr : (void *)&((struct sockaddr_in *)&from)->sin_addr, ip, sizeof ip);
+				printf("time-exceeded %s\n", ip);
+				return 0;
+			}
+			if (pf[1].revents) {
+				int err = 0;
+				socklen_t el = sizeof err;
+				getsockopt(c, SOL_SOCKET, SO_ERROR, &err, &el);
+				if (!err) { puts("connected"); return 0; }
+				errno = err;
+				return fail();
+			}
+		}
+		puts("timeout");
 	} else if (!strcmp(cmd, "udpburst") && argc == 5) {
 		/* udpburst ADDR PORT COUNT: send COUNT 64-byte datagrams back to back to an echo
 		 * server, then collect echoes until 3 s pass without one; print "GOT of COUNT". */

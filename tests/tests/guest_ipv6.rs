@@ -5,8 +5,9 @@
 //! rule's ICMPv6 port unreachable, the host alias (either family) reaching a server on the
 //! host's `::1`, and
 //! published TCP and UDP ports whose IPv6 clients the guest sees with their own addresses;
-//! and, in both families, traceroute (UDP) and echo requests with short TTLs to a host one
-//! router further, each hop answering from its own address, ferry's gateway the first; the
+//! and, in both families, traceroute (UDP), echo requests and TCP connects (as tcptraceroute)
+//! with short TTLs to a host one router further, each hop answering from its own address,
+//! ferry's gateway the first; the
 //! router's MTU errors; TCP connects with no route or no host met by ICMP, not RST; and a
 //! guest set up for stateful DHCPv6 gets an address of its own that works.
 //!
@@ -95,6 +96,10 @@ check traceroute "$(traceroute -n -q 2 -w 2 -m 5 {far} 2>/dev/null | hops)" "192
 check traceroute6 "$(traceroute6 -n -q 2 -w 2 -m 5 {far6} 2>/dev/null | hops)" "{GATEWAY6} {router6} {far6} "
 check ping-ttl "$($P pingttl {far} 1) $($P pingttl {far} 2) $($P pingttl {far} 3)" "time-exceeded 192.168.127.1 time-exceeded {router} reply {far}"
 check ping-ttl6 "$($P pingttl {far6} 1) $($P pingttl {far6} 2) $($P pingttl {far6} 3)" "time-exceeded {GATEWAY6} time-exceeded {router6} reply {far6}"
+# TCP as tcptraceroute probes: a SYN on its last hop expires at the gateway, the next at the
+# router (its error passed on from it), the last reaches the far host, which has no listener.
+check tcp-ttl "$($P tcpttl {far} 9 1) $($P tcpttl {far} 9 2) $($P tcpttl {far} 9 3)" "time-exceeded 192.168.127.1 time-exceeded {router} errno:ECONNREFUSED"
+check tcp-ttl6 "$($P tcpttl {far6} 9 1) $($P tcpttl {far6} 9 2) $($P tcpttl {far6} 9 3)" "time-exceeded {GATEWAY6} time-exceeded {router6} errno:ECONNREFUSED"
 # The far link's MTU is 1400: the router's "fragmentation needed" and "packet too big" reach
 # the guest, whose socket hears EMSGSIZE and learns the path's MTU.
 check pmtu "$($P udp {far} 9 1450)" "errno:EMSGSIZE mtu 1400"
@@ -230,7 +235,7 @@ fn a_guest_gets_ipv6_by_slaac_and_dhcpv6_and_reaches_ipv6_hosts() {
     let out = qemu
         .wait_done(DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
-    out.assert_all_ok(29, &format!("ferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(31, &format!("ferry log:\n{}", ferry.log_tail()));
     assert!(
         peer.starts_with(&format!("[{remote6}]:")),
         "the guest saw the published port's IPv6 client as {peer:?}, not [{remote6}]"

@@ -17,6 +17,12 @@
 //! traceroute6 by its probe's payload.
 //! Destination unreachable, time exceeded and IPv6's packet too big pass, the next hop's MTU
 //! with them; other kinds (redirects, parameter problems) stay on the host.
+//!
+//! TCP is the same up to the connection: a SYN on its last hop expires at the gateway, any
+//! other makes the host's SYN leave one hop shorter, and an ICMP error that ends the host's
+//! connect reaches the guest from the router that sent it, quoting the guest's SYN
+//! (`relay_connect_error`; tcptraceroute). Once connected, TCP's ICMP errors are the host
+//! kernel's: ferry's connection carries the guest's bytes, not its segments.
 
 use super::sys::QueuedError;
 use super::verdict::Unreachable;
@@ -250,6 +256,43 @@ impl NetStack {
         }
     }
 
+    /// The ICMP error that ended TCP flow `id`'s host connect, if one is queued on its socket
+    /// and came from beyond the host (a router whose TTL ran out, or that has no route on):
+    /// passed on to the guest from its sender, quoting the guest's SYN `syn` as it came.
+    /// Returns whether one was.
+    pub(super) fn relay_connect_error(&mut self, id: FlowId, syn: &[u8]) -> bool {
+        let Some(f) = self.flows.get(id) else {
+            return false;
+        };
+        let Kind::Tcp(t) = &f.kind else {
+            return false;
+        };
+        let (guest, host) = (f.key.guest, f.host.ip());
+        let Some(e) = sys::recv_error(t.host.as_raw_fd()) else {
+            return false;
+        };
+        let (Some(error), Some(from)) = (IcmpError::of(&e), e.offender) else {
+            return false;
+        };
+        if from == host || from.is_loopback() || from.is_ipv4() != guest.is_ipv4() {
+            return false;
+        }
+        let Some((ip, _)) = parse_ip(syn) else {
+            return false;
+        };
+        let Some(packet) = syn.get(14..14 + ip.len) else {
+            return false;
+        };
+        log::debug!(
+            "nat: ICMP type {} code {} from {from} for the guest's connect to {}",
+            e.icmp_type,
+            e.code,
+            f.key.remote
+        );
+        self.icmp_error(packet, guest, from, error);
+        true
+    }
+
     /// Sends `data` on flow `id`'s host socket (UDP or ping), with TTL `hops`, and counts
     /// it. With IP_RECVERR
     /// every ICMP error the socket heard leaves it a pending error, which the kernel hands to
@@ -460,6 +503,24 @@ mod tests {
         );
     }
 
+    /// The TTL an IPv4 socket sends with.
+    fn ttl_of(fd: RawFd) -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid destinations of the right sizes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_TTL,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
     #[test]
     fn a_datagram_leaves_the_host_with_one_hop_less() {
         let cfg = NetConfig::default();
@@ -472,22 +533,7 @@ mod tests {
             s.flows
                 .iter()
                 .filter_map(|(_, f)| match &f.kind {
-                    Kind::Udp { socket, ttl, .. } => {
-                        let mut v: libc::c_int = 0;
-                        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                        // SAFETY: `v` and `len` are valid destinations of the right sizes.
-                        let r = unsafe {
-                            libc::getsockopt(
-                                socket.as_raw_fd(),
-                                libc::IPPROTO_IP,
-                                libc::IP_TTL,
-                                (&mut v as *mut libc::c_int).cast(),
-                                &mut len,
-                            )
-                        };
-                        assert_eq!(r, 0);
-                        Some((*ttl, v))
-                    }
+                    Kind::Udp { socket, ttl, .. } => Some((*ttl, ttl_of(socket.as_raw_fd()))),
                     _ => None,
                 })
                 .collect()
@@ -507,6 +553,49 @@ mod tests {
             .unwrap();
         assert_eq!(server.recv(&mut b).unwrap(), 3, "both went out");
         assert_eq!(server.recv(&mut b).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_syn_on_its_last_hop_expires_at_the_gateway_and_others_leave_one_hop_shorter() {
+        use super::super::hostile_frames::{guest_syn, guest_tcp_frame};
+        let cfg = NetConfig::default();
+        // Loopback: the one destination a test may connect to; not the host alias, so the
+        // NAT treats it as any remote one.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        s.neighbor_hint();
+        let dst = smoltcp::wire::Ipv4Address::new(127, 0, 0, 1);
+        let syn = guest_tcp_frame(dst, &guest_syn(40100, port));
+        s.receive_frame(&with_ttl(syn, 1));
+        s.poll();
+        let got = icmp_to_guest(&mut s);
+        assert_eq!(got.len(), 1, "one ICMP error: {got:?}");
+        assert_eq!(got[0].0, IpAddr::V4(cfg.gateway()), "from the gateway");
+        assert_eq!(&got[0].1[0..2], &[11, 0], "time exceeded");
+        assert_eq!(
+            &got[0].1[8 + 20..8 + 24],
+            &[&40100u16.to_be_bytes()[..], &port.to_be_bytes()].concat()[..],
+            "quoting the SYN's ports"
+        );
+        assert_eq!(
+            s.flows.count(super::super::flow::Proto::Tcp),
+            0,
+            "no connect"
+        );
+        let syn = guest_tcp_frame(dst, &guest_syn(40101, port));
+        s.receive_frame(&with_ttl(syn, 5));
+        s.poll();
+        let ttls: Vec<i32> = s
+            .flows
+            .iter()
+            .filter_map(|(_, f)| match &f.kind {
+                Kind::Tcp(t) => Some(ttl_of(t.host.as_raw_fd())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ttls, vec![4], "the host's SYN leaves one hop shorter");
+        listener.accept().expect("the connect went on");
     }
 
     #[test]

@@ -169,7 +169,21 @@ pub(crate) fn connect_unix_nonblocking(
 
 /// A TCP socket connecting to `to` without waiting.
 pub(crate) fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
+    connect_nonblocking_as_router(to, None)
+}
+
+/// [`connect_nonblocking`], the SYN sent with TTL (hop limit) `hops` when given, and the
+/// ICMP error that ends the connect, if one does, queued with who sent it ([`recv_error`];
+/// [`enable_recverr`] is to be turned off once connected, see [`disable_recverr`]).
+pub(crate) fn connect_nonblocking_as_router(
+    to: SocketAddr,
+    hops: Option<u8>,
+) -> io::Result<TcpStream> {
     let stream = TcpStream::from(socket(family(&to), libc::SOCK_STREAM, 0)?);
+    if let Some(h) = hops {
+        set_hop_limit(stream.as_raw_fd(), to.is_ipv6(), h)?;
+        enable_recverr(stream.as_raw_fd(), to.is_ipv6())?;
+    }
     let addr = CAddr::new(to);
     // SAFETY: `addr` is a valid socket address of its length.
     let r = unsafe { libc::connect(stream.as_raw_fd(), addr.ptr(), addr.len) };
@@ -287,6 +301,18 @@ pub(crate) fn enable_recverr(fd: RawFd, v6: bool) -> io::Result<()> {
         set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
     } else {
         set_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+    }
+}
+
+/// Turns [`enable_recverr`] off. A connected TCP socket must not keep it: with it, every ICMP
+/// error about its segments (a router's passing "unreachable" during a route change) is a
+/// hard error that ends the connection, where without it only one that outlasts the
+/// retransmissions does.
+pub(crate) fn disable_recverr(fd: RawFd, v6: bool) -> io::Result<()> {
+    if v6 {
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 0)
+    } else {
+        set_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 0)
     }
 }
 

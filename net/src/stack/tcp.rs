@@ -6,7 +6,7 @@
 //! are whatever the guest addressed (the host's loopback stands in for the host alias).
 
 use super::flow::{Flow, FlowId, FlowKey, Origin, Proto as FlowProto};
-use super::sys::{connect_nonblocking, peek_eof, take_error};
+use super::sys::{connect_nonblocking, connect_nonblocking_as_router, peek_eof, take_error};
 use super::tcp_host::{adopt, HostStream, TcpFlow, TcpState, MAX_HANDSHAKES};
 use super::verdict::Unreachable;
 use super::*;
@@ -234,6 +234,8 @@ impl NetStack {
         let mut handoff = None;
         let mut dns_tcp = None;
         let mut origin = Origin::Outbound;
+        // The TTL the host's SYN leaves with, for the guest's own destinations.
+        let mut hops = None;
         if self.is_forward_addr(ip.dst) {
             origin = Origin::Forward;
             // A guest forward: its target, not the address; other ports meet no listener.
@@ -276,6 +278,12 @@ impl NetStack {
                 Err(Action::Reject) => return false,
                 Err(_) => return true,
             }
+            // The gateway is a hop, for TCP as for UDP and ICMP (`path_errors`): a SYN on its
+            // last one expires here (tcptraceroute), any other leaves one hop shorter.
+            let Some(h) = self.hops_or_expire(frame, ip) else {
+                return true;
+            };
+            hops = Some(h);
             // Transparent mode: web traffic the rules let out goes through the proxy's
             // logic (and so the host's upstream proxy), not straight out. The host alias
             // is the host's own, and stays direct.
@@ -311,7 +319,11 @@ impl NetStack {
                 p.accept(intercepted, Some(slot)).map(HostStream::Unix)
             }
             (None, None, Some(resolver)) => super::dns_tcp::accept(resolver).map(HostStream::Unix),
-            (None, None, None) => connect_nonblocking(target).map(HostStream::Tcp),
+            (None, None, None) => {
+                // Not for the host alias: the host's loopback is no hop away.
+                let hops = hops.filter(|_| target == key.remote);
+                connect_nonblocking_as_router(target, hops).map(HostStream::Tcp)
+            }
         };
         let host = match connected {
             Ok(h) => h,
@@ -387,6 +399,12 @@ impl NetStack {
     /// at once on either, with the errno the host saw: "No route to host", not "Connection
     /// refused"). Timed out: nothing, as the guest's own connect times out too.
     fn connect_failed(&mut self, id: FlowId, syn: Vec<u8>, e: &io::Error) {
+        // An ICMP error from a router on the way (the SYN's TTL ran out there, or it has no
+        // route on) ended the connect: the guest hears it from that router.
+        if self.relay_connect_error(id, &syn) {
+            self.tcp_remove(id, "unreachable");
+            return;
+        }
         let why = Unreachable::of(e);
         let reason = match why {
             Some(Unreachable::Net | Unreachable::Host) => "unreachable",
@@ -457,6 +475,11 @@ impl NetStack {
                 self.tcp_remove(id, "error");
                 self.device.rx.push_back(syn.into());
                 return;
+            }
+            // Connected: ICMP errors about the connection's segments go back to being the
+            // kernel's business (see `disable_recverr`).
+            if let (HostStream::Tcp(h), Origin::Outbound) = (&t.host, flow.origin) {
+                let _ = super::sys::disable_recverr(h.as_raw_fd(), flow.host.is_ipv6());
             }
             let handle = self.sockets.add(socket);
             t.state = TcpState::Open {
