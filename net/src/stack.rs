@@ -26,6 +26,7 @@ mod dns_tcp;
 mod dns_upstream;
 mod flow;
 mod fragment_for_guest;
+mod guest_paths;
 mod inbound;
 mod link;
 mod link6;
@@ -239,6 +240,7 @@ impl NetStack {
             live: None,
             link_mtu: usize::from(cfg.mtu),
             fragment_ids: Default::default(),
+            paths: Default::default(),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         // smoltcp draws TCP initial sequence numbers and IP identifications from this: a

@@ -705,3 +705,56 @@ fn udp_behind_extension_headers_reaches_the_host() {
         true
     }));
 }
+
+/// A guest that routes what it gets on (a container bridge of MTU 1500 behind it) answers a
+/// datagram too long for the next link with Packet Too Big, as IPv6 routers do: the path's
+/// next datagrams come in fragments that fit it, and other paths stay whole.
+#[test]
+fn a_packet_too_big_from_the_guest_makes_its_paths_datagrams_fragments() {
+    let Some((server, port)) = udp_server6() else {
+        return;
+    };
+    let (mut s, cfg) = stack();
+    let me = guest_global(&cfg);
+    s.receive_frame(&udp6_frame(me, 41000, cfg.host_alias6(), port, b"hello"));
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("the datagram on ::1");
+    let data: Vec<u8> = (0..3000).map(|i| (i * 11 + 1) as u8).collect();
+    let replies = |s: &mut NetStack| {
+        server.send_to(&data, from).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        settle(s, me)
+            .into_iter()
+            .filter(|(src, dst, _, _)| *src == cfg.host_alias6() && *dst == me)
+            .collect::<Vec<_>>()
+    };
+    let whole = replies(&mut s);
+    assert_eq!(whole.len(), 1, "one packet on a 65520-byte link");
+    assert_eq!(whole[0].2, IpProtocol::Udp);
+    // The guest cannot pass it on: Packet Too Big, quoting it, to its source.
+    let mut quoted = vec![0x60, 0, 0, 0];
+    quoted.extend_from_slice(&(whole[0].3.len() as u16).to_be_bytes());
+    quoted.extend_from_slice(&[17, 64]);
+    quoted.extend_from_slice(&cfg.host_alias6().octets());
+    quoted.extend_from_slice(&me.octets());
+    quoted.extend_from_slice(&whole[0].3[..1000]);
+    let ptb = Icmpv6Repr::PktTooBig {
+        mtu: 1500,
+        header: Ipv6Repr {
+            src_addr: cfg.host_alias6(),
+            dst_addr: me,
+            next_header: IpProtocol::Udp,
+            payload_len: whole[0].3.len(),
+            hop_limit: 64,
+        },
+        data: &quoted[40..],
+    };
+    s.receive_frame(&icmp6_frame(me, cfg.host_alias6(), GATEWAY_MAC, &ptb));
+    s.poll();
+    let pieces = replies(&mut s);
+    assert!(pieces.len() > 1, "fragments: {}", pieces.len());
+    for (_, _, proto, p) in &pieces {
+        assert_eq!(*proto, IpProtocol::Ipv6Frag);
+        assert!(40 + p.len() <= 1500, "a fragment of {} bytes", 40 + p.len());
+    }
+}

@@ -9,6 +9,7 @@
 
 use super::checksum::{self, PartialChecksum};
 use super::fragment_for_guest::{self, FragmentIds};
+use super::guest_paths::GuestPaths;
 use super::*;
 
 /// Frames held at most in each direction; past it, new frames are dropped (and counted).
@@ -99,6 +100,8 @@ pub(super) struct FrameQueue {
     /// take less (`NetStack::limit_frames`). Longer ones go to it in fragments.
     pub(super) link_mtu: usize,
     pub(super) fragment_ids: FragmentIds,
+    /// The path MTUs the guest reported (IPv6 Packet Too Big), for what it routes on.
+    pub(super) paths: GuestPaths,
 }
 
 impl FrameQueue {
@@ -129,6 +132,7 @@ impl FrameQueue {
                 fill_checksums,
                 link_mtu: self.link_mtu,
                 fragment_ids: &mut self.fragment_ids,
+                paths: &self.paths,
             },
         )
     }
@@ -156,17 +160,32 @@ pub(super) struct FrameTx<'a> {
     pub(super) fill_checksums: bool,
     pub(super) link_mtu: usize,
     pub(super) fragment_ids: &'a mut FragmentIds,
+    pub(super) paths: &'a GuestPaths,
 }
 
 impl FrameTx<'_> {
-    /// Queues `frame` for the guest, in fragments if its IP packet is longer than the link
+    /// The longest IP packet `frame`'s path to the guest takes: the link's MTU, or less where
+    /// the guest reported less for it (`guest_paths`).
+    fn mtu_for(&self, frame: &[u8]) -> usize {
+        self.paths
+            .mtu_for(frame)
+            .map_or(self.link_mtu, |m| m.min(self.link_mtu))
+    }
+
+    /// Whether `frame`'s IP packet is longer than its path to the guest takes.
+    fn too_long(&self, frame: &[u8]) -> bool {
+        fragment_for_guest::ip_len(frame).is_some_and(|l| l > self.mtu_for(frame))
+    }
+
+    /// Queues `frame` for the guest, in fragments if its IP packet is longer than its path
     /// carries, free to be fragmented further unless TCP (see `fragment_for_guest`), and
     /// records what is queued in the captures.
     pub(super) fn push(&mut self, mut frame: Frame) {
         fragment_for_guest::allow_fragments(&mut frame);
-        let too_long = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > self.link_mtu);
+        let mtu = self.mtu_for(&frame);
+        let too_long = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > mtu);
         let pieces = too_long
-            .then(|| fragment_for_guest::split(&frame, self.link_mtu, self.fragment_ids, self.pool))
+            .then(|| fragment_for_guest::split(&frame, mtu, self.fragment_ids, self.pool))
             .flatten();
         match pieces {
             Some(pieces) => {
@@ -204,7 +223,7 @@ impl TxToken for FrameTx<'_> {
         let r = f(&mut frame);
         // A packet the link splits gets its whole checksum: no fragment is a segment the
         // guest could finish.
-        let split = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > self.link_mtu);
+        let split = self.too_long(&frame);
         frame.partial = checksum::fill(&mut frame, self.fill_checksums || split);
         self.push(frame);
         r

@@ -20,7 +20,8 @@ use crate::ndp::ALL_NODES;
 
 impl NetStack {
     /// ICMPv6 the link answers itself: router solicitations (answered), router
-    /// advertisements and redirects from the guest (dropped). Returns whether it took it.
+    /// advertisements and redirects from the guest (dropped), Packet Too Big from a guest
+    /// that routes (kept, `guest_paths`). Returns whether it took it.
     pub(super) fn link6_icmp(&mut self, ip: &IpInfo, payload: &[u8]) -> bool {
         const ROUTER_SOLICIT: u8 = 133;
         const ROUTER_ADVERT: u8 = 134;
@@ -41,7 +42,8 @@ impl NetStack {
                 true
             }
             Some(&ROUTER_ADVERT) | Some(&REDIRECT) => true,
-            _ => false,
+            // A packet the stack sent that the guest could not route on (`guest_paths`).
+            _ => self.device.paths.learn(payload),
         }
     }
 
