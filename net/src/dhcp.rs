@@ -97,9 +97,8 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Reply> {
     let inform = req.message_type == DhcpMessageType::Inform;
     let mtu = cfg.mtu.to_be_bytes();
     let search = search_list(cfg, 255);
-    // The client's identifier goes back as it came (RFC 6842: a MAC, or the DUID
-    // systemd-networkd and dhcpcd send), in every answer, a NAK's too. (A 7-byte one that is
-    // not a MAC fails smoltcp's parse above and gets no answer.)
+    // The client's identifier goes back as it came (RFC 6842: a MAC, the DUID
+    // systemd-networkd and dhcpcd send, or a name), in every answer, a NAK's too.
     let client_id = packet
         .options()
         .find(|o| o.kind == OPT_CLIENT_ID && !o.data.is_empty())
@@ -167,7 +166,12 @@ pub fn reply(cfg: &NetConfig, request: &[u8]) -> Option<Reply> {
     let mut out = DhcpPacket::new_unchecked(&mut buf[..]);
     repr.emit(&mut out).ok()?;
     let ciaddr = std::net::Ipv4Addr::from(req.client_ip.octets());
-    let ours = [cfg.gateway(), cfg.host_alias(), cfg.subnet.broadcast()];
+    let ours = [
+        cfg.gateway(),
+        cfg.host_alias(),
+        cfg.subnet.network(),
+        cfg.subnet.broadcast(),
+    ];
     let unicast = (!nak
         && !ciaddr.is_unspecified()
         && cfg.subnet.contains(ciaddr)

@@ -670,17 +670,29 @@ impl NetStack {
 
     fn serve_dhcp(&mut self) {
         let socket = self.sockets.get_mut::<udp::Socket>(self.dhcp);
+        let mut unicast = Vec::new();
         while let Ok((payload, _meta)) = socket.recv() {
             let Some(answer) = dhcp::reply(&self.cfg, payload) else {
                 continue;
             };
-            let to = answer.unicast.map_or(Ipv4Address::BROADCAST, smol);
-            let to = IpEndpoint::new(IpAddress::Ipv4(to), dhcp::CLIENT_PORT);
+            if let Some(to) = answer.unicast {
+                unicast.push((to, answer.payload));
+                continue;
+            }
+            let to = IpEndpoint::new(IpAddress::Ipv4(Ipv4Address::BROADCAST), dhcp::CLIENT_PORT);
             let mut meta = udp::UdpMetadata::from(to);
             meta.local_address = Some(IpAddress::Ipv4(smol(self.cfg.gateway())));
             if socket.send_slice(&answer.payload, meta).is_ok() {
                 self.stats.dhcp_replies += 1;
             }
+        }
+        // An answer to the client's address goes to the guest's MAC straight, not through
+        // smoltcp's socket: one for an address nobody answers ARP for would wait at the head
+        // of the socket's queue, and every answer after it behind it.
+        let server = SocketAddr::new(IpAddr::V4(self.cfg.gateway()), dhcp::SERVER_PORT);
+        for (to, payload) in unicast {
+            self.udp_to_guest(server, IpAddr::V4(to), dhcp::CLIENT_PORT, &payload);
+            self.stats.dhcp_replies += 1;
         }
     }
 
@@ -1147,6 +1159,39 @@ pub(crate) mod hostile_frames {
             u.payload()[240..243],
             [53, 1, u8::from(DhcpMessageType::Ack)]
         );
+    }
+
+    /// An answer to an address nobody answers ARP for (a client that names one it no longer
+    /// holds) holds up no other answer.
+    #[test]
+    fn a_dhcp_answer_to_an_unknown_address_holds_up_no_other() {
+        use smoltcp::wire::DhcpMessageType;
+        let cfg = NetConfig::default();
+        let mut s = NetStack::new(cfg.clone(), None).unwrap();
+        let mut inform = crate::dhcp::tests::request(DhcpMessageType::Inform, None);
+        inform[12..16].copy_from_slice(&[192, 168, 127, 77]);
+        s.receive_frame(&udp_frame(smol(cfg.gateway()), dhcp::SERVER_PORT, &inform));
+        let discover = crate::dhcp::tests::request(DhcpMessageType::Discover, None);
+        s.receive_frame(&udp_frame(
+            Ipv4Address::BROADCAST,
+            dhcp::SERVER_PORT,
+            &discover,
+        ));
+        s.poll();
+        let mut to = Vec::new();
+        while let Some(f) = s.pop_frame() {
+            let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+            if let Ok(p) = Ipv4Packet::new_checked(eth.payload()) {
+                let u = UdpPacket::new_checked(p.payload()).unwrap();
+                to.push((p.dst_addr(), u.payload()[242]));
+            }
+        }
+        let (ack, offer) = (DhcpMessageType::Ack.into(), DhcpMessageType::Offer.into());
+        assert!(
+            to.contains(&(Ipv4Address::new(192, 168, 127, 77), ack)),
+            "{to:?}"
+        );
+        assert!(to.contains(&(Ipv4Address::BROADCAST, offer)), "{to:?}");
     }
 
     #[test]

@@ -160,7 +160,8 @@ impl VhostUserNetBackend {
 
     /// The virtio header of `frame` but for `num_buffers`: a checksum the stack left partial
     /// goes as NEEDS_CSUM with where it starts and lies; other frames to a guest that
-    /// negotiated GUEST_CSUM carry whole checksums, or none (IPv4 UDP), and are DATA_VALID.
+    /// negotiated GUEST_CSUM carry whole checksums, or none (the IPv4 fragments smoltcp makes
+    /// of a UDP datagram, where zero means none), and are DATA_VALID.
     /// A guest without GUEST_CSUM must not see a partial one (a frame made for the guest
     /// before it): the checksum is finished here.
     fn header_for(&self, frame: &mut Frame) -> [u8; NET_HDR_LEN] {

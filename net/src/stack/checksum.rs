@@ -79,6 +79,12 @@ pub(super) fn finish(frame: &mut [u8], p: PartialChecksum) {
         return;
     }
     let sum = !fold(sum16(&frame[start..end]));
+    // As whole: a UDP checksum that comes out zero is sent as all ones.
+    let sum = if sum == 0 && p.offset == 6 {
+        0xffff
+    } else {
+        sum
+    };
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
 }
 

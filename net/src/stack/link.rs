@@ -90,7 +90,7 @@ pub(super) struct FrameQueue {
     pub(super) tx: VecDeque<Frame>,
     pub(super) pool: RefCell<Vec<Vec<u8>>>,
     pub(super) mtu: usize,
-    /// The guest takes TCP/UDP frames without checksums (the device marks them valid).
+    /// The guest takes TCP/UDP frames with partial checksums (GUEST_CSUM; `checksum`).
     pub(super) csum_offload: bool,
     /// `--pcap`: every frame both ways.
     pub(super) capture: RefCell<Option<Capture>>,

@@ -19,10 +19,12 @@
 //! with them; other kinds (redirects, parameter problems) stay on the host.
 //!
 //! TCP is the same up to the connection: a SYN on its last hop expires at the gateway, any
-//! other makes the host's SYN leave one hop shorter, and an ICMP error that ends the host's
-//! connect reaches the guest from the router that sent it, quoting the guest's SYN
-//! (`relay_connect_error`; tcptraceroute). Once connected, TCP's ICMP errors are the host
-//! kernel's: ferry's connection carries the guest's bytes, not its segments.
+//! other makes the host's connection send with the SYN's TTL less one, and an ICMP error that
+//! ends the host's connect reaches the guest from the router that sent it, quoting the guest's
+//! SYN (`relay_connect_error`; tcptraceroute). Once connected, TCP's ICMP errors are the host
+//! kernel's: ferry's connection carries the guest's bytes, not its segments. Errors the
+//! host's own stack makes (from one of its addresses: its neighbour discovery failed, its
+//! firewall said no) are told from the gateway, never from the host's address.
 
 use super::sys::QueuedError;
 use super::verdict::Unreachable;
@@ -238,9 +240,16 @@ impl NetStack {
                 continue;
             };
             // The host's side of the flow, or its loopback (the host alias's), stands for the
-            // address the guest sent to; a router on the way is itself.
+            // address the guest sent to; the host's own stack (its neighbour discovery
+            // failed) is the gateway; a router on the way is itself.
             let from = match e.offender {
-                Some(o) if o != host && !o.is_loopback() && !o.is_unspecified() => o,
+                Some(o) if o != host && !o.is_loopback() && !o.is_unspecified() => {
+                    if sys::is_local_address(o) {
+                        self.gateway_for(key.guest)
+                    } else {
+                        o
+                    }
+                }
                 _ => key.remote.ip(),
             };
             if from.is_ipv4() != key.guest.is_ipv4() {
@@ -274,7 +283,14 @@ impl NetStack {
         let (Some(error), Some(from)) = (IcmpError::of(&e), e.offender) else {
             return false;
         };
-        if from == host || from.is_loopback() || from.is_ipv4() != guest.is_ipv4() {
+        // The host's own errors (its neighbour discovery failed, its firewall said no) are
+        // the gateway's to tell, as `no_route_from_gateway` does: the guest never sees the
+        // host's addresses.
+        if from == host
+            || from.is_loopback()
+            || from.is_ipv4() != guest.is_ipv4()
+            || sys::is_local_address(from)
+        {
             return false;
         }
         let Some((ip, _)) = parse_ip(syn) else {

@@ -258,6 +258,22 @@ pub(crate) fn peek_eof(host: &impl AsRawFd) -> Option<bool> {
 }
 
 /// The pending error of a socket whose connect ended (0: connected).
+/// Whether a socket has a peer: a connect that went through, not one still under way.
+pub(crate) fn is_connected(fd: RawFd) -> bool {
+    // SAFETY: sockaddr_storage is plain old data: all zeroes is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid destinations of the sizes given.
+    let r = unsafe {
+        libc::getpeername(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    r == 0
+}
+
 pub(crate) fn take_error(fd: RawFd) -> i32 {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -314,6 +330,13 @@ pub(crate) fn disable_recverr(fd: RawFd, v6: bool) -> io::Result<()> {
     } else {
         set_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 0)
     }
+}
+
+/// Whether `a` is one of this host's own addresses (one a socket can bind): the source of
+/// the ICMP errors the host's own stack makes (its neighbour discovery failed, its firewall
+/// rejected a packet), as opposed to a router's on the way.
+pub(crate) fn is_local_address(a: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(a, 0)).is_ok()
 }
 
 /// Sets the TTL (IPv4) or hop limit (IPv6) of the packets a socket sends.
@@ -427,5 +450,17 @@ pub(crate) fn recv_error(fd: RawFd) -> Option<QueuedError> {
             // SAFETY: as for CMSG_FIRSTHDR.
             cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_own_addresses_are_told_from_others() {
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        // TEST-NET-1: documentation only, never a host's (nothing is sent: a bind only).
+        assert!(!is_local_address("192.0.2.1".parse().unwrap()));
     }
 }

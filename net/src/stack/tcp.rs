@@ -428,7 +428,16 @@ impl NetStack {
         // How the host connect ended, if it was under way (reading it clears it).
         let err = match self.flows.get(id).map(|f| &f.kind) {
             Some(Kind::Tcp(t)) if matches!(t.state, TcpState::Connecting { .. }) => {
-                take_error(t.host.as_raw_fd())
+                let fd = t.host.as_raw_fd();
+                let err = take_error(fd);
+                if err == 0 && !super::sys::is_connected(fd) {
+                    // Not over yet: an ICMP error queued (IP_RECVERR) while the connect
+                    // runs, which the kernel counts as soft, wakes the flow first. Read it
+                    // (epoll would report it again and again) and wait for the connect.
+                    while super::sys::recv_error(fd).is_some() {}
+                    return;
+                }
+                err
             }
             _ => 0,
         };
