@@ -148,7 +148,8 @@ fn host_sockets_reach_the_guest_and_guest_forwards_reach_host_sockets() {
     );
 
     // At run time.
-    let late = dir.path().join("late.sock");
+    // A name that must be escaped in the API's URL.
+    let late = dir.path().join("late 100%?.sock");
     let o = ctl(&api, &["sockets", "add", &format!("{}=80", late.display())]);
     assert!(o.status.success(), "ferry ctl sockets add: {o:?}");
     assert_eq!(

@@ -582,7 +582,13 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
                         "{shown}: give the socket's absolute path, as `ferry ctl sockets` lists it"
                     )));
                 }
-                expect(sock, "DELETE", &format!("/sockets{shown}"), None, 204)?;
+                expect(
+                    sock,
+                    "DELETE",
+                    &format!("/sockets{}", url_path(path)),
+                    None,
+                    204,
+                )?;
                 out(&json!({ "removed": shown }), &|_| {
                     println!("no longer forwarding {shown}")
                 });
@@ -606,4 +612,41 @@ pub fn ctl(a: CtlArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes of a URL path that are escaped: controls, a space, and what would end the path
+/// or be read as an escape (`?`, `#`, `%`); `/` stays, and non-ASCII bytes are escaped too.
+const URL_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// `path` as a URL's path, escaped as the API reads it back (`DELETE /sockets/{path}`).
+fn url_path(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    percent_encoding::percent_encode(path.as_os_str().as_bytes(), URL_PATH).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_go_in_urls_escaped_and_come_back_whole() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(
+            b"/run/user 1/docker 100%?#\xff.sock",
+        ));
+        let url = url_path(path);
+        assert_eq!(url, "/run/user%201/docker%20100%25%3F%23%FF.sock");
+        let back: Vec<u8> = percent_encoding::percent_decode_str(&url).collect();
+        assert_eq!(back, path.as_os_str().as_bytes());
+    }
 }

@@ -70,12 +70,16 @@ pub(super) fn add(control: &Control, body: &[u8]) -> (u16, Value) {
     }
 }
 
-/// DELETE /sockets/{path}: the socket's path, its slashes as they are.
+/// DELETE /sockets/{path}: the socket's path, its slashes as they are and any other byte
+/// that a URL cannot hold (a space, `%`, `?`) percent-encoded, as `ferry ctl` sends it.
 pub(super) fn remove(control: &Control, rest: &[&str]) -> (u16, Value) {
+    use std::os::unix::ffi::OsStrExt;
     let Some(ports) = &control.ports else {
         return no_net();
     };
-    let path = std::path::PathBuf::from(format!("/{}", rest.join("/")));
+    let raw = format!("/{}", rest.join("/"));
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(&raw).collect();
+    let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
     match ports.unforward_socket(&path) {
         Some(_) => (204, Value::Null),
         None => error(
