@@ -279,14 +279,29 @@ impl Reassembly {
 
 /// The Internet checksum of `header` (its checksum field zero).
 pub(crate) fn checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+    !fold(sum16(header))
+}
+
+/// The sum of `data` as big-endian 16-bit words (an odd last byte padded with zero), not
+/// folded: at most 32 Ki words of at most 0xffff (an IP packet), so it fits.
+pub(crate) fn sum16(data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    let mut sum: u32 = chunks
+        .by_ref()
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
         .sum();
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+/// Folds a 32-bit one's complement sum into 16 bits.
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
 }
 
 #[cfg(test)]

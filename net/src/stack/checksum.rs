@@ -22,6 +22,8 @@ use std::ops::Range;
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
+use crate::fragments::{fold, sum16};
+
 /// A TCP or UDP checksum left partial in a frame for the guest: the field holds the
 /// pseudo-header's sum, and whoever finishes it adds the bytes from `start` to the frame's
 /// end and writes the complement at `start + offset` (virtio's `csum_start`, `csum_offset`).
@@ -118,28 +120,6 @@ fn transport(frame: &[u8]) -> Option<Transport> {
 /// The one's complement sum of the pseudo-header (RFC 793, RFC 8200 8.1), not folded.
 fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: IpProtocol, len: usize) -> u32 {
     sum16(src) + sum16(dst) + u32::from(u8::from(proto)) + len as u32
-}
-
-/// The sum of `data` as big-endian 16-bit words (an odd last byte padded with zero), not
-/// folded: at most 32 Ki words of at most 0xffff, so it fits.
-fn sum16(data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    let mut sum: u32 = chunks
-        .by_ref()
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-/// Folds a 32-bit one's complement sum into 16 bits.
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 #[cfg(test)]

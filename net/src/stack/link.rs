@@ -172,18 +172,23 @@ impl FrameTx<'_> {
             .map_or(self.link_mtu, |m| m.min(self.link_mtu))
     }
 
-    /// Whether `frame`'s IP packet is longer than its path to the guest takes.
-    fn too_long(&self, frame: &[u8]) -> bool {
-        fragment_for_guest::ip_len(frame).is_some_and(|l| l > self.mtu_for(frame))
+    /// Whether `frame`'s IP packet is longer than `mtu`.
+    fn longer_than(frame: &[u8], mtu: usize) -> bool {
+        fragment_for_guest::ip_len(frame).is_some_and(|l| l > mtu)
     }
 
     /// Queues `frame` for the guest, in fragments if its IP packet is longer than its path
     /// carries, free to be fragmented further unless TCP (see `fragment_for_guest`), and
     /// records what is queued in the captures.
-    pub(super) fn push(&mut self, mut frame: Frame) {
-        fragment_for_guest::allow_fragments(&mut frame);
+    pub(super) fn push(&mut self, frame: Frame) {
         let mtu = self.mtu_for(&frame);
-        let too_long = fragment_for_guest::ip_len(&frame).is_some_and(|l| l > mtu);
+        let too_long = Self::longer_than(&frame, mtu);
+        self.push_within(frame, mtu, too_long);
+    }
+
+    /// [`Self::push`], the path's MTU and whether the packet exceeds it known.
+    fn push_within(&mut self, mut frame: Frame, mtu: usize, too_long: bool) {
+        fragment_for_guest::allow_fragments(&mut frame);
         let pieces = too_long
             .then(|| fragment_for_guest::split(&frame, mtu, self.fragment_ids, self.pool))
             .flatten();
@@ -223,9 +228,10 @@ impl TxToken for FrameTx<'_> {
         let r = f(&mut frame);
         // A packet the link splits gets its whole checksum: no fragment is a segment the
         // guest could finish.
-        let split = self.too_long(&frame);
+        let mtu = self.mtu_for(&frame);
+        let split = Self::longer_than(&frame, mtu);
         frame.partial = checksum::fill(&mut frame, self.fill_checksums || split);
-        self.push(frame);
+        self.push_within(frame, mtu, split);
         r
     }
 }

@@ -151,6 +151,31 @@ fn quote_echo(guest: IpAddr, remote: IpAddr, ident: u16, echo: &[u8]) -> Option<
     Some(q)
 }
 
+/// Who sent an ICMP error a host socket queued, as the guest is to hear of it.
+enum Sender {
+    /// A router on the host's path, or the remote itself at another address: heard from it.
+    Beyond(IpAddr),
+    /// The host's own stack, from one of its addresses (its neighbour discovery failed, its
+    /// firewall said no): heard from the gateway, so the guest never sees the host's address.
+    HostStack,
+    /// The flow's own far end (the address the host socket sent to, or the host's loopback
+    /// for the host alias), or nobody named: heard from the address the guest sent to.
+    FlowsEnd,
+}
+
+impl Sender {
+    /// The sender of an error whose offender is `offender`, on a host socket sending to
+    /// `host`.
+    fn of(offender: Option<IpAddr>, host: IpAddr) -> Self {
+        match offender {
+            Some(o) if o == host || o.is_loopback() || o.is_unspecified() => Sender::FlowsEnd,
+            Some(o) if sys::is_local_address(o) => Sender::HostStack,
+            Some(o) => Sender::Beyond(o),
+            None => Sender::FlowsEnd,
+        }
+    }
+}
+
 /// Whether `a` is an address an ICMP error may be about or go to (RFC 1812 4.3.2.7): no
 /// broadcast, multicast, unspecified or link-local one.
 fn unicast_beyond_link(a: IpAddr) -> bool {
@@ -242,15 +267,10 @@ impl NetStack {
             // The host's side of the flow, or its loopback (the host alias's), stands for the
             // address the guest sent to; the host's own stack (its neighbour discovery
             // failed) is the gateway; a router on the way is itself.
-            let from = match e.offender {
-                Some(o) if o != host && !o.is_loopback() && !o.is_unspecified() => {
-                    if sys::is_local_address(o) {
-                        self.gateway_for(key.guest)
-                    } else {
-                        o
-                    }
-                }
-                _ => key.remote.ip(),
+            let from = match Sender::of(e.offender, host) {
+                Sender::Beyond(o) => o,
+                Sender::HostStack => self.gateway_for(key.guest),
+                Sender::FlowsEnd => key.remote.ip(),
             };
             if from.is_ipv4() != key.guest.is_ipv4() {
                 continue;
@@ -280,17 +300,15 @@ impl NetStack {
         let Some(e) = sys::recv_error(t.host.as_raw_fd()) else {
             return false;
         };
-        let (Some(error), Some(from)) = (IcmpError::of(&e), e.offender) else {
+        let Some(error) = IcmpError::of(&e) else {
             return false;
         };
-        // The host's own errors (its neighbour discovery failed, its firewall said no) are
-        // the gateway's to tell, as `no_route_from_gateway` does: the guest never sees the
-        // host's addresses.
-        if from == host
-            || from.is_loopback()
-            || from.is_ipv4() != guest.is_ipv4()
-            || sys::is_local_address(from)
-        {
+        // Only a router's (or the remote's) error is passed on here; the host's own are the
+        // gateway's to tell (`no_route_from_gateway`), and the remote's refusal is a RST.
+        let Sender::Beyond(from) = Sender::of(e.offender, host) else {
+            return false;
+        };
+        if from.is_ipv4() != guest.is_ipv4() {
             return false;
         }
         let Some((ip, _)) = parse_ip(syn) else {
