@@ -8,7 +8,8 @@
 //! signals the guest, in whatever order requests finish (FUSE requests are independent: the
 //! kernel waits for a reply before it sends one that depends on it). The hand-over is a
 //! bounded channel: when every thread is busy and the channel is full, the worker waits, so a
-//! guest cannot queue unbounded work in ferry's memory. The threads start on first use, from
+//! guest cannot queue unbounded work in ferry's memory. It waits without the ring's lock
+//! (`queue::drain_queue`), which a pool thread takes to return its chain. The threads start on first use, from
 //! the queue's worker, so they inherit its sandbox (seccomp filter and Landlock domain).
 //! Which requests go to the pool is the device's policy (`vhu_fs`); this is the mechanism.
 

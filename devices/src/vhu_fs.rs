@@ -306,3 +306,89 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A file system whose every DESTROY takes a while: a request slower than the guest's
+    /// posting, as a read of a cold file or an fsync is.
+    struct Slow;
+
+    impl FileSystem for Slow {
+        fn destroy(&self) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `n` FUSE DESTROY requests (a 40-byte header, no body) on a fresh request queue, each a
+    /// readable descriptor and a writable one for the reply.
+    fn queue_of_requests(n: u16) -> (GuestMemoryAtomic, Vring) {
+        let mem = crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 2 * n);
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let at = 0x10_0000 + u64::from(i) * 0x200;
+            let mut hdr = [0u8; 40];
+            hdr[..4].copy_from_slice(&40u32.to_le_bytes());
+            hdr[4..8].copy_from_slice(&38u32.to_le_bytes()); // FUSE_DESTROY
+            hdr[8..16].copy_from_slice(&u64::from(i + 1).to_le_bytes());
+            mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                at,
+                40,
+                VRING_DESC_F_NEXT as u16,
+                2 * i + 1,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                at + 0x100,
+                0x100,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = Vring::new(atomic.clone(), 2 * n).unwrap();
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(2 * n);
+        vring.set_queue_ready(true);
+        (atomic, vring)
+    }
+
+    #[test]
+    fn more_requests_than_the_pool_holds_are_all_answered() {
+        // A pool of one thread takes one request and holds four more; the rest wait for
+        // room while the thread returns its chains to the same ring.
+        const REQUESTS: u16 = 16;
+        let (mem, vring) = queue_of_requests(REQUESTS);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow)), "t", 1);
+        dev.update_memory(mem).unwrap();
+        let (d, v) = (dev.clone(), vring.clone());
+        std::thread::spawn(move || d.process_queue(&v, 1));
+        // Watched from a thread of its own: a stalled worker holds the ring's lock, and
+        // reading the used index would wait for it too.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while vring.queue_used_idx().unwrap() < REQUESTS && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = tx.send(vring.queue_used_idx().unwrap());
+        });
+        let used = rx.recv_timeout(Duration::from_secs(20));
+        assert_eq!(
+            used,
+            Ok(REQUESTS),
+            "every request answered (the queue's worker held the ring while it waited for the \
+             pool, whose threads wait for the ring to return their chains)"
+        );
+    }
+}
