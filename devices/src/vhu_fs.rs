@@ -14,7 +14,8 @@
 //! request queue, unless the share has a pool (`threads=N`): then each goes to a pool thread
 //! (`fs_pool`), which answers it and returns its chain to the guest; that is how requests from
 //! several queues, or one, proceed side by side. A request that may wait long (SETLKW) gets a thread of its
-//! own either way, so it never holds a pool thread. High-priority requests (FORGET,
+//! own either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK),
+//! so it never holds a pool thread or the queue. High-priority requests (FORGET,
 //! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
 //! the requests it interrupts.
 
@@ -55,8 +56,21 @@ const MAX_WAITING: usize = 64;
 
 /// Answers one request in `chain`; returns the reply's length.
 fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> u32 {
-    match split_chain(chain.memory(), chain.clone()) {
-        Ok((r, w)) => match server.handle_message(r, w) {
+    answer_with(server, chain, true)
+}
+
+/// [`answer`]; with `may_wait` false a lock wait is refused
+/// (`Server::handle_message_without_waiting`).
+fn answer_with<F: FileSystem>(server: &Server<F>, chain: &Chain, may_wait: bool) -> u32 {
+    let handled = split_chain(chain.memory(), chain.clone()).map(|(r, w)| {
+        if may_wait {
+            server.handle_message(r, w)
+        } else {
+            server.handle_message_without_waiting(r, w)
+        }
+    });
+    match handled {
+        Ok(replied) => match replied {
             Ok(n) => n as u32,
             Err(e) => {
                 warn!("fs: request not answered: {e}");
@@ -69,6 +83,7 @@ fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> u32 {
         }
     }
 }
+
 const QUEUE_SIZE: usize = 1024;
 
 /// The virtio-fs vhost-user backend, serving one `FileSystem`.
@@ -171,11 +186,12 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     }
 
     /// Answers `chain` on a thread of its own, which completes it. Past MAX_WAITING waiting
-    /// requests, answers in line (the queue waits meanwhile).
+    /// requests, answers in line without waiting: a lock that is taken is refused (ENOLCK).
+    /// Waiting here would stall the queue, and with it the unlock the wait is for.
     fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Some(answer(&self.server, &chain));
+            return Some(answer_with(&self.server, &chain, false));
         }
         let job = self.completion(chain, vring);
         let waiting = self.waiting.clone();
@@ -310,43 +326,82 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_fs::FileLock;
     use std::time::{Duration, Instant};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
-    /// A file system whose every DESTROY takes a while: a request slower than the guest's
-    /// posting, as a read of a cold file or an fsync is.
-    struct Slow;
+    const FUSE_SETLKW: u32 = 33;
+    const FUSE_DESTROY: u32 = 38;
+
+    /// A file system whose every DESTROY takes a while (a request slower than the guest's
+    /// posting, as a read of a cold file or an fsync is), and whose locks are all taken
+    /// until `free` is set.
+    #[derive(Default)]
+    struct Slow {
+        free: Arc<AtomicBool>,
+    }
 
     impl FileSystem for Slow {
         fn destroy(&self) {
             std::thread::sleep(Duration::from_millis(20));
         }
+
+        fn setlk(
+            &self,
+            _: ferry_fs::Context,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: FileLock,
+            _: bool,
+        ) -> io::Result<()> {
+            if self.free.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+        }
     }
 
-    /// `n` FUSE DESTROY requests (a 40-byte header, no body) on a fresh request queue, each a
-    /// readable descriptor and a writable one for the reply.
-    fn queue_of_requests(n: u16) -> (GuestMemoryAtomic, Vring) {
+    /// A FUSE request: its 40-byte header, then `body`.
+    fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
+        let len = 40 + body.len() as u32;
+        let mut r = Vec::new();
+        r.extend_from_slice(&len.to_le_bytes());
+        r.extend_from_slice(&opcode.to_le_bytes());
+        r.extend_from_slice(&unique.to_le_bytes());
+        r.extend_from_slice(&[0u8; 24]); // node, uid, gid, pid, extension length
+        r.extend_from_slice(body);
+        r
+    }
+
+    /// Where the reply to request `i` of [`queue_of`] goes.
+    fn reply_at(i: usize) -> GuestAddress {
+        GuestAddress(0x10_0000 + i as u64 * 0x200 + 0x100)
+    }
+
+    /// `requests` on a fresh request queue, each a readable descriptor and a writable one
+    /// for the reply.
+    fn queue_of(requests: &[Vec<u8>]) -> (GuestMemoryAtomic, Vring) {
+        // A ring of two descriptors per request, its size a power of two.
+        let size = (2 * requests.len() as u16).next_power_of_two();
         let mem = crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 2 * n);
+        let vq = MockSplitQueue::new(&mem, size);
         let mut descs = Vec::new();
-        for i in 0..n {
-            let at = 0x10_0000 + u64::from(i) * 0x200;
-            let mut hdr = [0u8; 40];
-            hdr[..4].copy_from_slice(&40u32.to_le_bytes());
-            hdr[4..8].copy_from_slice(&38u32.to_le_bytes()); // FUSE_DESTROY
-            hdr[8..16].copy_from_slice(&u64::from(i + 1).to_le_bytes());
-            mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+        for (i, r) in requests.iter().enumerate() {
+            let at = 0x10_0000 + i as u64 * 0x200;
+            mem.write_slice(r, GuestAddress(at)).unwrap();
             descs.push(RawDescriptor::from(SplitDescriptor::new(
                 at,
-                40,
+                r.len() as u32,
                 VRING_DESC_F_NEXT as u16,
-                2 * i + 1,
+                2 * i as u16 + 1,
             )));
             descs.push(RawDescriptor::from(SplitDescriptor::new(
-                at + 0x100,
+                reply_at(i).0,
                 0x100,
                 VRING_DESC_F_WRITE as u16,
                 0,
@@ -354,13 +409,31 @@ mod tests {
         }
         vq.add_desc_chains(&descs, 0).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
-        let vring = Vring::new(atomic.clone(), 2 * n).unwrap();
+        let vring = Vring::new(atomic.clone(), size).unwrap();
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
             .unwrap();
-        vring.set_queue_size(2 * n);
+        vring.set_queue_size(size);
         vring.set_queue_ready(true);
         (atomic, vring)
+    }
+
+    /// Drains `vring` on a thread of its own and waits (from another: a stalled worker may
+    /// hold the ring's lock, and reading the used index would wait for it too) up to 10 s for
+    /// `want` chains to come back; returns how many did.
+    fn serve_until(dev: &Arc<VhostUserFsBackend<Slow>>, vring: &Vring, want: u16) -> u16 {
+        let (d, v) = (dev.clone(), vring.clone());
+        std::thread::spawn(move || d.process_queue(&v, 1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let v = vring.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while v.queue_used_idx().unwrap() < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = tx.send(v.queue_used_idx().unwrap());
+        });
+        rx.recv_timeout(Duration::from_secs(20)).unwrap_or(0)
     }
 
     #[test]
@@ -368,27 +441,50 @@ mod tests {
         // A pool of one thread takes one request and holds four more; the rest wait for
         // room while the thread returns its chains to the same ring.
         const REQUESTS: u16 = 16;
-        let (mem, vring) = queue_of_requests(REQUESTS);
-        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow)), "t", 1);
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|i| request(FUSE_DESTROY, u64::from(i) + 1, &[]))
+            .collect();
+        let (mem, vring) = queue_of(&requests);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow::default())), "t", 1);
         dev.update_memory(mem).unwrap();
-        let (d, v) = (dev.clone(), vring.clone());
-        std::thread::spawn(move || d.process_queue(&v, 1));
-        // Watched from a thread of its own: a stalled worker holds the ring's lock, and
-        // reading the used index would wait for it too.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while vring.queue_used_idx().unwrap() < REQUESTS && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = tx.send(vring.queue_used_idx().unwrap());
-        });
-        let used = rx.recv_timeout(Duration::from_secs(20));
         assert_eq!(
-            used,
-            Ok(REQUESTS),
+            serve_until(&dev, &vring, REQUESTS),
+            REQUESTS,
             "every request answered (the queue's worker held the ring while it waited for the \
              pool, whose threads wait for the ring to return their chains)"
+        );
+    }
+
+    #[test]
+    fn a_lock_wait_past_the_limit_is_refused_rather_than_stalling_the_queue() {
+        // MAX_WAITING lock waits on threads of their own, one more, then a request behind it.
+        let mut lk = Vec::new();
+        lk.extend_from_slice(&[0u8; 16]); // fh, owner
+        lk.extend_from_slice(&0u64.to_le_bytes());
+        lk.extend_from_slice(&u64::MAX.to_le_bytes());
+        lk.extend_from_slice(&(libc::F_WRLCK as u32).to_le_bytes());
+        lk.extend_from_slice(&[0u8; 12]); // pid, lk_flags, padding
+        let mut requests: Vec<_> = (0..=MAX_WAITING as u64)
+            .map(|i| request(FUSE_SETLKW, i + 1, &lk))
+            .collect();
+        requests.push(request(FUSE_DESTROY, 1000, &[]));
+        let (mem, vring) = queue_of(&requests);
+        let fs = Slow::default();
+        let free = fs.free.clone();
+        let dev = VhostUserFsBackend::new(Arc::new(Server::new(fs)), "t");
+        dev.update_memory(mem.clone()).unwrap();
+        let answered = serve_until(&dev, &vring, 2);
+        free.store(true, Ordering::SeqCst);
+        assert_eq!(answered, 2, "the queue went on past the waits");
+        // struct fuse_out_header { len, error, unique }: the one past the limit got ENOLCK.
+        let m = mem.memory();
+        let error: i32 = m
+            .read_obj(GuestAddress(reply_at(MAX_WAITING).0 + 4))
+            .unwrap();
+        assert_eq!(error, -libc::ENOLCK);
+        assert_eq!(
+            serve_until(&dev, &vring, requests.len() as u16),
+            requests.len() as u16
         );
     }
 }

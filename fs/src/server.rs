@@ -200,10 +200,27 @@ impl<F: FileSystem> Server<F> {
 
     /// Handles one request. Returns the number of reply bytes written (0 for requests that
     /// take no reply, such as FORGET).
-    pub fn handle_message<R: RequestReader, W: ReplyWriter>(
+    pub fn handle_message<R: RequestReader, W: ReplyWriter>(&self, r: R, w: W) -> Result<usize> {
+        self.handle(r, w, true)
+    }
+
+    /// [`Self::handle_message`] for a transport that cannot spare a thread to wait: a SETLKW
+    /// whose lock is taken is refused with ENOLCK ("no locks available", what fcntl and flock
+    /// say when the lock table is full) instead of waiting. Waiting on the thread that takes
+    /// the share's requests would hold up the very request that frees the lock.
+    pub fn handle_message_without_waiting<R: RequestReader, W: ReplyWriter>(
+        &self,
+        r: R,
+        w: W,
+    ) -> Result<usize> {
+        self.handle(r, w, false)
+    }
+
+    fn handle<R: RequestReader, W: ReplyWriter>(
         &self,
         mut r: R,
         mut w: W,
+        may_wait: bool,
     ) -> Result<usize> {
         let start = std::time::Instant::now();
         let _answering = self.stats.in_flight();
@@ -222,7 +239,7 @@ impl<F: FileSystem> Server<F> {
             self.stats.count_malformed();
             return self.reply_error(&hdr, libc::EINVAL, &mut w);
         }
-        let res = self.dispatch(&hdr, &mut r, &mut w);
+        let res = self.dispatch(&hdr, &mut r, &mut w, may_wait);
         self.stats.observe(start.elapsed());
         log::trace!(
             "fuse: unique {} op {} node {} -> {:?}",
@@ -247,6 +264,7 @@ impl<F: FileSystem> Server<F> {
         hdr: &InHeader,
         r: &mut R,
         w: &mut W,
+        may_wait: bool,
     ) -> io::Result<usize> {
         let ctx = Context {
             uid: hdr.uid,
@@ -300,6 +318,15 @@ impl<F: FileSystem> Server<F> {
                 let flock = arg.lk_flags & abi::LK_FLOCK != 0;
                 if hdr.opcode == opcode::SETLK || arg.lk.type_ == libc::F_UNLCK as u32 {
                     fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)?;
+                } else if !may_wait {
+                    fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)
+                        .map_err(|e| {
+                            if e.raw_os_error() == Some(libc::EAGAIN) {
+                                io::Error::from_raw_os_error(libc::ENOLCK)
+                            } else {
+                                e
+                            }
+                        })?;
                 } else {
                     self.wait_lock(ctx, hdr, &arg, flock)?;
                 }
