@@ -54,32 +54,42 @@ pub const MAX_TAG_LEN: usize = 36;
 /// Most requests that wait for a lock at once, each on a thread; past it they wait in line.
 const MAX_WAITING: usize = 64;
 
-/// Answers one request in `chain`; returns the reply's length.
-fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> u32 {
+/// Answers one request in `chain`; returns the reply's length, or `None` for a request that
+/// must not be returned to the guest (its session ended while it waited).
+fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> Option<u32> {
     answer_with(server, chain, true)
 }
 
 /// [`answer`]; with `may_wait` false a lock wait is refused
 /// (`Server::handle_message_without_waiting`).
-fn answer_with<F: FileSystem>(server: &Server<F>, chain: &Chain, may_wait: bool) -> u32 {
-    let handled = split_chain(chain.memory(), chain.clone()).map(|(r, w)| {
-        if may_wait {
-            server.handle_message(r, w)
-        } else {
-            server.handle_message_without_waiting(r, w)
-        }
-    });
-    match handled {
-        Ok(replied) => match replied {
-            Ok(n) => n as u32,
-            Err(e) => {
-                warn!("fs: request not answered: {e}");
-                0
-            }
-        },
+fn answer_with<F: FileSystem>(server: &Server<F>, chain: &Chain, may_wait: bool) -> Option<u32> {
+    let (r, w) = match split_chain(chain.memory(), chain.clone()) {
+        Ok(rw) => rw,
         Err(e) => {
             warn!("fs: dropping a malformed descriptor chain: {e}");
-            0
+            return Some(0);
+        }
+    };
+    let replied = if may_wait {
+        server.handle_message(r, w)
+    } else {
+        server.handle_message_without_waiting(r, w)
+    };
+    outcome(replied)
+}
+
+/// What a request's answer gives the ring: the reply's length, or `None` for a request that
+/// must not go back to the guest.
+fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
+    match replied {
+        Ok(n) => Some(n as u32),
+        Err(ferry_fs::Error::Abandoned) => {
+            debug!("fs: a lock wait of an ended session is dropped unanswered");
+            None
+        }
+        Err(e) => {
+            warn!("fs: request not answered: {e}");
+            Some(0)
         }
     }
 }
@@ -176,13 +186,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             drop((reader, writer));
             return self.on_pool(pool, chain, vring);
         }
-        Some(match self.server.handle_message(reader, writer) {
-            Ok(n) => n as u32,
-            Err(e) => {
-                warn!("fs: request not answered: {e}");
-                0
-            }
-        })
+        outcome(self.server.handle_message(reader, writer))
     }
 
     /// Answers `chain` on a thread of its own, which completes it. Past MAX_WAITING waiting
@@ -191,7 +195,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Some(answer_with(&self.server, &chain, false));
+            return answer_with(&self.server, &chain, false);
         }
         let job = self.completion(chain, vring);
         let waiting = self.waiting.clone();
@@ -235,7 +239,11 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let head = chain.head_index();
         Box::new(move || {
-            let len = answer(&server, &chain);
+            // A chain of a session that ended stays where it is: the ring it came from may be
+            // the next kernel's now.
+            let Some(len) = answer(&server, &chain) else {
+                return;
+            };
             if let Err(e) = vring.add_used(head, len) {
                 warn!("fs: cannot return descriptor {head} to the guest: {e}");
             } else if !event_idx || vring.needs_notification().unwrap_or(true) {
@@ -342,6 +350,7 @@ mod tests {
     #[derive(Default)]
     struct Slow {
         free: Arc<AtomicBool>,
+        tries: Arc<AtomicUsize>,
     }
 
     impl FileSystem for Slow {
@@ -358,6 +367,7 @@ mod tests {
             _: FileLock,
             _: bool,
         ) -> io::Result<()> {
+            self.tries.fetch_add(1, Ordering::SeqCst);
             if self.free.load(Ordering::SeqCst) {
                 Ok(())
             } else {
@@ -436,6 +446,12 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(20)).unwrap_or(0)
     }
 
+    /// Drains `vring` once, in this thread; returns the chains used so far.
+    fn serve_until_idle(dev: &Arc<VhostUserFsBackend<Slow>>, vring: &Vring) -> u16 {
+        dev.process_queue(vring, 1).unwrap();
+        vring.queue_used_idx().unwrap()
+    }
+
     #[test]
     fn more_requests_than_the_pool_holds_are_all_answered() {
         // A pool of one thread takes one request and holds four more; the rest wait for
@@ -455,15 +471,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_lock_wait_past_the_limit_is_refused_rather_than_stalling_the_queue() {
-        // MAX_WAITING lock waits on threads of their own, one more, then a request behind it.
+    /// A SETLKW body: a write lock on the whole file.
+    fn write_lock() -> Vec<u8> {
         let mut lk = Vec::new();
         lk.extend_from_slice(&[0u8; 16]); // fh, owner
         lk.extend_from_slice(&0u64.to_le_bytes());
         lk.extend_from_slice(&u64::MAX.to_le_bytes());
         lk.extend_from_slice(&(libc::F_WRLCK as u32).to_le_bytes());
         lk.extend_from_slice(&[0u8; 12]); // pid, lk_flags, padding
+        lk
+    }
+
+    #[test]
+    fn a_lock_wait_past_the_limit_is_refused_rather_than_stalling_the_queue() {
+        // MAX_WAITING lock waits on threads of their own, one more, then a request behind it.
+        let lk = write_lock();
         let mut requests: Vec<_> = (0..=MAX_WAITING as u64)
             .map(|i| request(FUSE_SETLKW, i + 1, &lk))
             .collect();
@@ -485,6 +507,42 @@ mod tests {
         assert_eq!(
             serve_until(&dev, &vring, requests.len() as u16),
             requests.len() as u16
+        );
+    }
+
+    #[test]
+    fn a_lock_wait_whose_session_ended_leaves_its_chain_alone() {
+        // The guest rebooted while a request waited for a lock: its buffers and the ring are
+        // the next kernel's now, so neither a reply nor a used entry may reach them, even once
+        // the lock is free.
+        let (mem, vring) = queue_of(&[request(FUSE_SETLKW, 1, &write_lock())]);
+        let fs = Slow::default();
+        let (free, tries) = (fs.free.clone(), fs.tries.clone());
+        let dev = VhostUserFsBackend::new(Arc::new(Server::new(fs)), "t");
+        dev.update_memory(mem.clone()).unwrap();
+        assert_eq!(
+            serve_until_idle(&dev, &vring),
+            0,
+            "the lock is taken: it waits"
+        );
+        assert_eq!(dev.waiting_requests(), 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tries.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // What a new session's INIT, or the frontend leaving, does.
+        dev.server().cancel_waits();
+        free.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dev.waiting_requests() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(dev.waiting_requests(), 0, "the wait ended");
+        assert_eq!(vring.queue_used_idx().unwrap(), 0, "no used entry");
+        let reply: [u8; 16] = mem.memory().read_obj(reply_at(0)).unwrap();
+        assert_eq!(
+            reply, [0u8; 16],
+            "nothing written into the request's buffers"
         );
     }
 }

@@ -211,6 +211,8 @@ fn answer<F: FileSystem>(server: &Server<F>, mut dev: &File, request: Vec<u8>, r
                 }
             }
         }
+        // The mount ended while it waited for a lock: no one reads a reply.
+        Err(crate::server::Error::Abandoned) => {}
         Err(e) => log::warn!("fuse: request not answered: {e}"),
     }
 }

@@ -66,6 +66,22 @@ pub enum Error {
     /// Writing the reply failed.
     #[error("cannot write the FUSE reply")]
     WriteReply(#[source] io::Error),
+    /// The request waited for a lock while its session ended (the guest rebooted, the
+    /// frontend left): nothing was written back, and the transport must not return its
+    /// buffers either, which belong to whoever owns that memory now.
+    #[error(
+        "the FUSE session ended while the request waited for a lock; it is dropped unanswered"
+    )]
+    Abandoned,
+}
+
+/// The marker `wait_lock` returns for a wait whose session ended ([`Error::Abandoned`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the session ended")]
+struct SessionEnded;
+
+fn is_session_ended(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<SessionEnded>())
 }
 
 /// Crate result type for the server.
@@ -143,7 +159,8 @@ impl<F: FileSystem> Server<F> {
         let _ = self.audit.set(audit);
     }
 
-    /// Abandons every request waiting for a lock (they answer EINTR): the session is over.
+    /// Abandons every request waiting for a lock (they end unanswered, [`Error::Abandoned`]):
+    /// the session is over.
     pub fn cancel_waits(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut i) = self.interrupts.lock() {
@@ -161,6 +178,10 @@ impl<F: FileSystem> Server<F> {
     /// SETLKW: tries the lock until it is free, the guest interrupts the request, or the
     /// session ends. Host locks cannot be waited for on a descriptor shared by all the guest's
     /// requests without stalling them, so the wait is a retry with a growing pause.
+    ///
+    /// A wait whose session ended answers nothing ([`SessionEnded`]): the request's buffers
+    /// were the previous kernel's, and after a reboot the memory belongs to the next one. The
+    /// check follows every try, since the session's end also drops the handle the try used.
     fn wait_lock(
         &self,
         ctx: Context,
@@ -171,16 +192,17 @@ impl<F: FileSystem> Server<F> {
         let generation = self.generation.load(Ordering::SeqCst);
         let mut pause = Duration::from_millis(1);
         loop {
-            match self
+            let tried = self
                 .fs
-                .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock)
-            {
+                .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock);
+            if self.generation.load(Ordering::SeqCst) != generation {
+                return Err(io::Error::other(SessionEnded));
+            }
+            match tried {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 other => return other,
             }
-            if self.take_interrupt(hdr.unique)
-                || self.generation.load(Ordering::SeqCst) != generation
-            {
+            if self.take_interrupt(hdr.unique) {
                 return Err(io::Error::from_raw_os_error(libc::EINTR));
             }
             std::thread::sleep(pause);
@@ -250,6 +272,7 @@ impl<F: FileSystem> Server<F> {
         );
         match res {
             Ok(n) => Ok(n),
+            Err(e) if is_session_ended(&e) => Err(Error::Abandoned),
             Err(e) => {
                 if e.raw_os_error() == Some(libc::EINVAL) {
                     self.stats.count_malformed();
@@ -858,6 +881,7 @@ fn to_io(e: Error) -> io::Error {
         Error::ReplyTooLarge { .. } => io::Error::from_raw_os_error(libc::ERANGE),
         Error::WriteReply(e) => e,
         Error::ShortHeader(_) => einval(),
+        Error::Abandoned => io::Error::other(SessionEnded),
     }
 }
 
