@@ -287,9 +287,9 @@ impl FileSystem for PassthroughFs {
     }
 
     fn destroy(&self) {
-        if let Ok(mut h) = self.handles.write() {
-            h.clear();
-        }
+        // Closed after the lock is let go, as in `release`.
+        let open = self.handles.write().map(|mut h| std::mem::take(&mut *h));
+        drop(open);
         if let Ok(mut m) = self.inodes.write() {
             m.by_id.retain(|id, _| *id == ROOT_ID);
             m.by_key.retain(|_, id| *id == ROOT_ID);
@@ -549,7 +549,11 @@ impl FileSystem for PassthroughFs {
     }
 
     fn release(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
-        self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        // The last close of a file flushes it (NFS, a FUSE mount under the share): seconds,
+        // during which the handle table must not be held, or every READ and WRITE of the
+        // share waits too. The handle is dropped once the guard is.
+        let gone = self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        drop(gone);
         Ok(())
     }
 
@@ -643,7 +647,9 @@ impl FileSystem for PassthroughFs {
     }
 
     fn releasedir(&self, _ctx: Context, _inode: u64, handle: u64) -> io::Result<()> {
-        self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        // Closed after the lock is let go, as in `release`.
+        let gone = self.handles.write().map_err(|_| ebadf())?.remove(&handle);
+        drop(gone);
         Ok(())
     }
 
