@@ -1369,3 +1369,27 @@ fn a_trusted_devices_shares_device_nodes_take_chmod_and_chown() {
     let m = std::fs::symlink_metadata(f.dir.path().join("null")).unwrap();
     assert_eq!((m.mode() & 0o7777, m.uid()), (0o111, 7));
 }
+
+#[test]
+fn open_of_a_fifo_is_refused_at_once() {
+    // Guest kernels open FIFOs themselves; an OPEN of one is a crafted driver's, and opening
+    // the host's FIFO for reading waited for a writer, holding a thread of ferry's for good.
+    let f = std::sync::Arc::new(fixture(false));
+    let path =
+        std::ffi::CString::new(f.share().join("fifo").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `path` is NUL-terminated; mkfifo has no other memory effects.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    f.init(0);
+    let node = f.lookup(1, "fifo").unwrap().nodeid;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g = f.clone();
+    std::thread::spawn(move || {
+        let open = abi::OpenIn {
+            flags: libc::O_RDONLY as u32,
+            open_flags: 0,
+        };
+        let _ = tx.send(g.call(opcode::OPEN, node, &[open.as_slice()]).0);
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+    assert_eq!(got, Ok(libc::ENXIO), "answered at once, with ENXIO");
+}

@@ -488,6 +488,13 @@ impl FileSystem for PassthroughFs {
             self.check_writable()?;
         }
         let node = self.inode(inode)?;
+        // Only regular files: a guest kernel opens FIFOs, sockets and device nodes itself
+        // (special inodes never reach the server). An OPEN of one is a crafted driver's, and
+        // would block a thread of ferry's on a FIFO for good or open a host device.
+        let st = stat_fd(node.fd()?.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
         // With ferry's own credentials, as virtiofsd does: the guest kernel has checked the
         // caller's permission (virtiofs mounts with default_permissions), and /proc/self/fd
         // refuses a reopen by another fsuid (EPERM for every non-root guest user).
