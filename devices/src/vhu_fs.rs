@@ -96,11 +96,29 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 
 const QUEUE_SIZE: usize = 1024;
 
+/// One request in [`VhostUserFsBackend::answering`], for as long as it lives.
+struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Answering(count.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The virtio-fs vhost-user backend, serving one `FileSystem`.
 pub struct VhostUserFsBackend<F> {
     server: Arc<Server<F>>,
     /// Requests waiting for a lock on threads of their own.
     waiting: Arc<AtomicUsize>,
+    /// Requests handed to the pool or to a thread of their own and not yet done with.
+    answering: Arc<AtomicUsize>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     config: [u8; CONFIG_LEN],
@@ -127,6 +145,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         Arc::new(VhostUserFsBackend {
             server,
             waiting: Arc::new(AtomicUsize::new(0)),
+            answering: Arc::new(AtomicUsize::new(0)),
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             config,
@@ -162,6 +181,22 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// How many requests wait for a lock on threads of their own now.
     pub fn waiting_requests(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `limit` for every request handed to the pool or to a thread of its own
+    /// to be done with; says whether they all were. A departed frontend's session is ended
+    /// after this (its lock waits cancelled first), so no request of the old guest's lands
+    /// in the file system after the nodes and files are dropped, or after the next guest
+    /// came.
+    pub fn wait_until_answered(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.answering.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
     }
 
     /// Answers one request; returns the number of reply bytes written into the chain, or
@@ -238,7 +273,10 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let vring = vring.clone();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let head = chain.head_index();
+        // Counted until the job has run or is dropped unrun.
+        let answering = Answering::new(&self.answering);
         Box::new(move || {
+            let _answering = answering;
             // A chain of a session that ended stays where it is: the ring it came from may be
             // the next kernel's now.
             let Some(len) = answer(&server, &chain) else {
@@ -480,6 +518,21 @@ mod tests {
         lk.extend_from_slice(&(libc::F_WRLCK as u32).to_le_bytes());
         lk.extend_from_slice(&[0u8; 12]); // pid, lk_flags, padding
         lk
+    }
+
+    #[test]
+    fn the_end_of_a_session_can_wait_for_the_pool_to_be_done() {
+        const REQUESTS: u16 = 4;
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|i| request(FUSE_DESTROY, u64::from(i) + 1, &[]))
+            .collect();
+        let (mem, vring) = queue_of(&requests);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow::default())), "t", 1);
+        dev.update_memory(mem).unwrap();
+        // Handed to the pool: 20 ms each, one after another.
+        assert_eq!(serve_until_idle(&dev, &vring), 0);
+        assert!(dev.wait_until_answered(Duration::from_secs(10)));
+        assert_eq!(vring.queue_used_idx().unwrap(), REQUESTS);
     }
 
     #[test]
