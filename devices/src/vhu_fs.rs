@@ -490,17 +490,23 @@ mod tests {
         vring.queue_used_idx().unwrap()
     }
 
-    #[test]
-    fn more_requests_than_the_pool_holds_are_all_answered() {
-        // A pool of one thread takes one request and holds four more; the rest wait for
-        // room while the thread returns its chains to the same ring.
-        const REQUESTS: u16 = 16;
-        let requests: Vec<_> = (0..REQUESTS)
+    /// `n` slow requests (DESTROY) on the request queue of a device with a pool of one thread.
+    fn slow_requests_on_a_pool_of_one(n: u16) -> (Vring, Arc<VhostUserFsBackend<Slow>>) {
+        let requests: Vec<_> = (0..n)
             .map(|i| request(FUSE_DESTROY, u64::from(i) + 1, &[]))
             .collect();
         let (mem, vring) = queue_of(&requests);
         let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow::default())), "t", 1);
         dev.update_memory(mem).unwrap();
+        (vring, dev)
+    }
+
+    #[test]
+    fn more_requests_than_the_pool_holds_are_all_answered() {
+        // A pool of one thread takes one request and holds four more; the rest wait for
+        // room while the thread returns its chains to the same ring.
+        const REQUESTS: u16 = 16;
+        let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
         assert_eq!(
             serve_until(&dev, &vring, REQUESTS),
             REQUESTS,
@@ -523,12 +529,7 @@ mod tests {
     #[test]
     fn the_end_of_a_session_can_wait_for_the_pool_to_be_done() {
         const REQUESTS: u16 = 4;
-        let requests: Vec<_> = (0..REQUESTS)
-            .map(|i| request(FUSE_DESTROY, u64::from(i) + 1, &[]))
-            .collect();
-        let (mem, vring) = queue_of(&requests);
-        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow::default())), "t", 1);
-        dev.update_memory(mem).unwrap();
+        let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
         // Handed to the pool: 20 ms each, one after another.
         assert_eq!(serve_until_idle(&dev, &vring), 0);
         assert!(dev.wait_until_answered(Duration::from_secs(10)));
