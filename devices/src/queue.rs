@@ -44,71 +44,71 @@ where
     let mut done: Vec<(u16, u32)> = Vec::new();
     // Rounds in a row that took nothing though more was announced (see below).
     let mut empty = 0;
+    let mut state = vring.get_mut();
     loop {
-        let more = {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            if event_idx {
-                queue
-                    .disable_notification(&*mem)
-                    .map_err(std::io::Error::other)?;
+        let queue = state.get_queue_mut();
+        if event_idx {
+            queue
+                .disable_notification(&*mem)
+                .map_err(std::io::Error::other)?;
+        }
+        while batch.len() < BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
+                break;
+            };
+            batch.push(chain);
+        }
+        if batch.is_empty() {
+            // Notifications back on only once the ring is empty, so a guest that posts while
+            // its requests are handled does not kick for each (without EVENT_IDX this clears
+            // the no-notify flag an earlier poll may have left set); then look once more.
+            if !queue
+                .enable_notification(&*mem)
+                .map_err(std::io::Error::other)?
+            {
+                break;
             }
-            while batch.len() < BATCH {
-                let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                batch.push(chain);
+            // More is announced. Once, with nothing taken, is the race the re-check is for
+            // (the guest posted a chain after the last pop looked): go round and take it.
+            // Twice in a row, the avail ring is broken (an index more than a ring ahead, a
+            // ring outside memory): looping would spin forever at full CPU on what the guest
+            // wrote, so stop, and look again on its next kick.
+            empty += 1;
+            if empty >= 2 {
+                if let Err(e) = queue.iter(mem.clone()) {
+                    warn!("the guest's avail ring cannot be read ({e}); its requests wait until it is valid again");
+                }
+                break;
             }
-            // A full batch may leave more behind. Otherwise the ring looked empty: turn
-            // notifications back on (without EVENT_IDX this clears the no-notify flag an
-            // earlier poll may have left set) and look once more.
-            batch.len() == BATCH
-                || queue
-                    .enable_notification(&*mem)
-                    .map_err(std::io::Error::other)?
-        };
-        empty = if batch.is_empty() { empty + 1 } else { 0 };
+            continue;
+        }
+        empty = 0;
+        drop(state);
         for chain in batch.drain(..) {
             let head = chain.head_index();
             if let Some(len) = handle(chain) {
                 done.push((head, len));
             }
         }
-        if !done.is_empty() {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            for (head, len) in done.drain(..) {
-                if let Err(e) = queue.add_used(&*mem, head, len) {
-                    warn!("cannot return descriptor {head} to the guest: {e}");
-                } else {
-                    used += 1;
-                }
+        state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        for (head, len) in done.drain(..) {
+            if let Err(e) = queue.add_used(&*mem, head, len) {
+                warn!("cannot return descriptor {head} to the guest: {e}");
+            } else {
+                used += 1;
             }
-        }
-        if !more {
-            break;
-        }
-        // More is announced. Once, with nothing taken, is the race the re-check is for (the
-        // guest posted a chain after the last pop looked): go round and take it. Twice in a
-        // row, the avail ring is broken (an index more than a ring ahead, a ring outside
-        // memory): looping would spin forever at full CPU on what the guest wrote, so stop,
-        // and look again on its next kick.
-        if empty >= 2 {
-            if let Err(e) = vring.get_mut().get_queue_mut().iter(mem.clone()) {
-                warn!("the guest's avail ring cannot be read ({e}); its requests wait until it is valid again");
-            }
-            break;
         }
     }
     // The library calls us when a vring is enabled even with nothing queued: only signal when
     // something was really used.
-    if used > 0
-        && vring
-            .get_mut()
+    let signal = used > 0
+        && state
             .get_queue_mut()
             .needs_notification(&*mem)
-            .map_err(std::io::Error::other)?
-    {
+            .map_err(std::io::Error::other)?;
+    drop(state);
+    if signal {
         vring.signal_used_queue()?;
     }
     Ok(used)
