@@ -776,18 +776,20 @@ impl NetStack {
     /// Flow `f` as the API and the audit log show it. `in_table`: it is still in the table,
     /// so its stack socket is too (a flow being closed may have lost it already, and its
     /// handle may name another socket by now).
-    /// `sockets`: ask the kernel for the host socket's addresses.
+    /// `sockets`: give the host socket's addresses, which the kernel is asked for once per
+    /// socket (two system calls, which a `GET /flows` of thousands of flows would otherwise
+    /// make under the stack's lock at every call).
     fn flow_info(&self, f: &flow::Flow<Kind>, in_table: bool, sockets: bool) -> FlowInfo {
         use smoltcp::socket::tcp;
         use tcp_host::TcpState;
+        let cached = sockets.then(|| f.host_addrs.get()).flatten();
+        let ask = sockets && cached.is_none();
         let inet = |fd: RawFd, peer: bool| {
-            sockets
-                .then(|| sys::socket_addr(fd, peer).map(|a| a.to_string()))
+            ask.then(|| sys::socket_addr(fd, peer).map(|a| a.to_string()))
                 .flatten()
         };
         let unix = |a: &dyn Fn() -> std::io::Result<std::os::unix::net::SocketAddr>| {
-            sockets
-                .then(|| a().ok())
+            ask.then(|| a().ok())
                 .flatten()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
         };
@@ -806,7 +808,7 @@ impl NetStack {
                     // A peer that has gone has no address to ask for: where the socket went.
                     HostStream::Tcp(_) => (
                         inet(fd, false),
-                        inet(fd, true).or_else(|| sockets.then(|| f.host.to_string())),
+                        inet(fd, true).or_else(|| ask.then(|| f.host.to_string())),
                     ),
                     HostStream::Unix(u) => (unix(&|| u.local_addr()), unix(&|| u.peer_addr())),
                 };
@@ -837,6 +839,15 @@ impl NetStack {
                 };
                 let peer = Some(f.host.ip().to_string());
                 (icmp, "open".to_string(), Some(fd), inet(fd, false), peer)
+            }
+        };
+        let (host_local, host_peer) = match cached {
+            Some(addrs) => addrs.clone(),
+            None => {
+                if ask {
+                    let _ = f.host_addrs.set((host_local.clone(), host_peer.clone()));
+                }
+                (host_local, host_peer)
             }
         };
         FlowInfo {

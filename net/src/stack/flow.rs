@@ -155,6 +155,9 @@ pub(crate) struct Flow<K> {
     pub(crate) last: Instant,
     /// What its protocol keeps.
     pub(crate) kind: K,
+    /// The host socket's local and peer addresses as the API shows them, once asked for
+    /// (`NetStack::flow_info`); emptied when the flow moves to a new host socket.
+    pub(crate) host_addrs: std::cell::OnceCell<(Option<String>, Option<String>)>,
 }
 
 impl<K> Flow<K> {
@@ -171,6 +174,7 @@ impl<K> Flow<K> {
             since: now,
             last: now,
             kind,
+            host_addrs: std::cell::OnceCell::new(),
         }
     }
 

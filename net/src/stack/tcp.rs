@@ -464,6 +464,7 @@ impl NetStack {
                 if let Ok(again) = TcpFlow::watched(host, state, EventSet::OUT, id, &self.epoll) {
                     *t = again;
                     flow.host = other;
+                    flow.host_addrs.take();
                     return;
                 }
                 // Could not watch it: the SYN is gone with the old state; the guest retries.
@@ -689,6 +690,7 @@ impl NetStack {
                                 t.want_out = !t.to_host.is_empty();
                                 t.readable = true;
                                 flow.host = to;
+                                flow.host_addrs.take();
                                 // The rule that let a direct tunnel out counts it from now
                                 // on; an intercepted flow keeps the one it had.
                                 if counters.is_some() {
