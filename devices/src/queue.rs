@@ -1,8 +1,4 @@
-//! Draining one virtqueue: the loops the devices use.
-//!
-//! The file device's handlers may wait on pool threads that return chains themselves, so
-//! [`drain_queue`] handles chains with the ring's lock released; the network device's TX
-//! handler never waits, and [`drain_queue_unsignalled`] keeps the lock throughout.
+//! Draining one virtqueue: the loop both devices share.
 
 use log::warn;
 use vhost_user_backend::VringT;
@@ -14,18 +10,10 @@ use crate::{GuestMemoryAtomic, GuestMemoryMmap, Vring};
 /// A chain popped from a queue, over a snapshot of guest memory.
 pub(crate) type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
-/// Chains [`drain_queue`] takes off the ring at a time.
-const BATCH: usize = 64;
-
 /// Pops every available chain from `vring`, hands it to `handle` (which returns the number of
 /// bytes it wrote into the chain, or `None` when it took the chain to finish later), marks it
 /// used, and signals the guest once at the end if anything was used and the guest wants to
 /// hear of it.
-///
-/// `handle` runs with the ring's lock released: the chains are taken [`BATCH`] at a time
-/// under it, then handled without it. A handler may wait for threads that put chains on the
-/// used ring themselves (a file server's pool when all its threads are busy), and they take
-/// the lock to do so; holding it across the handler stalled both for good.
 ///
 /// With EVENT_IDX, notifications stay off while draining and the queue is re-checked after
 /// turning them back on, so a kick that races with the end of the loop is not lost.
@@ -33,85 +21,16 @@ pub(crate) fn drain_queue<F>(
     vring: &Vring,
     mem: &GuestMemoryAtomic,
     event_idx: bool,
-    mut handle: F,
+    handle: F,
 ) -> std::io::Result<usize>
 where
     F: FnMut(Chain) -> Option<u32>,
 {
-    let mem = mem.memory();
-    let mut used = 0usize;
-    let mut batch: Vec<Chain> = Vec::new();
-    let mut done: Vec<(u16, u32)> = Vec::new();
-    // Rounds in a row that took nothing though more was announced (see below).
-    let mut empty = 0;
-    let mut state = vring.get_mut();
-    loop {
-        let queue = state.get_queue_mut();
-        if event_idx {
-            queue
-                .disable_notification(&*mem)
-                .map_err(std::io::Error::other)?;
-        }
-        while batch.len() < BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
-                break;
-            };
-            batch.push(chain);
-        }
-        if batch.is_empty() {
-            // Notifications back on only once the ring is empty, so a guest that posts while
-            // its requests are handled does not kick for each (without EVENT_IDX this clears
-            // the no-notify flag an earlier poll may have left set); then look once more.
-            if !queue
-                .enable_notification(&*mem)
-                .map_err(std::io::Error::other)?
-            {
-                break;
-            }
-            // More is announced. Once, with nothing taken, is the race the re-check is for
-            // (the guest posted a chain after the last pop looked): go round and take it.
-            // Twice in a row, the avail ring is broken (an index more than a ring ahead, a
-            // ring outside memory): looping would spin forever at full CPU on what the guest
-            // wrote, so stop, and look again on its next kick.
-            empty += 1;
-            if empty >= 2 {
-                if let Err(e) = queue.iter(mem.clone()) {
-                    warn!("the guest's avail ring cannot be read ({e}); its requests wait until it is valid again");
-                }
-                break;
-            }
-            continue;
-        }
-        empty = 0;
-        drop(state);
-        for chain in batch.drain(..) {
-            let head = chain.head_index();
-            if let Some(len) = handle(chain) {
-                done.push((head, len));
-            }
-        }
-        state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        for (head, len) in done.drain(..) {
-            if let Err(e) = queue.add_used(&*mem, head, len) {
-                warn!("cannot return descriptor {head} to the guest: {e}");
-            } else {
-                used += 1;
-            }
-        }
-    }
-    // The library calls us when a vring is enabled even with nothing queued: only signal when
-    // something was really used.
-    let signal = used > 0
-        && state
-            .get_queue_mut()
-            .needs_notification(&*mem)
-            .map_err(std::io::Error::other)?;
-    drop(state);
-    if signal {
+    let drained = drain_queue_unsignalled(vring, mem, event_idx, true, handle)?;
+    if drained.signal {
         vring.signal_used_queue()?;
     }
-    Ok(used)
+    Ok(drained.used)
 }
 
 /// What [`drain_queue_unsignalled`] did.
@@ -123,11 +42,10 @@ pub(crate) struct Drained {
     pub signal: bool,
 }
 
-/// Pops every available chain from `vring` and hands it to `handle` under the ring's lock (for
-/// a handler that never waits on anyone who needs it: the network device's TX), marks it used;
-/// the caller signals the guest (when [`Drained::signal`] says so), so it can signal together
-/// with other queues; and with `notify_after` false the guest's notifications stay off once
-/// the queue is empty (when anything was used): the caller polls the queue again later.
+/// [`drain_queue`], but the caller signals the guest (when [`Drained::signal`] says so), so it
+/// can signal together with other queues; and with `notify_after` false the guest's
+/// notifications stay off once the queue is empty (when anything was used): the caller polls
+/// the queue again later.
 pub(crate) fn drain_queue_unsignalled<F>(
     vring: &Vring,
     mem: &GuestMemoryAtomic,

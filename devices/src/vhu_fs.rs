@@ -51,18 +51,23 @@ const HIPRIO_QUEUE: usize = 0;
 const CONFIG_LEN: usize = 40;
 /// The longest tag the config space holds.
 pub const MAX_TAG_LEN: usize = 36;
-/// Most requests that wait for a lock at once, each on a thread; past it they wait in line.
+/// Most requests that wait for a lock at once, each on a thread; past it a lock that is taken
+/// is refused (ENOLCK).
 const MAX_WAITING: usize = 64;
 
-/// Answers one request in `chain`; returns the reply's length, or `None` for a request that
-/// must not be returned to the guest (its session ended while it waited).
-fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain) -> Option<u32> {
-    answer_with(server, chain, true)
+/// How [`answer`] answers a request off the ring.
+#[derive(Clone, Copy)]
+enum How {
+    /// Without waiting for a lock (`Server::handle_message_without_waiting`).
+    WithoutWaiting,
+    /// As a request of FUSE session `0` (`Server::session` when the chain was taken), which
+    /// is dropped unanswered once that session has ended.
+    InSession(u64),
 }
 
-/// [`answer`]; with `may_wait` false a lock wait is refused
-/// (`Server::handle_message_without_waiting`).
-fn answer_with<F: FileSystem>(server: &Server<F>, chain: &Chain, may_wait: bool) -> Option<u32> {
+/// Answers one request in `chain`; returns the reply's length, or `None` for a request that
+/// must not be returned to the guest (its session ended).
+fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain, how: How) -> Option<u32> {
     let (r, w) = match split_chain(chain.memory(), chain.clone()) {
         Ok(rw) => rw,
         Err(e) => {
@@ -70,12 +75,10 @@ fn answer_with<F: FileSystem>(server: &Server<F>, chain: &Chain, may_wait: bool)
             return Some(0);
         }
     };
-    let replied = if may_wait {
-        server.handle_message(r, w)
-    } else {
-        server.handle_message_without_waiting(r, w)
-    };
-    outcome(replied)
+    outcome(match how {
+        How::WithoutWaiting => server.handle_message_without_waiting(r, w),
+        How::InSession(session) => server.handle_message_in_session(session, r, w),
+    })
 }
 
 /// What a request's answer gives the ring: the reply's length, or `None` for a request that
@@ -186,8 +189,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// Waits up to `limit` for every request handed to the pool or to a thread of its own
     /// to be done with; says whether they all were. A departed frontend's session is ended
     /// after this (its lock waits cancelled first), so no request of the old guest's lands
-    /// in the file system after the nodes and files are dropped, or after the next guest
-    /// came.
+    /// in the file system after its nodes and files are dropped. (A guest that reboots in
+    /// the same VM ends its session with the next INIT; requests of the old one that a pool
+    /// thread takes after that are dropped unanswered, `How::InSession`.)
     pub fn wait_until_answered(&self, limit: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
         while self.answering.load(Ordering::SeqCst) > 0 {
@@ -200,8 +204,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     }
 
     /// Answers one request; returns the number of reply bytes written into the chain, or
-    /// `None` when a request that may wait long (SETLKW) went to a thread of its own, which
-    /// completes the chain itself.
+    /// `None` when the chain went to a pool thread or (SETLKW, which may wait long) to a
+    /// thread of its own, which completes it, or must not go back (its session ended).
     fn handle_chain(&self, chain: Chain, vring: &Vring, queue: usize) -> Option<u32> {
         if let Some(n) = queue.checked_sub(1).and_then(|i| self.taken.get(i)) {
             n.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +234,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return answer_with(&self.server, &chain, false);
+            return answer(&self.server, &chain, How::WithoutWaiting);
         }
         let job = self.completion(chain, vring);
         let waiting = self.waiting.clone();
@@ -253,16 +257,14 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     }
 
     /// Answers `chain` on a pool thread, which completes it; answers it here when the pool
-    /// cannot take it.
+    /// has no place for it (see `fs_pool`: the worker never waits for the pool).
     fn on_pool(&self, pool: &RequestPool, chain: Chain, vring: &Vring) -> Option<u32> {
-        let head = chain.head_index();
-        match pool.submit(self.completion(chain, vring)) {
-            Ok(()) => None,
-            Err(job) => {
-                warn!("fs: no request thread for descriptor {head}; answering it in line");
-                job();
+        match pool.reserve() {
+            Some(place) => {
+                pool.submit(place, self.completion(chain, vring));
                 None
             }
+            None => answer(&self.server, &chain, How::InSession(self.server.session())),
         }
     }
 
@@ -273,13 +275,17 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let vring = vring.clone();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let head = chain.head_index();
+        // The session the request belongs to, as it is taken off the ring: one that ends
+        // before the job runs or while it waits (the guest rebooted, the frontend left) is
+        // not answered.
+        let session = self.server.session();
         // Counted until the job has run or is dropped unrun.
         let answering = Answering::new(&self.answering);
         Box::new(move || {
             let _answering = answering;
             // A chain of a session that ended stays where it is: the ring it came from may be
             // the next kernel's now.
-            let Some(len) = answer(&server, &chain) else {
+            let Some(len) = answer(&server, &chain, How::InSession(session)) else {
                 return;
             };
             if let Err(e) = vring.add_used(head, len) {
@@ -503,8 +509,9 @@ mod tests {
 
     #[test]
     fn more_requests_than_the_pool_holds_are_all_answered() {
-        // A pool of one thread takes one request and holds four more; the rest wait for
-        // room while the thread returns its chains to the same ring.
+        // A pool of one thread takes one request and holds four more; the worker answers the
+        // rest itself. It waited for room before, holding the ring, whose lock the thread
+        // takes to return its chains.
         const REQUESTS: u16 = 16;
         let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
         assert_eq!(
@@ -531,9 +538,30 @@ mod tests {
         const REQUESTS: u16 = 4;
         let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
         // Handed to the pool: 20 ms each, one after another.
-        assert_eq!(serve_until_idle(&dev, &vring), 0);
+        serve_until_idle(&dev, &vring);
         assert!(dev.wait_until_answered(Duration::from_secs(10)));
         assert_eq!(vring.queue_used_idx().unwrap(), REQUESTS);
+    }
+
+    #[test]
+    fn requests_of_an_ended_session_left_on_the_pool_are_not_answered() {
+        // Four slow requests on a pool of one; the session ends (the guest rebooted) while
+        // the thread answers the first: the three still queued belong to a kernel that is
+        // gone, and their buffers and ring to the next one.
+        const REQUESTS: u16 = 4;
+        let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
+        serve_until_idle(&dev, &vring);
+        dev.server().cancel_waits();
+        assert!(dev.wait_until_answered(Duration::from_secs(10)));
+        assert!(
+            vring.queue_used_idx().unwrap() <= 1,
+            "at most the one begun"
+        );
+        let m = dev.mem.read().unwrap().memory();
+        for i in 1..usize::from(REQUESTS) {
+            let reply: [u8; 16] = m.read_obj(reply_at(i)).unwrap();
+            assert_eq!(reply, [0u8; 16], "nothing written for request {i}");
+        }
     }
 
     #[test]

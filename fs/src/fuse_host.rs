@@ -187,10 +187,13 @@ fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
             });
             match spawned {
                 Ok(_) => continue,
+                // Not waited for here, on the thread that reads the unlock it would wait for.
                 Err(e) => log::warn!(
-                    "fuse: cannot start a thread for a lock wait ({e}); answering it in line"
+                    "fuse: cannot start a thread for a lock wait ({e}); a lock that is taken is refused (ENOLCK)"
                 ),
             }
+            answer_with(server, &dev, request, reply.clone(), false);
+            continue;
         }
         answer(server, &dev, request, reply.clone());
     }
@@ -199,8 +202,26 @@ fn serve<F: FileSystem + 'static>(server: &Arc<Server<F>>, mut dev: File) {
 }
 
 /// Answers one request, whole in `request`, on `dev`, writing the reply into `reply`.
-fn answer<F: FileSystem>(server: &Server<F>, mut dev: &File, request: Vec<u8>, reply: ReplyBuf) {
-    match server.handle_message(RequestBuf::new(request), reply.clone()) {
+fn answer<F: FileSystem>(server: &Server<F>, dev: &File, request: Vec<u8>, reply: ReplyBuf) {
+    answer_with(server, dev, request, reply, true)
+}
+
+/// [`answer`]; with `may_wait` false a lock that is taken is refused rather than waited for
+/// (`Server::handle_message_without_waiting`).
+fn answer_with<F: FileSystem>(
+    server: &Server<F>,
+    mut dev: &File,
+    request: Vec<u8>,
+    reply: ReplyBuf,
+    may_wait: bool,
+) {
+    let (request, to) = (RequestBuf::new(request), reply.clone());
+    let replied = if may_wait {
+        server.handle_message(request, to)
+    } else {
+        server.handle_message_without_waiting(request, to)
+    };
+    match replied {
         // FORGET and its kind take no reply.
         Ok(0) => {}
         Ok(n) => {

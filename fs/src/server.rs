@@ -66,12 +66,10 @@ pub enum Error {
     /// Writing the reply failed.
     #[error("cannot write the FUSE reply")]
     WriteReply(#[source] io::Error),
-    /// The request waited for a lock while its session ended (the guest rebooted, the
-    /// frontend left): nothing was written back, and the transport must not return its
-    /// buffers either, which belong to whoever owns that memory now.
-    #[error(
-        "the FUSE session ended while the request waited for a lock; it is dropped unanswered"
-    )]
+    /// The request's session ended before it was answered, or while it waited for a lock
+    /// (the guest rebooted, the frontend left): nothing was written back, and the transport
+    /// must not return its buffers either, which belong to whoever owns that memory now.
+    #[error("the FUSE session ended before the request was answered; it is dropped unanswered")]
     Abandoned,
 }
 
@@ -188,14 +186,14 @@ impl<F: FileSystem> Server<F> {
         hdr: &InHeader,
         arg: &abi::LkIn,
         flock: bool,
+        session: u64,
     ) -> io::Result<()> {
-        let generation = self.generation.load(Ordering::SeqCst);
         let mut pause = Duration::from_millis(1);
         loop {
             let tried = self
                 .fs
                 .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock);
-            if self.generation.load(Ordering::SeqCst) != generation {
+            if self.session() != session {
                 return Err(io::Error::other(SessionEnded));
             }
             match tried {
@@ -223,7 +221,26 @@ impl<F: FileSystem> Server<F> {
     /// Handles one request. Returns the number of reply bytes written (0 for requests that
     /// take no reply, such as FORGET).
     pub fn handle_message<R: RequestReader, W: ReplyWriter>(&self, r: R, w: W) -> Result<usize> {
-        self.handle(r, w, true)
+        self.handle(r, w, true, self.session())
+    }
+
+    /// The FUSE session now: a number that changes when one ends (a second INIT, a
+    /// transport's [`Self::cancel_waits`]).
+    pub fn session(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// [`Self::handle_message`] for a request taken off the transport during `session`
+    /// ([`Self::session`] then), answered later on another thread: a request whose session
+    /// has ended by then is dropped unanswered ([`Error::Abandoned`]), its buffers being the
+    /// previous kernel's.
+    pub fn handle_message_in_session<R: RequestReader, W: ReplyWriter>(
+        &self,
+        session: u64,
+        r: R,
+        w: W,
+    ) -> Result<usize> {
+        self.handle(r, w, true, session)
     }
 
     /// [`Self::handle_message`] for a transport that cannot spare a thread to wait: a SETLKW
@@ -235,7 +252,7 @@ impl<F: FileSystem> Server<F> {
         r: R,
         w: W,
     ) -> Result<usize> {
-        self.handle(r, w, false)
+        self.handle(r, w, false, self.session())
     }
 
     fn handle<R: RequestReader, W: ReplyWriter>(
@@ -243,7 +260,11 @@ impl<F: FileSystem> Server<F> {
         mut r: R,
         mut w: W,
         may_wait: bool,
+        session: u64,
     ) -> Result<usize> {
+        if self.session() != session {
+            return Err(Error::Abandoned);
+        }
         let start = std::time::Instant::now();
         let _answering = self.stats.in_flight();
         let total = r.available_bytes();
@@ -261,7 +282,7 @@ impl<F: FileSystem> Server<F> {
             self.stats.count_malformed();
             return self.reply_error(&hdr, libc::EINVAL, &mut w);
         }
-        let res = self.dispatch(&hdr, &mut r, &mut w, may_wait);
+        let res = self.dispatch(&hdr, &mut r, &mut w, may_wait, session);
         self.stats.observe(start.elapsed());
         log::trace!(
             "fuse: unique {} op {} node {} -> {:?}",
@@ -288,6 +309,7 @@ impl<F: FileSystem> Server<F> {
         r: &mut R,
         w: &mut W,
         may_wait: bool,
+        session: u64,
     ) -> io::Result<usize> {
         let ctx = Context {
             uid: hdr.uid,
@@ -351,7 +373,7 @@ impl<F: FileSystem> Server<F> {
                             }
                         })?;
                 } else {
-                    self.wait_lock(ctx, hdr, &arg, flock)?;
+                    self.wait_lock(ctx, hdr, &arg, flock, session)?;
                 }
                 return ok(&[], w);
             }
