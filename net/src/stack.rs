@@ -844,7 +844,9 @@ impl NetStack {
         let (host_local, host_peer) = match cached {
             Some(addrs) => addrs.clone(),
             None => {
-                if ask {
+                // Not for a socket that is gone (a published UDP port removed): another may
+                // take its place.
+                if ask && fd.is_some() {
                     let _ = f.host_addrs.set((host_local.clone(), host_peer.clone()));
                 }
                 (host_local, host_peer)

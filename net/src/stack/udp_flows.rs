@@ -60,6 +60,11 @@ impl NetStack {
         };
         match self.flows.by_key_mut(&key) {
             Some((_, f)) if f.host == client && matches!(f.kind, Kind::UdpPublished { .. }) => {
+                // Another publication's socket, maybe: its address is asked for anew.
+                let same = matches!(&f.kind, Kind::UdpPublished { socket: s } if s.ptr_eq(&socket));
+                if !same {
+                    f.host_addrs.take();
+                }
                 f.kind = Kind::UdpPublished { socket };
                 f.count_to_guest(data.len());
             }
