@@ -309,6 +309,12 @@ impl Shares {
 fn end_session(name: &str, device: &FsDevice) {
     let server = device.server();
     let fs = server.fs();
+    server.cancel_waits();
+    // Requests still on the pool's threads finish first: one that landed after `destroy`
+    // would leave a node or an open file no one releases.
+    if !device.wait_until_answered(std::time::Duration::from_secs(5)) {
+        warn!("{name}: requests of the departed guest are still being answered after 5 s (a host file system that hangs?); ending its session anyway");
+    }
     info!(
         "{name}: session ended with {} nodes and {} open files; {} requests answered with an error, {} malformed",
         fs.inode_count(),
@@ -316,11 +322,5 @@ fn end_session(name: &str, device: &FsDevice) {
         server.stats().errors(),
         server.stats().malformed()
     );
-    server.cancel_waits();
-    // Requests still on the pool's threads finish first: one that landed after `destroy`
-    // would leave a node or an open file no one releases.
-    if !device.wait_until_answered(std::time::Duration::from_secs(5)) {
-        warn!("{name}: requests of the departed guest are still being answered after 5 s (a host file system that hangs?); ending its session anyway");
-    }
     ferry_fs::FileSystem::destroy(fs);
 }
