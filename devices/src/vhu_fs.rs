@@ -13,9 +13,14 @@
 //! Requests are answered on the device's worker thread, one after another and from every
 //! request queue, unless the share has a pool (`threads=N`): then each goes to a pool thread
 //! (`fs_pool`), which answers it and returns its chain to the guest; that is how requests from
-//! several queues, or one, proceed side by side. A request that may wait long (SETLKW) gets a thread of its
-//! own either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK),
-//! so it never holds a pool thread or the queue. High-priority requests (FORGET,
+//! several queues, or one, proceed side by side. When the pool has no place (every thread
+//! busy, four requests per thread waiting) the worker answers the request itself: it drains
+//! the ring holding its lock, which the pool's threads take to return their chains, so it
+//! must never wait for them. A request that may wait long (SETLKW) gets a thread of its own
+//! either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK), so
+//! it never holds a pool thread or the queue. A request handed over keeps the FUSE session it
+//! was taken in: if that session ends first (the guest rebooted, the frontend left) it is
+//! dropped unanswered, its buffers being the next kernel's. High-priority requests (FORGET,
 //! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
 //! the requests it interrupts.
 
