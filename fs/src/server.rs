@@ -4,6 +4,10 @@
 //! [`RequestReader`] and [`ReplyWriter`] traits. The guest is untrusted: every length in a request
 //! is checked against what the transport really holds, names must be NUL-terminated and short,
 //! and a reply that does not fit is never written in part.
+//!
+//! INIT is answered in `init`; lock requests, and the sessions a lock wait spans, in `locks`;
+//! the security context of a request that makes a node is read in `extensions`; `wire` holds
+//! the decoding and encoding helpers.
 
 use std::collections::HashSet;
 use std::ffi::CStr;
@@ -11,7 +15,6 @@ use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use vm_memory::ByteValued;
 
@@ -73,15 +76,6 @@ pub enum Error {
     Abandoned,
 }
 
-/// The marker `wait_lock` returns for a wait whose session ended ([`Error::Abandoned`]).
-#[derive(Debug, thiserror::Error)]
-#[error("the session ended")]
-struct SessionEnded;
-
-fn is_session_ended(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<SessionEnded>())
-}
-
 /// Crate result type for the server.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -101,20 +95,13 @@ pub struct Server<F> {
     started: AtomicBool,
 }
 
-/// Interrupts remembered at most; the guest interrupts only requests still in flight.
-const MAX_INTERRUPTS: usize = 1024;
-/// Longest pause between two tries of a lock that SETLKW waits for.
-const LOCK_RETRY_MAX: Duration = Duration::from_millis(50);
-
-/// Whether a request may wait for a long time (SETLKW waits for the lock): the transport
-/// should answer it off the queue's thread, so other requests keep flowing.
-pub fn may_block(opcode: u32) -> bool {
-    opcode == opcode::SETLKW
-}
-
 mod extensions;
+mod init;
+mod locks;
 mod wire;
 use extensions::{security_context, split_extensions};
+pub use locks::may_block;
+use locks::{is_session_ended, SessionEnded};
 use wire::*;
 
 impl<F: FileSystem> Server<F> {
@@ -157,57 +144,6 @@ impl<F: FileSystem> Server<F> {
         let _ = self.audit.set(audit);
     }
 
-    /// Abandons every request waiting for a lock (they end unanswered, [`Error::Abandoned`]):
-    /// the session is over.
-    pub fn cancel_waits(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut i) = self.interrupts.lock() {
-            i.clear();
-        }
-    }
-
-    fn take_interrupt(&self, unique: u64) -> bool {
-        self.interrupts
-            .lock()
-            .map(|mut i| i.remove(&unique))
-            .unwrap_or(false)
-    }
-
-    /// SETLKW: tries the lock until it is free, the guest interrupts the request, or the
-    /// session ends. Host locks cannot be waited for on a descriptor shared by all the guest's
-    /// requests without stalling them, so the wait is a retry with a growing pause.
-    ///
-    /// A wait whose session ended answers nothing ([`SessionEnded`]): the request's buffers
-    /// were the previous kernel's, and after a reboot the memory belongs to the next one. The
-    /// check follows every try, since the session's end also drops the handle the try used.
-    fn wait_lock(
-        &self,
-        ctx: Context,
-        hdr: &InHeader,
-        arg: &abi::LkIn,
-        flock: bool,
-        session: u64,
-    ) -> io::Result<()> {
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let tried = self
-                .fs
-                .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock);
-            if self.session() != session {
-                return Err(io::Error::other(SessionEnded));
-            }
-            match tried {
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-                other => return other,
-            }
-            if self.take_interrupt(hdr.unique) {
-                return Err(io::Error::from_raw_os_error(libc::EINTR));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(LOCK_RETRY_MAX);
-        }
-    }
-
     /// The file system served.
     pub fn fs(&self) -> &F {
         &self.fs
@@ -222,12 +158,6 @@ impl<F: FileSystem> Server<F> {
     /// take no reply, such as FORGET).
     pub fn handle_message<R: RequestReader, W: ReplyWriter>(&self, r: R, w: W) -> Result<usize> {
         self.handle(r, w, true, self.session())
-    }
-
-    /// The FUSE session now: a number that changes when one ends (a second INIT, a
-    /// transport's [`Self::cancel_waits`]).
-    pub fn session(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
     }
 
     /// [`Self::handle_message`] for a request taken off the transport during `session`
@@ -342,39 +272,20 @@ impl<F: FileSystem> Server<F> {
                 }
                 return Ok(0);
             }
-            // Only a lock wait lasts long enough to be interrupted; note the request for it.
-            opcode::INTERRUPT => {
-                let arg: abi::InterruptIn = read_obj(r)?;
-                if let Ok(mut i) = self.interrupts.lock() {
-                    if i.len() >= MAX_INTERRUPTS {
-                        i.clear();
-                    }
-                    i.insert(arg.unique);
-                }
-                return Ok(0);
-            }
             opcode::GETLK => {
                 let arg: abi::LkIn = read_obj(r)?;
                 let lk = fs.getlk(ctx, node, arg.fh, arg.owner, arg.lk)?;
                 return ok(&[lk.as_slice()], w);
             }
+            // Only a lock wait lasts long enough to be interrupted; note the request for it.
+            opcode::INTERRUPT => {
+                let arg: abi::InterruptIn = read_obj(r)?;
+                self.note_interrupt(arg.unique);
+                return Ok(0);
+            }
             opcode::SETLK | opcode::SETLKW => {
                 let arg: abi::LkIn = read_obj(r)?;
-                let flock = arg.lk_flags & abi::LK_FLOCK != 0;
-                if hdr.opcode == opcode::SETLK || arg.lk.type_ == libc::F_UNLCK as u32 {
-                    fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)?;
-                } else if !may_wait {
-                    fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)
-                        .map_err(|e| {
-                            if e.raw_os_error() == Some(libc::EAGAIN) {
-                                io::Error::from_raw_os_error(libc::ENOLCK)
-                            } else {
-                                e
-                            }
-                        })?;
-                } else {
-                    self.wait_lock(ctx, hdr, &arg, flock, session)?;
-                }
+                self.set_lock(ctx, hdr, &arg, may_wait, session)?;
                 return ok(&[], w);
             }
             opcode::LOOKUP => {
@@ -670,72 +581,6 @@ impl<F: FileSystem> Server<F> {
         Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
-    fn init<R: RequestReader, W: ReplyWriter>(
-        &self,
-        hdr: &InHeader,
-        r: &mut R,
-        w: &mut W,
-    ) -> io::Result<usize> {
-        let init: abi::InitIn = read_obj(r)?;
-        if init.major < abi::KERNEL_VERSION
-            || (init.major == abi::KERNEL_VERSION && init.minor < abi::MIN_KERNEL_MINOR_VERSION)
-        {
-            log::error!(
-                "the guest's FUSE is version {}.{}; Ferry needs {}.{} or newer: use a newer guest kernel",
-                init.major,
-                init.minor,
-                abi::KERNEL_VERSION,
-                abi::MIN_KERNEL_MINOR_VERSION
-            );
-            return Err(io::Error::from_raw_os_error(libc::EPROTO));
-        }
-        let mut out = abi::InitOut {
-            major: abi::KERNEL_VERSION,
-            minor: abi::KERNEL_MINOR_VERSION,
-            ..Default::default()
-        };
-        // A newer major version: answer with ours only, and the kernel asks again.
-        if init.major > abi::KERNEL_VERSION {
-            return self.reply_ok(hdr, &[out.as_slice()], w).map_err(to_io);
-        }
-        // 7.36 and later: `flags2` follows, valid when the kernel sets INIT_EXT.
-        let mut capable = abi::InitFlags::from(init.flags);
-        if capable & abi::INIT_EXT != 0 && r.available_bytes() >= size_of::<u32>() {
-            let flags2: u32 = read_obj(r)?;
-            capable |= abi::InitFlags::from(flags2) << 32;
-        }
-        if self.started.swap(true, Ordering::AcqRel) {
-            // A guest that rebooted (or reloaded its driver) in the same VM: QEMU resets the
-            // device but the connection stays, and no DESTROY came. The previous kernel can no
-            // longer forget its nodes or release its files, which would hold their host
-            // descriptors for good: drop them, as when a frontend leaves.
-            log::info!("a new FUSE session replaces the previous one (the guest restarted): its nodes and open files are dropped");
-            self.cancel_waits();
-            self.fs.destroy();
-        }
-        let accepted = capable & (self.fs.init(capable)? | abi::MAX_PAGES);
-        self.secctx
-            .store(accepted & abi::SECURITY_CTX != 0, Ordering::Relaxed);
-        out.flags = accepted as u32;
-        out.flags2 = (accepted >> 32) as u32;
-        if out.flags2 != 0 {
-            out.flags |= abi::INIT_EXT as u32;
-        }
-        out.max_readahead = init.max_readahead;
-        out.max_background = u16::MAX;
-        out.congestion_threshold = (u16::MAX / 4) * 3;
-        out.max_write = MAX_WRITE;
-        out.time_gran = 1;
-        out.max_pages = MAX_PAGES;
-        log::info!(
-            "FUSE session started: guest speaks {}.{}, flags {:#x} accepted",
-            init.major,
-            init.minor,
-            out.flags
-        );
-        self.reply_ok(hdr, &[out.as_slice()], w).map_err(to_io)
-    }
-
     /// READ: the data goes straight from the file into the reply, after a header written last.
     fn read<R: RequestReader, W: ReplyWriter>(
         &self,
@@ -919,6 +764,7 @@ fn kill_suidgid<F: FileSystem>(fs: &F, ctx: Context, node: u64, fh: Option<u64>)
 mod tests {
     use super::*;
     use crate::membuf::{ReplyBuf, RequestBuf};
+    use std::time::Duration;
 
     struct RootOnly;
 
