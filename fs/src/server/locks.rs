@@ -83,9 +83,7 @@ impl<F: FileSystem> Server<F> {
     ) -> io::Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
-            let tried = self
-                .fs
-                .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock);
+            let tried = self.try_lock(ctx, hdr, arg, flock);
             if self.session() != session {
                 return Err(io::Error::other(SessionEnded));
             }
@@ -122,17 +120,28 @@ impl<F: FileSystem> Server<F> {
         session: u64,
     ) -> io::Result<()> {
         let flock = arg.lk_flags & abi::LK_FLOCK != 0;
-        let (node, fs) = (hdr.nodeid, &self.fs);
         if hdr.opcode == opcode::SETLK || arg.lk.type_ == libc::F_UNLCK as u32 {
-            fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)
+            self.try_lock(ctx, hdr, arg, flock)
         } else if may_wait {
             self.wait_lock(ctx, hdr, arg, flock, session)
         } else {
-            fs.setlk(ctx, node, arg.fh, arg.owner, arg.lk, flock)
+            self.try_lock(ctx, hdr, arg, flock)
                 .map_err(|e| match e.raw_os_error() {
                     Some(libc::EAGAIN) => io::Error::from_raw_os_error(libc::ENOLCK),
                     _ => e,
                 })
         }
+    }
+
+    /// One try of the lock `arg` asks for (EAGAIN: someone holds it).
+    fn try_lock(
+        &self,
+        ctx: Context,
+        hdr: &InHeader,
+        arg: &abi::LkIn,
+        flock: bool,
+    ) -> io::Result<()> {
+        self.fs
+            .setlk(ctx, hdr.nodeid, arg.fh, arg.owner, arg.lk, flock)
     }
 }
