@@ -60,30 +60,17 @@ pub const MAX_TAG_LEN: usize = 36;
 /// is refused (ENOLCK).
 const MAX_WAITING: usize = 64;
 
-/// How [`answer`] answers a request off the ring.
-#[derive(Clone, Copy)]
-enum How {
-    /// Without waiting for a lock (`Server::handle_message_without_waiting`).
-    WithoutWaiting,
-    /// As a request of FUSE session `0` (`Server::session` when the chain was taken), which
-    /// is dropped unanswered once that session has ended.
-    InSession(u64),
-}
-
-/// Answers one request in `chain`; returns the reply's length, or `None` for a request that
-/// must not be returned to the guest (its session ended).
-fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain, how: How) -> Option<u32> {
-    let (r, w) = match split_chain(chain.memory(), chain.clone()) {
-        Ok(rw) => rw,
+/// Answers one request in `chain`, taken off the ring during FUSE session `session`
+/// (`Server::session` then); returns the reply's length, or `None` for a request that must not
+/// go back to the guest (its session ended before it was answered).
+fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain, session: u64) -> Option<u32> {
+    match split_chain(chain.memory(), chain.clone()) {
+        Ok((r, w)) => outcome(server.handle_message_in_session(session, r, w)),
         Err(e) => {
             warn!("fs: dropping a malformed descriptor chain: {e}");
-            return Some(0);
+            Some(0)
         }
-    };
-    outcome(match how {
-        How::WithoutWaiting => server.handle_message_without_waiting(r, w),
-        How::InSession(session) => server.handle_message_in_session(session, r, w),
-    })
+    }
 }
 
 /// What a request's answer gives the ring: the reply's length, or `None` for a request that
@@ -92,7 +79,7 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
     match replied {
         Ok(n) => Some(n as u32),
         Err(ferry_fs::Error::Abandoned) => {
-            debug!("fs: a lock wait of an ended session is dropped unanswered");
+            debug!("fs: a request of an ended session is dropped unanswered");
             None
         }
         Err(e) => {
@@ -196,7 +183,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// after this (its lock waits cancelled first), so no request of the old guest's lands
     /// in the file system after its nodes and files are dropped. (A guest that reboots in
     /// the same VM ends its session with the next INIT; requests of the old one that a pool
-    /// thread takes after that are dropped unanswered, `How::InSession`.)
+    /// thread takes after that are dropped unanswered, see `answer`.)
     pub fn wait_until_answered(&self, limit: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
         while self.answering.load(Ordering::SeqCst) > 0 {
@@ -223,24 +210,31 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             }
         };
         if may_block(reader.peek_opcode()) {
+            // Past MAX_WAITING waits, answered here without waiting: a lock that is taken is
+            // refused (ENOLCK). Waiting here would stall the queue, and with it the unlock the
+            // wait is for.
+            if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return outcome(self.server.handle_message_without_waiting(reader, writer));
+            }
             drop((reader, writer));
-            return self.defer(chain.clone(), vring);
+            return self.defer(chain, vring);
         }
+        // With a pool, a request goes to it when it has a place; otherwise it is answered
+        // here (see `fs_pool`: the worker never waits for the pool).
         if let Some(pool) = self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
-            drop((reader, writer));
-            return self.on_pool(pool, chain, vring);
+            if let Some(place) = pool.reserve() {
+                drop((reader, writer));
+                pool.submit(place, self.completion(chain, vring));
+                return None;
+            }
         }
         outcome(self.server.handle_message(reader, writer))
     }
 
-    /// Answers `chain` on a thread of its own, which completes it. Past MAX_WAITING waiting
-    /// requests, answers in line without waiting: a lock that is taken is refused (ENOLCK).
-    /// Waiting here would stall the queue, and with it the unlock the wait is for.
+    /// Answers `chain` on a thread of its own, which completes it; counted in `waiting` (by
+    /// the caller, which keeps it under MAX_WAITING) until then.
     fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return answer(&self.server, &chain, How::WithoutWaiting);
-        }
         let job = self.completion(chain, vring);
         let waiting = self.waiting.clone();
         let spawned = std::thread::Builder::new()
@@ -261,18 +255,6 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         }
     }
 
-    /// Answers `chain` on a pool thread, which completes it; answers it here when the pool
-    /// has no place for it (see `fs_pool`: the worker never waits for the pool).
-    fn on_pool(&self, pool: &RequestPool, chain: Chain, vring: &Vring) -> Option<u32> {
-        match pool.reserve() {
-            Some(place) => {
-                pool.submit(place, self.completion(chain, vring));
-                None
-            }
-            None => answer(&self.server, &chain, How::InSession(self.server.session())),
-        }
-    }
-
     /// A job that answers `chain`, returns it to the guest on `vring` and signals the guest
     /// when it asks to be.
     fn completion(&self, chain: Chain, vring: &Vring) -> crate::fs_pool::Job {
@@ -290,7 +272,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             let _answering = answering;
             // A chain of a session that ended stays where it is: the ring it came from may be
             // the next kernel's now.
-            let Some(len) = answer(&server, &chain, How::InSession(session)) else {
+            let Some(len) = answer(&server, &chain, session) else {
                 return;
             };
             if let Err(e) = vring.add_used(head, len) {
@@ -383,15 +365,17 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_fs::abi::{
+        self,
+        opcode::{DESTROY, SETLKW},
+    };
     use ferry_fs::FileLock;
     use std::time::{Duration, Instant};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::ByteValued;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-
-    const FUSE_SETLKW: u32 = 33;
-    const FUSE_DESTROY: u32 = 38;
 
     /// A file system whose every DESTROY takes a while (a request slower than the guest's
     /// posting, as a read of a cold file or an fsync is), and whose locks are all taken
@@ -425,16 +409,15 @@ mod tests {
         }
     }
 
-    /// A FUSE request: its 40-byte header, then `body`.
+    /// A FUSE request: its header, then `body`.
     fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
-        let len = 40 + body.len() as u32;
-        let mut r = Vec::new();
-        r.extend_from_slice(&len.to_le_bytes());
-        r.extend_from_slice(&opcode.to_le_bytes());
-        r.extend_from_slice(&unique.to_le_bytes());
-        r.extend_from_slice(&[0u8; 24]); // node, uid, gid, pid, extension length
-        r.extend_from_slice(body);
-        r
+        let hdr = abi::InHeader {
+            len: (std::mem::size_of::<abi::InHeader>() + body.len()) as u32,
+            opcode,
+            unique,
+            ..Default::default()
+        };
+        [hdr.as_slice(), body].concat()
     }
 
     /// Where the reply to request `i` of [`queue_of`] goes.
@@ -504,7 +487,7 @@ mod tests {
     /// `n` slow requests (DESTROY) on the request queue of a device with a pool of one thread.
     fn slow_requests_on_a_pool_of_one(n: u16) -> (Vring, Arc<VhostUserFsBackend<Slow>>) {
         let requests: Vec<_> = (0..n)
-            .map(|i| request(FUSE_DESTROY, u64::from(i) + 1, &[]))
+            .map(|i| request(DESTROY, u64::from(i) + 1, &[]))
             .collect();
         let (mem, vring) = queue_of(&requests);
         let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(Slow::default())), "t", 1);
@@ -529,13 +512,16 @@ mod tests {
 
     /// A SETLKW body: a write lock on the whole file.
     fn write_lock() -> Vec<u8> {
-        let mut lk = Vec::new();
-        lk.extend_from_slice(&[0u8; 16]); // fh, owner
-        lk.extend_from_slice(&0u64.to_le_bytes());
-        lk.extend_from_slice(&u64::MAX.to_le_bytes());
-        lk.extend_from_slice(&(libc::F_WRLCK as u32).to_le_bytes());
-        lk.extend_from_slice(&[0u8; 12]); // pid, lk_flags, padding
-        lk
+        let lk = abi::LkIn {
+            lk: FileLock {
+                start: 0,
+                end: u64::MAX,
+                type_: libc::F_WRLCK as u32,
+                pid: 0,
+            },
+            ..Default::default()
+        };
+        lk.as_slice().to_vec()
     }
 
     #[test]
@@ -574,9 +560,9 @@ mod tests {
         // MAX_WAITING lock waits on threads of their own, one more, then a request behind it.
         let lk = write_lock();
         let mut requests: Vec<_> = (0..=MAX_WAITING as u64)
-            .map(|i| request(FUSE_SETLKW, i + 1, &lk))
+            .map(|i| request(SETLKW, i + 1, &lk))
             .collect();
-        requests.push(request(FUSE_DESTROY, 1000, &[]));
+        requests.push(request(DESTROY, 1000, &[]));
         let (mem, vring) = queue_of(&requests);
         let fs = Slow::default();
         let free = fs.free.clone();
@@ -585,11 +571,9 @@ mod tests {
         let answered = serve_until(&dev, &vring, 2);
         free.store(true, Ordering::SeqCst);
         assert_eq!(answered, 2, "the queue went on past the waits");
-        // struct fuse_out_header { len, error, unique }: the one past the limit got ENOLCK.
-        let m = mem.memory();
-        let error: i32 = m
-            .read_obj(GuestAddress(reply_at(MAX_WAITING).0 + 4))
-            .unwrap();
+        // The one past the limit got ENOLCK.
+        let out: abi::OutHeader = mem.memory().read_obj(reply_at(MAX_WAITING)).unwrap();
+        let error = out.error;
         assert_eq!(error, -libc::ENOLCK);
         assert_eq!(
             serve_until(&dev, &vring, requests.len() as u16),
@@ -602,7 +586,7 @@ mod tests {
         // The guest rebooted while a request waited for a lock: its buffers and the ring are
         // the next kernel's now, so neither a reply nor a used entry may reach them, even once
         // the lock is free.
-        let (mem, vring) = queue_of(&[request(FUSE_SETLKW, 1, &write_lock())]);
+        let (mem, vring) = queue_of(&[request(SETLKW, 1, &write_lock())]);
         let fs = Slow::default();
         let (free, tries) = (fs.free.clone(), fs.tries.clone());
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(fs)), "t");
