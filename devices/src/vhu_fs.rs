@@ -20,7 +20,10 @@
 //! either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK), so
 //! it never holds a pool thread or the queue. A request handed over keeps the FUSE session it
 //! was taken in: if that session ends first (the guest rebooted, the frontend left) it is
-//! dropped unanswered, its buffers being the next kernel's. High-priority requests (FORGET,
+//! dropped unanswered, its buffers being the next kernel's. When the frontend stops a queue
+//! (GET_VRING_BASE: the VM pauses, resets or migrates) the requests handed over from it are
+//! answered before the reply, since the ring is the frontend's after it: the pool finishes
+//! its own, and lock waits are refused with ENOLCK (`stop_queue`). High-priority requests (FORGET,
 //! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
 //! the requests it interrupts.
 
@@ -91,19 +94,27 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 
 const QUEUE_SIZE: usize = 1024;
 
+/// How long GET_VRING_BASE waits for the requests handed off from its queue. The frontend
+/// waits for the reply (QEMU holding its big lock), so a request stuck in a hung host file
+/// system must not hold it for good.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Requests handed to the pool or to threads of their own and not yet done with, per queue.
+type Counts = [AtomicUsize; NUM_QUEUES];
+
 /// One request in [`VhostUserFsBackend::answering`], for as long as it lives.
-struct Answering(Arc<AtomicUsize>);
+struct Answering(Arc<Counts>, usize);
 
 impl Answering {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Answering(count.clone())
+    fn new(counts: &Arc<Counts>, queue: usize) -> Self {
+        counts[queue].fetch_add(1, Ordering::SeqCst);
+        Answering(counts.clone(), queue)
     }
 }
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0[self.1].fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -112,8 +123,13 @@ pub struct VhostUserFsBackend<F> {
     server: Arc<Server<F>>,
     /// Requests waiting for a lock on threads of their own.
     waiting: Arc<AtomicUsize>,
-    /// Requests handed to the pool or to a thread of their own and not yet done with.
-    answering: Arc<AtomicUsize>,
+    /// Requests handed to the pool or to a thread of their own and not yet done with, by the
+    /// queue they came from.
+    answering: Arc<Counts>,
+    /// How many times each queue was stopped (GET_VRING_BASE). A handed-off request taken
+    /// before its queue's last stop leaves the ring alone: it is the frontend's, and after a
+    /// reset the next kernel's. Taken for reading around a request's return to the ring.
+    stops: Arc<RwLock<[u64; NUM_QUEUES]>>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     config: [u8; CONFIG_LEN],
@@ -140,7 +156,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         Arc::new(VhostUserFsBackend {
             server,
             waiting: Arc::new(AtomicUsize::new(0)),
-            answering: Arc::new(AtomicUsize::new(0)),
+            answering: Arc::new(std::array::from_fn(|_| AtomicUsize::new(0))),
+            stops: Arc::new(RwLock::new([0; NUM_QUEUES])),
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             config,
@@ -186,13 +203,45 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// thread takes after that are dropped unanswered, see `answer`.)
     pub fn wait_until_answered(&self, limit: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
-        while self.answering.load(Ordering::SeqCst) > 0 {
+        while self.answering.iter().any(|n| n.load(Ordering::SeqCst) > 0) {
             if std::time::Instant::now() >= deadline {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         true
+    }
+
+    /// Stops `queue` for GET_VRING_BASE: after the reply the ring is the frontend's (the VM
+    /// pauses, resets or migrates), so the requests taken from it are answered first, as the
+    /// vhost-user backend crate asks of backends that answer off the queue's thread. The pool
+    /// finishes its requests; lock waits end at their next try with ENOLCK (a paused VM's
+    /// process sees its lock refused rather than QEMU waiting on it for good). Past `limit` a
+    /// request still running (a host file system that hangs) is left to finish without a
+    /// reply, and the ring is left alone from here on: its chain is lost to the guest, which
+    /// beats a used entry written into memory the next kernel owns. The worker no longer
+    /// takes from the ring: the frontend's stop marks it not ready first, which waits for a
+    /// drain under way to end.
+    fn stop_queue(&self, queue: usize, limit: std::time::Duration) {
+        let Some(count) = self.answering.get(queue) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + limit;
+        while count.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                warn!(
+                    "fs: {} request(s) from queue {queue} still running as the frontend stops                      it; they will not be answered (is a host file system in the share hung?)",
+                    count.load(Ordering::SeqCst)
+                );
+                break;
+            }
+            // Again each round: a wait that began after the last call is not refused.
+            self.server.refuse_waits();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if let Ok(mut stops) = self.stops.write() {
+            stops[queue] += 1;
+        }
     }
 
     /// Answers one request; returns the number of reply bytes written into the chain, or
@@ -218,14 +267,14 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 return outcome(self.server.handle_message_without_waiting(reader, writer));
             }
             drop((reader, writer));
-            return self.defer(chain, vring);
+            return self.defer(chain, vring, queue);
         }
         // With a pool, a request goes to it when it has a place; otherwise it is answered
         // here (see `fs_pool`: the worker never waits for the pool).
         if let Some(pool) = self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
             if let Some(place) = pool.reserve() {
                 drop((reader, writer));
-                pool.submit(place, self.completion(chain, vring));
+                pool.submit(place, self.completion(chain, vring, queue));
                 return None;
             }
         }
@@ -234,8 +283,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
 
     /// Answers `chain` on a thread of its own, which completes it; counted in `waiting` (by
     /// the caller, which keeps it under MAX_WAITING) until then.
-    fn defer(&self, chain: Chain, vring: &Vring) -> Option<u32> {
-        let job = self.completion(chain, vring);
+    fn defer(&self, chain: Chain, vring: &Vring, queue: usize) -> Option<u32> {
+        let job = self.completion(chain, vring, queue);
         let waiting = self.waiting.clone();
         let spawned = std::thread::Builder::new()
             .name("fs-lock-wait".into())
@@ -255,9 +304,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         }
     }
 
-    /// A job that answers `chain`, returns it to the guest on `vring` and signals the guest
-    /// when it asks to be.
-    fn completion(&self, chain: Chain, vring: &Vring) -> crate::fs_pool::Job {
+    /// A job that answers `chain`, taken from `queue`, returns it to the guest on `vring` and
+    /// signals the guest when it asks to be.
+    fn completion(&self, chain: Chain, vring: &Vring, queue: usize) -> crate::fs_pool::Job {
         let server = self.server.clone();
         let vring = vring.clone();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -266,15 +315,29 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         // before the job runs or while it waits (the guest rebooted, the frontend left) is
         // not answered.
         let session = self.server.session();
+        // The queue's stops so far: one after this (past `stop_queue`'s limit) leaves the ring
+        // alone.
+        let stops = self.stops.clone();
+        let taken_after = stops.read().map_or(0, |s| s[queue]);
+        let stopped = move |s: &[u64; NUM_QUEUES]| s[queue] != taken_after;
         // Counted until the job has run or is dropped unrun.
-        let answering = Answering::new(&self.answering);
+        let answering = Answering::new(&self.answering, queue);
         Box::new(move || {
             let _answering = answering;
+            if stops.read().map_or(true, |s| stopped(&s)) {
+                return;
+            }
             // A chain of a session that ended stays where it is: the ring it came from may be
             // the next kernel's now.
             let Some(len) = answer(&server, &chain, session) else {
                 return;
             };
+            // Held while the chain goes back, so a stop waits for it or comes before it.
+            let Ok(s) = stops.read() else { return };
+            if stopped(&s) {
+                debug!("fs: a request answered after its queue stopped stays off the ring");
+                return;
+            }
             if let Err(e) = vring.add_used(head, len) {
                 warn!("fs: cannot return descriptor {head} to the guest: {e}");
             } else if !event_idx || vring.needs_notification().unwrap_or(true) {
@@ -338,6 +401,11 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.stop_queue(queue_index as usize, STOP_LIMIT);
+        Ok(())
     }
 
     fn handle_event(
@@ -614,6 +682,64 @@ mod tests {
         assert_eq!(
             reply, [0u8; 16],
             "nothing written into the request's buffers"
+        );
+    }
+
+    #[test]
+    fn a_stopped_queue_has_the_requests_the_pool_took_answered_first() {
+        // GET_VRING_BASE: after its reply the ring is the frontend's, so what the pool took
+        // from it is answered before (four slow requests on a pool of one).
+        const REQUESTS: u16 = 4;
+        let (vring, dev) = slow_requests_on_a_pool_of_one(REQUESTS);
+        serve_until_idle(&dev, &vring);
+        vring.set_queue_ready(false);
+        dev.stop_vring(1).unwrap();
+        assert_eq!(
+            vring.queue_used_idx().unwrap(),
+            REQUESTS,
+            "every request taken is back in the ring when the stop returns"
+        );
+    }
+
+    #[test]
+    fn a_stopped_queue_has_its_lock_waits_refused_first() {
+        // A lock that stays taken: the stop cannot wait for it, nor leave the wait to answer
+        // later, into a ring that is no longer the device's.
+        let (mem, vring) = queue_of(&[request(SETLKW, 1, &write_lock())]);
+        let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
+        dev.update_memory(mem.clone()).unwrap();
+        assert_eq!(
+            serve_until_idle(&dev, &vring),
+            0,
+            "the lock is taken: it waits"
+        );
+        vring.set_queue_ready(false);
+        let began = Instant::now();
+        dev.stop_vring(1).unwrap();
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "the stop did not wait for the lock"
+        );
+        assert_eq!(vring.queue_used_idx().unwrap(), 1, "the wait was answered");
+        let out: abi::OutHeader = mem.memory().read_obj(reply_at(0)).unwrap();
+        let error = out.error;
+        assert_eq!(error, -libc::ENOLCK);
+        assert_eq!(dev.waiting_requests(), 0);
+    }
+
+    #[test]
+    fn a_request_that_outlives_its_queue_stop_leaves_the_ring_alone() {
+        // A request still running past the stop's limit (a hung host file system): when it
+        // ends, the ring may be the next kernel's.
+        let (vring, dev) = slow_requests_on_a_pool_of_one(1);
+        serve_until_idle(&dev, &vring);
+        vring.set_queue_ready(false);
+        dev.stop_queue(1, Duration::ZERO);
+        assert!(dev.wait_until_answered(Duration::from_secs(10)));
+        assert_eq!(
+            vring.queue_used_idx().unwrap(),
+            0,
+            "no used entry after the stop"
         );
     }
 }

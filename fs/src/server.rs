@@ -87,6 +87,8 @@ pub struct Server<F> {
     interrupts: Mutex<HashSet<u64>>,
     /// Bumped to abandon every wait (the session ended).
     generation: AtomicU64,
+    /// Bumped to end every wait with ENOLCK (the transport stops its queues).
+    refusals: AtomicU64,
     /// The session asked for the labels of the nodes the guest makes (FUSE_SECURITY_CTX).
     secctx: AtomicBool,
     /// Where file events go (`audit=files`), once set.
@@ -112,6 +114,7 @@ impl<F: FileSystem> Server<F> {
             stats: ServerStats::default(),
             interrupts: Mutex::new(HashSet::new()),
             generation: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             secctx: AtomicBool::new(false),
             audit: std::sync::OnceLock::new(),
             started: AtomicBool::new(false),

@@ -8,6 +8,11 @@
 //! and a taken lock is refused with ENOLCK rather than waited for where the unlock would queue
 //! behind it.
 //!
+//! A transport that stops its queues (the frontend's GET_VRING_BASE: the VM pauses, resets
+//! or migrates) may not touch them afterwards, and cannot wait for a lock to be freed first:
+//! [`Server::refuse_waits`] ends every wait at its next try with ENOLCK, the answer a wait
+//! past the transport's threads gets too, into a ring that is still the guest's.
+//!
 //! A session is a number ([`Server::session`]) that changes when one ends: a second INIT (the
 //! guest rebooted) or the transport's [`Server::cancel_waits`] (the frontend left). A request
 //! carries the session it was taken in; one whose session ended, before it is answered or
@@ -59,6 +64,14 @@ impl<F: FileSystem> Server<F> {
         }
     }
 
+    /// Ends every request waiting for a lock now, at its next try, with ENOLCK (the lock
+    /// stays taken; the guest's fcntl or flock fails rather than waits). For a transport that
+    /// must have every request answered before it stops a queue. A wait that starts after
+    /// this is not ended: call it until the waits are gone.
+    pub fn refuse_waits(&self) {
+        self.refusals.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn take_interrupt(&self, unique: u64) -> bool {
         self.interrupts
             .lock()
@@ -82,6 +95,7 @@ impl<F: FileSystem> Server<F> {
         session: u64,
     ) -> io::Result<()> {
         let mut pause = Duration::from_millis(1);
+        let refusals = self.refusals.load(Ordering::SeqCst);
         loop {
             let tried = self.try_lock(ctx, hdr, arg, flock);
             if self.session() != session {
@@ -90,6 +104,9 @@ impl<F: FileSystem> Server<F> {
             match tried {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 other => return other,
+            }
+            if self.refusals.load(Ordering::SeqCst) != refusals {
+                return Err(io::Error::from_raw_os_error(libc::ENOLCK));
             }
             if self.take_interrupt(hdr.unique) {
                 return Err(io::Error::from_raw_os_error(libc::EINTR));
