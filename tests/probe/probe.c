@@ -170,6 +170,11 @@ int main(int argc, char **argv) {
 		flock(a, LOCK_UN);
 		if (flock(b, LOCK_EX | LOCK_NB)) return fail();
 		puts("exclusive");
+	} else if (!strcmp(cmd, "lockwait")) {
+		/* lockwait PATH: waits for an exclusive flock on PATH; prints "locked" or the error. */
+		int fd = xopen(p, O_RDWR);
+		if (flock(fd, LOCK_EX)) { printf("lockwait: %s\n", strerror(errno)); return 1; }
+		puts("locked");
 	} else if (!strcmp(cmd, "fcntl")) {
 		/* The parent write-locks bytes 0-99; a child sees the lock (F_GETLK) and cannot take it
 		 * (F_SETLK), then takes it with F_SETLKW once the parent unlocks. */

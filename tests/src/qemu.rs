@@ -64,6 +64,9 @@ pub struct GuestSpec {
     pub mtu: Option<u16>,
     /// virtio-fs devices: (tag, socket).
     pub shares: Vec<(String, PathBuf)>,
+    /// Tags of `shares` the guest's init leaves unmounted, for the script to mount when it
+    /// wants (the device is there from boot, its FUSE session starts at the mount).
+    pub unmounted: Vec<String>,
     /// Skip DHCP in the guest.
     pub no_dhcp: bool,
     /// Guest memory in MiB (default 512).
@@ -130,7 +133,12 @@ impl Qemu {
             spec.memory_mib
         };
         let accel = std::env::var("FERRY_ACCEL").unwrap_or_else(|_| "tcg".into());
-        let tags: Vec<&str> = spec.shares.iter().map(|(t, _)| t.as_str()).collect();
+        let tags: Vec<&str> = spec
+            .shares
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .filter(|t| !spec.unmounted.iter().any(|u| u == t))
+            .collect();
         let mut append = format!(
             "console=ttyS0 quiet panic=-1 ferry.noshell ferry.fs={}",
             tags.join(",")

@@ -7,9 +7,10 @@
 //! Ferry runs in a test namespace with no route out; the "outside" is a test host on a veth
 //! link (`tests/servers/testhosts.py`). Nothing leaves the namespaces the test made.
 
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use ferry_tests::{GuestSpec, TestHost, TestNet};
+use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -103,4 +104,78 @@ i=0; while [ ! -e /mnt/tools/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i
         log.contains("a new FUSE session replaces the previous one"),
         "{log}"
     );
+}
+
+/// A guest process waits for a lock on a share, held by a host process, when the guest
+/// reboots; the host frees it once the next kernel runs, before that kernel mounts the share.
+/// QEMU stops the device at the reset (GET_VRING_BASE), after which its ring is not ferry's:
+/// the wait must end then, not be answered when the lock comes free, into the ring of the next
+/// kernel, whose driver never posted that chain ("id N is not a head!", the share dead).
+#[test]
+fn a_lock_wait_across_a_reboot_stays_out_of_the_next_kernels_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = ferry_tests::tools_share(dir.path());
+    let locks = dir.path().join("locks");
+    std::fs::create_dir(&locks).unwrap();
+    std::fs::write(locks.join("lockfile"), b"").unwrap();
+    std::fs::write(locks.join("data"), b"still here\n").unwrap();
+    let held = std::fs::File::open(locks.join("lockfile")).unwrap();
+    // SAFETY: flock on a descriptor this test owns, open for as long as the call.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let sock = dir.path().join("locks.sock");
+    let mut ferry = FerryProcess::serve(
+        dir.path(),
+        &[
+            "--share".into(),
+            tools.share.clone(),
+            "--share".into(),
+            format!(
+                "tag=locks,dir={},socket={}",
+                locks.display(),
+                sock.display()
+            ),
+        ],
+        &[tools.socket.clone(), sock.clone()],
+    );
+    let script = r#"
+check() { if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }
+mkdir -p /mnt/locks
+if [ ! -e /mnt/tools/rebooted ]; then
+  mount -t virtiofs locks /mnt/locks
+  /mnt/tools/probe lockwait /mnt/locks/lockfile &
+  sleep 2
+  touch /mnt/tools/rebooted; sync
+  echo FERRY-REBOOTING
+  reboot -f
+  sleep 60
+fi
+echo FERRY-SECOND-BOOT
+i=0; while [ ! -e /mnt/tools/released ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+sleep 2
+check mount "$(timeout 20 mount -t virtiofs locks /mnt/locks && echo mounted)" mounted
+check read "$(timeout 20 cat /mnt/locks/data)" "still here"
+check lock "$(timeout 20 /mnt/tools/probe lockwait /mnt/locks/lockfile)" locked
+check ring "$(dmesg | grep -c 'is not a head')" 0
+"#;
+    let spec = GuestSpec {
+        script: script.into(),
+        shares: vec![
+            ("tools".into(), tools.socket.clone()),
+            ("locks".into(), sock),
+        ],
+        unmounted: vec!["locks".into()],
+        reboots: true,
+        ..Default::default()
+    };
+    let mut qemu = Qemu::boot(dir.path(), &spec);
+    qemu.wait_console("FERRY-SECOND-BOOT", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    // The next kernel has set the share's rings up; its mount is to come.
+    drop(held);
+    std::fs::write(tools.dir.join("released"), b"").unwrap();
+    let out = qemu
+        .wait_done(DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));
+    out.assert_all_ok(4, &format!("ferry log:\n{}", ferry.log_tail()));
+    assert!(ferry.is_running());
 }
