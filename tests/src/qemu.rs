@@ -106,6 +106,8 @@ pub enum NetLink {
 pub struct Qemu {
     child: Child,
     console: PathBuf,
+    /// QEMU's QMP socket (`hmp` sends monitor commands through it).
+    qmp: PathBuf,
     /// How to boot it again, once, if QEMU dies of [`QEMU_BOOT_BUG`] before the guest runs.
     again: Option<(PathBuf, GuestSpec)>,
 }
@@ -126,6 +128,7 @@ impl Qemu {
             .unwrap_or(0);
         let console = dir.join(format!("console-{n}.log"));
         let script = dir.join(format!("guest-{n}.sh"));
+        let qmp = dir.join(format!("qmp-{n}.sock"));
         std::fs::write(&script, &spec.script).expect("write the guest script");
         let mem = if spec.memory_mib == 0 {
             512
@@ -155,6 +158,8 @@ impl Qemu {
             .args(["-cpu", "max", "-smp", &spec.cpus.max(2).to_string()])
             .args(["-m", &format!("{mem}M")])
             .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .args(if spec.reboots {
                 None
             } else {
@@ -231,6 +236,7 @@ impl Qemu {
         Qemu {
             child,
             console,
+            qmp,
             again: Some((dir.to_path_buf(), spec.clone())),
         }
     }
@@ -255,6 +261,51 @@ impl Qemu {
         *self = Qemu::boot(&dir, &spec);
         self.again = None;
         true
+    }
+
+    /// Runs the human monitor command `cmd` (`stop`, `cont`, `info status`) through QMP, as
+    /// libvirt's `qemu-monitor-command --hmp` does; returns its output.
+    pub fn hmp(&self, cmd: &str) -> Result<String, String> {
+        use std::io::{BufRead, BufReader, Write};
+        let sock = std::os::unix::net::UnixStream::connect(&self.qmp)
+            .map_err(|e| format!("connect to QEMU's QMP socket {}: {e}", self.qmp.display()))?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
+        let mut w = sock;
+        // Replies are one JSON object a line; events may come between them.
+        let mut reply = |what: &str| -> Result<serde_json::Value, String> {
+            loop {
+                let mut line = String::new();
+                if reader
+                    .read_line(&mut line)
+                    .map_err(|e| format!("{what}: {e}"))?
+                    == 0
+                {
+                    return Err(format!("{what}: QMP closed"));
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| format!("{what}: {e}: {line}"))?;
+                if v.get("return").is_some() || v.get("error").is_some() || v.get("QMP").is_some() {
+                    return Ok(v);
+                }
+            }
+        };
+        reply("QMP greeting")?;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .map_err(|e| e.to_string())?;
+        reply("qmp_capabilities")?;
+        let req = serde_json::json!({
+            "execute": "human-monitor-command",
+            "arguments": { "command-line": cmd },
+        });
+        w.write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let v = reply(cmd)?;
+        match v.get("return") {
+            Some(r) => Ok(r.as_str().unwrap_or_default().to_string()),
+            None => Err(format!("{cmd}: {v}")),
+        }
     }
 
     /// The console so far.
