@@ -190,6 +190,11 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         v
     }
 
+    /// How much guest memory the device maps now, in bytes (see [`crate::mapped_bytes`]).
+    pub fn guest_memory_bytes(&self) -> u64 {
+        self.mem.read().map_or(0, |m| crate::mapped_bytes(&m))
+    }
+
     /// How many requests wait for a lock on threads of their own now.
     pub fn waiting_requests(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)

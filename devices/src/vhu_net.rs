@@ -277,6 +277,11 @@ impl VhostUserNetBackend {
         }
     }
 
+    /// How much guest memory the device maps now, in bytes (see [`crate::mapped_bytes`]).
+    pub fn guest_memory_bytes(&self) -> u64 {
+        self.mem.read().map_or(0, |m| crate::mapped_bytes(&m))
+    }
+
     /// The stack's counters and open flows, now.
     pub fn stack_stats(&self) -> (StackStats, Vec<FlowInfo>) {
         self.stack

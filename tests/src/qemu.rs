@@ -71,6 +71,8 @@ pub struct GuestSpec {
     pub no_dhcp: bool,
     /// Guest memory in MiB (default 512).
     pub memory_mib: u32,
+    /// Room for memory plugged in later (`-m …,slots=2,maxmem=`, in MiB; 0: none).
+    pub max_memory_mib: u32,
     /// Queue pairs on the NIC (`queues=` on the netdev, `mq=on`); 0 or 1: one, the default.
     pub queue_pairs: u16,
     /// How QEMU's net chardev meets ferry: connect once (the default), connect again after
@@ -156,7 +158,14 @@ impl Qemu {
         let mut c = Command::new(qemu_binary());
         c.args(["-machine", &format!("q35,accel={accel}")])
             .args(["-cpu", "max", "-smp", &spec.cpus.max(2).to_string()])
-            .args(["-m", &format!("{mem}M")])
+            .args([
+                "-m",
+                &if spec.max_memory_mib > mem {
+                    format!("{mem}M,slots=2,maxmem={}M", spec.max_memory_mib)
+                } else {
+                    format!("{mem}M")
+                },
+            ])
             .args(["-nographic", "-nodefaults", "-serial", "stdio"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
