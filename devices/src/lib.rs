@@ -7,6 +7,7 @@
 
 mod chain;
 mod connection;
+mod fs_poll;
 mod fs_pool;
 mod lost_interrupts;
 mod queue;

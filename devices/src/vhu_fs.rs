@@ -29,7 +29,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use ferry_fs::{may_block, FileSystem, Server};
 use log::{debug, warn};
@@ -45,9 +46,14 @@ use vmm_sys_util::event::{
 };
 
 use crate::chain::split_chain;
+use crate::fs_poll::{FsPoll, POLL_WINDOW};
 use crate::fs_pool::RequestPool;
-use crate::queue::{drain_queue, Chain};
+use crate::queue::{drain_queue, drain_queue_unsignalled, Chain};
 use crate::{GuestMemoryAtomic, Vring};
+
+/// How long the worker watches a request queue for the guest's next request after a reply,
+/// unless the share says otherwise (`poll=`; see `fs_poll`).
+pub const DEFAULT_POLL_WINDOW: std::time::Duration = POLL_WINDOW;
 
 /// The most request queues a frontend may set up.
 pub const MAX_REQUEST_QUEUES: usize = 16;
@@ -94,6 +100,16 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 
 const QUEUE_SIZE: usize = 1024;
 
+/// Whether the guest has posted requests on `vring` that the device has not taken.
+fn has_requests(vring: &Vring, mem: &crate::GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    q.ready()
+        && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|a| a.0 != q.next_avail())
+}
+
 /// How long GET_VRING_BASE waits for the requests handed off from its queue. The frontend
 /// waits for the reply (QEMU holding its big lock), so a request stuck in a hung host file
 /// system must not hold it for good.
@@ -135,6 +151,8 @@ pub struct VhostUserFsBackend<F> {
     config: [u8; CONFIG_LEN],
     /// The request queues' pool, if the share has one.
     pool: Option<RequestPool>,
+    /// When the worker watches each request queue for the next request (`fs_poll`).
+    polls: [Mutex<FsPoll>; NUM_QUEUES],
     /// Requests taken off each request queue (queue 1 first).
     taken: [AtomicU64; MAX_REQUEST_QUEUES],
 }
@@ -163,7 +181,18 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             config,
             pool: (threads > 0).then(|| RequestPool::new(&format!("fs-{tag}"), threads)),
             taken: std::array::from_fn(|_| AtomicU64::new(0)),
+            polls: std::array::from_fn(|_| Mutex::new(FsPoll::new(POLL_WINDOW))),
         })
+    }
+
+    /// Sets how long the worker watches a request queue for the guest's next request after
+    /// a reply (`fs_poll`; zero: never, it sleeps until the guest's kick).
+    pub fn set_poll_window(&self, window: std::time::Duration) {
+        for p in &self.polls {
+            if let Ok(mut p) = p.lock() {
+                *p = FsPoll::new(window);
+            }
+        }
     }
 
     /// The FUSE server behind the device.
@@ -353,16 +382,108 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         })
     }
 
-    fn process_queue(&self, vring: &Vring, queue: usize) -> io::Result<()> {
+    /// Answers the requests on `vring`, queue `queue` of `vrings`; then, while the guest's
+    /// requests come close after the replies (`fs_poll`), watches the ring for the next one
+    /// instead of waiting for its kick. Only a request queue without a pool is watched: with
+    /// one the worker only hands requests over.
+    fn process_queue(&self, vring: &Vring, queue: usize, vrings: &[Vring]) -> io::Result<()> {
         let mem = self
             .mem
             .read()
             .map_err(|_| io::Error::other("poisoned"))?
             .clone();
-        drain_queue(vring, &mem, self.event_idx.load(Ordering::Relaxed), |c| {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let poll = self
+            .polls
+            .get(queue)
+            .filter(|_| queue != HIPRIO_QUEUE && self.pool.is_none());
+        let Some(mut poll) = poll.and_then(|p| p.lock().ok()) else {
+            drain_queue(vring, &mem, event_idx, |c| {
+                self.handle_chain(c, vring, queue)
+            })?;
+            return Ok(());
+        };
+        let woke = Instant::now();
+        // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
+        // them on again, and so stops the watch below).
+        let mut used = self.drain(vring, &mem, event_idx, queue, !poll.watching())?;
+        poll.woke(woke, used);
+        while poll.watching() {
+            if used > 0 {
+                poll.answered(Instant::now());
+            } else {
+                // Announced but nothing to take (a ring the guest broke, or a request handed to
+                // a lock-wait thread): stop, rather than spin on it.
+                poll.missed();
+                break;
+            }
+            if !self.watch(vring, &mem, vrings, queue, &mut poll) {
+                break;
+            }
+            used = self.drain(vring, &mem, event_idx, queue, false)?;
+        }
+        if used > 0 {
+            poll.answered(Instant::now());
+        }
+        // Kicks back on, and a request posted before they were is taken now.
+        drain_queue(vring, &mem, event_idx, |c| {
             self.handle_chain(c, vring, queue)
         })?;
         Ok(())
+    }
+
+    /// One drain of `vring` (notifications left off after it unless `notify_after`), the
+    /// guest signalled if it asks to be; returns how many requests were answered.
+    fn drain(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic,
+        event_idx: bool,
+        queue: usize,
+        notify_after: bool,
+    ) -> io::Result<usize> {
+        let d = drain_queue_unsignalled(vring, mem, event_idx, notify_after, |c| {
+            self.handle_chain(c, vring, queue)
+        })?;
+        if d.signal {
+            vring.signal_used_queue()?;
+        }
+        Ok(d.used)
+    }
+
+    /// Watches `vring` until the guest posts a request (true), or the window after the last
+    /// reply closes, or another queue of `vrings` has requests, whose kick the worker must go
+    /// and take (false).
+    fn watch(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic,
+        vrings: &[Vring],
+        queue: usize,
+        poll: &mut FsPoll,
+    ) -> bool {
+        use virtio_queue::QueueT;
+        use vm_memory::GuestAddressSpace;
+        let mem = mem.memory();
+        let others: Vec<&Vring> = vrings
+            .iter()
+            .enumerate()
+            .filter(|&(i, v)| i != queue && v.get_ref().get_queue().ready())
+            .map(|(_, v)| v)
+            .collect();
+        loop {
+            if has_requests(vring, &mem) {
+                return true;
+            }
+            if others.iter().any(|v| has_requests(v, &mem)) {
+                return false;
+            }
+            if !poll.within_window(Instant::now()) {
+                poll.missed();
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -428,7 +549,7 @@ impl<F: FileSystem + 'static> VhostUserBackend for VhostUserFsBackend<F> {
             return Ok(());
         };
         // An Err here would end the worker thread for good: log and carry on instead.
-        if let Err(e) = self.process_queue(vring, device_event as usize) {
+        if let Err(e) = self.process_queue(vring, device_event as usize, vrings) {
             warn!("fs: error while processing queue {device_event}: {e}");
         }
         Ok(())
@@ -538,7 +659,7 @@ mod tests {
     /// `want` chains to come back; returns how many did.
     fn serve_until(dev: &Arc<VhostUserFsBackend<Slow>>, vring: &Vring, want: u16) -> u16 {
         let (d, v) = (dev.clone(), vring.clone());
-        std::thread::spawn(move || d.process_queue(&v, 1));
+        std::thread::spawn(move || d.process_queue(&v, 1, &[]));
         let (tx, rx) = std::sync::mpsc::channel();
         let v = vring.clone();
         std::thread::spawn(move || {
@@ -553,7 +674,7 @@ mod tests {
 
     /// Drains `vring` once, in this thread; returns the chains used so far.
     fn serve_until_idle(dev: &Arc<VhostUserFsBackend<Slow>>, vring: &Vring) -> u16 {
-        dev.process_queue(vring, 1).unwrap();
+        dev.process_queue(vring, 1, &[]).unwrap();
         vring.queue_used_idx().unwrap()
     }
 
@@ -746,5 +867,56 @@ mod tests {
             0,
             "no used entry after the stop"
         );
+    }
+
+    /// Sets the avail index of `vring` in `mem`: the guest posting its first `n` requests.
+    fn post(mem: &GuestMemoryAtomic, vring: &Vring, n: u16) {
+        use virtio_queue::QueueT;
+        let idx = GuestAddress(vring.get_ref().get_queue().avail_ring() + 2);
+        mem.memory().write_obj(n, idx).unwrap();
+    }
+
+    #[test]
+    fn a_request_close_after_a_reply_is_taken_without_a_kick() {
+        // An opcode the server does not know: answered at once (ENOSYS).
+        let requests: Vec<_> = (0..3).map(|i| request(9999, i + 1, &[])).collect();
+        let (mem, vring) = queue_of(&requests);
+        let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
+        dev.update_memory(mem.clone()).unwrap();
+        dev.set_poll_window(Duration::from_millis(500));
+        post(&mem, &vring, 1);
+        dev.process_queue(&vring, 1, &[]).unwrap();
+        assert_eq!(vring.queue_used_idx().unwrap(), 1);
+        // The next request's kick comes within the window after the reply: the worker then
+        // watches the ring after answering it, and takes the third as it is posted.
+        post(&mem, &vring, 2);
+        let (m, v) = (mem.clone(), vring.clone());
+        let guest = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            post(&m, &v, 3);
+        });
+        dev.process_queue(&vring, 1, &[]).unwrap();
+        guest.join().unwrap();
+        assert_eq!(
+            vring.queue_used_idx().unwrap(),
+            3,
+            "the third request was taken in the same call, with no kick"
+        );
+    }
+
+    #[test]
+    fn with_a_zero_window_the_worker_waits_for_the_kick() {
+        let requests: Vec<_> = (0..2).map(|i| request(9999, i + 1, &[])).collect();
+        let (mem, vring) = queue_of(&requests);
+        let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
+        dev.update_memory(mem.clone()).unwrap();
+        dev.set_poll_window(Duration::ZERO);
+        post(&mem, &vring, 1);
+        dev.process_queue(&vring, 1, &[]).unwrap();
+        post(&mem, &vring, 2);
+        let began = Instant::now();
+        dev.process_queue(&vring, 1, &[]).unwrap();
+        assert!(began.elapsed() < Duration::from_millis(100), "no watch");
+        assert_eq!(vring.queue_used_idx().unwrap(), 2);
     }
 }

@@ -316,6 +316,7 @@ struct ShareRequest {
     seclabel: bool,
     #[serde(default)]
     threads: usize,
+    poll: Option<u64>,
 }
 
 fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Value) {
@@ -325,7 +326,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             return error(
                 400,
                 format!("not a share: {e}"),
-                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl, seclabel, threads",
+                "send {\"dir\": DIR} and optionally tag, readonly, cache, writeback, xattr, trusted, uidmap, gidmap, xattrmap, posixacl, seclabel, threads, poll",
             )
         }
     };
@@ -385,6 +386,16 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
             "give fewer threads, or 0 for none",
         );
     }
+    if let Some(poll) = req.poll.filter(|&p| p > crate::config::MAX_POLL_US) {
+        return error(
+            400,
+            format!(
+                "poll: {poll} µs is more than the {} µs a share's worker may watch for a request",
+                crate::config::MAX_POLL_US
+            ),
+            "give less, or 0 to never watch",
+        );
+    }
     let tag = match control.shares.free_tag(req.tag.as_deref()) {
         Ok(t) => t,
         Err(crate::shares::ShareError(status, e, hint)) => return error(status, e, hint),
@@ -408,6 +419,7 @@ fn add_share(control: &Control, body: &[u8], fds: &mut Vec<OwnedFd>) -> (u16, Va
         posixacl: req.posixacl,
         seclabel: req.seclabel,
         threads: req.threads,
+        poll_us: req.poll.unwrap_or(crate::config::DEFAULT_POLL_US),
     };
     let tag = share.tag.clone();
     let fd = fds.remove(0);

@@ -21,7 +21,7 @@ use crate::sandbox::SandboxConfig;
 mod share;
 use share::{check_share, parse_share, FileShare};
 pub(crate) use share::{parse_id_maps, parse_xattr_map};
-pub use share::{ShareConfig, MAX_THREADS};
+pub use share::{ShareConfig, DEFAULT_POLL_US, MAX_POLL_US, MAX_THREADS};
 
 /// The longest virtio-fs tag (the config space holds 36 bytes).
 const MAX_TAG_LEN: usize = ferry_devices::vhu_fs::MAX_TAG_LEN;
@@ -854,6 +854,29 @@ mod tests {
             e.contains(
                 "uidmap=1000: expected GUEST:HOST or GUEST:HOST:COUNT; for example uidmap=0:1000"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn share_poll_defaults_and_takes_microseconds() {
+        let spec = |extra: &str| {
+            parse_share(
+                &format!("tag=t,dir=/tmp,socket=/s{extra}"),
+                &mut HashMap::new(),
+            )
+        };
+        assert_eq!(spec("").unwrap().poll_us, DEFAULT_POLL_US);
+        assert_eq!(spec(",poll=0").unwrap().poll_us, 0);
+        assert_eq!(spec(",poll=200").unwrap().poll_us, 200);
+        let e = spec(",poll=fast").unwrap_err().to_string();
+        assert!(e.contains("poll=fast: not a number of microseconds"), "{e}");
+        let s = spec(",poll=20000").unwrap();
+        let e = share::check_share(&s, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("poll=20000: the worker watches for at most 10000 µs"),
             "{e}"
         );
     }

@@ -44,6 +44,7 @@ pub fn run(cfg: RunConfig) -> Result<ExitCode> {
             posixacl: false,
             seclabel: false,
             threads: 0,
+            poll_us: crate::config::DEFAULT_POLL_US,
         })
         .collect();
     let serve = ServeConfig {

@@ -134,6 +134,7 @@ impl Shares {
             }
         }
         let device = VhostUserFsBackend::with_threads(Arc::new(server), &share.tag, share.threads);
+        device.set_poll_window(std::time::Duration::from_micros(share.poll_us));
         info!(
             "{name}: serving {} as tag {} {} {}{}{}",
             share.dir.display(),

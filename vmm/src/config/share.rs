@@ -10,6 +10,11 @@ use serde::Deserialize;
 
 use super::{check_socket_path, usage, Error, Result, MAX_SOCKET_PATH, MAX_TAG_LEN};
 
+/// How long a share's worker watches for the next request after a reply unless `poll=` says
+/// otherwise, in µs.
+pub const DEFAULT_POLL_US: u64 = ferry_devices::vhu_fs::DEFAULT_POLL_WINDOW.as_micros() as u64;
+/// The longest `poll=` takes: past a few milliseconds a watch costs more CPU than a wake-up.
+pub const MAX_POLL_US: u64 = 10_000;
 /// The most threads a share's pool may have.
 pub const MAX_THREADS: usize = 64;
 
@@ -52,6 +57,9 @@ pub struct ShareConfig {
     pub seclabel: bool,
     /// Threads that answer the request queue (`threads=N`; 0: the queue's worker does).
     pub threads: usize,
+    /// How long, in µs, the queue's worker watches for the guest's next request after a
+    /// reply while requests come that close (`poll=US`; 0: never, it waits for the kick).
+    pub poll_us: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +86,7 @@ pub(super) struct FileShare {
     seclabel: bool,
     #[serde(default)]
     threads: usize,
+    poll: Option<u64>,
     audit: Option<String>,
     cache: Option<String>,
     #[serde(default)]
@@ -153,6 +162,7 @@ impl TryFrom<FileShare> for ShareConfig {
             posixacl: s.posixacl,
             seclabel: s.seclabel,
             threads: s.threads,
+            poll_us: s.poll.unwrap_or(DEFAULT_POLL_US),
             audit_files,
         })
     }
@@ -178,7 +188,7 @@ pub(crate) fn parse_id_maps<'a>(
 
 /// Parses `--share tag=TAG,dir=DIR,socket=PATH[,readonly][,cache=POLICY][,writeback][,noxattr]
 /// [,trusted][,devices][,posixacl][,seclabel][,uidmap=GUEST:HOST[:COUNT]][,gidmap=GUEST:HOST[:COUNT]]
-/// [,xattrmap=GUEST:HOST][,threads=N]`.
+/// [,xattrmap=GUEST:HOST][,threads=N][,poll=US]`.
 pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> Result<ShareConfig> {
     let bad = |why: String| usage(format!("--share {spec}: {why}"));
     let (mut tag, mut dir, mut socket, mut cache) = (None, None, None, CachePolicy::default());
@@ -186,6 +196,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
     let mut client = false;
     let (mut devices, mut posixacl, mut seclabel, mut threads) = (false, false, false, 0);
     let mut audit_files = false;
+    let mut poll_us = DEFAULT_POLL_US;
     let (mut uidmap, mut gidmap, mut xattrmap) = (Vec::new(), Vec::new(), Vec::new());
     let opt = format!("--share {spec}");
     for part in spec.split(',') {
@@ -212,6 +223,13 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
                     ))
                 })?
             }
+            Some(("poll", v)) => {
+                poll_us = v.parse().map_err(|_| {
+                    bad(format!(
+                        "poll={v}: not a number of microseconds; give 0 (never watch) to {MAX_POLL_US}"
+                    ))
+                })?
+            }
             Some(("audit", "files")) => audit_files = true,
             Some(("audit", v)) => {
                 return Err(bad(format!(
@@ -228,7 +246,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
             None if part == "seclabel" => seclabel = true,
             _ => {
                 return Err(bad(format!(
-                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, threads=, audit=files, readonly, writeback, noxattr, trusted, client, devices, posixacl and seclabel"
+                    "unknown part '{part}'; the known ones are tag=, dir=, socket=, fd=, cache=, uidmap=, gidmap=, xattrmap=, threads=, poll=, audit=files, readonly, writeback, noxattr, trusted, client, devices, posixacl and seclabel"
                 )))
             }
         }
@@ -252,6 +270,7 @@ pub(super) fn parse_share(spec: &str, handed: &mut HashMap<PathBuf, RawFd>) -> R
         posixacl,
         seclabel,
         threads,
+        poll_us,
         audit_files,
         uidmap: parse_id_maps(&opt, "uidmap", uidmap.into_iter())?,
         gidmap: parse_id_maps(&opt, "gidmap", gidmap.into_iter())?,
@@ -292,6 +311,12 @@ pub(super) fn check_share(s: &ShareConfig, handed: &HashMap<PathBuf, RawFd>) -> 
         return Err(usage(format!(
             "{opt}: threads={}: at most {MAX_THREADS} threads answer a share's requests; give fewer",
             s.threads
+        )));
+    }
+    if s.poll_us > MAX_POLL_US {
+        return Err(usage(format!(
+            "{opt}: poll={}: the worker watches for at most {MAX_POLL_US} µs after a reply; give less, or 0 to never watch",
+            s.poll_us
         )));
     }
     if s.noxattr && s.posixacl {
