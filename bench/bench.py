@@ -638,6 +638,8 @@ rm -f $D/par.*
         log_f = open(os.path.join(self.w, "%s-fs.log" % kind), "w")
         if kind in ("ferry", "ferry-pool"):
             pool = ",threads=4" if kind == "ferry-pool" else ""
+            # More share options for an A/B by hand (bench/one.py), as FERRY_SHARE_OPTS=,poll=0.
+            pool += os.environ.get("FERRY_SHARE_OPTS", "")
             cmd = [FERRY, "serve", "--share", "tag=bench,dir=%s,socket=%s,cache=auto%s" % (d, sock, pool)]
         else:
             # Ferry serves xattrs and negotiates KILLPRIV_V2 by default; virtiofsd does neither

@@ -9,6 +9,8 @@
       KIND ferry|virtiofsd: N fio runs (default: 1 MiB sequential write) in one boot, or with
       --meta N rounds of the bench's metadata steps (10k files; untar, find, du).
 
+FERRY_SHARE_OPTS in the environment is appended to Ferry's share (FERRY_SHARE_OPTS=,poll=0).
+
 --run starts CMD (after --after seconds, for net) while the step runs; {pid} is the backend's
 pid and {qpid} QEMU's. Examples:
   bench/one.py net ferry g2h --run 'perf record -g -o /tmp/p -p {pid} -- sleep 5'
@@ -97,6 +99,7 @@ def fs(b, a):
         for (suite, metric, _), v in sorted(b.results.items()):
             unit = "s" if metric in ("untar", "find", "du") else "files/s"
             print("%s %s: %s %s" % (a.kind, metric, " ".join("%.3g" % x for x in v), unit))
+        print("%s: %.1f s of backend CPU in the whole boot" % (a.kind, b.cost[("fs", a.kind)][-1][0]))
         return
     vals = [round(v[0], 1) for (suite, _, _), v in sorted(b.results.items()) if suite == "fs"]
     cpu, gib, peak, _ = b.cost[("fs", a.kind)][-1]

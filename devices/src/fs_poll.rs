@@ -2,60 +2,69 @@
 //! by watching the ring rather than sleeping until the guest's kick.
 //!
 //! Theory of operation: this is policy only; the device (vhu_fs.rs) tells it when a kick
-//! woke the worker and when it answered, and asks whether to keep watching. A guest that
-//! runs a metadata storm (a build's stats, an untar, `git status`, an unlink loop) sends
-//! its next request some tens of microseconds after each reply, one at a time. A worker that
-//! sleeps between them pays a wake-up per request: the kick's eventfd, the scheduler, and on
-//! an idle CPU the way out of its idle state (in a VM, an interrupt between virtual CPUs
-//! through the hypervisor), 20 to 30 µs a request on the machines here, a quarter of a
-//! stat's round trip under TCG. A worker that watches the ring for [`POLL_WINDOW`] after
-//! each reply takes the next request as the guest posts it (measured: stat 9.1k → 12.0k
-//! files/s, unlink 3.5k → 4.5k). It costs a CPU while it watches, so it watches only while
-//! the guest's requests come that close: a kick that arrives within the window after the
-//! last reply turns watching on, a window that passes with nothing turns it off. A guest
-//! with one request a millisecond costs at most one window per gap that was short, and an
-//! idle guest nothing (the idea of Linux's NAPI busy polling and vhost-net's
-//! `busyloop_timeout`, made adaptive as NICs' interrupt moderation is).
+//! woke the worker and when it answered, and asks how long to watch. A guest that runs a
+//! metadata storm (a build's stats, an untar, `git status`) sends its next request soon
+//! after each reply, one at a time. A worker that sleeps between them pays a wake-up per
+//! request: the kick's eventfd, the scheduler, and the way out of an idle CPU's sleep state
+//! (deep C-states on a laptop, an interrupt between virtual CPUs through the hypervisor in a
+//! cloud VM: 20 to 30 µs a request on the machines here). A worker that watches the ring a
+//! little after each reply takes the next request as the guest posts it.
+//!
+//! Watching costs a CPU while it lasts, so how long is adaptive, as QEMU's event loop polls
+//! (`poll-max-ns`) and Linux's haltpoll do: the window starts at zero; a wake-up whose
+//! request came within the maximum after the last reply, but after the window, doubles it
+//! (from [`POLL_START`]); one that came later than the maximum halves it. A guest whose
+//! requests come further apart than the maximum is never watched for, and an idle one costs
+//! nothing. The maximum is the share's `poll=` ([`POLL_MAX`] by default, QEMU's 32 µs
+//! rounded up for nested virtualisation): on KVM a guest's next request follows a reply
+//! within it; under TCG it takes 50 to 100 µs, and `poll=500` catches those, for a CPU
+//! while it watches (docs/performance.md).
 
 use std::time::{Duration, Instant};
 
-/// How long the worker watches the ring after a reply, and how close after a reply a kick
-/// must come to turn watching on. Under TCG a stat's round trip is about 100 µs, an
-/// unlink's 300 (300 µs caught fewer unlinks: 3.5–3.9k/s against 3.9–4.4k at 500 and 1000);
-/// a guest on KVM sends its next request within microseconds.
-pub(crate) const POLL_WINDOW: Duration = Duration::from_micros(500);
+/// The longest the worker watches after a reply, unless the share says otherwise.
+pub(crate) const POLL_MAX: Duration = Duration::from_micros(50);
 
-/// Whether one request queue is watched, and since when.
+/// Where a window that grows starts.
+pub(crate) const POLL_START: Duration = Duration::from_micros(4);
+
+/// How long the worker watches one request queue after each reply.
 #[derive(Debug)]
 pub(crate) struct FsPoll {
+    max: Duration,
+    /// The window now (zero: the worker sleeps until the kick).
     window: Duration,
-    /// Watching is on: the guest's last kick came within the window after a reply.
-    on: bool,
     /// When the worker last answered a request from this queue.
     answered: Option<Instant>,
 }
 
 impl FsPoll {
-    /// A queue watched for up to `window` after each reply (zero: never watched).
-    pub fn new(window: Duration) -> Self {
+    /// A queue whose window may grow up to `max` (zero: never watched).
+    pub fn new(max: Duration) -> Self {
         FsPoll {
-            window,
-            on: false,
+            max,
+            window: Duration::ZERO,
             answered: None,
         }
     }
 
-    /// A kick woke the worker at `now` and it found `found` requests: a request that came
-    /// within the window after the last reply turns watching on. (A kick with nothing behind
-    /// it is one the guest sent while the worker watched: it says nothing about the gap.)
+    /// A kick woke the worker at `now` and it found `found` requests: the time since the last
+    /// reply is what a watch would have had to last. (A kick with nothing behind it is one
+    /// the guest sent while the worker watched: it says nothing about the gap.)
     pub fn woke(&mut self, now: Instant, found: usize) {
-        if found == 0 || self.window.is_zero() {
+        let Some(at) = self.answered.filter(|_| found > 0) else {
             return;
-        }
-        if let Some(at) = self.answered {
-            if now.saturating_duration_since(at) < self.window {
-                self.on = true;
+        };
+        let gap = now.saturating_duration_since(at);
+        if gap > self.max {
+            // Too far apart to watch for: watch less.
+            self.window /= 2;
+            if self.window < POLL_START {
+                self.window = Duration::ZERO;
             }
+        } else if gap > self.window {
+            // Within reach: watch longer.
+            self.window = (self.window * 2).max(POLL_START).min(self.max);
         }
     }
 
@@ -64,9 +73,9 @@ impl FsPoll {
         self.answered = Some(now);
     }
 
-    /// Whether to watch the ring after answering: watching is on.
+    /// Whether to watch the ring after a reply at all.
     pub fn watching(&self) -> bool {
-        self.on
+        !self.window.is_zero()
     }
 
     /// Whether the window after the last reply is still open at `now`.
@@ -74,51 +83,61 @@ impl FsPoll {
         self.answered
             .is_some_and(|at| now.saturating_duration_since(at) < self.window)
     }
-
-    /// A window passed with no request: watching turns off until a kick comes close again.
-    pub fn missed(&mut self) {
-        self.on = false;
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const W: Duration = POLL_WINDOW;
+    const MAX: Duration = Duration::from_micros(400);
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
 
     #[test]
-    fn a_request_close_after_a_reply_turns_watching_on_and_an_empty_window_off() {
-        let t0 = Instant::now();
-        let mut p = FsPoll::new(W);
-        p.woke(t0, 1);
+    fn requests_within_reach_grow_the_window_up_to_the_maximum() {
+        let t = Instant::now();
+        let mut p = FsPoll::new(MAX);
+        p.woke(t, 1);
         assert!(!p.watching(), "nothing answered yet");
-        p.answered(t0);
-        p.woke(t0 + W / 3, 1);
+        p.answered(t);
+        p.woke(t + us(100), 1);
+        assert_eq!(p.window, POLL_START);
+        for _ in 0..10 {
+            p.answered(t);
+            p.woke(t + us(300), 1);
+        }
+        assert_eq!(p.window, MAX, "grown to the maximum, no further");
+        assert!(p.within_window(t + us(399)));
+        assert!(!p.within_window(t + us(400)));
+    }
+
+    #[test]
+    fn requests_further_apart_than_the_maximum_shrink_it_to_nothing() {
+        let t = Instant::now();
+        let mut p = FsPoll::new(MAX);
+        p.answered(t);
+        for _ in 0..8 {
+            p.woke(t + us(100), 1);
+        }
         assert!(p.watching());
-        assert!(p.within_window(t0 + W / 2));
-        assert!(!p.within_window(t0 + W));
-        p.missed();
-        assert!(!p.watching());
+        for _ in 0..12 {
+            p.woke(t + us(5000), 1);
+        }
+        assert!(!p.watching(), "halved down to zero");
     }
 
     #[test]
-    fn slow_or_empty_kicks_leave_watching_off() {
-        let t0 = Instant::now();
-        let mut p = FsPoll::new(W);
-        p.answered(t0);
-        p.woke(t0 + 2 * W, 1);
-        assert!(!p.watching(), "a request a while after the reply");
-        p.woke(t0 + W / 3, 0);
-        assert!(!p.watching(), "a kick with no request behind it");
-    }
-
-    #[test]
-    fn a_zero_window_never_watches() {
-        let t0 = Instant::now();
-        let mut p = FsPoll::new(Duration::ZERO);
-        p.answered(t0);
-        p.woke(t0, 1);
+    fn a_kick_with_no_request_or_a_zero_maximum_changes_nothing() {
+        let t = Instant::now();
+        let mut p = FsPoll::new(MAX);
+        p.answered(t);
+        p.woke(t + us(10), 0);
         assert!(!p.watching());
+        let mut off = FsPoll::new(Duration::ZERO);
+        off.answered(t);
+        off.woke(t, 1);
+        assert!(!off.watching());
     }
 }

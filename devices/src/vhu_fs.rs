@@ -40,20 +40,21 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::chain::split_chain;
-use crate::fs_poll::{FsPoll, POLL_WINDOW};
+use crate::fs_poll::{FsPoll, POLL_MAX};
 use crate::fs_pool::RequestPool;
 use crate::queue::{drain_queue, drain_queue_unsignalled, Chain};
 use crate::{GuestMemoryAtomic, Vring};
 
-/// How long the worker watches a request queue for the guest's next request after a reply,
+/// The longest the worker watches a request queue for the guest's next request after a reply,
 /// unless the share says otherwise (`poll=`; see `fs_poll`).
-pub const DEFAULT_POLL_WINDOW: std::time::Duration = POLL_WINDOW;
+pub const DEFAULT_POLL_WINDOW: std::time::Duration = POLL_MAX;
 
 /// The most request queues a frontend may set up.
 pub const MAX_REQUEST_QUEUES: usize = 16;
@@ -100,9 +101,28 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 
 const QUEUE_SIZE: usize = 1024;
 
+/// Watches `vring` until the guest posts a request (true), or the window after the last reply
+/// closes, or one of the `others` queues has requests, whose kick the worker must go and take
+/// (false).
+fn watch(vring: &Vring, mem: &GuestMemoryAtomic, others: &[&Vring], poll: &FsPoll) -> bool {
+    use vm_memory::GuestAddressSpace;
+    let mem = mem.memory();
+    loop {
+        if has_requests(vring, &mem) {
+            return true;
+        }
+        if others.iter().any(|v| has_requests(v, &mem)) {
+            return false;
+        }
+        if !poll.within_window(Instant::now()) {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Whether the guest has posted requests on `vring` that the device has not taken.
 fn has_requests(vring: &Vring, mem: &crate::GuestMemoryMmap) -> bool {
-    use virtio_queue::QueueT;
     let state = vring.get_ref();
     let q = state.get_queue();
     q.ready()
@@ -181,12 +201,13 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             config,
             pool: (threads > 0).then(|| RequestPool::new(&format!("fs-{tag}"), threads)),
             taken: std::array::from_fn(|_| AtomicU64::new(0)),
-            polls: std::array::from_fn(|_| Mutex::new(FsPoll::new(POLL_WINDOW))),
+            polls: std::array::from_fn(|_| Mutex::new(FsPoll::new(POLL_MAX))),
         })
     }
 
-    /// Sets how long the worker watches a request queue for the guest's next request after
-    /// a reply (`fs_poll`; zero: never, it sleeps until the guest's kick).
+    /// Sets the longest the worker watches a request queue for the guest's next request after
+    /// a reply (`fs_poll`, which adapts the watch below it; zero: never, the worker sleeps
+    /// until the guest's kick).
     pub fn set_poll_window(&self, window: std::time::Duration) {
         for p in &self.polls {
             if let Ok(mut p) = p.lock() {
@@ -404,26 +425,25 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             return Ok(());
         };
         let woke = Instant::now();
+        // The other queues set up, whose requests end a watch.
+        let others: Vec<&Vring> = vrings
+            .iter()
+            .enumerate()
+            .filter(|&(i, v)| i != queue && v.get_ref().get_queue().ready())
+            .map(|(_, v)| v)
+            .collect();
         // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
-        // them on again, and so stops the watch below).
+        // them on again, and ends the watch below).
         let mut used = self.drain(vring, &mem, event_idx, queue, !poll.watching())?;
         poll.woke(woke, used);
-        while poll.watching() {
-            if used > 0 {
-                poll.answered(Instant::now());
-            } else {
-                // Announced but nothing to take (a ring the guest broke, or a request handed to
-                // a lock-wait thread): stop, rather than spin on it.
-                poll.missed();
-                break;
-            }
-            if !self.watch(vring, &mem, vrings, queue, &mut poll) {
+        // Announced but nothing taken (a ring the guest broke, or a request handed to a
+        // lock-wait thread) ends it too, rather than spinning on it.
+        while used > 0 {
+            poll.answered(Instant::now());
+            if !poll.watching() || !watch(vring, &mem, &others, &poll) {
                 break;
             }
             used = self.drain(vring, &mem, event_idx, queue, false)?;
-        }
-        if used > 0 {
-            poll.answered(Instant::now());
         }
         // Kicks back on, and a request posted before they were is taken now.
         drain_queue(vring, &mem, event_idx, |c| {
@@ -449,41 +469,6 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             vring.signal_used_queue()?;
         }
         Ok(d.used)
-    }
-
-    /// Watches `vring` until the guest posts a request (true), or the window after the last
-    /// reply closes, or another queue of `vrings` has requests, whose kick the worker must go
-    /// and take (false).
-    fn watch(
-        &self,
-        vring: &Vring,
-        mem: &GuestMemoryAtomic,
-        vrings: &[Vring],
-        queue: usize,
-        poll: &mut FsPoll,
-    ) -> bool {
-        use virtio_queue::QueueT;
-        use vm_memory::GuestAddressSpace;
-        let mem = mem.memory();
-        let others: Vec<&Vring> = vrings
-            .iter()
-            .enumerate()
-            .filter(|&(i, v)| i != queue && v.get_ref().get_queue().ready())
-            .map(|(_, v)| v)
-            .collect();
-        loop {
-            if has_requests(vring, &mem) {
-                return true;
-            }
-            if others.iter().any(|v| has_requests(v, &mem)) {
-                return false;
-            }
-            if !poll.within_window(Instant::now()) {
-                poll.missed();
-                return false;
-            }
-            std::hint::spin_loop();
-        }
     }
 }
 
@@ -871,7 +856,6 @@ mod tests {
 
     /// Sets the avail index of `vring` in `mem`: the guest posting its first `n` requests.
     fn post(mem: &GuestMemoryAtomic, vring: &Vring, n: u16) {
-        use virtio_queue::QueueT;
         let idx = GuestAddress(vring.get_ref().get_queue().avail_ring() + 2);
         mem.memory().write_obj(n, idx).unwrap();
     }
@@ -879,29 +863,33 @@ mod tests {
     #[test]
     fn a_request_close_after_a_reply_is_taken_without_a_kick() {
         // An opcode the server does not know: answered at once (ENOSYS).
-        let requests: Vec<_> = (0..3).map(|i| request(9999, i + 1, &[])).collect();
+        const ROUNDS: u16 = 14;
+        let requests: Vec<_> = (0..=ROUNDS)
+            .map(|i| request(9999, u64::from(i) + 1, &[]))
+            .collect();
         let (mem, vring) = queue_of(&requests);
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
         dev.update_memory(mem.clone()).unwrap();
         dev.set_poll_window(Duration::from_millis(500));
-        post(&mem, &vring, 1);
-        dev.process_queue(&vring, 1, &[]).unwrap();
-        assert_eq!(vring.queue_used_idx().unwrap(), 1);
-        // The next request's kick comes within the window after the reply: the worker then
-        // watches the ring after answering it, and takes the third as it is posted.
-        post(&mem, &vring, 2);
+        // Requests 20 ms after each reply, each woken by its kick: the window grows from 4 µs
+        // past 20 ms.
+        for n in 1..ROUNDS {
+            post(&mem, &vring, n);
+            dev.process_queue(&vring, 1, &[]).unwrap();
+            assert_eq!(vring.queue_used_idx().unwrap(), n);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The next one comes 5 ms after a reply: the worker, watching, takes it in the same
+        // call, with no kick.
+        post(&mem, &vring, ROUNDS);
         let (m, v) = (mem.clone(), vring.clone());
         let guest = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            post(&m, &v, 3);
+            std::thread::sleep(Duration::from_millis(5));
+            post(&m, &v, ROUNDS + 1);
         });
         dev.process_queue(&vring, 1, &[]).unwrap();
         guest.join().unwrap();
-        assert_eq!(
-            vring.queue_used_idx().unwrap(),
-            3,
-            "the third request was taken in the same call, with no kick"
-        );
+        assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS + 1);
     }
 
     #[test]

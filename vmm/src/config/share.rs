@@ -13,7 +13,7 @@ use super::{check_socket_path, usage, Error, Result, MAX_SOCKET_PATH, MAX_TAG_LE
 /// How long a share's worker watches for the next request after a reply unless `poll=` says
 /// otherwise, in µs.
 pub const DEFAULT_POLL_US: u64 = ferry_devices::vhu_fs::DEFAULT_POLL_WINDOW.as_micros() as u64;
-/// The longest `poll=` takes: past a few milliseconds a watch costs more CPU than a wake-up.
+/// The longest `poll=` takes: a watch of milliseconds costs more CPU than the wake-ups it saves.
 pub const MAX_POLL_US: u64 = 10_000;
 /// The most threads a share's pool may have.
 pub const MAX_THREADS: usize = 64;
