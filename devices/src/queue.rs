@@ -59,6 +59,11 @@ where
     let mem = mem.memory();
     let mut used = 0usize;
     let mut state = vring.get_mut();
+    // A ring the frontend stopped (GET_VRING_BASE marks it not ready under this lock) is not
+    // the device's to touch: not its chains, not its notification fields.
+    if !state.get_queue().ready() {
+        return Ok(Drained::default());
+    }
     // Rounds in a row that took nothing though more was announced (see below).
     let mut empty = 0;
     loop {

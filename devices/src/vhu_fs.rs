@@ -111,6 +111,10 @@ fn watch(vring: &Vring, mem: &GuestMemoryAtomic, others: &[&Vring], poll: &FsPol
         if has_requests(vring, &mem) {
             return true;
         }
+        // Stopped by the frontend (GET_VRING_BASE): nothing more to take.
+        if !vring.get_ref().get_queue().ready() {
+            return false;
+        }
         if others.iter().any(|v| has_requests(v, &mem)) {
             return false;
         }
@@ -138,6 +142,14 @@ const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Requests handed to the pool or to threads of their own and not yet done with, per queue.
 type Counts = [AtomicUsize; NUM_QUEUES];
 
+/// How many times each queue was stopped, and the gate a handed-off request holds while it
+/// returns its chain (read) and a stop while it counts (write).
+#[derive(Default)]
+struct Stops {
+    counts: [AtomicU64; NUM_QUEUES],
+    gate: RwLock<()>,
+}
+
 /// One request in [`VhostUserFsBackend::answering`], for as long as it lives.
 struct Answering(Arc<Counts>, usize);
 
@@ -162,10 +174,9 @@ pub struct VhostUserFsBackend<F> {
     /// Requests handed to the pool or to a thread of their own and not yet done with, by the
     /// queue they came from.
     answering: Arc<Counts>,
-    /// How many times each queue was stopped (GET_VRING_BASE). A handed-off request taken
-    /// before its queue's last stop leaves the ring alone: it is the frontend's, and after a
-    /// reset the next kernel's. Taken for reading around a request's return to the ring.
-    stops: Arc<RwLock<[u64; NUM_QUEUES]>>,
+    /// How many times each queue was stopped (GET_VRING_BASE): a handed-off request taken
+    /// before its queue's last stop leaves the ring alone.
+    stops: Arc<Stops>,
     mem: RwLock<GuestMemoryAtomic>,
     event_idx: AtomicBool,
     config: [u8; CONFIG_LEN],
@@ -195,7 +206,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             server,
             waiting: Arc::new(AtomicUsize::new(0)),
             answering: Arc::new(std::array::from_fn(|_| AtomicUsize::new(0))),
-            stops: Arc::new(RwLock::new([0; NUM_QUEUES])),
+            stops: Arc::new(Stops::default()),
             mem: RwLock::new(GuestMemoryAtomic::new(crate::GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             config,
@@ -285,7 +296,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         while count.load(Ordering::SeqCst) > 0 {
             if std::time::Instant::now() >= deadline {
                 warn!(
-                    "fs: {} request(s) from queue {queue} still running as the frontend stops                      it; they will not be answered (is a host file system in the share hung?)",
+                    "fs: {} request(s) from queue {queue} still running as the frontend stops \
+                     it; they will not be answered (is a host file system in the share hung?)",
                     count.load(Ordering::SeqCst)
                 );
                 break;
@@ -294,9 +306,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             self.server.refuse_waits();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        if let Ok(mut stops) = self.stops.write() {
-            stops[queue] += 1;
-        }
+        // Under the gate: a job returning its chain now finishes first, or sees the stop.
+        let _gate = self.stops.gate.write();
+        self.stops.counts[queue].fetch_add(1, Ordering::SeqCst);
     }
 
     /// Answers one request; returns the number of reply bytes written into the chain, or
@@ -371,15 +383,16 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         // not answered.
         let session = self.server.session();
         // The queue's stops so far: one after this (past `stop_queue`'s limit) leaves the ring
-        // alone.
+        // alone. (The worker, which holds the ring's lock here, only loads the count: the gate
+        // is taken before the ring's lock, never after it.)
         let stops = self.stops.clone();
-        let taken_after = stops.read().map_or(0, |s| s[queue]);
-        let stopped = move |s: &[u64; NUM_QUEUES]| s[queue] != taken_after;
+        let taken_after = stops.counts[queue].load(Ordering::SeqCst);
+        let stopped = move |s: &Stops| s.counts[queue].load(Ordering::SeqCst) != taken_after;
         // Counted until the job has run or is dropped unrun.
         let answering = Answering::new(&self.answering, queue);
         Box::new(move || {
             let _answering = answering;
-            if stops.read().map_or(true, |s| stopped(&s)) {
+            if stopped(&stops) {
                 return;
             }
             // A chain of a session that ended stays where it is: the ring it came from may be
@@ -388,8 +401,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 return;
             };
             // Held while the chain goes back, so a stop waits for it or comes before it.
-            let Ok(s) = stops.read() else { return };
-            if stopped(&s) {
+            let Ok(_gate) = stops.gate.read() else { return };
+            if stopped(&stops) {
                 debug!("fs: a request answered after its queue stopped stays off the ring");
                 return;
             }
@@ -425,6 +438,43 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             return Ok(());
         };
         let woke = Instant::now();
+        let watched = self.drain_and_watch(vring, &mem, event_idx, queue, vrings, &mut poll, woke);
+        if let Ok(false) = watched {
+            return Ok(());
+        }
+        // Kicks back on, and a request posted before they were is taken now: after an error
+        // too, or the guest would never kick again.
+        drain_queue(vring, &mem, event_idx, |c| {
+            self.handle_chain(c, vring, queue)
+        })?;
+        watched.map(|_| ())
+    }
+
+    /// Drains `vring` (queue `queue` of `vrings`), woken by a kick at `woke`, and while the
+    /// window `poll` keeps is open after each reply, watches it and drains again. Says
+    /// whether it left the guest's kicks off (the caller turns them on).
+    #[allow(clippy::too_many_arguments)]
+    fn drain_and_watch(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic,
+        event_idx: bool,
+        queue: usize,
+        vrings: &[Vring],
+        poll: &mut FsPoll,
+        woke: Instant,
+    ) -> io::Result<bool> {
+        // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
+        // them on again, and ends the watch below).
+        let kicks_off = poll.watching();
+        let mut used = self.drain(vring, mem, event_idx, queue, !kicks_off)?;
+        poll.woke(woke, used);
+        if used == 0 || !poll.watching() {
+            if used > 0 {
+                poll.answered(Instant::now());
+            }
+            return Ok(kicks_off);
+        }
         // The other queues set up, whose requests end a watch.
         let others: Vec<&Vring> = vrings
             .iter()
@@ -432,24 +482,16 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .filter(|&(i, v)| i != queue && v.get_ref().get_queue().ready())
             .map(|(_, v)| v)
             .collect();
-        // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
-        // them on again, and ends the watch below).
-        let mut used = self.drain(vring, &mem, event_idx, queue, !poll.watching())?;
-        poll.woke(woke, used);
         // Announced but nothing taken (a ring the guest broke, or a request handed to a
         // lock-wait thread) ends it too, rather than spinning on it.
         while used > 0 {
             poll.answered(Instant::now());
-            if !poll.watching() || !watch(vring, &mem, &others, &poll) {
+            if !poll.watching() || !watch(vring, mem, &others, poll) {
                 break;
             }
-            used = self.drain(vring, &mem, event_idx, queue, false)?;
+            used = self.drain(vring, mem, event_idx, queue, false)?;
         }
-        // Kicks back on, and a request posted before they were is taken now.
-        drain_queue(vring, &mem, event_idx, |c| {
-            self.handle_chain(c, vring, queue)
-        })?;
-        Ok(())
+        Ok(true)
     }
 
     /// One drain of `vring` (notifications left off after it unless `notify_after`), the
@@ -563,11 +605,16 @@ mod tests {
     struct Slow {
         free: Arc<AtomicBool>,
         tries: Arc<AtomicUsize>,
+        /// DESTROY waits while this is set (a host file system that hangs).
+        hold: Arc<AtomicBool>,
     }
 
     impl FileSystem for Slow {
         fn destroy(&self) {
             std::thread::sleep(Duration::from_millis(20));
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
 
         fn setlk(
@@ -835,6 +882,11 @@ mod tests {
         let out: abi::OutHeader = mem.memory().read_obj(reply_at(0)).unwrap();
         let error = out.error;
         assert_eq!(error, -libc::ENOLCK);
+        // The wait's thread counts itself out just after it returned the chain.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dev.waiting_requests() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(dev.waiting_requests(), 0);
     }
 
@@ -842,10 +894,16 @@ mod tests {
     fn a_request_that_outlives_its_queue_stop_leaves_the_ring_alone() {
         // A request still running past the stop's limit (a hung host file system): when it
         // ends, the ring may be the next kernel's.
-        let (vring, dev) = slow_requests_on_a_pool_of_one(1);
+        let (mem, vring) = queue_of(&[request(DESTROY, 1, &[])]);
+        let fs = Slow::default();
+        let hold = fs.hold.clone();
+        hold.store(true, Ordering::SeqCst);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
+        dev.update_memory(mem).unwrap();
         serve_until_idle(&dev, &vring);
         vring.set_queue_ready(false);
         dev.stop_queue(1, Duration::ZERO);
+        hold.store(false, Ordering::SeqCst);
         assert!(dev.wait_until_answered(Duration::from_secs(10)));
         assert_eq!(
             vring.queue_used_idx().unwrap(),
@@ -863,7 +921,7 @@ mod tests {
     #[test]
     fn a_request_close_after_a_reply_is_taken_without_a_kick() {
         // An opcode the server does not know: answered at once (ENOSYS).
-        const ROUNDS: u16 = 14;
+        const ROUNDS: u16 = 16;
         let requests: Vec<_> = (0..=ROUNDS)
             .map(|i| request(9999, u64::from(i) + 1, &[]))
             .collect();
@@ -871,8 +929,8 @@ mod tests {
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
         dev.update_memory(mem.clone()).unwrap();
         dev.set_poll_window(Duration::from_millis(500));
-        // Requests 20 ms after each reply, each woken by its kick: the window grows from 4 µs
-        // past 20 ms.
+        // Requests 20 ms after each reply, each woken by its kick: the window doubles from
+        // 4 µs to 32 ms (and to 65 ms as the last of these wakes the worker).
         for n in 1..ROUNDS {
             post(&mem, &vring, n);
             dev.process_queue(&vring, 1, &[]).unwrap();

@@ -57,34 +57,32 @@ fn a_paused_vm_resumes_with_its_transfers_and_writes_whole() {
         ],
         &[sock.clone(), tools.socket.clone(), rw_sock.clone()],
     );
-    // Four writers of 4 KiB files, each synced and read back; three downloads and three
-    // uploads one after another; all in the background while the host pauses the VM twice.
+    // Four writers of 4 KiB files, each synced and read back, downloads and uploads one after
+    // another: all in the background, going on until the host has paused the VM twice.
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
 writer() {{
   i=0; bad=0
-  while [ $i -lt 150 ]; do
+  while [ ! -e /mnt/tools/paused-twice ] || [ $i -lt 20 ]; do
     head -c 4096 /dev/urandom > /tmp/w$1
     dd if=/tmp/w$1 of=/mnt/rw/w$1-$i bs=4096 conv=fsync 2>/dev/null
     cmp -s /tmp/w$1 /mnt/rw/w$1-$i || bad=$((bad+1))
     i=$((i+1))
   done
-  echo $bad > /tmp/bad$1
+  echo $bad > /tmp/bad$1; echo $i > /tmp/n$1
 }}
 for w in 1 2 3 4; do writer $w & done
-(for k in 1 2 3; do nc {remote} 7000 | wc -c; done > /tmp/down) &
-(for k in 1 2 3; do head -c {SIZE} /dev/zero | nc {remote} 7001; done > /tmp/up) &
+(k=0; while [ ! -e /mnt/tools/paused-twice ] || [ $k -lt 2 ]; do nc {remote} 7000 | wc -c; k=$((k+1)); done > /tmp/down) &
+(k=0; while [ ! -e /mnt/tools/paused-twice ] || [ $k -lt 2 ]; do head -c {SIZE} /dev/zero | nc {remote} 7001; echo; k=$((k+1)); done > /tmp/up) &
 echo FERRY-BUSY
 wait
-echo FERRY-WORK-DONE
 check writes "$(cat /tmp/bad1 /tmp/bad2 /tmp/bad3 /tmp/bad4 | tr '\n' ' ')" "0 0 0 0 "
-check downloads "$(cat /tmp/down | tr '\n' ' ')" "{SIZE} {SIZE} {SIZE} "
+check downloads "$(sort -u /tmp/down)" "{SIZE}"
 want=$(head -c {SIZE} /dev/zero | sha256sum | cut -d' ' -f1)
-check uploads "$(cat /tmp/up | sort | uniq -c | tr -s ' ')" " 3 $want"
-check files "$(ls /mnt/rw | wc -l)" 600
+check uploads "$(grep . /tmp/up | sort -u)" "$want"
+check files "$(ls /mnt/rw | wc -l)" "$(( $(cat /tmp/n1) + $(cat /tmp/n2) + $(cat /tmp/n3) + $(cat /tmp/n4) ))"
 check after "$(nc {remote} 7000 | wc -c) $(echo again > /mnt/rw/after && cat /mnt/rw/after)" "{SIZE} again"
-while [ ! -e /mnt/tools/paused-twice ]; do sleep 0.1; done
 "#
     );
     let mut qemu = Qemu::boot(
@@ -110,11 +108,6 @@ while [ ! -e /mnt/tools/paused-twice ]; do sleep 0.1; done
         qemu.hmp("cont")
             .unwrap_or_else(|e| panic!("resume {pause}: {e}"));
     }
-    // Both pauses came while the work was under way.
-    assert!(
-        !qemu.console().contains("FERRY-WORK-DONE"),
-        "the guest's work ended before the second pause: make it longer"
-    );
     std::fs::write(tools.dir.join("paused-twice"), b"").unwrap();
     let out = qemu
         .wait_done(DEADLINE)

@@ -341,7 +341,7 @@ pub struct ServeArgs {
     /// the queue's thread); poll=US (default 50, 0 for never) lets the queue's worker watch
     /// the ring for the guest's next request for up to US µs after a reply instead of
     /// sleeping until the guest's kick, adapting below it to how soon requests come (faster
-    /// metadata storms; a CPU busy while it watches).
+    /// metadata storms; a CPU busy while it watches; a share with threads=N is not watched).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 
