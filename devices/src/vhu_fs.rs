@@ -148,6 +148,8 @@ type Counts = [AtomicUsize; NUM_QUEUES];
 struct Stops {
     counts: [AtomicU64; NUM_QUEUES],
     gate: RwLock<()>,
+    /// When a stop last gave up waiting for a request.
+    gave_up: Mutex<Option<std::time::Instant>>,
 }
 
 /// One request in [`VhostUserFsBackend::answering`], for as long as it lives.
@@ -292,9 +294,22 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let Some(count) = self.answering.get(queue) else {
             return;
         };
-        let deadline = std::time::Instant::now() + limit;
+        let now = std::time::Instant::now();
+        // The frontend stops the queues one after another, holding its big lock: once one
+        // stop gave up on a hung request, the others of the same stop do not wait again.
+        let gave_up = self
+            .stops
+            .gave_up
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|at| now.saturating_duration_since(at) < limit);
+        let deadline = if gave_up { now } else { now + limit };
         while count.load(Ordering::SeqCst) > 0 {
             if std::time::Instant::now() >= deadline {
+                if let Ok(mut g) = self.stops.gave_up.lock() {
+                    *g = Some(std::time::Instant::now());
+                }
                 warn!(
                     "fs: {} request(s) from queue {queue} still running as the frontend stops \
                      it; they will not be answered (is a host file system in the share hung?)",
@@ -964,5 +979,35 @@ mod tests {
         dev.process_queue(&vring, 1, &[]).unwrap();
         assert!(began.elapsed() < Duration::from_millis(100), "no watch");
         assert_eq!(vring.queue_used_idx().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_stops_of_one_frontend_stop_give_up_on_hung_requests_once() {
+        // Two request queues, each with a request that hangs (a host file system that does
+        // not answer): the second queue's stop does not wait the limit again.
+        let (mem, vring) = queue_of(&[request(DESTROY, 1, &[]), request(DESTROY, 2, &[])]);
+        let fs = Slow::default();
+        let hold = fs.hold.clone();
+        hold.store(true, Ordering::SeqCst);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 2);
+        dev.update_memory(mem).unwrap();
+        serve_until_idle(&dev, &vring);
+        let began = Instant::now();
+        dev.stop_queue(1, Duration::from_millis(300));
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "the first stop waited"
+        );
+        // The same requests stand for another queue's: its stop gives up at once.
+        let began = Instant::now();
+        dev.answering[2].fetch_add(1, Ordering::SeqCst);
+        dev.stop_queue(2, Duration::from_millis(300));
+        assert!(
+            began.elapsed() < Duration::from_millis(200),
+            "the second did not wait"
+        );
+        dev.answering[2].fetch_sub(1, Ordering::SeqCst);
+        hold.store(false, Ordering::SeqCst);
+        assert!(dev.wait_until_answered(Duration::from_secs(10)));
     }
 }
