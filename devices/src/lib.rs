@@ -37,12 +37,14 @@ pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemoryMmap>;
 /// The vring type both backends use.
 pub type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic>;
 
-/// How much guest memory `mem` maps, in bytes: the sum of the regions of the frontend's last
-/// memory table (0 before the first). Memory plugged into a running VM shows here once the
-/// frontend has sent the table with it.
-pub(crate) fn mapped_bytes(mem: &GuestMemoryAtomic) -> u64 {
+/// How much guest memory `mem` maps, in MiB to the nearest (a frontend may leave out holes such
+/// as the legacy VGA window): the sum of the regions of the frontend's last memory table (0
+/// before the first). Memory plugged into a running VM shows here once the frontend has sent
+/// the table with it.
+pub(crate) fn mapped_mib(mem: &GuestMemoryAtomic) -> u64 {
     use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-    mem.memory().iter().map(|r| r.len()).sum()
+    let bytes: u64 = mem.memory().iter().map(|r| r.len()).sum();
+    (bytes + (1 << 19)) >> 20
 }
 
 /// For tests: an eventfd set as `vring`'s call descriptor, to read the interrupts it gets.

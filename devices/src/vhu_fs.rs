@@ -253,9 +253,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         v
     }
 
-    /// How much guest memory the device maps now, in bytes (see [`crate::mapped_bytes`]).
-    pub fn guest_memory_bytes(&self) -> u64 {
-        self.mem.read().map_or(0, |m| crate::mapped_bytes(&m))
+    /// How much guest memory the device maps now, in MiB (see [`crate::mapped_mib`]).
+    pub fn guest_memory_mib(&self) -> u64 {
+        self.mem.read().map_or(0, |m| crate::mapped_mib(&m))
     }
 
     /// How many requests wait for a lock on threads of their own now.

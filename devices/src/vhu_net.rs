@@ -277,9 +277,9 @@ impl VhostUserNetBackend {
         }
     }
 
-    /// How much guest memory the device maps now, in bytes (see [`crate::mapped_bytes`]).
-    pub fn guest_memory_bytes(&self) -> u64 {
-        self.mem.read().map_or(0, |m| crate::mapped_bytes(&m))
+    /// How much guest memory the device maps now, in MiB (see [`crate::mapped_mib`]).
+    pub fn guest_memory_mib(&self) -> u64 {
+        self.mem.read().map_or(0, |m| crate::mapped_mib(&m))
     }
 
     /// The stack's counters and open flows, now.

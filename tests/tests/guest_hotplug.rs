@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{GuestSpec, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 const SIZE: usize = 8 << 20;
@@ -35,24 +35,6 @@ fn memory_plugged_in_at_run_time_carries_both_devices_buffers() {
         &[&remote, "--tcp-blob", "7000", &SIZE.to_string()],
     );
     let dir = tempfile::tempdir().unwrap();
-    let tools = ferry_tests::tools_share(dir.path());
-    let sock = dir.path().join("net.sock");
-    let api = dir.path().join("api.sock");
-    let mut ferry = FerryProcess::serve_in(
-        Some(&net.inner),
-        dir.path(),
-        &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--api-socket".into(),
-            api.display().to_string(),
-            "--dns-upstream".into(),
-            "127.0.0.1:1".into(),
-            "--share".into(),
-            tools.share.clone(),
-        ],
-        &[sock.clone(), tools.socket.clone(), api.clone()],
-    );
     let script = format!(
         r#"
 check() {{ if [ "$2" = "$3" ]; then echo "FERRY-CHECK $1 ok $2"; else echo "FERRY-CHECK $1 fail want '$3' got '$2'"; fi; }}
@@ -75,16 +57,22 @@ grep -A1 'zone *Normal' /proc/zoneinfo | tail -1
 check net "$(for k in 1 2 3; do nc {remote} 7000 | wc -c; done | tr '\n' ' ')" "{SIZE} {SIZE} {SIZE} "
 "#
     );
-    let mut qemu = Qemu::boot(
+    let ferry_tests::ServedGuest {
+        mut ferry,
+        mut qemu,
+        tools,
+        api,
+    } = ferry_tests::serve_and_boot_spec(
+        &net.inner,
         dir.path(),
-        &GuestSpec {
+        GuestSpec {
             script,
-            net_socket: Some(sock),
-            shares: vec![("tools".into(), tools.socket.clone())],
             memory_mib: 512,
             max_memory_mib: 2048,
             ..Default::default()
         },
+        &["--dns-upstream".into(), "127.0.0.1:1".into()],
+        &[],
     );
     qemu.wait_console("FERRY-PLUG-NOW", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));

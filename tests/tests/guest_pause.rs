@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{FerryProcess, GuestSpec, Qemu, TestHost, TestNet};
+use ferry_tests::{GuestSpec, TestHost, TestNet};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 const SIZE: usize = 8 << 20;
@@ -33,30 +33,9 @@ fn a_paused_vm_resumes_with_its_transfers_and_writes_whole() {
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let tools = ferry_tests::tools_share(dir.path());
     let rw = dir.path().join("rw");
     std::fs::create_dir(&rw).unwrap();
     let rw_sock = dir.path().join("rw.sock");
-    let sock = dir.path().join("net.sock");
-    let mut ferry = FerryProcess::serve_in(
-        Some(&net.inner),
-        dir.path(),
-        &[
-            "--net-socket".into(),
-            sock.display().to_string(),
-            "--dns-upstream".into(),
-            "127.0.0.1:1".into(),
-            "--share".into(),
-            tools.share.clone(),
-            "--share".into(),
-            format!(
-                "tag=rw,dir={},socket={},threads=4",
-                rw.display(),
-                rw_sock.display()
-            ),
-        ],
-        &[sock.clone(), tools.socket.clone(), rw_sock.clone()],
-    );
     // Four writers of 4 KiB files, each synced and read back, downloads and uploads one after
     // another: all in the background, going on until the host has paused the VM twice.
     let script = format!(
@@ -85,17 +64,30 @@ check files "$(ls /mnt/rw | wc -l)" "$(( $(cat /tmp/n1) + $(cat /tmp/n2) + $(cat
 check after "$(nc {remote} 7000 | wc -c) $(echo again > /mnt/rw/after && cat /mnt/rw/after)" "{SIZE} again"
 "#
     );
-    let mut qemu = Qemu::boot(
+    let ferry_tests::ServedGuest {
+        mut ferry,
+        mut qemu,
+        tools,
+        ..
+    } = ferry_tests::serve_and_boot_spec(
+        &net.inner,
         dir.path(),
-        &GuestSpec {
+        GuestSpec {
             script,
-            net_socket: Some(sock),
-            shares: vec![
-                ("tools".into(), tools.socket.clone()),
-                ("rw".into(), rw_sock),
-            ],
+            shares: vec![("rw".into(), rw_sock.clone())],
             ..Default::default()
         },
+        &[
+            "--dns-upstream".into(),
+            "127.0.0.1:1".into(),
+            "--share".into(),
+            format!(
+                "tag=rw,dir={},socket={},threads=4",
+                rw.display(),
+                rw_sock.display()
+            ),
+        ],
+        std::slice::from_ref(&rw_sock),
     );
     qemu.wait_console("FERRY-BUSY", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_tail()));

@@ -756,7 +756,7 @@ fn stats(control: &Control) -> Value {
                 .collect::<Vec<_>>(),
             // Each ring's positions, the guest's and the device's (docs/api.md).
             "rings": n.ring_states().iter().map(ring_json).collect::<Vec<_>>(),
-            "guest_memory_mib": (n.guest_memory_bytes() + (1 << 19)) >> 20,
+            "guest_memory_mib": n.guest_memory_mib(),
             "dropped": s.dropped_in,
             "dhcp_replies": s.dhcp_replies,
             "dns_replies": s.dns_replies,
@@ -800,7 +800,7 @@ fn stats(control: &Control) -> Value {
                 "malformed": st.malformed(),
                 "max_in_flight": st.max_in_flight(),
                 "request_queues": b.requests_by_queue(),
-                "guest_memory_mib": (b.guest_memory_bytes() + (1 << 19)) >> 20,
+                "guest_memory_mib": b.guest_memory_mib(),
                 "nodes": server.fs().inode_count(),
                 "open_files": server.fs().handle_count(),
                 "ops": ops,
