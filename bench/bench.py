@@ -50,6 +50,15 @@ SMP = int(os.environ.get("FERRY_BENCH_SMP", "2"))
 NET_PIN = os.environ.get("FERRY_BENCH_PIN", "split" if SMP > 1 else "none")
 FS_PIN = os.environ.get("FERRY_BENCH_PIN", "same" if SMP > 1 else "none")
 GUEST_MAC = "02:46:52:59:00:02"
+# The guest's CPU. Under TCG, QEMU runs `rep movsb` one byte per loop iteration, so a guest
+# kernel that sees ERMS or FSRM (as `-cpu max` shows it) copies every byte between socket or
+# page cache and user space at a few hundred MiB/s, and that copy, the same for every backend,
+# caps each transfer: the tables measured TCG, not the backends (docs/performance.md, "The
+# guest's copy under TCG"). Without the two flags the kernel copies eight bytes per iteration,
+# as a KVM guest's copy is cheap next to the backend's work. Under KVM the CPU is left whole.
+# FERRY_BENCH_CPU overrides it for experiments.
+ACCEL = os.environ.get("FERRY_ACCEL", "tcg")
+CPU = os.environ.get("FERRY_BENCH_CPU", "max,erms=off,fsrm=off" if ACCEL == "tcg" else "max")
 # The host side of the benchmark, in the namespace: iperf3 and the rr/crr echo server.
 IPERF_PORT, ECHO_PORT = 5201, 7007
 # The iperf3 server on the host's ::1, for the IPv6 rows, and the address each backend gives
@@ -213,8 +222,8 @@ class Bench:
             f.write(script)
         console = os.path.join(self.w, "%s.console" % tag)
         cmd = in_ns([
-            "qemu-system-x86_64", "-machine", "q35,accel=%s" % os.environ.get("FERRY_ACCEL", "tcg"),
-            "-cpu", "max", "-smp", str(SMP), "-m", "%dM" % MEM, "-nographic", "-nodefaults",
+            "qemu-system-x86_64", "-machine", "q35,accel=%s" % ACCEL,
+            "-cpu", CPU, "-smp", str(SMP), "-m", "%dM" % MEM, "-nographic", "-nodefaults",
             "-serial", "stdio", "-no-reboot",
             "-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % MEM,
             "-numa", "node,memdev=mem", "-kernel", KERNEL, "-initrd", INITRD,
@@ -368,7 +377,7 @@ wait
                      "do sleep 1; done" % api], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 self.children.extend(observers)
             pid = pid_of("^%s serve --net-socket %s" % (FERRY, sock))
-            tcg = os.environ.get("FERRY_ACCEL", "tcg") == "tcg"
+            tcg = ACCEL == "tcg"
             # ferry-mq: two queue pairs, as libvirt's <driver queues='2'/> asks for them.
             pairs = 2 if kind == "ferry-mq" else 1
             vectors = ",vectors=0" if tcg else (",vectors=%d" % (2 * pairs + 2) if pairs > 1 else "")
@@ -772,12 +781,12 @@ rm -f $D/par.*
         L.append("# Ferry benchmark, %s%s\n" % (started.strftime("%Y-%m-%d %H:%M UTC"),
                                                 " (quick mode: small sizes, smoke check only)" if self.quick else ""))
         L.append("`make bench%s` on %s; %d interleaved rounds per backend (the order rotates each round), medians. "
-                 "Guest: the tiny guest (%d vCPUs, %d MiB) under QEMU %s with accel=%s; virtio "
+                 "Guest: the tiny guest (%d vCPUs, %d MiB) under QEMU %s with accel=%s and `-cpu %s`; virtio "
                  "interrupts and programs placed %s for net, %s for fs (bench.py, GUEST_PINS). "
                  "Ratios are Ferry/anchor with higher = Ferry better (for times and latency the "
                  "inverse is taken). Benchmarks are not tests: nothing here is asserted.\n"
                  % (" QUICK=1" if self.quick else "", os.uname().nodename, self.rounds, SMP, MEM,
-                    qemu_v.split("version")[-1].strip(), os.environ.get("FERRY_ACCEL", "tcg"),
+                    qemu_v.split("version")[-1].strip(), ACCEL, CPU,
                     NET_PIN, FS_PIN))
         L.append("Anchors: QEMU user net (libslirp, built into QEMU), passt %s (`-netdev stream`), "
                  "%s (`--cache auto --xattr --killpriv-v2 --sandbox none`: the cache policy and "

@@ -3,8 +3,10 @@
 
   bench/one.py net KIND MODE [--secs N] [--warm] [--irq] [--ferry BIN] [--after S] [--run 'CMD']
       KIND ferry|passt|slirp, MODE g2h|h2g|udp: one iperf3 run from the guest to the host's
-      loopback (or back), in the bench's namespace. Prints the rate, and the CPU of the
-      backend and of QEMU's main-loop thread over the transfer.
+      loopback (or back), in the bench's namespace; MODE rr|crr: the probe's 1-byte
+      request/response over one connection, or a connection each, against the bench's echo
+      server. Prints the rate, and the CPU of the backend and of QEMU's main-loop thread
+      over the transfer.
   bench/one.py fs KIND [--reps N] [--ferry BIN] [--fio 'ARGS' | --meta] [--run 'CMD']
       KIND ferry|virtiofsd: N fio runs (default: 1 MiB sequential write) in one boot, or with
       --meta N rounds of the bench's metadata steps (10k files; untar, find, du).
@@ -29,17 +31,23 @@ import bench  # noqa: E402
 
 
 def net(b, a):
-    extra = {"g2h": "", "h2g": "-R", "udp": "-u -b 0 -l 1400"}[a.mode]
+    if a.mode in ("rr", "crr"):
+        step = 'cat /sys/firmware/qemu_fw_cfg/by_name/opt/ferry/probe/raw > /tmp/probe; ' \
+            'chmod +x /tmp/probe\necho "BENCH r $(/tmp/probe %s $H %d %d)"' % (a.mode, bench.ECHO_PORT, a.secs)
+    else:
+        extra = {"g2h": "", "h2g": "-R", "udp": "-u -b 0 -l 1400"}[a.mode]
+        step = 'echo "BENCH r $(iperf3 -c $H -p 5201 -t %d %s -f m 2>&1 | grep receiver | tail -1)"' \
+            % (a.secs, extra)
     script = bench.Bench.GUEST_PIN + r"""
 H=$(tr ' ' '\n' < /proc/cmdline | grep '^bench.host=' | cut -d= -f2)
 %s
 echo BENCH-AT start
 grep -E 'CPU0|virtio' /proc/interrupts | sed 's/^/BENCH-IRQ before /'; grep '^cpu' /proc/stat | sed 's/^/BENCH-IRQ before /'
-echo "BENCH r $(iperf3 -c $H -p 5201 -t %d %s -f m 2>&1 | grep receiver | tail -1)"
+%s
 echo BENCH-AT end
 grep -E 'virtio' /proc/interrupts | sed 's/^/BENCH-IRQ after /'; grep '^cpu' /proc/stat | sed 's/^/BENCH-IRQ after /'
 sleep 3600
-""" % ("iperf3 -c $H -p 5201 -t %d > /dev/null 2>&1" % a.secs if a.warm else "", a.secs, extra)
+""" % ("iperf3 -c $H -p 5201 -t %d > /dev/null 2>&1" % a.secs if a.warm else "", step)
     dev, host, proc, stop = b.net_backend(a.kind)
     qemu, console = b.qemu("one", script, "bench.host=%s" % host, dev)
     qpid = bench.pid_of("opt/ferry/run,file=%s/one.sh" % b.w) or qemu.pid
@@ -59,6 +67,18 @@ sleep 3600
     with open(console, errors="replace") as f:
         text = f.read().splitlines()
     line = [l for l in text if l.startswith("BENCH r")]
+    if a.mode in ("rr", "crr"):
+        s, e = at.get("BENCH-AT start"), at.get("BENCH-AT end")
+        f = line[-1].split() if line else []
+        if len(f) != 5 or not s or not e:
+            sys.exit("one: the exchange did not finish; console in %s" % console)
+        unit = "µs per transaction" if a.mode == "rr" else "connections/s"
+        print("%s %s: %s %s; %s done; backend %.2f s CPU, QEMU main loop %.2f s"
+              % (a.kind, a.mode, f[4], unit, f[3], e[0] - s[0], e[1] - s[1]))
+        qemu.kill()
+        qemu.wait()
+        stop()
+        return
     rate, size = b.iperf_line(line[-1] if line else None)
     s, e = at.get("BENCH-AT start"), at.get("BENCH-AT end")
     if rate is None or not s or not e:
@@ -112,7 +132,7 @@ def main():
     sub = ap.add_subparsers(dest="suite", required=True)
     n = sub.add_parser("net")
     n.add_argument("kind", choices=["ferry", "passt", "slirp"])
-    n.add_argument("mode", choices=["g2h", "h2g", "udp"])
+    n.add_argument("mode", choices=["g2h", "h2g", "udp", "rr", "crr"])
     n.add_argument("--secs", type=int, default=10)
     n.add_argument("--after", type=float, default=3.0)
     n.add_argument("--warm", action="store_true",
