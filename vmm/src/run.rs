@@ -16,6 +16,26 @@ fn accel() -> String {
     std::env::var("FERRY_ACCEL").unwrap_or_else(|_| "tcg".to_string())
 }
 
+/// The major version `qemu-system-x86_64 --version` names, or None when it cannot be read.
+fn qemu_major() -> Option<u32> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()?;
+    major_of_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// "QEMU emulator version 7.2.22 (Debian ...)" → 7.
+fn major_of_version(text: &str) -> Option<u32> {
+    text.split("version ")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Boots the guest and returns QEMU's exit code.
 pub fn run(cfg: RunConfig) -> Result<ExitCode> {
     signals::block_termination()
@@ -144,9 +164,16 @@ fn qemu_command(cfg: &RunConfig, serve: &ServeConfig) -> Command {
         .args(["-append", &append]);
     if let Some(net) = &serve.net_socket {
         // QEMU 7.2 takes the MAC and MTU from its own options (it reads a vhost-user net
-        // backend's config space only for vDPA), so pass Ferry's. Under TCG it segfaults
-        // setting up MSI-X notifiers for a vhost-user NIC; legacy INTx (vectors=0) works.
-        let vectors = if accel() == "tcg" { ",vectors=0" } else { "" };
+        // backend's config space only for vDPA), so pass Ferry's. Under TCG QEMU 7 segfaults
+        // setting up MSI-X notifiers for a vhost-user NIC, so it gets legacy INTx
+        // (vectors=0), as a QEMU whose version cannot be read does; QEMU 8 and later keep
+        // MSI-X, whose interrupts cost the guest less.
+        let old_qemu = qemu_major().is_none_or(|m| m < 8);
+        let vectors = if accel() == "tcg" && old_qemu {
+            ",vectors=0"
+        } else {
+            ""
+        };
         c.args(["-chardev", &chardev("n0", net)])
             .args(["-netdev", "vhost-user,id=net0,chardev=n0"])
             .args([
@@ -175,4 +202,22 @@ fn qemu_command(cfg: &RunConfig, serve: &ServeConfig) -> Command {
 
 fn chardev(id: &str, path: &Path) -> String {
     format!("socket,id={id},path={}", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::major_of_version;
+
+    #[test]
+    fn the_major_version_is_read_from_qemus_banner() {
+        let debian = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n\
+                      Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(major_of_version(debian), Some(7));
+        assert_eq!(
+            major_of_version("QEMU emulator version 10.0.2 (v10.0.2)\n"),
+            Some(10)
+        );
+        assert_eq!(major_of_version("qemu: command not found"), None);
+        assert_eq!(major_of_version(""), None);
+    }
 }
