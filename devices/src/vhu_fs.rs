@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use ferry_fs::{may_block, FileSystem, Server};
+use ferry_fs::{may_block, FileSystem, ReplyWriter, RequestReader, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -329,7 +329,14 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// Answers one request; returns the number of reply bytes written into the chain, or
     /// `None` when the chain went to a pool thread or (SETLKW, which may wait long) to a
     /// thread of its own, which completes it, or must not go back (its session ended).
-    fn handle_chain(&self, chain: Chain, vring: &Vring, queue: usize) -> Option<u32> {
+    /// Raises `largest` to the bytes the request's buffers hold, both ways (for `fs_poll`).
+    fn handle_chain(
+        &self,
+        chain: Chain,
+        vring: &Vring,
+        queue: usize,
+        largest: &mut usize,
+    ) -> Option<u32> {
         if let Some(n) = queue.checked_sub(1).and_then(|i| self.taken.get(i)) {
             n.fetch_add(1, Ordering::Relaxed);
         }
@@ -340,6 +347,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 return Some(0);
             }
         };
+        *largest = (*largest).max(reader.available_bytes() + writer.available_bytes());
         if may_block(reader.peek_opcode()) {
             // Past MAX_WAITING waits, answered here without waiting: a lock that is taken is
             // refused (ENOLCK). Waiting here would stall the queue, and with it the unlock the
@@ -448,7 +456,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .filter(|_| queue != HIPRIO_QUEUE && self.pool.is_none());
         let Some(mut poll) = poll.and_then(|p| p.lock().ok()) else {
             drain_queue(vring, &mem, event_idx, |c| {
-                self.handle_chain(c, vring, queue)
+                self.handle_chain(c, vring, queue, &mut 0)
             })?;
             return Ok(());
         };
@@ -460,7 +468,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         // Kicks back on, and a request posted before they were is taken now: after an error
         // too, or the guest would never kick again.
         drain_queue(vring, &mem, event_idx, |c| {
-            self.handle_chain(c, vring, queue)
+            self.handle_chain(c, vring, queue, &mut 0)
         })?;
         watched.map(|_| ())
     }
@@ -482,12 +490,12 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
         // them on again, and ends the watch below).
         let kicks_off = poll.watching();
-        let mut used = self.drain(vring, mem, event_idx, queue, !kicks_off)?;
+        let (mut used, mut largest) = self.drain(vring, mem, event_idx, queue, !kicks_off)?;
         poll.woke(woke, used);
+        if used > 0 {
+            poll.answered(Instant::now(), largest);
+        }
         if used == 0 || !poll.watching() {
-            if used > 0 {
-                poll.answered(Instant::now());
-            }
             return Ok(kicks_off);
         }
         // The other queues set up, whose requests end a watch.
@@ -499,18 +507,25 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .collect();
         // Announced but nothing taken (a ring the guest broke, or a request handed to a
         // lock-wait thread) ends it too, rather than spinning on it.
-        while used > 0 {
-            poll.answered(Instant::now());
-            if !poll.watching() || !watch(vring, mem, &others, poll) {
+        loop {
+            if !watch(vring, mem, &others, poll) {
                 break;
             }
-            used = self.drain(vring, mem, event_idx, queue, false)?;
+            (used, largest) = self.drain(vring, mem, event_idx, queue, false)?;
+            if used == 0 {
+                break;
+            }
+            poll.answered(Instant::now(), largest);
+            if !poll.watching() {
+                break;
+            }
         }
         Ok(true)
     }
 
     /// One drain of `vring` (notifications left off after it unless `notify_after`), the
-    /// guest signalled if it asks to be; returns how many requests were answered.
+    /// guest signalled if it asks to be; returns how many requests were answered, and the
+    /// most bytes one of them moved.
     fn drain(
         &self,
         vring: &Vring,
@@ -518,14 +533,15 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         event_idx: bool,
         queue: usize,
         notify_after: bool,
-    ) -> io::Result<usize> {
+    ) -> io::Result<(usize, usize)> {
+        let mut largest = 0;
         let d = drain_queue_unsignalled(vring, mem, event_idx, notify_after, |c| {
-            self.handle_chain(c, vring, queue)
+            self.handle_chain(c, vring, queue, &mut largest)
         })?;
         if d.signal {
             vring.signal_used_queue()?;
         }
-        Ok(d.used)
+        Ok((d.used, largest))
     }
 }
 
@@ -669,6 +685,15 @@ mod tests {
     /// `requests` on a fresh request queue, each a readable descriptor and a writable one
     /// for the reply.
     fn queue_of(requests: &[Vec<u8>]) -> (GuestMemoryAtomic, Vring) {
+        queue_with_bulk_reply(requests, None)
+    }
+
+    /// [`queue_of`], but the request at index `bulk` has 128 KiB of room for its reply (as a
+    /// large READ has), out of the way of the others.
+    fn queue_with_bulk_reply(
+        requests: &[Vec<u8>],
+        bulk: Option<usize>,
+    ) -> (GuestMemoryAtomic, Vring) {
         // A ring of two descriptors per request, its size a power of two.
         let size = (2 * requests.len() as u16).next_power_of_two();
         let mem = crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
@@ -683,9 +708,14 @@ mod tests {
                 VRING_DESC_F_NEXT as u16,
                 2 * i as u16 + 1,
             )));
+            let (room_at, room) = if bulk == Some(i) {
+                (0x18_0000, 0x2_0000)
+            } else {
+                (reply_at(i).0, 0x100)
+            };
             descs.push(RawDescriptor::from(SplitDescriptor::new(
-                reply_at(i).0,
-                0x100,
+                room_at,
+                room,
                 VRING_DESC_F_WRITE as u16,
                 0,
             )));
@@ -933,35 +963,73 @@ mod tests {
         mem.memory().write_obj(n, idx).unwrap();
     }
 
-    #[test]
-    fn a_request_close_after_a_reply_is_taken_without_a_kick() {
-        // An opcode the server does not know: answered at once (ENOSYS).
-        const ROUNDS: u16 = 16;
+    /// Requests on one request queue, in rounds of the watch's tests.
+    const ROUNDS: u16 = 16;
+
+    /// A device with a 500 ms maximum watch whose first `ROUNDS - 1` requests (of an opcode
+    /// the server does not know, answered at once with ENOSYS) came 20 ms after each reply,
+    /// each woken by its kick: the window has doubled from 4 µs to 32 ms (and goes to 65 ms
+    /// as the next kick wakes the worker). The request at index `bulk` has a reply room of
+    /// 128 KiB, as a 128 KiB READ has.
+    fn watched_queue(
+        bulk: Option<usize>,
+    ) -> (GuestMemoryAtomic, Vring, Arc<VhostUserFsBackend<Slow>>) {
         let requests: Vec<_> = (0..=ROUNDS)
             .map(|i| request(9999, u64::from(i) + 1, &[]))
             .collect();
-        let (mem, vring) = queue_of(&requests);
+        let (mem, vring) = queue_with_bulk_reply(&requests, bulk);
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
         dev.update_memory(mem.clone()).unwrap();
         dev.set_poll_window(Duration::from_millis(500));
-        // Requests 20 ms after each reply, each woken by its kick: the window doubles from
-        // 4 µs to 32 ms (and to 65 ms as the last of these wakes the worker).
         for n in 1..ROUNDS {
             post(&mem, &vring, n);
             dev.process_queue(&vring, 1, &[]).unwrap();
             assert_eq!(vring.queue_used_idx().unwrap(), n);
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The next one comes 5 ms after a reply: the worker, watching, takes it in the same
-        // call, with no kick.
-        post(&mem, &vring, ROUNDS);
+        (mem, vring, dev)
+    }
+
+    /// Posts request `ROUNDS` (kicked) and, `after` later, the last one (not kicked), while
+    /// the worker answers the first; returns how long the worker took.
+    fn post_two(
+        mem: &GuestMemoryAtomic,
+        vring: &Vring,
+        dev: &VhostUserFsBackend<Slow>,
+        after: Duration,
+    ) -> Duration {
+        post(mem, vring, ROUNDS);
         let (m, v) = (mem.clone(), vring.clone());
         let guest = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(after);
             post(&m, &v, ROUNDS + 1);
         });
-        dev.process_queue(&vring, 1, &[]).unwrap();
+        let began = Instant::now();
+        dev.process_queue(vring, 1, &[]).unwrap();
+        let took = began.elapsed();
         guest.join().unwrap();
+        took
+    }
+
+    #[test]
+    fn a_request_close_after_a_reply_is_taken_without_a_kick() {
+        let (mem, vring, dev) = watched_queue(None);
+        // The last comes 5 ms after a reply: the worker, watching, takes it in the same
+        // call, with no kick.
+        post_two(&mem, &vring, &dev, Duration::from_millis(5));
+        assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS + 1);
+    }
+
+    #[test]
+    fn no_request_is_watched_for_after_a_bulk_one() {
+        // As above, but after a request with a large reply room the worker waits for the
+        // kick, however wide its window.
+        let (mem, vring, dev) = watched_queue(Some(usize::from(ROUNDS) - 1));
+        let took = post_two(&mem, &vring, &dev, Duration::from_millis(50));
+        assert!(took < Duration::from_millis(50), "no watch");
+        assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS, "the last waits");
+        // Its kick: taken.
+        dev.process_queue(&vring, 1, &[]).unwrap();
         assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS + 1);
     }
 
