@@ -33,7 +33,7 @@ guest-image:
 
 # The guest suites that run a second time on QEMU 10 (Debian's bookworm-backports, unpacked
 # beside the system's 7.2 by scripts/install-qemu10.sh); every suite runs on 7.2.
-QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_fs_queues guest_ports guest_learned guest_ipv6 guest_multiqueue guest_restart guest_reboot guest_pause guest_hotplug launch_conventions libvirt
+QEMU10_SUITES ?= guest_boot guest_net guest_fs guest_fs_queues guest_ports guest_learned guest_ipv6 guest_multiqueue guest_restart guest_reboot guest_pause guest_hotplug launch_conventions libvirt ferry_run
 # The guest suites that run a third time, on another guest kernel: Linux 6.12 (Debian's
 # bookworm-backports cloud kernel, guest-image/kernel-6.12.lock, built into out-6.12/), which
 # sends FUSE's security context as a request extension and spreads requests over several

@@ -13,9 +13,9 @@ mod qemu;
 pub mod xattr;
 
 pub use checks::{parse_checks, Check, GuestOutcome};
-pub use ferry::{ferry_bin, ferry_ctl, share_stats, wrapped, FerryProcess};
+pub use ferry::{ferry_bin, ferry_ctl, share_stats, wrapped, FerryProcess, PROXY_ENV};
 pub use netns::{clients, FarSide, TestHost, TestNet};
-pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, NetLink, Qemu};
+pub use qemu::{guest_image, qemu_binary, qemu_major, GuestSpec, NetLink, Qemu, QEMU_BOOT_BUG};
 
 use std::time::{Duration, Instant};
 

@@ -118,7 +118,7 @@ pub struct Qemu {
 /// (`msix_table_mmio_write: Assertion ... failed`), before the guest runs anything of ours:
 /// a bug of QEMU's that no backend can cause or avoid (ferry has no part in the table's
 /// MMIO). Seen once in some thirty CI runs; the boot is tried again, once, and said so.
-const QEMU_BOOT_BUG: &str = "msix_table_mmio_write: Assertion";
+pub const QEMU_BOOT_BUG: &str = "msix_table_mmio_write: Assertion";
 
 impl Qemu {
     /// Boots the guest described by `spec`; files go in `dir` (the console in
