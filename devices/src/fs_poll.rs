@@ -17,14 +17,17 @@
 //! doubles it (from [`POLL_START`]); one that came later than the maximum halves it. A guest
 //! whose requests come further apart than the maximum is never watched for, and an idle one
 //! costs nothing. The maximum is the share's `poll=`, by default [`POLL_MAX`], KVM's default
-//! `halt_poll_ns` on x86: the figure every KVM host already spins a host CPU for before it
-//! puts an idle vCPU to sleep. On KVM a guest's next request follows a reply within tens of
-//! microseconds and the window stays that short; under TCG it takes 50 to 100 µs.
+//! `halt_poll_ns` on x86: the cap of the window KVM spins for after a vCPU halts, before it
+//! puts the vCPU to sleep. On KVM a guest's next request should follow a reply within tens
+//! of microseconds, and the window stay that short; under TCG most come 25 to 100 µs later.
 //!
-//! After a reply that moved more than [`BULK_BYTES`] (a large read or write) the worker does
-//! not watch: the wake-up is a few percent of such a request's round trip, and the guest
-//! needs the CPU a watch would take to fill or drain the next one (under TCG, spinning there
-//! made 1 MiB reads and writes slower, docs/performance.md).
+//! After a reply to a request that brought or took more than [`BULK_BYTES`], headers included
+//! (a read or write of 64 KiB or more), the worker does not watch: the wake-up is a few
+//! percent of such a request's round trip, and the guest needs the CPU a watch would take to
+//! fill or drain the next one (under TCG a 500 µs watch after every reply made 1 MiB writes
+//! slower, docs/performance.md). The window itself still follows the gaps between such
+//! requests, so the first small request after a stream of large ones may be watched for as
+//! long as they came apart.
 
 use std::time::{Duration, Instant};
 

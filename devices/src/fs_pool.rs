@@ -19,13 +19,13 @@
 //!
 //! The jobs wait in one queue under a mutex, and a job handed over wakes one idle thread
 //! (a condition variable's `notify_one`). The usual Rust pool, a channel whose receiver idle
-//! threads share under a mutex (the `threadpool` crate's, which virtiofsd uses), wakes two
-//! for each job: the thread waiting in the channel, and, as that one lets the mutex go, the
+//! threads share under a mutex (virtiofsd's, `futures::executor::ThreadPool`, and the
+//! `threadpool` crate's), wakes two for each job: the thread waiting in the channel, and, as that one lets the mutex go, the
 //! next thread waiting for the mutex, which only takes it to wait in the channel again. That
 //! second wake-up is CPU that a host busy running the guest's vCPUs does not have.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use log::warn;
@@ -54,6 +54,10 @@ struct Jobs {
     waiting: Mutex<Waiting>,
     /// Signalled once per job handed over, and to every thread when the pool closes.
     ready: Condvar,
+    /// Threads running.
+    live: AtomicUsize,
+    /// No thread takes jobs any more (read without the lock by `reserve`).
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -93,10 +97,42 @@ impl Jobs {
     }
 
     fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         if let Ok(mut w) = self.waiting.lock() {
             w.closed = true;
         }
         self.ready.notify_all();
+    }
+}
+
+/// A pool thread's life: the last thread to end (a job that panicked ends its thread) closes
+/// the queue and drops the jobs left in it, so the queue's worker answers the share's
+/// requests from then on rather than handing them to no one.
+struct Alive<'a> {
+    name: &'a str,
+    jobs: &'a Jobs,
+    queued: &'a AtomicUsize,
+}
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        if self.jobs.live.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        if !self.jobs.closed.load(Ordering::SeqCst) {
+            warn!(
+                "{}: every request thread has ended (see the errors above); the share's requests are answered one at a time from now on",
+                self.name
+            );
+        }
+        self.jobs.close();
+        let left = match self.jobs.waiting.lock() {
+            Ok(mut w) => std::mem::take(&mut w.jobs),
+            Err(_) => VecDeque::new(),
+        };
+        self.queued.fetch_sub(left.len(), Ordering::SeqCst);
+        // Dropped here, outside the lock: their requests stay unanswered.
+        drop(left);
     }
 }
 
@@ -119,7 +155,9 @@ impl RequestPool {
     /// A place for one job, if the queue has room and a thread is running; `None` tells the
     /// caller to answer the request itself.
     pub fn reserve(&self) -> Option<Place> {
-        self.started()?;
+        if self.started()?.closed.load(Ordering::SeqCst) {
+            return None;
+        }
         let most = self.threads * BACKLOG_PER_THREAD;
         self.queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -139,7 +177,7 @@ impl RequestPool {
         }
         self.queued.fetch_sub(1, Ordering::SeqCst);
         warn!(
-            "{}: no request thread is left; a request goes unanswered",
+            "{}: the request threads ended as a request was handed to them, and it goes unanswered; restart ferry if the guest waits on it",
             self.name
         );
     }
@@ -151,13 +189,21 @@ impl RequestPool {
         let jobs = Arc::new(Jobs::default());
         let mut started = 0;
         for i in 0..self.threads {
-            let (jobs, queued) = (jobs.clone(), self.queued.clone());
+            let (jobs, queued, name) = (jobs.clone(), self.queued.clone(), self.name.clone());
+            // Counted before it runs, so an early end cannot find the count at zero.
+            jobs.live.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{i}", self.name))
-                .spawn(move || work(&jobs, &queued));
+                .spawn({
+                    let jobs = jobs.clone();
+                    move || work(&name, &jobs, &queued)
+                });
             match spawned {
                 Ok(_) => started += 1,
-                Err(e) => warn!("{}: cannot start a request thread: {e}", self.name),
+                Err(e) => {
+                    jobs.live.fetch_sub(1, Ordering::SeqCst);
+                    warn!("{}: cannot start a request thread: {e}", self.name)
+                }
             }
         }
         if started == 0 {
@@ -180,7 +226,8 @@ impl Drop for RequestPool {
 }
 
 /// A pool thread: runs jobs until the pool is gone.
-fn work(jobs: &Jobs, queued: &AtomicUsize) {
+fn work(name: &str, jobs: &Jobs, queued: &AtomicUsize) {
+    let _alive = Alive { name, jobs, queued };
     while let Some(job) = jobs.pop() {
         queued.fetch_sub(1, Ordering::SeqCst);
         job();
@@ -264,19 +311,64 @@ mod tests {
         assert!(waits >= JOBS / 2, "{waits} waits: the count is not read");
     }
 
+    /// Hands `pool` a job that waits until the sender returned sends, then runs `then`.
+    fn job_that_waits(
+        pool: &RequestPool,
+        then: impl FnOnce() + Send + 'static,
+    ) -> std::sync::mpsc::Sender<()> {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let place = pool.reserve().expect("a place");
+        pool.submit(
+            place,
+            Box::new(move || {
+                let _ = wait.lock().map(|w| w.recv());
+                then()
+            }),
+        );
+        go
+    }
+
+    #[test]
+    fn when_its_last_thread_ends_the_pool_drops_its_jobs_and_takes_no_more() {
+        let pool = RequestPool::new("panics", 1);
+        let go = job_that_waits(&pool, || panic!("a job that panics (this test's)"));
+        // A job that waits behind it, and tells when it is dropped unrun.
+        struct Dropped(std::sync::mpsc::Sender<()>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let (dropped, was_dropped) = std::sync::mpsc::channel();
+        let waiting = Dropped(dropped);
+        let second = pool.reserve().expect("room behind it");
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        pool.submit(
+            second,
+            Box::new(move || {
+                r.store(true, Ordering::SeqCst);
+                drop(waiting)
+            }),
+        );
+        go.send(()).unwrap();
+        was_dropped
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the job left in the queue is dropped");
+        assert!(!ran.load(Ordering::SeqCst), "dropped, not run");
+        assert!(
+            pool.reserve().is_none(),
+            "no place: the worker answers requests itself"
+        );
+        assert_eq!(pool.queued.load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn a_full_pool_has_no_place_until_a_thread_takes_a_job() {
         let pool = RequestPool::new("test", 1);
-        let (go, wait) = std::sync::mpsc::channel::<()>();
-        let wait = Mutex::new(wait);
         // The thread takes the first job and waits in it; four more fill the queue.
-        let first = pool.reserve().expect("a place");
-        pool.submit(
-            first,
-            Box::new(move || {
-                let _ = wait.lock().map(|w| w.recv());
-            }),
-        );
+        let go = job_that_waits(&pool, || {});
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while pool.queued.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use ferry_fs::{may_block, FileSystem, ReplyWriter, RequestReader, Server};
+use ferry_fs::{may_block, FileSystem, RequestReader, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -329,7 +329,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
     /// Answers one request; returns the number of reply bytes written into the chain, or
     /// `None` when the chain went to a pool thread or (SETLKW, which may wait long) to a
     /// thread of its own, which completes it, or must not go back (its session ended).
-    /// Raises `largest` to the bytes the request's buffers hold, both ways (for `fs_poll`).
+    /// Raises `largest` to the bytes the request brought or its reply took, headers
+    /// included (for `fs_poll`).
     fn handle_chain(
         &self,
         chain: Chain,
@@ -347,7 +348,10 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 return Some(0);
             }
         };
-        *largest = (*largest).max(reader.available_bytes() + writer.available_bytes());
+        // What the request brought (a WRITE's data); the reply's length is added below. The
+        // room the guest gave for the reply is not a measure: a GETXATTR may offer 64 KiB
+        // for a few bytes.
+        *largest = (*largest).max(reader.available_bytes());
         if may_block(reader.peek_opcode()) {
             // Past MAX_WAITING waits, answered here without waiting: a lock that is taken is
             // refused (ENOLCK). Waiting here would stall the queue, and with it the unlock the
@@ -368,7 +372,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 return None;
             }
         }
-        outcome(self.server.handle_message(reader, writer))
+        let replied = outcome(self.server.handle_message(reader, writer));
+        *largest = (*largest).max(replied.unwrap_or(0) as usize);
+        replied
     }
 
     /// Answers `chain` on a thread of its own, which completes it; counted in `waiting` (by
@@ -685,12 +691,12 @@ mod tests {
     /// `requests` on a fresh request queue, each a readable descriptor and a writable one
     /// for the reply.
     fn queue_of(requests: &[Vec<u8>]) -> (GuestMemoryAtomic, Vring) {
-        queue_with_bulk_reply(requests, None)
+        queue_with_bulk_request(requests, None)
     }
 
-    /// [`queue_of`], but the request at index `bulk` has 128 KiB of room for its reply (as a
-    /// large READ has), out of the way of the others.
-    fn queue_with_bulk_reply(
+    /// [`queue_of`], but the request at index `bulk` carries 128 KiB after its header (as a
+    /// large WRITE does), out of the way of the others.
+    fn queue_with_bulk_request(
         requests: &[Vec<u8>],
         bulk: Option<usize>,
     ) -> (GuestMemoryAtomic, Vring) {
@@ -700,7 +706,11 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, size);
         let mut descs = Vec::new();
         for (i, r) in requests.iter().enumerate() {
-            let at = 0x10_0000 + i as u64 * 0x200;
+            let at = if bulk == Some(i) {
+                0x18_0000
+            } else {
+                0x10_0000 + i as u64 * 0x200
+            };
             mem.write_slice(r, GuestAddress(at)).unwrap();
             descs.push(RawDescriptor::from(SplitDescriptor::new(
                 at,
@@ -708,14 +718,9 @@ mod tests {
                 VRING_DESC_F_NEXT as u16,
                 2 * i as u16 + 1,
             )));
-            let (room_at, room) = if bulk == Some(i) {
-                (0x18_0000, 0x2_0000)
-            } else {
-                (reply_at(i).0, 0x100)
-            };
             descs.push(RawDescriptor::from(SplitDescriptor::new(
-                room_at,
-                room,
+                reply_at(i).0,
+                0x100,
                 VRING_DESC_F_WRITE as u16,
                 0,
             )));
@@ -969,15 +974,22 @@ mod tests {
     /// A device with a 500 ms maximum watch whose first `ROUNDS - 1` requests (of an opcode
     /// the server does not know, answered at once with ENOSYS) came 20 ms after each reply,
     /// each woken by its kick: the window has doubled from 4 µs to 32 ms (and goes to 65 ms
-    /// as the next kick wakes the worker). The request at index `bulk` has a reply room of
-    /// 128 KiB, as a 128 KiB READ has.
+    /// as the next kick wakes the worker). The request at index `bulk` carries 128 KiB, as a
+    /// 128 KiB WRITE does.
     fn watched_queue(
         bulk: Option<usize>,
     ) -> (GuestMemoryAtomic, Vring, Arc<VhostUserFsBackend<Slow>>) {
         let requests: Vec<_> = (0..=ROUNDS)
-            .map(|i| request(9999, u64::from(i) + 1, &[]))
+            .map(|i| {
+                let body = if bulk == Some(usize::from(i)) {
+                    vec![0; 128 << 10]
+                } else {
+                    vec![]
+                };
+                request(9999, u64::from(i) + 1, &body)
+            })
             .collect();
-        let (mem, vring) = queue_with_bulk_reply(&requests, bulk);
+        let (mem, vring) = queue_with_bulk_request(&requests, bulk);
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
         dev.update_memory(mem.clone()).unwrap();
         dev.set_poll_window(Duration::from_millis(500));
@@ -1022,8 +1034,8 @@ mod tests {
 
     #[test]
     fn no_request_is_watched_for_after_a_bulk_one() {
-        // As above, but after a request with a large reply room the worker waits for the
-        // kick, however wide its window.
+        // As above, but after a request that brought 128 KiB the worker waits for the kick,
+        // however wide its window.
         let (mem, vring, dev) = watched_queue(Some(usize::from(ROUNDS) - 1));
         let took = post_two(&mem, &vring, &dev, Duration::from_millis(50));
         assert!(took < Duration::from_millis(50), "no watch");
