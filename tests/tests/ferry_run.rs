@@ -18,13 +18,20 @@ use ferry_tests::{ferry_bin, tail, wait_for, wrapped, TestNet, PROXY_ENV, QEMU_B
 /// A healthy run under TCG takes about 20 s.
 const DEADLINE: Duration = Duration::from_secs(240);
 
-/// A process killed on drop.
+/// A process stopped on drop: SIGTERM, which `ferry run` passes to its QEMU and then cleans
+/// up after, and SIGKILL if it is still there 10 s later.
 struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill has no memory effects; the pid is our child's, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if wait_for(Duration::from_secs(10), || self.0.try_wait().ok().flatten()).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -81,6 +88,8 @@ fn run_demo(ns: &str, share: &Path) -> (std::process::ExitStatus, String) {
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-image/demo.sh");
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("ferry-run.log");
+    // One open file for both, so the console and ferry's log interleave rather than overwrite.
+    let log_file = std::fs::File::create(&log).unwrap();
     let mut cmd: Command = wrapped(Some(ns), None, &ferry_bin());
     cmd.arg("run")
         .arg("--share")
@@ -89,10 +98,8 @@ fn run_demo(ns: &str, share: &Path) -> (std::process::ExitStatus, String) {
         .arg(&demo)
         .env("PATH", path_with_qemu())
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::from(
-            std::fs::File::options().append(true).open(&log).unwrap(),
-        ));
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file);
     // The proxy the gateway chains to comes from these; the demo's proxy fetch goes direct.
     for v in PROXY_ENV {
         cmd.env_remove(v);
