@@ -338,7 +338,7 @@ pub struct ServeArgs {
     /// each file and folder it makes as it is made, under the name xattrmap gives it (needs
     /// an xattrmap rule for security.); threads=N answers the share's requests on a pool of N
     /// threads, side by side (virtiofsd's --thread-pool-size; default 0, one at a time on
-    /// the queue's thread); poll=US (default 200, as KVM's halt_poll_ns; 0 for never) lets
+    /// the queue's thread); poll=US (default 200, the cap of KVM's halt polling; 0 for never) lets
     /// the queue's worker watch the ring for the guest's next request for up to US µs after
     /// a small request's reply instead of sleeping until the guest's kick, adapting below it
     /// to how soon requests come (faster metadata storms and small reads and writes; a CPU
