@@ -20,9 +20,10 @@
 //! The jobs wait in one queue under a mutex, and a job handed over wakes one idle thread
 //! (a condition variable's `notify_one`). The usual Rust pool, a channel whose receiver idle
 //! threads share under a mutex (virtiofsd's, `futures::executor::ThreadPool`, and the
-//! `threadpool` crate's), wakes two for each job: the thread waiting in the channel, and, as that one lets the mutex go, the
-//! next thread waiting for the mutex, which only takes it to wait in the channel again. That
-//! second wake-up is CPU that a host busy running the guest's vCPUs does not have.
+//! `threadpool` crate's), wakes two for each job: the thread waiting in the channel, and, as
+//! that one lets the mutex go, the next thread waiting for the mutex, which only takes it to
+//! wait in the channel again. That second wake-up is CPU that a host busy running the
+//! guest's vCPUs does not have.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,20 +52,15 @@ pub struct Place(());
 /// The jobs waiting for a thread, and the idle threads waiting for a job.
 #[derive(Default)]
 struct Jobs {
-    waiting: Mutex<Waiting>,
+    waiting: Mutex<VecDeque<Job>>,
     /// Signalled once per job handed over, and to every thread when the pool closes.
     ready: Condvar,
     /// Threads running.
     live: AtomicUsize,
-    /// No thread takes jobs any more (read without the lock by `reserve`).
+    /// The pool is gone, or its threads: they end once the jobs left are done, and no job is
+    /// taken any more. Set under `waiting`'s lock, so a thread that saw it clear there is
+    /// already waiting when `close` signals; read without it by `reserve`.
     closed: AtomicBool,
-}
-
-#[derive(Default)]
-struct Waiting {
-    jobs: VecDeque<Job>,
-    /// The pool is gone: threads end once the jobs left are done.
-    closed: bool,
 }
 
 impl Jobs {
@@ -73,10 +69,10 @@ impl Jobs {
         let Ok(mut w) = self.waiting.lock() else {
             return false;
         };
-        if w.closed {
+        if self.closed.load(Ordering::SeqCst) {
             return false;
         }
-        w.jobs.push_back(job);
+        w.push_back(job);
         drop(w);
         self.ready.notify_one();
         true
@@ -86,10 +82,10 @@ impl Jobs {
     fn pop(&self) -> Option<Job> {
         let mut w = self.waiting.lock().ok()?;
         loop {
-            if let Some(job) = w.jobs.pop_front() {
+            if let Some(job) = w.pop_front() {
                 return Some(job);
             }
-            if w.closed {
+            if self.closed.load(Ordering::SeqCst) {
                 return None;
             }
             w = self.ready.wait(w).ok()?;
@@ -97,9 +93,9 @@ impl Jobs {
     }
 
     fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        if let Ok(mut w) = self.waiting.lock() {
-            w.closed = true;
+        {
+            let _w = self.waiting.lock();
+            self.closed.store(true, Ordering::SeqCst);
         }
         self.ready.notify_all();
     }
@@ -127,7 +123,7 @@ impl Drop for Alive<'_> {
         }
         self.jobs.close();
         let left = match self.jobs.waiting.lock() {
-            Ok(mut w) => std::mem::take(&mut w.jobs),
+            Ok(mut w) => std::mem::take(&mut *w),
             Err(_) => VecDeque::new(),
         };
         self.queued.fetch_sub(left.len(), Ordering::SeqCst);
@@ -189,15 +185,12 @@ impl RequestPool {
         let jobs = Arc::new(Jobs::default());
         let mut started = 0;
         for i in 0..self.threads {
-            let (jobs, queued, name) = (jobs.clone(), self.queued.clone(), self.name.clone());
             // Counted before it runs, so an early end cannot find the count at zero.
             jobs.live.fetch_add(1, Ordering::SeqCst);
+            let (ours, queued, name) = (jobs.clone(), self.queued.clone(), self.name.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{i}", self.name))
-                .spawn({
-                    let jobs = jobs.clone();
-                    move || work(&name, &jobs, &queued)
-                });
+                .spawn(move || work(&name, &ours, &queued));
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => {

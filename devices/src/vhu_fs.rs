@@ -496,7 +496,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         // Watching: the guest's kicks stay off after this drain (one that takes nothing turns
         // them on again, and ends the watch below).
         let kicks_off = poll.watching();
-        let (mut used, mut largest) = self.drain(vring, mem, event_idx, queue, !kicks_off)?;
+        let (used, largest) = self.drain(vring, mem, event_idx, queue, !kicks_off)?;
         poll.woke(woke, used);
         if used > 0 {
             poll.answered(Instant::now(), largest);
@@ -513,11 +513,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .collect();
         // Announced but nothing taken (a ring the guest broke, or a request handed to a
         // lock-wait thread) ends it too, rather than spinning on it.
-        loop {
-            if !watch(vring, mem, &others, poll) {
-                break;
-            }
-            (used, largest) = self.drain(vring, mem, event_idx, queue, false)?;
+        while watch(vring, mem, &others, poll) {
+            let (used, largest) = self.drain(vring, mem, event_idx, queue, false)?;
             if used == 0 {
                 break;
             }
