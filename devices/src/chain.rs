@@ -265,6 +265,35 @@ impl FileWriter for ChainWriter<'_> {
         self.bufs.advance(n as usize);
         Ok(n as usize)
     }
+
+    fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
+        let iov = self.bufs.iovecs(count);
+        let want: usize = iov.iter().map(|v| v.iov_len).sum();
+        if want == 0 {
+            return Ok(0);
+        }
+        // SAFETY: as in `write_from_file_at`; RWF_NOWAIT only makes the read fail (EAGAIN)
+        // or stop short where it would wait for the disk.
+        let n = unsafe {
+            libc::preadv2(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                off as i64,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Short: part of it is not in the cache, or the file ends there. Either way the
+        // caller reads it again on a thread that may wait, and that read says which.
+        if (n as usize) < want {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.bufs.advance(want);
+        Ok(want)
+    }
 }
 
 impl ReplyWriter for ChainWriter<'_> {
@@ -357,6 +386,44 @@ mod tests {
     }
 
     #[test]
+    fn a_read_from_the_page_cache_is_all_or_nothing() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let (_, mut w) = split_chain(&m, chain(&m, &vq)).unwrap();
+        let mut f = tempfile_in_tmp();
+        f.write_all(b"...abcdefghijklmnop").unwrap();
+        let mut data = w.split_at(2).unwrap();
+        // Just written, so cached: all of it, across the two guest buffers.
+        assert_eq!(data.write_cached_from_file_at(&f, 10, 3).unwrap(), 10);
+        let mut b = [0u8; 7];
+        m.read_slice(&mut b, GuestAddress(0x10_3000)).unwrap();
+        assert_eq!(&b, b"defghij");
+        // Past the file's end the read is short: not taken, nothing counted as written.
+        let left = data.available_bytes();
+        let e = data.write_cached_from_file_at(&f, 10, 13).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(data.available_bytes(), left);
+        // Out of the cache (written back, then dropped): not read, on a file system that
+        // drops clean pages when told to (tmpfs keeps them: they are all it has).
+        f.sync_all().unwrap();
+        // SAFETY: fstatfs fills the struct it is given; posix_fadvise takes an open fd.
+        let (kind, dropped) = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            assert_eq!(libc::fstatfs(f.as_raw_fd(), &mut st), 0);
+            let dropped = libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            (st.f_type, dropped == 0)
+        };
+        const ON_DISK: [libc::__fsword_t; 3] = [0xEF53, 0x5846_5342, 0x9123_683E];
+        if dropped && ON_DISK.contains(&kind) {
+            let e = data.write_cached_from_file_at(&f, 10, 3).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            assert_eq!(data.available_bytes(), left);
+            // The read that may wait gets it.
+            assert_eq!(data.write_from_file_at(&f, 10, 3).unwrap(), 10);
+        }
+    }
+
+    #[test]
     fn a_chain_longer_than_the_inline_lists_moves_all_its_bytes() {
         // 3 * INLINE writable pages after one readable header: both lists spill to the heap.
         let m = mem();
@@ -394,7 +461,11 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> File {
-        let p = std::env::temp_dir().join(format!("ferry-chain-test-{}", std::process::id()));
+        // One name per test: tests run in parallel, and one that opened another's file would
+        // truncate it.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("ferry-chain-test-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -13,10 +13,13 @@
 //! Requests are answered on the device's worker thread, one after another and from every
 //! request queue, unless the share has a pool (`threads=N`): then each goes to a pool thread
 //! (`fs_pool`), which answers it and returns its chain to the guest; that is how requests from
-//! several queues, or one, proceed side by side. When the pool has no place (every thread
-//! busy, four requests per thread waiting) the worker answers the request itself: it drains
-//! the ring holding its lock, which the pool's threads take to return their chains, so it
-//! must never wait for them. A request that may wait long (SETLKW) gets a thread of its own
+//! several queues, or one, proceed side by side. A READ of up to 64 KiB whose data the host
+//! has in its page cache is the exception: the worker answers it as it takes it, without
+//! waiting on a disk (`preadv2(RWF_NOWAIT)`, as io_uring tries a read before it hands it to a
+//! thread), since the hand-over would cost as much as the read. When the pool has no place
+//! (every thread busy, four requests per thread waiting) the worker answers the request
+//! itself: it drains the ring holding its lock, which the pool's threads take to return
+//! their chains, so it must never wait for them. A request that may wait long (SETLKW) gets a thread of its own
 //! either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK), so
 //! it never holds a pool thread or the queue. A request handed over keeps the FUSE session it
 //! was taken in: if that session ends first (the guest rebooted, the frontend left) it is
@@ -32,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use ferry_fs::abi::opcode;
 use ferry_fs::{may_block, FileSystem, RequestReader, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -100,6 +104,11 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 }
 
 const QUEUE_SIZE: usize = 1024;
+
+/// The largest READ a worker with a pool answers itself when the host has its data in the
+/// page cache: a copy of 64 KiB takes a few microseconds, as a pool thread's wake-up does;
+/// a larger one holds up the queue's other requests, which the pool would answer meanwhile.
+const CACHED_READ_MOST: u32 = 64 * 1024;
 
 /// Watches `vring` until the guest posts a request (true), or the window after the last reply
 /// closes, or one of the `others` queues has requests, whose kick the worker must go and take
@@ -364,14 +373,35 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             return self.defer(chain, vring, queue);
         }
         // With a pool, a request goes to it when it has a place; otherwise it is answered
-        // here (see `fs_pool`: the worker never waits for the pool).
-        if let Some(pool) = self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
-            if let Some(place) = pool.reserve() {
-                drop((reader, writer));
-                pool.submit(place, self.completion(chain, vring, queue));
-                return None;
+        // here (see `fs_pool`: the worker never waits for the pool). But a small READ whose
+        // data the host has in its page cache is answered here first: handing it over would
+        // cost more than the copy (`ferry_fs`'s `server::cached`).
+        let (reader, writer) = match self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
+            None => (reader, writer),
+            Some(pool) => {
+                let (reader, writer) = if reader.peek_opcode() == opcode::READ {
+                    if let Some(n) =
+                        self.server
+                            .handle_read_if_cached(reader, writer, CACHED_READ_MOST)
+                    {
+                        *largest = (*largest).max(n);
+                        return Some(n as u32);
+                    }
+                    match split_chain(chain.memory(), chain.clone()) {
+                        Ok(rw) => rw,
+                        Err(_) => return Some(0),
+                    }
+                } else {
+                    (reader, writer)
+                };
+                if let Some(place) = pool.reserve() {
+                    drop((reader, writer));
+                    pool.submit(place, self.completion(chain, vring, queue));
+                    return None;
+                }
+                (reader, writer)
             }
-        }
+        };
         let replied = outcome(self.server.handle_message(reader, writer));
         *largest = (*largest).max(replied.unwrap_or(0) as usize);
         replied
@@ -447,8 +477,9 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
 
     /// Answers the requests on `vring`, queue `queue` of `vrings`; then, while the guest's
     /// requests come close after the replies (`fs_poll`), watches the ring for the next one
-    /// instead of waiting for its kick. Only a request queue without a pool is watched: with
-    /// one the worker only hands requests over.
+    /// instead of waiting for its kick. With a pool only the replies the worker made itself
+    /// (reads from the page cache) open a watch: after a request handed over it would spin
+    /// for as long as the pool's thread takes, and through every request of a busy guest.
     fn process_queue(&self, vring: &Vring, queue: usize, vrings: &[Vring]) -> io::Result<()> {
         let mem = self
             .mem
@@ -456,10 +487,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             .map_err(|_| io::Error::other("poisoned"))?
             .clone();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let poll = self
-            .polls
-            .get(queue)
-            .filter(|_| queue != HIPRIO_QUEUE && self.pool.is_none());
+        let poll = self.polls.get(queue).filter(|_| queue != HIPRIO_QUEUE);
         let Some(mut poll) = poll.and_then(|p| p.lock().ok()) else {
             drain_queue(vring, &mem, event_idx, |c| {
                 self.handle_chain(c, vring, queue, &mut 0)
@@ -622,7 +650,7 @@ mod tests {
     use super::*;
     use ferry_fs::abi::{
         self,
-        opcode::{DESTROY, SETLKW},
+        opcode::{DESTROY, READ, SETLKW},
     };
     use ferry_fs::FileLock;
     use std::time::{Duration, Instant};
@@ -641,6 +669,8 @@ mod tests {
         tries: Arc<AtomicUsize>,
         /// DESTROY waits while this is set (a host file system that hangs).
         hold: Arc<AtomicBool>,
+        /// READs find their data in the host's page cache; without it each takes 100 ms.
+        cached: Arc<AtomicBool>,
     }
 
     impl FileSystem for Slow {
@@ -665,6 +695,35 @@ mod tests {
                 Ok(())
             } else {
                 Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+        }
+
+        fn read(
+            &self,
+            _: ferry_fs::Context,
+            _: u64,
+            _: u64,
+            _: &mut dyn ferry_fs::FileWriter,
+            _: u32,
+            _: u64,
+        ) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(0)
+        }
+
+        fn read_cached(
+            &self,
+            _: ferry_fs::Context,
+            _: u64,
+            _: u64,
+            _: &mut dyn ferry_fs::FileWriter,
+            _: u32,
+            _: u64,
+        ) -> io::Result<usize> {
+            if self.cached.load(Ordering::SeqCst) {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
             }
         }
     }
@@ -986,8 +1045,39 @@ mod tests {
                 request(9999, u64::from(i) + 1, &body)
             })
             .collect();
-        let (mem, vring) = queue_with_bulk_request(&requests, bulk);
         let dev = VhostUserFsBackend::new(Arc::new(Server::new(Slow::default())), "t");
+        watched(dev, &requests, bulk)
+    }
+
+    /// [`watched_queue`] for a device with a pool of one thread, whose requests are READs,
+    /// all found in the page cache until the caller clears `cached`.
+    fn watched_queue_with_a_pool() -> (
+        GuestMemoryAtomic,
+        Vring,
+        Arc<VhostUserFsBackend<Slow>>,
+        Arc<AtomicBool>,
+    ) {
+        let read = abi::ReadIn {
+            size: 16,
+            ..Default::default()
+        };
+        let requests: Vec<_> = (0..=ROUNDS)
+            .map(|i| request(READ, u64::from(i) + 1, read.as_slice()))
+            .collect();
+        let fs = Slow::default();
+        let cached = fs.cached.clone();
+        cached.store(true, Ordering::SeqCst);
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
+        let (mem, vring, dev) = watched(dev, &requests, None);
+        (mem, vring, dev, cached)
+    }
+
+    fn watched(
+        dev: Arc<VhostUserFsBackend<Slow>>,
+        requests: &[Vec<u8>],
+        bulk: Option<usize>,
+    ) -> (GuestMemoryAtomic, Vring, Arc<VhostUserFsBackend<Slow>>) {
+        let (mem, vring) = queue_with_bulk_request(requests, bulk);
         dev.update_memory(mem.clone()).unwrap();
         dev.set_poll_window(Duration::from_millis(500));
         for n in 1..ROUNDS {
@@ -1040,6 +1130,55 @@ mod tests {
         // Its kick: taken.
         dev.process_queue(&vring, 1, &[]).unwrap();
         assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS + 1);
+    }
+
+    #[test]
+    fn with_a_pool_a_read_from_the_page_cache_is_answered_by_the_worker() {
+        // Two READs on a device with a pool of one thread. Cached, the worker answers them
+        // in its drain; not, it hands them to the thread, which takes 100 ms for each.
+        let read = abi::ReadIn {
+            size: 16,
+            ..Default::default()
+        };
+        for (cached, by_the_worker) in [(true, 2), (false, 0)] {
+            let requests: Vec<_> = (0..2)
+                .map(|i| request(READ, i + 1, read.as_slice()))
+                .collect();
+            let (mem, vring) = queue_of(&requests);
+            let fs = Slow::default();
+            fs.cached.store(cached, Ordering::SeqCst);
+            let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
+            dev.update_memory(mem).unwrap();
+            assert_eq!(
+                serve_until_idle(&dev, &vring),
+                by_the_worker,
+                "cached: {cached}"
+            );
+            assert_eq!(serve_until(&dev, &vring, 2), 2, "cached: {cached}");
+        }
+    }
+
+    #[test]
+    fn with_a_pool_the_worker_watches_after_a_read_it_answered() {
+        let (mem, vring, dev, _) = watched_queue_with_a_pool();
+        post_two(&mem, &vring, &dev, Duration::from_millis(5));
+        assert_eq!(vring.queue_used_idx().unwrap(), ROUNDS + 1);
+    }
+
+    #[test]
+    fn with_a_pool_no_request_is_watched_for_after_a_hand_over() {
+        // As above, but the first of the two is not in the cache: handed to the pool, it
+        // opens no watch (the worker would spin through the pool's every request).
+        let (mem, vring, dev, cached) = watched_queue_with_a_pool();
+        cached.store(false, Ordering::SeqCst);
+        let took = post_two(&mem, &vring, &dev, Duration::from_millis(50));
+        assert!(took < Duration::from_millis(50), "no watch");
+        assert_eq!(
+            vring.get_ref().get_queue().next_avail(),
+            ROUNDS,
+            "the last waits"
+        );
+        assert_eq!(serve_until(&dev, &vring, ROUNDS + 1), ROUNDS + 1);
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub trait FileReader {
 pub trait FileWriter {
     /// Reads up to `count` bytes from `f` at `off` into the reply; returns how many.
     fn write_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize>;
+
+    /// [`Self::write_from_file_at`] if the host holds all `count` bytes in its page cache,
+    /// without waiting on a disk; otherwise an error ([`io::ErrorKind::WouldBlock`] when it
+    /// does not, or this writer cannot tell) and nothing counted as written (the bytes may
+    /// have been copied, for a later write to overwrite). A read that ends at the end of
+    /// the file is short, and fails here too.
+    fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
+        let _ = (f, count, off);
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 /// One entry READDIR returns.
@@ -267,6 +277,21 @@ pub trait FileSystem: Send + Sync {
         offset: u64,
     ) -> io::Result<usize> {
         enosys()
+    }
+
+    /// [`Self::read`] of data the host holds in its page cache, without waiting on a disk
+    /// (see `FileWriter::write_cached_from_file_at`); an error when it cannot, for the caller
+    /// to call `read` on a thread that may wait.
+    fn read_cached(
+        &self,
+        ctx: Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn FileWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
     }
 
     /// Clears set-user-ID, set-group-ID (when group-executable) and `security.capability` from

@@ -97,6 +97,7 @@ pub struct Server<F> {
     started: AtomicBool,
 }
 
+mod cached;
 mod extensions;
 mod init;
 mod locks;

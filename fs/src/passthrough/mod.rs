@@ -528,6 +528,19 @@ impl FileSystem for PassthroughFs {
         w.write_from_file_at(&h.file, size as usize, offset)
     }
 
+    fn read_cached(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        w: &mut dyn FileWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let h = self.handle(handle)?;
+        w.write_cached_from_file_at(&h.file, size as usize, offset)
+    }
+
     fn write(
         &self,
         _ctx: Context,
