@@ -7,6 +7,7 @@
 
 mod chain;
 mod connection;
+mod fs_inline;
 mod fs_poll;
 mod fs_pool;
 mod lost_interrupts;

@@ -16,7 +16,8 @@
 //! several queues, or one, proceed side by side. A READ of up to 64 KiB whose data the host
 //! has in its page cache is the exception: the worker answers it as it takes it, without
 //! waiting on a disk (`preadv2(RWF_NOWAIT)`, as io_uring tries a read before it hands it to a
-//! thread), since the hand-over would cost as much as the read. When the pool has no place
+//! thread), since the hand-over would cost as much as the read; so is a buffered WRITE of up
+//! to 64 KiB, unless one took long lately (`fs_inline`). When the pool has no place
 //! (every thread busy, four requests per thread waiting) the worker answers the request
 //! itself: it drains the ring holding its lock, which the pool's threads take to return
 //! their chains, so it must never wait for them. A request that may wait long (SETLKW) gets a thread of its own
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use ferry_fs::abi::opcode;
-use ferry_fs::{may_block, FileSystem, RequestReader, Server};
+use ferry_fs::{is_small_buffered_write, may_block, FileSystem, RequestReader, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -51,6 +52,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::chain::split_chain;
+use crate::fs_inline::InlineWrites;
 use crate::fs_poll::{FsPoll, POLL_MAX};
 use crate::fs_pool::RequestPool;
 use crate::queue::{drain_queue, drain_queue_unsignalled, Chain};
@@ -105,10 +107,11 @@ fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
 
 const QUEUE_SIZE: usize = 1024;
 
-/// The largest READ a worker with a pool answers itself when the host has its data in the
-/// page cache: a copy of 64 KiB takes a few microseconds, as a pool thread's wake-up does;
-/// a larger one holds up the queue's other requests, which the pool would answer meanwhile.
-const CACHED_READ_MOST: u32 = 64 * 1024;
+/// The largest READ (from the host's page cache) or WRITE (into it) a worker with a pool
+/// answers itself: a copy of 64 KiB takes a few microseconds, as a pool thread's wake-up
+/// does; a larger one holds up the queue's other requests, which the pool would answer
+/// meanwhile.
+const INLINE_MOST: u32 = 64 * 1024;
 
 /// Watches `vring` until the guest posts a request (true), or the window after the last reply
 /// closes, or one of the `others` queues has requests, whose kick the worker must go and take
@@ -195,6 +198,8 @@ pub struct VhostUserFsBackend<F> {
     pool: Option<RequestPool>,
     /// When the worker watches each request queue for the next request (`fs_poll`).
     polls: [Mutex<FsPoll>; NUM_QUEUES],
+    /// With a pool: whether the worker answers small writes itself (`fs_inline`).
+    inline_writes: InlineWrites,
     /// Requests taken off each request queue (queue 1 first).
     taken: [AtomicU64; MAX_REQUEST_QUEUES],
 }
@@ -224,6 +229,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             pool: (threads > 0).then(|| RequestPool::new(&format!("fs-{tag}"), threads)),
             taken: std::array::from_fn(|_| AtomicU64::new(0)),
             polls: std::array::from_fn(|_| Mutex::new(FsPoll::new(POLL_MAX))),
+            inline_writes: InlineWrites::new(),
         })
     }
 
@@ -374,15 +380,16 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         }
         // With a pool, a request goes to it when it has a place; otherwise it is answered
         // here (see `fs_pool`: the worker never waits for the pool). But a small READ whose
-        // data the host has in its page cache is answered here first: handing it over would
-        // cost more than the copy (`ferry_fs`'s `server::cached`).
+        // data the host has in its page cache, and a small buffered WRITE unless one was
+        // slow lately (`fs_inline`), are answered here: handing them over would cost more
+        // than the copy (`ferry_fs`'s `server::quick`).
         let (reader, writer) = match self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
             None => (reader, writer),
             Some(pool) => {
                 let (reader, writer) = if reader.peek_opcode() == opcode::READ {
-                    if let Some(n) =
-                        self.server
-                            .handle_read_if_cached(reader, writer, CACHED_READ_MOST)
+                    if let Some(n) = self
+                        .server
+                        .handle_read_if_cached(reader, writer, INLINE_MOST)
                     {
                         *largest = (*largest).max(n);
                         return Some(n as u32);
@@ -394,6 +401,15 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 } else {
                     (reader, writer)
                 };
+                let began = Instant::now();
+                if is_small_buffered_write(&reader, INLINE_MOST)
+                    && self.inline_writes.allowed(began)
+                {
+                    let replied = outcome(self.server.handle_message(reader, writer));
+                    let now = Instant::now();
+                    self.inline_writes.took(now, now - began);
+                    return replied;
+                }
                 if let Some(place) = pool.reserve() {
                     drop((reader, writer));
                     pool.submit(place, self.completion(chain, vring, queue));
@@ -650,7 +666,7 @@ mod tests {
     use super::*;
     use ferry_fs::abi::{
         self,
-        opcode::{DESTROY, READ, SETLKW},
+        opcode::{DESTROY, READ, SETLKW, WRITE},
     };
     use ferry_fs::FileLock;
     use std::time::{Duration, Instant};
@@ -671,6 +687,8 @@ mod tests {
         hold: Arc<AtomicBool>,
         /// READs find their data in the host's page cache; without it each takes 100 ms.
         cached: Arc<AtomicBool>,
+        /// How long each WRITE takes, in ms.
+        write_ms: Arc<AtomicU64>,
     }
 
     impl FileSystem for Slow {
@@ -709,6 +727,20 @@ mod tests {
         ) -> io::Result<usize> {
             std::thread::sleep(Duration::from_millis(100));
             Ok(0)
+        }
+
+        fn write(
+            &self,
+            _: ferry_fs::Context,
+            _: u64,
+            _: u64,
+            _: &mut dyn ferry_fs::FileReader,
+            size: u32,
+            _: u64,
+        ) -> io::Result<usize> {
+            let ms = self.write_ms.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(size as usize)
         }
 
         fn read_cached(
@@ -1156,6 +1188,32 @@ mod tests {
             );
             assert_eq!(serve_until(&dev, &vring, 2), 2, "cached: {cached}");
         }
+    }
+
+    #[test]
+    fn with_a_pool_small_writes_are_answered_by_the_worker_until_one_is_slow() {
+        // Three WRITEs on a device with a pool of one thread, posted one at a time: the
+        // first, quick, the worker answers in its drain; so it does the second, which takes
+        // 100 ms; the third it hands to the pool (100 ms again), for writes are paused.
+        let write = abi::WriteIn {
+            size: 16,
+            ..Default::default()
+        };
+        let body = [write.as_slice(), &[7u8; 16]].concat();
+        let requests: Vec<_> = (0..3).map(|i| request(WRITE, i + 1, &body)).collect();
+        let (mem, vring) = queue_of(&requests);
+        let fs = Slow::default();
+        let write_ms = fs.write_ms.clone();
+        let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
+        dev.update_memory(mem.clone()).unwrap();
+        post(&mem, &vring, 1);
+        assert_eq!(serve_until_idle(&dev, &vring), 1, "quick: by the worker");
+        write_ms.store(100, Ordering::SeqCst);
+        post(&mem, &vring, 2);
+        assert_eq!(serve_until_idle(&dev, &vring), 2, "slow: by the worker");
+        post(&mem, &vring, 3);
+        assert_eq!(serve_until_idle(&dev, &vring), 2, "the next: to the pool");
+        assert_eq!(serve_until(&dev, &vring, 3), 3);
     }
 
     #[test]

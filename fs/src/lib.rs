@@ -21,6 +21,7 @@ pub use filesystem::{
 };
 pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs, XattrMap, XattrRule};
 pub use server::{
-    may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
+    is_small_buffered_write, may_block, Error, ReplyWriter, RequestReader, Result, Server,
+    ServerStats, MAX_WRITE,
 };
 pub use stats::LATENCY_BUCKETS;

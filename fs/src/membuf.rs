@@ -11,7 +11,7 @@ use crate::filesystem::{FileReader, FileWriter};
 use crate::server::{ReplyWriter, RequestReader};
 
 /// A request held in memory.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RequestBuf {
     data: Vec<u8>,
     pos: usize,

@@ -97,7 +97,8 @@ pub struct Server<F> {
     started: AtomicBool,
 }
 
-mod cached;
+mod quick;
+pub use quick::is_small_buffered_write;
 mod extensions;
 mod init;
 mod locks;

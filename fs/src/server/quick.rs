@@ -1,14 +1,20 @@
-//! READ from the host's page cache, answered where the request is taken.
+//! Requests a transport with a pool of threads may answer where it takes them: a READ from
+//! the host's page cache, and a small buffered WRITE.
 //!
 //! Theory of operation. A share with a pool of threads (`threads=N`) hands each request to a
 //! pool thread, so that one that waits on the host's disk (a cold read, an fsync) does not
-//! hold up the others. For a read whose data the host already has in its page cache that
-//! hand-over is most of the cost: the wake-up of a pool thread is as long as the copy. This
-//! is io_uring's answer to the same question: try the read without blocking
-//! (`preadv2(RWF_NOWAIT)`), and hand it to a thread only when that cannot complete it.
-//! Here a read that the cache does not hold in full is left unanswered, nothing counted, for
-//! the caller to hand over, which answers it in full; so is anything else (another opcode,
-//! a malformed request, an error), which the full decoder answers as ever.
+//! hold up the others. For a read whose data the host already has in its page cache, or a
+//! small write into it, that hand-over is most of the cost: the wake-up of a pool thread is
+//! as long as the copy. For reads this is io_uring's answer to the same question: try the
+//! read without blocking (`preadv2(RWF_NOWAIT)`), and hand it to a thread only when that
+//! cannot complete it. A read that the cache does not hold in full is left unanswered,
+//! nothing counted, for the caller to hand over, which answers it in full; so is anything
+//! else (another opcode, a malformed request, an error), which the full decoder answers as
+//! ever. Buffered writes cannot be tried that way on every host file system (ext4 refuses
+//! RWF_NOWAIT for them, EOPNOTSUPP), so [`is_small_buffered_write`] only says which WRITEs
+//! are candidates (small, to a file opened neither O_SYNC, O_DSYNC nor O_DIRECT); whether
+//! the transport answers them itself, and when it stops because one took long, is its
+//! policy.
 
 use std::mem::size_of;
 
@@ -18,6 +24,23 @@ use crate::abi::{self, opcode, InHeader, OutHeader};
 use crate::filesystem::{Context, FileSystem};
 
 use vm_memory::ByteValued;
+
+/// Whether the request `r` holds is a WRITE of at most `most` bytes to a file opened for
+/// buffered writes (not O_SYNC, O_DSYNC or O_DIRECT, whose writes wait for the disk): one
+/// the host's page cache takes, usually within microseconds. Reads nothing off `r`.
+pub fn is_small_buffered_write<R: RequestReader + Clone>(r: &R, most: u32) -> bool {
+    let mut r = r.clone();
+    let mut head = [0u8; size_of::<InHeader>() + size_of::<abi::WriteIn>()];
+    if r.read_exact(&mut head).is_err() {
+        return false;
+    }
+    let (h, a) = head.split_at(size_of::<InHeader>());
+    let (Some(hdr), Some(arg)) = (InHeader::from_slice(h), abi::WriteIn::from_slice(a)) else {
+        return false;
+    };
+    let waits = (libc::O_DSYNC | libc::O_DIRECT) as u32;
+    hdr.opcode == opcode::WRITE && arg.size <= most && arg.flags & waits == 0
+}
 
 impl<F: FileSystem> Server<F> {
     /// Answers a READ of at most `most` bytes whose data the host holds in its page cache,
@@ -157,6 +180,52 @@ mod tests {
         assert_eq!(got, None);
         assert!(reply.iter().all(|&b| b == 0), "nothing replied");
         assert_eq!((asked, counted), (1, 0));
+    }
+
+    fn write_request(size: u32, flags: i32) -> RequestBuf {
+        let arg = abi::WriteIn {
+            size,
+            flags: flags as u32,
+            ..Default::default()
+        };
+        let hdr = InHeader {
+            len: (size_of::<InHeader>() + size_of::<abi::WriteIn>()) as u32 + size,
+            opcode: opcode::WRITE,
+            ..Default::default()
+        };
+        let data = vec![0u8; size as usize];
+        RequestBuf::new([hdr.as_slice(), arg.as_slice(), &data].concat())
+    }
+
+    #[test]
+    fn small_writes_to_files_opened_for_buffered_writes_are_candidates() {
+        let most = 64 * 1024;
+        assert!(is_small_buffered_write(
+            &write_request(4096, libc::O_WRONLY),
+            most
+        ));
+        assert!(is_small_buffered_write(
+            &write_request(most, libc::O_RDWR),
+            most
+        ));
+        for (size, flags) in [
+            (most + 1, libc::O_WRONLY),
+            (4096, libc::O_WRONLY | libc::O_SYNC),
+            (4096, libc::O_WRONLY | libc::O_DSYNC),
+            (4096, libc::O_WRONLY | libc::O_DIRECT),
+        ] {
+            assert!(!is_small_buffered_write(&write_request(size, flags), most));
+        }
+        let read = RequestBuf::new(read_request(opcode::READ, 4096, 0));
+        assert!(!is_small_buffered_write(&read, most));
+        assert!(!is_small_buffered_write(
+            &RequestBuf::new(vec![0; 20]),
+            most
+        ));
+        // It reads nothing off the request.
+        let r = write_request(16, 0);
+        assert!(is_small_buffered_write(&r, most));
+        assert_eq!(r.available_bytes(), 40 + 40 + 16);
     }
 
     #[test]
