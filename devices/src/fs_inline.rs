@@ -1,17 +1,19 @@
 //! When the worker of a share with a pool answers a small write itself.
 //!
 //! Theory of operation: this is policy only. The device (vhu_fs.rs) asks before each small
-//! buffered WRITE (`ferry_fs::is_small_buffered_write`) whether to answer it where it took
-//! it, and says how long the ones it answered took. A write into the host's page cache takes
-//! microseconds, less than handing it to a pool thread (that thread's wake-up); but it can
-//! wait on the host: dirty-page throttling when the host's disk falls behind, a journal
-//! commit, the read of a partly written page. While the worker waits, every other request
-//! of the queue waits too, which is what the pool is for. So a write that took longer than
-//! [`SLOW`] hands the writes to the pool for a while ([`PAUSE_START`], doubling while the
-//! first write after each pause is slow again, up to [`PAUSE_MAX`]), and one that is quick
-//! again ends the doubling. The queue waits behind at most one slow write per pause.
-//! (Reads need no such rule: `preadv2(RWF_NOWAIT)` says whether one would wait. Buffered
-//! writes with RWF_NOWAIT are refused by ext4, EOPNOTSUPP.)
+//! buffered WRITE to a local file system (`ferry_fs::Server::is_quick_write`: no network or
+//! other process behind it, which could hold the worker and its ring for good) whether to
+//! answer it where it took it, and says how long the ones it answered took. A write into
+//! the host's page cache takes microseconds, less than handing it to a pool thread (that
+//! thread's wake-up); but it can wait on the host: dirty-page throttling when the host's
+//! disk falls behind, a journal commit, the read of a partly written page. While the worker
+//! waits, every other request of the queue waits too, which is what the pool is for. So a
+//! write that took longer than [`SLOW`] hands the writes to the pool for a while
+//! ([`PAUSE_START`], doubling while the first write after each pause is slow again, up to
+//! [`PAUSE_MAX`]), and one that is quick again ends the doubling: the queue waits behind
+//! one slow write per pause (a local disk that hangs holds it, as it would hold every pool
+//! thread). (Reads need no such rule: `preadv2(RWF_NOWAIT)` says whether one would read the
+//! disk. Buffered writes with RWF_NOWAIT are refused by ext4, EOPNOTSUPP.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

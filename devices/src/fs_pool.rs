@@ -3,10 +3,11 @@
 //!
 //! Theory of operation. Without a pool the queue's worker answers each request before it
 //! takes the next, so one slow request (an fsync, a read of a cold file) holds up every other
-//! the guest has queued, on every file. With one, the worker only takes requests off the ring
-//! and hands each to the pool; a pool thread answers it, puts the chain on the used ring and
-//! signals the guest, in whatever order requests finish (FUSE requests are independent: the
-//! kernel waits for a reply before it sends one that depends on it).
+//! the guest has queued, on every file. With one, the worker takes requests off the ring and
+//! hands them to the pool (all but the few it answers as quickly as it could hand them
+//! over: `vhu_fs`); a pool thread answers each, puts the chain on the used ring and signals
+//! the guest, in whatever order requests finish (FUSE requests are independent: the kernel
+//! waits for a reply before it sends one that depends on it).
 //!
 //! At most `threads` x [`BACKLOG_PER_THREAD`] requests wait for a thread, so a guest cannot
 //! queue unbounded work in ferry's memory. The worker reserves a place before it hands a

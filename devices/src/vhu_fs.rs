@@ -11,25 +11,26 @@
 //! without `tag=`); QEMU and cloud-hypervisor build it from their own options.
 //!
 //! Requests are answered on the device's worker thread, one after another and from every
-//! request queue, unless the share has a pool (`threads=N`): then each goes to a pool thread
-//! (`fs_pool`), which answers it and returns its chain to the guest; that is how requests from
-//! several queues, or one, proceed side by side. A READ of up to 64 KiB whose data the host
-//! has in its page cache is the exception: the worker answers it as it takes it, without
-//! waiting on a disk (`preadv2(RWF_NOWAIT)`, as io_uring tries a read before it hands it to a
-//! thread), since the hand-over would cost as much as the read; so is a buffered WRITE of up
-//! to 64 KiB, unless one took long lately (`fs_inline`). When the pool has no place
-//! (every thread busy, four requests per thread waiting) the worker answers the request
-//! itself: it drains the ring holding its lock, which the pool's threads take to return
-//! their chains, so it must never wait for them. A request that may wait long (SETLKW) gets a thread of its own
-//! either way (at most 64 at once; past them a lock that is taken is refused with ENOLCK), so
-//! it never holds a pool thread or the queue. A request handed over keeps the FUSE session it
-//! was taken in: if that session ends first (the guest rebooted, the frontend left) it is
-//! dropped unanswered, its buffers being the next kernel's. When the frontend stops a queue
-//! (GET_VRING_BASE: the VM pauses, resets or migrates) the requests handed over from it are
-//! answered before the reply, since the ring is the frontend's after it: the pool finishes
-//! its own, and lock waits are refused with ENOLCK (`stop_queue`). High-priority requests (FORGET,
-//! INTERRUPT) are answered on the worker: they are short, and INTERRUPT must not wait behind
-//! the requests it interrupts.
+//! request queue, unless the share has a pool (`threads=N`): then each goes to a pool
+//! thread (`fs_pool`), which answers it and returns its chain to the guest; that is how
+//! requests from several queues, or one, proceed side by side. A READ of up to 64 KiB whose
+//! data the host has in its page cache is the exception: the worker answers it as it takes
+//! it, without reading the disk (`preadv2(RWF_NOWAIT)`, as io_uring tries a read before it
+//! hands it to a thread), since the hand-over would cost as much as the read; so is a
+//! buffered WRITE of up to 64 KiB to a local file system, unless one took long lately
+//! (`fs_inline`, `ferry_fs`'s `passthrough/quick.rs`). When the pool has no place (every
+//! thread busy, four requests per thread waiting) the worker answers the request itself: it
+//! drains the ring holding its lock, which the pool's threads take to return their chains,
+//! so it must never wait for them. A request that may wait long (SETLKW) gets a thread of
+//! its own either way (at most 64 at once; past them a lock that is taken is refused with
+//! ENOLCK), so it never holds a pool thread or the queue. A request handed over keeps the
+//! FUSE session it was taken in: if that session ends first (the guest rebooted, the
+//! frontend left) it is dropped unanswered, its buffers being the next kernel's. When the
+//! frontend stops a queue (GET_VRING_BASE: the VM pauses, resets or migrates) the requests
+//! handed over from it are answered before the reply, since the ring is the frontend's
+//! after it: the pool finishes its own, and lock waits are refused with ENOLCK
+//! (`stop_queue`). High-priority requests (FORGET, INTERRUPT) are answered on the worker:
+//! they are short, and INTERRUPT must not wait behind the requests it interrupts.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use ferry_fs::abi::opcode;
-use ferry_fs::{is_small_buffered_write, may_block, FileSystem, RequestReader, Server};
+use ferry_fs::{may_block, FileSystem, RequestReader, Server};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -91,6 +92,17 @@ fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain, session: u64) -> Opt
 
 /// What a request's answer gives the ring: the reply's length, or `None` for a request that
 /// must not go back to the guest.
+/// Answers a request on the thread that takes the queue's requests, which must not wait: a
+/// lock wait (SETLKW, which `may_block` sends elsewhere) is refused rather than waited for,
+/// should a guest rewrite a request's opcode after it was looked at.
+fn answer_here<F: FileSystem>(
+    server: &Server<F>,
+    reader: crate::chain::ChainReader<'_>,
+    writer: crate::chain::ChainWriter<'_>,
+) -> Option<u32> {
+    outcome(server.handle_message_without_waiting(reader, writer))
+}
+
 fn outcome(replied: ferry_fs::Result<usize>) -> Option<u32> {
     match replied {
         Ok(n) => Some(n as u32),
@@ -386,7 +398,8 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
         let (reader, writer) = match self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
             None => (reader, writer),
             Some(pool) => {
-                let (reader, writer) = if reader.peek_opcode() == opcode::READ {
+                let opcode = reader.peek_opcode();
+                let (reader, writer) = if opcode == opcode::READ {
                     if let Some(n) = self
                         .server
                         .handle_read_if_cached(reader, writer, INLINE_MOST)
@@ -402,10 +415,11 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                     (reader, writer)
                 };
                 let began = Instant::now();
-                if is_small_buffered_write(&reader, INLINE_MOST)
+                if opcode == opcode::WRITE
                     && self.inline_writes.allowed(began)
+                    && self.server.is_quick_write(&reader, INLINE_MOST)
                 {
-                    let replied = outcome(self.server.handle_message(reader, writer));
+                    let replied = answer_here(&self.server, reader, writer);
                     let now = Instant::now();
                     self.inline_writes.took(now, now - began);
                     return replied;
@@ -418,7 +432,7 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
                 (reader, writer)
             }
         };
-        let replied = outcome(self.server.handle_message(reader, writer));
+        let replied = answer_here(&self.server, reader, writer);
         *largest = (*largest).max(replied.unwrap_or(0) as usize);
         replied
     }
@@ -493,9 +507,10 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
 
     /// Answers the requests on `vring`, queue `queue` of `vrings`; then, while the guest's
     /// requests come close after the replies (`fs_poll`), watches the ring for the next one
-    /// instead of waiting for its kick. With a pool only the replies the worker made itself
-    /// (reads from the page cache) open a watch: after a request handed over it would spin
-    /// for as long as the pool's thread takes, and through every request of a busy guest.
+    /// instead of waiting for its kick. With a pool only a drain in which the worker answered
+    /// some request itself (a read from the page cache, a small write, one the full pool
+    /// left to it) opens a watch: after a request handed over it would spin for as long as
+    /// the pool's thread takes, and through every request of a busy guest.
     fn process_queue(&self, vring: &Vring, queue: usize, vrings: &[Vring]) -> io::Result<()> {
         let mem = self
             .mem
@@ -689,6 +704,20 @@ mod tests {
         cached: Arc<AtomicBool>,
         /// How long each WRITE takes, in ms.
         write_ms: Arc<AtomicU64>,
+        /// The threads that answered READs and WRITEs, in order.
+        ran_on: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Slow {
+        fn ran(&self) {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            self.ran_on.lock().unwrap().push(name);
+        }
+    }
+
+    /// Whether `name` is one of a pool's threads (`fs_pool` names them `fs-TAG-N`).
+    fn on_the_pool(name: &str) -> bool {
+        name.starts_with("fs-t-")
     }
 
     impl FileSystem for Slow {
@@ -725,6 +754,7 @@ mod tests {
             _: u32,
             _: u64,
         ) -> io::Result<usize> {
+            self.ran();
             std::thread::sleep(Duration::from_millis(100));
             Ok(0)
         }
@@ -738,9 +768,14 @@ mod tests {
             size: u32,
             _: u64,
         ) -> io::Result<usize> {
+            self.ran();
             let ms = self.write_ms.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(ms));
             Ok(size as usize)
+        }
+
+        fn write_is_quick(&self, _: u64) -> bool {
+            true
         }
 
         fn read_cached(
@@ -753,6 +788,7 @@ mod tests {
             _: u64,
         ) -> io::Result<usize> {
             if self.cached.load(Ordering::SeqCst) {
+                self.ran();
                 Ok(0)
             } else {
                 Err(io::ErrorKind::WouldBlock.into())
@@ -1166,35 +1202,38 @@ mod tests {
 
     #[test]
     fn with_a_pool_a_read_from_the_page_cache_is_answered_by_the_worker() {
-        // Two READs on a device with a pool of one thread. Cached, the worker answers them
-        // in its drain; not, it hands them to the thread, which takes 100 ms for each.
+        // Two READs on a device with a pool of one thread: cached, the worker answers them
+        // (here, on the test's thread); not, it hands them to the pool's thread.
         let read = abi::ReadIn {
             size: 16,
             ..Default::default()
         };
-        for (cached, by_the_worker) in [(true, 2), (false, 0)] {
+        for cached in [true, false] {
             let requests: Vec<_> = (0..2)
                 .map(|i| request(READ, i + 1, read.as_slice()))
                 .collect();
             let (mem, vring) = queue_of(&requests);
             let fs = Slow::default();
             fs.cached.store(cached, Ordering::SeqCst);
+            let ran_on = fs.ran_on.clone();
             let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
             dev.update_memory(mem).unwrap();
-            assert_eq!(
-                serve_until_idle(&dev, &vring),
-                by_the_worker,
-                "cached: {cached}"
-            );
+            serve_until_idle(&dev, &vring);
             assert_eq!(serve_until(&dev, &vring, 2), 2, "cached: {cached}");
+            let ran_on = ran_on.lock().unwrap();
+            assert_eq!(ran_on.len(), 2);
+            assert!(
+                ran_on.iter().all(|t| on_the_pool(t) != cached),
+                "{ran_on:?}"
+            );
         }
     }
 
     #[test]
     fn with_a_pool_small_writes_are_answered_by_the_worker_until_one_is_slow() {
         // Three WRITEs on a device with a pool of one thread, posted one at a time: the
-        // first, quick, the worker answers in its drain; so it does the second, which takes
-        // 100 ms; the third it hands to the pool (100 ms again), for writes are paused.
+        // first, quick, the worker answers (on the test's thread); so it does the second,
+        // which takes 100 ms; the third it hands to the pool, for writes are paused.
         let write = abi::WriteIn {
             size: 16,
             ..Default::default()
@@ -1203,17 +1242,22 @@ mod tests {
         let requests: Vec<_> = (0..3).map(|i| request(WRITE, i + 1, &body)).collect();
         let (mem, vring) = queue_of(&requests);
         let fs = Slow::default();
-        let write_ms = fs.write_ms.clone();
+        let (write_ms, ran_on) = (fs.write_ms.clone(), fs.ran_on.clone());
         let dev = VhostUserFsBackend::with_threads(Arc::new(Server::new(fs)), "t", 1);
         dev.update_memory(mem.clone()).unwrap();
-        post(&mem, &vring, 1);
-        assert_eq!(serve_until_idle(&dev, &vring), 1, "quick: by the worker");
-        write_ms.store(100, Ordering::SeqCst);
-        post(&mem, &vring, 2);
-        assert_eq!(serve_until_idle(&dev, &vring), 2, "slow: by the worker");
-        post(&mem, &vring, 3);
-        assert_eq!(serve_until_idle(&dev, &vring), 2, "the next: to the pool");
-        assert_eq!(serve_until(&dev, &vring, 3), 3);
+        for n in 1..=3 {
+            post(&mem, &vring, n);
+            serve_until_idle(&dev, &vring);
+            assert_eq!(serve_until(&dev, &vring, n), n);
+            write_ms.store(100, Ordering::SeqCst);
+        }
+        let pooled: Vec<_> = ran_on
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| on_the_pool(t))
+            .collect();
+        assert_eq!(pooled, [false, false, true]);
     }
 
     #[test]

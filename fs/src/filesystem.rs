@@ -86,11 +86,11 @@ pub trait FileWriter {
     /// Reads up to `count` bytes from `f` at `off` into the reply; returns how many.
     fn write_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize>;
 
-    /// [`Self::write_from_file_at`] if the host holds all `count` bytes in its page cache,
-    /// without waiting on a disk; otherwise an error ([`io::ErrorKind::WouldBlock`] when it
-    /// does not, or this writer cannot tell) and nothing counted as written (the bytes may
-    /// have been copied, for a later write to overwrite). A read that ends at the end of
-    /// the file is short, and fails here too.
+    /// [`Self::write_from_file_at`] if the host holds the `count` bytes (or all up to the
+    /// file's end) in its page cache, without reading the disk; otherwise an error
+    /// ([`io::ErrorKind::WouldBlock`] when it does not, or this writer cannot tell;
+    /// EOPNOTSUPP from a file system that cannot say) and nothing counted as written (the
+    /// bytes may have been copied, for a later write to overwrite).
     fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
         let _ = (f, count, off);
         Err(io::ErrorKind::WouldBlock.into())
@@ -292,6 +292,13 @@ pub trait FileSystem: Send + Sync {
         offset: u64,
     ) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    /// Whether a small WRITE through `handle` lands in the host's page cache without waiting
+    /// on a network or another process (a local file system, a file opened for buffered
+    /// writes): one a transport may answer on the thread that takes its requests.
+    fn write_is_quick(&self, handle: u64) -> bool {
+        false
     }
 
     /// Clears set-user-ID, set-group-ID (when group-executable) and `security.capability` from

@@ -21,7 +21,6 @@ pub use filesystem::{
 };
 pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs, XattrMap, XattrRule};
 pub use server::{
-    is_small_buffered_write, may_block, Error, ReplyWriter, RequestReader, Result, Server,
-    ServerStats, MAX_WRITE,
+    may_block, Error, ReplyWriter, RequestReader, Result, Server, ServerStats, MAX_WRITE,
 };
 pub use stats::LATENCY_BUCKETS;

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
@@ -93,6 +94,31 @@ impl FileWriter for ReplyBuf {
         let at = self.start + self.pos;
         let n = count.min(self.end - at);
         let got = f.read_at(&mut self.data.borrow_mut()[at..at + n], off)?;
+        self.pos += got;
+        Ok(got)
+    }
+
+    fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
+        let Ok(o) = i64::try_from(off) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let at = self.start + self.pos;
+        let n = count.min(self.end - at);
+        let mut data = self.data.borrow_mut();
+        let iov = libc::iovec {
+            iov_base: data[at..at + n].as_mut_ptr().cast(),
+            iov_len: n,
+        };
+        // SAFETY: the iovec covers `n` bytes of the buffer, borrowed mutably for the call.
+        let got = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, o, libc::RWF_NOWAIT) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let got = got as usize;
+        // Short: whole if the file ends there, else the rest is not cached.
+        if got < n && !f.metadata().is_ok_and(|m| off + got as u64 >= m.len()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.pos += got;
         Ok(got)
     }

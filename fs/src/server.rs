@@ -97,11 +97,10 @@ pub struct Server<F> {
     started: AtomicBool,
 }
 
-mod quick;
-pub use quick::is_small_buffered_write;
 mod extensions;
 mod init;
 mod locks;
+mod quick;
 mod wire;
 use extensions::{security_context, split_extensions};
 pub use locks::may_block;

@@ -1393,3 +1393,58 @@ fn open_of_a_fifo_is_refused_at_once() {
     let got = rx.recv_timeout(std::time::Duration::from_secs(5));
     assert_eq!(got, Ok(libc::ENXIO), "answered at once, with ENXIO");
 }
+
+/// A share with a pool answers some reads and writes on the thread that takes its requests
+/// (`passthrough/quick.rs`): only where they cannot wait on a disk, a network or another
+/// process. A READ of cached data through a handle opened O_DIRECT would still go to the
+/// device; a WRITE through one opened O_DSYNC or O_DIRECT waits for it.
+#[test]
+fn only_handles_that_cannot_wait_are_read_and_written_on_the_worker() {
+    use ferry_fs::FileSystem;
+    let f = fixture(false);
+    // SAFETY: statfs fills the struct it is given; the path is a valid C string.
+    let kind = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        let p = std::ffi::CString::new(f.share().as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(libc::statfs(p.as_ptr(), &mut st), 0);
+        st.f_type as i64
+    };
+    let local = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994].contains(&kind);
+    let nowait_reads = [0xEF53, 0x5846_5342, 0x9123_683E].contains(&kind);
+    let open = |name: &str, flags: i32| {
+        let (e, body) = f.create(name, flags);
+        assert_eq!(e, 0, "CREATE {name}");
+        let mut open = abi::OpenOut::default();
+        open.as_mut_slice().copy_from_slice(&body[128..]);
+        open.fh
+    };
+    let plain = open("plain", libc::O_RDWR);
+    let synced = open("synced", libc::O_RDWR | libc::O_DSYNC);
+    let direct = open("direct", libc::O_RDWR | libc::O_DIRECT);
+    assert_eq!(f.server.fs().write_is_quick(plain), local);
+    assert!(!f.server.fs().write_is_quick(synced));
+    assert!(!f.server.fs().write_is_quick(direct));
+    assert!(!f.server.fs().write_is_quick(9999), "no such handle");
+    std::fs::write(f.share().join("plain"), [5u8; 4096]).unwrap();
+    let read = |fh: u64| {
+        let r = abi::ReadIn {
+            fh,
+            size: 4096,
+            ..Default::default()
+        };
+        let hdr = InHeader {
+            len: (size_of::<InHeader>() + size_of::<abi::ReadIn>()) as u32,
+            opcode: opcode::READ,
+            nodeid: 2,
+            ..Default::default()
+        };
+        let req = [hdr.as_slice(), r.as_slice()].concat();
+        let w = ReplyBuf::new(4096 + 16);
+        f.server
+            .handle_read_if_cached(RequestBuf::new(req), w, 64 * 1024)
+    };
+    // Just written, so cached (tmpfs and other file systems without RWF_NOWAIT reads answer
+    // EOPNOTSUPP: never read here). Which handles are never tried (O_DIRECT): the unit tests
+    // of `passthrough/quick.rs`.
+    assert_eq!(read(plain), nowait_reads.then_some(16 + 4096));
+}

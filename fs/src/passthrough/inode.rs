@@ -7,9 +7,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::ownership::{self, Ownership};
+use super::quick::Quick;
 use super::sys::{cvt, ebadf, open_node_at, proc_path, stat_at, stat_fd};
 use super::{PassthroughFs, MAX_NODES};
 use crate::abi::ROOT_ID;
@@ -87,6 +88,14 @@ pub(super) struct Handle {
     /// The guest pid that last took a lock through this handle (0: none), which GETLK
     /// reports for the lock: the host's open-file-description locks carry no pid.
     pub(super) lock_pid: AtomicU32,
+    /// Whether the queue's worker may read and write it itself (`quick.rs`), on first use.
+    pub(super) quick: OnceLock<Quick>,
+}
+
+impl Handle {
+    pub(super) fn quick(&self) -> &Quick {
+        self.quick.get_or_init(|| Quick::of(&self.file))
+    }
 }
 
 impl Inode {

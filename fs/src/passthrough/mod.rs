@@ -16,6 +16,7 @@ mod locks;
 mod make;
 mod ownership;
 mod paths;
+mod quick;
 mod seclabel;
 mod submounts;
 mod sys;
@@ -189,6 +190,7 @@ impl PassthroughFs {
             dir_pos: Mutex::new(()),
             inode,
             lock_pid: AtomicU32::new(0),
+            quick: std::sync::OnceLock::new(),
         });
         self.handles.write().map_err(|_| ebadf())?.insert(fh, h);
         Ok(fh)
@@ -537,8 +539,11 @@ impl FileSystem for PassthroughFs {
         size: u32,
         offset: u64,
     ) -> io::Result<usize> {
-        let h = self.handle(handle)?;
-        w.write_cached_from_file_at(&h.file, size as usize, offset)
+        quick::read(&*self.handle(handle)?, w, size, offset)
+    }
+
+    fn write_is_quick(&self, handle: u64) -> bool {
+        self.handle(handle).is_ok_and(|h| h.quick().writes())
     }
 
     fn write(

@@ -95,6 +95,21 @@ pub(super) fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
+/// The open file's status flags (O_DIRECT, O_DSYNC, ...).
+pub(super) fn status_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFL reads the flags of an fd the caller holds; no memory is passed.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
+/// The magic number of the file system `fd` is on (`statfs`'s `f_type`).
+pub(super) fn fs_type(fd: RawFd) -> io::Result<i64> {
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is the caller's and `st` a valid destination of the right type.
+    cvt(unsafe { libc::fstatfs(fd, &mut st) })?;
+    Ok(st.f_type as i64)
+}
+
 pub(super) fn stat_fd(fd: RawFd) -> io::Result<libc::stat64> {
     fstatat(fd, c"", libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
 }

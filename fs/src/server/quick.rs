@@ -11,10 +11,10 @@
 //! nothing counted, for the caller to hand over, which answers it in full; so is anything
 //! else (another opcode, a malformed request, an error), which the full decoder answers as
 //! ever. Buffered writes cannot be tried that way on every host file system (ext4 refuses
-//! RWF_NOWAIT for them, EOPNOTSUPP), so [`is_small_buffered_write`] only says which WRITEs
-//! are candidates (small, to a file opened neither O_SYNC, O_DSYNC nor O_DIRECT); whether
-//! the transport answers them itself, and when it stops because one took long, is its
-//! policy.
+//! RWF_NOWAIT for them, EOPNOTSUPP), so [`Server::is_quick_write`] only says which WRITEs
+//! are candidates (small, to a file opened neither O_SYNC, O_DSYNC nor O_DIRECT, on a
+//! handle the file system vouches for); whether the transport answers them itself, and
+//! when it stops because one took long, is its policy.
 
 use std::mem::size_of;
 
@@ -25,24 +25,29 @@ use crate::filesystem::{Context, FileSystem};
 
 use vm_memory::ByteValued;
 
-/// Whether the request `r` holds is a WRITE of at most `most` bytes to a file opened for
-/// buffered writes (not O_SYNC, O_DSYNC or O_DIRECT, whose writes wait for the disk): one
-/// the host's page cache takes, usually within microseconds. Reads nothing off `r`.
-pub fn is_small_buffered_write<R: RequestReader + Clone>(r: &R, most: u32) -> bool {
-    let mut r = r.clone();
-    let mut head = [0u8; size_of::<InHeader>() + size_of::<abi::WriteIn>()];
-    if r.read_exact(&mut head).is_err() {
-        return false;
-    }
-    let (h, a) = head.split_at(size_of::<InHeader>());
-    let (Some(hdr), Some(arg)) = (InHeader::from_slice(h), abi::WriteIn::from_slice(a)) else {
-        return false;
-    };
-    let waits = (libc::O_DSYNC | libc::O_DIRECT) as u32;
-    hdr.opcode == opcode::WRITE && arg.size <= most && arg.flags & waits == 0
-}
-
 impl<F: FileSystem> Server<F> {
+    /// Whether the request `r` holds is a WRITE of at most `most` bytes that the host's page
+    /// cache takes, usually within microseconds: to a file the guest opened neither O_DSYNC
+    /// (which O_SYNC includes) nor O_DIRECT, on a handle the file system says lands in the
+    /// cache without a network or another process behind it
+    /// ([`FileSystem::write_is_quick`]). Reads nothing off `r`.
+    pub fn is_quick_write<R: RequestReader + Clone>(&self, r: &R, most: u32) -> bool {
+        let mut r = r.clone();
+        let mut head = [0u8; size_of::<InHeader>() + size_of::<abi::WriteIn>()];
+        if r.read_exact(&mut head).is_err() {
+            return false;
+        }
+        let (h, a) = head.split_at(size_of::<InHeader>());
+        let (Some(hdr), Some(arg)) = (InHeader::from_slice(h), abi::WriteIn::from_slice(a)) else {
+            return false;
+        };
+        let waits = (libc::O_DSYNC | libc::O_DIRECT) as u32;
+        hdr.opcode == opcode::WRITE
+            && arg.size <= most
+            && arg.flags & waits == 0
+            && self.fs.write_is_quick(arg.fh)
+    }
+
     /// Answers a READ of at most `most` bytes whose data the host holds in its page cache,
     /// without waiting on a disk: `Some(reply length)` when it did, `None` when the request
     /// is to be answered with [`Self::handle_message`] (or `handle_message_in_session`) as
@@ -108,8 +113,9 @@ mod tests {
     use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A file system whose reads the host's page cache holds (`cached`) or does not; it
-    /// counts the cached reads asked of it.
+    /// A file system whose reads the host's page cache holds (`cached`) or does not (it
+    /// counts the cached reads asked of it), and whose handles but [`ON_NFS`] take quick
+    /// writes.
     #[derive(Default)]
     struct Cache {
         cached: bool,
@@ -133,7 +139,14 @@ mod tests {
                 Err(io::ErrorKind::WouldBlock.into())
             }
         }
+
+        fn write_is_quick(&self, handle: u64) -> bool {
+            handle != ON_NFS
+        }
     }
+
+    /// A handle whose writes may wait on the network.
+    const ON_NFS: u64 = 13;
 
     fn read_request(opcode: u32, size: u32, len_lie: u32) -> Vec<u8> {
         let arg = abi::ReadIn {
@@ -182,8 +195,9 @@ mod tests {
         assert_eq!((asked, counted), (1, 0));
     }
 
-    fn write_request(size: u32, flags: i32) -> RequestBuf {
+    fn write_request(size: u32, flags: i32, fh: u64) -> RequestBuf {
         let arg = abi::WriteIn {
+            fh,
             size,
             flags: flags as u32,
             ..Default::default()
@@ -198,33 +212,33 @@ mod tests {
     }
 
     #[test]
-    fn small_writes_to_files_opened_for_buffered_writes_are_candidates() {
+    fn small_buffered_writes_on_handles_the_file_system_vouches_for_are_quick() {
+        let server = Server::new(Cache::default());
         let most = 64 * 1024;
-        assert!(is_small_buffered_write(
-            &write_request(4096, libc::O_WRONLY),
-            most
-        ));
-        assert!(is_small_buffered_write(
-            &write_request(most, libc::O_RDWR),
-            most
-        ));
-        for (size, flags) in [
-            (most + 1, libc::O_WRONLY),
-            (4096, libc::O_WRONLY | libc::O_SYNC),
-            (4096, libc::O_WRONLY | libc::O_DSYNC),
-            (4096, libc::O_WRONLY | libc::O_DIRECT),
+        let quick = |r: &RequestBuf| server.is_quick_write(r, most);
+        assert!(quick(&write_request(4096, libc::O_WRONLY, 3)));
+        assert!(quick(&write_request(most, libc::O_RDWR, 3)));
+        for (size, flags, fh) in [
+            (most + 1, libc::O_WRONLY, 3),
+            (4096, libc::O_WRONLY | libc::O_SYNC, 3),
+            (4096, libc::O_WRONLY | libc::O_DSYNC, 3),
+            (4096, libc::O_WRONLY | libc::O_DIRECT, 3),
+            (4096, libc::O_WRONLY, ON_NFS),
         ] {
-            assert!(!is_small_buffered_write(&write_request(size, flags), most));
+            assert!(
+                !quick(&write_request(size, flags, fh)),
+                "{size} {flags:o} {fh}"
+            );
         }
-        let read = RequestBuf::new(read_request(opcode::READ, 4096, 0));
-        assert!(!is_small_buffered_write(&read, most));
-        assert!(!is_small_buffered_write(
-            &RequestBuf::new(vec![0; 20]),
-            most
-        ));
+        assert!(!quick(&RequestBuf::new(read_request(
+            opcode::READ,
+            4096,
+            0
+        ))));
+        assert!(!quick(&RequestBuf::new(vec![0; 20])));
         // It reads nothing off the request.
-        let r = write_request(16, 0);
-        assert!(is_small_buffered_write(&r, most));
+        let r = write_request(16, 0, 3);
+        assert!(quick(&r));
         assert_eq!(r.available_bytes(), 40 + 40 + 16);
     }
 
