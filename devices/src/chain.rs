@@ -137,6 +137,7 @@ impl ChainReader<'_> {
 }
 
 /// The device-writable part of a chain.
+#[derive(Clone)]
 pub(crate) struct ChainWriter<'a> {
     bufs: Buffers<'a>,
 }
@@ -267,36 +268,10 @@ impl FileWriter for ChainWriter<'_> {
     }
 
     fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
-        // preadv2 takes -1 for "at the file's position": an offset past i64 is refused, as
-        // preadv refuses it.
-        let Ok(at) = i64::try_from(off) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
         let iov = self.bufs.iovecs(count);
-        let want: usize = iov.iter().map(|v| v.iov_len).sum();
-        if want == 0 {
-            return Ok(0);
-        }
-        // SAFETY: as in `write_from_file_at`; RWF_NOWAIT only makes the read fail (EAGAIN)
-        // or stop short where it would read from the disk.
-        let n = unsafe {
-            libc::preadv2(
-                f.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as i32,
-                at,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        // Short: the file ends there (a whole answer), or the rest is not in the cache (the
-        // caller reads it all again on a thread that may wait).
-        if n < want && !f.metadata().is_ok_and(|m| off + n as u64 >= m.len()) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
+        // SAFETY: every iovec points into guest memory the guest gave us to write, which
+        // stays mapped for the request.
+        let n = unsafe { ferry_fs::read_cached_into(f, &iov, off) }?;
         self.bufs.advance(n);
         Ok(n)
     }

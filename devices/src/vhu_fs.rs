@@ -52,7 +52,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::split_chain;
+use crate::chain::{split_chain, ChainReader, ChainWriter};
 use crate::fs_inline::InlineWrites;
 use crate::fs_poll::{FsPoll, POLL_MAX};
 use crate::fs_pool::RequestPool;
@@ -97,8 +97,8 @@ fn answer<F: FileSystem>(server: &Server<F>, chain: &Chain, session: u64) -> Opt
 /// should a guest rewrite a request's opcode after it was looked at.
 fn answer_here<F: FileSystem>(
     server: &Server<F>,
-    reader: crate::chain::ChainReader<'_>,
-    writer: crate::chain::ChainWriter<'_>,
+    reader: ChainReader<'_>,
+    writer: ChainWriter<'_>,
 ) -> Option<u32> {
     outcome(server.handle_message_without_waiting(reader, writer))
 }
@@ -391,50 +391,57 @@ impl<F: FileSystem + 'static> VhostUserFsBackend<F> {
             return self.defer(chain, vring, queue);
         }
         // With a pool, a request goes to it when it has a place; otherwise it is answered
-        // here (see `fs_pool`: the worker never waits for the pool). But a small READ whose
-        // data the host has in its page cache, and a small buffered WRITE unless one was
-        // slow lately (`fs_inline`), are answered here: handing them over would cost more
-        // than the copy (`ferry_fs`'s `server::quick`).
-        let (reader, writer) = match self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
-            None => (reader, writer),
-            Some(pool) => {
-                let opcode = reader.peek_opcode();
-                let (reader, writer) = if opcode == opcode::READ {
-                    if let Some(n) = self
-                        .server
-                        .handle_read_if_cached(reader, writer, INLINE_MOST)
-                    {
-                        *largest = (*largest).max(n);
-                        return Some(n as u32);
-                    }
-                    match split_chain(chain.memory(), chain.clone()) {
-                        Ok(rw) => rw,
-                        Err(_) => return Some(0),
-                    }
-                } else {
-                    (reader, writer)
-                };
-                let began = Instant::now();
-                if opcode == opcode::WRITE
-                    && self.inline_writes.allowed(began)
-                    && self.server.is_quick_write(&reader, INLINE_MOST)
-                {
-                    let replied = answer_here(&self.server, reader, writer);
-                    let now = Instant::now();
-                    self.inline_writes.took(now, now - began);
-                    return replied;
-                }
-                if let Some(place) = pool.reserve() {
-                    drop((reader, writer));
-                    pool.submit(place, self.completion(chain, vring, queue));
-                    return None;
-                }
-                (reader, writer)
+        // here (see `fs_pool`: the worker never waits for the pool). But what costs less to
+        // answer than to hand over is answered here first (`answer_quickly`).
+        if let Some(pool) = self.pool.as_ref().filter(|_| queue != HIPRIO_QUEUE) {
+            if let Some(replied) = self.answer_quickly(&reader, &writer, largest) {
+                return replied;
             }
-        };
+            if let Some(place) = pool.reserve() {
+                drop((reader, writer));
+                pool.submit(place, self.completion(chain, vring, queue));
+                return None;
+            }
+        }
         let replied = answer_here(&self.server, reader, writer);
         *largest = (*largest).max(replied.unwrap_or(0) as usize);
         replied
+    }
+
+    /// With a pool: answers the request here if handing it over would cost more than the
+    /// copy, a READ whose data the host's page cache holds or a small buffered WRITE unless
+    /// one was slow lately (`fs_inline`, `ferry_fs`'s `server::quick`); `None`: hand it over
+    /// (nothing was replied).
+    fn answer_quickly(
+        &self,
+        reader: &ChainReader<'_>,
+        writer: &ChainWriter<'_>,
+        largest: &mut usize,
+    ) -> Option<Option<u32>> {
+        match reader.peek_opcode() {
+            opcode::READ => {
+                let n = self.server.handle_read_if_cached(
+                    reader.clone(),
+                    writer.clone(),
+                    INLINE_MOST,
+                )?;
+                *largest = (*largest).max(n);
+                Some(Some(n as u32))
+            }
+            opcode::WRITE => {
+                let began = Instant::now();
+                if !self.inline_writes.allowed(began)
+                    || !self.server.is_quick_write(reader, INLINE_MOST)
+                {
+                    return None;
+                }
+                let replied = answer_here(&self.server, reader.clone(), writer.clone());
+                let now = Instant::now();
+                self.inline_writes.took(now, now - began);
+                Some(replied)
+            }
+            _ => None,
+        }
     }
 
     /// Answers `chain` on a thread of its own, which completes it; counted in `waiting` (by

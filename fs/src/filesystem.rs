@@ -7,6 +7,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 pub use crate::abi::FileLock;
@@ -95,6 +96,45 @@ pub trait FileWriter {
         let _ = (f, count, off);
         Err(io::ErrorKind::WouldBlock.into())
     }
+}
+
+/// Reads into `iov` from `f` at `off` only what the host's page cache holds, for
+/// [`FileWriter::write_cached_from_file_at`]: all of it, or all up to the file's end;
+/// otherwise WouldBlock (EOPNOTSUPP from a file system without RWF_NOWAIT reads). An
+/// offset past `i64` is EINVAL, as `preadv` answers (`preadv2` would take -1 for the file's
+/// position).
+///
+/// # Safety
+/// Every iovec must point to memory the caller may write, for the length it gives.
+pub unsafe fn read_cached_into(f: &File, iov: &[libc::iovec], off: u64) -> io::Result<usize> {
+    let Ok(at) = i64::try_from(off) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let want: usize = iov.iter().map(|v| v.iov_len).sum();
+    if want == 0 {
+        return Ok(0);
+    }
+    // SAFETY: the caller vouches for the iovecs; RWF_NOWAIT only makes the read fail
+    // (EAGAIN) or stop short where it would read from the disk.
+    let n = unsafe {
+        libc::preadv2(
+            f.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len() as i32,
+            at,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // Short: the file ends there (a whole answer), or the rest is not in the cache (the
+    // caller reads it all again on a thread that may wait).
+    if n < want && !f.metadata().is_ok_and(|m| off + n as u64 >= m.len()) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 /// One entry READDIR returns.

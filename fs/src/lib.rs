@@ -16,8 +16,8 @@ mod server;
 mod stats;
 
 pub use filesystem::{
-    Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter, InitFlags, SecCtx,
-    SetattrArgs, TimeSpec,
+    read_cached_into, Context, DirEntry, Entry, FileLock, FileReader, FileSystem, FileWriter,
+    InitFlags, SecCtx, SetattrArgs, TimeSpec,
 };
 pub use passthrough::{CachePolicy, IdMap, IdMaps, PassthroughFs, XattrMap, XattrRule};
 pub use server::{

@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
@@ -99,9 +98,6 @@ impl FileWriter for ReplyBuf {
     }
 
     fn write_cached_from_file_at(&mut self, f: &File, count: usize, off: u64) -> io::Result<usize> {
-        let Ok(o) = i64::try_from(off) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
         let at = self.start + self.pos;
         let n = count.min(self.end - at);
         let mut data = self.data.borrow_mut();
@@ -110,15 +106,7 @@ impl FileWriter for ReplyBuf {
             iov_len: n,
         };
         // SAFETY: the iovec covers `n` bytes of the buffer, borrowed mutably for the call.
-        let got = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, o, libc::RWF_NOWAIT) };
-        if got < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let got = got as usize;
-        // Short: whole if the file ends there, else the rest is not cached.
-        if got < n && !f.metadata().is_ok_and(|m| off + got as u64 >= m.len()) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
+        let got = unsafe { crate::filesystem::read_cached_into(f, &[iov], off) }?;
         self.pos += got;
         Ok(got)
     }

@@ -342,7 +342,8 @@ pub struct ServeArgs {
     /// the queue's worker watch the ring for the guest's next request for up to US µs after
     /// a small request's reply instead of sleeping until the guest's kick, adapting below it
     /// to how soon requests come (faster metadata storms and small reads and writes; a CPU
-    /// busy while it watches; a share with threads=N is not watched).
+    /// busy while it watches; with threads=N the worker answers small reads of cached data
+    /// and small buffered writes to local file systems itself, and watches after those).
     #[arg(long, value_name = "tag=TAG,dir=DIR,socket=PATH[,OPTION]...")]
     pub share: Vec<String>,
 
